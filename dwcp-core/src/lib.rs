@@ -1,0 +1,2 @@
+//! DWCP engine.
+pub mod codec;
