@@ -1,2 +1,13 @@
-//! DWCP engine.
+//! DWCP engine: moves a QEMU live migration between hosts over many TCP
+//! streams with tiered compression and page deduplication.
+//!
+//! - [`wire`]: the handshake and frame format (documented in docs/protocol.md)
+//! - [`transport`]: sessions of N TCP streams carrying QEMU's channels
+//! - [`codec`]: zero runs, page dedup, lz4/zstd tiers
+//! - [`agent`]: the per-host daemon relaying QEMU's UNIX-socket migrations
+//! - [`qemu`]: QMP client and migration driver
+pub mod agent;
 pub mod codec;
+pub mod qemu;
+pub mod transport;
+pub mod wire;

@@ -1,0 +1,144 @@
+//! Multi-stream transport (AMST): one migration is one [`Session`] of N TCP
+//! streams carrying any number of *channels* (one per QEMU connection: the
+//! main migration channel, multifd channels), in both directions.
+//!
+//! ```text
+//!  QEMU conn ─► local reader ─(plan: dedup, zero runs)─► encode pool ─► frame queue ─► stream writers ═╗
+//!  (channel c)   waits for credit                          compress      (bounded)      (N TCP)       ║
+//!                                                                                                     ║ TCP
+//!  QEMU conn ◄── deliverer ◄─(in order by seq, rebuild)── reorder buffer ◄── decompress ◄── stream readers ◄╝
+//!                   └── returns credit (Window frames) ──► peer's local reader
+//! ```
+//!
+//! Memory is bounded by construction: a sender may have at most `window`
+//! raw bytes of a channel outstanding (the receiver returns credit only after
+//! it has written bytes to QEMU), queues between threads are bounded, and
+//! every length read from the wire is checked against a cap before anything
+//! is allocated. A channel whose QEMU end stops reading only stalls that
+//! channel: stream readers never block on delivery.
+//!
+//! Any error (a stream that dies, a checksum that fails, a peer that goes
+//! quiet for `idle_timeout`) fails the whole session: an `Abort` frame goes to
+//! the peer, every socket is shut down, QEMU on each side sees its migration
+//! connection fail. Nothing that failed a check is ever written to QEMU.
+
+mod session;
+pub mod tcp;
+
+use std::time::Duration;
+
+pub use session::{Acceptor, AcceptorLimits, ChannelStats, Role, Session, SessionError, SessionStats, StreamStats};
+pub use tcp::{tcp_info, SocketTuning, TcpInfo};
+
+use crate::codec::{Tier, MAX_RAW_LEN};
+
+/// Most TCP streams one session may use.
+pub const MAX_STREAMS: usize = 256;
+
+/// A configuration value outside its allowed range.
+#[derive(Debug, thiserror::Error)]
+#[error("{option} = {value} is out of range: {allowed}")]
+pub struct ConfigError {
+    pub option: &'static str,
+    pub value: String,
+    pub allowed: &'static str,
+}
+
+/// Settings of one migration session.
+#[derive(Debug, Clone)]
+pub struct TransportConfig {
+    /// TCP streams per session, 1..=256.
+    pub streams: u16,
+    /// Compression tier for new frames (can change during a session).
+    pub tier: Tier,
+    /// Compression worker threads, 1..=64.
+    pub workers: usize,
+    /// Flow-control window per channel, raw bytes.
+    pub window: u32,
+    /// Dedup ring per channel, MiB (0 disables page deduplication).
+    pub dedup_cache_mb: u32,
+    /// Most channels (QEMU connections) per session, 1..=64.
+    pub max_channels: u16,
+    /// Largest read from QEMU per frame, bytes.
+    pub chunk: usize,
+    pub tuning: SocketTuning,
+    /// A session with no frame from the peer for this long fails.
+    pub idle_timeout: Duration,
+    pub connect_timeout: Duration,
+}
+
+impl Default for TransportConfig {
+    fn default() -> Self {
+        TransportConfig {
+            streams: 4,
+            tier: Tier::Lz4,
+            workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+            window: 32 << 20,
+            dedup_cache_mb: 256,
+            max_channels: 16,
+            chunk: 512 << 10,
+            tuning: SocketTuning::default(),
+            idle_timeout: Duration::from_secs(15),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl TransportConfig {
+    /// Checks every value; the error names the option and its allowed range.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn bad(option: &'static str, value: impl ToString, allowed: &'static str) -> Result<(), ConfigError> {
+            Err(ConfigError { option, value: value.to_string(), allowed })
+        }
+        if self.streams == 0 || self.streams as usize > MAX_STREAMS {
+            return bad("streams", self.streams, "1..=256");
+        }
+        if self.workers == 0 || self.workers > 64 {
+            return bad("workers", self.workers, "1..=64");
+        }
+        if self.chunk < 4096 || self.chunk > MAX_RAW_LEN {
+            return bad("chunk", self.chunk, "4096..=1048576 bytes");
+        }
+        if (self.window as usize) < 2 * self.chunk || self.window > 256 << 20 {
+            return bad("window", self.window, "2 x chunk ..= 256 MiB");
+        }
+        if self.dedup_cache_mb > 4096 {
+            return bad("dedup-cache-mb", self.dedup_cache_mb, "0..=4096");
+        }
+        if self.max_channels == 0 || self.max_channels > 64 {
+            return bad("max-channels", self.max_channels, "1..=64");
+        }
+        if self.idle_timeout < Duration::from_secs(1) || self.idle_timeout > Duration::from_secs(3600) {
+            return bad("idle-timeout", format!("{:?}", self.idle_timeout), "1 s ..= 1 h");
+        }
+        if let Some(cc) = &self.tuning.congestion {
+            if cc.is_empty() || cc.len() > 15 || !cc.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                return bad("congestion", cc, "a kernel congestion control name such as bbr or cubic");
+            }
+        }
+        Ok(())
+    }
+
+    /// Dedup ring capacity in pages, as carried in the hello.
+    pub fn ring_pages(&self) -> u32 {
+        ((self.dedup_cache_mb as u64) << 20 >> 12) as u32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validate_names_the_option() {
+        assert!(TransportConfig::default().validate().is_ok());
+        let c = TransportConfig { streams: 0, ..Default::default() };
+        assert_eq!(c.validate().unwrap_err().to_string(), "streams = 0 is out of range: 1..=256");
+        let c = TransportConfig { streams: 257, ..Default::default() };
+        assert!(c.validate().unwrap_err().to_string().starts_with("streams = 257"));
+        let c = TransportConfig { window: 1024, ..Default::default() };
+        assert!(c.validate().unwrap_err().to_string().starts_with("window"));
+        let c = TransportConfig { workers: 0, ..Default::default() };
+        assert!(c.validate().unwrap_err().to_string().starts_with("workers"));
+    }
+}

@@ -1,0 +1,1090 @@
+//! Sessions: the threads, queues and state of one multi-stream migration.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, select, Receiver, Sender};
+use parking_lot::{Condvar, Mutex};
+use serde::Serialize;
+use tracing::{debug, info, warn};
+
+use super::tcp::{tcp_info, TcpInfo};
+use super::TransportConfig;
+use crate::codec::{CodecId, Compressor, Decompressor, Planner, Rebuilder, Tier};
+use crate::wire::{self, FrameHeader, Hello, Kind, Reply, Status, WireError};
+
+/// Which end of the session this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Source host: QEMU connects to our UNIX socket, we open the streams.
+    Initiator,
+    /// Destination host: we accept the streams and connect to QEMU.
+    Responder,
+}
+
+/// Why a session could not start or did not finish.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("connecting stream {index} to {addr}: {source}")]
+    Connect { index: usize, addr: SocketAddr, source: std::io::Error },
+    #[error("handshake on stream {index} with {addr}: {source}")]
+    Handshake { index: usize, addr: SocketAddr, source: WireError },
+    #[error("migration failed: {0}")]
+    Failed(String),
+    #[error("session already finished")]
+    Finished,
+    #[error("session has its maximum of {0} channels")]
+    TooManyChannels(u16),
+}
+
+enum Incoming {
+    Data { plan: Vec<u8>, raw_len: u32 },
+    Eof,
+}
+
+#[derive(Default)]
+struct RecvState {
+    next: u64,
+    frames: BTreeMap<u64, Incoming>,
+    /// Raw bytes buffered and not yet credited back.
+    bytes: u64,
+}
+
+struct Channel {
+    id: u16,
+    /// Our side of the QEMU connection (a clone kept for shutdown).
+    local: UnixStream,
+    credit: Mutex<u64>,
+    credit_cv: Condvar,
+    /// Credit earned by delivering, waiting for a writer to send it.
+    pending_credit: AtomicU64,
+    recv: Mutex<RecvState>,
+    recv_cv: Condvar,
+    sent_eof: AtomicBool,
+    delivered_eof: AtomicBool,
+    raw_out: AtomicU64,
+    raw_in: AtomicU64,
+}
+
+impl Channel {
+    fn done(&self) -> bool {
+        self.sent_eof.load(Ordering::Acquire) && self.delivered_eof.load(Ordering::Acquire)
+    }
+}
+
+enum Outgoing {
+    Frame(FrameHeader, Vec<u8>),
+    Close,
+}
+
+enum Ctrl {
+    Credit(Arc<Channel>),
+    Abort(String),
+}
+
+struct Job {
+    channel: u16,
+    seq: u64,
+    raw_len: u32,
+    plan: Vec<u8>,
+}
+
+#[derive(Default)]
+struct Counters {
+    raw_out: AtomicU64,
+    raw_in: AtomicU64,
+    wire_out: AtomicU64,
+    wire_in: AtomicU64,
+    frames_out: AtomicU64,
+    frames_in: AtomicU64,
+    zero_bytes: AtomicU64,
+    pages_seen: AtomicU64,
+    pages_deduped: AtomicU64,
+}
+
+struct Inner {
+    id: [u8; 16],
+    name: String,
+    role: Role,
+    cfg: TransportConfig,
+    window: u64,
+    ring_bytes: usize,
+    tier: Mutex<Tier>,
+    streams: Vec<TcpStream>,
+    channels: Mutex<HashMap<u16, Arc<Channel>>>,
+    opening: Mutex<()>,
+    next_channel: AtomicUsize,
+    job_tx: Sender<Job>,
+    job_rx: Receiver<Job>,
+    frame_tx: Sender<Outgoing>,
+    frame_rx: Receiver<Outgoing>,
+    ctrl_tx: Sender<Ctrl>,
+    ctrl_rx: Receiver<Ctrl>,
+    failure: Mutex<Option<String>>,
+    failed: AtomicBool,
+    complete: AtomicBool,
+    /// Frames queued (job or frame queue) and not yet written.
+    inflight: AtomicU64,
+    readers_done: AtomicUsize,
+    first_eof: Mutex<Option<Instant>>,
+    last_rx: Mutex<Instant>,
+    started: Instant,
+    ended: Mutex<Option<Instant>>,
+    target: Option<PathBuf>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    counters: Counters,
+}
+
+/// One migration's multi-stream session. Cheap to clone (shared handle).
+#[derive(Clone)]
+pub struct Session {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session").field("name", &self.inner.name).field("role", &self.inner.role).finish()
+    }
+}
+
+/// Per-stream figures, from the kernel's TCP_INFO.
+#[derive(Debug, Clone, Serialize)]
+pub struct StreamStats {
+    pub index: usize,
+    pub tcp: Option<TcpInfo>,
+}
+
+/// Per-channel byte counts.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChannelStats {
+    pub id: u16,
+    pub raw_out: u64,
+    pub raw_in: u64,
+    pub done: bool,
+}
+
+/// A snapshot of a session's figures (what `dwcp stats` shows).
+#[derive(Debug, Clone, Serialize)]
+pub struct SessionStats {
+    pub name: String,
+    pub session: String,
+    pub role: Role,
+    /// `running`, `completed` or `failed`.
+    pub state: String,
+    pub error: Option<String>,
+    pub elapsed_s: f64,
+    pub tier: String,
+    pub streams: usize,
+    pub channels: Vec<ChannelStats>,
+    /// QEMU bytes read from local sockets and sent.
+    pub raw_out: u64,
+    /// QEMU bytes received and written to local sockets.
+    pub raw_in: u64,
+    /// Bytes put on the TCP streams (headers included).
+    pub wire_out: u64,
+    pub wire_in: u64,
+    pub frames_out: u64,
+    pub frames_in: u64,
+    /// raw_out / wire_out.
+    pub ratio_out: f64,
+    pub zero_bytes: u64,
+    pub pages_seen: u64,
+    pub pages_deduped: u64,
+    pub per_stream: Vec<StreamStats>,
+}
+
+fn hex(id: &[u8; 16]) -> String {
+    id.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Session {
+    /// Opens `cfg.streams` TCP streams to a destination agent and performs the
+    /// handshake on each (in parallel, so a long RTT is paid once).
+    pub fn connect(cfg: &TransportConfig, name: &str, addr: SocketAddr) -> Result<Session, SessionError> {
+        cfg.validate().map_err(|e| SessionError::Failed(e.to_string()))?;
+        wire::check_name(name).map_err(|e| SessionError::Failed(e.to_string()))?;
+        let id: [u8; 16] = rand::random();
+        let n = cfg.streams as usize;
+        let results: Vec<Result<(TcpStream, Reply), SessionError>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..n)
+                .map(|index| {
+                    s.spawn(move || {
+                        let mut st = TcpStream::connect_timeout(&addr, cfg.connect_timeout)
+                            .map_err(|source| SessionError::Connect { index, addr, source })?;
+                        cfg.tuning.apply(&st).map_err(|source| SessionError::Connect { index, addr, source })?;
+                        st.set_read_timeout(Some(cfg.connect_timeout))
+                            .map_err(|source| SessionError::Connect { index, addr, source })?;
+                        let hello = Hello {
+                            version_min: wire::VERSION_MIN,
+                            version_max: wire::VERSION_MAX,
+                            session: id,
+                            stream_index: index as u16,
+                            stream_count: n as u16,
+                            role: wire::Role::Data,
+                            window: cfg.window,
+                            ring_pages: cfg.ring_pages(),
+                            name: name.to_string(),
+                        };
+                        st.write_all(&hello.encode()).map_err(|source| SessionError::Handshake {
+                            index,
+                            addr,
+                            source: WireError::Io { what: "hello", source },
+                        })?;
+                        let reply = Reply::read(&mut st).map_err(|source| SessionError::Handshake { index, addr, source })?;
+                        if reply.status != Status::Ok {
+                            return Err(SessionError::Handshake { index, addr, source: WireError::Refused(reply.status) });
+                        }
+                        Ok((st, reply))
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().expect("connect thread panicked")).collect()
+        });
+        let mut streams = Vec::with_capacity(n);
+        let mut window = cfg.window;
+        let mut ring = cfg.ring_pages();
+        for r in results {
+            let (st, reply) = r?;
+            window = window.min(reply.window);
+            ring = ring.min(reply.ring_pages);
+            streams.push(st);
+        }
+        Ok(Session::start(Role::Initiator, id, name, cfg.clone(), window, ring, streams, None))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn start(
+        role: Role,
+        id: [u8; 16],
+        name: &str,
+        cfg: TransportConfig,
+        window: u32,
+        ring_pages: u32,
+        streams: Vec<TcpStream>,
+        target: Option<PathBuf>,
+    ) -> Session {
+        let n = streams.len();
+        let (job_tx, job_rx) = bounded(cfg.workers * 2);
+        let (frame_tx, frame_rx) = bounded(n * 2 + 4);
+        let (ctrl_tx, ctrl_rx) = bounded(cfg.max_channels as usize * 2 + n * 2 + 16);
+        let mut shutdown_clones = Vec::with_capacity(n);
+        for s in &streams {
+            // A read timeout turns a silent peer into an error the watchdog sees.
+            let _ = s.set_read_timeout(Some(cfg.idle_timeout));
+            let _ = s.set_write_timeout(Some(cfg.idle_timeout));
+            shutdown_clones.push(s.try_clone().expect("dup of a connected socket"));
+        }
+        let inner = Arc::new(Inner {
+            id,
+            name: name.to_string(),
+            role,
+            tier: Mutex::new(cfg.tier),
+            window: window as u64,
+            ring_bytes: ring_pages as usize * crate::codec::PAGE_SIZE,
+            cfg,
+            streams: shutdown_clones,
+            channels: Mutex::new(HashMap::new()),
+            opening: Mutex::new(()),
+            next_channel: AtomicUsize::new(0),
+            job_tx,
+            job_rx,
+            frame_tx,
+            frame_rx,
+            ctrl_tx,
+            ctrl_rx,
+            failure: Mutex::new(None),
+            failed: AtomicBool::new(false),
+            complete: AtomicBool::new(false),
+            inflight: AtomicU64::new(0),
+            readers_done: AtomicUsize::new(0),
+            first_eof: Mutex::new(None),
+            last_rx: Mutex::new(Instant::now()),
+            started: Instant::now(),
+            ended: Mutex::new(None),
+            target,
+            threads: Mutex::new(Vec::new()),
+            counters: Counters::default(),
+        });
+        info!(name, session = %hex(&id), ?role, streams = n, window, ring_pages, "session started");
+        let sess = Session { inner };
+        for (i, s) in streams.into_iter().enumerate() {
+            let w = s.try_clone().expect("dup of a connected socket");
+            let inner = sess.inner.clone();
+            sess.spawn(format!("dwcp-tx{i}"), move || writer(inner, i, w));
+            let inner = sess.inner.clone();
+            sess.spawn(format!("dwcp-rx{i}"), move || reader(inner, i, s));
+        }
+        for i in 0..sess.inner.cfg.workers {
+            let inner = sess.inner.clone();
+            sess.spawn(format!("dwcp-enc{i}"), move || encoder(inner));
+        }
+        let inner = sess.inner.clone();
+        sess.spawn("dwcp-watch".into(), move || watchdog(inner));
+        sess
+    }
+
+    fn spawn(&self, name: String, f: impl FnOnce() + Send + 'static) {
+        let h = std::thread::Builder::new().name(name).spawn(f).expect("spawn thread");
+        self.inner.threads.lock().push(h);
+    }
+
+    /// Adds a QEMU connection accepted on the source host as a new channel.
+    pub fn add_local_channel(&self, conn: UnixStream) -> Result<u16, SessionError> {
+        if self.inner.complete.load(Ordering::Acquire) {
+            return Err(SessionError::Finished);
+        }
+        if let Some(e) = self.failure() {
+            return Err(SessionError::Failed(e));
+        }
+        let id = self.inner.next_channel.fetch_add(1, Ordering::AcqRel);
+        if id >= self.inner.cfg.max_channels as usize {
+            return Err(SessionError::TooManyChannels(self.inner.cfg.max_channels));
+        }
+        open_channel(&self.inner, id as u16, conn);
+        Ok(id as u16)
+    }
+
+    /// Changes the compression tier of frames encoded from now on.
+    pub fn set_tier(&self, tier: Tier) {
+        *self.inner.tier.lock() = tier;
+    }
+
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The failure reason, once the session has failed.
+    pub fn failure(&self) -> Option<String> {
+        self.inner.failure.lock().clone()
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.inner.complete.load(Ordering::Acquire) || self.inner.failed.load(Ordering::Acquire)
+    }
+
+    /// Fails the session from outside (cancel).
+    pub fn abort(&self, reason: &str) {
+        fail(&self.inner, reason.to_string());
+    }
+
+    /// Waits for every thread of the session to end; returns the final stats,
+    /// or the failure.
+    pub fn wait(&self) -> Result<SessionStats, SessionError> {
+        loop {
+            let next = self.inner.threads.lock().pop();
+            match next {
+                Some(h) => {
+                    let _ = h.join();
+                }
+                None => break,
+            }
+        }
+        match self.failure() {
+            Some(e) => Err(SessionError::Failed(e)),
+            None => Ok(self.stats()),
+        }
+    }
+
+    pub fn stats(&self) -> SessionStats {
+        let i = &self.inner;
+        let c = &i.counters;
+        let state = if i.failed.load(Ordering::Acquire) {
+            "failed"
+        } else if i.complete.load(Ordering::Acquire) {
+            "completed"
+        } else {
+            "running"
+        };
+        let end = i.ended.lock().unwrap_or_else(Instant::now);
+        let raw_out = c.raw_out.load(Ordering::Relaxed);
+        let wire_out = c.wire_out.load(Ordering::Relaxed);
+        let mut channels: Vec<ChannelStats> = i
+            .channels
+            .lock()
+            .values()
+            .map(|ch| ChannelStats {
+                id: ch.id,
+                raw_out: ch.raw_out.load(Ordering::Relaxed),
+                raw_in: ch.raw_in.load(Ordering::Relaxed),
+                done: ch.done(),
+            })
+            .collect();
+        channels.sort_by_key(|c| c.id);
+        SessionStats {
+            name: i.name.clone(),
+            session: hex(&i.id),
+            role: i.role,
+            state: state.into(),
+            error: i.failure.lock().clone(),
+            elapsed_s: end.duration_since(i.started).as_secs_f64(),
+            tier: i.tier.lock().to_string(),
+            streams: i.streams.len(),
+            channels,
+            raw_out,
+            raw_in: c.raw_in.load(Ordering::Relaxed),
+            wire_out,
+            wire_in: c.wire_in.load(Ordering::Relaxed),
+            frames_out: c.frames_out.load(Ordering::Relaxed),
+            frames_in: c.frames_in.load(Ordering::Relaxed),
+            ratio_out: if wire_out > 0 { raw_out as f64 / wire_out as f64 } else { 0.0 },
+            zero_bytes: c.zero_bytes.load(Ordering::Relaxed),
+            pages_seen: c.pages_seen.load(Ordering::Relaxed),
+            pages_deduped: c.pages_deduped.load(Ordering::Relaxed),
+            per_stream: i
+                .streams
+                .iter()
+                .enumerate()
+                .map(|(index, s)| StreamStats { index, tcp: tcp_info(s).ok() })
+                .collect(),
+        }
+    }
+}
+
+fn fail(inner: &Inner, reason: String) {
+    if inner.complete.load(Ordering::Acquire) {
+        return;
+    }
+    if inner.failed.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    warn!(name = %inner.name, session = %hex(&inner.id), "session failed: {reason}");
+    *inner.failure.lock() = Some(reason.clone());
+    *inner.ended.lock() = Some(Instant::now());
+    for _ in 0..inner.streams.len() {
+        let _ = inner.ctrl_tx.try_send(Ctrl::Abort(reason.clone()));
+    }
+    wake_all(inner);
+}
+
+fn wake_all(inner: &Inner) {
+    for ch in inner.channels.lock().values() {
+        ch.credit_cv.notify_all();
+        ch.recv_cv.notify_all();
+    }
+}
+
+fn is_down(inner: &Inner) -> bool {
+    inner.failed.load(Ordering::Acquire)
+}
+
+fn open_channel(inner: &Arc<Inner>, id: u16, conn: UnixStream) -> Arc<Channel> {
+    let ch = Arc::new(Channel {
+        id,
+        local: conn.try_clone().expect("dup of a connected socket"),
+        credit: Mutex::new(inner.window),
+        credit_cv: Condvar::new(),
+        pending_credit: AtomicU64::new(0),
+        recv: Mutex::new(RecvState::default()),
+        recv_cv: Condvar::new(),
+        sent_eof: AtomicBool::new(false),
+        delivered_eof: AtomicBool::new(false),
+        raw_out: AtomicU64::new(0),
+        raw_in: AtomicU64::new(0),
+    });
+    inner.channels.lock().insert(id, ch.clone());
+    debug!(name = %inner.name, channel = id, "channel opened");
+    let reader_conn = conn.try_clone().expect("dup of a connected socket");
+    let (i1, c1) = (inner.clone(), ch.clone());
+    let (i2, c2) = (inner.clone(), ch.clone());
+    let mut threads = inner.threads.lock();
+    threads.push(
+        std::thread::Builder::new()
+            .name(format!("dwcp-in{id}"))
+            .spawn(move || local_reader(i1, c1, reader_conn))
+            .expect("spawn thread"),
+    );
+    threads.push(
+        std::thread::Builder::new()
+            .name(format!("dwcp-out{id}"))
+            .spawn(move || deliverer(i2, c2, conn))
+            .expect("spawn thread"),
+    );
+    ch
+}
+
+/// Reads what QEMU writes to its connection and queues it for encoding.
+fn local_reader(inner: Arc<Inner>, ch: Arc<Channel>, mut conn: UnixStream) {
+    let mut planner = Planner::new(inner.ring_bytes);
+    let mut buf = vec![0u8; inner.cfg.chunk];
+    let mut seq = 0u64;
+    let mut last = planner.stats();
+    loop {
+        // Wait for credit before reading, so we never hold more than the
+        // peer agreed to buffer.
+        let allowed = {
+            let mut credit = ch.credit.lock();
+            while *credit == 0 && !is_down(&inner) {
+                ch.credit_cv.wait_for(&mut credit, Duration::from_millis(100));
+            }
+            if is_down(&inner) {
+                return;
+            }
+            (*credit as usize).min(buf.len())
+        };
+        let n = match read_some(&mut conn, &mut buf[..allowed]) {
+            Ok(n) => n,
+            Err(e) => {
+                if !is_down(&inner) {
+                    debug!(channel = ch.id, "local read error treated as end of stream: {e}");
+                }
+                0
+            }
+        };
+        if is_down(&inner) {
+            return;
+        }
+        if n == 0 {
+            let h = FrameHeader {
+                kind: Kind::Eof,
+                codec: 0,
+                channel: ch.id,
+                len: 0,
+                seq,
+                plan_len: 0,
+                wire_len: 0,
+                payload_crc: crc32c::crc32c(&[]),
+            };
+            inner.inflight.fetch_add(1, Ordering::AcqRel);
+            if inner.frame_tx.send(Outgoing::Frame(h, Vec::new())).is_err() {
+                return;
+            }
+            ch.sent_eof.store(true, Ordering::Release);
+            debug!(channel = ch.id, seq, "local end of stream");
+            check_complete(&inner);
+            return;
+        }
+        *ch.credit.lock() -= n as u64;
+        let mut plan = Vec::with_capacity(n + 64);
+        planner.plan(&buf[..n], &mut plan);
+        let st = planner.stats();
+        let c = &inner.counters;
+        c.zero_bytes.fetch_add(st.zero_bytes - last.zero_bytes, Ordering::Relaxed);
+        c.pages_seen.fetch_add(st.pages_seen - last.pages_seen, Ordering::Relaxed);
+        c.pages_deduped.fetch_add(st.pages_deduped - last.pages_deduped, Ordering::Relaxed);
+        c.raw_out.fetch_add(n as u64, Ordering::Relaxed);
+        ch.raw_out.fetch_add(n as u64, Ordering::Relaxed);
+        last = st;
+        inner.inflight.fetch_add(1, Ordering::AcqRel);
+        let job = Job { channel: ch.id, seq, raw_len: n as u32, plan };
+        if inner.job_tx.send(job).is_err() {
+            return;
+        }
+        seq += 1;
+    }
+}
+
+/// One blocking read, then whatever more is already queued (without
+/// blocking), so frames are large when QEMU is fast and prompt when it is not.
+fn read_some(conn: &mut UnixStream, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = loop {
+        match conn.read(buf) {
+            Ok(n) => break n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    };
+    while n > 0 && n < buf.len() {
+        let rest = &mut buf[n..];
+        // SAFETY: the fd is a live socket owned by `conn`; `rest` is writable
+        // memory of `rest.len()` bytes that recv fills at most.
+        let r = unsafe { libc::recv(conn.as_raw_fd(), rest.as_mut_ptr().cast(), rest.len(), libc::MSG_DONTWAIT) };
+        if r <= 0 {
+            break;
+        }
+        n += r as usize;
+    }
+    Ok(n)
+}
+
+fn encoder(inner: Arc<Inner>) {
+    let mut comp = Compressor::new();
+    loop {
+        let job = match inner.job_rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(j) => j,
+            Err(_) => {
+                if is_down(&inner) || inner.complete.load(Ordering::Acquire) {
+                    return;
+                }
+                continue;
+            }
+        };
+        let tier = *inner.tier.lock();
+        let mut out = Vec::with_capacity(job.plan.len() / 2 + 64);
+        let codec = comp.compress(tier, &job.plan, &mut out);
+        let plan_len = job.plan.len() as u32;
+        let payload = if codec == CodecId::None { job.plan } else { out };
+        let h = FrameHeader {
+            kind: Kind::Data,
+            codec: codec as u8,
+            channel: job.channel,
+            len: job.raw_len,
+            seq: job.seq,
+            plan_len,
+            wire_len: payload.len() as u32,
+            payload_crc: crc32c::crc32c(&payload),
+        };
+        if inner.frame_tx.send(Outgoing::Frame(h, payload)).is_err() {
+            return;
+        }
+    }
+}
+
+fn writer(inner: Arc<Inner>, index: usize, stream: TcpStream) {
+    let mut w = stream;
+    let ping = Duration::from_millis(1000);
+    let write = |w: &mut TcpStream, h: FrameHeader, payload: &[u8]| -> bool {
+        if let Err(e) = wire::write_frame(w, &h, payload) {
+            fail(&inner, format!("stream {index}: sending to the peer failed: {e}"));
+            return false;
+        }
+        inner.counters.wire_out.fetch_add((wire::FRAME_HEADER_LEN + payload.len()) as u64, Ordering::Relaxed);
+        inner.counters.frames_out.fetch_add(1, Ordering::Relaxed);
+        true
+    };
+    let control = |kind, channel, len| FrameHeader {
+        kind,
+        codec: 0,
+        channel,
+        len,
+        seq: 0,
+        plan_len: 0,
+        wire_len: 0,
+        payload_crc: crc32c::crc32c(&[]),
+    };
+    loop {
+        enum Item {
+            Ctrl(Ctrl),
+            Out(Outgoing),
+            Ping,
+            Gone,
+        }
+        let item = match inner.ctrl_rx.try_recv() {
+            Ok(c) => Item::Ctrl(c),
+            Err(_) => select! {
+                recv(inner.ctrl_rx) -> c => c.map(Item::Ctrl).unwrap_or(Item::Gone),
+                recv(inner.frame_rx) -> f => f.map(Item::Out).unwrap_or(Item::Gone),
+                default(ping) => Item::Ping,
+            },
+        };
+        match item {
+            Item::Ctrl(Ctrl::Credit(ch)) => {
+                let n = ch.pending_credit.swap(0, Ordering::AcqRel);
+                if n > 0 && !is_down(&inner) && !write(&mut w, control(Kind::Window, ch.id, n as u32), &[]) {
+                    return;
+                }
+            }
+            Item::Ctrl(Ctrl::Abort(reason)) => {
+                let mut msg = reason.into_bytes();
+                msg.truncate(wire::MAX_ABORT_LEN);
+                let h = FrameHeader { wire_len: msg.len() as u32, payload_crc: crc32c::crc32c(&msg), ..control(Kind::Abort, 0, 0) };
+                let _ = w.set_write_timeout(Some(Duration::from_millis(200)));
+                let _ = wire::write_frame(&mut w, &h, &msg);
+                return;
+            }
+            Item::Out(Outgoing::Frame(h, payload)) => {
+                if is_down(&inner) {
+                    return;
+                }
+                let ok = write(&mut w, h, &payload);
+                inner.inflight.fetch_sub(1, Ordering::AcqRel);
+                if !ok {
+                    return;
+                }
+            }
+            Item::Out(Outgoing::Close) => {
+                let _ = w.flush();
+                let _ = w.shutdown(Shutdown::Write);
+                return;
+            }
+            Item::Ping => {
+                if is_down(&inner) {
+                    return;
+                }
+                if !write(&mut w, control(Kind::Ping, 0, 0), &[]) {
+                    return;
+                }
+            }
+            Item::Gone => return,
+        }
+    }
+}
+
+fn reader(inner: Arc<Inner>, index: usize, stream: TcpStream) {
+    let max_channels = inner.cfg.max_channels;
+    let mut r = BufReader::with_capacity(256 << 10, stream);
+    let mut dec = Decompressor::new();
+    let mut payload = Vec::new();
+    loop {
+        let h = match FrameHeader::read(&mut r, max_channels) {
+            Ok(Some(h)) => h,
+            Ok(None) => {
+                debug!(stream = index, "peer closed stream");
+                let mut first = inner.first_eof.lock();
+                first.get_or_insert_with(Instant::now);
+                inner.readers_done.fetch_add(1, Ordering::AcqRel);
+                return;
+            }
+            Err(e) => {
+                inner.readers_done.fetch_add(1, Ordering::AcqRel);
+                if is_down(&inner) || inner.complete.load(Ordering::Acquire) {
+                    return;
+                }
+                let msg = match &e {
+                    WireError::Io { source, .. }
+                        if matches!(source.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
+                    {
+                        format!("stream {index}: nothing from the peer for {:?}", inner.cfg.idle_timeout)
+                    }
+                    _ => format!("stream {index}: {e}"),
+                };
+                fail(&inner, msg);
+                return;
+            }
+        };
+        *inner.last_rx.lock() = Instant::now();
+        inner.counters.frames_in.fetch_add(1, Ordering::Relaxed);
+        inner.counters.wire_in.fetch_add((wire::FRAME_HEADER_LEN + h.wire_len as usize) as u64, Ordering::Relaxed);
+        if let Err(e) = handle_frame(&inner, &mut r, &h, &mut dec, &mut payload) {
+            inner.readers_done.fetch_add(1, Ordering::AcqRel);
+            fail(&inner, format!("stream {index}: {e}"));
+            return;
+        }
+    }
+}
+
+fn handle_frame(
+    inner: &Arc<Inner>,
+    r: &mut impl Read,
+    h: &FrameHeader,
+    dec: &mut Decompressor,
+    payload: &mut Vec<u8>,
+) -> Result<(), String> {
+    match h.kind {
+        Kind::Ping => Ok(()),
+        Kind::Abort => {
+            wire::read_payload(r, h, payload).map_err(|e| e.to_string())?;
+            Err(format!("peer aborted: {}", String::from_utf8_lossy(payload)))
+        }
+        Kind::Window => {
+            let ch = inner
+                .channels
+                .lock()
+                .get(&h.channel)
+                .cloned()
+                .ok_or_else(|| format!("credit for channel {} which is not open", h.channel))?;
+            let mut credit = ch.credit.lock();
+            *credit += h.len as u64;
+            if *credit > inner.window {
+                return Err(format!("peer granted credit beyond the window on channel {}", h.channel));
+            }
+            ch.credit_cv.notify_all();
+            Ok(())
+        }
+        Kind::Data | Kind::Eof => {
+            let item = if h.kind == Kind::Data {
+                wire::read_payload(r, h, payload).map_err(|e| format!("channel {} frame {}: {e}", h.channel, h.seq))?;
+                let codec = CodecId::from_wire(h.codec).expect("validated by decode");
+                let mut plan = Vec::new();
+                dec.decompress(codec, payload, h.plan_len as usize, &mut plan)
+                    .map_err(|e| format!("channel {} frame {}: {e}", h.channel, h.seq))?;
+                Incoming::Data { plan, raw_len: h.len }
+            } else {
+                Incoming::Eof
+            };
+            let ch = channel_for(inner, h.channel)?;
+            let mut st = ch.recv.lock();
+            if h.seq < st.next || st.frames.contains_key(&h.seq) {
+                return Err(format!("channel {} frame {} repeated", h.channel, h.seq));
+            }
+            if h.seq > st.next + 1_000_000 {
+                return Err(format!("channel {} frame {} far out of range (next is {})", h.channel, h.seq, st.next));
+            }
+            if let Incoming::Data { raw_len, .. } = &item {
+                st.bytes += *raw_len as u64;
+                if st.bytes > inner.window {
+                    return Err(format!("channel {}: peer sent beyond its credit window", h.channel));
+                }
+            }
+            st.frames.insert(h.seq, item);
+            if st.frames.len() > 4 * (inner.window as usize / 4096 + 16) {
+                return Err(format!("channel {}: too many small frames buffered", h.channel));
+            }
+            ch.recv_cv.notify_all();
+            Ok(())
+        }
+    }
+}
+
+/// The channel a frame belongs to; on the responder, the first frame of a new
+/// channel opens a connection to QEMU's incoming socket.
+fn channel_for(inner: &Arc<Inner>, id: u16) -> Result<Arc<Channel>, String> {
+    if let Some(ch) = inner.channels.lock().get(&id) {
+        return Ok(ch.clone());
+    }
+    let Some(target) = &inner.target else {
+        return Err(format!("frame for channel {id}, which was never opened"));
+    };
+    // One opener at a time, so two streams racing on a new channel's first
+    // frames open one QEMU connection, not two.
+    let _opening = inner.opening.lock();
+    if let Some(ch) = inner.channels.lock().get(&id) {
+        return Ok(ch.clone());
+    }
+    let conn = connect_target(target).map_err(|e| format!("opening channel {id}: {e}"))?;
+    Ok(open_channel(inner, id, conn))
+}
+
+fn connect_target(target: &Path) -> std::io::Result<UnixStream> {
+    UnixStream::connect(target).map_err(|e| {
+        std::io::Error::new(e.kind(), format!("connecting to QEMU at {}: {e}", target.display()))
+    })
+}
+
+/// Writes bytes to QEMU in order, then returns credit to the peer.
+fn deliverer(inner: Arc<Inner>, ch: Arc<Channel>, mut conn: UnixStream) {
+    let mut rebuilder = Rebuilder::new(inner.ring_bytes);
+    let mut raw = Vec::new();
+    let mut discard = false;
+    loop {
+        let item = {
+            let mut st = ch.recv.lock();
+            loop {
+                if is_down(&inner) {
+                    return;
+                }
+                let next = st.next;
+                if let Some(item) = st.frames.remove(&next) {
+                    st.next += 1;
+                    break item;
+                }
+                ch.recv_cv.wait_for(&mut st, Duration::from_millis(100));
+            }
+        };
+        match item {
+            Incoming::Data { plan, raw_len } => {
+                if let Err(e) = rebuilder.rebuild(&plan, raw_len as usize, &mut raw) {
+                    fail(&inner, format!("channel {}: {e}", ch.id));
+                    return;
+                }
+                if !discard {
+                    if let Err(e) = conn.write_all(&raw) {
+                        if ch.sent_eof.load(Ordering::Acquire) {
+                            // QEMU already closed its side; what is left is
+                            // return-path chatter nobody will read.
+                            discard = true;
+                        } else {
+                            fail(&inner, format!("channel {}: writing to QEMU failed: {e}", ch.id));
+                            return;
+                        }
+                    }
+                }
+                ch.raw_in.fetch_add(raw_len as u64, Ordering::Relaxed);
+                inner.counters.raw_in.fetch_add(raw_len as u64, Ordering::Relaxed);
+                ch.recv.lock().bytes -= raw_len as u64;
+                if ch.pending_credit.fetch_add(raw_len as u64, Ordering::AcqRel) == 0
+                    && inner.ctrl_tx.send_timeout(Ctrl::Credit(ch.clone()), inner.cfg.idle_timeout).is_err()
+                {
+                    fail(&inner, "control queue stuck".into());
+                    return;
+                }
+            }
+            Incoming::Eof => {
+                let _ = conn.shutdown(Shutdown::Write);
+                ch.delivered_eof.store(true, Ordering::Release);
+                debug!(channel = ch.id, "peer end of stream delivered");
+                check_complete(&inner);
+                return;
+            }
+        }
+    }
+}
+
+fn check_complete(inner: &Inner) {
+    let chans = inner.channels.lock();
+    if !chans.is_empty() && chans.values().all(|c| c.done()) && !inner.failed.load(Ordering::Acquire) {
+        if !inner.complete.swap(true, Ordering::AcqRel) {
+            *inner.ended.lock() = Some(Instant::now());
+            info!(name = %inner.name, session = %hex(&inner.id), "session completed");
+        }
+        // Both ends are done with every channel; close our QEMU sockets fully.
+        for c in chans.values() {
+            let _ = c.local.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+fn watchdog(inner: Arc<Inner>) {
+    let n = inner.streams.len();
+    let mut close_sent: Option<Instant> = None;
+    loop {
+        std::thread::sleep(Duration::from_millis(50));
+        if inner.failed.load(Ordering::Acquire) {
+            // Give the writers a moment to put the Abort on the wire.
+            std::thread::sleep(Duration::from_millis(200));
+            for s in &inner.streams {
+                let _ = s.shutdown(Shutdown::Both);
+            }
+            for ch in inner.channels.lock().values() {
+                let _ = ch.local.shutdown(Shutdown::Both);
+            }
+            wake_all(&inner);
+            return;
+        }
+        if inner.complete.load(Ordering::Acquire) {
+            if close_sent.is_none() && inner.inflight.load(Ordering::Acquire) == 0 {
+                for _ in 0..n {
+                    if inner.frame_tx.send_timeout(Outgoing::Close, Duration::from_secs(5)).is_err() {
+                        break;
+                    }
+                }
+                close_sent = Some(Instant::now());
+            }
+            let readers_gone = inner.readers_done.load(Ordering::Acquire) >= n;
+            let stuck = close_sent.is_some_and(|t| t.elapsed() > Duration::from_secs(5));
+            if readers_gone || stuck {
+                for s in &inner.streams {
+                    let _ = s.shutdown(Shutdown::Both);
+                }
+                return;
+            }
+            continue;
+        }
+        let first_eof = *inner.first_eof.lock();
+        if let Some(t) = first_eof {
+            if t.elapsed() > Duration::from_secs(3) {
+                fail(&inner, "the peer closed its streams before the migration ended".into());
+                continue;
+            }
+        }
+        if inner.last_rx.lock().elapsed() > inner.cfg.idle_timeout {
+            fail(&inner, format!("nothing from the peer for {:?}", inner.cfg.idle_timeout));
+        }
+    }
+}
+
+/// Limits a destination agent puts on what initiators may ask for.
+#[derive(Debug, Clone)]
+pub struct AcceptorLimits {
+    pub max_window: u32,
+    pub max_ring_pages: u32,
+    pub max_sessions: usize,
+    pub handshake_timeout: Duration,
+}
+
+impl Default for AcceptorLimits {
+    fn default() -> Self {
+        AcceptorLimits {
+            max_window: 64 << 20,
+            max_ring_pages: (1024 << 20) / 4096,
+            max_sessions: 64,
+            handshake_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+struct Pending {
+    hello: Hello,
+    streams: Vec<Option<TcpStream>>,
+    since: Instant,
+}
+
+/// The destination agent's side of the handshake: collects the N streams of
+/// each session and starts the session when all are in.
+#[derive(Debug)]
+pub struct Acceptor {
+    cfg: TransportConfig,
+    limits: AcceptorLimits,
+    incoming_dir: PathBuf,
+    pending: Mutex<HashMap<[u8; 16], PendingBox>>,
+}
+
+struct PendingBox(Pending);
+impl std::fmt::Debug for PendingBox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pending").field("name", &self.0.hello.name).finish()
+    }
+}
+
+impl Acceptor {
+    /// `incoming_dir` holds QEMU's incoming sockets, `<name>.sock`.
+    pub fn new(cfg: TransportConfig, limits: AcceptorLimits, incoming_dir: PathBuf) -> Acceptor {
+        Acceptor { cfg, limits, incoming_dir, pending: Mutex::new(HashMap::new()) }
+    }
+
+    /// Handles one accepted TCP connection: reads and checks the hello,
+    /// replies, and returns a started session when this was its last stream.
+    /// Errors name what was wrong; the connection is closed on error.
+    pub fn handle(&self, mut stream: TcpStream) -> Result<Option<Session>, WireError> {
+        let io = |what, source| WireError::Io { what, source };
+        stream.set_read_timeout(Some(self.limits.handshake_timeout)).map_err(|e| io("socket", e))?;
+        let hello = match Hello::read(&mut stream) {
+            Ok(h) => h,
+            Err(e) => {
+                if matches!(e, WireError::Version { .. }) {
+                    let _ = stream.write_all(&self.reply(Status::BadVersion, 0, 0).encode());
+                }
+                return Err(e);
+            }
+        };
+        let refuse = |stream: &mut TcpStream, status| {
+            let _ = stream.write_all(&self.reply(status, 0, 0).encode());
+            Err(WireError::Refused(status))
+        };
+        let target = self.incoming_dir.join(format!("{}.sock", hello.name));
+        if !target.exists() {
+            warn!(name = %hello.name, "no incoming QEMU socket at {}", target.display());
+            return refuse(&mut stream, Status::UnknownTarget);
+        }
+        let window = hello.window.min(self.limits.max_window);
+        let ring = hello.ring_pages.min(self.limits.max_ring_pages);
+        if (window as usize) < 2 * crate::codec::MAX_RAW_LEN.min(self.cfg.chunk) {
+            return refuse(&mut stream, Status::TooLarge);
+        }
+        self.cfg.tuning.apply(&stream).map_err(|e| io("socket tuning", e))?;
+        let mut pending = self.pending.lock();
+        pending.retain(|_, p| p.0.since.elapsed() < self.limits.handshake_timeout * 2);
+        if !pending.contains_key(&hello.session) && pending.len() >= self.limits.max_sessions {
+            drop(pending);
+            return refuse(&mut stream, Status::Busy);
+        }
+        let entry = pending.entry(hello.session).or_insert_with(|| {
+            PendingBox(Pending {
+                hello: hello.clone(),
+                streams: (0..hello.stream_count).map(|_| None).collect(),
+                since: Instant::now(),
+            })
+        });
+        let p = &mut entry.0;
+        let same = p.hello.name == hello.name
+            && p.hello.stream_count == hello.stream_count
+            && p.hello.window == hello.window
+            && p.hello.ring_pages == hello.ring_pages;
+        if !same || p.streams[hello.stream_index as usize].is_some() {
+            drop(pending);
+            return refuse(&mut stream, Status::SessionMismatch);
+        }
+        stream.write_all(&self.reply(Status::Ok, window, ring).encode()).map_err(|e| io("reply", e))?;
+        p.streams[hello.stream_index as usize] = Some(stream);
+        if p.streams.iter().all(Option::is_some) {
+            let p = pending.remove(&hello.session).expect("present").0;
+            drop(pending);
+            let streams: Vec<TcpStream> = p.streams.into_iter().map(|s| s.expect("all present")).collect();
+            let cfg = TransportConfig { streams: streams.len() as u16, ..self.cfg.clone() };
+            return Ok(Some(Session::start(Role::Responder, hello.session, &hello.name, cfg, window, ring, streams, Some(target))));
+        }
+        Ok(None)
+    }
+
+    fn reply(&self, status: Status, window: u32, ring_pages: u32) -> Reply {
+        Reply { version: wire::VERSION_MAX, status, window, ring_pages }
+    }
+}

@@ -1,0 +1,592 @@
+//! The DWCP wire format: the session handshake and the frame header.
+//!
+//! Everything is little-endian and fixed-size, and every header carries a
+//! CRC-32C, so a zeroed, truncated or garbled header is never taken for a valid
+//! one (kind 0 is `Invalid`, and the CRC of zeros is not zero).
+//!
+//! ```text
+//! initiator (source agent)                       responder (destination agent)
+//!   | TCP connect, stream i of N                          |
+//!   |-- Hello {magic, versions, session, i, N, name} ---->|  validates, checks the target
+//!   |<------------- Reply {magic, version, status} -------|  (status != 0 => closed)
+//!   |        ... once all N streams are in ...            |
+//!   |== Frame{Data|Eof|Window|Ping|Abort} both ways =====>|
+//! ```
+//!
+//! See `docs/protocol.md` for the field tables and the compatibility rules.
+
+use std::io::{self, Read, Write};
+
+use crate::codec::{CodecId, MAX_PLAN_LEN, MAX_RAW_LEN};
+
+/// First four bytes of every hello and reply.
+pub const MAGIC: [u8; 4] = *b"DWCP";
+/// Oldest protocol version this build speaks.
+pub const VERSION_MIN: u16 = 1;
+/// Newest protocol version this build speaks.
+pub const VERSION_MAX: u16 = 1;
+/// Size of the fixed part of a hello (the name and a CRC follow).
+pub const HELLO_FIXED_LEN: usize = 44;
+/// Size of a reply.
+pub const REPLY_LEN: usize = 24;
+/// Size of a frame header.
+pub const FRAME_HEADER_LEN: usize = 32;
+/// Longest migration name (it names the UNIX sockets on both hosts).
+pub const MAX_NAME_LEN: usize = 64;
+/// Largest payload any frame may carry: a plan that did not compress, or an
+/// lz4/zstd output of a plan, whose worst case is slightly larger.
+pub const MAX_WIRE_LEN: usize = MAX_PLAN_LEN + MAX_PLAN_LEN / 128 + 1024;
+/// Longest abort reason carried on the wire.
+pub const MAX_ABORT_LEN: usize = 1024;
+
+/// Errors in what a peer sent. Each names what was wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("bad magic {0:02x?} (expected \"DWCP\"): not a DWCP peer")]
+    BadMagic([u8; 4]),
+    #[error("no common protocol version: peer speaks {min}..={max}, we speak {VERSION_MIN}..={VERSION_MAX}")]
+    Version { min: u16, max: u16 },
+    #[error("{what} checksum mismatch (got {got:#010x}, computed {want:#010x})")]
+    Checksum { what: &'static str, got: u32, want: u32 },
+    #[error("invalid {field}: {value} ({allowed})")]
+    Field { field: &'static str, value: u64, allowed: &'static str },
+    #[error("invalid migration name {0:?}: 1-64 characters of A-Z a-z 0-9 . _ -")]
+    Name(String),
+    #[error("peer refused the stream: {0}")]
+    Refused(Status),
+    #[error("truncated {what}: connection closed after {got} of {want} bytes")]
+    Truncated { what: &'static str, got: usize, want: usize },
+    #[error("i/o error reading/writing {what}: {source}")]
+    Io { what: &'static str, source: io::Error },
+}
+
+/// What a stream is for. Only data streams exist in version 1; the field lets
+/// later versions add control or RDMA side channels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Role {
+    Data = 1,
+}
+
+/// First message on every TCP stream, from the initiator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    pub version_min: u16,
+    pub version_max: u16,
+    pub session: [u8; 16],
+    pub stream_index: u16,
+    pub stream_count: u16,
+    pub role: Role,
+    /// Per-channel flow-control window in raw bytes.
+    pub window: u32,
+    /// Dedup ring capacity per channel, in 4 KiB pages (both sides keep one).
+    pub ring_pages: u32,
+    /// Migration name: the destination agent connects to `<incoming-dir>/<name>.sock`.
+    pub name: String,
+}
+
+/// Reply status codes. Numbers are never reused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Status {
+    Ok = 0,
+    BadVersion = 1,
+    UnknownTarget = 2,
+    SessionMismatch = 3,
+    BadHello = 4,
+    TooLarge = 5,
+    Busy = 6,
+}
+
+impl Status {
+    fn from_wire(b: u8) -> Option<Status> {
+        Some(match b {
+            0 => Status::Ok,
+            1 => Status::BadVersion,
+            2 => Status::UnknownTarget,
+            3 => Status::SessionMismatch,
+            4 => Status::BadHello,
+            5 => Status::TooLarge,
+            6 => Status::Busy,
+            _ => return None,
+        })
+    }
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Status::Ok => "ok",
+            Status::BadVersion => "no common protocol version",
+            Status::UnknownTarget => "no incoming QEMU socket for this migration name on the destination",
+            Status::SessionMismatch => "stream does not match its session (count, name or settings differ)",
+            Status::BadHello => "malformed hello",
+            Status::TooLarge => "window or dedup ring larger than the destination allows",
+            Status::Busy => "destination has too many sessions",
+        })
+    }
+}
+
+/// The responder's answer to a hello.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reply {
+    pub version: u16,
+    pub status: Status,
+    pub window: u32,
+    pub ring_pages: u32,
+}
+
+fn read_exact_or(r: &mut impl Read, buf: &mut [u8], what: &'static str) -> Result<(), WireError> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) => return Err(WireError::Truncated { what, got, want: buf.len() }),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(source) => return Err(WireError::Io { what, source }),
+        }
+    }
+    Ok(())
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+        && !name.starts_with('.')
+}
+
+/// Checks a migration name (it becomes a socket file name on both hosts).
+pub fn check_name(name: &str) -> Result<(), WireError> {
+    if valid_name(name) {
+        Ok(())
+    } else {
+        Err(WireError::Name(name.to_string()))
+    }
+}
+
+impl Hello {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(HELLO_FIXED_LEN + self.name.len() + 4);
+        b.extend_from_slice(&MAGIC);
+        b.extend_from_slice(&self.version_min.to_le_bytes());
+        b.extend_from_slice(&self.version_max.to_le_bytes());
+        b.extend_from_slice(&self.session);
+        b.extend_from_slice(&self.stream_index.to_le_bytes());
+        b.extend_from_slice(&self.stream_count.to_le_bytes());
+        b.push(self.role as u8);
+        b.push(self.name.len() as u8);
+        b.extend_from_slice(&[0, 0]);
+        b.extend_from_slice(&self.window.to_le_bytes());
+        b.extend_from_slice(&self.ring_pages.to_le_bytes());
+        b.extend_from_slice(&[0; 4]);
+        debug_assert_eq!(b.len(), HELLO_FIXED_LEN);
+        b.extend_from_slice(self.name.as_bytes());
+        let crc = crc32c::crc32c(&b);
+        b.extend_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    /// Reads and validates a hello. The caller bounds the time with a socket
+    /// read timeout; memory is bounded by the fixed size and the name cap.
+    pub fn read(r: &mut impl Read) -> Result<Hello, WireError> {
+        let mut fixed = [0u8; HELLO_FIXED_LEN];
+        read_exact_or(r, &mut fixed[..4], "hello")?;
+        let magic: [u8; 4] = fixed[..4].try_into().expect("4 bytes");
+        if magic != MAGIC {
+            return Err(WireError::BadMagic(magic));
+        }
+        read_exact_or(r, &mut fixed[4..], "hello").map_err(|e| match e {
+            WireError::Truncated { got, want, .. } => WireError::Truncated { what: "hello", got: got + 4, want: want + 4 },
+            e => e,
+        })?;
+        let u16_at = |o: usize| u16::from_le_bytes([fixed[o], fixed[o + 1]]);
+        let u32_at = |o: usize| u32::from_le_bytes(fixed[o..o + 4].try_into().expect("4 bytes"));
+        let name_len = fixed[29] as usize;
+        if name_len == 0 || name_len > MAX_NAME_LEN {
+            return Err(WireError::Field { field: "hello name length", value: name_len as u64, allowed: "1..=64" });
+        }
+        let mut tail = vec![0u8; name_len + 4];
+        read_exact_or(r, &mut tail, "hello name")?;
+        let mut crc = crc32c::crc32c(&fixed);
+        crc = crc32c::crc32c_append(crc, &tail[..name_len]);
+        let got = u32::from_le_bytes(tail[name_len..].try_into().expect("4 bytes"));
+        if got != crc {
+            return Err(WireError::Checksum { what: "hello", got, want: crc });
+        }
+        let (version_min, version_max) = (u16_at(4), u16_at(6));
+        if version_min > version_max || version_max < VERSION_MIN || version_min > VERSION_MAX {
+            return Err(WireError::Version { min: version_min, max: version_max });
+        }
+        if fixed[28] != Role::Data as u8 {
+            return Err(WireError::Field { field: "hello role", value: fixed[28] as u64, allowed: "1 (data)" });
+        }
+        let stream_count = u16_at(26);
+        let stream_index = u16_at(24);
+        if stream_count == 0 || stream_count > crate::transport::MAX_STREAMS as u16 {
+            return Err(WireError::Field { field: "hello stream count", value: stream_count as u64, allowed: "1..=256" });
+        }
+        if stream_index >= stream_count {
+            return Err(WireError::Field { field: "hello stream index", value: stream_index as u64, allowed: "below the stream count" });
+        }
+        let name = String::from_utf8_lossy(&tail[..name_len]).into_owned();
+        check_name(&name)?;
+        Ok(Hello {
+            version_min,
+            version_max,
+            session: fixed[8..24].try_into().expect("16 bytes"),
+            stream_index,
+            stream_count,
+            role: Role::Data,
+            window: u32_at(32),
+            ring_pages: u32_at(36),
+            name,
+        })
+    }
+}
+
+impl Reply {
+    pub fn encode(&self) -> [u8; REPLY_LEN] {
+        let mut b = [0u8; REPLY_LEN];
+        b[..4].copy_from_slice(&MAGIC);
+        b[4..6].copy_from_slice(&self.version.to_le_bytes());
+        b[6] = self.status as u8;
+        b[8..12].copy_from_slice(&self.window.to_le_bytes());
+        b[12..16].copy_from_slice(&self.ring_pages.to_le_bytes());
+        let crc = crc32c::crc32c(&b[..20]);
+        b[20..24].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    pub fn read(r: &mut impl Read) -> Result<Reply, WireError> {
+        let mut b = [0u8; REPLY_LEN];
+        read_exact_or(r, &mut b, "reply")?;
+        let magic: [u8; 4] = b[..4].try_into().expect("4 bytes");
+        if magic != MAGIC {
+            return Err(WireError::BadMagic(magic));
+        }
+        let want = crc32c::crc32c(&b[..20]);
+        let got = u32::from_le_bytes(b[20..24].try_into().expect("4 bytes"));
+        if got != want {
+            return Err(WireError::Checksum { what: "reply", got, want });
+        }
+        let status = Status::from_wire(b[6])
+            .ok_or(WireError::Field { field: "reply status", value: b[6] as u64, allowed: "0..=6" })?;
+        Ok(Reply {
+            version: u16::from_le_bytes([b[4], b[5]]),
+            status,
+            window: u32::from_le_bytes(b[8..12].try_into().expect("4 bytes")),
+            ring_pages: u32::from_le_bytes(b[12..16].try_into().expect("4 bytes")),
+        })
+    }
+}
+
+/// Frame kinds. 0 is never valid, so a zeroed header is rejected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    /// Migration bytes of one channel: `seq` orders them, the payload is a
+    /// compressed plan (see `codec`).
+    Data = 1,
+    /// The channel's local socket reached end of file; `seq` is its place.
+    Eof = 2,
+    /// Flow-control credit: the receiver delivered `len` more bytes of `channel`.
+    Window = 3,
+    /// Keeps an idle stream alive; ignored.
+    Ping = 4,
+    /// The sender gave up; the payload is a UTF-8 reason.
+    Abort = 5,
+}
+
+/// A frame header, 32 bytes on the wire:
+/// `kind u8, codec u8, channel u16, len u32, seq u64, plan_len u32,
+/// wire_len u32, payload_crc u32, header_crc u32`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHeader {
+    pub kind: Kind,
+    /// Codec of the payload (`Data` only; 0 otherwise).
+    pub codec: u8,
+    pub channel: u16,
+    /// `Data`: raw bytes the frame rebuilds to. `Window`: credit bytes.
+    pub len: u32,
+    pub seq: u64,
+    /// `Data`: bytes of the plan the payload decompresses to.
+    pub plan_len: u32,
+    /// Payload bytes that follow the header.
+    pub wire_len: u32,
+    pub payload_crc: u32,
+}
+
+impl FrameHeader {
+    pub fn encode(&self) -> [u8; FRAME_HEADER_LEN] {
+        let mut b = [0u8; FRAME_HEADER_LEN];
+        b[0] = self.kind as u8;
+        b[1] = self.codec;
+        b[2..4].copy_from_slice(&self.channel.to_le_bytes());
+        b[4..8].copy_from_slice(&self.len.to_le_bytes());
+        b[8..16].copy_from_slice(&self.seq.to_le_bytes());
+        b[16..20].copy_from_slice(&self.plan_len.to_le_bytes());
+        b[20..24].copy_from_slice(&self.wire_len.to_le_bytes());
+        b[24..28].copy_from_slice(&self.payload_crc.to_le_bytes());
+        let crc = crc32c::crc32c(&b[..28]);
+        b[28..32].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    /// Parses and validates a header: checksum, kind, and every length
+    /// against its cap, so the caller can allocate `wire_len` safely.
+    pub fn decode(b: &[u8; FRAME_HEADER_LEN], max_channels: u16) -> Result<FrameHeader, WireError> {
+        let want = crc32c::crc32c(&b[..28]);
+        let got = u32::from_le_bytes(b[28..32].try_into().expect("4 bytes"));
+        if got != want {
+            return Err(WireError::Checksum { what: "frame header", got, want });
+        }
+        let kind = match b[0] {
+            1 => Kind::Data,
+            2 => Kind::Eof,
+            3 => Kind::Window,
+            4 => Kind::Ping,
+            5 => Kind::Abort,
+            k => return Err(WireError::Field { field: "frame kind", value: k as u64, allowed: "1..=5" }),
+        };
+        let h = FrameHeader {
+            kind,
+            codec: b[1],
+            channel: u16::from_le_bytes([b[2], b[3]]),
+            len: u32::from_le_bytes(b[4..8].try_into().expect("4 bytes")),
+            seq: u64::from_le_bytes(b[8..16].try_into().expect("8 bytes")),
+            plan_len: u32::from_le_bytes(b[16..20].try_into().expect("4 bytes")),
+            wire_len: u32::from_le_bytes(b[20..24].try_into().expect("4 bytes")),
+            payload_crc: u32::from_le_bytes(b[24..28].try_into().expect("4 bytes")),
+        };
+        let field = |field, value: u64, allowed| Err(WireError::Field { field, value, allowed });
+        if matches!(kind, Kind::Data | Kind::Eof | Kind::Window) && h.channel >= max_channels {
+            return field("frame channel", h.channel as u64, "below the session's channel limit");
+        }
+        match kind {
+            Kind::Data => {
+                let Some(codec) = CodecId::from_wire(h.codec) else {
+                    return field("frame codec", h.codec as u64, "1 (none), 2 (lz4), 3 (zstd)");
+                };
+                if h.len == 0 || h.len as usize > MAX_RAW_LEN {
+                    return field("frame raw length", h.len as u64, "1..=1048576");
+                }
+                if h.plan_len == 0 || h.plan_len as usize > MAX_PLAN_LEN {
+                    return field("frame plan length", h.plan_len as u64, "1..=MAX_PLAN_LEN");
+                }
+                if h.wire_len as usize > MAX_WIRE_LEN || h.wire_len == 0 {
+                    return field("frame wire length", h.wire_len as u64, "1..=MAX_WIRE_LEN");
+                }
+                if codec == CodecId::None && h.wire_len != h.plan_len {
+                    return field("uncompressed frame wire length", h.wire_len as u64, "equal to the plan length");
+                }
+            }
+            Kind::Eof | Kind::Ping => {
+                if h.len != 0 || h.plan_len != 0 || h.wire_len != 0 || h.codec != 0 {
+                    return field("control frame lengths", (h.len | h.plan_len | h.wire_len) as u64, "0");
+                }
+            }
+            Kind::Window => {
+                if h.len == 0 || h.plan_len != 0 || h.wire_len != 0 || h.codec != 0 {
+                    return field("window credit", h.len as u64, "> 0 with no payload");
+                }
+            }
+            Kind::Abort => {
+                if h.wire_len as usize > MAX_ABORT_LEN || h.plan_len != 0 {
+                    return field("abort reason length", h.wire_len as u64, "0..=1024");
+                }
+            }
+        }
+        Ok(h)
+    }
+
+    /// Reads one header. `Ok(None)` is a clean end of stream before a header.
+    pub fn read(r: &mut impl Read, max_channels: u16) -> Result<Option<FrameHeader>, WireError> {
+        let mut b = [0u8; FRAME_HEADER_LEN];
+        let mut got = 0;
+        while got < FRAME_HEADER_LEN {
+            match r.read(&mut b[got..]) {
+                Ok(0) if got == 0 => return Ok(None),
+                Ok(0) => return Err(WireError::Truncated { what: "frame header", got, want: FRAME_HEADER_LEN }),
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(source) => return Err(WireError::Io { what: "frame header", source }),
+            }
+        }
+        FrameHeader::decode(&b, max_channels).map(Some)
+    }
+}
+
+/// Reads a payload of `len` bytes into `buf` (resized) and checks its CRC.
+pub fn read_payload(r: &mut impl Read, h: &FrameHeader, buf: &mut Vec<u8>) -> Result<(), WireError> {
+    buf.clear();
+    buf.resize(h.wire_len as usize, 0);
+    read_exact_or(r, buf, "frame payload")?;
+    let want = crc32c::crc32c(buf);
+    if want != h.payload_crc {
+        return Err(WireError::Checksum { what: "frame payload", got: h.payload_crc, want });
+    }
+    Ok(())
+}
+
+/// Writes a header and its payload in one call where possible.
+pub fn write_frame(w: &mut impl Write, h: &FrameHeader, payload: &[u8]) -> io::Result<()> {
+    let head = h.encode();
+    let mut bufs = [io::IoSlice::new(&head), io::IoSlice::new(payload)];
+    let mut slices: &mut [io::IoSlice<'_>] = &mut bufs;
+    let total = head.len() + payload.len();
+    let mut written = 0;
+    while written < total {
+        let n = match w.write_vectored(slices) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        written += n;
+        io::IoSlice::advance_slices(&mut slices, n);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello() -> Hello {
+        Hello {
+            version_min: 1,
+            version_max: 1,
+            session: [7; 16],
+            stream_index: 2,
+            stream_count: 8,
+            role: Role::Data,
+            window: 1 << 24,
+            ring_pages: 1024,
+            name: "vm-1".into(),
+        }
+    }
+
+    #[test]
+    fn hello_round_trip() {
+        let h = hello();
+        let b = h.encode();
+        assert_eq!(Hello::read(&mut &b[..]).unwrap(), h);
+    }
+
+    #[test]
+    fn hello_rejects_garbage_magic_version_truncation_and_flips() {
+        let err = Hello::read(&mut &b"GET / HTTP/1.1\r\n\r\n"[..]).unwrap_err();
+        assert!(matches!(err, WireError::BadMagic(_)), "{err}");
+        assert!(err.to_string().contains("bad magic"));
+
+        let mut h = hello();
+        h.version_min = 7;
+        h.version_max = 9;
+        let err = Hello::read(&mut &h.encode()[..]).unwrap_err();
+        assert!(matches!(err, WireError::Version { min: 7, max: 9 }), "{err}");
+
+        let b = hello().encode();
+        for cut in [4, 10, HELLO_FIXED_LEN, b.len() - 1] {
+            let err = Hello::read(&mut &b[..cut]).unwrap_err();
+            assert!(matches!(err, WireError::Truncated { .. }), "cut {cut}: {err}");
+        }
+        for bit in 32..(b.len() * 8) {
+            let mut c = b.clone();
+            c[bit / 8] ^= 1 << (bit % 8);
+            assert!(Hello::read(&mut &c[..]).is_err(), "bit {bit} flip accepted");
+        }
+        let mut bad = hello();
+        bad.name = "../etc/passwd".into();
+        assert!(matches!(Hello::read(&mut &bad.encode()[..]), Err(WireError::Name(_))));
+        let mut bad = hello();
+        bad.stream_index = 8;
+        assert!(Hello::read(&mut &bad.encode()[..]).is_err());
+    }
+
+    #[test]
+    fn reply_round_trip_and_flip() {
+        let r = Reply { version: 1, status: Status::UnknownTarget, window: 5, ring_pages: 6 };
+        let b = r.encode();
+        assert_eq!(Reply::read(&mut &b[..]).unwrap(), r);
+        let mut c = b;
+        c[9] ^= 4;
+        assert!(Reply::read(&mut &c[..]).is_err());
+    }
+
+    fn data_header() -> FrameHeader {
+        FrameHeader {
+            kind: Kind::Data,
+            codec: CodecId::Lz4 as u8,
+            channel: 3,
+            len: 65536,
+            seq: 42,
+            plan_len: 65600,
+            wire_len: 30000,
+            payload_crc: 0xdead_beef,
+        }
+    }
+
+    #[test]
+    fn frame_header_round_trip_and_rejections() {
+        let h = data_header();
+        assert_eq!(FrameHeader::decode(&h.encode(), 16).unwrap(), h);
+        // A zeroed header is invalid.
+        assert!(FrameHeader::decode(&[0; FRAME_HEADER_LEN], 16).is_err());
+        // Every single-bit flip is caught.
+        let b = h.encode();
+        for bit in 0..(FRAME_HEADER_LEN * 8) {
+            let mut c = b;
+            c[bit / 8] ^= 1 << (bit % 8);
+            assert!(FrameHeader::decode(&c, 16).is_err(), "bit {bit}");
+        }
+        // Out-of-range fields with a valid checksum.
+        for bad in [
+            FrameHeader { channel: 16, ..h },
+            FrameHeader { len: (MAX_RAW_LEN + 1) as u32, ..h },
+            FrameHeader { len: 0, ..h },
+            FrameHeader { wire_len: u32::MAX, ..h },
+            FrameHeader { plan_len: u32::MAX, ..h },
+            FrameHeader { codec: 0, ..h },
+            FrameHeader { codec: 9, ..h },
+            FrameHeader { codec: 1, wire_len: 5, ..h },
+            FrameHeader { kind: Kind::Eof, ..h },
+            FrameHeader { kind: Kind::Window, len: 0, plan_len: 0, wire_len: 0, codec: 0, ..h },
+            FrameHeader { kind: Kind::Abort, wire_len: 5000, plan_len: 0, ..h },
+        ] {
+            assert!(FrameHeader::decode(&bad.encode(), 16).is_err(), "{bad:?}");
+        }
+        let mut raw = h.encode();
+        raw[0] = 9;
+        let crc = crc32c::crc32c(&raw[..28]);
+        raw[28..].copy_from_slice(&crc.to_le_bytes());
+        let err = FrameHeader::decode(&raw, 16).unwrap_err();
+        assert!(err.to_string().contains("frame kind"), "{err}");
+    }
+
+    #[test]
+    fn payload_crc_checked() {
+        let payload = b"hello world".to_vec();
+        let h = FrameHeader {
+            kind: Kind::Abort,
+            codec: 0,
+            channel: 0,
+            len: 0,
+            seq: 0,
+            plan_len: 0,
+            wire_len: payload.len() as u32,
+            payload_crc: crc32c::crc32c(&payload),
+        };
+        let mut out = Vec::new();
+        write_frame(&mut out, &h, &payload).unwrap();
+        let mut r = &out[..];
+        let got = FrameHeader::read(&mut r, 1).unwrap().unwrap();
+        let mut buf = Vec::new();
+        read_payload(&mut r, &got, &mut buf).unwrap();
+        assert_eq!(buf, payload);
+        out[FRAME_HEADER_LEN + 2] ^= 1;
+        let mut r = &out[..];
+        let got = FrameHeader::read(&mut r, 1).unwrap().unwrap();
+        assert!(matches!(read_payload(&mut r, &got, &mut buf), Err(WireError::Checksum { .. })));
+    }
+}
