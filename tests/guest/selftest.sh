@@ -29,7 +29,7 @@ elapsed() { awk -v a="$t_start" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}
 step() { echo "[$(elapsed)s] == $*"; }
 fail() {
   echo "FAIL: $*" >&2
-  for f in "$work"/*.log; do [ -e "$f" ] && { echo "--- tail $f" >&2; tail -n 5 "$f" >&2; }; done
+  for f in "$work"/*.log "$work"/*.qemu-stderr; do [ -e "$f" ] && { echo "--- tail $f" >&2; tail -n 5 "$f" >&2; }; done
   exit 1
 }
 qmp() { python3 "$here/qmp.py" "$@"; }
