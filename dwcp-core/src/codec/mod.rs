@@ -1,0 +1,689 @@
+//! Frame codec: page-aware deduplication ("plan") plus block compression.
+//!
+//! Sender, per frame of up to [`MAX_RAW_LEN`] raw bytes of QEMU's migration
+//! stream:
+//! 1. [`Planner::plan`] (sequential, stream order, one per channel direction)
+//!    turns raw bytes into a *plan*: ops (tag byte + LEB128 varints)
+//!    interleaved with literal bytes. See [`plan`](self) op list below.
+//! 2. [`Compressor::compress`] compresses the plan with the chosen [`Tier`]
+//!    and returns the [`CodecId`] actually used (falls back to
+//!    [`CodecId::None`] when compression does not shrink the plan).
+//!
+//! Receiver: [`Decompressor::decompress`] then [`Rebuilder::rebuild`]
+//! (sequential, stream order, one per channel direction).
+//!
+//! Plan ops:
+//! - `0x01 LIT len` + `len` literal bytes
+//! - `0x02 ZERO len`: `len` zero bytes
+//! - `0x03 PAGE` + 4096 literal bytes, also inserted into the dedup ring (the
+//!   k-th PAGE op of the channel goes to ring index k)
+//! - `0x04 REF idx`: copy of the 4096 bytes at ring index `idx` (absolute
+//!   insert counter; valid iff `counter - capacity <= idx < counter`)
+//!
+//! All output buffers passed as `out` are cleared first.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Instant;
+
+mod plan;
+
+pub use plan::{PlanStats, Planner, Rebuilder};
+
+#[cfg(test)]
+mod tests;
+
+/// Size of a guest page (and of a dedup ring entry).
+pub const PAGE_SIZE: usize = 4096;
+/// Maximum raw bytes per frame.
+pub const MAX_RAW_LEN: usize = 1 << 20;
+/// Maximum plan size. A plan of a raw chunk of at most [`MAX_RAW_LEN`] bytes
+/// never exceeds it (worst case is about `raw + raw / 800 + 4`).
+pub const MAX_PLAN_LEN: usize = MAX_RAW_LEN + 64 * 1024;
+
+/// Largest input LZ4 accepts (LZ4_MAX_INPUT_SIZE).
+const LZ4_MAX_INPUT: usize = 0x7E00_0000;
+
+/// Codec of a frame on the wire. 0 is invalid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum CodecId {
+    /// Plan sent as is.
+    None = 1,
+    /// LZ4 block (no frame header) of the plan.
+    Lz4 = 2,
+    /// One zstd frame of the plan.
+    Zstd = 3,
+}
+
+impl CodecId {
+    /// Parses the wire byte; `None` for unknown values (including 0).
+    pub fn from_wire(b: u8) -> Option<CodecId> {
+        match b {
+            1 => Some(CodecId::None),
+            2 => Some(CodecId::Lz4),
+            3 => Some(CodecId::Zstd),
+            _ => None,
+        }
+    }
+
+    /// Name used in messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            CodecId::None => "none",
+            CodecId::Lz4 => "lz4",
+            CodecId::Zstd => "zstd",
+        }
+    }
+}
+
+/// Compression tier chosen by the operator / adaptive logic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tier {
+    /// No compression.
+    None,
+    /// LZ4 block, default acceleration.
+    Lz4,
+    /// zstd at the given level (-7..=19 accepted by the parser).
+    Zstd(i32),
+}
+
+/// Lowest zstd level accepted by [`Tier::from_str`].
+pub const ZSTD_MIN_LEVEL: i32 = -7;
+/// Highest zstd level accepted by [`Tier::from_str`].
+pub const ZSTD_MAX_LEVEL: i32 = 19;
+/// Level used for plain "zstd".
+pub const ZSTD_DEFAULT_LEVEL: i32 = 3;
+
+/// Error of [`Tier::from_str`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "invalid compression tier {0:?}: expected \"none\", \"lz4\", \"zstd\" (level 3) or \"zstd:N\" with N in -7..=19"
+)]
+pub struct ParseTierError(pub String);
+
+impl FromStr for Tier {
+    type Err = ParseTierError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let t = s.trim().to_ascii_lowercase();
+        match t.as_str() {
+            "none" => return Ok(Tier::None),
+            "lz4" => return Ok(Tier::Lz4),
+            "zstd" => return Ok(Tier::Zstd(ZSTD_DEFAULT_LEVEL)),
+            _ => {}
+        }
+        if let Some(n) = t.strip_prefix("zstd:") {
+            if let Ok(level) = n.trim().parse::<i32>() {
+                if (ZSTD_MIN_LEVEL..=ZSTD_MAX_LEVEL).contains(&level) {
+                    return Ok(Tier::Zstd(level));
+                }
+            }
+        }
+        Err(ParseTierError(s.to_string()))
+    }
+}
+
+impl fmt::Display for Tier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Tier::None => f.write_str("none"),
+            Tier::Lz4 => f.write_str("lz4"),
+            Tier::Zstd(l) => write!(f, "zstd:{l}"),
+        }
+    }
+}
+
+/// Errors of the receive path. After an error the channel's [`Rebuilder`]
+/// state is unspecified: the channel must be torn down.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    /// Plan length from the frame header is above [`MAX_PLAN_LEN`].
+    #[error("plan length {plan_len} exceeds the maximum {max}")]
+    PlanTooLong {
+        /// Length claimed.
+        plan_len: usize,
+        /// [`MAX_PLAN_LEN`].
+        max: usize,
+    },
+    /// Raw length from the frame header is above [`MAX_RAW_LEN`].
+    #[error("raw length {raw_len} exceeds the maximum {max}")]
+    RawTooLong {
+        /// Length claimed.
+        raw_len: usize,
+        /// [`MAX_RAW_LEN`].
+        max: usize,
+    },
+    /// Decoded length differs from the header's plan length.
+    #[error("{codec} frame decoded to {got} bytes, header says {expected}")]
+    LengthMismatch {
+        /// Codec name.
+        codec: &'static str,
+        /// Bytes decoded (or announced by the frame).
+        got: u64,
+        /// Plan length from the frame header.
+        expected: usize,
+    },
+    /// LZ4 rejected the block.
+    #[error(
+        "lz4 frame of {wire_len} bytes is corrupt or decodes to more than the header's {plan_len} bytes"
+    )]
+    Lz4Corrupt {
+        /// Compressed length.
+        wire_len: usize,
+        /// Plan length from the frame header.
+        plan_len: usize,
+    },
+    /// zstd rejected the frame.
+    #[error("zstd frame of {wire_len} bytes is corrupt: {msg}")]
+    ZstdCorrupt {
+        /// Compressed length.
+        wire_len: usize,
+        /// zstd's message.
+        msg: String,
+    },
+    /// Unknown op tag in a plan.
+    #[error("unknown plan op tag 0x{tag:02x} at plan offset {offset}")]
+    BadTag {
+        /// The tag byte.
+        tag: u8,
+        /// Offset in the plan.
+        offset: usize,
+    },
+    /// Varint runs past the end of the plan.
+    #[error("truncated varint at plan offset {offset}")]
+    TruncatedVarint {
+        /// Offset in the plan.
+        offset: usize,
+    },
+    /// Varint longer than 64 bits.
+    #[error("varint at plan offset {offset} overflows 64 bits")]
+    VarintOverflow {
+        /// Offset in the plan.
+        offset: usize,
+    },
+    /// Literal/page bytes run past the end of the plan.
+    #[error("truncated literal at plan offset {offset}: needs {need} bytes, plan has {have}")]
+    TruncatedLiteral {
+        /// Offset in the plan.
+        offset: usize,
+        /// Bytes needed.
+        need: u64,
+        /// Bytes left in the plan.
+        have: usize,
+    },
+    /// REF to an index outside the ring's valid window.
+    #[error("dedup REF to page {idx} outside the valid window {lo}..{hi}")]
+    RefOutOfWindow {
+        /// Index referenced.
+        idx: u64,
+        /// Lowest valid index.
+        lo: u64,
+        /// One past the highest valid index.
+        hi: u64,
+    },
+    /// Plan produces more than raw_len bytes.
+    #[error(
+        "plan op at offset {offset} writes {len} bytes at output offset {at}, beyond the header's raw length {raw_len}"
+    )]
+    OutputOverflow {
+        /// Offset of the op in the plan.
+        offset: usize,
+        /// Bytes the op writes.
+        len: u64,
+        /// Output length before the op.
+        at: usize,
+        /// Raw length from the frame header.
+        raw_len: usize,
+    },
+    /// Plan produces fewer than raw_len bytes.
+    #[error("plan rebuilt {got} bytes, header says {raw_len}")]
+    OutputShort {
+        /// Bytes produced.
+        got: usize,
+        /// Raw length from the frame header.
+        raw_len: usize,
+    },
+}
+
+/// Caller-owned compression context (keep one per worker thread; it reuses
+/// the zstd context across calls).
+pub struct Compressor {
+    zstd: Option<zstd::bulk::Compressor<'static>>,
+    zstd_level: i32,
+}
+
+impl fmt::Debug for Compressor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Compressor")
+            .field("zstd_ready", &self.zstd.is_some())
+            .field("zstd_level", &self.zstd_level)
+            .finish()
+    }
+}
+
+impl Default for Compressor {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Compressor {
+    /// New context; the zstd context is allocated on first use.
+    pub fn new() -> Self {
+        Compressor {
+            zstd: None,
+            zstd_level: i32::MIN,
+        }
+    }
+
+    /// Compresses `plan` into `out` (cleared first) and returns the codec
+    /// used. If compression does not make the plan strictly smaller (or
+    /// fails), `out` holds a copy of `plan` and [`CodecId::None`] is returned.
+    pub fn compress(&mut self, tier: Tier, plan: &[u8], out: &mut Vec<u8>) -> CodecId {
+        out.clear();
+        let id = if plan.is_empty() {
+            None
+        } else {
+            match tier {
+                Tier::None => None,
+                Tier::Lz4 => lz4_compress(plan, out, plan.len() - 1).map(|_| CodecId::Lz4),
+                Tier::Zstd(level) => self.zstd_compress(level, plan, out),
+            }
+        };
+        match id {
+            Some(id) => id,
+            None => {
+                out.clear();
+                out.extend_from_slice(plan);
+                CodecId::None
+            }
+        }
+    }
+
+    fn zstd_ctx(&mut self, level: i32) -> Option<&mut zstd::bulk::Compressor<'static>> {
+        if self.zstd.is_none() {
+            self.zstd = Some(zstd::bulk::Compressor::new(level).ok()?);
+            self.zstd_level = level;
+        }
+        let ctx = self.zstd.as_mut()?;
+        if self.zstd_level != level {
+            ctx.set_compression_level(level).ok()?;
+            self.zstd_level = level;
+        }
+        Some(ctx)
+    }
+
+    fn zstd_compress(&mut self, level: i32, plan: &[u8], out: &mut Vec<u8>) -> Option<CodecId> {
+        let ctx = self.zstd_ctx(level)?;
+        out.clear();
+        out.reserve(plan.len());
+        // Fails with "destination too small" when the output would not fit,
+        // which means no gain anyway.
+        let n = ctx.compress_to_buffer(plan, out).ok()?;
+        if n >= plan.len() {
+            return None;
+        }
+        Some(CodecId::Zstd)
+    }
+}
+
+/// LZ4-compresses `src` into `out` (cleared) writing at most `max_dst`
+/// bytes. `None` if it does not fit or the input is too large.
+fn lz4_compress(src: &[u8], out: &mut Vec<u8>, max_dst: usize) -> Option<usize> {
+    out.clear();
+    if src.len() > LZ4_MAX_INPUT || max_dst == 0 {
+        return None;
+    }
+    let max_dst = max_dst.min(i32::MAX as usize);
+    out.reserve(max_dst);
+    // SAFETY: `src` is valid for reads of `src.len()` bytes (<= LZ4_MAX_INPUT
+    // fits c_int); `out` has capacity >= `max_dst` bytes, and LZ4 in
+    // limited-output mode writes at most `max_dst` bytes to `dst`.
+    let n = unsafe {
+        lz4_sys::LZ4_compress_default(
+            src.as_ptr().cast(),
+            out.as_mut_ptr().cast(),
+            src.len() as libc::c_int,
+            max_dst as libc::c_int,
+        )
+    };
+    if n <= 0 {
+        return None;
+    }
+    let n = n as usize;
+    debug_assert!(n <= max_dst);
+    // SAFETY: LZ4 returned n > 0, so it initialised exactly the first n
+    // bytes of the buffer, and n <= max_dst <= capacity.
+    unsafe { out.set_len(n) };
+    Some(n)
+}
+
+fn lz4_bound(len: usize) -> usize {
+    len + len / 255 + 16
+}
+
+/// Caller-owned decompression context (one per worker thread).
+pub struct Decompressor {
+    zstd: Option<zstd::bulk::Decompressor<'static>>,
+}
+
+impl fmt::Debug for Decompressor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Decompressor")
+            .field("zstd_ready", &self.zstd.is_some())
+            .finish()
+    }
+}
+
+impl Default for Decompressor {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Decompressor {
+    /// New context; the zstd context is allocated on first use.
+    pub fn new() -> Self {
+        Decompressor { zstd: None }
+    }
+
+    /// Decodes `wire` into `out` (cleared first), which must come out exactly
+    /// `plan_len` bytes long. Refuses `plan_len > MAX_PLAN_LEN`; reserves at
+    /// most `plan_len` bytes in `out`.
+    pub fn decompress(
+        &mut self,
+        codec: CodecId,
+        wire: &[u8],
+        plan_len: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<(), CodecError> {
+        out.clear();
+        if plan_len > MAX_PLAN_LEN {
+            return Err(CodecError::PlanTooLong {
+                plan_len,
+                max: MAX_PLAN_LEN,
+            });
+        }
+        match codec {
+            CodecId::None => {
+                if wire.len() != plan_len {
+                    return Err(CodecError::LengthMismatch {
+                        codec: "none",
+                        got: wire.len() as u64,
+                        expected: plan_len,
+                    });
+                }
+                out.extend_from_slice(wire);
+                Ok(())
+            }
+            CodecId::Lz4 => lz4_decompress(wire, plan_len, out),
+            CodecId::Zstd => {
+                let corrupt = |msg: String| CodecError::ZstdCorrupt {
+                    wire_len: wire.len(),
+                    msg,
+                };
+                match zstd::zstd_safe::get_frame_content_size(wire) {
+                    Ok(Some(n)) if n != plan_len as u64 => {
+                        return Err(CodecError::LengthMismatch {
+                            codec: "zstd",
+                            got: n,
+                            expected: plan_len,
+                        })
+                    }
+                    Ok(_) => {}
+                    Err(_) => return Err(corrupt("bad frame header".into())),
+                }
+                if self.zstd.is_none() {
+                    self.zstd =
+                        Some(zstd::bulk::Decompressor::new().map_err(|e| corrupt(e.to_string()))?);
+                }
+                let Some(ctx) = self.zstd.as_mut() else {
+                    return Err(corrupt("no context".into()));
+                };
+                out.reserve_exact(plan_len);
+                let n = ctx
+                    .decompress_to_buffer(wire, out)
+                    .map_err(|e| corrupt(e.to_string()))?;
+                if n != plan_len || out.len() != plan_len {
+                    return Err(CodecError::LengthMismatch {
+                        codec: "zstd",
+                        got: n as u64,
+                        expected: plan_len,
+                    });
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+fn lz4_decompress(wire: &[u8], plan_len: usize, out: &mut Vec<u8>) -> Result<(), CodecError> {
+    let corrupt = CodecError::Lz4Corrupt {
+        wire_len: wire.len(),
+        plan_len,
+    };
+    if wire.len() > lz4_bound(MAX_PLAN_LEN) {
+        return Err(corrupt);
+    }
+    out.clear();
+    out.reserve_exact(plan_len.max(1));
+    // SAFETY: `wire` is valid for `wire.len()` bytes (fits c_int, checked
+    // above); `out` has capacity >= plan_len (<= MAX_PLAN_LEN, fits c_int)
+    // and LZ4_decompress_safe never writes more than that capacity
+    // argument, whatever the input.
+    let n = unsafe {
+        lz4_sys::LZ4_decompress_safe(
+            wire.as_ptr().cast(),
+            out.as_mut_ptr().cast(),
+            wire.len() as libc::c_int,
+            plan_len as libc::c_int,
+        )
+    };
+    if n < 0 {
+        return Err(corrupt);
+    }
+    let n = n as usize;
+    if n > plan_len {
+        return Err(corrupt);
+    }
+    // SAFETY: LZ4 returned n >= 0: it initialised the first n bytes of the
+    // buffer, and n <= plan_len <= capacity.
+    unsafe { out.set_len(n) };
+    if n != plan_len {
+        out.clear();
+        return Err(CodecError::LengthMismatch {
+            codec: "lz4",
+            got: n as u64,
+            expected: plan_len,
+        });
+    }
+    Ok(())
+}
+
+/// Result of [`measure_tiers`] for one tier. MB/s are 10^6 bytes of raw
+/// (uncompressed) data per second, single-threaded.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct TierMeasurement {
+    /// Tier, as [`Tier`]'s Display.
+    pub tier: String,
+    /// Chunk (frame) size used.
+    pub chunk: usize,
+    /// Dedup cache size used.
+    pub dedup_cache_bytes: usize,
+    /// Raw bytes measured.
+    pub raw_bytes: u64,
+    /// Total plan bytes (after dedup/zero elimination).
+    pub plan_bytes: u64,
+    /// Total wire bytes (compressed plans, no frame headers).
+    pub wire_bytes: u64,
+    /// raw_bytes / wire_bytes.
+    pub ratio: f64,
+    /// Planner + compressor throughput.
+    pub encode_mb_s: f64,
+    /// Decompressor + rebuilder throughput.
+    pub decode_mb_s: f64,
+    /// Page records recognised.
+    pub pages_seen: u64,
+    /// Pages sent as REF.
+    pub pages_deduped: u64,
+    /// Bytes sent as ZERO ops.
+    pub zero_bytes: u64,
+    /// Decoded data matched the input.
+    pub roundtrip_ok: bool,
+    /// Wire bytes of the raw crate alone on the same chunks.
+    pub raw_crate_wire_bytes: u64,
+    /// raw_bytes / raw_crate_wire_bytes.
+    pub raw_crate_ratio: f64,
+    /// Raw crate compression throughput.
+    pub raw_crate_encode_mb_s: f64,
+    /// Raw crate decompression throughput.
+    pub raw_crate_decode_mb_s: f64,
+}
+
+fn mb_s(bytes: u64, secs: f64) -> f64 {
+    if secs <= 0.0 {
+        0.0
+    } else {
+        bytes as f64 / 1e6 / secs
+    }
+}
+
+fn ratio(raw: u64, wire: u64) -> f64 {
+    if wire == 0 {
+        0.0
+    } else {
+        raw as f64 / wire as f64
+    }
+}
+
+/// Measures each tier on `data` split into `chunk`-byte frames (clamped to
+/// 1..=[`MAX_RAW_LEN`]), single-threaded on the calling thread: our full
+/// path (plan + compress, decompress + rebuild, with a fresh dedup state of
+/// `dedup_cache_bytes` per tier) and the raw crate alone (zstd::bulk / lz4
+/// block / memcpy for none) on the same chunks.
+pub fn measure_tiers(
+    data: &[u8],
+    tiers: &[Tier],
+    chunk: usize,
+    dedup_cache_bytes: usize,
+) -> Vec<TierMeasurement> {
+    let chunk = chunk.clamp(1, MAX_RAW_LEN);
+    tiers
+        .iter()
+        .map(|&tier| measure_one(data, tier, chunk, dedup_cache_bytes))
+        .collect()
+}
+
+fn measure_one(data: &[u8], tier: Tier, chunk: usize, cache: usize) -> TierMeasurement {
+    let raw_bytes = data.len() as u64;
+
+    // Our path: encode.
+    let mut planner = Planner::new(cache);
+    let mut comp = Compressor::new();
+    let mut plan_buf = Vec::with_capacity(MAX_PLAN_LEN);
+    let mut frames: Vec<(CodecId, Vec<u8>, usize, usize)> = Vec::new();
+    let mut plan_bytes = 0u64;
+    let t = Instant::now();
+    for c in data.chunks(chunk) {
+        planner.plan(c, &mut plan_buf);
+        let mut wire = Vec::new();
+        let id = comp.compress(tier, &plan_buf, &mut wire);
+        plan_bytes += plan_buf.len() as u64;
+        frames.push((id, wire, plan_buf.len(), c.len()));
+    }
+    let enc = t.elapsed().as_secs_f64();
+    let wire_bytes: u64 = frames.iter().map(|f| f.1.len() as u64).sum();
+    let stats = planner.stats();
+
+    // Our path: decode (verification outside the timed region).
+    let mut dec = Decompressor::new();
+    let mut rb = Rebuilder::new(cache);
+    let mut raw_out = Vec::with_capacity(MAX_RAW_LEN);
+    let mut ok = true;
+    let mut dec_secs = 0.0;
+    let mut pos = 0usize;
+    for (id, wire, plan_len, raw_len) in &frames {
+        let t = Instant::now();
+        let r = dec
+            .decompress(*id, wire, *plan_len, &mut plan_buf)
+            .and_then(|()| rb.rebuild(&plan_buf, *raw_len, &mut raw_out));
+        dec_secs += t.elapsed().as_secs_f64();
+        if r.is_err() || raw_out[..] != data[pos..pos + raw_len] {
+            ok = false;
+            break;
+        }
+        pos += raw_len;
+    }
+
+    // Raw crate alone.
+    let mut raw_frames: Vec<Vec<u8>> = Vec::new();
+    let mut zc = match tier {
+        Tier::Zstd(l) => zstd::bulk::Compressor::new(l).ok(),
+        _ => None,
+    };
+    let t = Instant::now();
+    for c in data.chunks(chunk) {
+        let mut w = Vec::new();
+        match tier {
+            Tier::None => w.extend_from_slice(c),
+            Tier::Lz4 => {
+                if lz4_compress(c, &mut w, lz4_bound(c.len())).is_none() {
+                    w.clear();
+                }
+            }
+            Tier::Zstd(_) => {
+                if let Some(z) = zc.as_mut() {
+                    w.reserve(zstd::zstd_safe::compress_bound(c.len()));
+                    if z.compress_to_buffer(c, &mut w).is_err() {
+                        w.clear();
+                    }
+                }
+            }
+        }
+        raw_frames.push(w);
+    }
+    let raw_enc = t.elapsed().as_secs_f64();
+    let raw_wire: u64 = raw_frames.iter().map(|w| w.len() as u64).sum();
+    let mut zd = zstd::bulk::Decompressor::new().ok();
+    let mut out = Vec::with_capacity(chunk);
+    let t = Instant::now();
+    for (w, c) in raw_frames.iter().zip(data.chunks(chunk)) {
+        match tier {
+            Tier::None => {
+                out.clear();
+                out.extend_from_slice(w);
+            }
+            Tier::Lz4 => {
+                let _ = lz4_decompress(w, c.len(), &mut out);
+            }
+            Tier::Zstd(_) => {
+                if let Some(z) = zd.as_mut() {
+                    out.clear();
+                    let _ = z.decompress_to_buffer(w, &mut out);
+                }
+            }
+        }
+    }
+    let raw_dec = t.elapsed().as_secs_f64();
+
+    TierMeasurement {
+        tier: tier.to_string(),
+        chunk,
+        dedup_cache_bytes: cache,
+        raw_bytes,
+        plan_bytes,
+        wire_bytes,
+        ratio: ratio(raw_bytes, wire_bytes),
+        encode_mb_s: mb_s(raw_bytes, enc),
+        decode_mb_s: mb_s(raw_bytes, dec_secs),
+        pages_seen: stats.pages_seen,
+        pages_deduped: stats.pages_deduped,
+        zero_bytes: stats.zero_bytes,
+        roundtrip_ok: ok,
+        raw_crate_wire_bytes: raw_wire,
+        raw_crate_ratio: ratio(raw_bytes, raw_wire),
+        raw_crate_encode_mb_s: mb_s(raw_bytes, raw_enc),
+        raw_crate_decode_mb_s: mb_s(raw_bytes, raw_dec),
+    }
+}

@@ -1,0 +1,521 @@
+//! Planner (sender) and Rebuilder (receiver): zero-run elimination and
+//! page-aware deduplication of QEMU's precopy RAM stream.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
+
+use xxhash_rust::xxh3::xxh3_64;
+
+use super::{CodecError, MAX_PLAN_LEN, MAX_RAW_LEN, PAGE_SIZE};
+
+pub(crate) const OP_LIT: u8 = 0x01;
+pub(crate) const OP_ZERO: u8 = 0x02;
+pub(crate) const OP_PAGE: u8 = 0x03;
+pub(crate) const OP_REF: u8 = 0x04;
+
+/// Zero runs at least this long become ZERO ops.
+pub(crate) const MIN_ZERO_RUN: usize = 512;
+/// Grid of the zero-run scan: any run >= 2*ZBLK-1 bytes contains a whole
+/// grid block, so only one word per block is read on non-zero data.
+const ZBLK: usize = 256;
+
+/// QEMU RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE.
+const FLAG_PAGE_CONT: u8 = 0x28;
+/// QEMU RAM_SAVE_FLAG_PAGE (followed by length byte + RAMBlock idstr).
+const FLAG_PAGE: u8 = 0x08;
+/// Flags a following record header may carry (ZERO, PAGE, EOS, CONTINUE).
+const FLAGS_PLAUSIBLE: u8 = 0x02 | 0x08 | 0x10 | 0x20;
+
+/// Counters of a [`Planner`] since its creation.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PlanStats {
+    /// Raw bytes planned.
+    pub raw_bytes: u64,
+    /// Raw bytes sent as ZERO ops (zero runs and zero pages).
+    pub zero_bytes: u64,
+    /// QEMU page records recognised (including zero pages).
+    pub pages_seen: u64,
+    /// Pages sent as REF to the dedup ring.
+    pub pages_deduped: u64,
+}
+
+#[inline]
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+#[inline]
+fn get_varint(plan: &[u8], pos: &mut usize) -> Result<u64, CodecError> {
+    let start = *pos;
+    let mut v = 0u64;
+    let mut shift = 0u32;
+    loop {
+        let Some(&b) = plan.get(*pos) else {
+            return Err(CodecError::TruncatedVarint { offset: start });
+        };
+        *pos += 1;
+        if shift == 63 && b > 1 {
+            return Err(CodecError::VarintOverflow { offset: start });
+        }
+        v |= u64::from(b & 0x7f) << shift;
+        if b & 0x80 == 0 {
+            return Ok(v);
+        }
+        shift += 7;
+    }
+}
+
+#[inline]
+fn word(raw: &[u8], i: usize) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&raw[i..i + 8]);
+    u64::from_ne_bytes(b)
+}
+
+/// True if every byte of `d` is zero (early exit per 64 bytes).
+#[inline]
+pub(crate) fn is_zero(d: &[u8]) -> bool {
+    let mut chunks = d.chunks_exact(64);
+    for c in &mut chunks {
+        let mut acc = 0u64;
+        for w in c.chunks_exact(8) {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(w);
+            acc |= u64::from_ne_bytes(b);
+        }
+        if acc != 0 {
+            return false;
+        }
+    }
+    chunks.remainder().iter().all(|&b| b == 0)
+}
+
+/// Fixed-capacity FIFO ring of pages indexed by an absolute insert counter.
+struct Ring {
+    cap: u64,
+    data: Vec<u8>,
+    count: u64,
+}
+
+impl Ring {
+    fn new(cache_bytes: usize) -> Self {
+        Ring {
+            cap: (cache_bytes / PAGE_SIZE) as u64,
+            data: Vec::new(),
+            count: 0,
+        }
+    }
+
+    /// Lowest valid index.
+    fn lo(&self) -> u64 {
+        self.count.saturating_sub(self.cap)
+    }
+
+    fn get(&self, idx: u64) -> Option<&[u8]> {
+        if idx >= self.count || idx < self.lo() {
+            return None;
+        }
+        let slot = (idx % self.cap) as usize * PAGE_SIZE;
+        self.data.get(slot..slot + PAGE_SIZE)
+    }
+
+    /// Inserts a page; returns its index. No-op (but counted) if cap is 0.
+    fn insert(&mut self, page: &[u8]) -> u64 {
+        debug_assert_eq!(page.len(), PAGE_SIZE);
+        let idx = self.count;
+        self.count += 1;
+        if self.cap == 0 {
+            return idx;
+        }
+        let slot = (idx % self.cap) as usize * PAGE_SIZE;
+        if slot == self.data.len() {
+            self.data.extend_from_slice(page);
+        } else {
+            self.data[slot..slot + PAGE_SIZE].copy_from_slice(page);
+        }
+        idx
+    }
+}
+
+/// Hasher for keys that already are xxh3 hashes.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
+type IdMap = HashMap<u64, u64, BuildHasherDefault<IdHasher>>;
+
+/// Sender side: raw bytes -> plan. One per channel direction, called in
+/// stream order.
+pub struct Planner {
+    ring: Ring,
+    /// Hash of the page in each ring slot.
+    slot_hash: Vec<u64>,
+    /// Page hash -> ring index (only indices still in the ring).
+    index: IdMap,
+    stats: PlanStats,
+}
+
+impl fmt::Debug for Planner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Planner")
+            .field("ring_pages", &self.ring.cap)
+            .field("inserted", &self.ring.count)
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+/// Plan writer: LIT/ZERO emission with zero-run detection.
+struct Emitter<'a> {
+    out: &'a mut Vec<u8>,
+    zero_bytes: u64,
+}
+
+impl Emitter<'_> {
+    #[inline]
+    fn lit(&mut self, d: &[u8]) {
+        if !d.is_empty() {
+            self.out.push(OP_LIT);
+            put_varint(self.out, d.len() as u64);
+            self.out.extend_from_slice(d);
+        }
+    }
+
+    #[inline]
+    fn zero(&mut self, len: usize) {
+        self.out.push(OP_ZERO);
+        put_varint(self.out, len as u64);
+        self.zero_bytes += len as u64;
+    }
+
+    /// Emits `raw[a..b]` as LIT/ZERO ops (ZERO for zero runs >= MIN_ZERO_RUN).
+    fn region(&mut self, raw: &[u8], a: usize, b: usize) {
+        let mut lit = a;
+        let mut i = a;
+        while i + ZBLK <= b {
+            if !is_zero(&raw[i..i + ZBLK]) {
+                i += ZBLK;
+                continue;
+            }
+            let mut s = i;
+            while s > lit && raw[s - 1] == 0 {
+                s -= 1;
+            }
+            let mut e = i + ZBLK;
+            while e + 8 <= b && word(raw, e) == 0 {
+                e += 8;
+            }
+            while e < b && raw[e] == 0 {
+                e += 1;
+            }
+            if e - s >= MIN_ZERO_RUN {
+                self.lit(&raw[lit..s]);
+                self.zero(e - s);
+                lit = e;
+            }
+            i = e;
+        }
+        self.lit(&raw[lit..b]);
+    }
+}
+
+/// First index `p >= from` with `raw[p]` equal to 0x08 or 0x28.
+#[inline]
+fn find_flag(raw: &[u8], from: usize) -> Option<usize> {
+    const LO: u64 = 0x0101_0101_0101_0101;
+    const HI: u64 = 0x8080_8080_8080_8080;
+    let mut i = from;
+    while i + 8 <= raw.len() {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&raw[i..i + 8]);
+        // 0x08 and 0x28 differ only in bit 5.
+        let x = (u64::from_le_bytes(b) & 0xDFDF_DFDF_DFDF_DFDF) ^ (0x08 * LO);
+        let z = x.wrapping_sub(LO) & !x & HI;
+        if z != 0 {
+            // The lowest flagged byte is always a true match.
+            return Some(i + (z.trailing_zeros() / 8) as usize);
+        }
+        i += 8;
+    }
+    (i..raw.len()).find(|&p| raw[p] & 0xDF == 0x08)
+}
+
+/// If a QEMU page record header starts at `h` and its whole page lies in
+/// `raw`, returns the offset of the page data.
+#[inline]
+fn parse_header(raw: &[u8], h: usize) -> Option<usize> {
+    let b = raw.get(h..h + 8)?;
+    if b[0] != 0 || b[1] != 0 || b[6] & 0x0F != 0 {
+        return None;
+    }
+    let ds = match b[7] {
+        FLAG_PAGE_CONT => h + 8,
+        FLAG_PAGE => {
+            let l = *raw.get(h + 8)? as usize;
+            if l == 0 {
+                return None;
+            }
+            let id = raw.get(h + 9..h + 9 + l)?;
+            if !id.iter().all(|c| (0x21..0x7f).contains(c)) {
+                return None;
+            }
+            h + 9 + l
+        }
+        _ => return None,
+    };
+    if ds + PAGE_SIZE > raw.len() {
+        return None;
+    }
+    Some(ds)
+}
+
+/// Does a plausible record header follow at `next` (or does the chunk end
+/// before one could)?
+#[inline]
+fn confirmed(raw: &[u8], next: usize) -> bool {
+    match raw.get(next..next + 8) {
+        None => true,
+        Some(b) => b[0] == 0 && b[1] == 0 && b[7] != 0 && b[7] & !FLAGS_PLAUSIBLE == 0,
+    }
+}
+
+/// Offset of the data of the next confirmed page record whose header starts
+/// at or after `pos`.
+fn find_record(raw: &[u8], pos: usize) -> Option<usize> {
+    let mut p = pos + 7;
+    loop {
+        // A record needs 8 header bytes + a page after its start.
+        if p - 7 + 8 + PAGE_SIZE > raw.len() {
+            return None;
+        }
+        p = find_flag(raw, p)?;
+        let h = p - 7;
+        if let Some(ds) = parse_header(raw, h) {
+            if confirmed(raw, ds + PAGE_SIZE) {
+                return Some(ds);
+            }
+        }
+        p += 1;
+    }
+}
+
+impl Planner {
+    /// New planner with a dedup ring of `dedup_cache_bytes / 4096` pages
+    /// (0 = no dedup; zero runs are still eliminated). The ring memory is
+    /// allocated as pages are inserted, up to that size.
+    pub fn new(dedup_cache_bytes: usize) -> Self {
+        Planner {
+            ring: Ring::new(dedup_cache_bytes),
+            slot_hash: Vec::new(),
+            index: IdMap::default(),
+            stats: PlanStats::default(),
+        }
+    }
+
+    /// Counters since creation.
+    pub fn stats(&self) -> PlanStats {
+        self.stats
+    }
+
+    /// Plans `raw` (any length; frames are at most [`MAX_RAW_LEN`]) into
+    /// `out` (cleared first). For `raw.len() <= MAX_RAW_LEN` the plan is at
+    /// most [`MAX_PLAN_LEN`] bytes.
+    pub fn plan(&mut self, raw: &[u8], out: &mut Vec<u8>) {
+        out.clear();
+        out.reserve(raw.len() + raw.len() / 256 + 16);
+        self.stats.raw_bytes += raw.len() as u64;
+        let mut em = Emitter { out, zero_bytes: 0 };
+        if self.ring.cap == 0 {
+            em.region(raw, 0, raw.len());
+        } else {
+            let mut region_start = 0;
+            while let Some(ds) = find_record(raw, region_start) {
+                em.region(raw, region_start, ds);
+                self.page(&raw[ds..ds + PAGE_SIZE], &mut em);
+                region_start = ds + PAGE_SIZE;
+            }
+            em.region(raw, region_start, raw.len());
+        }
+        self.stats.zero_bytes += em.zero_bytes;
+        debug_assert!(raw.len() > MAX_RAW_LEN || out.len() <= MAX_PLAN_LEN);
+    }
+
+    fn page(&mut self, data: &[u8], em: &mut Emitter<'_>) {
+        self.stats.pages_seen += 1;
+        if is_zero(data) {
+            em.zero(PAGE_SIZE);
+            return;
+        }
+        let h = xxh3_64(data);
+        if let Some(&idx) = self.index.get(&h) {
+            // Never trust the hash alone.
+            if self.ring.get(idx) == Some(data) {
+                em.out.push(OP_REF);
+                put_varint(em.out, idx);
+                self.stats.pages_deduped += 1;
+                return;
+            }
+        }
+        em.out.push(OP_PAGE);
+        em.out.extend_from_slice(data);
+        self.insert(h, data);
+    }
+
+    fn insert(&mut self, h: u64, data: &[u8]) {
+        let cap = self.ring.cap;
+        let idx = self.ring.count;
+        let slot = (idx % cap) as usize;
+        if idx >= cap {
+            // Slot is overwritten: forget the evicted page.
+            let old = idx - cap;
+            let oh = self.slot_hash[slot];
+            if self.index.get(&oh) == Some(&old) {
+                self.index.remove(&oh);
+            }
+            self.slot_hash[slot] = h;
+        } else {
+            self.slot_hash.push(h);
+        }
+        self.ring.insert(data);
+        self.index.insert(h, idx);
+    }
+}
+
+/// Receiver side: plan -> raw bytes. One per channel direction, called in
+/// stream order.
+pub struct Rebuilder {
+    ring: Ring,
+}
+
+impl fmt::Debug for Rebuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Rebuilder")
+            .field("ring_pages", &self.ring.cap)
+            .field("inserted", &self.ring.count)
+            .finish()
+    }
+}
+
+impl Rebuilder {
+    /// New rebuilder; `dedup_cache_bytes` must equal the sender's.
+    pub fn new(dedup_cache_bytes: usize) -> Self {
+        Rebuilder {
+            ring: Ring::new(dedup_cache_bytes),
+        }
+    }
+
+    /// Executes `plan` into `out` (cleared first), which must come out
+    /// exactly `raw_len` bytes long. Errors (never panics) on malformed
+    /// plans; after an error the ring state is unspecified.
+    pub fn rebuild(
+        &mut self,
+        plan: &[u8],
+        raw_len: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<(), CodecError> {
+        out.clear();
+        if raw_len > MAX_RAW_LEN {
+            return Err(CodecError::RawTooLong {
+                raw_len,
+                max: MAX_RAW_LEN,
+            });
+        }
+        if plan.len() > MAX_PLAN_LEN {
+            return Err(CodecError::PlanTooLong {
+                plan_len: plan.len(),
+                max: MAX_PLAN_LEN,
+            });
+        }
+        out.reserve_exact(raw_len);
+        let mut p = 0usize;
+        while p < plan.len() {
+            let offset = p;
+            let tag = plan[p];
+            p += 1;
+            let room = |out: &Vec<u8>, len: u64| -> Result<usize, CodecError> {
+                if len > (raw_len - out.len()) as u64 {
+                    Err(CodecError::OutputOverflow {
+                        offset,
+                        len,
+                        at: out.len(),
+                        raw_len,
+                    })
+                } else {
+                    Ok(len as usize)
+                }
+            };
+            let literal = |p: usize, len: u64| -> Result<(), CodecError> {
+                let have = plan.len() - p;
+                if len > have as u64 {
+                    Err(CodecError::TruncatedLiteral {
+                        offset,
+                        need: len,
+                        have,
+                    })
+                } else {
+                    Ok(())
+                }
+            };
+            match tag {
+                OP_LIT => {
+                    let len = get_varint(plan, &mut p)?;
+                    literal(p, len)?;
+                    let len = room(out, len)?;
+                    out.extend_from_slice(&plan[p..p + len]);
+                    p += len;
+                }
+                OP_ZERO => {
+                    let len = get_varint(plan, &mut p)?;
+                    let len = room(out, len)?;
+                    out.resize(out.len() + len, 0);
+                }
+                OP_PAGE => {
+                    literal(p, PAGE_SIZE as u64)?;
+                    room(out, PAGE_SIZE as u64)?;
+                    let page = &plan[p..p + PAGE_SIZE];
+                    out.extend_from_slice(page);
+                    self.ring.insert(page);
+                    p += PAGE_SIZE;
+                }
+                OP_REF => {
+                    let idx = get_varint(plan, &mut p)?;
+                    let Some(page) = self.ring.get(idx) else {
+                        return Err(CodecError::RefOutOfWindow {
+                            idx,
+                            lo: self.ring.lo(),
+                            hi: self.ring.count,
+                        });
+                    };
+                    room(out, PAGE_SIZE as u64)?;
+                    out.extend_from_slice(page);
+                }
+                _ => return Err(CodecError::BadTag { tag, offset }),
+            }
+        }
+        if out.len() != raw_len {
+            return Err(CodecError::OutputShort {
+                got: out.len(),
+                raw_len,
+            });
+        }
+        Ok(())
+    }
+}

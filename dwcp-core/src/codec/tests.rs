@@ -1,0 +1,706 @@
+use super::plan::{OP_LIT, OP_PAGE, OP_REF, OP_ZERO};
+use super::*;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const TIERS: [Tier; 5] = [
+    Tier::None,
+    Tier::Lz4,
+    Tier::Zstd(-7),
+    Tier::Zstd(1),
+    Tier::Zstd(3),
+];
+
+struct Totals {
+    plan: usize,
+    wire: usize,
+    stats: PlanStats,
+}
+
+/// Full sender + receiver round trip over `data` cut into chunks of
+/// `chunks` sizes (cycled).
+fn roundtrip(data: &[u8], tier: Tier, chunks: &[usize], cache: usize) -> Totals {
+    let mut planner = Planner::new(cache);
+    let mut comp = Compressor::new();
+    let mut dec = Decompressor::new();
+    let mut rb = Rebuilder::new(cache);
+    let (mut plan, mut wire, mut plan2, mut raw) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut t = Totals {
+        plan: 0,
+        wire: 0,
+        stats: PlanStats::default(),
+    };
+    let mut pos = 0;
+    let mut k = 0;
+    while pos < data.len() {
+        let n = chunks[k % chunks.len()].min(data.len() - pos);
+        k += 1;
+        let c = &data[pos..pos + n];
+        planner.plan(c, &mut plan);
+        assert!(plan.len() <= MAX_PLAN_LEN);
+        assert!(
+            plan.len() <= c.len() + c.len() / 400 + 8,
+            "plan {} raw {}",
+            plan.len(),
+            c.len()
+        );
+        let id = comp.compress(tier, &plan, &mut wire);
+        if tier == Tier::None {
+            assert_eq!(id, CodecId::None);
+        }
+        if id != CodecId::None {
+            assert!(wire.len() < plan.len());
+        }
+        dec.decompress(id, &wire, plan.len(), &mut plan2).unwrap();
+        assert_eq!(plan, plan2);
+        rb.rebuild(&plan2, c.len(), &mut raw).unwrap();
+        assert!(raw == c, "mismatch at chunk {k} pos {pos} tier {tier}");
+        t.plan += plan.len();
+        t.wire += wire.len();
+        pos += n;
+    }
+    t.stats = planner.stats();
+    assert_eq!(t.stats.raw_bytes, data.len() as u64);
+    t
+}
+
+fn random_bytes(rng: &mut StdRng, n: usize) -> Vec<u8> {
+    let mut v = vec![0u8; n];
+    rng.fill(&mut v[..]);
+    v
+}
+
+fn text(rng: &mut StdRng, n: usize) -> Vec<u8> {
+    const W: [&str; 12] = [
+        "migration ",
+        "page ",
+        "qemu ",
+        "the ",
+        "ram ",
+        "kernel ",
+        "dirty ",
+        "bitmap\n",
+        "block ",
+        "vcpu ",
+        "0x7fff ",
+        "{\"execute\": ",
+    ];
+    let mut v = Vec::with_capacity(n + 16);
+    while v.len() < n {
+        v.extend_from_slice(W[rng.gen_range(0..W.len())].as_bytes());
+    }
+    v.truncate(n);
+    v
+}
+
+fn page_content(rng: &mut StdRng, kind: u32) -> Vec<u8> {
+    match kind % 4 {
+        0 => random_bytes(rng, PAGE_SIZE),
+        1 => text(rng, PAGE_SIZE),
+        2 => {
+            // Sparse: mostly zero with a few words.
+            let mut p = vec![0u8; PAGE_SIZE];
+            for _ in 0..rng.gen_range(1..20) {
+                let i = rng.gen_range(0..PAGE_SIZE);
+                p[i] = rng.gen_range(1..=255);
+            }
+            p
+        }
+        _ => {
+            let mut p = text(rng, PAGE_SIZE / 2);
+            p.resize(PAGE_SIZE, 0);
+            p
+        }
+    }
+}
+
+fn header(offset: u64, flags: u8) -> [u8; 8] {
+    (offset | u64::from(flags)).to_be_bytes()
+}
+
+/// Synthetic QEMU precopy RAM stream: `n` page records; `dup` fraction
+/// duplicates of earlier pages, ~10% zero pages, ZERO-flag records, block
+/// switches with idstr, EOS + section bytes and garbage in between.
+fn qemu_stream(rng: &mut StdRng, n: usize, dup: f64) -> Vec<u8> {
+    let mut s = Vec::new();
+    let mut pool: Vec<Vec<u8>> = Vec::new();
+    let mut offset = 0u64;
+    let mut first = true;
+    for i in 0..n {
+        if rng.gen_bool(0.02) {
+            // End of section + next section part header + garbage.
+            s.extend_from_slice(&header(0, 0x10));
+            s.push(0x02);
+            let g = rng.gen_range(0..40);
+            s.extend(random_bytes(rng, g));
+            first = true;
+        }
+        if rng.gen_bool(0.05) {
+            // QEMU zero-page record (flag 0x22) + fill byte.
+            s.extend_from_slice(&header(offset, 0x22));
+            s.push(0);
+            offset += PAGE_SIZE as u64;
+        }
+        if first {
+            s.extend_from_slice(&header(offset, FLAG_PAGE_TEST));
+            let id: &[u8] = if i % 2 == 0 {
+                b"pc.ram"
+            } else {
+                b"0000:00:02.0/vga.vram"
+            };
+            s.push(id.len() as u8);
+            s.extend_from_slice(id);
+            first = false;
+        } else {
+            s.extend_from_slice(&header(offset, 0x28));
+        }
+        let r: f64 = rng.gen();
+        let page = if r < 0.1 {
+            vec![0u8; PAGE_SIZE]
+        } else if r < 0.1 + dup && !pool.is_empty() {
+            pool[rng.gen_range(0..pool.len())].clone()
+        } else {
+            let kind = rng.gen();
+            let p = page_content(rng, kind);
+            pool.push(p.clone());
+            p
+        };
+        s.extend_from_slice(&page);
+        offset += PAGE_SIZE as u64 * rng.gen_range(1..4);
+    }
+    s.extend_from_slice(&header(0, 0x10));
+    s
+}
+
+const FLAG_PAGE_TEST: u8 = 0x08;
+
+/// Bytes that look like record headers almost everywhere.
+fn adversarial(rng: &mut StdRng, n: usize) -> Vec<u8> {
+    let mut s: Vec<u8> = Vec::with_capacity(n + 8192);
+    while s.len() < n {
+        match rng.gen_range(0..9) {
+            0 => s.extend_from_slice(&header(rng.gen_range(0..1 << 20) << 12, 0x28)),
+            1 => {
+                s.extend_from_slice(&header(rng.gen_range(0..1 << 20) << 12, 0x08));
+                let l = rng.gen_range(0..6u8);
+                s.push(l);
+                for _ in 0..l {
+                    s.push(rng.gen_range(0x1f..0x81));
+                }
+            }
+            2 => {
+                let l = rng.gen_range(0..PAGE_SIZE + 16);
+                s.extend(random_bytes(rng, l));
+            }
+            3 => {
+                let l = rng.gen_range(500..530);
+                s.resize(s.len() + l, 0);
+            }
+            4 if s.len() > 10 => {
+                // Copy of an earlier segment (possibly page-sized).
+                let l = if rng.gen_bool(0.5) {
+                    PAGE_SIZE
+                } else {
+                    rng.gen_range(1..5000)
+                };
+                let a = rng.gen_range(0..s.len());
+                let e = (a + l).min(s.len());
+                let seg = s[a..e].to_vec();
+                s.extend_from_slice(&seg);
+            }
+            5 => {
+                let b = [0x08u8, 0x28, 0x00][rng.gen_range(0..3)];
+                let l = rng.gen_range(1..64);
+                s.resize(s.len() + l, b);
+            }
+            6 => {
+                let l = rng.gen_range(1..300);
+                s.resize(s.len() + l, 0);
+            }
+            7 => {
+                s.extend_from_slice(&header(0, 0x28));
+                s.resize(s.len() + PAGE_SIZE, rng.gen_range(0..3));
+            }
+            _ => s.extend_from_slice(&header(0, rng.gen())),
+        }
+    }
+    s.truncate(n);
+    s
+}
+
+const CHUNKS: [usize; 4] = [MAX_RAW_LEN, 65_537, 300_001, 4_099];
+const CACHE: usize = 64 << 20;
+
+#[test]
+fn codec_id_and_tier_parse() {
+    for b in 0..=255u8 {
+        let id = CodecId::from_wire(b);
+        match b {
+            1..=3 => assert_eq!(id.unwrap() as u8, b),
+            _ => assert!(id.is_none()),
+        }
+    }
+    assert_eq!("none".parse::<Tier>().unwrap(), Tier::None);
+    assert_eq!("lz4".parse::<Tier>().unwrap(), Tier::Lz4);
+    assert_eq!("zstd".parse::<Tier>().unwrap(), Tier::Zstd(3));
+    assert_eq!("zstd:-7".parse::<Tier>().unwrap(), Tier::Zstd(-7));
+    assert_eq!("zstd:19".parse::<Tier>().unwrap(), Tier::Zstd(19));
+    for bad in ["zstd:20", "zstd:-8", "zstd:", "zstd:x", "gzip", "", "lz4:1"] {
+        let e = bad.parse::<Tier>().unwrap_err().to_string();
+        assert!(e.contains("-7..=19") && e.contains("lz4"), "{e}");
+    }
+    for l in -7..=19 {
+        let t = Tier::Zstd(l);
+        assert_eq!(t.to_string().parse::<Tier>().unwrap(), t);
+    }
+    for t in [Tier::None, Tier::Lz4] {
+        assert_eq!(t.to_string().parse::<Tier>().unwrap(), t);
+    }
+}
+
+#[test]
+fn codec_roundtrip_basic_inputs() {
+    let mut rng = StdRng::seed_from_u64(1);
+    let inputs: Vec<Vec<u8>> = vec![
+        Vec::new(),
+        vec![7],
+        random_bytes(&mut rng, 3 << 20),
+        vec![0u8; 3 << 20],
+        text(&mut rng, 3 << 20),
+        {
+            let mut v = vec![0u8; 1000];
+            v.extend(random_bytes(&mut rng, 1000));
+            v.extend(vec![0u8; 511]);
+            v.push(1);
+            v.extend(vec![0u8; 512]);
+            v.push(1);
+            v.extend(vec![0u8; 513]);
+            v
+        },
+    ];
+    for d in &inputs {
+        for tier in TIERS {
+            for cache in [0, CACHE] {
+                roundtrip(d, tier, &CHUNKS, cache);
+            }
+        }
+    }
+    // Zeros collapse.
+    let t = roundtrip(&inputs[3], Tier::None, &[MAX_RAW_LEN], CACHE);
+    assert!(t.plan < 64, "plan {}", t.plan);
+    assert_eq!(t.stats.zero_bytes, 3 << 20);
+    // Random data: plan overhead is tiny, compression falls back to none.
+    let t = roundtrip(&inputs[2], Tier::Zstd(3), &[MAX_RAW_LEN], CACHE);
+    assert!(t.wire <= (3 << 20) + 64);
+}
+
+#[test]
+fn codec_qemu_stream_dedup() {
+    let mut rng = StdRng::seed_from_u64(2);
+    let s = qemu_stream(&mut rng, 2000, 0.3);
+    for tier in TIERS {
+        for chunks in [&CHUNKS[..], &[MAX_RAW_LEN], &[12_345, 777_777]] {
+            let t = roundtrip(&s, tier, chunks, CACHE);
+            assert!(t.stats.pages_seen > 1800, "{:?}", t.stats);
+            assert!(t.stats.pages_deduped > 300, "{:?}", t.stats);
+        }
+    }
+    // Dedup disabled: still lossless, nothing deduped.
+    let t = roundtrip(&s, Tier::Lz4, &CHUNKS, 0);
+    assert_eq!(t.stats.pages_deduped, 0);
+    let with = roundtrip(&s, Tier::None, &[MAX_RAW_LEN], CACHE);
+    assert!(with.plan < t.plan);
+}
+
+#[test]
+fn codec_duplicate_pages_shrink_plan() {
+    let mut rng = StdRng::seed_from_u64(3);
+    let page = random_bytes(&mut rng, PAGE_SIZE);
+    let mut s = Vec::new();
+    for i in 0..200u64 {
+        s.extend_from_slice(&header(i << 12, 0x28));
+        s.extend_from_slice(&page);
+    }
+    let mut p = Planner::new(CACHE);
+    let mut plan = Vec::new();
+    p.plan(&s, &mut plan);
+    let st = p.stats();
+    assert_eq!(st.pages_seen, 200);
+    assert_eq!(st.pages_deduped, 199);
+    assert!(plan.len() < PAGE_SIZE + 200 * 16, "plan {}", plan.len());
+    let mut rb = Rebuilder::new(CACHE);
+    let mut out = Vec::new();
+    rb.rebuild(&plan, s.len(), &mut out).unwrap();
+    assert_eq!(out, s);
+    // Across frames too.
+    p.plan(&s, &mut plan);
+    assert_eq!(p.stats().pages_deduped, 399);
+    rb.rebuild(&plan, s.len(), &mut out).unwrap();
+    assert_eq!(out, s);
+}
+
+#[test]
+fn codec_small_ring_eviction() {
+    let mut rng = StdRng::seed_from_u64(4);
+    for seed in 0..10 {
+        let mut rng2 = StdRng::seed_from_u64(seed);
+        // 64 distinct pages cycled through a ring of 8 pages, and random
+        // re-use at short distances.
+        let pages: Vec<Vec<u8>> = (0..64).map(|_| random_bytes(&mut rng, PAGE_SIZE)).collect();
+        let mut s = Vec::new();
+        for i in 0..1000u64 {
+            s.extend_from_slice(&header(i << 12, 0x28));
+            let k = if rng2.gen_bool(0.5) {
+                (i % 64) as usize
+            } else {
+                rng2.gen_range(0..64)
+            };
+            s.extend_from_slice(&pages[k]);
+        }
+        for cache in [
+            PAGE_SIZE,
+            8 * PAGE_SIZE,
+            8 * PAGE_SIZE + 100,
+            63 * PAGE_SIZE,
+        ] {
+            let t = roundtrip(&s, Tier::Lz4, &[100_000, 33_333], cache);
+            assert!(t.stats.pages_seen > 900);
+            if cache >= 8 * PAGE_SIZE {
+                assert!(t.stats.pages_deduped > 0);
+            }
+        }
+    }
+}
+
+#[test]
+fn codec_property_random_mixtures() {
+    for seed in 0..40u64 {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let n = rng.gen_range(0..600_000);
+        let data = match seed % 3 {
+            0 => adversarial(&mut rng, n),
+            1 => {
+                let dup = rng.gen();
+                qemu_stream(&mut rng, n / 4200, dup)
+            }
+            _ => {
+                let mut d = qemu_stream(&mut rng, n / 8400, 0.5);
+                let a = adversarial(&mut rng, n / 2);
+                let at = rng.gen_range(0..=d.len());
+                d.splice(at..at, a);
+                d
+            }
+        };
+        let chunks: Vec<usize> = (0..3).map(|_| rng.gen_range(1..MAX_RAW_LEN)).collect();
+        let cache = [0, PAGE_SIZE, 5 * PAGE_SIZE, CACHE][rng.gen_range(0..4)];
+        let tier = TIERS[rng.gen_range(0..TIERS.len())];
+        roundtrip(&data, tier, &chunks, cache);
+        roundtrip(&data, tier, &[MAX_RAW_LEN], cache);
+    }
+}
+
+#[test]
+fn codec_adversarial_all_tiers() {
+    let mut rng = StdRng::seed_from_u64(5);
+    let d = adversarial(&mut rng, 4 << 20);
+    for tier in TIERS {
+        for cache in [0, 3 * PAGE_SIZE, CACHE] {
+            roundtrip(&d, tier, &CHUNKS, cache);
+        }
+    }
+    // Worst case plan size over a full frame of header look-alikes.
+    let mut s = Vec::new();
+    while s.len() < MAX_RAW_LEN {
+        s.extend_from_slice(&header(0, 0x28));
+        s.extend(random_bytes(&mut rng, PAGE_SIZE));
+    }
+    s.truncate(MAX_RAW_LEN);
+    let mut p = Planner::new(CACHE);
+    let mut plan = Vec::new();
+    p.plan(&s, &mut plan);
+    assert!(plan.len() <= MAX_RAW_LEN + 4096);
+}
+
+fn valid_plan(rng: &mut StdRng) -> (Vec<u8>, Vec<u8>) {
+    let s = qemu_stream(rng, 100, 0.5);
+    let mut p = Planner::new(CACHE);
+    let mut plan = Vec::new();
+    p.plan(&s, &mut plan);
+    (s, plan)
+}
+
+#[test]
+fn codec_corrupt_plans_error() {
+    let mut rng = StdRng::seed_from_u64(6);
+    let (s, plan) = valid_plan(&mut rng);
+    let mut out = Vec::new();
+    // Truncations.
+    for cut in (0..plan.len()).step_by(97).chain([plan.len() - 1]) {
+        let mut rb = Rebuilder::new(CACHE);
+        assert!(rb.rebuild(&plan[..cut], s.len(), &mut out).is_err());
+    }
+    // Wrong raw_len.
+    for raw_len in [0, s.len() - 1, s.len() + 1, MAX_RAW_LEN + 1, usize::MAX] {
+        let mut rb = Rebuilder::new(CACHE);
+        assert!(rb.rebuild(&plan, raw_len, &mut out).is_err());
+        assert!(out.capacity() <= MAX_RAW_LEN.max(s.len() + 1));
+    }
+    let mut rb = Rebuilder::new(CACHE);
+    let e = rb.rebuild(&[0x07, 1], 1, &mut out).unwrap_err();
+    assert!(matches!(e, CodecError::BadTag { tag: 7, offset: 0 }), "{e}");
+    assert!(rb.rebuild(&[0x00], 1, &mut out).is_err());
+    assert!(matches!(
+        rb.rebuild(&[OP_LIT, 0x80], 1, &mut out),
+        Err(CodecError::TruncatedVarint { .. })
+    ));
+    assert!(matches!(
+        rb.rebuild(
+            &[OP_ZERO, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f],
+            1,
+            &mut out
+        ),
+        Err(CodecError::VarintOverflow { .. })
+    ));
+    assert!(matches!(
+        rb.rebuild(
+            &[OP_ZERO, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01],
+            1,
+            &mut out
+        ),
+        Err(CodecError::OutputOverflow { .. })
+    ));
+    assert!(matches!(
+        rb.rebuild(&[OP_LIT, 5, 1, 2], 5, &mut out),
+        Err(CodecError::TruncatedLiteral { .. })
+    ));
+    assert!(matches!(
+        rb.rebuild(&[OP_PAGE, 1, 2], PAGE_SIZE, &mut out),
+        Err(CodecError::TruncatedLiteral { .. })
+    ));
+    // REF window: ring of one page.
+    let mut rb = Rebuilder::new(PAGE_SIZE);
+    let mut pl = vec![OP_PAGE];
+    pl.extend(vec![9u8; PAGE_SIZE]);
+    assert!(matches!(
+        rb.rebuild(&[OP_REF, 0], PAGE_SIZE, &mut out),
+        Err(CodecError::RefOutOfWindow {
+            idx: 0,
+            lo: 0,
+            hi: 0
+        })
+    ));
+    rb.rebuild(&pl, PAGE_SIZE, &mut out).unwrap(); // idx 0
+    rb.rebuild(&[OP_REF, 0], PAGE_SIZE, &mut out).unwrap();
+    assert_eq!(out, vec![9u8; PAGE_SIZE]);
+    assert!(rb.rebuild(&[OP_REF, 1], PAGE_SIZE, &mut out).is_err());
+    rb.rebuild(&pl, PAGE_SIZE, &mut out).unwrap(); // idx 1 evicts 0
+    assert!(matches!(
+        rb.rebuild(&[OP_REF, 0], PAGE_SIZE, &mut out),
+        Err(CodecError::RefOutOfWindow {
+            idx: 0,
+            lo: 1,
+            hi: 2
+        })
+    ));
+    rb.rebuild(&[OP_REF, 1], PAGE_SIZE, &mut out).unwrap();
+    // No dedup: REF always out of window, PAGE still fine.
+    let mut rb = Rebuilder::new(0);
+    rb.rebuild(&pl, PAGE_SIZE, &mut out).unwrap();
+    assert!(rb.rebuild(&[OP_REF, 0], PAGE_SIZE, &mut out).is_err());
+    // Output longer than raw_len.
+    let mut rb = Rebuilder::new(CACHE);
+    assert!(matches!(
+        rb.rebuild(&pl, PAGE_SIZE - 1, &mut out),
+        Err(CodecError::OutputOverflow { .. })
+    ));
+    let e = Rebuilder::new(0)
+        .rebuild(&[OP_LIT, 1, 5], 2, &mut out)
+        .unwrap_err();
+    assert_eq!(e.to_string(), "plan rebuilt 1 bytes, header says 2");
+}
+
+#[test]
+fn codec_fuzz_plans_no_panic() {
+    let mut rng = StdRng::seed_from_u64(7);
+    let (s, plan) = valid_plan(&mut rng);
+    let mut out = Vec::new();
+    for i in 0..3000 {
+        let mut p = plan.clone();
+        for _ in 0..rng.gen_range(1..4) {
+            let at = rng.gen_range(0..p.len());
+            p[at] = rng.gen();
+        }
+        if i % 3 == 0 {
+            p.truncate(rng.gen_range(0..p.len()));
+        }
+        let mut rb = Rebuilder::new([0, PAGE_SIZE, CACHE][i % 3]);
+        if rb.rebuild(&p, s.len(), &mut out).is_ok() {
+            assert_eq!(out.len(), s.len());
+        }
+        assert!(out.capacity() <= MAX_RAW_LEN);
+        // Pure garbage.
+        let gl = rng.gen_range(0..200);
+        let g = random_bytes(&mut rng, gl);
+        let _ = rb.rebuild(&g, rng.gen_range(0..10_000), &mut out);
+    }
+}
+
+#[test]
+fn codec_decompress_errors() {
+    let mut rng = StdRng::seed_from_u64(8);
+    let (_, plan) = valid_plan(&mut rng);
+    let mut comp = Compressor::new();
+    let mut dec = Decompressor::new();
+    let mut out = Vec::new();
+    for tier in [Tier::Lz4, Tier::Zstd(3), Tier::Zstd(-3)] {
+        let mut wire = Vec::new();
+        let id = comp.compress(tier, &plan, &mut wire);
+        assert_ne!(id, CodecId::None);
+        dec.decompress(id, &wire, plan.len(), &mut out).unwrap();
+        assert_eq!(out, plan);
+        // Wrong plan_len.
+        for pl in [0, plan.len() - 1, plan.len() + 1, MAX_PLAN_LEN] {
+            let e = dec.decompress(id, &wire, pl, &mut out).unwrap_err();
+            assert!(out.capacity() <= MAX_PLAN_LEN, "{e}");
+        }
+        assert!(matches!(
+            dec.decompress(id, &wire, MAX_PLAN_LEN + 1, &mut out),
+            Err(CodecError::PlanTooLong { .. })
+        ));
+        // Wrong codec.
+        let other = if id == CodecId::Lz4 {
+            CodecId::Zstd
+        } else {
+            CodecId::Lz4
+        };
+        let _ = dec.decompress(other, &wire, plan.len(), &mut out);
+        // Truncated and bit-flipped frames.
+        for cut in (0..wire.len()).step_by(211) {
+            assert!(dec
+                .decompress(id, &wire[..cut], plan.len(), &mut out)
+                .is_err());
+        }
+        for _ in 0..500 {
+            let mut w = wire.clone();
+            let at = rng.gen_range(0..w.len());
+            w[at] ^= 1 << rng.gen_range(0..8);
+            if dec.decompress(id, &w, plan.len(), &mut out).is_ok() {
+                assert_eq!(out.len(), plan.len());
+            }
+        }
+    }
+    // None: length must match.
+    assert!(dec
+        .decompress(CodecId::None, &plan, plan.len() + 1, &mut out)
+        .is_err());
+    // Garbage.
+    for _ in 0..500 {
+        let gl = rng.gen_range(0..3000);
+        let g = random_bytes(&mut rng, gl);
+        let pl = rng.gen_range(0..100_000);
+        for id in [CodecId::Lz4, CodecId::Zstd] {
+            let mut fresh = Vec::new();
+            if dec.decompress(id, &g, pl, &mut fresh).is_ok() {
+                assert_eq!(fresh.len(), pl);
+            }
+            assert!(fresh.capacity() <= pl.max(1));
+        }
+    }
+    // A zstd frame announcing a huge content size is refused up front.
+    let big = zstd::bulk::compress(&vec![0u8; 4 << 20], 1).unwrap();
+    let mut fresh = Vec::new();
+    let e = dec
+        .decompress(CodecId::Zstd, &big, 1000, &mut fresh)
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "zstd frame decoded to 4194304 bytes, header says 1000"
+    );
+    assert!(fresh.capacity() == 0);
+    let lz = {
+        let mut w = Vec::new();
+        lz4_compress(&vec![1u8; 4096], &mut w, 4000).unwrap();
+        w
+    };
+    let e = dec
+        .decompress(CodecId::Lz4, &lz, 5000, &mut fresh)
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "lz4 frame decoded to 4096 bytes, header says 5000"
+    );
+}
+
+#[test]
+fn codec_compress_falls_back_to_none() {
+    let mut rng = StdRng::seed_from_u64(9);
+    let r = random_bytes(&mut rng, 100_000);
+    let mut c = Compressor::new();
+    let mut w = Vec::new();
+    for tier in TIERS {
+        assert_eq!(c.compress(tier, &r, &mut w), CodecId::None);
+        assert_eq!(w, r);
+        assert_eq!(c.compress(tier, &[], &mut w), CodecId::None);
+        assert!(w.is_empty());
+        assert_eq!(c.compress(tier, &[5], &mut w), CodecId::None);
+    }
+    // Level switching on one context.
+    let t = text(&mut rng, 100_000);
+    for l in [1, 19, -7, 3] {
+        assert_eq!(c.compress(Tier::Zstd(l), &t, &mut w), CodecId::Zstd);
+        assert_eq!(zstd::bulk::decompress(&w, t.len()).unwrap(), t);
+    }
+}
+
+#[test]
+fn codec_measure_tiers_smoke() {
+    let mut rng = StdRng::seed_from_u64(10);
+    let s = qemu_stream(&mut rng, 500, 0.3);
+    let m = measure_tiers(&s, &TIERS, 256 << 10, CACHE);
+    assert_eq!(m.len(), TIERS.len());
+    for t in &m {
+        assert!(t.roundtrip_ok, "{t:?}");
+        assert!(t.ratio > 1.0);
+        assert!(t.pages_deduped > 0);
+    }
+    let json = serde_json::to_string(&m).unwrap();
+    assert!(json.contains("\"tier\":\"zstd:3\""));
+}
+
+/// Prints measurements on a 256 MiB synthetic stream:
+/// `cargo test -p dwcp-core --release codec_bench_report -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn codec_bench_report() {
+    let mut rng = StdRng::seed_from_u64(11);
+    let s = qemu_stream(&mut rng, 64 * 1024, 0.2);
+    let tiers = [
+        Tier::None,
+        Tier::Lz4,
+        Tier::Zstd(-3),
+        Tier::Zstd(1),
+        Tier::Zstd(3),
+        Tier::Zstd(9),
+    ];
+    println!("stream {} MiB", s.len() >> 20);
+    for cache in [0, 256 << 20] {
+        for m in measure_tiers(&s, &tiers, MAX_RAW_LEN, cache) {
+            println!(
+                "cache {:>4} MiB {:>8}: ratio {:5.2} enc {:7.0} MB/s dec {:7.0} MB/s | raw crate: ratio {:5.2} enc {:7.0} dec {:7.0} | dedup {}/{} zero {} MiB ok {}",
+                cache >> 20,
+                m.tier,
+                m.ratio,
+                m.encode_mb_s,
+                m.decode_mb_s,
+                m.raw_crate_ratio,
+                m.raw_crate_encode_mb_s,
+                m.raw_crate_decode_mb_s,
+                m.pages_deduped,
+                m.pages_seen,
+                m.zero_bytes >> 20,
+                m.roundtrip_ok
+            );
+        }
+    }
+    let _ = (OP_REF, OP_ZERO);
+}
