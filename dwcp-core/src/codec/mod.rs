@@ -582,18 +582,23 @@ fn measure_one(data: &[u8], tier: Tier, chunk: usize, cache: usize) -> TierMeasu
     let mut planner = Planner::new(cache);
     let mut comp = Compressor::new();
     let mut plan_buf = Vec::with_capacity(MAX_PLAN_LEN);
-    let mut frames: Vec<(CodecId, Vec<u8>, usize, usize)> = Vec::new();
+    let mut wire_buf = Vec::with_capacity(MAX_PLAN_LEN);
+    // All frames back to back in one buffer: (codec, start, end, plan_len, raw_len).
+    let mut wire_all: Vec<u8> = Vec::with_capacity(data.len() + data.len() / 64 + 64);
+    let mut frames: Vec<(CodecId, usize, usize, usize, usize)> = Vec::new();
     let mut plan_bytes = 0u64;
-    let t = Instant::now();
+    let mut enc = 0.0;
     for c in data.chunks(chunk) {
+        let t = Instant::now();
         planner.plan(c, &mut plan_buf);
-        let mut wire = Vec::new();
-        let id = comp.compress(tier, &plan_buf, &mut wire);
+        let id = comp.compress(tier, &plan_buf, &mut wire_buf);
+        enc += t.elapsed().as_secs_f64();
         plan_bytes += plan_buf.len() as u64;
-        frames.push((id, wire, plan_buf.len(), c.len()));
+        let start = wire_all.len();
+        wire_all.extend_from_slice(&wire_buf);
+        frames.push((id, start, wire_all.len(), plan_buf.len(), c.len()));
     }
-    let enc = t.elapsed().as_secs_f64();
-    let wire_bytes: u64 = frames.iter().map(|f| f.1.len() as u64).sum();
+    let wire_bytes = wire_all.len() as u64;
     let stats = planner.stats();
 
     // Our path: decode (verification outside the timed region).
@@ -603,11 +608,11 @@ fn measure_one(data: &[u8], tier: Tier, chunk: usize, cache: usize) -> TierMeasu
     let mut ok = true;
     let mut dec_secs = 0.0;
     let mut pos = 0usize;
-    for (id, wire, plan_len, raw_len) in &frames {
+    for &(id, start, end, plan_len, raw_len) in &frames {
         let t = Instant::now();
         let r = dec
-            .decompress(*id, wire, *plan_len, &mut plan_buf)
-            .and_then(|()| rb.rebuild(&plan_buf, *raw_len, &mut raw_out));
+            .decompress(id, &wire_all[start..end], plan_len, &mut plan_buf)
+            .and_then(|()| rb.rebuild(&plan_buf, raw_len, &mut raw_out));
         dec_secs += t.elapsed().as_secs_f64();
         if r.is_err() || raw_out[..] != data[pos..pos + raw_len] {
             ok = false;
@@ -617,14 +622,17 @@ fn measure_one(data: &[u8], tier: Tier, chunk: usize, cache: usize) -> TierMeasu
     }
 
     // Raw crate alone.
-    let mut raw_frames: Vec<Vec<u8>> = Vec::new();
+    let mut raw_frames: Vec<(usize, usize)> = Vec::new();
+    wire_all.clear();
     let mut zc = match tier {
         Tier::Zstd(l) => zstd::bulk::Compressor::new(l).ok(),
         _ => None,
     };
-    let t = Instant::now();
+    let mut w = Vec::with_capacity(lz4_bound(chunk).max(zstd::zstd_safe::compress_bound(chunk)));
+    let mut raw_enc = 0.0;
     for c in data.chunks(chunk) {
-        let mut w = Vec::new();
+        let t = Instant::now();
+        w.clear();
         match tier {
             Tier::None => w.extend_from_slice(c),
             Tier::Lz4 => {
@@ -634,21 +642,23 @@ fn measure_one(data: &[u8], tier: Tier, chunk: usize, cache: usize) -> TierMeasu
             }
             Tier::Zstd(_) => {
                 if let Some(z) = zc.as_mut() {
-                    w.reserve(zstd::zstd_safe::compress_bound(c.len()));
                     if z.compress_to_buffer(c, &mut w).is_err() {
                         w.clear();
                     }
                 }
             }
         }
-        raw_frames.push(w);
+        raw_enc += t.elapsed().as_secs_f64();
+        let start = wire_all.len();
+        wire_all.extend_from_slice(&w);
+        raw_frames.push((start, wire_all.len()));
     }
-    let raw_enc = t.elapsed().as_secs_f64();
-    let raw_wire: u64 = raw_frames.iter().map(|w| w.len() as u64).sum();
+    let raw_wire = wire_all.len() as u64;
     let mut zd = zstd::bulk::Decompressor::new().ok();
     let mut out = Vec::with_capacity(chunk);
     let t = Instant::now();
-    for (w, c) in raw_frames.iter().zip(data.chunks(chunk)) {
+    for (&(start, end), c) in raw_frames.iter().zip(data.chunks(chunk)) {
+        let w = &wire_all[start..end];
         match tier {
             Tier::None => {
                 out.clear();

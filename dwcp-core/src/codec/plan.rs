@@ -111,6 +111,15 @@ impl Ring {
         }
     }
 
+    /// Allocates the whole ring at once on first use: zeroed allocations
+    /// are backed lazily by the OS, and this avoids reallocation copies.
+    #[inline]
+    fn ensure_alloc(&mut self) {
+        if self.data.is_empty() && self.cap > 0 {
+            self.data = vec![0u8; self.cap as usize * PAGE_SIZE];
+        }
+    }
+
     /// Lowest valid index.
     fn lo(&self) -> u64 {
         self.count.saturating_sub(self.cap)
@@ -132,12 +141,9 @@ impl Ring {
         if self.cap == 0 {
             return idx;
         }
+        self.ensure_alloc();
         let slot = (idx % self.cap) as usize * PAGE_SIZE;
-        if slot == self.data.len() {
-            self.data.extend_from_slice(page);
-        } else {
-            self.data[slot..slot + PAGE_SIZE].copy_from_slice(page);
-        }
+        self.data[slot..slot + PAGE_SIZE].copy_from_slice(page);
         idx
     }
 }

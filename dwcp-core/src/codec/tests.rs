@@ -704,3 +704,35 @@ fn codec_bench_report() {
     }
     let _ = (OP_REF, OP_ZERO);
 }
+
+/// Planner / rebuilder alone (no compression), steady state.
+#[test]
+#[ignore]
+fn codec_bench_planner() {
+    let mut rng = StdRng::seed_from_u64(11);
+    let s = qemu_stream(&mut rng, 16 * 1024, 0.2);
+    for cache in [0usize, 256 << 20] {
+        let mut p = Planner::new(cache);
+        let mut rb = Rebuilder::new(cache);
+        let mut plan = Vec::new();
+        let mut out = Vec::new();
+        for pass in 0..3 {
+            let (mut te, mut td) = (0.0, 0.0);
+            for c in s.chunks(MAX_RAW_LEN) {
+                let t = std::time::Instant::now();
+                p.plan(c, &mut plan);
+                te += t.elapsed().as_secs_f64();
+                let t = std::time::Instant::now();
+                rb.rebuild(&plan, c.len(), &mut out).unwrap();
+                td += t.elapsed().as_secs_f64();
+            }
+            println!(
+                "cache {} pass {pass}: plan {:.0} MB/s rebuild {:.0} MB/s {:?}",
+                cache >> 20,
+                s.len() as f64 / 1e6 / te,
+                s.len() as f64 / 1e6 / td,
+                p.stats()
+            );
+        }
+    }
+}
