@@ -112,6 +112,13 @@ pub struct LinkConfig {
     /// Frames due within this window are sent together (fewer wake-ups);
     /// this is the worst-case "early" error of a departure time.
     pub send_window: Duration,
+    /// Receive moderation: after reading frames, wait this long before the
+    /// next read (frames are timestamped by the kernel on arrival, so this
+    /// only saves wake-ups; capped at half the direction's delay).
+    pub rx_moderation: Duration,
+    /// Run the forwarder threads SCHED_FIFO (if permitted), so a busy
+    /// machine does not add scheduling delay to the emulated link.
+    pub realtime: bool,
     /// If set, `run` writes the counters as JSON here every second and on
     /// exit.
     pub stats_file: Option<PathBuf>,
@@ -127,6 +134,8 @@ impl Default for LinkConfig {
             slot_size: 2048,
             batch: 64,
             send_window: Duration::from_micros(50),
+            rx_moderation: Duration::from_micros(100),
+            realtime: true,
             stats_file: None,
         }
     }
@@ -246,7 +255,7 @@ impl Trace {
                 bail!("trace times must increase ({} after {})", w[1].0, w[0].0);
             }
         }
-        if let Some(s) = steps_mbit.iter().find(|s| !(s.1 >= 0.0) || !s.1.is_finite()) {
+        if let Some(s) = steps_mbit.iter().find(|s| !(s.1.is_finite() && s.1 >= 0.0)) {
             bail!("bad trace rate {}", s.1);
         }
         let n = steps_mbit.len();
@@ -316,7 +325,7 @@ pub fn parse_duration(s: &str) -> Result<Duration> {
         u => bail!("bad duration unit {u:?} in {s:?}"),
     };
     let v: f64 = num.parse().with_context(|| format!("bad duration {s:?}"))?;
-    if !(v >= 0.0) || !v.is_finite() {
+    if !(v.is_finite() && v >= 0.0) {
         bail!("bad duration {s:?}");
     }
     Ok(Duration::from_secs_f64(v * scale))
@@ -327,8 +336,11 @@ pub fn parse_rate(s: &str) -> Result<u64> {
     let s = s.trim();
     let (num, unit) = split_unit(s);
     let u = unit.to_ascii_lowercase();
-    let u = u.trim_end_matches("/s").trim_end_matches("ps");
-    let scale = match u.trim_end_matches("bit") {
+    let u = ["bit/s", "bits", "bit", "bps"]
+        .iter()
+        .find_map(|suf| u.strip_suffix(suf))
+        .unwrap_or(&u);
+    let scale = match u {
         "" => 1.0,
         "k" => 1e3,
         "m" => 1e6,
@@ -336,7 +348,7 @@ pub fn parse_rate(s: &str) -> Result<u64> {
         _ => bail!("bad rate unit {unit:?} in {s:?}"),
     };
     let v: f64 = num.parse().with_context(|| format!("bad rate {s:?}"))?;
-    if !(v > 0.0) || !v.is_finite() {
+    if !(v.is_finite() && v > 0.0) {
         bail!("bad rate {s:?}");
     }
     Ok((v * scale).round() as u64)
@@ -395,7 +407,14 @@ mod tests {
         assert!((w.b_to_a.loss - 0.0001).abs() < 1e-12);
         let l = Profile::from_str("LOSSY").unwrap().config();
         assert_eq!(l.a_to_b.delay, Duration::from_millis(75));
-        assert_eq!(Profile::from_str("internet").unwrap().config().a_to_b.rate_bps, Some(100_000_000));
+        assert_eq!(
+            Profile::from_str("internet")
+                .unwrap()
+                .config()
+                .a_to_b
+                .rate_bps,
+            Some(100_000_000)
+        );
         assert!(!Profile::Dc.config().a_to_b.shaped());
         assert!(Profile::from_str("moon").is_err());
         // BDP queue of wan: 1 Gbit/s * 50 ms = 6.25 MB
@@ -415,7 +434,10 @@ mod tests {
         assert!((parse_loss("0.02").unwrap() - 0.02).abs() < 1e-12);
         assert!(parse_loss("120%").is_err());
         assert_eq!(parse_queue("64kb").unwrap(), QueueLimit::Bytes(64_000));
-        assert_eq!(parse_queue("20ms").unwrap(), QueueLimit::Time(Duration::from_millis(20)));
+        assert_eq!(
+            parse_queue("20ms").unwrap(),
+            QueueLimit::Time(Duration::from_millis(20))
+        );
         assert_eq!(parse_queue("bdp").unwrap(), QueueLimit::Bdp);
     }
 

@@ -16,8 +16,8 @@
 //! Model, per frame: loss (seeded Bernoulli) on arrival -> drop-tail queue
 //! limit check -> serializer at the current rate (a token bucket of one
 //! frame: a frame starts when the previous one finished) -> propagation delay
-//! + bounded jitter, departure clamped to be no earlier than the previous
-//! frame's (order kept).
+//! plus bounded jitter, departure clamped to be no earlier than the previous
+//! frame's (order kept). Arrival times are the kernel's receive timestamps.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -85,7 +85,11 @@ impl Stats {
                 c.cpu_ns
             )
         }
-        format!("{{\"a_to_b\":{},\"b_to_a\":{}}}\n", dir(&self.a_to_b), dir(&self.b_to_a))
+        format!(
+            "{{\"a_to_b\":{},\"b_to_a\":{}}}\n",
+            dir(&self.a_to_b),
+            dir(&self.b_to_a)
+        )
     }
 }
 
@@ -139,6 +143,22 @@ impl AtomicCounters {
     }
 }
 
+/// Parse one SCM_TIMESTAMPNS control message (wall-clock ns).
+fn timestamp(ctrl: &[u64], len: usize) -> Option<i64> {
+    let hdr = std::mem::size_of::<libc::cmsghdr>();
+    if len < hdr + 16 {
+        return None;
+    }
+    // SAFETY: ctrl is 8-byte aligned, at least `hdr + 16` bytes long (len <=
+    // its size, set by us), and the kernel wrote a cmsghdr at its start.
+    let c = unsafe { &*(ctrl.as_ptr() as *const libc::cmsghdr) };
+    if c.cmsg_level != libc::SOL_SOCKET || c.cmsg_type != libc::SCM_TIMESTAMPNS {
+        return None;
+    }
+    let w = hdr / 8;
+    Some(ctrl[w] as i64 * 1_000_000_000 + ctrl[w + 1] as i64)
+}
+
 /// A running forwarder (two threads). Dropping it stops it.
 #[derive(Debug)]
 pub struct Forwarder {
@@ -152,7 +172,12 @@ impl Forwarder {
     /// Open both ports and start forwarding. With `netns`, the threads move
     /// into that named network namespace first (the sockets live there).
     /// Returns once both directions' sockets are open.
-    pub fn start(config: &LinkConfig, iface_a: &str, iface_b: &str, netns: Option<&str>) -> Result<Forwarder> {
+    pub fn start(
+        config: &LinkConfig,
+        iface_a: &str,
+        iface_b: &str,
+        netns: Option<&str>,
+    ) -> Result<Forwarder> {
         if config.ring_slots < 2 || config.batch == 0 || config.slot_size < 64 {
             bail!("bad ring configuration");
         }
@@ -162,14 +187,27 @@ impl Forwarder {
             }
         }
         let stop = Arc::new(AtomicBool::new(false));
-        let counters = [Arc::new(AtomicCounters::default()), Arc::new(AtomicCounters::default())];
+        let counters = [
+            Arc::new(AtomicCounters::default()),
+            Arc::new(AtomicCounters::default()),
+        ];
         let started = Instant::now();
         let t0 = sys::now_ns();
         let mut threads = Vec::new();
         let (ready_tx, ready_rx) = mpsc::channel::<Result<()>>();
         let dirs = [
-            (config.a_to_b.clone(), iface_a.to_string(), iface_b.to_string(), 0u64),
-            (config.b_to_a.clone(), iface_b.to_string(), iface_a.to_string(), 1u64),
+            (
+                config.a_to_b.clone(),
+                iface_a.to_string(),
+                iface_b.to_string(),
+                0u64,
+            ),
+            (
+                config.b_to_a.clone(),
+                iface_b.to_string(),
+                iface_a.to_string(),
+                1u64,
+            ),
         ];
         for (i, (dir, rx_if, tx_if, salt)) in dirs.into_iter().enumerate() {
             let lc = config.clone();
@@ -183,8 +221,10 @@ impl Forwarder {
                     if let Some(ns) = &netns {
                         sys::enter_netns(ns)?;
                     }
-                    let rx = sys::packet_rx_socket(&rx_if, 32 << 20).with_context(|| format!("rx socket on {rx_if}"))?;
-                    let tx = sys::packet_tx_socket(&tx_if, 4 << 20).with_context(|| format!("tx socket on {tx_if}"))?;
+                    let rx = sys::packet_rx_socket(&rx_if, 32 << 20)
+                        .with_context(|| format!("rx socket on {rx_if}"))?;
+                    let tx = sys::packet_tx_socket(&tx_if, 4 << 20)
+                        .with_context(|| format!("tx socket on {tx_if}"))?;
                     Ok((rx, tx))
                 };
                 let (rx, tx) = match setup() {
@@ -199,6 +239,9 @@ impl Forwarder {
                 };
                 drop(ready);
                 sys::precise_timers();
+                if lc.realtime {
+                    sys::make_realtime(10);
+                }
                 let seed = lc.seed ^ salt.wrapping_mul(0xA076_1D64_78BD_642F);
                 let mut d = Direction::new(&lc, dir, seed, t0);
                 d.run(&rx, &tx, &stop, &ctr)
@@ -298,6 +341,9 @@ struct Meta {
     out: u64,
 }
 
+/// Control buffer per slot, in u64 words (room for one SCM_TIMESTAMPNS).
+const CTRL_WORDS: usize = 8;
+
 /// Per-direction state: the ring and the model.
 struct Direction {
     cfg: DirConfig,
@@ -312,6 +358,10 @@ struct Direction {
     tx_iov: Vec<libc::iovec>,
     rx_hdr: Vec<libc::mmsghdr>,
     tx_hdr: Vec<libc::mmsghdr>,
+    rx_ctrl: Vec<u64>,
+    moderation: u64,
+    wake_late: u64,
+    last_arr: u64,
     head: u64,
     ser: u64,
     tail: u64,
@@ -345,6 +395,10 @@ impl Direction {
             tx_iov: Vec::with_capacity(n),
             rx_hdr: Vec::with_capacity(n),
             tx_hdr: Vec::with_capacity(n),
+            rx_ctrl: vec![0u64; n * CTRL_WORDS],
+            moderation: 0,
+            wake_late: 0,
+            last_arr: 0,
             head: 0,
             ser: 0,
             tail: 0,
@@ -355,6 +409,7 @@ impl Direction {
             rng: Rng(seed),
             c: DirCounters::default(),
         });
+        d.moderation = (lc.rx_moderation.as_nanos() as u64).min(d.delay_ns / 2);
         let base = d.buf.as_mut_ptr();
         for i in 0..n {
             // SAFETY: i * slot < n * slot = buf.len().
@@ -373,6 +428,8 @@ impl Direction {
             let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
             h.msg_hdr.msg_iov = &mut d.rx_iov[i];
             h.msg_hdr.msg_iovlen = 1;
+            h.msg_hdr.msg_control = d.rx_ctrl[i * CTRL_WORDS..].as_mut_ptr().cast();
+            h.msg_hdr.msg_controllen = CTRL_WORDS * 8;
             d.rx_hdr.push(h);
             // SAFETY: as above.
             let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
@@ -387,7 +444,13 @@ impl Direction {
         t.saturating_sub(self.t0) as f64 * 1e-9
     }
 
-    fn run(&mut self, rx: &OwnedFd, tx: &OwnedFd, stop: &AtomicBool, ctr: &AtomicCounters) -> Result<()> {
+    fn run(
+        &mut self,
+        rx: &OwnedFd,
+        tx: &OwnedFd,
+        stop: &AtomicBool,
+        ctr: &AtomicCounters,
+    ) -> Result<()> {
         let mut last_house = 0u64;
         loop {
             if stop.load(Relaxed) {
@@ -396,7 +459,7 @@ impl Direction {
             }
             let got = self.receive(rx)?;
             let now = sys::now_ns();
-            self.serialize(now);
+            self.serialize(now + self.window);
             let tx_blocked = self.send(tx, now)?;
             if now.wrapping_sub(last_house) > 10_000_000 {
                 last_house = now;
@@ -419,23 +482,42 @@ impl Direction {
             if tx_blocked {
                 deadline = deadline.min(now + 100_000);
             }
+            // Wake up early by the typical wake-up latency.
+            let timer = deadline.saturating_sub(self.wake_late);
+            // Receive moderation: having just read frames, don't wake up for
+            // each new one; the kernel timestamps them on arrival anyway.
+            let ring_full = self.tail - self.head >= self.n as u64;
+            let (wait_rx, timer) = if got > 0 && self.moderation > 0 {
+                (false, timer.min(now + self.moderation))
+            } else {
+                (!ring_full, timer)
+            };
             let now = sys::now_ns();
-            if deadline <= now {
+            if timer <= now {
                 continue;
             }
-            let wait = deadline - now;
+            let wait = timer - now;
             let ts = libc::timespec {
                 tv_sec: (wait / 1_000_000_000) as libc::time_t,
                 tv_nsec: (wait % 1_000_000_000) as libc::c_long,
             };
-            let ring_full = self.tail - self.head >= self.n as u64;
             let mut pfd = libc::pollfd {
                 fd: rx.as_raw_fd(),
                 events: libc::POLLIN,
                 revents: 0,
             };
             // SAFETY: one valid pollfd (or none), valid timespec.
-            unsafe { libc::ppoll(&mut pfd, if ring_full { 0 } else { 1 }, &ts, std::ptr::null()) };
+            let r =
+                unsafe { libc::ppoll(&mut pfd, wait_rx as libc::nfds_t, &ts, std::ptr::null()) };
+            if r == 0
+                && timer == deadline.saturating_sub(self.wake_late)
+                && deadline < now + 50_000_000
+            {
+                // Timer wake-up for a departure: learn the wake-up latency.
+                let late = sys::now_ns() as i64 - timer as i64;
+                let late = late.clamp(0, 300_000) as u64;
+                self.wake_late = (self.wake_late * 7 + late) / 8;
+            }
         }
     }
 
@@ -469,6 +551,7 @@ impl Direction {
         }
         let got = r as usize;
         let now = sys::now_ns();
+        let rt_off = sys::realtime_offset_ns();
         let rate = self.cfg.rate_at(self.secs(now));
         let qlimit = if self.shaped {
             self.cfg.queue_bytes(rate)
@@ -477,9 +560,21 @@ impl Direction {
         };
         let mut kept = 0usize;
         for i in 0..got {
-            let h = &self.rx_hdr[ti + i];
+            let h = &mut self.rx_hdr[ti + i];
             let len = h.msg_len as usize;
             let trunc = h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
+            let ctrl_len = h.msg_hdr.msg_controllen;
+            h.msg_hdr.msg_controllen = CTRL_WORDS * 8;
+            // Arrival time: the kernel's receive timestamp (wall clock)
+            // converted to the monotonic clock; kept in order and <= now.
+            let arr = timestamp(
+                &self.rx_ctrl[(ti + i) * CTRL_WORDS..(ti + i + 1) * CTRL_WORDS],
+                ctrl_len,
+            )
+            .map(|rt| (rt - rt_off).clamp(0, now as i64) as u64)
+            .unwrap_or(now)
+            .max(self.last_arr);
+            self.last_arr = arr;
             self.c.rx_packets += 1;
             self.c.rx_bytes += len as u64;
             if trunc || len > self.slot {
@@ -491,9 +586,13 @@ impl Direction {
                 continue;
             }
             let wire = len as u64 + self.cfg.overhead as u64;
-            if self.backlog + wire > qlimit {
-                self.c.dropped_queue += 1;
-                continue;
+            if self.shaped {
+                // Queue state as of this frame's arrival.
+                self.serialize(arr);
+                if self.backlog + wire > qlimit {
+                    self.c.dropped_queue += 1;
+                    continue;
+                }
             }
             if kept != i {
                 let (s, d) = ((ti + i) * self.slot, (ti + kept) * self.slot);
@@ -502,23 +601,23 @@ impl Direction {
             self.meta[ti + kept] = Meta {
                 len: len as u32,
                 wire: wire as u32,
-                arr: now,
+                arr,
                 out: 0,
             };
             if self.shaped {
                 self.backlog += wire;
             }
+            // serialize() may only look at slots below tail: publish now.
+            self.tail += 1;
             kept += 1;
         }
-        self.tail += kept as u64;
         Ok(got)
     }
 
-    /// Move frames whose serialization starts by `now` (+ send window) from
-    /// the rate queue into the delay line, giving them a departure time.
-    fn serialize(&mut self, now: u64) {
+    /// Move frames whose serialization starts by `horizon` from the rate
+    /// queue into the delay line, giving them a departure time.
+    fn serialize(&mut self, horizon: u64) {
         let n = self.n as u64;
-        let horizon = now + self.window;
         while self.ser < self.tail {
             let i = (self.ser % n) as usize;
             let m = self.meta[i];
@@ -584,7 +683,9 @@ impl Direction {
             if r < 0 {
                 let e = std::io::Error::last_os_error();
                 match e.raw_os_error() {
-                    Some(libc::EAGAIN) | Some(libc::ENOBUFS) | Some(libc::EINTR) => return Ok(true),
+                    Some(libc::EAGAIN) | Some(libc::ENOBUFS) | Some(libc::EINTR) => {
+                        return Ok(true)
+                    }
                     Some(libc::ENETDOWN) | Some(libc::ENXIO) | Some(libc::EMSGSIZE) => {
                         self.c.tx_errors += 1;
                         self.head += 1;
@@ -609,7 +710,12 @@ impl Direction {
 
 /// Run until `stop` becomes true (polled every 100 ms), writing the stats
 /// file (if configured) every second and at the end.
-pub(crate) fn run_until(fw: Forwarder, config: &LinkConfig, stop: &AtomicBool, duration: Option<Duration>) -> Result<Stats> {
+pub(crate) fn run_until(
+    fw: Forwarder,
+    config: &LinkConfig,
+    stop: &AtomicBool,
+    duration: Option<Duration>,
+) -> Result<Stats> {
     let end = duration.map(|d| Instant::now() + d);
     let mut last_write = Instant::now();
     let write = |s: &Stats| -> Result<()> {
@@ -620,7 +726,11 @@ pub(crate) fn run_until(fw: Forwarder, config: &LinkConfig, stop: &AtomicBool, d
         }
         Ok(())
     };
-    while !stop.load(Relaxed) && !fw.is_finished() && end.map_or(true, |e| Instant::now() < e) {
+    let timed_out = || match end {
+        Some(e) => Instant::now() >= e,
+        None => false,
+    };
+    while !stop.load(Relaxed) && !fw.is_finished() && !timed_out() {
         std::thread::sleep(Duration::from_millis(100));
         if last_write.elapsed() >= Duration::from_secs(1) {
             last_write = Instant::now();

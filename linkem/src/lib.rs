@@ -117,12 +117,19 @@ where
             Some((n, v)) => (n.to_string(), v.to_string()),
             None => (
                 name.to_string(),
-                it.next().with_context(|| format!("--{name} needs a value"))?.clone(),
+                it.next()
+                    .with_context(|| format!("--{name} needs a value"))?
+                    .clone(),
             ),
         };
         opts.push((name, val));
     }
-    let get = |n: &str| opts.iter().rev().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
+    let get = |n: &str| {
+        opts.iter()
+            .rev()
+            .find(|(k, _)| k == n)
+            .map(|(_, v)| v.as_str())
+    };
     let profile: Profile = get("profile").unwrap_or("dc").parse()?;
     let mut cfg = profile.config();
     // Shaping options, in command-line order, both directions or one.
@@ -135,7 +142,11 @@ where
             (k.as_str(), &[0, 1])
         };
         for &d in dirs {
-            let dc = if d == 0 { &mut cfg.a_to_b } else { &mut cfg.b_to_a };
+            let dc = if d == 0 {
+                &mut cfg.a_to_b
+            } else {
+                &mut cfg.b_to_a
+            };
             match base {
                 "delay" => dc.delay = config::parse_duration(v)?,
                 "jitter" => dc.jitter = config::parse_duration(v)?,
@@ -144,7 +155,8 @@ where
                 "loss" => dc.loss = config::parse_loss(v)?,
                 "trace" => dc.trace = Some(std::sync::Arc::new(Trace::load(v.as_ref())?)),
                 "overhead" => dc.overhead = v.parse().context("--overhead")?,
-                "iface-a" | "iface-b" | "netns" | "profile" | "seed" | "stats-file" | "duration"
+                "iface-a" | "iface-b" | "netns" | "profile" | "seed" | "stats-file"
+                | "duration"
                     if dirs.len() == 2 => {}
                 _ => bail!("unknown option --{k}\n{USAGE}"),
             }

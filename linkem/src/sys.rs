@@ -116,7 +116,10 @@ pub fn set_offload(iface: &str, what: Offload, on: bool) -> Result<()> {
     // ethtool_value for the duration of the call.
     let r = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCETHTOOL, &mut ifr) };
     if r != 0 {
-        bail!("ethtool {what:?}={on} on {iface}: {}", io::Error::last_os_error());
+        bail!(
+            "ethtool {what:?}={on} on {iface}: {}",
+            io::Error::last_os_error()
+        );
     }
     Ok(())
 }
@@ -188,10 +191,25 @@ pub fn packet_rx_socket(iface: &str, rcvbuf: i32) -> Result<OwnedFd> {
     let idx = ifindex(iface)?;
     // Protocol 0 first, so nothing is queued before the bind to `iface`.
     let fd = socket(libc::AF_PACKET, libc::SOCK_RAW, 0)?;
-    setsockopt_int(&fd, libc::SOL_PACKET, PACKET_IGNORE_OUTGOING, 1, "PACKET_IGNORE_OUTGOING")?;
-    if setsockopt_int(&fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, rcvbuf, "SO_RCVBUFFORCE").is_err() {
+    setsockopt_int(
+        &fd,
+        libc::SOL_PACKET,
+        PACKET_IGNORE_OUTGOING,
+        1,
+        "PACKET_IGNORE_OUTGOING",
+    )?;
+    if setsockopt_int(
+        &fd,
+        libc::SOL_SOCKET,
+        libc::SO_RCVBUFFORCE,
+        rcvbuf,
+        "SO_RCVBUFFORCE",
+    )
+    .is_err()
+    {
         setsockopt_int(&fd, libc::SOL_SOCKET, libc::SO_RCVBUF, rcvbuf, "SO_RCVBUF")?;
     }
+    enable_rx_timestamps(&fd)?;
     bind_packet(&fd, idx, libc::ETH_P_ALL as u16)?;
     // SAFETY: packet_mreq is plain old data.
     let mut mr: libc::packet_mreq = unsafe { std::mem::zeroed() };
@@ -218,8 +236,22 @@ pub fn packet_rx_socket(iface: &str, rcvbuf: i32) -> Result<OwnedFd> {
 pub fn packet_tx_socket(iface: &str, sndbuf: i32) -> Result<OwnedFd> {
     let idx = ifindex(iface)?;
     let fd = socket(libc::AF_PACKET, libc::SOCK_RAW, 0)?;
-    let _ = setsockopt_int(&fd, libc::SOL_PACKET, libc::PACKET_QDISC_BYPASS, 1, "PACKET_QDISC_BYPASS");
-    if setsockopt_int(&fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, sndbuf, "SO_SNDBUFFORCE").is_err() {
+    let _ = setsockopt_int(
+        &fd,
+        libc::SOL_PACKET,
+        libc::PACKET_QDISC_BYPASS,
+        1,
+        "PACKET_QDISC_BYPASS",
+    );
+    if setsockopt_int(
+        &fd,
+        libc::SOL_SOCKET,
+        libc::SO_SNDBUFFORCE,
+        sndbuf,
+        "SO_SNDBUFFORCE",
+    )
+    .is_err()
+    {
         setsockopt_int(&fd, libc::SOL_SOCKET, libc::SO_SNDBUF, sndbuf, "SO_SNDBUF")?;
     }
     bind_packet(&fd, idx, 0)?;
@@ -273,4 +305,35 @@ fn clock_ns(clock: libc::clockid_t) -> u64 {
 pub fn precise_timers() {
     // SAFETY: prctl with integer arguments only.
     unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0) };
+}
+
+/// Make the calling thread SCHED_FIFO at `prio` (best effort).
+pub fn make_realtime(prio: i32) -> bool {
+    let p = libc::sched_param {
+        sched_priority: prio,
+    };
+    // SAFETY: valid sched_param; pid 0 = calling thread.
+    unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &p) == 0 }
+}
+
+/// CLOCK_REALTIME minus CLOCK_MONOTONIC in ns (to convert kernel packet
+/// timestamps, which are wall-clock, to the monotonic clock).
+pub fn realtime_offset_ns() -> i64 {
+    clock_ns(libc::CLOCK_REALTIME) as i64 - clock_ns(libc::CLOCK_MONOTONIC) as i64
+}
+
+/// Ask for kernel receive timestamps (SCM_TIMESTAMPNS) on a socket.
+pub fn enable_rx_timestamps(fd: &OwnedFd) -> Result<()> {
+    setsockopt_int(
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_TIMESTAMPNS,
+        1,
+        "SO_TIMESTAMPNS",
+    )
+}
+
+/// CPU time of the whole process in nanoseconds.
+pub fn process_cpu_ns() -> u64 {
+    clock_ns(libc::CLOCK_PROCESS_CPUTIME_ID)
 }

@@ -18,6 +18,7 @@ use crate::sys;
 
 /// What joins ports `a` and `b` in the link namespace.
 #[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)] // built once per topology
 pub enum Middle {
     /// A kernel bridge `br0` (unshaped, the `dc` profile).
     Bridge,
@@ -51,7 +52,10 @@ fn ip(args: &[&str]) -> Result<()> {
 fn run(cmd: &mut Command) -> Result<()> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
-        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -79,11 +83,25 @@ impl Topology {
             t.sysctl(&ns, "net.ipv6.conf.default.disable_ipv6", "1")?;
             ip(&["-n", &ns, "link", "set", "lo", "up"])?;
         }
-        ip(&["link", "add", "eth0", "netns", &t.src_ns, "type", "veth", "peer", "name", "a", "netns", &t.link_ns])?;
-        ip(&["link", "add", "eth0", "netns", &t.dst_ns, "type", "veth", "peer", "name", "b", "netns", &t.link_ns])?;
+        ip(&[
+            "link", "add", "eth0", "netns", &t.src_ns, "type", "veth", "peer", "name", "a",
+            "netns", &t.link_ns,
+        ])?;
+        ip(&[
+            "link", "add", "eth0", "netns", &t.dst_ns, "type", "veth", "peer", "name", "b",
+            "netns", &t.link_ns,
+        ])?;
         let emulated = matches!(middle, Middle::Emulator(_));
         for (ns, addr) in [(t.src_ns.clone(), t.src_ip), (t.dst_ns.clone(), t.dst_ip)] {
-            ip(&["-n", &ns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{addr}/24"),
+                "dev",
+                "eth0",
+            ])?;
             if emulated {
                 // Frames must look like wire frames to the forwarder: no
                 // TSO/GSO super-frames, no partial checksums (the receiver
@@ -98,11 +116,23 @@ impl Topology {
         let l = t.link_ns.clone();
         match middle {
             Middle::Bridge => {
-                ip(&["-n", &l, "link", "add", "br0", "type", "bridge", "forward_delay", "0", "stp_state", "0"])?;
-                ip(&["-n", &l, "link", "set", "a", "master", "br0"])?;
-                ip(&["-n", &l, "link", "set", "b", "master", "br0"])?;
+                ip(&[
+                    "-n",
+                    &l,
+                    "link",
+                    "add",
+                    "br0",
+                    "type",
+                    "bridge",
+                    "forward_delay",
+                    "0",
+                    "stp_state",
+                    "0",
+                ])?;
+                ip(&["-n", &l, "link", "set", "dev", "a", "master", "br0"])?;
+                ip(&["-n", &l, "link", "set", "dev", "b", "master", "br0"])?;
                 for dev in ["a", "b", "br0"] {
-                    ip(&["-n", &l, "link", "set", dev, "up"])?;
+                    ip(&["-n", &l, "link", "set", "dev", dev, "up"])?;
                 }
             }
             Middle::Emulator(cfg) => {
@@ -110,7 +140,7 @@ impl Topology {
                     sys::in_netns(&l, || {
                         let _ = sys::set_offload(dev, sys::Offload::Gro, false);
                     })?;
-                    ip(&["-n", &l, "link", "set", dev, "up"])?;
+                    ip(&["-n", &l, "link", "set", "dev", dev, "up"])?;
                 }
                 t.forwarder = Some(Forwarder::start(&cfg, "a", "b", Some(&l))?);
             }
@@ -119,7 +149,9 @@ impl Topology {
     }
 
     fn sysctl(&self, ns: &str, key: &str, val: &str) -> Result<()> {
-        run(self.exec(ns, "sysctl").args(["-qw", &format!("{key}={val}")]))
+        run(self
+            .exec(ns, "sysctl")
+            .args(["-qw", &format!("{key}={val}")]))
     }
 
     /// `ip netns exec {ns} {program}`: add arguments and run it.
