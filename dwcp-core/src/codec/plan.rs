@@ -13,6 +13,9 @@ pub(crate) const OP_LIT: u8 = 0x01;
 pub(crate) const OP_ZERO: u8 = 0x02;
 pub(crate) const OP_PAGE: u8 = 0x03;
 pub(crate) const OP_REF: u8 = 0x04;
+/// Insert the last 4096 bytes of this frame's output into the ring (a page
+/// that was sent as LIT/ZERO ops because it contains long zero runs).
+pub(crate) const OP_MARK: u8 = 0x05;
 
 /// Zero runs at least this long become ZERO ops.
 pub(crate) const MIN_ZERO_RUN: usize = 512;
@@ -117,6 +120,22 @@ impl Ring {
     fn ensure_alloc(&mut self) {
         if self.data.is_empty() && self.cap > 0 {
             self.data = vec![0u8; self.cap as usize * PAGE_SIZE];
+        }
+    }
+
+    /// Touches the slots the next `pages` inserts will use, so that
+    /// first-touch page faults happen now (benchmarks only).
+    fn prefault(&mut self, pages: usize) {
+        if self.cap == 0 {
+            return;
+        }
+        self.ensure_alloc();
+        let n = pages.min(self.cap as usize);
+        for k in 0..n {
+            let slot = ((self.count + k as u64) % self.cap) as usize * PAGE_SIZE;
+            // Ring bytes are only read after being written by insert, so
+            // any value will do; black_box forces a real store.
+            self.data[slot] = std::hint::black_box(0u8);
         }
     }
 
@@ -336,6 +355,13 @@ impl Planner {
         }
     }
 
+    /// Faults in the ring memory the next `pages` inserts will use.
+    pub(crate) fn prefault(&mut self, pages: usize) {
+        self.ring.prefault(pages);
+        self.index.reserve(pages.min(self.ring.cap as usize));
+        self.slot_hash.reserve(pages.min(self.ring.cap as usize));
+    }
+
     /// Counters since creation.
     pub fn stats(&self) -> PlanStats {
         self.stats
@@ -380,8 +406,15 @@ impl Planner {
                 return;
             }
         }
-        em.out.push(OP_PAGE);
-        em.out.extend_from_slice(data);
+        // A run of >= MIN_ZERO_RUN zeros always covers a whole ZBLK block
+        // of the grid starting at the page start.
+        if data.chunks_exact(ZBLK).any(is_zero) {
+            em.region(data, 0, PAGE_SIZE);
+            em.out.push(OP_MARK);
+        } else {
+            em.out.push(OP_PAGE);
+            em.out.extend_from_slice(data);
+        }
         self.insert(h, data);
     }
 
@@ -426,6 +459,11 @@ impl Rebuilder {
         Rebuilder {
             ring: Ring::new(dedup_cache_bytes),
         }
+    }
+
+    /// Faults in the ring memory the next `pages` inserts will use.
+    pub(crate) fn prefault(&mut self, pages: usize) {
+        self.ring.prefault(pages);
     }
 
     /// Executes `plan` into `out` (cleared first), which must come out
@@ -512,6 +550,15 @@ impl Rebuilder {
                     };
                     room(out, PAGE_SIZE as u64)?;
                     out.extend_from_slice(page);
+                }
+                OP_MARK => {
+                    let Some(start) = out.len().checked_sub(PAGE_SIZE) else {
+                        return Err(CodecError::MarkUnderflow {
+                            offset,
+                            have: out.len(),
+                        });
+                    };
+                    self.ring.insert(&out[start..]);
                 }
                 _ => return Err(CodecError::BadTag { tag, offset }),
             }

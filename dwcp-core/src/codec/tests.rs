@@ -1,4 +1,4 @@
-use super::plan::{OP_LIT, OP_PAGE, OP_REF, OP_ZERO};
+use super::plan::{OP_LIT, OP_MARK, OP_PAGE, OP_REF, OP_ZERO};
 use super::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -340,6 +340,27 @@ fn codec_duplicate_pages_shrink_plan() {
 }
 
 #[test]
+fn codec_sparse_pages_dedup_and_zero() {
+    let mut rng = StdRng::seed_from_u64(12);
+    let mut pages = Vec::new();
+    for _ in 0..20 {
+        pages.push(page_content(&mut rng, 2));
+        pages.push(page_content(&mut rng, 3));
+    }
+    let mut s = Vec::new();
+    for i in 0..400u64 {
+        s.extend_from_slice(&header(i << 12, 0x28));
+        s.extend_from_slice(&pages[rng.gen_range(0..pages.len())]);
+    }
+    let t = roundtrip(&s, Tier::None, &[MAX_RAW_LEN, 50_000], CACHE);
+    assert!(t.stats.pages_deduped >= 300, "{:?}", t.stats);
+    assert!(t.stats.zero_bytes > 40 * 2048, "{:?}", t.stats);
+    for tier in TIERS {
+        roundtrip(&s, tier, &[MAX_RAW_LEN, 7_777], 8 * PAGE_SIZE);
+    }
+}
+
+#[test]
 fn codec_small_ring_eviction() {
     let mut rng = StdRng::seed_from_u64(4);
     for seed in 0..10 {
@@ -513,6 +534,20 @@ fn codec_corrupt_plans_error() {
         rb.rebuild(&pl, PAGE_SIZE - 1, &mut out),
         Err(CodecError::OutputOverflow { .. })
     ));
+    // MARK needs a whole page of output in this frame.
+    let mut rb = Rebuilder::new(CACHE);
+    assert!(matches!(
+        rb.rebuild(&[OP_LIT, 1, 5, OP_MARK], 1, &mut out),
+        Err(CodecError::MarkUnderflow { offset: 3, have: 1 })
+    ));
+    let mut rb = Rebuilder::new(CACHE);
+    let mut pl = vec![OP_LIT, 3, 1, 2, 3, OP_ZERO];
+    pl.extend([0x80, 0x20]); // 4096
+    pl.extend([OP_MARK, OP_REF, 0]);
+    rb.rebuild(&pl, 3 + 2 * PAGE_SIZE, &mut out).unwrap();
+    assert_eq!(out[..3], [1, 2, 3]);
+    assert_eq!(out[3..PAGE_SIZE + 3], out[PAGE_SIZE + 3..]);
+    assert_eq!(out[3..6], [0, 0, 0]);
     let e = Rebuilder::new(0)
         .rebuild(&[OP_LIT, 1, 5], 2, &mut out)
         .unwrap_err();
