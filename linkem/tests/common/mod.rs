@@ -62,7 +62,7 @@ pub fn ping(t: &Topology, count: u32, interval: &str) -> (f64, f64, u32, u32) {
         }
         if let Some(rest) = line.split(" = ").nth(1) {
             let v: Vec<f64> = rest
-                .split(|c| c == '/' || c == ' ')
+                .split(['/', ' '])
                 .filter_map(|s| s.parse().ok())
                 .collect();
             if v.len() >= 4 {
