@@ -51,6 +51,7 @@ fn run_opts(
     netns: Option<&str>,
     duration: Option<Duration>,
 ) -> Result<Stats> {
+    STOP.store(false, Ordering::Relaxed);
     install_signal_handlers();
     let fw = Forwarder::start(config, iface_a, iface_b, netns)?;
     forwarder::run_until(fw, config, &STOP, duration)

@@ -24,6 +24,9 @@ pub enum Middle {
     Bridge,
     /// The linkem forwarder (threads of this process inside the link ns).
     Emulator(LinkConfig),
+    /// Ports `a` and `b` up and joined by nothing: run a forwarder yourself,
+    /// e.g. `dwcp linkem run --netns {prefix}-link` as a child process.
+    External,
 }
 
 /// Three namespaces and two veth pairs; dropping it deletes everything.
@@ -91,7 +94,7 @@ impl Topology {
             "link", "add", "eth0", "netns", &t.dst_ns, "type", "veth", "peer", "name", "b",
             "netns", &t.link_ns,
         ])?;
-        let emulated = matches!(middle, Middle::Emulator(_));
+        let emulated = !matches!(middle, Middle::Bridge);
         for (ns, addr) in [(t.src_ns.clone(), t.src_ip), (t.dst_ns.clone(), t.dst_ip)] {
             ip(&[
                 "-n",
@@ -135,14 +138,16 @@ impl Topology {
                     ip(&["-n", &l, "link", "set", "dev", dev, "up"])?;
                 }
             }
-            Middle::Emulator(cfg) => {
+            Middle::Emulator(_) | Middle::External => {
                 for dev in ["a", "b"] {
                     sys::in_netns(&l, || {
                         let _ = sys::set_offload(dev, sys::Offload::Gro, false);
                     })?;
                     ip(&["-n", &l, "link", "set", "dev", dev, "up"])?;
                 }
-                t.forwarder = Some(Forwarder::start(&cfg, "a", "b", Some(&l))?);
+                if let Middle::Emulator(cfg) = middle {
+                    t.forwarder = Some(Forwarder::start(&cfg, "a", "b", Some(&l))?);
+                }
             }
         }
         Ok(t)

@@ -326,3 +326,49 @@ fn wan_1gbit_udp_forwarder_cpu() {
     );
     assert!(wire > 0.85e9, "offered load not forwarded: {wire}");
 }
+
+/// The command-line entry point (`dwcp linkem run ...`), here on a thread of
+/// the test process, forwarding inside the link namespace of a topology
+/// with an external middle; checks RTT and the stats file.
+#[test]
+fn cli_run_with_stats_file() {
+    let _g = serial();
+    let t = topology(Middle::External);
+    let stats = std::env::temp_dir().join(format!("{}-stats.json", t.prefix));
+    let args: Vec<String> = [
+        "run",
+        "--netns",
+        &t.link_ns,
+        "--iface-a",
+        "a",
+        "--iface-b",
+        "b",
+        "--delay",
+        "10ms",
+        "--delay-ba",
+        "5ms",
+        "--rate",
+        "100mbit",
+        "--loss",
+        "0",
+        "--duration",
+        "4s",
+        "--stats-file",
+        stats.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let h = std::thread::spawn(move || linkem::cli_main(args));
+    std::thread::sleep(Duration::from_millis(300));
+    ping(&t, 2, "0.2");
+    let (avg, _, recv, sent) = ping(&t, 20, "0.05");
+    eprintln!("cli: rtt avg {avg:.3} ms (configured 15)");
+    h.join().unwrap().unwrap();
+    let json = std::fs::read_to_string(&stats).unwrap();
+    let _ = std::fs::remove_file(&stats);
+    assert_eq!(recv, sent);
+    assert!((avg - 15.0).abs() <= 1.0 + 0.02 * 15.0, "rtt {avg}");
+    assert!(json.contains("\"a_to_b\":{\"rx_packets\":"), "{json}");
+    assert!(!json.contains("\"fwd_packets\":0,"), "{json}");
+}
