@@ -196,6 +196,8 @@ pub struct Planner {
     /// Page hash -> ring index (only indices still in the ring).
     index: IdMap,
     stats: PlanStats,
+    /// Page hash function (xxh3_64; tests force collisions with it).
+    pub(crate) hash: fn(&[u8]) -> u64,
 }
 
 impl fmt::Debug for Planner {
@@ -352,6 +354,7 @@ impl Planner {
             slot_hash: Vec::new(),
             index: IdMap::default(),
             stats: PlanStats::default(),
+            hash: xxh3_64,
         }
     }
 
@@ -396,7 +399,7 @@ impl Planner {
             em.zero(PAGE_SIZE);
             return;
         }
-        let h = xxh3_64(data);
+        let h = (self.hash)(data);
         if let Some(&idx) = self.index.get(&h) {
             // Never trust the hash alone.
             if self.ring.get(idx) == Some(data) {

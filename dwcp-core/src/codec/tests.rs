@@ -361,6 +361,26 @@ fn codec_sparse_pages_dedup_and_zero() {
 }
 
 #[test]
+fn codec_hash_collisions_stay_lossless() {
+    let mut rng = StdRng::seed_from_u64(13);
+    let s = qemu_stream(&mut rng, 600, 0.4);
+    for hash in [|_: &[u8]| 0u64, |d: &[u8]| u64::from(d[0] & 1)] {
+        for cache in [3 * PAGE_SIZE, CACHE] {
+            let mut p = Planner::new(cache);
+            p.hash = hash;
+            let mut rb = Rebuilder::new(cache);
+            let (mut plan, mut out) = (Vec::new(), Vec::new());
+            for c in s.chunks(100_000) {
+                p.plan(c, &mut plan);
+                rb.rebuild(&plan, c.len(), &mut out).unwrap();
+                assert!(out == c);
+            }
+            assert!(p.stats().pages_deduped > 0);
+        }
+    }
+}
+
+#[test]
 fn codec_small_ring_eviction() {
     let mut rng = StdRng::seed_from_u64(4);
     for seed in 0..10 {
