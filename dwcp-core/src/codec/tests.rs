@@ -791,3 +791,15 @@ fn codec_bench_planner() {
         }
     }
 }
+
+#[test]
+fn codec_types_are_send() {
+    fn send<T: Send + 'static>() {}
+    send::<Compressor>();
+    send::<Decompressor>();
+    send::<Planner>();
+    send::<Rebuilder>();
+    send::<CodecError>();
+    fn sync<T: Sync>() {}
+    sync::<CodecError>();
+}
