@@ -39,13 +39,17 @@ impl Qmp {
     pub fn connect(path: &Path) -> Result<Qmp, QmpError> {
         let s = UnixStream::connect(path)
             .map_err(|source| QmpError::Connect { path: path.display().to_string(), source })?;
-        s.set_read_timeout(Some(Duration::from_secs(60)))?;
+        // QEMU serves one monitor client at a time; a second one waits for
+        // the greeting forever, so a short first read turns that into an error.
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
         let mut q = Qmp { reader: BufReader::new(s.try_clone()?), writer: s, events: Vec::new() };
         let greeting = q.read_msg()?;
         if greeting.get("QMP").is_none() {
             return Err(QmpError::Protocol(format!("expected a greeting, got {greeting}")));
         }
         q.execute("qmp_capabilities", None)?;
+        // pmemsave of a large guest can take a while.
+        q.writer.set_read_timeout(Some(Duration::from_secs(120)))?;
         Ok(q)
     }
 

@@ -1,1 +1,202 @@
-fn main() {}
+//! `dwcp`: the DWCP command (agent daemon, migrate, stats, demo, benchmark).
+
+mod migrate;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use dwcp_core::agent::{control_request, Agent, AgentConfig};
+use dwcp_core::codec::Tier;
+use dwcp_core::transport::{AcceptorLimits, TransportConfig};
+use serde_json::json;
+
+/// DWCP moves a running QEMU/KVM guest between hosts over many TCP streams
+/// with compression and page deduplication.
+#[derive(Parser, Debug)]
+#[command(name = "dwcp", version, about, propagate_version = true)]
+struct Cli {
+    /// Log filter (error, warn, info, debug, trace; or RUST_LOG syntax).
+    #[arg(long, global = true, default_value = "info", env = "DWCP_LOG")]
+    log: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run the per-host agent daemon (source and/or destination side).
+    Agent(AgentArgs),
+    /// Migrate a running QEMU through the local agent to a destination agent.
+    Migrate(migrate::MigrateArgs),
+    /// Show the local agent's routes and sessions.
+    Stats(StatsArgs),
+    /// Boot the test guest on two emulated hosts and migrate it through DWCP.
+    Demo(dwcp_harness::demo::DemoArgs),
+}
+
+/// Transport settings shared by `agent` and `migrate`.
+#[derive(Args, Debug, Clone)]
+pub struct TransportArgs {
+    /// TCP streams per migration (1-256).
+    #[arg(long, default_value_t = 4)]
+    streams: u16,
+    /// Compression tier: none, lz4, zstd, zstd:N (N in -7..=19).
+    #[arg(long, default_value = "lz4")]
+    codec: Tier,
+    /// Compression worker threads (1-64; default: one per core).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Page-dedup cache per channel in MiB (0 disables dedup; max 4096).
+    #[arg(long, default_value_t = 256)]
+    dedup_cache_mb: u32,
+    /// Flow-control window per channel in MiB (1-256).
+    #[arg(long, default_value_t = 32)]
+    window_mb: u32,
+    /// TCP congestion control for the streams (e.g. bbr, cubic; default: the kernel's).
+    #[arg(long)]
+    congestion: Option<String>,
+    /// Socket send/receive buffer in KiB (default: kernel autotuning).
+    #[arg(long)]
+    socket_buffer_kb: Option<usize>,
+    /// Seconds without a frame from the peer before a migration fails (1-3600).
+    #[arg(long, default_value_t = 15)]
+    idle_timeout: u64,
+}
+
+impl TransportArgs {
+    pub fn config(&self) -> Result<TransportConfig> {
+        let mut c = TransportConfig {
+            streams: self.streams,
+            tier: self.codec,
+            dedup_cache_mb: self.dedup_cache_mb,
+            window: self.window_mb.saturating_mul(1 << 20),
+            idle_timeout: Duration::from_secs(self.idle_timeout),
+            ..TransportConfig::default()
+        };
+        if let Some(w) = self.workers {
+            c.workers = w;
+        }
+        c.tuning.congestion = self.congestion.clone();
+        c.tuning.send_buffer = self.socket_buffer_kb.map(|k| k * 1024);
+        c.tuning.recv_buffer = self.socket_buffer_kb.map(|k| k * 1024);
+        c.validate().map_err(|e| anyhow::anyhow!("--{e}"))?;
+        Ok(c)
+    }
+}
+
+#[derive(Args, Debug)]
+struct AgentArgs {
+    /// Data port to accept migrations on (destination role), e.g. 0.0.0.0:7070.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Directory for the control socket and route sockets.
+    #[arg(long, default_value = "/run/dwcp")]
+    run_dir: PathBuf,
+    /// Directory where QEMU's incoming sockets (NAME.sock) are, on the destination.
+    #[arg(long)]
+    incoming_dir: Option<PathBuf>,
+    /// Routes to create at start: NAME=HOST:PORT (repeatable).
+    #[arg(long = "route")]
+    routes: Vec<String>,
+    /// Largest dedup cache per channel a peer may ask for, MiB.
+    #[arg(long, default_value_t = 1024)]
+    max_dedup_cache_mb: u32,
+    #[command(flatten)]
+    transport: TransportArgs,
+}
+
+#[derive(Args, Debug)]
+struct StatsArgs {
+    /// The agent's control socket.
+    #[arg(long, default_value = "/run/dwcp/agent.sock")]
+    agent: PathBuf,
+    /// Print the raw JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    let r = match cli.cmd {
+        Cmd::Agent(a) => run_agent(a),
+        Cmd::Migrate(m) => migrate::run(m),
+        Cmd::Stats(s) => stats(s),
+        Cmd::Demo(d) => dwcp_harness::demo::run(d),
+    };
+    if let Err(e) = r {
+        eprintln!("dwcp: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run_agent(a: AgentArgs) -> Result<()> {
+    let transport = a.transport.config()?;
+    let cfg = AgentConfig {
+        listen: a.listen,
+        incoming_dir: a.incoming_dir.clone().unwrap_or_else(|| a.run_dir.join("incoming")),
+        run_dir: a.run_dir.clone(),
+        transport: transport.clone(),
+        limits: AcceptorLimits {
+            max_ring_pages: ((a.max_dedup_cache_mb as u64) << 20 >> 12) as u32,
+            ..AcceptorLimits::default()
+        },
+    };
+    let agent = Agent::start(cfg).context("starting the agent")?;
+    for r in &a.routes {
+        let Some((name, to)) = r.split_once('=') else {
+            bail!("--route {r:?}: expected NAME=HOST:PORT");
+        };
+        let to: SocketAddr = to.parse().with_context(|| format!("--route {r:?}: {to:?} is not HOST:PORT"))?;
+        agent.add_route(name, to, transport.clone()).map_err(|e| anyhow::anyhow!("--route {r:?}: {e}"))?;
+    }
+    eprintln!("dwcp agent ready (control socket {})", a.run_dir.join("agent.sock").display());
+    loop {
+        std::thread::park();
+    }
+}
+
+fn stats(a: StatsArgs) -> Result<()> {
+    let v = control_request(&a.agent, &json!({"op": "stats"})).map_err(anyhow::Error::msg)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("Routes:");
+    for r in v["routes"].as_array().into_iter().flatten() {
+        println!("  {} -> {}  streams={} codec={}  socket={}", r["name"].as_str().unwrap_or("?"), r["to"].as_str().unwrap_or("?"), r["streams"], r["codec"].as_str().unwrap_or("?"), r["socket"].as_str().unwrap_or("?"));
+    }
+    println!("Sessions (newest last):");
+    for s in v["sessions"].as_array().into_iter().flatten() {
+        let f = |k: &str| s[k].as_f64().unwrap_or(0.0);
+        let rtts: Vec<String> = s["per_stream"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p["tcp"]["rtt_us"].as_u64())
+            .map(|r| format!("{:.1}", r as f64 / 1000.0))
+            .collect();
+        println!(
+            "  {:<16} {:<9} {:<9} {:>8.1} s  raw out {:>9.1} MiB  wire out {:>9.1} MiB  ratio {:>5.2}  raw in {:>7.1} MiB  streams {}  tier {}  dedup pages {}/{}  RTT ms [{}]{}",
+            s["name"].as_str().unwrap_or("?"),
+            s["role"].as_str().unwrap_or("?"),
+            s["state"].as_str().unwrap_or("?"),
+            f("elapsed_s"),
+            f("raw_out") / 1048576.0,
+            f("wire_out") / 1048576.0,
+            f("ratio_out"),
+            f("raw_in") / 1048576.0,
+            s["streams"],
+            s["tier"].as_str().unwrap_or("?"),
+            s["pages_deduped"],
+            s["pages_seen"],
+            rtts.join(" "),
+            s["error"].as_str().map(|e| format!("\n    error: {e}")).unwrap_or_default(),
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,157 @@
+//! `dwcp migrate`: drives a plain QEMU migration through the local agent.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use dwcp_core::agent::control_request;
+use dwcp_core::qemu::{self, MigrationSetup, Qmp};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{json, Value};
+
+use crate::TransportArgs;
+
+#[derive(Args, Debug)]
+pub struct MigrateArgs {
+    /// QMP socket of the source QEMU.
+    #[arg(long)]
+    qmp: PathBuf,
+    /// Destination agent's data port, HOST:PORT.
+    #[arg(long)]
+    to: String,
+    /// Migration name: the destination QEMU must listen on <incoming-dir>/NAME.sock.
+    #[arg(long, default_value = "vm")]
+    name: String,
+    /// Control socket of the local (source) agent.
+    #[arg(long, default_value = "/run/dwcp/agent.sock")]
+    agent: PathBuf,
+    /// QMP socket of the destination QEMU, if reachable: capabilities are set
+    /// there too (multifd and return-path need both sides).
+    #[arg(long)]
+    dst_qmp: Option<PathBuf>,
+    /// Use QEMU multifd with this many channels (each relayed as its own channel).
+    #[arg(long)]
+    multifd: Option<u32>,
+    /// Enable QEMU's return path (carried back through the same streams).
+    #[arg(long)]
+    return_path: bool,
+    /// QEMU max-bandwidth in MiB/s (default: QEMU's).
+    #[arg(long)]
+    max_bandwidth_mb: Option<u64>,
+    /// QEMU downtime-limit in ms (default: QEMU's 300 ms).
+    #[arg(long)]
+    downtime_limit_ms: Option<u64>,
+    /// Give up (and cancel) after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    timeout: u64,
+    /// Print the result as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+    #[command(flatten)]
+    transport: TransportArgs,
+}
+
+pub fn run(a: MigrateArgs) -> Result<()> {
+    let cfg = a.transport.config()?;
+    let route = control_request(
+        &a.agent,
+        &json!({
+            "op": "route", "name": a.name, "to": a.to, "streams": cfg.streams,
+            "codec": cfg.tier.to_string(), "workers": cfg.workers,
+            "dedup_cache_mb": cfg.dedup_cache_mb, "congestion": cfg.tuning.congestion,
+            "window_mb": cfg.window >> 20,
+        }),
+    )
+    .map_err(anyhow::Error::msg)
+    .context("setting up the route on the local agent")?;
+    let socket = route["socket"].as_str().unwrap_or_default().to_string();
+    let setup = MigrationSetup {
+        multifd_channels: a.multifd,
+        multifd_compression: None,
+        xbzrle: false,
+        return_path: a.return_path,
+        max_bandwidth: a.max_bandwidth_mb.map(|m| m << 20),
+        downtime_limit_ms: a.downtime_limit_ms,
+    };
+    if let Some(d) = &a.dst_qmp {
+        let mut dq = Qmp::connect(d).context("destination QMP")?;
+        setup.apply(&mut dq, true).context("setting migration capabilities on the destination")?;
+    }
+    let mut q = Qmp::connect(&a.qmp).context("source QMP")?;
+    setup.apply(&mut q, false).context("setting migration capabilities on the source")?;
+
+    let bar = if a.quiet || a.json { ProgressBar::hidden() } else { ProgressBar::new(0) };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {msg}")
+            .expect("valid template"),
+    );
+    let t0 = Instant::now();
+    let result = qemu::migrate(&mut q, &format!("unix:{socket}"), Duration::from_secs(a.timeout), |v: &Value| {
+        let n = |p: &str| v.pointer(p).and_then(Value::as_u64).unwrap_or(0);
+        let (total, remaining, mbps) = (n("/ram/total"), n("/ram/remaining"), v.pointer("/ram/mbps").and_then(Value::as_f64).unwrap_or(0.0));
+        if total > 0 {
+            bar.set_length(total);
+            bar.set_position(total.saturating_sub(remaining));
+        }
+        let eta = if mbps > 0.0 { format!("{:.1} s", remaining as f64 * 8.0 / (mbps * 1e6)) } else { "?".into() };
+        bar.set_message(format!(
+            "{} pass {} remaining {:.1} MiB at {:.0} Mbit/s ETA {}",
+            v["status"].as_str().unwrap_or("?"),
+            n("/ram/dirty-sync-count"),
+            remaining as f64 / 1048576.0,
+            mbps,
+            eta
+        ));
+        bar.tick();
+    });
+    bar.finish_and_clear();
+    let session = latest_session(&a.agent, &a.name);
+    let r = result.context("QEMU migration")?;
+    let wall = t0.elapsed();
+    let wire = session.as_ref().and_then(|s| s["wire_out"].as_u64()).unwrap_or(0);
+    let raw = session.as_ref().and_then(|s| s["raw_out"].as_u64()).unwrap_or(0);
+    let out = json!({
+        "name": a.name, "status": r.status, "total_time_ms": r.total_time_ms, "downtime_ms": r.downtime_ms,
+        "setup_time_ms": r.setup_time_ms, "ram_transferred": r.ram_transferred, "ram_total": r.ram_total,
+        "dirty_sync_count": r.dirty_sync_count, "wall_ms": wall.as_millis() as u64,
+        "qemu_bytes": raw, "wire_bytes": wire,
+        "ratio": if wire > 0 { raw as f64 / wire as f64 } else { 0.0 },
+        "streams": cfg.streams, "codec": cfg.tier.to_string(), "multifd": a.multifd,
+        "session": session,
+    });
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!(
+            "migration {}: total {:.2} s, downtime {} ms, QEMU sent {:.1} MiB, on the wire {:.1} MiB (ratio {:.2}), {} dirty syncs, {} streams, codec {}",
+            r.status,
+            r.total_time_ms as f64 / 1000.0,
+            r.downtime_ms,
+            raw as f64 / 1048576.0,
+            wire as f64 / 1048576.0,
+            if wire > 0 { raw as f64 / wire as f64 } else { 0.0 },
+            r.dirty_sync_count,
+            cfg.streams,
+            cfg.tier
+        );
+    }
+    Ok(())
+}
+
+/// The agent's newest session for this name, once its counters settle.
+fn latest_session(agent: &std::path::Path, name: &str) -> Option<Value> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let v = control_request(agent, &json!({"op": "stats"})).ok()?;
+        let s = v["sessions"].as_array()?.iter().rev().find(|s| s["name"] == name).cloned();
+        let settled = s.as_ref().is_some_and(|s| s["state"] != "running");
+        if settled || Instant::now() > deadline {
+            return s;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
