@@ -4,7 +4,7 @@
 //! stream:
 //! 1. [`Planner::plan`] (sequential, stream order, one per channel direction)
 //!    turns raw bytes into a *plan*: ops (tag byte + LEB128 varints)
-//!    interleaved with literal bytes. See [`plan`](self) op list below.
+//!    interleaved with literal bytes (op list below).
 //! 2. [`Compressor::compress`] compresses the plan with the chosen [`Tier`]
 //!    and returns the [`CodecId`] actually used (falls back to
 //!    [`CodecId::None`] when compression does not shrink the plan).
@@ -41,7 +41,7 @@ pub const PAGE_SIZE: usize = 4096;
 /// Maximum raw bytes per frame.
 pub const MAX_RAW_LEN: usize = 1 << 20;
 /// Maximum plan size. A plan of a raw chunk of at most [`MAX_RAW_LEN`] bytes
-/// never exceeds it (worst case is about `raw + raw / 800 + 4`).
+/// never exceeds it (plans are at most `raw + raw / 400 + 8` bytes, far below).
 pub const MAX_PLAN_LEN: usize = MAX_RAW_LEN + 64 * 1024;
 
 /// Largest input LZ4 accepts (LZ4_MAX_INPUT_SIZE).
