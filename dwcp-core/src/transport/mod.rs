@@ -27,7 +27,7 @@ pub mod tcp;
 
 use std::time::Duration;
 
-pub use session::{Acceptor, AcceptorLimits, ChannelStats, Role, Session, SessionError, SessionStats, StreamStats};
+pub use session::{Acceptor, AcceptorLimits, ChannelStats, Role, Session, SessionError, SessionStats, StreamStats, Target};
 pub use tcp::{tcp_info, SocketTuning, TcpInfo};
 
 use crate::codec::{Tier, MAX_RAW_LEN};

@@ -5,7 +5,7 @@ use std::io::{BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -139,7 +139,7 @@ struct Inner {
     last_rx: Mutex<Instant>,
     started: Instant,
     ended: Mutex<Option<Instant>>,
-    target: Option<PathBuf>,
+    target: Option<Target>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     counters: Counters,
 }
@@ -270,7 +270,7 @@ impl Session {
         window: u32,
         ring_pages: u32,
         streams: Vec<TcpStream>,
-        target: Option<PathBuf>,
+        target: Option<Target>,
     ) -> Session {
         let n = streams.len();
         let (job_tx, job_rx) = bounded(cfg.workers * 2);
@@ -839,14 +839,38 @@ fn channel_for(inner: &Arc<Inner>, id: u16) -> Result<Arc<Channel>, String> {
     if let Some(ch) = inner.channels.lock().get(&id) {
         return Ok(ch.clone());
     }
-    let conn = connect_target(target).map_err(|e| format!("opening channel {id}: {e}"))?;
+    let conn = target.connect(id).map_err(|e| format!("opening channel {id}: {e}"))?;
     Ok(open_channel(inner, id, conn))
 }
 
-fn connect_target(target: &Path) -> std::io::Result<UnixStream> {
-    UnixStream::connect(target).map_err(|e| {
-        std::io::Error::new(e.kind(), format!("connecting to QEMU at {}: {e}", target.display()))
-    })
+/// Where a responder's channels go.
+#[derive(Clone)]
+pub enum Target {
+    /// Connect to QEMU's incoming UNIX socket (the agent's way).
+    Socket(PathBuf),
+    /// Ask the embedder for one connection per channel (libdwcp inside QEMU
+    /// hands QEMU the other end of a socketpair).
+    Connector(Arc<dyn Fn(u16) -> std::io::Result<UnixStream> + Send + Sync>),
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Socket(p) => write!(f, "Socket({})", p.display()),
+            Target::Connector(_) => f.write_str("Connector"),
+        }
+    }
+}
+
+impl Target {
+    fn connect(&self, channel: u16) -> std::io::Result<UnixStream> {
+        match self {
+            Target::Socket(path) => UnixStream::connect(path).map_err(|e| {
+                std::io::Error::new(e.kind(), format!("connecting to QEMU at {}: {e}", path.display()))
+            }),
+            Target::Connector(f) => f(channel),
+        }
+    }
 }
 
 /// Writes bytes to QEMU in order, then returns credit to the peer.
@@ -1004,6 +1028,7 @@ pub struct Acceptor {
     cfg: TransportConfig,
     limits: AcceptorLimits,
     incoming_dir: PathBuf,
+    connector: Option<Target>,
     pending: Mutex<HashMap<[u8; 16], PendingBox>>,
 }
 
@@ -1017,7 +1042,13 @@ impl std::fmt::Debug for PendingBox {
 impl Acceptor {
     /// `incoming_dir` holds QEMU's incoming sockets, `<name>.sock`.
     pub fn new(cfg: TransportConfig, limits: AcceptorLimits, incoming_dir: PathBuf) -> Acceptor {
-        Acceptor { cfg, limits, incoming_dir, pending: Mutex::new(HashMap::new()) }
+        Acceptor { cfg, limits, incoming_dir, connector: None, pending: Mutex::new(HashMap::new()) }
+    }
+
+    /// An acceptor whose sessions get their channels from `connector`
+    /// instead of QEMU's incoming sockets (any migration name is accepted).
+    pub fn with_connector(cfg: TransportConfig, limits: AcceptorLimits, connector: Target) -> Acceptor {
+        Acceptor { cfg, limits, incoming_dir: PathBuf::new(), connector: Some(connector), pending: Mutex::new(HashMap::new()) }
     }
 
     /// Handles one accepted TCP connection: reads and checks the hello,
@@ -1039,11 +1070,17 @@ impl Acceptor {
             let _ = stream.write_all(&self.reply(status, 0, 0).encode());
             Err(WireError::Refused(status))
         };
-        let target = self.incoming_dir.join(format!("{}.sock", hello.name));
-        if !target.exists() {
-            warn!(name = %hello.name, "no incoming QEMU socket at {}", target.display());
-            return refuse(&mut stream, Status::UnknownTarget);
-        }
+        let target = match &self.connector {
+            Some(c) => c.clone(),
+            None => {
+                let path = self.incoming_dir.join(format!("{}.sock", hello.name));
+                if !path.exists() {
+                    warn!(name = %hello.name, "no incoming QEMU socket at {}", path.display());
+                    return refuse(&mut stream, Status::UnknownTarget);
+                }
+                Target::Socket(path)
+            }
+        };
         let window = hello.window.min(self.limits.max_window);
         let ring = hello.ring_pages.min(self.limits.max_ring_pages);
         if (window as usize) < 2 * crate::codec::MAX_RAW_LEN.min(self.cfg.chunk) {
