@@ -221,6 +221,8 @@ impl Forwarder {
                     if let Some(ns) = &netns {
                         sys::enter_netns(ns)?;
                     }
+                    // GRO on the ingress port would hand us super-frames.
+                    let _ = sys::set_offload(&rx_if, sys::Offload::Gro, false);
                     let rx = sys::packet_rx_socket(&rx_if, 32 << 20)
                         .with_context(|| format!("rx socket on {rx_if}"))?;
                     let tx = sys::packet_tx_socket(&tx_if, 4 << 20)
@@ -730,11 +732,21 @@ pub(crate) fn run_until(
         Some(e) => Instant::now() >= e,
         None => false,
     };
+    let mut warned = false;
     while !stop.load(Relaxed) && !fw.is_finished() && !timed_out() {
         std::thread::sleep(Duration::from_millis(100));
         if last_write.elapsed() >= Duration::from_secs(1) {
             last_write = Instant::now();
-            write(&fw.stats())?;
+            let s = fw.stats();
+            write(&s)?;
+            if !warned && s.a_to_b.dropped_oversize + s.b_to_a.dropped_oversize > 0 {
+                warned = true;
+                eprintln!(
+                    "linkem: dropping frames larger than {} bytes: turn TSO/GSO/GRO and tx \
+                     checksum offload off on the hosts' interfaces (ethtool -K IF tx off tso off gso off gro off)",
+                    config.slot_size
+                );
+            }
         }
     }
     let s = fw.stop()?;

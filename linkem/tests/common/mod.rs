@@ -223,7 +223,20 @@ pub fn udp_blast(
     count: u64,
     until: Duration,
 ) -> u64 {
-    let dst = SocketAddr::from((t.dst_ip, port));
+    udp_blast_to(t, t.dst_ip, port, size, pps, count, until)
+}
+
+/// [`udp_blast`] to any address.
+pub fn udp_blast_to(
+    t: &Topology,
+    ip: Ipv4Addr,
+    port: u16,
+    size: usize,
+    pps: u64,
+    count: u64,
+    until: Duration,
+) -> u64 {
+    let dst = SocketAddr::from((ip, port));
     let src = t.src_ip;
     t.in_ns(&t.src_ns, move || {
         let s = UdpSocket::bind((src, 0)).unwrap();
