@@ -1,0 +1,27 @@
+//! DWCP cluster consensus: the agents of a cluster form a raft group (tikv's raft-rs,
+//! embedded) that records which host owns which guest. No migration switches over unless
+//! the ownership transfer is committed here. See `docs/consensus.md`.
+//!
+//! * [`storage`] — raft log, hard state and snapshots in our own checksummed files.
+//! * [`node`] — the raft node thread: ticks, `Ready` handling, proposals, membership.
+//! * [`net`] — peer transport over TCP with framed, checksummed, cluster-bound messages.
+//! * [`registry`] — the replicated state machine: guest → owner + epoch, migrations.
+//! * [`cluster`] — the handle an agent embeds: [`Cluster::start`], the registry API,
+//!   status, and [`bench_commits`].
+
+pub mod cluster;
+pub mod net;
+pub mod node;
+pub mod registry;
+pub mod storage;
+
+#[cfg(test)]
+mod testnet;
+
+pub use cluster::{
+    bench_commits, BenchResult, Cluster, ClusterConfig, ClusterError, ClusterStatus, PeerAddr,
+};
+pub use node::{NodeConfig, NodeStatus, ProposeError};
+pub use registry::{
+    Applied, Command, GuestRecord, HostId, Migration, MigrationState, RegistryError,
+};

@@ -1,0 +1,544 @@
+//! Peer transport over TCP: one outgoing connection per peer (a thread with a bounded
+//! queue; a full queue drops, raft retries), one reader thread per incoming connection.
+//!
+//! Frame (little-endian):
+//!
+//! ```text
+//! magic "DWRF" | version u16 = 1 | kind u16 = 1 (raft message) | cluster id u64 |
+//! len u32 | payload[len] (protobuf eraftpb.Message) | crc32c u32 (header + payload)
+//! ```
+//!
+//! A frame with a bad magic, unknown version or kind, another cluster's id, a length above
+//! the cap, a bad CRC or an unparsable payload is rejected with a logged reason, counted in
+//! [`NetStats`], and never stepped into raft. Framing errors close the connection; a
+//! well-framed message addressed to another node is dropped and the connection kept.
+//! Authentication is the cluster id only; mTLS is future work.
+
+use std::collections::HashMap;
+use std::io::{self, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{bounded, Sender, TrySendError};
+use parking_lot::Mutex;
+use protobuf::Message as PbMessage;
+use raft::prelude::Message;
+
+use crate::node::{Mailbox, Transport};
+use crate::registry::HostId;
+
+/// First bytes of every frame.
+pub const FRAME_MAGIC: [u8; 4] = *b"DWRF";
+/// Frame format version.
+pub const FRAME_VERSION: u16 = 1;
+/// Frame kind: one raft message.
+pub const KIND_RAFT: u16 = 1;
+/// Bytes before the payload.
+pub const FRAME_HEADER: usize = 20;
+/// Default cap on a frame's payload.
+pub const DEFAULT_MAX_FRAME: u32 = 64 << 20;
+const QUEUE: usize = 8192;
+
+/// Why an incoming frame was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The peer closed the connection between frames.
+    #[error("connection closed")]
+    Closed,
+    /// Reading failed (including a connection cut inside a frame).
+    #[error("reading frame: {0}")]
+    Io(#[from] io::Error),
+    /// Not our magic.
+    #[error("bad magic {0:02x?}")]
+    BadMagic([u8; 4]),
+    /// Unsupported version.
+    #[error("unsupported frame version {0}")]
+    Version(u16),
+    /// Unknown frame kind.
+    #[error("unknown frame kind {0}")]
+    Kind(u16),
+    /// Sent by a member of another cluster.
+    #[error("wrong cluster id {got:#x} (this cluster is {expected:#x})")]
+    WrongCluster {
+        /// Ours.
+        expected: u64,
+        /// Theirs.
+        got: u64,
+    },
+    /// Declared payload above the cap.
+    #[error("frame of {len} bytes exceeds the {max} byte cap")]
+    Oversized {
+        /// Declared.
+        len: u32,
+        /// Cap.
+        max: u32,
+    },
+    /// Checksum mismatch.
+    #[error("frame checksum mismatch")]
+    BadCrc,
+    /// Payload is not a raft message.
+    #[error("payload is not a raft message: {0}")]
+    Decode(String),
+    /// A message for another node.
+    #[error("message for node {to} arrived at node {me}")]
+    WrongNode {
+        /// Addressee.
+        to: u64,
+        /// This node.
+        me: u64,
+    },
+}
+
+impl FrameError {
+    /// Whether the stream can no longer be trusted to be at a frame boundary.
+    fn closes_connection(&self) -> bool {
+        !matches!(self, FrameError::Decode(_) | FrameError::WrongNode { .. })
+    }
+}
+
+/// Encodes one raft message as a frame, appended to `out`.
+pub fn encode_frame(cluster_id: u64, msg: &Message, out: &mut Vec<u8>) {
+    let start = out.len();
+    let payload = msg.write_to_bytes().unwrap_or_default();
+    out.extend_from_slice(&FRAME_MAGIC);
+    out.extend_from_slice(&FRAME_VERSION.to_le_bytes());
+    out.extend_from_slice(&KIND_RAFT.to_le_bytes());
+    out.extend_from_slice(&cluster_id.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&payload);
+    let crc = crc32c::crc32c(&out[start..]);
+    out.extend_from_slice(&crc.to_le_bytes());
+}
+
+/// Reads and checks one frame. Nothing is allocated for the payload before its length
+/// has been checked against `max`.
+pub fn read_frame(r: &mut impl Read, cluster_id: u64, max: u32) -> Result<Message, FrameError> {
+    let mut head = [0u8; FRAME_HEADER];
+    // Distinguish a clean close between frames from a cut inside one.
+    let n = loop {
+        match r.read(&mut head[..1]) {
+            Ok(n) => break n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e.into()),
+        }
+    };
+    if n == 0 {
+        return Err(FrameError::Closed);
+    }
+    r.read_exact(&mut head[1..])?;
+    let magic: [u8; 4] = head[0..4].try_into().unwrap_or_default();
+    if magic != FRAME_MAGIC {
+        return Err(FrameError::BadMagic(magic));
+    }
+    let version = u16::from_le_bytes([head[4], head[5]]);
+    if version != FRAME_VERSION {
+        return Err(FrameError::Version(version));
+    }
+    let kind = u16::from_le_bytes([head[6], head[7]]);
+    if kind != KIND_RAFT {
+        return Err(FrameError::Kind(kind));
+    }
+    let got = u64::from_le_bytes(head[8..16].try_into().unwrap_or_default());
+    if got != cluster_id {
+        return Err(FrameError::WrongCluster {
+            expected: cluster_id,
+            got,
+        });
+    }
+    let len = u32::from_le_bytes(head[16..20].try_into().unwrap_or_default());
+    if len > max {
+        return Err(FrameError::Oversized { len, max });
+    }
+    let mut payload = vec![0u8; len as usize + 4];
+    r.read_exact(&mut payload)?;
+    let (payload, crc) = payload.split_at(len as usize);
+    let want = u32::from_le_bytes(crc.try_into().unwrap_or_default());
+    if crc32c::crc32c_append(crc32c::crc32c(&head), payload) != want {
+        return Err(FrameError::BadCrc);
+    }
+    Message::parse_from_bytes(payload).map_err(|e| FrameError::Decode(e.to_string()))
+}
+
+/// Counters of a transport.
+#[derive(Debug, Default)]
+pub struct NetStats {
+    /// Frames accepted and handed to raft.
+    pub delivered: AtomicU64,
+    /// Frames refused.
+    pub rejected: AtomicU64,
+    /// Messages dropped on send (queue full, peer unreachable).
+    pub send_dropped: AtomicU64,
+    /// The latest refusal's reason.
+    pub last_rejection: Mutex<Option<String>>,
+}
+
+struct PeerLink {
+    addr: String,
+    tx: Sender<Message>,
+    thread: Option<JoinHandle<()>>,
+}
+
+struct Inner {
+    id: HostId,
+    cluster_id: u64,
+    max_frame: u32,
+    local: SocketAddr,
+    stop: AtomicBool,
+    peers: Mutex<HashMap<HostId, PeerLink>>,
+    conns: Mutex<Vec<TcpStream>>,
+    accept: Mutex<Option<JoinHandle<()>>>,
+    stats: NetStats,
+}
+
+/// TCP peer transport of one node. Cloning shares it; [`TcpTransport::shutdown`] stops it.
+#[derive(Clone)]
+pub struct TcpTransport {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for TcpTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpTransport")
+            .field("id", &self.inner.id)
+            .field("local", &self.inner.local)
+            .finish()
+    }
+}
+
+impl TcpTransport {
+    /// Serves `listener`, delivering accepted messages for node `id` of cluster
+    /// `cluster_id` to `mailbox`.
+    pub fn start(
+        id: HostId,
+        cluster_id: u64,
+        listener: TcpListener,
+        mailbox: Mailbox,
+        max_frame: u32,
+    ) -> io::Result<TcpTransport> {
+        let local = listener.local_addr()?;
+        let inner = Arc::new(Inner {
+            id,
+            cluster_id,
+            max_frame,
+            local,
+            stop: AtomicBool::new(false),
+            peers: Mutex::new(HashMap::new()),
+            conns: Mutex::new(Vec::new()),
+            accept: Mutex::new(None),
+            stats: NetStats::default(),
+        });
+        let acc = inner.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("raft-accept-{id}"))
+            .spawn(move || accept_loop(acc, listener, mailbox))?;
+        *inner.accept.lock() = Some(handle);
+        Ok(TcpTransport { inner })
+    }
+
+    /// The address this transport listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.inner.local
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &NetStats {
+        &self.inner.stats
+    }
+
+    /// Known peers and their addresses.
+    pub fn peers(&self) -> Vec<(HostId, String)> {
+        let mut v: Vec<_> = self
+            .inner
+            .peers
+            .lock()
+            .iter()
+            .map(|(id, l)| (*id, l.addr.clone()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Stops accepting, closes connections, joins the threads.
+    pub fn shutdown(&self) {
+        if self.inner.stop.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        // Wake the accept loop.
+        let _ = TcpStream::connect_timeout(&self.inner.local, Duration::from_millis(200));
+        if let Some(h) = self.inner.accept.lock().take() {
+            let _ = h.join();
+        }
+        for c in self.inner.conns.lock().drain(..) {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+        let links: Vec<PeerLink> = self.inner.peers.lock().drain().map(|(_, l)| l).collect();
+        for mut l in links {
+            drop(l.tx);
+            if let Some(t) = l.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+fn accept_loop(inner: Arc<Inner>, listener: TcpListener, mailbox: Mailbox) {
+    for conn in listener.incoming() {
+        if inner.stop.load(Ordering::SeqCst) {
+            break;
+        }
+        let Ok(conn) = conn else { continue };
+        let _ = conn.set_nodelay(true);
+        let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+        if let Ok(c) = conn.try_clone() {
+            let mut conns = inner.conns.lock();
+            conns.retain(|c| c.peer_addr().is_ok());
+            conns.push(c);
+        }
+        let inner = inner.clone();
+        let mailbox = mailbox.clone();
+        let _ = std::thread::Builder::new()
+            .name(format!("raft-read-{}", inner.id))
+            .spawn(move || read_loop(&inner, conn, &peer, &mailbox));
+    }
+}
+
+fn read_loop(inner: &Inner, conn: TcpStream, peer: &str, mailbox: &Mailbox) {
+    let mut r = BufReader::with_capacity(256 << 10, conn);
+    loop {
+        let res = read_frame(&mut r, inner.cluster_id, inner.max_frame).and_then(|m| {
+            if m.to != inner.id {
+                Err(FrameError::WrongNode {
+                    to: m.to,
+                    me: inner.id,
+                })
+            } else {
+                Ok(m)
+            }
+        });
+        match res {
+            Ok(msg) => {
+                inner.stats.delivered.fetch_add(1, Ordering::Relaxed);
+                if !mailbox.deliver(msg) {
+                    return;
+                }
+            }
+            Err(FrameError::Closed) => return,
+            Err(FrameError::Io(_)) if inner.stop.load(Ordering::SeqCst) => return,
+            Err(e) => {
+                tracing::warn!(node = inner.id, peer, reason = %e, "rejected peer frame");
+                inner.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                *inner.stats.last_rejection.lock() = Some(e.to_string());
+                if e.closes_connection() {
+                    let _ = r.get_ref().shutdown(Shutdown::Both);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn send_loop(
+    inner: Arc<Inner>,
+    to: HostId,
+    addr: String,
+    rx: crossbeam_channel::Receiver<Message>,
+) {
+    let mut conn: Option<TcpStream> = None;
+    let mut buf = Vec::with_capacity(64 << 10);
+    while let Ok(first) = rx.recv() {
+        buf.clear();
+        encode_frame(inner.cluster_id, &first, &mut buf);
+        let mut n = 1u64;
+        while let Ok(m) = rx.try_recv() {
+            encode_frame(inner.cluster_id, &m, &mut buf);
+            n += 1;
+            if buf.len() > (4 << 20) {
+                break;
+            }
+        }
+        if conn.is_none() {
+            conn = connect(&addr);
+        }
+        let Some(c) = conn.as_mut() else {
+            inner.stats.send_dropped.fetch_add(n, Ordering::Relaxed);
+            tracing::trace!(
+                node = inner.id,
+                to,
+                addr,
+                "peer unreachable, messages dropped"
+            );
+            continue;
+        };
+        if let Err(e) = c.write_all(&buf) {
+            tracing::debug!(node = inner.id, to, error = %e, "peer write failed, reconnecting");
+            inner.stats.send_dropped.fetch_add(n, Ordering::Relaxed);
+            conn = None;
+        }
+    }
+}
+
+fn connect(addr: &str) -> Option<TcpStream> {
+    let sa = addr.to_socket_addrs().ok()?.next()?;
+    let c = TcpStream::connect_timeout(&sa, Duration::from_millis(300)).ok()?;
+    let _ = c.set_nodelay(true);
+    let _ = c.set_write_timeout(Some(Duration::from_secs(2)));
+    Some(c)
+}
+
+impl Transport for TcpTransport {
+    fn send(&self, msgs: Vec<Message>) {
+        let peers = self.inner.peers.lock();
+        for m in msgs {
+            match peers.get(&m.to) {
+                Some(l) => match l.tx.try_send(m) {
+                    Ok(()) => {}
+                    Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                        self.inner
+                            .stats
+                            .send_dropped
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                },
+                None => {
+                    tracing::debug!(
+                        node = self.inner.id,
+                        to = m.to,
+                        "no address for peer, message dropped"
+                    );
+                    self.inner
+                        .stats
+                        .send_dropped
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    fn add_peer(&self, id: HostId, addr: &str) {
+        if id == self.inner.id || self.inner.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let mut peers = self.inner.peers.lock();
+        if peers.get(&id).is_some_and(|l| l.addr == addr) {
+            return;
+        }
+        let (tx, rx) = bounded(QUEUE);
+        let inner = self.inner.clone();
+        let a = addr.to_owned();
+        let thread = std::thread::Builder::new()
+            .name(format!("raft-send-{}-{id}", self.inner.id))
+            .spawn(move || send_loop(inner, id, a, rx))
+            .ok();
+        // Replacing a link drops its sender, which ends its thread.
+        peers.insert(
+            id,
+            PeerLink {
+                addr: addr.to_owned(),
+                tx,
+                thread,
+            },
+        );
+    }
+
+    fn remove_peer(&self, id: HostId) {
+        let link = self.inner.peers.lock().remove(&id);
+        drop(link);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raft::prelude::MessageType;
+
+    fn msg(to: u64) -> Message {
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgHeartbeat);
+        m.to = to;
+        m.from = 2;
+        m.term = 5;
+        m
+    }
+
+    #[test]
+    fn frame_round_trip() {
+        let mut buf = Vec::new();
+        encode_frame(7, &msg(1), &mut buf);
+        encode_frame(7, &msg(3), &mut buf);
+        let mut r = &buf[..];
+        assert_eq!(read_frame(&mut r, 7, 1024).unwrap().to, 1);
+        assert_eq!(read_frame(&mut r, 7, 1024).unwrap().to, 3);
+        assert!(matches!(
+            read_frame(&mut r, 7, 1024),
+            Err(FrameError::Closed)
+        ));
+    }
+
+    #[test]
+    fn bad_frames_rejected() {
+        let mut good = Vec::new();
+        encode_frame(7, &msg(1), &mut good);
+
+        let wrong_cluster = read_frame(&mut &good[..], 8, 1024);
+        assert!(matches!(
+            wrong_cluster,
+            Err(FrameError::WrongCluster {
+                expected: 8,
+                got: 7
+            })
+        ));
+
+        let mut bad_crc = good.clone();
+        let last = bad_crc.len() - 6;
+        bad_crc[last] ^= 0xff;
+        assert!(matches!(
+            read_frame(&mut &bad_crc[..], 7, 1024),
+            Err(FrameError::BadCrc)
+        ));
+
+        let mut huge = good.clone();
+        huge[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            read_frame(&mut &huge[..], 7, 1024),
+            Err(FrameError::Oversized { len: u32::MAX, .. })
+        ));
+
+        let garbage = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert!(matches!(
+            read_frame(&mut &garbage[..], 7, 1024),
+            Err(FrameError::BadMagic(_))
+        ));
+
+        let mut version = good.clone();
+        version[4] = 9;
+        assert!(matches!(
+            read_frame(&mut &version[..], 7, 1024),
+            Err(FrameError::Version(9))
+        ));
+
+        // Valid frame, CRC right, payload not protobuf.
+        let mut junk = Vec::new();
+        junk.extend_from_slice(&FRAME_MAGIC);
+        junk.extend_from_slice(&FRAME_VERSION.to_le_bytes());
+        junk.extend_from_slice(&KIND_RAFT.to_le_bytes());
+        junk.extend_from_slice(&7u64.to_le_bytes());
+        let payload = [0xffu8; 16];
+        junk.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        junk.extend_from_slice(&payload);
+        let crc = crc32c::crc32c(&junk);
+        junk.extend_from_slice(&crc.to_le_bytes());
+        assert!(matches!(
+            read_frame(&mut &junk[..], 7, 1024),
+            Err(FrameError::Decode(_))
+        ));
+
+        let cut = &good[..good.len() - 3];
+        assert!(matches!(
+            read_frame(&mut &cut[..], 7, 1024),
+            Err(FrameError::Io(_))
+        ));
+    }
+}

@@ -1,0 +1,537 @@
+//! The replicated state machine: which host owns which guest, and migration records.
+//!
+//! Every command is validated when it is applied, from the registry's own state only, so
+//! every node reaches the same verdict for the same log: a rejected command is rejected
+//! everywhere and changes nothing.
+//!
+//! Per guest: the owner host id and an epoch. `BeginMigration` bumps the epoch and records
+//! an intent `{source, destination, epoch}`; it is refused while another intent for the
+//! guest is open, or when the owner is not the source. `CommitMigration` /
+//! `AbortMigration` must name the current epoch (a stale one is refused); commit moves the
+//! ownership to the destination. Retrying the same commit or abort is answered with
+//! success, so a client that timed out can retry safely.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// A raft node id, which is also the agent's host id.
+pub type HostId = u64;
+
+/// How many finished migrations the registry keeps for `dwcp guests` history.
+pub const HISTORY: usize = 256;
+
+/// State of a migration record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationState {
+    /// Recorded before any byte moves; the guest still runs on the source.
+    Intent,
+    /// Ownership moved to the destination.
+    Committed,
+    /// Given up; the guest stays on the source.
+    Aborted,
+}
+
+/// One migration of one guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Migration {
+    /// The guest.
+    pub guest: Uuid,
+    /// Host the guest runs on when the migration begins.
+    pub source: HostId,
+    /// Host the guest moves to.
+    pub destination: HostId,
+    /// The guest's epoch this migration holds.
+    pub epoch: u64,
+    /// Where it stands.
+    pub state: MigrationState,
+    /// Raft log index at which the intent was applied.
+    pub intent_index: u64,
+}
+
+/// What the registry knows of one guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestRecord {
+    /// The guest.
+    pub guest: Uuid,
+    /// Host that owns (runs) it.
+    pub owner: HostId,
+    /// Bumped by every `BeginMigration`.
+    pub epoch: u64,
+    /// The latest migration, open or finished.
+    pub migration: Option<Migration>,
+}
+
+/// A command replicated through the raft log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Records a guest and its owner; refused if already known.
+    RegisterGuest {
+        /// The guest.
+        guest: Uuid,
+        /// Its host.
+        owner: HostId,
+    },
+    /// Records a migration intent. An unknown guest is registered as owned by `source`.
+    BeginMigration {
+        /// The guest.
+        guest: Uuid,
+        /// Current host.
+        source: HostId,
+        /// Target host.
+        destination: HostId,
+    },
+    /// Moves the ownership to the intent's destination.
+    CommitMigration {
+        /// The guest.
+        guest: Uuid,
+        /// Epoch returned by `BeginMigration`.
+        epoch: u64,
+    },
+    /// Drops the intent; the guest stays with the source.
+    AbortMigration {
+        /// The guest.
+        guest: Uuid,
+        /// Epoch returned by `BeginMigration`.
+        epoch: u64,
+    },
+}
+
+/// Result of an applied command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Applied {
+    /// Guest recorded.
+    Registered,
+    /// Intent recorded with this epoch.
+    MigrationBegun {
+        /// The migration's epoch.
+        epoch: u64,
+    },
+    /// Ownership transferred (or had been, for a retry).
+    MigrationCommitted,
+    /// Intent aborted (or had been, for a retry).
+    MigrationAborted,
+    /// A membership change took effect.
+    MembershipChanged,
+}
+
+/// Why the registry refused a command (the same on every node).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum RegistryError {
+    /// The guest is not in the registry.
+    #[error("guest {0} is not registered")]
+    UnknownGuest(Uuid),
+    /// Register for a guest already known.
+    #[error("guest {guest} is already registered, owned by host {owner}")]
+    AlreadyRegistered {
+        /// The guest.
+        guest: Uuid,
+        /// Its owner.
+        owner: HostId,
+    },
+    /// An intent is already open for the guest.
+    #[error("guest {guest} is already migrating ({source_host} -> {destination}, epoch {epoch})")]
+    AlreadyMigrating {
+        /// The guest.
+        guest: Uuid,
+        /// Open intent's source.
+        source_host: HostId,
+        /// Open intent's destination.
+        destination: HostId,
+        /// Open intent's epoch.
+        epoch: u64,
+    },
+    /// The named source does not own the guest.
+    #[error("guest {guest} is owned by host {owner}, not by the source {source_host}")]
+    NotOwner {
+        /// The guest.
+        guest: Uuid,
+        /// Its actual owner.
+        owner: HostId,
+        /// The source named.
+        source_host: HostId,
+    },
+    /// Source and destination are the same host.
+    #[error("source and destination are both host {0}")]
+    SameHost(HostId),
+    /// The epoch named is not the guest's current one.
+    #[error("stale epoch {given} for guest {guest} (current epoch {current})")]
+    StaleEpoch {
+        /// The guest.
+        guest: Uuid,
+        /// Current epoch.
+        current: u64,
+        /// Epoch given.
+        given: u64,
+    },
+    /// No migration to commit or abort.
+    #[error("guest {0} has no migration at this epoch")]
+    NoMigration(Uuid),
+    /// Commit of an aborted migration.
+    #[error("migration of guest {guest} at epoch {epoch} was aborted")]
+    WasAborted {
+        /// The guest.
+        guest: Uuid,
+        /// Epoch.
+        epoch: u64,
+    },
+    /// Abort of a committed migration.
+    #[error("migration of guest {guest} at epoch {epoch} is already committed")]
+    WasCommitted {
+        /// The guest.
+        guest: Uuid,
+        /// Epoch.
+        epoch: u64,
+    },
+}
+
+/// The registry state; serialized whole into raft snapshots.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registry {
+    guests: BTreeMap<Uuid, GuestRecord>,
+    history: VecDeque<Migration>,
+    applied_index: u64,
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Registry {
+        Registry::default()
+    }
+
+    /// Restores a registry from snapshot data (empty data gives an empty registry).
+    pub fn from_snapshot(data: &[u8]) -> Result<Registry, serde_json::Error> {
+        if data.is_empty() {
+            return Ok(Registry::default());
+        }
+        serde_json::from_slice(data)
+    }
+
+    /// Serializes the registry for a snapshot.
+    pub fn to_snapshot(&self) -> Vec<u8> {
+        // A map of plain records always serializes.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// The raft index of the last command applied.
+    pub fn applied_index(&self) -> u64 {
+        self.applied_index
+    }
+
+    pub(crate) fn set_applied_index(&mut self, index: u64) {
+        self.applied_index = index;
+    }
+
+    /// The record of one guest.
+    pub fn guest(&self, guest: &Uuid) -> Option<&GuestRecord> {
+        self.guests.get(guest)
+    }
+
+    /// All guests, by UUID.
+    pub fn guests(&self) -> impl Iterator<Item = &GuestRecord> {
+        self.guests.values()
+    }
+
+    /// Finished migrations, oldest first (at most [`HISTORY`]).
+    pub fn history(&self) -> impl Iterator<Item = &Migration> {
+        self.history.iter()
+    }
+
+    /// Applies one command at raft index `index`.
+    pub fn apply(&mut self, index: u64, cmd: &Command) -> Result<Applied, RegistryError> {
+        self.applied_index = self.applied_index.max(index);
+        match *cmd {
+            Command::RegisterGuest { guest, owner } => {
+                if let Some(r) = self.guests.get(&guest) {
+                    return Err(RegistryError::AlreadyRegistered {
+                        guest,
+                        owner: r.owner,
+                    });
+                }
+                self.guests.insert(
+                    guest,
+                    GuestRecord {
+                        guest,
+                        owner,
+                        epoch: 0,
+                        migration: None,
+                    },
+                );
+                Ok(Applied::Registered)
+            }
+            Command::BeginMigration {
+                guest,
+                source,
+                destination,
+            } => {
+                if source == destination {
+                    return Err(RegistryError::SameHost(source));
+                }
+                let rec = self.guests.entry(guest).or_insert(GuestRecord {
+                    guest,
+                    owner: source,
+                    epoch: 0,
+                    migration: None,
+                });
+                if let Some(m) = &rec.migration {
+                    if m.state == MigrationState::Intent {
+                        return Err(RegistryError::AlreadyMigrating {
+                            guest,
+                            source_host: m.source,
+                            destination: m.destination,
+                            epoch: m.epoch,
+                        });
+                    }
+                }
+                if rec.owner != source {
+                    return Err(RegistryError::NotOwner {
+                        guest,
+                        owner: rec.owner,
+                        source_host: source,
+                    });
+                }
+                rec.epoch += 1;
+                rec.migration = Some(Migration {
+                    guest,
+                    source,
+                    destination,
+                    epoch: rec.epoch,
+                    state: MigrationState::Intent,
+                    intent_index: index,
+                });
+                Ok(Applied::MigrationBegun { epoch: rec.epoch })
+            }
+            Command::CommitMigration { guest, epoch } => self.finish(guest, epoch, true),
+            Command::AbortMigration { guest, epoch } => self.finish(guest, epoch, false),
+        }
+    }
+
+    fn finish(&mut self, guest: Uuid, epoch: u64, commit: bool) -> Result<Applied, RegistryError> {
+        let rec = self
+            .guests
+            .get_mut(&guest)
+            .ok_or(RegistryError::UnknownGuest(guest))?;
+        if rec.epoch != epoch {
+            return Err(RegistryError::StaleEpoch {
+                guest,
+                current: rec.epoch,
+                given: epoch,
+            });
+        }
+        let m = rec
+            .migration
+            .as_mut()
+            .filter(|m| m.epoch == epoch)
+            .ok_or(RegistryError::NoMigration(guest))?;
+        let done = match (m.state, commit) {
+            (MigrationState::Committed, true) => return Ok(Applied::MigrationCommitted),
+            (MigrationState::Aborted, false) => return Ok(Applied::MigrationAborted),
+            (MigrationState::Aborted, true) => {
+                return Err(RegistryError::WasAborted { guest, epoch })
+            }
+            (MigrationState::Committed, false) => {
+                return Err(RegistryError::WasCommitted { guest, epoch })
+            }
+            (MigrationState::Intent, true) => {
+                m.state = MigrationState::Committed;
+                rec.owner = m.destination;
+                Applied::MigrationCommitted
+            }
+            (MigrationState::Intent, false) => {
+                m.state = MigrationState::Aborted;
+                Applied::MigrationAborted
+            }
+        };
+        let finished = m.clone();
+        if self.history.len() == HISTORY {
+            self.history.pop_front();
+        }
+        self.history.push_back(finished);
+        Ok(done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn g(n: u128) -> Uuid {
+        Uuid::from_u128(n)
+    }
+
+    #[test]
+    fn begin_commit_moves_ownership() {
+        let mut r = Registry::new();
+        r.apply(
+            1,
+            &Command::RegisterGuest {
+                guest: g(1),
+                owner: 1,
+            },
+        )
+        .unwrap();
+        let begun = r
+            .apply(
+                2,
+                &Command::BeginMigration {
+                    guest: g(1),
+                    source: 1,
+                    destination: 2,
+                },
+            )
+            .unwrap();
+        assert_eq!(begun, Applied::MigrationBegun { epoch: 1 });
+        assert_eq!(
+            r.guest(&g(1)).unwrap().owner,
+            1,
+            "intent does not move ownership"
+        );
+        r.apply(
+            3,
+            &Command::CommitMigration {
+                guest: g(1),
+                epoch: 1,
+            },
+        )
+        .unwrap();
+        assert_eq!(r.guest(&g(1)).unwrap().owner, 2);
+        // Retried commit is fine; abort after commit is not.
+        r.apply(
+            4,
+            &Command::CommitMigration {
+                guest: g(1),
+                epoch: 1,
+            },
+        )
+        .unwrap();
+        assert!(matches!(
+            r.apply(
+                5,
+                &Command::AbortMigration {
+                    guest: g(1),
+                    epoch: 1
+                }
+            ),
+            Err(RegistryError::WasCommitted { .. })
+        ));
+        assert_eq!(r.history().count(), 1);
+    }
+
+    #[test]
+    fn double_intent_and_wrong_source_rejected() {
+        let mut r = Registry::new();
+        let begin = |s, d| Command::BeginMigration {
+            guest: g(7),
+            source: s,
+            destination: d,
+        };
+        r.apply(1, &begin(1, 2)).unwrap();
+        assert!(matches!(
+            r.apply(2, &begin(1, 3)),
+            Err(RegistryError::AlreadyMigrating { .. })
+        ));
+        r.apply(
+            3,
+            &Command::AbortMigration {
+                guest: g(7),
+                epoch: 1,
+            },
+        )
+        .unwrap();
+        assert!(matches!(
+            r.apply(4, &begin(2, 3)),
+            Err(RegistryError::NotOwner { owner: 1, .. })
+        ));
+        assert!(matches!(
+            r.apply(5, &begin(1, 1)),
+            Err(RegistryError::SameHost(1))
+        ));
+        assert_eq!(
+            r.apply(6, &begin(1, 3)).unwrap(),
+            Applied::MigrationBegun { epoch: 2 }
+        );
+    }
+
+    #[test]
+    fn stale_epoch_rejected() {
+        let mut r = Registry::new();
+        r.apply(
+            1,
+            &Command::BeginMigration {
+                guest: g(3),
+                source: 1,
+                destination: 2,
+            },
+        )
+        .unwrap();
+        r.apply(
+            2,
+            &Command::AbortMigration {
+                guest: g(3),
+                epoch: 1,
+            },
+        )
+        .unwrap();
+        r.apply(
+            3,
+            &Command::BeginMigration {
+                guest: g(3),
+                source: 1,
+                destination: 2,
+            },
+        )
+        .unwrap();
+        assert!(matches!(
+            r.apply(
+                4,
+                &Command::CommitMigration {
+                    guest: g(3),
+                    epoch: 1
+                }
+            ),
+            Err(RegistryError::StaleEpoch {
+                current: 2,
+                given: 1,
+                ..
+            })
+        ));
+        assert_eq!(r.guest(&g(3)).unwrap().owner, 1);
+        assert!(matches!(
+            r.apply(
+                5,
+                &Command::CommitMigration {
+                    guest: g(9),
+                    epoch: 1
+                }
+            ),
+            Err(RegistryError::UnknownGuest(_))
+        ));
+    }
+
+    #[test]
+    fn snapshot_round_trip() {
+        let mut r = Registry::new();
+        r.apply(
+            1,
+            &Command::BeginMigration {
+                guest: g(3),
+                source: 1,
+                destination: 2,
+            },
+        )
+        .unwrap();
+        r.apply(
+            2,
+            &Command::CommitMigration {
+                guest: g(3),
+                epoch: 1,
+            },
+        )
+        .unwrap();
+        let back = Registry::from_snapshot(&r.to_snapshot()).unwrap();
+        assert_eq!(back, r);
+        assert_eq!(Registry::from_snapshot(&[]).unwrap(), Registry::new());
+    }
+}

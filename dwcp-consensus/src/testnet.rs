@@ -1,0 +1,1 @@
+//! In-process network for tests.
