@@ -9,6 +9,10 @@
 //! * [`cluster`] — the handle an agent embeds: [`Cluster::start`], the registry API,
 //!   status, and [`bench_commits`].
 
+// rust-protobuf messages are built by assigning fields to a default, as raft-rs's own
+// examples do.
+#![allow(clippy::field_reassign_with_default)]
+
 pub mod cluster;
 pub mod net;
 pub mod node;

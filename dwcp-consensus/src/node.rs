@@ -287,6 +287,7 @@ impl Node {
             pending: HashMap::new(),
             batch: Vec::new(),
             snapshot_index: applied,
+            force_snapshot: false,
         };
         let rx = inbox.rx;
         let thread = std::thread::Builder::new()
@@ -411,6 +412,10 @@ struct Worker<T: Transport> {
     pending: HashMap<u64, (Reply, Instant)>,
     batch: Vec<Proposal>,
     snapshot_index: u64,
+    /// Set when membership changed: the next snapshot must carry the new conf state,
+    /// because raft-rs refuses a snapshot whose conf state lacks the receiving node, and
+    /// a joining node is brought up by one.
+    force_snapshot: bool,
 }
 
 impl<T: Transport> Worker<T> {
@@ -719,6 +724,7 @@ impl<T: Transport> Worker<T> {
         if let Err(e) = self.storage.set_conf_state(&cs) {
             tracing::error!(error = %e, "persisting the conf state failed");
         }
+        self.force_snapshot = true;
         match cc.get_change_type() {
             ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => {
                 if let Some(addr) = ctx.and_then(|c| c.addr.as_deref()) {
@@ -739,9 +745,10 @@ impl<T: Transport> Worker<T> {
 
     fn maybe_snapshot(&mut self) -> Result<(), StorageError> {
         let applied = self.raw.raft.raft_log.applied;
-        if applied < self.snapshot_index + self.cfg.snapshot_interval {
+        if applied < self.snapshot_index + self.cfg.snapshot_interval && !self.force_snapshot {
             return Ok(());
         }
+        self.force_snapshot = false;
         let data = self.shared.registry.read().to_snapshot();
         let cs = self.raw.raft.prs().conf().to_conf_state();
         self.storage.create_snapshot(applied, cs, data)?;
@@ -756,7 +763,9 @@ impl<T: Transport> Worker<T> {
 
     fn publish_status(&self, failure: Option<String>) {
         let r = &self.raw.raft;
-        let cs = r.prs().conf().to_conf_state();
+        let mut cs = r.prs().conf().to_conf_state();
+        cs.voters.sort_unstable();
+        cs.learners.sort_unstable();
         let role = if failure.is_some() {
             "stopped"
         } else {
