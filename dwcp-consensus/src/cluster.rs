@@ -566,3 +566,192 @@ fn bench_in(
     drop(members);
     Ok(res)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::encode_frame;
+    use raft::prelude::{Message, MessageType};
+    use std::io::Write;
+
+    fn three(dir: &std::path::Path, cluster_id: u64) -> Vec<Cluster> {
+        let ls: Vec<TcpListener> = (0..3)
+            .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let peers: Vec<PeerAddr> = ls
+            .iter()
+            .enumerate()
+            .map(|(i, l)| PeerAddr {
+                id: i as u64 + 1,
+                addr: l.local_addr().unwrap().to_string(),
+            })
+            .collect();
+        ls.into_iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let id = i as u64 + 1;
+                let cfg =
+                    ClusterConfig::new(id, peers.clone(), dir.join(id.to_string()), cluster_id, "");
+                Cluster::start_with_listener(cfg, l).unwrap()
+            })
+            .collect()
+    }
+
+    fn leader(cs: &[Cluster]) -> &Cluster {
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(c) = cs.iter().find(|c| c.status().role == "leader") {
+                return c;
+            }
+            assert!(Instant::now() < end, "no leader over TCP");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn peer_list_parsing() {
+        let p = PeerAddr::parse_list("1=host-a:7000, 2=host-b:7000,").unwrap();
+        assert_eq!(p.len(), 2);
+        assert_eq!(
+            p[1],
+            PeerAddr {
+                id: 2,
+                addr: "host-b:7000".into()
+            }
+        );
+        for bad in ["x=1.2.3.4:5", "0=h:1", "1=h", "1=:5", "1=h:99999", "1"] {
+            assert!(PeerAddr::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn three_nodes_over_tcp_migrate_a_guest() {
+        let dir = tempfile::tempdir().unwrap();
+        let cs = three(dir.path(), 0xD3C9);
+        let l = leader(&cs);
+        let g = Uuid::from_u128(0xfeed);
+        let epoch = l.begin_migration(g, 1, 2).unwrap();
+        assert!(matches!(
+            l.begin_migration(g, 1, 3),
+            Err(ClusterError::Propose(ProposeError::Rejected(_)))
+        ));
+        // From a follower: raft forwards the proposal to the leader.
+        let f = cs.iter().find(|c| c.id() != l.id()).unwrap();
+        f.commit_migration(g, epoch).unwrap();
+        let end = Instant::now() + Duration::from_secs(5);
+        while cs.iter().any(|c| c.owner(g).map(|r| r.owner) != Some(2)) {
+            assert!(Instant::now() < end, "ownership not replicated");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let st = f.status();
+        assert_eq!(st.members.len(), 3);
+        assert_eq!(st.guests, 1);
+        let json = serde_json::to_string(&st).unwrap();
+        assert!(json.contains("\"leader\""));
+        let guests = serde_json::to_value(f.guests()).unwrap();
+        assert_eq!(guests["guests"][0]["owner"], 2);
+        assert_eq!(guests["history"][0]["state"], "committed");
+    }
+
+    #[test]
+    fn bad_peer_input_is_rejected_and_never_stepped() {
+        let dir = tempfile::tempdir().unwrap();
+        let cs = three(dir.path(), 77);
+        let l = leader(&cs);
+        let target = cs.iter().find(|c| c.id() != l.id()).unwrap();
+        let term = target.status().term;
+        // A vote request with a huge term: stepping it would bump the term.
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgRequestVote);
+        m.to = target.id();
+        m.from = 3;
+        m.term = term + 1000;
+        m.log_term = 1000;
+        m.index = 1000;
+        let addr = target.local_addr();
+        let send = |bytes: &[u8]| {
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            let _ = s.write_all(bytes);
+            let _ = s.flush();
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut wrong_cluster = Vec::new();
+        encode_frame(78, &m, &mut wrong_cluster);
+        send(&wrong_cluster);
+        let mut bad_crc = Vec::new();
+        encode_frame(77, &m, &mut bad_crc);
+        let n = bad_crc.len();
+        bad_crc[n - 1] ^= 1;
+        send(&bad_crc);
+        send(b"\x00\x01garbage that is not a frame at all....");
+        let mut oversized = Vec::new();
+        encode_frame(77, &m, &mut oversized);
+        oversized[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
+        send(&oversized);
+        let end = Instant::now() + Duration::from_secs(3);
+        while target
+            .transport()
+            .stats()
+            .rejected
+            .load(std::sync::atomic::Ordering::Relaxed)
+            < 4
+        {
+            assert!(
+                Instant::now() < end,
+                "frames not rejected: {:?}",
+                target.status()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let st = target.status();
+        assert!(
+            st.term < term + 1000,
+            "a rejected frame reached raft: {st:?}"
+        );
+        assert_eq!(st.rejected_frames, 4);
+        // The cluster still works.
+        leader(&cs).register_guest(Uuid::from_u128(1), 1).unwrap();
+    }
+
+    #[test]
+    fn restart_over_tcp_keeps_the_registry() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let cs = three(dir.path(), 5);
+            leader(&cs).register_guest(Uuid::from_u128(9), 3).unwrap();
+        }
+        let cs = three(dir.path(), 5);
+        let l = leader(&cs);
+        let end = Instant::now() + Duration::from_secs(5);
+        while l.owner(Uuid::from_u128(9)).is_none() {
+            assert!(Instant::now() < end, "registry lost across restart");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(l.owner(Uuid::from_u128(9)).unwrap().owner, 3);
+    }
+
+    #[test]
+    fn bench_runs() {
+        let r = bench_commits(3, 200, 20).unwrap();
+        assert_eq!(r.failed, 0, "{r:?}");
+        assert!(
+            r.ops_per_sec > 0.0 && r.p50_ms > 0.0 && r.p99_ms >= r.p50_ms,
+            "{r:?}"
+        );
+    }
+}
+
+#[cfg(test)]
+mod bench_report {
+    /// `cargo test --release -p dwcp-consensus bench_report -- --ignored --nocapture`
+    #[test]
+    #[ignore = "benchmark: run by hand"]
+    fn bench_report() {
+        for nodes in [3, 5] {
+            for (ops, batch) in [(2_000, 1), (50_000, 256)] {
+                let r = super::bench_commits(nodes, ops, batch).unwrap();
+                println!("{}", serde_json::to_string(&r).unwrap());
+            }
+        }
+    }
+}
