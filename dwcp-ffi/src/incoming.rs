@@ -157,12 +157,14 @@ impl Incoming {
 
     /// Stops accepting, fails every session, closes queued channels.
     pub fn cancel(&self, reason: &str) {
-        let reason = format!("{CANCEL_PREFIX}{reason}");
-        *self
+        // The first reason sticks, as for an outgoing session.
+        let reason = self
             .shared
             .cancelled
             .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(reason.clone());
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert_with(|| format!("{CANCEL_PREFIX}{reason}"))
+            .clone();
         self.shared.stop.store(true, Ordering::Release);
         for s in self
             .shared
