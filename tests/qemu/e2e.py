@@ -1,0 +1,333 @@
+#!/usr/bin/env python3
+"""End-to-end test of QEMU's dwcp: migration transport (qemu-patches/).
+
+Boots the self-checking test guest (tests/guest) in the patched QEMU and
+migrates it over dwcp: on loopback, chained (each destination becomes the
+next source), once per case of the matrix below. For each migration:
+destination RAM (paused, before `cont`) must equal the source's
+(postmigrate) byte for byte (pmemsave), and after `cont` the guest must go
+on printing heartbeats with errors=0. Failure cases run on the first
+source while it is running: a bad URI is refused with a message naming
+the problem, an unreachable destination fails the migration, a
+destination killed mid-way fails it, and migrate_cancel cancels it; the
+source keeps running after each.
+
+Usage: e2e.py QEMU_BINARY GUEST_DIR WORKDIR   (exit 0 = all passed)
+"""
+import hashlib
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+
+QEMU, GUEST, WORK = sys.argv[1], sys.argv[2], sys.argv[3]
+MEM_MB = 256
+APPEND = "console=ttyS0 panic=-1 quiet dwcp.fill=96 dwcp.dirty=8"
+
+# (streams, codec, multifd, incoming form)
+MATRIX = [
+    (1, "none", False, "cmdline"),
+    (8, "lz4", False, "cmdline"),
+    (8, "zstd:3", True, "qapi"),
+    (1, "lz4", True, "uri"),
+]
+
+results = []
+
+
+def log(msg):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class QMP:
+    def __init__(self, path):
+        deadline = time.time() + 20
+        while True:
+            try:
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.sock.connect(path)
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.1)
+        self.f = self.sock.makefile("rw")
+        json.loads(self.f.readline())
+        self.cmd("qmp_capabilities")
+
+    def raw(self, name, args=None):
+        msg = {"execute": name}
+        if args is not None:
+            msg["arguments"] = args
+        self.f.write(json.dumps(msg) + "\n")
+        self.f.flush()
+        while True:
+            line = self.f.readline()
+            if not line:
+                raise RuntimeError(f"QMP connection closed during {name}")
+            reply = json.loads(line)
+            if "return" in reply or "error" in reply:
+                return reply
+
+    def cmd(self, name, args=None):
+        reply = self.raw(name, args)
+        if "error" in reply:
+            raise RuntimeError(f"{name}: {reply['error']['desc']}")
+        return reply["return"]
+
+    def status(self):
+        return self.cmd("query-status")["status"]
+
+    def migrate_status(self):
+        return self.cmd("query-migrate")
+
+
+class VM:
+    count = 0
+
+    def __init__(self, name, incoming=None):
+        VM.count += 1
+        self.name = name
+        self.qmp_path = os.path.join(WORK, f"{name}.qmp")
+        self.serial = os.path.join(WORK, f"{name}.serial")
+        args = [
+            QEMU, "-accel", "tcg", "-cpu", "qemu64", "-machine", "pc", "-smp", "1",
+            "-m", str(MEM_MB), "-nodefaults", "-no-user-config", "-display", "none",
+            "-L", "/usr/share/seabios", "-L", "/usr/share/qemu",
+            "-serial", f"file:{self.serial}",
+            "-kernel", os.path.join(GUEST, "vmlinuz"), "-initrd", os.path.join(GUEST, "initrd.img"),
+            "-append", APPEND, "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
+        ]
+        if incoming:
+            args += ["-incoming", incoming, "-S"]
+        self.stderr = open(os.path.join(WORK, f"{name}.stderr"), "w")
+        self.proc = subprocess.Popen(args, stdout=self.stderr, stderr=subprocess.STDOUT)
+        self.qmp = QMP(self.qmp_path)
+
+    def serial_text(self):
+        try:
+            with open(self.serial, "rb") as f:
+                return f.read().decode("latin-1")
+        except FileNotFoundError:
+            return ""
+
+    def heartbeats(self):
+        return [(int(m.group(1)), int(m.group(2)), int(m.group(3)))
+                for m in re.finditer(r"DWCP-HB seq=(\d+) .*?swept=(\d+) errors=(\d+)", self.serial_text())]
+
+    def wait_serial(self, pattern, timeout):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if re.search(pattern, self.serial_text()):
+                return True
+            if self.proc.poll() is not None:
+                return False
+            time.sleep(0.2)
+        return False
+
+    def stop(self):
+        if self.proc.poll() is None:
+            try:
+                self.qmp.raw("quit")
+            except Exception:
+                pass
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.stderr.close()
+
+
+def check(name, ok, detail=""):
+    results.append((name, ok))
+    log(f"{'PASS' if ok else 'FAIL'}: {name}{' -- ' + detail if detail else ''}")
+    return ok
+
+
+def wait_migration(vm, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        info = vm.qmp.migrate_status()
+        if info.get("status") in ("completed", "failed", "cancelled"):
+            return info
+        time.sleep(0.2)
+    return vm.qmp.migrate_status()
+
+
+def ram_digest(vm, tag):
+    path = os.path.join(WORK, f"{vm.name}-{tag}.ram")
+    vm.qmp.cmd("pmemsave", {"val": 0, "size": MEM_MB << 20, "filename": path})
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    size = os.path.getsize(path)
+    os.unlink(path)
+    return h.hexdigest(), size
+
+
+def set_bandwidth(vm, bytes_per_s):
+    vm.qmp.cmd("migrate-set-parameters", {"max-bandwidth": bytes_per_s})
+
+
+def failure_cases(src):
+    # 1. invalid URIs: refused synchronously with a message naming the problem
+    for uri, want in [
+        ("dwcp:127.0.0.1:4444?streams=0", "streams = 0 is out of range"),
+        ("dwcp:127.0.0.1:4444?codec=gzip", "codec=gzip"),
+        ("dwcp:127.0.0.1", "no ':PORT'"),
+        ("dwcp:127.0.0.1:4444?stream=8", "unknown parameter 'stream'"),
+    ]:
+        reply = src.qmp.raw("migrate", {"uri": uri})
+        desc = reply.get("error", {}).get("desc", "")
+        check(f"bad URI {uri} refused", "error" in reply and want in desc, desc)
+    check("source running after bad URIs", src.qmp.status() == "running")
+
+    # 2. destination unreachable
+    port = free_port()
+    src.qmp.cmd("migrate", {"uri": f"dwcp:127.0.0.1:{port}?streams=4&connect-timeout=3"})
+    info = wait_migration(src, 30)
+    check("unreachable destination fails the migration",
+          info.get("status") == "failed" and "refused" in info.get("error-desc", ""),
+          info.get("error-desc", info.get("status")))
+    check("source running after unreachable destination", src.qmp.status() == "running")
+
+    # 3. destination killed mid-way (bandwidth capped so it takes a while)
+    port = free_port()
+    dst = VM("dst-killed", f"dwcp:127.0.0.1:{port}")
+    set_bandwidth(src, 8 << 20)
+    src.qmp.cmd("migrate", {"uri": f"dwcp:127.0.0.1:{port}?streams=4&codec=lz4"})
+    time.sleep(2)
+    mid = src.qmp.migrate_status().get("status")
+    dst.proc.kill()
+    dst.proc.wait()
+    dst.stop()
+    info = wait_migration(src, 60)
+    check("destination killed mid-way fails the migration",
+          mid == "active" and info.get("status") == "failed",
+          f"was {mid}, now {info.get('status')}: {info.get('error-desc', '')}")
+    check("source running after the destination died", src.qmp.status() == "running")
+
+    # 4. migrate_cancel
+    port = free_port()
+    dst = VM("dst-cancel", f"dwcp:127.0.0.1:{port}")
+    src.qmp.cmd("migrate", {"uri": f"dwcp:127.0.0.1:{port}?streams=4&codec=lz4"})
+    time.sleep(2)
+    mid = src.qmp.migrate_status().get("status")
+    src.qmp.cmd("migrate_cancel")
+    info = wait_migration(src, 30)
+    check("migrate_cancel cancels", mid == "active" and info.get("status") == "cancelled",
+          f"was {mid}, now {info.get('status')}")
+    check("source running after cancel", src.qmp.status() == "running")
+    try:
+        dst.proc.wait(20)
+        check("destination gives up after the cancel", True, f"exit {dst.proc.returncode}")
+    except subprocess.TimeoutExpired:
+        check("destination gives up after the cancel", False, "still running 20 s later")
+    dst.stop()
+    set_bandwidth(src, 10 << 30)
+
+
+def migrate(src, n, streams, codec, multifd, form):
+    port = free_port()
+    params = f"streams={streams}&codec={codec}"
+    label = f"#{n} streams={streams} codec={codec} multifd={'on' if multifd else 'off'} ({form})"
+    if form == "cmdline":
+        dst = VM(f"dst{n}", f"dwcp:127.0.0.1:{port}")
+    else:
+        dst = VM(f"dst{n}", "defer")
+    for vm in (src, dst):
+        vm.qmp.cmd("migrate-set-capabilities",
+                   {"capabilities": [{"capability": "multifd", "state": multifd}]})
+        if multifd:
+            vm.qmp.cmd("migrate-set-parameters", {"multifd-channels": 4})
+    if form == "qapi":
+        dst.qmp.cmd("migrate-incoming", {"channels": [{
+            "channel-type": "main",
+            "addr": {"transport": "dwcp", "host": "127.0.0.1", "port": str(port), "params": params}}]})
+    elif form == "uri":
+        dst.qmp.cmd("migrate-incoming", {"uri": f"dwcp:127.0.0.1:{port}"})
+    hb_before = len(src.heartbeats())
+    t0 = time.time()
+    if form == "qapi":
+        src.qmp.cmd("migrate", {"channels": [{
+            "channel-type": "main",
+            "addr": {"transport": "dwcp", "host": "127.0.0.1", "port": str(port), "params": params}}]})
+    else:
+        src.qmp.cmd("migrate", {"uri": f"dwcp:127.0.0.1:{port}?{params}"})
+    info = wait_migration(src)
+    wall = time.time() - t0
+    ok = check(f"migration {label} completes", info.get("status") == "completed",
+               f"{info.get('status')} {info.get('error-desc', '')}")
+    if not ok:
+        dst.stop()
+        return None
+    ram = info.get("ram", {})
+    log(f"  {wall:.1f} s wall, total-time {info.get('total-time')} ms, downtime {info.get('downtime')} ms, "
+        f"{ram.get('transferred', 0) >> 20} MiB transferred, multifd bytes {ram.get('multifd-bytes', 0) >> 20} MiB")
+    check(f"source guest was running during {label}", len(src.heartbeats()) > hb_before)
+    # destination: incoming completed, paused (-S / defer without autostart)
+    deadline = time.time() + 30
+    while time.time() < deadline and dst.qmp.status() not in ("paused", "prelaunch"):
+        time.sleep(0.2)
+    check(f"{label}: source postmigrate, destination paused",
+          src.qmp.status() == "postmigrate" and dst.qmp.status() in ("paused", "prelaunch"),
+          f"{src.qmp.status()} / {dst.qmp.status()}")
+    a, b = ram_digest(src, "src"), ram_digest(dst, "dst")
+    check(f"{label}: destination RAM identical ({a[1] >> 20} MiB)", a == b and a[1] == MEM_MB << 20)
+    dst.qmp.cmd("cont")
+    ok = dst.wait_serial(r"DWCP-HB seq=\d+ .*errors=\d+(.|\n)*DWCP-HB seq=\d+ .*errors=\d+", 60)
+    hbs = dst.heartbeats()
+    check(f"{label}: guest continues on the destination with errors=0",
+          ok and len(hbs) >= 2 and all(e == 0 for _, _, e in hbs) and "DWCP-ERROR" not in dst.serial_text(),
+          f"{len(hbs)} heartbeats, last {hbs[-1] if hbs else None}")
+    src.stop()
+    return dst
+
+
+def main():
+    os.makedirs(WORK, exist_ok=True)
+    t0 = time.time()
+    src = VM("src0")
+    ready = src.wait_serial(r"DWCP-READY", 180)
+    if not check("source guest boots (DWCP-READY)", ready):
+        print(src.serial_text()[-2000:])
+        src.stop()
+        return 1
+    # let it run a little: heartbeats, some dirtying
+    src.wait_serial(r"DWCP-HB seq=3 ", 30)
+    failure_cases(src)
+    vm = src
+    for n, (streams, codec, multifd, form) in enumerate(MATRIX, 1):
+        nxt = migrate(vm, n, streams, codec, multifd, form)
+        if nxt is None:
+            break
+        vm = nxt
+    # the final guest: a full verification sweep after the last switch-over
+    swept0 = vm.heartbeats()[-1][1] if vm.heartbeats() else 0
+    ok = vm.wait_serial(r"swept=%d " % (swept0 + 2), 90)
+    hbs = vm.heartbeats()
+    check("final guest completes two more verification sweeps with errors=0",
+          ok and all(e == 0 for _, _, e in hbs), f"last {hbs[-1] if hbs else None}")
+    vm.stop()
+    failed = [n for n, ok in results if not ok]
+    log(f"{len(results) - len(failed)}/{len(results)} checks passed in {time.time() - t0:.0f} s")
+    for n in failed:
+        log(f"FAILED: {n}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
