@@ -87,7 +87,9 @@ pub struct Agent {
 
 impl std::fmt::Debug for Agent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Agent").field("run_dir", &self.state.cfg.run_dir).finish()
+        f.debug_struct("Agent")
+            .field("run_dir", &self.state.cfg.run_dir)
+            .finish()
     }
 }
 
@@ -95,9 +97,16 @@ impl std::fmt::Debug for Agent {
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error("{what} {path}: {source}")]
-    Path { what: &'static str, path: String, source: std::io::Error },
+    Path {
+        what: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
     #[error("binding data port {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Config(String),
 }
@@ -105,31 +114,59 @@ pub enum AgentError {
 impl Agent {
     /// Binds the control socket and the data port and starts serving.
     pub fn start(cfg: AgentConfig) -> Result<Agent, AgentError> {
-        cfg.transport.validate().map_err(|e| AgentError::Config(e.to_string()))?;
-        for (what, dir) in [("run directory", &cfg.run_dir), ("incoming directory", &cfg.incoming_dir)] {
-            std::fs::create_dir_all(dir)
-                .map_err(|source| AgentError::Path { what, path: dir.display().to_string(), source })?;
+        cfg.transport
+            .validate()
+            .map_err(|e| AgentError::Config(e.to_string()))?;
+        for (what, dir) in [
+            ("run directory", &cfg.run_dir),
+            ("incoming directory", &cfg.incoming_dir),
+        ] {
+            std::fs::create_dir_all(dir).map_err(|source| AgentError::Path {
+                what,
+                path: dir.display().to_string(),
+                source,
+            })?;
         }
         let control = cfg.control_path();
         let ctl = bind_unix(&control, "control socket")?;
         let data = match cfg.listen {
-            Some(addr) => Some(TcpListener::bind(addr).map_err(|source| AgentError::Bind { addr, source })?),
+            Some(addr) => {
+                Some(TcpListener::bind(addr).map_err(|source| AgentError::Bind { addr, source })?)
+            }
             None => None,
         };
-        let state = Arc::new(State { cfg, routes: Mutex::new(HashMap::new()), sessions: Mutex::new(VecDeque::new()) });
+        let state = Arc::new(State {
+            cfg,
+            routes: Mutex::new(HashMap::new()),
+            sessions: Mutex::new(VecDeque::new()),
+        });
         if let Some(l) = data {
-            info!("data port listening on {}", l.local_addr().map(|a| a.to_string()).unwrap_or_default());
+            info!(
+                "data port listening on {}",
+                l.local_addr().map(|a| a.to_string()).unwrap_or_default()
+            );
             let st = state.clone();
-            std::thread::Builder::new().name("dwcp-accept".into()).spawn(move || accept_loop(st, l)).expect("spawn");
+            std::thread::Builder::new()
+                .name("dwcp-accept".into())
+                .spawn(move || accept_loop(st, l))
+                .expect("spawn");
         }
         let st = state.clone();
-        std::thread::Builder::new().name("dwcp-control".into()).spawn(move || control_loop(st, ctl)).expect("spawn");
+        std::thread::Builder::new()
+            .name("dwcp-control".into())
+            .spawn(move || control_loop(st, ctl))
+            .expect("spawn");
         info!("control socket {}", control.display());
         Ok(Agent { state })
     }
 
     /// Adds (or replaces) a route and returns its socket path.
-    pub fn add_route(&self, name: &str, to: SocketAddr, cfg: TransportConfig) -> Result<PathBuf, String> {
+    pub fn add_route(
+        &self,
+        name: &str,
+        to: SocketAddr,
+        cfg: TransportConfig,
+    ) -> Result<PathBuf, String> {
         add_route(&self.state, name, to, cfg)
     }
 }
@@ -141,16 +178,27 @@ fn bind_unix(path: &Path, what: &'static str) -> Result<UnixListener, AgentError
             return Err(AgentError::Path {
                 what,
                 path: path.display().to_string(),
-                source: std::io::Error::new(std::io::ErrorKind::AddrInUse, "another process is serving it"),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    "another process is serving it",
+                ),
             });
         }
         let _ = std::fs::remove_file(path);
     }
-    UnixListener::bind(path).map_err(|source| AgentError::Path { what, path: path.display().to_string(), source })
+    UnixListener::bind(path).map_err(|source| AgentError::Path {
+        what,
+        path: path.display().to_string(),
+        source,
+    })
 }
 
 fn accept_loop(st: Arc<State>, l: TcpListener) {
-    let acceptor = Arc::new(Acceptor::new(st.cfg.transport.clone(), st.cfg.limits.clone(), st.cfg.incoming_dir.clone()));
+    let acceptor = Arc::new(Acceptor::new(
+        st.cfg.transport.clone(),
+        st.cfg.limits.clone(),
+        st.cfg.incoming_dir.clone(),
+    ));
     for conn in l.incoming() {
         let conn = match conn {
             Ok(c) => c,
@@ -160,7 +208,10 @@ fn accept_loop(st: Arc<State>, l: TcpListener) {
                 continue;
             }
         };
-        let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
+        let peer = conn
+            .peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| "?".into());
         let (st, acceptor) = (st.clone(), acceptor.clone());
         // Each handshake on its own thread: a slow or hostile peer never
         // holds up others.
@@ -186,7 +237,12 @@ fn watch_session(session: Session) {
     }
 }
 
-fn add_route(st: &Arc<State>, name: &str, to: SocketAddr, cfg: TransportConfig) -> Result<PathBuf, String> {
+fn add_route(
+    st: &Arc<State>,
+    name: &str,
+    to: SocketAddr,
+    cfg: TransportConfig,
+) -> Result<PathBuf, String> {
     wire::check_name(name).map_err(|e| e.to_string())?;
     cfg.validate().map_err(|e| e.to_string())?;
     let socket = st.cfg.run_dir.join(format!("{name}.sock"));
@@ -195,7 +251,8 @@ fn add_route(st: &Arc<State>, name: &str, to: SocketAddr, cfg: TransportConfig) 
         let _ = UnixStream::connect(&old.socket); // wakes its accept loop
     }
     let _ = std::fs::remove_file(&socket);
-    let l = UnixListener::bind(&socket).map_err(|e| format!("binding {}: {e}", socket.display()))?;
+    let l =
+        UnixListener::bind(&socket).map_err(|e| format!("binding {}: {e}", socket.display()))?;
     let route = Arc::new(Route {
         name: name.to_string(),
         to,
@@ -248,7 +305,10 @@ fn attach(st: &Arc<State>, route: &Arc<Route>, conn: UnixStream) -> Result<(), S
                 s
             }
         };
-        match session.add_local_channel(conn.try_clone().map_err(|e| SessionError::Failed(e.to_string()))?) {
+        match session.add_local_channel(
+            conn.try_clone()
+                .map_err(|e| SessionError::Failed(e.to_string()))?,
+        ) {
             Ok(_) => return Ok(()),
             Err(SessionError::Finished) => {
                 *current = None;
@@ -339,13 +399,21 @@ fn handle_control(st: &Arc<State>, line: &str) -> Value {
             Ok(path) => json!({"ok": true, "socket": path}),
             Err(e) => json!({"ok": false, "error": e}),
         },
-        other => json!({"ok": false, "error": format!("unknown op {other:?}: use route, unroute, stats or ping")}),
+        other => {
+            json!({"ok": false, "error": format!("unknown op {other:?}: use route, unroute, stats or ping")})
+        }
     }
 }
 
 fn route_from_request(st: &Arc<State>, req: Value) -> Result<PathBuf, String> {
-    let r: RouteRequest = serde_json::from_value(req).map_err(|e| format!("bad route request: {e}"))?;
-    let to: SocketAddr = r.to.parse().map_err(|e| format!("to = {:?}: not HOST:PORT with a numeric address ({e})", r.to))?;
+    let r: RouteRequest =
+        serde_json::from_value(req).map_err(|e| format!("bad route request: {e}"))?;
+    let to: SocketAddr = r.to.parse().map_err(|e| {
+        format!(
+            "to = {:?}: not HOST:PORT with a numeric address ({e})",
+            r.to
+        )
+    })?;
     let mut cfg = st.cfg.transport.clone();
     if let Some(n) = r.streams {
         cfg.streams = n;
@@ -371,18 +439,30 @@ fn route_from_request(st: &Arc<State>, req: Value) -> Result<PathBuf, String> {
 /// Sends one request to an agent's control socket and returns the answer;
 /// an answer with `"ok": false` becomes an error carrying its message.
 pub fn control_request(path: &Path, req: &Value) -> Result<Value, String> {
-    let mut s = UnixStream::connect(path)
-        .map_err(|e| format!("cannot reach the agent at {}: {e} (is `dwcp agent` running?)", path.display()))?;
-    s.set_read_timeout(Some(Duration::from_secs(30))).map_err(|e| e.to_string())?;
+    let mut s = UnixStream::connect(path).map_err(|e| {
+        format!(
+            "cannot reach the agent at {}: {e} (is `dwcp agent` running?)",
+            path.display()
+        )
+    })?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(|e| e.to_string())?;
     let mut text = req.to_string();
     text.push('\n');
-    s.write_all(text.as_bytes()).map_err(|e| format!("agent control socket: {e}"))?;
+    s.write_all(text.as_bytes())
+        .map_err(|e| format!("agent control socket: {e}"))?;
     let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).map_err(|e| format!("agent control socket: {e}"))?;
-    let v: Value = serde_json::from_str(&line).map_err(|e| format!("agent answered non-JSON: {e}"))?;
+    BufReader::new(s)
+        .read_line(&mut line)
+        .map_err(|e| format!("agent control socket: {e}"))?;
+    let v: Value =
+        serde_json::from_str(&line).map_err(|e| format!("agent answered non-JSON: {e}"))?;
     if v["ok"].as_bool() == Some(true) {
         Ok(v)
     } else {
-        Err(v["error"].as_str().unwrap_or("agent refused the request").to_string())
+        Err(v["error"]
+            .as_str()
+            .unwrap_or("agent refused the request")
+            .to_string())
     }
 }

@@ -12,7 +12,10 @@ use serde_json::{json, Value};
 #[derive(Debug, thiserror::Error)]
 pub enum QmpError {
     #[error("QMP socket {path}: {source}")]
-    Connect { path: String, source: std::io::Error },
+    Connect {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("QMP i/o: {0}")]
     Io(#[from] std::io::Error),
     #[error("QMP: QEMU closed the monitor connection")]
@@ -20,7 +23,11 @@ pub enum QmpError {
     #[error("QMP: bad message from QEMU: {0}")]
     Protocol(String),
     #[error("QMP {command}: {class}: {desc}")]
-    Command { command: String, class: String, desc: String },
+    Command {
+        command: String,
+        class: String,
+        desc: String,
+    },
     #[error("migration {0}")]
     Migration(String),
 }
@@ -37,15 +44,23 @@ pub struct Qmp {
 impl Qmp {
     /// Connects, reads the greeting and enters command mode.
     pub fn connect(path: &Path) -> Result<Qmp, QmpError> {
-        let s = UnixStream::connect(path)
-            .map_err(|source| QmpError::Connect { path: path.display().to_string(), source })?;
+        let s = UnixStream::connect(path).map_err(|source| QmpError::Connect {
+            path: path.display().to_string(),
+            source,
+        })?;
         // QEMU serves one monitor client at a time; a second one waits for
         // the greeting forever, so a short first read turns that into an error.
         s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        let mut q = Qmp { reader: BufReader::new(s.try_clone()?), writer: s, events: Vec::new() };
+        let mut q = Qmp {
+            reader: BufReader::new(s.try_clone()?),
+            writer: s,
+            events: Vec::new(),
+        };
         let greeting = q.read_msg()?;
         if greeting.get("QMP").is_none() {
-            return Err(QmpError::Protocol(format!("expected a greeting, got {greeting}")));
+            return Err(QmpError::Protocol(format!(
+                "expected a greeting, got {greeting}"
+            )));
         }
         q.execute("qmp_capabilities", None)?;
         // pmemsave of a large guest can take a while.
@@ -107,7 +122,10 @@ impl Qmp {
 
     /// A human monitor command (for `pmemsave` and friends); returns its output.
     pub fn hmp(&mut self, cmdline: &str) -> Result<String, QmpError> {
-        let r = self.execute("human-monitor-command", Some(json!({ "command-line": cmdline })))?;
+        let r = self.execute(
+            "human-monitor-command",
+            Some(json!({ "command-line": cmdline })),
+        )?;
         Ok(r.as_str().unwrap_or_default().to_string())
     }
 
@@ -143,7 +161,10 @@ impl MigrationSetup {
         if !destination || self.xbzrle {
             caps.push(json!({"capability": "xbzrle", "state": self.xbzrle}));
         }
-        qmp.execute("migrate-set-capabilities", Some(json!({ "capabilities": caps })))?;
+        qmp.execute(
+            "migrate-set-capabilities",
+            Some(json!({ "capabilities": caps })),
+        )?;
         let mut params = serde_json::Map::new();
         if let Some(n) = self.multifd_channels {
             params.insert("multifd-channels".into(), json!(n));
@@ -231,7 +252,9 @@ pub fn migrate(
         }
         if t0.elapsed() > timeout {
             let _ = qmp.execute("migrate_cancel", None);
-            return Err(QmpError::Migration(format!("did not complete within {timeout:?}; cancelled")));
+            return Err(QmpError::Migration(format!(
+                "did not complete within {timeout:?}; cancelled"
+            )));
         }
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -47,17 +47,32 @@ pub enum WireError {
     #[error("no common protocol version: peer speaks {min}..={max}, we speak {VERSION_MIN}..={VERSION_MAX}")]
     Version { min: u16, max: u16 },
     #[error("{what} checksum mismatch (got {got:#010x}, computed {want:#010x})")]
-    Checksum { what: &'static str, got: u32, want: u32 },
+    Checksum {
+        what: &'static str,
+        got: u32,
+        want: u32,
+    },
     #[error("invalid {field}: {value} ({allowed})")]
-    Field { field: &'static str, value: u64, allowed: &'static str },
+    Field {
+        field: &'static str,
+        value: u64,
+        allowed: &'static str,
+    },
     #[error("invalid migration name {0:?}: 1-64 characters of A-Z a-z 0-9 . _ -")]
     Name(String),
     #[error("peer refused the stream: {0}")]
     Refused(Status),
     #[error("truncated {what}: connection closed after {got} of {want} bytes")]
-    Truncated { what: &'static str, got: usize, want: usize },
+    Truncated {
+        what: &'static str,
+        got: usize,
+        want: usize,
+    },
     #[error("i/o error reading/writing {what}: {source}")]
-    Io { what: &'static str, source: io::Error },
+    Io {
+        what: &'static str,
+        source: io::Error,
+    },
 }
 
 /// What a stream is for. Only data streams exist in version 1; the field lets
@@ -118,8 +133,12 @@ impl std::fmt::Display for Status {
         f.write_str(match self {
             Status::Ok => "ok",
             Status::BadVersion => "no common protocol version",
-            Status::UnknownTarget => "no incoming QEMU socket for this migration name on the destination",
-            Status::SessionMismatch => "stream does not match its session (count, name or settings differ)",
+            Status::UnknownTarget => {
+                "no incoming QEMU socket for this migration name on the destination"
+            }
+            Status::SessionMismatch => {
+                "stream does not match its session (count, name or settings differ)"
+            }
             Status::BadHello => "malformed hello",
             Status::TooLarge => "window or dedup ring larger than the destination allows",
             Status::Busy => "destination has too many sessions",
@@ -140,7 +159,13 @@ fn read_exact_or(r: &mut impl Read, buf: &mut [u8], what: &'static str) -> Resul
     let mut got = 0;
     while got < buf.len() {
         match r.read(&mut buf[got..]) {
-            Ok(0) => return Err(WireError::Truncated { what, got, want: buf.len() }),
+            Ok(0) => {
+                return Err(WireError::Truncated {
+                    what,
+                    got,
+                    want: buf.len(),
+                })
+            }
             Ok(n) => got += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(source) => return Err(WireError::Io { what, source }),
@@ -152,7 +177,9 @@ fn read_exact_or(r: &mut impl Read, buf: &mut [u8], what: &'static str) -> Resul
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= MAX_NAME_LEN
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
         && !name.starts_with('.')
 }
 
@@ -197,14 +224,22 @@ impl Hello {
             return Err(WireError::BadMagic(magic));
         }
         read_exact_or(r, &mut fixed[4..], "hello").map_err(|e| match e {
-            WireError::Truncated { got, want, .. } => WireError::Truncated { what: "hello", got: got + 4, want: want + 4 },
+            WireError::Truncated { got, want, .. } => WireError::Truncated {
+                what: "hello",
+                got: got + 4,
+                want: want + 4,
+            },
             e => e,
         })?;
         let u16_at = |o: usize| u16::from_le_bytes([fixed[o], fixed[o + 1]]);
         let u32_at = |o: usize| u32::from_le_bytes(fixed[o..o + 4].try_into().expect("4 bytes"));
         let name_len = fixed[29] as usize;
         if name_len == 0 || name_len > MAX_NAME_LEN {
-            return Err(WireError::Field { field: "hello name length", value: name_len as u64, allowed: "1..=64" });
+            return Err(WireError::Field {
+                field: "hello name length",
+                value: name_len as u64,
+                allowed: "1..=64",
+            });
         }
         let mut tail = vec![0u8; name_len + 4];
         read_exact_or(r, &mut tail, "hello name")?;
@@ -212,22 +247,41 @@ impl Hello {
         crc = crc32c::crc32c_append(crc, &tail[..name_len]);
         let got = u32::from_le_bytes(tail[name_len..].try_into().expect("4 bytes"));
         if got != crc {
-            return Err(WireError::Checksum { what: "hello", got, want: crc });
+            return Err(WireError::Checksum {
+                what: "hello",
+                got,
+                want: crc,
+            });
         }
         let (version_min, version_max) = (u16_at(4), u16_at(6));
         if version_min > version_max || version_max < VERSION_MIN || version_min > VERSION_MAX {
-            return Err(WireError::Version { min: version_min, max: version_max });
+            return Err(WireError::Version {
+                min: version_min,
+                max: version_max,
+            });
         }
         if fixed[28] != Role::Data as u8 {
-            return Err(WireError::Field { field: "hello role", value: fixed[28] as u64, allowed: "1 (data)" });
+            return Err(WireError::Field {
+                field: "hello role",
+                value: fixed[28] as u64,
+                allowed: "1 (data)",
+            });
         }
         let stream_count = u16_at(26);
         let stream_index = u16_at(24);
         if stream_count == 0 || stream_count > crate::transport::MAX_STREAMS as u16 {
-            return Err(WireError::Field { field: "hello stream count", value: stream_count as u64, allowed: "1..=256" });
+            return Err(WireError::Field {
+                field: "hello stream count",
+                value: stream_count as u64,
+                allowed: "1..=256",
+            });
         }
         if stream_index >= stream_count {
-            return Err(WireError::Field { field: "hello stream index", value: stream_index as u64, allowed: "below the stream count" });
+            return Err(WireError::Field {
+                field: "hello stream index",
+                value: stream_index as u64,
+                allowed: "below the stream count",
+            });
         }
         let name = String::from_utf8_lossy(&tail[..name_len]).into_owned();
         check_name(&name)?;
@@ -268,10 +322,17 @@ impl Reply {
         let want = crc32c::crc32c(&b[..20]);
         let got = u32::from_le_bytes(b[20..24].try_into().expect("4 bytes"));
         if got != want {
-            return Err(WireError::Checksum { what: "reply", got, want });
+            return Err(WireError::Checksum {
+                what: "reply",
+                got,
+                want,
+            });
         }
-        let status = Status::from_wire(b[6])
-            .ok_or(WireError::Field { field: "reply status", value: b[6] as u64, allowed: "0..=6" })?;
+        let status = Status::from_wire(b[6]).ok_or(WireError::Field {
+            field: "reply status",
+            value: b[6] as u64,
+            allowed: "0..=6",
+        })?;
         Ok(Reply {
             version: u16::from_le_bytes([b[4], b[5]]),
             status,
@@ -296,6 +357,10 @@ pub enum Kind {
     Ping = 4,
     /// The sender gave up; the payload is a UTF-8 reason.
     Abort = 5,
+    /// Initiator only: every channel is finished on our side; `len` is the
+    /// number of channels the session had. The responder completes once its
+    /// side of each of them is finished too, then both close the streams.
+    Close = 6,
 }
 
 /// A frame header, 32 bytes on the wire:
@@ -339,7 +404,11 @@ impl FrameHeader {
         let want = crc32c::crc32c(&b[..28]);
         let got = u32::from_le_bytes(b[28..32].try_into().expect("4 bytes"));
         if got != want {
-            return Err(WireError::Checksum { what: "frame header", got, want });
+            return Err(WireError::Checksum {
+                what: "frame header",
+                got,
+                want,
+            });
         }
         let kind = match b[0] {
             1 => Kind::Data,
@@ -347,7 +416,14 @@ impl FrameHeader {
             3 => Kind::Window,
             4 => Kind::Ping,
             5 => Kind::Abort,
-            k => return Err(WireError::Field { field: "frame kind", value: k as u64, allowed: "1..=5" }),
+            6 => Kind::Close,
+            k => {
+                return Err(WireError::Field {
+                    field: "frame kind",
+                    value: k as u64,
+                    allowed: "1..=6",
+                })
+            }
         };
         let h = FrameHeader {
             kind,
@@ -359,9 +435,19 @@ impl FrameHeader {
             wire_len: u32::from_le_bytes(b[20..24].try_into().expect("4 bytes")),
             payload_crc: u32::from_le_bytes(b[24..28].try_into().expect("4 bytes")),
         };
-        let field = |field, value: u64, allowed| Err(WireError::Field { field, value, allowed });
+        let field = |field, value: u64, allowed| {
+            Err(WireError::Field {
+                field,
+                value,
+                allowed,
+            })
+        };
         if matches!(kind, Kind::Data | Kind::Eof | Kind::Window) && h.channel >= max_channels {
-            return field("frame channel", h.channel as u64, "below the session's channel limit");
+            return field(
+                "frame channel",
+                h.channel as u64,
+                "below the session's channel limit",
+            );
         }
         match kind {
             Kind::Data => {
@@ -378,12 +464,30 @@ impl FrameHeader {
                     return field("frame wire length", h.wire_len as u64, "1..=MAX_WIRE_LEN");
                 }
                 if codec == CodecId::None && h.wire_len != h.plan_len {
-                    return field("uncompressed frame wire length", h.wire_len as u64, "equal to the plan length");
+                    return field(
+                        "uncompressed frame wire length",
+                        h.wire_len as u64,
+                        "equal to the plan length",
+                    );
                 }
             }
             Kind::Eof | Kind::Ping => {
                 if h.len != 0 || h.plan_len != 0 || h.wire_len != 0 || h.codec != 0 {
-                    return field("control frame lengths", (h.len | h.plan_len | h.wire_len) as u64, "0");
+                    return field(
+                        "control frame lengths",
+                        (h.len | h.plan_len | h.wire_len) as u64,
+                        "0",
+                    );
+                }
+            }
+            Kind::Close => {
+                if h.len > max_channels as u32 || h.plan_len != 0 || h.wire_len != 0 || h.codec != 0
+                {
+                    return field(
+                        "close channel count",
+                        h.len as u64,
+                        "up to the session's channel limit, no payload",
+                    );
                 }
             }
             Kind::Window => {
@@ -407,10 +511,21 @@ impl FrameHeader {
         while got < FRAME_HEADER_LEN {
             match r.read(&mut b[got..]) {
                 Ok(0) if got == 0 => return Ok(None),
-                Ok(0) => return Err(WireError::Truncated { what: "frame header", got, want: FRAME_HEADER_LEN }),
+                Ok(0) => {
+                    return Err(WireError::Truncated {
+                        what: "frame header",
+                        got,
+                        want: FRAME_HEADER_LEN,
+                    })
+                }
                 Ok(n) => got += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(source) => return Err(WireError::Io { what: "frame header", source }),
+                Err(source) => {
+                    return Err(WireError::Io {
+                        what: "frame header",
+                        source,
+                    })
+                }
             }
         }
         FrameHeader::decode(&b, max_channels).map(Some)
@@ -418,13 +533,21 @@ impl FrameHeader {
 }
 
 /// Reads a payload of `len` bytes into `buf` (resized) and checks its CRC.
-pub fn read_payload(r: &mut impl Read, h: &FrameHeader, buf: &mut Vec<u8>) -> Result<(), WireError> {
+pub fn read_payload(
+    r: &mut impl Read,
+    h: &FrameHeader,
+    buf: &mut Vec<u8>,
+) -> Result<(), WireError> {
     buf.clear();
     buf.resize(h.wire_len as usize, 0);
     read_exact_or(r, buf, "frame payload")?;
     let want = crc32c::crc32c(buf);
     if want != h.payload_crc {
-        return Err(WireError::Checksum { what: "frame payload", got: h.payload_crc, want });
+        return Err(WireError::Checksum {
+            what: "frame payload",
+            got: h.payload_crc,
+            want,
+        });
     }
     Ok(())
 }
@@ -484,12 +607,18 @@ mod tests {
         h.version_min = 7;
         h.version_max = 9;
         let err = Hello::read(&mut &h.encode()[..]).unwrap_err();
-        assert!(matches!(err, WireError::Version { min: 7, max: 9 }), "{err}");
+        assert!(
+            matches!(err, WireError::Version { min: 7, max: 9 }),
+            "{err}"
+        );
 
         let b = hello().encode();
         for cut in [4, 10, HELLO_FIXED_LEN, b.len() - 1] {
             let err = Hello::read(&mut &b[..cut]).unwrap_err();
-            assert!(matches!(err, WireError::Truncated { .. }), "cut {cut}: {err}");
+            assert!(
+                matches!(err, WireError::Truncated { .. }),
+                "cut {cut}: {err}"
+            );
         }
         for bit in 32..(b.len() * 8) {
             let mut c = b.clone();
@@ -498,7 +627,10 @@ mod tests {
         }
         let mut bad = hello();
         bad.name = "../etc/passwd".into();
-        assert!(matches!(Hello::read(&mut &bad.encode()[..]), Err(WireError::Name(_))));
+        assert!(matches!(
+            Hello::read(&mut &bad.encode()[..]),
+            Err(WireError::Name(_))
+        ));
         let mut bad = hello();
         bad.stream_index = 8;
         assert!(Hello::read(&mut &bad.encode()[..]).is_err());
@@ -506,7 +638,12 @@ mod tests {
 
     #[test]
     fn reply_round_trip_and_flip() {
-        let r = Reply { version: 1, status: Status::UnknownTarget, window: 5, ring_pages: 6 };
+        let r = Reply {
+            version: 1,
+            status: Status::UnknownTarget,
+            window: 5,
+            ring_pages: 6,
+        };
         let b = r.encode();
         assert_eq!(Reply::read(&mut &b[..]).unwrap(), r);
         let mut c = b;
@@ -543,16 +680,44 @@ mod tests {
         // Out-of-range fields with a valid checksum.
         for bad in [
             FrameHeader { channel: 16, ..h },
-            FrameHeader { len: (MAX_RAW_LEN + 1) as u32, ..h },
+            FrameHeader {
+                len: (MAX_RAW_LEN + 1) as u32,
+                ..h
+            },
             FrameHeader { len: 0, ..h },
-            FrameHeader { wire_len: u32::MAX, ..h },
-            FrameHeader { plan_len: u32::MAX, ..h },
+            FrameHeader {
+                wire_len: u32::MAX,
+                ..h
+            },
+            FrameHeader {
+                plan_len: u32::MAX,
+                ..h
+            },
             FrameHeader { codec: 0, ..h },
             FrameHeader { codec: 9, ..h },
-            FrameHeader { codec: 1, wire_len: 5, ..h },
-            FrameHeader { kind: Kind::Eof, ..h },
-            FrameHeader { kind: Kind::Window, len: 0, plan_len: 0, wire_len: 0, codec: 0, ..h },
-            FrameHeader { kind: Kind::Abort, wire_len: 5000, plan_len: 0, ..h },
+            FrameHeader {
+                codec: 1,
+                wire_len: 5,
+                ..h
+            },
+            FrameHeader {
+                kind: Kind::Eof,
+                ..h
+            },
+            FrameHeader {
+                kind: Kind::Window,
+                len: 0,
+                plan_len: 0,
+                wire_len: 0,
+                codec: 0,
+                ..h
+            },
+            FrameHeader {
+                kind: Kind::Abort,
+                wire_len: 5000,
+                plan_len: 0,
+                ..h
+            },
         ] {
             assert!(FrameHeader::decode(&bad.encode(), 16).is_err(), "{bad:?}");
         }
@@ -587,6 +752,9 @@ mod tests {
         out[FRAME_HEADER_LEN + 2] ^= 1;
         let mut r = &out[..];
         let got = FrameHeader::read(&mut r, 1).unwrap().unwrap();
-        assert!(matches!(read_payload(&mut r, &got, &mut buf), Err(WireError::Checksum { .. })));
+        assert!(matches!(
+            read_payload(&mut r, &got, &mut buf),
+            Err(WireError::Checksum { .. })
+        ));
     }
 }

@@ -120,8 +120,13 @@ struct StatsArgs {
 
 fn main() {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
     let r = match cli.cmd {
         Cmd::Agent(a) => run_agent(a),
         Cmd::Migrate(m) => migrate::run(m),
@@ -138,7 +143,10 @@ fn run_agent(a: AgentArgs) -> Result<()> {
     let transport = a.transport.config()?;
     let cfg = AgentConfig {
         listen: a.listen,
-        incoming_dir: a.incoming_dir.clone().unwrap_or_else(|| a.run_dir.join("incoming")),
+        incoming_dir: a
+            .incoming_dir
+            .clone()
+            .unwrap_or_else(|| a.run_dir.join("incoming")),
         run_dir: a.run_dir.clone(),
         transport: transport.clone(),
         limits: AcceptorLimits {
@@ -151,10 +159,17 @@ fn run_agent(a: AgentArgs) -> Result<()> {
         let Some((name, to)) = r.split_once('=') else {
             bail!("--route {r:?}: expected NAME=HOST:PORT");
         };
-        let to: SocketAddr = to.parse().with_context(|| format!("--route {r:?}: {to:?} is not HOST:PORT"))?;
-        agent.add_route(name, to, transport.clone()).map_err(|e| anyhow::anyhow!("--route {r:?}: {e}"))?;
+        let to: SocketAddr = to
+            .parse()
+            .with_context(|| format!("--route {r:?}: {to:?} is not HOST:PORT"))?;
+        agent
+            .add_route(name, to, transport.clone())
+            .map_err(|e| anyhow::anyhow!("--route {r:?}: {e}"))?;
     }
-    eprintln!("dwcp agent ready (control socket {})", a.run_dir.join("agent.sock").display());
+    eprintln!(
+        "dwcp agent ready (control socket {})",
+        a.run_dir.join("agent.sock").display()
+    );
     loop {
         std::thread::park();
     }
@@ -168,7 +183,14 @@ fn stats(a: StatsArgs) -> Result<()> {
     }
     println!("Routes:");
     for r in v["routes"].as_array().into_iter().flatten() {
-        println!("  {} -> {}  streams={} codec={}  socket={}", r["name"].as_str().unwrap_or("?"), r["to"].as_str().unwrap_or("?"), r["streams"], r["codec"].as_str().unwrap_or("?"), r["socket"].as_str().unwrap_or("?"));
+        println!(
+            "  {} -> {}  streams={} codec={}  socket={}",
+            r["name"].as_str().unwrap_or("?"),
+            r["to"].as_str().unwrap_or("?"),
+            r["streams"],
+            r["codec"].as_str().unwrap_or("?"),
+            r["socket"].as_str().unwrap_or("?")
+        );
     }
     println!("Sessions (newest last):");
     for s in v["sessions"].as_array().into_iter().flatten() {

@@ -79,41 +79,70 @@ pub fn run(a: MigrateArgs) -> Result<()> {
     };
     if let Some(d) = &a.dst_qmp {
         let mut dq = Qmp::connect(d).context("destination QMP")?;
-        setup.apply(&mut dq, true).context("setting migration capabilities on the destination")?;
+        setup
+            .apply(&mut dq, true)
+            .context("setting migration capabilities on the destination")?;
     }
     let mut q = Qmp::connect(&a.qmp).context("source QMP")?;
-    setup.apply(&mut q, false).context("setting migration capabilities on the source")?;
+    setup
+        .apply(&mut q, false)
+        .context("setting migration capabilities on the source")?;
 
-    let bar = if a.quiet || a.json { ProgressBar::hidden() } else { ProgressBar::new(0) };
+    let bar = if a.quiet || a.json {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(0)
+    };
     bar.set_style(
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {msg}")
             .expect("valid template"),
     );
     let t0 = Instant::now();
-    let result = qemu::migrate(&mut q, &format!("unix:{socket}"), Duration::from_secs(a.timeout), |v: &Value| {
-        let n = |p: &str| v.pointer(p).and_then(Value::as_u64).unwrap_or(0);
-        let (total, remaining, mbps) = (n("/ram/total"), n("/ram/remaining"), v.pointer("/ram/mbps").and_then(Value::as_f64).unwrap_or(0.0));
-        if total > 0 {
-            bar.set_length(total);
-            bar.set_position(total.saturating_sub(remaining));
-        }
-        let eta = if mbps > 0.0 { format!("{:.1} s", remaining as f64 * 8.0 / (mbps * 1e6)) } else { "?".into() };
-        bar.set_message(format!(
-            "{} pass {} remaining {:.1} MiB at {:.0} Mbit/s ETA {}",
-            v["status"].as_str().unwrap_or("?"),
-            n("/ram/dirty-sync-count"),
-            remaining as f64 / 1048576.0,
-            mbps,
-            eta
-        ));
-        bar.tick();
-    });
+    let result = qemu::migrate(
+        &mut q,
+        &format!("unix:{socket}"),
+        Duration::from_secs(a.timeout),
+        |v: &Value| {
+            let n = |p: &str| v.pointer(p).and_then(Value::as_u64).unwrap_or(0);
+            let (total, remaining, mbps) = (
+                n("/ram/total"),
+                n("/ram/remaining"),
+                v.pointer("/ram/mbps")
+                    .and_then(Value::as_f64)
+                    .unwrap_or(0.0),
+            );
+            if total > 0 {
+                bar.set_length(total);
+                bar.set_position(total.saturating_sub(remaining));
+            }
+            let eta = if mbps > 0.0 {
+                format!("{:.1} s", remaining as f64 * 8.0 / (mbps * 1e6))
+            } else {
+                "?".into()
+            };
+            bar.set_message(format!(
+                "{} pass {} remaining {:.1} MiB at {:.0} Mbit/s ETA {}",
+                v["status"].as_str().unwrap_or("?"),
+                n("/ram/dirty-sync-count"),
+                remaining as f64 / 1048576.0,
+                mbps,
+                eta
+            ));
+            bar.tick();
+        },
+    );
     bar.finish_and_clear();
     let session = latest_session(&a.agent, &a.name);
     let r = result.context("QEMU migration")?;
     let wall = t0.elapsed();
-    let wire = session.as_ref().and_then(|s| s["wire_out"].as_u64()).unwrap_or(0);
-    let raw = session.as_ref().and_then(|s| s["raw_out"].as_u64()).unwrap_or(0);
+    let wire = session
+        .as_ref()
+        .and_then(|s| s["wire_out"].as_u64())
+        .unwrap_or(0);
+    let raw = session
+        .as_ref()
+        .and_then(|s| s["raw_out"].as_u64())
+        .unwrap_or(0);
     let out = json!({
         "name": a.name, "status": r.status, "total_time_ms": r.total_time_ms, "downtime_ms": r.downtime_ms,
         "setup_time_ms": r.setup_time_ms, "ram_transferred": r.ram_transferred, "ram_total": r.ram_total,
@@ -147,7 +176,12 @@ fn latest_session(agent: &std::path::Path, name: &str) -> Option<Value> {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let v = control_request(agent, &json!({"op": "stats"})).ok()?;
-        let s = v["sessions"].as_array()?.iter().rev().find(|s| s["name"] == name).cloned();
+        let s = v["sessions"]
+            .as_array()?
+            .iter()
+            .rev()
+            .find(|s| s["name"] == name)
+            .cloned();
         let settled = s.as_ref().is_some_and(|s| s["state"] != "running");
         if settled || Instant::now() > deadline {
             return s;

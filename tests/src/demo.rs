@@ -38,12 +38,22 @@ pub struct DemoArgs {
 }
 
 fn profile(name: &str) -> Result<Profile> {
-    name.parse::<Profile>().map_err(|e| anyhow::anyhow!("--profile {name:?}: {e}"))
+    name.parse::<Profile>()
+        .map_err(|e| anyhow::anyhow!("--profile {name:?}: {e}"))
 }
 
 /// Migrates with QEMU's own `tcp:` channel between the hosts.
-pub fn native_run(lab: &Lab, spec: &GuestSpec, setup: &MigrationSetup, port: u16) -> Result<(qemu::MigrationResult, crate::Verified)> {
-    let mig = MigrationSpec { return_path: setup.return_path, multifd: setup.multifd_channels, ..Default::default() };
+pub fn native_run(
+    lab: &Lab,
+    spec: &GuestSpec,
+    setup: &MigrationSetup,
+    port: u16,
+) -> Result<(qemu::MigrationResult, crate::Verified)> {
+    let mig = MigrationSpec {
+        return_path: setup.return_path,
+        multifd: setup.multifd_channels,
+        ..Default::default()
+    };
     let src = crate::Guest::start(lab, lab.src_ns(), "native-src", spec, false)?;
     let dst = crate::Guest::start(lab, lab.dst_ns(), "native-dst", spec, true)?;
     src.wait_line("DWCP-READY", Duration::from_secs(60 + spec.fill_mb / 2))?;
@@ -58,7 +68,11 @@ pub fn native_run(lab: &Lab, spec: &GuestSpec, setup: &MigrationSetup, port: u16
     setup.apply(&mut sq, false)?;
     let r = qemu::migrate(&mut sq, &uri, Duration::from_secs(mig.timeout_s), |_| {})?;
     drop(sq);
-    let pair = crate::GuestPair { src, dst, ready_seq: hb.seq };
+    let pair = crate::GuestPair {
+        src,
+        dst,
+        ready_seq: hb.seq,
+    };
     let v = verify(&pair, serde_json::to_value(&r)?, &scratch_dir(lab)?)?;
     Ok((r, v))
 }
@@ -66,16 +80,42 @@ pub fn native_run(lab: &Lab, spec: &GuestSpec, setup: &MigrationSetup, port: u16
 pub fn run(a: DemoArgs) -> Result<()> {
     let prof = profile(&a.profile)?;
     if a.fill + 48 > a.mem {
-        bail!("--fill {} leaves less than 48 MiB of the {} MiB guest free", a.fill, a.mem);
+        bail!(
+            "--fill {} leaves less than 48 MiB of the {} MiB guest free",
+            a.fill,
+            a.mem
+        );
     }
-    println!("== DWCP demo: {} MiB guest ({} MiB realistic content, dirtying {} MiB/s), link profile {}", a.mem, a.fill, a.dirty, prof.name());
+    println!(
+        "== DWCP demo: {} MiB guest ({} MiB realistic content, dirtying {} MiB/s), link profile {}",
+        a.mem,
+        a.fill,
+        a.dirty,
+        prof.name()
+    );
     println!("   creating two hosts (network namespaces) and starting an agent on each ...");
     let lab = Lab::new("demo", prof.middle(), &[]).context("setting up the two hosts")?;
-    let spec = GuestSpec { mem_mb: a.mem, fill_mb: a.fill, dirty_mbps: a.dirty, ..Default::default() };
-    let mig = MigrationSpec { streams: a.streams, codec: a.codec.clone(), ..Default::default() };
-    println!("   booting the guest on {} and a paused destination on {} ...", lab.src_ns(), lab.dst_ns());
+    let spec = GuestSpec {
+        mem_mb: a.mem,
+        fill_mb: a.fill,
+        dirty_mbps: a.dirty,
+        ..Default::default()
+    };
+    let mig = MigrationSpec {
+        streams: a.streams,
+        codec: a.codec.clone(),
+        ..Default::default()
+    };
+    println!(
+        "   booting the guest on {} and a paused destination on {} ...",
+        lab.src_ns(),
+        lab.dst_ns()
+    );
     let pair = boot_pair(&lab, &spec, &mig)?;
-    println!("   guest ready; migrating through DWCP ({} streams, {}) ...", a.streams, a.codec);
+    println!(
+        "   guest ready; migrating through DWCP ({} streams, {}) ...",
+        a.streams, a.codec
+    );
     let r = dwcp_migrate(&lab, &pair, &mig)?;
     let v = verify(&pair, r, &scratch_dir(&lab)?)?;
     let d = &v.result;
@@ -85,12 +125,18 @@ pub fn run(a: DemoArgs) -> Result<()> {
         None
     } else {
         println!("   same guest, same link, QEMU's own tcp: channel ...");
-        let setup = MigrationSetup { return_path: true, ..Default::default() };
+        let setup = MigrationSetup {
+            return_path: true,
+            ..Default::default()
+        };
         Some(native_run(&lab, &spec, &setup, 7171)?)
     };
     let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(0.0);
     println!();
-    println!("{:<28} {:>10} {:>10} {:>14} {:>14} {:>8}", "contender", "total s", "downtime", "QEMU sent MiB", "wire MiB", "syncs");
+    println!(
+        "{:<28} {:>10} {:>10} {:>14} {:>14} {:>8}",
+        "contender", "total s", "downtime", "QEMU sent MiB", "wire MiB", "syncs"
+    );
     println!(
         "{:<28} {:>10.2} {:>7} ms {:>14.1} {:>14.1} {:>8}",
         format!("DWCP {}x{}", a.streams, a.codec),

@@ -27,7 +27,10 @@ pub const AGENT_PORT: u16 = 7070;
 
 /// Workspace root (this crate lives in `tests/`).
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
 }
 
 /// The `dwcp` binary: `$DWCP_BIN`, else the newest of target/{release,debug}/dwcp.
@@ -41,24 +44,39 @@ pub fn dwcp_bin() -> Result<PathBuf> {
             return Ok(exe);
         }
     }
-    let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| workspace_root().join("target"));
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| workspace_root().join("target"));
     let mut found: Vec<(std::time::SystemTime, PathBuf)> = ["release", "debug"]
         .iter()
         .map(|p| target.join(p).join("dwcp"))
         .filter_map(|p| p.metadata().and_then(|m| m.modified()).ok().map(|t| (t, p)))
         .collect();
     found.sort();
-    found.pop().map(|(_, p)| p).ok_or_else(|| anyhow!("no dwcp binary in {}: run `cargo build --release -p dwcp` (or set DWCP_BIN)", target.display()))
+    found.pop().map(|(_, p)| p).ok_or_else(|| {
+        anyhow!(
+            "no dwcp binary in {}: run `cargo build --release -p dwcp` (or set DWCP_BIN)",
+            target.display()
+        )
+    })
 }
 
 /// Kernel and initramfs of the test guest (built by tests/guest/build.sh).
 pub fn guest_files() -> Result<(PathBuf, PathBuf)> {
-    let out = std::env::var("DWCP_GUEST_DIR").map(PathBuf::from).unwrap_or_else(|_| workspace_root().join("tests/guest/out"));
+    let out = std::env::var("DWCP_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| workspace_root().join("tests/guest/out"));
     let (k, i) = (out.join("vmlinuz"), out.join("initrd.img"));
     if !k.exists() || !i.exists() {
-        let st = Command::new("bash").arg(workspace_root().join("tests/guest/build.sh")).arg(&out).status()?;
+        let st = Command::new("bash")
+            .arg(workspace_root().join("tests/guest/build.sh"))
+            .arg(&out)
+            .status()?;
         if !st.success() || !k.exists() {
-            bail!("test guest missing in {} and tests/guest/build.sh failed (run `make setup`)", out.display());
+            bail!(
+                "test guest missing in {} and tests/guest/build.sh failed (run `make setup`)",
+                out.display()
+            );
         }
     }
     Ok((k, i))
@@ -124,7 +142,13 @@ impl Lab {
         std::fs::create_dir_all(&dir)?;
         let subnet = 100 + ((pid + seq) % 150) as u8;
         let topo = Topology::create(&prefix, subnet, middle).context("creating the two hosts")?;
-        let mut lab = Lab { topo, dir, src_agent: None, dst_agent: None, agent_args: agent_args.iter().map(|s| s.to_string()).collect() };
+        let mut lab = Lab {
+            topo,
+            dir,
+            src_agent: None,
+            dst_agent: None,
+            agent_args: agent_args.iter().map(|s| s.to_string()).collect(),
+        };
         lab.start_agent(true)?;
         lab.start_agent(false)?;
         Ok(lab)
@@ -153,24 +177,40 @@ impl Lab {
         let log = self.dir.join(format!("{name}-agent.log"));
         let logf = File::options().create(true).append(true).open(&log)?;
         let mut cmd = self.topo.exec(&ns, dwcp_bin()?);
-        cmd.args(["--log", "info", "agent", "--listen", &format!("{ip}:{AGENT_PORT}"), "--run-dir"])
-            .arg(&run_dir)
-            .args(&self.agent_args)
-            .stdin(Stdio::null())
-            .stdout(logf.try_clone()?)
-            .stderr(logf);
+        cmd.args([
+            "--log",
+            "info",
+            "agent",
+            "--listen",
+            &format!("{ip}:{AGENT_PORT}"),
+            "--run-dir",
+        ])
+        .arg(&run_dir)
+        .args(&self.agent_args)
+        .stdin(Stdio::null())
+        .stdout(logf.try_clone()?)
+        .stderr(logf);
         let child = cmd.spawn().context("starting dwcp agent")?;
-        let mut a = AgentProc { child, run_dir, log };
+        let mut a = AgentProc {
+            child,
+            run_dir,
+            log,
+        };
         let t0 = Instant::now();
         loop {
-            if dwcp_core::agent::control_request(&a.control(), &serde_json::json!({"op": "ping"})).is_ok() {
+            if dwcp_core::agent::control_request(&a.control(), &serde_json::json!({"op": "ping"}))
+                .is_ok()
+            {
                 break;
             }
             if let Some(st) = a.child.try_wait()? {
                 bail!("agent on {name} exited ({st}) at start:\n{}", a.log_text());
             }
             if t0.elapsed() > Duration::from_secs(10) {
-                bail!("agent on {name} did not answer within 10 s:\n{}", a.log_text());
+                bail!(
+                    "agent on {name} did not answer within 10 s:\n{}",
+                    a.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -236,7 +276,13 @@ impl Guest {
     /// Starts QEMU in namespace `ns`. With `incoming`, it starts paused
     /// (`-S`) with `-incoming defer`, so the caller sets capabilities first
     /// and memory can be compared before the guest resumes.
-    pub fn start(lab: &Lab, ns: &str, role: &str, spec: &GuestSpec, incoming: bool) -> Result<Guest> {
+    pub fn start(
+        lab: &Lab,
+        ns: &str,
+        role: &str,
+        spec: &GuestSpec,
+        incoming: bool,
+    ) -> Result<Guest> {
         let (kernel, initrd) = guest_files()?;
         let dir = lab.dir.join(role);
         std::fs::create_dir_all(&dir)?;
@@ -249,8 +295,19 @@ impl Guest {
             spec.fill_mb, spec.dirty_mbps, spec.seed, spec.mix
         );
         let mut cmd = lab.topo.exec(ns, "qemu-system-x86_64");
-        cmd.args(["-name", role, "-accel", &spec.accel, "-machine", "pc", "-smp", "1", "-m", &spec.mem_mb.to_string()])
-            .args(["-nodefaults", "-no-user-config", "-display", "none"]);
+        cmd.args([
+            "-name",
+            role,
+            "-accel",
+            &spec.accel,
+            "-machine",
+            "pc",
+            "-smp",
+            "1",
+            "-m",
+            &spec.mem_mb.to_string(),
+        ])
+        .args(["-nodefaults", "-no-user-config", "-display", "none"]);
         if spec.accel == "tcg" {
             cmd.args(["-cpu", "qemu64"]);
         }
@@ -267,9 +324,17 @@ impl Guest {
             cmd.args(["-incoming", "defer", "-S"]);
         }
         let log = File::create(dir.join("qemu.log"))?;
-        cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        cmd.stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
         let child = cmd.spawn().context("starting qemu-system-x86_64")?;
-        let mut g = Guest { child, qmp_path, serial, mem_mb: spec.mem_mb, dir };
+        let mut g = Guest {
+            child,
+            qmp_path,
+            serial,
+            mem_mb: spec.mem_mb,
+            dir,
+        };
         g.wait_qmp()?;
         Ok(g)
     }
@@ -278,7 +343,10 @@ impl Guest {
         let t0 = Instant::now();
         while !self.qmp_path.exists() {
             if let Some(st) = self.child.try_wait()? {
-                bail!("QEMU exited ({st}): {}", std::fs::read_to_string(self.dir.join("qemu.log")).unwrap_or_default());
+                bail!(
+                    "QEMU exited ({st}): {}",
+                    std::fs::read_to_string(self.dir.join("qemu.log")).unwrap_or_default()
+                );
             }
             if t0.elapsed() > Duration::from_secs(20) {
                 bail!("QEMU did not create its QMP socket within 20 s");
@@ -304,7 +372,10 @@ impl Guest {
                 return Ok(l.to_string());
             }
             if t0.elapsed() > timeout {
-                bail!("no {pat:?} on the serial console after {timeout:?}; it shows:\n{}", tail(&self.serial_text(), 20));
+                bail!(
+                    "no {pat:?} on the serial console after {timeout:?}; it shows:\n{}",
+                    tail(&self.serial_text(), 20)
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -312,25 +383,42 @@ impl Guest {
 
     /// Heartbeats seen so far.
     pub fn heartbeats(&self) -> Vec<Heartbeat> {
-        self.serial_text().lines().filter_map(Heartbeat::parse).collect()
+        self.serial_text()
+            .lines()
+            .filter_map(Heartbeat::parse)
+            .collect()
     }
 
     /// Lines where the guest's self-check reported corrupted memory.
     pub fn errors(&self) -> Vec<String> {
         self.serial_text()
             .lines()
-            .filter(|l| l.contains("DWCP-ERROR") || l.contains("DWCP-FATAL") || l.contains("Kernel panic") || l.contains("Oops"))
+            .filter(|l| {
+                l.contains("DWCP-ERROR")
+                    || l.contains("DWCP-FATAL")
+                    || l.contains("Kernel panic")
+                    || l.contains("Oops")
+            })
             .map(str::to_string)
             .collect()
     }
 
     /// Waits for `n` new heartbeats after `after_seq`, all with errors=0.
-    pub fn expect_heartbeats(&self, after_seq: u64, n: u64, timeout: Duration) -> Result<Heartbeat> {
+    pub fn expect_heartbeats(
+        &self,
+        after_seq: u64,
+        n: u64,
+        timeout: Duration,
+    ) -> Result<Heartbeat> {
         let t0 = Instant::now();
         loop {
             let hbs = self.heartbeats();
             if let Some(bad) = hbs.iter().find(|h| h.errors > 0) {
-                bail!("guest reports {} memory errors: {:?}", bad.errors, self.errors());
+                bail!(
+                    "guest reports {} memory errors: {:?}",
+                    bad.errors,
+                    self.errors()
+                );
             }
             let errs = self.errors();
             if !errs.is_empty() {
@@ -342,7 +430,10 @@ impl Guest {
                 }
             }
             if t0.elapsed() > timeout {
-                bail!("guest printed no heartbeat past {after_seq} + {n} within {timeout:?}:\n{}", tail(&self.serial_text(), 10));
+                bail!(
+                    "guest printed no heartbeat past {after_seq} + {n} within {timeout:?}:\n{}",
+                    tail(&self.serial_text(), 10)
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -365,7 +456,11 @@ pub struct Heartbeat {
 impl Heartbeat {
     pub fn parse(line: &str) -> Option<Heartbeat> {
         let rest = &line[line.find("DWCP-HB ")? + 8..];
-        let mut hb = Heartbeat { seq: 0, t_ms: 0, errors: 0 };
+        let mut hb = Heartbeat {
+            seq: 0,
+            t_ms: 0,
+            errors: 0,
+        };
         for kv in rest.split_whitespace() {
             let (k, v) = kv.split_once('=')?;
             let v: u64 = v.trim().parse().ok()?;
@@ -383,7 +478,10 @@ impl Heartbeat {
 /// Longest gap between consecutive heartbeats in guest time (ms): the pause
 /// the guest itself saw around switchover.
 pub fn longest_heartbeat_gap(hbs: &[Heartbeat]) -> u64 {
-    hbs.windows(2).map(|w| w[1].t_ms.saturating_sub(w[0].t_ms)).max().unwrap_or(0)
+    hbs.windows(2)
+        .map(|w| w[1].t_ms.saturating_sub(w[0].t_ms))
+        .max()
+        .unwrap_or(0)
 }
 
 /// Result of comparing the two guests' RAM.
@@ -404,7 +502,10 @@ pub fn compare_memory(src: &Guest, dst: &Guest, scratch: &Path) -> Result<Memory
         let mut q = g.qmp()?;
         let st = q.status()?;
         if st == "running" {
-            bail!("{} is running; memory can only be compared on stopped guests", g.dir.display());
+            bail!(
+                "{} is running; memory can only be compared on stopped guests",
+                g.dir.display()
+            );
         }
         let _ = std::fs::remove_file(path);
         let out = q.hmp(&format!("pmemsave 0 {bytes} \"{}\"", path.display()))?;
@@ -415,7 +516,11 @@ pub fn compare_memory(src: &Guest, dst: &Guest, scratch: &Path) -> Result<Memory
     let mut a = BufReader::with_capacity(1 << 20, File::open(&dumps[0])?);
     let mut b = BufReader::with_capacity(1 << 20, File::open(&dumps[1])?);
     let (mut pa, mut pb) = (vec![0u8; 4096], vec![0u8; 4096]);
-    let mut check = MemoryCheck { bytes, differing_pages: 0, first_difference: None };
+    let mut check = MemoryCheck {
+        bytes,
+        differing_pages: 0,
+        first_difference: None,
+    };
     let mut off = 0u64;
     while off < bytes {
         a.read_exact(&mut pa).context("reading source dump")?;
@@ -474,12 +579,19 @@ pub fn boot_pair(lab: &Lab, spec: &GuestSpec, mig: &MigrationSpec) -> Result<Gue
     let fill_timeout = Duration::from_secs(60 + spec.fill_mb / 2);
     src.wait_line("DWCP-READY", fill_timeout)?;
     let hb = src.expect_heartbeats(0, 2, Duration::from_secs(20))?;
-    let setup = MigrationSetup { multifd_channels: mig.multifd, return_path: mig.return_path, ..Default::default() };
+    let setup = MigrationSetup {
+        multifd_channels: mig.multifd,
+        return_path: mig.return_path,
+        ..Default::default()
+    };
     let mut dq = dst.qmp()?;
     setup.apply(&mut dq, true)?;
     let incoming = lab.dst_agent().incoming(&mig.name);
     std::fs::create_dir_all(incoming.parent().expect("parent"))?;
-    dq.execute("migrate-incoming", Some(serde_json::json!({"uri": format!("unix:{}", incoming.display())})))?;
+    dq.execute(
+        "migrate-incoming",
+        Some(serde_json::json!({"uri": format!("unix:{}", incoming.display())})),
+    )?;
     drop(dq);
     let t0 = Instant::now();
     while !incoming.exists() {
@@ -488,7 +600,11 @@ pub fn boot_pair(lab: &Lab, spec: &GuestSpec, mig: &MigrationSpec) -> Result<Gue
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    Ok(GuestPair { src, dst, ready_seq: hb.seq })
+    Ok(GuestPair {
+        src,
+        dst,
+        ready_seq: hb.seq,
+    })
 }
 
 /// Runs `dwcp migrate` on the source host; returns its JSON result, or the
@@ -499,7 +615,14 @@ pub fn dwcp_migrate(lab: &Lab, pair: &GuestPair, mig: &MigrationSpec) -> Result<
         .arg(&pair.src.qmp_path)
         .args(["--to", &lab.dst_addr(), "--name", &mig.name, "--agent"])
         .arg(lab.src_agent().control())
-        .args(["--streams", &mig.streams.to_string(), "--codec", &mig.codec, "--timeout", &mig.timeout_s.to_string()]);
+        .args([
+            "--streams",
+            &mig.streams.to_string(),
+            "--codec",
+            &mig.codec,
+            "--timeout",
+            &mig.timeout_s.to_string(),
+        ]);
     if let Some(n) = mig.multifd {
         cmd.args(["--multifd", &n.to_string()]);
     }
@@ -509,7 +632,10 @@ pub fn dwcp_migrate(lab: &Lab, pair: &GuestPair, mig: &MigrationSpec) -> Result<
     cmd.args(&mig.extra);
     let out = cmd.output().context("running dwcp migrate")?;
     if !out.status.success() {
-        bail!("dwcp migrate failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "dwcp migrate failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     serde_json::from_slice(&out.stdout).context("dwcp migrate --json output")
 }
@@ -545,18 +671,32 @@ pub fn verify(pair: &GuestPair, result: Value, scratch: &Path) -> Result<Verifie
     }
     let last_src = pair.src.heartbeats().last().map(|h| h.seq).unwrap_or(0);
     pair.dst.qmp()?.execute("cont", None)?;
-    pair.dst.expect_heartbeats(last_src, 3, Duration::from_secs(30))?;
+    pair.dst
+        .expect_heartbeats(last_src, 3, Duration::from_secs(30))?;
     if pair.src.qmp()?.status()? == "running" {
         bail!("source guest is running again: the guest would run twice");
     }
     let mut all = pair.src.heartbeats();
-    all.extend(pair.dst.heartbeats().into_iter().filter(|h| h.seq > last_src));
-    Ok(Verified { result, memory, pause_ms: longest_heartbeat_gap(&all) })
+    all.extend(
+        pair.dst
+            .heartbeats()
+            .into_iter()
+            .filter(|h| h.seq > last_src),
+    );
+    Ok(Verified {
+        result,
+        memory,
+        pause_ms: longest_heartbeat_gap(&all),
+    })
 }
 
 /// Scratch directory for RAM dumps (tmpfs when available).
 pub fn scratch_dir(lab: &Lab) -> Result<PathBuf> {
-    let base = if Path::new("/dev/shm").is_dir() { PathBuf::from("/dev/shm") } else { lab.dir.clone() };
+    let base = if Path::new("/dev/shm").is_dir() {
+        PathBuf::from("/dev/shm")
+    } else {
+        lab.dir.clone()
+    };
     let d = base.join(format!("dwcp-{}", lab.topo.prefix));
     std::fs::create_dir_all(&d)?;
     Ok(d)
@@ -565,7 +705,104 @@ pub fn scratch_dir(lab: &Lab) -> Result<PathBuf> {
 /// Reads the lines of a file that contain `pat` (agent logs).
 pub fn grep(path: &Path, pat: &str) -> Vec<String> {
     match File::open(path) {
-        Ok(f) => BufReader::new(f).lines().map_while(Result::ok).filter(|l| l.contains(pat)).collect(),
+        Ok(f) => BufReader::new(f)
+            .lines()
+            .map_while(Result::ok)
+            .filter(|l| l.contains(pat))
+            .collect(),
         Err(_) => Vec::new(),
     }
+}
+
+/// Replaces the destination QEMU with a fresh one waiting on the agent's
+/// incoming socket (after a failed attempt, QEMU's incoming side is spent).
+pub fn restart_destination(
+    lab: &Lab,
+    pair: &mut GuestPair,
+    spec: &GuestSpec,
+    mig: &MigrationSpec,
+) -> Result<()> {
+    let _ = pair.dst.child.kill();
+    let _ = pair.dst.child.wait();
+    let incoming = lab.dst_agent().incoming(&mig.name);
+    let _ = std::fs::remove_file(&incoming);
+    pair.dst = Guest::start(lab, lab.dst_ns(), "dst", spec, true)?;
+    let setup = MigrationSetup {
+        multifd_channels: mig.multifd,
+        return_path: mig.return_path,
+        ..Default::default()
+    };
+    let mut dq = pair.dst.qmp()?;
+    setup.apply(&mut dq, true)?;
+    dq.execute(
+        "migrate-incoming",
+        Some(serde_json::json!({"uri": format!("unix:{}", incoming.display())})),
+    )?;
+    let t0 = Instant::now();
+    while !incoming.exists() {
+        if t0.elapsed() > Duration::from_secs(10) {
+            bail!("destination QEMU did not listen on {}", incoming.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// A TCP proxy inside the destination namespace, listening on
+/// `dst_ip:listen_port` and forwarding to the destination agent. On the
+/// first connection it flips one bit at byte `flip_at` (counted from the
+/// start of the connection, so past the handshake when large) when given.
+pub fn spawn_proxy(lab: &Lab, listen_port: u16, flip_at: Option<u64>) -> Result<()> {
+    use std::io::Write;
+    use std::net::{Shutdown, TcpListener, TcpStream};
+    let listen = format!("{}:{listen_port}", lab.topo.dst_ip);
+    let to = lab.dst_addr();
+    let (tx, rx) = std::sync::mpsc::channel();
+    // The listener is created inside the namespace; the thread keeps serving
+    // until the namespace is torn down with the lab.
+    let _h = lab.topo.spawn_in(lab.dst_ns(), move || {
+        let l = match TcpListener::bind(&listen) {
+            Ok(l) => {
+                let _ = tx.send(Ok(()));
+                l
+            }
+            Err(e) => {
+                let _ = tx.send(Err(e.to_string()));
+                return;
+            }
+        };
+        for (i, c) in l.incoming().flatten().enumerate() {
+            let Ok(up) = TcpStream::connect(&to) else {
+                return;
+            };
+            let (mut c2, mut up2) = (c.try_clone().expect("dup"), up.try_clone().expect("dup"));
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut up2, &mut c2);
+                let _ = c2.shutdown(Shutdown::Write);
+            });
+            std::thread::spawn(move || {
+                let (mut c, mut up) = (c, up);
+                let mut buf = vec![0u8; 64 << 10];
+                let mut off = 0u64;
+                loop {
+                    let n = match c.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    if let (0, Some(at)) = (i, flip_at) {
+                        if off <= at && at < off + n as u64 {
+                            buf[(at - off) as usize] ^= 0x04;
+                        }
+                    }
+                    off += n as u64;
+                    if up.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                let _ = up.shutdown(Shutdown::Write);
+            });
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(5))?
+        .map_err(|e| anyhow!("proxy bind: {e}"))
 }

@@ -27,7 +27,10 @@ pub mod tcp;
 
 use std::time::Duration;
 
-pub use session::{Acceptor, AcceptorLimits, ChannelStats, Role, Session, SessionError, SessionStats, StreamStats, Target};
+pub use session::{
+    Acceptor, AcceptorLimits, ChannelStats, Role, Session, SessionError, SessionStats, StreamStats,
+    Target,
+};
 pub use tcp::{tcp_info, SocketTuning, TcpInfo};
 
 use crate::codec::{Tier, MAX_RAW_LEN};
@@ -72,7 +75,9 @@ impl Default for TransportConfig {
         TransportConfig {
             streams: 4,
             tier: Tier::Lz4,
-            workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+            workers: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
             window: 32 << 20,
             dedup_cache_mb: 256,
             max_channels: 16,
@@ -87,8 +92,16 @@ impl Default for TransportConfig {
 impl TransportConfig {
     /// Checks every value; the error names the option and its allowed range.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        fn bad(option: &'static str, value: impl ToString, allowed: &'static str) -> Result<(), ConfigError> {
-            Err(ConfigError { option, value: value.to_string(), allowed })
+        fn bad(
+            option: &'static str,
+            value: impl ToString,
+            allowed: &'static str,
+        ) -> Result<(), ConfigError> {
+            Err(ConfigError {
+                option,
+                value: value.to_string(),
+                allowed,
+            })
         }
         if self.streams == 0 || self.streams as usize > MAX_STREAMS {
             return bad("streams", self.streams, "1..=256");
@@ -108,12 +121,25 @@ impl TransportConfig {
         if self.max_channels == 0 || self.max_channels > 64 {
             return bad("max-channels", self.max_channels, "1..=64");
         }
-        if self.idle_timeout < Duration::from_secs(1) || self.idle_timeout > Duration::from_secs(3600) {
-            return bad("idle-timeout", format!("{:?}", self.idle_timeout), "1 s ..= 1 h");
+        if self.idle_timeout < Duration::from_secs(1)
+            || self.idle_timeout > Duration::from_secs(3600)
+        {
+            return bad(
+                "idle-timeout",
+                format!("{:?}", self.idle_timeout),
+                "1 s ..= 1 h",
+            );
         }
         if let Some(cc) = &self.tuning.congestion {
-            if cc.is_empty() || cc.len() > 15 || !cc.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
-                return bad("congestion", cc, "a kernel congestion control name such as bbr or cubic");
+            if cc.is_empty()
+                || cc.len() > 15
+                || !cc.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            {
+                return bad(
+                    "congestion",
+                    cc,
+                    "a kernel congestion control name such as bbr or cubic",
+                );
             }
         }
         Ok(())
@@ -132,13 +158,32 @@ mod tests {
     #[test]
     fn validate_names_the_option() {
         assert!(TransportConfig::default().validate().is_ok());
-        let c = TransportConfig { streams: 0, ..Default::default() };
-        assert_eq!(c.validate().unwrap_err().to_string(), "streams = 0 is out of range: 1..=256");
-        let c = TransportConfig { streams: 257, ..Default::default() };
-        assert!(c.validate().unwrap_err().to_string().starts_with("streams = 257"));
-        let c = TransportConfig { window: 1024, ..Default::default() };
+        let c = TransportConfig {
+            streams: 0,
+            ..Default::default()
+        };
+        assert_eq!(
+            c.validate().unwrap_err().to_string(),
+            "streams = 0 is out of range: 1..=256"
+        );
+        let c = TransportConfig {
+            streams: 257,
+            ..Default::default()
+        };
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .starts_with("streams = 257"));
+        let c = TransportConfig {
+            window: 1024,
+            ..Default::default()
+        };
         assert!(c.validate().unwrap_err().to_string().starts_with("window"));
-        let c = TransportConfig { workers: 0, ..Default::default() };
+        let c = TransportConfig {
+            workers: 0,
+            ..Default::default()
+        };
         assert!(c.validate().unwrap_err().to_string().starts_with("workers"));
     }
 }

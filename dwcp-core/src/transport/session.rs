@@ -35,9 +35,17 @@ pub enum Role {
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
     #[error("connecting stream {index} to {addr}: {source}")]
-    Connect { index: usize, addr: SocketAddr, source: std::io::Error },
+    Connect {
+        index: usize,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("handshake on stream {index} with {addr}: {source}")]
-    Handshake { index: usize, addr: SocketAddr, source: WireError },
+    Handshake {
+        index: usize,
+        addr: SocketAddr,
+        source: WireError,
+    },
     #[error("migration failed: {0}")]
     Failed(String),
     #[error("session already finished")]
@@ -132,6 +140,8 @@ struct Inner {
     failure: Mutex<Option<String>>,
     failed: AtomicBool,
     complete: AtomicBool,
+    /// Responder: channel count announced by the initiator's Close frame.
+    close_expected: Mutex<Option<u32>>,
     /// Frames queued (job or frame queue) and not yet written.
     inflight: AtomicU64,
     readers_done: AtomicUsize,
@@ -152,7 +162,10 @@ pub struct Session {
 
 impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Session").field("name", &self.inner.name).field("role", &self.inner.role).finish()
+        f.debug_struct("Session")
+            .field("name", &self.inner.name)
+            .field("role", &self.inner.role)
+            .finish()
     }
 }
 
@@ -209,8 +222,13 @@ fn hex(id: &[u8; 16]) -> String {
 impl Session {
     /// Opens `cfg.streams` TCP streams to a destination agent and performs the
     /// handshake on each (in parallel, so a long RTT is paid once).
-    pub fn connect(cfg: &TransportConfig, name: &str, addr: SocketAddr) -> Result<Session, SessionError> {
-        cfg.validate().map_err(|e| SessionError::Failed(e.to_string()))?;
+    pub fn connect(
+        cfg: &TransportConfig,
+        name: &str,
+        addr: SocketAddr,
+    ) -> Result<Session, SessionError> {
+        cfg.validate()
+            .map_err(|e| SessionError::Failed(e.to_string()))?;
         wire::check_name(name).map_err(|e| SessionError::Failed(e.to_string()))?;
         let id: [u8; 16] = rand::random();
         let n = cfg.streams as usize;
@@ -219,10 +237,24 @@ impl Session {
                 .map(|index| {
                     s.spawn(move || {
                         let mut st = TcpStream::connect_timeout(&addr, cfg.connect_timeout)
-                            .map_err(|source| SessionError::Connect { index, addr, source })?;
-                        cfg.tuning.apply(&st).map_err(|source| SessionError::Connect { index, addr, source })?;
+                            .map_err(|source| SessionError::Connect {
+                                index,
+                                addr,
+                                source,
+                            })?;
+                        cfg.tuning
+                            .apply(&st)
+                            .map_err(|source| SessionError::Connect {
+                                index,
+                                addr,
+                                source,
+                            })?;
                         st.set_read_timeout(Some(cfg.connect_timeout))
-                            .map_err(|source| SessionError::Connect { index, addr, source })?;
+                            .map_err(|source| SessionError::Connect {
+                                index,
+                                addr,
+                                source,
+                            })?;
                         let hello = Hello {
                             version_min: wire::VERSION_MIN,
                             version_max: wire::VERSION_MAX,
@@ -234,20 +266,37 @@ impl Session {
                             ring_pages: cfg.ring_pages(),
                             name: name.to_string(),
                         };
-                        st.write_all(&hello.encode()).map_err(|source| SessionError::Handshake {
-                            index,
-                            addr,
-                            source: WireError::Io { what: "hello", source },
+                        st.write_all(&hello.encode()).map_err(|source| {
+                            SessionError::Handshake {
+                                index,
+                                addr,
+                                source: WireError::Io {
+                                    what: "hello",
+                                    source,
+                                },
+                            }
                         })?;
-                        let reply = Reply::read(&mut st).map_err(|source| SessionError::Handshake { index, addr, source })?;
+                        let reply =
+                            Reply::read(&mut st).map_err(|source| SessionError::Handshake {
+                                index,
+                                addr,
+                                source,
+                            })?;
                         if reply.status != Status::Ok {
-                            return Err(SessionError::Handshake { index, addr, source: WireError::Refused(reply.status) });
+                            return Err(SessionError::Handshake {
+                                index,
+                                addr,
+                                source: WireError::Refused(reply.status),
+                            });
                         }
                         Ok((st, reply))
                     })
                 })
                 .collect();
-            handles.into_iter().map(|h| h.join().expect("connect thread panicked")).collect()
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("connect thread panicked"))
+                .collect()
         });
         let mut streams = Vec::with_capacity(n);
         let mut window = cfg.window;
@@ -258,7 +307,16 @@ impl Session {
             ring = ring.min(reply.ring_pages);
             streams.push(st);
         }
-        Ok(Session::start(Role::Initiator, id, name, cfg.clone(), window, ring, streams, None))
+        Ok(Session::start(
+            Role::Initiator,
+            id,
+            name,
+            cfg.clone(),
+            window,
+            ring,
+            streams,
+            None,
+        ))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -304,6 +362,7 @@ impl Session {
             failure: Mutex::new(None),
             failed: AtomicBool::new(false),
             complete: AtomicBool::new(false),
+            close_expected: Mutex::new(None),
             inflight: AtomicU64::new(0),
             readers_done: AtomicUsize::new(0),
             first_eof: Mutex::new(None),
@@ -333,7 +392,10 @@ impl Session {
     }
 
     fn spawn(&self, name: String, f: impl FnOnce() + Send + 'static) {
-        let h = std::thread::Builder::new().name(name).spawn(f).expect("spawn thread");
+        let h = std::thread::Builder::new()
+            .name(name)
+            .spawn(f)
+            .expect("spawn thread");
         self.inner.threads.lock().push(h);
     }
 
@@ -435,7 +497,11 @@ impl Session {
             wire_in: c.wire_in.load(Ordering::Relaxed),
             frames_out: c.frames_out.load(Ordering::Relaxed),
             frames_in: c.frames_in.load(Ordering::Relaxed),
-            ratio_out: if wire_out > 0 { raw_out as f64 / wire_out as f64 } else { 0.0 },
+            ratio_out: if wire_out > 0 {
+                raw_out as f64 / wire_out as f64
+            } else {
+                0.0
+            },
             zero_bytes: c.zero_bytes.load(Ordering::Relaxed),
             pages_seen: c.pages_seen.load(Ordering::Relaxed),
             pages_deduped: c.pages_deduped.load(Ordering::Relaxed),
@@ -443,7 +509,10 @@ impl Session {
                 .streams
                 .iter()
                 .enumerate()
-                .map(|(index, s)| StreamStats { index, tcp: tcp_info(s).ok() })
+                .map(|(index, s)| StreamStats {
+                    index,
+                    tcp: tcp_info(s).ok(),
+                })
                 .collect(),
         }
     }
@@ -523,7 +592,8 @@ fn local_reader(inner: Arc<Inner>, ch: Arc<Channel>, mut conn: UnixStream) {
         let allowed = {
             let mut credit = ch.credit.lock();
             while *credit == 0 && !is_down(&inner) {
-                ch.credit_cv.wait_for(&mut credit, Duration::from_millis(100));
+                ch.credit_cv
+                    .wait_for(&mut credit, Duration::from_millis(100));
             }
             if is_down(&inner) {
                 return;
@@ -534,7 +604,10 @@ fn local_reader(inner: Arc<Inner>, ch: Arc<Channel>, mut conn: UnixStream) {
             Ok(n) => n,
             Err(e) => {
                 if !is_down(&inner) {
-                    debug!(channel = ch.id, "local read error treated as end of stream: {e}");
+                    debug!(
+                        channel = ch.id,
+                        "local read error treated as end of stream: {e}"
+                    );
                 }
                 0
             }
@@ -567,14 +640,22 @@ fn local_reader(inner: Arc<Inner>, ch: Arc<Channel>, mut conn: UnixStream) {
         planner.plan(&buf[..n], &mut plan);
         let st = planner.stats();
         let c = &inner.counters;
-        c.zero_bytes.fetch_add(st.zero_bytes - last.zero_bytes, Ordering::Relaxed);
-        c.pages_seen.fetch_add(st.pages_seen - last.pages_seen, Ordering::Relaxed);
-        c.pages_deduped.fetch_add(st.pages_deduped - last.pages_deduped, Ordering::Relaxed);
+        c.zero_bytes
+            .fetch_add(st.zero_bytes - last.zero_bytes, Ordering::Relaxed);
+        c.pages_seen
+            .fetch_add(st.pages_seen - last.pages_seen, Ordering::Relaxed);
+        c.pages_deduped
+            .fetch_add(st.pages_deduped - last.pages_deduped, Ordering::Relaxed);
         c.raw_out.fetch_add(n as u64, Ordering::Relaxed);
         ch.raw_out.fetch_add(n as u64, Ordering::Relaxed);
         last = st;
         inner.inflight.fetch_add(1, Ordering::AcqRel);
-        let job = Job { channel: ch.id, seq, raw_len: n as u32, plan };
+        let job = Job {
+            channel: ch.id,
+            seq,
+            raw_len: n as u32,
+            plan,
+        };
         if inner.job_tx.send(job).is_err() {
             return;
         }
@@ -596,7 +677,14 @@ fn read_some(conn: &mut UnixStream, buf: &mut [u8]) -> std::io::Result<usize> {
         let rest = &mut buf[n..];
         // SAFETY: the fd is a live socket owned by `conn`; `rest` is writable
         // memory of `rest.len()` bytes that recv fills at most.
-        let r = unsafe { libc::recv(conn.as_raw_fd(), rest.as_mut_ptr().cast(), rest.len(), libc::MSG_DONTWAIT) };
+        let r = unsafe {
+            libc::recv(
+                conn.as_raw_fd(),
+                rest.as_mut_ptr().cast(),
+                rest.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
         if r <= 0 {
             break;
         }
@@ -621,7 +709,11 @@ fn encoder(inner: Arc<Inner>) {
         let mut out = Vec::with_capacity(job.plan.len() / 2 + 64);
         let codec = comp.compress(tier, &job.plan, &mut out);
         let plan_len = job.plan.len() as u32;
-        let payload = if codec == CodecId::None { job.plan } else { out };
+        let payload = if codec == CodecId::None {
+            job.plan
+        } else {
+            out
+        };
         let h = FrameHeader {
             kind: Kind::Data,
             codec: codec as u8,
@@ -643,10 +735,16 @@ fn writer(inner: Arc<Inner>, index: usize, stream: TcpStream) {
     let ping = Duration::from_millis(1000);
     let write = |w: &mut TcpStream, h: FrameHeader, payload: &[u8]| -> bool {
         if let Err(e) = wire::write_frame(w, &h, payload) {
-            fail(&inner, format!("stream {index}: sending to the peer failed: {e}"));
+            fail(
+                &inner,
+                format!("stream {index}: sending to the peer failed: {e}"),
+            );
             return false;
         }
-        inner.counters.wire_out.fetch_add((wire::FRAME_HEADER_LEN + payload.len()) as u64, Ordering::Relaxed);
+        inner.counters.wire_out.fetch_add(
+            (wire::FRAME_HEADER_LEN + payload.len()) as u64,
+            Ordering::Relaxed,
+        );
         inner.counters.frames_out.fetch_add(1, Ordering::Relaxed);
         true
     };
@@ -678,14 +776,21 @@ fn writer(inner: Arc<Inner>, index: usize, stream: TcpStream) {
         match item {
             Item::Ctrl(Ctrl::Credit(ch)) => {
                 let n = ch.pending_credit.swap(0, Ordering::AcqRel);
-                if n > 0 && !is_down(&inner) && !write(&mut w, control(Kind::Window, ch.id, n as u32), &[]) {
+                if n > 0
+                    && !is_down(&inner)
+                    && !write(&mut w, control(Kind::Window, ch.id, n as u32), &[])
+                {
                     return;
                 }
             }
             Item::Ctrl(Ctrl::Abort(reason)) => {
                 let mut msg = reason.into_bytes();
                 msg.truncate(wire::MAX_ABORT_LEN);
-                let h = FrameHeader { wire_len: msg.len() as u32, payload_crc: crc32c::crc32c(&msg), ..control(Kind::Abort, 0, 0) };
+                let h = FrameHeader {
+                    wire_len: msg.len() as u32,
+                    payload_crc: crc32c::crc32c(&msg),
+                    ..control(Kind::Abort, 0, 0)
+                };
                 let _ = w.set_write_timeout(Some(Duration::from_millis(200)));
                 let _ = wire::write_frame(&mut w, &h, &msg);
                 return;
@@ -740,9 +845,15 @@ fn reader(inner: Arc<Inner>, index: usize, stream: TcpStream) {
                 }
                 let msg = match &e {
                     WireError::Io { source, .. }
-                        if matches!(source.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
+                        if matches!(
+                            source.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) =>
                     {
-                        format!("stream {index}: nothing from the peer for {:?}", inner.cfg.idle_timeout)
+                        format!(
+                            "stream {index}: nothing from the peer for {:?}",
+                            inner.cfg.idle_timeout
+                        )
                     }
                     _ => format!("stream {index}: {e}"),
                 };
@@ -752,7 +863,10 @@ fn reader(inner: Arc<Inner>, index: usize, stream: TcpStream) {
         };
         *inner.last_rx.lock() = Instant::now();
         inner.counters.frames_in.fetch_add(1, Ordering::Relaxed);
-        inner.counters.wire_in.fetch_add((wire::FRAME_HEADER_LEN + h.wire_len as usize) as u64, Ordering::Relaxed);
+        inner.counters.wire_in.fetch_add(
+            (wire::FRAME_HEADER_LEN + h.wire_len as usize) as u64,
+            Ordering::Relaxed,
+        );
         if let Err(e) = handle_frame(&inner, &mut r, &h, &mut dec, &mut payload) {
             inner.readers_done.fetch_add(1, Ordering::AcqRel);
             fail(&inner, format!("stream {index}: {e}"));
@@ -770,9 +884,20 @@ fn handle_frame(
 ) -> Result<(), String> {
     match h.kind {
         Kind::Ping => Ok(()),
+        Kind::Close => {
+            if inner.role != Role::Responder {
+                return Err("Close frame from the responder".into());
+            }
+            *inner.close_expected.lock() = Some(h.len);
+            check_complete(inner);
+            Ok(())
+        }
         Kind::Abort => {
             wire::read_payload(r, h, payload).map_err(|e| e.to_string())?;
-            Err(format!("peer aborted: {}", String::from_utf8_lossy(payload)))
+            Err(format!(
+                "peer aborted: {}",
+                String::from_utf8_lossy(payload)
+            ))
         }
         Kind::Window => {
             let ch = inner
@@ -784,19 +909,26 @@ fn handle_frame(
             let mut credit = ch.credit.lock();
             *credit += h.len as u64;
             if *credit > inner.window {
-                return Err(format!("peer granted credit beyond the window on channel {}", h.channel));
+                return Err(format!(
+                    "peer granted credit beyond the window on channel {}",
+                    h.channel
+                ));
             }
             ch.credit_cv.notify_all();
             Ok(())
         }
         Kind::Data | Kind::Eof => {
             let item = if h.kind == Kind::Data {
-                wire::read_payload(r, h, payload).map_err(|e| format!("channel {} frame {}: {e}", h.channel, h.seq))?;
+                wire::read_payload(r, h, payload)
+                    .map_err(|e| format!("channel {} frame {}: {e}", h.channel, h.seq))?;
                 let codec = CodecId::from_wire(h.codec).expect("validated by decode");
                 let mut plan = Vec::new();
                 dec.decompress(codec, payload, h.plan_len as usize, &mut plan)
                     .map_err(|e| format!("channel {} frame {}: {e}", h.channel, h.seq))?;
-                Incoming::Data { plan, raw_len: h.len }
+                Incoming::Data {
+                    plan,
+                    raw_len: h.len,
+                }
             } else {
                 Incoming::Eof
             };
@@ -806,17 +938,26 @@ fn handle_frame(
                 return Err(format!("channel {} frame {} repeated", h.channel, h.seq));
             }
             if h.seq > st.next + 1_000_000 {
-                return Err(format!("channel {} frame {} far out of range (next is {})", h.channel, h.seq, st.next));
+                return Err(format!(
+                    "channel {} frame {} far out of range (next is {})",
+                    h.channel, h.seq, st.next
+                ));
             }
             if let Incoming::Data { raw_len, .. } = &item {
                 st.bytes += *raw_len as u64;
                 if st.bytes > inner.window {
-                    return Err(format!("channel {}: peer sent beyond its credit window", h.channel));
+                    return Err(format!(
+                        "channel {}: peer sent beyond its credit window",
+                        h.channel
+                    ));
                 }
             }
             st.frames.insert(h.seq, item);
             if st.frames.len() > 4 * (inner.window as usize / 4096 + 16) {
-                return Err(format!("channel {}: too many small frames buffered", h.channel));
+                return Err(format!(
+                    "channel {}: too many small frames buffered",
+                    h.channel
+                ));
             }
             ch.recv_cv.notify_all();
             Ok(())
@@ -839,7 +980,9 @@ fn channel_for(inner: &Arc<Inner>, id: u16) -> Result<Arc<Channel>, String> {
     if let Some(ch) = inner.channels.lock().get(&id) {
         return Ok(ch.clone());
     }
-    let conn = target.connect(id).map_err(|e| format!("opening channel {id}: {e}"))?;
+    let conn = target
+        .connect(id)
+        .map_err(|e| format!("opening channel {id}: {e}"))?;
     Ok(open_channel(inner, id, conn))
 }
 
@@ -866,7 +1009,10 @@ impl Target {
     fn connect(&self, channel: u16) -> std::io::Result<UnixStream> {
         match self {
             Target::Socket(path) => UnixStream::connect(path).map_err(|e| {
-                std::io::Error::new(e.kind(), format!("connecting to QEMU at {}: {e}", path.display()))
+                std::io::Error::new(
+                    e.kind(),
+                    format!("connecting to QEMU at {}: {e}", path.display()),
+                )
             }),
             Target::Connector(f) => f(channel),
         }
@@ -906,16 +1052,28 @@ fn deliverer(inner: Arc<Inner>, ch: Arc<Channel>, mut conn: UnixStream) {
                             // return-path chatter nobody will read.
                             discard = true;
                         } else {
-                            fail(&inner, format!("channel {}: writing to QEMU failed: {e}", ch.id));
+                            fail(
+                                &inner,
+                                format!("channel {}: writing to QEMU failed: {e}", ch.id),
+                            );
                             return;
                         }
                     }
                 }
                 ch.raw_in.fetch_add(raw_len as u64, Ordering::Relaxed);
-                inner.counters.raw_in.fetch_add(raw_len as u64, Ordering::Relaxed);
+                inner
+                    .counters
+                    .raw_in
+                    .fetch_add(raw_len as u64, Ordering::Relaxed);
                 ch.recv.lock().bytes -= raw_len as u64;
-                if ch.pending_credit.fetch_add(raw_len as u64, Ordering::AcqRel) == 0
-                    && inner.ctrl_tx.send_timeout(Ctrl::Credit(ch.clone()), inner.cfg.idle_timeout).is_err()
+                if ch
+                    .pending_credit
+                    .fetch_add(raw_len as u64, Ordering::AcqRel)
+                    == 0
+                    && inner
+                        .ctrl_tx
+                        .send_timeout(Ctrl::Credit(ch.clone()), inner.cfg.idle_timeout)
+                        .is_err()
                 {
                     fail(&inner, "control queue stuck".into());
                     return;
@@ -932,9 +1090,17 @@ fn deliverer(inner: Arc<Inner>, ch: Arc<Channel>, mut conn: UnixStream) {
     }
 }
 
+/// The initiator completes when every channel it opened is finished both
+/// ways; it then tells the responder (Close) how many channels there were.
+/// The responder completes when it got that Close and has finished as many.
 fn check_complete(inner: &Inner) {
     let chans = inner.channels.lock();
-    if !chans.is_empty() && chans.values().all(|c| c.done()) && !inner.failed.load(Ordering::Acquire) {
+    let all_done = !chans.is_empty() && chans.values().all(|c| c.done());
+    let announced = match inner.role {
+        Role::Initiator => true,
+        Role::Responder => *inner.close_expected.lock() == Some(chans.len() as u32),
+    };
+    if all_done && announced && !inner.failed.load(Ordering::Acquire) {
         if !inner.complete.swap(true, Ordering::AcqRel) {
             *inner.ended.lock() = Some(Instant::now());
             info!(name = %inner.name, session = %hex(&inner.id), "session completed");
@@ -965,8 +1131,28 @@ fn watchdog(inner: Arc<Inner>) {
         }
         if inner.complete.load(Ordering::Acquire) {
             if close_sent.is_none() && inner.inflight.load(Ordering::Acquire) == 0 {
+                if inner.role == Role::Initiator {
+                    let h = FrameHeader {
+                        kind: Kind::Close,
+                        codec: 0,
+                        channel: 0,
+                        len: inner.channels.lock().len() as u32,
+                        seq: 0,
+                        plan_len: 0,
+                        wire_len: 0,
+                        payload_crc: crc32c::crc32c(&[]),
+                    };
+                    inner.inflight.fetch_add(1, Ordering::AcqRel);
+                    let _ = inner
+                        .frame_tx
+                        .send_timeout(Outgoing::Frame(h, Vec::new()), Duration::from_secs(5));
+                }
                 for _ in 0..n {
-                    if inner.frame_tx.send_timeout(Outgoing::Close, Duration::from_secs(5)).is_err() {
+                    if inner
+                        .frame_tx
+                        .send_timeout(Outgoing::Close, Duration::from_secs(5))
+                        .is_err()
+                    {
                         break;
                     }
                 }
@@ -985,12 +1171,18 @@ fn watchdog(inner: Arc<Inner>) {
         let first_eof = *inner.first_eof.lock();
         if let Some(t) = first_eof {
             if t.elapsed() > Duration::from_secs(3) {
-                fail(&inner, "the peer closed its streams before the migration ended".into());
+                fail(
+                    &inner,
+                    "the peer closed its streams before the migration ended".into(),
+                );
                 continue;
             }
         }
         if inner.last_rx.lock().elapsed() > inner.cfg.idle_timeout {
-            fail(&inner, format!("nothing from the peer for {:?}", inner.cfg.idle_timeout));
+            fail(
+                &inner,
+                format!("nothing from the peer for {:?}", inner.cfg.idle_timeout),
+            );
         }
     }
 }
@@ -1035,20 +1227,38 @@ pub struct Acceptor {
 struct PendingBox(Pending);
 impl std::fmt::Debug for PendingBox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pending").field("name", &self.0.hello.name).finish()
+        f.debug_struct("Pending")
+            .field("name", &self.0.hello.name)
+            .finish()
     }
 }
 
 impl Acceptor {
     /// `incoming_dir` holds QEMU's incoming sockets, `<name>.sock`.
     pub fn new(cfg: TransportConfig, limits: AcceptorLimits, incoming_dir: PathBuf) -> Acceptor {
-        Acceptor { cfg, limits, incoming_dir, connector: None, pending: Mutex::new(HashMap::new()) }
+        Acceptor {
+            cfg,
+            limits,
+            incoming_dir,
+            connector: None,
+            pending: Mutex::new(HashMap::new()),
+        }
     }
 
     /// An acceptor whose sessions get their channels from `connector`
     /// instead of QEMU's incoming sockets (any migration name is accepted).
-    pub fn with_connector(cfg: TransportConfig, limits: AcceptorLimits, connector: Target) -> Acceptor {
-        Acceptor { cfg, limits, incoming_dir: PathBuf::new(), connector: Some(connector), pending: Mutex::new(HashMap::new()) }
+    pub fn with_connector(
+        cfg: TransportConfig,
+        limits: AcceptorLimits,
+        connector: Target,
+    ) -> Acceptor {
+        Acceptor {
+            cfg,
+            limits,
+            incoming_dir: PathBuf::new(),
+            connector: Some(connector),
+            pending: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Handles one accepted TCP connection: reads and checks the hello,
@@ -1056,7 +1266,9 @@ impl Acceptor {
     /// Errors name what was wrong; the connection is closed on error.
     pub fn handle(&self, mut stream: TcpStream) -> Result<Option<Session>, WireError> {
         let io = |what, source| WireError::Io { what, source };
-        stream.set_read_timeout(Some(self.limits.handshake_timeout)).map_err(|e| io("socket", e))?;
+        stream
+            .set_read_timeout(Some(self.limits.handshake_timeout))
+            .map_err(|e| io("socket", e))?;
         let hello = match Hello::read(&mut stream) {
             Ok(h) => h,
             Err(e) => {
@@ -1086,7 +1298,10 @@ impl Acceptor {
         if (window as usize) < 2 * crate::codec::MAX_RAW_LEN.min(self.cfg.chunk) {
             return refuse(&mut stream, Status::TooLarge);
         }
-        self.cfg.tuning.apply(&stream).map_err(|e| io("socket tuning", e))?;
+        self.cfg
+            .tuning
+            .apply(&stream)
+            .map_err(|e| io("socket tuning", e))?;
         let mut pending = self.pending.lock();
         pending.retain(|_, p| p.0.since.elapsed() < self.limits.handshake_timeout * 2);
         if !pending.contains_key(&hello.session) && pending.len() >= self.limits.max_sessions {
@@ -1109,19 +1324,42 @@ impl Acceptor {
             drop(pending);
             return refuse(&mut stream, Status::SessionMismatch);
         }
-        stream.write_all(&self.reply(Status::Ok, window, ring).encode()).map_err(|e| io("reply", e))?;
+        stream
+            .write_all(&self.reply(Status::Ok, window, ring).encode())
+            .map_err(|e| io("reply", e))?;
         p.streams[hello.stream_index as usize] = Some(stream);
         if p.streams.iter().all(Option::is_some) {
             let p = pending.remove(&hello.session).expect("present").0;
             drop(pending);
-            let streams: Vec<TcpStream> = p.streams.into_iter().map(|s| s.expect("all present")).collect();
-            let cfg = TransportConfig { streams: streams.len() as u16, ..self.cfg.clone() };
-            return Ok(Some(Session::start(Role::Responder, hello.session, &hello.name, cfg, window, ring, streams, Some(target))));
+            let streams: Vec<TcpStream> = p
+                .streams
+                .into_iter()
+                .map(|s| s.expect("all present"))
+                .collect();
+            let cfg = TransportConfig {
+                streams: streams.len() as u16,
+                ..self.cfg.clone()
+            };
+            return Ok(Some(Session::start(
+                Role::Responder,
+                hello.session,
+                &hello.name,
+                cfg,
+                window,
+                ring,
+                streams,
+                Some(target),
+            )));
         }
         Ok(None)
     }
 
     fn reply(&self, status: Status, window: u32, ring_pages: u32) -> Reply {
-        Reply { version: wire::VERSION_MAX, status, window, ring_pages }
+        Reply {
+            version: wire::VERSION_MAX,
+            status,
+            window,
+            ring_pages,
+        }
     }
 }

@@ -43,11 +43,15 @@ impl SocketTuning {
         let sock = SockRef::from(s);
         if let Some(cc) = &self.congestion {
             sock.set_tcp_congestion(cc.as_bytes()).map_err(|e| {
-                let avail = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_congestion_control")
-                    .unwrap_or_default();
+                let avail =
+                    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_congestion_control")
+                        .unwrap_or_default();
                 std::io::Error::new(
                     e.kind(),
-                    format!("congestion control {cc:?} not available ({e}); the kernel offers: {}", avail.trim()),
+                    format!(
+                        "congestion control {cc:?} not available ({e}); the kernel offers: {}",
+                        avail.trim()
+                    ),
                 )
             })?;
         }
@@ -170,7 +174,11 @@ mod tests {
             s.write_all(b"k").unwrap();
         });
         let mut c = TcpStream::connect(addr).unwrap();
-        let tuning = SocketTuning { congestion: Some("cubic".into()), send_buffer: Some(1 << 20), ..Default::default() };
+        let tuning = SocketTuning {
+            congestion: Some("cubic".into()),
+            send_buffer: Some(1 << 20),
+            ..Default::default()
+        };
         tuning.apply(&c).unwrap();
         assert_eq!(SockRef::from(&c).tcp_congestion().unwrap(), b"cubic");
         c.write_all(&vec![1u8; 1 << 20]).unwrap();
@@ -180,7 +188,10 @@ mod tests {
         let info = tcp_info(&c).unwrap();
         assert!(info.bytes_acked >= 1 << 20, "{info:?}");
         assert!(info.rtt_us > 0, "{info:?}");
-        let bad = SocketTuning { congestion: Some("warp9".into()), ..Default::default() };
+        let bad = SocketTuning {
+            congestion: Some("warp9".into()),
+            ..Default::default()
+        };
         let err = bad.apply(&c).unwrap_err().to_string();
         assert!(err.contains("warp9") && err.contains("offers"), "{err}");
     }

@@ -1,0 +1,50 @@
+# DWCP: the two set-up commands are `make demo` and `make test`; both install
+# what they need on a fresh Debian bookworm machine (run as root).
+SHELL := /bin/bash
+CARGO ?= cargo
+DWCP := target/release/dwcp
+GUEST := tests/guest/out/initrd.img
+
+.PHONY: all setup build guest demo test lint unit e2e bench bench-full qemu clean help
+
+all: build
+
+help:
+	@echo "make demo   - set up, build, migrate the test guest through DWCP and print the figures"
+	@echo "make test   - set up, build, lint and run every test (CI runs this)"
+	@echo "make bench  - side-by-side benchmarks against QEMU's own channel (see docs/benchmarks.md)"
+	@echo "make qemu   - build QEMU with the dwcp: migration URI (qemu-patches/)"
+
+setup:
+	bash scripts/setup-host.sh
+
+guest: setup
+	bash tests/guest/build.sh
+
+build: setup
+	$(CARGO) build --release --workspace --bins
+
+demo: build guest
+	$(DWCP) demo
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
+
+# Unit and loopback tests of every crate except the end-to-end suite.
+unit: build
+	$(CARGO) test --release --workspace --exclude dwcp-harness
+
+# End-to-end tests on real QEMU guests between network namespaces; one at a
+# time (each boots guests under TCG on this 2-core machine).
+e2e: build guest
+	$(CARGO) test --release -p dwcp-harness -- --test-threads=1
+
+test: build guest lint unit e2e
+
+bench: build guest
+	$(DWCP) benchmark compare --profile dc --repeat 3
+
+clean:
+	$(CARGO) clean
+	rm -rf tests/guest/out

@@ -1,0 +1,400 @@
+//! Transport sessions over real TCP on loopback, with UNIX socketpairs standing
+//! in for QEMU's connections: ordering across streams, both directions, many
+//! channels, every tier, and the failure paths (corruption, a dead stream,
+//! garbage on the data port).
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use dwcp_core::codec::Tier;
+use dwcp_core::transport::{Acceptor, AcceptorLimits, Session, Target, TransportConfig};
+use dwcp_core::wire::WireError;
+
+/// A responder on loopback: each new channel's "QEMU end" goes to `ends`.
+struct Responder {
+    addr: SocketAddr,
+    ends: mpsc::Receiver<(u16, UnixStream)>,
+    sessions: Arc<Mutex<Vec<Session>>>,
+    errors: Arc<Mutex<Vec<String>>>,
+}
+
+fn responder(cfg: TransportConfig) -> Responder {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, ends) = mpsc::channel();
+    let tx = Mutex::new(tx);
+    let connector = Target::Connector(Arc::new(move |id| {
+        let (ours, qemu) = UnixStream::pair()?;
+        tx.lock().unwrap().send((id, qemu)).unwrap();
+        Ok(ours)
+    }));
+    let acceptor = Arc::new(Acceptor::with_connector(
+        cfg,
+        AcceptorLimits::default(),
+        connector,
+    ));
+    let sessions = Arc::new(Mutex::new(Vec::new()));
+    let errors = Arc::new(Mutex::new(Vec::new()));
+    let (s2, e2) = (sessions.clone(), errors.clone());
+    thread::spawn(move || {
+        for c in l.incoming().flatten() {
+            let (a, s, e) = (acceptor.clone(), s2.clone(), e2.clone());
+            thread::spawn(move || match a.handle(c) {
+                Ok(Some(sess)) => s.lock().unwrap().push(sess),
+                Ok(None) => {}
+                Err(err) => e.lock().unwrap().push(err.to_string()),
+            });
+        }
+    });
+    Responder {
+        addr,
+        ends,
+        sessions,
+        errors,
+    }
+}
+
+/// Migration-like bytes: QEMU page records (some repeated), zeros, text, noise.
+fn stream_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut out = Vec::with_capacity(len + 8192);
+    let mut pages: Vec<Vec<u8>> = Vec::new();
+    while out.len() < len {
+        let addr = (next() % (1 << 20)) << 12;
+        out.extend_from_slice(&(addr | 0x28).to_be_bytes());
+        let page = match next() % 5 {
+            0 if !pages.is_empty() => pages[(next() as usize) % pages.len()].clone(),
+            1 => vec![0u8; 4096],
+            2 => b"the quick brown fox jumps over the lazy dog "
+                .iter()
+                .cycle()
+                .take(4096)
+                .copied()
+                .collect(),
+            _ => (0..4096).map(|_| next() as u8).collect(),
+        };
+        out.extend_from_slice(&page);
+        if pages.len() < 64 {
+            pages.push(page);
+        }
+    }
+    out.truncate(len);
+    out
+}
+
+fn cfg(streams: u16, tier: Tier) -> TransportConfig {
+    TransportConfig {
+        streams,
+        tier,
+        workers: 2,
+        window: 4 << 20,
+        chunk: 256 << 10,
+        dedup_cache_mb: 16,
+        idle_timeout: Duration::from_secs(3),
+        ..TransportConfig::default()
+    }
+}
+
+/// Sends `fwd` bytes per channel source -> destination and `back` bytes the
+/// other way, over `channels` channels, and checks everything arrived intact.
+fn relay(streams: u16, tier: Tier, channels: u16, fwd: usize, back: usize) {
+    let r = responder(cfg(streams, tier));
+    let sess = Session::connect(&cfg(streams, tier), "test-vm", r.addr).unwrap();
+    let mut workers = Vec::new();
+    for c in 0..channels {
+        let (ours, mut qemu_src) = UnixStream::pair().unwrap();
+        let id = sess.add_local_channel(ours).unwrap();
+        assert_eq!(id, c);
+        let data = stream_bytes(c as u64 + 1, fwd);
+        let reply = stream_bytes(c as u64 + 100, back);
+        // The destination opens a channel when its first frame arrives, so
+        // start writing before waiting for it.
+        let mut w = qemu_src.try_clone().unwrap();
+        let d = data.clone();
+        let writer = thread::spawn(move || {
+            w.write_all(&d).unwrap();
+            w.shutdown(Shutdown::Write).unwrap();
+        });
+        let (rid, mut qemu_dst) = r.ends.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(rid, c);
+        workers.push(thread::spawn(move || {
+            let mut dst_w = qemu_dst.try_clone().unwrap();
+            let rep = reply.clone();
+            let back_writer = thread::spawn(move || {
+                dst_w.write_all(&rep).unwrap();
+                dst_w.shutdown(Shutdown::Write).unwrap();
+            });
+            let mut got = Vec::new();
+            qemu_dst.read_to_end(&mut got).unwrap();
+            let mut got_back = Vec::new();
+            qemu_src.read_to_end(&mut got_back).unwrap();
+            writer.join().unwrap();
+            back_writer.join().unwrap();
+            assert!(
+                got == data,
+                "channel {c}: forward bytes differ ({} vs {})",
+                got.len(),
+                data.len()
+            );
+            assert!(got_back == reply, "channel {c}: return bytes differ");
+        }));
+    }
+    for w in workers {
+        w.join().unwrap();
+    }
+    let stats = sess.wait().unwrap();
+    assert_eq!(stats.state, "completed");
+    assert_eq!(stats.raw_out, fwd as u64 * channels as u64);
+    assert_eq!(stats.raw_in, back as u64 * channels as u64);
+    let t0 = Instant::now();
+    while r.sessions.lock().unwrap().is_empty() && t0.elapsed() < Duration::from_secs(5) {
+        thread::sleep(Duration::from_millis(10));
+    }
+    let dst = r.sessions.lock().unwrap()[0].clone();
+    let ds = dst.wait().unwrap();
+    assert_eq!(ds.raw_in, fwd as u64 * channels as u64);
+    if tier != Tier::None && fwd > 0 {
+        assert!(
+            stats.ratio_out > 1.2,
+            "compression/dedup did nothing: {}",
+            stats.ratio_out
+        );
+        assert!(stats.pages_deduped > 0, "no page was deduplicated");
+    }
+}
+
+#[test]
+fn one_stream_no_compression() {
+    relay(1, Tier::None, 1, 8 << 20, 4096);
+}
+
+#[test]
+fn eight_streams_lz4_both_directions() {
+    relay(8, Tier::Lz4, 1, 24 << 20, 1 << 20);
+}
+
+#[test]
+fn four_streams_zstd_four_channels() {
+    relay(4, Tier::Zstd(3), 4, 6 << 20, 64 << 10);
+}
+
+#[test]
+fn many_streams_few_bytes() {
+    relay(64, Tier::Lz4, 2, 100_000, 10);
+}
+
+#[test]
+fn empty_channel_completes() {
+    relay(2, Tier::Lz4, 1, 0, 0);
+}
+
+/// A TCP proxy that forwards each connection and applies `mangle` to the
+/// initiator -> responder bytes of connection `target` (by accept order).
+fn proxy(
+    to: SocketAddr,
+    target: usize,
+    mangle: impl Fn(u64, &mut [u8]) -> bool + Send + Sync + 'static,
+) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let mangle = Arc::new(mangle);
+    thread::spawn(move || {
+        for (i, c) in l.incoming().flatten().enumerate() {
+            let up = TcpStream::connect(to).unwrap();
+            let (mut c2, mut up2) = (c.try_clone().unwrap(), up.try_clone().unwrap());
+            thread::spawn(move || {
+                let _ = std::io::copy(&mut up2, &mut c2);
+                let _ = c2.shutdown(Shutdown::Write);
+            });
+            let m = mangle.clone();
+            thread::spawn(move || {
+                let (mut c, mut up) = (c, up);
+                let mut buf = vec![0u8; 64 << 10];
+                let mut off = 0u64;
+                loop {
+                    let n = match c.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    if i == target && !m(off, &mut buf[..n]) {
+                        // Kill the connection both ways.
+                        let _ = c.shutdown(Shutdown::Both);
+                        let _ = up.shutdown(Shutdown::Both);
+                        return;
+                    }
+                    off += n as u64;
+                    if up.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                let _ = up.shutdown(Shutdown::Write);
+            });
+        }
+    });
+    addr
+}
+
+/// Pushes data into one channel until the session fails; returns what the
+/// destination's QEMU end received, what was sent, and the two errors.
+fn run_until_failure(via: impl Fn(SocketAddr) -> SocketAddr) -> (Vec<u8>, Vec<u8>, String, String) {
+    let c = cfg(2, Tier::Lz4);
+    let r = responder(c.clone());
+    let addr = via(r.addr);
+    let sess = Session::connect(&c, "test-vm", addr).unwrap();
+    let (ours, mut qemu_src) = UnixStream::pair().unwrap();
+    sess.add_local_channel(ours).unwrap();
+    let data = stream_bytes(7, 32 << 20);
+    let d = data.clone();
+    let writer = thread::spawn(move || {
+        let _ = qemu_src.write_all(&d);
+        qemu_src
+    });
+    let (_, mut qemu_dst) = r.ends.recv_timeout(Duration::from_secs(10)).unwrap();
+    qemu_dst
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut got = Vec::new();
+    let _ = qemu_dst.read_to_end(&mut got);
+    let t0 = Instant::now();
+    let src_err = sess.wait().unwrap_err().to_string();
+    assert!(
+        t0.elapsed() < Duration::from_secs(15),
+        "source side took {:?} to fail",
+        t0.elapsed()
+    );
+    drop(writer.join());
+    let dst = r.sessions.lock().unwrap().first().cloned();
+    let dst_err = dst
+        .map(|d| d.wait().err().map(|e| e.to_string()).unwrap_or_default())
+        .unwrap_or_default();
+    (got, data, src_err, dst_err)
+}
+
+#[test]
+fn corrupted_frame_is_never_delivered_and_fails_both_sides() {
+    // Flip one bit 3 MB into the first stream (past the handshake).
+    let (got, sent, src_err, dst_err) = run_until_failure(|to| {
+        proxy(to, 0, |off, buf| {
+            let at = 3_000_000u64;
+            if off <= at && at < off + buf.len() as u64 {
+                buf[(at - off) as usize] ^= 0x10;
+            }
+            true
+        })
+    });
+    assert!(
+        got.len() < sent.len(),
+        "everything arrived despite corruption"
+    );
+    assert_eq!(
+        &got[..],
+        &sent[..got.len()],
+        "destination received bytes that were never sent"
+    );
+    assert!(
+        dst_err.contains("checksum") || dst_err.contains("invalid"),
+        "destination error: {dst_err}"
+    );
+    assert!(
+        src_err.contains("migration failed"),
+        "source error: {src_err}"
+    );
+}
+
+#[test]
+fn killed_stream_fails_the_session_in_bounded_time() {
+    let (got, sent, src_err, _) = run_until_failure(|to| proxy(to, 1, |off, _| off < 2_000_000));
+    assert!(got.len() < sent.len());
+    assert_eq!(&got[..], &sent[..got.len()]);
+    assert!(!src_err.is_empty());
+}
+
+#[test]
+fn garbage_on_the_data_port_is_refused_and_the_port_keeps_serving() {
+    let c = cfg(1, Tier::Lz4);
+    let r = responder(c.clone());
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("http", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec()),
+        ("zeros", vec![0u8; 64]),
+        ("truncated", b"DWCP\x01\x00".to_vec()),
+        ("wrong version", {
+            let h = dwcp_core::wire::Hello {
+                version_min: 9,
+                version_max: 12,
+                session: [1; 16],
+                stream_index: 0,
+                stream_count: 1,
+                role: dwcp_core::wire::Role::Data,
+                window: 1 << 22,
+                ring_pages: 16,
+                name: "x".into(),
+            };
+            h.encode()
+        }),
+    ];
+    for (what, bytes) in &cases {
+        let mut s = TcpStream::connect(r.addr).unwrap();
+        s.write_all(bytes).unwrap();
+        if *what == "truncated" {
+            s.shutdown(Shutdown::Write).unwrap();
+        }
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest); // the responder closes the connection
+        assert!(
+            rest.len() <= dwcp_core::wire::REPLY_LEN,
+            "{what}: unexpected reply {rest:?}"
+        );
+    }
+    let t0 = Instant::now();
+    while r.errors.lock().unwrap().len() < cases.len() && t0.elapsed() < Duration::from_secs(10) {
+        thread::sleep(Duration::from_millis(20));
+    }
+    let errs = r.errors.lock().unwrap().clone();
+    assert!(errs.iter().any(|e| e.contains("bad magic")), "{errs:?}");
+    assert!(errs.iter().any(|e| e.contains("truncated")), "{errs:?}");
+    assert!(
+        errs.iter().any(|e| e.contains("protocol version")),
+        "{errs:?}"
+    );
+    // Still serving: a real session works afterwards.
+    let sess = Session::connect(&c, "after-garbage", r.addr).unwrap();
+    let (ours, mut q) = UnixStream::pair().unwrap();
+    sess.add_local_channel(ours).unwrap();
+    q.write_all(b"hello").unwrap();
+    q.shutdown(Shutdown::Write).unwrap();
+    let (_, mut qd) = r.ends.recv_timeout(Duration::from_secs(10)).unwrap();
+    let mut got = Vec::new();
+    qd.shutdown(Shutdown::Write).unwrap();
+    qd.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"hello");
+    sess.wait().unwrap();
+}
+
+#[test]
+fn unknown_target_is_refused_with_a_clear_error() {
+    let dir = std::env::temp_dir().join(format!("dwcp-t-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let acceptor = Acceptor::new(cfg(1, Tier::Lz4), AcceptorLimits::default(), dir);
+    let t = thread::spawn(move || {
+        let (c, _) = l.accept().unwrap();
+        acceptor.handle(c).map(|_| ())
+    });
+    let err = Session::connect(&cfg(1, Tier::Lz4), "nobody-home", addr)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no incoming QEMU socket"), "{err}");
+    assert!(matches!(t.join().unwrap(), Err(WireError::Refused(_))));
+}

@@ -1,0 +1,118 @@
+//! End-to-end: the test guest live-migrates between two network-namespace
+//! hosts through a pair of `dwcp agent`s; the destination's RAM must equal the
+//! source's and the guest must keep running (and checking its own data) on
+//! the destination. Needs root (namespaces) and QEMU 10.0 (`make setup`).
+
+use dwcp_harness::{
+    boot_pair, dwcp_migrate, scratch_dir, verify, GuestSpec, Lab, Middle, MigrationSpec,
+};
+
+fn migrate_and_verify(tag: &str, spec: GuestSpec, mig: MigrationSpec) {
+    let lab = Lab::new(tag, Middle::Bridge, &[]).expect("lab");
+    let pair = boot_pair(&lab, &spec, &mig).expect("boot guests");
+    let r = match dwcp_migrate(&lab, &pair, &mig) {
+        Ok(r) => r,
+        Err(e) => panic!(
+            "{e:#}\nsource agent log:\n{}\ndestination agent log:\n{}",
+            lab.src_agent().log_text(),
+            lab.dst_agent().log_text()
+        ),
+    };
+    assert_eq!(r["status"], "completed", "{r}");
+    let v = verify(&pair, r, &scratch_dir(&lab).unwrap()).expect("verification");
+    assert_eq!(v.memory.differing_pages, 0);
+    let s = &v.result["session"];
+    assert_eq!(s["state"], "completed", "{s}");
+    assert_eq!(s["streams"].as_u64(), Some(mig.streams as u64));
+    let channels = s["channels"].as_array().map(Vec::len).unwrap_or(0);
+    assert_eq!(
+        channels,
+        1 + mig.multifd.unwrap_or(0) as usize,
+        "channels relayed: {s}"
+    );
+    // Everything QEMU sent arrived on the other side.
+    assert!(
+        v.result["qemu_bytes"].as_u64().unwrap() > spec.fill_mb << 19,
+        "{}",
+        v.result
+    );
+    eprintln!(
+        "{tag}: total {} ms, downtime {} ms, QEMU bytes {}, wire bytes {}, ratio {:.2}, guest pause {} ms",
+        v.result["total_time_ms"],
+        v.result["downtime_ms"],
+        v.result["qemu_bytes"],
+        v.result["wire_bytes"],
+        v.result["ratio"].as_f64().unwrap_or(0.0),
+        v.pause_ms
+    );
+}
+
+#[test]
+fn one_stream_no_compression() {
+    migrate_and_verify(
+        "s1none",
+        GuestSpec::default(),
+        MigrationSpec {
+            streams: 1,
+            codec: "none".into(),
+            extra: vec!["--dedup-cache-mb".into(), "0".into()],
+            ..Default::default()
+        },
+    );
+}
+
+#[test]
+fn eight_streams_lz4() {
+    migrate_and_verify(
+        "s8lz4",
+        GuestSpec::default(),
+        MigrationSpec {
+            streams: 8,
+            codec: "lz4".into(),
+            ..Default::default()
+        },
+    );
+}
+
+#[test]
+fn four_streams_zstd() {
+    migrate_and_verify(
+        "s4zstd",
+        GuestSpec::default(),
+        MigrationSpec {
+            streams: 4,
+            codec: "zstd:3".into(),
+            ..Default::default()
+        },
+    );
+}
+
+#[test]
+fn multifd_four_channels() {
+    migrate_and_verify(
+        "mfd4",
+        GuestSpec::default(),
+        MigrationSpec {
+            streams: 4,
+            codec: "lz4".into(),
+            multifd: Some(4),
+            ..Default::default()
+        },
+    );
+}
+
+#[test]
+fn guest_dirtying_memory_during_migration() {
+    migrate_and_verify(
+        "dirty",
+        GuestSpec {
+            dirty_mbps: 32,
+            ..GuestSpec::default()
+        },
+        MigrationSpec {
+            streams: 4,
+            codec: "lz4".into(),
+            ..Default::default()
+        },
+    );
+}
