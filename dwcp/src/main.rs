@@ -35,6 +35,13 @@ enum Cmd {
     Stats(StatsArgs),
     /// Boot the test guest on two emulated hosts and migrate it through DWCP.
     Demo(dwcp_harness::demo::DemoArgs),
+    /// Userspace WAN link emulator between two interfaces (`dwcp linkem --help`).
+    #[command(disable_help_flag = true)]
+    Linkem {
+        /// Arguments for linkem (`run ...`, `profiles`, `--help`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 /// Transport settings shared by `agent` and `migrate`.
@@ -132,6 +139,7 @@ fn main() {
         Cmd::Migrate(m) => migrate::run(m),
         Cmd::Stats(s) => stats(s),
         Cmd::Demo(d) => dwcp_harness::demo::run(d),
+        Cmd::Linkem { args } => linkem::cli_main(args),
     };
     if let Err(e) = r {
         eprintln!("dwcp: error: {e:#}");
