@@ -1,0 +1,213 @@
+# Two libvirt hosts on one machine, sourced by tests/libvirt/run.sh.
+#
+# Each host is a network namespace (veth link between them) plus a mount+UTS
+# namespace held open by a keeper process; inside it /run is a fresh tmpfs and
+# /etc/libvirt, /var/lib/libvirt, /var/log/libvirt, /var/cache/libvirt are
+# bind-mounted from $LAB/<host>/. Each host runs virtlogd, libvirtd (TCP,
+# no auth, on its link address only) and a `dwcp agent`. Everything is
+# started and stopped by PID; lab_down runs from an EXIT trap.
+
+LAB=${LAB:-/tmp/dwcp-lv/$$}
+LV_TAG=${LV_TAG:-lv$(( $$ % 100000 ))}
+LV_SUBNET=${LV_SUBNET:-$(( 150 + $$ % 100 ))}
+HOSTS="a b"
+declare -A NS IP KEEPER
+
+lv_log() { echo "[$(date +%T)] $*" >&2; }
+
+# hx HOST CMD...: run CMD inside HOST (network, mount and UTS namespaces).
+hx() { local h=$1; shift; nsenter -t "${KEEPER[$h]}" -m -u -n -- "$@"; }
+
+# virsh on a host's own libvirtd.
+hvirsh() { local h=$1; shift; hx "$h" virsh -q -c qemu:///system "$@"; }
+
+lab_up() {
+  local root; root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+  DWCP_BIN=${DWCP_BIN:-$root/target/release/dwcp}
+  GUEST_DIR=${GUEST_DIR:-$root/tests/guest/out}
+  HOOK_SRC=$root/libvirt-hooks
+  ROUTE_BIN=$root/libvirt-hooks/dwcp-route
+  [ -x "$DWCP_BIN" ] || { echo "no $DWCP_BIN: cargo build --release -p dwcp" >&2; return 1; }
+  [ -e "$GUEST_DIR/vmlinuz" ] || bash "$root/tests/guest/build.sh" "$GUEST_DIR"
+  rm -rf "$LAB"; mkdir -p "$LAB"
+  NS[a]=${LV_TAG}a; NS[b]=${LV_TAG}b
+  IP[a]=10.$LV_SUBNET.0.1; IP[b]=10.$LV_SUBNET.0.2
+  ip netns add "${NS[a]}"; ip netns add "${NS[b]}"
+  ip link add "${LV_TAG}va" type veth peer name "${LV_TAG}vb"
+  for h in $HOSTS; do
+    ip link set "${LV_TAG}v$h" netns "${NS[$h]}"
+    ip -n "${NS[$h]}" addr add "${IP[$h]}/24" dev "${LV_TAG}v$h"
+    ip -n "${NS[$h]}" link set "${LV_TAG}v$h" up
+    ip -n "${NS[$h]}" link set lo up
+  done
+  for h in $HOSTS; do host_up "$h"; done
+}
+
+host_up() {
+  local h=$1 d=$LAB/$1
+  mkdir -p "$d"/{lib/images/dwcp,log/qemu,cache,hostrun}
+  cp -a /etc/libvirt "$d/etc"
+  rm -f "$d"/etc/qemu/networks/autostart/*.xml
+  # Private /run etc. for this host, held by a keeper process.
+  ip netns exec "${NS[$h]}" unshare --mount --uts --propagation private sleep infinity &
+  KEEPER[$h]=$!
+  echo "${KEEPER[$h]}" > "$d/keeper.pid"
+  local i
+  for i in $(seq 50); do
+    [ "$(readlink /proc/${KEEPER[$h]}/ns/mnt)" != "$(readlink /proc/self/ns/mnt)" ] &&
+      [ "$(readlink /proc/${KEEPER[$h]}/ns/uts)" != "$(readlink /proc/self/ns/uts)" ] && break
+    sleep 0.1
+  done
+  hx "$h" sh -ec "
+    mount -t tmpfs -o mode=755 tmpfs /run
+    mount --bind '$d/etc' /etc/libvirt
+    mount --bind '$d/lib' /var/lib/libvirt
+    mount --bind '$d/log' /var/log/libvirt
+    mount --bind '$d/cache' /var/cache/libvirt
+    hostname dwcp-$h
+  "
+  local uuid; uuid=$(cat /proc/sys/kernel/random/uuid)
+  cat >> "$d/etc/libvirtd.conf" <<CONF
+# dwcp test lab
+listen_tls = 0
+listen_tcp = 1
+auth_tcp = "none"
+listen_addr = "${IP[$h]}"
+host_uuid = "$uuid"
+log_outputs = "3:file:/var/log/libvirt/libvirtd.log"
+CONF
+  cat >> "$d/etc/qemu.conf" <<CONF
+# dwcp test lab: QEMU as root without cgroups/namespaces/security drivers
+user = "root"
+group = "root"
+dynamic_ownership = 0
+remember_owner = 0
+security_driver = "none"
+namespaces = [ ]
+cgroup_controllers = [ ]
+CONF
+  # Hooks (installed like an operator would, into this host's /etc/libvirt).
+  DESTDIR=$d/etc bash "$HOOK_SRC/install.sh" >/dev/null
+  printf 'agent_socket=/run/dwcp/agent.sock\nlog=/var/log/libvirt/dwcp-hook.log\n%s\n' "${HOOK_CONF:-}" \
+    > "$d/etc/hooks/dwcp.conf"
+  # Guest kernel/initrd: libvirt wants them at the same path on both hosts.
+  cp "$GUEST_DIR/vmlinuz" "$GUEST_DIR/initrd.img" "$d/lib/images/dwcp/"
+  hx "$h" virtlogd -d
+  hx "$h" libvirtd -d --listen
+  for i in $(seq 100); do
+    hvirsh "$h" version >/dev/null 2>&1 && break
+    sleep 0.2
+  done
+  hvirsh "$h" version >/dev/null || { lv_log "libvirtd on $h did not come up"; cat "$d/log/libvirtd.log" >&2; return 1; }
+  agent_up "$h"
+}
+
+# agent_up HOST: dwcp agent with route sockets in /run/dwcp; on the destination
+# QEMU listens at the migrate URI's path, /run/dwcp/DOM.sock, so --incoming-dir
+# is the same directory.
+agent_up() {
+  local h=$1
+  hx "$h" sh -c 'echo $$ > "$1"; shift; exec "$@"' sh "$LAB/$h/agent.pid" \
+    "$DWCP_BIN" --log info agent --listen "${IP[$h]}:7070" --run-dir /run/dwcp \
+    --incoming-dir /run/dwcp --workers 1 </dev/null >>"$LAB/$h/agent.log" 2>&1 &
+  local i
+  for i in $(seq 50); do
+    hx "$h" test -S /run/dwcp/agent.sock && agent_ctl "$h" '{"op":"ping"}' >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  lv_log "agent on $h did not start"; cat "$LAB/$h/agent.log" >&2; return 1
+}
+
+agent_down() {
+  local h=$1 pid
+  pid=$(cat "$LAB/$h/agent.pid" 2>/dev/null) || return 0
+  kill "$pid" 2>/dev/null
+  for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  kill -9 "$pid" 2>/dev/null
+  rm -f "$LAB/$h/agent.pid"
+}
+
+# agent_ctl HOST JSON: one control request; prints the answer, fails on ok=false.
+agent_ctl() {
+  hx "$1" python3 -c '
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX); s.connect("/run/dwcp/agent.sock")
+s.sendall(sys.argv[1].encode() + b"\n")
+a = s.makefile().readline(); print(a.strip())
+sys.exit(0 if json.loads(a).get("ok") else 1)' "$2"
+}
+
+
+# pids_in HOST: every process in HOST's mount namespace (all started by this lab).
+pids_in() {
+  local ns p; ns=$(readlink "/proc/${KEEPER[$1]}/ns/mnt") || return 0
+  for p in /proc/[0-9]*; do
+    p=${p#/proc/}
+    [ "$p" != "${KEEPER[$1]}" ] && [ "$(readlink "/proc/$p/ns/mnt" 2>/dev/null)" = "$ns" ] && echo "$p"
+  done
+}
+
+host_down() {
+  local h=$1 d
+  [ -n "${KEEPER[$h]:-}" ] || return 0
+  for d in $(hvirsh "$h" list --name 2>/dev/null); do hvirsh "$h" destroy "$d" >/dev/null 2>&1; done
+  agent_down "$h"
+  kill $(pids_in "$h") 2>/dev/null
+  sleep 0.5
+  kill -9 $(pids_in "$h") 2>/dev/null
+  kill "${KEEPER[$h]}" 2>/dev/null
+  wait "${KEEPER[$h]}" 2>/dev/null
+  KEEPER[$h]=
+}
+
+lab_down() {
+  for h in $HOSTS; do host_down "$h" 2>/dev/null; done
+  [ -n "${NS[a]:-}" ] && ip netns del "${NS[a]}" 2>/dev/null
+  [ -n "${NS[b]:-}" ] && ip netns del "${NS[b]}" 2>/dev/null
+  [ -n "${KEEP:-}" ] || rm -rf "$LAB"
+  return 0
+}
+
+# domain_xml NAME [METADATA-XML] [CMDLINE-EXTRA]
+domain_xml() {
+  cat <<XML
+<domain type='qemu'>
+  <name>$1</name>
+  <memory unit='MiB'>${GUEST_MB:-256}</memory>
+  <vcpu>1</vcpu>
+  <metadata>${2:-}</metadata>
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>/var/lib/libvirt/images/dwcp/vmlinuz</kernel>
+    <initrd>/var/lib/libvirt/images/dwcp/initrd.img</initrd>
+    <cmdline>console=ttyS0 panic=-1 quiet dwcp.fill=${GUEST_FILL:-96} dwcp.dirty=${GUEST_DIRTY:-8} dwcp.sweep_ms=1500 ${3:-}</cmdline>
+  </os>
+  <features><acpi/></features>
+  <cpu mode='custom' match='exact' check='none'><model fallback='forbid'>qemu64</model></cpu>
+  <on_poweroff>destroy</on_poweroff>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <controller type='usb' model='none'/>
+    <serial type='file'><source path='/var/log/libvirt/qemu/$1-serial.log'/><target port='0'/></serial>
+    <console type='file'><source path='/var/log/libvirt/qemu/$1-serial.log'/><target type='serial' port='0'/></console>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+XML
+}
+
+serial() { cat "$LAB/$1/log/qemu/$2-serial.log" 2>/dev/null | tr -d '\r'; }
+
+# wait_serial HOST DOM PATTERN SECONDS
+wait_serial() {
+  local i
+  for i in $(seq $(( $4 * 5 ))); do
+    serial "$1" "$2" | grep -q -- "$3" && return 0
+    sleep 0.2
+  done
+  lv_log "timeout waiting for '$3' on $1/$2"; serial "$1" "$2" | tail -5 >&2; return 1
+}
+
+# last heartbeat field: hb_field HOST DOM FIELD
+hb_field() { serial "$1" "$2" | grep -E '^DWCP-HB .* errors=[0-9]+$' | tail -1 | sed -n "s/.* $3=\([0-9]*\).*/\1/p"; }

@@ -1,0 +1,217 @@
+#!/usr/bin/env bash
+# End-to-end tests: stock `virsh migrate --live` between two real libvirtd
+# hosts through DWCP agents, with the libvirt hook installed. Exits non-zero
+# on the first failure; the lab is torn down in any case (KEEP=1 keeps logs).
+# Needs root, libvirt (tests/libvirt/setup.sh), target/release/dwcp and the
+# test guest (tests/guest/build.sh). ONLY=name[,name] runs a subset.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+source tests/libvirt/lab.sh
+trap 'lab_down' EXIT
+trap 'exit 130' INT TERM
+MD_NS=https://dwcp.dev/xmlns/libvirt/1
+FAILS=0 PASSES=0
+T0=$SECONDS
+
+fail() { lv_log "FAIL: $*"; return 1; }
+dst_uri() { echo "qemu+tcp://${IP[$1]}/system"; }
+
+# domain_gone HOST DOM: not defined, not running.
+domain_gone() { ! hvirsh "$1" domstate "$2" >/dev/null 2>&1; }
+running_on() { [ "$(hvirsh "$1" domstate "$2" 2>/dev/null)" = running ]; }
+
+# route FROM TO DOM [dwcp-route args]: the source side of the relay.
+route() { local f=$1 t=$2 d=$3; shift 3; hx "$f" "$ROUTE_BIN" "$d" "${IP[$t]}" "$@" >/dev/null; }
+unroute() { hx "$1" "$ROUTE_BIN" --remove "$2" >/dev/null 2>&1 || true; }
+
+# migrate FROM TO DOM [virsh args]: virsh migrate through DWCP; output in $LAB/virsh.out
+migrate() {
+  local f=$1 t=$2 d=$3; shift 3
+  lv_log "virsh migrate --live --p2p $d $(dst_uri "$t") --migrateuri unix:///run/dwcp/$d.sock $*"
+  hx "$f" timeout 120 virsh -q -c qemu:///system migrate --live --p2p "$d" "$(dst_uri "$t")" \
+    --migrateuri "unix:///run/dwcp/$d.sock" "$@" >"$LAB/virsh.out" 2>&1
+  local rc=$?
+  [ $rc = 0 ] || lv_log "virsh: $(tr '\n' ' ' <"$LAB/virsh.out")"
+  return $rc
+}
+
+# verify_moved FROM TO DOM: the guest left FROM and continues on TO with its
+# memory intact: heartbeats continue (no reboot), errors=0, >= 2 full
+# verification sweeps of the whole fill area after the switch-over.
+verify_moved() {
+  local f=$1 t=$2 d=$3
+  domain_gone "$f" "$d" || fail "$d still present on $f after migration" || return 1
+  running_on "$t" "$d" || fail "$d not running on $t" || return 1
+  wait_serial "$t" "$d" DWCP-HB 30 || return 1
+  local first s0 i
+  first=$(serial "$t" "$d" | grep -m1 '^DWCP-HB')
+  s0=$(sed -n 's/.* swept=\([0-9]*\).*/\1/p' <<<"$first")
+  serial "$t" "$d" | grep -q DWCP-BOOT && { fail "$d rebooted on $t"; return 1; }
+  [ "$(sed -n 's/.*seq=\([0-9]*\).*/\1/p' <<<"$first")" -gt 0 ] || { fail "heartbeat restarted at 0"; return 1; }
+  for i in $(seq 150); do
+    [ "$(hb_field "$t" "$d" swept)" -ge $(( s0 + 2 )) ] && break
+    sleep 0.2
+  done
+  local last; last=$(serial "$t" "$d" | grep '^DWCP-HB' | tail -1)
+  [ "$(hb_field "$t" "$d" swept)" -ge $(( s0 + 2 )) ] || { fail "no 2 sweeps after switch-over: $first / $last"; return 1; }
+  serial "$t" "$d" | grep -q 'DWCP-ERROR\|DWCP-FATAL' && { fail "guest reports corruption"; serial "$t" "$d" | grep DWCP-ERROR | head -3 >&2; return 1; }
+  [ "$(hb_field "$t" "$d" errors)" = 0 ] || { fail "errors in $last"; return 1; }
+  lv_log "verified on $t: first $first; last $last"
+}
+
+# last_session HOST: the newest session of the host's agent as JSON.
+last_session() { agent_ctl "$1" '{"op":"stats"}' | python3 -c 'import json,sys; s=json.load(sys.stdin)["sessions"]; print(json.dumps(s[-1]) if s else "{}")'; }
+session_field() { python3 -c 'import json,sys; print(json.loads(sys.argv[1]).get(sys.argv[2]))' "$1" "$2"; }
+
+boot() { # boot HOST DOM [metadata]
+  domain_xml "$2" "${3:-}" >"$LAB/$2.xml"
+  hvirsh "$1" create "$LAB/$2.xml" >/dev/null || { tail -5 "$LAB/$1/log/qemu/$2.log" >&2; return 1; }
+  wait_serial "$1" "$2" DWCP-READY 90
+}
+
+# --- tests -----------------------------------------------------------------
+
+t_live_p2p_metadata() {
+  # Path 1 + path 3: the domain's metadata names 2 streams and zstd; the
+  # source route (dwcp-route) and the destination hook both read it.
+  boot a g1 "<dwcp:migration xmlns:dwcp='$MD_NS' transport='tcp' streams='2' codec='zstd'/>" || return 1
+  route a b g1 || return 1
+  migrate a b g1 --verbose || return 1
+  verify_moved a b g1 || return 1
+  local s; s=$(last_session a)
+  [ "$(session_field "$s" streams)" = 2 ] && [[ "$(session_field "$s" tier)" == zstd* ]] ||
+    { fail "session did not use the metadata's settings: $s"; return 1; }
+  [ "$(session_field "$(last_session b)" state)" != None ] || { fail "no session on the destination agent"; return 1; }
+  grep -q 'g1: migrate begin: accepted, transport=tcp streams=2 codec=zstd (from metadata)' "$LAB/b/log/dwcp-hook.log" ||
+    { fail "hook did not log its choice"; return 1; }
+  unroute a g1
+  lv_log "session: $(python3 -c 'import json,sys; s=json.loads(sys.argv[1]); print({k:s.get(k) for k in ("streams","tier","raw_out","wire_out","ratio_out","elapsed_s")})' "$s")"
+}
+
+t_parallel_back() {
+  # Back from b to a with 4 multifd connections (each one a DWCP channel).
+  route b a g1 --streams 4 --codec lz4 || return 1
+  migrate b a g1 --parallel --parallel-connections 4 || return 1
+  verify_moved b a g1 || return 1
+  local s; s=$(last_session b)
+  lv_log "parallel session: channels=$(session_field "$s" channels) streams=$(session_field "$s" streams)"
+  unroute b g1
+}
+
+t_exact_ram() {
+  # Exact RAM identity: pause, dump the source, migrate (destination stays
+  # paused with --suspend), dump the destination, compare, resume.
+  local size=$(( ${GUEST_MB:-256} << 20 ))
+  hvirsh a suspend g1 >/dev/null || return 1
+  rm -f "$LAB"/ram-*
+  hvirsh a qemu-monitor-command g1 --hmp "pmemsave 0 $size \"$LAB/ram-src\"" || return 1
+  route a b g1 || return 1
+  migrate a b g1 --suspend --parallel --parallel-connections 2 || return 1
+  [ "$(hvirsh b domstate g1)" = paused ] || { fail "destination not paused"; return 1; }
+  hvirsh b qemu-monitor-command g1 --hmp "pmemsave 0 $size \"$LAB/ram-dst\"" || return 1
+  local a b; a=$(sha256sum <"$LAB/ram-src"); b=$(sha256sum <"$LAB/ram-dst")
+  [ -s "$LAB/ram-src" ] && [ "$a" = "$b" ] || { cmp "$LAB/ram-src" "$LAB/ram-dst" | head -2 >&2; fail "RAM differs"; return 1; }
+  lv_log "RAM identical ($size bytes, sha256 ${a:0:16})"
+  rm -f "$LAB"/ram-*
+  hvirsh b resume g1 >/dev/null || return 1
+  unroute a g1
+  verify_moved a b g1
+}
+
+# expect_refused FROM TO DOM PATTERN [virsh args]: migration fails with PATTERN,
+# the domain keeps running on FROM and nothing is left on TO.
+expect_refused() {
+  local f=$1 t=$2 d=$3 pat=$4; shift 4
+  if migrate "$f" "$t" "$d" "$@"; then fail "migration should have failed"; return 1; fi
+  grep -q -- "$pat" "$LAB/virsh.out" || { fail "error does not say '$pat'"; return 1; }
+  running_on "$f" "$d" || { fail "$d not running on $f after the failure"; return 1; }
+  sleep 1
+  domain_gone "$t" "$d" || { fail "$d left on $t"; hvirsh "$t" list --all >&2; return 1; }
+  [ -z "$(hvirsh "$t" list --all --name)" ] || { fail "domains left on $t"; return 1; }
+  lv_log "refused as expected: $(grep -o -- "$pat.*" "$LAB/virsh.out" | head -1)"
+}
+
+t_fail_dst_agent_down() {
+  # g1 is on b now: move it b -> a with a's agent down; the hook on a refuses.
+  route b a g1 || return 1
+  agent_down a
+  expect_refused b a g1 "agent at /run/dwcp/agent.sock is not reachable" || return 1
+  agent_up a || return 1
+  migrate b a g1 || return 1
+  verify_moved b a g1 || return 1
+  unroute b g1
+}
+
+t_fail_src_agent_down() {
+  route a b g1 || return 1
+  agent_down a   # the route socket is left behind, nobody accepts on it
+  expect_refused a b g1 "g1.sock" || return 1
+  agent_up a || return 1
+  route a b g1 || return 1
+  migrate a b g1 || return 1
+  verify_moved a b g1 || return 1
+  unroute a g1
+}
+
+t_fail_wrong_socket() {
+  # No route for this path on b: QEMU cannot connect; then the right one works.
+  route b a g1 || return 1
+  if hx b timeout 60 virsh -q -c qemu:///system migrate --live --p2p g1 "$(dst_uri a)" --migrateuri unix:///run/dwcp/nosuch.sock >"$LAB/virsh.out" 2>&1; then
+    fail "migration to a wrong socket succeeded"; return 1
+  fi
+  grep -q "nosuch.sock" "$LAB/virsh.out" || { fail "error does not name the socket: $(cat "$LAB/virsh.out")"; return 1; }
+  running_on b g1 && domain_gone a g1 || { fail "state after wrong socket"; return 1; }
+  lv_log "refused as expected: $(head -1 "$LAB/virsh.out")"
+  migrate b a g1 || return 1
+  verify_moved b a g1 || return 1
+  unroute b g1
+}
+
+t_fail_bad_metadata() {
+  boot a g2 "<dwcp:migration xmlns:dwcp='$MD_NS' streams='999' codec='lz9'/>" || return 1
+  route a b g2 --streams 4 --codec lz4 || return 1
+  expect_refused a b g2 "streams='999' is invalid" || return 1
+  unroute a g2
+  hvirsh a destroy g2 >/dev/null
+}
+
+# kill_mid FROM TO DOM WHAT: start a slow migration, kill WHAT on TO after 3 s.
+kill_mid() {
+  local f=$1 t=$2 d=$3 what=$4
+  route "$f" "$t" "$d" || return 1
+  ( sleep 3
+    case $what in
+      qemu) kill -9 "$(hx "$t" cat "/run/libvirt/qemu/$d.pid")" ;;
+      agent) agent_down "$t" ;;
+    esac ) &
+  local killer=$!
+  expect_refused "$f" "$t" "$d" "" --bandwidth 4
+  local rc=$?
+  wait $killer
+  [ "$what" = agent ] && { agent_up "$t" || return 1; }
+  [ $rc = 0 ] || return 1
+  migrate "$f" "$t" "$d" || return 1
+  verify_moved "$f" "$t" "$d" || return 1
+  unroute "$f" "$d"
+}
+
+t_fail_dst_qemu_dies() { kill_mid a b g1 qemu; }
+t_fail_dst_agent_dies() { kill_mid b a g1 agent; }
+
+TESTS="live_p2p_metadata parallel_back exact_ram fail_dst_agent_down fail_src_agent_down fail_wrong_socket fail_bad_metadata fail_dst_qemu_dies fail_dst_agent_dies"
+
+lv_log "lab: $LAB"
+lab_up || { lv_log "lab did not come up"; exit 1; }
+for t in $TESTS; do
+  if [ -n "${ONLY:-}" ] && [[ ",$ONLY," != *",$t,"* ]]; then continue; fi
+  lv_log "=== $t"
+  t1=$SECONDS
+  if "t_$t"; then
+    PASSES=$((PASSES + 1)); lv_log "--- PASS $t ($((SECONDS - t1)) s)"
+  else
+    FAILS=$((FAILS + 1)); lv_log "--- FAIL $t ($((SECONDS - t1)) s)"
+    [ -n "${KEEP_GOING:-}" ] || break
+  fi
+done
+lv_log "libvirt tests: $PASSES passed, $FAILS failed in $((SECONDS - T0)) s"
+[ $FAILS = 0 ] && [ $PASSES -gt 0 ]
