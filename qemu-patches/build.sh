@@ -60,10 +60,24 @@ fi
 # 3. The series, with git am onto the pristine base.
 log "applying $(ls "$here"/*.patch | grep -vc 0000-) patches"
 git -C "$qdir/src" am --abort >/dev/null 2>&1 || true
+old=$(git -C "$qdir/src" rev-parse HEAD)
 git -C "$qdir/src" reset -q --hard base
 git -C "$qdir/src" clean -qfd
 ls "$here"/*.patch | grep -v '/0000-' | xargs git -C "$qdir/src" -c user.name=build \
     -c user.email=build@localhost am -q --committer-date-is-author-date
+new=$(git -C "$qdir/src" rev-parse HEAD)
+# reset + am rewrote every file the old or new series touches; give those
+# whose content did not change their previous time back, or a touched
+# qapi/migration.json alone regenerates the QAPI headers and rebuilds all.
+if [ -f "$qdir/applied" ]; then
+    { git -C "$qdir/src" diff --name-only base "$old"; git -C "$qdir/src" diff --name-only base "$new"; } |
+        sort -u | while read -r f; do
+            if [ -e "$qdir/src/$f" ] && git -C "$qdir/src" diff --quiet "$old" "$new" -- "$f"; then
+                touch -r "$qdir/applied" "$qdir/src/$f"
+            fi
+        done
+fi
+touch "$qdir/applied.new"
 
 # The +ds tarball has no firmware blobs, but meson wants the edk2 ones to
 # exist when bzip2 is installed: empty placeholders (the guest boots with
@@ -85,5 +99,6 @@ if ! [ -f "$qdir/build/build.ninja" ]; then
 fi
 log "building (a clean build takes ~5 min on 2 cores)"
 ninja -C "$qdir/build" qemu-system-x86_64 >&2
+mv "$qdir/applied.new" "$qdir/applied"
 echo "$key" >"$qdir/key"
 echo "$bin"

@@ -36,7 +36,7 @@ impl Outgoing {
                 SessionError::Handshake { .. } => DWCP_HANDSHAKE_FAILED,
                 _ => DWCP_SESSION_FAILED,
             };
-            Error::new(code, format!("dwcp migration to {addr}: {e}"))
+            Error::new(code, e.to_string())
         })?;
         Ok(Outgoing {
             session,
