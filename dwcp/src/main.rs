@@ -1,5 +1,6 @@
 //! `dwcp`: the DWCP command (agent daemon, migrate, stats, demo, benchmark).
 
+mod bench;
 mod migrate;
 
 use std::net::SocketAddr;
@@ -35,6 +36,8 @@ enum Cmd {
     Stats(StatsArgs),
     /// Boot the test guest on two emulated hosts and migrate it through DWCP.
     Demo(dwcp_harness::demo::DemoArgs),
+    /// Benchmarks: DWCP against QEMU's own channels, codec, streams, consensus.
+    Benchmark(bench::BenchArgs),
     /// Userspace WAN link emulator between two interfaces (`dwcp linkem --help`).
     #[command(disable_help_flag = true)]
     Linkem {
@@ -139,6 +142,7 @@ fn main() {
         Cmd::Migrate(m) => migrate::run(m),
         Cmd::Stats(s) => stats(s),
         Cmd::Demo(d) => dwcp_harness::demo::run(d),
+        Cmd::Benchmark(b) => bench::run(b),
         Cmd::Linkem { args } => linkem::cli_main(args),
     };
     if let Err(e) = r {

@@ -1,0 +1,545 @@
+//! `dwcp benchmark compare`: the same guest over the same emulated link,
+//! migrated by QEMU's own channels and by DWCP, runs interleaved.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Args;
+use dwcp_core::agent::control_request;
+use dwcp_core::qemu::{self, MigrationSetup};
+use dwcp_harness::{
+    boot_pair, scratch_dir, verify, Guest, GuestPair, GuestSpec, Lab, MigrationSpec,
+};
+use serde_json::{json, Value};
+
+use super::schema::{
+    CompareSuite, ContenderSummary, Cpu, GuestInfo, Outcome, RunResult, Sample, Stat,
+};
+use super::{OutputArgs, Progress};
+
+pub const DEFAULT_CONTENDERS: &str =
+    "qemu-tcp,qemu-multifd-zstd,qemu-xbzrle,dwcp,dwcp-none,dwcp-lz4,dwcp-zstd";
+
+#[derive(Args, Debug, Clone)]
+pub struct CompareArgs {
+    #[command(flatten)]
+    pub out: OutputArgs,
+    /// Link profile: dc (unshaped), wan, internet, lossy.
+    #[arg(long, default_value = "dc")]
+    pub profile: String,
+    /// Guest RAM, MiB.
+    #[arg(long, default_value_t = 512)]
+    pub guest_mem: u64,
+    /// Realistic content the guest workload fills, MiB.
+    #[arg(long, default_value_t = 256)]
+    pub fill: u64,
+    /// Rate at which the guest rewrites its memory, MiB/s.
+    #[arg(long, default_value_t = 8)]
+    pub dirty_rate: u64,
+    /// Runs per contender (interleaved: A B C A B C ...).
+    #[arg(long, default_value_t = 1)]
+    pub repeat: usize,
+    /// Contenders: qemu-tcp, qemu-multifd (4 channels), qemu-multifd-zstd,
+    /// qemu-xbzrle, dwcp (agent defaults), dwcp-none, dwcp-lz4, dwcp-zstd,
+    /// dwcp-zstd:N.
+    #[arg(long, value_delimiter = ',', default_value = DEFAULT_CONTENDERS)]
+    pub contenders: Vec<String>,
+    /// Seconds before a migration counts as not converged and is cancelled.
+    #[arg(long, default_value_t = 300)]
+    pub timeout: u64,
+    /// Guest content seed.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+impl CompareArgs {
+    pub fn runs(&self) -> usize {
+        self.repeat * self.contenders.len()
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Kind {
+    Native(MigrationSetup),
+    Dwcp { codec: Option<String> },
+}
+
+fn contender(name: &str) -> Result<Kind> {
+    let native = |multifd: Option<u32>, comp: Option<&str>, xbzrle: bool| {
+        Kind::Native(MigrationSetup {
+            multifd_channels: multifd,
+            multifd_compression: comp.map(str::to_string),
+            xbzrle,
+            return_path: true,
+            ..Default::default()
+        })
+    };
+    Ok(match name {
+        "qemu-tcp" => native(None, None, false),
+        "qemu-multifd" => native(Some(4), None, false),
+        "qemu-multifd-zstd" => native(Some(4), Some("zstd"), false),
+        "qemu-xbzrle" => native(None, None, true),
+        "dwcp" => Kind::Dwcp { codec: None },
+        other => match other.strip_prefix("dwcp-") {
+            Some(tier) => {
+                tier.parse::<dwcp_core::codec::Tier>()
+                    .map_err(|e| anyhow!("contender {other:?}: {e}"))?;
+                Kind::Dwcp {
+                    codec: Some(tier.to_string()),
+                }
+            }
+            None => bail!(
+                "unknown contender {other:?} (qemu-tcp, qemu-multifd, qemu-multifd-zstd, qemu-xbzrle, dwcp, dwcp-none, dwcp-lz4, dwcp-zstd, dwcp-zstd:N)"
+            ),
+        },
+    })
+}
+
+pub fn run(a: &CompareArgs, p: &Progress) -> Result<CompareSuite> {
+    let kinds: Vec<(String, Kind)> = a
+        .contenders
+        .iter()
+        .map(|c| contender(c).map(|k| (c.clone(), k)))
+        .collect::<Result<_>>()?;
+    if a.fill + 48 > a.guest_mem {
+        bail!(
+            "--fill {} leaves less than 48 MiB of the {} MiB guest free",
+            a.fill,
+            a.guest_mem
+        );
+    }
+    let prof: dwcp_harness::Profile = a
+        .profile
+        .parse()
+        .map_err(|e| anyhow!("--profile {:?}: {e}", a.profile))?;
+    p.set_message(format!("compare {}: creating the two hosts", a.profile));
+    let lab = Lab::new("bench", prof.middle(), &[]).context("setting up the two hosts")?;
+    let spec = GuestSpec {
+        mem_mb: a.guest_mem,
+        fill_mb: a.fill,
+        dirty_mbps: a.dirty_rate,
+        seed: a.seed,
+        ..Default::default()
+    };
+    let scratch = scratch_dir(&lab)?;
+    let mut runs = Vec::new();
+    for r in 0..a.repeat {
+        for (name, kind) in &kinds {
+            p.set_message(format!(
+                "compare {}: {name} (run {}/{})",
+                a.profile,
+                r + 1,
+                a.repeat
+            ));
+            let rr = one_run(&lab, &spec, name, kind, r, a.timeout, &scratch);
+            if rr.outcome == Outcome::Corrupted {
+                p.println(format!(
+                    "!!! CORRUPTION: {name} run {} on {}: {}",
+                    r + 1,
+                    a.profile,
+                    rr.error.as_deref().unwrap_or("")
+                ));
+            } else if rr.outcome != Outcome::Completed {
+                p.println(format!(
+                    "    {name} run {} on {}: {:?}: {}",
+                    r + 1,
+                    a.profile,
+                    rr.outcome,
+                    rr.error.as_deref().unwrap_or("")
+                ));
+            }
+            runs.push(rr);
+            p.inc();
+        }
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+    let summary = a.contenders.iter().map(|c| summarize(c, &runs)).collect();
+    Ok(CompareSuite {
+        profile: a.profile.clone(),
+        guest: GuestInfo {
+            mem_mb: spec.mem_mb,
+            fill_mb: spec.fill_mb,
+            dirty_mbps: spec.dirty_mbps,
+            seed: spec.seed,
+            mix: spec.mix.clone(),
+            accel: spec.accel.clone(),
+        },
+        repeat: a.repeat,
+        timeout_s: a.timeout,
+        contenders: a.contenders.clone(),
+        runs,
+        summary,
+    })
+}
+
+fn summarize(c: &str, runs: &[RunResult]) -> ContenderSummary {
+    let mine: Vec<&RunResult> = runs.iter().filter(|r| r.contender == c).collect();
+    let ok: Vec<&RunResult> = mine
+        .iter()
+        .copied()
+        .filter(|r| r.outcome == Outcome::Completed)
+        .collect();
+    let st =
+        |f: &dyn Fn(&RunResult) -> Option<f64>| Stat::of(ok.iter().filter_map(|r| f(r)).collect());
+    ContenderSummary {
+        contender: c.to_string(),
+        runs: mine.len(),
+        converged: ok.len(),
+        corrupted: mine
+            .iter()
+            .filter(|r| r.outcome == Outcome::Corrupted)
+            .count(),
+        total_time_ms: st(&|r| Some(r.total_time_ms as f64)),
+        downtime_ms: st(&|r| r.downtime_ms.map(|d| d as f64)),
+        guest_pause_ms: st(&|r| r.guest_pause_ms.map(|d| d as f64)),
+        ram_bytes: st(&|r| Some(r.ram_bytes as f64)),
+        wire_bytes: st(&|r| Some(r.wire_bytes as f64)),
+        link_tx_bytes: st(&|r| Some(r.link_tx_bytes as f64)),
+        wire_mbit_s: st(&|r| Some(r.wire_mbit_s)),
+        ram_mbit_s: st(&|r| Some(r.ram_mbit_s)),
+        dirty_syncs: st(&|r| Some(r.dirty_syncs as f64)),
+        cpu_src_s: st(&|r| Some(r.cpu.src())),
+        cpu_dst_s: st(&|r| Some(r.cpu.dst())),
+        cpu_s_per_gib: st(&|r| {
+            (r.ram_bytes > 0)
+                .then(|| (r.cpu.src() + r.cpu.dst()) / (r.ram_bytes as f64 / (1u64 << 30) as f64))
+        }),
+    }
+}
+
+/// utime + stime of a process (all its threads), seconds.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    let Some(rest) = s.rfind(')').map(|i| &s[i + 1..]) else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // After the comm field: state is index 0, utime 11, stime 12 (fields 14, 15).
+    let t = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    (t(11) + t(12)) as f64 / clock_ticks()
+}
+
+fn clock_ticks() -> f64 {
+    100.0 // USER_HZ on every Linux ABI we run on.
+}
+
+/// Bytes the host's eth0 has sent.
+fn link_tx(lab: &Lab, ns: &str) -> u64 {
+    lab.topo
+        .exec(ns, "cat")
+        .arg("/sys/class/net/eth0/statistics/tx_bytes")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(0)
+}
+
+static RUN_SEQ: AtomicU32 = AtomicU32::new(0);
+
+fn empty_run(name: &str, repeat: usize) -> RunResult {
+    RunResult {
+        contender: name.to_string(),
+        repeat,
+        outcome: Outcome::Failed,
+        error: None,
+        total_time_ms: 0,
+        downtime_ms: None,
+        guest_pause_ms: None,
+        ram_bytes: 0,
+        wire_bytes: 0,
+        link_tx_bytes: 0,
+        wire_mbit_s: 0.0,
+        ram_mbit_s: 0.0,
+        dirty_syncs: 0,
+        cpu: Cpu::default(),
+        memory_verified: false,
+        timeline: Vec::new(),
+    }
+}
+
+fn one_run(
+    lab: &Lab,
+    spec: &GuestSpec,
+    name: &str,
+    kind: &Kind,
+    repeat: usize,
+    timeout: u64,
+    scratch: &Path,
+) -> RunResult {
+    let mut rr = empty_run(name, repeat);
+    if let Err(e) = run_inner(lab, spec, kind, timeout, scratch, &mut rr) {
+        let msg = format!("{e:#}");
+        if rr.outcome == Outcome::Failed
+            && (msg.contains("differs from the source")
+                || msg.contains("memory errors")
+                || msg.contains("corruption"))
+        {
+            rr.outcome = Outcome::Corrupted;
+        }
+        rr.error = Some(msg);
+    }
+    rr
+}
+
+fn run_inner(
+    lab: &Lab,
+    spec: &GuestSpec,
+    kind: &Kind,
+    timeout: u64,
+    scratch: &Path,
+    rr: &mut RunResult,
+) -> Result<()> {
+    let seq = RUN_SEQ.fetch_add(1, Ordering::Relaxed);
+    let tag = format!("b{seq}");
+    let src_ctl = lab.src_agent().control();
+    let (pair, uri, setup, dwcp_name) = match kind {
+        Kind::Native(setup) => {
+            let src = Guest::start(lab, lab.src_ns(), "src", spec, false)?;
+            let dst = Guest::start(lab, lab.dst_ns(), "dst", spec, true)?;
+            src.wait_line("DWCP-READY", Duration::from_secs(60 + spec.fill_mb / 2))?;
+            let hb = src.expect_heartbeats(0, 2, Duration::from_secs(20))?;
+            let uri = format!("tcp:{}:{}", lab.topo.dst_ip, 7200 + (seq % 500));
+            let mut dq = dst.qmp()?;
+            setup
+                .apply(&mut dq, true)
+                .context("destination capabilities")?;
+            dq.execute("migrate-incoming", Some(json!({ "uri": uri })))?;
+            drop(dq);
+            std::thread::sleep(Duration::from_millis(200));
+            let pair = GuestPair {
+                src,
+                dst,
+                ready_seq: hb.seq,
+            };
+            (pair, uri, setup.clone(), None)
+        }
+        Kind::Dwcp { codec } => {
+            let mig = MigrationSpec {
+                name: tag.clone(),
+                return_path: true,
+                multifd: None,
+                ..Default::default()
+            };
+            let pair = boot_pair(lab, spec, &mig)?;
+            let mut req = json!({"op": "route", "name": tag, "to": lab.dst_addr()});
+            if let Some(c) = codec {
+                req["codec"] = json!(c);
+            }
+            let route = control_request(&src_ctl, &req).map_err(|e| anyhow!("route: {e}"))?;
+            let socket = route["socket"].as_str().unwrap_or_default().to_string();
+            let setup = MigrationSetup {
+                return_path: true,
+                ..Default::default()
+            };
+            (pair, format!("unix:{socket}"), setup, Some(tag.clone()))
+        }
+    };
+    let pids = [
+        pair.src.child.id(),
+        lab.src_agent().child.id(),
+        pair.dst.child.id(),
+        lab.dst_agent().child.id(),
+    ];
+    let cpu0: Vec<f64> = pids.iter().map(|&p| cpu_seconds(p)).collect();
+    let link0 = link_tx(lab, lab.src_ns());
+
+    let mut sq = pair.src.qmp()?;
+    setup.apply(&mut sq, false).context("source capabilities")?;
+    let t0 = Instant::now();
+    let mut samples: Vec<Sample> = Vec::new();
+    let mut last = Value::Null;
+    let mut polls = 0u32;
+    let mut wire_now = 0u64;
+    let result = qemu::migrate(&mut sq, &uri, Duration::from_secs(timeout), |v| {
+        let ram = v
+            .pointer("/ram/transferred")
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        if let Some(n) = &dwcp_name {
+            if polls.is_multiple_of(2) {
+                if let Some(s) = session(&src_ctl, n) {
+                    wire_now = s["wire_out"].as_u64().unwrap_or(wire_now);
+                }
+            }
+        } else {
+            wire_now = ram;
+        }
+        polls += 1;
+        samples.push(Sample {
+            t_ms: t0.elapsed().as_millis() as u64,
+            ram_bytes: ram,
+            wire_bytes: wire_now,
+            qemu_mbps: v
+                .pointer("/ram/mbps")
+                .and_then(Value::as_f64)
+                .unwrap_or(0.0),
+        });
+        last = v.clone();
+    });
+    drop(sq);
+    let elapsed = t0.elapsed();
+    let finish_counters = |rr: &mut RunResult| {
+        let cpu1: Vec<f64> = pids.iter().map(|&p| cpu_seconds(p)).collect();
+        let d = |i: usize| (cpu1[i] - cpu0[i]).max(0.0);
+        rr.cpu = Cpu {
+            src_qemu_s: d(0),
+            src_agent_s: d(1),
+            dst_qemu_s: d(2),
+            dst_agent_s: d(3),
+        };
+        rr.link_tx_bytes = link_tx(lab, lab.src_ns()).saturating_sub(link0);
+    };
+    rr.timeline = downsample(samples, 400);
+    let r = match result {
+        Ok(r) => r,
+        Err(e) => {
+            let msg = e.to_string();
+            finish_counters(rr);
+            rr.total_time_ms = elapsed.as_millis() as u64;
+            rr.ram_bytes = last
+                .pointer("/ram/transferred")
+                .and_then(Value::as_u64)
+                .unwrap_or(0);
+            rr.dirty_syncs = last
+                .pointer("/ram/dirty-sync-count")
+                .and_then(Value::as_u64)
+                .unwrap_or(0);
+            rr.wire_bytes = if dwcp_name.is_some() {
+                wire_now
+            } else {
+                rr.ram_bytes
+            };
+            if msg.contains("did not complete within") {
+                rr.outcome = Outcome::NotConverged;
+            }
+            if let Some(n) = &dwcp_name {
+                let _ = control_request(&src_ctl, &json!({"op": "unroute", "name": n}));
+            }
+            bail!("{msg}");
+        }
+    };
+    rr.total_time_ms = r.total_time_ms;
+    rr.downtime_ms = Some(r.downtime_ms);
+    rr.ram_bytes = r.ram_transferred;
+    rr.dirty_syncs = r.dirty_sync_count;
+    rr.wire_bytes = match &dwcp_name {
+        Some(n) => settled_session(&src_ctl, n)
+            .and_then(|s| s["wire_out"].as_u64())
+            .unwrap_or(0),
+        None => r.ram_transferred,
+    };
+    finish_counters(rr);
+    if let Some(n) = &dwcp_name {
+        let _ = control_request(&src_ctl, &json!({"op": "unroute", "name": n}));
+    }
+    let secs = (r.total_time_ms as f64 / 1000.0).max(1e-3);
+    rr.wire_mbit_s = rr.wire_bytes as f64 * 8.0 / secs / 1e6;
+    rr.ram_mbit_s = rr.ram_bytes as f64 * 8.0 / secs / 1e6;
+    let v = verify(&pair, serde_json::to_value(&r)?, scratch)
+        .context("verifying the migrated guest")?;
+    rr.memory_verified = true;
+    rr.guest_pause_ms = Some(v.pause_ms);
+    rr.outcome = Outcome::Completed;
+    Ok(())
+}
+
+fn downsample(v: Vec<Sample>, max: usize) -> Vec<Sample> {
+    if v.len() <= max {
+        return v;
+    }
+    let step = v.len().div_ceil(max);
+    let last = v.len() - 1;
+    v.into_iter()
+        .enumerate()
+        .filter(|(i, _)| i % step == 0 || *i == last)
+        .map(|(_, s)| s)
+        .collect()
+}
+
+/// The source agent's newest session called `name`.
+fn session(ctl: &Path, name: &str) -> Option<Value> {
+    let v = control_request(ctl, &json!({"op": "stats"})).ok()?;
+    v["sessions"]
+        .as_array()?
+        .iter()
+        .rev()
+        .find(|s| s["name"] == name)
+        .cloned()
+}
+
+fn settled_session(ctl: &Path, name: &str) -> Option<Value> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let s = session(ctl, name);
+        if s.as_ref().is_some_and(|s| s["state"] != "running") || Instant::now() > deadline {
+            return s;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn fmt_stat(s: &Option<Stat>, scale: f64, prec: usize) -> String {
+    match s {
+        None => "-".into(),
+        Some(s) if s.n == 1 => format!("{:.*}", prec, s.median / scale),
+        Some(s) => format!(
+            "{:.*} [{:.*}-{:.*}]",
+            prec,
+            s.median / scale,
+            prec,
+            s.min / scale,
+            prec,
+            s.max / scale
+        ),
+    }
+}
+
+pub fn summary_text(s: &CompareSuite) -> String {
+    let mut t = format!(
+        "compare --profile {}: {} MiB guest, {} MiB filled, dirtying {} MiB/s, {} repeat(s); median [min-max]\n",
+        s.profile, s.guest.mem_mb, s.guest.fill_mb, s.guest.dirty_mbps, s.repeat
+    );
+    t.push_str(&format!(
+        "{:<18} {:>5} {:>18} {:>16} {:>16} {:>18} {:>18} {:>16} {:>8} {:>14}\n",
+        "contender",
+        "conv",
+        "total s",
+        "downtime ms",
+        "guest pause ms",
+        "RAM MiB",
+        "wire MiB",
+        "wire Mbit/s",
+        "syncs",
+        "CPU s/GiB"
+    ));
+    for c in &s.summary {
+        t.push_str(&format!(
+            "{:<18} {:>5} {:>18} {:>16} {:>16} {:>18} {:>18} {:>16} {:>8} {:>14}\n",
+            c.contender,
+            format!("{}/{}", c.converged, c.runs),
+            fmt_stat(&c.total_time_ms, 1000.0, 2),
+            fmt_stat(&c.downtime_ms, 1.0, 0),
+            fmt_stat(&c.guest_pause_ms, 1.0, 0),
+            fmt_stat(&c.ram_bytes, 1048576.0, 1),
+            fmt_stat(&c.wire_bytes, 1048576.0, 1),
+            fmt_stat(&c.wire_mbit_s, 1.0, 0),
+            fmt_stat(&c.dirty_syncs, 1.0, 0),
+            fmt_stat(&c.cpu_s_per_gib, 1.0, 2),
+        ));
+        if c.corrupted > 0 {
+            t.push_str(&format!(
+                "  !!! {} run(s) of {} CORRUPTED the guest\n",
+                c.corrupted, c.contender
+            ));
+        }
+    }
+    t
+}
+
+pub fn print_summary(s: &CompareSuite) {
+    println!("{}", summary_text(s));
+}

@@ -1,0 +1,249 @@
+//! `dwcp benchmark`: DWCP against QEMU's own migration channel on the same
+//! emulated link, plus component benchmarks (codec tiers, stream
+//! scalability, consensus). Every command writes `results.json` (schema in
+//! [`schema`], documented in docs/benchmarks.md) and a self-contained
+//! `report.html` with SVG figures into `--output`.
+
+mod compare;
+mod micro;
+mod report;
+mod schema;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+pub use schema::Results;
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    cmd: BenchCmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCmd {
+    /// Migrate the same guest over the same emulated link with QEMU's own
+    /// channels and with DWCP; interleaved runs, median/min/max.
+    Compare(compare::CompareArgs),
+    /// Codec tiers on a guest-like memory image: ratio and MB/s per core,
+    /// DWCP's codec against the raw lz4/zstd crates.
+    Hde(micro::HdeArgs),
+    /// Stream scalability through two agents (no QEMU): 1..32 streams.
+    Amst(micro::AmstArgs),
+    /// Consensus commit latency and throughput (3 and 5 nodes, loopback).
+    Consensus(micro::ConsensusArgs),
+    /// The whole suite with small defaults (compare on dc and internet,
+    /// hde, amst, consensus) and one report.
+    Run(RunArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct OutputArgs {
+    /// Directory for results.json, report.html and the SVG figures.
+    #[arg(long, default_value = "dwcp-bench")]
+    pub output: PathBuf,
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    #[command(flatten)]
+    out: OutputArgs,
+    /// Profiles for the migration comparison.
+    #[arg(long, value_delimiter = ',', default_value = "dc,internet")]
+    profiles: Vec<String>,
+    /// Repeats per contender and profile.
+    #[arg(long, default_value_t = 1)]
+    repeat: usize,
+    /// Guest RAM in MiB.
+    #[arg(long, default_value_t = 512)]
+    guest_mem: u64,
+    /// Realistic content the guest fills, MiB.
+    #[arg(long, default_value_t = 256)]
+    fill: u64,
+    /// Guest dirty rate, MiB/s.
+    #[arg(long, default_value_t = 8)]
+    dirty_rate: u64,
+    /// Contenders (see `compare --help`).
+    #[arg(long, value_delimiter = ',', default_value = compare::DEFAULT_CONTENDERS)]
+    contenders: Vec<String>,
+    /// Per-migration timeout, seconds.
+    #[arg(long, default_value_t = 300)]
+    timeout: u64,
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    let cmdline: Vec<String> = std::env::args().collect();
+    let mut res = Results::new(cmdline.join(" "));
+    let out = match a.cmd {
+        BenchCmd::Compare(c) => {
+            let p = Progress::new(c.runs() as u64, c.runs() as u64 * 40);
+            let s = compare::run(&c, &p)?;
+            p.finish();
+            compare::print_summary(&s);
+            res.compare.push(s);
+            c.out.output.clone()
+        }
+        BenchCmd::Hde(h) => {
+            let r = micro::hde(&h)?;
+            micro::print_hde(&r);
+            res.hde = Some(r);
+            h.out.output.clone()
+        }
+        BenchCmd::Amst(m) => {
+            let p = Progress::new(m.streams.len() as u64, m.streams.len() as u64 * 10);
+            let r = micro::amst(&m, &p)?;
+            p.finish();
+            micro::print_amst(&r);
+            res.amst.push(r);
+            m.out.output.clone()
+        }
+        BenchCmd::Consensus(c) => {
+            let r = micro::consensus(&c)?;
+            micro::print_consensus(&r);
+            res.consensus = r;
+            c.out.output.clone()
+        }
+        BenchCmd::Run(r) => {
+            suite(&r, &mut res)?;
+            r.out.output.clone()
+        }
+    };
+    write_outputs(&res, &out)?;
+    println!(
+        "results: {}  report: {}",
+        out.join("results.json").display(),
+        out.join("report.html").display()
+    );
+    if res.corrupted_runs() > 0 {
+        anyhow::bail!(
+            "{} benchmark run(s) CORRUPTED the guest (see results.json)",
+            res.corrupted_runs()
+        );
+    }
+    Ok(())
+}
+
+fn suite(r: &RunArgs, res: &mut Results) -> Result<()> {
+    let compares: Vec<compare::CompareArgs> = r
+        .profiles
+        .iter()
+        .map(|p| compare::CompareArgs {
+            out: r.out.clone(),
+            profile: p.clone(),
+            guest_mem: r.guest_mem,
+            fill: r.fill,
+            dirty_rate: r.dirty_rate,
+            repeat: r.repeat,
+            contenders: r.contenders.clone(),
+            timeout: r.timeout,
+            seed: 1,
+        })
+        .collect();
+    let amst = micro::AmstArgs {
+        out: r.out.clone(),
+        profile: "dc".into(),
+        streams: vec![1, 2, 4, 8, 16, 32],
+        data_size: 256,
+    };
+    let hde = micro::HdeArgs {
+        out: r.out.clone(),
+        data_size: 128,
+        input: None,
+        seed: 1,
+    };
+    let cons = micro::ConsensusArgs {
+        out: r.out.clone(),
+        nodes: vec![3, 5],
+        ops: 500,
+        batch: 8,
+    };
+    // Units: one per migration run / stream count, plus hde and consensus.
+    let runs: u64 = compares.iter().map(|c| c.runs() as u64).sum();
+    let units = runs + amst.streams.len() as u64 + 2;
+    let est_secs = runs * 40 + amst.streams.len() as u64 * 10 + 60;
+    let p = Progress::new(units, est_secs);
+    p.set_message("hde: codec tiers");
+    match micro::hde(&hde) {
+        Ok(h) => {
+            micro::print_hde(&h);
+            res.hde = Some(h)
+        }
+        Err(e) => res.errors.push(format!("hde: {e:#}")),
+    }
+    p.inc();
+    p.set_message("consensus: 3 and 5 nodes");
+    match micro::consensus(&cons) {
+        Ok(c) => res.consensus = c,
+        Err(e) => res.errors.push(format!("consensus: {e:#}")),
+    }
+    p.inc();
+    match micro::amst(&amst, &p) {
+        Ok(a) => res.amst.push(a),
+        Err(e) => res.errors.push(format!("amst: {e:#}")),
+    }
+    for c in &compares {
+        match compare::run(c, &p) {
+            Ok(s) => {
+                p.println(compare::summary_text(&s));
+                res.compare.push(s)
+            }
+            Err(e) => res
+                .errors
+                .push(format!("compare --profile {}: {e:#}", c.profile)),
+        }
+        // Results so far survive a later failure or interruption.
+        let _ = write_outputs(res, &r.out.output);
+    }
+    p.finish();
+    Ok(())
+}
+
+fn write_outputs(res: &Results, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::write(dir.join("results.json"), serde_json::to_string_pretty(res)?)?;
+    let (html, svgs) = report::render(res);
+    for (name, svg) in &svgs {
+        std::fs::write(dir.join(name), svg)?;
+    }
+    std::fs::write(dir.join("report.html"), html)?;
+    Ok(())
+}
+
+/// The suite's progress bar: what runs now and the ETA.
+#[derive(Debug)]
+pub struct Progress {
+    bar: ProgressBar,
+}
+
+impl Progress {
+    /// `units` steps; `est_secs` the expected duration (for the ETA before
+    /// the first step finishes).
+    fn new(units: u64, est_secs: u64) -> Progress {
+        let bar = ProgressBar::new(units);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} ETA {eta} {wide_msg}",
+            )
+            .expect("valid template"),
+        );
+        bar.enable_steady_tick(Duration::from_millis(200));
+        bar.set_message(format!("(estimated {} min)", est_secs.div_ceil(60)));
+        Progress { bar }
+    }
+    pub fn set_message(&self, m: impl Into<String>) {
+        self.bar.set_message(m.into());
+    }
+    pub fn inc(&self) {
+        self.bar.inc(1);
+    }
+    pub fn println(&self, m: impl AsRef<str>) {
+        self.bar.println(m);
+    }
+    fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}

@@ -1,0 +1,294 @@
+//! The `results.json` schema (version [`SCHEMA_VERSION`]). Fields are only
+//! ever added; a rename or a change of meaning bumps the version. Times are
+//! milliseconds, sizes bytes, CPU seconds, rates Mbit/s (10^6 bit/s) unless
+//! the name says otherwise.
+
+use serde::Serialize;
+
+pub const SCHEMA_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Results {
+    pub schema_version: u32,
+    pub dwcp_version: String,
+    /// Unix time the run started, seconds.
+    pub started_unix_s: u64,
+    /// The command line that produced the file.
+    pub command: String,
+    pub machine: Machine,
+    /// One entry per `compare` suite (profile).
+    pub compare: Vec<CompareSuite>,
+    pub hde: Option<HdeResult>,
+    pub amst: Vec<AmstSuite>,
+    pub consensus: Vec<dwcp_consensus::BenchResult>,
+    /// Parts of the suite that could not run at all, with the reason.
+    pub errors: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    pub hostname: String,
+    pub cpu_model: String,
+    pub cpus: usize,
+    pub mem_mib: u64,
+    pub kernel: String,
+    pub qemu: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GuestInfo {
+    pub mem_mb: u64,
+    pub fill_mb: u64,
+    pub dirty_mbps: u64,
+    pub seed: u64,
+    pub mix: String,
+    pub accel: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CompareSuite {
+    pub profile: String,
+    pub guest: GuestInfo,
+    pub repeat: usize,
+    pub timeout_s: u64,
+    pub contenders: Vec<String>,
+    /// Every run in the order it ran (interleaved).
+    pub runs: Vec<RunResult>,
+    pub summary: Vec<ContenderSummary>,
+}
+
+/// `completed` (converged and verified), `not_converged` (timeout,
+/// cancelled), `failed` (error), `corrupted` (destination RAM or the guest's
+/// self-check differed: a bug).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Completed,
+    NotConverged,
+    Failed,
+    Corrupted,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Cpu {
+    pub src_qemu_s: f64,
+    pub src_agent_s: f64,
+    pub dst_qemu_s: f64,
+    pub dst_agent_s: f64,
+}
+
+impl Cpu {
+    pub fn src(&self) -> f64 {
+        self.src_qemu_s + self.src_agent_s
+    }
+    pub fn dst(&self) -> f64 {
+        self.dst_qemu_s + self.dst_agent_s
+    }
+}
+
+/// One point of a migration's progress (sampled every ~100 ms).
+#[derive(Debug, Clone, Serialize)]
+pub struct Sample {
+    pub t_ms: u64,
+    /// QEMU's ram.transferred so far.
+    pub ram_bytes: u64,
+    /// Bytes on the link so far: DWCP session wire_out, or QEMU's
+    /// ram.transferred for native runs.
+    pub wire_bytes: u64,
+    /// QEMU's current ram.mbps.
+    pub qemu_mbps: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunResult {
+    pub contender: String,
+    /// 0-based repeat index.
+    pub repeat: usize,
+    pub outcome: Outcome,
+    pub error: Option<String>,
+    /// QEMU total-time (for not-converged runs: time until cancelled).
+    pub total_time_ms: u64,
+    /// QEMU's downtime figure.
+    pub downtime_ms: Option<u64>,
+    /// Longest gap between guest heartbeats across the switch (guest view).
+    pub guest_pause_ms: Option<u64>,
+    /// QEMU ram.transferred: guest RAM bytes QEMU wrote to its channel(s).
+    pub ram_bytes: u64,
+    /// Bytes on the wire: DWCP session wire_out (frames incl. headers);
+    /// QEMU's transferred bytes for native runs.
+    pub wire_bytes: u64,
+    /// IP bytes the source host's interface sent during the run (TCP/IP
+    /// headers and retransmissions included), for every contender alike.
+    pub link_tx_bytes: u64,
+    /// wire_bytes / total time.
+    pub wire_mbit_s: f64,
+    /// ram_bytes / total time (the guest-RAM rate the migration achieved).
+    pub ram_mbit_s: f64,
+    pub dirty_syncs: u64,
+    pub cpu: Cpu,
+    /// RAM of source and destination compared page by page after the run.
+    pub memory_verified: bool,
+    pub timeline: Vec<Sample>,
+}
+
+/// Median, minimum and maximum over the completed runs.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Stat {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+    pub n: usize,
+}
+
+impl Stat {
+    pub fn of(mut v: Vec<f64>) -> Option<Stat> {
+        v.retain(|x| x.is_finite());
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(|a, b| a.total_cmp(b));
+        let n = v.len();
+        let median = if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        };
+        Some(Stat {
+            median,
+            min: v[0],
+            max: v[n - 1],
+            n,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ContenderSummary {
+    pub contender: String,
+    pub runs: usize,
+    pub converged: usize,
+    pub corrupted: usize,
+    pub total_time_ms: Option<Stat>,
+    pub downtime_ms: Option<Stat>,
+    pub guest_pause_ms: Option<Stat>,
+    pub ram_bytes: Option<Stat>,
+    pub wire_bytes: Option<Stat>,
+    pub link_tx_bytes: Option<Stat>,
+    pub wire_mbit_s: Option<Stat>,
+    pub ram_mbit_s: Option<Stat>,
+    pub dirty_syncs: Option<Stat>,
+    pub cpu_src_s: Option<Stat>,
+    pub cpu_dst_s: Option<Stat>,
+    /// (CPU seconds of both hosts) / (GiB of guest RAM moved).
+    pub cpu_s_per_gib: Option<Stat>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HdeResult {
+    /// Where the image came from.
+    pub source: String,
+    pub chunk: usize,
+    pub dedup_cache_bytes: usize,
+    /// One entry per data set (content mix).
+    pub datasets: Vec<HdeDataset>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HdeDataset {
+    pub name: String,
+    /// Guest memory bytes in the image.
+    pub image_bytes: u64,
+    /// Bytes of the QEMU precopy stream built from the image.
+    pub stream_bytes: u64,
+    pub tiers: Vec<dwcp_core::codec::TierMeasurement>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AmstSuite {
+    pub profile: String,
+    pub data_bytes: u64,
+    pub codec: String,
+    pub points: Vec<AmstPoint>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AmstPoint {
+    pub streams: u16,
+    pub ok: bool,
+    pub error: Option<String>,
+    pub secs: f64,
+    pub mbit_s: f64,
+    /// mbit_s / (mbit_s at 1 stream).
+    pub efficiency: f64,
+    /// Source + destination agent CPU seconds.
+    pub agent_cpu_s: f64,
+}
+
+impl Results {
+    pub fn new(command: String) -> Results {
+        Results {
+            schema_version: SCHEMA_VERSION,
+            dwcp_version: env!("CARGO_PKG_VERSION").to_string(),
+            started_unix_s: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            command,
+            machine: Machine::probe(),
+            compare: Vec::new(),
+            hde: None,
+            amst: Vec::new(),
+            consensus: Vec::new(),
+            errors: Vec::new(),
+        }
+    }
+
+    pub fn corrupted_runs(&self) -> usize {
+        self.compare
+            .iter()
+            .flat_map(|s| &s.runs)
+            .filter(|r| r.outcome == Outcome::Corrupted)
+            .count()
+    }
+}
+
+impl Machine {
+    pub fn probe() -> Machine {
+        let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+        let cpuinfo = read("/proc/cpuinfo");
+        let cpu_model = cpuinfo
+            .lines()
+            .find(|l| l.starts_with("model name"))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+            .unwrap_or_default();
+        let mem_mib = read("/proc/meminfo")
+            .lines()
+            .find(|l| l.starts_with("MemTotal:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|k| k.parse::<u64>().ok())
+            .map(|k| k / 1024)
+            .unwrap_or(0);
+        let qemu = std::process::Command::new("qemu-system-x86_64")
+            .arg("--version")
+            .output()
+            .ok()
+            .and_then(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .next()
+                    .map(str::to_string)
+            })
+            .unwrap_or_else(|| "not found".into());
+        Machine {
+            hostname: read("/proc/sys/kernel/hostname").trim().to_string(),
+            cpu_model,
+            cpus: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            mem_mib,
+            kernel: read("/proc/sys/kernel/osrelease").trim().to_string(),
+            qemu,
+        }
+    }
+}
