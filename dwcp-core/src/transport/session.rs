@@ -142,6 +142,10 @@ struct Inner {
     complete: AtomicBool,
     /// Responder: channel count announced by the initiator's Close frame.
     close_expected: Mutex<Option<u32>>,
+    /// Raw bytes the peer has credited back (delivered to its QEMU).
+    credited: AtomicU64,
+    /// Bytes all channels together may have in flight now (adaptive).
+    target_inflight: AtomicU64,
     /// Frames queued (job or frame queue) and not yet written.
     inflight: AtomicU64,
     readers_done: AtomicUsize,
@@ -363,6 +367,8 @@ impl Session {
             failed: AtomicBool::new(false),
             complete: AtomicBool::new(false),
             close_expected: Mutex::new(None),
+            credited: AtomicU64::new(0),
+            target_inflight: AtomicU64::new(INITIAL_INFLIGHT.min(window as u64)),
             inflight: AtomicU64::new(0),
             readers_done: AtomicUsize::new(0),
             first_eof: Mutex::new(None),
@@ -591,14 +597,17 @@ fn local_reader(inner: Arc<Inner>, ch: Arc<Channel>, mut conn: UnixStream) {
         // peer agreed to buffer.
         let allowed = {
             let mut credit = ch.credit.lock();
-            while *credit == 0 && !is_down(&inner) {
+            loop {
+                if is_down(&inner) {
+                    return;
+                }
+                let allowed = allowed_bytes(&inner, *credit);
+                if allowed > 0 {
+                    break allowed.min(buf.len());
+                }
                 ch.credit_cv
-                    .wait_for(&mut credit, Duration::from_millis(100));
+                    .wait_for(&mut credit, Duration::from_millis(20));
             }
-            if is_down(&inner) {
-                return;
-            }
-            (*credit as usize).min(buf.len())
         };
         let n = match read_some(&mut conn, &mut buf[..allowed]) {
             Ok(n) => n,
@@ -906,6 +915,7 @@ fn handle_frame(
                 .get(&h.channel)
                 .cloned()
                 .ok_or_else(|| format!("credit for channel {} which is not open", h.channel))?;
+            inner.credited.fetch_add(h.len as u64, Ordering::Relaxed);
             let mut credit = ch.credit.lock();
             *credit += h.len as u64;
             if *credit > inner.window {
@@ -1112,11 +1122,95 @@ fn check_complete(inner: &Inner) {
     }
 }
 
+/// How much a channel may read from QEMU now: its credit, further limited so
+/// that all channels together keep about `target_inflight` bytes in flight.
+fn allowed_bytes(inner: &Inner, credit: u64) -> usize {
+    let open = inner
+        .channels
+        .lock()
+        .values()
+        .filter(|c| !c.sent_eof.load(Ordering::Relaxed))
+        .count()
+        .max(1) as u64;
+    let per_channel =
+        (inner.target_inflight.load(Ordering::Relaxed) / open).max(inner.cfg.chunk as u64);
+    let inflight = inner.window - credit;
+    per_channel.saturating_sub(inflight).min(credit) as usize
+}
+
+/// Starting in-flight budget before the delivery rate is known.
+const INITIAL_INFLIGHT: u64 = 4 << 20;
+
+/// Adapts the in-flight budget to the path, BBR-style: the highest recent
+/// delivery rate (bottleneck bandwidth) times twice the lowest RTT plus 50 ms.
+/// That keeps the link busy (and grows the budget while the window is the
+/// limit), but no more: whatever is in flight when QEMU stops the guest must
+/// drain through the link before the destination can start, so an oversized
+/// buffer turns straight into downtime.
+struct InflightTuner {
+    last: Instant,
+    last_credited: u64,
+    rates: std::collections::VecDeque<f64>,
+}
+
+impl InflightTuner {
+    fn new() -> Self {
+        InflightTuner {
+            last: Instant::now(),
+            last_credited: 0,
+            rates: std::collections::VecDeque::new(),
+        }
+    }
+
+    fn tick(&mut self, inner: &Inner) {
+        let dt = self.last.elapsed().as_secs_f64();
+        if dt < 0.1 {
+            return;
+        }
+        let credited = inner.credited.load(Ordering::Relaxed);
+        let r = (credited - self.last_credited) as f64 / dt;
+        self.last = Instant::now();
+        self.last_credited = credited;
+        if r <= 0.0 {
+            return;
+        }
+        if self.rates.len() == 10 {
+            self.rates.pop_front();
+        }
+        self.rates.push_back(r);
+        let btl_bw = self.rates.iter().cloned().fold(0.0, f64::max);
+        let min_rtt = inner
+            .streams
+            .iter()
+            .take(4)
+            .filter_map(|s| tcp_info(s).ok())
+            .map(|i| {
+                if i.min_rtt_us > 0 {
+                    i.min_rtt_us
+                } else {
+                    i.rtt_us
+                }
+            })
+            .filter(|r| *r > 0)
+            .min()
+            .unwrap_or(1000) as f64
+            / 1e6;
+        let want = (btl_bw * (2.0 * min_rtt + 0.05)) as u64;
+        let floor = 2 * inner.cfg.chunk as u64;
+        inner.target_inflight.store(
+            want.clamp(floor, inner.window * inner.cfg.max_channels as u64),
+            Ordering::Relaxed,
+        );
+    }
+}
+
 fn watchdog(inner: Arc<Inner>) {
     let n = inner.streams.len();
     let mut close_sent: Option<Instant> = None;
+    let mut tuner = InflightTuner::new();
     loop {
         std::thread::sleep(Duration::from_millis(50));
+        tuner.tick(&inner);
         if inner.failed.load(Ordering::Acquire) {
             // Give the writers a moment to put the Abort on the wire.
             std::thread::sleep(Duration::from_millis(200));

@@ -82,6 +82,8 @@ pub struct TcpInfo {
     /// Smoothed round-trip time, microseconds.
     pub rtt_us: u32,
     pub rttvar_us: u32,
+    /// Lowest RTT the kernel has seen on the connection, microseconds.
+    pub min_rtt_us: u32,
     /// Congestion window, segments.
     pub cwnd: u32,
     /// Segments retransmitted over the connection's life.
@@ -146,6 +148,7 @@ pub fn tcp_info(s: &TcpStream) -> std::io::Result<TcpInfo> {
     Ok(TcpInfo {
         rtt_us: info.u32s[15],
         rttvar_us: info.u32s[16],
+        min_rtt_us: info.u32s2[3],
         cwnd: info.u32s[18],
         total_retrans: info.u32s[23],
         delivery_rate: info.delivery_rate,
