@@ -52,6 +52,11 @@ pub struct CompareArgs {
     /// Guest content seed.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// QEMU max-bandwidth for every contender, MiB/s; 0 lifts QEMU's
+    /// default cap of 128 MiB/s (which would otherwise throttle every
+    /// contender alike on fast links).
+    #[arg(long, default_value_t = 0)]
+    pub max_bandwidth: u64,
 }
 
 impl CompareArgs {
@@ -63,7 +68,10 @@ impl CompareArgs {
 #[derive(Debug, Clone)]
 enum Kind {
     Native(MigrationSetup),
-    Dwcp { codec: Option<String> },
+    Dwcp {
+        codec: Option<String>,
+        bandwidth: Option<u64>,
+    },
 }
 
 fn contender(name: &str) -> Result<Kind> {
@@ -81,13 +89,17 @@ fn contender(name: &str) -> Result<Kind> {
         "qemu-multifd" => native(Some(4), None, false),
         "qemu-multifd-zstd" => native(Some(4), Some("zstd"), false),
         "qemu-xbzrle" => native(None, None, true),
-        "dwcp" => Kind::Dwcp { codec: None },
+        "dwcp" => Kind::Dwcp {
+            codec: None,
+            bandwidth: None,
+        },
         other => match other.strip_prefix("dwcp-") {
             Some(tier) => {
                 tier.parse::<dwcp_core::codec::Tier>()
                     .map_err(|e| anyhow!("contender {other:?}: {e}"))?;
                 Kind::Dwcp {
                     codec: Some(tier.to_string()),
+                    bandwidth: None,
                 }
             }
             None => bail!(
@@ -133,7 +145,17 @@ pub fn run(a: &CompareArgs, p: &Progress) -> Result<CompareSuite> {
                 r + 1,
                 a.repeat
             ));
-            let rr = one_run(&lab, &spec, name, kind, r, a.timeout, &scratch);
+            let mut kind = kind.clone();
+            let bw = if a.max_bandwidth == 0 {
+                1u64 << 40
+            } else {
+                a.max_bandwidth << 20
+            };
+            match &mut kind {
+                Kind::Native(s) => s.max_bandwidth = Some(bw),
+                Kind::Dwcp { bandwidth, .. } => *bandwidth = Some(bw),
+            }
+            let rr = one_run(&lab, &spec, name, &kind, r, a.timeout, &scratch);
             if rr.outcome == Outcome::Corrupted {
                 p.println(format!(
                     "!!! CORRUPTION: {name} run {} on {}: {}",
@@ -168,6 +190,11 @@ pub fn run(a: &CompareArgs, p: &Progress) -> Result<CompareSuite> {
         },
         repeat: a.repeat,
         timeout_s: a.timeout,
+        qemu_max_bandwidth: if a.max_bandwidth == 0 {
+            1u64 << 40
+        } else {
+            a.max_bandwidth << 20
+        },
         contenders: a.contenders.clone(),
         runs,
         summary,
@@ -317,7 +344,7 @@ fn run_inner(
             };
             (pair, uri, setup.clone(), None)
         }
-        Kind::Dwcp { codec } => {
+        Kind::Dwcp { codec, bandwidth } => {
             let mig = MigrationSpec {
                 name: tag.clone(),
                 return_path: true,
@@ -333,6 +360,7 @@ fn run_inner(
             let socket = route["socket"].as_str().unwrap_or_default().to_string();
             let setup = MigrationSetup {
                 return_path: true,
+                max_bandwidth: *bandwidth,
                 ..Default::default()
             };
             (pair, format!("unix:{socket}"), setup, Some(tag.clone()))

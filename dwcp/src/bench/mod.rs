@@ -141,6 +141,7 @@ fn suite(r: &RunArgs, res: &mut Results) -> Result<()> {
             contenders: r.contenders.clone(),
             timeout: r.timeout,
             seed: 1,
+            max_bandwidth: 0,
         })
         .collect();
     let amst = micro::AmstArgs {

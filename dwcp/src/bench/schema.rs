@@ -51,6 +51,8 @@ pub struct CompareSuite {
     pub guest: GuestInfo,
     pub repeat: usize,
     pub timeout_s: u64,
+    /// QEMU max-bandwidth set for every contender, bytes/s (2^40 = uncapped).
+    pub qemu_max_bandwidth: u64,
     pub contenders: Vec<String>,
     /// Every run in the order it ran (interleaved).
     pub runs: Vec<RunResult>,
