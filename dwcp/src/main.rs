@@ -1,6 +1,7 @@
 //! `dwcp`: the DWCP command (agent daemon, migrate, stats, demo, benchmark).
 
 mod bench;
+mod libvirt_migrate;
 mod migrate;
 
 use std::net::SocketAddr;
@@ -32,6 +33,8 @@ enum Cmd {
     Agent(AgentArgs),
     /// Migrate a running QEMU through the local agent to a destination agent.
     Migrate(migrate::MigrateArgs),
+    /// Live-migrate a libvirt domain through DWCP (`virsh migrate --p2p` via the agents).
+    VirshMigrate(libvirt_migrate::VirshMigrateArgs),
     /// Show the local agent's routes and sessions.
     Stats(StatsArgs),
     /// Boot the test guest on two emulated hosts and migrate it through DWCP.
@@ -140,6 +143,7 @@ fn main() {
     let r = match cli.cmd {
         Cmd::Agent(a) => run_agent(a),
         Cmd::Migrate(m) => migrate::run(m),
+        Cmd::VirshMigrate(m) => libvirt_migrate::run(m),
         Cmd::Stats(s) => stats(s),
         Cmd::Demo(d) => dwcp_harness::demo::run(d),
         Cmd::Benchmark(b) => bench::run(b),
