@@ -36,6 +36,16 @@ MATRIX = [
 ]
 
 results = []
+timings = []
+
+# BENCH=1: alternate QEMU's tcp: and dwcp: on the same guest and link
+# (loopback here), two rounds, instead of the test matrix.
+BENCH_MATRIX = [
+    (0, "", False, "cmdline", "tcp"),
+    (8, "lz4", False, "cmdline", "dwcp"),
+    (0, "", True, "cmdline", "tcp"),
+    (8, "lz4", True, "uri", "dwcp"),
+] * 2
 
 
 def log(msg):
@@ -240,11 +250,14 @@ def failure_cases(src):
     set_bandwidth(src, 10 << 30)
 
 
-def migrate(src, n, streams, codec, multifd, form):
+def migrate(src, n, streams, codec, multifd, form, transport="dwcp"):
     port = free_port()
     params = f"streams={streams}&codec={codec}"
     label = f"#{n} streams={streams} codec={codec} multifd={'on' if multifd else 'off'} ({form})"
-    if form == "cmdline":
+    if transport == "tcp":
+        label = f"#{n} tcp: multifd={'on' if multifd else 'off'} (QEMU's own transport)"
+        dst = VM(f"dst{n}", "defer")
+    elif form == "cmdline":
         dst = VM(f"dst{n}", f"dwcp:127.0.0.1:{port}")
     else:
         dst = VM(f"dst{n}", "defer")
@@ -253,7 +266,9 @@ def migrate(src, n, streams, codec, multifd, form):
                    {"capabilities": [{"capability": "multifd", "state": multifd}]})
         if multifd:
             vm.qmp.cmd("migrate-set-parameters", {"multifd-channels": 4})
-    if form == "qapi":
+    if transport == "tcp":
+        dst.qmp.cmd("migrate-incoming", {"uri": f"tcp:127.0.0.1:{port}"})
+    elif form == "qapi":
         dst.qmp.cmd("migrate-incoming", {"channels": [{
             "channel-type": "main",
             "addr": {"transport": "dwcp", "host": "127.0.0.1", "port": str(port), "params": params}}]})
@@ -265,6 +280,8 @@ def migrate(src, n, streams, codec, multifd, form):
         src.qmp.cmd("migrate", {"channels": [{
             "channel-type": "main",
             "addr": {"transport": "dwcp", "host": "127.0.0.1", "port": str(port), "params": params}}]})
+    elif transport == "tcp":
+        src.qmp.cmd("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
     else:
         src.qmp.cmd("migrate", {"uri": f"dwcp:127.0.0.1:{port}?{params}"})
     info = wait_migration(src)
@@ -275,6 +292,7 @@ def migrate(src, n, streams, codec, multifd, form):
         dst.stop()
         return None
     ram = info.get("ram", {})
+    timings.append((label, info.get("total-time"), info.get("downtime"), ram.get("transferred", 0)))
     log(f"  {wall:.1f} s wall, total-time {info.get('total-time')} ms, downtime {info.get('downtime')} ms, "
         f"{ram.get('transferred', 0) >> 20} MiB transferred, multifd bytes {ram.get('multifd-bytes', 0) >> 20} MiB")
     check(f"source guest was running during {label}", len(src.heartbeats()) > hb_before)
@@ -308,10 +326,13 @@ def main():
         return 1
     # let it run a little: heartbeats, some dirtying
     src.wait_serial(r"DWCP-HB seq=3 ", 30)
-    failure_cases(src)
+    bench = os.environ.get("BENCH") == "1"
+    if not bench:
+        failure_cases(src)
     vm = src
-    for n, (streams, codec, multifd, form) in enumerate(MATRIX, 1):
-        nxt = migrate(vm, n, streams, codec, multifd, form)
+    matrix = BENCH_MATRIX if bench else [m + ("dwcp",) for m in MATRIX]
+    for n, (streams, codec, multifd, form, transport) in enumerate(matrix, 1):
+        nxt = migrate(vm, n, streams, codec, multifd, form, transport)
         if nxt is None:
             break
         vm = nxt
@@ -322,6 +343,9 @@ def main():
     check("final guest completes two more verification sweeps with errors=0",
           ok and all(e == 0 for _, _, e in hbs), f"last {hbs[-1] if hbs else None}")
     vm.stop()
+    log("migration | total-time ms | downtime ms | transferred MiB")
+    for label, total, down, sent in timings:
+        log(f"{label} | {total} | {down} | {sent >> 20}")
     failed = [n for n, ok in results if not ok]
     log(f"{len(results) - len(failed)}/{len(results)} checks passed in {time.time() - t0:.0f} s")
     for n in failed:
