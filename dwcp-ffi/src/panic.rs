@@ -24,3 +24,18 @@ pub(crate) fn boundary(f: impl FnOnce() -> dwcp_result) -> dwcp_result {
 pub(crate) fn boundary_or<T>(fallback: T, f: impl FnOnce() -> T) -> T {
     catch_unwind(AssertUnwindSafe(f)).unwrap_or(fallback)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_becomes_a_result_code() {
+        let prev = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        assert_eq!(boundary(|| panic!("boom")), dwcp_result::DWCP_PANIC);
+        assert_eq!(boundary_or(7, || panic!("boom")), 7);
+        std::panic::set_hook(prev);
+        assert_eq!(boundary(|| dwcp_result::DWCP_OK), dwcp_result::DWCP_OK);
+    }
+}
