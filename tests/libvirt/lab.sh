@@ -11,7 +11,7 @@ LAB=${LAB:-/tmp/dwcp-lv/$$}
 LV_TAG=${LV_TAG:-lv$(( $$ % 100000 ))}
 LV_SUBNET=${LV_SUBNET:-$(( 150 + $$ % 100 ))}
 HOSTS="a b"
-declare -A NS IP KEEPER
+declare -A NS IP KEEPER MNTNS
 
 lv_log() { echo "[$(date +%T)] $*" >&2; }
 
@@ -49,7 +49,8 @@ host_up() {
   cp -a /etc/libvirt "$d/etc"
   rm -f "$d"/etc/qemu/networks/autostart/*.xml
   # Private /run etc. for this host, held by a keeper process.
-  ip netns exec "${NS[$h]}" unshare --mount --uts --propagation private sleep infinity &
+  # setsid: not in our process group, so `timeout`'s group kill leaves it to lab_down.
+  setsid ip netns exec "${NS[$h]}" unshare --mount --uts --propagation private sleep infinity &
   KEEPER[$h]=$!
   echo "${KEEPER[$h]}" > "$d/keeper.pid"
   local i
@@ -58,6 +59,7 @@ host_up() {
       [ "$(readlink /proc/${KEEPER[$h]}/ns/uts)" != "$(readlink /proc/self/ns/uts)" ] && break
     sleep 0.1
   done
+  MNTNS[$h]=$(readlink "/proc/${KEEPER[$h]}/ns/mnt")
   hx "$h" sh -ec "
     mount -t tmpfs -o mode=755 tmpfs /run
     mount --bind '$d/etc' /etc/libvirt
@@ -140,7 +142,8 @@ sys.exit(0 if json.loads(a).get("ok") else 1)' "$2"
 
 # pids_in HOST: every process in HOST's mount namespace (all started by this lab).
 pids_in() {
-  local ns p; ns=$(readlink "/proc/${KEEPER[$1]}/ns/mnt") || return 0
+  local ns=${MNTNS[$1]:-} p
+  [ -n "$ns" ] || return 0
   for p in /proc/[0-9]*; do
     p=${p#/proc/}
     [ "$p" != "${KEEPER[$1]}" ] && [ "$(readlink "/proc/$p/ns/mnt" 2>/dev/null)" = "$ns" ] && echo "$p"
