@@ -191,7 +191,7 @@ impl Shared {
                 "the incoming dwcp handle was cancelled or freed",
             ));
         }
-        let (ours, theirs) = UnixStream::pair()?;
+        let (ours, theirs) = crate::socketpair::channel_pair()?;
         self.queue
             .lock()
             .unwrap_or_else(|p| p.into_inner())

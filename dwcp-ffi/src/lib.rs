@@ -35,6 +35,7 @@ mod ffi;
 mod incoming;
 mod outgoing;
 mod panic;
+mod socketpair;
 mod stats;
 pub mod uri;
 

@@ -2,7 +2,6 @@
 //! QEMU connection. Safe Rust; the C surface is in lib.rs.
 
 use std::os::fd::OwnedFd;
-use std::os::unix::net::UnixStream;
 
 use dwcp_core::transport::{Session, SessionError, SessionStats};
 
@@ -54,7 +53,7 @@ impl Outgoing {
             };
             return Err(Error::new(code, e));
         }
-        let (ours, theirs) = UnixStream::pair()
+        let (ours, theirs) = crate::socketpair::channel_pair()
             .map_err(|e| Error::new(DWCP_IO, format!("socketpair for a channel: {e}")))?;
         self.session.add_local_channel(ours).map_err(|e| match e {
             SessionError::TooManyChannels(_) => Error::new(DWCP_TOO_MANY_CHANNELS, e.to_string()),
