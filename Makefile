@@ -5,7 +5,7 @@ CARGO ?= cargo
 DWCP := target/release/dwcp
 GUEST := tests/guest/out/initrd.img
 
-.PHONY: all setup build guest demo test lint unit e2e bench bench-full qemu clean help
+.PHONY: all setup build guest demo test lint unit e2e ffi qemu qemu-test libvirt-test bench clean help
 
 all: build
 
@@ -40,7 +40,22 @@ unit: build
 e2e: build guest
 	$(CARGO) test --release -p dwcp-harness -- --test-threads=1
 
-test: build guest lint unit e2e
+# C ABI: the committed header matches cbindgen's output, and the C tests
+# (every function, bad input, a real loopback transfer) pass under ASan+UBSan.
+ffi: build
+	bash dwcp-ffi/check-header.sh
+	bash tests/c/run.sh
+
+# QEMU with the dwcp: migration URI, built once into $(DWCP_CACHE) (default
+# /work/.cache) and reused while the patches and libdwcp are unchanged.
+qemu: setup
+	bash qemu-patches/setup.sh
+	bash qemu-patches/build.sh
+
+qemu-test: qemu guest
+	bash tests/qemu/run.sh
+
+test: build guest lint unit e2e ffi qemu-test
 
 bench: build guest
 	$(DWCP) benchmark compare --profile dc --repeat 3
