@@ -232,11 +232,16 @@ kill_mid() {
     case $what in
       qemu) lv_log "killing QEMU on $t"; kill -9 "$(hx "$t" cat "/run/libvirt/qemu/$d.pid")" ;;
       agent) lv_log "killing the agent on $t"; agent_down "$t" ;;
+      link) lv_log "cutting the link at $t"; ip -n "${NS[$t]}" link set "${LV_TAG}v$t" down ;;
     esac ) &
   local killer=$!
-  MIG_TIMEOUT=30 migrate "$f" "$t" "$d" --bandwidth 4
+  MIG_TIMEOUT=$([ "$what" = link ] && echo 90 || echo 30) migrate "$f" "$t" "$d" --bandwidth 4
   local rc=$? xfail=0
   wait $killer
+  if [ "$what" = link ]; then
+    ip -n "${NS[$t]}" link set "${LV_TAG}v$t" up
+    for _ in $(seq 150); do domain_gone "$t" "$d" && break; sleep 0.2; done
+  fi
   if [ $rc = 124 ]; then
     # KNOWN BUG (dwcp-core, deliverer): the destination agent treats QEMU's
     # EOF as a normal close and discards what arrives after it, so the
@@ -262,8 +267,9 @@ kill_mid() {
 
 t_fail_dst_qemu_dies() { kill_mid a b g1 qemu; }
 t_fail_dst_agent_dies() { kill_mid b a g1 agent; }
+t_fail_link_cut() { kill_mid a b g1 link; }
 
-TESTS="live_p2p_metadata parallel_back exact_ram dwcp_virsh_migrate nova_tcp fail_dst_agent_down fail_src_agent_down fail_wrong_socket fail_bad_metadata fail_dst_qemu_dies fail_dst_agent_dies"
+TESTS="live_p2p_metadata parallel_back exact_ram dwcp_virsh_migrate nova_tcp fail_dst_agent_down fail_src_agent_down fail_wrong_socket fail_bad_metadata fail_dst_qemu_dies fail_dst_agent_dies fail_link_cut"
 
 lv_log "lab: $LAB"
 lab_up || { lv_log "lab did not come up"; exit 1; }
