@@ -12,6 +12,11 @@
 //! `{"op":"route","name":..,"to":..,...}`, `{"op":"unroute","name":..}`,
 //! `{"op":"stats"}`, `{"op":"ping"}`. Each answer has `"ok"`, and `"error"`
 //! when it is false.
+//!
+//! An agent that is a cluster member (see [`ClusterOps`]) also answers
+//! `{"op":"cluster_status"}`, `{"op":"guests"}`,
+//! `{"op":"begin","guest":UUID,"src":N,"dst":M}` (→ `"epoch"`),
+//! `{"op":"commit","guest":UUID,"epoch":E}` and `{"op":"abort","guest":UUID,"epoch":E}`.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{BufRead, BufReader, Write};
@@ -43,6 +48,26 @@ pub struct AgentConfig {
     /// Defaults for new routes, and the destination's transport settings.
     pub transport: TransportConfig,
     pub limits: AcceptorLimits,
+    /// The raft cluster this agent is a member of, if any (the `dwcp` binary
+    /// implements it on `dwcp_consensus::Cluster`; the engine stays free of raft).
+    pub cluster: Option<Arc<dyn ClusterOps>>,
+}
+
+/// The cluster operations the control socket exposes. Guests are UUID strings;
+/// errors are the cluster's message, shown to the operator as is.
+pub trait ClusterOps: Send + Sync + std::fmt::Debug {
+    /// This agent's node (host) id.
+    fn node_id(&self) -> u64;
+    /// `dwcp cluster status`.
+    fn status(&self) -> Value;
+    /// `dwcp guests`: the registry as applied on this node.
+    fn guests(&self) -> Value;
+    /// Records the intent to migrate `guest` from `src` to `dst`; returns its epoch.
+    fn begin(&self, guest: &str, src: u64, dst: u64) -> Result<u64, String>;
+    /// Transfers ownership to the intent's destination.
+    fn commit(&self, guest: &str, epoch: u64) -> Result<(), String>;
+    /// Abandons the intent; the guest stays with the source.
+    fn abort(&self, guest: &str, epoch: u64) -> Result<(), String>;
 }
 
 impl AgentConfig {
@@ -399,10 +424,52 @@ fn handle_control(st: &Arc<State>, line: &str) -> Value {
             Ok(path) => json!({"ok": true, "socket": path}),
             Err(e) => json!({"ok": false, "error": e}),
         },
+        op @ ("cluster_status" | "guests" | "begin" | "commit" | "abort") => {
+            cluster_control(st, op, &req)
+        }
         other => {
-            json!({"ok": false, "error": format!("unknown op {other:?}: use route, unroute, stats or ping")})
+            json!({"ok": false, "error": format!("unknown op {other:?}: use route, unroute, stats, ping, cluster_status, guests, begin, commit or abort")})
         }
     }
+}
+
+fn cluster_control(st: &Arc<State>, op: &str, req: &Value) -> Value {
+    let Some(c) = st.cfg.cluster.as_ref() else {
+        return json!({"ok": false, "error": format!("{op}: this agent is not a cluster member (start it with --node-id, --cluster-id, --raft-listen, --peers and --data-dir)")});
+    };
+    let guest = req["guest"].as_str().unwrap_or("");
+    let num = |k: &str| {
+        req[k]
+            .as_u64()
+            .ok_or_else(|| format!("{op}: missing or non-numeric {k:?}"))
+    };
+    let r = match op {
+        "cluster_status" => Ok(json!({"ok": true, "status": c.status()})),
+        "guests" => Ok(json!({"ok": true, "guests": c.guests()})),
+        "begin" => (|| {
+            let src = num("src")?;
+            let dst = num("dst")?;
+            let epoch = c.begin(guest, src, dst)?;
+            info!(guest, src, dst, epoch, "migration intent committed");
+            Ok(json!({"ok": true, "epoch": epoch}))
+        })(),
+        "commit" => num("epoch").and_then(|e| {
+            c.commit(guest, e)?;
+            info!(guest, epoch = e, "ownership transfer committed");
+            Ok(json!({"ok": true}))
+        }),
+        _ => num("epoch").and_then(|e| {
+            c.abort(guest, e)?;
+            info!(guest, epoch = e, "migration aborted");
+            Ok(json!({"ok": true}))
+        }),
+    };
+    r.unwrap_or_else(|e| {
+        if op != "cluster_status" && op != "guests" {
+            warn!(guest, "{op} refused: {e}");
+        }
+        json!({"ok": false, "error": e})
+    })
 }
 
 fn route_from_request(st: &Arc<State>, req: Value) -> Result<PathBuf, String> {

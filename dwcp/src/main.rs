@@ -1,6 +1,7 @@
 //! `dwcp`: the DWCP command (agent daemon, migrate, stats, demo, benchmark).
 
 mod bench;
+mod cluster;
 mod libvirt_migrate;
 mod migrate;
 
@@ -37,6 +38,11 @@ enum Cmd {
     VirshMigrate(libvirt_migrate::VirshMigrateArgs),
     /// Show the local agent's routes and sessions.
     Stats(StatsArgs),
+    /// The agents' raft cluster (`dwcp cluster status`).
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCmd),
+    /// The guest ownership registry as the local agent's cluster member sees it.
+    Guests(cluster::ShowArgs),
     /// Boot the test guest on two emulated hosts and migrate it through DWCP.
     Demo(dwcp_harness::demo::DemoArgs),
     /// Benchmarks: DWCP against QEMU's own channels, codec, streams, consensus.
@@ -119,6 +125,8 @@ struct AgentArgs {
     max_dedup_cache_mb: u32,
     #[command(flatten)]
     transport: TransportArgs,
+    #[command(flatten)]
+    cluster: cluster::ClusterArgs,
 }
 
 #[derive(Args, Debug)]
@@ -145,6 +153,8 @@ fn main() {
         Cmd::Migrate(m) => migrate::run(m),
         Cmd::VirshMigrate(m) => libvirt_migrate::run(m),
         Cmd::Stats(s) => stats(s),
+        Cmd::Cluster(c) => cluster::cluster_cmd(c),
+        Cmd::Guests(g) => cluster::guests_cmd(g),
         Cmd::Demo(d) => dwcp_harness::demo::run(d),
         Cmd::Benchmark(b) => bench::run(b),
         Cmd::Linkem { args } => linkem::cli_main(args),
@@ -157,6 +167,10 @@ fn main() {
 
 fn run_agent(a: AgentArgs) -> Result<()> {
     let transport = a.transport.config()?;
+    let cluster = match a.cluster.config()? {
+        Some(c) => Some(cluster::start(c)?),
+        None => None,
+    };
     let cfg = AgentConfig {
         listen: a.listen,
         incoming_dir: a
@@ -169,6 +183,7 @@ fn run_agent(a: AgentArgs) -> Result<()> {
             max_ring_pages: ((a.max_dedup_cache_mb as u64) << 20 >> 12) as u32,
             ..AcceptorLimits::default()
         },
+        cluster,
     };
     let agent = Agent::start(cfg).context("starting the agent")?;
     for r in &a.routes {

@@ -51,12 +51,65 @@ pub struct MigrateArgs {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    /// Cutover gate: record the migration in the agents' raft cluster before any
+    /// byte moves, and switch over (QEMU `pause-before-switchover`) only once the
+    /// ownership transfer is committed; otherwise cancel, the guest stays here.
+    #[arg(long, requires = "dst_node")]
+    gate: bool,
+    /// The guest's UUID in the cluster registry (default: derived from --name,
+    /// see docs/consensus.md).
+    #[arg(long)]
+    guest_uuid: Option<String>,
+    /// Source host's node id (default: the local agent's).
+    #[arg(long)]
+    src_node: Option<u64>,
+    /// Destination host's node id (with --gate).
+    #[arg(long)]
+    dst_node: Option<u64>,
+    /// Longest the gate waits for the commit, ms.
+    #[arg(long, default_value_t = 5000)]
+    gate_timeout_ms: u64,
     #[command(flatten)]
     transport: TransportArgs,
 }
 
 pub fn run(a: MigrateArgs) -> Result<()> {
     let cfg = a.transport.config()?;
+    let gate = if a.gate {
+        let guest = a
+            .guest_uuid
+            .clone()
+            .unwrap_or_else(|| crate::cluster::uuid_from_name(&a.name).to_string());
+        let mut g = crate::cluster::Gate::begin(
+            &a.agent,
+            &guest,
+            a.src_node,
+            a.dst_node.unwrap_or_default(),
+        )?;
+        g.commit_timeout = Duration::from_millis(a.gate_timeout_ms);
+        Some(g)
+    } else {
+        None
+    };
+    let r = run_inner(&a, &cfg, gate.as_ref());
+    if let (Err(_), Some(g)) = (&r, &gate) {
+        // The guest stays on the source: close the intent (best effort; a
+        // refusal because the transfer committed is reported).
+        if let Some(e) = g.abort() {
+            eprintln!(
+                "dwcp: warning: could not record the abort of guest {} epoch {}: {e}",
+                g.guest, g.epoch
+            );
+        }
+    }
+    r
+}
+
+fn run_inner(
+    a: &MigrateArgs,
+    cfg: &dwcp_core::transport::TransportConfig,
+    gate: Option<&crate::cluster::Gate>,
+) -> Result<()> {
     let route = control_request(
         &a.agent,
         &json!({
@@ -98,39 +151,48 @@ pub fn run(a: MigrateArgs) -> Result<()> {
             .expect("valid template"),
     );
     let t0 = Instant::now();
-    let result = qemu::migrate(
-        &mut q,
-        &format!("unix:{socket}"),
-        Duration::from_secs(a.timeout),
-        |v: &Value| {
-            let n = |p: &str| v.pointer(p).and_then(Value::as_u64).unwrap_or(0);
-            let (total, remaining, mbps) = (
-                n("/ram/total"),
-                n("/ram/remaining"),
-                v.pointer("/ram/mbps")
-                    .and_then(Value::as_f64)
-                    .unwrap_or(0.0),
-            );
-            if total > 0 {
-                bar.set_length(total);
-                bar.set_position(total.saturating_sub(remaining));
+    let progress = |v: &Value| {
+        let n = |p: &str| v.pointer(p).and_then(Value::as_u64).unwrap_or(0);
+        let (total, remaining, mbps) = (
+            n("/ram/total"),
+            n("/ram/remaining"),
+            v.pointer("/ram/mbps")
+                .and_then(Value::as_f64)
+                .unwrap_or(0.0),
+        );
+        if total > 0 {
+            bar.set_length(total);
+            bar.set_position(total.saturating_sub(remaining));
+        }
+        let eta = if mbps > 0.0 {
+            format!("{:.1} s", remaining as f64 * 8.0 / (mbps * 1e6))
+        } else {
+            "?".into()
+        };
+        bar.set_message(format!(
+            "{} pass {} remaining {:.1} MiB at {:.0} Mbit/s ETA {}",
+            v["status"].as_str().unwrap_or("?"),
+            n("/ram/dirty-sync-count"),
+            remaining as f64 / 1048576.0,
+            mbps,
+            eta
+        ));
+        bar.tick();
+    };
+    let uri = format!("unix:{socket}");
+    let timeout = Duration::from_secs(a.timeout);
+    let (result, gate_ms) = match gate {
+        None => (
+            qemu::migrate(&mut q, &uri, timeout, progress).map_err(anyhow::Error::from),
+            None,
+        ),
+        Some(g) => {
+            match crate::cluster::gated_migrate(&mut q, &uri, timeout, progress, || g.commit()) {
+                Ok((r, ms)) => (Ok(r), Some(ms)),
+                Err(e) => (Err(e), None),
             }
-            let eta = if mbps > 0.0 {
-                format!("{:.1} s", remaining as f64 * 8.0 / (mbps * 1e6))
-            } else {
-                "?".into()
-            };
-            bar.set_message(format!(
-                "{} pass {} remaining {:.1} MiB at {:.0} Mbit/s ETA {}",
-                v["status"].as_str().unwrap_or("?"),
-                n("/ram/dirty-sync-count"),
-                remaining as f64 / 1048576.0,
-                mbps,
-                eta
-            ));
-            bar.tick();
-        },
-    );
+        }
+    };
     bar.finish_and_clear();
     let session = latest_session(&a.agent, &a.name);
     let r = result.context("QEMU migration")?;
@@ -151,6 +213,8 @@ pub fn run(a: MigrateArgs) -> Result<()> {
         "ratio": if wire > 0 { raw as f64 / wire as f64 } else { 0.0 },
         "streams": cfg.streams, "codec": cfg.tier.to_string(), "multifd": a.multifd,
         "session": session,
+        "gate_ms": gate_ms,
+        "gate": gate.map(|g| json!({"guest": g.guest, "epoch": g.epoch, "src": g.src, "dst": g.dst})),
     });
     if a.json {
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -167,6 +231,12 @@ pub fn run(a: MigrateArgs) -> Result<()> {
             cfg.streams,
             cfg.tier
         );
+        if let (Some(ms), Some(g)) = (gate_ms, gate) {
+            println!(
+                "cutover gate: guest {} now owned by host {} (epoch {}), the gate added {ms} ms",
+                g.guest, g.dst, g.epoch
+            );
+        }
     }
     Ok(())
 }
