@@ -1057,9 +1057,11 @@ fn deliverer(inner: Arc<Inner>, ch: Arc<Channel>, mut conn: UnixStream) {
                 }
                 if !discard {
                     if let Err(e) = conn.write_all(&raw) {
-                        if ch.sent_eof.load(Ordering::Acquire) {
-                            // QEMU already closed its side; what is left is
-                            // return-path chatter nobody will read.
+                        if inner.role == Role::Initiator && ch.sent_eof.load(Ordering::Acquire) {
+                            // The source QEMU finished and closed its side;
+                            // what is left is return-path chatter nobody will
+                            // read. On the destination a failed write is
+                            // always fatal: QEMU died or gave up mid-stream.
                             discard = true;
                         } else {
                             fail(
