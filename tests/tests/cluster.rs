@@ -1,0 +1,385 @@
+//! End-to-end: the cutover gate of `dwcp migrate --gate` over a 3-member raft
+//! cluster of real `dwcp agent`s (real raft logs on disk): node 1 is the source
+//! agent, node 2 the destination agent, node 3 a third agent in the source
+//! namespace (cluster member only). Needs root (namespaces) and QEMU 10.0.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use dwcp_core::agent::control_request;
+use dwcp_harness::{
+    boot_pair, dwcp_bin, dwcp_migrate, scratch_dir, verify, AgentProc, GuestPair, GuestSpec, Lab,
+    Middle, MigrationSpec,
+};
+use serde_json::{json, Value};
+
+const CLUSTER_ID: &str = "6060";
+/// The guest UUID the tests give `--guest-uuid`.
+const GUEST: &str = "d3c0a1e2-0000-4000-8000-000000000001";
+
+struct ClusterLab {
+    lab: Lab,
+    third: Option<AgentProc>,
+    third_args: Vec<String>,
+}
+
+impl ClusterLab {
+    /// Two hosts whose agents, and a third agent in the source namespace, form a
+    /// raft cluster. With `dst_blocked`, nodes 1 and 3 know node 2 at an address
+    /// nothing listens on: the destination can never take part in a quorum.
+    fn new(tag: &str, dst_blocked: bool) -> ClusterLab {
+        let mut lab = Lab::new(tag, Middle::Bridge, &[]).expect("lab");
+        let (s, d) = (lab.topo.src_ip, lab.topo.dst_ip);
+        let dst_seen = if dst_blocked {
+            format!("{d}:7199")
+        } else {
+            format!("{d}:7102")
+        };
+        let peers_of_others = format!("1={s}:7101,2={dst_seen},3={s}:7103");
+        let peers_of_dst = format!("1={s}:7101,2={d}:7102,3={s}:7103");
+        let args = |id: u32, listen: String, peers: &str, dir: &Path| -> Vec<String> {
+            vec![
+                "--node-id".into(),
+                id.to_string(),
+                "--cluster-id".into(),
+                CLUSTER_ID.into(),
+                "--raft-listen".into(),
+                listen,
+                "--peers".into(),
+                peers.into(),
+                "--data-dir".into(),
+                dir.join(format!("raft-{id}")).display().to_string(),
+            ]
+        };
+        let dir = lab.dir.clone();
+        // Restart the lab's agents as cluster members.
+        lab.agent_args = args(1, format!("{s}:7101"), &peers_of_others, &dir);
+        drop(lab.src_agent.take());
+        lab.start_agent(true).expect("source agent with cluster");
+        lab.agent_args = args(2, format!("{d}:7102"), &peers_of_dst, &dir);
+        drop(lab.dst_agent.take());
+        lab.start_agent(false)
+            .expect("destination agent with cluster");
+        let third_args = args(3, format!("{s}:7103"), &peers_of_others, &dir);
+        let mut c = ClusterLab {
+            lab,
+            third: None,
+            third_args,
+        };
+        c.start_third();
+        let mut members = vec![
+            c.lab.src_agent().control(),
+            c.third.as_ref().unwrap().control(),
+        ];
+        if !dst_blocked {
+            members.push(c.lab.dst_agent().control());
+        }
+        for m in members {
+            c.wait_leader(&m, Duration::from_secs(15));
+        }
+        c
+    }
+
+    fn start_third(&mut self) {
+        let run_dir = self.lab.dir.join("third-run");
+        std::fs::create_dir_all(&run_dir).unwrap();
+        let log = self.lab.dir.join("third-agent.log");
+        let logf = File::options()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child: Child = self
+            .lab
+            .topo
+            .exec(self.lab.src_ns(), dwcp_bin().unwrap())
+            .args(["--log", "info", "agent", "--run-dir"])
+            .arg(&run_dir)
+            .args(&self.third_args)
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone().unwrap())
+            .stderr(logf)
+            .spawn()
+            .expect("third agent");
+        let a = AgentProc {
+            child,
+            run_dir,
+            log,
+        };
+        let t0 = Instant::now();
+        while control_request(&a.control(), &json!({"op": "ping"})).is_err() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "third agent did not start:\n{}",
+                a.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.third = Some(a);
+    }
+
+    fn wait_leader(&self, agent: &Path, timeout: Duration) -> u64 {
+        let t0 = Instant::now();
+        loop {
+            let st = status(agent);
+            if let Some(l) = st["leader"].as_u64() {
+                return l;
+            }
+            assert!(
+                t0.elapsed() < timeout,
+                "no raft leader within {timeout:?}: {st}\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn logs(&self) -> String {
+        format!(
+            "source agent log:\n{}\ndestination agent log:\n{}\nthird agent log:\n{}",
+            self.lab.src_agent().log_text(),
+            self.lab.dst_agent().log_text(),
+            self.third
+                .as_ref()
+                .map(AgentProc::log_text)
+                .unwrap_or_default()
+        )
+    }
+}
+
+fn status(agent: &Path) -> Value {
+    control_request(agent, &json!({"op": "cluster_status"})).expect("cluster_status")["status"]
+        .clone()
+}
+
+/// The registry record of `guest` as `agent`'s member has applied it.
+fn record(agent: &Path, guest: &str) -> Value {
+    let v = control_request(agent, &json!({"op": "guests"})).expect("guests");
+    v["guests"]["guests"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|g| g["guest"] == guest)
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+/// Waits until `agent`'s registry shows `guest` matching `pred`.
+fn wait_record(agent: &Path, guest: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let t0 = Instant::now();
+    loop {
+        let r = record(agent, guest);
+        if pred(&r) {
+            return r;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "registry at {} never matched; it shows {r}",
+            agent.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn gate_args(extra: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = ["--gate", "--guest-uuid", GUEST, "--dst-node", "2"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+/// `dwcp migrate` as `dwcp_migrate` runs it, in the background.
+fn spawn_migrate(lab: &Lab, pair: &GuestPair, mig: &MigrationSpec) -> Child {
+    Command::new(dwcp_bin().unwrap())
+        .args(["--log", "warn", "migrate", "--json", "--qmp"])
+        .arg(&pair.src.qmp_path)
+        .args(["--to", &lab.dst_addr(), "--name", &mig.name, "--agent"])
+        .arg(lab.src_agent().control())
+        .args(["--streams", &mig.streams.to_string(), "--codec", &mig.codec])
+        .arg("--return-path")
+        .args(&mig.extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("dwcp migrate")
+}
+
+fn raft_log_bytes(dir: &Path, id: u32) -> u64 {
+    let p: PathBuf = dir.join(format!("raft-{id}")).join("raft.log");
+    p.metadata().map(|m| m.len()).unwrap_or(0)
+}
+
+#[test]
+fn gated_migration_commits_ownership() {
+    let t0 = Instant::now();
+    let c = ClusterLab::new("cgate", false);
+    let lab = &c.lab;
+    let spec = GuestSpec::default();
+    let mig = MigrationSpec {
+        extra: gate_args(&[]),
+        ..Default::default()
+    };
+    let pair = boot_pair(lab, &spec, &mig).expect("boot guests");
+    let r = dwcp_migrate(lab, &pair, &mig).unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
+    assert_eq!(r["status"], "completed", "{r}");
+    let gate_ms = r["gate_ms"].as_u64().expect("gate_ms in the result");
+    assert_eq!(r["gate"]["epoch"], 1, "{r}");
+    assert_eq!(r["gate"]["src"], 1, "{r}");
+    let v = verify(&pair, r, &scratch_dir(lab).unwrap()).expect("verification");
+    assert_eq!(v.memory.differing_pages, 0);
+    // Every member applied the transfer: owner = destination (2), epoch 1.
+    for agent in [
+        lab.src_agent().control(),
+        lab.dst_agent().control(),
+        c.third.as_ref().unwrap().control(),
+    ] {
+        let rec = wait_record(&agent, GUEST, |r| r["owner"] == 2);
+        assert_eq!(rec["epoch"], 1, "{rec}");
+        assert_eq!(rec["migration"]["state"], "committed", "{rec}");
+    }
+    for id in 1..=3 {
+        assert!(raft_log_bytes(&lab.dir, id) > 0, "raft log of node {id}");
+    }
+    eprintln!(
+        "gated migration: total {} ms, downtime {} ms, gate added {gate_ms} ms, guest pause {} ms; test {:.1} s",
+        v.result["total_time_ms"],
+        v.result["downtime_ms"],
+        v.pause_ms,
+        t0.elapsed().as_secs_f64()
+    );
+}
+
+#[test]
+fn gate_without_quorum_cancels_and_guest_stays() {
+    let t0 = Instant::now();
+    // Node 2 (destination) is unreachable for raft from the start; node 3 dies
+    // after the intent is recorded, so the commit at pre-switchover has no quorum.
+    let mut c = ClusterLab::new("cnoq", true);
+    let spec = GuestSpec::default();
+    let mig = MigrationSpec {
+        // Slow enough that node 3 is gone well before pre-switchover.
+        extra: gate_args(&["--max-bandwidth-mb", "30", "--gate-timeout-ms", "3000"]),
+        ..Default::default()
+    };
+    let pair = boot_pair(&c.lab, &spec, &mig).expect("boot guests");
+    let src_ctl = c.lab.src_agent().control();
+    let child = spawn_migrate(&c.lab, &pair, &mig);
+    wait_record(&src_ctl, GUEST, |r| r["migration"]["state"] == "intent");
+    drop(c.third.take()); // kills node 3
+    let Output { status, stderr, .. } = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&stderr);
+    assert!(!status.success(), "migration succeeded without quorum");
+    assert!(
+        stderr.contains("cutover gate closed") && stderr.contains("stays on the source"),
+        "{stderr}"
+    );
+    // The guest keeps running on the source, intact.
+    assert_eq!(pair.src.qmp().unwrap().status().unwrap(), "running");
+    let last = pair.src.heartbeats().last().map(|h| h.seq).unwrap_or(0);
+    pair.src
+        .expect_heartbeats(last, 2, Duration::from_secs(20))
+        .expect("source guest alive after the cancel");
+    if let Ok(mut q) = pair.dst.qmp() {
+        assert_ne!(q.status().unwrap_or_default(), "running");
+    }
+    // Recovery: node 3 back, quorum of 1 and 3; the destination never owned it.
+    c.start_third();
+    c.wait_leader(&src_ctl, Duration::from_secs(15));
+    let rec = record(&src_ctl, GUEST);
+    assert_eq!(rec["owner"], 1, "{rec}");
+    assert_ne!(rec["migration"]["state"], "committed", "{rec}");
+    // Closing the intent (the best-effort abort had no quorum) goes through now.
+    let t = Instant::now();
+    while let Err(e) = control_request(
+        &src_ctl,
+        &json!({"op": "abort", "guest": GUEST, "epoch": 1}),
+    ) {
+        assert!(t.elapsed() < Duration::from_secs(10), "abort: {e}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let rec = wait_record(&src_ctl, GUEST, |r| r["migration"]["state"] == "aborted");
+    assert_eq!(rec["owner"], 1, "{rec}");
+    eprintln!(
+        "no-quorum gate: migrate said {:?}; test {:.1} s",
+        stderr.lines().find(|l| l.contains("gate")).unwrap_or(""),
+        t0.elapsed().as_secs_f64()
+    );
+}
+
+#[test]
+fn second_begin_for_a_migrating_guest_is_refused() {
+    let t0 = Instant::now();
+    let c = ClusterLab::new("cdup", false);
+    let src = c.lab.src_agent().control();
+    let v = control_request(
+        &src,
+        &json!({"op": "begin", "guest": GUEST, "src": 1, "dst": 2}),
+    )
+    .expect("first begin");
+    assert_eq!(v["epoch"], 1);
+    // Straight through the control socket, to another destination.
+    let e = control_request(
+        &src,
+        &json!({"op": "begin", "guest": GUEST, "src": 1, "dst": 3}),
+    )
+    .expect_err("second begin accepted");
+    assert!(e.contains("already migrating (1 -> 2, epoch 1)"), "{e}");
+    // Through `dwcp migrate --gate`: refused before any route or QMP is touched.
+    let out = Command::new(dwcp_bin().unwrap())
+        .args(["migrate", "--qmp", "/nonexistent/qmp.sock", "--to"])
+        .arg(c.lab.dst_addr())
+        .arg("--agent")
+        .arg(&src)
+        .args(gate_args(&[]))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("refused to begin") && stderr.contains("already migrating"),
+        "{stderr}"
+    );
+    let stats = control_request(&src, &json!({"op": "stats"})).unwrap();
+    assert_eq!(stats["routes"].as_array().map(Vec::len), Some(0), "{stats}");
+    // The open intent still commits; afterwards the new owner may begin again.
+    control_request(
+        &c.lab.dst_agent().control(),
+        &json!({"op": "commit", "guest": GUEST, "epoch": 1}),
+    )
+    .expect("commit");
+    let e = control_request(
+        &src,
+        &json!({"op": "begin", "guest": GUEST, "src": 1, "dst": 3}),
+    )
+    .expect_err("begin by a former owner");
+    assert!(e.contains("owned by host 2"), "{e}");
+    let v = control_request(
+        &src,
+        &json!({"op": "begin", "guest": GUEST, "src": 2, "dst": 3}),
+    )
+    .expect("begin by the owner");
+    assert_eq!(v["epoch"], 2);
+    // The CLI views.
+    let out = Command::new(dwcp_bin().unwrap())
+        .args(["guests", "--agent"])
+        .arg(&src)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(GUEST) && text.contains("owner 2"), "{text}");
+    let out = Command::new(dwcp_bin().unwrap())
+        .args(["cluster", "status", "--json", "--agent"])
+        .arg(&src)
+        .output()
+        .unwrap();
+    let st: Value = serde_json::from_slice(&out.stdout).expect("cluster status --json");
+    assert_eq!(st["members"].as_array().map(Vec::len), Some(3), "{st}");
+    eprintln!(
+        "second begin refused; test {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+}
