@@ -32,7 +32,6 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tracing::{error, info, warn};
 
-use crate::codec::Tier;
 use crate::transport::{Acceptor, AcceptorLimits, Session, SessionError, TransportConfig};
 use crate::wire;
 
@@ -404,7 +403,7 @@ fn handle_control(st: &Arc<State>, line: &str) -> Value {
                 .routes
                 .lock()
                 .values()
-                .map(|r| json!({"name": r.name, "to": r.to.to_string(), "socket": r.socket, "streams": r.cfg.streams, "codec": r.cfg.tier.to_string()}))
+                .map(|r| json!({"name": r.name, "to": r.to.to_string(), "socket": r.socket, "streams": r.cfg.streams, "codec": r.cfg.codec_name()}))
                 .collect();
             json!({"ok": true, "sessions": sessions, "routes": routes})
         }
@@ -486,7 +485,7 @@ fn route_from_request(st: &Arc<State>, req: Value) -> Result<PathBuf, String> {
         cfg.streams = n;
     }
     if let Some(c) = r.codec {
-        cfg.tier = c.parse::<Tier>().map_err(|e| format!("codec: {e}"))?;
+        cfg.set_codec(&c)?;
     }
     if let Some(w) = r.workers {
         cfg.workers = w;

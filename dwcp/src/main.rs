@@ -12,7 +12,6 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use dwcp_core::agent::{control_request, Agent, AgentConfig};
-use dwcp_core::codec::Tier;
 use dwcp_core::transport::{AcceptorLimits, TransportConfig};
 use serde_json::json;
 
@@ -62,9 +61,10 @@ pub struct TransportArgs {
     /// TCP streams per migration (1-256).
     #[arg(long, default_value_t = 4)]
     streams: u16,
-    /// Compression tier: none, lz4, zstd, zstd:N (N in -7..=19).
+    /// Compression: none, lz4, zstd, zstd:N (N in -7..=19), or auto (lz4 up to
+    /// zstd:3 while the link, not the CPU, is the bottleneck).
     #[arg(long, default_value = "lz4")]
-    codec: Tier,
+    codec: String,
     /// Compression worker threads (1-64; default: one per core).
     #[arg(long)]
     workers: Option<usize>,
@@ -89,7 +89,6 @@ impl TransportArgs {
     pub fn config(&self) -> Result<TransportConfig> {
         let mut c = TransportConfig {
             streams: self.streams,
-            tier: self.codec,
             dedup_cache_mb: self.dedup_cache_mb,
             window: self.window_mb.saturating_mul(1 << 20),
             idle_timeout: Duration::from_secs(self.idle_timeout),
@@ -98,6 +97,8 @@ impl TransportArgs {
         if let Some(w) = self.workers {
             c.workers = w;
         }
+        c.set_codec(&self.codec)
+            .map_err(|e| anyhow::anyhow!("--{e}"))?;
         c.tuning.congestion = self.congestion.clone();
         c.tuning.send_buffer = self.socket_buffer_kb.map(|k| k * 1024);
         c.tuning.recv_buffer = self.socket_buffer_kb.map(|k| k * 1024);

@@ -114,7 +114,7 @@ fn run_inner(
         &a.agent,
         &json!({
             "op": "route", "name": a.name, "to": a.to, "streams": cfg.streams,
-            "codec": cfg.tier.to_string(), "workers": cfg.workers,
+            "codec": cfg.codec_name(), "workers": cfg.workers,
             "dedup_cache_mb": cfg.dedup_cache_mb, "congestion": cfg.tuning.congestion,
             "window_mb": cfg.window >> 20,
         }),
@@ -211,7 +211,7 @@ fn run_inner(
         "dirty_sync_count": r.dirty_sync_count, "wall_ms": wall.as_millis() as u64,
         "qemu_bytes": raw, "wire_bytes": wire,
         "ratio": if wire > 0 { raw as f64 / wire as f64 } else { 0.0 },
-        "streams": cfg.streams, "codec": cfg.tier.to_string(), "multifd": a.multifd,
+        "streams": cfg.streams, "codec": cfg.codec_name(), "multifd": a.multifd,
         "session": session,
         "gate_ms": gate_ms,
         "gate": gate.map(|g| json!({"guest": g.guest, "epoch": g.epoch, "src": g.src, "dst": g.dst})),
@@ -229,7 +229,7 @@ fn run_inner(
             if wire > 0 { raw as f64 / wire as f64 } else { 0.0 },
             r.dirty_sync_count,
             cfg.streams,
-            cfg.tier
+            cfg.codec_name()
         );
         if let (Some(ms), Some(g)) = (gate_ms, gate) {
             println!(

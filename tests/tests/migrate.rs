@@ -116,3 +116,14 @@ fn guest_dirtying_memory_during_migration() {
         },
     );
 }
+
+#[test]
+fn auto_codec_with_a_dirtying_guest() {
+    // The tier may change frame by frame (lz4 / zstd:1 / zstd:3); the
+    // destination must still rebuild every byte.
+    migrate_and_verify(
+        "auto",
+        GuestSpec { dirty_mbps: 16, ..GuestSpec::default() },
+        MigrationSpec { streams: 2, codec: "auto".into(), ..Default::default() },
+    );
+}

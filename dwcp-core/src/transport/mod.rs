@@ -54,6 +54,9 @@ pub struct TransportConfig {
     pub streams: u16,
     /// Compression tier for new frames (can change during a session).
     pub tier: Tier,
+    /// Let the session move the tier between lz4, zstd:1 and zstd:3: up when
+    /// the link is the bottleneck, down when compression is (`--codec auto`).
+    pub auto_tier: bool,
     /// Compression worker threads, 1..=64.
     pub workers: usize,
     /// Flow-control window per channel, raw bytes.
@@ -75,6 +78,7 @@ impl Default for TransportConfig {
         TransportConfig {
             streams: 4,
             tier: Tier::Lz4,
+            auto_tier: false,
             workers: std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(2),
@@ -143,6 +147,30 @@ impl TransportConfig {
             }
         }
         Ok(())
+    }
+
+    /// Sets the codec from its name: a tier (`none`, `lz4`, `zstd`, `zstd:N`)
+    /// or `auto`.
+    pub fn set_codec(&mut self, name: &str) -> Result<(), String> {
+        if name == "auto" {
+            self.auto_tier = true;
+            self.tier = Tier::Lz4;
+        } else {
+            self.tier = name
+                .parse::<Tier>()
+                .map_err(|e| format!("codec {name:?}: {e}, or auto"))?;
+            self.auto_tier = false;
+        }
+        Ok(())
+    }
+
+    /// The codec's name as `set_codec` takes it.
+    pub fn codec_name(&self) -> String {
+        if self.auto_tier {
+            "auto".into()
+        } else {
+            self.tier.to_string()
+        }
     }
 
     /// Dedup ring capacity in pages, as carried in the hello.

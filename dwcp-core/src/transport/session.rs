@@ -146,6 +146,8 @@ struct Inner {
     credited: AtomicU64,
     /// Bytes all channels together may have in flight now (adaptive).
     target_inflight: AtomicU64,
+    /// Local readers currently waiting for credit (the link is the limit).
+    credit_waiters: AtomicUsize,
     /// Frames queued (job or frame queue) and not yet written.
     inflight: AtomicU64,
     readers_done: AtomicUsize,
@@ -369,6 +371,7 @@ impl Session {
             close_expected: Mutex::new(None),
             credited: AtomicU64::new(0),
             target_inflight: AtomicU64::new(INITIAL_INFLIGHT.min(window as u64)),
+            credit_waiters: AtomicUsize::new(0),
             inflight: AtomicU64::new(0),
             readers_done: AtomicUsize::new(0),
             first_eof: Mutex::new(None),
@@ -605,8 +608,10 @@ fn local_reader(inner: Arc<Inner>, ch: Arc<Channel>, mut conn: UnixStream) {
                 if allowed > 0 {
                     break allowed.min(buf.len());
                 }
+                inner.credit_waiters.fetch_add(1, Ordering::Relaxed);
                 ch.credit_cv
                     .wait_for(&mut credit, Duration::from_millis(20));
+                inner.credit_waiters.fetch_sub(1, Ordering::Relaxed);
             }
         };
         let n = match read_some(&mut conn, &mut buf[..allowed]) {
@@ -1206,13 +1211,65 @@ impl InflightTuner {
     }
 }
 
+/// `--codec auto`: once a second, moves the tier one step along
+/// lz4 -> zstd:1 -> zstd:3 when most samples found the link to be the
+/// bottleneck (readers waiting for credit, or encoded frames piling up for
+/// the sockets), and one step back when most found compression to be (the
+/// encode queue full). The wire format names each frame's codec, so the
+/// receiver needs no notice.
+#[derive(Debug, Default)]
+struct TierTuner {
+    samples: u32,
+    link_bound: u32,
+    cpu_bound: u32,
+    level: usize,
+}
+
+const AUTO_TIERS: [Tier; 3] = [Tier::Lz4, Tier::Zstd(1), Tier::Zstd(3)];
+
+impl TierTuner {
+    fn sample(&mut self, inner: &Inner) {
+        if !inner.cfg.auto_tier {
+            return;
+        }
+        let full = |len: usize, cap: Option<usize>| cap.is_some_and(|c| len >= c);
+        if full(inner.job_rx.len(), inner.job_rx.capacity()) {
+            self.cpu_bound += 1;
+        } else if inner.credit_waiters.load(Ordering::Relaxed) > 0
+            || full(inner.frame_rx.len(), inner.frame_rx.capacity())
+        {
+            self.link_bound += 1;
+        }
+        self.samples += 1;
+        if self.samples < 20 {
+            return;
+        }
+        let before = self.level;
+        if self.cpu_bound * 5 >= self.samples * 3 && self.level > 0 {
+            self.level -= 1;
+        } else if self.link_bound * 5 >= self.samples * 3 && self.level + 1 < AUTO_TIERS.len() {
+            self.level += 1;
+        }
+        if self.level != before {
+            *inner.tier.lock() = AUTO_TIERS[self.level];
+            info!(name = %inner.name, tier = %AUTO_TIERS[self.level], link_bound = self.link_bound, cpu_bound = self.cpu_bound, "auto tier");
+        }
+        *self = TierTuner {
+            level: self.level,
+            ..TierTuner::default()
+        };
+    }
+}
+
 fn watchdog(inner: Arc<Inner>) {
     let n = inner.streams.len();
     let mut close_sent: Option<Instant> = None;
     let mut tuner = InflightTuner::new();
+    let mut tiers = TierTuner::default();
     loop {
         std::thread::sleep(Duration::from_millis(50));
         tuner.tick(&inner);
+        tiers.sample(&inner);
         if inner.failed.load(Ordering::Acquire) {
             // Give the writers a moment to put the Abort on the wire.
             std::thread::sleep(Duration::from_millis(200));

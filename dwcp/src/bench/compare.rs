@@ -95,7 +95,8 @@ fn contender(name: &str) -> Result<Kind> {
         },
         other => match other.strip_prefix("dwcp-") {
             Some(tier) => {
-                tier.parse::<dwcp_core::codec::Tier>()
+                dwcp_core::transport::TransportConfig::default()
+                    .set_codec(tier)
                     .map_err(|e| anyhow!("contender {other:?}: {e}"))?;
                 Kind::Dwcp {
                     codec: Some(tier.to_string()),
@@ -103,7 +104,7 @@ fn contender(name: &str) -> Result<Kind> {
                 }
             }
             None => bail!(
-                "unknown contender {other:?} (qemu-tcp, qemu-multifd, qemu-multifd-zstd, qemu-xbzrle, dwcp, dwcp-none, dwcp-lz4, dwcp-zstd, dwcp-zstd:N)"
+                "unknown contender {other:?} (qemu-tcp, qemu-multifd, qemu-multifd-zstd, qemu-xbzrle, dwcp, dwcp-none, dwcp-lz4, dwcp-zstd, dwcp-zstd:N, dwcp-auto)"
             ),
         },
     })
