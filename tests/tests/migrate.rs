@@ -123,7 +123,14 @@ fn auto_codec_with_a_dirtying_guest() {
     // destination must still rebuild every byte.
     migrate_and_verify(
         "auto",
-        GuestSpec { dirty_mbps: 16, ..GuestSpec::default() },
-        MigrationSpec { streams: 2, codec: "auto".into(), ..Default::default() },
+        GuestSpec {
+            dirty_mbps: 16,
+            ..GuestSpec::default()
+        },
+        MigrationSpec {
+            streams: 2,
+            codec: "auto".into(),
+            ..Default::default()
+        },
     );
 }
