@@ -532,3 +532,29 @@ pub fn control_request(path: &Path, req: &Value) -> Result<Value, String> {
             .to_string())
     }
 }
+
+/// The agent's newest session called `name` (from `{"op":"stats"}`), if any.
+pub fn newest_session(control: &Path, name: &str) -> Option<Value> {
+    let v = control_request(control, &json!({"op": "stats"})).ok()?;
+    v["sessions"]
+        .as_array()?
+        .iter()
+        .rev()
+        .find(|s| s["name"] == name)
+        .cloned()
+}
+
+/// [`newest_session`], waiting up to `timeout` for it to leave `running`,
+/// so its counters are final.
+pub fn settled_session(control: &Path, name: &str, timeout: Duration) -> Option<Value> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let s = newest_session(control, name);
+        if s.as_ref().is_some_and(|s| s["state"] != "running")
+            || std::time::Instant::now() > deadline
+        {
+            return s;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -70,16 +70,6 @@ fn xml_attr(xml: &str, name: &str) -> Option<String> {
     None
 }
 
-fn last_session(agent: &std::path::Path, name: &str) -> Option<Value> {
-    let v = control_request(agent, &json!({"op": "stats"})).ok()?;
-    v["sessions"]
-        .as_array()?
-        .iter()
-        .rev()
-        .find(|s| s["name"] == name)
-        .cloned()
-}
-
 pub fn run(a: VirshMigrateArgs) -> Result<()> {
     let conn =
         Connect::open(Some(&a.connect)).with_context(|| format!("connecting to {}", a.connect))?;
@@ -151,7 +141,7 @@ pub fn run(a: VirshMigrateArgs) -> Result<()> {
             } else {
                 "?".into()
             };
-            let wire = last_session(&a.agent, &a.domain)
+            let wire = dwcp_core::agent::newest_session(&a.agent, &a.domain)
                 .map(|s| {
                     format!(
                         "{:.1} MiB on the wire, ratio {:.2}",
@@ -191,7 +181,7 @@ pub fn run(a: VirshMigrateArgs) -> Result<()> {
             }
         }
     }
-    let s = last_session(&a.agent, &a.domain).unwrap_or(Value::Null);
+    let s = dwcp_core::agent::newest_session(&a.agent, &a.domain).unwrap_or(Value::Null);
     let out = json!({
         "domain": a.domain, "dest_uri": dest_uri, "socket": socket,
         "elapsed_s": elapsed, "downtime_ms": downtime_ms,

@@ -194,7 +194,7 @@ fn run_inner(
         }
     };
     bar.finish_and_clear();
-    let session = latest_session(&a.agent, &a.name);
+    let session = dwcp_core::agent::settled_session(&a.agent, &a.name, Duration::from_secs(5));
     let r = result.context("QEMU migration")?;
     let wall = t0.elapsed();
     let wire = session
@@ -239,23 +239,4 @@ fn run_inner(
         }
     }
     Ok(())
-}
-
-/// The agent's newest session for this name, once its counters settle.
-fn latest_session(agent: &std::path::Path, name: &str) -> Option<Value> {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let v = control_request(agent, &json!({"op": "stats"})).ok()?;
-        let s = v["sessions"]
-            .as_array()?
-            .iter()
-            .rev()
-            .find(|s| s["name"] == name)
-            .cloned();
-        let settled = s.as_ref().is_some_and(|s| s["state"] != "running");
-        if settled || Instant::now() > deadline {
-            return s;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }

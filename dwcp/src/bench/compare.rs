@@ -390,7 +390,7 @@ fn run_inner(
             .unwrap_or(0);
         if let Some(n) = &dwcp_name {
             if polls.is_multiple_of(2) {
-                if let Some(s) = session(&src_ctl, n) {
+                if let Some(s) = dwcp_core::agent::newest_session(&src_ctl, n) {
                     wire_now = s["wire_out"].as_u64().unwrap_or(wire_now);
                 }
             }
@@ -456,7 +456,7 @@ fn run_inner(
     rr.ram_bytes = r.ram_transferred;
     rr.dirty_syncs = r.dirty_sync_count;
     rr.wire_bytes = match &dwcp_name {
-        Some(n) => settled_session(&src_ctl, n)
+        Some(n) => dwcp_core::agent::settled_session(&src_ctl, n, Duration::from_secs(5))
             .and_then(|s| s["wire_out"].as_u64())
             .unwrap_or(0),
         None => r.ram_transferred,
@@ -487,28 +487,6 @@ fn downsample(v: Vec<Sample>, max: usize) -> Vec<Sample> {
         .filter(|(i, _)| i % step == 0 || *i == last)
         .map(|(_, s)| s)
         .collect()
-}
-
-/// The source agent's newest session called `name`.
-fn session(ctl: &Path, name: &str) -> Option<Value> {
-    let v = control_request(ctl, &json!({"op": "stats"})).ok()?;
-    v["sessions"]
-        .as_array()?
-        .iter()
-        .rev()
-        .find(|s| s["name"] == name)
-        .cloned()
-}
-
-fn settled_session(ctl: &Path, name: &str) -> Option<Value> {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let s = session(ctl, name);
-        if s.as_ref().is_some_and(|s| s["state"] != "running") || Instant::now() > deadline {
-            return s;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn fmt_stat(s: &Option<Stat>, scale: f64, prec: usize) -> String {
