@@ -223,21 +223,105 @@ impl MigrationResult {
     }
 }
 
+/// Makes QEMU's switchover decision account for the relay between the hosts.
+///
+/// QEMU stops the guest once its remaining dirty RAM would cross within
+/// `downtime-limit` at the rate it writes into its migration socket. Through
+/// DWCP, the destination also waits, after the stop, for the bytes the relay
+/// still holds (the in-flight budget, about two RTTs of data) and for the
+/// last round trip (return path). So once a second, from the session's
+/// figures (`dwcp stats`), the source QEMU gets
+/// `downtime-limit = goal - in-flight / rate - min RTT` (at least
+/// [`SWITCHOVER_FLOOR_MS`]) and `avail-switchover-bandwidth = rate`, the raw
+/// bytes per second the relay actually delivers.
+#[derive(Debug)]
+pub struct SwitchoverTuner {
+    goal_ms: u64,
+    last: Option<Instant>,
+    sent: Option<(u64, u64)>,
+}
+
+/// Smallest downtime-limit the tuner sets, ms.
+pub const SWITCHOVER_FLOOR_MS: u64 = 30;
+
+impl SwitchoverTuner {
+    /// A tuner aiming at `goal_ms` of downtime as the destination sees it.
+    pub fn new(goal_ms: u64) -> SwitchoverTuner {
+        SwitchoverTuner {
+            goal_ms,
+            last: None,
+            sent: None,
+        }
+    }
+
+    /// Whether a second has passed since the last look (fetch the session's
+    /// stats only then).
+    pub fn due(&self) -> bool {
+        self.last
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+    }
+
+    /// Parameters to set on the source now (`migrate-set-parameters`), from
+    /// the relay session's stats; None when nothing (new) is known.
+    pub fn params(&mut self, session: &Value) -> Option<Value> {
+        if !self.due() {
+            return None;
+        }
+        self.last = Some(Instant::now());
+        let rate = session["delivery_rate"]
+            .as_u64()
+            .filter(|r| *r >= 1 << 20)?;
+        let inflight = session["inflight_bytes"].as_u64().unwrap_or(0);
+        let rtt_ms = session["min_rtt_us"].as_u64().unwrap_or(0) / 1000;
+        let pipeline_ms = inflight.saturating_mul(1000) / rate;
+        let limit = self
+            .goal_ms
+            .saturating_sub(pipeline_ms + rtt_ms)
+            .max(SWITCHOVER_FLOOR_MS);
+        // Leave QEMU alone for changes under 10 %.
+        if let Some((l, r)) = self.sent {
+            if l.abs_diff(limit) * 10 < l && r.abs_diff(rate) * 10 < r {
+                return None;
+            }
+        }
+        self.sent = Some((limit, rate));
+        Some(json!({"downtime-limit": limit, "avail-switchover-bandwidth": rate}))
+    }
+}
+
+/// Sets switchover parameters on an active migration, best effort: a QEMU
+/// older than 8.2 has no `avail-switchover-bandwidth`, so on refusal only
+/// `downtime-limit` is set.
+pub fn tune(qmp: &mut Qmp, query: &Value, params: Value) {
+    if query["status"] != "active" {
+        return;
+    }
+    if let Err(e) = qmp.execute("migrate-set-parameters", Some(params.clone())) {
+        tracing::debug!("switchover parameters not set: {e}");
+        if let Some(d) = params.get("downtime-limit") {
+            let _ = qmp.execute("migrate-set-parameters", Some(json!({"downtime-limit": d})));
+        }
+    }
+}
+
 /// Starts `migrate` to `uri` and polls until it ends. `progress` sees every
-/// `query-migrate` answer. A migration that does not finish within `timeout`
+/// `query-migrate` answer and may return parameters to set on the source
+/// (`migrate-set-parameters`, e.g. from a [`SwitchoverTuner`]). A migration that does not finish within `timeout`
 /// is cancelled. Returns QEMU's figures; a failed or cancelled migration is
 /// an error carrying QEMU's reason.
 pub fn migrate(
     qmp: &mut Qmp,
     uri: &str,
     timeout: Duration,
-    mut progress: impl FnMut(&Value),
+    mut progress: impl FnMut(&Value) -> Option<Value>,
 ) -> Result<MigrationResult, QmpError> {
     let t0 = Instant::now();
     qmp.execute("migrate", Some(json!({ "uri": uri })))?;
     loop {
         let v = qmp.execute("query-migrate", None)?;
-        progress(&v);
+        if let Some(params) = progress(&v) {
+            tune(qmp, &v, params);
+        }
         match v["status"].as_str().unwrap_or("") {
             "completed" => return Ok(MigrationResult::from_query(&v, t0.elapsed())),
             "failed" | "cancelled" => {
@@ -257,5 +341,39 @@ pub fn migrate(
             )));
         }
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(rate: u64, inflight: u64, rtt_us: u64) -> Value {
+        json!({"delivery_rate": rate, "inflight_bytes": inflight, "min_rtt_us": rtt_us})
+    }
+
+    #[test]
+    fn switchover_tuner_subtracts_pipeline_and_rtt() {
+        // 25 MB/s, 5 MB in flight (200 ms), 80 ms RTT: 300 - 200 - 80 = 20 -> floor.
+        let mut t = SwitchoverTuner::new(300);
+        let p = t.params(&session(25_000_000, 5_000_000, 80_000)).unwrap();
+        assert_eq!(p["downtime-limit"], SWITCHOVER_FLOOR_MS);
+        assert_eq!(p["avail-switchover-bandwidth"], 25_000_000);
+        // Not again within a second.
+        assert!(!t.due());
+        assert!(t.params(&session(25_000_000, 0, 0)).is_none());
+
+        // A datacenter path: 1 GB/s, 2 MB in flight (2 ms), 0.1 ms RTT.
+        let mut t = SwitchoverTuner::new(300);
+        let p = t.params(&session(1_000_000_000, 2_000_000, 100)).unwrap();
+        assert_eq!(p["downtime-limit"], 298);
+    }
+
+    #[test]
+    fn switchover_tuner_waits_for_a_rate() {
+        let mut t = SwitchoverTuner::new(300);
+        assert!(t.params(&json!({})).is_none());
+        let mut t = SwitchoverTuner::new(300);
+        assert!(t.params(&session(1000, 0, 0)).is_none(), "below 1 MiB/s");
     }
 }

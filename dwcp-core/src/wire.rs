@@ -23,8 +23,11 @@ use crate::codec::{CodecId, MAX_PLAN_LEN, MAX_RAW_LEN};
 pub const MAGIC: [u8; 4] = *b"DWCP";
 /// Oldest protocol version this build speaks.
 pub const VERSION_MIN: u16 = 1;
-/// Newest protocol version this build speaks.
-pub const VERSION_MAX: u16 = 1;
+/// Newest protocol version this build speaks. Version 2 added raw frames
+/// (codec 4); a session uses the lower of the two ends' newest versions.
+pub const VERSION_MAX: u16 = 2;
+/// First version with raw frames (codec 4).
+pub const VERSION_RAW: u16 = 2;
 /// Size of the fixed part of a hello (the name and a CRC follow).
 pub const HELLO_FIXED_LEN: usize = 44;
 /// Size of a reply.
@@ -452,7 +455,11 @@ impl FrameHeader {
         match kind {
             Kind::Data => {
                 let Some(codec) = CodecId::from_wire(h.codec) else {
-                    return field("frame codec", h.codec as u64, "1 (none), 2 (lz4), 3 (zstd)");
+                    return field(
+                        "frame codec",
+                        h.codec as u64,
+                        "1 (none), 2 (lz4), 3 (zstd), 4 (raw)",
+                    );
                 };
                 if h.len == 0 || h.len as usize > MAX_RAW_LEN {
                     return field("frame raw length", h.len as u64, "1..=1048576");
@@ -462,6 +469,13 @@ impl FrameHeader {
                 }
                 if h.wire_len as usize > MAX_WIRE_LEN || h.wire_len == 0 {
                     return field("frame wire length", h.wire_len as u64, "1..=MAX_WIRE_LEN");
+                }
+                if codec == CodecId::Raw && (h.plan_len != h.len || h.wire_len != h.len) {
+                    return field(
+                        "raw frame plan/wire length",
+                        h.wire_len as u64,
+                        "equal to the raw length",
+                    );
                 }
                 if codec == CodecId::None && h.wire_len != h.plan_len {
                     return field(
@@ -538,9 +552,30 @@ pub fn read_payload(
     h: &FrameHeader,
     buf: &mut Vec<u8>,
 ) -> Result<(), WireError> {
+    let len = h.wire_len as usize;
     buf.clear();
-    buf.resize(h.wire_len as usize, 0);
-    read_exact_or(r, buf, "frame payload")?;
+    buf.reserve(len);
+    // read_to_end fills the spare capacity without zeroing it first: one
+    // pass less over every payload than resize + read_exact.
+    let got = loop {
+        match r.by_ref().take((len - buf.len()) as u64).read_to_end(buf) {
+            Ok(_) => break buf.len(),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(source) => {
+                return Err(WireError::Io {
+                    what: "frame payload",
+                    source,
+                })
+            }
+        }
+    };
+    if got < len {
+        return Err(WireError::Truncated {
+            what: "frame payload",
+            got,
+            want: len,
+        });
+    }
     let want = crc32c::crc32c(buf);
     if want != h.payload_crc {
         return Err(WireError::Checksum {
@@ -668,6 +703,16 @@ mod tests {
     fn frame_header_round_trip_and_rejections() {
         let h = data_header();
         assert_eq!(FrameHeader::decode(&h.encode(), 16).unwrap(), h);
+        let raw_frame = FrameHeader {
+            codec: 4,
+            plan_len: h.len,
+            wire_len: h.len,
+            ..h
+        };
+        assert_eq!(
+            FrameHeader::decode(&raw_frame.encode(), 16).unwrap(),
+            raw_frame
+        );
         // A zeroed header is invalid.
         assert!(FrameHeader::decode(&[0; FRAME_HEADER_LEN], 16).is_err());
         // Every single-bit flip is caught.
@@ -698,6 +743,19 @@ mod tests {
             FrameHeader {
                 codec: 1,
                 wire_len: 5,
+                ..h
+            },
+            // Raw frames: plan and wire lengths must equal the raw length.
+            FrameHeader {
+                codec: 4,
+                plan_len: h.len,
+                wire_len: h.len - 1,
+                ..h
+            },
+            FrameHeader {
+                codec: 4,
+                plan_len: h.len + 1,
+                wire_len: h.len,
                 ..h
             },
             FrameHeader {

@@ -96,6 +96,7 @@ fn cfg(streams: u16, tier: Tier) -> TransportConfig {
     TransportConfig {
         streams,
         tier,
+        auto_tier: false,
         workers: 2,
         window: 4 << 20,
         chunk: 256 << 10,
@@ -108,8 +109,20 @@ fn cfg(streams: u16, tier: Tier) -> TransportConfig {
 /// Sends `fwd` bytes per channel source -> destination and `back` bytes the
 /// other way, over `channels` channels, and checks everything arrived intact.
 fn relay(streams: u16, tier: Tier, channels: u16, fwd: usize, back: usize) {
-    let r = responder(cfg(streams, tier));
-    let sess = Session::connect(&cfg(streams, tier), "test-vm", r.addr).unwrap();
+    relay_with(cfg(streams, tier), channels, fwd, back, |_| {});
+}
+
+/// [`relay`] with a given config; `during` runs beside the transfer.
+fn relay_with(
+    c: TransportConfig,
+    channels: u16,
+    fwd: usize,
+    back: usize,
+    during: impl FnOnce(&Session),
+) -> dwcp_core::transport::SessionStats {
+    let tier = if c.auto_tier { Tier::Raw } else { c.tier };
+    let r = responder(c.clone());
+    let sess = Session::connect(&c, "test-vm", r.addr).unwrap();
     let mut workers = Vec::new();
     for c in 0..channels {
         let (ours, mut qemu_src) = UnixStream::pair().unwrap();
@@ -149,6 +162,7 @@ fn relay(streams: u16, tier: Tier, channels: u16, fwd: usize, back: usize) {
             assert!(got_back == reply, "channel {c}: return bytes differ");
         }));
     }
+    during(&sess);
     for w in workers {
         w.join().unwrap();
     }
@@ -163,7 +177,7 @@ fn relay(streams: u16, tier: Tier, channels: u16, fwd: usize, back: usize) {
     let dst = r.sessions.lock().unwrap()[0].clone();
     let ds = dst.wait().unwrap();
     assert_eq!(ds.raw_in, fwd as u64 * channels as u64);
-    if tier != Tier::None && fwd > 0 {
+    if !matches!(tier, Tier::None | Tier::Raw) && fwd > 0 {
         assert!(
             stats.ratio_out > 1.2,
             "compression/dedup did nothing: {}",
@@ -171,6 +185,44 @@ fn relay(streams: u16, tier: Tier, channels: u16, fwd: usize, back: usize) {
         );
         assert!(stats.pages_deduped > 0, "no page was deduplicated");
     }
+    stats
+}
+
+#[test]
+fn one_stream_raw() {
+    let st = relay_with(cfg(1, Tier::Raw), 1, 8 << 20, 4096, |_| {});
+    // Raw frames: the wire carries the bytes plus a 32-byte header each.
+    assert!(st.wire_out >= st.raw_out, "{st:?}");
+    assert_eq!(st.pages_seen, 0, "raw frames are never planned");
+}
+
+/// `--codec auto` on loopback (min RTT far below 1 ms) starts raw.
+#[test]
+fn auto_starts_raw_on_a_datacenter_path() {
+    let c = TransportConfig {
+        auto_tier: true,
+        ..cfg(2, Tier::Lz4)
+    };
+    let st = relay_with(c, 2, 8 << 20, 4096, |_| {});
+    assert_eq!(st.tier, "raw", "{st:?}");
+    assert_eq!(st.pages_seen, 0, "{st:?}");
+}
+
+/// Switching between raw and planned tiers mid-stream keeps both dedup rings
+/// in step: every byte arrives intact and dedup still finds duplicates.
+#[test]
+fn switching_between_raw_and_planned_tiers_mid_stream() {
+    let st = relay_with(cfg(2, Tier::Lz4), 3, 48 << 20, 1 << 20, |s| {
+        for i in 0..200 {
+            let t = [Tier::Raw, Tier::Lz4, Tier::None, Tier::Zstd(1)][i % 4];
+            s.set_tier(t);
+            thread::sleep(Duration::from_millis(2));
+            if s.is_finished() {
+                break;
+            }
+        }
+    });
+    assert!(st.pages_seen > 0, "no frame was planned: {st:?}");
 }
 
 #[test]
@@ -397,4 +449,33 @@ fn unknown_target_is_refused_with_a_clear_error() {
         .to_string();
     assert!(err.contains("no incoming QEMU socket"), "{err}");
     assert!(matches!(t.join().unwrap(), Err(WireError::Refused(_))));
+}
+
+/// A peer that only speaks protocol version 1 gets version 1 in the reply
+/// (and so is never sent raw frames, which version 2 added).
+#[test]
+fn version_is_negotiated_down_to_the_peers_newest() {
+    let r = responder(cfg(1, Tier::Raw));
+    for (max, want) in [
+        (1u16, 1u16),
+        (dwcp_core::wire::VERSION_MAX, dwcp_core::wire::VERSION_MAX),
+    ] {
+        let h = dwcp_core::wire::Hello {
+            version_min: 1,
+            version_max: max,
+            session: [max as u8; 16],
+            stream_index: 0,
+            stream_count: 1,
+            role: dwcp_core::wire::Role::Data,
+            window: 4 << 20,
+            ring_pages: 16,
+            name: "v".into(),
+        };
+        let mut s = TcpStream::connect(r.addr).unwrap();
+        s.write_all(&h.encode()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let reply = dwcp_core::wire::Reply::read(&mut s).unwrap();
+        assert_eq!(reply.status, dwcp_core::wire::Status::Ok);
+        assert_eq!(reply.version, want, "peer offering 1..={max}");
+    }
 }

@@ -8,7 +8,6 @@
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
-use dwcp_core::codec::Tier;
 use dwcp_core::transport::TransportConfig;
 
 /// Keys a dwcp URI may carry, in the order error messages list them.
@@ -95,11 +94,10 @@ impl DwcpUri {
                     self.cfg.streams = u16::try_from(num("1..=256")?)
                         .map_err(|_| format!("{key}={value}: 1..=256"))?
                 }
-                "codec" => {
-                    self.cfg.tier = value
-                        .parse::<Tier>()
-                        .map_err(|e| format!("codec={value}: {e}"))?
-                }
+                "codec" => self
+                    .cfg
+                    .set_codec(value)
+                    .map_err(|e| format!("codec={value}: {e}"))?,
                 "workers" => self.cfg.workers = num("1..=64")?.min(1 << 16) as usize,
                 "window" => {
                     let mb = num("MiB, 1..=256")?;
@@ -190,7 +188,8 @@ mod tests {
             (u.host.as_str(), u.port, u.cfg.streams),
             ("10.0.0.2", 4444, 8)
         );
-        assert_eq!(u.cfg.tier, Tier::Zstd(3));
+        assert_eq!(u.cfg.tier, dwcp_core::codec::Tier::Zstd(3));
+        assert!(!u.cfg.auto_tier);
         assert_eq!(u.name, "vm1");
         let u = DwcpUri::parse("dwcp:[::1]:5").unwrap();
         assert_eq!((u.host.as_str(), u.port), ("::1", 5));

@@ -334,7 +334,7 @@ pub fn gated_migrate(
     q: &mut Qmp,
     uri: &str,
     timeout: Duration,
-    mut progress: impl FnMut(&Value),
+    mut progress: impl FnMut(&Value) -> Option<Value>,
     mut gate: impl FnMut() -> Result<(), String>,
 ) -> Result<(MigrationResult, u64)> {
     q.execute(
@@ -347,7 +347,9 @@ pub fn gated_migrate(
     let mut gate_ms = None;
     loop {
         let v = q.execute("query-migrate", None)?;
-        progress(&v);
+        if let Some(params) = progress(&v) {
+            dwcp_core::qemu::tune(q, &v, params);
+        }
         let status = v["status"].as_str().unwrap_or("");
         match status {
             "completed" => {

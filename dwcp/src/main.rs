@@ -61,9 +61,11 @@ pub struct TransportArgs {
     /// TCP streams per migration (1-256).
     #[arg(long, default_value_t = 4)]
     streams: u16,
-    /// Compression: none, lz4, zstd, zstd:N (N in -7..=19), or auto (lz4 up to
-    /// zstd:3 while the link, not the CPU, is the bottleneck).
-    #[arg(long, default_value = "lz4")]
+    /// Compression: auto (raw on datacenter paths, min RTT < 1 ms; lz4
+    /// otherwise, up to zstd:3 while the link, not the CPU, is the
+    /// bottleneck), or a fixed tier: raw (pass-through), none (zero/duplicate
+    /// pages only), lz4, zstd, zstd:N (N in -7..=19).
+    #[arg(long, default_value = "auto")]
     codec: String,
     /// Compression worker threads (1-64; default: one per core).
     #[arg(long)]

@@ -39,7 +39,13 @@ pub struct MigrateArgs {
     /// QEMU max-bandwidth in MiB/s (default: QEMU's).
     #[arg(long)]
     max_bandwidth_mb: Option<u64>,
-    /// QEMU downtime-limit in ms (default: QEMU's 300 ms).
+    /// Downtime to aim at, ms, as the destination sees it: once a second
+    /// QEMU's downtime-limit is set to this minus what the relay still holds
+    /// and the path's RTT, and its switchover bandwidth to the rate DWCP
+    /// delivers (see docs/protocol.md, "Switchover").
+    #[arg(long, default_value_t = 300)]
+    downtime_goal_ms: u64,
+    /// Fixed QEMU downtime-limit in ms instead (turns the tuning above off).
     #[arg(long)]
     downtime_limit_ms: Option<u64>,
     /// Give up (and cancel) after this many seconds.
@@ -151,7 +157,13 @@ fn run_inner(
             .expect("valid template"),
     );
     let t0 = Instant::now();
-    let progress = |v: &Value| {
+    let mut tuner = a
+        .downtime_limit_ms
+        .is_none()
+        .then(|| qemu::SwitchoverTuner::new(a.downtime_goal_ms));
+    let agent = a.agent.clone();
+    let name = a.name.clone();
+    let mut progress = |v: &Value| {
         let n = |p: &str| v.pointer(p).and_then(Value::as_u64).unwrap_or(0);
         let (total, remaining, mbps) = (
             n("/ram/total"),
@@ -178,16 +190,22 @@ fn run_inner(
             eta
         ));
         bar.tick();
+        let t = tuner.as_mut()?;
+        t.due()
+            .then(|| dwcp_core::agent::newest_session(&agent, &name))
+            .flatten()
+            .and_then(|s| t.params(&s))
     };
     let uri = format!("unix:{socket}");
     let timeout = Duration::from_secs(a.timeout);
     let (result, gate_ms) = match gate {
         None => (
-            qemu::migrate(&mut q, &uri, timeout, progress).map_err(anyhow::Error::from),
+            qemu::migrate(&mut q, &uri, timeout, &mut progress).map_err(anyhow::Error::from),
             None,
         ),
         Some(g) => {
-            match crate::cluster::gated_migrate(&mut q, &uri, timeout, progress, || g.commit()) {
+            match crate::cluster::gated_migrate(&mut q, &uri, timeout, &mut progress, || g.commit())
+            {
                 Ok((r, ms)) => (Ok(r), Some(ms)),
                 Err(e) => (Err(e), None),
             }

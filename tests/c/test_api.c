@@ -527,6 +527,8 @@ int main(void)
     test_outgoing_failures();
     test_incoming_basics();
     test_loopback("streams=1&codec=none");
+    test_loopback("streams=2&codec=raw");
+    test_loopback("streams=2");
     test_loopback("streams=8&codec=lz4");
     test_loopback("streams=4&codec=zstd:3&workers=2");
     test_cancel();

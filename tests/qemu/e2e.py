@@ -33,6 +33,7 @@ MATRIX = [
     (8, "lz4", False, "cmdline"),
     (8, "zstd:3", True, "qapi"),
     (1, "lz4", True, "uri"),
+    (4, "auto", True, "qapi"),
 ]
 
 results = []
@@ -42,9 +43,9 @@ timings = []
 # (loopback here), two rounds, instead of the test matrix.
 BENCH_MATRIX = [
     (0, "", False, "cmdline", "tcp"),
-    (8, "lz4", False, "cmdline", "dwcp"),
+    (4, "auto", False, "cmdline", "dwcp"),
     (0, "", True, "cmdline", "tcp"),
-    (8, "lz4", True, "uri", "dwcp"),
+    (4, "auto", True, "uri", "dwcp"),
 ] * 2
 
 

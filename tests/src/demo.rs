@@ -66,7 +66,7 @@ pub fn native_run(
     std::thread::sleep(Duration::from_millis(200));
     let mut sq = src.qmp()?;
     setup.apply(&mut sq, false)?;
-    let r = qemu::migrate(&mut sq, &uri, Duration::from_secs(mig.timeout_s), |_| {})?;
+    let r = qemu::migrate(&mut sq, &uri, Duration::from_secs(mig.timeout_s), |_| None)?;
     drop(sq);
     let pair = crate::GuestPair {
         src,

@@ -240,6 +240,41 @@ pub struct GuestSpec {
     pub mix: String,
     /// QEMU accelerator (`tcg` here; `kvm` where it boots Linux).
     pub accel: String,
+    /// A guest of the user's own instead of the test guest: QEMU arguments
+    /// (machine, `-m`, kernel or disks, ...). The harness adds `-name`,
+    /// `-qmp` and, on the destination, `-incoming defer -S`. Such a guest has
+    /// no workload heartbeat: readiness is `warmup_s` of running, and a
+    /// migration is checked by comparing RAM and seeing the guest run on.
+    pub qemu_args: Vec<String>,
+    /// Seconds a user guest runs before it is migrated.
+    pub warmup_s: u64,
+    /// QEMU binary (`$DWCP_QEMU`, default `qemu-system-x86_64` from PATH;
+    /// the patched build with `dwcp:` for libdwcp runs).
+    pub qemu_bin: String,
+}
+
+impl GuestSpec {
+    /// Whether this is a user guest (no workload, no heartbeats).
+    pub fn is_custom(&self) -> bool {
+        !self.qemu_args.is_empty()
+    }
+
+    /// A user guest's RAM size from its `-m` argument (`2048`, `2G`,
+    /// `size=2G,...`), MiB.
+    pub fn custom_mem_mb(args: &[String]) -> Option<u64> {
+        let i = args.iter().position(|a| a == "-m")?;
+        let v = args.get(i + 1)?;
+        let v = v
+            .split(',')
+            .map(|kv| kv.strip_prefix("size=").unwrap_or(kv))
+            .find(|kv| !kv.contains('='))?;
+        let (num, mult) = match v.chars().last()? {
+            'G' | 'g' => (&v[..v.len() - 1], 1024),
+            'M' | 'm' => (&v[..v.len() - 1], 1),
+            _ => (v, 1),
+        };
+        num.parse::<u64>().ok().map(|n| n * mult)
+    }
 }
 
 impl Default for GuestSpec {
@@ -251,6 +286,9 @@ impl Default for GuestSpec {
             seed: 1,
             mix: "realistic".into(),
             accel: std::env::var("DWCP_ACCEL").unwrap_or_else(|_| "tcg".into()),
+            qemu_args: Vec::new(),
+            warmup_s: 20,
+            qemu_bin: std::env::var("DWCP_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".into()),
         }
     }
 }
@@ -263,6 +301,8 @@ pub struct Guest {
     pub serial: PathBuf,
     pub mem_mb: u64,
     pub dir: PathBuf,
+    /// A user guest (see [`GuestSpec::qemu_args`]).
+    pub custom: bool,
 }
 
 impl Drop for Guest {
@@ -283,7 +323,6 @@ impl Guest {
         spec: &GuestSpec,
         incoming: bool,
     ) -> Result<Guest> {
-        let (kernel, initrd) = guest_files()?;
         let dir = lab.dir.join(role);
         std::fs::create_dir_all(&dir)?;
         let qmp_path = dir.join("qmp.sock");
@@ -294,31 +333,40 @@ impl Guest {
             "console=ttyS0 panic=-1 quiet dwcp.fill={} dwcp.dirty={} dwcp.seed={} dwcp.mix={}",
             spec.fill_mb, spec.dirty_mbps, spec.seed, spec.mix
         );
-        let mut cmd = lab.topo.exec(ns, "qemu-system-x86_64");
-        cmd.args([
-            "-name",
-            role,
-            "-accel",
-            &spec.accel,
-            "-machine",
-            "pc",
-            "-smp",
-            "1",
-            "-m",
-            &spec.mem_mb.to_string(),
-        ])
-        .args(["-nodefaults", "-no-user-config", "-display", "none"]);
-        if spec.accel == "tcg" {
-            cmd.args(["-cpu", "qemu64"]);
+        let mut cmd = lab.topo.exec(ns, &spec.qemu_bin);
+        let mut mem_mb = spec.mem_mb;
+        if spec.is_custom() {
+            cmd.args(["-name", role]).args(&spec.qemu_args);
+            if let Some(m) = GuestSpec::custom_mem_mb(&spec.qemu_args) {
+                mem_mb = m;
+            }
+        } else {
+            let (kernel, initrd) = guest_files()?;
+            cmd.args([
+                "-name",
+                role,
+                "-accel",
+                &spec.accel,
+                "-machine",
+                "pc",
+                "-smp",
+                "1",
+                "-m",
+                &spec.mem_mb.to_string(),
+            ])
+            .args(["-nodefaults", "-no-user-config", "-display", "none"]);
+            if spec.accel == "tcg" {
+                cmd.args(["-cpu", "qemu64"]);
+            }
+            cmd.arg("-serial")
+                .arg(format!("file:{}", serial.display()))
+                .arg("-kernel")
+                .arg(&kernel)
+                .arg("-initrd")
+                .arg(&initrd)
+                .args(["-append", &append]);
         }
-        cmd.arg("-serial")
-            .arg(format!("file:{}", serial.display()))
-            .arg("-kernel")
-            .arg(&kernel)
-            .arg("-initrd")
-            .arg(&initrd)
-            .args(["-append", &append])
-            .arg("-qmp")
+        cmd.arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", qmp_path.display()));
         if incoming {
             cmd.args(["-incoming", "defer", "-S"]);
@@ -327,13 +375,16 @@ impl Guest {
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        let child = cmd.spawn().context("starting qemu-system-x86_64")?;
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", spec.qemu_bin))?;
         let mut g = Guest {
             child,
             qmp_path,
             serial,
-            mem_mb: spec.mem_mb,
+            mem_mb,
             dir,
+            custom: spec.is_custom(),
         };
         g.wait_qmp()?;
         Ok(g)
@@ -362,6 +413,26 @@ impl Guest {
 
     pub fn serial_text(&self) -> String {
         std::fs::read_to_string(&self.serial).unwrap_or_default()
+    }
+
+    /// Waits until the source guest is ready to migrate; returns the last
+    /// heartbeat's sequence number (0 for a user guest, which has none).
+    pub fn wait_ready(&mut self, spec: &GuestSpec) -> Result<u64> {
+        if self.custom {
+            std::thread::sleep(Duration::from_secs(spec.warmup_s));
+            if let Some(st) = self.child.try_wait()? {
+                bail!(
+                    "the guest's QEMU exited ({st}) during its warm-up: {}",
+                    tail(
+                        &std::fs::read_to_string(self.dir.join("qemu.log")).unwrap_or_default(),
+                        10
+                    )
+                );
+            }
+            return Ok(0);
+        }
+        self.wait_line("DWCP-READY", Duration::from_secs(60 + spec.fill_mb / 2))?;
+        Ok(self.expect_heartbeats(0, 2, Duration::from_secs(20))?.seq)
     }
 
     /// Waits until the serial console shows `pat`; returns the line.
@@ -574,11 +645,9 @@ pub struct GuestPair {
 /// Boots the source guest (waits for its workload to be ready) and starts the
 /// destination QEMU listening on the destination agent's incoming socket.
 pub fn boot_pair(lab: &Lab, spec: &GuestSpec, mig: &MigrationSpec) -> Result<GuestPair> {
-    let src = Guest::start(lab, lab.src_ns(), "src", spec, false)?;
+    let mut src = Guest::start(lab, lab.src_ns(), "src", spec, false)?;
     let dst = Guest::start(lab, lab.dst_ns(), "dst", spec, true)?;
-    let fill_timeout = Duration::from_secs(60 + spec.fill_mb / 2);
-    src.wait_line("DWCP-READY", fill_timeout)?;
-    let hb = src.expect_heartbeats(0, 2, Duration::from_secs(20))?;
+    let ready_seq = src.wait_ready(spec)?;
     let setup = MigrationSetup {
         multifd_channels: mig.multifd,
         return_path: mig.return_path,
@@ -603,7 +672,7 @@ pub fn boot_pair(lab: &Lab, spec: &GuestSpec, mig: &MigrationSpec) -> Result<Gue
     Ok(GuestPair {
         src,
         dst,
-        ready_seq: hb.seq,
+        ready_seq,
     })
 }
 
@@ -668,6 +737,24 @@ pub fn verify(pair: &GuestPair, result: Value, scratch: &Path) -> Result<Verifie
             memory.differing_pages,
             memory.first_difference.unwrap_or(0)
         );
+    }
+    if pair.src.custom {
+        // No heartbeat to watch: the destination must run on and the source
+        // stay stopped.
+        pair.dst.qmp()?.execute("cont", None)?;
+        std::thread::sleep(Duration::from_secs(2));
+        let st = pair.dst.qmp()?.status()?;
+        if st != "running" {
+            bail!("destination is {st:?} 2 s after cont, expected running");
+        }
+        if pair.src.qmp()?.status()? == "running" {
+            bail!("source guest is running again: the guest would run twice");
+        }
+        return Ok(Verified {
+            result,
+            memory,
+            pause_ms: 0,
+        });
     }
     let last_src = pair.src.heartbeats().last().map(|h| h.seq).unwrap_or(0);
     pair.dst.qmp()?.execute("cont", None)?;
@@ -805,4 +892,22 @@ pub fn spawn_proxy(lab: &Lab, listen_port: u16, flip_at: Option<u64>) -> Result<
     });
     rx.recv_timeout(Duration::from_secs(5))?
         .map_err(|e| anyhow!("proxy bind: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::GuestSpec;
+
+    #[test]
+    fn custom_guest_memory_from_its_m_argument() {
+        let m = |a: &[&str]| {
+            GuestSpec::custom_mem_mb(&a.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+        };
+        assert_eq!(m(&["-machine", "q35", "-m", "2048"]), Some(2048));
+        assert_eq!(m(&["-m", "2G"]), Some(2048));
+        assert_eq!(m(&["-m", "size=512M,slots=2,maxmem=4G"]), Some(512));
+        assert_eq!(m(&["-smp", "2"]), None);
+        assert_eq!(m(&["-m"]), None);
+        assert_eq!(m(&["-m", "lots"]), None);
+    }
 }

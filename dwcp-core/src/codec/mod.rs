@@ -12,6 +12,11 @@
 //! Receiver: [`Decompressor::decompress`] then [`Rebuilder::rebuild`]
 //! (sequential, stream order, one per channel direction).
 //!
+//! [`Tier::Raw`] skips both steps: the frame ([`CodecId::Raw`]) carries the
+//! raw bytes themselves, and neither side's dedup ring sees them (so the
+//! rings stay in step, whichever frames go raw). It is for links faster than
+//! the CPU can plan and copy, where every pass over the data costs time.
+//!
 //! Plan ops:
 //! - `0x01 LIT len` + `len` literal bytes
 //! - `0x02 ZERO len`: `len` zero bytes
@@ -57,6 +62,8 @@ pub enum CodecId {
     Lz4 = 2,
     /// One zstd frame of the plan.
     Zstd = 3,
+    /// The raw bytes, no plan (see [`Tier::Raw`]).
+    Raw = 4,
 }
 
 impl CodecId {
@@ -66,6 +73,7 @@ impl CodecId {
             1 => Some(CodecId::None),
             2 => Some(CodecId::Lz4),
             3 => Some(CodecId::Zstd),
+            4 => Some(CodecId::Raw),
             _ => None,
         }
     }
@@ -76,6 +84,7 @@ impl CodecId {
             CodecId::None => "none",
             CodecId::Lz4 => "lz4",
             CodecId::Zstd => "zstd",
+            CodecId::Raw => "raw",
         }
     }
 }
@@ -83,7 +92,10 @@ impl CodecId {
 /// Compression tier chosen by the operator / adaptive logic.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Tier {
-    /// No compression.
+    /// Pass-through: no zero-run elimination, dedup or compression; the
+    /// fewest passes over the data (datacenter links).
+    Raw,
+    /// No compression (zero runs and duplicate pages still eliminated).
     None,
     /// LZ4 block, default acceleration.
     Lz4,
@@ -101,7 +113,7 @@ pub const ZSTD_DEFAULT_LEVEL: i32 = 3;
 /// Error of [`Tier::from_str`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "invalid compression tier {0:?}: expected \"none\", \"lz4\", \"zstd\" (level 3) or \"zstd:N\" with N in -7..=19"
+    "invalid compression tier {0:?}: expected \"raw\", \"none\", \"lz4\", \"zstd\" (level 3) or \"zstd:N\" with N in -7..=19"
 )]
 pub struct ParseTierError(pub String);
 
@@ -111,6 +123,7 @@ impl FromStr for Tier {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let t = s.trim().to_ascii_lowercase();
         match t.as_str() {
+            "raw" => return Ok(Tier::Raw),
             "none" => return Ok(Tier::None),
             "lz4" => return Ok(Tier::Lz4),
             "zstd" => return Ok(Tier::Zstd(ZSTD_DEFAULT_LEVEL)),
@@ -130,6 +143,7 @@ impl FromStr for Tier {
 impl fmt::Display for Tier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Tier::Raw => f.write_str("raw"),
             Tier::None => f.write_str("none"),
             Tier::Lz4 => f.write_str("lz4"),
             Tier::Zstd(l) => write!(f, "zstd:{l}"),
@@ -297,7 +311,7 @@ impl Compressor {
             None
         } else {
             match tier {
-                Tier::None => None,
+                Tier::Raw | Tier::None => None,
                 Tier::Lz4 => lz4_compress(plan, out, plan.len() - 1).map(|_| CodecId::Lz4),
                 Tier::Zstd(level) => self.zstd_compress(level, plan, out),
             }
@@ -417,10 +431,12 @@ impl Decompressor {
             });
         }
         match codec {
-            CodecId::None => {
+            // Raw frames carry the bytes themselves: the caller skips the
+            // Rebuilder for them.
+            CodecId::None | CodecId::Raw => {
                 if wire.len() != plan_len {
                     return Err(CodecError::LengthMismatch {
-                        codec: "none",
+                        codec: codec.name(),
                         got: wire.len() as u64,
                         expected: plan_len,
                     });
@@ -606,8 +622,16 @@ fn measure_one(data: &[u8], tier: Tier, chunk: usize, cache: usize) -> TierMeasu
     let mut enc = 0.0;
     for c in data.chunks(chunk) {
         let t = Instant::now();
-        planner.plan(c, &mut plan_buf);
-        let id = comp.compress(tier, &plan_buf, &mut wire_buf);
+        let id = if tier == Tier::Raw {
+            plan_buf.clear();
+            plan_buf.extend_from_slice(c);
+            wire_buf.clear();
+            wire_buf.extend_from_slice(c);
+            CodecId::Raw
+        } else {
+            planner.plan(c, &mut plan_buf);
+            comp.compress(tier, &plan_buf, &mut wire_buf)
+        };
         enc += t.elapsed().as_secs_f64();
         plan_bytes += plan_buf.len() as u64;
         let start = wire_all.len();
@@ -627,9 +651,12 @@ fn measure_one(data: &[u8], tier: Tier, chunk: usize, cache: usize) -> TierMeasu
     let mut pos = 0usize;
     for &(id, start, end, plan_len, raw_len) in &frames {
         let t = Instant::now();
-        let r = dec
-            .decompress(id, &wire_all[start..end], plan_len, &mut plan_buf)
-            .and_then(|()| rb.rebuild(&plan_buf, raw_len, &mut raw_out));
+        let r = if id == CodecId::Raw {
+            dec.decompress(id, &wire_all[start..end], plan_len, &mut raw_out)
+        } else {
+            dec.decompress(id, &wire_all[start..end], plan_len, &mut plan_buf)
+                .and_then(|()| rb.rebuild(&plan_buf, raw_len, &mut raw_out))
+        };
         dec_secs += t.elapsed().as_secs_f64();
         if r.is_err() || raw_out[..] != data[pos..pos + raw_len] {
             ok = false;
@@ -651,7 +678,7 @@ fn measure_one(data: &[u8], tier: Tier, chunk: usize, cache: usize) -> TierMeasu
         let t = Instant::now();
         w.clear();
         match tier {
-            Tier::None => w.extend_from_slice(c),
+            Tier::Raw | Tier::None => w.extend_from_slice(c),
             Tier::Lz4 => {
                 if lz4_compress(c, &mut w, lz4_bound(c.len())).is_none() {
                     w.clear();
@@ -677,7 +704,7 @@ fn measure_one(data: &[u8], tier: Tier, chunk: usize, cache: usize) -> TierMeasu
     for (&(start, end), c) in raw_frames.iter().zip(data.chunks(chunk)) {
         let w = &wire_all[start..end];
         match tier {
-            Tier::None => {
+            Tier::Raw | Tier::None => {
                 out.clear();
                 out.extend_from_slice(w);
             }

@@ -236,10 +236,11 @@ fn codec_id_and_tier_parse() {
     for b in 0..=255u8 {
         let id = CodecId::from_wire(b);
         match b {
-            1..=3 => assert_eq!(id.unwrap() as u8, b),
+            1..=4 => assert_eq!(id.unwrap() as u8, b),
             _ => assert!(id.is_none()),
         }
     }
+    assert_eq!("raw".parse::<Tier>().unwrap(), Tier::Raw);
     assert_eq!("none".parse::<Tier>().unwrap(), Tier::None);
     assert_eq!("lz4".parse::<Tier>().unwrap(), Tier::Lz4);
     assert_eq!("zstd".parse::<Tier>().unwrap(), Tier::Zstd(3));
@@ -253,7 +254,7 @@ fn codec_id_and_tier_parse() {
         let t = Tier::Zstd(l);
         assert_eq!(t.to_string().parse::<Tier>().unwrap(), t);
     }
-    for t in [Tier::None, Tier::Lz4] {
+    for t in [Tier::Raw, Tier::None, Tier::Lz4] {
         assert_eq!(t.to_string().parse::<Tier>().unwrap(), t);
     }
 }

@@ -54,8 +54,9 @@ pub struct TransportConfig {
     pub streams: u16,
     /// Compression tier for new frames (can change during a session).
     pub tier: Tier,
-    /// Let the session move the tier between lz4, zstd:1 and zstd:3: up when
-    /// the link is the bottleneck, down when compression is (`--codec auto`).
+    /// Let the session pick the tier (`--codec auto`, the default): raw on
+    /// datacenter paths, lz4 otherwise, then up to zstd:1 and zstd:3 while
+    /// the link is the bottleneck, down while compression is.
     pub auto_tier: bool,
     /// Compression worker threads, 1..=64.
     pub workers: usize,
@@ -78,7 +79,7 @@ impl Default for TransportConfig {
         TransportConfig {
             streams: 4,
             tier: Tier::Lz4,
-            auto_tier: false,
+            auto_tier: true,
             workers: std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(2),

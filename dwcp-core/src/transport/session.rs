@@ -55,7 +55,12 @@ pub enum SessionError {
 }
 
 enum Incoming {
-    Data { plan: Vec<u8>, raw_len: u32 },
+    Data {
+        plan: Vec<u8>,
+        raw_len: u32,
+    },
+    /// A [`Tier::Raw`] frame: the bytes themselves.
+    Raw(Vec<u8>),
     Eof,
 }
 
@@ -123,6 +128,8 @@ struct Inner {
     id: [u8; 16],
     name: String,
     role: Role,
+    /// Protocol version of the session (the lower of both ends' newest).
+    version: u16,
     cfg: TransportConfig,
     window: u64,
     ring_bytes: usize,
@@ -146,6 +153,8 @@ struct Inner {
     credited: AtomicU64,
     /// Bytes all channels together may have in flight now (adaptive).
     target_inflight: AtomicU64,
+    /// Delivery rate estimate, raw bytes/s (see [`SessionStats`]).
+    delivery_rate: AtomicU64,
     /// Local readers currently waiting for credit (the link is the limit).
     credit_waiters: AtomicUsize,
     /// Frames queued (job or frame queue) and not yet written.
@@ -218,6 +227,15 @@ pub struct SessionStats {
     pub zero_bytes: u64,
     pub pages_seen: u64,
     pub pages_deduped: u64,
+    /// Raw bytes sent and not yet delivered to the peer's QEMU (credit not
+    /// yet returned): what must still cross the link.
+    pub inflight_bytes: u64,
+    /// Raw bytes per second delivered to the peer's QEMU, highest of the last
+    /// second's 100 ms samples (the bottleneck rate the in-flight budget
+    /// is sized from); 0 before the first sample.
+    pub delivery_rate: u64,
+    /// Lowest RTT the streams measured, microseconds.
+    pub min_rtt_us: Option<u32>,
     pub per_stream: Vec<StreamStats>,
 }
 
@@ -307,10 +325,23 @@ impl Session {
         let mut streams = Vec::with_capacity(n);
         let mut window = cfg.window;
         let mut ring = cfg.ring_pages();
-        for r in results {
+        let mut version = wire::VERSION_MAX;
+        for (index, r) in results.into_iter().enumerate() {
             let (st, reply) = r?;
+            if !(wire::VERSION_MIN..=wire::VERSION_MAX).contains(&reply.version) {
+                return Err(SessionError::Handshake {
+                    index,
+                    addr,
+                    source: WireError::Field {
+                        field: "reply version",
+                        value: reply.version as u64,
+                        allowed: "a version we offered",
+                    },
+                });
+            }
             window = window.min(reply.window);
             ring = ring.min(reply.ring_pages);
+            version = version.min(reply.version);
             streams.push(st);
         }
         Ok(Session::start(
@@ -318,8 +349,7 @@ impl Session {
             id,
             name,
             cfg.clone(),
-            window,
-            ring,
+            (window, ring, version),
             streams,
             None,
         ))
@@ -331,8 +361,7 @@ impl Session {
         id: [u8; 16],
         name: &str,
         cfg: TransportConfig,
-        window: u32,
-        ring_pages: u32,
+        (window, ring_pages, version): (u32, u32, u16),
         streams: Vec<TcpStream>,
         target: Option<Target>,
     ) -> Session {
@@ -351,6 +380,7 @@ impl Session {
             id,
             name: name.to_string(),
             role,
+            version,
             tier: Mutex::new(cfg.tier),
             window: window as u64,
             ring_bytes: ring_pages as usize * crate::codec::PAGE_SIZE,
@@ -371,6 +401,7 @@ impl Session {
             close_expected: Mutex::new(None),
             credited: AtomicU64::new(0),
             target_inflight: AtomicU64::new(INITIAL_INFLIGHT.min(window as u64)),
+            delivery_rate: AtomicU64::new(0),
             credit_waiters: AtomicUsize::new(0),
             inflight: AtomicU64::new(0),
             readers_done: AtomicUsize::new(0),
@@ -514,6 +545,9 @@ impl Session {
             zero_bytes: c.zero_bytes.load(Ordering::Relaxed),
             pages_seen: c.pages_seen.load(Ordering::Relaxed),
             pages_deduped: c.pages_deduped.load(Ordering::Relaxed),
+            inflight_bytes: raw_out.saturating_sub(i.credited.load(Ordering::Relaxed)),
+            delivery_rate: i.delivery_rate.load(Ordering::Relaxed),
+            min_rtt_us: path_min_rtt_us(&i.streams),
             per_stream: i
                 .streams
                 .iter()
@@ -592,7 +626,7 @@ fn open_channel(inner: &Arc<Inner>, id: u16, conn: UnixStream) -> Arc<Channel> {
 /// Reads what QEMU writes to its connection and queues it for encoding.
 fn local_reader(inner: Arc<Inner>, ch: Arc<Channel>, mut conn: UnixStream) {
     let mut planner = Planner::new(inner.ring_bytes);
-    let mut buf = vec![0u8; inner.cfg.chunk];
+    let mut buf = Vec::with_capacity(inner.cfg.chunk);
     let mut seq = 0u64;
     let mut last = planner.stats();
     loop {
@@ -606,7 +640,7 @@ fn local_reader(inner: Arc<Inner>, ch: Arc<Channel>, mut conn: UnixStream) {
                 }
                 let allowed = allowed_bytes(&inner, *credit);
                 if allowed > 0 {
-                    break allowed.min(buf.len());
+                    break allowed.min(inner.cfg.chunk);
                 }
                 inner.credit_waiters.fetch_add(1, Ordering::Relaxed);
                 ch.credit_cv
@@ -614,7 +648,16 @@ fn local_reader(inner: Arc<Inner>, ch: Arc<Channel>, mut conn: UnixStream) {
                 inner.credit_waiters.fetch_sub(1, Ordering::Relaxed);
             }
         };
-        let n = match read_some(&mut conn, &mut buf[..allowed]) {
+        // Raw frames own their buffer (it travels to the socket writer);
+        // planned frames reuse one.
+        let raw = inner.version >= wire::VERSION_RAW && *inner.tier.lock() == Tier::Raw;
+        let mut data = if raw {
+            Vec::with_capacity(allowed)
+        } else {
+            std::mem::take(&mut buf)
+        };
+        data.clear();
+        let n = match read_some(&mut conn, &mut data, allowed) {
             Ok(n) => n,
             Err(e) => {
                 if !is_down(&inner) {
@@ -650,8 +693,32 @@ fn local_reader(inner: Arc<Inner>, ch: Arc<Channel>, mut conn: UnixStream) {
             return;
         }
         *ch.credit.lock() -= n as u64;
+        inner
+            .counters
+            .raw_out
+            .fetch_add(n as u64, Ordering::Relaxed);
+        ch.raw_out.fetch_add(n as u64, Ordering::Relaxed);
+        if raw {
+            let h = FrameHeader {
+                kind: Kind::Data,
+                codec: CodecId::Raw as u8,
+                channel: ch.id,
+                len: n as u32,
+                seq,
+                plan_len: n as u32,
+                wire_len: n as u32,
+                payload_crc: crc32c::crc32c(&data),
+            };
+            inner.inflight.fetch_add(1, Ordering::AcqRel);
+            if inner.frame_tx.send(Outgoing::Frame(h, data)).is_err() {
+                return;
+            }
+            seq += 1;
+            continue;
+        }
         let mut plan = Vec::with_capacity(n + 64);
-        planner.plan(&buf[..n], &mut plan);
+        planner.plan(&data, &mut plan);
+        buf = data;
         let st = planner.stats();
         let c = &inner.counters;
         c.zero_bytes
@@ -660,8 +727,6 @@ fn local_reader(inner: Arc<Inner>, ch: Arc<Channel>, mut conn: UnixStream) {
             .fetch_add(st.pages_seen - last.pages_seen, Ordering::Relaxed);
         c.pages_deduped
             .fetch_add(st.pages_deduped - last.pages_deduped, Ordering::Relaxed);
-        c.raw_out.fetch_add(n as u64, Ordering::Relaxed);
-        ch.raw_out.fetch_add(n as u64, Ordering::Relaxed);
         last = st;
         inner.inflight.fetch_add(1, Ordering::AcqRel);
         let job = Job {
@@ -677,34 +742,38 @@ fn local_reader(inner: Arc<Inner>, ch: Arc<Channel>, mut conn: UnixStream) {
     }
 }
 
-/// One blocking read, then whatever more is already queued (without
-/// blocking), so frames are large when QEMU is fast and prompt when it is not.
-fn read_some(conn: &mut UnixStream, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = loop {
-        match conn.read(buf) {
-            Ok(n) => break n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+/// Appends to `buf` one blocking read, then whatever more is already queued
+/// (without blocking), `max` bytes at most: frames are large when QEMU is
+/// fast and prompt when it is not. Reads into the spare capacity, so the
+/// buffer is never zero-filled first.
+fn read_some(conn: &mut UnixStream, buf: &mut Vec<u8>, max: usize) -> std::io::Result<usize> {
+    buf.reserve(max);
+    let start = buf.len();
+    let mut flags = 0;
+    while buf.len() - start < max {
+        let want = max - (buf.len() - start);
+        let spare = buf.spare_capacity_mut();
+        // SAFETY: the fd is a live socket owned by `conn`; `spare` is
+        // writable memory of at least `want` bytes (reserved above) that recv
+        // fills at most, and it reports how many bytes it initialised.
+        let r = unsafe { libc::recv(conn.as_raw_fd(), spare.as_mut_ptr().cast(), want, flags) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            match e.kind() {
+                std::io::ErrorKind::Interrupted => continue,
+                _ if flags != 0 => break,
+                _ => return Err(e),
+            }
         }
-    };
-    while n > 0 && n < buf.len() {
-        let rest = &mut buf[n..];
-        // SAFETY: the fd is a live socket owned by `conn`; `rest` is writable
-        // memory of `rest.len()` bytes that recv fills at most.
-        let r = unsafe {
-            libc::recv(
-                conn.as_raw_fd(),
-                rest.as_mut_ptr().cast(),
-                rest.len(),
-                libc::MSG_DONTWAIT,
-            )
-        };
-        if r <= 0 {
+        if r == 0 {
             break;
         }
-        n += r as usize;
+        // SAFETY: recv initialised the first `r` (<= want) bytes of the
+        // spare capacity.
+        unsafe { buf.set_len(buf.len() + r as usize) };
+        flags = libc::MSG_DONTWAIT;
     }
-    Ok(n)
+    Ok(buf.len() - start)
 }
 
 fn encoder(inner: Arc<Inner>) {
@@ -937,12 +1006,17 @@ fn handle_frame(
                 wire::read_payload(r, h, payload)
                     .map_err(|e| format!("channel {} frame {}: {e}", h.channel, h.seq))?;
                 let codec = CodecId::from_wire(h.codec).expect("validated by decode");
-                let mut plan = Vec::new();
-                dec.decompress(codec, payload, h.plan_len as usize, &mut plan)
-                    .map_err(|e| format!("channel {} frame {}: {e}", h.channel, h.seq))?;
-                Incoming::Data {
-                    plan,
-                    raw_len: h.len,
+                if codec == CodecId::Raw {
+                    // Lengths checked equal by the header's validation.
+                    Incoming::Raw(std::mem::take(payload))
+                } else {
+                    let mut plan = Vec::new();
+                    dec.decompress(codec, payload, h.plan_len as usize, &mut plan)
+                        .map_err(|e| format!("channel {} frame {}: {e}", h.channel, h.seq))?;
+                    Incoming::Data {
+                        plan,
+                        raw_len: h.len,
+                    }
                 }
             } else {
                 Incoming::Eof
@@ -958,8 +1032,13 @@ fn handle_frame(
                     h.channel, h.seq, st.next
                 ));
             }
-            if let Incoming::Data { raw_len, .. } = &item {
-                st.bytes += *raw_len as u64;
+            let raw_len = match &item {
+                Incoming::Data { raw_len, .. } => Some(*raw_len as u64),
+                Incoming::Raw(data) => Some(data.len() as u64),
+                Incoming::Eof => None,
+            };
+            if let Some(raw_len) = raw_len {
+                st.bytes += raw_len;
                 if st.bytes > inner.window {
                     return Err(format!(
                         "channel {}: peer sent beyond its credit window",
@@ -1054,48 +1133,15 @@ fn deliverer(inner: Arc<Inner>, ch: Arc<Channel>, mut conn: UnixStream) {
                 ch.recv_cv.wait_for(&mut st, Duration::from_millis(100));
             }
         };
-        match item {
+        let bytes: &[u8] = match &item {
             Incoming::Data { plan, raw_len } => {
-                if let Err(e) = rebuilder.rebuild(&plan, raw_len as usize, &mut raw) {
+                if let Err(e) = rebuilder.rebuild(plan, *raw_len as usize, &mut raw) {
                     fail(&inner, format!("channel {}: {e}", ch.id));
                     return;
                 }
-                if !discard {
-                    if let Err(e) = conn.write_all(&raw) {
-                        if inner.role == Role::Initiator && ch.sent_eof.load(Ordering::Acquire) {
-                            // The source QEMU finished and closed its side;
-                            // what is left is return-path chatter nobody will
-                            // read. On the destination a failed write is
-                            // always fatal: QEMU died or gave up mid-stream.
-                            discard = true;
-                        } else {
-                            fail(
-                                &inner,
-                                format!("channel {}: writing to QEMU failed: {e}", ch.id),
-                            );
-                            return;
-                        }
-                    }
-                }
-                ch.raw_in.fetch_add(raw_len as u64, Ordering::Relaxed);
-                inner
-                    .counters
-                    .raw_in
-                    .fetch_add(raw_len as u64, Ordering::Relaxed);
-                ch.recv.lock().bytes -= raw_len as u64;
-                if ch
-                    .pending_credit
-                    .fetch_add(raw_len as u64, Ordering::AcqRel)
-                    == 0
-                    && inner
-                        .ctrl_tx
-                        .send_timeout(Ctrl::Credit(ch.clone()), inner.cfg.idle_timeout)
-                        .is_err()
-                {
-                    fail(&inner, "control queue stuck".into());
-                    return;
-                }
+                &raw
             }
+            Incoming::Raw(data) => data,
             Incoming::Eof => {
                 let _ = conn.shutdown(Shutdown::Write);
                 ch.delivered_eof.store(true, Ordering::Release);
@@ -1103,6 +1149,36 @@ fn deliverer(inner: Arc<Inner>, ch: Arc<Channel>, mut conn: UnixStream) {
                 check_complete(&inner);
                 return;
             }
+        };
+        let raw_len = bytes.len() as u64;
+        if !discard {
+            if let Err(e) = conn.write_all(bytes) {
+                if inner.role == Role::Initiator && ch.sent_eof.load(Ordering::Acquire) {
+                    // The source QEMU finished and closed its side; what is
+                    // left is return-path chatter nobody will read. On the
+                    // destination a failed write is always fatal: QEMU died
+                    // or gave up mid-stream.
+                    discard = true;
+                } else {
+                    fail(
+                        &inner,
+                        format!("channel {}: writing to QEMU failed: {e}", ch.id),
+                    );
+                    return;
+                }
+            }
+        }
+        ch.raw_in.fetch_add(raw_len, Ordering::Relaxed);
+        inner.counters.raw_in.fetch_add(raw_len, Ordering::Relaxed);
+        ch.recv.lock().bytes -= raw_len;
+        if ch.pending_credit.fetch_add(raw_len, Ordering::AcqRel) == 0
+            && inner
+                .ctrl_tx
+                .send_timeout(Ctrl::Credit(ch.clone()), inner.cfg.idle_timeout)
+                .is_err()
+        {
+            fail(&inner, "control queue stuck".into());
+            return;
         }
     }
 }
@@ -1186,22 +1262,9 @@ impl InflightTuner {
         }
         self.rates.push_back(r);
         let btl_bw = self.rates.iter().cloned().fold(0.0, f64::max);
-        let min_rtt = inner
-            .streams
-            .iter()
-            .take(4)
-            .filter_map(|s| tcp_info(s).ok())
-            .map(|i| {
-                if i.min_rtt_us > 0 {
-                    i.min_rtt_us
-                } else {
-                    i.rtt_us
-                }
-            })
-            .filter(|r| *r > 0)
-            .min()
-            .unwrap_or(1000) as f64
-            / 1e6;
+        inner.delivery_rate.store(btl_bw as u64, Ordering::Relaxed);
+        let n = inner.streams.len().min(4);
+        let min_rtt = path_min_rtt_us(&inner.streams[..n]).unwrap_or(1000) as f64 / 1e6;
         let want = (btl_bw * (2.0 * min_rtt + 0.05)) as u64;
         let floor = 2 * inner.cfg.chunk as u64;
         inner.target_inflight.store(
@@ -1211,11 +1274,15 @@ impl InflightTuner {
     }
 }
 
-/// `--codec auto`: once a second, moves the tier one step along
-/// lz4 -> zstd:1 -> zstd:3 when most samples found the link to be the
-/// bottleneck (readers waiting for credit, or encoded frames piling up for
-/// the sockets), and one step back when most found compression to be (the
-/// encode queue full). The wire format names each frame's codec, so the
+/// `--codec auto`: picks the starting tier from the path (datacenter mode,
+/// min RTT under [`DC_RTT_US`]: raw; internet mode: lz4), then once a second
+/// moves one step along raw -> lz4 -> zstd:1 -> zstd:3 when most samples
+/// found the link to be the bottleneck (readers waiting for credit, or
+/// encoded frames piling up for the sockets), and one step back when most
+/// found compression to be (the encode queue full). Leaving raw also needs
+/// the link to be slower than [`RAW_UPGRADE_BELOW`]: on a fast link a full
+/// credit window means the receiving CPU is the limit, which compression
+/// would only make worse. The wire format names each frame's codec, so the
 /// receiver needs no notice.
 #[derive(Debug, Default)]
 struct TierTuner {
@@ -1223,11 +1290,55 @@ struct TierTuner {
     link_bound: u32,
     cpu_bound: u32,
     level: usize,
+    credited: u64,
+    since: Option<Instant>,
 }
 
-const AUTO_TIERS: [Tier; 3] = [Tier::Lz4, Tier::Zstd(1), Tier::Zstd(3)];
+const AUTO_TIERS: [Tier; 4] = [Tier::Raw, Tier::Lz4, Tier::Zstd(1), Tier::Zstd(3)];
+
+/// Paths whose lowest RTT is below this are "datacenter": start raw.
+pub const DC_RTT_US: u32 = 1000;
+
+/// Leave raw for lz4 only on links slower than this (bytes/s): lz4 encodes
+/// ~410 MB/s per core on realistic guest memory here (`dwcp benchmark hde`,
+/// docs/benchmarks.md), so below ~200 MB/s one encode core keeps up with the
+/// link and saves bytes.
+const RAW_UPGRADE_BELOW: f64 = 200e6;
+
+/// Lowest RTT the streams have measured so far, microseconds.
+fn path_min_rtt_us(streams: &[TcpStream]) -> Option<u32> {
+    streams
+        .iter()
+        .filter_map(|s| tcp_info(s).ok())
+        .map(|i| {
+            if i.min_rtt_us > 0 {
+                i.min_rtt_us
+            } else {
+                i.rtt_us
+            }
+        })
+        .filter(|r| *r > 0)
+        .min()
+}
 
 impl TierTuner {
+    /// The auto starting tier for this session's path.
+    fn start(inner: &Inner) -> TierTuner {
+        let mut t = TierTuner {
+            level: 1,
+            ..TierTuner::default()
+        };
+        if inner.cfg.auto_tier {
+            let rtt = path_min_rtt_us(&inner.streams);
+            if rtt.is_some_and(|r| r < DC_RTT_US) {
+                t.level = 0;
+            }
+            *inner.tier.lock() = AUTO_TIERS[t.level];
+            info!(name = %inner.name, tier = %AUTO_TIERS[t.level], min_rtt_us = rtt, "auto tier: start");
+        }
+        t
+    }
+
     fn sample(&mut self, inner: &Inner) {
         if !inner.cfg.auto_tier {
             return;
@@ -1240,19 +1351,28 @@ impl TierTuner {
         {
             self.link_bound += 1;
         }
+        let since = *self.since.get_or_insert_with(|| {
+            self.credited = inner.credited.load(Ordering::Relaxed);
+            Instant::now()
+        });
         self.samples += 1;
         if self.samples < 20 {
             return;
         }
+        let credited = inner.credited.load(Ordering::Relaxed);
+        let rate = (credited - self.credited) as f64 / since.elapsed().as_secs_f64().max(1e-3);
         let before = self.level;
         if self.cpu_bound * 5 >= self.samples * 3 && self.level > 0 {
             self.level -= 1;
-        } else if self.link_bound * 5 >= self.samples * 3 && self.level + 1 < AUTO_TIERS.len() {
+        } else if self.link_bound * 5 >= self.samples * 3
+            && self.level + 1 < AUTO_TIERS.len()
+            && (self.level > 0 || rate < RAW_UPGRADE_BELOW)
+        {
             self.level += 1;
         }
         if self.level != before {
             *inner.tier.lock() = AUTO_TIERS[self.level];
-            info!(name = %inner.name, tier = %AUTO_TIERS[self.level], link_bound = self.link_bound, cpu_bound = self.cpu_bound, "auto tier");
+            info!(name = %inner.name, tier = %AUTO_TIERS[self.level], link_bound = self.link_bound, cpu_bound = self.cpu_bound, rate_mb_s = rate / 1e6, "auto tier");
         }
         *self = TierTuner {
             level: self.level,
@@ -1265,7 +1385,7 @@ fn watchdog(inner: Arc<Inner>) {
     let n = inner.streams.len();
     let mut close_sent: Option<Instant> = None;
     let mut tuner = InflightTuner::new();
-    let mut tiers = TierTuner::default();
+    let mut tiers = TierTuner::start(&inner);
     loop {
         std::thread::sleep(Duration::from_millis(50));
         tuner.tick(&inner);
@@ -1426,13 +1546,14 @@ impl Acceptor {
             Ok(h) => h,
             Err(e) => {
                 if matches!(e, WireError::Version { .. }) {
-                    let _ = stream.write_all(&self.reply(Status::BadVersion, 0, 0).encode());
+                    let reply = self.reply(Status::BadVersion, 0, 0, wire::VERSION_MAX);
+                    let _ = stream.write_all(&reply.encode());
                 }
                 return Err(e);
             }
         };
         let refuse = |stream: &mut TcpStream, status| {
-            let _ = stream.write_all(&self.reply(status, 0, 0).encode());
+            let _ = stream.write_all(&self.reply(status, 0, 0, wire::VERSION_MAX).encode());
             Err(WireError::Refused(status))
         };
         let target = match &self.connector {
@@ -1477,8 +1598,10 @@ impl Acceptor {
             drop(pending);
             return refuse(&mut stream, Status::SessionMismatch);
         }
+        // Hello::read checked the ranges overlap.
+        let version = hello.version_max.min(wire::VERSION_MAX);
         stream
-            .write_all(&self.reply(Status::Ok, window, ring).encode())
+            .write_all(&self.reply(Status::Ok, window, ring, version).encode())
             .map_err(|e| io("reply", e))?;
         p.streams[hello.stream_index as usize] = Some(stream);
         if p.streams.iter().all(Option::is_some) {
@@ -1498,8 +1621,7 @@ impl Acceptor {
                 hello.session,
                 &hello.name,
                 cfg,
-                window,
-                ring,
+                (window, ring, version),
                 streams,
                 Some(target),
             )));
@@ -1507,9 +1629,9 @@ impl Acceptor {
         Ok(None)
     }
 
-    fn reply(&self, status: Status, window: u32, ring_pages: u32) -> Reply {
+    fn reply(&self, status: Status, window: u32, ring_pages: u32, version: u16) -> Reply {
         Reply {
-            version: wire::VERSION_MAX,
+            version,
             status,
             window,
             ring_pages,

@@ -1,7 +1,7 @@
 //! `dwcp benchmark compare`: the same guest over the same emulated link,
 //! migrated by QEMU's own channels and by DWCP, runs interleaved.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -15,7 +15,8 @@ use dwcp_harness::{
 use serde_json::{json, Value};
 
 use super::schema::{
-    CompareSuite, ContenderSummary, Cpu, GuestInfo, Outcome, RunResult, Sample, Stat,
+    CompareSuite, ContenderSummary, ConvergeLimit, ConvergeRun, ConvergeSuite, Cpu, GuestInfo,
+    Outcome, RunResult, Sample, Stat,
 };
 use super::{OutputArgs, Progress};
 
@@ -42,8 +43,11 @@ pub struct CompareArgs {
     #[arg(long, default_value_t = 1)]
     pub repeat: usize,
     /// Contenders: qemu-tcp, qemu-multifd (4 channels), qemu-multifd-zstd,
-    /// qemu-xbzrle, dwcp (agent defaults), dwcp-none, dwcp-lz4, dwcp-zstd,
-    /// dwcp-zstd:N.
+    /// qemu-xbzrle, dwcp (agent defaults), dwcp-raw, dwcp-none, dwcp-lz4,
+    /// dwcp-zstd, dwcp-zstd:N, dwcp-auto; a dwcp contender with `+multifd`
+    /// has QEMU use 4 multifd channels, each relayed as a DWCP channel;
+    /// qemu-dwcp[+multifd]: the patched QEMU's own `dwcp:` URI (libdwcp in
+    /// QEMU, defaults; needs `--qemu` pointing at that build).
     #[arg(long, value_delimiter = ',', default_value = DEFAULT_CONTENDERS)]
     pub contenders: Vec<String>,
     /// Seconds before a migration counts as not converged and is cancelled.
@@ -52,6 +56,22 @@ pub struct CompareArgs {
     /// Guest content seed.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// QEMU binary for every contender (the same for all, so they compare
+    /// alike); qemu-dwcp contenders need the patched build (`make qemu`).
+    #[arg(long, env = "DWCP_QEMU", default_value = "qemu-system-x86_64")]
+    pub qemu: String,
+    /// Benchmark your own guest instead of the test guest: a file of QEMU
+    /// arguments, one per line (`#` comments), e.g. `-machine`, `q35`, `-m`,
+    /// `2G`, `-drive`, `file=disk.qcow2,if=virtio,snapshot=on`. The harness
+    /// adds -name, -qmp and -incoming. Both hosts see the same files
+    /// (shared-storage migration). `--guest-mem`, `--fill` and
+    /// `--dirty-rate` are then ignored and there is no guest-side pause
+    /// figure (no heartbeat); RAM is still compared page by page.
+    #[arg(long, value_name = "FILE")]
+    pub qemu_args_file: Option<PathBuf>,
+    /// Seconds a guest of your own runs before each migration.
+    #[arg(long, default_value_t = 20)]
+    pub warmup: u64,
     /// QEMU max-bandwidth for every contender, MiB/s; 0 lifts QEMU's
     /// default cap of 128 MiB/s (which would otherwise throttle every
     /// contender alike on fast links).
@@ -71,10 +91,26 @@ enum Kind {
     Dwcp {
         codec: Option<String>,
         bandwidth: Option<u64>,
+        /// QEMU multifd channels (each relayed as a DWCP channel).
+        multifd: Option<u32>,
     },
+    /// QEMU built with qemu-patches/: `migrate dwcp:HOST:PORT`, libdwcp in
+    /// QEMU, no agent in the data path.
+    QemuDwcp(MigrationSetup),
 }
 
-fn contender(name: &str) -> Result<Kind> {
+/// What `dwcp migrate` aims at by default (`--downtime-goal-ms`).
+const DOWNTIME_GOAL_MS: u64 = 300;
+
+fn multifd_of(name: &str) -> Option<u32> {
+    name.ends_with("+multifd").then_some(4)
+}
+
+fn contender(full: &str) -> Result<Kind> {
+    let (name, multifd) = match full.strip_suffix("+multifd") {
+        Some(n) if n.starts_with("dwcp") => (n, multifd_of(full)),
+        _ => (full, None),
+    };
     let native = |multifd: Option<u32>, comp: Option<&str>, xbzrle: bool| {
         Kind::Native(MigrationSetup {
             multifd_channels: multifd,
@@ -89,9 +125,14 @@ fn contender(name: &str) -> Result<Kind> {
         "qemu-multifd" => native(Some(4), None, false),
         "qemu-multifd-zstd" => native(Some(4), Some("zstd"), false),
         "qemu-xbzrle" => native(None, None, true),
+        "qemu-dwcp" | "qemu-dwcp+multifd" => match native(multifd_of(name), None, false) {
+            Kind::Native(s) => Kind::QemuDwcp(s),
+            k => k,
+        },
         "dwcp" => Kind::Dwcp {
             codec: None,
             bandwidth: None,
+            multifd,
         },
         other => match other.strip_prefix("dwcp-") {
             Some(tier) => {
@@ -101,10 +142,11 @@ fn contender(name: &str) -> Result<Kind> {
                 Kind::Dwcp {
                     codec: Some(tier.to_string()),
                     bandwidth: None,
+                    multifd,
                 }
             }
             None => bail!(
-                "unknown contender {other:?} (qemu-tcp, qemu-multifd, qemu-multifd-zstd, qemu-xbzrle, dwcp, dwcp-none, dwcp-lz4, dwcp-zstd, dwcp-zstd:N, dwcp-auto)"
+                "unknown contender {other:?} (qemu-tcp, qemu-multifd, qemu-multifd-zstd, qemu-xbzrle, dwcp, dwcp-none, dwcp-lz4, dwcp-zstd, dwcp-zstd:N, dwcp-auto, dwcp-raw; any dwcp contender with +multifd: QEMU multifd, 4 channels, through DWCP)"
             ),
         },
     })
@@ -116,7 +158,11 @@ pub fn run(a: &CompareArgs, p: &Progress) -> Result<CompareSuite> {
         .iter()
         .map(|c| contender(c).map(|k| (c.clone(), k)))
         .collect::<Result<_>>()?;
-    if a.fill + 48 > a.guest_mem {
+    let qemu_args = match &a.qemu_args_file {
+        Some(f) => read_qemu_args(f)?,
+        None => Vec::new(),
+    };
+    if qemu_args.is_empty() && a.fill + 48 > a.guest_mem {
         bail!(
             "--fill {} leaves less than 48 MiB of the {} MiB guest free",
             a.fill,
@@ -134,6 +180,9 @@ pub fn run(a: &CompareArgs, p: &Progress) -> Result<CompareSuite> {
         fill_mb: a.fill,
         dirty_mbps: a.dirty_rate,
         seed: a.seed,
+        qemu_args,
+        warmup_s: a.warmup,
+        qemu_bin: a.qemu.clone(),
         ..Default::default()
     };
     let scratch = scratch_dir(&lab)?;
@@ -153,7 +202,7 @@ pub fn run(a: &CompareArgs, p: &Progress) -> Result<CompareSuite> {
                 a.max_bandwidth << 20
             };
             match &mut kind {
-                Kind::Native(s) => s.max_bandwidth = Some(bw),
+                Kind::Native(s) | Kind::QemuDwcp(s) => s.max_bandwidth = Some(bw),
                 Kind::Dwcp { bandwidth, .. } => *bandwidth = Some(bw),
             }
             let rr = one_run(&lab, &spec, name, &kind, r, a.timeout, &scratch);
@@ -182,12 +231,13 @@ pub fn run(a: &CompareArgs, p: &Progress) -> Result<CompareSuite> {
     Ok(CompareSuite {
         profile: a.profile.clone(),
         guest: GuestInfo {
-            mem_mb: spec.mem_mb,
+            mem_mb: GuestSpec::custom_mem_mb(&spec.qemu_args).unwrap_or(spec.mem_mb),
             fill_mb: spec.fill_mb,
             dirty_mbps: spec.dirty_mbps,
             seed: spec.seed,
             mix: spec.mix.clone(),
             accel: spec.accel.clone(),
+            qemu_args: spec.is_custom().then(|| spec.qemu_args.clone()),
         },
         repeat: a.repeat,
         timeout_s: a.timeout,
@@ -325,12 +375,17 @@ fn run_inner(
     let tag = format!("b{seq}");
     let src_ctl = lab.src_agent().control();
     let (pair, uri, setup, dwcp_name) = match kind {
-        Kind::Native(setup) => {
-            let src = Guest::start(lab, lab.src_ns(), "src", spec, false)?;
+        Kind::Native(setup) | Kind::QemuDwcp(setup) => {
+            let libdwcp = matches!(kind, Kind::QemuDwcp(_));
+            let mut src = Guest::start(lab, lab.src_ns(), "src", spec, false)?;
             let dst = Guest::start(lab, lab.dst_ns(), "dst", spec, true)?;
-            src.wait_line("DWCP-READY", Duration::from_secs(60 + spec.fill_mb / 2))?;
-            let hb = src.expect_heartbeats(0, 2, Duration::from_secs(20))?;
-            let uri = format!("tcp:{}:{}", lab.topo.dst_ip, 7200 + (seq % 500));
+            let ready_seq = src.wait_ready(spec)?;
+            let uri = format!(
+                "{}:{}:{}",
+                if libdwcp { "dwcp" } else { "tcp" },
+                lab.topo.dst_ip,
+                7200 + (seq % 500)
+            );
             let mut dq = dst.qmp()?;
             setup
                 .apply(&mut dq, true)
@@ -341,15 +396,19 @@ fn run_inner(
             let pair = GuestPair {
                 src,
                 dst,
-                ready_seq: hb.seq,
+                ready_seq,
             };
             (pair, uri, setup.clone(), None)
         }
-        Kind::Dwcp { codec, bandwidth } => {
+        Kind::Dwcp {
+            codec,
+            bandwidth,
+            multifd,
+        } => {
             let mig = MigrationSpec {
                 name: tag.clone(),
                 return_path: true,
-                multifd: None,
+                multifd: *multifd,
                 ..Default::default()
             };
             let pair = boot_pair(lab, spec, &mig)?;
@@ -361,6 +420,7 @@ fn run_inner(
             let socket = route["socket"].as_str().unwrap_or_default().to_string();
             let setup = MigrationSetup {
                 return_path: true,
+                multifd_channels: *multifd,
                 max_bandwidth: *bandwidth,
                 ..Default::default()
             };
@@ -383,15 +443,20 @@ fn run_inner(
     let mut last = Value::Null;
     let mut polls = 0u32;
     let mut wire_now = 0u64;
+    let mut tuner = dwcp_name
+        .as_ref()
+        .map(|_| qemu::SwitchoverTuner::new(DOWNTIME_GOAL_MS));
     let result = qemu::migrate(&mut sq, &uri, Duration::from_secs(timeout), |v| {
         let ram = v
             .pointer("/ram/transferred")
             .and_then(Value::as_u64)
             .unwrap_or(0);
+        let mut params = None;
         if let Some(n) = &dwcp_name {
             if polls.is_multiple_of(2) {
                 if let Some(s) = dwcp_core::agent::newest_session(&src_ctl, n) {
                     wire_now = s["wire_out"].as_u64().unwrap_or(wire_now);
+                    params = tuner.as_mut().and_then(|t| t.params(&s));
                 }
             }
         } else {
@@ -408,6 +473,7 @@ fn run_inner(
                 .unwrap_or(0.0),
         });
         last = v.clone();
+        params
     });
     drop(sq);
     let elapsed = t0.elapsed();
@@ -462,6 +528,10 @@ fn run_inner(
         None => r.ram_transferred,
     };
     finish_counters(rr);
+    if matches!(kind, Kind::QemuDwcp(_)) {
+        // libdwcp inside QEMU: what left the source host's link.
+        rr.wire_bytes = rr.link_tx_bytes;
+    }
     if let Some(n) = &dwcp_name {
         let _ = control_request(&src_ctl, &json!({"op": "unroute", "name": n}));
     }
@@ -471,9 +541,34 @@ fn run_inner(
     let v = verify(&pair, serde_json::to_value(&r)?, scratch)
         .context("verifying the migrated guest")?;
     rr.memory_verified = true;
-    rr.guest_pause_ms = Some(v.pause_ms);
+    rr.guest_pause_ms = (!spec.is_custom()).then_some(v.pause_ms);
     rr.outcome = Outcome::Completed;
     Ok(())
+}
+
+/// QEMU arguments from a file: one per line, blank lines and `#` comments
+/// skipped. Options the harness sets itself are refused.
+pub fn read_qemu_args(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("--qemu-args-file {}", path.display()))?;
+    let args: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_string)
+        .collect();
+    for own in ["-qmp", "-incoming", "-name", "-daemonize"] {
+        if args.iter().any(|a| a == own) {
+            bail!(
+                "--qemu-args-file {}: remove {own}; the benchmark sets it itself",
+                path.display()
+            );
+        }
+    }
+    if args.is_empty() {
+        bail!("--qemu-args-file {}: no arguments in it", path.display());
+    }
+    Ok(args)
 }
 
 fn downsample(v: Vec<Sample>, max: usize) -> Vec<Sample> {
@@ -549,4 +644,163 @@ pub fn summary_text(s: &CompareSuite) -> String {
 
 pub fn print_summary(s: &CompareSuite) {
     println!("{}", summary_text(s));
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ConvergeArgs {
+    #[command(flatten)]
+    pub out: OutputArgs,
+    /// Link profile: dc (unshaped), wan, internet, lossy.
+    #[arg(long, default_value = "internet")]
+    pub profile: String,
+    /// Guest RAM, MiB.
+    #[arg(long, default_value_t = 512)]
+    pub guest_mem: u64,
+    /// Realistic content the guest workload fills (and rewrites), MiB.
+    #[arg(long, default_value_t = 256)]
+    pub fill: u64,
+    /// Dirty rates to try, MiB/s, ascending. A contender that does not
+    /// converge at one rate is not tried at the higher ones.
+    #[arg(long, value_delimiter = ',', default_value = "8,16,32,64,128")]
+    pub rates: Vec<u64>,
+    /// Contenders (see `compare --help`).
+    #[arg(long, value_delimiter = ',', default_value = "qemu-multifd-zstd,dwcp")]
+    pub contenders: Vec<String>,
+    /// Seconds before a migration counts as not converged and is cancelled.
+    #[arg(long, default_value_t = 120)]
+    pub timeout: u64,
+    /// QEMU binary for every contender.
+    #[arg(long, env = "DWCP_QEMU", default_value = "qemu-system-x86_64")]
+    pub qemu: String,
+}
+
+impl ConvergeArgs {
+    /// Most runs it can take.
+    pub fn max_runs(&self) -> usize {
+        self.rates.len() * self.contenders.len()
+    }
+}
+
+/// The highest guest dirty rate at which each contender still converges on
+/// one link: rates ascending, contenders interleaved at each rate.
+pub fn converge(a: &ConvergeArgs, p: &Progress) -> Result<ConvergeSuite> {
+    let kinds: Vec<(String, Kind)> = a
+        .contenders
+        .iter()
+        .map(|c| contender(c).map(|k| (c.clone(), k)))
+        .collect::<Result<_>>()?;
+    if a.fill + 48 > a.guest_mem {
+        bail!(
+            "--fill {} leaves less than 48 MiB of the {} MiB guest free",
+            a.fill,
+            a.guest_mem
+        );
+    }
+    let mut rates = a.rates.clone();
+    rates.sort_unstable();
+    rates.dedup();
+    let prof: dwcp_harness::Profile = a
+        .profile
+        .parse()
+        .map_err(|e| anyhow!("--profile {:?}: {e}", a.profile))?;
+    p.set_message(format!("converge {}: creating the two hosts", a.profile));
+    let lab = Lab::new("conv", prof.middle(), &[]).context("setting up the two hosts")?;
+    let scratch = scratch_dir(&lab)?;
+    let base = GuestSpec {
+        mem_mb: a.guest_mem,
+        fill_mb: a.fill,
+        qemu_bin: a.qemu.clone(),
+        ..Default::default()
+    };
+    let mut alive: Vec<bool> = vec![true; kinds.len()];
+    let mut limits: Vec<ConvergeLimit> = a
+        .contenders
+        .iter()
+        .map(|c| ConvergeLimit {
+            contender: c.clone(),
+            highest_converged_mbps: None,
+            first_failed_mbps: None,
+        })
+        .collect();
+    let mut runs = Vec::new();
+    for &rate in &rates {
+        let spec = GuestSpec {
+            dirty_mbps: rate,
+            ..base.clone()
+        };
+        for (i, (name, kind)) in kinds.iter().enumerate() {
+            if !alive[i] {
+                p.inc();
+                continue;
+            }
+            p.set_message(format!("converge {}: {name} at {rate} MiB/s", a.profile));
+            let mut kind = kind.clone();
+            match &mut kind {
+                Kind::Native(s) | Kind::QemuDwcp(s) => s.max_bandwidth = Some(1 << 40),
+                Kind::Dwcp { bandwidth, .. } => *bandwidth = Some(1 << 40),
+            }
+            let mut rr = one_run(&lab, &spec, name, &kind, 0, a.timeout, &scratch);
+            let line = format!(
+                "    {name} at {rate} MiB/s: {:?} in {:.1} s{}",
+                rr.outcome,
+                rr.total_time_ms as f64 / 1000.0,
+                rr.error
+                    .as_deref()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default()
+            );
+            p.println(line);
+            match rr.outcome {
+                Outcome::Completed => limits[i].highest_converged_mbps = Some(rate),
+                Outcome::Corrupted => bail!("{name} CORRUPTED the guest at {rate} MiB/s"),
+                _ => {
+                    limits[i].first_failed_mbps = Some(rate);
+                    alive[i] = false;
+                }
+            }
+            rr.timeline.clear();
+            runs.push(ConvergeRun {
+                dirty_mbps: rate,
+                run: rr,
+            });
+            p.inc();
+        }
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+    Ok(ConvergeSuite {
+        profile: a.profile.clone(),
+        guest: GuestInfo {
+            mem_mb: base.mem_mb,
+            fill_mb: base.fill_mb,
+            dirty_mbps: 0,
+            seed: base.seed,
+            mix: base.mix.clone(),
+            accel: base.accel.clone(),
+            qemu_args: None,
+        },
+        timeout_s: a.timeout,
+        rates_mbps: rates,
+        runs,
+        limits,
+    })
+}
+
+pub fn converge_summary(s: &ConvergeSuite) -> String {
+    let mut t = format!(
+        "converge --profile {}: {} MiB guest, {} MiB filled, rates {:?} MiB/s, timeout {} s\n",
+        s.profile, s.guest.mem_mb, s.guest.fill_mb, s.rates_mbps, s.timeout_s
+    );
+    for l in &s.limits {
+        t.push_str(&format!(
+            "{:<20} highest converged: {:>10}   first not converged: {}\n",
+            l.contender,
+            l.highest_converged_mbps
+                .map(|r| format!("{r} MiB/s"))
+                .unwrap_or_else(|| "none".into()),
+            l.first_failed_mbps
+                .map(|r| format!("{r} MiB/s"))
+                .unwrap_or_else(|| "-".into()),
+        ));
+    }
+    t
 }

@@ -29,6 +29,9 @@ enum BenchCmd {
     /// Migrate the same guest over the same emulated link with QEMU's own
     /// channels and with DWCP; interleaved runs, median/min/max.
     Compare(compare::CompareArgs),
+    /// The highest guest dirty rate at which each contender still converges
+    /// on a link (rates ascending; a contender stops at its first failure).
+    Converge(compare::ConvergeArgs),
     /// Codec tiers on a guest-like memory image: ratio and MB/s per core,
     /// DWCP's codec against the raw lz4/zstd crates.
     Hde(micro::HdeArgs),
@@ -87,6 +90,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
             res.compare.push(s);
             c.out.output.clone()
         }
+        BenchCmd::Converge(c) => {
+            let p = Progress::new(c.max_runs() as u64, c.max_runs() as u64 * 60);
+            let s = compare::converge(&c, &p)?;
+            p.finish();
+            print!("{}", compare::converge_summary(&s));
+            res.converge.push(s);
+            c.out.output.clone()
+        }
         BenchCmd::Hde(h) => {
             let r = micro::hde(&h)?;
             micro::print_hde(&r);
@@ -142,6 +153,9 @@ fn suite(r: &RunArgs, res: &mut Results) -> Result<()> {
             timeout: r.timeout,
             seed: 1,
             max_bandwidth: 0,
+            qemu_args_file: None,
+            warmup: 20,
+            qemu: std::env::var("DWCP_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".into()),
         })
         .collect();
     let amst = micro::AmstArgs {
@@ -214,10 +228,13 @@ fn write_outputs(res: &Results, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The suite's progress bar: what runs now and the ETA.
+/// The suite's progress bar: what runs now and the ETA. When stderr is not a
+/// terminal (CI, `make bench > log`), each message becomes a plain line with
+/// the elapsed time, the step and the ETA instead.
 #[derive(Debug)]
 pub struct Progress {
     bar: ProgressBar,
+    plain: bool,
 }
 
 impl Progress {
@@ -232,17 +249,40 @@ impl Progress {
             .expect("valid template"),
         );
         bar.enable_steady_tick(Duration::from_millis(200));
-        bar.set_message(format!("(estimated {} min)", est_secs.div_ceil(60)));
-        Progress { bar }
+        let p = Progress {
+            bar,
+            plain: !std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        };
+        p.set_message(format!("(estimated {} min)", est_secs.div_ceil(60)));
+        p
     }
     pub fn set_message(&self, m: impl Into<String>) {
-        self.bar.set_message(m.into());
+        let m = m.into();
+        if self.plain {
+            let pos = self.bar.position();
+            let len = self.bar.length().unwrap_or(0);
+            let eta = if pos == 0 {
+                "?".to_string()
+            } else {
+                let left = self.bar.elapsed().as_secs_f64() * (len - pos.min(len)) as f64;
+                format!("{:.0}s", left / pos as f64)
+            };
+            eprintln!(
+                "[{:>5}s] {pos}/{len} ETA {eta} {m}",
+                self.bar.elapsed().as_secs(),
+            );
+        }
+        self.bar.set_message(m);
     }
     pub fn inc(&self) {
         self.bar.inc(1);
     }
     pub fn println(&self, m: impl AsRef<str>) {
-        self.bar.println(m);
+        if self.plain {
+            eprintln!("{}", m.as_ref());
+        } else {
+            self.bar.println(m);
+        }
     }
     fn finish(&self) {
         self.bar.finish_and_clear();

@@ -818,7 +818,54 @@ small{{color:#777}} i{{color:#886}} .bad{{color:#c00;font-weight:bold}}</style><
     } else {
         h.push_str(&nm("compare not run in this file"));
     }
-    h.push_str("<h3>2.3 Concurrent migrations</h3>");
+    h.push_str("<h3>2.3 Convergence limit</h3><p>`dwcp benchmark converge`: the guest's dirty rate raised step by step; a contender that does not converge within the timeout at one rate is not tried at higher ones.</p>");
+    if r.converge.is_empty() {
+        h.push_str(&nm("converge not run in this file"));
+    }
+    for c in &r.converge {
+        let _ = write!(
+            h,
+            "<h4>{} profile, {} MiB guest, {} MiB rewritten, timeout {} s</h4>",
+            esc(&c.profile),
+            c.guest.mem_mb,
+            c.guest.fill_mb,
+            c.timeout_s
+        );
+        let rows: Vec<Vec<String>> = c
+            .limits
+            .iter()
+            .map(|l| {
+                let mut row = vec![esc(&l.contender)];
+                for rate in &c.rates_mbps {
+                    let cell = c
+                        .runs
+                        .iter()
+                        .find(|x| x.dirty_mbps == *rate && x.run.contender == l.contender)
+                        .map(|x| match x.run.outcome {
+                            super::schema::Outcome::Completed => {
+                                format!("✓ {:.1} s", x.run.total_time_ms as f64 / 1000.0)
+                            }
+                            o => format!("✗ {o:?}"),
+                        })
+                        .unwrap_or_else(|| "–".into());
+                    row.push(cell);
+                }
+                row.push(
+                    l.highest_converged_mbps
+                        .map(|r| format!("{r} MiB/s"))
+                        .unwrap_or_else(|| "none".into()),
+                );
+                row
+            })
+            .collect();
+        let heads: Vec<String> = std::iter::once("Contender".to_string())
+            .chain(c.rates_mbps.iter().map(|r| format!("{r} MiB/s")))
+            .chain(std::iter::once("Highest converged".to_string()))
+            .collect();
+        let head_refs: Vec<&str> = heads.iter().map(String::as_str).collect();
+        table(&mut h, &head_refs, &rows);
+    }
+    h.push_str("<h3>2.4 Concurrent migrations</h3>");
     h.push_str(&nm(
         "one guest pair at a time on a 2-core machine (TCG guests)",
     ));

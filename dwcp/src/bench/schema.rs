@@ -21,6 +21,9 @@ pub struct Results {
     pub hde: Option<HdeResult>,
     pub amst: Vec<AmstSuite>,
     pub consensus: Vec<dwcp_consensus::BenchResult>,
+    /// One entry per `converge` suite (profile): the highest dirty rate at
+    /// which each contender still converges.
+    pub converge: Vec<ConvergeSuite>,
     /// Parts of the suite that could not run at all, with the reason.
     pub errors: Vec<String>,
 }
@@ -43,6 +46,10 @@ pub struct GuestInfo {
     pub seed: u64,
     pub mix: String,
     pub accel: String,
+    /// A guest of the user's own (`--qemu-args-file`): its QEMU arguments;
+    /// absent for the test guest (then mem/fill/dirty/seed/mix describe it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub qemu_args: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -99,6 +106,35 @@ pub struct Sample {
     pub wire_bytes: u64,
     /// QEMU's current ram.mbps.
     pub qemu_mbps: f64,
+}
+
+/// `dwcp benchmark converge`: dirty rates tried in ascending order; a
+/// contender that fails to converge at one rate is not tried at higher ones.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConvergeSuite {
+    pub profile: String,
+    /// The guest (its `dirty_mbps` is 0: the rate varies per run).
+    pub guest: GuestInfo,
+    pub timeout_s: u64,
+    pub rates_mbps: Vec<u64>,
+    /// Every run, in the order it ran (timelines left out).
+    pub runs: Vec<ConvergeRun>,
+    pub limits: Vec<ConvergeLimit>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ConvergeRun {
+    pub dirty_mbps: u64,
+    pub run: RunResult,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ConvergeLimit {
+    pub contender: String,
+    /// Highest rate tried at which the migration converged (None: none did).
+    pub highest_converged_mbps: Option<u64>,
+    /// The rate at which it first did not (None: converged at every rate).
+    pub first_failed_mbps: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -241,6 +277,7 @@ impl Results {
             hde: None,
             amst: Vec::new(),
             consensus: Vec::new(),
+            converge: Vec::new(),
             errors: Vec::new(),
         }
     }
