@@ -5,7 +5,7 @@ CARGO ?= cargo
 DWCP := target/release/dwcp
 GUEST := tests/guest/out/initrd.img
 
-.PHONY: all setup build guest demo test lint unit e2e ffi qemu qemu-test libvirt-test bench clean help
+.PHONY: all setup build guest demo test lint unit e2e ffi qemu qemu-test libvirt-test bench bench-full clean help
 
 all: build
 
@@ -13,6 +13,7 @@ help:
 	@echo "make demo   - set up, build, migrate the test guest through DWCP and print the figures"
 	@echo "make test   - set up, build, lint and run every test (CI runs this)"
 	@echo "make bench  - side-by-side benchmarks against QEMU's own channel (see docs/benchmarks.md)"
+	@echo "make bench-full - every figure of docs/benchmarks.md (about an hour)"
 	@echo "make qemu   - build QEMU with the dwcp: migration URI (qemu-patches/)"
 
 setup:
@@ -65,6 +66,12 @@ test: build guest lint unit e2e ffi qemu-test libvirt-test
 
 bench: build guest
 	$(DWCP) benchmark compare --profile dc --repeat 3
+
+# Every figure of docs/benchmarks.md: the internet reference case, lossy, dc
+# (with QEMU's own dwcp: URI when `make qemu` has run), convergence limits.
+# About an hour here; results in dwcp-bench/full/.
+bench-full: build guest
+	bash scripts/bench-full.sh
 
 clean:
 	$(CARGO) clean

@@ -56,6 +56,10 @@ pub struct CompareArgs {
     /// Guest content seed.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// TCP congestion control of the DWCP agents' streams (e.g. bbr; default:
+    /// the kernel's, as for QEMU's own connections).
+    #[arg(long)]
+    pub congestion: Option<String>,
     /// QEMU binary for every contender (the same for all, so they compare
     /// alike); qemu-dwcp contenders need the patched build (`make qemu`).
     #[arg(long, env = "DWCP_QEMU", default_value = "qemu-system-x86_64")]
@@ -174,7 +178,11 @@ pub fn run(a: &CompareArgs, p: &Progress) -> Result<CompareSuite> {
         .parse()
         .map_err(|e| anyhow!("--profile {:?}: {e}", a.profile))?;
     p.set_message(format!("compare {}: creating the two hosts", a.profile));
-    let lab = Lab::new("bench", prof.middle(), &[]).context("setting up the two hosts")?;
+    let agent_args: Vec<&str> = match &a.congestion {
+        Some(cc) => vec!["--congestion", cc.as_str()],
+        None => Vec::new(),
+    };
+    let lab = Lab::new("bench", prof.middle(), &agent_args).context("setting up the two hosts")?;
     let spec = GuestSpec {
         mem_mb: a.guest_mem,
         fill_mb: a.fill,
@@ -239,6 +247,7 @@ pub fn run(a: &CompareArgs, p: &Progress) -> Result<CompareSuite> {
             accel: spec.accel.clone(),
             qemu_args: spec.is_custom().then(|| spec.qemu_args.clone()),
         },
+        dwcp_congestion: a.congestion.clone(),
         repeat: a.repeat,
         timeout_s: a.timeout,
         qemu_max_bandwidth: if a.max_bandwidth == 0 {

@@ -155,6 +155,7 @@ fn suite(r: &RunArgs, res: &mut Results) -> Result<()> {
             max_bandwidth: 0,
             qemu_args_file: None,
             warmup: 20,
+            congestion: None,
             qemu: std::env::var("DWCP_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".into()),
         })
         .collect();

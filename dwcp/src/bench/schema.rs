@@ -56,6 +56,9 @@ pub struct GuestInfo {
 pub struct CompareSuite {
     pub profile: String,
     pub guest: GuestInfo,
+    /// TCP congestion control of the DWCP agents (None: the kernel's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dwcp_congestion: Option<String>,
     pub repeat: usize,
     pub timeout_s: u64,
     /// QEMU max-bandwidth set for every contender, bytes/s (2^40 = uncapped).
