@@ -231,9 +231,10 @@ impl MigrationResult {
 /// still holds (the in-flight budget, about two RTTs of data) and for the
 /// last round trip (return path). So once a second, from the session's
 /// figures (`dwcp stats`), the source QEMU gets
-/// `downtime-limit = goal - in-flight / rate - min RTT` (at least
-/// [`SWITCHOVER_FLOOR_MS`]) and `avail-switchover-bandwidth = rate`, the raw
-/// bytes per second the relay actually delivers.
+/// `downtime-limit = goal - inflight_bytes / delivery_rate - min RTT` (wire
+/// bytes over the wire rate; at least [`SWITCHOVER_FLOOR_MS`]) and
+/// `avail-switchover-bandwidth = raw_rate`, the QEMU bytes per second the
+/// relay actually delivers.
 #[derive(Debug)]
 pub struct SwitchoverTuner {
     goal_ms: u64,
@@ -268,12 +269,13 @@ impl SwitchoverTuner {
             return None;
         }
         self.last = Some(Instant::now());
-        let rate = session["delivery_rate"]
+        let wire_rate = session["delivery_rate"]
             .as_u64()
             .filter(|r| *r >= 1 << 20)?;
+        let rate = session["raw_rate"].as_u64().filter(|r| *r >= 1 << 20)?;
         let inflight = session["inflight_bytes"].as_u64().unwrap_or(0);
         let rtt_ms = session["min_rtt_us"].as_u64().unwrap_or(0) / 1000;
-        let pipeline_ms = inflight.saturating_mul(1000) / rate;
+        let pipeline_ms = inflight.saturating_mul(1000) / wire_rate;
         let limit = self
             .goal_ms
             .saturating_sub(pipeline_ms + rtt_ms)
@@ -349,7 +351,7 @@ mod tests {
     use super::*;
 
     fn session(rate: u64, inflight: u64, rtt_us: u64) -> Value {
-        json!({"delivery_rate": rate, "inflight_bytes": inflight, "min_rtt_us": rtt_us})
+        json!({"delivery_rate": rate, "raw_rate": 2 * rate, "inflight_bytes": inflight, "min_rtt_us": rtt_us})
     }
 
     #[test]
@@ -358,7 +360,7 @@ mod tests {
         let mut t = SwitchoverTuner::new(300);
         let p = t.params(&session(25_000_000, 5_000_000, 80_000)).unwrap();
         assert_eq!(p["downtime-limit"], SWITCHOVER_FLOOR_MS);
-        assert_eq!(p["avail-switchover-bandwidth"], 25_000_000);
+        assert_eq!(p["avail-switchover-bandwidth"], 50_000_000);
         // Not again within a second.
         assert!(!t.due());
         assert!(t.params(&session(25_000_000, 0, 0)).is_none());

@@ -86,11 +86,61 @@ struct Channel {
     delivered_eof: AtomicBool,
     raw_out: AtomicU64,
     raw_in: AtomicU64,
+    /// Wire sizes of the Data frames sent and not yet credited back.
+    sent: Mutex<SentLog>,
+    /// Raw bytes read from QEMU and not yet encoded (counted at their raw
+    /// size against the wire budget until their wire size is known).
+    unencoded: AtomicU64,
+}
+
+/// What a channel has on the wire: frames in the order they were encoded,
+/// retired by the peer's credit (raw bytes, in delivery order). Encode
+/// workers may finish frames out of order, so the wire attributed to a
+/// credit can be off by a frame for a moment; the totals always agree.
+#[derive(Default)]
+struct SentLog {
+    frames: std::collections::VecDeque<(u64, u64)>,
+    /// Credit not yet matched to whole frames.
+    carry: u64,
+    /// Sum of the wire sizes in `frames`.
+    wire: u64,
 }
 
 impl Channel {
     fn done(&self) -> bool {
         self.sent_eof.load(Ordering::Acquire) && self.delivered_eof.load(Ordering::Acquire)
+    }
+
+    /// Records a Data frame put on the wire (frame header included).
+    fn note_sent(&self, inner: &Inner, raw: u64, wire: u64) {
+        let mut log = self.sent.lock();
+        log.frames.push_back((raw, wire));
+        log.wire += wire;
+        inner.wire_inflight.fetch_add(wire, Ordering::Relaxed);
+    }
+
+    /// Retires frames covered by `credit` raw bytes; returns their wire size.
+    fn note_credit(&self, inner: &Inner, credit: u64) -> u64 {
+        let mut log = self.sent.lock();
+        let mut left = log.carry + credit;
+        let mut wire = 0;
+        while let Some(&(raw, w)) = log.frames.front() {
+            if raw > left {
+                break;
+            }
+            left -= raw;
+            wire += w;
+            log.frames.pop_front();
+        }
+        log.carry = left;
+        log.wire -= wire;
+        inner.wire_inflight.fetch_sub(wire, Ordering::Relaxed);
+        wire
+    }
+
+    /// Wire bytes this channel has in flight, unencoded reads included.
+    fn wire_inflight(&self) -> u64 {
+        self.sent.lock().wire + self.unencoded.load(Ordering::Relaxed)
     }
 }
 
@@ -105,6 +155,7 @@ enum Ctrl {
 }
 
 struct Job {
+    ch: Arc<Channel>,
     channel: u16,
     seq: u64,
     raw_len: u32,
@@ -151,9 +202,15 @@ struct Inner {
     close_expected: Mutex<Option<u32>>,
     /// Raw bytes the peer has credited back (delivered to its QEMU).
     credited: AtomicU64,
-    /// Bytes all channels together may have in flight now (adaptive).
+    /// Wire bytes of the frames those credits retired.
+    credited_wire: AtomicU64,
+    /// Wire bytes of Data frames sent and not yet credited (all channels).
+    wire_inflight: AtomicU64,
+    /// Raw bytes per second delivered, average of the last second.
+    raw_rate: AtomicU64,
+    /// Wire bytes all channels together may have in flight now (adaptive).
     target_inflight: AtomicU64,
-    /// Delivery rate estimate, raw bytes/s (see [`SessionStats`]).
+    /// Bottleneck rate estimate, wire bytes/s (see [`SessionStats`]).
     delivery_rate: AtomicU64,
     /// Local readers currently waiting for credit (the link is the limit).
     credit_waiters: AtomicUsize,
@@ -227,13 +284,15 @@ pub struct SessionStats {
     pub zero_bytes: u64,
     pub pages_seen: u64,
     pub pages_deduped: u64,
-    /// Raw bytes sent and not yet delivered to the peer's QEMU (credit not
-    /// yet returned): what must still cross the link.
+    /// Wire bytes sent whose data the peer has not yet delivered to its QEMU
+    /// (plus reads not yet encoded): what must still cross the link.
     pub inflight_bytes: u64,
-    /// Raw bytes per second delivered to the peer's QEMU, highest of the last
-    /// second's 100 ms samples (the bottleneck rate the in-flight budget
-    /// is sized from); 0 before the first sample.
+    /// Wire bytes per second delivered, highest of the last second's 100 ms
+    /// samples: the bottleneck rate the in-flight budget is sized from; 0
+    /// before the first sample.
     pub delivery_rate: u64,
+    /// Raw (QEMU) bytes per second delivered, average over the last second.
+    pub raw_rate: u64,
     /// Lowest RTT the streams measured, microseconds.
     pub min_rtt_us: Option<u32>,
     pub per_stream: Vec<StreamStats>,
@@ -400,6 +459,9 @@ impl Session {
             complete: AtomicBool::new(false),
             close_expected: Mutex::new(None),
             credited: AtomicU64::new(0),
+            credited_wire: AtomicU64::new(0),
+            wire_inflight: AtomicU64::new(0),
+            raw_rate: AtomicU64::new(0),
             target_inflight: AtomicU64::new(INITIAL_INFLIGHT.min(window as u64)),
             delivery_rate: AtomicU64::new(0),
             credit_waiters: AtomicUsize::new(0),
@@ -545,8 +607,14 @@ impl Session {
             zero_bytes: c.zero_bytes.load(Ordering::Relaxed),
             pages_seen: c.pages_seen.load(Ordering::Relaxed),
             pages_deduped: c.pages_deduped.load(Ordering::Relaxed),
-            inflight_bytes: raw_out.saturating_sub(i.credited.load(Ordering::Relaxed)),
+            inflight_bytes: i.wire_inflight.load(Ordering::Relaxed)
+                + i.channels
+                    .lock()
+                    .values()
+                    .map(|c| c.unencoded.load(Ordering::Relaxed))
+                    .sum::<u64>(),
             delivery_rate: i.delivery_rate.load(Ordering::Relaxed),
+            raw_rate: i.raw_rate.load(Ordering::Relaxed),
             min_rtt_us: path_min_rtt_us(&i.streams),
             per_stream: i
                 .streams
@@ -601,6 +669,8 @@ fn open_channel(inner: &Arc<Inner>, id: u16, conn: UnixStream) -> Arc<Channel> {
         delivered_eof: AtomicBool::new(false),
         raw_out: AtomicU64::new(0),
         raw_in: AtomicU64::new(0),
+        sent: Mutex::new(SentLog::default()),
+        unencoded: AtomicU64::new(0),
     });
     inner.channels.lock().insert(id, ch.clone());
     debug!(name = %inner.name, channel = id, "channel opened");
@@ -638,7 +708,7 @@ fn local_reader(inner: Arc<Inner>, ch: Arc<Channel>, mut conn: UnixStream) {
                 if is_down(&inner) {
                     return;
                 }
-                let allowed = allowed_bytes(&inner, *credit);
+                let allowed = allowed_bytes(&inner, &ch, *credit);
                 if allowed > 0 {
                     break allowed.min(inner.cfg.chunk);
                 }
@@ -710,12 +780,14 @@ fn local_reader(inner: Arc<Inner>, ch: Arc<Channel>, mut conn: UnixStream) {
                 payload_crc: crc32c::crc32c(&data),
             };
             inner.inflight.fetch_add(1, Ordering::AcqRel);
+            ch.note_sent(&inner, n as u64, (wire::FRAME_HEADER_LEN + n) as u64);
             if inner.frame_tx.send(Outgoing::Frame(h, data)).is_err() {
                 return;
             }
             seq += 1;
             continue;
         }
+        ch.unencoded.fetch_add(n as u64, Ordering::Relaxed);
         let mut plan = Vec::with_capacity(n + 64);
         planner.plan(&data, &mut plan);
         buf = data;
@@ -730,6 +802,7 @@ fn local_reader(inner: Arc<Inner>, ch: Arc<Channel>, mut conn: UnixStream) {
         last = st;
         inner.inflight.fetch_add(1, Ordering::AcqRel);
         let job = Job {
+            ch: ch.clone(),
             channel: ch.id,
             seq,
             raw_len: n as u32,
@@ -807,6 +880,14 @@ fn encoder(inner: Arc<Inner>) {
             wire_len: payload.len() as u32,
             payload_crc: crc32c::crc32c(&payload),
         };
+        job.ch.note_sent(
+            &inner,
+            job.raw_len as u64,
+            (wire::FRAME_HEADER_LEN + payload.len()) as u64,
+        );
+        job.ch
+            .unencoded
+            .fetch_sub(job.raw_len as u64, Ordering::Relaxed);
         if inner.frame_tx.send(Outgoing::Frame(h, payload)).is_err() {
             return;
         }
@@ -990,6 +1071,8 @@ fn handle_frame(
                 .cloned()
                 .ok_or_else(|| format!("credit for channel {} which is not open", h.channel))?;
             inner.credited.fetch_add(h.len as u64, Ordering::Relaxed);
+            let wire = ch.note_credit(inner, h.len as u64);
+            inner.credited_wire.fetch_add(wire, Ordering::Relaxed);
             let mut credit = ch.credit.lock();
             *credit += h.len as u64;
             if *credit > inner.window {
@@ -1205,9 +1288,12 @@ fn check_complete(inner: &Inner) {
     }
 }
 
-/// How much a channel may read from QEMU now: its credit, further limited so
-/// that all channels together keep about `target_inflight` bytes in flight.
-fn allowed_bytes(inner: &Inner, credit: u64) -> usize {
+/// How much a channel may read from QEMU now: its credit (the receiver's
+/// memory bound, raw bytes), and nothing while its share of the wire budget
+/// (`target_inflight`, wire bytes, split over the open channels) is used up.
+/// Budgeting wire bytes, not raw ones, keeps the drain time after QEMU stops
+/// the guest at what the link needs, however compressible the data is.
+fn allowed_bytes(inner: &Inner, ch: &Channel, credit: u64) -> usize {
     let open = inner
         .channels
         .lock()
@@ -1217,15 +1303,18 @@ fn allowed_bytes(inner: &Inner, credit: u64) -> usize {
         .max(1) as u64;
     let per_channel =
         (inner.target_inflight.load(Ordering::Relaxed) / open).max(inner.cfg.chunk as u64);
-    let inflight = inner.window - credit;
-    per_channel.saturating_sub(inflight).min(credit) as usize
+    if ch.wire_inflight() >= per_channel {
+        return 0;
+    }
+    credit.min(inner.cfg.chunk as u64) as usize
 }
 
 /// Starting in-flight budget before the delivery rate is known.
 const INITIAL_INFLIGHT: u64 = 4 << 20;
 
-/// Adapts the in-flight budget to the path, BBR-style: the highest recent
-/// delivery rate (bottleneck bandwidth) times twice the lowest RTT plus 50 ms.
+/// Adapts the in-flight budget (wire bytes) to the path, BBR-style: the
+/// highest recent wire delivery rate (bottleneck bandwidth) times twice the
+/// lowest RTT plus 50 ms.
 /// That keeps the link busy (and grows the budget while the window is the
 /// limit), but no more: whatever is in flight when QEMU stops the guest must
 /// drain through the link before the destination can start, so an oversized
@@ -1233,7 +1322,9 @@ const INITIAL_INFLIGHT: u64 = 4 << 20;
 struct InflightTuner {
     last: Instant,
     last_credited: u64,
-    rates: std::collections::VecDeque<f64>,
+    last_raw: u64,
+    /// (wire, raw) bytes/s of the last 10 samples.
+    rates: std::collections::VecDeque<(f64, f64)>,
 }
 
 impl InflightTuner {
@@ -1241,6 +1332,7 @@ impl InflightTuner {
         InflightTuner {
             last: Instant::now(),
             last_credited: 0,
+            last_raw: 0,
             rates: std::collections::VecDeque::new(),
         }
     }
@@ -1250,19 +1342,24 @@ impl InflightTuner {
         if dt < 0.1 {
             return;
         }
-        let credited = inner.credited.load(Ordering::Relaxed);
+        let credited = inner.credited_wire.load(Ordering::Relaxed);
+        let raw = inner.credited.load(Ordering::Relaxed);
         let r = (credited - self.last_credited) as f64 / dt;
+        let rr = (raw - self.last_raw) as f64 / dt;
         self.last = Instant::now();
         self.last_credited = credited;
+        self.last_raw = raw;
         if r <= 0.0 {
             return;
         }
         if self.rates.len() == 10 {
             self.rates.pop_front();
         }
-        self.rates.push_back(r);
-        let btl_bw = self.rates.iter().cloned().fold(0.0, f64::max);
+        self.rates.push_back((r, rr));
+        let btl_bw = self.rates.iter().map(|x| x.0).fold(0.0, f64::max);
+        let raw_avg = self.rates.iter().map(|x| x.1).sum::<f64>() / self.rates.len() as f64;
         inner.delivery_rate.store(btl_bw as u64, Ordering::Relaxed);
+        inner.raw_rate.store(raw_avg as u64, Ordering::Relaxed);
         let n = inner.streams.len().min(4);
         let min_rtt = path_min_rtt_us(&inner.streams[..n]).unwrap_or(1000) as f64 / 1e6;
         let want = (btl_bw * (2.0 * min_rtt + 0.05)) as u64;
@@ -1352,14 +1449,14 @@ impl TierTuner {
             self.link_bound += 1;
         }
         let since = *self.since.get_or_insert_with(|| {
-            self.credited = inner.credited.load(Ordering::Relaxed);
+            self.credited = inner.credited_wire.load(Ordering::Relaxed);
             Instant::now()
         });
         self.samples += 1;
         if self.samples < 20 {
             return;
         }
-        let credited = inner.credited.load(Ordering::Relaxed);
+        let credited = inner.credited_wire.load(Ordering::Relaxed);
         let rate = (credited - self.credited) as f64 / since.elapsed().as_secs_f64().max(1e-3);
         let before = self.level;
         if self.cpu_bound * 5 >= self.samples * 3 && self.level > 0 {
