@@ -4,7 +4,8 @@
 //! the destination. Needs root (namespaces) and QEMU 10.0 (`make setup`).
 
 use dwcp_harness::{
-    boot_pair, dwcp_migrate, scratch_dir, verify, GuestSpec, Lab, Middle, MigrationSpec,
+    boot_pair, dwcp_migrate, guest_files, scratch_dir, verify, GuestSpec, Lab, Middle,
+    MigrationSpec,
 };
 
 fn migrate_and_verify(tag: &str, spec: GuestSpec, mig: MigrationSpec) {
@@ -119,8 +120,9 @@ fn guest_dirtying_memory_during_migration() {
 
 #[test]
 fn auto_codec_with_a_dirtying_guest() {
-    // The tier may change frame by frame (lz4 / zstd:1 / zstd:3); the
-    // destination must still rebuild every byte.
+    // On this datacenter-like bridge auto starts raw; the tier may change
+    // frame by frame (raw / lz4 / zstd:1 / zstd:3) and the destination must
+    // still rebuild every byte.
     migrate_and_verify(
         "auto",
         GuestSpec {
@@ -132,5 +134,46 @@ fn auto_codec_with_a_dirtying_guest() {
             codec: "auto".into(),
             ..Default::default()
         },
+    );
+}
+
+/// `dwcp benchmark compare --qemu-args-file`'s path: a guest given as plain
+/// QEMU arguments (here the test kernel, as a user would pass their own),
+/// no heartbeat to wait for; RAM still compared page by page and the guest
+/// must run on at the destination.
+#[test]
+fn a_guest_of_your_own_given_as_qemu_arguments() {
+    let (kernel, initrd) = guest_files().expect("test guest");
+    let spec = GuestSpec::default();
+    let args: Vec<String> = [
+        "-machine",
+        "pc",
+        "-m",
+        "256",
+        "-accel",
+        spec.accel.as_str(),
+        "-cpu",
+        "qemu64",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-kernel",
+        &kernel.display().to_string(),
+        "-initrd",
+        &initrd.display().to_string(),
+        "-append",
+        "console=ttyS0 panic=-1 quiet dwcp.fill=96 dwcp.dirty=4",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    migrate_and_verify(
+        "own",
+        GuestSpec {
+            qemu_args: args,
+            warmup_s: 12,
+            ..spec
+        },
+        MigrationSpec::default(),
     );
 }
