@@ -29,8 +29,9 @@ pub struct DemoArgs {
     /// DWCP streams.
     #[arg(long, default_value_t = 4)]
     pub streams: u16,
-    /// DWCP codec tier.
-    #[arg(long, default_value = "lz4")]
+    /// DWCP codec: auto (the default: raw on datacenter paths, lz4 and up
+    /// otherwise) or a fixed tier (raw, none, lz4, zstd, zstd:N).
+    #[arg(long, default_value = "auto")]
     pub codec: String,
     /// Skip the QEMU-native comparison run.
     #[arg(long)]
