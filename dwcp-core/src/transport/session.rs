@@ -117,6 +117,8 @@ struct Counters {
     zero_bytes: AtomicU64,
     pages_seen: AtomicU64,
     pages_deduped: AtomicU64,
+    /// Data frames received per codec (none, lz4, zstd).
+    codec_in: [AtomicU64; 3],
 }
 
 struct Inner {
@@ -218,7 +220,29 @@ pub struct SessionStats {
     pub zero_bytes: u64,
     pub pages_seen: u64,
     pub pages_deduped: u64,
+    /// Data frames received per codec: what the peer actually sent (the
+    /// wire names the codec of each frame, not the zstd level).
+    pub codecs_in: CodecCounts,
     pub per_stream: Vec<StreamStats>,
+}
+
+/// Frames per codec.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct CodecCounts {
+    pub none: u64,
+    pub lz4: u64,
+    pub zstd: u64,
+}
+
+impl CodecCounts {
+    /// The codec of most frames (`none`, `lz4`, `zstd`), or None without frames.
+    pub fn dominant(&self) -> Option<&'static str> {
+        [("zstd", self.zstd), ("lz4", self.lz4), ("none", self.none)]
+            .into_iter()
+            .filter(|&(_, n)| n > 0)
+            .max_by_key(|&(_, n)| n)
+            .map(|(c, _)| c)
+    }
 }
 
 fn hex(id: &[u8; 16]) -> String {
@@ -408,6 +432,11 @@ impl Session {
         self.inner.threads.lock().push(h);
     }
 
+    /// Whether `other` is a handle of this same session.
+    pub fn same(&self, other: &Session) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
     /// Adds a QEMU connection accepted on the source host as a new channel.
     pub fn add_local_channel(&self, conn: UnixStream) -> Result<u16, SessionError> {
         if self.inner.complete.load(Ordering::Acquire) {
@@ -514,6 +543,11 @@ impl Session {
             zero_bytes: c.zero_bytes.load(Ordering::Relaxed),
             pages_seen: c.pages_seen.load(Ordering::Relaxed),
             pages_deduped: c.pages_deduped.load(Ordering::Relaxed),
+            codecs_in: CodecCounts {
+                none: c.codec_in[0].load(Ordering::Relaxed),
+                lz4: c.codec_in[1].load(Ordering::Relaxed),
+                zstd: c.codec_in[2].load(Ordering::Relaxed),
+            },
             per_stream: i
                 .streams
                 .iter()
@@ -937,6 +971,7 @@ fn handle_frame(
                 wire::read_payload(r, h, payload)
                     .map_err(|e| format!("channel {} frame {}: {e}", h.channel, h.seq))?;
                 let codec = CodecId::from_wire(h.codec).expect("validated by decode");
+                inner.counters.codec_in[codec as usize - 1].fetch_add(1, Ordering::Relaxed);
                 let mut plan = Vec::new();
                 dec.decompress(codec, payload, h.plan_len as usize, &mut plan)
                     .map_err(|e| format!("channel {} frame {}: {e}", h.channel, h.seq))?;
