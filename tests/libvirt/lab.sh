@@ -65,8 +65,8 @@ link_emulated() {
     ip netns exec "${NS[$h]}" ethtool -K "${LV_TAG}v$h" tx off tso off gso off gro off >/dev/null 2>&1 ||
       { lv_log "ethtool failed (apt-get install ethtool)"; return 1; }
     ip netns exec "${NS[$h]}" sysctl -qw net.ipv4.tcp_rmem="4096 131072 67108864" net.ipv4.tcp_wmem="4096 65536 67108864"
-    ip netns exec "${NS[l]}" ethtool -K "$h" gro off >/dev/null 2>&1
-    ip -n "${NS[l]}" link set "$h" up
+    ip netns exec "${NS[l]}" ethtool -K "$h" gro off >/dev/null 2>&1 || true
+    ip -n "${NS[l]}" link set dev "$h" up
   done
   ip -n "${NS[l]}" link set lo up
   setsid "$DWCP_BIN" linkem run --netns "${NS[l]}" --profile "$LV_PROFILE" ${LV_LINKEM_ARGS:-} \
