@@ -14,6 +14,7 @@
 #                  dwcp         --migrateuri unix:///run/dwcp/DOM.sock, route by
 #                               dwcp-route with no flags: the agent's defaults
 #                               (what the hook's default policy also chooses)
+#                  dwcp-CODEC   the same with --codec CODEC (dwcp-zstd, dwcp-auto)
 #                  libvirt      --migrateuri tcp://DST (libvirt's own transport)
 #                  libvirt-par  the same + --parallel --parallel-connections 4
 #                               --compressed --comp-methods zstd
@@ -78,6 +79,9 @@ one_run() {
     dwcp)
       route "$f" "$t" "$d" || { lv_log "route failed"; return 1; }
       uri=unix:///run/dwcp/$d.sock ;;
+    dwcp-*)
+      route "$f" "$t" "$d" --codec "${who#dwcp-}" || { lv_log "route failed"; return 1; }
+      uri=unix:///run/dwcp/$d.sock ;;
     libvirt) uri=tcp://${IP[$t]} ;;
     libvirt-par)
       uri=tcp://${IP[$t]}
@@ -101,7 +105,7 @@ one_run() {
   fi
   job=$(jobinfo "$f" "$d"); local job_from=source
   [ "$job" = "{}" ] && { job=$(jobinfo "$t" "$d"); job_from=destination; }
-  if [ "$who" = dwcp ]; then
+  if [[ $who == dwcp* ]]; then
     session=$(agent_ctl "$f" '{"op":"stats"}' | python3 -c '
 import json, sys
 s = [x for x in json.load(sys.stdin)["sessions"] if x["name"] == sys.argv[1]]
@@ -166,7 +170,7 @@ def med(xs):
     return statistics.median(xs) if xs else None
 def f(x, scale=1.0, nd=1):
     return "-" if x is None else f"{x / scale:.{nd}f}"
-desc = {"dwcp": "DWCP (agent defaults)", "libvirt": "libvirt tcp",
+desc = {"dwcp": "DWCP (agent defaults: 4 streams, lz4)", "dwcp-zstd": "DWCP --codec zstd", "dwcp-auto": "DWCP --codec auto", "libvirt": "libvirt tcp",
         "libvirt-par": "libvirt --parallel 4 --compressed zstd"}
 lines = [f"Commit {commit}, {started}; guest {mb} MiB, {fill} MiB content, dirtied {dirty} MiB/s; "
          "medians over the rounds (each run in results.json).", "",
