@@ -5,7 +5,7 @@ CARGO ?= cargo
 DWCP := target/release/dwcp
 GUEST := tests/guest/out/initrd.img
 
-.PHONY: all setup build guest demo test lint unit e2e ffi qemu qemu-test libvirt-test bench bench-full clean help
+.PHONY: all setup build guest demo test lint unit e2e ffi qemu qemu-test libvirt-test libvirt-bench bench bench-full clean help
 
 all: build
 
@@ -14,6 +14,7 @@ help:
 	@echo "make test   - set up, build, lint and run every test (CI runs this)"
 	@echo "make bench  - side-by-side benchmarks against QEMU's own channel (see docs/benchmarks.md)"
 	@echo "make bench-full - every figure of docs/benchmarks.md (about an hour)"
+	@echo "make libvirt-bench - virsh migrate through DWCP against libvirt's own transport (docs/libvirt.md)"
 	@echo "make qemu   - build QEMU with the dwcp: migration URI (qemu-patches/)"
 
 setup:
@@ -63,6 +64,13 @@ libvirt-test: build guest
 	bash tests/libvirt/run.sh
 
 test: build guest lint unit e2e ffi qemu-test libvirt-test
+
+# virsh migrate --live through DWCP against libvirt's own transport (plain and
+# --parallel 4 + zstd), dc and internet links, 1 GiB guest (~15 min; not part
+# of make test). Results: target/libvirt-bench/{results.json,table.md}.
+libvirt-bench: build guest
+	bash tests/libvirt/setup.sh
+	bash tests/libvirt/bench.sh
 
 bench: build guest
 	$(DWCP) benchmark compare --profile dc --repeat 3

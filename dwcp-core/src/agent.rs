@@ -13,6 +13,17 @@
 //! `{"op":"stats"}`, `{"op":"ping"}`. Each answer has `"ok"`, and `"error"`
 //! when it is false.
 //!
+//! A management layer (the libvirt hook) tells the agent what it decided for
+//! a migration before the data arrives: `{"op":"prepare","name":DOM,
+//! "uuid":..,"transport":"tcp","streams":N,"codec":C,"source_host":..,
+//! "chosen_by":..}`, then `{"op":"started","name":DOM}` and
+//! `{"op":"release","name":DOM,"outcome":"ok"|"failed","reason":..}`. The
+//! agent keeps the newest [`KEEP_PREPARED`] of these (`prepared` → `started`
+//! → `released` | `failed`), links each to the session that relays a
+//! migration of that name (which ends it: completed → `released`, failed →
+//! `failed`), shows both in `stats`, and a `route` request without its own
+//! streams/codec takes those of the name's active prepared entry.
+//!
 //! An agent that is a cluster member (see [`ClusterOps`]) also answers
 //! `{"op":"cluster_status"}`, `{"op":"guests"}`,
 //! `{"op":"begin","guest":UUID,"src":N,"dst":M}` (→ `"epoch"`),
@@ -25,14 +36,16 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tracing::{error, info, warn};
 
-use crate::transport::{Acceptor, AcceptorLimits, Session, SessionError, TransportConfig};
+use crate::transport::{
+    Acceptor, AcceptorLimits, Role, Session, SessionError, TransportConfig, MAX_STREAMS,
+};
 use crate::wire;
 
 /// How an agent runs.
@@ -79,6 +92,8 @@ struct Route {
     name: String,
     to: SocketAddr,
     cfg: TransportConfig,
+    /// Where streams/codec came from: `request`, `prepared` or `defaults`.
+    settings_from: &'static str,
     socket: PathBuf,
     current: Mutex<Option<Session>>,
     stop: AtomicBool,
@@ -89,9 +104,108 @@ struct State {
     routes: Mutex<HashMap<String, Arc<Route>>>,
     /// The most recent sessions, newest last (bounded).
     sessions: Mutex<VecDeque<Session>>,
+    /// Prepared migrations, newest last (bounded, [`KEEP_PREPARED`]).
+    prepared: Mutex<VecDeque<Prepared>>,
 }
 
 const KEEP_SESSIONS: usize = 32;
+
+/// How many prepared migrations the agent remembers (newest kept).
+pub const KEEP_PREPARED: usize = 64;
+/// Longest `source_host`, `chosen_by` or `reason` accepted, in bytes.
+const MAX_TEXT: usize = 256;
+
+/// Where a prepared migration is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PrepState {
+    /// Accepted by the management layer; no data yet.
+    Prepared,
+    /// QEMU is up for it, or its session has begun.
+    Started,
+    /// Done: its session completed, or released with outcome ok.
+    Released,
+    /// Its session failed, or released with outcome failed.
+    Failed,
+}
+
+/// One `prepare`: what the management layer chose for a migration.
+struct Prepared {
+    name: String,
+    uuid: Option<String>,
+    transport: String,
+    streams: u16,
+    codec: String,
+    source_host: Option<String>,
+    chosen_by: String,
+    state: PrepState,
+    prepared_at: f64,
+    started_at: Option<f64>,
+    ended_at: Option<f64>,
+    reason: Option<String>,
+    /// The session that relays this migration (linked by name).
+    session: Option<Session>,
+}
+
+fn now_s() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| (d.as_secs_f64() * 1000.0).round() / 1000.0)
+        .unwrap_or(0.0)
+}
+
+/// `zstd:3` -> `zstd`.
+fn codec_family(c: &str) -> &str {
+    c.split(':').next().unwrap_or(c)
+}
+
+impl Prepared {
+    fn active(&self) -> bool {
+        matches!(self.state, PrepState::Prepared | PrepState::Started)
+    }
+
+    fn finish(&mut self, state: PrepState, reason: Option<String>) {
+        self.state = state;
+        self.ended_at = Some(now_s());
+        self.reason = reason;
+    }
+
+    fn to_json(&self) -> Value {
+        // What the relaying session actually used: the initiator knows its
+        // tier; the responder sees the codec of each frame it receives.
+        let used = self.session.as_ref().map(|s| {
+            let st = s.stats();
+            let codec = match st.role {
+                Role::Initiator => st.tier.clone(),
+                Role::Responder => st.codecs_in.dominant().unwrap_or("-").to_string(),
+            };
+            json!({
+                "session": st.session, "role": st.role, "state": st.state,
+                "streams": st.streams, "codec": codec, "codecs_in": st.codecs_in,
+                "raw_out": st.raw_out, "raw_in": st.raw_in,
+                "wire_out": st.wire_out, "wire_in": st.wire_in,
+                "elapsed_s": st.elapsed_s, "error": st.error,
+            })
+        });
+        let matches = used.as_ref().and_then(|u| {
+            let codec = u["codec"].as_str()?;
+            if codec == "-" {
+                return None;
+            }
+            let same_codec =
+                self.codec == "auto" || codec_family(codec) == codec_family(&self.codec);
+            Some(u["streams"].as_u64() == Some(self.streams as u64) && same_codec)
+        });
+        json!({
+            "name": self.name, "uuid": self.uuid, "transport": self.transport,
+            "streams": self.streams, "codec": self.codec,
+            "source_host": self.source_host, "chosen_by": self.chosen_by,
+            "state": self.state, "prepared_at": self.prepared_at,
+            "started_at": self.started_at, "ended_at": self.ended_at,
+            "reason": self.reason, "used": used, "used_matches": matches,
+        })
+    }
+}
 
 impl State {
     fn remember(&self, s: &Session) {
@@ -100,6 +214,47 @@ impl State {
             v.pop_front();
         }
         v.push_back(s.clone());
+        drop(v);
+        self.link_session(s);
+    }
+
+    /// Links a new session to the active prepared entry of the same name.
+    fn link_session(&self, s: &Session) {
+        let mut p = self.prepared.lock();
+        if let Some(e) = p
+            .iter_mut()
+            .rev()
+            .find(|e| e.name == s.name() && e.active())
+        {
+            info!(name = e.name, "session linked to the prepared migration");
+            e.session = Some(s.clone());
+            if e.state == PrepState::Prepared {
+                e.state = PrepState::Started;
+                e.started_at = Some(now_s());
+            }
+        }
+    }
+
+    /// A session ended: its prepared entry (if still active) ends with it.
+    fn session_ended(&self, s: &Session, result: &Result<(), String>) {
+        let mut p = self.prepared.lock();
+        let same = |e: &Prepared| e.session.as_ref().is_some_and(|x| x.same(s));
+        if let Some(e) = p.iter_mut().rev().find(|e| same(e) && e.active()) {
+            match result {
+                Ok(()) => e.finish(PrepState::Released, Some("session completed".to_string())),
+                Err(err) => e.finish(PrepState::Failed, Some(format!("session failed: {err}"))),
+            }
+        }
+    }
+
+    /// The newest active prepared entry called `name`: (streams, codec).
+    fn prepared_settings(&self, name: &str) -> Option<(u16, String)> {
+        self.prepared
+            .lock()
+            .iter()
+            .rev()
+            .find(|e| e.name == name && e.active())
+            .map(|e| (e.streams, e.codec.clone()))
     }
 }
 
@@ -163,6 +318,7 @@ impl Agent {
             cfg,
             routes: Mutex::new(HashMap::new()),
             sessions: Mutex::new(VecDeque::new()),
+            prepared: Mutex::new(VecDeque::new()),
         });
         if let Some(l) = data {
             info!(
@@ -191,7 +347,7 @@ impl Agent {
         to: SocketAddr,
         cfg: TransportConfig,
     ) -> Result<PathBuf, String> {
-        add_route(&self.state, name, to, cfg)
+        add_route(&self.state, name, to, cfg, "request")
     }
 }
 
@@ -242,7 +398,7 @@ fn accept_loop(st: Arc<State>, l: TcpListener) {
         std::thread::spawn(move || match acceptor.handle(conn) {
             Ok(Some(session)) => {
                 st.remember(&session);
-                watch_session(session);
+                watch_session(&st, session);
             }
             Ok(None) => {}
             Err(e) => warn!("data port: rejected connection from {peer}: {e}"),
@@ -250,15 +406,22 @@ fn accept_loop(st: Arc<State>, l: TcpListener) {
     }
 }
 
-fn watch_session(session: Session) {
-    match session.wait() {
-        Ok(s) => info!(
-            name = %s.name,
-            "session done: {} raw bytes out, {} in, {} on the wire out, ratio {:.2}, {:.2} s",
-            s.raw_out, s.raw_in, s.wire_out, s.ratio_out, s.elapsed_s
-        ),
-        Err(e) => error!(name = session.name(), "{e}"),
-    }
+fn watch_session(st: &State, session: Session) {
+    let result = match session.wait() {
+        Ok(s) => {
+            info!(
+                name = %s.name,
+                "session done: {} raw bytes out, {} in, {} on the wire out, ratio {:.2}, {:.2} s",
+                s.raw_out, s.raw_in, s.wire_out, s.ratio_out, s.elapsed_s
+            );
+            Ok(())
+        }
+        Err(e) => {
+            error!(name = session.name(), "{e}");
+            Err(e.to_string())
+        }
+    };
+    st.session_ended(&session, &result);
 }
 
 fn add_route(
@@ -266,6 +429,7 @@ fn add_route(
     name: &str,
     to: SocketAddr,
     cfg: TransportConfig,
+    settings_from: &'static str,
 ) -> Result<PathBuf, String> {
     wire::check_name(name).map_err(|e| e.to_string())?;
     cfg.validate().map_err(|e| e.to_string())?;
@@ -281,12 +445,13 @@ fn add_route(
         name: name.to_string(),
         to,
         cfg,
+        settings_from,
         socket: socket.clone(),
         current: Mutex::new(None),
         stop: AtomicBool::new(false),
     });
     st.routes.lock().insert(name.to_string(), route.clone());
-    info!(name, %to, streams = route.cfg.streams, tier = %route.cfg.tier, "route added at {}", socket.display());
+    info!(name, %to, streams = route.cfg.streams, tier = %route.cfg.tier, settings_from, "route added at {}", socket.display());
     let st2 = st.clone();
     std::thread::Builder::new()
         .name(format!("dwcp-route-{name}"))
@@ -323,8 +488,8 @@ fn attach(st: &Arc<State>, route: &Arc<Route>, conn: UnixStream) -> Result<(), S
             _ => {
                 let s = Session::connect(&route.cfg, &route.name, route.to)?;
                 st.remember(&s);
-                let w = s.clone();
-                std::thread::spawn(move || watch_session(w));
+                let (w, st2) = (s.clone(), st.clone());
+                std::thread::spawn(move || watch_session(&st2, w));
                 *current = Some(s.clone());
                 s
             }
@@ -403,9 +568,10 @@ fn handle_control(st: &Arc<State>, line: &str) -> Value {
                 .routes
                 .lock()
                 .values()
-                .map(|r| json!({"name": r.name, "to": r.to.to_string(), "socket": r.socket, "streams": r.cfg.streams, "codec": r.cfg.codec_name()}))
+                .map(|r| json!({"name": r.name, "to": r.to.to_string(), "socket": r.socket, "streams": r.cfg.streams, "codec": r.cfg.codec_name(), "settings_from": r.settings_from}))
                 .collect();
-            json!({"ok": true, "sessions": sessions, "routes": routes})
+            let prepared: Vec<Value> = st.prepared.lock().iter().map(Prepared::to_json).collect();
+            json!({"ok": true, "sessions": sessions, "routes": routes, "prepared": prepared})
         }
         "unroute" => {
             let name = req["name"].as_str().unwrap_or("");
@@ -423,11 +589,22 @@ fn handle_control(st: &Arc<State>, line: &str) -> Value {
             Ok(path) => json!({"ok": true, "socket": path}),
             Err(e) => json!({"ok": false, "error": e}),
         },
+        op @ ("prepare" | "started" | "release") => {
+            let r = match op {
+                "prepare" => prepare(st, req.clone()),
+                "started" => started(st, &req),
+                _ => release(st, req.clone()),
+            };
+            r.unwrap_or_else(|e| {
+                warn!("{op} refused: {e}");
+                json!({"ok": false, "error": format!("{op}: {e}")})
+            })
+        }
         op @ ("cluster_status" | "guests" | "begin" | "commit" | "abort") => {
             cluster_control(st, op, &req)
         }
         other => {
-            json!({"ok": false, "error": format!("unknown op {other:?}: use route, unroute, stats, ping, cluster_status, guests, begin, commit or abort")})
+            json!({"ok": false, "error": format!("unknown op {other:?}: use route, unroute, stats, ping, prepare, started, release, cluster_status, guests, begin, commit or abort")})
         }
     }
 }
@@ -481,11 +658,22 @@ fn route_from_request(st: &Arc<State>, req: Value) -> Result<PathBuf, String> {
         )
     })?;
     let mut cfg = st.cfg.transport.clone();
+    // Unset streams/codec: the name's prepared choice, else the defaults.
+    let mut from = "defaults";
+    if r.streams.is_none() || r.codec.is_none() {
+        if let Some((n, c)) = st.prepared_settings(&r.name) {
+            cfg.streams = n;
+            cfg.set_codec(&c)?;
+            from = "prepared";
+        }
+    }
     if let Some(n) = r.streams {
         cfg.streams = n;
+        from = "request";
     }
     if let Some(c) = r.codec {
         cfg.set_codec(&c)?;
+        from = "request";
     }
     if let Some(w) = r.workers {
         cfg.workers = w;
@@ -499,7 +687,192 @@ fn route_from_request(st: &Arc<State>, req: Value) -> Result<PathBuf, String> {
     if let Some(w) = r.window_mb {
         cfg.window = w.saturating_mul(1 << 20);
     }
-    add_route(st, &r.name, to, cfg)
+    add_route(st, &r.name, to, cfg, from)
+}
+
+/// `{"op":"prepare",...}`: what the management layer chose for a migration.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PrepareRequest {
+    #[allow(dead_code)] // always "prepare"
+    op: String,
+    name: String,
+    uuid: Option<String>,
+    transport: Option<String>,
+    streams: Option<u64>,
+    codec: Option<String>,
+    source_host: Option<String>,
+    chosen_by: Option<String>,
+}
+
+fn check_name(name: &str) -> Result<(), String> {
+    if name.len() > wire::MAX_NAME_LEN {
+        return Err(format!(
+            "name is {} bytes long: at most {} (it names the socket on both hosts)",
+            name.len(),
+            wire::MAX_NAME_LEN
+        ));
+    }
+    wire::check_name(name).map_err(|e| e.to_string())
+}
+
+fn check_text(field: &str, v: &str) -> Result<(), String> {
+    if v.len() > MAX_TEXT {
+        return Err(format!(
+            "{field} is {} bytes long: at most {MAX_TEXT}",
+            v.len()
+        ));
+    }
+    if v.chars().any(char::is_control) {
+        return Err(format!("{field} {v:?} has control characters"));
+    }
+    Ok(())
+}
+
+fn check_uuid(u: &str) -> Result<(), String> {
+    let ok = u.len() == 36
+        && u.bytes().enumerate().all(|(i, b)| match i {
+            8 | 13 | 18 | 23 => b == b'-',
+            _ => b.is_ascii_hexdigit(),
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "uuid {u:?} is not a UUID (xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)"
+        ))
+    }
+}
+
+fn prepare(st: &Arc<State>, req: Value) -> Result<Value, String> {
+    let r: PrepareRequest = serde_json::from_value(req).map_err(|e| e.to_string())?;
+    check_name(&r.name)?;
+    if let Some(u) = &r.uuid {
+        check_uuid(u)?;
+    }
+    let transport = r.transport.unwrap_or_else(|| "tcp".into());
+    match transport.as_str() {
+        "tcp" => {}
+        "rdma" => {
+            return Err("transport \"rdma\": this agent has no RDMA streams (use tcp)".to_string())
+        }
+        t => return Err(format!("transport {t:?} is not tcp or rdma")),
+    }
+    let streams = r.streams.unwrap_or(st.cfg.transport.streams as u64);
+    if streams == 0 || streams > MAX_STREAMS as u64 {
+        return Err(format!(
+            "streams = {streams} is out of range: 1..={MAX_STREAMS}"
+        ));
+    }
+    let mut probe = st.cfg.transport.clone();
+    let codec = match r.codec {
+        Some(c) => {
+            probe.set_codec(&c)?;
+            c
+        }
+        None => probe.codec_name(),
+    };
+    for (field, v) in [("source_host", &r.source_host), ("chosen_by", &r.chosen_by)] {
+        if let Some(v) = v {
+            check_text(field, v)?;
+        }
+    }
+    let entry = Prepared {
+        name: r.name,
+        uuid: r.uuid,
+        transport,
+        streams: streams as u16,
+        codec,
+        source_host: r.source_host,
+        chosen_by: r.chosen_by.unwrap_or_else(|| "unspecified".into()),
+        state: PrepState::Prepared,
+        prepared_at: now_s(),
+        started_at: None,
+        ended_at: None,
+        reason: None,
+        session: None,
+    };
+    info!(
+        name = entry.name, streams = entry.streams, codec = entry.codec,
+        chosen_by = entry.chosen_by, source_host = ?entry.source_host,
+        "migration prepared"
+    );
+    let answer = entry.to_json();
+    let mut p = st.prepared.lock();
+    for old in p.iter_mut().filter(|e| e.name == entry.name && e.active()) {
+        old.finish(
+            PrepState::Failed,
+            Some("superseded by a new prepare".to_string()),
+        );
+    }
+    if p.len() >= KEEP_PREPARED {
+        // Forget the oldest finished entry, else the oldest.
+        let i = p.iter().position(|e| !e.active()).unwrap_or(0);
+        p.remove(i);
+    }
+    p.push_back(entry);
+    Ok(json!({"ok": true, "prepared": answer}))
+}
+
+fn started(st: &Arc<State>, req: &Value) -> Result<Value, String> {
+    let name = req["name"].as_str().ok_or("missing \"name\"")?;
+    check_name(name)?;
+    let mut p = st.prepared.lock();
+    let e = p
+        .iter_mut()
+        .rev()
+        .find(|e| e.name == name && e.active())
+        .ok_or_else(|| format!("no prepared migration named {name:?} is active"))?;
+    if e.state == PrepState::Prepared {
+        e.state = PrepState::Started;
+        e.started_at = Some(now_s());
+    }
+    Ok(json!({"ok": true, "prepared": e.to_json()}))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReleaseRequest {
+    #[allow(dead_code)] // always "release"
+    op: String,
+    name: String,
+    outcome: String,
+    reason: Option<String>,
+}
+
+/// Ends the newest entry called `name`. An entry that already ended (its
+/// session completed or failed) keeps its state: `"changed": false`.
+fn release(st: &Arc<State>, req: Value) -> Result<Value, String> {
+    let r: ReleaseRequest = serde_json::from_value(req).map_err(|e| e.to_string())?;
+    check_name(&r.name)?;
+    let state = match r.outcome.as_str() {
+        "ok" => PrepState::Released,
+        "failed" => PrepState::Failed,
+        o => return Err(format!("outcome {o:?} is not ok or failed")),
+    };
+    if let Some(v) = &r.reason {
+        check_text("reason", v)?;
+    }
+    let mut p = st.prepared.lock();
+    let e = p
+        .iter_mut()
+        .rev()
+        .find(|e| e.name == r.name)
+        .ok_or_else(|| format!("no prepared migration named {:?}", r.name))?;
+    let changed = e.active();
+    if changed {
+        info!(
+            name = r.name,
+            outcome = r.outcome,
+            "prepared migration released"
+        );
+        e.finish(
+            state,
+            r.reason
+                .or_else(|| Some(format!("released: {}", r.outcome))),
+        );
+    }
+    Ok(json!({"ok": true, "changed": changed, "prepared": e.to_json()}))
 }
 
 /// Sends one request to an agent's control socket and returns the answer;
@@ -556,5 +929,293 @@ pub fn settled_session(control: &Path, name: &str, timeout: Duration) -> Option<
             return s;
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::net::{Shutdown, TcpListener};
+
+    /// A real agent on a fresh temp run dir (and a data port when `listen`).
+    fn agent(tag: &str, listen: bool) -> (Agent, PathBuf, Option<SocketAddr>) {
+        let dir = std::env::temp_dir().join(format!("dwcp-agent-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let addr = listen.then(|| {
+            // A free port: bind :0, read it, let it go for the agent.
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        });
+        let transport = TransportConfig {
+            workers: 1,
+            ..TransportConfig::default()
+        };
+        let a = Agent::start(AgentConfig {
+            listen: addr,
+            run_dir: dir.clone(),
+            incoming_dir: dir.join("incoming"),
+            transport,
+            limits: AcceptorLimits::default(),
+            cluster: None,
+        })
+        .unwrap();
+        (a, dir, addr)
+    }
+
+    fn ctl(dir: &Path, req: Value) -> Result<Value, String> {
+        control_request(&dir.join("agent.sock"), &req)
+    }
+
+    fn prepared(dir: &Path) -> Vec<Value> {
+        ctl(dir, json!({"op": "stats"})).unwrap()["prepared"]
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+
+    #[test]
+    fn prepare_started_release_shows_in_stats() {
+        let (_a, dir, _) = agent("life", false);
+        let uuid = "0b2c5e9e-5a4f-4c1e-9a57-3f1f2b8c9d10";
+        let r = ctl(
+            &dir,
+            json!({"op": "prepare", "name": "g1", "uuid": uuid, "transport": "tcp",
+                   "streams": 2, "codec": "zstd", "source_host": "10.0.0.1",
+                   "chosen_by": "metadata"}),
+        )
+        .unwrap();
+        assert_eq!(r["prepared"]["state"], "prepared");
+        let p = prepared(&dir);
+        assert_eq!(p.len(), 1);
+        let e = &p[0];
+        assert_eq!(
+            (&e["name"], &e["uuid"], &e["streams"], &e["codec"]),
+            (&json!("g1"), &json!(uuid), &json!(2), &json!("zstd"))
+        );
+        assert_eq!(e["source_host"], "10.0.0.1");
+        assert_eq!(e["chosen_by"], "metadata");
+        assert!(e["prepared_at"].as_f64().unwrap() > 1.6e9);
+        assert!(e["started_at"].is_null() && e["used"].is_null());
+
+        let r = ctl(&dir, json!({"op": "started", "name": "g1"})).unwrap();
+        assert_eq!(r["prepared"]["state"], "started");
+        assert!(prepared(&dir)[0]["started_at"].as_f64().is_some());
+
+        let r = ctl(
+            &dir,
+            json!({"op": "release", "name": "g1", "outcome": "failed", "reason": "QEMU exited"}),
+        )
+        .unwrap();
+        assert_eq!(r["changed"], true);
+        let e = &prepared(&dir)[0];
+        assert_eq!(e["state"], "failed");
+        assert_eq!(e["reason"], "QEMU exited");
+        assert!(e["ended_at"].as_f64().is_some());
+        // Releasing a finished entry again changes nothing.
+        let r = ctl(
+            &dir,
+            json!({"op": "release", "name": "g1", "outcome": "ok"}),
+        )
+        .unwrap();
+        assert_eq!(r["changed"], false);
+        assert_eq!(prepared(&dir)[0]["state"], "failed");
+
+        // A second prepare of the same name supersedes an active one.
+        ctl(&dir, json!({"op": "prepare", "name": "g2"})).unwrap();
+        ctl(&dir, json!({"op": "prepare", "name": "g2", "streams": 3})).unwrap();
+        let p = prepared(&dir);
+        assert_eq!(p.len(), 3);
+        assert_eq!(p[1]["state"], "failed");
+        assert_eq!(p[1]["reason"], "superseded by a new prepare");
+        // Unset fields take the agent's defaults.
+        assert_eq!(
+            (&p[1]["streams"], &p[1]["codec"]),
+            (&json!(4), &json!("lz4"))
+        );
+        assert_eq!(p[2]["streams"], 3);
+        assert_eq!(p[2]["chosen_by"], "unspecified");
+        ctl(
+            &dir,
+            json!({"op": "release", "name": "g2", "outcome": "ok"}),
+        )
+        .unwrap();
+        assert_eq!(prepared(&dir)[2]["state"], "released");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn bad_input_gets_clear_errors() {
+        let (_a, dir, _) = agent("bad", false);
+        let long = "x".repeat(65);
+        let cases = [
+            (
+                json!({"op": "prepare", "name": "g1", "codec": "lz9"}),
+                "prepare: codec \"lz9\"",
+            ),
+            (
+                json!({"op": "prepare", "name": "g1", "codec": "zstd:99"}),
+                "codec \"zstd:99\"",
+            ),
+            (
+                json!({"op": "prepare", "name": "g1", "streams": 0}),
+                "streams = 0 is out of range: 1..=256",
+            ),
+            (
+                json!({"op": "prepare", "name": "g1", "streams": 999}),
+                "streams = 999 is out of range: 1..=256",
+            ),
+            (
+                json!({"op": "prepare", "name": long}),
+                "name is 65 bytes long: at most 64",
+            ),
+            (
+                json!({"op": "prepare", "name": "../etc"}),
+                "invalid migration name",
+            ),
+            (json!({"op": "prepare"}), "missing field `name`"),
+            (
+                json!({"op": "prepare", "name": "g1", "transport": "rdma"}),
+                "no RDMA streams",
+            ),
+            (
+                json!({"op": "prepare", "name": "g1", "transport": "udp"}),
+                "transport \"udp\" is not tcp or rdma",
+            ),
+            (
+                json!({"op": "prepare", "name": "g1", "uuid": "nope"}),
+                "uuid \"nope\" is not a UUID",
+            ),
+            (
+                json!({"op": "prepare", "name": "g1", "strems": 2}),
+                "unknown field `strems`",
+            ),
+            (
+                json!({"op": "prepare", "name": "g1", "chosen_by": "y".repeat(300)}),
+                "chosen_by is 300 bytes long: at most 256",
+            ),
+            (
+                json!({"op": "started", "name": "g9"}),
+                "no prepared migration named \"g9\" is active",
+            ),
+            (
+                json!({"op": "release", "name": "g9", "outcome": "ok"}),
+                "no prepared migration named \"g9\"",
+            ),
+            (
+                json!({"op": "release", "name": "g9", "outcome": "maybe"}),
+                "outcome \"maybe\" is not ok or failed",
+            ),
+            (
+                json!({"op": "release", "name": "g9"}),
+                "missing field `outcome`",
+            ),
+        ];
+        for (req, want) in cases {
+            let err = ctl(&dir, req.clone()).unwrap_err();
+            assert!(err.contains(want), "{req}: {err:?} does not say {want:?}");
+        }
+        assert!(prepared(&dir).is_empty(), "a refused prepare left an entry");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn table_keeps_the_newest() {
+        let (_a, dir, _) = agent("bound", false);
+        for i in 0..KEEP_PREPARED + 6 {
+            ctl(&dir, json!({"op": "prepare", "name": format!("vm{i}")})).unwrap();
+        }
+        let p = prepared(&dir);
+        assert_eq!(p.len(), KEEP_PREPARED);
+        assert_eq!(p[0]["name"], "vm6");
+        assert_eq!(
+            p[KEEP_PREPARED - 1]["name"],
+            format!("vm{}", KEEP_PREPARED + 5)
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The prepared choice drives a route that sets none of its own, the
+    /// relayed session is linked to the entries on both agents, reports what
+    /// it used, and its completion releases them.
+    #[test]
+    fn prepared_settings_drive_the_route_and_the_session_ends_the_entry() {
+        let (_src, sdir, _) = agent("src", false);
+        let (_dst, ddir, daddr) = agent("dst", true);
+        let daddr = daddr.unwrap();
+        for dir in [&sdir, &ddir] {
+            ctl(
+                dir,
+                json!({"op": "prepare", "name": "g1", "streams": 3, "codec": "zstd:1",
+                       "chosen_by": "metadata"}),
+            )
+            .unwrap();
+        }
+        let r = ctl(
+            &sdir,
+            json!({"op": "route", "name": "g1", "to": daddr.to_string()}),
+        )
+        .unwrap();
+        let routes = ctl(&sdir, json!({"op": "stats"})).unwrap()["routes"].clone();
+        assert_eq!(routes[0]["streams"], 3);
+        assert_eq!(routes[0]["codec"], "zstd:1");
+        assert_eq!(routes[0]["settings_from"], "prepared");
+
+        // The destination "QEMU": listens where the agent delivers, echoes EOF.
+        let incoming = UnixListener::bind(ddir.join("incoming/g1.sock")).unwrap();
+        let qemu = std::thread::spawn(move || {
+            let (mut c, _) = incoming.accept().unwrap();
+            let mut got = Vec::new();
+            c.read_to_end(&mut got).unwrap();
+            c.shutdown(Shutdown::Write).unwrap();
+            got.len()
+        });
+        let payload: Vec<u8> = (0..4u32 << 20).map(|i| (i / 4096) as u8).collect();
+        let mut q = UnixStream::connect(r["socket"].as_str().unwrap()).unwrap();
+        q.write_all(&payload).unwrap();
+        q.shutdown(Shutdown::Write).unwrap();
+        let mut rest = Vec::new();
+        q.read_to_end(&mut rest).unwrap();
+        assert_eq!(qemu.join().unwrap(), payload.len());
+
+        for (dir, role) in [(&sdir, "initiator"), (&ddir, "responder")] {
+            let mut e = Value::Null;
+            for _ in 0..200 {
+                e = prepared(dir)[0].clone();
+                if e["state"] == "released" {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(25));
+            }
+            assert_eq!(e["state"], "released", "{role}: {e}");
+            assert_eq!(e["reason"], "session completed");
+            let u = &e["used"];
+            assert_eq!(u["role"], role);
+            assert_eq!(u["state"], "completed");
+            assert_eq!(u["streams"], 3, "{role}: {e}");
+            assert!(
+                u["codec"].as_str().unwrap().starts_with("zstd"),
+                "{role}: {e}"
+            );
+            assert_eq!(e["used_matches"], true, "{role}: {e}");
+        }
+        // A release after the session ended it keeps the session's verdict.
+        let r = ctl(
+            &ddir,
+            json!({"op": "release", "name": "g1", "outcome": "failed"}),
+        )
+        .unwrap();
+        assert_eq!(r["changed"], false);
+        assert_eq!(r["prepared"]["state"], "released");
+        // A route with its own settings says so.
+        ctl(
+            &sdir,
+            json!({"op": "route", "name": "g1", "to": daddr.to_string(), "streams": 1}),
+        )
+        .unwrap();
+        let routes = ctl(&sdir, json!({"op": "stats"})).unwrap()["routes"].clone();
+        assert_eq!(routes[0]["settings_from"], "request");
+        let _ = std::fs::remove_dir_all(&sdir);
+        let _ = std::fs::remove_dir_all(&ddir);
     }
 }

@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use dwcp_core::agent::{control_request, Agent, AgentConfig};
 use dwcp_core::transport::{AcceptorLimits, TransportConfig};
-use serde_json::json;
+use serde_json::{json, Value};
 
 /// DWCP moves a running QEMU/KVM guest between hosts over many TCP streams
 /// with compression and page deduplication.
@@ -226,6 +226,10 @@ fn stats(a: StatsArgs) -> Result<()> {
             r["socket"].as_str().unwrap_or("?")
         );
     }
+    println!("Prepared migrations (newest last):");
+    for p in v["prepared"].as_array().into_iter().flatten() {
+        println!("  {}", prepared_line(p));
+    }
     println!("Sessions (newest last):");
     for s in v["sessions"].as_array().into_iter().flatten() {
         let f = |k: &str| s[k].as_f64().unwrap_or(0.0);
@@ -237,7 +241,7 @@ fn stats(a: StatsArgs) -> Result<()> {
             .map(|r| format!("{:.1}", r as f64 / 1000.0))
             .collect();
         println!(
-            "  {:<16} {:<9} {:<9} {:>8.1} s  raw out {:>9.1} MiB  wire out {:>9.1} MiB  ratio {:>5.2}  raw in {:>7.1} MiB  streams {}  tier {}  dedup pages {}/{}  RTT ms [{}]{}",
+            "  {:<16} {:<9} {:<9} {:>8.1} s  raw out {:>9.1} MiB  wire out {:>9.1} MiB  ratio {:>5.2}  raw in {:>7.1} MiB  streams {}  {}  dedup pages {}/{}  RTT ms [{}]{}",
             s["name"].as_str().unwrap_or("?"),
             s["role"].as_str().unwrap_or("?"),
             s["state"].as_str().unwrap_or("?"),
@@ -247,7 +251,7 @@ fn stats(a: StatsArgs) -> Result<()> {
             f("ratio_out"),
             f("raw_in") / 1048576.0,
             s["streams"],
-            s["tier"].as_str().unwrap_or("?"),
+            session_codec(s),
             s["pages_deduped"],
             s["pages_seen"],
             rtts.join(" "),
@@ -255,4 +259,84 @@ fn stats(a: StatsArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The codec column of a session: the initiator's tier, or on the responder
+/// the codecs of the frames it received (what the source actually sent).
+fn session_codec(s: &Value) -> String {
+    if s["role"] == "responder" {
+        let c = &s["codecs_in"];
+        let parts: Vec<String> = ["zstd", "lz4", "none", "raw"]
+            .iter()
+            .filter_map(|k| {
+                c[*k]
+                    .as_u64()
+                    .filter(|n| *n > 0)
+                    .map(|n| format!("{k}:{n}"))
+            })
+            .collect();
+        format!(
+            "frames in {}",
+            if parts.is_empty() {
+                "-".into()
+            } else {
+                parts.join(" ")
+            }
+        )
+    } else {
+        format!("tier {}", s["tier"].as_str().unwrap_or("?"))
+    }
+}
+
+/// UTC time of day of a Unix timestamp (seconds), `HH:MM:SS`.
+fn clock(t: &Value) -> String {
+    match t.as_f64() {
+        Some(t) => {
+            let s = t as u64 % 86400;
+            format!("{:02}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+        }
+        None => "-".into(),
+    }
+}
+
+/// One prepared migration for `dwcp stats`: the choice, its state and times,
+/// and beside it what the relaying session actually used.
+fn prepared_line(p: &Value) -> String {
+    let s = |k: &str| p[k].as_str().unwrap_or("-").to_string();
+    let mut line = format!(
+        "{:<16} {:<9} {} streams={} codec={}  chosen by {}  from {}  uuid {}  prepared {} started {} ended {} UTC",
+        s("name"),
+        s("state"),
+        s("transport"),
+        p["streams"],
+        s("codec"),
+        s("chosen_by"),
+        s("source_host"),
+        s("uuid"),
+        clock(&p["prepared_at"]),
+        clock(&p["started_at"]),
+        clock(&p["ended_at"]),
+    );
+    let u = &p["used"];
+    if u.is_object() {
+        line.push_str(&format!(
+            "\n    used: session {} ({} {}) streams={} codec={}{}",
+            u["session"].as_str().unwrap_or("?"),
+            u["role"].as_str().unwrap_or("?"),
+            u["state"].as_str().unwrap_or("?"),
+            u["streams"],
+            u["codec"].as_str().unwrap_or("-"),
+            match p["used_matches"].as_bool() {
+                Some(true) => "  (as prepared)",
+                Some(false) => "  (DIFFERS from the prepared choice)",
+                None => "",
+            }
+        ));
+    } else {
+        line.push_str("\n    used: no session yet");
+    }
+    if let Some(r) = p["reason"].as_str() {
+        line.push_str(&format!("\n    reason: {r}"));
+    }
+    line
 }

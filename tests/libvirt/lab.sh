@@ -1,6 +1,8 @@
 # Two libvirt hosts on one machine, sourced by tests/libvirt/run.sh.
 #
-# Each host is a network namespace (veth link between them) plus a mount+UTS
+# Each host is a network namespace (veth link between them; with
+# LV_PROFILE=internet|wan|lossy|dc the link goes through the linkem emulator,
+# `dwcp linkem run` in a third namespace) plus a mount+UTS
 # namespace held open by a keeper process; inside it /run is a fresh tmpfs and
 # /etc/libvirt, /var/lib/libvirt, /var/log/libvirt, /var/cache/libvirt are
 # bind-mounted from $LAB/<host>/. Each host runs virtlogd, libvirtd (TCP,
@@ -12,6 +14,7 @@ LV_TAG=${LV_TAG:-lv$(( $$ % 100000 ))}
 LV_SUBNET=${LV_SUBNET:-$(( 150 + $$ % 100 ))}
 HOSTS="a b"
 declare -A NS IP KEEPER MNTNS
+LINKEM_PID=
 
 lv_log() { echo "[$(date +%T)] $*" >&2; }
 
@@ -33,14 +36,46 @@ lab_up() {
   NS[a]=${LV_TAG}a; NS[b]=${LV_TAG}b
   IP[a]=10.$LV_SUBNET.0.1; IP[b]=10.$LV_SUBNET.0.2
   ip netns add "${NS[a]}"; ip netns add "${NS[b]}"
-  ip link add "${LV_TAG}va" type veth peer name "${LV_TAG}vb"
+  if [ -n "${LV_PROFILE:-}" ]; then
+    link_emulated || return 1
+  else
+    ip link add "${LV_TAG}va" type veth peer name "${LV_TAG}vb"
+    for h in $HOSTS; do ip link set "${LV_TAG}v$h" netns "${NS[$h]}"; done
+  fi
   for h in $HOSTS; do
-    ip link set "${LV_TAG}v$h" netns "${NS[$h]}"
     ip -n "${NS[$h]}" addr add "${IP[$h]}/24" dev "${LV_TAG}v$h"
     ip -n "${NS[$h]}" link set "${LV_TAG}v$h" up
     ip -n "${NS[$h]}" link set lo up
   done
   for h in $HOSTS; do host_up "$h"; done
+}
+
+# link_emulated: host a's and b's interfaces (${LV_TAG}va/vb, as with the
+# plain veth pair) are each one end of a veth pair whose other end (a, b) is
+# in the link namespace ${LV_TAG}l, where `dwcp linkem run --profile
+# $LV_PROFILE` forwards between a and b (the layout of linkem::topo with an
+# external forwarder). Frames must look like wire frames to the forwarder:
+# no TSO/GSO, no partial checksums, no GRO; TCP buffers for a long fat pipe.
+link_emulated() {
+  NS[l]=${LV_TAG}l
+  ip netns add "${NS[l]}"
+  local h
+  for h in $HOSTS; do
+    ip link add "${LV_TAG}v$h" netns "${NS[$h]}" type veth peer name "$h" netns "${NS[l]}"
+    ip netns exec "${NS[$h]}" ethtool -K "${LV_TAG}v$h" tx off tso off gso off gro off >/dev/null 2>&1 ||
+      { lv_log "ethtool failed (apt-get install ethtool)"; return 1; }
+    ip netns exec "${NS[$h]}" sysctl -qw net.ipv4.tcp_rmem="4096 131072 67108864" net.ipv4.tcp_wmem="4096 65536 67108864"
+    ip netns exec "${NS[l]}" ethtool -K "$h" gro off >/dev/null 2>&1 || true
+    ip -n "${NS[l]}" link set dev "$h" up
+  done
+  ip -n "${NS[l]}" link set lo up
+  setsid "$DWCP_BIN" linkem run --netns "${NS[l]}" --profile "$LV_PROFILE" ${LV_LINKEM_ARGS:-} \
+    --stats-file "$LAB/linkem.json" </dev/null >>"$LAB/linkem.log" 2>&1 &
+  LINKEM_PID=$!
+  echo "$LINKEM_PID" >"$LAB/linkem.pid"
+  sleep 0.5
+  kill -0 "$LINKEM_PID" 2>/dev/null || { lv_log "linkem did not start"; cat "$LAB/linkem.log" >&2; return 1; }
+  lv_log "link: linkem --profile $LV_PROFILE ${LV_LINKEM_ARGS:-} (pid $LINKEM_PID)"
 }
 
 host_up() {
@@ -111,7 +146,7 @@ agent_up() {
   local h=$1
   hx "$h" sh -c 'echo $$ > "$1"; shift; exec "$@"' sh "$LAB/$h/agent.pid" \
     "$DWCP_BIN" --log info agent --listen "${IP[$h]}:7070" --run-dir /run/dwcp \
-    --incoming-dir /run/dwcp --workers 1 </dev/null >>"$LAB/$h/agent.log" 2>&1 &
+    --incoming-dir /run/dwcp ${LV_AGENT_ARGS---workers 1} </dev/null >>"$LAB/$h/agent.log" 2>&1 &
   local i
   for i in $(seq 50); do
     hx "$h" test -S /run/dwcp/agent.sock && agent_ctl "$h" '{"op":"ping"}' >/dev/null 2>&1 && return 0
@@ -165,6 +200,14 @@ host_down() {
 
 lab_down() {
   for h in $HOSTS; do host_down "$h" 2>/dev/null; done
+  if [ -n "${LINKEM_PID:-}" ]; then
+    kill "$LINKEM_PID" 2>/dev/null
+    for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 "$LINKEM_PID" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$LINKEM_PID" 2>/dev/null
+    LINKEM_PID=
+  fi
+  [ -n "${NS[l]:-}" ] && ip netns del "${NS[l]}" 2>/dev/null
+  unset 'NS[l]'
   [ -n "${NS[a]:-}" ] && ip netns del "${NS[a]}" 2>/dev/null
   [ -n "${NS[b]:-}" ] && ip netns del "${NS[b]}" 2>/dev/null
   [ -n "${KEEP:-}" ] || rm -rf "$LAB"
@@ -214,3 +257,57 @@ wait_serial() {
 
 # last heartbeat field: hb_field HOST DOM FIELD
 hb_field() { serial "$1" "$2" | grep -E '^DWCP-HB .* errors=[0-9]+$' | tail -1 | sed -n "s/.* $3=\([0-9]*\).*/\1/p"; }
+
+# --- shared by run.sh and bench.sh ------------------------------------------
+
+fail() { lv_log "FAIL: $*"; return 1; }
+dst_uri() { echo "qemu+tcp://${IP[$1]}/system"; }
+
+# domain_gone HOST DOM: not defined, not running.
+domain_gone() { ! hvirsh "$1" domstate "$2" >/dev/null 2>&1; }
+running_on() { [ "$(hvirsh "$1" domstate "$2" 2>/dev/null)" = running ]; }
+
+# route FROM TO DOM [dwcp-route args]: the source side of the relay.
+route() { local f=$1 t=$2 d=$3; shift 3; hx "$f" "$ROUTE_BIN" "$d" "${IP[$t]}" "$@" >/dev/null; }
+unroute() { hx "$1" "$ROUTE_BIN" --remove "$2" >/dev/null 2>&1 || true; }
+
+# migrate FROM TO DOM [virsh args]: virsh migrate through DWCP; output in $LAB/virsh.out
+migrate() {
+  local f=$1 t=$2 d=$3; shift 3
+  lv_log "virsh migrate --live --p2p $d $(dst_uri "$t") --migrateuri unix:///run/dwcp/$d.sock $*"
+  hx "$f" timeout "${MIG_TIMEOUT:-120}" virsh -q -c qemu:///system migrate --live --p2p "$d" "$(dst_uri "$t")" \
+    --migrateuri "unix:///run/dwcp/$d.sock" "$@" >"$LAB/virsh.out" 2>&1
+  local rc=$?
+  [ $rc = 0 ] || lv_log "virsh: $(tr '\n' ' ' <"$LAB/virsh.out")"
+  return $rc
+}
+
+# verify_moved FROM TO DOM: the guest left FROM and continues on TO with its
+# memory intact: heartbeats continue (no reboot), errors=0, >= 2 full
+# verification sweeps of the whole fill area after the switch-over.
+verify_moved() {
+  local f=$1 t=$2 d=$3
+  domain_gone "$f" "$d" || fail "$d still present on $f after migration" || return 1
+  running_on "$t" "$d" || fail "$d not running on $t" || return 1
+  wait_serial "$t" "$d" DWCP-HB 30 || return 1
+  local first s0 i
+  first=$(serial "$t" "$d" | grep -m1 '^DWCP-HB')
+  s0=$(sed -n 's/.* swept=\([0-9]*\).*/\1/p' <<<"$first")
+  serial "$t" "$d" | grep -q DWCP-BOOT && { fail "$d rebooted on $t"; return 1; }
+  [ "$(sed -n 's/.*seq=\([0-9]*\).*/\1/p' <<<"$first")" -gt 0 ] || { fail "heartbeat restarted at 0"; return 1; }
+  for i in $(seq $(( ${VERIFY_S:-30} * 5 ))); do
+    [ "$(hb_field "$t" "$d" swept)" -ge $(( s0 + 2 )) ] && break
+    sleep 0.2
+  done
+  local last; last=$(serial "$t" "$d" | grep '^DWCP-HB' | tail -1)
+  [ "$(hb_field "$t" "$d" swept)" -ge $(( s0 + 2 )) ] || { fail "no 2 sweeps after switch-over: $first / $last"; return 1; }
+  serial "$t" "$d" | grep -q 'DWCP-ERROR\|DWCP-FATAL' && { fail "guest reports corruption"; serial "$t" "$d" | grep DWCP-ERROR | head -3 >&2; return 1; }
+  [ "$(hb_field "$t" "$d" errors)" = 0 ] || { fail "errors in $last"; return 1; }
+  lv_log "verified on $t: first $first; last $last"
+}
+
+boot() { # boot HOST DOM [metadata]
+  domain_xml "$2" "${3:-}" >"$LAB/$2.xml"
+  hvirsh "$1" create "$LAB/$2.xml" >/dev/null || { tail -5 "$LAB/$1/log/qemu/$2.log" >&2; return 1; }
+  wait_serial "$1" "$2" DWCP-READY "${BOOT_S:-90}"
+}

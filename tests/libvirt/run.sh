@@ -14,60 +14,27 @@ MD_NS=https://dwcp.dev/xmlns/libvirt/1
 FAILS=0 PASSES=0 XFAILS=
 T0=$SECONDS
 
-fail() { lv_log "FAIL: $*"; return 1; }
-dst_uri() { echo "qemu+tcp://${IP[$1]}/system"; }
-
-# domain_gone HOST DOM: not defined, not running.
-domain_gone() { ! hvirsh "$1" domstate "$2" >/dev/null 2>&1; }
-running_on() { [ "$(hvirsh "$1" domstate "$2" 2>/dev/null)" = running ]; }
-
-# route FROM TO DOM [dwcp-route args]: the source side of the relay.
-route() { local f=$1 t=$2 d=$3; shift 3; hx "$f" "$ROUTE_BIN" "$d" "${IP[$t]}" "$@" >/dev/null; }
-unroute() { hx "$1" "$ROUTE_BIN" --remove "$2" >/dev/null 2>&1 || true; }
-
-# migrate FROM TO DOM [virsh args]: virsh migrate through DWCP; output in $LAB/virsh.out
-migrate() {
-  local f=$1 t=$2 d=$3; shift 3
-  lv_log "virsh migrate --live --p2p $d $(dst_uri "$t") --migrateuri unix:///run/dwcp/$d.sock $*"
-  hx "$f" timeout "${MIG_TIMEOUT:-120}" virsh -q -c qemu:///system migrate --live --p2p "$d" "$(dst_uri "$t")" \
-    --migrateuri "unix:///run/dwcp/$d.sock" "$@" >"$LAB/virsh.out" 2>&1
-  local rc=$?
-  [ $rc = 0 ] || lv_log "virsh: $(tr '\n' ' ' <"$LAB/virsh.out")"
-  return $rc
-}
-
-# verify_moved FROM TO DOM: the guest left FROM and continues on TO with its
-# memory intact: heartbeats continue (no reboot), errors=0, >= 2 full
-# verification sweeps of the whole fill area after the switch-over.
-verify_moved() {
-  local f=$1 t=$2 d=$3
-  domain_gone "$f" "$d" || fail "$d still present on $f after migration" || return 1
-  running_on "$t" "$d" || fail "$d not running on $t" || return 1
-  wait_serial "$t" "$d" DWCP-HB 30 || return 1
-  local first s0 i
-  first=$(serial "$t" "$d" | grep -m1 '^DWCP-HB')
-  s0=$(sed -n 's/.* swept=\([0-9]*\).*/\1/p' <<<"$first")
-  serial "$t" "$d" | grep -q DWCP-BOOT && { fail "$d rebooted on $t"; return 1; }
-  [ "$(sed -n 's/.*seq=\([0-9]*\).*/\1/p' <<<"$first")" -gt 0 ] || { fail "heartbeat restarted at 0"; return 1; }
-  for i in $(seq 150); do
-    [ "$(hb_field "$t" "$d" swept)" -ge $(( s0 + 2 )) ] && break
-    sleep 0.2
-  done
-  local last; last=$(serial "$t" "$d" | grep '^DWCP-HB' | tail -1)
-  [ "$(hb_field "$t" "$d" swept)" -ge $(( s0 + 2 )) ] || { fail "no 2 sweeps after switch-over: $first / $last"; return 1; }
-  serial "$t" "$d" | grep -q 'DWCP-ERROR\|DWCP-FATAL' && { fail "guest reports corruption"; serial "$t" "$d" | grep DWCP-ERROR | head -3 >&2; return 1; }
-  [ "$(hb_field "$t" "$d" errors)" = 0 ] || { fail "errors in $last"; return 1; }
-  lv_log "verified on $t: first $first; last $last"
-}
-
 # last_session HOST: the newest session of the host's agent as JSON.
 last_session() { agent_ctl "$1" '{"op":"stats"}' | python3 -c 'import json,sys; s=json.load(sys.stdin)["sessions"]; print(json.dumps(s[-1]) if s else "{}")'; }
 session_field() { python3 -c 'import json,sys; print(json.loads(sys.argv[1]).get(sys.argv[2]))' "$1" "$2"; }
 
-boot() { # boot HOST DOM [metadata]
-  domain_xml "$2" "${3:-}" >"$LAB/$2.xml"
-  hvirsh "$1" create "$LAB/$2.xml" >/dev/null || { tail -5 "$LAB/$1/log/qemu/$2.log" >&2; return 1; }
-  wait_serial "$1" "$2" DWCP-READY 90
+# prepared_state HOST DOM: the agent's newest prepared entry for DOM as JSON ({} if none).
+prepared_entry() {
+  agent_ctl "$1" '{"op":"stats"}' | python3 -c '
+import json, sys
+p = [e for e in json.load(sys.stdin).get("prepared", []) if e["name"] == sys.argv[1]]
+print(json.dumps(p[-1]) if p else "{}")' "$2"
+}
+
+# wait_prepared HOST DOM STATE: until the newest entry for DOM is in STATE (10 s); prints it.
+wait_prepared() {
+  local e i
+  for i in $(seq 50); do
+    e=$(prepared_entry "$1" "$2")
+    [ "$(session_field "$e" state)" = "$3" ] && break
+    sleep 0.2
+  done
+  echo "$e"
 }
 
 # --- tests -----------------------------------------------------------------
@@ -85,6 +52,26 @@ t_live_p2p_metadata() {
   [ "$(session_field "$(last_session b)" state)" != None ] || { fail "no session on the destination agent"; return 1; }
   grep -q 'g1: migrate begin: accepted, transport=tcp streams=2 codec=zstd (from metadata)' "$LAB/b/log/dwcp-hook.log" ||
     { fail "hook did not log its choice"; return 1; }
+  # The hook's choice is in the destination agent's view (op prepare), linked
+  # to the session that carried the migration, which ended it (released).
+  local p; p=$(wait_prepared b g1 released)
+  python3 - "$p" "$(hvirsh a domuuid g1 2>/dev/null || hvirsh b domuuid g1)" <<'PY' || { fail "agent's prepared entry on b: $p"; return 1; }
+import json, sys
+e, uuid = json.loads(sys.argv[1]), sys.argv[2].strip()
+assert e["state"] == "released", e["state"]
+assert e["streams"] == 2 and e["codec"] == "zstd" and e["transport"] == "tcp", e
+assert e["chosen_by"].startswith("libvirt hook: metadata"), e["chosen_by"]
+assert e["uuid"] == uuid, (e["uuid"], uuid)
+assert e["started_at"] and e["ended_at"] >= e["started_at"] >= e["prepared_at"], e
+u = e["used"]
+assert u["role"] == "responder" and u["state"] == "completed", u
+assert u["streams"] == 2 and u["codec"] == "zstd" and e["used_matches"] is True, u
+PY
+  hx b "$DWCP_BIN" stats >"$LAB/stats.out" || { fail "dwcp stats"; return 1; }
+  grep -A1 '^  g1 .*released .*tcp streams=2 codec=zstd  chosen by libvirt hook: metadata' "$LAB/stats.out" |
+    grep -q 'used: session .*(responder completed) streams=2 codec=zstd  (as prepared)' ||
+    { fail "dwcp stats on b does not show the prepared choice"; cat "$LAB/stats.out" >&2; return 1; }
+  lv_log "dwcp stats on b: $(sed -n '/^Prepared/,/^Sessions/p' "$LAB/stats.out" | tr -s ' ' | tr '\n' '|')"
   unroute a g1
   lv_log "session: $(python3 -c 'import json,sys; s=json.loads(sys.argv[1]); print({k:s.get(k) for k in ("streams","tier","raw_out","wire_out","ratio_out","elapsed_s")})' "$s")"
 }
@@ -258,6 +245,12 @@ kill_mid() {
   sleep 1
   domain_gone "$t" "$d" || { fail "$d left on $t"; return 1; }
   lv_log "after the failure: $d running on $f, nothing on $t ($(tr '\n' ' ' <"$LAB/virsh.out" | cut -c1-160))"
+  if [ "$what" = link ]; then
+    # The destination agent's entry for the failed attempt ended as failed.
+    local p; p=$(wait_prepared "$t" "$d" failed)
+    [ "$(session_field "$p" state)" = failed ] || { fail "prepared entry on $t after the failure: $p"; return 1; }
+    lv_log "agent on $t: $d $(session_field "$p" state) ($(session_field "$p" reason))"
+  fi
   [ "$what" = agent ] && { agent_up "$t" || return 1; }
   migrate "$f" "$t" "$d" || return 1
   verify_moved "$f" "$t" "$d" || return 1

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs libvirt 11.3 (bookworm-backports) for the libvirt tests and the virt crate.
+# Installs libvirt 11.3 (bookworm-backports) for the libvirt tests and the virt crate,
+# and ethtool for the lab's emulated link.
 # Idempotent: a second run only checks. Run after scripts/setup-host.sh (which adds the
 # bookworm-backports suite and QEMU 10.0).
 set -euo pipefail
@@ -8,6 +9,8 @@ for bin in libvirtd virtlogd virsh; do
   command -v "$bin" >/dev/null 2>&1 || [ -x "/usr/sbin/$bin" ] || need=1
 done
 pkg-config --exists libvirt 2>/dev/null || need=1
+# ethtool: the lab's emulated link (LV_PROFILE, tests/libvirt/bench.sh) turns veth offloads off.
+command -v ethtool >/dev/null 2>&1 || [ -x /usr/sbin/ethtool ] || need=1
 if [ "$need" = 1 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q
@@ -16,7 +19,7 @@ if [ "$need" = 1 ]; then
   [ -e /usr/sbin/policy-rc.d ] || { cp /usr/sbin/policy-rc.d.dwcp /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; rm_policy=1; }
   apt-get install -y -q --no-install-recommends -t bookworm-backports \
     libvirt-daemon libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev \
-    pkg-config util-linux
+    pkg-config util-linux ethtool
   [ "${rm_policy:-0}" = 1 ] && rm -f /usr/sbin/policy-rc.d
   rm -f /usr/sbin/policy-rc.d.dwcp
 fi

@@ -28,8 +28,8 @@ pub mod tcp;
 use std::time::Duration;
 
 pub use session::{
-    Acceptor, AcceptorLimits, ChannelStats, Role, Session, SessionError, SessionStats, StreamStats,
-    Target,
+    Acceptor, AcceptorLimits, ChannelStats, CodecCounts, Role, Session, SessionError, SessionStats,
+    StreamStats, Target,
 };
 pub use tcp::{tcp_info, SocketTuning, TcpInfo};
 

@@ -173,6 +173,8 @@ struct Counters {
     zero_bytes: AtomicU64,
     pages_seen: AtomicU64,
     pages_deduped: AtomicU64,
+    /// Data frames received per codec (none, lz4, zstd, raw).
+    codec_in: [AtomicU64; 4],
 }
 
 struct Inner {
@@ -295,7 +297,36 @@ pub struct SessionStats {
     pub raw_rate: u64,
     /// Lowest RTT the streams measured, microseconds.
     pub min_rtt_us: Option<u32>,
+    /// Data frames received per codec: what the peer actually sent (the
+    /// wire names the codec of each frame, not the zstd level).
+    pub codecs_in: CodecCounts,
     pub per_stream: Vec<StreamStats>,
+}
+
+/// Frames per codec.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct CodecCounts {
+    pub none: u64,
+    pub lz4: u64,
+    pub zstd: u64,
+    pub raw: u64,
+}
+
+impl CodecCounts {
+    /// The codec of most frames (`raw`, `none`, `lz4`, `zstd`), or None
+    /// without frames.
+    pub fn dominant(&self) -> Option<&'static str> {
+        [
+            ("zstd", self.zstd),
+            ("lz4", self.lz4),
+            ("none", self.none),
+            ("raw", self.raw),
+        ]
+        .into_iter()
+        .filter(|&(_, n)| n > 0)
+        .max_by_key(|&(_, n)| n)
+        .map(|(c, _)| c)
+    }
 }
 
 fn hex(id: &[u8; 16]) -> String {
@@ -501,6 +532,11 @@ impl Session {
         self.inner.threads.lock().push(h);
     }
 
+    /// Whether `other` is a handle of this same session.
+    pub fn same(&self, other: &Session) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
     /// Adds a QEMU connection accepted on the source host as a new channel.
     pub fn add_local_channel(&self, conn: UnixStream) -> Result<u16, SessionError> {
         if self.inner.complete.load(Ordering::Acquire) {
@@ -616,6 +652,12 @@ impl Session {
             delivery_rate: i.delivery_rate.load(Ordering::Relaxed),
             raw_rate: i.raw_rate.load(Ordering::Relaxed),
             min_rtt_us: path_min_rtt_us(&i.streams),
+            codecs_in: CodecCounts {
+                none: c.codec_in[0].load(Ordering::Relaxed),
+                lz4: c.codec_in[1].load(Ordering::Relaxed),
+                zstd: c.codec_in[2].load(Ordering::Relaxed),
+                raw: c.codec_in[3].load(Ordering::Relaxed),
+            },
             per_stream: i
                 .streams
                 .iter()
@@ -1089,6 +1131,7 @@ fn handle_frame(
                 wire::read_payload(r, h, payload)
                     .map_err(|e| format!("channel {} frame {}: {e}", h.channel, h.seq))?;
                 let codec = CodecId::from_wire(h.codec).expect("validated by decode");
+                inner.counters.codec_in[codec as usize - 1].fetch_add(1, Ordering::Relaxed);
                 if codec == CodecId::Raw {
                     // Lengths checked equal by the header's validation.
                     Incoming::Raw(std::mem::take(payload))

@@ -1,0 +1,196 @@
+#!/usr/bin/env bash
+# Speed benchmark: stock `virsh migrate --live --p2p` through DWCP against
+# libvirt's own transport, plain and multifd (--parallel 4 + zstd), between the
+# two libvirt hosts of tests/libvirt/lab.sh, one guest, per link profile,
+# contenders interleaved (A B C A B C ...) so machine noise hits all alike.
+#
+#   bash tests/libvirt/bench.sh          (make libvirt-bench)
+#
+# Environment (defaults in brackets):
+#   PROFILES     link profiles, in order ["dc internet"]; dc = the plain veth
+#                pair (unshaped), others = linkem between the hosts (LV_PROFILE)
+#   K_dc, K_internet, K   rounds per profile [K_dc=2, others 1]
+#   CONTENDERS   ["dwcp libvirt libvirt-par"]
+#                  dwcp         --migrateuri unix:///run/dwcp/DOM.sock, route by
+#                               dwcp-route with no flags: the agent's defaults
+#                               (what the hook's default policy also chooses)
+#                  dwcp-CODEC   the same with --codec CODEC (dwcp-zstd, dwcp-auto)
+#                  libvirt      --migrateuri tcp://DST (libvirt's own transport)
+#                  libvirt-par  the same + --parallel --parallel-connections 4
+#                               --compressed --comp-methods zstd
+#   GUEST_MB [1024], GUEST_FILL [512] MiB of realistic content, GUEST_DIRTY [4] MiB/s
+#   LV_AGENT_ARGS  extra `dwcp agent` flags [none: the agent's defaults]
+#   OUT          results directory [target/libvirt-bench]: results.json, table.md
+#
+# Per run: wall clock of virsh, libvirt's completed-job figures (downtime,
+# data transferred; `virsh domjobinfo --completed --rawstats`, on the source
+# when it still knows the domain, else on the destination, which receives the
+# source's statistics), DWCP's wire bytes (the source agent's session), the
+# bytes the source host put on the link (its interface counters: the same
+# yardstick for every contender), and whether the guest survived (the checks
+# of run.sh: gone from the source, running on the destination, heartbeats
+# continue, no errors, two full verification sweeps of its memory).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+source tests/libvirt/lab.sh
+ROOT=$(pwd)
+OUT=${OUT:-$ROOT/target/libvirt-bench}
+PROFILES=${PROFILES:-dc internet}
+CONTENDERS=${CONTENDERS:-dwcp libvirt libvirt-par}
+export GUEST_MB=${GUEST_MB:-1024} GUEST_FILL=${GUEST_FILL:-512} GUEST_DIRTY=${GUEST_DIRTY:-4}
+export LV_AGENT_ARGS=${LV_AGENT_ARGS-}
+BOOT_S=${BOOT_S:-240}
+VERIFY_S=${VERIFY_S:-90}
+BASE_LAB=/tmp/dwcp-lv/$$
+trap 'lab_down' EXIT
+trap 'exit 130' INT TERM
+mkdir -p "$OUT"
+RUNS=$OUT/runs.jsonl
+: >"$RUNS"
+COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+[ -n "$(git status --porcelain -- dwcp-core dwcp linkem libvirt-hooks tests/libvirt 2>/dev/null)" ] && COMMIT="$COMMIT+dirty"
+STARTED=$(date -u +%Y-%m-%dT%H:%MZ)
+
+# link_tx HOST: bytes HOST has sent on its link interface.
+link_tx() {
+  ip -n "${NS[$1]}" -j -s link show dev "${LV_TAG}v$1" |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["stats64"]["tx"]["bytes"])'
+}
+
+# jobinfo HOST DOM: libvirt's completed-job figures as JSON ({} if none).
+jobinfo() {
+  hvirsh "$1" domjobinfo --completed --rawstats "$2" 2>/dev/null | python3 -c '
+import json, re, sys
+d = {}
+for line in sys.stdin:
+    m = re.match(r"\s*([A-Za-z_.]+)\s*[=:]\s*(\S+)", line)
+    if m:
+        try:
+            d[m.group(1)] = int(m.group(2))
+        except ValueError:
+            d[m.group(1)] = m.group(2)
+print(json.dumps(d))'
+}
+
+# one_run PROFILE CONTENDER ROUND FROM TO: one migration of g1; appends a JSON line.
+one_run() {
+  local prof=$1 who=$2 round=$3 f=$4 t=$5 d=g1 uri args=() rc tx0 tx1 t0 t1
+  case $who in
+    dwcp)
+      route "$f" "$t" "$d" || { lv_log "route failed"; return 1; }
+      uri=unix:///run/dwcp/$d.sock ;;
+    dwcp-*)
+      route "$f" "$t" "$d" --codec "${who#dwcp-}" || { lv_log "route failed"; return 1; }
+      uri=unix:///run/dwcp/$d.sock ;;
+    libvirt) uri=tcp://${IP[$t]} ;;
+    libvirt-par)
+      uri=tcp://${IP[$t]}
+      args=(--parallel --parallel-connections 4 --compressed --comp-methods zstd) ;;
+    *) lv_log "unknown contender $who"; return 1 ;;
+  esac
+  tx0=$(link_tx "$f")
+  lv_log "[$prof round $round] $who: virsh migrate --live --p2p $d $(dst_uri "$t") --migrateuri $uri ${args[*]}"
+  t0=$(date +%s.%N)
+  hx "$f" timeout "$MIG_TIMEOUT" virsh -q -c qemu:///system migrate --live --p2p "$d" "$(dst_uri "$t")" \
+    --migrateuri "$uri" "${args[@]}" >"$LAB/virsh.out" 2>&1
+  rc=$?
+  t1=$(date +%s.%N)
+  tx1=$(link_tx "$f")
+  local err="" guest_ok=false job session="{}"
+  if [ $rc = 0 ]; then
+    verify_moved "$f" "$t" "$d" && guest_ok=true
+  else
+    err=$(tr '\n' ' ' <"$LAB/virsh.out" | cut -c1-300)
+    lv_log "virsh failed ($rc): $err"
+  fi
+  job=$(jobinfo "$f" "$d"); local job_from=source
+  [ "$job" = "{}" ] && { job=$(jobinfo "$t" "$d"); job_from=destination; }
+  if [[ $who == dwcp* ]]; then
+    session=$(agent_ctl "$f" '{"op":"stats"}' | python3 -c '
+import json, sys
+s = [x for x in json.load(sys.stdin)["sessions"] if x["name"] == sys.argv[1]]
+x = s[-1] if s else {}
+print(json.dumps({k: x.get(k) for k in ("streams", "tier", "raw_out", "wire_out", "ratio_out", "elapsed_s", "state")}))' "$d")
+    unroute "$f" "$d"
+  fi
+  python3 - "$prof" "$who" "$round" "$f" "$t" "$rc" "$t0" "$t1" "$((tx1 - tx0))" "$guest_ok" "$job" "$job_from" "$session" "$err" >>"$RUNS" <<'PY'
+import json, sys
+prof, who, rnd, f, t, rc, t0, t1, tx, ok, job, job_from, sess, err = sys.argv[1:]
+job, sess = json.loads(job), json.loads(sess)
+print(json.dumps({
+    "profile": prof, "contender": who, "round": int(rnd), "from": f, "to": t,
+    "ok": rc == "0", "guest_ok": ok == "true", "error": err or None,
+    "total_s": round(float(t1) - float(t0), 2),
+    "downtime_ms": job.get("downtime"),
+    "libvirt_data_bytes": job.get("data_processed", job.get("memory_processed")),
+    "libvirt_memory_bytes": job.get("memory_processed"), "guest_memory_bytes": job.get("memory_total"),
+    "libvirt_time_ms": job.get("time_elapsed"), "jobinfo_from": job_from,
+    "dwcp_wire_bytes": sess.get("wire_out"), "dwcp_session": sess or None,
+    "link_tx_bytes": int(tx), "jobinfo": job,
+}))
+PY
+  tail -1 "$RUNS" >&2
+  # A failed migration leaves the guest on FROM; anything else is fatal.
+  if [ $rc != 0 ]; then running_on "$f" "$d" || return 1; return 2; fi
+  [ "$guest_ok" = true ]
+}
+
+cur=a LOST=0
+for prof in $PROFILES; do
+  LAB=$BASE_LAB-$prof
+  LV_TAG=lb$(( $$ % 10000 ))${prof:0:1}
+  if [ "$prof" = dc ]; then unset LV_PROFILE; MIG_TIMEOUT=${MIG_TIMEOUT_DC:-180}; else export LV_PROFILE=$prof; MIG_TIMEOUT=${MIG_TIMEOUT_WAN:-600}; fi
+  kvar=K_$prof; k=${!kvar:-${K:-$([ "$prof" = dc ] && echo 2 || echo 1)}}
+  lv_log "=== profile $prof: $k round(s) of $CONTENDERS; guest ${GUEST_MB} MiB, fill ${GUEST_FILL} MiB, dirty ${GUEST_DIRTY} MiB/s; lab $LAB"
+  lab_up || { lv_log "lab did not come up"; exit 1; }
+  boot a g1 || { lv_log "guest did not boot"; exit 1; }
+  cur=a
+  for round in $(seq "$k"); do
+    for who in $CONTENDERS; do
+      other=$([ $cur = a ] && echo b || echo a)
+      one_run "$prof" "$who" "$round" "$cur" "$other"
+      case $? in
+        0) cur=$other ;;
+        2) ;;  # failed migration, guest still on $cur
+        *) lv_log "guest lost or damaged: stopping"; LOST=1; break 3 ;;
+      esac
+    done
+  done
+  lab_down
+done
+
+python3 - "$RUNS" "$OUT" "$COMMIT" "$STARTED" "$GUEST_MB" "$GUEST_FILL" "$GUEST_DIRTY" "$PROFILES" "$CONTENDERS" <<'PY'
+import json, statistics, sys
+runs_path, out, commit, started, mb, fill, dirty, profiles, contenders = sys.argv[1:]
+runs = [json.loads(l) for l in open(runs_path) if l.strip()]
+json.dump({"commit": commit, "date": started, "guest": {"memory_mib": int(mb), "fill_mib": int(fill),
+           "dirty_mib_s": int(dirty)}, "runs": runs}, open(f"{out}/results.json", "w"), indent=1)
+def med(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+def f(x, scale=1.0, nd=1):
+    return "-" if x is None else f"{x / scale:.{nd}f}"
+desc = {"dwcp": "DWCP (agent defaults: 4 streams, lz4)", "dwcp-zstd": "DWCP --codec zstd", "dwcp-auto": "DWCP --codec auto", "libvirt": "libvirt tcp",
+        "libvirt-par": "libvirt --parallel 4 --compressed zstd"}
+lines = [f"Commit {commit}, {started}; guest {mb} MiB, {fill} MiB content, dirtied {dirty} MiB/s; "
+         "medians over the rounds (each run in results.json).", "",
+         "| profile | contender | runs ok / guest ok | total s | downtime ms | libvirt data MiB | DWCP wire MiB | link MiB (src->dst) |",
+         "|---|---|---|---|---|---|---|---|"]
+for p in profiles.split():
+    for c in contenders.split():
+        rs = [r for r in runs if r["profile"] == p and r["contender"] == c]
+        if not rs:
+            continue
+        ok = [r for r in rs if r["ok"]]
+        lines.append("| {} | {} | {}/{} / {} | {} | {} | {} | {} | {} |".format(
+            p, desc.get(c, c), len(ok), len(rs), sum(r["guest_ok"] for r in rs),
+            f(med([r["total_s"] for r in ok]), 1, 2),
+            f(med([r["downtime_ms"] for r in ok]), 1, 0),
+            f(med([r["libvirt_data_bytes"] for r in ok]), 1 << 20),
+            f(med([r["dwcp_wire_bytes"] for r in ok]), 1 << 20),
+            f(med([r["link_tx_bytes"] for r in ok]), 1 << 20)))
+open(f"{out}/table.md", "w").write("\n".join(lines) + "\n")
+print("\n".join(lines))
+PY
+lv_log "results: $OUT/results.json, $OUT/table.md"
+[ $LOST = 0 ]
