@@ -1031,7 +1031,7 @@ mod tests {
         // Unset fields take the agent's defaults.
         assert_eq!(
             (&p[1]["streams"], &p[1]["codec"]),
-            (&json!(4), &json!("lz4"))
+            (&json!(4), &json!("auto"))
         );
         assert_eq!(p[2]["streams"], 3);
         assert_eq!(p[2]["chosen_by"], "unspecified");
