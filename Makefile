@@ -5,7 +5,7 @@ CARGO ?= cargo
 DWCP := target/release/dwcp
 GUEST := tests/guest/out/initrd.img
 
-.PHONY: all setup build guest demo test lint unit e2e ffi qemu qemu-test libvirt-test libvirt-bench bench bench-full clean help
+.PHONY: all setup build guest demo test lint unit e2e ffi qemu qemu-test qemu-upstream libvirt-test libvirt-bench bench bench-full clean help
 
 all: build
 
@@ -16,6 +16,7 @@ help:
 	@echo "make bench-full - every figure of docs/benchmarks.md (about an hour)"
 	@echo "make libvirt-bench - virsh migrate through DWCP against libvirt's own transport (docs/libvirt.md)"
 	@echo "make qemu   - build QEMU with the dwcp: migration URI (qemu-patches/)"
+	@echo "make qemu-upstream - the upstream rebase on the newest QEMU Debian serves: git am, checkpatch, build, smoke (not in make test)"
 
 setup:
 	bash scripts/setup-host.sh
@@ -56,6 +57,13 @@ qemu: setup
 
 qemu-test: qemu guest
 	bash tests/qemu/run.sh
+
+# The upstream rebase (qemu-patches/upstream/) on the newest QEMU source
+# Debian serves: git am, checkpatch, build, smoke and tests/qemu/run.sh.
+# Not part of `make test`: a clean build is 20-40 min. QEMU_VERSION=1:10.2.2+ds-1
+# pins the Debian source version.
+qemu-upstream: setup guest
+	bash qemu-patches/upstream/check.sh $(QEMU_VERSION)
 
 # Stock virsh migrate --live between two libvirtd hosts through the agents,
 # the hook, Nova's exact call, failure paths (~5 min).
