@@ -334,6 +334,15 @@ impl Guest {
             spec.fill_mb, spec.dirty_mbps, spec.seed, spec.mix
         );
         let mut cmd = lab.topo.exec(ns, &spec.qemu_bin);
+        if spec.qemu_bin != "qemu-system-x86_64" {
+            // A build of our own (make qemu) carries no firmware: use the
+            // system's, as tests/qemu does.
+            for dir in ["/usr/share/seabios", "/usr/share/qemu"] {
+                if Path::new(dir).is_dir() {
+                    cmd.args(["-L", dir]);
+                }
+            }
+        }
         let mut mem_mb = spec.mem_mb;
         if spec.is_custom() {
             cmd.args(["-name", role]).args(&spec.qemu_args);
@@ -435,12 +444,22 @@ impl Guest {
         Ok(self.expect_heartbeats(0, 2, Duration::from_secs(20))?.seq)
     }
 
-    /// Waits until the serial console shows `pat`; returns the line.
+    /// Waits until the serial console shows `pat`; returns the line. Fails
+    /// at once if QEMU has exited.
     pub fn wait_line(&self, pat: &str, timeout: Duration) -> Result<String> {
         let t0 = Instant::now();
         loop {
             if let Some(l) = self.serial_text().lines().find(|l| l.contains(pat)) {
                 return Ok(l.to_string());
+            }
+            if !self.alive() {
+                bail!(
+                    "QEMU exited before {pat:?} appeared: {}",
+                    tail(
+                        &std::fs::read_to_string(self.dir.join("qemu.log")).unwrap_or_default(),
+                        10
+                    )
+                );
             }
             if t0.elapsed() > timeout {
                 bail!(
@@ -450,6 +469,14 @@ impl Guest {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Whether the QEMU process still runs (not gone, not a zombie).
+    pub fn alive(&self) -> bool {
+        std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
+            .ok()
+            .and_then(|s| s.rfind(')').map(|i| s[i + 1..].trim_start().to_string()))
+            .is_some_and(|rest| !rest.starts_with('Z') && !rest.starts_with('X'))
     }
 
     /// Heartbeats seen so far.
