@@ -383,3 +383,83 @@ fn second_begin_for_a_migrating_guest_is_refused() {
         t0.elapsed().as_secs_f64()
     );
 }
+
+/// Runs the libvirt hook (libvirt-hooks/qemu.d/dwcp) as libvirtd would on
+/// `migrate begin`: `dwcp DOM migrate begin -` with the domain XML on stdin,
+/// against the agent at `agent`. Returns (exit ok, stderr).
+fn hook_migrate_begin(agent: &Path, dir: &Path, dom: &str) -> (bool, String) {
+    let conf = dir.join(format!("hook-{dom}.conf"));
+    std::fs::write(
+        &conf,
+        format!(
+            "agent_socket={}\nlog={}\nstate_dir={}\n",
+            agent.display(),
+            dir.join("hook.log").display(),
+            dir.join("hook-state").display()
+        ),
+    )
+    .unwrap();
+    let xml = format!("<domain type='qemu'><name>{dom}</name><uuid>{GUEST}</uuid></domain>");
+    let mut child = Command::new("python3")
+        .arg(dwcp_harness::workspace_root().join("libvirt-hooks/qemu.d/dwcp"))
+        .args([dom, "migrate", "begin", "-"])
+        .env("DWCP_HOOK_CONF", &conf)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 and the hook");
+    use std::io::Write as _;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(xml.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The libvirt hook's `migrate begin` asks the cluster: a guest the registry
+/// shows migrating, or already owned by the destination host, is refused
+/// before libvirt starts anything; otherwise it is allowed.
+#[test]
+fn libvirt_hook_asks_the_cluster_before_accepting_a_migration() {
+    let c = ClusterLab::new("chook", false);
+    let (src, dst) = (c.lab.src_agent().control(), c.lab.dst_agent().control());
+    let dir = c.lab.dir.clone();
+    // Unknown to the registry: allowed.
+    let (ok, err) = hook_migrate_begin(&dst, &dir, "g-free");
+    assert!(ok, "unknown guest refused: {err}");
+    // An open intent 1 -> 2: refused on the destination.
+    let v = control_request(
+        &src,
+        &json!({"op": "begin", "guest": GUEST, "src": 1, "dst": 2}),
+    )
+    .expect("begin");
+    let epoch = v["epoch"].as_u64().unwrap();
+    wait_record(&dst, GUEST, |r| r["migration"]["state"] == "intent");
+    let (ok, err) = hook_migrate_begin(&dst, &dir, "g-migrating");
+    assert!(!ok, "a migrating guest was accepted");
+    assert!(
+        err.contains("cluster gate") && err.contains("already migrating (host 1 -> host 2"),
+        "{err}"
+    );
+    // Committed to host 2: host 2 refuses it (it would run twice), host 1 may
+    // take it back.
+    control_request(
+        &dst,
+        &json!({"op": "commit", "guest": GUEST, "epoch": epoch}),
+    )
+    .expect("commit");
+    wait_record(&dst, GUEST, |r| r["owner"] == 2);
+    let (ok, err) = hook_migrate_begin(&dst, &dir, "g-owned");
+    assert!(!ok, "a guest owned by the destination was accepted");
+    assert!(err.contains("already owned by this host (node 2)"), "{err}");
+    wait_record(&src, GUEST, |r| r["owner"] == 2);
+    let (ok, err) = hook_migrate_begin(&src, &dir, "g-back");
+    assert!(ok, "migration back to host 1 refused: {err}");
+}
