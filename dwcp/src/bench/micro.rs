@@ -100,7 +100,13 @@ fn generate(mix: &str, mib: u64, seed: u64) -> Result<Vec<u8>> {
 }
 
 pub fn hde(a: &HdeArgs) -> Result<HdeResult> {
-    let tiers = [Tier::None, Tier::Lz4, Tier::Zstd(1), Tier::Zstd(3)];
+    let tiers = [
+        Tier::Raw,
+        Tier::None,
+        Tier::Lz4,
+        Tier::Zstd(1),
+        Tier::Zstd(3),
+    ];
     let chunk = dwcp_core::transport::TransportConfig::default().chunk;
     let cache = 256usize << 20;
     let mut sets: Vec<(String, Vec<u8>)> = Vec::new();
