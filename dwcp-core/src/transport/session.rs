@@ -471,7 +471,11 @@ impl Session {
             name: name.to_string(),
             role,
             version,
-            tier: Mutex::new(cfg.tier),
+            tier: Mutex::new(if cfg.auto_tier {
+                TierTuner::initial_tier(name, &streams)
+            } else {
+                cfg.tier
+            }),
             window: window as u64,
             ring_bytes: ring_pages as usize * crate::codec::PAGE_SIZE,
             cfg,
@@ -1463,20 +1467,26 @@ fn path_min_rtt_us(streams: &[TcpStream]) -> Option<u32> {
 
 impl TierTuner {
     /// The auto starting tier for this session's path.
-    fn start(inner: &Inner) -> TierTuner {
-        let mut t = TierTuner {
-            level: 1,
-            ..TierTuner::default()
+    /// The tier `--codec auto` starts a session with, from its streams' path
+    /// (set before any thread reads from QEMU, so the first frames have it).
+    fn initial_tier(name: &str, streams: &[TcpStream]) -> Tier {
+        let rtt = path_min_rtt_us(streams);
+        let level = if rtt.is_some_and(|r| r < DC_RTT_US) {
+            0
+        } else {
+            1
         };
-        if inner.cfg.auto_tier {
-            let rtt = path_min_rtt_us(&inner.streams);
-            if rtt.is_some_and(|r| r < DC_RTT_US) {
-                t.level = 0;
-            }
-            *inner.tier.lock() = AUTO_TIERS[t.level];
-            info!(name = %inner.name, tier = %AUTO_TIERS[t.level], min_rtt_us = rtt, "auto tier: start");
+        info!(name, tier = %AUTO_TIERS[level], min_rtt_us = rtt, "auto tier: start");
+        AUTO_TIERS[level]
+    }
+
+    /// A tuner starting from the session's current tier.
+    fn start(inner: &Inner) -> TierTuner {
+        let tier = *inner.tier.lock();
+        TierTuner {
+            level: AUTO_TIERS.iter().position(|t| *t == tier).unwrap_or(1),
+            ..TierTuner::default()
         }
-        t
     }
 
     fn sample(&mut self, inner: &Inner) {
