@@ -207,7 +207,9 @@ pub struct MigrationResult {
 }
 
 impl MigrationResult {
-    fn from_query(v: &Value, wall: Duration) -> MigrationResult {
+    /// QEMU's figures from a `query-migrate` answer; `wall` is the driver's
+    /// own time since `migrate`.
+    pub fn from_query(v: &Value, wall: Duration) -> MigrationResult {
         let n = |p: &str| v.pointer(p).and_then(Value::as_u64).unwrap_or(0);
         MigrationResult {
             status: v["status"].as_str().unwrap_or("?").to_string(),

@@ -353,18 +353,7 @@ pub fn gated_migrate(
         let status = v["status"].as_str().unwrap_or("");
         match status {
             "completed" => {
-                let n = |p: &str| v.pointer(p).and_then(Value::as_u64).unwrap_or(0);
-                let r = MigrationResult {
-                    status: status.into(),
-                    total_time_ms: n("/total-time"),
-                    downtime_ms: n("/downtime"),
-                    setup_time_ms: n("/setup-time"),
-                    ram_transferred: n("/ram/transferred"),
-                    ram_total: n("/ram/total"),
-                    dirty_sync_count: n("/ram/dirty-sync-count"),
-                    wall_ms: t0.elapsed().as_millis() as u64,
-                    error: None,
-                };
+                let r = MigrationResult::from_query(&v, t0.elapsed());
                 return Ok((r, gate_ms.unwrap_or(0)));
             }
             "failed" | "cancelled" => bail!(
