@@ -156,33 +156,67 @@ fn contender(full: &str) -> Result<Kind> {
     })
 }
 
-pub fn run(a: &CompareArgs, p: &Progress) -> Result<CompareSuite> {
-    let kinds: Vec<(String, Kind)> = a
-        .contenders
+/// The contenders by name, each parsed (an unknown name is an error).
+fn contenders(names: &[String]) -> Result<Vec<(String, Kind)>> {
+    names
         .iter()
         .map(|c| contender(c).map(|k| (c.clone(), k)))
-        .collect::<Result<_>>()?;
+        .collect()
+}
+
+/// The test guest's content must leave its kernel some room.
+fn check_fill(fill: u64, mem: u64) -> Result<()> {
+    if fill + 48 > mem {
+        bail!("--fill {fill} leaves less than 48 MiB of the {mem} MiB guest free");
+    }
+    Ok(())
+}
+
+/// The two hosts with the link of `profile` between them, for the `what`
+/// command (`tag`: the short namespace prefix).
+pub(super) fn open_lab(
+    what: &str,
+    tag: &str,
+    profile: &str,
+    agent_args: &[&str],
+    p: &Progress,
+) -> Result<Lab> {
+    let prof: dwcp_harness::Profile = profile
+        .parse()
+        .map_err(|e| anyhow!("--profile {profile:?}: {e}"))?;
+    p.set_message(format!("{what} {profile}: creating the two hosts"));
+    Lab::new(tag, prof.middle(), agent_args).context("setting up the two hosts")
+}
+
+impl Kind {
+    /// The same contender with QEMU's max-bandwidth at `bw` bytes/s.
+    fn with_bandwidth(&self, bw: u64) -> Kind {
+        let mut k = self.clone();
+        match &mut k {
+            Kind::Native(s) | Kind::QemuDwcp(s) => s.max_bandwidth = Some(bw),
+            Kind::Dwcp { bandwidth, .. } => *bandwidth = Some(bw),
+        }
+        k
+    }
+}
+
+/// QEMU max-bandwidth that lifts its default cap of 128 MiB/s.
+const UNCAPPED: u64 = 1 << 40;
+
+pub fn run(a: &CompareArgs, p: &Progress) -> Result<CompareSuite> {
+    let kinds = contenders(&a.contenders)?;
     let qemu_args = match &a.qemu_args_file {
         Some(f) => read_qemu_args(f)?,
         None => Vec::new(),
     };
-    if qemu_args.is_empty() && a.fill + 48 > a.guest_mem {
-        bail!(
-            "--fill {} leaves less than 48 MiB of the {} MiB guest free",
-            a.fill,
-            a.guest_mem
-        );
+    if qemu_args.is_empty() {
+        check_fill(a.fill, a.guest_mem)?;
     }
-    let prof: dwcp_harness::Profile = a
-        .profile
-        .parse()
-        .map_err(|e| anyhow!("--profile {:?}: {e}", a.profile))?;
-    p.set_message(format!("compare {}: creating the two hosts", a.profile));
     let agent_args: Vec<&str> = match &a.congestion {
         Some(cc) => vec!["--congestion", cc.as_str()],
         None => Vec::new(),
     };
-    let lab = Lab::new("bench", prof.middle(), &agent_args).context("setting up the two hosts")?;
+    let lab = open_lab("compare", "bench", &a.profile, &agent_args, p)?;
     let spec = GuestSpec {
         mem_mb: a.guest_mem,
         fill_mb: a.fill,
@@ -203,16 +237,11 @@ pub fn run(a: &CompareArgs, p: &Progress) -> Result<CompareSuite> {
                 r + 1,
                 a.repeat
             ));
-            let mut kind = kind.clone();
-            let bw = if a.max_bandwidth == 0 {
-                1u64 << 40
+            let kind = kind.with_bandwidth(if a.max_bandwidth == 0 {
+                UNCAPPED
             } else {
                 a.max_bandwidth << 20
-            };
-            match &mut kind {
-                Kind::Native(s) | Kind::QemuDwcp(s) => s.max_bandwidth = Some(bw),
-                Kind::Dwcp { bandwidth, .. } => *bandwidth = Some(bw),
-            }
+            });
             let rr = one_run(&lab, &spec, name, &kind, r, a.timeout, &scratch);
             if rr.outcome == Outcome::Corrupted {
                 p.println(format!(
@@ -693,27 +722,12 @@ impl ConvergeArgs {
 /// The highest guest dirty rate at which each contender still converges on
 /// one link: rates ascending, contenders interleaved at each rate.
 pub fn converge(a: &ConvergeArgs, p: &Progress) -> Result<ConvergeSuite> {
-    let kinds: Vec<(String, Kind)> = a
-        .contenders
-        .iter()
-        .map(|c| contender(c).map(|k| (c.clone(), k)))
-        .collect::<Result<_>>()?;
-    if a.fill + 48 > a.guest_mem {
-        bail!(
-            "--fill {} leaves less than 48 MiB of the {} MiB guest free",
-            a.fill,
-            a.guest_mem
-        );
-    }
+    let kinds = contenders(&a.contenders)?;
+    check_fill(a.fill, a.guest_mem)?;
     let mut rates = a.rates.clone();
     rates.sort_unstable();
     rates.dedup();
-    let prof: dwcp_harness::Profile = a
-        .profile
-        .parse()
-        .map_err(|e| anyhow!("--profile {:?}: {e}", a.profile))?;
-    p.set_message(format!("converge {}: creating the two hosts", a.profile));
-    let lab = Lab::new("conv", prof.middle(), &[]).context("setting up the two hosts")?;
+    let lab = open_lab("converge", "conv", &a.profile, &[], p)?;
     let scratch = scratch_dir(&lab)?;
     let base = GuestSpec {
         mem_mb: a.guest_mem,
@@ -743,11 +757,7 @@ pub fn converge(a: &ConvergeArgs, p: &Progress) -> Result<ConvergeSuite> {
                 continue;
             }
             p.set_message(format!("converge {}: {name} at {rate} MiB/s", a.profile));
-            let mut kind = kind.clone();
-            match &mut kind {
-                Kind::Native(s) | Kind::QemuDwcp(s) => s.max_bandwidth = Some(1 << 40),
-                Kind::Dwcp { bandwidth, .. } => *bandwidth = Some(1 << 40),
-            }
+            let kind = kind.with_bandwidth(UNCAPPED);
             let mut rr = one_run(&lab, &spec, name, &kind, 0, a.timeout, &scratch);
             let line = format!(
                 "    {name} at {rate} MiB/s: {:?} in {:.1} s{}",

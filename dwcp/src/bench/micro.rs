@@ -229,12 +229,7 @@ fn pseudo_random(len: usize, mut x: u64) -> Vec<u8> {
 }
 
 pub fn amst(a: &AmstArgs, p: &Progress) -> Result<AmstSuite> {
-    let prof: dwcp_harness::Profile = a
-        .profile
-        .parse()
-        .map_err(|e| anyhow!("--profile {:?}: {e}", a.profile))?;
-    p.set_message(format!("amst {}: creating the two hosts", a.profile));
-    let lab = Lab::new("amst", prof.middle(), &[]).context("setting up the two hosts")?;
+    let lab = super::compare::open_lab("amst", "amst", &a.profile, &[], p)?;
     let block = pseudo_random(16 << 20, 0x9e37_79b9_7f4a_7c15);
     let total = a.data_size << 20;
     // Warm-up (not recorded): first session, page cache, TCP buffers.
