@@ -307,6 +307,15 @@ impl Cluster {
         Ok(())
     }
 
+    /// Returns a committed migration's guest to its source after a late
+    /// failure (the destination never got the end of the stream); on an open
+    /// intent, an abort.
+    pub fn revert_migration(&self, guest: Uuid, epoch: u64) -> Result<(), ClusterError> {
+        self.node
+            .propose(Command::RevertMigration { guest, epoch })?;
+        Ok(())
+    }
+
     /// The guest's record as applied on this node (may lag the leader by a few ms).
     pub fn owner(&self, guest: Uuid) -> Option<GuestRecord> {
         self.node.with_registry(|r| r.guest(&guest).cloned())

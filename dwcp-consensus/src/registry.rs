@@ -32,6 +32,10 @@ pub enum MigrationState {
     Committed,
     /// Given up; the guest stays on the source.
     Aborted,
+    /// Committed, but the destination never received the end of the stream
+    /// (the migration failed after the commit): the guest runs on the source
+    /// again, which owns it once more.
+    Reverted,
 }
 
 /// One migration of one guest.
@@ -97,6 +101,17 @@ pub enum Command {
         /// Epoch returned by `BeginMigration`.
         epoch: u64,
     },
+    /// The migration failed after its commit, so the guest never left the
+    /// source: ownership returns to the source. Proposed by whoever knows the
+    /// destination cannot have started the guest (the destination agent that
+    /// withheld the stream's tail, or the source after QEMU failed before
+    /// completing). On an open intent it acts as an abort.
+    RevertMigration {
+        /// The guest.
+        guest: Uuid,
+        /// Epoch returned by `BeginMigration`.
+        epoch: u64,
+    },
 }
 
 /// Result of an applied command.
@@ -113,6 +128,8 @@ pub enum Applied {
     MigrationCommitted,
     /// Intent aborted (or had been, for a retry).
     MigrationAborted,
+    /// A committed migration reverted: the source owns the guest again.
+    MigrationReverted,
     /// A membership change took effect.
     MembershipChanged,
 }
@@ -180,6 +197,14 @@ pub enum RegistryError {
     /// Abort of a committed migration.
     #[error("migration of guest {guest} at epoch {epoch} is already committed")]
     WasCommitted {
+        /// The guest.
+        guest: Uuid,
+        /// Epoch.
+        epoch: u64,
+    },
+    /// Commit of a migration reverted after a late failure.
+    #[error("migration of guest {guest} at epoch {epoch} was reverted after a late failure")]
+    WasReverted {
         /// The guest.
         guest: Uuid,
         /// Epoch.
@@ -303,12 +328,14 @@ impl Registry {
                 });
                 Ok(Applied::MigrationBegun { epoch: rec.epoch })
             }
-            Command::CommitMigration { guest, epoch } => self.finish(guest, epoch, true),
-            Command::AbortMigration { guest, epoch } => self.finish(guest, epoch, false),
+            Command::CommitMigration { guest, epoch } => self.finish(guest, epoch, End::Commit),
+            Command::AbortMigration { guest, epoch } => self.finish(guest, epoch, End::Abort),
+            Command::RevertMigration { guest, epoch } => self.finish(guest, epoch, End::Revert),
         }
     }
 
-    fn finish(&mut self, guest: Uuid, epoch: u64, commit: bool) -> Result<Applied, RegistryError> {
+    fn finish(&mut self, guest: Uuid, epoch: u64, end: End) -> Result<Applied, RegistryError> {
+        use MigrationState::*;
         let rec = self
             .guests
             .get_mut(&guest)
@@ -325,23 +352,27 @@ impl Registry {
             .as_mut()
             .filter(|m| m.epoch == epoch)
             .ok_or(RegistryError::NoMigration(guest))?;
-        let done = match (m.state, commit) {
-            (MigrationState::Committed, true) => return Ok(Applied::MigrationCommitted),
-            (MigrationState::Aborted, false) => return Ok(Applied::MigrationAborted),
-            (MigrationState::Aborted, true) => {
-                return Err(RegistryError::WasAborted { guest, epoch })
-            }
-            (MigrationState::Committed, false) => {
-                return Err(RegistryError::WasCommitted { guest, epoch })
-            }
-            (MigrationState::Intent, true) => {
-                m.state = MigrationState::Committed;
+        let done = match (m.state, end) {
+            // Retries answer as the first time did.
+            (Committed, End::Commit) => return Ok(Applied::MigrationCommitted),
+            (Aborted, End::Abort | End::Revert) => return Ok(Applied::MigrationAborted),
+            (Reverted, End::Abort | End::Revert) => return Ok(Applied::MigrationReverted),
+            (Aborted, End::Commit) => return Err(RegistryError::WasAborted { guest, epoch }),
+            (Reverted, End::Commit) => return Err(RegistryError::WasReverted { guest, epoch }),
+            (Committed, End::Abort) => return Err(RegistryError::WasCommitted { guest, epoch }),
+            (Intent, End::Commit) => {
+                m.state = Committed;
                 rec.owner = m.destination;
                 Applied::MigrationCommitted
             }
-            (MigrationState::Intent, false) => {
-                m.state = MigrationState::Aborted;
+            (Intent, End::Abort | End::Revert) => {
+                m.state = Aborted;
                 Applied::MigrationAborted
+            }
+            (Committed, End::Revert) => {
+                m.state = Reverted;
+                rec.owner = m.source;
+                Applied::MigrationReverted
             }
         };
         let finished = m.clone();
@@ -351,6 +382,14 @@ impl Registry {
         self.history.push_back(finished);
         Ok(done)
     }
+}
+
+/// How a migration record ends.
+#[derive(Debug, Clone, Copy)]
+enum End {
+    Commit,
+    Abort,
+    Revert,
 }
 
 #[cfg(test)]
@@ -417,6 +456,53 @@ mod tests {
             Err(RegistryError::WasCommitted { .. })
         ));
         assert_eq!(r.history().count(), 1);
+    }
+
+    #[test]
+    fn revert_after_a_late_failure_returns_the_guest() {
+        let mut r = Registry::new();
+        let cmd = |c: fn(Uuid, u64) -> Command| c(g(9), 1);
+        let begin = Command::BeginMigration {
+            guest: g(9),
+            source: 1,
+            destination: 2,
+        };
+        r.apply(1, &begin).unwrap();
+        let commit = |guest, epoch| Command::CommitMigration { guest, epoch };
+        let revert = |guest, epoch| Command::RevertMigration { guest, epoch };
+        r.apply(2, &cmd(commit)).unwrap();
+        assert_eq!(r.guest(&g(9)).unwrap().owner, 2);
+        assert_eq!(
+            r.apply(3, &cmd(revert)).unwrap(),
+            Applied::MigrationReverted
+        );
+        let rec = r.guest(&g(9)).unwrap();
+        assert_eq!((rec.owner, rec.epoch), (1, 1));
+        assert_eq!(rec.migration.as_ref().unwrap().state, MigrationState::Reverted);
+        // A late commit for that epoch can no longer move it; a retried revert is fine.
+        assert!(matches!(
+            r.apply(4, &cmd(commit)),
+            Err(RegistryError::WasReverted { .. })
+        ));
+        assert_eq!(
+            r.apply(5, &cmd(revert)).unwrap(),
+            Applied::MigrationReverted
+        );
+        // The source may migrate it again, at the next epoch.
+        assert_eq!(
+            r.apply(6, &begin).unwrap(),
+            Applied::MigrationBegun { epoch: 2 }
+        );
+        // On an open intent, revert is an abort; a stale epoch is refused.
+        assert_eq!(
+            r.apply(7, &Command::RevertMigration { guest: g(9), epoch: 2 })
+                .unwrap(),
+            Applied::MigrationAborted
+        );
+        assert!(matches!(
+            r.apply(8, &cmd(revert)),
+            Err(RegistryError::StaleEpoch { .. })
+        ));
     }
 
     #[test]

@@ -27,9 +27,15 @@
 //! An agent that is a cluster member (see [`ClusterOps`]) also answers
 //! `{"op":"cluster_status"}`, `{"op":"guests"}`,
 //! `{"op":"begin","guest":UUID,"src":N,"dst":M}` (→ `"epoch"`),
-//! `{"op":"commit","guest":UUID,"epoch":E}` and `{"op":"abort","guest":UUID,"epoch":E}`.
+//! `{"op":"commit","guest":UUID,"epoch":E}`, `{"op":"abort","guest":UUID,"epoch":E}`,
+//! `{"op":"revert","guest":UUID,"epoch":E}` (a committed migration failed late:
+//! the source owns the guest again) and `{"op":"settle","guest":UUID,"epoch":E,
+//! "revert_if_committed":BOOL}` (abort, or revert, in the background, retried
+//! until the cluster has a quorum). A `prepare` with `"gate": true` (and the
+//! guest's `uuid`) gates the migration's cutover on the cluster: see
+//! [`crate::cutover`] and docs/consensus.md.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -43,8 +49,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tracing::{error, info, warn};
 
+use crate::cutover::{reconcile_on_start, settle, AgentGate, Settle};
 use crate::transport::{
-    Acceptor, AcceptorLimits, Role, Session, SessionError, TransportConfig, MAX_STREAMS,
+    Acceptor, AcceptorLimits, CutoverGate, GateProvider, Role, Session, SessionError,
+    TransportConfig, MAX_STREAMS,
 };
 use crate::wire;
 
@@ -63,6 +71,9 @@ pub struct AgentConfig {
     /// The raft cluster this agent is a member of, if any (the `dwcp` binary
     /// implements it on `dwcp_consensus::Cluster`; the engine stays free of raft).
     pub cluster: Option<Arc<dyn ClusterOps>>,
+    /// How long a gated session keeps trying to commit the ownership
+    /// transfer before the gate closes (`prepare` with `"gate": true`).
+    pub gate_timeout: Duration,
 }
 
 /// The cluster operations the control socket exposes. Guests are UUID strings;
@@ -80,6 +91,15 @@ pub trait ClusterOps: Send + Sync + std::fmt::Debug {
     fn commit(&self, guest: &str, epoch: u64) -> Result<(), String>;
     /// Abandons the intent; the guest stays with the source.
     fn abort(&self, guest: &str, epoch: u64) -> Result<(), String>;
+    /// Returns a committed migration's guest to its source after a late
+    /// failure (an open intent is aborted).
+    fn revert(&self, guest: &str, epoch: u64) -> Result<(), String>;
+    /// The guest's owner as applied on this node, if the guest is known.
+    fn owner(&self, guest: &str) -> Option<u64>;
+    /// The member whose raft address has this IP (the host's agent).
+    fn member_at(&self, ip: std::net::IpAddr) -> Option<u64>;
+    /// Open intents as applied on this node: (guest, epoch, src, dst).
+    fn open_intents(&self) -> Vec<(String, u64, u64, u64)>;
 }
 
 impl AgentConfig {
@@ -106,6 +126,8 @@ struct State {
     sessions: Mutex<VecDeque<Session>>,
     /// Prepared migrations, newest last (bounded, [`KEEP_PREPARED`]).
     prepared: Mutex<VecDeque<Prepared>>,
+    /// Intents recorded through this agent since it started (`guest@epoch`).
+    fresh_intents: Arc<Mutex<HashSet<String>>>,
 }
 
 const KEEP_SESSIONS: usize = 32;
@@ -145,6 +167,8 @@ struct Prepared {
     reason: Option<String>,
     /// The session that relays this migration (linked by name).
     session: Option<Session>,
+    /// The cutover gate, when the migration is gated by the cluster.
+    gate: Option<Arc<AgentGate>>,
 }
 
 fn now_s() -> f64 {
@@ -165,6 +189,11 @@ impl Prepared {
     }
 
     fn finish(&mut self, state: PrepState, reason: Option<String>) {
+        if state == PrepState::Failed {
+            if let Some(g) = &self.gate {
+                g.close(reason.as_deref().unwrap_or("failed"));
+            }
+        }
         self.state = state;
         self.ended_at = Some(now_s());
         self.reason = reason;
@@ -203,6 +232,7 @@ impl Prepared {
             "state": self.state, "prepared_at": self.prepared_at,
             "started_at": self.started_at, "ended_at": self.ended_at,
             "reason": self.reason, "used": used, "used_matches": matches,
+            "gate": self.gate.as_ref().map(|g| g.to_json()),
         })
     }
 }
@@ -244,7 +274,42 @@ impl State {
                 Ok(()) => e.finish(PrepState::Released, Some("session completed".to_string())),
                 Err(err) => e.finish(PrepState::Failed, Some(format!("session failed: {err}"))),
             }
+            if let Some(g) = &e.gate {
+                // A completed session always released its tail; anything
+                // else settles the intent (a no-op once released).
+                g.close("the migration's session ended before the gate released the tail");
+            }
         }
+    }
+
+    /// The cutover gate for a session about to start: that of the active
+    /// prepared entry of the same name, its intent recorded now if it was
+    /// not yet (the source is the member at the peer's address).
+    fn gate_for(
+        &self,
+        name: &str,
+        peer: SocketAddr,
+    ) -> Result<Option<Arc<dyn CutoverGate>>, String> {
+        let gate = self
+            .prepared
+            .lock()
+            .iter()
+            .rev()
+            .find(|e| e.name == name && e.active())
+            .and_then(|e| e.gate.clone());
+        let Some(gate) = gate else {
+            return Ok(None);
+        };
+        if let Err(e) = gate.begin_from(peer.ip()) {
+            gate.close(&e);
+            return Err(e);
+        }
+        if let Some(epoch) = gate.epoch() {
+            self.fresh_intents
+                .lock()
+                .insert(format!("{}@{epoch}", gate.guest));
+        }
+        Ok(Some(gate as Arc<dyn CutoverGate>))
     }
 
     /// The newest active prepared entry called `name`: (streams, codec).
@@ -319,7 +384,11 @@ impl Agent {
             routes: Mutex::new(HashMap::new()),
             sessions: Mutex::new(VecDeque::new()),
             prepared: Mutex::new(VecDeque::new()),
+            fresh_intents: Arc::new(Mutex::new(HashSet::new())),
         });
+        if let Some(c) = &state.cfg.cluster {
+            reconcile_on_start(c.clone(), state.fresh_intents.clone());
+        }
         if let Some(l) = data {
             info!(
                 "data port listening on {}",
@@ -374,11 +443,17 @@ fn bind_unix(path: &Path, what: &'static str) -> Result<UnixListener, AgentError
 }
 
 fn accept_loop(st: Arc<State>, l: TcpListener) {
-    let acceptor = Arc::new(Acceptor::new(
+    let mut acceptor = Acceptor::new(
         st.cfg.transport.clone(),
         st.cfg.limits.clone(),
         st.cfg.incoming_dir.clone(),
-    ));
+    );
+    if st.cfg.cluster.is_some() {
+        let s2 = st.clone();
+        let gates: GateProvider = Arc::new(move |name, peer| s2.gate_for(name, peer));
+        acceptor = acceptor.with_gates(gates);
+    }
+    let acceptor = Arc::new(acceptor);
     for conn in l.incoming() {
         let conn = match conn {
             Ok(c) => c,
@@ -600,7 +675,7 @@ fn handle_control(st: &Arc<State>, line: &str) -> Value {
                 json!({"ok": false, "error": format!("{op}: {e}")})
             })
         }
-        op @ ("cluster_status" | "guests" | "begin" | "commit" | "abort") => {
+        op @ ("cluster_status" | "guests" | "begin" | "commit" | "abort" | "revert" | "settle") => {
             cluster_control(st, op, &req)
         }
         other => {
@@ -626,12 +701,28 @@ fn cluster_control(st: &Arc<State>, op: &str, req: &Value) -> Value {
             let src = num("src")?;
             let dst = num("dst")?;
             let epoch = c.begin(guest, src, dst)?;
+            st.fresh_intents.lock().insert(format!("{guest}@{epoch}"));
             info!(guest, src, dst, epoch, "migration intent committed");
             Ok(json!({"ok": true, "epoch": epoch}))
         })(),
         "commit" => num("epoch").and_then(|e| {
             c.commit(guest, e)?;
             info!(guest, epoch = e, "ownership transfer committed");
+            Ok(json!({"ok": true}))
+        }),
+        "settle" => num("epoch").map(|e| {
+            // In the background, retried until the cluster has a quorum.
+            let how = if req["revert_if_committed"] == true {
+                Settle::AbortOrRevert
+            } else {
+                Settle::Abort
+            };
+            settle(c.clone(), guest.to_string(), e, how, None);
+            json!({"ok": true, "queued": true})
+        }),
+        "revert" => num("epoch").and_then(|e| {
+            c.revert(guest, e)?;
+            info!(guest, epoch = e, "migration reverted: the source owns the guest again");
             Ok(json!({"ok": true}))
         }),
         _ => num("epoch").and_then(|e| {
@@ -703,6 +794,11 @@ struct PrepareRequest {
     codec: Option<String>,
     source_host: Option<String>,
     chosen_by: Option<String>,
+    /// Gate the cutover on the cluster (needs `uuid` and cluster membership).
+    gate: Option<bool>,
+    /// The source host's node id; default: the guest's owner in the
+    /// registry, else the member the source connects from.
+    src_node: Option<u64>,
 }
 
 fn check_name(name: &str) -> Result<(), String> {
@@ -777,7 +873,29 @@ fn prepare(st: &Arc<State>, req: Value) -> Result<Value, String> {
             check_text(field, v)?;
         }
     }
+    let gate = if r.gate == Some(true) {
+        let c = st.cfg.cluster.clone().ok_or(
+            "gate: this agent is not a cluster member (start it with --node-id, --cluster-id, --raft-listen, --peers and --data-dir)",
+        )?;
+        let guest = r
+            .uuid
+            .clone()
+            .ok_or("gate: a gated migration needs the guest's \"uuid\"")?;
+        let src = r.src_node.or_else(|| c.owner(&guest));
+        let g = AgentGate::new(c, &guest, src, st.cfg.gate_timeout)
+            .map_err(|e| format!("gate: the cluster refused to begin migrating guest {guest} to this host: {e}"))?;
+        if let Some(epoch) = g.epoch() {
+            st.fresh_intents.lock().insert(format!("{guest}@{epoch}"));
+        }
+        Some(g)
+    } else {
+        if r.src_node.is_some() {
+            return Err("src_node is only meaningful with \"gate\": true".into());
+        }
+        None
+    };
     let entry = Prepared {
+        gate,
         name: r.name,
         uuid: r.uuid,
         transport,
@@ -958,6 +1076,7 @@ mod tests {
             transport,
             limits: AcceptorLimits::default(),
             cluster: None,
+            gate_timeout: Duration::from_secs(5),
         })
         .unwrap();
         (a, dir, addr)

@@ -8,6 +8,7 @@
 //! - [`qemu`]: QMP client and migration driver
 pub mod agent;
 pub mod codec;
+pub mod cutover;
 pub mod qemu;
 pub mod transport;
 pub mod wire;

@@ -133,6 +133,39 @@ impl ClusterOps for AgentCluster {
             .abort_migration(guest_uuid(guest)?, epoch)
             .map_err(explain)
     }
+    fn revert(&self, guest: &str, epoch: u64) -> Result<(), String> {
+        self.0
+            .revert_migration(guest_uuid(guest)?, epoch)
+            .map_err(explain)
+    }
+    fn owner(&self, guest: &str) -> Option<u64> {
+        self.0.owner(guest_uuid(guest).ok()?).map(|r| r.owner)
+    }
+    fn member_at(&self, ip: std::net::IpAddr) -> Option<u64> {
+        self.0
+            .status()
+            .members
+            .iter()
+            .find(|m| {
+                m.addr
+                    .parse::<SocketAddr>()
+                    .is_ok_and(|a| a.ip() == ip)
+            })
+            .map(|m| m.id)
+    }
+    fn open_intents(&self) -> Vec<(String, u64, u64, u64)> {
+        self.0
+            .guests()
+            .guests
+            .iter()
+            .filter_map(|g| {
+                let m = g.migration.as_ref()?;
+                (m.state == dwcp_consensus::MigrationState::Intent).then(|| {
+                    (g.guest.to_string(), m.epoch, m.source, m.destination)
+                })
+            })
+            .collect()
+    }
 }
 
 /// The UUID of a guest known only by its migration name: the first 16 bytes of
@@ -316,11 +349,14 @@ impl Gate {
         ))
     }
 
-    /// Best-effort abort; returns the error text when it did not go through.
-    pub fn abort(&self) -> Option<String> {
+    /// The migration failed: the agent aborts the intent, or reverts the
+    /// transfer when the commit had gone through, retrying until the cluster
+    /// has a quorum. Returns the error text when the agent did not take it.
+    pub fn settle(&self) -> Option<String> {
         control_request(
             &self.agent,
-            &json!({"op": "abort", "guest": self.guest, "epoch": self.epoch}),
+            &json!({"op": "settle", "guest": self.guest, "epoch": self.epoch,
+                    "revert_if_committed": true}),
         )
         .err()
     }

@@ -126,6 +126,11 @@ struct AgentArgs {
     /// Largest dedup cache per channel a peer may ask for, MiB.
     #[arg(long, default_value_t = 1024)]
     max_dedup_cache_mb: u32,
+    /// Cutover gate of gated incoming migrations (libvirt hook): how long to
+    /// keep trying to commit the ownership transfer before the migration
+    /// fails and the guest stays on the source, ms.
+    #[arg(long, default_value_t = 5000)]
+    gate_timeout_ms: u64,
     #[command(flatten)]
     transport: TransportArgs,
     #[command(flatten)]
@@ -187,6 +192,7 @@ fn run_agent(a: AgentArgs) -> Result<()> {
             ..AcceptorLimits::default()
         },
         cluster,
+        gate_timeout: std::time::Duration::from_millis(a.gate_timeout_ms),
     };
     let agent = Agent::start(cfg).context("starting the agent")?;
     for r in &a.routes {

@@ -99,11 +99,12 @@ pub fn run(a: MigrateArgs) -> Result<()> {
     };
     let r = run_inner(&a, &cfg, gate.as_ref());
     if let (Err(_), Some(g)) = (&r, &gate) {
-        // The guest stays on the source: close the intent (best effort; a
-        // refusal because the transfer committed is reported).
-        if let Some(e) = g.abort() {
+        // QEMU failed or was cancelled, so the guest runs on the source
+        // again: abort the intent, or revert the transfer if the commit
+        // had gone through. The agent retries until the cluster can.
+        if let Some(e) = g.settle() {
             eprintln!(
-                "dwcp: warning: could not record the abort of guest {} epoch {}: {e}",
+                "dwcp: warning: could not hand the abort of guest {} epoch {} to the agent: {e}",
                 g.guest, g.epoch
             );
         }

@@ -22,14 +22,16 @@
 //! the peer, every socket is shut down, QEMU on each side sees its migration
 //! connection fail. Nothing that failed a check is ever written to QEMU.
 
+pub mod gate;
 mod session;
 pub mod tcp;
 
 use std::time::Duration;
 
+pub use gate::CutoverGate;
 pub use session::{
-    Acceptor, AcceptorLimits, ChannelStats, CodecCounts, Role, Session, SessionError, SessionStats,
-    StreamStats, Target,
+    Acceptor, AcceptorLimits, ChannelStats, CodecCounts, GateProvider, Role, Session,
+    SessionError, SessionStats, StreamStats, Target,
 };
 pub use tcp::{tcp_info, SocketTuning, TcpInfo};
 

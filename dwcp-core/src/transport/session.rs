@@ -16,6 +16,7 @@ use parking_lot::{Condvar, Mutex};
 use serde::Serialize;
 use tracing::{debug, info, warn};
 
+use super::gate::{CutoverGate, TailHold, GATE_HOLD};
 use super::tcp::{tcp_info, TcpInfo};
 use super::TransportConfig;
 use crate::codec::{CodecId, Compressor, Decompressor, Planner, Rebuilder, Tier};
@@ -224,6 +225,8 @@ struct Inner {
     started: Instant,
     ended: Mutex<Option<Instant>>,
     target: Option<Target>,
+    /// The cutover gate on the main channel (a gated destination session).
+    gate: Option<Arc<dyn CutoverGate>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     counters: Counters,
 }
@@ -442,6 +445,7 @@ impl Session {
             (window, ring, version),
             streams,
             None,
+            None,
         ))
     }
 
@@ -454,6 +458,7 @@ impl Session {
         (window, ring_pages, version): (u32, u32, u16),
         streams: Vec<TcpStream>,
         target: Option<Target>,
+        gate: Option<Arc<dyn CutoverGate>>,
     ) -> Session {
         let n = streams.len();
         let (job_tx, job_rx) = bounded(cfg.workers * 2);
@@ -507,6 +512,7 @@ impl Session {
             started: Instant::now(),
             ended: Mutex::new(None),
             target,
+            gate,
             threads: Mutex::new(Vec::new()),
             counters: Counters::default(),
         });
@@ -1243,11 +1249,62 @@ impl Target {
     }
 }
 
+/// How long the gated main channel must be quiet, with QEMU's end of stream
+/// held, before the gate runs (the source QEMU, waiting on its return path
+/// for the destination, sends nothing more and does not close).
+const GATE_QUIET: Duration = Duration::from_millis(30);
+
+/// The main channel's cutover gate on the destination (see [`super::gate`]).
+struct Held {
+    gate: Arc<dyn CutoverGate>,
+    hold: TailHold,
+    committed: bool,
+    last_rx: Instant,
+}
+
+impl Held {
+    /// Commits (once) and writes the held tail to QEMU; Err fails the session.
+    fn open(&mut self, conn: &mut UnixStream) -> Result<(), String> {
+        if !self.committed {
+            let t0 = Instant::now();
+            self.gate
+                .commit()
+                .map_err(|e| format!("cutover gate closed: {e}; QEMU never gets the end of the stream"))?;
+            self.committed = true;
+            info!(
+                held = self.hold.held(),
+                ms = t0.elapsed().as_millis() as u64,
+                "cutover gate: ownership committed, releasing the stream's tail"
+            );
+        }
+        for f in self.hold.take() {
+            conn.write_all(&f)
+                .map_err(|e| format!("channel 0: writing the released tail to QEMU failed: {e}"))?;
+        }
+        self.gate.released();
+        Ok(())
+    }
+}
+
 /// Writes bytes to QEMU in order, then returns credit to the peer.
 fn deliverer(inner: Arc<Inner>, ch: Arc<Channel>, mut conn: UnixStream) {
     let mut rebuilder = Rebuilder::new(inner.ring_bytes);
     let mut raw = Vec::new();
     let mut discard = false;
+    let mut held = match (&inner.gate, ch.id) {
+        (Some(g), 0) => Some(Held {
+            gate: g.clone(),
+            hold: TailHold::new(GATE_HOLD),
+            committed: false,
+            last_rx: Instant::now(),
+        }),
+        _ => None,
+    };
+    let poll = if held.is_some() {
+        Duration::from_millis(10)
+    } else {
+        Duration::from_millis(100)
+    };
     loop {
         let item = {
             let mut st = ch.recv.lock();
@@ -1258,11 +1315,31 @@ fn deliverer(inner: Arc<Inner>, ch: Arc<Channel>, mut conn: UnixStream) {
                 let next = st.next;
                 if let Some(item) = st.frames.remove(&next) {
                     st.next += 1;
-                    break item;
+                    break Some(item);
                 }
-                ch.recv_cv.wait_for(&mut st, Duration::from_millis(100));
+                if let Some(h) = &held {
+                    if h.hold.held() > 0 && !h.hold.checked() && h.last_rx.elapsed() >= GATE_QUIET {
+                        break None;
+                    }
+                }
+                ch.recv_cv.wait_for(&mut st, poll);
             }
         };
+        let Some(item) = item else {
+            // The gated main channel went quiet: is what it holds QEMU's end?
+            let h = held.as_mut().expect("only gated channels go quiet");
+            if h.hold.at_stream_end() {
+                debug!("cutover gate: QEMU's end of stream held, channel quiet");
+                if let Err(e) = h.open(&mut conn) {
+                    fail(&inner, e);
+                    return;
+                }
+            }
+            continue;
+        };
+        if let Some(h) = held.as_mut() {
+            h.last_rx = Instant::now();
+        }
         let bytes: &[u8] = match &item {
             Incoming::Data { plan, raw_len } => {
                 if let Err(e) = rebuilder.rebuild(plan, *raw_len as usize, &mut raw) {
@@ -1273,6 +1350,23 @@ fn deliverer(inner: Arc<Inner>, ch: Arc<Channel>, mut conn: UnixStream) {
             }
             Incoming::Raw(data) => data,
             Incoming::Eof => {
+                if let Some(h) = held.as_mut().filter(|h| h.hold.held() > 0) {
+                    // The source closed the main channel (no return path).
+                    if !h.hold.ends_stream() {
+                        fail(
+                            &inner,
+                            format!(
+                                "cutover gate closed: the main channel ended without QEMU's end of stream (QEMU_VM_EOF and the VM description) in its last {} bytes; QEMU never gets them",
+                                h.hold.held()
+                            ),
+                        );
+                        return;
+                    }
+                    if let Err(e) = h.open(&mut conn) {
+                        fail(&inner, e);
+                        return;
+                    }
+                }
                 let _ = conn.shutdown(Shutdown::Write);
                 ch.delivered_eof.store(true, Ordering::Release);
                 debug!(channel = ch.id, "peer end of stream delivered");
@@ -1282,7 +1376,20 @@ fn deliverer(inner: Arc<Inner>, ch: Arc<Channel>, mut conn: UnixStream) {
         };
         let raw_len = bytes.len() as u64;
         if !discard {
-            if let Err(e) = conn.write_all(bytes) {
+            let written = match held.as_mut() {
+                Some(h) => {
+                    let owned = match item {
+                        Incoming::Raw(data) => data,
+                        _ => raw.clone(),
+                    };
+                    h.hold
+                        .push(owned)
+                        .iter()
+                        .try_for_each(|f| conn.write_all(f))
+                }
+                None => conn.write_all(bytes),
+            };
+            if let Err(e) = written {
                 if inner.role == Role::Initiator && ch.sent_eof.load(Ordering::Acquire) {
                     // The source QEMU finished and closed its side; what is
                     // left is return-path chatter nobody will read. On the
@@ -1644,8 +1751,24 @@ pub struct Acceptor {
     limits: AcceptorLimits,
     incoming_dir: PathBuf,
     connector: Option<Target>,
+    gates: Option<Gates>,
     pending: Mutex<HashMap<[u8; 16], PendingBox>>,
 }
+
+#[derive(Clone)]
+struct Gates(GateProvider);
+impl std::fmt::Debug for Gates {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GateProvider")
+    }
+}
+
+/// Decides, for a session about to start (migration name, the source's
+/// address), whether its main channel is gated: `Ok(Some(gate))` gates it,
+/// `Ok(None)` leaves it ungated, `Err(reason)` refuses it (the source is told
+/// the reason, QEMU gets nothing).
+pub type GateProvider =
+    Arc<dyn Fn(&str, SocketAddr) -> Result<Option<Arc<dyn CutoverGate>>, String> + Send + Sync>;
 
 struct PendingBox(Pending);
 impl std::fmt::Debug for PendingBox {
@@ -1664,8 +1787,15 @@ impl Acceptor {
             limits,
             incoming_dir,
             connector: None,
+            gates: None,
             pending: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Gates the sessions `gates` says to (see [`GateProvider`]).
+    pub fn with_gates(mut self, gates: GateProvider) -> Acceptor {
+        self.gates = Some(Gates(gates));
+        self
     }
 
     /// An acceptor whose sessions get their channels from `connector`
@@ -1680,6 +1810,7 @@ impl Acceptor {
             limits,
             incoming_dir: PathBuf::new(),
             connector: Some(connector),
+            gates: None,
             pending: Mutex::new(HashMap::new()),
         }
     }
@@ -1766,7 +1897,15 @@ impl Acceptor {
                 streams: streams.len() as u16,
                 ..self.cfg.clone()
             };
-            return Ok(Some(Session::start(
+            let peer = streams[0].peer_addr().map_err(|e| io("socket", e))?;
+            let (gate, refusal) = match &self.gates {
+                Some(Gates(f)) => match f(&hello.name, peer) {
+                    Ok(g) => (g, None),
+                    Err(reason) => (None, Some(reason)),
+                },
+                None => (None, None),
+            };
+            let session = Session::start(
                 Role::Responder,
                 hello.session,
                 &hello.name,
@@ -1774,7 +1913,15 @@ impl Acceptor {
                 (window, ring, version),
                 streams,
                 Some(target),
-            )));
+                gate,
+            );
+            if let Some(reason) = refusal {
+                // Started only to tell the source why (an Abort frame):
+                // nothing reaches QEMU.
+                warn!(name = %hello.name, "cutover gate refused the session: {reason}");
+                session.abort(&format!("cutover gate: {reason}"));
+            }
+            return Ok(Some(session));
         }
         Ok(None)
     }

@@ -1,0 +1,321 @@
+//! The agent's side of the cutover gate: a destination session's
+//! [`CutoverGate`] on top of the cluster ([`ClusterOps`]), the background
+//! settling of migrations that did not finish (abort, or revert after a
+//! late failure), and the reconciliation an agent runs when it starts.
+//! The protocol is in docs/consensus.md ("The transport gate").
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use serde::Serialize;
+use serde_json::{json, Value};
+use tracing::{info, warn};
+
+use crate::agent::ClusterOps;
+use crate::transport::CutoverGate;
+
+/// Errors of the cluster that no retry can change (the registry refused).
+pub fn is_final(e: &str) -> bool {
+    e.contains("refused by the registry")
+}
+
+/// Where a gated migration stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GateState {
+    /// Prepared; the intent is recorded when the source connects.
+    Pending,
+    /// Intent recorded; the tail will be held.
+    Intent,
+    /// The tail is held and the commit is under way.
+    Committing,
+    /// Ownership moved; the tail is being written to QEMU.
+    Committed,
+    /// The tail went to QEMU.
+    Released,
+    /// The gate closed (commit refused or timed out, or the session failed
+    /// first); the intent is being settled.
+    Closed,
+    /// Settled: the intent aborted, the guest stays with the source.
+    Aborted,
+    /// Settled: committed but the tail never reached QEMU; the source owns
+    /// the guest again.
+    Reverted,
+}
+
+#[derive(Debug)]
+struct Inner {
+    state: GateState,
+    epoch: Option<u64>,
+    src: Option<u64>,
+    commit_ms: Option<u64>,
+    reason: Option<String>,
+}
+
+/// The cutover gate of one migration into this host.
+#[derive(Debug)]
+pub struct AgentGate {
+    cluster: Arc<dyn ClusterOps>,
+    pub guest: String,
+    pub dst: u64,
+    timeout: Duration,
+    inner: Mutex<Inner>,
+}
+
+/// Test failpoint: `DWCP_FAILPOINT_GATE_DELAY_MS` delays every commit by this
+/// much, so fault-injection tests can act while the tail is held.
+fn failpoint_delay() -> Option<Duration> {
+    std::env::var("DWCP_FAILPOINT_GATE_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_millis)
+}
+
+impl AgentGate {
+    /// A gate for `guest` moving to this host. With `src` known the intent
+    /// is recorded now (refusals are returned); without, when the source
+    /// connects ([`AgentGate::begin_from`]).
+    pub fn new(
+        cluster: Arc<dyn ClusterOps>,
+        guest: &str,
+        src: Option<u64>,
+        timeout: Duration,
+    ) -> Result<Arc<AgentGate>, String> {
+        let g = Arc::new(AgentGate {
+            dst: cluster.node_id(),
+            cluster,
+            guest: guest.to_string(),
+            timeout,
+            inner: Mutex::new(Inner {
+                state: GateState::Pending,
+                epoch: None,
+                src: None,
+                commit_ms: None,
+                reason: None,
+            }),
+        });
+        if let Some(src) = src {
+            g.begin(src)?;
+        }
+        Ok(g)
+    }
+
+    fn begin(&self, src: u64) -> Result<u64, String> {
+        let epoch = self.cluster.begin(&self.guest, src, self.dst)?;
+        info!(guest = self.guest, src, dst = self.dst, epoch, "cutover gate: intent recorded");
+        let mut i = self.inner.lock();
+        i.epoch = Some(epoch);
+        i.src = Some(src);
+        i.state = GateState::Intent;
+        Ok(epoch)
+    }
+
+    /// Records the intent when the source connects, if not done yet: the
+    /// source is the cluster member at `ip`.
+    pub fn begin_from(&self, ip: std::net::IpAddr) -> Result<(), String> {
+        if self.inner.lock().epoch.is_some() {
+            return Ok(());
+        }
+        let src = self.cluster.member_at(ip).ok_or_else(|| {
+            format!("the source {ip} is not a cluster member, so the intent to move guest {} cannot be recorded", self.guest)
+        })?;
+        self.begin(src).map(|_| ())
+    }
+
+    pub fn state(&self) -> GateState {
+        self.inner.lock().state
+    }
+
+    pub fn epoch(&self) -> Option<u64> {
+        self.inner.lock().epoch
+    }
+
+    pub fn to_json(&self) -> Value {
+        let i = self.inner.lock();
+        json!({"guest": self.guest, "src": i.src, "dst": self.dst, "epoch": i.epoch,
+               "state": i.state, "commit_ms": i.commit_ms, "reason": i.reason})
+    }
+
+    /// The migration ended without its tail reaching QEMU (the session
+    /// failed, or libvirt released the domain): settle the intent in the
+    /// background — abort, or revert when the commit had gone through.
+    pub fn close(self: &Arc<Self>, reason: &str) {
+        let (state, epoch) = {
+            let mut i = self.inner.lock();
+            let s = i.state;
+            if matches!(
+                s,
+                GateState::Released | GateState::Closed | GateState::Aborted | GateState::Reverted
+            ) {
+                return;
+            }
+            i.state = GateState::Closed;
+            i.reason = Some(reason.to_string());
+            (s, i.epoch)
+        };
+        let Some(epoch) = epoch else {
+            return; // no intent was ever recorded
+        };
+        let committed = state == GateState::Committed;
+        warn!(
+            guest = self.guest,
+            epoch, "cutover gate closed ({reason}); the guest stays on the source"
+        );
+        let me = self.clone();
+        settle(
+            self.cluster.clone(),
+            self.guest.clone(),
+            epoch,
+            if committed {
+                Settle::Revert
+            } else {
+                // A commit that timed out may still have gone through; the
+                // tail never reached QEMU, so then revert.
+                Settle::AbortOrRevert
+            },
+            Some(Box::new(move |s| me.inner.lock().state = s)),
+        );
+    }
+}
+
+impl CutoverGate for AgentGate {
+    fn commit(&self) -> Result<(), String> {
+        let epoch = {
+            let mut i = self.inner.lock();
+            i.state = GateState::Committing;
+            i.epoch.ok_or("no intent was recorded")?
+        };
+        if let Some(d) = failpoint_delay() {
+            std::thread::sleep(d);
+        }
+        let t0 = Instant::now();
+        let mut last = String::from("no answer");
+        while t0.elapsed() < self.timeout {
+            match self.cluster.commit(&self.guest, epoch) {
+                Ok(()) => {
+                    let mut i = self.inner.lock();
+                    i.state = GateState::Committed;
+                    i.commit_ms = Some(t0.elapsed().as_millis() as u64);
+                    info!(guest = self.guest, epoch, ms = i.commit_ms, "cutover gate: committed");
+                    return Ok(());
+                }
+                Err(e) if is_final(&e) => {
+                    self.inner.lock().reason = Some(e.clone());
+                    return Err(e);
+                }
+                Err(e) => last = e,
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let e = format!(
+            "ownership transfer of guest {} (epoch {epoch}) not committed within {:?}: {last}",
+            self.guest, self.timeout
+        );
+        self.inner.lock().reason = Some(e.clone());
+        Err(e)
+    }
+
+    fn released(&self) {
+        self.inner.lock().state = GateState::Released;
+    }
+}
+
+/// How to settle a migration that did not finish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settle {
+    /// Abort the intent; if it turns out committed, leave it (the caller
+    /// cannot tell whether the destination got the whole stream).
+    Abort,
+    /// Abort; if it turns out committed, revert (the destination never got
+    /// the end of the stream).
+    AbortOrRevert,
+    /// Revert a committed migration (an open intent is aborted).
+    Revert,
+}
+
+type Done = Box<dyn FnOnce(GateState) + Send>;
+
+/// Settles `guest`'s migration at `epoch` in the background, retrying while
+/// the cluster has no quorum (every 500 ms, for up to 30 minutes), so
+/// nothing is lost when the cluster comes back.
+pub fn settle(
+    cluster: Arc<dyn ClusterOps>,
+    guest: String,
+    epoch: u64,
+    how: Settle,
+    done: Option<Done>,
+) {
+    std::thread::Builder::new()
+        .name("dwcp-settle".into())
+        .spawn(move || {
+            let t0 = Instant::now();
+            let mut how = how;
+            let mut logged = false;
+            while t0.elapsed() < Duration::from_secs(1800) {
+                let r = match how {
+                    Settle::Revert => cluster.revert(&guest, epoch),
+                    _ => cluster.abort(&guest, epoch),
+                };
+                match r {
+                    Ok(()) => {
+                        let state = match how {
+                            Settle::Revert => GateState::Reverted,
+                            _ => GateState::Aborted,
+                        };
+                        info!(guest, epoch, ?how, "migration settled: {state:?}");
+                        if let Some(d) = done {
+                            d(state);
+                        }
+                        return;
+                    }
+                    Err(e) if e.contains("already committed") && how == Settle::AbortOrRevert => {
+                        how = Settle::Revert;
+                        continue;
+                    }
+                    Err(e) if is_final(&e) => {
+                        warn!(guest, epoch, ?how, "settling refused: {e}");
+                        return;
+                    }
+                    Err(e) => {
+                        if !logged {
+                            warn!(guest, epoch, ?how, "cannot settle yet ({e}); retrying in the background");
+                            logged = true;
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            warn!(guest, epoch, ?how, "gave up settling after 30 minutes");
+        })
+        .expect("spawn");
+}
+
+/// When an agent starts, no migration through it survived the restart:
+/// once the cluster has a leader, abort every open intent naming this host
+/// as source or destination, except those recorded through this agent since
+/// it started (`fresh`).
+pub fn reconcile_on_start(cluster: Arc<dyn ClusterOps>, fresh: Arc<Mutex<HashSet<String>>>) {
+    std::thread::Builder::new()
+        .name("dwcp-reconcile".into())
+        .spawn(move || {
+            let me = cluster.node_id();
+            let t0 = Instant::now();
+            while cluster.status()["leader"].as_u64().is_none() {
+                if t0.elapsed() > Duration::from_secs(600) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            // Let this member catch up with the leader's log.
+            std::thread::sleep(Duration::from_millis(500));
+            for (guest, epoch, src, dst) in cluster.open_intents() {
+                if (src == me || dst == me) && !fresh.lock().contains(&format!("{guest}@{epoch}")) {
+                    info!(guest, epoch, src, dst, "agent restarted during this migration: aborting its intent");
+                    settle(cluster.clone(), guest, epoch, Settle::Abort, None);
+                }
+            }
+        })
+        .expect("spawn");
+}
