@@ -722,7 +722,11 @@ fn cluster_control(st: &Arc<State>, op: &str, req: &Value) -> Value {
         }),
         "revert" => num("epoch").and_then(|e| {
             c.revert(guest, e)?;
-            info!(guest, epoch = e, "migration reverted: the source owns the guest again");
+            info!(
+                guest,
+                epoch = e,
+                "migration reverted: the source owns the guest again"
+            );
             Ok(json!({"ok": true}))
         }),
         _ => num("epoch").and_then(|e| {
@@ -882,8 +886,9 @@ fn prepare(st: &Arc<State>, req: Value) -> Result<Value, String> {
             .clone()
             .ok_or("gate: a gated migration needs the guest's \"uuid\"")?;
         let src = r.src_node.or_else(|| c.owner(&guest));
-        let g = AgentGate::new(c, &guest, src, st.cfg.gate_timeout)
-            .map_err(|e| format!("gate: the cluster refused to begin migrating guest {guest} to this host: {e}"))?;
+        let g = AgentGate::new(c, &guest, src, st.cfg.gate_timeout).map_err(|e| {
+            format!("gate: the cluster refused to begin migrating guest {guest} to this host: {e}")
+        })?;
         if let Some(epoch) = g.epoch() {
             st.fresh_intents.lock().insert(format!("{guest}@{epoch}"));
         }

@@ -104,7 +104,13 @@ impl AgentGate {
 
     fn begin(&self, src: u64) -> Result<u64, String> {
         let epoch = self.cluster.begin(&self.guest, src, self.dst)?;
-        info!(guest = self.guest, src, dst = self.dst, epoch, "cutover gate: intent recorded");
+        info!(
+            guest = self.guest,
+            src,
+            dst = self.dst,
+            epoch,
+            "cutover gate: intent recorded"
+        );
         let mut i = self.inner.lock();
         i.epoch = Some(epoch);
         i.src = Some(src);
@@ -198,7 +204,12 @@ impl CutoverGate for AgentGate {
                     let mut i = self.inner.lock();
                     i.state = GateState::Committed;
                     i.commit_ms = Some(t0.elapsed().as_millis() as u64);
-                    info!(guest = self.guest, epoch, ms = i.commit_ms, "cutover gate: committed");
+                    info!(
+                        guest = self.guest,
+                        epoch,
+                        ms = i.commit_ms,
+                        "cutover gate: committed"
+                    );
                     return Ok(());
                 }
                 Err(e) if is_final(&e) => {
@@ -280,7 +291,12 @@ pub fn settle(
                     }
                     Err(e) => {
                         if !logged {
-                            warn!(guest, epoch, ?how, "cannot settle yet ({e}); retrying in the background");
+                            warn!(
+                                guest,
+                                epoch,
+                                ?how,
+                                "cannot settle yet ({e}); retrying in the background"
+                            );
                             logged = true;
                         }
                     }
@@ -312,7 +328,13 @@ pub fn reconcile_on_start(cluster: Arc<dyn ClusterOps>, fresh: Arc<Mutex<HashSet
             std::thread::sleep(Duration::from_millis(500));
             for (guest, epoch, src, dst) in cluster.open_intents() {
                 if (src == me || dst == me) && !fresh.lock().contains(&format!("{guest}@{epoch}")) {
-                    info!(guest, epoch, src, dst, "agent restarted during this migration: aborting its intent");
+                    info!(
+                        guest,
+                        epoch,
+                        src,
+                        dst,
+                        "agent restarted during this migration: aborting its intent"
+                    );
                     settle(cluster.clone(), guest, epoch, Settle::Abort, None);
                 }
             }

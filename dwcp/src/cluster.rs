@@ -142,16 +142,16 @@ impl ClusterOps for AgentCluster {
         self.0.owner(guest_uuid(guest).ok()?).map(|r| r.owner)
     }
     fn member_at(&self, ip: std::net::IpAddr) -> Option<u64> {
-        self.0
+        // Exactly one member on that host, or no answer.
+        let at: Vec<u64> = self
+            .0
             .status()
             .members
             .iter()
-            .find(|m| {
-                m.addr
-                    .parse::<SocketAddr>()
-                    .is_ok_and(|a| a.ip() == ip)
-            })
+            .filter(|m| m.addr.parse::<SocketAddr>().is_ok_and(|a| a.ip() == ip))
             .map(|m| m.id)
+            .collect();
+        (at.len() == 1).then(|| at[0])
     }
     fn open_intents(&self) -> Vec<(String, u64, u64, u64)> {
         self.0
@@ -160,9 +160,8 @@ impl ClusterOps for AgentCluster {
             .iter()
             .filter_map(|g| {
                 let m = g.migration.as_ref()?;
-                (m.state == dwcp_consensus::MigrationState::Intent).then(|| {
-                    (g.guest.to_string(), m.epoch, m.source, m.destination)
-                })
+                (m.state == dwcp_consensus::MigrationState::Intent)
+                    .then(|| (g.guest.to_string(), m.epoch, m.source, m.destination))
             })
             .collect()
     }

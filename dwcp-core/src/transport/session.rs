@@ -1267,9 +1267,9 @@ impl Held {
     fn open(&mut self, conn: &mut UnixStream) -> Result<(), String> {
         if !self.committed {
             let t0 = Instant::now();
-            self.gate
-                .commit()
-                .map_err(|e| format!("cutover gate closed: {e}; QEMU never gets the end of the stream"))?;
+            self.gate.commit().map_err(|e| {
+                format!("cutover gate closed: {e}; QEMU never gets the end of the stream")
+            })?;
             self.committed = true;
             info!(
                 held = self.hold.held(),
