@@ -478,7 +478,10 @@ mod tests {
         );
         let rec = r.guest(&g(9)).unwrap();
         assert_eq!((rec.owner, rec.epoch), (1, 1));
-        assert_eq!(rec.migration.as_ref().unwrap().state, MigrationState::Reverted);
+        assert_eq!(
+            rec.migration.as_ref().unwrap().state,
+            MigrationState::Reverted
+        );
         // A late commit for that epoch can no longer move it; a retried revert is fine.
         assert!(matches!(
             r.apply(4, &cmd(commit)),
@@ -495,8 +498,14 @@ mod tests {
         );
         // On an open intent, revert is an abort; a stale epoch is refused.
         assert_eq!(
-            r.apply(7, &Command::RevertMigration { guest: g(9), epoch: 2 })
-                .unwrap(),
+            r.apply(
+                7,
+                &Command::RevertMigration {
+                    guest: g(9),
+                    epoch: 2
+                }
+            )
+            .unwrap(),
             Applied::MigrationAborted
         );
         assert!(matches!(

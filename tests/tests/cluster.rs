@@ -51,6 +51,8 @@ impl ClusterLab {
                 peers.into(),
                 "--data-dir".into(),
                 dir.join(format!("raft-{id}")).display().to_string(),
+                "--gate-timeout-ms".into(),
+                "2000".into(),
             ]
         };
         let dir = lab.dir.clone();
@@ -149,6 +151,51 @@ impl ClusterLab {
     }
 }
 
+/// Cuts (or heals) the destination namespace off the raft group: its raft
+/// port takes nothing in and it reaches no peer's raft port. The data port
+/// (migrations) is untouched.
+fn partition_dst(lab: &Lab, cut: bool) {
+    let flag = if cut { "-I" } else { "-D" };
+    for rule in [
+        vec!["INPUT", "-p", "tcp", "--dport", "7102", "-j", "DROP"],
+        vec![
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "-m",
+            "multiport",
+            "--dports",
+            "7101,7103",
+            "-j",
+            "DROP",
+        ],
+    ] {
+        let out = Command::new("ip")
+            .args(["netns", "exec", lab.dst_ns(), "iptables", flag])
+            .args(&rule)
+            .output()
+            .expect("iptables");
+        assert!(
+            out.status.success(),
+            "iptables {flag} {rule:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// The destination agent's prepared entry for `name` (from `stats`).
+fn prepared(agent: &Path, name: &str) -> Value {
+    let v = control_request(agent, &json!({"op": "stats"})).expect("stats");
+    v["prepared"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .rev()
+        .find(|e| e["name"] == name)
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
 fn status(agent: &Path) -> Value {
     control_request(agent, &json!({"op": "cluster_status"})).expect("cluster_status")["status"]
         .clone()
@@ -168,6 +215,15 @@ fn record(agent: &Path, guest: &str) -> Value {
 
 /// Waits until `agent`'s registry shows `guest` matching `pred`.
 fn wait_record(agent: &Path, guest: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    wait_record_for(agent, guest, Duration::from_secs(10), pred)
+}
+
+fn wait_record_for(
+    agent: &Path,
+    guest: &str,
+    timeout: Duration,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
     let t0 = Instant::now();
     loop {
         let r = record(agent, guest);
@@ -175,7 +231,7 @@ fn wait_record(agent: &Path, guest: &str, pred: impl Fn(&Value) -> bool) -> Valu
             return r;
         }
         assert!(
-            t0.elapsed() < Duration::from_secs(10),
+            t0.elapsed() < timeout,
             "registry at {} never matched; it shows {r}",
             agent.display()
         );
@@ -462,4 +518,103 @@ fn libvirt_hook_asks_the_cluster_before_accepting_a_migration() {
     wait_record(&src, GUEST, |r| r["owner"] == 2);
     let (ok, err) = hook_migrate_begin(&src, &dir, "g-back");
     assert!(ok, "migration back to host 1 refused: {err}");
+}
+
+/// The transport gate, as libvirt-driven migrations use it: the destination
+/// agent is told (as the libvirt hook does at `migrate begin`) that the
+/// incoming migration is gated, records the intent, and holds the end of the
+/// main channel until the ownership transfer commits. The source QEMU is
+/// driven without any gate of its own, with a return path (libvirt's
+/// default), so the source never closes first and the gate opens when the
+/// held tail is QEMU's end of stream and the channel goes quiet.
+#[test]
+fn transport_gate_commits_before_the_destination_can_finish() {
+    let t0 = Instant::now();
+    let c = ClusterLab::new("ctgate", false);
+    let lab = &c.lab;
+    let dst = lab.dst_agent().control();
+    let mig = MigrationSpec::default();
+    assert!(mig.return_path);
+    let pair = boot_pair(lab, &GuestSpec::default(), &mig).expect("boot guests");
+    let v = control_request(
+        &dst,
+        &json!({"op": "prepare", "name": mig.name, "uuid": GUEST, "gate": true, "src_node": 1}),
+    )
+    .expect("gated prepare");
+    assert_eq!(v["prepared"]["gate"]["state"], "intent", "{v}");
+    assert_eq!(v["prepared"]["gate"]["epoch"], 1, "{v}");
+    wait_record(&lab.src_agent().control(), GUEST, |r| {
+        r["migration"]["state"] == "intent"
+    });
+    let r = dwcp_migrate(lab, &pair, &mig).unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
+    assert_eq!(r["status"], "completed", "{r}");
+    let p = prepared(&dst, &mig.name);
+    assert_eq!(p["gate"]["state"], "released", "{p}");
+    let commit_ms = p["gate"]["commit_ms"].as_u64().expect("commit_ms");
+    let v = verify(&pair, r, &scratch_dir(lab).unwrap()).expect("verification");
+    assert_eq!(v.memory.differing_pages, 0);
+    for agent in [
+        lab.src_agent().control(),
+        dst.clone(),
+        c.third.as_ref().unwrap().control(),
+    ] {
+        let rec = wait_record(&agent, GUEST, |r| r["owner"] == 2);
+        assert_eq!(rec["migration"]["state"], "committed", "{rec}");
+    }
+    eprintln!(
+        "transport gate: total {} ms, downtime {} ms, commit {commit_ms} ms; test {:.1} s",
+        v.result["total_time_ms"],
+        v.result["downtime_ms"],
+        t0.elapsed().as_secs_f64()
+    );
+}
+
+/// The destination loses the raft majority after the intent is recorded:
+/// the gate cannot commit, so QEMU on the destination never gets the end of
+/// the stream, the migration fails, the guest keeps running on the source,
+/// and once the partition heals the destination agent's background settle
+/// aborts the intent (the registry agrees with reality).
+#[test]
+fn transport_gate_without_quorum_fails_the_migration_and_guest_stays() {
+    let t0 = Instant::now();
+    let c = ClusterLab::new("ctnoq", false);
+    let lab = &c.lab;
+    let (src, dst) = (lab.src_agent().control(), lab.dst_agent().control());
+    let mig = MigrationSpec::default();
+    let pair = boot_pair(lab, &GuestSpec::default(), &mig).expect("boot guests");
+    control_request(
+        &dst,
+        &json!({"op": "prepare", "name": mig.name, "uuid": GUEST, "gate": true, "src_node": 1}),
+    )
+    .expect("gated prepare");
+    partition_dst(lab, true);
+    let e = dwcp_migrate(lab, &pair, &mig).expect_err("migration completed without quorum");
+    let e = format!("{e:#}");
+    assert!(e.contains("failed"), "{e}");
+    // The guest runs on the source, intact; the destination never ran it.
+    assert_eq!(pair.src.qmp().unwrap().status().unwrap(), "running");
+    let last = pair.src.heartbeats().last().map(|h| h.seq).unwrap_or(0);
+    pair.src
+        .expect_heartbeats(last, 2, Duration::from_secs(20))
+        .expect("source guest alive");
+    assert!(pair.src.errors().is_empty(), "{:?}", pair.src.errors());
+    if let Ok(mut q) = pair.dst.qmp() {
+        assert_ne!(q.status().unwrap_or_default(), "running");
+    }
+    let p = prepared(&dst, &mig.name);
+    assert_eq!(p["state"], "failed", "{p}");
+    assert!(
+        matches!(p["gate"]["state"].as_str(), Some("closed" | "aborted")),
+        "{p}"
+    );
+    // Heal: the destination's settle thread records the abort.
+    partition_dst(lab, false);
+    let rec = wait_record_for(&src, GUEST, Duration::from_secs(30), |r| {
+        r["migration"]["state"] == "aborted"
+    });
+    assert_eq!(rec["owner"], 1, "{rec}");
+    eprintln!(
+        "transport gate without quorum: migrate said {e:?}; test {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
 }

@@ -117,6 +117,10 @@ impl TailHold {
 
     /// Whether the held bytes end with QEMU's end of stream.
     pub fn ends_stream(&self) -> bool {
+        // Cheap first: QEMU's end is a JSON object.
+        if self.frames.back().and_then(|f| f.last()) != Some(&b'}') {
+            return false;
+        }
         let tail: Vec<u8> = self.frames.iter().flatten().copied().collect();
         qemu_stream_end(&tail).is_some()
     }

@@ -1251,8 +1251,11 @@ impl Target {
 
 /// How long the gated main channel must be quiet, with QEMU's end of stream
 /// held, before the gate runs (the source QEMU, waiting on its return path
-/// for the destination, sends nothing more and does not close).
-const GATE_QUIET: Duration = Duration::from_millis(30);
+/// for the destination, sends nothing more and does not close). A pause in
+/// the middle of the stream that happens to end like QEMU's end only commits
+/// early: the channel stays held, so QEMU still cannot finish before the real
+/// end, and a session that then fails with bytes held reverts the transfer.
+const GATE_QUIET: Duration = Duration::from_millis(10);
 
 /// The main channel's cutover gate on the destination (see [`super::gate`]).
 struct Held {
