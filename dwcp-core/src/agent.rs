@@ -31,7 +31,10 @@
 //! `{"op":"revert","guest":UUID,"epoch":E}` (a committed migration failed late:
 //! the source owns the guest again) and `{"op":"settle","guest":UUID,"epoch":E,
 //! "revert_if_committed":BOOL}` (abort, or revert, in the background, retried
-//! until the cluster has a quorum). A `prepare` with `"gate": true` (and the
+//! until the cluster has a quorum), and `{"op":"reconcile","guest":UUID}`: after a
+//! failed migration, on the host running the guest again, abort or revert
+//! whatever the registry still shows for its latest migration out of here.
+//! A `prepare` with `"gate": true` (and the
 //! guest's `uuid`) gates the migration's cutover on the cluster: see
 //! [`crate::cutover`] and docs/consensus.md.
 
@@ -128,6 +131,8 @@ struct State {
     prepared: Mutex<VecDeque<Prepared>>,
     /// Intents recorded through this agent since it started (`guest@epoch`).
     fresh_intents: Arc<Mutex<HashSet<String>>>,
+    /// `commit` requests under way (shown in `stats`).
+    commits_in_flight: std::sync::atomic::AtomicUsize,
 }
 
 const KEEP_SESSIONS: usize = 32;
@@ -385,6 +390,7 @@ impl Agent {
             sessions: Mutex::new(VecDeque::new()),
             prepared: Mutex::new(VecDeque::new()),
             fresh_intents: Arc::new(Mutex::new(HashSet::new())),
+            commits_in_flight: Default::default(),
         });
         if let Some(c) = &state.cfg.cluster {
             reconcile_on_start(c.clone(), state.fresh_intents.clone());
@@ -646,7 +652,8 @@ fn handle_control(st: &Arc<State>, line: &str) -> Value {
                 .map(|r| json!({"name": r.name, "to": r.to.to_string(), "socket": r.socket, "streams": r.cfg.streams, "codec": r.cfg.codec_name(), "settings_from": r.settings_from}))
                 .collect();
             let prepared: Vec<Value> = st.prepared.lock().iter().map(Prepared::to_json).collect();
-            json!({"ok": true, "sessions": sessions, "routes": routes, "prepared": prepared})
+            json!({"ok": true, "sessions": sessions, "routes": routes, "prepared": prepared,
+                   "commits_in_flight": st.commits_in_flight.load(Ordering::Relaxed)})
         }
         "unroute" => {
             let name = req["name"].as_str().unwrap_or("");
@@ -675,9 +682,8 @@ fn handle_control(st: &Arc<State>, line: &str) -> Value {
                 json!({"ok": false, "error": format!("{op}: {e}")})
             })
         }
-        op @ ("cluster_status" | "guests" | "begin" | "commit" | "abort" | "revert" | "settle") => {
-            cluster_control(st, op, &req)
-        }
+        op @ ("cluster_status" | "guests" | "begin" | "commit" | "abort" | "revert" | "settle"
+        | "reconcile") => cluster_control(st, op, &req),
         other => {
             json!({"ok": false, "error": format!("unknown op {other:?}: use route, unroute, stats, ping, prepare, started, release, cluster_status, guests, begin, commit or abort")})
         }
@@ -706,10 +712,57 @@ fn cluster_control(st: &Arc<State>, op: &str, req: &Value) -> Value {
             Ok(json!({"ok": true, "epoch": epoch}))
         })(),
         "commit" => num("epoch").and_then(|e| {
-            c.commit(guest, e)?;
+            st.commits_in_flight.fetch_add(1, Ordering::AcqRel);
+            if let Some(d) = crate::cutover::failpoint_delay() {
+                std::thread::sleep(d);
+            }
+            let r = c.commit(guest, e);
+            st.commits_in_flight.fetch_sub(1, Ordering::AcqRel);
+            r?;
             info!(guest, epoch = e, "ownership transfer committed");
             Ok(json!({"ok": true}))
         }),
+        "reconcile" => {
+            // After a failed migration, on the host where the guest runs
+            // again (the source): close what the registry still shows for
+            // the guest's latest migration out of this host.
+            let me = c.node_id();
+            let rec = c.guests()["guests"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|g| g["guest"].as_str() == Some(guest))
+                .cloned();
+            let m = rec
+                .as_ref()
+                .map(|r| r["migration"].clone())
+                .unwrap_or(Value::Null);
+            let action = match (
+                m["source"].as_u64(),
+                m["state"].as_str(),
+                m["epoch"].as_u64(),
+            ) {
+                (Some(src), Some("intent"), Some(e)) if src == me => {
+                    Some((e, Settle::Abort, "abort"))
+                }
+                (Some(src), Some("committed"), Some(e)) if src == me => {
+                    Some((e, Settle::Revert, "revert"))
+                }
+                _ => None,
+            };
+            match action {
+                Some((e, how, name)) => {
+                    info!(
+                        guest,
+                        epoch = e,
+                        "reconcile: the guest runs on this host (the source) again: {name}"
+                    );
+                    settle(c.clone(), guest.to_string(), e, how, None);
+                    Ok(json!({"ok": true, "action": name, "epoch": e}))
+                }
+                None => Ok(json!({"ok": true, "action": "none", "record": rec})),
+            }
+        }
         "settle" => num("epoch").map(|e| {
             // In the background, retried until the cluster has a quorum.
             let how = if req["revert_if_committed"] == true {

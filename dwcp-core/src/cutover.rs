@@ -66,7 +66,7 @@ pub struct AgentGate {
 
 /// Test failpoint: `DWCP_FAILPOINT_GATE_DELAY_MS` delays every commit by this
 /// much, so fault-injection tests can act while the tail is held.
-fn failpoint_delay() -> Option<Duration> {
+pub(crate) fn failpoint_delay() -> Option<Duration> {
     std::env::var("DWCP_FAILPOINT_GATE_DELAY_MS")
         .ok()
         .and_then(|v| v.parse().ok())

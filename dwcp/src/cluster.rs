@@ -352,12 +352,22 @@ impl Gate {
     /// transfer when the commit had gone through, retrying until the cluster
     /// has a quorum. Returns the error text when the agent did not take it.
     pub fn settle(&self) -> Option<String> {
-        control_request(
-            &self.agent,
-            &json!({"op": "settle", "guest": self.guest, "epoch": self.epoch,
-                    "revert_if_committed": true}),
-        )
-        .err()
+        // The agent may be restarting (it died with the migration): keep
+        // asking for a while, since nothing else knows the guest is back.
+        let t0 = Instant::now();
+        loop {
+            match control_request(
+                &self.agent,
+                &json!({"op": "settle", "guest": self.guest, "epoch": self.epoch,
+                        "revert_if_committed": true}),
+            ) {
+                Ok(_) => return None,
+                Err(e) if t0.elapsed() > Duration::from_secs(30) || e.contains("not a cluster") => {
+                    return Some(e)
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(250)),
+            }
+        }
     }
 }
 

@@ -6,6 +6,7 @@
 //! Used by the end-to-end tests in `tests/tests/`, by `dwcp demo` and by the
 //! benchmarks. Everything is real: namespaces, sockets, QEMU, agents.
 
+pub mod cluster;
 pub mod demo;
 
 use std::fs::File;

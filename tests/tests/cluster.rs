@@ -3,241 +3,22 @@
 //! agent, node 2 the destination agent, node 3 a third agent in the source
 //! namespace (cluster member only). Needs root (namespaces) and QEMU 10.0.
 
-use std::fs::File;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use dwcp_core::agent::control_request;
+use dwcp_harness::cluster::{
+    partition_dst, prepared, raft_log_bytes, record, spawn_migrate, wait_record, wait_record_for,
+    ClusterLab,
+};
 use dwcp_harness::{
-    boot_pair, dwcp_bin, dwcp_migrate, scratch_dir, verify, AgentProc, GuestPair, GuestSpec, Lab,
-    Middle, MigrationSpec,
+    boot_pair, dwcp_bin, dwcp_migrate, scratch_dir, verify, GuestSpec, MigrationSpec,
 };
 use serde_json::{json, Value};
 
-const CLUSTER_ID: &str = "6060";
 /// The guest UUID the tests give `--guest-uuid`.
 const GUEST: &str = "d3c0a1e2-0000-4000-8000-000000000001";
-
-struct ClusterLab {
-    lab: Lab,
-    third: Option<AgentProc>,
-    third_args: Vec<String>,
-}
-
-impl ClusterLab {
-    /// Two hosts whose agents, and a third agent in the source namespace, form a
-    /// raft cluster. With `dst_blocked`, nodes 1 and 3 know node 2 at an address
-    /// nothing listens on: the destination can never take part in a quorum.
-    fn new(tag: &str, dst_blocked: bool) -> ClusterLab {
-        let mut lab = Lab::new(tag, Middle::Bridge, &[]).expect("lab");
-        let (s, d) = (lab.topo.src_ip, lab.topo.dst_ip);
-        let dst_seen = if dst_blocked {
-            format!("{d}:7199")
-        } else {
-            format!("{d}:7102")
-        };
-        let peers_of_others = format!("1={s}:7101,2={dst_seen},3={s}:7103");
-        let peers_of_dst = format!("1={s}:7101,2={d}:7102,3={s}:7103");
-        let args = |id: u32, listen: String, peers: &str, dir: &Path| -> Vec<String> {
-            vec![
-                "--node-id".into(),
-                id.to_string(),
-                "--cluster-id".into(),
-                CLUSTER_ID.into(),
-                "--raft-listen".into(),
-                listen,
-                "--peers".into(),
-                peers.into(),
-                "--data-dir".into(),
-                dir.join(format!("raft-{id}")).display().to_string(),
-                "--gate-timeout-ms".into(),
-                "2000".into(),
-            ]
-        };
-        let dir = lab.dir.clone();
-        // Restart the lab's agents as cluster members.
-        lab.agent_args = args(1, format!("{s}:7101"), &peers_of_others, &dir);
-        drop(lab.src_agent.take());
-        lab.start_agent(true).expect("source agent with cluster");
-        lab.agent_args = args(2, format!("{d}:7102"), &peers_of_dst, &dir);
-        drop(lab.dst_agent.take());
-        lab.start_agent(false)
-            .expect("destination agent with cluster");
-        let third_args = args(3, format!("{s}:7103"), &peers_of_others, &dir);
-        let mut c = ClusterLab {
-            lab,
-            third: None,
-            third_args,
-        };
-        c.start_third();
-        let mut members = vec![
-            c.lab.src_agent().control(),
-            c.third.as_ref().unwrap().control(),
-        ];
-        if !dst_blocked {
-            members.push(c.lab.dst_agent().control());
-        }
-        for m in members {
-            c.wait_leader(&m, Duration::from_secs(15));
-        }
-        c
-    }
-
-    fn start_third(&mut self) {
-        let run_dir = self.lab.dir.join("third-run");
-        std::fs::create_dir_all(&run_dir).unwrap();
-        let log = self.lab.dir.join("third-agent.log");
-        let logf = File::options()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .unwrap();
-        let child: Child = self
-            .lab
-            .topo
-            .exec(self.lab.src_ns(), dwcp_bin().unwrap())
-            .args(["--log", "info", "agent", "--run-dir"])
-            .arg(&run_dir)
-            .args(&self.third_args)
-            .stdin(Stdio::null())
-            .stdout(logf.try_clone().unwrap())
-            .stderr(logf)
-            .spawn()
-            .expect("third agent");
-        let a = AgentProc {
-            child,
-            run_dir,
-            log,
-        };
-        let t0 = Instant::now();
-        while control_request(&a.control(), &json!({"op": "ping"})).is_err() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(10),
-                "third agent did not start:\n{}",
-                a.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        self.third = Some(a);
-    }
-
-    fn wait_leader(&self, agent: &Path, timeout: Duration) -> u64 {
-        let t0 = Instant::now();
-        loop {
-            let st = status(agent);
-            if let Some(l) = st["leader"].as_u64() {
-                return l;
-            }
-            assert!(
-                t0.elapsed() < timeout,
-                "no raft leader within {timeout:?}: {st}\n{}",
-                self.logs()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn logs(&self) -> String {
-        format!(
-            "source agent log:\n{}\ndestination agent log:\n{}\nthird agent log:\n{}",
-            self.lab.src_agent().log_text(),
-            self.lab.dst_agent().log_text(),
-            self.third
-                .as_ref()
-                .map(AgentProc::log_text)
-                .unwrap_or_default()
-        )
-    }
-}
-
-/// Cuts (or heals) the destination namespace off the raft group: its raft
-/// port takes nothing in and it reaches no peer's raft port. The data port
-/// (migrations) is untouched.
-fn partition_dst(lab: &Lab, cut: bool) {
-    let flag = if cut { "-I" } else { "-D" };
-    for rule in [
-        vec!["INPUT", "-p", "tcp", "--dport", "7102", "-j", "DROP"],
-        vec![
-            "OUTPUT",
-            "-p",
-            "tcp",
-            "-m",
-            "multiport",
-            "--dports",
-            "7101,7103",
-            "-j",
-            "DROP",
-        ],
-    ] {
-        let out = Command::new("ip")
-            .args(["netns", "exec", lab.dst_ns(), "iptables", flag])
-            .args(&rule)
-            .output()
-            .expect("iptables");
-        assert!(
-            out.status.success(),
-            "iptables {flag} {rule:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-}
-
-/// The destination agent's prepared entry for `name` (from `stats`).
-fn prepared(agent: &Path, name: &str) -> Value {
-    let v = control_request(agent, &json!({"op": "stats"})).expect("stats");
-    v["prepared"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .rev()
-        .find(|e| e["name"] == name)
-        .cloned()
-        .unwrap_or(Value::Null)
-}
-
-fn status(agent: &Path) -> Value {
-    control_request(agent, &json!({"op": "cluster_status"})).expect("cluster_status")["status"]
-        .clone()
-}
-
-/// The registry record of `guest` as `agent`'s member has applied it.
-fn record(agent: &Path, guest: &str) -> Value {
-    let v = control_request(agent, &json!({"op": "guests"})).expect("guests");
-    v["guests"]["guests"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|g| g["guest"] == guest)
-        .cloned()
-        .unwrap_or(Value::Null)
-}
-
-/// Waits until `agent`'s registry shows `guest` matching `pred`.
-fn wait_record(agent: &Path, guest: &str, pred: impl Fn(&Value) -> bool) -> Value {
-    wait_record_for(agent, guest, Duration::from_secs(10), pred)
-}
-
-fn wait_record_for(
-    agent: &Path,
-    guest: &str,
-    timeout: Duration,
-    pred: impl Fn(&Value) -> bool,
-) -> Value {
-    let t0 = Instant::now();
-    loop {
-        let r = record(agent, guest);
-        if pred(&r) {
-            return r;
-        }
-        assert!(
-            t0.elapsed() < timeout,
-            "registry at {} never matched; it shows {r}",
-            agent.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 fn gate_args(extra: &[&str]) -> Vec<String> {
     let mut v: Vec<String> = ["--gate", "--guest-uuid", GUEST, "--dst-node", "2"]
@@ -246,27 +27,6 @@ fn gate_args(extra: &[&str]) -> Vec<String> {
         .collect();
     v.extend(extra.iter().map(|s| s.to_string()));
     v
-}
-
-/// `dwcp migrate` as `dwcp_migrate` runs it, in the background.
-fn spawn_migrate(lab: &Lab, pair: &GuestPair, mig: &MigrationSpec) -> Child {
-    Command::new(dwcp_bin().unwrap())
-        .args(["--log", "warn", "migrate", "--json", "--qmp"])
-        .arg(&pair.src.qmp_path)
-        .args(["--to", &lab.dst_addr(), "--name", &mig.name, "--agent"])
-        .arg(lab.src_agent().control())
-        .args(["--streams", &mig.streams.to_string(), "--codec", &mig.codec])
-        .arg("--return-path")
-        .args(&mig.extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("dwcp migrate")
-}
-
-fn raft_log_bytes(dir: &Path, id: u32) -> u64 {
-    let p: PathBuf = dir.join(format!("raft-{id}")).join("raft.log");
-    p.metadata().map(|m| m.len()).unwrap_or(0)
 }
 
 #[test]
