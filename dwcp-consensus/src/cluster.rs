@@ -459,6 +459,13 @@ pub struct BenchResult {
     pub failed: usize,
     /// Time to elect the first leader, ms.
     pub election_ms: f64,
+    /// Leader failover: from stopping the leader (node 1) until another
+    /// member leads, ms.
+    #[serde(default)]
+    pub failover_ms: f64,
+    /// Where the members ran: `loopback`, or a link profile.
+    #[serde(default)]
+    pub link: String,
 }
 
 /// Commits `ops` registry commands through a `nodes`-member cluster on loopback TCP
@@ -483,8 +490,7 @@ fn bench_in(
     ops: usize,
     batch: usize,
 ) -> Result<BenchResult, ClusterError> {
-    let cluster_id = rand::random::<u64>();
-    let mut listeners = Vec::new();
+    let mut listeners = std::collections::HashMap::new();
     let mut peers = Vec::new();
     for i in 1..=nodes as u64 {
         let l = TcpListener::bind("127.0.0.1:0").map_err(|source| ClusterError::Listen {
@@ -495,30 +501,62 @@ fn bench_in(
             id: i,
             addr: l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         });
-        listeners.push(l);
+        listeners.insert(i, l);
     }
+    let listeners = parking_lot::Mutex::new(listeners);
+    bench_placed(base, peers, ops, batch, "loopback", &|cfg| {
+        let l = listeners
+            .lock()
+            .remove(&cfg.node_id)
+            .expect("one listener per member");
+        Cluster::start_with_listener(cfg, l)
+    })
+}
+
+/// [`bench_commits`] on members placed by the caller: `start` starts the
+/// member of each config (e.g. from a thread inside that host's network
+/// namespace, so its sockets live there); `peers` are their addresses.
+/// Node 1 is made leader and proposes; afterwards it is stopped and the time
+/// until another member leads is the failover time.
+pub fn bench_placed(
+    base: &std::path::Path,
+    peers: Vec<PeerAddr>,
+    ops: usize,
+    batch: usize,
+    link: &str,
+    start: &dyn Fn(ClusterConfig) -> Result<Cluster, ClusterError>,
+) -> Result<BenchResult, ClusterError> {
+    let nodes = peers.len();
+    let batch = batch.max(1);
+    let cluster_id = rand::random::<u64>();
     let t0 = Instant::now();
     let mut members = Vec::new();
-    for (i, l) in listeners.into_iter().enumerate() {
-        let id = i as u64 + 1;
+    for p in &peers {
         let mut cfg = ClusterConfig::new(
-            id,
+            p.id,
             peers.clone(),
-            base.join(format!("n{id}")),
+            base.join(format!("n{}", p.id)),
             cluster_id,
-            "",
+            &p.addr,
         );
         cfg.node.snapshot_interval = 5_000;
-        members.push(Cluster::start_with_listener(cfg, l)?);
+        members.push(start(cfg)?);
     }
-    // Make node 1 the leader so latency is measured where proposals are made.
+    // Make node 1 the leader so latency is measured where proposals are
+    // made: it campaigns first; if another member won, that one hands over.
     members[0].node().campaign();
     let mut leader = None;
-    while t0.elapsed() < Duration::from_secs(10) {
+    while t0.elapsed() < Duration::from_secs(20) {
         let st = members[0].node().status();
         if st.role == "leader" {
             leader = Some(0);
             break;
+        }
+        if let Some(l) = st.leader.filter(|&l| l != 1) {
+            if let Some(m) = members.iter().find(|m| m.id() == l) {
+                m.node().transfer_leader(1);
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
         std::thread::sleep(Duration::from_millis(2));
     }
@@ -561,6 +599,21 @@ fn bench_in(
             lat[((lat.len() as f64 - 1.0) * p).round() as usize]
         }
     };
+    // Failover: stop the leader, wait until another member leads.
+    let mut failover_ms = 0.0;
+    if members.len() > 2 {
+        let old = members.remove(0);
+        let tf = Instant::now();
+        old.shutdown();
+        while tf.elapsed() < Duration::from_secs(20) {
+            let led = members.iter().any(|m| m.node().status().role == "leader");
+            if led {
+                failover_ms = tf.elapsed().as_secs_f64() * 1e3;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
     let res = BenchResult {
         nodes,
         ops,
@@ -571,6 +624,8 @@ fn bench_in(
         ops_per_sec: (ops - failed) as f64 / secs,
         failed,
         election_ms,
+        failover_ms,
+        link: link.to_string(),
     };
     drop(members);
     Ok(res)

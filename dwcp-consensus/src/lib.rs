@@ -23,7 +23,8 @@ pub mod storage;
 mod testnet;
 
 pub use cluster::{
-    bench_commits, BenchResult, Cluster, ClusterConfig, ClusterError, ClusterStatus, PeerAddr,
+    bench_commits, bench_placed, BenchResult, Cluster, ClusterConfig, ClusterError, ClusterStatus,
+    PeerAddr,
 };
 pub use node::{NodeConfig, NodeStatus, ProposeError};
 pub use registry::{

@@ -266,8 +266,8 @@ impl TcpTransport {
         if self.inner.stop.swap(true, Ordering::SeqCst) {
             return;
         }
-        // Wake the accept loop.
-        let _ = TcpStream::connect_timeout(&self.inner.local, Duration::from_millis(200));
+        // The accept loop polls `stop` (a wake-up connection would have to
+        // come from the listener's network namespace, which may not be ours).
         if let Some(h) = self.inner.accept.lock().take() {
             let _ = h.join();
         }
@@ -285,11 +285,28 @@ impl TcpTransport {
 }
 
 fn accept_loop(inner: Arc<Inner>, listener: TcpListener, mailbox: Mailbox) {
-    for conn in listener.incoming() {
+    if let Err(e) = listener.set_nonblocking(true) {
+        tracing::error!(node = inner.id, "raft listener: {e}");
+        return;
+    }
+    loop {
         if inner.stop.load(Ordering::SeqCst) {
             break;
         }
-        let Ok(conn) = conn else { continue };
+        let conn = match listener.accept() {
+            Ok((c, _)) => c,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
+            Err(_) => {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
+        };
+        if conn.set_nonblocking(false).is_err() {
+            continue;
+        }
         let _ = conn.set_nodelay(true);
         let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
         if let Ok(c) = conn.try_clone() {

@@ -181,6 +181,7 @@ enum Input {
     Propose(Command, Reply),
     Conf(ConfChange, Option<String>, Reply),
     Campaign,
+    TransferLeader(u64),
     Stop,
 }
 
@@ -371,6 +372,12 @@ impl Node {
         let _ = self.tx.send(Input::Campaign);
     }
 
+    /// Asks this node, if it leads, to hand leadership to `to` (raft's
+    /// leader transfer; planned moves and benchmarks).
+    pub fn transfer_leader(&self, to: u64) {
+        let _ = self.tx.send(Input::TransferLeader(to));
+    }
+
     /// The node's current view of the group.
     pub fn status(&self) -> NodeStatus {
         self.shared.status.read().clone()
@@ -523,6 +530,7 @@ impl<T: Transport> Worker<T> {
                     tracing::debug!(node = self.cfg.id, error = %e, "campaign refused");
                 }
             }
+            Input::TransferLeader(to) => self.raw.transfer_leader(to),
             Input::Stop => return true,
         }
         false

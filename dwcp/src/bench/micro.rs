@@ -379,25 +379,106 @@ pub struct ConsensusArgs {
     /// Proposals in flight at once.
     #[arg(long, default_value_t = 8)]
     pub batch: usize,
+    /// Where the members run: `loopback` (one host), or a link profile
+    /// (dc, wan, internet, ...): the leader and a minority of members on one
+    /// side of the emulated link, the majority on the other, so every
+    /// commit crosses the link once.
+    #[arg(long, value_delimiter = ',', default_value = "loopback")]
+    pub link: Vec<String>,
 }
 
 pub fn consensus(a: &ConsensusArgs) -> Result<Vec<dwcp_consensus::BenchResult>> {
-    a.nodes
-        .iter()
-        .map(|&n| {
-            dwcp_consensus::bench_commits(n, a.ops, a.batch).map_err(|e| anyhow!("{n} nodes: {e}"))
+    let mut out = Vec::new();
+    for link in &a.link {
+        for &n in &a.nodes {
+            let r = if link == "loopback" {
+                dwcp_consensus::bench_commits(n, a.ops, a.batch)
+                    .map_err(|e| anyhow!("{n} nodes: {e}"))?
+            } else {
+                consensus_over_link(link, n, a.ops, a.batch)
+                    .with_context(|| format!("{n} nodes over {link}"))?
+            };
+            out.push(r);
+        }
+    }
+    Ok(out)
+}
+
+/// Members in the two namespaces of an emulated link: ids 1..=k (k =
+/// (n-1)/2, a minority, node 1 the leader) on the source side, the rest on
+/// the destination side. Each member is started from a thread inside its
+/// namespace, so its sockets (and the threads it spawns) live there.
+fn consensus_over_link(
+    link: &str,
+    n: usize,
+    ops: usize,
+    batch: usize,
+) -> Result<dwcp_consensus::BenchResult> {
+    let prof: dwcp_harness::Profile = link.parse().map_err(|e| anyhow!("--link {link:?}: {e}"))?;
+    let prefix = format!("dwcons{}", std::process::id() % 100000);
+    let subnet = 100 + (std::process::id() % 150) as u8;
+    let topo = linkem::Topology::create(&prefix, subnet, prof.middle())
+        .context("creating the two hosts")?;
+    let k = (n.max(1) - 1) / 2;
+    let side = |id: u64| -> (String, std::net::Ipv4Addr) {
+        if id as usize <= k.max(1) {
+            (topo.src_ns.clone(), topo.src_ip)
+        } else {
+            (topo.dst_ns.clone(), topo.dst_ip)
+        }
+    };
+    let peers: Vec<dwcp_consensus::PeerAddr> = (1..=n as u64)
+        .map(|id| dwcp_consensus::PeerAddr {
+            id,
+            addr: format!("{}:{}", side(id).1, 7300 + id),
         })
-        .collect()
+        .collect();
+    let base = std::env::temp_dir().join(format!("{prefix}-raft"));
+    let _ = std::fs::remove_dir_all(&base);
+    let r = dwcp_consensus::bench_placed(&base, peers, ops, batch, link, &|cfg| {
+        let (ns, _) = side(cfg.node_id);
+        linkem::sys::in_netns(&ns, move || {
+            let l = std::net::TcpListener::bind(&cfg.listen).map_err(|source| {
+                dwcp_consensus::ClusterError::Listen {
+                    addr: cfg.listen.clone(),
+                    source,
+                }
+            })?;
+            dwcp_consensus::Cluster::start_with_listener(cfg, l)
+        })
+        .map_err(|e| dwcp_consensus::ClusterError::Listen {
+            addr: ns.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })?
+    });
+    let _ = std::fs::remove_dir_all(&base);
+    drop(topo);
+    r.map_err(|e| anyhow!("{e}"))
 }
 
 pub fn print_consensus(r: &[dwcp_consensus::BenchResult]) {
     println!(
-        "{:>6} {:>6} {:>6} {:>9} {:>9} {:>9} {:>10} {:>7} {:>12}",
-        "nodes", "ops", "batch", "p50 ms", "p99 ms", "max ms", "ops/s", "failed", "election ms"
+        "{:>9} {:>6} {:>6} {:>6} {:>9} {:>9} {:>9} {:>10} {:>7} {:>12} {:>12}",
+        "link",
+        "nodes",
+        "ops",
+        "batch",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "ops/s",
+        "failed",
+        "election ms",
+        "failover ms"
     );
     for b in r {
         println!(
-            "{:>6} {:>6} {:>6} {:>9.2} {:>9.2} {:>9.2} {:>10.0} {:>7} {:>12.0}",
+            "{:>9} {:>6} {:>6} {:>6} {:>9.2} {:>9.2} {:>9.2} {:>10.0} {:>7} {:>12.0} {:>12.0}",
+            if b.link.is_empty() {
+                "loopback"
+            } else {
+                &b.link
+            },
             b.nodes,
             b.ops,
             b.batch,
@@ -406,7 +487,8 @@ pub fn print_consensus(r: &[dwcp_consensus::BenchResult]) {
             b.max_ms,
             b.ops_per_sec,
             b.failed,
-            b.election_ms
+            b.election_ms,
+            b.failover_ms
         );
     }
 }

@@ -176,6 +176,7 @@ fn suite(r: &RunArgs, res: &mut Results) -> Result<()> {
         nodes: vec![3, 5],
         ops: 500,
         batch: 8,
+        link: vec!["loopback".into(), "internet".into()],
     };
     // Units: one per migration run / stream count, plus hde and consensus.
     let runs: u64 = compares.iter().map(|c| c.runs() as u64).sum();
