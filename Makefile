@@ -5,7 +5,7 @@ CARGO ?= cargo
 DWCP := target/release/dwcp
 GUEST := tests/guest/out/initrd.img
 
-.PHONY: all setup build guest demo test lint unit e2e ffi qemu qemu-test qemu-upstream libvirt-test libvirt-bench bench bench-full clean help
+.PHONY: all setup build guest demo test lint unit e2e ffi qemu qemu-test qemu-upstream libvirt-test libvirt-bench bench bench-full soak bench-gate bench-consensus clean help
 
 all: build
 
@@ -15,6 +15,9 @@ help:
 	@echo "make bench  - side-by-side benchmarks against QEMU's own channel (see docs/benchmarks.md)"
 	@echo "make bench-full - every figure of docs/benchmarks.md (about an hour)"
 	@echo "make libvirt-bench - virsh migrate through DWCP against libvirt's own transport (docs/libvirt.md)"
+	@echo "make soak   - 200 randomized fault-injection runs on gated migrations (about an hour; make test runs 4)"
+	@echo "make bench-gate - what the cutover gate adds to a migration, dc and internet links"
+	@echo "make bench-consensus - raft commit latency, throughput and failover over dc and internet links"
 	@echo "make qemu   - build QEMU with the dwcp: migration URI (qemu-patches/)"
 	@echo "make qemu-upstream - the upstream rebase on the newest QEMU Debian serves: git am, checkpatch, build, smoke (not in make test)"
 
@@ -88,6 +91,26 @@ bench: build guest
 # About an hour here; results in dwcp-bench/full/.
 bench-full: build guest
 	bash scripts/bench-full.sh
+
+# Randomized fault injection on real migrations through a 3-agent cluster
+# (tests/tests/soak.rs): SOAK_RUNS runs from SOAK_SEED; `make test` runs the
+# first 4 of seed 1. Report: target/soak.json.
+SOAK_RUNS ?= 200
+SOAK_SEED ?= 2026
+soak: build guest
+	DWCP_SOAK_RUNS=$(SOAK_RUNS) DWCP_SOAK_SEED=$(SOAK_SEED) DWCP_SOAK_REPORT=$(CURDIR)/target/soak.json \
+	  $(CARGO) test --release -p dwcp-harness --test soak -- --nocapture
+
+# The cutover gate's cost: ungated, QMP gate and transport gate side by side.
+bench-gate: build guest
+	for l in dc internet; do \
+	  DWCP_GATE_LINK=$$l DWCP_GATE_REPORT=$(CURDIR)/target/gate-$$l.json \
+	    $(CARGO) test --release -p dwcp-harness --test cluster gate_cost_over_link -- --ignored --nocapture || exit 1; \
+	done
+
+bench-consensus: build
+	$(DWCP) benchmark consensus --link loopback,dc,internet --nodes 3,5 --ops 500 --batch 1 --output dwcp-bench/consensus-1
+	$(DWCP) benchmark consensus --link loopback,dc,internet --nodes 3,5 --ops 20000 --batch 256 --output dwcp-bench/consensus-256
 
 clean:
 	$(CARGO) clean

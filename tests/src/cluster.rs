@@ -35,7 +35,17 @@ impl ClusterLab {
 
     /// [`ClusterLab::new`] with more arguments for every agent.
     pub fn with_args(tag: &str, dst_blocked: bool, extra: &[&str]) -> ClusterLab {
-        let mut lab = Lab::new(tag, Middle::Bridge, &[]).expect("lab");
+        Self::build(tag, Middle::Bridge, dst_blocked, extra)
+    }
+
+    /// The cluster with the two hosts joined by `middle` (e.g. an emulated
+    /// link profile). Node 3 shares the source host's side.
+    pub fn over(tag: &str, middle: Middle, extra: &[&str]) -> ClusterLab {
+        Self::build(tag, middle, false, extra)
+    }
+
+    fn build(tag: &str, middle: Middle, dst_blocked: bool, extra: &[&str]) -> ClusterLab {
+        let mut lab = Lab::new(tag, middle, &[]).expect("lab");
         let (s, d) = (lab.topo.src_ip, lab.topo.dst_ip);
         let dst_seen = if dst_blocked {
             format!("{d}:7199")

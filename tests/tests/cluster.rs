@@ -378,3 +378,95 @@ fn transport_gate_without_quorum_fails_the_migration_and_guest_stays() {
         t0.elapsed().as_secs_f64()
     );
 }
+
+/// What the cutover gate costs (run by `make bench-gate`, not by `make
+/// test`): over the link profile `$DWCP_GATE_LINK` (default dc), the same
+/// guest migrated ungated, through the QMP gate and through the transport
+/// gate, `$DWCP_GATE_REPEAT` (3) rounds interleaved; QEMU's downtime and
+/// total time, the gate's own time, memory verified each time. Writes
+/// `$DWCP_GATE_REPORT` (JSON) when set.
+#[test]
+#[ignore]
+fn gate_cost_over_link() {
+    let link = std::env::var("DWCP_GATE_LINK").unwrap_or_else(|_| "dc".into());
+    let repeat: usize = std::env::var("DWCP_GATE_REPEAT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let prof: dwcp_harness::Profile = link.parse().expect("DWCP_GATE_LINK: a link profile");
+    let c = ClusterLab::over("gcost", prof.middle(), &[]);
+    let lab = &c.lab;
+    let mut rows: Vec<Value> = Vec::new();
+    for round in 0..repeat {
+        for mode in ["ungated", "qmp", "transport"] {
+            let guest = format!("6a0a0000-0000-4000-8000-{:012x}", round * 10 + rows.len());
+            let spec = GuestSpec {
+                fill_mb: 64,
+                seed: round as u64 + 1,
+                ..GuestSpec::default()
+            };
+            let mut mig = MigrationSpec {
+                codec: "auto".into(),
+                timeout_s: 600,
+                ..Default::default()
+            };
+            if mode == "qmp" {
+                mig.extra = vec![
+                    "--gate".into(),
+                    "--guest-uuid".into(),
+                    guest.clone(),
+                    "--dst-node".into(),
+                    "2".into(),
+                ];
+            }
+            let pair = boot_pair(lab, &spec, &mig).expect("boot guests");
+            if mode == "transport" {
+                control_request(
+                    &lab.dst_agent().control(),
+                    &json!({"op": "prepare", "name": mig.name, "uuid": guest, "gate": true, "src_node": 1}),
+                )
+                .expect("gated prepare");
+            }
+            let r = dwcp_migrate(lab, &pair, &mig).unwrap_or_else(|e| panic!("{mode}: {e:#}"));
+            let gate_ms = match mode {
+                "qmp" => r["gate_ms"].as_u64(),
+                "transport" => {
+                    prepared(&lab.dst_agent().control(), &mig.name)["gate"]["commit_ms"].as_u64()
+                }
+                _ => None,
+            };
+            let v = verify(&pair, r, &scratch_dir(lab).unwrap()).expect("verification");
+            assert_eq!(v.memory.differing_pages, 0);
+            let row = json!({"link": link, "round": round, "mode": mode,
+                "downtime_ms": v.result["downtime_ms"], "total_ms": v.result["total_time_ms"],
+                "gate_ms": gate_ms});
+            eprintln!("{row}");
+            rows.push(row);
+        }
+    }
+    let med = |mode: &str, k: &str| -> f64 {
+        let mut v: Vec<f64> = rows
+            .iter()
+            .filter(|r| r["mode"] == mode)
+            .filter_map(|r| r[k].as_f64())
+            .collect();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    };
+    println!("gate cost over {link} ({repeat} rounds, medians):");
+    println!(
+        "{:>10} {:>12} {:>10} {:>9}",
+        "mode", "downtime ms", "total ms", "gate ms"
+    );
+    for mode in ["ungated", "qmp", "transport"] {
+        println!(
+            "{mode:>10} {:>12.0} {:>10.0} {:>9.0}",
+            med(mode, "downtime_ms"),
+            med(mode, "total_ms"),
+            med(mode, "gate_ms")
+        );
+    }
+    if let Ok(p) = std::env::var("DWCP_GATE_REPORT") {
+        std::fs::write(p, serde_json::to_string_pretty(&rows).unwrap()).unwrap();
+    }
+}
