@@ -168,6 +168,17 @@ pub fn run(a: VirshMigrateArgs) -> Result<()> {
     let elapsed = t0.elapsed().as_secs_f64();
     let _ = control_request(&a.agent, &json!({"op": "unroute", "name": a.domain}));
     if let Err(e) = res {
+        // libvirt resumed the guest here: when the local agent is a cluster
+        // member, close what the registry still shows for its migration.
+        if let Ok(uuid) = dom.uuid_string() {
+            match control_request(&a.agent, &json!({"op": "reconcile", "guest": uuid})) {
+                Ok(v) if v["action"] != "none" => eprintln!(
+                    "dwcp: the cluster records the failed migration of {uuid} ({})",
+                    v["action"].as_str().unwrap_or("?")
+                ),
+                _ => {}
+            }
+        }
         bail!(
             "libvirt migration of {} to {dest_uri} failed: {e}",
             a.domain
