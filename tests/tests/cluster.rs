@@ -250,6 +250,15 @@ fn libvirt_hook_asks_the_cluster_before_accepting_a_migration() {
     // Unknown to the registry: allowed.
     let (ok, err) = hook_migrate_begin(&dst, &dir, "g-free");
     assert!(ok, "unknown guest refused: {err}");
+    // On a cluster member the hook prepares a gated migration; the registry
+    // does not know the guest, so the intent waits for the source to connect.
+    let p = prepared(&dst, "g-free");
+    assert_eq!(p["gate"]["state"], "pending", "{p}");
+    control_request(
+        &dst,
+        &json!({"op": "release", "name": "g-free", "outcome": "failed"}),
+    )
+    .expect("release");
     // An open intent 1 -> 2: refused on the destination.
     let v = control_request(
         &src,
@@ -278,6 +287,19 @@ fn libvirt_hook_asks_the_cluster_before_accepting_a_migration() {
     wait_record(&src, GUEST, |r| r["owner"] == 2);
     let (ok, err) = hook_migrate_begin(&src, &dir, "g-back");
     assert!(ok, "migration back to host 1 refused: {err}");
+    // ... and the hook recorded the intent 2 -> 1 through the gated prepare.
+    let p = prepared(&src, "g-back");
+    assert_eq!(p["gate"]["state"], "intent", "{p}");
+    assert_eq!(p["gate"]["epoch"], 2, "{p}");
+    let rec = wait_record(&dst, GUEST, |r| r["migration"]["state"] == "intent");
+    assert_eq!(
+        (
+            rec["migration"]["source"].as_u64(),
+            rec["migration"]["destination"].as_u64()
+        ),
+        (Some(2), Some(1)),
+        "{rec}"
+    );
 }
 
 /// The transport gate, as libvirt-driven migrations use it: the destination
