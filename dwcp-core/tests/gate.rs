@@ -13,10 +13,12 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+mod common;
+
 use dwcp_core::codec::Tier;
 use dwcp_core::transport::gate::GATE_HOLD;
 use dwcp_core::transport::{
-    Acceptor, AcceptorLimits, CutoverGate, GateProvider, Session, Target, TransportConfig,
+    Acceptor, AcceptorLimits, CutoverGate, GateProvider, Session, TransportConfig,
 };
 
 #[derive(Debug)]
@@ -47,13 +49,7 @@ struct Dst {
 fn destination(gate: Arc<TestGate>) -> Dst {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
-    let (tx, ends) = mpsc::channel();
-    let tx = Mutex::new(tx);
-    let connector = Target::Connector(Arc::new(move |id| {
-        let (ours, qemu) = UnixStream::pair()?;
-        tx.lock().unwrap().send((id, qemu)).unwrap();
-        Ok(ours)
-    }));
+    let (connector, ends) = common::socketpair_target();
     let gates: GateProvider = Arc::new(move |name, _peer| {
         assert_eq!(name, "vm");
         Ok(Some(gate.clone() as Arc<dyn CutoverGate>))
@@ -126,17 +122,20 @@ fn gate(delay_ms: u64, verdict: Result<(), String>) -> Arc<TestGate> {
     })
 }
 
-fn session(dst: &Dst) -> Session {
-    Session::connect(&cfg(), "vm", dst.addr).unwrap()
+/// A destination gated by `g` and a source session with its main channel:
+/// (destination, source session, the source QEMU's end).
+fn gated(g: &Arc<TestGate>) -> (Dst, Session, UnixStream) {
+    let dst = destination(g.clone());
+    let src = Session::connect(&cfg(), "vm", dst.addr).unwrap();
+    let (ours, qemu_src) = UnixStream::pair().unwrap();
+    src.add_local_channel(ours).unwrap();
+    (dst, src, qemu_src)
 }
 
 #[test]
 fn tail_is_held_until_the_commit_when_the_source_closes() {
     let g = gate(400, Ok(()));
-    let dst = destination(g.clone());
-    let src = session(&dst);
-    let (ours, mut qemu_src) = UnixStream::pair().unwrap();
-    src.add_local_channel(ours).unwrap();
+    let (dst, src, mut qemu_src) = gated(&g);
     let data = qemu_stream(12 << 20);
     let d = data.clone();
     let mut w = qemu_src.try_clone().unwrap();
@@ -180,10 +179,7 @@ fn tail_is_held_until_the_commit_when_the_source_closes() {
 #[test]
 fn quiet_channel_with_the_end_held_opens_the_gate_for_a_return_path() {
     let g = gate(0, Ok(()));
-    let dst = destination(g.clone());
-    let src = session(&dst);
-    let (ours, mut qemu_src) = UnixStream::pair().unwrap();
-    src.add_local_channel(ours).unwrap();
+    let (dst, src, mut qemu_src) = gated(&g);
     // Like QEMU with a return path: send everything, do not close, wait for
     // the destination's answer.
     let data = qemu_stream(3 << 20);
@@ -212,10 +208,7 @@ fn quiet_channel_with_the_end_held_opens_the_gate_for_a_return_path() {
 #[test]
 fn refused_gate_never_delivers_the_tail_and_fails_both_ends() {
     let g = gate(100, Err("no quorum".into()));
-    let dst = destination(g.clone());
-    let src = session(&dst);
-    let (ours, mut qemu_src) = UnixStream::pair().unwrap();
-    src.add_local_channel(ours).unwrap();
+    let (dst, src, mut qemu_src) = gated(&g);
     let data = qemu_stream(6 << 20);
     qemu_src.write_all(&data).unwrap();
     qemu_src.shutdown(Shutdown::Write).unwrap();
@@ -243,10 +236,7 @@ fn refused_gate_never_delivers_the_tail_and_fails_both_ends() {
 #[test]
 fn stream_closed_without_qemus_end_is_never_released() {
     let g = gate(0, Ok(()));
-    let dst = destination(g.clone());
-    let src = session(&dst);
-    let (ours, mut qemu_src) = UnixStream::pair().unwrap();
-    src.add_local_channel(ours).unwrap();
+    let (dst, src, mut qemu_src) = gated(&g);
     // A source QEMU that gave up mid-stream: no end marker.
     let data: Vec<u8> = (0..(2 << 20)).map(|i| (i % 13) as u8).collect();
     qemu_src.write_all(&data).unwrap();

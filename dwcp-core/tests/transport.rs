@@ -10,8 +10,10 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+mod common;
+
 use dwcp_core::codec::Tier;
-use dwcp_core::transport::{Acceptor, AcceptorLimits, Session, Target, TransportConfig};
+use dwcp_core::transport::{Acceptor, AcceptorLimits, Session, TransportConfig};
 use dwcp_core::wire::WireError;
 
 /// A responder on loopback: each new channel's "QEMU end" goes to `ends`.
@@ -25,13 +27,7 @@ struct Responder {
 fn responder(cfg: TransportConfig) -> Responder {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
-    let (tx, ends) = mpsc::channel();
-    let tx = Mutex::new(tx);
-    let connector = Target::Connector(Arc::new(move |id| {
-        let (ours, qemu) = UnixStream::pair()?;
-        tx.lock().unwrap().send((id, qemu)).unwrap();
-        Ok(ours)
-    }));
+    let (connector, ends) = common::socketpair_target();
     let acceptor = Arc::new(Acceptor::with_connector(
         cfg,
         AcceptorLimits::default(),
