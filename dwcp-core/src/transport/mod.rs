@@ -28,8 +28,8 @@ pub mod tcp;
 use std::time::Duration;
 
 pub use session::{
-    Acceptor, AcceptorLimits, ChannelStats, CodecCounts, Role, Session, SessionError, SessionStats,
-    StreamStats, Target,
+    Acceptor, AcceptorLimits, ChannelStats, ChannelWriter, CodecCounts, Role, Session,
+    SessionError, SessionStats, StreamStats, Target, WriteError,
 };
 pub use tcp::{tcp_info, SocketTuning, TcpInfo};
 

@@ -543,6 +543,27 @@ impl Session {
 
     /// Adds a QEMU connection accepted on the source host as a new channel.
     pub fn add_local_channel(&self, conn: UnixStream) -> Result<u16, SessionError> {
+        let id = self.next_channel_id()?;
+        open_channel(&self.inner, id, conn, true);
+        Ok(id)
+    }
+
+    /// Adds a channel whose bytes the caller sends with the returned
+    /// [`ChannelWriter`]; what the peer sends back on it is written to
+    /// `conn` (the return path), and `conn` is shut down once the session
+    /// completes. Nothing is read from `conn`.
+    pub fn add_direct_channel(&self, conn: UnixStream) -> Result<ChannelWriter, SessionError> {
+        let id = self.next_channel_id()?;
+        let ch = open_channel(&self.inner, id, conn, false);
+        Ok(ChannelWriter {
+            tx: Mutex::new(FrameSender::new(&self.inner)),
+            inner: self.inner.clone(),
+            ch,
+            stop: AtomicBool::new(false),
+        })
+    }
+
+    fn next_channel_id(&self) -> Result<u16, SessionError> {
         if self.inner.complete.load(Ordering::Acquire) {
             return Err(SessionError::Finished);
         }
@@ -553,7 +574,6 @@ impl Session {
         if id >= self.inner.cfg.max_channels as usize {
             return Err(SessionError::TooManyChannels(self.inner.cfg.max_channels));
         }
-        open_channel(&self.inner, id as u16, conn);
         Ok(id as u16)
     }
 
@@ -702,7 +722,7 @@ fn is_down(inner: &Inner) -> bool {
     inner.failed.load(Ordering::Acquire)
 }
 
-fn open_channel(inner: &Arc<Inner>, id: u16, conn: UnixStream) -> Arc<Channel> {
+fn open_channel(inner: &Arc<Inner>, id: u16, conn: UnixStream, read_local: bool) -> Arc<Channel> {
     let ch = Arc::new(Channel {
         id,
         local: conn.try_clone().expect("dup of a connected socket"),
@@ -724,12 +744,14 @@ fn open_channel(inner: &Arc<Inner>, id: u16, conn: UnixStream) -> Arc<Channel> {
     let (i1, c1) = (inner.clone(), ch.clone());
     let (i2, c2) = (inner.clone(), ch.clone());
     let mut threads = inner.threads.lock();
-    threads.push(
-        std::thread::Builder::new()
-            .name(format!("dwcp-in{id}"))
-            .spawn(move || local_reader(i1, c1, reader_conn))
-            .expect("spawn thread"),
-    );
+    if read_local {
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("dwcp-in{id}"))
+                .spawn(move || local_reader(i1, c1, reader_conn))
+                .expect("spawn thread"),
+        );
+    }
     threads.push(
         std::thread::Builder::new()
             .name(format!("dwcp-out{id}"))
@@ -739,40 +761,154 @@ fn open_channel(inner: &Arc<Inner>, id: u16, conn: UnixStream) -> Arc<Channel> {
     ch
 }
 
-/// Reads what QEMU writes to its connection and queues it for encoding.
-fn local_reader(inner: Arc<Inner>, ch: Arc<Channel>, mut conn: UnixStream) {
-    let mut planner = Planner::new(inner.ring_bytes);
-    let mut buf = Vec::with_capacity(inner.cfg.chunk);
-    let mut seq = 0u64;
-    let mut last = planner.stats();
-    loop {
+/// The sending half of one channel: waits for credit, turns bytes into
+/// frames (raw, or planned and queued for the encoders) and ends the stream.
+/// Fed by [`local_reader`] (bytes read from a local socket) or by a
+/// [`ChannelWriter`] (bytes handed over by the embedder).
+struct FrameSender {
+    planner: Planner,
+    buf: Vec<u8>,
+    seq: u64,
+    last: crate::codec::PlanStats,
+}
+
+impl FrameSender {
+    fn new(inner: &Inner) -> FrameSender {
+        let planner = Planner::new(inner.ring_bytes);
+        let last = planner.stats();
+        FrameSender {
+            planner,
+            buf: Vec::with_capacity(inner.cfg.chunk),
+            seq: 0,
+            last,
+        }
+    }
+
+    /// Waits until the channel may send, and returns how many bytes (at
+    /// most one chunk); None once the session is down or `stop` is set.
+    fn wait_allowed(inner: &Inner, ch: &Channel, stop: Option<&AtomicBool>) -> Option<usize> {
         // Wait for credit before reading, so we never hold more than the
         // peer agreed to buffer.
-        let allowed = {
-            let mut credit = ch.credit.lock();
-            loop {
-                if is_down(&inner) {
-                    return;
-                }
-                let allowed = allowed_bytes(&inner, &ch, *credit);
-                if allowed > 0 {
-                    break allowed.min(inner.cfg.chunk);
-                }
-                inner.credit_waiters.fetch_add(1, Ordering::Relaxed);
-                ch.credit_cv
-                    .wait_for(&mut credit, Duration::from_millis(20));
-                inner.credit_waiters.fetch_sub(1, Ordering::Relaxed);
+        let mut credit = ch.credit.lock();
+        loop {
+            if is_down(inner) || stop.is_some_and(|s| s.load(Ordering::Acquire)) {
+                return None;
             }
-        };
-        // Raw frames own their buffer (it travels to the socket writer);
-        // planned frames reuse one.
-        let raw = inner.version >= wire::VERSION_RAW && *inner.tier.lock() == Tier::Raw;
+            let allowed = allowed_bytes(inner, ch, *credit);
+            if allowed > 0 {
+                return Some(allowed.min(inner.cfg.chunk));
+            }
+            inner.credit_waiters.fetch_add(1, Ordering::Relaxed);
+            ch.credit_cv
+                .wait_for(&mut credit, Duration::from_millis(20));
+            inner.credit_waiters.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether frames go out raw (no planning, no encoder).
+    fn raw(inner: &Inner) -> bool {
+        inner.version >= wire::VERSION_RAW && *inner.tier.lock() == Tier::Raw
+    }
+
+    /// A buffer to fill with the next `allowed` bytes: raw frames own their
+    /// buffer (it travels to the socket writer); planned frames reuse one.
+    fn take_buf(&mut self, raw: bool, allowed: usize) -> Vec<u8> {
         let mut data = if raw {
             Vec::with_capacity(allowed)
         } else {
-            std::mem::take(&mut buf)
+            std::mem::take(&mut self.buf)
         };
         data.clear();
+        data
+    }
+
+    /// Queues `data` (non-empty, within the credit just granted) as the
+    /// channel's next frame. False when the session is shutting down.
+    fn send(&mut self, inner: &Arc<Inner>, ch: &Arc<Channel>, raw: bool, data: Vec<u8>) -> bool {
+        let n = data.len();
+        *ch.credit.lock() -= n as u64;
+        inner
+            .counters
+            .raw_out
+            .fetch_add(n as u64, Ordering::Relaxed);
+        ch.raw_out.fetch_add(n as u64, Ordering::Relaxed);
+        let seq = self.seq;
+        self.seq += 1;
+        if raw {
+            let h = FrameHeader {
+                kind: Kind::Data,
+                codec: CodecId::Raw as u8,
+                channel: ch.id,
+                len: n as u32,
+                seq,
+                plan_len: n as u32,
+                wire_len: n as u32,
+                payload_crc: crc32c::crc32c(&data),
+            };
+            inner.inflight.fetch_add(1, Ordering::AcqRel);
+            ch.note_sent(inner, n as u64, (wire::FRAME_HEADER_LEN + n) as u64);
+            return inner.frame_tx.send(Outgoing::Frame(h, data)).is_ok();
+        }
+        ch.unencoded.fetch_add(n as u64, Ordering::Relaxed);
+        let mut plan = Vec::with_capacity(n + 64);
+        self.planner.plan(&data, &mut plan);
+        self.buf = data;
+        let st = self.planner.stats();
+        let c = &inner.counters;
+        c.zero_bytes
+            .fetch_add(st.zero_bytes - self.last.zero_bytes, Ordering::Relaxed);
+        c.pages_seen
+            .fetch_add(st.pages_seen - self.last.pages_seen, Ordering::Relaxed);
+        c.pages_deduped.fetch_add(
+            st.pages_deduped - self.last.pages_deduped,
+            Ordering::Relaxed,
+        );
+        self.last = st;
+        inner.inflight.fetch_add(1, Ordering::AcqRel);
+        let job = Job {
+            ch: ch.clone(),
+            channel: ch.id,
+            seq,
+            raw_len: n as u32,
+            plan,
+        };
+        inner.job_tx.send(job).is_ok()
+    }
+
+    /// Queues the channel's end of stream (once).
+    fn eof(&mut self, inner: &Inner, ch: &Channel) {
+        if ch.sent_eof.load(Ordering::Acquire) {
+            return;
+        }
+        let h = FrameHeader {
+            kind: Kind::Eof,
+            codec: 0,
+            channel: ch.id,
+            len: 0,
+            seq: self.seq,
+            plan_len: 0,
+            wire_len: 0,
+            payload_crc: crc32c::crc32c(&[]),
+        };
+        inner.inflight.fetch_add(1, Ordering::AcqRel);
+        if inner.frame_tx.send(Outgoing::Frame(h, Vec::new())).is_err() {
+            return;
+        }
+        ch.sent_eof.store(true, Ordering::Release);
+        debug!(channel = ch.id, seq = self.seq, "local end of stream");
+        check_complete(inner);
+    }
+}
+
+/// Reads what QEMU writes to its connection and queues it for encoding.
+fn local_reader(inner: Arc<Inner>, ch: Arc<Channel>, mut conn: UnixStream) {
+    let mut tx = FrameSender::new(&inner);
+    loop {
+        let Some(allowed) = FrameSender::wait_allowed(&inner, &ch, None) else {
+            return;
+        };
+        let raw = FrameSender::raw(&inner);
+        let mut data = tx.take_buf(raw, allowed);
         let n = match read_some(&mut conn, &mut data, allowed) {
             Ok(n) => n,
             Err(e) => {
@@ -789,75 +925,120 @@ fn local_reader(inner: Arc<Inner>, ch: Arc<Channel>, mut conn: UnixStream) {
             return;
         }
         if n == 0 {
-            let h = FrameHeader {
-                kind: Kind::Eof,
-                codec: 0,
-                channel: ch.id,
-                len: 0,
-                seq,
-                plan_len: 0,
-                wire_len: 0,
-                payload_crc: crc32c::crc32c(&[]),
-            };
-            inner.inflight.fetch_add(1, Ordering::AcqRel);
-            if inner.frame_tx.send(Outgoing::Frame(h, Vec::new())).is_err() {
-                return;
-            }
-            ch.sent_eof.store(true, Ordering::Release);
-            debug!(channel = ch.id, seq, "local end of stream");
-            check_complete(&inner);
+            tx.eof(&inner, &ch);
             return;
         }
-        *ch.credit.lock() -= n as u64;
-        inner
-            .counters
-            .raw_out
-            .fetch_add(n as u64, Ordering::Relaxed);
-        ch.raw_out.fetch_add(n as u64, Ordering::Relaxed);
-        if raw {
-            let h = FrameHeader {
-                kind: Kind::Data,
-                codec: CodecId::Raw as u8,
-                channel: ch.id,
-                len: n as u32,
-                seq,
-                plan_len: n as u32,
-                wire_len: n as u32,
-                payload_crc: crc32c::crc32c(&data),
-            };
-            inner.inflight.fetch_add(1, Ordering::AcqRel);
-            ch.note_sent(&inner, n as u64, (wire::FRAME_HEADER_LEN + n) as u64);
-            if inner.frame_tx.send(Outgoing::Frame(h, data)).is_err() {
-                return;
-            }
-            seq += 1;
-            continue;
-        }
-        ch.unencoded.fetch_add(n as u64, Ordering::Relaxed);
-        let mut plan = Vec::with_capacity(n + 64);
-        planner.plan(&data, &mut plan);
-        buf = data;
-        let st = planner.stats();
-        let c = &inner.counters;
-        c.zero_bytes
-            .fetch_add(st.zero_bytes - last.zero_bytes, Ordering::Relaxed);
-        c.pages_seen
-            .fetch_add(st.pages_seen - last.pages_seen, Ordering::Relaxed);
-        c.pages_deduped
-            .fetch_add(st.pages_deduped - last.pages_deduped, Ordering::Relaxed);
-        last = st;
-        inner.inflight.fetch_add(1, Ordering::AcqRel);
-        let job = Job {
-            ch: ch.clone(),
-            channel: ch.id,
-            seq,
-            raw_len: n as u32,
-            plan,
-        };
-        if inner.job_tx.send(job).is_err() {
+        if !tx.send(&inner, &ch, raw, data) {
             return;
         }
-        seq += 1;
+    }
+}
+
+/// Why [`ChannelWriter::write_vectored`] did not take the bytes.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("migration failed: {0}")]
+    Failed(String),
+    #[error("the channel was shut down")]
+    Shutdown,
+    #[error("the channel's stream was already ended")]
+    Ended,
+}
+
+/// The sending half of a channel whose bytes the embedder hands over with
+/// [`ChannelWriter::write_vectored`] instead of writing them to a local
+/// socket (one copy less, no relay thread); the channel's other direction
+/// still goes to the local socket given to [`Session::add_direct_channel`].
+/// Dropping it ends the stream like [`ChannelWriter::finish`].
+pub struct ChannelWriter {
+    inner: Arc<Inner>,
+    ch: Arc<Channel>,
+    tx: Mutex<FrameSender>,
+    stop: AtomicBool,
+}
+
+impl std::fmt::Debug for ChannelWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChannelWriter")
+            .field("channel", &self.ch.id)
+            .finish()
+    }
+}
+
+impl ChannelWriter {
+    /// The channel's number in the session.
+    pub fn id(&self) -> u16 {
+        self.ch.id
+    }
+
+    /// Sends all of `bufs` as the channel's next bytes, in order. Blocks
+    /// while the peer's credit or the in-flight budget is used up; returns
+    /// the number of bytes taken (their sum) once all are queued.
+    pub fn write_vectored(&self, bufs: &[std::io::IoSlice<'_>]) -> Result<usize, WriteError> {
+        let inner = &self.inner;
+        let ch = &self.ch;
+        let mut tx = self.tx.lock();
+        if ch.sent_eof.load(Ordering::Acquire) {
+            return Err(WriteError::Ended);
+        }
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        let mut pieces = bufs.iter().map(|b| &b[..]).filter(|b| !b.is_empty());
+        let mut cur: &[u8] = pieces.next().unwrap_or(&[]);
+        let mut left = total;
+        while left > 0 {
+            let Some(allowed) = FrameSender::wait_allowed(inner, ch, Some(&self.stop)) else {
+                return Err(self.why());
+            };
+            let raw = FrameSender::raw(inner);
+            let mut data = tx.take_buf(raw, allowed.min(left));
+            let want = allowed.min(left);
+            while data.len() < want {
+                if cur.is_empty() {
+                    cur = pieces.next().unwrap_or(&[]);
+                }
+                let k = cur.len().min(want - data.len());
+                data.extend_from_slice(&cur[..k]);
+                cur = &cur[k..];
+            }
+            left -= want;
+            if !tx.send(inner, ch, raw, data) {
+                return Err(self.why());
+            }
+        }
+        Ok(total)
+    }
+
+    fn why(&self) -> WriteError {
+        match self.inner.failure.lock().clone() {
+            Some(e) => WriteError::Failed(e),
+            None if self.stop.load(Ordering::Acquire) => WriteError::Shutdown,
+            None => WriteError::Failed("session is shutting down".into()),
+        }
+    }
+
+    /// Ends the channel's stream after everything written so far (the
+    /// peer's QEMU reads end of file). Later writes fail; twice is harmless.
+    pub fn finish(&self) {
+        let mut tx = self.tx.lock();
+        if is_down(&self.inner) || self.stop.load(Ordering::Acquire) {
+            return;
+        }
+        tx.eof(&self.inner, &self.ch);
+    }
+
+    /// Makes a write blocked for credit, and every later one, fail at once
+    /// (QEMU's shutdown of the channel, e.g. on migrate_cancel). The stream
+    /// is not ended: cancel the session to tell the peer.
+    pub fn shutdown(&self) {
+        self.stop.store(true, Ordering::Release);
+        let _g = self.ch.credit.lock();
+        self.ch.credit_cv.notify_all();
+    }
+}
+
+impl Drop for ChannelWriter {
+    fn drop(&mut self) {
+        self.finish();
     }
 }
 
@@ -1207,7 +1388,7 @@ fn channel_for(inner: &Arc<Inner>, id: u16) -> Result<Arc<Channel>, String> {
     let conn = target
         .connect(id)
         .map_err(|e| format!("opening channel {id}: {e}"))?;
-    Ok(open_channel(inner, id, conn))
+    Ok(open_channel(inner, id, conn, true))
 }
 
 /// Where a responder's channels go.
