@@ -1688,8 +1688,9 @@ impl TierTuner {
         let full = |len: usize, cap: Option<usize>| cap.is_some_and(|c| len >= c);
         if full(inner.job_rx.len(), inner.job_rx.capacity()) {
             self.cpu_bound += 1;
-        } else if inner.credit_waiters.load(Ordering::Relaxed) > 0
-            || full(inner.frame_rx.len(), inner.frame_rx.capacity())
+        } else if (inner.credit_waiters.load(Ordering::Relaxed) > 0
+            || full(inner.frame_rx.len(), inner.frame_rx.capacity()))
+            && link_backlogged(inner)
         {
             self.link_bound += 1;
         }
@@ -1721,6 +1722,22 @@ impl TierTuner {
             ..TierTuner::default()
         };
     }
+}
+
+/// Whether the data in flight waits for the link: the kernel holds at least
+/// half of it in the streams' send queues (unacknowledged or not yet sent).
+/// When the peer's QEMU (or its CPU) is what is slow, readers wait for
+/// credit too, but the streams are nearly empty (the peer drains them into
+/// its reorder buffers), and compressing would only load that CPU more.
+fn link_backlogged(inner: &Inner) -> bool {
+    let inflight = inner.wire_inflight.load(Ordering::Relaxed);
+    let backlog: u64 = inner
+        .streams
+        .iter()
+        .filter_map(|s| tcp_info(s).ok())
+        .map(|i| i.backlog_bytes())
+        .sum();
+    backlog > 0 && backlog * 2 >= inflight
 }
 
 fn watchdog(inner: Arc<Inner>) {
