@@ -188,6 +188,11 @@ struct Inner {
     ring_bytes: usize,
     tier: Mutex<Tier>,
     streams: Vec<TcpStream>,
+    /// The streams' sending halves: a writer thread, or a direct channel's
+    /// writer ([`ChannelWriter`]), holds the lock for each whole frame.
+    tx: Vec<Mutex<TcpStream>>,
+    /// Where a direct writer starts looking for a free stream.
+    next_tx: AtomicUsize,
     channels: Mutex<HashMap<u16, Arc<Channel>>>,
     opening: Mutex<()>,
     next_channel: AtomicUsize,
@@ -460,11 +465,15 @@ impl Session {
         let (frame_tx, frame_rx) = bounded(n * 2 + 4);
         let (ctrl_tx, ctrl_rx) = bounded(cfg.max_channels as usize * 2 + n * 2 + 16);
         let mut shutdown_clones = Vec::with_capacity(n);
+        let mut tx = Vec::with_capacity(n);
         for s in &streams {
             // A read timeout turns a silent peer into an error the watchdog sees.
             let _ = s.set_read_timeout(Some(cfg.idle_timeout));
             let _ = s.set_write_timeout(Some(cfg.idle_timeout));
             shutdown_clones.push(s.try_clone().expect("dup of a connected socket"));
+            tx.push(Mutex::new(
+                s.try_clone().expect("dup of a connected socket"),
+            ));
         }
         let inner = Arc::new(Inner {
             id,
@@ -480,6 +489,8 @@ impl Session {
             ring_bytes: ring_pages as usize * crate::codec::PAGE_SIZE,
             cfg,
             streams: shutdown_clones,
+            tx,
+            next_tx: AtomicUsize::new(0),
             channels: Mutex::new(HashMap::new()),
             opening: Mutex::new(()),
             next_channel: AtomicUsize::new(0),
@@ -513,9 +524,8 @@ impl Session {
         info!(name, session = %hex(&id), ?role, streams = n, window, ring_pages, "session started");
         let sess = Session { inner };
         for (i, s) in streams.into_iter().enumerate() {
-            let w = s.try_clone().expect("dup of a connected socket");
             let inner = sess.inner.clone();
-            sess.spawn(format!("dwcp-tx{i}"), move || writer(inner, i, w));
+            sess.spawn(format!("dwcp-tx{i}"), move || writer(inner, i));
             let inner = sess.inner.clone();
             sess.spawn(format!("dwcp-rx{i}"), move || reader(inner, i, s));
         }
@@ -823,8 +833,17 @@ impl FrameSender {
     }
 
     /// Queues `data` (non-empty, within the credit just granted) as the
-    /// channel's next frame. False when the session is shutting down.
-    fn send(&mut self, inner: &Arc<Inner>, ch: &Arc<Channel>, raw: bool, data: Vec<u8>) -> bool {
+    /// channel's next frame; a raw frame of a direct channel (`inline`) is
+    /// written to a stream by the calling thread instead. False when the
+    /// session is shutting down.
+    fn send(
+        &mut self,
+        inner: &Arc<Inner>,
+        ch: &Arc<Channel>,
+        raw: bool,
+        inline: bool,
+        data: Vec<u8>,
+    ) -> bool {
         let n = data.len();
         *ch.credit.lock() -= n as u64;
         inner
@@ -845,8 +864,11 @@ impl FrameSender {
                 wire_len: n as u32,
                 payload_crc: crc32c::crc32c(&data),
             };
-            inner.inflight.fetch_add(1, Ordering::AcqRel);
             ch.note_sent(inner, n as u64, (wire::FRAME_HEADER_LEN + n) as u64);
+            if inline {
+                return write_inline(inner, &h, &data);
+            }
+            inner.inflight.fetch_add(1, Ordering::AcqRel);
             return inner.frame_tx.send(Outgoing::Frame(h, data)).is_ok();
         }
         ch.unencoded.fetch_add(n as u64, Ordering::Relaxed);
@@ -900,6 +922,34 @@ impl FrameSender {
     }
 }
 
+/// Writes a frame to a stream from the calling thread (a direct channel's
+/// writer), saving the hand-off to a writer thread: the first stream whose
+/// lock is free, or else the next one in turn (waiting for it). The frame
+/// owns its bytes (a copy taken from QEMU), so the checksum matches what is
+/// sent even while the guest keeps writing to the pages.
+fn write_inline(inner: &Inner, h: &FrameHeader, payload: &[u8]) -> bool {
+    let n = inner.tx.len();
+    let start = inner.next_tx.fetch_add(1, Ordering::Relaxed);
+    let mut guard = (0..n)
+        .find_map(|k| inner.tx[(start + k) % n].try_lock())
+        .unwrap_or_else(|| inner.tx[start % n].lock());
+    if is_down(inner) {
+        return false;
+    }
+    if let Err(e) = wire::write_frame(&mut *guard, h, payload) {
+        drop(guard);
+        fail(inner, format!("sending to the peer failed: {e}"));
+        return false;
+    }
+    drop(guard);
+    inner.counters.wire_out.fetch_add(
+        (wire::FRAME_HEADER_LEN + payload.len()) as u64,
+        Ordering::Relaxed,
+    );
+    inner.counters.frames_out.fetch_add(1, Ordering::Relaxed);
+    true
+}
+
 /// Reads what QEMU writes to its connection and queues it for encoding.
 fn local_reader(inner: Arc<Inner>, ch: Arc<Channel>, mut conn: UnixStream) {
     let mut tx = FrameSender::new(&inner);
@@ -928,7 +978,7 @@ fn local_reader(inner: Arc<Inner>, ch: Arc<Channel>, mut conn: UnixStream) {
             tx.eof(&inner, &ch);
             return;
         }
-        if !tx.send(&inner, &ch, raw, data) {
+        if !tx.send(&inner, &ch, raw, false, data) {
             return;
         }
     }
@@ -1001,7 +1051,7 @@ impl ChannelWriter {
                 cur = &cur[k..];
             }
             left -= want;
-            if !tx.send(inner, ch, raw, data) {
+            if !tx.send(inner, ch, raw, true, data) {
                 return Err(self.why());
             }
         }
@@ -1121,11 +1171,11 @@ fn encoder(inner: Arc<Inner>) {
     }
 }
 
-fn writer(inner: Arc<Inner>, index: usize, stream: TcpStream) {
-    let mut w = stream;
+fn writer(inner: Arc<Inner>, index: usize) {
     let ping = Duration::from_millis(1000);
-    let write = |w: &mut TcpStream, h: FrameHeader, payload: &[u8]| -> bool {
-        if let Err(e) = wire::write_frame(w, &h, payload) {
+    let stream = &inner.tx[index];
+    let write = |h: FrameHeader, payload: &[u8]| -> bool {
+        if let Err(e) = wire::write_frame(&mut *stream.lock(), &h, payload) {
             fail(
                 &inner,
                 format!("stream {index}: sending to the peer failed: {e}"),
@@ -1167,9 +1217,7 @@ fn writer(inner: Arc<Inner>, index: usize, stream: TcpStream) {
         match item {
             Item::Ctrl(Ctrl::Credit(ch)) => {
                 let n = ch.pending_credit.swap(0, Ordering::AcqRel);
-                if n > 0
-                    && !is_down(&inner)
-                    && !write(&mut w, control(Kind::Window, ch.id, n as u32), &[])
+                if n > 0 && !is_down(&inner) && !write(control(Kind::Window, ch.id, n as u32), &[])
                 {
                     return;
                 }
@@ -1182,21 +1230,23 @@ fn writer(inner: Arc<Inner>, index: usize, stream: TcpStream) {
                     payload_crc: crc32c::crc32c(&msg),
                     ..control(Kind::Abort, 0, 0)
                 };
+                let mut w = stream.lock();
                 let _ = w.set_write_timeout(Some(Duration::from_millis(200)));
-                let _ = wire::write_frame(&mut w, &h, &msg);
+                let _ = wire::write_frame(&mut *w, &h, &msg);
                 return;
             }
             Item::Out(Outgoing::Frame(h, payload)) => {
                 if is_down(&inner) {
                     return;
                 }
-                let ok = write(&mut w, h, &payload);
+                let ok = write(h, &payload);
                 inner.inflight.fetch_sub(1, Ordering::AcqRel);
                 if !ok {
                     return;
                 }
             }
             Item::Out(Outgoing::Close) => {
+                let mut w = stream.lock();
                 let _ = w.flush();
                 let _ = w.shutdown(Shutdown::Write);
                 return;
@@ -1205,7 +1255,7 @@ fn writer(inner: Arc<Inner>, index: usize, stream: TcpStream) {
                 if is_down(&inner) {
                     return;
                 }
-                if !write(&mut w, control(Kind::Ping, 0, 0), &[]) {
+                if !write(control(Kind::Ping, 0, 0), &[]) {
                     return;
                 }
             }
