@@ -265,7 +265,7 @@ dwcp_result dwcp_outgoing_channel(const struct dwcp_outgoing *h,
  * channel). `*fd` is still a connected stream socket, owned by the caller
  * (close-on-exec set): it carries only what the peer sends back on this
  * channel (QEMU's return path), sees end of file when the session
- * completes, and anything written to it is ignored. `*ch` is a new handle
+ * completes; do not write to it (nothing reads it). `*ch` is a new handle
  * owned by the caller: `dwcp_channel_free()` ends the channel's stream.
  *
  * Errors as for `dwcp_outgoing_channel()`; `*fd` and `*ch` are then

@@ -4,7 +4,10 @@
 //! QEMU gets ordinary file descriptors: every QEMU connection (the main
 //! migration channel, each multifd channel; the return path shares the main
 //! one) is one end of a socketpair whose other end libdwcp relays through
-//! the session's TCP streams. QEMU's QIOChannel code is reused unchanged.
+//! the session's TCP streams. On the source, a *direct* channel
+//! (`dwcp_outgoing_channel_direct()`) takes QEMU's writes with
+//! `dwcp_channel_writev()` instead, and its socketpair only brings the
+//! return path.
 //!
 //! ```text
 //! source QEMU ──fd──► libdwcp (dwcp_outgoing) ══ N TCP streams ══► libdwcp (dwcp_incoming) ──fd──► destination QEMU
