@@ -307,18 +307,20 @@ dwcp_result dwcp_channel_writev(const struct dwcp_channel *ch,
                                 size_t err_len);
 
 /**
- * Makes a `dwcp_channel_writev()` blocked on this channel, and every later
- * one, fail at once with `DWCP_CANCELLED` (QEMU: shutting the channel down,
- * e.g. on `migrate_cancel`). Does not end the stream or tell the peer:
- * cancel the session for that. Twice is harmless. Does not block.
- * NULL `ch` gives `DWCP_NULL_PARAMETER`. Thread-safe.
+ * Shuts the channel down like shutdown(2) on a socket (QEMU: yank,
+ * `migrate_cancel`, the end of multifd): a `dwcp_channel_writev()` blocked
+ * on it, and every later one, fail at once with `DWCP_CANCELLED`, and the
+ * stream ends after the bytes already taken (the peer reads end of file).
+ * To fail the migration on the peer too, cancel the session. The handle
+ * stays live until `dwcp_channel_free()`. Twice is harmless. Does not
+ * block. NULL `ch` gives `DWCP_NULL_PARAMETER`. Thread-safe.
  */
 dwcp_result dwcp_channel_shutdown(const struct dwcp_channel *ch);
 
 /**
  * Ends the channel's stream after everything written so far (the peer's
- * QEMU reads end of file; nothing is sent after a shutdown or a session
- * failure) and releases the handle. If a `dwcp_channel_writev()` on it is
+ * QEMU reads end of file; nothing more after a shutdown, which already
+ * ended it, or a session failure) and releases the handle. If a `dwcp_channel_writev()` on it is
  * still running in another thread, the stream ends when that call returns.
  * Does not block (beyond waiting for room in the session's send queue).
  * The session stays alive. NULL is a no-op (`DWCP_OK`); a handle already

@@ -598,6 +598,21 @@ static void test_direct(const char *params)
         CHECK_RC(shut_rc, DWCP_OK);
         CHECK_RC(dwcp_channel_shutdown(ch2), DWCP_OK);
         CHECK_RC(dwcp_channel_writev(ch2, iov, 1, NULL, err, sizeof(err)), DWCP_CANCELLED);
+        /* like shutdown(2): the peer reads what was taken, then EOF */
+        {
+            int dst2 = -1;
+            size_t got = 0;
+            ssize_t r2;
+
+            CHECK_RC(dwcp_incoming_next_channel(in, 5000, &dst2, err, sizeof(err)), DWCP_OK);
+            while (dst2 >= 0 && (r2 = read(dst2, in_buf, N)) > 0) {
+                got += (size_t)r2;
+            }
+            CHECK(got >= (size_t)N);
+            if (dst2 >= 0) {
+                close(dst2);
+            }
+        }
         CHECK_RC(dwcp_channel_free(ch2), DWCP_OK);
         CHECK_RC(dwcp_channel_free(ch2), DWCP_INVALID_HANDLE);
     }

@@ -1028,6 +1028,9 @@ impl ChannelWriter {
         let inner = &self.inner;
         let ch = &self.ch;
         let mut tx = self.tx.lock();
+        if self.stop.load(Ordering::Acquire) {
+            return Err(WriteError::Shutdown);
+        }
         if ch.sent_eof.load(Ordering::Acquire) {
             return Err(WriteError::Ended);
         }
@@ -1037,6 +1040,10 @@ impl ChannelWriter {
         let mut left = total;
         while left > 0 {
             let Some(allowed) = FrameSender::wait_allowed(inner, ch, Some(&self.stop)) else {
+                if self.stop.load(Ordering::Acquire) && !is_down(inner) {
+                    // shut down while we held the sender: end the stream now
+                    tx.eof(inner, ch);
+                }
                 return Err(self.why());
             };
             let raw = FrameSender::raw(inner);
@@ -1070,19 +1077,28 @@ impl ChannelWriter {
     /// peer's QEMU reads end of file). Later writes fail; twice is harmless.
     pub fn finish(&self) {
         let mut tx = self.tx.lock();
-        if is_down(&self.inner) || self.stop.load(Ordering::Acquire) {
+        if is_down(&self.inner) {
             return;
         }
         tx.eof(&self.inner, &self.ch);
     }
 
-    /// Makes a write blocked for credit, and every later one, fail at once
-    /// (QEMU's shutdown of the channel, e.g. on migrate_cancel). The stream
-    /// is not ended: cancel the session to tell the peer.
+    /// Like shutdown(2) on the socket it replaces (QEMU shuts channels down
+    /// on migrate_cancel and yank, and multifd's at the end of every
+    /// migration): a write blocked for credit, and every later one, fail at
+    /// once, and the stream ends after what was already sent (by the
+    /// blocked writer as it gives up, else here). Does not block.
     pub fn shutdown(&self) {
         self.stop.store(true, Ordering::Release);
-        let _g = self.ch.credit.lock();
-        self.ch.credit_cv.notify_all();
+        {
+            let _g = self.ch.credit.lock();
+            self.ch.credit_cv.notify_all();
+        }
+        if let Some(mut tx) = self.tx.try_lock() {
+            if !is_down(&self.inner) {
+                tx.eof(&self.inner, &self.ch);
+            }
+        }
     }
 }
 
