@@ -322,7 +322,7 @@ dwcp_result dwcp_channel_shutdown(const struct dwcp_channel *ch);
  * QEMU reads end of file; nothing more after a shutdown, which already
  * ended it, or a session failure) and releases the handle. If a `dwcp_channel_writev()` on it is
  * still running in another thread, the stream ends when that call returns.
- * Does not block (beyond waiting for room in the session's send queue).
+ * Does not block.
  * The session stays alive. NULL is a no-op (`DWCP_OK`); a handle already
  * freed gives `DWCP_INVALID_HANDLE`. Thread-safe.
  */

@@ -897,8 +897,32 @@ impl FrameSender {
         inner.job_tx.send(job).is_ok()
     }
 
-    /// Queues the channel's end of stream (once).
+    /// Queues the channel's end of stream (once), waiting for room in the
+    /// send queue.
     fn eof(&mut self, inner: &Inner, ch: &Channel) {
+        self.eof_with(inner, ch, |f| inner.frame_tx.send(f).is_ok());
+    }
+
+    /// [`FrameSender::eof`] for callers that must not block (QEMU's close
+    /// and shutdown, on its main loop): when the send queue is full (the
+    /// streams stalled), a short-lived thread waits for room instead.
+    fn eof_nonblocking(&mut self, inner: &Inner, ch: &Channel) {
+        self.eof_with(inner, ch, |f| match inner.frame_tx.try_send(f) {
+            Ok(()) => true,
+            Err(crossbeam_channel::TrySendError::Full(f)) => {
+                let tx = inner.frame_tx.clone();
+                std::thread::Builder::new()
+                    .name("dwcp-eof".into())
+                    .spawn(move || {
+                        let _ = tx.send(f);
+                    })
+                    .is_ok()
+            }
+            Err(crossbeam_channel::TrySendError::Disconnected(_)) => false,
+        });
+    }
+
+    fn eof_with(&mut self, inner: &Inner, ch: &Channel, send: impl FnOnce(Outgoing) -> bool) {
         if ch.sent_eof.load(Ordering::Acquire) {
             return;
         }
@@ -913,7 +937,7 @@ impl FrameSender {
             payload_crc: crc32c::crc32c(&[]),
         };
         inner.inflight.fetch_add(1, Ordering::AcqRel);
-        if inner.frame_tx.send(Outgoing::Frame(h, Vec::new())).is_err() {
+        if !send(Outgoing::Frame(h, Vec::new())) {
             return;
         }
         ch.sent_eof.store(true, Ordering::Release);
@@ -1075,12 +1099,13 @@ impl ChannelWriter {
 
     /// Ends the channel's stream after everything written so far (the
     /// peer's QEMU reads end of file). Later writes fail; twice is harmless.
+    /// Does not block (beyond a write still running on the channel).
     pub fn finish(&self) {
         let mut tx = self.tx.lock();
         if is_down(&self.inner) {
             return;
         }
-        tx.eof(&self.inner, &self.ch);
+        tx.eof_nonblocking(&self.inner, &self.ch);
     }
 
     /// Like shutdown(2) on the socket it replaces (QEMU shuts channels down
@@ -1096,7 +1121,7 @@ impl ChannelWriter {
         }
         if let Some(mut tx) = self.tx.try_lock() {
             if !is_down(&self.inner) {
-                tx.eof(&self.inner, &self.ch);
+                tx.eof_nonblocking(&self.inner, &self.ch);
             }
         }
     }
