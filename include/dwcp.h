@@ -39,6 +39,10 @@ enum dwcp_result
    */
   DWCP_INVALID_UTF8 = 7102,
   /**
+   * An argument is out of its allowed range.
+   */
+  DWCP_INVALID_ARGUMENT = 7103,
+  /**
    * The dwcp URI is malformed or has an invalid parameter.
    */
   DWCP_INVALID_URI = 7200,
@@ -125,6 +129,12 @@ typedef uint32_t dwcp_state;
 #endif // __cplusplus
 
 /**
+ * The sending half of one outgoing channel opened with
+ * `dwcp_outgoing_channel_direct()`. Opaque.
+ */
+typedef struct dwcp_channel dwcp_channel;
+
+/**
  * A listening incoming migration (destination side). Opaque.
  */
 typedef struct dwcp_incoming dwcp_incoming;
@@ -133,6 +143,16 @@ typedef struct dwcp_incoming dwcp_incoming;
  * An outgoing migration (source side). Opaque.
  */
 typedef struct dwcp_outgoing dwcp_outgoing;
+
+/**
+ * One buffer of a vectored write: `len` bytes at `base`. Same layout as
+ * POSIX `struct iovec` on Linux (`void *iov_base; size_t iov_len;`), so an
+ * array of those may be passed as an array of these.
+ */
+typedef struct dwcp_iovec {
+  const void *base;
+  size_t len;
+} dwcp_iovec;
 
 /**
  * A snapshot of a session's figures (see `dwcp_outgoing_stats()`).
@@ -237,6 +257,76 @@ dwcp_result dwcp_outgoing_channel(const struct dwcp_outgoing *h,
                                   int *fd,
                                   char *err,
                                   size_t err_len);
+
+/**
+ * Opens the next channel of the migration like `dwcp_outgoing_channel()`,
+ * but its bytes are handed to libdwcp with `dwcp_channel_writev()` instead
+ * of being written to a socket (one copy and one relay thread less per
+ * channel). `*fd` is still a connected stream socket, owned by the caller
+ * (close-on-exec set): it carries only what the peer sends back on this
+ * channel (QEMU's return path), sees end of file when the session
+ * completes; do not write to it (nothing reads it). `*ch` is a new handle
+ * owned by the caller: `dwcp_channel_free()` ends the channel's stream.
+ *
+ * Errors as for `dwcp_outgoing_channel()`; `*fd` and `*ch` are then
+ * untouched. NULL `h`/`fd`/`ch` gives `DWCP_NULL_PARAMETER`, a freed `h`
+ * `DWCP_INVALID_HANDLE`. Thread-safe.
+ */
+dwcp_result dwcp_outgoing_channel_direct(const struct dwcp_outgoing *h,
+                                         int *fd,
+                                         struct dwcp_channel **ch,
+                                         char *err,
+                                         size_t err_len);
+
+/**
+ * Sends the `iovcnt` buffers of `iov`, in order, as the channel's next
+ * bytes, and stores their total length in `*written` (NULL allowed).
+ * **Blocks** while the peer's flow-control credit or the session's
+ * in-flight budget is used up (as a write to a full socket would); returns
+ * once every byte is queued for the TCP streams, after which the caller may
+ * reuse the buffers. A write is all or nothing for the caller: on error the
+ * channel is unusable (part may have been sent).
+ *
+ * `iov` (may be NULL when `iovcnt` is 0) and the bytes it points to are
+ * borrowed for the call and must not change during it; an entry with
+ * `len` 0 may have a NULL `base`. Writes to one channel must not overlap
+ * in time (one writer at a time, like a socket); different channels may
+ * be written concurrently from different threads.
+ *
+ * Errors: `DWCP_SESSION_FAILED`, `DWCP_CANCELLED` (session cancelled, or
+ * `dwcp_channel_shutdown()`), `DWCP_FINISHED` (after the stream ended),
+ * `DWCP_NULL_PARAMETER` (NULL `ch`, or a NULL `iov`/`base` with a length),
+ * `DWCP_INVALID_ARGUMENT` (lengths adding up past `SSIZE_MAX`),
+ * `DWCP_INVALID_HANDLE`.
+ */
+dwcp_result dwcp_channel_writev(const struct dwcp_channel *ch,
+                                const struct dwcp_iovec *iov,
+                                size_t iovcnt,
+                                size_t *written,
+                                char *err,
+                                size_t err_len);
+
+/**
+ * Shuts the channel down like shutdown(2) on a socket (QEMU: yank,
+ * `migrate_cancel`, the end of multifd): a `dwcp_channel_writev()` blocked
+ * on it, and every later one, fail at once with `DWCP_CANCELLED`, and the
+ * stream ends after the bytes already taken (the peer reads end of file).
+ * To fail the migration on the peer too, cancel the session. The handle
+ * stays live until `dwcp_channel_free()`. Twice is harmless. Does not
+ * block. NULL `ch` gives `DWCP_NULL_PARAMETER`. Thread-safe.
+ */
+dwcp_result dwcp_channel_shutdown(const struct dwcp_channel *ch);
+
+/**
+ * Ends the channel's stream after everything written so far (the peer's
+ * QEMU reads end of file; nothing more after a shutdown, which already
+ * ended it, or a session failure) and releases the handle. If a `dwcp_channel_writev()` on it is
+ * still running in another thread, the stream ends when that call returns.
+ * Does not block.
+ * The session stays alive. NULL is a no-op (`DWCP_OK`); a handle already
+ * freed gives `DWCP_INVALID_HANDLE`. Thread-safe.
+ */
+dwcp_result dwcp_channel_free(struct dwcp_channel *ch);
 
 /**
  * Copies the session's current figures into `*out` (caller-owned storage).

@@ -23,6 +23,8 @@ pub enum dwcp_result {
     DWCP_INVALID_HANDLE = 7101,
     /// A string argument is not valid UTF-8.
     DWCP_INVALID_UTF8 = 7102,
+    /// An argument is out of its allowed range.
+    DWCP_INVALID_ARGUMENT = 7103,
 
     // 7200..7299: URIs
     /// The dwcp URI is malformed or has an invalid parameter.
@@ -63,6 +65,7 @@ const ALL: &[dwcp_result] = &[
     DWCP_NULL_PARAMETER,
     DWCP_INVALID_HANDLE,
     DWCP_INVALID_UTF8,
+    DWCP_INVALID_ARGUMENT,
     DWCP_INVALID_URI,
     DWCP_RESOLVE_FAILED,
     DWCP_CONNECT_FAILED,
@@ -92,6 +95,7 @@ impl dwcp_result {
                 c"not a live dwcp handle of this type (freed, foreign or wrong kind)"
             }
             DWCP_INVALID_UTF8 => c"a string argument is not valid UTF-8",
+            DWCP_INVALID_ARGUMENT => c"an argument is out of range",
             DWCP_INVALID_URI => c"invalid dwcp URI",
             DWCP_RESOLVE_FAILED => c"the host name did not resolve",
             DWCP_CONNECT_FAILED => c"connecting to the destination failed",

@@ -15,6 +15,8 @@ use std::ffi::{c_char, c_int, CStr};
 use std::os::fd::{IntoRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
+use dwcp_core::transport::ChannelWriter;
+
 use crate::error::{dwcp_result, dwcp_result::*, Error};
 use crate::incoming::Incoming;
 use crate::outgoing::Outgoing;
@@ -22,6 +24,7 @@ use crate::outgoing::Outgoing;
 enum Live {
     Outgoing(Arc<Outgoing>),
     Incoming(Arc<Incoming>),
+    Channel(Arc<ChannelWriter>),
 }
 
 /// Live handles by address. The address is that of a 1-byte allocation
@@ -49,6 +52,80 @@ pub(crate) fn new_outgoing<T>(o: Outgoing) -> *mut T {
 /// Registers an incoming migration and returns its C handle.
 pub(crate) fn new_incoming<T>(i: Incoming) -> *mut T {
     insert(Live::Incoming(Arc::new(i)))
+}
+
+/// Registers a direct channel and returns its C handle.
+pub(crate) fn new_channel<T>(w: ChannelWriter) -> *mut T {
+    insert(Live::Channel(Arc::new(w)))
+}
+
+pub(crate) fn channel<T>(h: *const T) -> Result<Arc<ChannelWriter>, Error> {
+    if h.is_null() {
+        return Err(Error::new(
+            DWCP_NULL_PARAMETER,
+            "the dwcp_channel handle is NULL",
+        ));
+    }
+    registry(|m| match m.get(&(h as usize)) {
+        Some((_, Live::Channel(c))) => Ok(c.clone()),
+        _ => Err(not_live()),
+    })
+}
+
+/// Removes a channel handle. NULL is a no-op (`DWCP_OK`).
+pub(crate) fn free_channel<T>(h: *mut T) -> dwcp_result {
+    free(h, |l| matches!(l, Live::Channel(_)))
+}
+
+/// Borrows the caller's array of `n` `dwcp_iovec`s as byte slices, for the
+/// duration of a call. NULL `iov` is allowed only with `n == 0`, a NULL
+/// `base` only with `len == 0`.
+pub(crate) fn io_slices<'a>(
+    iov: *const crate::dwcp_iovec,
+    n: usize,
+) -> Result<Vec<std::io::IoSlice<'a>>, Error> {
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    if iov.is_null() {
+        return Err(Error::new(
+            DWCP_NULL_PARAMETER,
+            "iov is NULL with iovcnt > 0",
+        ));
+    }
+    // SAFETY: non-NULL (checked); the caller passes an array of `n`
+    // initialised, aligned dwcp_iovec that stays valid and unchanged for
+    // the call (documented on dwcp_channel_writev); we only read it.
+    let entries = unsafe { std::slice::from_raw_parts(iov, n) };
+    let mut total = 0usize;
+    let mut out = Vec::with_capacity(n);
+    for (i, e) in entries.iter().enumerate() {
+        if e.len == 0 {
+            continue;
+        }
+        if e.base.is_null() {
+            return Err(Error::new(
+                DWCP_NULL_PARAMETER,
+                format!("iov[{i}].base is NULL with len {}", e.len),
+            ));
+        }
+        total = total
+            .checked_add(e.len)
+            .filter(|t| *t <= isize::MAX as usize)
+            .ok_or_else(|| {
+                Error::new(
+                    DWCP_INVALID_ARGUMENT,
+                    "the iov lengths add up past SSIZE_MAX",
+                )
+            })?;
+        // SAFETY: base is non-NULL (checked) and, per the documented
+        // contract, points to `len` readable bytes that stay valid and are
+        // not written by anyone during the call; the total stays below
+        // isize::MAX (checked), as from_raw_parts requires.
+        let bytes = unsafe { std::slice::from_raw_parts(e.base.cast::<u8>(), e.len) };
+        out.push(std::io::IoSlice::new(bytes));
+    }
+    Ok(out)
 }
 
 fn not_live() -> Error {

@@ -4,7 +4,10 @@
 //! QEMU gets ordinary file descriptors: every QEMU connection (the main
 //! migration channel, each multifd channel; the return path shares the main
 //! one) is one end of a socketpair whose other end libdwcp relays through
-//! the session's TCP streams. QEMU's QIOChannel code is reused unchanged.
+//! the session's TCP streams. On the source, a *direct* channel
+//! (`dwcp_outgoing_channel_direct()`) takes QEMU's writes with
+//! `dwcp_channel_writev()` instead, and its socketpair only brings the
+//! return path.
 //!
 //! ```text
 //! source QEMU ──fd──► libdwcp (dwcp_outgoing) ══ N TCP streams ══► libdwcp (dwcp_incoming) ──fd──► destination QEMU
@@ -27,7 +30,7 @@
 
 #![allow(non_camel_case_types)]
 
-use std::ffi::{c_char, c_int};
+use std::ffi::{c_char, c_int, c_void};
 use std::time::Duration;
 
 mod error;
@@ -53,6 +56,23 @@ pub struct dwcp_outgoing {
 #[derive(Debug)]
 pub struct dwcp_incoming {
     _private: [u8; 0],
+}
+
+/// The sending half of one outgoing channel opened with
+/// `dwcp_outgoing_channel_direct()`. Opaque.
+#[derive(Debug)]
+pub struct dwcp_channel {
+    _private: [u8; 0],
+}
+
+/// One buffer of a vectored write: `len` bytes at `base`. Same layout as
+/// POSIX `struct iovec` on Linux (`void *iov_base; size_t iov_len;`), so an
+/// array of those may be passed as an array of these.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct dwcp_iovec {
+    pub base: *const c_void,
+    pub len: usize,
 }
 
 /// Runs `f` in the panic boundary; an error's message goes to `err`.
@@ -163,6 +183,103 @@ pub extern "C" fn dwcp_outgoing_channel(
         ffi::give_fd(o.channel()?, fd);
         Ok(())
     })
+}
+
+/// Opens the next channel of the migration like `dwcp_outgoing_channel()`,
+/// but its bytes are handed to libdwcp with `dwcp_channel_writev()` instead
+/// of being written to a socket (one copy and one relay thread less per
+/// channel). `*fd` is still a connected stream socket, owned by the caller
+/// (close-on-exec set): it carries only what the peer sends back on this
+/// channel (QEMU's return path), sees end of file when the session
+/// completes; do not write to it (nothing reads it). `*ch` is a new handle
+/// owned by the caller: `dwcp_channel_free()` ends the channel's stream.
+///
+/// Errors as for `dwcp_outgoing_channel()`; `*fd` and `*ch` are then
+/// untouched. NULL `h`/`fd`/`ch` gives `DWCP_NULL_PARAMETER`, a freed `h`
+/// `DWCP_INVALID_HANDLE`. Thread-safe.
+#[no_mangle]
+pub extern "C" fn dwcp_outgoing_channel_direct(
+    h: *const dwcp_outgoing,
+    fd: *mut c_int,
+    ch: *mut *mut dwcp_channel,
+    err: *mut c_char,
+    err_len: usize,
+) -> dwcp_result {
+    run(err, err_len, || {
+        ffi::check_out(fd, "fd")?;
+        ffi::check_out(ch, "ch")?;
+        let o = ffi::outgoing(h)?;
+        let (sock, w) = o.channel_direct()?;
+        ffi::write_out(ch, ffi::new_channel(w));
+        ffi::give_fd(sock, fd);
+        Ok(())
+    })
+}
+
+/// Sends the `iovcnt` buffers of `iov`, in order, as the channel's next
+/// bytes, and stores their total length in `*written` (NULL allowed).
+/// **Blocks** while the peer's flow-control credit or the session's
+/// in-flight budget is used up (as a write to a full socket would); returns
+/// once every byte is queued for the TCP streams, after which the caller may
+/// reuse the buffers. A write is all or nothing for the caller: on error the
+/// channel is unusable (part may have been sent).
+///
+/// `iov` (may be NULL when `iovcnt` is 0) and the bytes it points to are
+/// borrowed for the call and must not change during it; an entry with
+/// `len` 0 may have a NULL `base`. Writes to one channel must not overlap
+/// in time (one writer at a time, like a socket); different channels may
+/// be written concurrently from different threads.
+///
+/// Errors: `DWCP_SESSION_FAILED`, `DWCP_CANCELLED` (session cancelled, or
+/// `dwcp_channel_shutdown()`), `DWCP_FINISHED` (after the stream ended),
+/// `DWCP_NULL_PARAMETER` (NULL `ch`, or a NULL `iov`/`base` with a length),
+/// `DWCP_INVALID_ARGUMENT` (lengths adding up past `SSIZE_MAX`),
+/// `DWCP_INVALID_HANDLE`.
+#[no_mangle]
+pub extern "C" fn dwcp_channel_writev(
+    ch: *const dwcp_channel,
+    iov: *const dwcp_iovec,
+    iovcnt: usize,
+    written: *mut usize,
+    err: *mut c_char,
+    err_len: usize,
+) -> dwcp_result {
+    run(err, err_len, || {
+        let w = ffi::channel(ch)?;
+        let bufs = ffi::io_slices(iov, iovcnt)?;
+        let n = w.write_vectored(&bufs).map_err(outgoing::write_error)?;
+        if !written.is_null() {
+            ffi::write_out(written, n);
+        }
+        Ok(())
+    })
+}
+
+/// Shuts the channel down like shutdown(2) on a socket (QEMU: yank,
+/// `migrate_cancel`, the end of multifd): a `dwcp_channel_writev()` blocked
+/// on it, and every later one, fail at once with `DWCP_CANCELLED`, and the
+/// stream ends after the bytes already taken (the peer reads end of file).
+/// To fail the migration on the peer too, cancel the session. The handle
+/// stays live until `dwcp_channel_free()`. Twice is harmless. Does not
+/// block. NULL `ch` gives `DWCP_NULL_PARAMETER`. Thread-safe.
+#[no_mangle]
+pub extern "C" fn dwcp_channel_shutdown(ch: *const dwcp_channel) -> dwcp_result {
+    run(std::ptr::null_mut(), 0, || {
+        ffi::channel(ch)?.shutdown();
+        Ok(())
+    })
+}
+
+/// Ends the channel's stream after everything written so far (the peer's
+/// QEMU reads end of file; nothing more after a shutdown, which already
+/// ended it, or a session failure) and releases the handle. If a `dwcp_channel_writev()` on it is
+/// still running in another thread, the stream ends when that call returns.
+/// Does not block.
+/// The session stays alive. NULL is a no-op (`DWCP_OK`); a handle already
+/// freed gives `DWCP_INVALID_HANDLE`. Thread-safe.
+#[no_mangle]
+pub extern "C" fn dwcp_channel_free(ch: *mut dwcp_channel) -> dwcp_result {
+    panic::boundary(|| ffi::free_channel(ch))
 }
 
 /// Copies the session's current figures into `*out` (caller-owned storage).

@@ -3,7 +3,7 @@
 
 use std::os::fd::OwnedFd;
 
-use dwcp_core::transport::{Session, SessionError, SessionStats};
+use dwcp_core::transport::{ChannelWriter, Session, SessionError, SessionStats, WriteError};
 
 use crate::error::{dwcp_result::*, Error};
 use crate::uri::DwcpUri;
@@ -45,24 +45,39 @@ impl Outgoing {
 
     /// A new channel: returns QEMU's end of a fresh socketpair.
     pub fn channel(&self) -> Result<OwnedFd, Error> {
-        if let Some(e) = self.session.failure() {
-            let code = if e.starts_with(CANCEL_PREFIX) {
-                DWCP_CANCELLED
-            } else {
-                DWCP_SESSION_FAILED
-            };
-            return Err(Error::new(code, e));
-        }
+        self.check_live()?;
         let (ours, theirs) = crate::socketpair::channel_pair()
             .map_err(|e| Error::new(DWCP_IO, format!("socketpair for a channel: {e}")))?;
-        self.session.add_local_channel(ours).map_err(|e| match e {
-            SessionError::TooManyChannels(_) => Error::new(DWCP_TOO_MANY_CHANNELS, e.to_string()),
-            SessionError::Finished => Error::new(DWCP_FINISHED, e.to_string()),
-            _ => Error::new(DWCP_SESSION_FAILED, e.to_string()),
-        })?;
+        self.session
+            .add_local_channel(ours)
+            .map_err(channel_error)?;
         self.channels
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         Ok(OwnedFd::from(theirs))
+    }
+
+    /// A new channel written with the returned [`ChannelWriter`] (no relay
+    /// copy); the fd (QEMU's end of a socketpair) only carries what the peer
+    /// sends back (the return path) and sees end of file at completion.
+    pub fn channel_direct(&self) -> Result<(OwnedFd, ChannelWriter), Error> {
+        self.check_live()?;
+        let (ours, theirs) = crate::socketpair::channel_pair()
+            .map_err(|e| Error::new(DWCP_IO, format!("socketpair for a channel: {e}")))?;
+        let w = self
+            .session
+            .add_direct_channel(ours)
+            .map_err(channel_error)?;
+        self.channels
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Ok((OwnedFd::from(theirs), w))
+    }
+
+    fn check_live(&self) -> Result<(), Error> {
+        match self.session.failure() {
+            Some(e) if e.starts_with(CANCEL_PREFIX) => Err(Error::new(DWCP_CANCELLED, e)),
+            Some(e) => Err(Error::new(DWCP_SESSION_FAILED, e)),
+            None => Ok(()),
+        }
     }
 
     pub fn stats(&self) -> SessionStats {
@@ -71,6 +86,24 @@ impl Outgoing {
 
     pub fn cancel(&self, reason: &str) {
         self.session.abort(&format!("{CANCEL_PREFIX}{reason}"));
+    }
+}
+
+fn channel_error(e: SessionError) -> Error {
+    match e {
+        SessionError::TooManyChannels(_) => Error::new(DWCP_TOO_MANY_CHANNELS, e.to_string()),
+        SessionError::Finished => Error::new(DWCP_FINISHED, e.to_string()),
+        _ => Error::new(DWCP_SESSION_FAILED, e.to_string()),
+    }
+}
+
+/// The result code and message of a failed direct-channel write.
+pub fn write_error(e: WriteError) -> Error {
+    match e {
+        WriteError::Failed(m) if m.starts_with(CANCEL_PREFIX) => Error::new(DWCP_CANCELLED, m),
+        WriteError::Failed(m) => Error::new(DWCP_SESSION_FAILED, m),
+        WriteError::Shutdown => Error::new(DWCP_CANCELLED, e.to_string()),
+        WriteError::Ended => Error::new(DWCP_FINISHED, e.to_string()),
     }
 }
 

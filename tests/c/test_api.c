@@ -15,6 +15,7 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+#include <pthread.h>
 #include <netinet/in.h>
 #include <arpa/inet.h>
 #include <sys/socket.h>
@@ -129,7 +130,8 @@ static void test_version_and_results(void)
 {
     const uint32_t codes[] = {
         DWCP_OK, DWCP_AGAIN, DWCP_NULL_PARAMETER, DWCP_INVALID_HANDLE,
-        DWCP_INVALID_UTF8, DWCP_INVALID_URI, DWCP_RESOLVE_FAILED,
+        DWCP_INVALID_UTF8, DWCP_INVALID_ARGUMENT, DWCP_INVALID_URI,
+        DWCP_RESOLVE_FAILED,
         DWCP_CONNECT_FAILED, DWCP_HANDSHAKE_FAILED, DWCP_LISTEN_FAILED,
         DWCP_SESSION_FAILED, DWCP_CANCELLED, DWCP_TOO_MANY_CHANNELS,
         DWCP_FINISHED, DWCP_IO, DWCP_PANIC,
@@ -232,6 +234,23 @@ static void test_null_handles(void)
     CHECK_RC(dwcp_outgoing_error(NULL, err, sizeof(err)), DWCP_NULL_PARAMETER);
     CHECK_RC(dwcp_outgoing_cancel(NULL, "x"), DWCP_NULL_PARAMETER);
     CHECK_RC(dwcp_outgoing_free(NULL), DWCP_OK);
+    {
+        dwcp_channel *ch = (dwcp_channel *)&fd;
+        dwcp_iovec v = { "x", 1 };
+        size_t n = 7;
+
+        CHECK_RC(dwcp_outgoing_channel_direct(NULL, &fd, &ch, err, sizeof(err)),
+                 DWCP_NULL_PARAMETER);
+        CHECK(ch == (dwcp_channel *)&fd);
+        CHECK_RC(dwcp_channel_writev(NULL, &v, 1, &n, err, sizeof(err)), DWCP_NULL_PARAMETER);
+        CHECK(n == 7);
+        CHECK_RC(dwcp_channel_shutdown(NULL), DWCP_NULL_PARAMETER);
+        CHECK_RC(dwcp_channel_free(NULL), DWCP_OK);
+        /* a pointer that was never a channel handle */
+        CHECK_RC(dwcp_channel_writev((dwcp_channel *)&st, &v, 1, &n, err, sizeof(err)),
+                 DWCP_INVALID_HANDLE);
+        CHECK_RC(dwcp_channel_free((dwcp_channel *)&st), DWCP_INVALID_HANDLE);
+    }
 
     CHECK_RC(dwcp_incoming_new("dwcp:127.0.0.1:0", NULL, err, sizeof(err)), DWCP_NULL_PARAMETER);
     CHECK_RC(dwcp_incoming_new(NULL, &in, err, sizeof(err)), DWCP_NULL_PARAMETER);
@@ -467,6 +486,169 @@ out:
     free(in_buf);
 }
 
+/*
+ * Direct channels: the source hands its bytes over with
+ * dwcp_channel_writev() (vectored, several calls); the destination reads
+ * them from its socket; the return path comes back on the source's fd;
+ * dwcp_channel_free() is the end of stream. A second channel is shut down
+ * while its writer is blocked for credit.
+ */
+static dwcp_result shut_rc;
+
+/* Thread: shuts a channel down while the main thread is blocked writing. */
+static void *shut_later(void *ch)
+{
+    sleep_ms(300);
+    shut_rc = dwcp_channel_shutdown(ch);
+    return NULL;
+}
+
+static void test_direct(const char *params)
+{
+    enum { N = 3 << 20, BACK = 100000, PIECES = 7 };
+    dwcp_incoming *in = NULL;
+    dwcp_outgoing *o = NULL;
+    dwcp_channel *ch = NULL, *ch2 = NULL;
+    dwcp_stats st;
+    dwcp_iovec iov[PIECES + 1];
+    unsigned char *out_buf = malloc(N), *in_buf = malloc(N), b;
+    char err[512], uri[256];
+    uint16_t port = 0;
+    int src = -1, dst = -1, src2 = -1, fd = -7;
+    size_t off = 0, n, i;
+
+    fprintf(stderr, "direct %s\n", params);
+    CHECK_RC(dwcp_incoming_new("dwcp:127.0.0.1:0", &in, err, sizeof(err)), DWCP_OK);
+    CHECK_RC(dwcp_incoming_port(in, &port), DWCP_OK);
+    snprintf(uri, sizeof(uri), "dwcp:127.0.0.1:%u?%s", port, params);
+    CHECK_RC(dwcp_outgoing_new(uri, &o, err, sizeof(err)), DWCP_OK);
+    if (!o || !in) {
+        fprintf(stderr, "direct set-up failed: %s\n", err);
+        goto out;
+    }
+    CHECK_RC(dwcp_outgoing_channel_direct(o, &src, NULL, err, sizeof(err)), DWCP_NULL_PARAMETER);
+    CHECK(src == -1);
+    CHECK_RC(dwcp_outgoing_channel_direct(o, NULL, &ch, err, sizeof(err)), DWCP_NULL_PARAMETER);
+    CHECK(ch == NULL);
+    CHECK_RC(dwcp_outgoing_channel_direct(o, &src, &ch, err, sizeof(err)), DWCP_OK);
+    CHECK(src >= 0 && ch != NULL);
+    if (!ch) {
+        goto out;
+    }
+    fill(out_buf, N, 42);
+    /* empty writes, then the data in uneven pieces over several calls */
+    CHECK_RC(dwcp_channel_writev(ch, NULL, 0, &n, err, sizeof(err)), DWCP_OK);
+    CHECK(n == 0);
+    CHECK_RC(dwcp_channel_writev(ch, NULL, 1, &n, err, sizeof(err)), DWCP_NULL_PARAMETER);
+    iov[0].base = NULL;
+    iov[0].len = 5;
+    CHECK_RC(dwcp_channel_writev(ch, iov, 1, &n, err, sizeof(err)), DWCP_NULL_PARAMETER);
+    CHECK(strstr(err, "iov[0]") != NULL);
+    while (off < N) {
+        size_t total = 0;
+
+        for (i = 0; i < PIECES && off + total < N; i++) {
+            size_t len = 1 + (off * 7 + i * 4093) % 300000;
+
+            if (len > N - off - total) {
+                len = N - off - total;
+            }
+            iov[i].base = out_buf + off + total;
+            iov[i].len = len;
+            total += len;
+        }
+        iov[i].base = NULL; /* zero-length entries may be NULL */
+        iov[i].len = 0;
+        n = 0;
+        CHECK_RC(dwcp_channel_writev(ch, iov, i + 1, i % 2 ? &n : NULL, err, sizeof(err)),
+                 DWCP_OK);
+        CHECK(i % 2 == 0 || n == total);
+        off += total;
+    }
+    CHECK_RC(dwcp_incoming_next_channel(in, 5000, &dst, err, sizeof(err)), DWCP_OK);
+    CHECK(dst >= 0);
+    memset(in_buf, 0xaa, N);
+    CHECK(read_all(dst, in_buf, N) == 0);
+    CHECK(memcmp(in_buf, out_buf, N) == 0);
+    /* the return path arrives on the source's fd */
+    fill(out_buf, BACK, 7);
+    CHECK(write_all(dst, out_buf, BACK) == 0);
+    CHECK(read_all(src, in_buf, BACK) == 0);
+    CHECK(memcmp(in_buf, out_buf, BACK) == 0);
+
+    /*
+     * A second channel nobody reads on the other side: with a small window
+     * its writer blocks for credit until the channel is shut down.
+     */
+    CHECK_RC(dwcp_outgoing_channel_direct(o, &src2, &ch2, err, sizeof(err)), DWCP_OK);
+    if (ch2) {
+        pthread_t t;
+        dwcp_result r = DWCP_OK;
+
+        CHECK(pthread_create(&t, NULL, shut_later, ch2) == 0);
+        iov[0].base = out_buf;
+        iov[0].len = N;
+        /* 64 x 3 MiB is far more than the window and socket buffers hold */
+        for (i = 0; i < 64 && r == DWCP_OK; i++) {
+            r = dwcp_channel_writev(ch2, iov, 1, NULL, err, sizeof(err));
+        }
+        CHECK(i < 64);
+        CHECK_RC(r, DWCP_CANCELLED);
+        CHECK(pthread_join(t, NULL) == 0);
+        CHECK_RC(shut_rc, DWCP_OK);
+        CHECK_RC(dwcp_channel_shutdown(ch2), DWCP_OK);
+        CHECK_RC(dwcp_channel_writev(ch2, iov, 1, NULL, err, sizeof(err)), DWCP_CANCELLED);
+        /* like shutdown(2): the peer reads what was taken, then EOF */
+        {
+            int dst2 = -1;
+            size_t got = 0;
+            ssize_t r2 = -1;
+
+            CHECK_RC(dwcp_incoming_next_channel(in, 5000, &dst2, err, sizeof(err)), DWCP_OK);
+            while (dst2 >= 0 && (r2 = read(dst2, in_buf, N)) > 0) {
+                got += (size_t)r2;
+            }
+            CHECK(r2 == 0); /* end of file, not an error */
+            CHECK(got > 0);
+            if (dst2 >= 0) {
+                close(dst2);
+            }
+        }
+        CHECK_RC(dwcp_channel_free(ch2), DWCP_OK);
+        CHECK_RC(dwcp_channel_free(ch2), DWCP_INVALID_HANDLE);
+    }
+
+    /* a channel handle is not a session handle, nor the reverse */
+    CHECK_RC(dwcp_outgoing_stats((const dwcp_outgoing *)(const void *)ch, &st),
+             DWCP_INVALID_HANDLE);
+    CHECK_RC(dwcp_channel_shutdown((const dwcp_channel *)(const void *)o), DWCP_INVALID_HANDLE);
+    /* end of stream: the destination reads EOF after the data */
+    CHECK_RC(dwcp_channel_free(ch), DWCP_OK);
+    CHECK_RC(dwcp_channel_writev(ch, iov, 1, NULL, err, sizeof(err)), DWCP_INVALID_HANDLE);
+    CHECK(read(dst, &b, 1) == 0);
+    CHECK_RC(dwcp_outgoing_stats(o, &st), DWCP_OK);
+    CHECK(st.channels == 2);
+    CHECK(st.raw_out >= (uint64_t)N);
+    CHECK(st.raw_in == BACK);
+    CHECK(fd == -7);
+
+out:
+    if (src >= 0) {
+        close(src);
+    }
+    if (src2 >= 0) {
+        close(src2);
+    }
+    if (dst >= 0) {
+        close(dst);
+    }
+    CHECK_RC(dwcp_outgoing_cancel(o, "test over"), DWCP_OK);
+    CHECK_RC(dwcp_outgoing_free(o), DWCP_OK);
+    CHECK_RC(dwcp_incoming_free(in), DWCP_OK);
+    free(out_buf);
+    free(in_buf);
+}
+
 /* Cancel in the middle of a transfer: both sides see it. */
 static void test_cancel(void)
 {
@@ -536,6 +718,8 @@ int main(void)
     test_loopback("streams=2");
     test_loopback("streams=8&codec=lz4");
     test_loopback("streams=4&codec=zstd:3&workers=2");
+    test_direct("streams=2&window=2");
+    test_direct("streams=4&codec=lz4&window=2");
     test_cancel();
     printf("%s: %d checks, %d failed\n", failures ? "FAIL" : "PASS", checks, failures);
     return failures ? 1 : 0;

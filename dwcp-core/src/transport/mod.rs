@@ -30,8 +30,8 @@ use std::time::Duration;
 
 pub use gate::CutoverGate;
 pub use session::{
-    Acceptor, AcceptorLimits, ChannelStats, CodecCounts, GateProvider, Role, Session, SessionError,
-    SessionStats, StreamStats, Target,
+    Acceptor, AcceptorLimits, ChannelStats, ChannelWriter, CodecCounts, GateProvider, Role,
+    Session, SessionError, SessionStats, StreamStats, Target, WriteError,
 };
 pub use tcp::{tcp_info, SocketTuning, TcpInfo};
 

@@ -189,6 +189,11 @@ struct Inner {
     ring_bytes: usize,
     tier: Mutex<Tier>,
     streams: Vec<TcpStream>,
+    /// The streams' sending halves: a writer thread, or a direct channel's
+    /// writer ([`ChannelWriter`]), holds the lock for each whole frame.
+    tx: Vec<Mutex<TcpStream>>,
+    /// Where a direct writer starts looking for a free stream.
+    next_tx: AtomicUsize,
     channels: Mutex<HashMap<u16, Arc<Channel>>>,
     opening: Mutex<()>,
     next_channel: AtomicUsize,
@@ -465,11 +470,15 @@ impl Session {
         let (frame_tx, frame_rx) = bounded(n * 2 + 4);
         let (ctrl_tx, ctrl_rx) = bounded(cfg.max_channels as usize * 2 + n * 2 + 16);
         let mut shutdown_clones = Vec::with_capacity(n);
+        let mut tx = Vec::with_capacity(n);
         for s in &streams {
             // A read timeout turns a silent peer into an error the watchdog sees.
             let _ = s.set_read_timeout(Some(cfg.idle_timeout));
             let _ = s.set_write_timeout(Some(cfg.idle_timeout));
             shutdown_clones.push(s.try_clone().expect("dup of a connected socket"));
+            tx.push(Mutex::new(
+                s.try_clone().expect("dup of a connected socket"),
+            ));
         }
         let inner = Arc::new(Inner {
             id,
@@ -485,6 +494,8 @@ impl Session {
             ring_bytes: ring_pages as usize * crate::codec::PAGE_SIZE,
             cfg,
             streams: shutdown_clones,
+            tx,
+            next_tx: AtomicUsize::new(0),
             channels: Mutex::new(HashMap::new()),
             opening: Mutex::new(()),
             next_channel: AtomicUsize::new(0),
@@ -519,9 +530,8 @@ impl Session {
         info!(name, session = %hex(&id), ?role, streams = n, window, ring_pages, "session started");
         let sess = Session { inner };
         for (i, s) in streams.into_iter().enumerate() {
-            let w = s.try_clone().expect("dup of a connected socket");
             let inner = sess.inner.clone();
-            sess.spawn(format!("dwcp-tx{i}"), move || writer(inner, i, w));
+            sess.spawn(format!("dwcp-tx{i}"), move || writer(inner, i));
             let inner = sess.inner.clone();
             sess.spawn(format!("dwcp-rx{i}"), move || reader(inner, i, s));
         }
@@ -549,6 +559,27 @@ impl Session {
 
     /// Adds a QEMU connection accepted on the source host as a new channel.
     pub fn add_local_channel(&self, conn: UnixStream) -> Result<u16, SessionError> {
+        let id = self.next_channel_id()?;
+        open_channel(&self.inner, id, conn, true);
+        Ok(id)
+    }
+
+    /// Adds a channel whose bytes the caller sends with the returned
+    /// [`ChannelWriter`]; what the peer sends back on it is written to
+    /// `conn` (the return path), and `conn` is shut down once the session
+    /// completes. Nothing is read from `conn`.
+    pub fn add_direct_channel(&self, conn: UnixStream) -> Result<ChannelWriter, SessionError> {
+        let id = self.next_channel_id()?;
+        let ch = open_channel(&self.inner, id, conn, false);
+        Ok(ChannelWriter {
+            tx: Mutex::new(FrameSender::new(&self.inner)),
+            inner: self.inner.clone(),
+            ch,
+            stop: AtomicBool::new(false),
+        })
+    }
+
+    fn next_channel_id(&self) -> Result<u16, SessionError> {
         if self.inner.complete.load(Ordering::Acquire) {
             return Err(SessionError::Finished);
         }
@@ -559,7 +590,6 @@ impl Session {
         if id >= self.inner.cfg.max_channels as usize {
             return Err(SessionError::TooManyChannels(self.inner.cfg.max_channels));
         }
-        open_channel(&self.inner, id as u16, conn);
         Ok(id as u16)
     }
 
@@ -708,7 +738,7 @@ fn is_down(inner: &Inner) -> bool {
     inner.failed.load(Ordering::Acquire)
 }
 
-fn open_channel(inner: &Arc<Inner>, id: u16, conn: UnixStream) -> Arc<Channel> {
+fn open_channel(inner: &Arc<Inner>, id: u16, conn: UnixStream, read_local: bool) -> Arc<Channel> {
     let ch = Arc::new(Channel {
         id,
         local: conn.try_clone().expect("dup of a connected socket"),
@@ -730,12 +760,14 @@ fn open_channel(inner: &Arc<Inner>, id: u16, conn: UnixStream) -> Arc<Channel> {
     let (i1, c1) = (inner.clone(), ch.clone());
     let (i2, c2) = (inner.clone(), ch.clone());
     let mut threads = inner.threads.lock();
-    threads.push(
-        std::thread::Builder::new()
-            .name(format!("dwcp-in{id}"))
-            .spawn(move || local_reader(i1, c1, reader_conn))
-            .expect("spawn thread"),
-    );
+    if read_local {
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("dwcp-in{id}"))
+                .spawn(move || local_reader(i1, c1, reader_conn))
+                .expect("spawn thread"),
+        );
+    }
     threads.push(
         std::thread::Builder::new()
             .name(format!("dwcp-out{id}"))
@@ -745,40 +777,218 @@ fn open_channel(inner: &Arc<Inner>, id: u16, conn: UnixStream) -> Arc<Channel> {
     ch
 }
 
-/// Reads what QEMU writes to its connection and queues it for encoding.
-fn local_reader(inner: Arc<Inner>, ch: Arc<Channel>, mut conn: UnixStream) {
-    let mut planner = Planner::new(inner.ring_bytes);
-    let mut buf = Vec::with_capacity(inner.cfg.chunk);
-    let mut seq = 0u64;
-    let mut last = planner.stats();
-    loop {
+/// The sending half of one channel: waits for credit, turns bytes into
+/// frames (raw, or planned and queued for the encoders) and ends the stream.
+/// Fed by [`local_reader`] (bytes read from a local socket) or by a
+/// [`ChannelWriter`] (bytes handed over by the embedder).
+struct FrameSender {
+    planner: Planner,
+    buf: Vec<u8>,
+    seq: u64,
+    last: crate::codec::PlanStats,
+}
+
+impl FrameSender {
+    fn new(inner: &Inner) -> FrameSender {
+        let planner = Planner::new(inner.ring_bytes);
+        let last = planner.stats();
+        FrameSender {
+            planner,
+            buf: Vec::with_capacity(inner.cfg.chunk),
+            seq: 0,
+            last,
+        }
+    }
+
+    /// Waits until the channel may send, and returns how many bytes (at
+    /// most one chunk); None once the session is down or `stop` is set.
+    fn wait_allowed(inner: &Inner, ch: &Channel, stop: Option<&AtomicBool>) -> Option<usize> {
         // Wait for credit before reading, so we never hold more than the
         // peer agreed to buffer.
-        let allowed = {
-            let mut credit = ch.credit.lock();
-            loop {
-                if is_down(&inner) {
-                    return;
-                }
-                let allowed = allowed_bytes(&inner, &ch, *credit);
-                if allowed > 0 {
-                    break allowed.min(inner.cfg.chunk);
-                }
-                inner.credit_waiters.fetch_add(1, Ordering::Relaxed);
-                ch.credit_cv
-                    .wait_for(&mut credit, Duration::from_millis(20));
-                inner.credit_waiters.fetch_sub(1, Ordering::Relaxed);
+        let mut credit = ch.credit.lock();
+        loop {
+            if is_down(inner) || stop.is_some_and(|s| s.load(Ordering::Acquire)) {
+                return None;
             }
-        };
-        // Raw frames own their buffer (it travels to the socket writer);
-        // planned frames reuse one.
-        let raw = inner.version >= wire::VERSION_RAW && *inner.tier.lock() == Tier::Raw;
+            let allowed = allowed_bytes(inner, ch, *credit);
+            if allowed > 0 {
+                return Some(allowed.min(inner.cfg.chunk));
+            }
+            inner.credit_waiters.fetch_add(1, Ordering::Relaxed);
+            ch.credit_cv
+                .wait_for(&mut credit, Duration::from_millis(20));
+            inner.credit_waiters.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether frames go out raw (no planning, no encoder).
+    fn raw(inner: &Inner) -> bool {
+        inner.version >= wire::VERSION_RAW && *inner.tier.lock() == Tier::Raw
+    }
+
+    /// A buffer to fill with the next `allowed` bytes: raw frames own their
+    /// buffer (it travels to the socket writer); planned frames reuse one.
+    fn take_buf(&mut self, raw: bool, allowed: usize) -> Vec<u8> {
         let mut data = if raw {
             Vec::with_capacity(allowed)
         } else {
-            std::mem::take(&mut buf)
+            std::mem::take(&mut self.buf)
         };
         data.clear();
+        data
+    }
+
+    /// Queues `data` (non-empty, within the credit just granted) as the
+    /// channel's next frame; a raw frame of a direct channel (`inline`) is
+    /// written to a stream by the calling thread instead. False when the
+    /// session is shutting down.
+    fn send(
+        &mut self,
+        inner: &Arc<Inner>,
+        ch: &Arc<Channel>,
+        raw: bool,
+        inline: bool,
+        data: Vec<u8>,
+    ) -> bool {
+        let n = data.len();
+        *ch.credit.lock() -= n as u64;
+        inner
+            .counters
+            .raw_out
+            .fetch_add(n as u64, Ordering::Relaxed);
+        ch.raw_out.fetch_add(n as u64, Ordering::Relaxed);
+        let seq = self.seq;
+        self.seq += 1;
+        if raw {
+            let h = FrameHeader {
+                kind: Kind::Data,
+                codec: CodecId::Raw as u8,
+                channel: ch.id,
+                len: n as u32,
+                seq,
+                plan_len: n as u32,
+                wire_len: n as u32,
+                payload_crc: crc32c::crc32c(&data),
+            };
+            ch.note_sent(inner, n as u64, (wire::FRAME_HEADER_LEN + n) as u64);
+            if inline {
+                return write_inline(inner, &h, &data);
+            }
+            inner.inflight.fetch_add(1, Ordering::AcqRel);
+            return inner.frame_tx.send(Outgoing::Frame(h, data)).is_ok();
+        }
+        ch.unencoded.fetch_add(n as u64, Ordering::Relaxed);
+        let mut plan = Vec::with_capacity(n + 64);
+        self.planner.plan(&data, &mut plan);
+        self.buf = data;
+        let st = self.planner.stats();
+        let c = &inner.counters;
+        c.zero_bytes
+            .fetch_add(st.zero_bytes - self.last.zero_bytes, Ordering::Relaxed);
+        c.pages_seen
+            .fetch_add(st.pages_seen - self.last.pages_seen, Ordering::Relaxed);
+        c.pages_deduped.fetch_add(
+            st.pages_deduped - self.last.pages_deduped,
+            Ordering::Relaxed,
+        );
+        self.last = st;
+        inner.inflight.fetch_add(1, Ordering::AcqRel);
+        let job = Job {
+            ch: ch.clone(),
+            channel: ch.id,
+            seq,
+            raw_len: n as u32,
+            plan,
+        };
+        inner.job_tx.send(job).is_ok()
+    }
+
+    /// Queues the channel's end of stream (once), waiting for room in the
+    /// send queue.
+    fn eof(&mut self, inner: &Inner, ch: &Channel) {
+        self.eof_with(inner, ch, |f| inner.frame_tx.send(f).is_ok());
+    }
+
+    /// [`FrameSender::eof`] for callers that must not block (QEMU's close
+    /// and shutdown, on its main loop): when the send queue is full (the
+    /// streams stalled), a short-lived thread waits for room instead.
+    fn eof_nonblocking(&mut self, inner: &Inner, ch: &Channel) {
+        self.eof_with(inner, ch, |f| match inner.frame_tx.try_send(f) {
+            Ok(()) => true,
+            Err(crossbeam_channel::TrySendError::Full(f)) => {
+                let tx = inner.frame_tx.clone();
+                std::thread::Builder::new()
+                    .name("dwcp-eof".into())
+                    .spawn(move || {
+                        let _ = tx.send(f);
+                    })
+                    .is_ok()
+            }
+            Err(crossbeam_channel::TrySendError::Disconnected(_)) => false,
+        });
+    }
+
+    fn eof_with(&mut self, inner: &Inner, ch: &Channel, send: impl FnOnce(Outgoing) -> bool) {
+        if ch.sent_eof.load(Ordering::Acquire) {
+            return;
+        }
+        let h = FrameHeader {
+            kind: Kind::Eof,
+            codec: 0,
+            channel: ch.id,
+            len: 0,
+            seq: self.seq,
+            plan_len: 0,
+            wire_len: 0,
+            payload_crc: crc32c::crc32c(&[]),
+        };
+        inner.inflight.fetch_add(1, Ordering::AcqRel);
+        if !send(Outgoing::Frame(h, Vec::new())) {
+            return;
+        }
+        ch.sent_eof.store(true, Ordering::Release);
+        debug!(channel = ch.id, seq = self.seq, "local end of stream");
+        check_complete(inner);
+    }
+}
+
+/// Writes a frame to a stream from the calling thread (a direct channel's
+/// writer), saving the hand-off to a writer thread: the first stream whose
+/// lock is free, or else the next one in turn (waiting for it). The frame
+/// owns its bytes (a copy taken from QEMU), so the checksum matches what is
+/// sent even while the guest keeps writing to the pages.
+fn write_inline(inner: &Inner, h: &FrameHeader, payload: &[u8]) -> bool {
+    let n = inner.tx.len();
+    let start = inner.next_tx.fetch_add(1, Ordering::Relaxed);
+    let mut guard = (0..n)
+        .find_map(|k| inner.tx[(start + k) % n].try_lock())
+        .unwrap_or_else(|| inner.tx[start % n].lock());
+    if is_down(inner) {
+        return false;
+    }
+    if let Err(e) = wire::write_frame(&mut *guard, h, payload) {
+        drop(guard);
+        fail(inner, format!("sending to the peer failed: {e}"));
+        return false;
+    }
+    drop(guard);
+    inner.counters.wire_out.fetch_add(
+        (wire::FRAME_HEADER_LEN + payload.len()) as u64,
+        Ordering::Relaxed,
+    );
+    inner.counters.frames_out.fetch_add(1, Ordering::Relaxed);
+    true
+}
+
+/// Reads what QEMU writes to its connection and queues it for encoding.
+fn local_reader(inner: Arc<Inner>, ch: Arc<Channel>, mut conn: UnixStream) {
+    let mut tx = FrameSender::new(&inner);
+    loop {
+        let Some(allowed) = FrameSender::wait_allowed(&inner, &ch, None) else {
+            return;
+        };
+        let raw = FrameSender::raw(&inner);
+        let mut data = tx.take_buf(raw, allowed);
         let n = match read_some(&mut conn, &mut data, allowed) {
             Ok(n) => n,
             Err(e) => {
@@ -795,75 +1005,137 @@ fn local_reader(inner: Arc<Inner>, ch: Arc<Channel>, mut conn: UnixStream) {
             return;
         }
         if n == 0 {
-            let h = FrameHeader {
-                kind: Kind::Eof,
-                codec: 0,
-                channel: ch.id,
-                len: 0,
-                seq,
-                plan_len: 0,
-                wire_len: 0,
-                payload_crc: crc32c::crc32c(&[]),
-            };
-            inner.inflight.fetch_add(1, Ordering::AcqRel);
-            if inner.frame_tx.send(Outgoing::Frame(h, Vec::new())).is_err() {
-                return;
-            }
-            ch.sent_eof.store(true, Ordering::Release);
-            debug!(channel = ch.id, seq, "local end of stream");
-            check_complete(&inner);
+            tx.eof(&inner, &ch);
             return;
         }
-        *ch.credit.lock() -= n as u64;
-        inner
-            .counters
-            .raw_out
-            .fetch_add(n as u64, Ordering::Relaxed);
-        ch.raw_out.fetch_add(n as u64, Ordering::Relaxed);
-        if raw {
-            let h = FrameHeader {
-                kind: Kind::Data,
-                codec: CodecId::Raw as u8,
-                channel: ch.id,
-                len: n as u32,
-                seq,
-                plan_len: n as u32,
-                wire_len: n as u32,
-                payload_crc: crc32c::crc32c(&data),
-            };
-            inner.inflight.fetch_add(1, Ordering::AcqRel);
-            ch.note_sent(&inner, n as u64, (wire::FRAME_HEADER_LEN + n) as u64);
-            if inner.frame_tx.send(Outgoing::Frame(h, data)).is_err() {
-                return;
-            }
-            seq += 1;
-            continue;
-        }
-        ch.unencoded.fetch_add(n as u64, Ordering::Relaxed);
-        let mut plan = Vec::with_capacity(n + 64);
-        planner.plan(&data, &mut plan);
-        buf = data;
-        let st = planner.stats();
-        let c = &inner.counters;
-        c.zero_bytes
-            .fetch_add(st.zero_bytes - last.zero_bytes, Ordering::Relaxed);
-        c.pages_seen
-            .fetch_add(st.pages_seen - last.pages_seen, Ordering::Relaxed);
-        c.pages_deduped
-            .fetch_add(st.pages_deduped - last.pages_deduped, Ordering::Relaxed);
-        last = st;
-        inner.inflight.fetch_add(1, Ordering::AcqRel);
-        let job = Job {
-            ch: ch.clone(),
-            channel: ch.id,
-            seq,
-            raw_len: n as u32,
-            plan,
-        };
-        if inner.job_tx.send(job).is_err() {
+        if !tx.send(&inner, &ch, raw, false, data) {
             return;
         }
-        seq += 1;
+    }
+}
+
+/// Why [`ChannelWriter::write_vectored`] did not take the bytes.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("migration failed: {0}")]
+    Failed(String),
+    #[error("the channel was shut down")]
+    Shutdown,
+    #[error("the channel's stream was already ended")]
+    Ended,
+}
+
+/// The sending half of a channel whose bytes the embedder hands over with
+/// [`ChannelWriter::write_vectored`] instead of writing them to a local
+/// socket (one copy less, no relay thread); the channel's other direction
+/// still goes to the local socket given to [`Session::add_direct_channel`].
+/// Dropping it ends the stream like [`ChannelWriter::finish`].
+pub struct ChannelWriter {
+    inner: Arc<Inner>,
+    ch: Arc<Channel>,
+    tx: Mutex<FrameSender>,
+    stop: AtomicBool,
+}
+
+impl std::fmt::Debug for ChannelWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChannelWriter")
+            .field("channel", &self.ch.id)
+            .finish()
+    }
+}
+
+impl ChannelWriter {
+    /// The channel's number in the session.
+    pub fn id(&self) -> u16 {
+        self.ch.id
+    }
+
+    /// Sends all of `bufs` as the channel's next bytes, in order. Blocks
+    /// while the peer's credit or the in-flight budget is used up; returns
+    /// the number of bytes taken (their sum) once all are queued.
+    pub fn write_vectored(&self, bufs: &[std::io::IoSlice<'_>]) -> Result<usize, WriteError> {
+        let inner = &self.inner;
+        let ch = &self.ch;
+        let mut tx = self.tx.lock();
+        if self.stop.load(Ordering::Acquire) {
+            return Err(WriteError::Shutdown);
+        }
+        if ch.sent_eof.load(Ordering::Acquire) {
+            return Err(WriteError::Ended);
+        }
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        let mut pieces = bufs.iter().map(|b| &b[..]).filter(|b| !b.is_empty());
+        let mut cur: &[u8] = pieces.next().unwrap_or(&[]);
+        let mut left = total;
+        while left > 0 {
+            let Some(allowed) = FrameSender::wait_allowed(inner, ch, Some(&self.stop)) else {
+                if self.stop.load(Ordering::Acquire) && !is_down(inner) {
+                    // shut down while we held the sender: end the stream now
+                    tx.eof(inner, ch);
+                }
+                return Err(self.why());
+            };
+            let raw = FrameSender::raw(inner);
+            let mut data = tx.take_buf(raw, allowed.min(left));
+            let want = allowed.min(left);
+            while data.len() < want {
+                if cur.is_empty() {
+                    cur = pieces.next().unwrap_or(&[]);
+                }
+                let k = cur.len().min(want - data.len());
+                data.extend_from_slice(&cur[..k]);
+                cur = &cur[k..];
+            }
+            left -= want;
+            if !tx.send(inner, ch, raw, true, data) {
+                return Err(self.why());
+            }
+        }
+        Ok(total)
+    }
+
+    fn why(&self) -> WriteError {
+        match self.inner.failure.lock().clone() {
+            Some(e) => WriteError::Failed(e),
+            None if self.stop.load(Ordering::Acquire) => WriteError::Shutdown,
+            None => WriteError::Failed("session is shutting down".into()),
+        }
+    }
+
+    /// Ends the channel's stream after everything written so far (the
+    /// peer's QEMU reads end of file). Later writes fail; twice is harmless.
+    /// Does not block (beyond a write still running on the channel).
+    pub fn finish(&self) {
+        let mut tx = self.tx.lock();
+        if is_down(&self.inner) {
+            return;
+        }
+        tx.eof_nonblocking(&self.inner, &self.ch);
+    }
+
+    /// Like shutdown(2) on the socket it replaces (QEMU shuts channels down
+    /// on migrate_cancel and yank, and multifd's at the end of every
+    /// migration): a write blocked for credit, and every later one, fail at
+    /// once, and the stream ends after what was already sent (by the
+    /// blocked writer as it gives up, else here). Does not block.
+    pub fn shutdown(&self) {
+        self.stop.store(true, Ordering::Release);
+        {
+            let _g = self.ch.credit.lock();
+            self.ch.credit_cv.notify_all();
+        }
+        if let Some(mut tx) = self.tx.try_lock() {
+            if !is_down(&self.inner) {
+                tx.eof_nonblocking(&self.inner, &self.ch);
+            }
+        }
+    }
+}
+
+impl Drop for ChannelWriter {
+    fn drop(&mut self) {
+        self.finish();
     }
 }
 
@@ -946,11 +1218,11 @@ fn encoder(inner: Arc<Inner>) {
     }
 }
 
-fn writer(inner: Arc<Inner>, index: usize, stream: TcpStream) {
-    let mut w = stream;
+fn writer(inner: Arc<Inner>, index: usize) {
     let ping = Duration::from_millis(1000);
-    let write = |w: &mut TcpStream, h: FrameHeader, payload: &[u8]| -> bool {
-        if let Err(e) = wire::write_frame(w, &h, payload) {
+    let stream = &inner.tx[index];
+    let write = |h: FrameHeader, payload: &[u8]| -> bool {
+        if let Err(e) = wire::write_frame(&mut *stream.lock(), &h, payload) {
             fail(
                 &inner,
                 format!("stream {index}: sending to the peer failed: {e}"),
@@ -992,9 +1264,7 @@ fn writer(inner: Arc<Inner>, index: usize, stream: TcpStream) {
         match item {
             Item::Ctrl(Ctrl::Credit(ch)) => {
                 let n = ch.pending_credit.swap(0, Ordering::AcqRel);
-                if n > 0
-                    && !is_down(&inner)
-                    && !write(&mut w, control(Kind::Window, ch.id, n as u32), &[])
+                if n > 0 && !is_down(&inner) && !write(control(Kind::Window, ch.id, n as u32), &[])
                 {
                     return;
                 }
@@ -1007,21 +1277,23 @@ fn writer(inner: Arc<Inner>, index: usize, stream: TcpStream) {
                     payload_crc: crc32c::crc32c(&msg),
                     ..control(Kind::Abort, 0, 0)
                 };
+                let mut w = stream.lock();
                 let _ = w.set_write_timeout(Some(Duration::from_millis(200)));
-                let _ = wire::write_frame(&mut w, &h, &msg);
+                let _ = wire::write_frame(&mut *w, &h, &msg);
                 return;
             }
             Item::Out(Outgoing::Frame(h, payload)) => {
                 if is_down(&inner) {
                     return;
                 }
-                let ok = write(&mut w, h, &payload);
+                let ok = write(h, &payload);
                 inner.inflight.fetch_sub(1, Ordering::AcqRel);
                 if !ok {
                     return;
                 }
             }
             Item::Out(Outgoing::Close) => {
+                let mut w = stream.lock();
                 let _ = w.flush();
                 let _ = w.shutdown(Shutdown::Write);
                 return;
@@ -1030,7 +1302,7 @@ fn writer(inner: Arc<Inner>, index: usize, stream: TcpStream) {
                 if is_down(&inner) {
                     return;
                 }
-                if !write(&mut w, control(Kind::Ping, 0, 0), &[]) {
+                if !write(control(Kind::Ping, 0, 0), &[]) {
                     return;
                 }
             }
@@ -1213,7 +1485,7 @@ fn channel_for(inner: &Arc<Inner>, id: u16) -> Result<Arc<Channel>, String> {
     let conn = target
         .connect(id)
         .map_err(|e| format!("opening channel {id}: {e}"))?;
-    Ok(open_channel(inner, id, conn))
+    Ok(open_channel(inner, id, conn, true))
 }
 
 /// Where a responder's channels go.
@@ -1466,12 +1738,23 @@ fn allowed_bytes(inner: &Inner, ch: &Channel, credit: u64) -> usize {
     credit.min(inner.cfg.chunk as u64) as usize
 }
 
+/// The slack the in-flight budget adds to two RTTs, seconds: ten RTTs,
+/// within 10..=50 ms. It covers the relay threads' scheduling delays
+/// (credit comes back only after the peer's QEMU took the bytes). On a
+/// datacenter path (RTT ~0.1 ms) a flat 50 ms held ~50 ms of the link's
+/// output in flight, all of which had to drain after QEMU stopped the guest:
+/// tens of ms of extra downtime for no extra throughput.
+fn inflight_margin_s(min_rtt_s: f64) -> f64 {
+    (10.0 * min_rtt_s).clamp(0.010, 0.050)
+}
+
 /// Starting in-flight budget before the delivery rate is known.
 const INITIAL_INFLIGHT: u64 = 4 << 20;
 
 /// Adapts the in-flight budget (wire bytes) to the path, BBR-style: the
 /// highest recent wire delivery rate (bottleneck bandwidth) times twice the
-/// lowest RTT plus 50 ms.
+/// lowest RTT plus a scheduling margin of ten RTTs, at least 10 ms and at
+/// most 50 ms ([`inflight_margin_s`]).
 /// That keeps the link busy (and grows the budget while the window is the
 /// limit), but no more: whatever is in flight when QEMU stops the guest must
 /// drain through the link before the destination can start, so an oversized
@@ -1519,7 +1802,7 @@ impl InflightTuner {
         inner.raw_rate.store(raw_avg as u64, Ordering::Relaxed);
         let n = inner.streams.len().min(4);
         let min_rtt = path_min_rtt_us(&inner.streams[..n]).unwrap_or(1000) as f64 / 1e6;
-        let want = (btl_bw * (2.0 * min_rtt + 0.05)) as u64;
+        let want = (btl_bw * (2.0 * min_rtt + inflight_margin_s(min_rtt))) as u64;
         let floor = 2 * inner.cfg.chunk as u64;
         inner.target_inflight.store(
             want.clamp(floor, inner.window * inner.cfg.max_channels as u64),
@@ -1606,8 +1889,9 @@ impl TierTuner {
         let full = |len: usize, cap: Option<usize>| cap.is_some_and(|c| len >= c);
         if full(inner.job_rx.len(), inner.job_rx.capacity()) {
             self.cpu_bound += 1;
-        } else if inner.credit_waiters.load(Ordering::Relaxed) > 0
-            || full(inner.frame_rx.len(), inner.frame_rx.capacity())
+        } else if (inner.credit_waiters.load(Ordering::Relaxed) > 0
+            || full(inner.frame_rx.len(), inner.frame_rx.capacity()))
+            && link_backlogged(inner)
         {
             self.link_bound += 1;
         }
@@ -1639,6 +1923,22 @@ impl TierTuner {
             ..TierTuner::default()
         };
     }
+}
+
+/// Whether the data in flight waits for the link: the kernel holds at least
+/// half of it in the streams' send queues (unacknowledged or not yet sent).
+/// When the peer's QEMU (or its CPU) is what is slow, readers wait for
+/// credit too, but the streams are nearly empty (the peer drains them into
+/// its reorder buffers), and compressing would only load that CPU more.
+fn link_backlogged(inner: &Inner) -> bool {
+    let inflight = inner.wire_inflight.load(Ordering::Relaxed);
+    let backlog: u64 = inner
+        .streams
+        .iter()
+        .filter_map(|s| tcp_info(s).ok())
+        .map(|i| i.backlog_bytes())
+        .sum();
+    backlog > 0 && backlog * 2 >= inflight
 }
 
 fn watchdog(inner: Arc<Inner>) {

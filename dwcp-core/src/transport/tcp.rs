@@ -96,6 +96,20 @@ pub struct TcpInfo {
     pub pacing_rate: u64,
     pub bytes_sent: u64,
     pub bytes_retrans: u64,
+    /// Bytes written to the socket and not yet sent, i.e. queued behind
+    /// the congestion or receive window.
+    pub notsent_bytes: u32,
+}
+
+impl TcpInfo {
+    /// Bytes the kernel still holds for this connection: sent and not yet
+    /// acknowledged, plus not yet sent.
+    pub fn backlog_bytes(&self) -> u64 {
+        self.bytes_sent
+            .saturating_sub(self.bytes_retrans)
+            .saturating_sub(self.bytes_acked)
+            + self.notsent_bytes as u64
+    }
 }
 
 /// The kernel's `struct tcp_info` (include/uapi/linux/tcp.h) up to
@@ -157,6 +171,7 @@ pub fn tcp_info(s: &TcpStream) -> std::io::Result<TcpInfo> {
         pacing_rate: info.pacing_rate,
         bytes_sent: info.bytes_sent,
         bytes_retrans: info.bytes_retrans,
+        notsent_bytes: info.u32s2[2],
     })
 }
 
