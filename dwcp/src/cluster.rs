@@ -184,6 +184,21 @@ pub fn uuid_from_name(name: &str) -> Uuid {
 pub enum ClusterCmd {
     /// The raft group as the local agent sees it: role, leader, term, members, log.
     Status(ShowArgs),
+    /// After a failed migration, on the host where the guest runs again (the
+    /// source): abort the open intent, or revert the committed transfer, that
+    /// the registry still shows for the guest's latest migration out of here.
+    Reconcile(ReconcileArgs),
+}
+
+/// Flags of `dwcp cluster reconcile`.
+#[derive(Args, Debug)]
+pub struct ReconcileArgs {
+    /// The guest's UUID (libvirt: `virsh domuuid DOMAIN`).
+    #[arg(long)]
+    guest: String,
+    /// The agent's control socket.
+    #[arg(long, default_value = "/run/dwcp/agent.sock")]
+    agent: PathBuf,
 }
 
 /// Flags of `dwcp cluster status` and `dwcp guests`.
@@ -198,7 +213,29 @@ pub struct ShowArgs {
 }
 
 pub fn cluster_cmd(c: ClusterCmd) -> Result<()> {
-    let ClusterCmd::Status(a) = c;
+    let a = match c {
+        ClusterCmd::Status(a) => a,
+        ClusterCmd::Reconcile(r) => {
+            let v = control_request(&r.agent, &json!({"op": "reconcile", "guest": r.guest}))
+                .map_err(anyhow::Error::msg)?;
+            match v["action"].as_str().unwrap_or("none") {
+                "none" => println!(
+                    "nothing to reconcile for guest {}: {}",
+                    r.guest,
+                    if v["record"].is_null() {
+                        "the registry does not know it".to_string()
+                    } else {
+                        v["record"].to_string()
+                    }
+                ),
+                act => println!(
+                    "guest {}: {act} of epoch {} handed to the agent (it retries until the cluster has a quorum; see dwcp guests)",
+                    r.guest, v["epoch"]
+                ),
+            }
+            return Ok(());
+        }
+    };
     let v =
         control_request(&a.agent, &json!({"op": "cluster_status"})).map_err(anyhow::Error::msg)?;
     let s = &v["status"];
