@@ -295,20 +295,30 @@ fn one_run(c: &mut ClusterLab, i: u64, run: &Run, rng: &mut StdRng) -> Outcome {
         // shows (libvirt's Confirm; `dwcp virsh-migrate` does this).
         let t = Instant::now();
         loop {
-            match control_request(
-                &c.control(1),
-                &json!({"op": "reconcile", "guest": run.guest}),
-            ) {
-                Ok(v) => {
-                    o.reconciled = v["action"].as_str().unwrap_or("?").to_string();
-                    break;
-                }
-                Err(e) if t.elapsed() > Duration::from_secs(20) => {
-                    o.violations.push(format!("reconcile: {e}"));
-                    break;
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(200)),
+            let out = std::process::Command::new(dwcp_bin().unwrap())
+                .args(["cluster", "reconcile", "--guest", &run.guest, "--agent"])
+                .arg(c.control(1))
+                .output()
+                .expect("dwcp cluster reconcile");
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            if out.status.success() {
+                o.reconciled = if text.contains(": abort of epoch") {
+                    "abort".into()
+                } else if text.contains(": revert of epoch") {
+                    "revert".into()
+                } else {
+                    "none".into()
+                };
+                break;
             }
+            if t.elapsed() > Duration::from_secs(20) {
+                o.violations.push(format!(
+                    "dwcp cluster reconcile: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
         }
         (&pair.src, 1)
     };
