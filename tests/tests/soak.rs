@@ -291,6 +291,16 @@ fn one_run(c: &mut ClusterLab, i: u64, run: &Run, rng: &mut StdRng) -> Outcome {
             .dst
             .qmp()
             .and_then(|mut q| Ok(q.execute("quit", None)?));
+        if run.mode == Mode::Transport {
+            // The destination domain is gone: the libvirt hook's `release
+            // end` tells the agent (else its gated entry would gate the
+            // next migration of the same name).
+            let _ = control_request(
+                &c.control(2),
+                &json!({"op": "release", "name": mig.name, "outcome": "failed",
+                        "reason": "destination domain stopped"}),
+            );
+        }
         // The source host's management closes what the registry still
         // shows (libvirt's Confirm; `dwcp virsh-migrate` does this).
         let t = Instant::now();
