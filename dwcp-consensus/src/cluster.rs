@@ -699,8 +699,14 @@ mod tests {
             l.begin_migration(g, 1, 3),
             Err(ClusterError::Propose(ProposeError::Rejected(_)))
         ));
-        // From a follower: raft forwards the proposal to the leader.
+        // From a follower: raft forwards the proposal to the leader (once
+        // the follower has heard from it).
         let f = cs.iter().find(|c| c.id() != l.id()).unwrap();
+        let end = Instant::now() + Duration::from_secs(5);
+        while f.node().status().leader != Some(l.id()) {
+            assert!(Instant::now() < end, "follower never learned the leader");
+            std::thread::sleep(Duration::from_millis(5));
+        }
         f.commit_migration(g, epoch).unwrap();
         let end = Instant::now() + Duration::from_secs(5);
         while cs.iter().any(|c| c.owner(g).map(|r| r.owner) != Some(2)) {

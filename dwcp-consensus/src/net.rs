@@ -296,7 +296,7 @@ fn accept_loop(inner: Arc<Inner>, listener: TcpListener, mailbox: Mailbox) {
         let conn = match listener.accept() {
             Ok((c, _)) => c,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(20));
+                std::thread::sleep(Duration::from_millis(5));
                 continue;
             }
             Err(_) => {
