@@ -1268,6 +1268,18 @@ mod tests {
                 "unknown field `strems`",
             ),
             (
+                json!({"op": "prepare", "name": "g1", "gate": true}),
+                "gate: this agent is not a cluster member",
+            ),
+            (
+                json!({"op": "prepare", "name": "g1", "src_node": 1}),
+                "src_node is only meaningful with \"gate\": true",
+            ),
+            (
+                json!({"op": "reconcile", "guest": "x"}),
+                "reconcile: this agent is not a cluster member",
+            ),
+            (
                 json!({"op": "prepare", "name": "g1", "chosen_by": "y".repeat(300)}),
                 "chosen_by is 300 bytes long: at most 256",
             ),
