@@ -253,6 +253,23 @@ impl State {
         self.link_session(s);
     }
 
+    /// Remembers an intent recorded through this agent (`guest@epoch`): in
+    /// memory, and in `<run-dir>/intents`, so that after a restart the agent
+    /// aborts exactly its own orphans ([`reconcile_on_start`]).
+    fn record_intent(&self, key: &str) {
+        self.fresh_intents.lock().insert(key.to_string());
+        let path = self.cfg.run_dir.join("intents");
+        let line = format!("{key}\n");
+        let written = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| f.write_all(line.as_bytes()));
+        if let Err(e) = written {
+            warn!("recording intent {key} in {}: {e}", path.display());
+        }
+    }
+
     /// Links a new session to the active prepared entry of the same name.
     fn link_session(&self, s: &Session) {
         let mut p = self.prepared.lock();
@@ -310,9 +327,7 @@ impl State {
             return Err(e);
         }
         if let Some(epoch) = gate.epoch() {
-            self.fresh_intents
-                .lock()
-                .insert(format!("{}@{epoch}", gate.guest));
+            self.record_intent(&format!("{}@{epoch}", gate.guest));
         }
         Ok(Some(gate as Arc<dyn CutoverGate>))
     }
@@ -393,7 +408,15 @@ impl Agent {
             commits_in_flight: Default::default(),
         });
         if let Some(c) = &state.cfg.cluster {
-            reconcile_on_start(c.clone(), state.fresh_intents.clone());
+            // Intents this agent recorded before it (re)started.
+            let path = state.cfg.run_dir.join("intents");
+            let earlier: HashSet<String> = std::fs::read_to_string(&path)
+                .unwrap_or_default()
+                .lines()
+                .map(str::to_string)
+                .collect();
+            let _ = std::fs::remove_file(&path);
+            reconcile_on_start(c.clone(), earlier, state.fresh_intents.clone());
         }
         if let Some(l) = data {
             info!(
@@ -707,7 +730,7 @@ fn cluster_control(st: &Arc<State>, op: &str, req: &Value) -> Value {
             let src = num("src")?;
             let dst = num("dst")?;
             let epoch = c.begin(guest, src, dst)?;
-            st.fresh_intents.lock().insert(format!("{guest}@{epoch}"));
+            st.record_intent(&format!("{guest}@{epoch}"));
             info!(guest, src, dst, epoch, "migration intent committed");
             Ok(json!({"ok": true, "epoch": epoch}))
         })(),
@@ -943,7 +966,7 @@ fn prepare(st: &Arc<State>, req: Value) -> Result<Value, String> {
             format!("gate: the cluster refused to begin migrating guest {guest} to this host: {e}")
         })?;
         if let Some(epoch) = g.epoch() {
-            st.fresh_intents.lock().insert(format!("{guest}@{epoch}"));
+            st.record_intent(&format!("{guest}@{epoch}"));
         }
         Some(g)
     } else {

@@ -308,15 +308,23 @@ pub fn settle(
         .expect("spawn");
 }
 
-/// When an agent starts, no migration through it survived the restart:
-/// once the cluster has a leader, abort every open intent naming this host
-/// as source or destination, except those recorded through this agent since
-/// it started (`fresh`).
-pub fn reconcile_on_start(cluster: Arc<dyn ClusterOps>, fresh: Arc<Mutex<HashSet<String>>>) {
+/// When an agent starts, no migration it relayed survived the restart: once
+/// the cluster has a leader, abort the open intents this agent recorded
+/// before it started (`earlier`, from its run directory), except any it
+/// recorded again since (`fresh`). Intents other agents recorded are theirs
+/// to settle (their session or `dwcp migrate` fails and settles them; the
+/// source host's `reconcile` covers the rest).
+pub fn reconcile_on_start(
+    cluster: Arc<dyn ClusterOps>,
+    earlier: HashSet<String>,
+    fresh: Arc<Mutex<HashSet<String>>>,
+) {
     std::thread::Builder::new()
         .name("dwcp-reconcile".into())
         .spawn(move || {
-            let me = cluster.node_id();
+            if earlier.is_empty() {
+                return;
+            }
             let t0 = Instant::now();
             while cluster.status()["leader"].as_u64().is_none() {
                 if t0.elapsed() > Duration::from_secs(600) {
@@ -327,7 +335,8 @@ pub fn reconcile_on_start(cluster: Arc<dyn ClusterOps>, fresh: Arc<Mutex<HashSet
             // Let this member catch up with the leader's log.
             std::thread::sleep(Duration::from_millis(500));
             for (guest, epoch, src, dst) in cluster.open_intents() {
-                if (src == me || dst == me) && !fresh.lock().contains(&format!("{guest}@{epoch}")) {
+                let key = format!("{guest}@{epoch}");
+                if earlier.contains(&key) && !fresh.lock().contains(&key) {
                     info!(
                         guest,
                         epoch,
