@@ -198,19 +198,12 @@ impl ClusterLab {
     }
 
     pub fn wait_leader(&self, agent: &Path, timeout: Duration) -> u64 {
-        let t0 = Instant::now();
-        loop {
+        poll(timeout, Duration::from_millis(50), || {
             let st = status(agent);
-            if let Some(l) = st["leader"].as_u64() {
-                return l;
-            }
-            assert!(
-                t0.elapsed() < timeout,
-                "no raft leader within {timeout:?}: {st}\n{}",
-                self.logs()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            st["leader"]
+                .as_u64()
+                .ok_or_else(|| format!("no raft leader within {timeout:?}: {st}\n{}", self.logs()))
+        })
     }
 
     pub fn logs(&self) -> String {
@@ -299,18 +292,29 @@ pub fn wait_record_for(
     timeout: Duration,
     pred: impl Fn(&Value) -> bool,
 ) -> Value {
-    let t0 = Instant::now();
-    loop {
+    poll(timeout, Duration::from_millis(20), || {
         let r = record(agent, guest);
         if pred(&r) {
-            return r;
+            Ok(r)
+        } else {
+            Err(format!(
+                "registry at {} never matched; it shows {r}",
+                agent.display()
+            ))
         }
-        assert!(
-            t0.elapsed() < timeout,
-            "registry at {} never matched; it shows {r}",
-            agent.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
+    })
+}
+
+/// Calls `probe` every `every` until it answers Ok; panics with its last
+/// Err (what it saw) once `timeout` has passed.
+fn poll<T>(timeout: Duration, every: Duration, mut probe: impl FnMut() -> Result<T, String>) -> T {
+    let t0 = Instant::now();
+    loop {
+        match probe() {
+            Ok(v) => return v,
+            Err(seen) => assert!(t0.elapsed() < timeout, "{seen}"),
+        }
+        std::thread::sleep(every);
     }
 }
 
