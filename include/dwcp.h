@@ -10,6 +10,19 @@
 #include <stdint.h>
 
 /**
+ * `dwcp_channel_readv()` flag: copy the bytes but leave them to be read
+ * again (like `MSG_PEEK`). A peek may return fewer bytes than asked while
+ * the rest is on its way; peek again.
+ */
+#define DWCP_READ_PEEK 1
+
+/**
+ * `dwcp_channel_readv()` flag: return `DWCP_AGAIN` instead of waiting when
+ * nothing is there yet (like `MSG_DONTWAIT`).
+ */
+#define DWCP_READ_NONBLOCK 2
+
+/**
  * The result of every fallible `dwcp_*` function.
  *
  * `DWCP_OK` is success and `DWCP_AGAIN` means "nothing to do yet" (not an
@@ -129,8 +142,9 @@ typedef uint32_t dwcp_state;
 #endif // __cplusplus
 
 /**
- * The sending half of one outgoing channel opened with
- * `dwcp_outgoing_channel_direct()`. Opaque.
+ * One direct channel: the sending half of an outgoing channel
+ * (`dwcp_outgoing_channel_direct()`), or the receiving half of an incoming
+ * one (`dwcp_incoming_next_channel_direct()`). Opaque.
  */
 typedef struct dwcp_channel dwcp_channel;
 
@@ -145,8 +159,9 @@ typedef struct dwcp_incoming dwcp_incoming;
 typedef struct dwcp_outgoing dwcp_outgoing;
 
 /**
- * One buffer of a vectored write: `len` bytes at `base`. Same layout as
- * POSIX `struct iovec` on Linux (`void *iov_base; size_t iov_len;`), so an
+ * One buffer of a vectored write or read: `len` bytes at `base` (for a
+ * read, `base` must point to writable memory). Same layout as POSIX
+ * `struct iovec` on Linux (`void *iov_base; size_t iov_len;`), so an
  * array of those may be passed as an array of these.
  */
 typedef struct dwcp_iovec {
@@ -296,8 +311,8 @@ dwcp_result dwcp_outgoing_channel_direct(const struct dwcp_outgoing *h,
  * Errors: `DWCP_SESSION_FAILED`, `DWCP_CANCELLED` (session cancelled, or
  * `dwcp_channel_shutdown()`), `DWCP_FINISHED` (after the stream ended),
  * `DWCP_NULL_PARAMETER` (NULL `ch`, or a NULL `iov`/`base` with a length),
- * `DWCP_INVALID_ARGUMENT` (lengths adding up past `SSIZE_MAX`),
- * `DWCP_INVALID_HANDLE`.
+ * `DWCP_INVALID_ARGUMENT` (lengths adding up past `SSIZE_MAX`, or a
+ * receiving channel), `DWCP_INVALID_HANDLE`.
  */
 dwcp_result dwcp_channel_writev(const struct dwcp_channel *ch,
                                 const struct dwcp_iovec *iov,
@@ -307,23 +322,71 @@ dwcp_result dwcp_channel_writev(const struct dwcp_channel *ch,
                                 size_t err_len);
 
 /**
+ * Reads the receiving channel's next bytes into the `iovcnt` buffers of
+ * `iov`, in order, and stores how many in `*nread`: at least one, or 0 at
+ * the end of the stream (the source ended the channel) or after
+ * `dwcp_channel_shutdown()`. Without `DWCP_READ_NONBLOCK`, **blocks** until
+ * there is a byte (as a read from a socket would); with it, returns
+ * `DWCP_AGAIN` (`*nread` untouched) when there is none yet: wait for
+ * `dwcp_channel_ready_fd()` to be readable, then read again. Bytes read
+ * are credited back to the source. `flags` is 0 or a combination of
+ * `DWCP_READ_PEEK` and `DWCP_READ_NONBLOCK`.
+ *
+ * `iov` (may be NULL when `iovcnt` is 0) is borrowed for the call: its
+ * buffers must be writable, must not overlap and nobody else may use them
+ * during it; an entry with `len` 0 may have a NULL `base`. Reads on one
+ * channel are serialised; different channels may be read concurrently
+ * from different threads.
+ *
+ * Errors: `DWCP_SESSION_FAILED` (the migration failed: the message says
+ * why), `DWCP_CANCELLED`, `DWCP_NULL_PARAMETER` (NULL `ch`/`nread`, or a
+ * NULL `iov`/`base` with a length), `DWCP_INVALID_ARGUMENT` (unknown
+ * flags, overlapping buffers, lengths past `SSIZE_MAX`, or a sending
+ * channel), `DWCP_INVALID_HANDLE`.
+ */
+dwcp_result dwcp_channel_readv(const struct dwcp_channel *ch,
+                               const struct dwcp_iovec *iov,
+                               size_t iovcnt,
+                               uint32_t flags,
+                               size_t *nread,
+                               char *err,
+                               size_t err_len);
+
+/**
+ * Stores in `*fd` a descriptor of the receiving channel that is readable
+ * whenever `dwcp_channel_readv()` may make progress (bytes, the end of the
+ * stream, a failure or a shutdown), for a main loop or coroutine to wait
+ * on (QEMU: `qio_channel_yield()`). It may be readable spuriously, never
+ * misses a wake-up after a `DWCP_AGAIN`. Owned by the handle: do not read
+ * or close it; valid until `dwcp_channel_free()`. A sending channel gives
+ * `DWCP_INVALID_ARGUMENT`; NULL `ch`/`fd` `DWCP_NULL_PARAMETER`.
+ */
+dwcp_result dwcp_channel_ready_fd(const struct dwcp_channel *ch, int *fd);
+
+/**
  * Shuts the channel down like shutdown(2) on a socket (QEMU: yank,
- * `migrate_cancel`, the end of multifd): a `dwcp_channel_writev()` blocked
- * on it, and every later one, fail at once with `DWCP_CANCELLED`, and the
- * stream ends after the bytes already taken (the peer reads end of file).
- * To fail the migration on the peer too, cancel the session. The handle
- * stays live until `dwcp_channel_free()`. Twice is harmless. Does not
- * block. NULL `ch` gives `DWCP_NULL_PARAMETER`. Thread-safe.
+ * `migrate_cancel`, the end of multifd). A sending channel: a
+ * `dwcp_channel_writev()` blocked on it, and every later one, fail at once
+ * with `DWCP_CANCELLED`, and the stream ends after the bytes already taken
+ * (the peer reads end of file). A receiving channel: a
+ * `dwcp_channel_readv()` blocked on it, and every later one, return end of
+ * stream (0 bytes). To fail the migration on the peer too, cancel the
+ * session. The handle stays live until `dwcp_channel_free()`. Twice is
+ * harmless. Does not block. NULL `ch` gives `DWCP_NULL_PARAMETER`.
+ * Thread-safe.
  */
 dwcp_result dwcp_channel_shutdown(const struct dwcp_channel *ch);
 
 /**
- * Ends the channel's stream after everything written so far (the peer's
- * QEMU reads end of file; nothing more after a shutdown, which already
- * ended it, or a session failure) and releases the handle. If a `dwcp_channel_writev()` on it is
- * still running in another thread, the stream ends when that call returns.
- * Does not block.
- * The session stays alive. NULL is a no-op (`DWCP_OK`); a handle already
+ * Releases the handle. A sending channel's stream ends after everything
+ * written so far (the peer's QEMU reads end of file; nothing more after a
+ * shutdown, which already ended it, or a session failure); if a
+ * `dwcp_channel_writev()` on it is still running in another thread, the
+ * stream ends when that call returns. A receiving channel freed with
+ * bytes unread, or before bytes still on their way, fails the migration
+ * (as closing a socket with data unread would); after its end of stream
+ * it is simply released. Does not block. The session otherwise stays
+ * alive. NULL is a no-op (`DWCP_OK`); a handle already
  * freed gives `DWCP_INVALID_HANDLE`. Thread-safe.
  */
 dwcp_result dwcp_channel_free(struct dwcp_channel *ch);
@@ -412,6 +475,24 @@ dwcp_result dwcp_incoming_next_channel(const struct dwcp_incoming *h,
                                        int *fd,
                                        char *err,
                                        size_t err_len);
+
+/**
+ * Takes the next incoming channel as a *direct* channel: `*ch` becomes a
+ * new receiving handle (free with `dwcp_channel_free()`) whose bytes are
+ * read with `dwcp_channel_readv()` straight from libdwcp (no relay thread,
+ * no socketpair copy), and `*fd` a connected stream socket, owned by the
+ * caller (close-on-exec set), that carries only this side's return path:
+ * write to it; reading it gives nothing until end of file when the session
+ * completes. Order, `timeout_ms` and errors as for
+ * `dwcp_incoming_next_channel()`; on error `*fd` and `*ch` are untouched.
+ * NULL `h`/`fd`/`ch` gives `DWCP_NULL_PARAMETER`. Thread-safe.
+ */
+dwcp_result dwcp_incoming_next_channel_direct(const struct dwcp_incoming *h,
+                                              int timeout_ms,
+                                              int *fd,
+                                              struct dwcp_channel **ch,
+                                              char *err,
+                                              size_t err_len);
 
 /**
  * Copies the figures of the most recent incoming session into `*out`

@@ -15,8 +15,7 @@ use std::ffi::{c_char, c_int, CStr};
 use std::os::fd::{IntoRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
-use dwcp_core::transport::ChannelWriter;
-
+use crate::channel::Chan;
 use crate::error::{dwcp_result, dwcp_result::*, Error};
 use crate::incoming::Incoming;
 use crate::outgoing::Outgoing;
@@ -24,7 +23,7 @@ use crate::outgoing::Outgoing;
 enum Live {
     Outgoing(Arc<Outgoing>),
     Incoming(Arc<Incoming>),
-    Channel(Arc<ChannelWriter>),
+    Channel(Arc<Chan>),
 }
 
 /// Live handles by address. The address is that of a 1-byte allocation
@@ -55,11 +54,11 @@ pub(crate) fn new_incoming<T>(i: Incoming) -> *mut T {
 }
 
 /// Registers a direct channel and returns its C handle.
-pub(crate) fn new_channel<T>(w: ChannelWriter) -> *mut T {
-    insert(Live::Channel(Arc::new(w)))
+pub(crate) fn new_channel<T>(c: Chan) -> *mut T {
+    insert(Live::Channel(Arc::new(c)))
 }
 
-pub(crate) fn channel<T>(h: *const T) -> Result<Arc<ChannelWriter>, Error> {
+pub(crate) fn channel<T>(h: *const T) -> Result<Arc<Chan>, Error> {
     if h.is_null() {
         return Err(Error::new(
             DWCP_NULL_PARAMETER,
@@ -126,6 +125,39 @@ pub(crate) fn io_slices<'a>(
         out.push(std::io::IoSlice::new(bytes));
     }
     Ok(out)
+}
+
+/// Borrows the caller's array of `n` `dwcp_iovec`s as writable byte
+/// slices, for the duration of a call. Same rules as [`io_slices`]; the
+/// buffers must also be writable and must not overlap (checked).
+pub(crate) fn io_slices_mut<'a>(
+    iov: *const crate::dwcp_iovec,
+    n: usize,
+) -> Result<Vec<std::io::IoSliceMut<'a>>, Error> {
+    // Validates pointers and lengths the same way.
+    let shared = io_slices(iov, n)?;
+    let spans: Vec<(usize, usize)> = shared
+        .iter()
+        .map(|s| (s.as_ptr() as usize, s.len()))
+        .collect();
+    drop(shared);
+    let mut sorted = spans.clone();
+    sorted.sort_unstable();
+    if sorted.windows(2).any(|w| w[0].0 + w[0].1 > w[1].0) {
+        return Err(Error::new(DWCP_INVALID_ARGUMENT, "the iov buffers overlap"));
+    }
+    Ok(spans
+        .into_iter()
+        .map(|(base, len)| {
+            // SAFETY: each span is a non-NULL buffer of `len` bytes that
+            // the caller lends us writable and untouched by anyone else for
+            // the call (documented on dwcp_channel_readv); the spans do not
+            // overlap (checked above), so the &mut slices never alias; the
+            // total is below isize::MAX (checked by io_slices).
+            let b = unsafe { std::slice::from_raw_parts_mut(base as *mut u8, len) };
+            std::io::IoSliceMut::new(b)
+        })
+        .collect())
 }
 
 fn not_live() -> Error {

@@ -1,6 +1,8 @@
 //! The destination side: a listener whose sessions hand each new channel to
-//! QEMU as one end of a socketpair, queued until QEMU takes it. Safe Rust;
-//! the C surface is in lib.rs.
+//! QEMU, queued until QEMU takes it, either as a [`ChannelReader`] (QEMU
+//! reads straight from the session) plus a socket for the return path, or
+//! as one end of a socketpair that a relay thread fills. Safe Rust; the C
+//! surface is in lib.rs.
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
@@ -12,7 +14,9 @@ use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use dwcp_core::transport::{Acceptor, AcceptorLimits, Session, SessionStats, Target};
+use dwcp_core::transport::{
+    Acceptor, AcceptorLimits, ChannelReader, Session, SessionStats, Target,
+};
 
 use crate::error::{dwcp_result::*, Error};
 use crate::outgoing::CANCEL_PREFIX;
@@ -23,8 +27,8 @@ const ACCEPT_POLL: Duration = Duration::from_millis(100);
 
 #[derive(Debug)]
 struct Shared {
-    /// QEMU's ends of channels not yet taken.
-    queue: Mutex<VecDeque<OwnedFd>>,
+    /// Channels not yet taken: QEMU's end of the socketpair, the reader.
+    queue: Mutex<VecDeque<(OwnedFd, ChannelReader)>>,
     ready: Condvar,
     /// One byte per queued channel: readable exactly while the queue is not
     /// empty, so QEMU can watch `notify_rx` in its main loop.
@@ -75,11 +79,11 @@ impl Incoming {
         // Weak: the acceptor (owned by the accept thread) must not keep the
         // queue alive after the handle is freed.
         let weak: Weak<Shared> = Arc::downgrade(&shared);
-        let connector = Target::Connector(Arc::new(move |_channel| {
+        let connector = Target::Direct(Arc::new(move |sock, reader| {
             let shared = weak
                 .upgrade()
                 .ok_or_else(|| std::io::Error::other("incoming handle freed"))?;
-            shared.push_channel()
+            shared.push_channel(sock, reader)
         }));
         let acceptor = Arc::new(Acceptor::with_connector(
             uri.cfg.clone(),
@@ -106,9 +110,23 @@ impl Incoming {
         self.shared.notify_rx.as_raw_fd()
     }
 
-    /// The next channel for QEMU; `DWCP_AGAIN` when none arrived within
-    /// `timeout` (`None` waits forever).
+    /// The next channel for QEMU as a socket carrying both directions (a
+    /// relay thread writes the stream into it); `DWCP_AGAIN` when none
+    /// arrived within `timeout` (`None` waits forever).
     pub fn next_channel(&self, timeout: Option<Duration>) -> Result<OwnedFd, Error> {
+        let (fd, reader) = self.next_channel_direct(timeout)?;
+        reader
+            .relay()
+            .map_err(|e| Error::new(DWCP_IO, format!("starting a channel relay: {e}")))?;
+        Ok(fd)
+    }
+
+    /// The next channel for QEMU: its reader, and a socket for the return
+    /// path; as [`Incoming::next_channel`] otherwise.
+    pub fn next_channel_direct(
+        &self,
+        timeout: Option<Duration>,
+    ) -> Result<(OwnedFd, ChannelReader), Error> {
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut q = self.shared.queue.lock().unwrap_or_else(|p| p.into_inner());
         loop {
@@ -121,10 +139,10 @@ impl Incoming {
             {
                 return Err(Error::new(DWCP_CANCELLED, reason));
             }
-            if let Some(fd) = q.pop_front() {
+            if let Some(taken) = q.pop_front() {
                 let mut b = [0u8; 1];
                 let _ = (&self.shared.notify_rx).read(&mut b);
-                return Ok(fd);
+                return Ok(taken);
             }
             let wait = match deadline {
                 None => Duration::from_millis(200),
@@ -185,20 +203,20 @@ impl Incoming {
 }
 
 impl Shared {
-    fn push_channel(&self) -> std::io::Result<UnixStream> {
+    fn push_channel(&self, sock: UnixStream, reader: ChannelReader) -> std::io::Result<()> {
         if self.stop.load(Ordering::Acquire) {
             return Err(std::io::Error::other(
                 "the incoming dwcp handle was cancelled or freed",
             ));
         }
-        let (ours, theirs) = crate::socketpair::channel_pair()?;
+        crate::socketpair::tune(&sock);
         self.queue
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push_back(OwnedFd::from(theirs));
+            .push_back((OwnedFd::from(sock), reader));
         (&self.notify_tx).write_all(&[1])?;
         self.ready.notify_all();
-        Ok(ours)
+        Ok(())
     }
 }
 

@@ -4,13 +4,16 @@
 //! QEMU gets ordinary file descriptors: every QEMU connection (the main
 //! migration channel, each multifd channel; the return path shares the main
 //! one) is one end of a socketpair whose other end libdwcp relays through
-//! the session's TCP streams. On the source, a *direct* channel
-//! (`dwcp_outgoing_channel_direct()`) takes QEMU's writes with
-//! `dwcp_channel_writev()` instead, and its socketpair only brings the
-//! return path.
+//! the session's TCP streams. *Direct* channels skip that relay: on the
+//! source (`dwcp_outgoing_channel_direct()`) QEMU's writes go straight in
+//! with `dwcp_channel_writev()`; on the destination
+//! (`dwcp_incoming_next_channel_direct()`) QEMU reads straight from the
+//! reorder buffer with `dwcp_channel_readv()`, waiting on
+//! `dwcp_channel_ready_fd()`. Their socketpair then carries only the other
+//! direction (the return path).
 //!
 //! ```text
-//! source QEMU ──fd──► libdwcp (dwcp_outgoing) ══ N TCP streams ══► libdwcp (dwcp_incoming) ──fd──► destination QEMU
+//! source QEMU ──writev──► libdwcp (dwcp_outgoing) ══ N TCP streams ══► libdwcp (dwcp_incoming) ──readv──► destination QEMU
 //! ```
 //!
 //! Conventions (the header repeats them per function):
@@ -33,6 +36,7 @@
 use std::ffi::{c_char, c_int, c_void};
 use std::time::Duration;
 
+mod channel;
 mod error;
 mod ffi;
 mod incoming;
@@ -58,15 +62,17 @@ pub struct dwcp_incoming {
     _private: [u8; 0],
 }
 
-/// The sending half of one outgoing channel opened with
-/// `dwcp_outgoing_channel_direct()`. Opaque.
+/// One direct channel: the sending half of an outgoing channel
+/// (`dwcp_outgoing_channel_direct()`), or the receiving half of an incoming
+/// one (`dwcp_incoming_next_channel_direct()`). Opaque.
 #[derive(Debug)]
 pub struct dwcp_channel {
     _private: [u8; 0],
 }
 
-/// One buffer of a vectored write: `len` bytes at `base`. Same layout as
-/// POSIX `struct iovec` on Linux (`void *iov_base; size_t iov_len;`), so an
+/// One buffer of a vectored write or read: `len` bytes at `base` (for a
+/// read, `base` must point to writable memory). Same layout as POSIX
+/// `struct iovec` on Linux (`void *iov_base; size_t iov_len;`), so an
 /// array of those may be passed as an array of these.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
@@ -210,7 +216,7 @@ pub extern "C" fn dwcp_outgoing_channel_direct(
         ffi::check_out(ch, "ch")?;
         let o = ffi::outgoing(h)?;
         let (sock, w) = o.channel_direct()?;
-        ffi::write_out(ch, ffi::new_channel(w));
+        ffi::write_out(ch, ffi::new_channel(channel::Chan::Writer(w)));
         ffi::give_fd(sock, fd);
         Ok(())
     })
@@ -233,8 +239,8 @@ pub extern "C" fn dwcp_outgoing_channel_direct(
 /// Errors: `DWCP_SESSION_FAILED`, `DWCP_CANCELLED` (session cancelled, or
 /// `dwcp_channel_shutdown()`), `DWCP_FINISHED` (after the stream ended),
 /// `DWCP_NULL_PARAMETER` (NULL `ch`, or a NULL `iov`/`base` with a length),
-/// `DWCP_INVALID_ARGUMENT` (lengths adding up past `SSIZE_MAX`),
-/// `DWCP_INVALID_HANDLE`.
+/// `DWCP_INVALID_ARGUMENT` (lengths adding up past `SSIZE_MAX`, or a
+/// receiving channel), `DWCP_INVALID_HANDLE`.
 #[no_mangle]
 pub extern "C" fn dwcp_channel_writev(
     ch: *const dwcp_channel,
@@ -247,7 +253,7 @@ pub extern "C" fn dwcp_channel_writev(
     run(err, err_len, || {
         let w = ffi::channel(ch)?;
         let bufs = ffi::io_slices(iov, iovcnt)?;
-        let n = w.write_vectored(&bufs).map_err(outgoing::write_error)?;
+        let n = w.writev(&bufs)?;
         if !written.is_null() {
             ffi::write_out(written, n);
         }
@@ -255,13 +261,92 @@ pub extern "C" fn dwcp_channel_writev(
     })
 }
 
+/// `dwcp_channel_readv()` flag: copy the bytes but leave them to be read
+/// again (like `MSG_PEEK`). A peek may return fewer bytes than asked while
+/// the rest is on its way; peek again.
+pub const DWCP_READ_PEEK: u32 = 1;
+/// `dwcp_channel_readv()` flag: return `DWCP_AGAIN` instead of waiting when
+/// nothing is there yet (like `MSG_DONTWAIT`).
+pub const DWCP_READ_NONBLOCK: u32 = 2;
+
+/// Reads the receiving channel's next bytes into the `iovcnt` buffers of
+/// `iov`, in order, and stores how many in `*nread`: at least one, or 0 at
+/// the end of the stream (the source ended the channel) or after
+/// `dwcp_channel_shutdown()`. Without `DWCP_READ_NONBLOCK`, **blocks** until
+/// there is a byte (as a read from a socket would); with it, returns
+/// `DWCP_AGAIN` (`*nread` untouched) when there is none yet: wait for
+/// `dwcp_channel_ready_fd()` to be readable, then read again. Bytes read
+/// are credited back to the source. `flags` is 0 or a combination of
+/// `DWCP_READ_PEEK` and `DWCP_READ_NONBLOCK`.
+///
+/// `iov` (may be NULL when `iovcnt` is 0) is borrowed for the call: its
+/// buffers must be writable, must not overlap and nobody else may use them
+/// during it; an entry with `len` 0 may have a NULL `base`. Reads on one
+/// channel are serialised; different channels may be read concurrently
+/// from different threads.
+///
+/// Errors: `DWCP_SESSION_FAILED` (the migration failed: the message says
+/// why), `DWCP_CANCELLED`, `DWCP_NULL_PARAMETER` (NULL `ch`/`nread`, or a
+/// NULL `iov`/`base` with a length), `DWCP_INVALID_ARGUMENT` (unknown
+/// flags, overlapping buffers, lengths past `SSIZE_MAX`, or a sending
+/// channel), `DWCP_INVALID_HANDLE`.
+#[no_mangle]
+pub extern "C" fn dwcp_channel_readv(
+    ch: *const dwcp_channel,
+    iov: *const dwcp_iovec,
+    iovcnt: usize,
+    flags: u32,
+    nread: *mut usize,
+    err: *mut c_char,
+    err_len: usize,
+) -> dwcp_result {
+    run(err, err_len, || {
+        ffi::check_out(nread, "nread")?;
+        let c = ffi::channel(ch)?;
+        if flags & !(DWCP_READ_PEEK | DWCP_READ_NONBLOCK) != 0 {
+            return Err(Error::new(
+                DWCP_INVALID_ARGUMENT,
+                format!("unknown dwcp_channel_readv flags {flags:#x}"),
+            ));
+        }
+        let mut bufs = ffi::io_slices_mut(iov, iovcnt)?;
+        let n = c.readv(
+            &mut bufs,
+            flags & DWCP_READ_PEEK != 0,
+            flags & DWCP_READ_NONBLOCK == 0,
+        )?;
+        ffi::write_out(nread, n);
+        Ok(())
+    })
+}
+
+/// Stores in `*fd` a descriptor of the receiving channel that is readable
+/// whenever `dwcp_channel_readv()` may make progress (bytes, the end of the
+/// stream, a failure or a shutdown), for a main loop or coroutine to wait
+/// on (QEMU: `qio_channel_yield()`). It may be readable spuriously, never
+/// misses a wake-up after a `DWCP_AGAIN`. Owned by the handle: do not read
+/// or close it; valid until `dwcp_channel_free()`. A sending channel gives
+/// `DWCP_INVALID_ARGUMENT`; NULL `ch`/`fd` `DWCP_NULL_PARAMETER`.
+#[no_mangle]
+pub extern "C" fn dwcp_channel_ready_fd(ch: *const dwcp_channel, fd: *mut c_int) -> dwcp_result {
+    run(std::ptr::null_mut(), 0, || {
+        ffi::check_out(fd, "fd")?;
+        let c = ffi::channel(ch)?;
+        ffi::write_out(fd, c.ready_fd()?);
+        Ok(())
+    })
+}
+
 /// Shuts the channel down like shutdown(2) on a socket (QEMU: yank,
-/// `migrate_cancel`, the end of multifd): a `dwcp_channel_writev()` blocked
-/// on it, and every later one, fail at once with `DWCP_CANCELLED`, and the
-/// stream ends after the bytes already taken (the peer reads end of file).
-/// To fail the migration on the peer too, cancel the session. The handle
-/// stays live until `dwcp_channel_free()`. Twice is harmless. Does not
-/// block. NULL `ch` gives `DWCP_NULL_PARAMETER`. Thread-safe.
+/// `migrate_cancel`, the end of multifd). A sending channel: a
+/// `dwcp_channel_writev()` blocked on it, and every later one, fail at once
+/// with `DWCP_CANCELLED`, and the stream ends after the bytes already taken
+/// (the peer reads end of file). A receiving channel: a
+/// `dwcp_channel_readv()` blocked on it, and every later one, return end of
+/// stream (0 bytes). To fail the migration on the peer too, cancel the
+/// session. The handle stays live until `dwcp_channel_free()`. Twice is
+/// harmless. Does not block. NULL `ch` gives `DWCP_NULL_PARAMETER`.
+/// Thread-safe.
 #[no_mangle]
 pub extern "C" fn dwcp_channel_shutdown(ch: *const dwcp_channel) -> dwcp_result {
     run(std::ptr::null_mut(), 0, || {
@@ -270,12 +355,15 @@ pub extern "C" fn dwcp_channel_shutdown(ch: *const dwcp_channel) -> dwcp_result 
     })
 }
 
-/// Ends the channel's stream after everything written so far (the peer's
-/// QEMU reads end of file; nothing more after a shutdown, which already
-/// ended it, or a session failure) and releases the handle. If a `dwcp_channel_writev()` on it is
-/// still running in another thread, the stream ends when that call returns.
-/// Does not block.
-/// The session stays alive. NULL is a no-op (`DWCP_OK`); a handle already
+/// Releases the handle. A sending channel's stream ends after everything
+/// written so far (the peer's QEMU reads end of file; nothing more after a
+/// shutdown, which already ended it, or a session failure); if a
+/// `dwcp_channel_writev()` on it is still running in another thread, the
+/// stream ends when that call returns. A receiving channel freed with
+/// bytes unread, or before bytes still on their way, fails the migration
+/// (as closing a socket with data unread would); after its end of stream
+/// it is simply released. Does not block. The session otherwise stays
+/// alive. NULL is a no-op (`DWCP_OK`); a handle already
 /// freed gives `DWCP_INVALID_HANDLE`. Thread-safe.
 #[no_mangle]
 pub extern "C" fn dwcp_channel_free(ch: *mut dwcp_channel) -> dwcp_result {
@@ -428,6 +516,36 @@ pub extern "C" fn dwcp_incoming_next_channel(
         let i = ffi::incoming(h)?;
         let timeout = u64::try_from(timeout_ms).ok().map(Duration::from_millis);
         ffi::give_fd(i.next_channel(timeout)?, fd);
+        Ok(())
+    })
+}
+
+/// Takes the next incoming channel as a *direct* channel: `*ch` becomes a
+/// new receiving handle (free with `dwcp_channel_free()`) whose bytes are
+/// read with `dwcp_channel_readv()` straight from libdwcp (no relay thread,
+/// no socketpair copy), and `*fd` a connected stream socket, owned by the
+/// caller (close-on-exec set), that carries only this side's return path:
+/// write to it; reading it gives nothing until end of file when the session
+/// completes. Order, `timeout_ms` and errors as for
+/// `dwcp_incoming_next_channel()`; on error `*fd` and `*ch` are untouched.
+/// NULL `h`/`fd`/`ch` gives `DWCP_NULL_PARAMETER`. Thread-safe.
+#[no_mangle]
+pub extern "C" fn dwcp_incoming_next_channel_direct(
+    h: *const dwcp_incoming,
+    timeout_ms: c_int,
+    fd: *mut c_int,
+    ch: *mut *mut dwcp_channel,
+    err: *mut c_char,
+    err_len: usize,
+) -> dwcp_result {
+    run(err, err_len, || {
+        ffi::check_out(fd, "fd")?;
+        ffi::check_out(ch, "ch")?;
+        let i = ffi::incoming(h)?;
+        let timeout = u64::try_from(timeout_ms).ok().map(Duration::from_millis);
+        let (sock, reader) = i.next_channel_direct(timeout)?;
+        ffi::write_out(ch, ffi::new_channel(channel::Chan::Reader(reader)));
+        ffi::give_fd(sock, fd);
         Ok(())
     })
 }

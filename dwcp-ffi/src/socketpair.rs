@@ -12,8 +12,12 @@ const SEND_BUFFER: usize = 4 << 20;
 /// A connected pair: (libdwcp's end, QEMU's end).
 pub fn channel_pair() -> io::Result<(UnixStream, UnixStream)> {
     let (ours, theirs) = UnixStream::pair()?;
-    for s in [&ours, &theirs] {
-        let _ = socket2::SockRef::from(s).set_send_buffer_size(SEND_BUFFER);
-    }
+    tune(&ours);
+    tune(&theirs);
     Ok((ours, theirs))
+}
+
+/// Gives one end the larger send buffer (best effort).
+pub fn tune(s: &UnixStream) {
+    let _ = socket2::SockRef::from(s).set_send_buffer_size(SEND_BUFFER);
 }

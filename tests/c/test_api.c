@@ -245,6 +245,12 @@ static void test_null_handles(void)
         CHECK_RC(dwcp_channel_writev(NULL, &v, 1, &n, err, sizeof(err)), DWCP_NULL_PARAMETER);
         CHECK(n == 7);
         CHECK_RC(dwcp_channel_shutdown(NULL), DWCP_NULL_PARAMETER);
+        CHECK_RC(dwcp_channel_readv(NULL, &v, 1, 0, &n, err, sizeof(err)), DWCP_NULL_PARAMETER);
+        CHECK(n == 7);
+        CHECK_RC(dwcp_channel_ready_fd(NULL, &fd), DWCP_NULL_PARAMETER);
+        CHECK_RC(dwcp_incoming_next_channel_direct(NULL, 0, &fd, &ch, err, sizeof(err)),
+                 DWCP_NULL_PARAMETER);
+        CHECK(ch == (dwcp_channel *)&fd);
         CHECK_RC(dwcp_channel_free(NULL), DWCP_OK);
         /* a pointer that was never a channel handle */
         CHECK_RC(dwcp_channel_writev((dwcp_channel *)&st, &v, 1, &n, err, sizeof(err)),
@@ -563,10 +569,16 @@ static void test_direct(const char *params)
         CHECK_RC(dwcp_channel_writev(ch, iov, i + 1, i % 2 ? &n : NULL, err, sizeof(err)),
                  DWCP_OK);
         CHECK(i % 2 == 0 || n == total);
+        /*
+         * Take the channel once it exists: until then its bytes wait in
+         * libdwcp, within the window; after, they go on into the socket.
+         */
+        if (off == 0) {
+            CHECK_RC(dwcp_incoming_next_channel(in, 5000, &dst, err, sizeof(err)), DWCP_OK);
+            CHECK(dst >= 0);
+        }
         off += total;
     }
-    CHECK_RC(dwcp_incoming_next_channel(in, 5000, &dst, err, sizeof(err)), DWCP_OK);
-    CHECK(dst >= 0);
     memset(in_buf, 0xaa, N);
     CHECK(read_all(dst, in_buf, N) == 0);
     CHECK(memcmp(in_buf, out_buf, N) == 0);
@@ -649,6 +661,194 @@ out:
     free(in_buf);
 }
 
+typedef struct WriteJob {
+    dwcp_channel *ch;
+    const unsigned char *p;
+    size_t n;
+    dwcp_result rc;
+} WriteJob;
+
+/* Thread: writes the job's bytes, then frees the channel (end of stream). */
+static void *write_then_free(void *opaque)
+{
+    WriteJob *job = opaque;
+    dwcp_iovec v = { job->p, job->n };
+    char err[256];
+
+    job->rc = dwcp_channel_writev(job->ch, &v, 1, NULL, err, sizeof(err));
+    if (job->rc != DWCP_OK) {
+        fprintf(stderr, "writer: %s\n", err);
+    }
+    dwcp_channel_free(job->ch);
+    return NULL;
+}
+
+/*
+ * Reads @rx to its end the way QEMU's coroutine does: non-blocking reads
+ * into odd-sized pieces, waiting on @ready in between. Returns the bytes
+ * read into @buf (at most @cap; one more would land in @spare).
+ */
+static size_t drain_nonblocking(dwcp_channel *rx, int ready, unsigned char *buf, size_t cap,
+                                unsigned char *spare, int *waits)
+{
+    dwcp_iovec iov[3];
+    char err[512];
+    size_t off = 0, n = 0;
+
+    for (;;) {
+        dwcp_result r;
+
+        iov[0].base = buf + off;
+        iov[0].len = off + 1000 <= cap ? 1000 : cap - off;
+        iov[1].base = buf + off + iov[0].len;
+        iov[1].len = cap - off - iov[0].len;
+        iov[2].base = spare; /* past the end: only a stream too long lands here */
+        iov[2].len = 1;
+        r = dwcp_channel_readv(rx, iov, 3, DWCP_READ_NONBLOCK, &n, err, sizeof(err));
+        if (r == DWCP_AGAIN) {
+            struct pollfd pfd = { ready, POLLIN, 0 };
+
+            (*waits)++;
+            if (poll(&pfd, 1, 10000) != 1) {
+                CHECK(!"no wake-up within 10 s");
+                return off;
+            }
+            continue;
+        }
+        CHECK_RC(r, DWCP_OK);
+        if (r != DWCP_OK || n == 0) {
+            return off;
+        }
+        off += n;
+        CHECK(off <= cap);
+    }
+}
+
+/*
+ * Direct on both sides: the source writes with dwcp_channel_writev(), the
+ * destination reads with dwcp_channel_readv() the way QEMU's coroutine
+ * does (non-blocking, waiting on the readiness fd), peeks at the first
+ * bytes as QEMU does to tell channels apart, and answers on the return
+ * path socket.
+ */
+static void test_direct_receive(const char *params)
+{
+    enum { N = 3 << 20, BACK = 50000 };
+    dwcp_incoming *in = NULL;
+    dwcp_outgoing *o = NULL;
+    dwcp_channel *ch = NULL, *rx = NULL;
+    dwcp_stats st;
+    dwcp_iovec iov[3];
+    unsigned char *out_buf = malloc(N), *in_buf = malloc(N), head[8];
+    char err[512], uri[256];
+    uint16_t port = 0;
+    int src = -1, rp = -1, ready = -1, waits = 0;
+    size_t off = 0, n = 0;
+
+    fprintf(stderr, "direct receive %s\n", params);
+    CHECK_RC(dwcp_incoming_new("dwcp:127.0.0.1:0", &in, err, sizeof(err)), DWCP_OK);
+    CHECK_RC(dwcp_incoming_port(in, &port), DWCP_OK);
+    snprintf(uri, sizeof(uri), "dwcp:127.0.0.1:%u?%s", port, params);
+    CHECK_RC(dwcp_outgoing_new(uri, &o, err, sizeof(err)), DWCP_OK);
+    if (!o || !in) {
+        goto out;
+    }
+    CHECK_RC(dwcp_outgoing_channel_direct(o, &src, &ch, err, sizeof(err)), DWCP_OK);
+    if (!ch) {
+        goto out;
+    }
+    fill(out_buf, N, 9);
+    iov[0].base = out_buf;
+    iov[0].len = 4;
+    CHECK_RC(dwcp_channel_writev(ch, iov, 1, NULL, err, sizeof(err)), DWCP_OK);
+    CHECK_RC(dwcp_incoming_next_channel_direct(in, 5000, &rp, NULL, err, sizeof(err)),
+             DWCP_NULL_PARAMETER);
+    CHECK_RC(dwcp_incoming_next_channel_direct(in, 5000, &rp, &rx, err, sizeof(err)), DWCP_OK);
+    CHECK(rp >= 0 && rx != NULL);
+    if (!rx) {
+        goto out;
+    }
+    /* the wrong half of a channel is refused, naming why */
+    CHECK_RC(dwcp_channel_writev(rx, iov, 1, NULL, err, sizeof(err)), DWCP_INVALID_ARGUMENT);
+    CHECK(strstr(err, "receiving") != NULL);
+    iov[0].base = head;
+    iov[0].len = sizeof(head);
+    CHECK_RC(dwcp_channel_readv(ch, iov, 1, 0, &n, err, sizeof(err)), DWCP_INVALID_ARGUMENT);
+    CHECK_RC(dwcp_channel_ready_fd(ch, &ready), DWCP_INVALID_ARGUMENT);
+    CHECK_RC(dwcp_channel_readv(rx, iov, 1, 0x80, &n, err, sizeof(err)), DWCP_INVALID_ARGUMENT);
+    CHECK(strstr(err, "flags") != NULL);
+    CHECK_RC(dwcp_channel_readv(rx, iov, 1, 0, NULL, err, sizeof(err)), DWCP_NULL_PARAMETER);
+    iov[1].base = head + 2; /* overlaps iov[0] */
+    iov[1].len = 2;
+    CHECK_RC(dwcp_channel_readv(rx, iov, 2, 0, &n, err, sizeof(err)), DWCP_INVALID_ARGUMENT);
+    CHECK(strstr(err, "overlap") != NULL);
+    CHECK_RC(dwcp_channel_ready_fd(rx, &ready), DWCP_OK);
+    CHECK(ready >= 0);
+
+    /* peek: the first 4 bytes, twice, taking nothing */
+    iov[0].len = 4;
+    n = 0;
+    CHECK_RC(dwcp_channel_readv(rx, iov, 1, DWCP_READ_PEEK, &n, err, sizeof(err)), DWCP_OK);
+    CHECK(n == 4 && memcmp(head, out_buf, 4) == 0);
+    memset(head, 0, sizeof(head));
+    CHECK_RC(dwcp_channel_readv(rx, iov, 1, DWCP_READ_PEEK | DWCP_READ_NONBLOCK, &n, err,
+                                sizeof(err)), DWCP_OK);
+    CHECK(n == 4 && memcmp(head, out_buf, 4) == 0);
+
+    /* the rest from a writer thread (more than the window), then the end */
+    {
+        WriteJob job = { ch, out_buf + 4, N - 4, DWCP_PANIC };
+        pthread_t t;
+
+        CHECK(pthread_create(&t, NULL, write_then_free, &job) == 0);
+        memset(in_buf, 0xaa, N);
+        off = drain_nonblocking(rx, ready, in_buf, N, head, &waits);
+        CHECK(pthread_join(t, NULL) == 0);
+        CHECK_RC(job.rc, DWCP_OK);
+        ch = NULL;
+    }
+    CHECK(off == N);
+    CHECK(memcmp(in_buf, out_buf, N) == 0);
+    fprintf(stderr, "  %zu bytes read, %d waits\n", off, waits);
+    /* after the end of stream, reads keep saying so */
+    iov[0].base = head;
+    iov[0].len = 1;
+    CHECK_RC(dwcp_channel_readv(rx, iov, 1, 0, &n, err, sizeof(err)), DWCP_OK);
+    CHECK(n == 0);
+
+    /* the return path: written on the socket, read on the source's fd */
+    fill(out_buf, BACK, 3);
+    CHECK(write_all(rp, out_buf, BACK) == 0);
+    CHECK(read_all(src, in_buf, BACK) == 0);
+    CHECK(memcmp(in_buf, out_buf, BACK) == 0);
+    CHECK_RC(dwcp_incoming_stats(in, &st), DWCP_OK);
+    CHECK(st.raw_in == (uint64_t)N);
+
+    /* shutdown: reads then return end of stream */
+    CHECK_RC(dwcp_channel_shutdown(rx), DWCP_OK);
+    CHECK_RC(dwcp_channel_readv(rx, iov, 1, 0, &n, err, sizeof(err)), DWCP_OK);
+    CHECK(n == 0);
+    CHECK_RC(dwcp_channel_free(rx), DWCP_OK);
+    CHECK_RC(dwcp_channel_free(rx), DWCP_INVALID_HANDLE);
+    CHECK_RC(dwcp_channel_readv(rx, iov, 1, 0, &n, err, sizeof(err)), DWCP_INVALID_HANDLE);
+    rx = NULL;
+
+out:
+    dwcp_channel_free(ch);
+    dwcp_channel_free(rx);
+    if (src >= 0) {
+        close(src);
+    }
+    if (rp >= 0) {
+        close(rp);
+    }
+    CHECK_RC(dwcp_outgoing_cancel(o, "test over"), DWCP_OK);
+    CHECK_RC(dwcp_outgoing_free(o), DWCP_OK);
+    CHECK_RC(dwcp_incoming_free(in), DWCP_OK);
+    free(out_buf);
+    free(in_buf);
+}
+
 /* Cancel in the middle of a transfer: both sides see it. */
 static void test_cancel(void)
 {
@@ -720,6 +920,8 @@ int main(void)
     test_loopback("streams=4&codec=zstd:3&workers=2");
     test_direct("streams=2&window=2");
     test_direct("streams=4&codec=lz4&window=2");
+    test_direct_receive("streams=2");
+    test_direct_receive("streams=4&codec=zstd:3&window=2");
     test_cancel();
     printf("%s: %d checks, %d failed\n", failures ? "FAIL" : "PASS", checks, failures);
     return failures ? 1 : 0;

@@ -30,8 +30,9 @@ use std::time::Duration;
 
 pub use gate::CutoverGate;
 pub use session::{
-    Acceptor, AcceptorLimits, ChannelStats, ChannelWriter, CodecCounts, GateProvider, Role,
-    Session, SessionError, SessionStats, StreamStats, Target, WriteError,
+    Acceptor, AcceptorLimits, ChannelReader, ChannelStats, ChannelWriter, CodecCounts,
+    DirectHandOver, GateProvider, ReadError, Role, Session, SessionError, SessionStats,
+    StreamStats, Target, WriteError,
 };
 pub use tcp::{tcp_info, SocketTuning, TcpInfo};
 

@@ -22,6 +22,9 @@ use super::TransportConfig;
 use crate::codec::{CodecId, Compressor, Decompressor, Planner, Rebuilder, Tier};
 use crate::wire::{self, FrameHeader, Hello, Kind, Reply, Status, WireError};
 
+mod reader;
+pub use reader::{ChannelReader, ReadError};
+
 /// Which end of the session this is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -92,6 +95,9 @@ struct Channel {
     /// Raw bytes read from QEMU and not yet encoded (counted at their raw
     /// size against the wire budget until their wire size is known).
     unencoded: AtomicU64,
+    /// A channel read by the embedder ([`ChannelReader`]) instead of a
+    /// deliverer thread: its readiness signal.
+    direct: Option<Arc<reader::Readiness>>,
 }
 
 /// What a channel has on the wire: frames in the order they were encoded,
@@ -731,6 +737,10 @@ fn wake_all(inner: &Inner) {
     for ch in inner.channels.lock().values() {
         ch.credit_cv.notify_all();
         ch.recv_cv.notify_all();
+        if let Some(r) = &ch.direct {
+            // stays readable: the reader sees the failure and never clears it
+            r.signal();
+        }
     }
 }
 
@@ -739,6 +749,19 @@ fn is_down(inner: &Inner) -> bool {
 }
 
 fn open_channel(inner: &Arc<Inner>, id: u16, conn: UnixStream, read_local: bool) -> Arc<Channel> {
+    open_channel_with(inner, id, conn, read_local, None)
+}
+
+/// [`open_channel`]; with `direct` the embedder reads the channel (no
+/// deliverer thread).
+fn open_channel_with(
+    inner: &Arc<Inner>,
+    id: u16,
+    conn: UnixStream,
+    read_local: bool,
+    direct: Option<Arc<reader::Readiness>>,
+) -> Arc<Channel> {
+    let deliver = direct.is_none();
     let ch = Arc::new(Channel {
         id,
         local: conn.try_clone().expect("dup of a connected socket"),
@@ -753,6 +776,7 @@ fn open_channel(inner: &Arc<Inner>, id: u16, conn: UnixStream, read_local: bool)
         raw_in: AtomicU64::new(0),
         sent: Mutex::new(SentLog::default()),
         unencoded: AtomicU64::new(0),
+        direct,
     });
     inner.channels.lock().insert(id, ch.clone());
     debug!(name = %inner.name, channel = id, "channel opened");
@@ -768,12 +792,14 @@ fn open_channel(inner: &Arc<Inner>, id: u16, conn: UnixStream, read_local: bool)
                 .expect("spawn thread"),
         );
     }
-    threads.push(
-        std::thread::Builder::new()
-            .name(format!("dwcp-out{id}"))
-            .spawn(move || deliverer(i2, c2, conn))
-            .expect("spawn thread"),
-    );
+    if deliver {
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("dwcp-out{id}"))
+                .spawn(move || deliverer(i2, c2, conn))
+                .expect("spawn thread"),
+        );
+    }
     ch
 }
 
@@ -1462,6 +1488,13 @@ fn handle_frame(
                 ));
             }
             ch.recv_cv.notify_all();
+            if let Some(r) = &ch.direct {
+                if r.is_detached() {
+                    drop(st);
+                    return reader::drain_detached(inner, &ch);
+                }
+                r.frame_arrived();
+            }
             Ok(())
         }
     }
@@ -1482,6 +1515,10 @@ fn channel_for(inner: &Arc<Inner>, id: u16) -> Result<Arc<Channel>, String> {
     if let Some(ch) = inner.channels.lock().get(&id) {
         return Ok(ch.clone());
     }
+    if let Target::Direct(hand_over) = target {
+        return reader::open_direct(inner, id, hand_over.as_ref())
+            .map_err(|e| format!("opening channel {id}: {e}"));
+    }
     let conn = target
         .connect(id)
         .map_err(|e| format!("opening channel {id}: {e}"))?;
@@ -1496,13 +1533,24 @@ pub enum Target {
     /// Ask the embedder for one connection per channel (libdwcp inside QEMU
     /// hands QEMU the other end of a socketpair).
     Connector(Arc<dyn Fn(u16) -> std::io::Result<UnixStream> + Send + Sync>),
+    /// Hand each channel to the embedder to read with a [`ChannelReader`]
+    /// (no relay thread, no socketpair copy), with QEMU's end of a
+    /// socketpair that carries only the channel's other direction (the
+    /// return path). Not for gated sessions.
+    Direct(DirectHandOver),
 }
+
+/// Takes a new direct channel: (QEMU's end of the return-path socketpair,
+/// the reading half).
+pub type DirectHandOver =
+    Arc<dyn Fn(UnixStream, ChannelReader) -> std::io::Result<()> + Send + Sync>;
 
 impl std::fmt::Debug for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Target::Socket(p) => write!(f, "Socket({})", p.display()),
             Target::Connector(_) => f.write_str("Connector"),
+            Target::Direct(_) => f.write_str("Direct"),
         }
     }
 }
@@ -1517,6 +1565,9 @@ impl Target {
                 )
             }),
             Target::Connector(f) => f(channel),
+            Target::Direct(_) => Err(std::io::Error::other(
+                "a direct target hands over readers, not sockets",
+            )),
         }
     }
 }
@@ -1680,19 +1731,28 @@ fn deliverer(inner: Arc<Inner>, ch: Arc<Channel>, mut conn: UnixStream) {
                 }
             }
         }
-        ch.raw_in.fetch_add(raw_len, Ordering::Relaxed);
-        inner.counters.raw_in.fetch_add(raw_len, Ordering::Relaxed);
-        ch.recv.lock().bytes -= raw_len;
-        if ch.pending_credit.fetch_add(raw_len, Ordering::AcqRel) == 0
-            && inner
-                .ctrl_tx
-                .send_timeout(Ctrl::Credit(ch.clone()), inner.cfg.idle_timeout)
-                .is_err()
-        {
-            fail(&inner, "control queue stuck".into());
+        if let Err(e) = delivered(&inner, &ch, raw_len) {
+            fail(&inner, e);
             return;
         }
     }
+}
+
+/// Counts `n` raw bytes as taken by QEMU and returns them to the peer as
+/// credit (one queued credit message per channel at a time).
+fn delivered(inner: &Inner, ch: &Arc<Channel>, n: u64) -> Result<(), String> {
+    ch.raw_in.fetch_add(n, Ordering::Relaxed);
+    inner.counters.raw_in.fetch_add(n, Ordering::Relaxed);
+    ch.recv.lock().bytes -= n;
+    if ch.pending_credit.fetch_add(n, Ordering::AcqRel) == 0
+        && inner
+            .ctrl_tx
+            .send_timeout(Ctrl::Credit(ch.clone()), inner.cfg.idle_timeout)
+            .is_err()
+    {
+        return Err("control queue stuck".into());
+    }
+    Ok(())
 }
 
 /// The initiator completes when every channel it opened is finished both

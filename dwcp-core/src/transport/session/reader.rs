@@ -1,0 +1,417 @@
+//! The receiving half of a channel read by the embedder ([`ChannelReader`]):
+//! libdwcp inside the destination QEMU hands QEMU the reassembled bytes
+//! straight from the reorder buffer, instead of a deliverer thread writing
+//! them into a socketpair that QEMU then reads (two copies, two syscalls and
+//! a thread wake-up less per chunk).
+//!
+//! QEMU reads from a coroutine that yields until its channel is readable, so
+//! the reader comes with a readiness descriptor ([`ChannelReader::ready_fd`]):
+//! readable whenever a read may make progress (data, end of stream, failure
+//! or shutdown), possibly spuriously, never missing a wake-up. It is one
+//! end of a socketpair: the receive path writes a byte into it when a frame
+//! arrives for a reader that last found nothing ("armed"), and the reader
+//! drains it before saying "would block". Both happen under the channel's
+//! receive lock, so no wake-up falls between them.
+
+use std::io::{IoSliceMut, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tracing::debug;
+
+use super::{
+    check_complete, delivered, fail, is_down, open_channel_with, Channel, Incoming, Inner,
+};
+use crate::codec::Rebuilder;
+
+/// Why [`ChannelReader::read_vectored`] returned no bytes.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// Non-blocking read and nothing to read yet: wait for
+    /// [`ChannelReader::ready_fd`].
+    #[error("nothing to read yet")]
+    WouldBlock,
+    #[error("migration failed: {0}")]
+    Failed(String),
+}
+
+/// The readiness signal of one direct channel.
+#[derive(Debug)]
+pub(super) struct Readiness {
+    tx: UnixStream,
+    rx: UnixStream,
+    /// The reader found nothing and waits for a signal.
+    armed: AtomicBool,
+    /// The reader is gone: frames are checked and dropped as they come.
+    detached: AtomicBool,
+}
+
+impl Readiness {
+    fn new() -> std::io::Result<Readiness> {
+        let (tx, rx) = UnixStream::pair()?;
+        tx.set_nonblocking(true)?;
+        rx.set_nonblocking(true)?;
+        Ok(Readiness {
+            tx,
+            rx,
+            armed: AtomicBool::new(false),
+            detached: AtomicBool::new(false),
+        })
+    }
+
+    /// Makes the descriptor readable (a full buffer is readable already).
+    pub(super) fn signal(&self) {
+        let _ = (&self.tx).write(&[1]);
+    }
+
+    fn clear(&self) {
+        let mut b = [0u8; 64];
+        while matches!((&self.rx).read(&mut b), Ok(n) if n > 0) {}
+    }
+
+    /// Called with the channel's receive lock held after a frame was queued.
+    pub(super) fn frame_arrived(&self) {
+        if self.armed.swap(false, Ordering::AcqRel) {
+            self.signal();
+        }
+    }
+
+    pub(super) fn is_detached(&self) -> bool {
+        self.detached.load(Ordering::Acquire)
+    }
+}
+
+/// Opens responder channel `id` as a direct channel and hands it over.
+pub(super) fn open_direct(
+    inner: &Arc<Inner>,
+    id: u16,
+    hand_over: &(dyn Fn(UnixStream, ChannelReader) -> std::io::Result<()> + Send + Sync),
+) -> std::io::Result<Arc<Channel>> {
+    if inner.gate.is_some() {
+        return Err(std::io::Error::other(
+            "a gated session cannot hand its channels to the embedder",
+        ));
+    }
+    let ready = Arc::new(Readiness::new()?);
+    let (ours, theirs) = UnixStream::pair()?;
+    // The channel's other direction (QEMU's return path) is still read
+    // from the socketpair; this side only drops the deliverer.
+    let ch = open_channel_with(inner, id, ours, true, Some(ready.clone()));
+    let reader = ChannelReader {
+        inner: inner.clone(),
+        ch: ch.clone(),
+        ready,
+        state: Mutex::new(ReadState {
+            rebuilder: Rebuilder::new(inner.ring_bytes),
+            cur: Vec::new(),
+            pos: 0,
+            scratch: Vec::new(),
+            eof: false,
+        }),
+        stop: AtomicBool::new(false),
+    };
+    hand_over(theirs, reader)?;
+    Ok(ch)
+}
+
+struct ReadState {
+    rebuilder: Rebuilder,
+    /// The frame being read (several, after a peek that crossed frames).
+    cur: Vec<u8>,
+    pos: usize,
+    scratch: Vec<u8>,
+    /// The peer's end of stream was taken.
+    eof: bool,
+}
+
+/// The receiving half of a responder channel opened by a
+/// [`super::Target::Direct`] target: the channel's bytes, in order, read
+/// straight from the session's reorder buffer. Reads may come from any
+/// thread, one at a time (they serialise on an internal lock).
+///
+/// Dropping it before the end of the stream detaches it: the end of stream
+/// still completes the channel, but data that was never read fails the
+/// session (as a write to a closed socket would).
+pub struct ChannelReader {
+    inner: Arc<Inner>,
+    ch: Arc<Channel>,
+    ready: Arc<Readiness>,
+    state: Mutex<ReadState>,
+    stop: AtomicBool,
+}
+
+impl std::fmt::Debug for ChannelReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChannelReader")
+            .field("channel", &self.ch.id)
+            .finish()
+    }
+}
+
+/// Send buffer of a relayed channel's socket, bytes.
+const RELAY_SEND_BUFFER: usize = 4 << 20;
+
+/// How often a blocked read looks at the session's state.
+const BLOCK_POLL: Duration = Duration::from_millis(100);
+
+impl ChannelReader {
+    /// The channel's number in the session.
+    pub fn id(&self) -> u16 {
+        self.ch.id
+    }
+
+    /// A descriptor that is readable while a read may make progress (see
+    /// the module docs). Owned by the reader: do not read or close it.
+    pub fn ready_fd(&self) -> RawFd {
+        self.ready.rx.as_raw_fd()
+    }
+
+    /// Fills `bufs` with the channel's next bytes and returns how many;
+    /// `Ok(0)` (with non-empty `bufs`) is the end of the stream, or a
+    /// [`ChannelReader::shutdown`]. With `peek` the bytes stay to be read
+    /// again (like `MSG_PEEK`). With `block` the call waits for at least one
+    /// byte; without, it returns [`ReadError::WouldBlock`] when there is
+    /// none yet.
+    pub fn read_vectored(
+        &self,
+        bufs: &mut [IoSliceMut<'_>],
+        peek: bool,
+        block: bool,
+    ) -> Result<usize, ReadError> {
+        let want: usize = bufs.iter().map(|b| b.len()).sum();
+        if want == 0 {
+            return Ok(0);
+        }
+        let mut rs = self.state.lock();
+        loop {
+            let have = rs.cur.len() - rs.pos;
+            // A peek tops up what it has from frames already here, so a
+            // short header split over two frames is seen whole.
+            if have > 0 && !(peek && have < want && self.next_frame_ready()) {
+                return self.copy_out(&mut rs, bufs, peek);
+            }
+            if rs.eof || self.stop.load(Ordering::Acquire) {
+                return Ok(0);
+            }
+            if let Some(e) = self.failure() {
+                return Err(ReadError::Failed(e));
+            }
+            let item = {
+                let mut st = self.ch.recv.lock();
+                let next = st.next;
+                match st.frames.remove(&next) {
+                    Some(item) => {
+                        st.next += 1;
+                        Some(item)
+                    }
+                    None if have > 0 => None,
+                    None if block => {
+                        self.ch.recv_cv.wait_for(&mut st, BLOCK_POLL);
+                        continue;
+                    }
+                    None => {
+                        // Arm, then drain: a frame queued after this
+                        // (under the same lock) signals again.
+                        self.ready.armed.store(true, Ordering::Release);
+                        self.ready.clear();
+                        return Err(ReadError::WouldBlock);
+                    }
+                }
+            };
+            match item {
+                // Only a peek that found part of what it wants gets here.
+                None => return self.copy_out(&mut rs, bufs, peek),
+                Some(item) => {
+                    if let Err(e) = self.take(&mut rs, item) {
+                        fail(&self.inner, e.clone());
+                        return Err(ReadError::Failed(e));
+                    }
+                }
+            }
+        }
+    }
+
+    fn next_frame_ready(&self) -> bool {
+        let st = self.ch.recv.lock();
+        st.frames.contains_key(&st.next)
+    }
+
+    fn failure(&self) -> Option<String> {
+        if !is_down(&self.inner) {
+            return None;
+        }
+        Some(
+            self.inner
+                .failure
+                .lock()
+                .clone()
+                .unwrap_or_else(|| "session is shutting down".into()),
+        )
+    }
+
+    /// Appends one frame's bytes to what is left unread.
+    fn take(&self, rs: &mut ReadState, item: Incoming) -> Result<(), String> {
+        if rs.pos == rs.cur.len() {
+            rs.cur.clear();
+            rs.pos = 0;
+        }
+        match item {
+            Incoming::Eof => {
+                rs.eof = true;
+                self.ch.delivered_eof.store(true, Ordering::Release);
+                debug!(channel = self.ch.id, "peer end of stream read by QEMU");
+                check_complete(&self.inner);
+            }
+            Incoming::Raw(data) if rs.cur.is_empty() => rs.cur = data,
+            Incoming::Raw(data) => rs.cur.extend_from_slice(&data),
+            Incoming::Data { plan, raw_len } => {
+                let ReadState {
+                    rebuilder,
+                    cur,
+                    scratch,
+                    ..
+                } = rs;
+                let out = if cur.is_empty() { cur } else { scratch };
+                rebuilder
+                    .rebuild(&plan, raw_len as usize, out)
+                    .map_err(|e| format!("channel {}: {e}", self.ch.id))?;
+                if !rs.scratch.is_empty() {
+                    rs.cur.extend_from_slice(&rs.scratch);
+                    rs.scratch.clear();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn copy_out(
+        &self,
+        rs: &mut ReadState,
+        bufs: &mut [IoSliceMut<'_>],
+        peek: bool,
+    ) -> Result<usize, ReadError> {
+        let mut src = &rs.cur[rs.pos..];
+        let mut n = 0;
+        for b in bufs.iter_mut() {
+            if src.is_empty() {
+                break;
+            }
+            let k = b.len().min(src.len());
+            b[..k].copy_from_slice(&src[..k]);
+            src = &src[k..];
+            n += k;
+        }
+        if !peek {
+            rs.pos += n;
+            delivered(&self.inner, &self.ch, n as u64).map_err(|e| {
+                fail(&self.inner, e.clone());
+                ReadError::Failed(e)
+            })?;
+        }
+        Ok(n)
+    }
+
+    /// Relays the channel into its socketpair from a thread of its own, for
+    /// an embedder that wants an ordinary descriptor after all: QEMU then
+    /// reads the stream from the socket handed over with this reader, which
+    /// keeps carrying the return path the other way.
+    pub fn relay(self) -> std::io::Result<()> {
+        let mut sock = self.ch.local.try_clone()?;
+        // As much buffer as a TCP socket on the same host autotunes to, so
+        // QEMU's reads are not paced by this thread's wake-ups (best effort:
+        // capped by net.core.wmem_max).
+        let _ = socket2::SockRef::from(&sock).set_send_buffer_size(RELAY_SEND_BUFFER);
+        let inner = self.inner.clone();
+        let t = std::thread::Builder::new()
+            .name(format!("dwcp-out{}", self.ch.id))
+            .spawn(move || {
+                let mut buf = vec![0u8; self.inner.cfg.chunk];
+                loop {
+                    match self.read_vectored(&mut [IoSliceMut::new(&mut buf)], false, true) {
+                        Ok(0) => {
+                            let _ = sock.shutdown(std::net::Shutdown::Write);
+                            return;
+                        }
+                        Ok(n) => {
+                            if let Err(e) = sock.write_all(&buf[..n]) {
+                                fail(
+                                    &self.inner,
+                                    format!("channel {}: writing to QEMU failed: {e}", self.ch.id),
+                                );
+                                return;
+                            }
+                        }
+                        Err(_) => return,
+                    }
+                }
+            })?;
+        inner.threads.lock().push(t);
+        Ok(())
+    }
+
+    /// Like shutdown(2) of a socket's reading side (QEMU shuts channels
+    /// down on yank and cancel): a read blocked in another thread, and
+    /// every later one, return end of stream. Does not block.
+    pub fn shutdown(&self) {
+        self.stop.store(true, Ordering::Release);
+        let _st = self.ch.recv.lock();
+        self.ch.recv_cv.notify_all();
+        self.ready.signal();
+    }
+}
+
+impl Drop for ChannelReader {
+    fn drop(&mut self) {
+        let unread = {
+            let rs = self.state.get_mut();
+            rs.cur.len() - rs.pos
+        };
+        {
+            let _st = self.ch.recv.lock();
+            self.ready.detached.store(true, Ordering::Release);
+        }
+        if unread > 0 {
+            fail(
+                &self.inner,
+                format!(
+                    "channel {}: QEMU closed it with {unread} bytes unread",
+                    self.ch.id
+                ),
+            );
+            return;
+        }
+        if let Err(e) = drain_detached(&self.inner, &self.ch) {
+            fail(&self.inner, e);
+        }
+    }
+}
+
+/// Takes what arrived for a channel whose reader is gone: its end of stream
+/// completes it; data (QEMU closed the channel mid-stream) fails the session.
+pub(super) fn drain_detached(inner: &Inner, ch: &Channel) -> Result<(), String> {
+    let mut st = ch.recv.lock();
+    let next = st.next;
+    match st.frames.remove(&next) {
+        None => Ok(()),
+        Some(Incoming::Eof) => {
+            st.next += 1;
+            drop(st);
+            ch.delivered_eof.store(true, Ordering::Release);
+            check_complete(inner);
+            Ok(())
+        }
+        Some(_) => {
+            if ch.delivered_eof.load(Ordering::Acquire) || inner.complete.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            Err(format!(
+                "channel {}: data arrived after QEMU closed the channel",
+                ch.id
+            ))
+        }
+    }
+}
