@@ -46,8 +46,10 @@ pub struct CompareArgs {
     /// qemu-xbzrle, dwcp (agent defaults), dwcp-raw, dwcp-none, dwcp-lz4,
     /// dwcp-zstd, dwcp-zstd:N, dwcp-auto; a dwcp contender with `+multifd`
     /// has QEMU use 4 multifd channels, each relayed as a DWCP channel;
-    /// qemu-dwcp[+multifd]: the patched QEMU's own `dwcp:` URI (libdwcp in
-    /// QEMU, defaults; needs `--qemu` pointing at that build).
+    /// qemu-dwcp[+multifd][?PARAMS]: the patched QEMU's own `dwcp:` URI
+    /// (libdwcp in QEMU; PARAMS are the URI's, e.g.
+    /// `qemu-dwcp?streams=1&codec=raw`; needs `--qemu` pointing at that
+    /// build).
     #[arg(long, value_delimiter = ',', default_value = DEFAULT_CONTENDERS)]
     pub contenders: Vec<String>,
     /// Seconds before a migration counts as not converged and is cancelled.
@@ -100,7 +102,8 @@ enum Kind {
     },
     /// QEMU built with qemu-patches/: `migrate dwcp:HOST:PORT`, libdwcp in
     /// QEMU, no agent in the data path.
-    QemuDwcp(MigrationSetup),
+    /// The URI's parameters (`qemu-dwcp?streams=1&codec=raw`), if any.
+    QemuDwcp(MigrationSetup, Option<String>),
 }
 
 /// What `dwcp migrate` aims at by default (`--downtime-goal-ms`).
@@ -111,6 +114,16 @@ fn multifd_of(name: &str) -> Option<u32> {
 }
 
 fn contender(full: &str) -> Result<Kind> {
+    if let Some((base, params)) = full.split_once('?') {
+        if !base.starts_with("qemu-dwcp") {
+            bail!("contender {full:?}: only qemu-dwcp contenders take ?PARAMS");
+        }
+        // QEMU (libdwcp) validates them and names what is wrong.
+        return Ok(match contender(base)? {
+            Kind::QemuDwcp(s, _) => Kind::QemuDwcp(s, Some(params.to_string())),
+            k => k,
+        });
+    }
     let (name, multifd) = match full.strip_suffix("+multifd") {
         Some(n) if n.starts_with("dwcp") => (n, multifd_of(full)),
         _ => (full, None),
@@ -130,7 +143,7 @@ fn contender(full: &str) -> Result<Kind> {
         "qemu-multifd-zstd" => native(Some(4), Some("zstd"), false),
         "qemu-xbzrle" => native(None, None, true),
         "qemu-dwcp" | "qemu-dwcp+multifd" => match native(multifd_of(name), None, false) {
-            Kind::Native(s) => Kind::QemuDwcp(s),
+            Kind::Native(s) => Kind::QemuDwcp(s, None),
             k => k,
         },
         "dwcp" => Kind::Dwcp {
@@ -193,7 +206,7 @@ impl Kind {
     fn with_bandwidth(&self, bw: u64) -> Kind {
         let mut k = self.clone();
         match &mut k {
-            Kind::Native(s) | Kind::QemuDwcp(s) => s.max_bandwidth = Some(bw),
+            Kind::Native(s) | Kind::QemuDwcp(s, _) => s.max_bandwidth = Some(bw),
             Kind::Dwcp { bandwidth, .. } => *bandwidth = Some(bw),
         }
         k
@@ -413,17 +426,20 @@ fn run_inner(
     let tag = format!("b{seq}");
     let src_ctl = lab.src_agent().control();
     let (pair, uri, setup, dwcp_name) = match kind {
-        Kind::Native(setup) | Kind::QemuDwcp(setup) => {
-            let libdwcp = matches!(kind, Kind::QemuDwcp(_));
+        Kind::Native(setup) | Kind::QemuDwcp(setup, _) => {
+            let libdwcp = matches!(kind, Kind::QemuDwcp(..));
             let mut src = Guest::start(lab, lab.src_ns(), "src", spec, false)?;
             let dst = Guest::start(lab, lab.dst_ns(), "dst", spec, true)?;
             let ready_seq = src.wait_ready(spec)?;
-            let uri = format!(
+            let mut uri = format!(
                 "{}:{}:{}",
                 if libdwcp { "dwcp" } else { "tcp" },
                 lab.topo.dst_ip,
                 7200 + (seq % 500)
             );
+            if let Kind::QemuDwcp(_, Some(params)) = kind {
+                uri = format!("{uri}?{params}");
+            }
             let mut dq = dst.qmp()?;
             setup
                 .apply(&mut dq, true)
@@ -566,7 +582,7 @@ fn run_inner(
         None => r.ram_transferred,
     };
     finish_counters(rr);
-    if matches!(kind, Kind::QemuDwcp(_)) {
+    if matches!(kind, Kind::QemuDwcp(..)) {
         // libdwcp inside QEMU: what left the source host's link.
         rr.wire_bytes = rr.link_tx_bytes;
     }

@@ -24,7 +24,7 @@ use parking_lot::Mutex;
 use tracing::debug;
 
 use super::{
-    check_complete, delivered, fail, is_down, open_channel_with, Channel, Incoming, Inner,
+    check_complete, delivered_inline, fail, is_down, open_channel_with, Channel, Incoming, Inner,
 };
 use crate::codec::Rebuilder;
 
@@ -110,6 +110,7 @@ pub(super) fn open_direct(
             cur: Vec::new(),
             pos: 0,
             scratch: Vec::new(),
+            uncredited: 0,
             eof: false,
         }),
         stop: AtomicBool::new(false),
@@ -124,6 +125,8 @@ struct ReadState {
     cur: Vec<u8>,
     pos: usize,
     scratch: Vec<u8>,
+    /// Bytes read and not yet credited back to the peer.
+    uncredited: u64,
     /// The peer's end of stream was taken.
     eof: bool,
 }
@@ -307,10 +310,17 @@ impl ChannelReader {
         }
         if !peek {
             rs.pos += n;
-            delivered(&self.inner, &self.ch, n as u64).map_err(|e| {
-                fail(&self.inner, e.clone());
-                ReadError::Failed(e)
-            })?;
+            rs.uncredited += n as u64;
+            // Credit whole frames (or half a chunk), as a deliverer thread
+            // does: QEMU reads in pieces of a few KiB, and a credit message
+            // per piece would cost both ends a wake-up each.
+            if rs.pos == rs.cur.len() || rs.uncredited >= self.inner.cfg.chunk as u64 / 2 {
+                let credit = std::mem::take(&mut rs.uncredited);
+                delivered_inline(&self.inner, &self.ch, credit).map_err(|e| {
+                    fail(&self.inner, e.clone());
+                    ReadError::Failed(e)
+                })?;
+            }
         }
         Ok(n)
     }
