@@ -1745,14 +1745,20 @@ fn deliverer(inner: Arc<Inner>, ch: Arc<Channel>, mut conn: UnixStream) {
     }
 }
 
+/// Counts `n` raw bytes as taken by QEMU and adds them to the credit owed
+/// to the peer; returns the credit that was already owed.
+fn count_delivered(inner: &Inner, ch: &Channel, n: u64) -> u64 {
+    ch.raw_in.fetch_add(n, Ordering::Relaxed);
+    inner.counters.raw_in.fetch_add(n, Ordering::Relaxed);
+    ch.recv.lock().bytes -= n;
+    ch.pending_credit.fetch_add(n, Ordering::AcqRel)
+}
+
 /// [`delivered`] from the embedder's reading thread: the credit goes out
 /// from this thread when a stream is free (a tiny write), saving a writer
 /// thread's wake-up per credit; otherwise it is queued as usual.
 fn delivered_inline(inner: &Inner, ch: &Arc<Channel>, n: u64) -> Result<(), String> {
-    ch.raw_in.fetch_add(n, Ordering::Relaxed);
-    inner.counters.raw_in.fetch_add(n, Ordering::Relaxed);
-    ch.recv.lock().bytes -= n;
-    let was = ch.pending_credit.fetch_add(n, Ordering::AcqRel);
+    let was = count_delivered(inner, ch, n);
     if let Some(mut w) = inner.tx.iter().find_map(|t| t.try_lock()) {
         let credit = ch.pending_credit.swap(0, Ordering::AcqRel);
         if credit == 0 || is_down(inner) {
@@ -1792,10 +1798,7 @@ fn delivered_inline(inner: &Inner, ch: &Arc<Channel>, n: u64) -> Result<(), Stri
 /// Counts `n` raw bytes as taken by QEMU and returns them to the peer as
 /// credit (one queued credit message per channel at a time).
 fn delivered(inner: &Inner, ch: &Arc<Channel>, n: u64) -> Result<(), String> {
-    ch.raw_in.fetch_add(n, Ordering::Relaxed);
-    inner.counters.raw_in.fetch_add(n, Ordering::Relaxed);
-    ch.recv.lock().bytes -= n;
-    if ch.pending_credit.fetch_add(n, Ordering::AcqRel) == 0
+    if count_delivered(inner, ch, n) == 0
         && inner
             .ctrl_tx
             .send_timeout(Ctrl::Credit(ch.clone()), inner.cfg.idle_timeout)
