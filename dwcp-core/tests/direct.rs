@@ -7,12 +7,14 @@
 //! unread fails the migration on both ends.
 
 use std::io::{IoSlice, IoSliceMut, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener};
+use std::net::{Shutdown, SocketAddr};
 use std::os::fd::RawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
+
+mod common;
 
 use dwcp_core::codec::Tier;
 use dwcp_core::transport::{
@@ -41,35 +43,21 @@ fn cfg(tier: Tier) -> TransportConfig {
 }
 
 fn destination(tier: Tier) -> Dst {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
     let (tx, channels) = mpsc::channel();
     let tx = Mutex::new(tx);
     let target = Target::Direct(Arc::new(move |sock, reader| {
         tx.lock().unwrap().send((sock, reader)).unwrap();
         Ok(())
     }));
-    let acceptor = Arc::new(Acceptor::with_connector(
+    let served = common::serve(Acceptor::with_connector(
         cfg(tier),
         AcceptorLimits::default(),
         target,
     ));
-    let sessions = Arc::new(Mutex::new(Vec::new()));
-    let s2 = sessions.clone();
-    thread::spawn(move || {
-        for c in l.incoming().flatten() {
-            let (a, s) = (acceptor.clone(), s2.clone());
-            thread::spawn(move || {
-                if let Ok(Some(sess)) = a.handle(c) {
-                    s.lock().unwrap().push(sess);
-                }
-            });
-        }
-    });
     Dst {
-        addr,
+        addr: served.addr,
         channels,
-        sessions,
+        sessions: served.sessions,
     }
 }
 

@@ -6,7 +6,7 @@
 //! path).
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener};
+use std::net::{Shutdown, SocketAddr};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -47,32 +47,18 @@ struct Dst {
 }
 
 fn destination(gate: Arc<TestGate>) -> Dst {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
     let (connector, ends) = common::socketpair_target();
     let gates: GateProvider = Arc::new(move |name, _peer| {
         assert_eq!(name, "vm");
         Ok(Some(gate.clone() as Arc<dyn CutoverGate>))
     });
-    let acceptor = Arc::new(
+    let served = common::serve(
         Acceptor::with_connector(cfg(), AcceptorLimits::default(), connector).with_gates(gates),
     );
-    let sessions = Arc::new(Mutex::new(Vec::new()));
-    let s2 = sessions.clone();
-    thread::spawn(move || {
-        for c in l.incoming().flatten() {
-            let (a, s) = (acceptor.clone(), s2.clone());
-            thread::spawn(move || {
-                if let Ok(Some(sess)) = a.handle(c) {
-                    s.lock().unwrap().push(sess);
-                }
-            });
-        }
-    });
     Dst {
-        addr,
+        addr: served.addr,
         ends,
-        sessions,
+        sessions: served.sessions,
     }
 }
 

@@ -25,32 +25,17 @@ struct Responder {
 }
 
 fn responder(cfg: TransportConfig) -> Responder {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
     let (connector, ends) = common::socketpair_target();
-    let acceptor = Arc::new(Acceptor::with_connector(
+    let served = common::serve(Acceptor::with_connector(
         cfg,
         AcceptorLimits::default(),
         connector,
     ));
-    let sessions = Arc::new(Mutex::new(Vec::new()));
-    let errors = Arc::new(Mutex::new(Vec::new()));
-    let (s2, e2) = (sessions.clone(), errors.clone());
-    thread::spawn(move || {
-        for c in l.incoming().flatten() {
-            let (a, s, e) = (acceptor.clone(), s2.clone(), e2.clone());
-            thread::spawn(move || match a.handle(c) {
-                Ok(Some(sess)) => s.lock().unwrap().push(sess),
-                Ok(None) => {}
-                Err(err) => e.lock().unwrap().push(err.to_string()),
-            });
-        }
-    });
     Responder {
-        addr,
+        addr: served.addr,
         ends,
-        sessions,
-        errors,
+        sessions: served.sessions,
+        errors: served.errors,
     }
 }
 
