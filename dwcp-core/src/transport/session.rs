@@ -1755,16 +1755,18 @@ fn count_delivered(inner: &Inner, ch: &Channel, n: u64) -> u64 {
 }
 
 /// [`delivered`] from the embedder's reading thread: the credit goes out
-/// from this thread when a stream is free (a tiny write), saving a writer
-/// thread's wake-up per credit; otherwise it is queued as usual.
+/// from this thread when a stream is free and its socket takes the frame at
+/// once (a tiny non-blocking send), saving a writer thread's wake-up per
+/// credit; otherwise it is queued as usual, so QEMU's thread never waits
+/// for the peer.
 fn delivered_inline(inner: &Inner, ch: &Arc<Channel>, n: u64) -> Result<(), String> {
     let was = count_delivered(inner, ch, n);
-    if let Some(mut w) = inner.tx.iter().find_map(|t| t.try_lock()) {
+    if let Some(w) = inner.tx.iter().find_map(|t| t.try_lock()) {
         let credit = ch.pending_credit.swap(0, Ordering::AcqRel);
         if credit == 0 || is_down(inner) {
             return Ok(());
         }
-        let h = FrameHeader {
+        let head = FrameHeader {
             kind: Kind::Window,
             codec: 0,
             channel: ch.id,
@@ -1773,38 +1775,55 @@ fn delivered_inline(inner: &Inner, ch: &Arc<Channel>, n: u64) -> Result<(), Stri
             plan_len: 0,
             wire_len: 0,
             payload_crc: crc32c::crc32c(&[]),
+        }
+        .encode();
+        let sent = match socket2::SockRef::from(&*w).send_with_flags(&head, libc::MSG_DONTWAIT) {
+            Ok(k) => k,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => 0,
+            Err(e) => return Err(format!("sending credit to the peer failed: {e}")),
         };
-        wire::write_frame(&mut *w, &h, &[])
-            .map_err(|e| format!("sending credit to the peer failed: {e}"))?;
+        if sent > 0 {
+            if sent < head.len() {
+                // Never leave half a frame: finish it (a few bytes).
+                (&*w)
+                    .write_all(&head[sent..])
+                    .map_err(|e| format!("sending credit to the peer failed: {e}"))?;
+            }
+            drop(w);
+            inner
+                .counters
+                .wire_out
+                .fetch_add(head.len() as u64, Ordering::Relaxed);
+            inner.counters.frames_out.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        // The socket is full: hand the credit back to the writer threads.
         drop(w);
-        inner
-            .counters
-            .wire_out
-            .fetch_add(wire::FRAME_HEADER_LEN as u64, Ordering::Relaxed);
-        inner.counters.frames_out.fetch_add(1, Ordering::Relaxed);
+        if ch.pending_credit.fetch_add(credit, Ordering::AcqRel) == 0 {
+            return queue_credit(inner, ch);
+        }
         return Ok(());
     }
-    if was == 0
-        && inner
-            .ctrl_tx
-            .send_timeout(Ctrl::Credit(ch.clone()), inner.cfg.idle_timeout)
-            .is_err()
-    {
-        return Err("control queue stuck".into());
+    if was == 0 {
+        return queue_credit(inner, ch);
     }
     Ok(())
+}
+
+/// Has a writer thread send the channel's owed credit.
+fn queue_credit(inner: &Inner, ch: &Arc<Channel>) -> Result<(), String> {
+    inner
+        .ctrl_tx
+        .send_timeout(Ctrl::Credit(ch.clone()), inner.cfg.idle_timeout)
+        .map_err(|_| "control queue stuck".to_string())
 }
 
 /// Counts `n` raw bytes as taken by QEMU and returns them to the peer as
 /// credit (one queued credit message per channel at a time).
 fn delivered(inner: &Inner, ch: &Arc<Channel>, n: u64) -> Result<(), String> {
-    if count_delivered(inner, ch, n) == 0
-        && inner
-            .ctrl_tx
-            .send_timeout(Ctrl::Credit(ch.clone()), inner.cfg.idle_timeout)
-            .is_err()
-    {
-        return Err("control queue stuck".into());
+    if count_delivered(inner, ch, n) == 0 {
+        return queue_credit(inner, ch);
     }
     Ok(())
 }
