@@ -18,7 +18,8 @@ mod common;
 
 use dwcp_core::codec::Tier;
 use dwcp_core::transport::{
-    Acceptor, AcceptorLimits, ChannelReader, ReadError, Session, Target, TransportConfig,
+    Acceptor, AcceptorLimits, ChannelReader, ChannelWriter, ReadError, Session, Target,
+    TransportConfig,
 };
 
 type Handed = (UnixStream, ChannelReader);
@@ -30,16 +31,7 @@ struct Dst {
 }
 
 fn cfg(tier: Tier) -> TransportConfig {
-    TransportConfig {
-        streams: 3,
-        tier,
-        auto_tier: false,
-        workers: 2,
-        window: 4 << 20,
-        chunk: 256 << 10,
-        idle_timeout: Duration::from_secs(5),
-        ..TransportConfig::default()
-    }
+    common::loopback_cfg(3, tier)
 }
 
 fn destination(tier: Tier) -> Dst {
@@ -123,7 +115,7 @@ fn read_all_nonblocking(r: &ChannelReader) -> (Vec<u8>, usize) {
     }
 }
 
-fn write_in_pieces(w: &dwcp_core::transport::ChannelWriter, data: &[u8]) {
+fn write_in_pieces(w: &ChannelWriter, data: &[u8]) {
     for piece in data.chunks(300_000) {
         let (x, y) = piece.split_at(piece.len() / 3);
         let n = w
@@ -173,15 +165,40 @@ fn reader_gets_every_byte_in_order_for_every_tier() {
     }
 }
 
-#[test]
-fn peek_sees_a_header_split_over_frames_and_takes_nothing() {
+/// One direct channel end to end, opened at the destination by `first`:
+/// the source session and writer, the destination's reader, and both
+/// return-path sockets (kept open for the test's duration).
+struct Channel {
+    dst: Dst,
+    src: Session,
+    w: ChannelWriter,
+    r: ChannelReader,
+    _src_rp: UnixStream,
+    _dst_rp: UnixStream,
+}
+
+fn open_channel(first: &[u8]) -> Channel {
     let dst = destination(Tier::Raw);
     let src = Session::connect(&cfg(Tier::Raw), "vm", dst.addr).unwrap();
-    let (ours, _src_rp) = UnixStream::pair().unwrap();
+    let (ours, src_rp) = UnixStream::pair().unwrap();
     let w = src.add_direct_channel(ours).unwrap();
+    w.write_vectored(&[IoSlice::new(first)]).unwrap();
+    let (dst_rp, r) = dst.channels.recv_timeout(Duration::from_secs(10)).unwrap();
+    Channel {
+        dst,
+        src,
+        w,
+        r,
+        _src_rp: src_rp,
+        _dst_rp: dst_rp,
+    }
+}
+
+#[test]
+fn peek_sees_a_header_split_over_frames_and_takes_nothing() {
     // Two writes, two frames: the magic arrives in halves.
-    w.write_vectored(&[IoSlice::new(b"QE")]).unwrap();
-    let (_rp, r) = dst.channels.recv_timeout(Duration::from_secs(10)).unwrap();
+    let c = open_channel(b"QE");
+    let (w, r) = (&c.w, &c.r);
     let mut magic = [0u8; 4];
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut sent_rest = false;
@@ -218,13 +235,8 @@ fn peek_sees_a_header_split_over_frames_and_takes_nothing() {
 
 #[test]
 fn shutdown_wakes_a_blocked_reader_with_end_of_stream() {
-    let dst = destination(Tier::Raw);
-    let src = Session::connect(&cfg(Tier::Raw), "vm", dst.addr).unwrap();
-    let (ours, _src_rp) = UnixStream::pair().unwrap();
-    let w = src.add_direct_channel(ours).unwrap();
-    w.write_vectored(&[IoSlice::new(b"x")]).unwrap();
-    let (_rp, r) = dst.channels.recv_timeout(Duration::from_secs(10)).unwrap();
-    let r = Arc::new(r);
+    let c = open_channel(b"x");
+    let r = Arc::new(c.r);
     let mut one = [0u8; 1];
     r.read_vectored(&mut [IoSliceMut::new(&mut one)], false, true)
         .unwrap();
@@ -242,13 +254,9 @@ fn shutdown_wakes_a_blocked_reader_with_end_of_stream() {
 
 #[test]
 fn closing_the_reader_with_data_unread_fails_both_ends() {
-    let dst = destination(Tier::Raw);
-    let src = Session::connect(&cfg(Tier::Raw), "vm", dst.addr).unwrap();
-    let (ours, _src_rp) = UnixStream::pair().unwrap();
-    let w = src.add_direct_channel(ours).unwrap();
     let data = pages(2 << 20, 3);
-    w.write_vectored(&[IoSlice::new(&data)]).unwrap();
-    let (_rp, r) = dst.channels.recv_timeout(Duration::from_secs(10)).unwrap();
+    let c = open_channel(&data);
+    let (dst, src, r) = (&c.dst, &c.src, c.r);
     let mut some = [0u8; 1000];
     r.read_vectored(&mut [IoSliceMut::new(&mut some)], false, true)
         .unwrap();

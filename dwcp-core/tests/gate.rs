@@ -63,16 +63,7 @@ fn destination(gate: Arc<TestGate>) -> Dst {
 }
 
 fn cfg() -> TransportConfig {
-    TransportConfig {
-        streams: 2,
-        tier: Tier::Raw,
-        auto_tier: false,
-        workers: 2,
-        window: 4 << 20,
-        chunk: 256 << 10,
-        idle_timeout: Duration::from_secs(5),
-        ..TransportConfig::default()
-    }
+    common::loopback_cfg(2, Tier::Raw)
 }
 
 /// A main channel as QEMU ends it: RAM-ish bytes, then `QEMU_VM_EOF`,

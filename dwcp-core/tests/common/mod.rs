@@ -4,7 +4,26 @@ use std::net::{SocketAddr, TcpListener};
 use std::os::unix::net::UnixStream;
 use std::sync::{mpsc, Arc, Mutex};
 
-use dwcp_core::transport::{Acceptor, Session, Target};
+use std::time::Duration;
+
+use dwcp_core::codec::Tier;
+use dwcp_core::transport::{Acceptor, Session, Target, TransportConfig};
+
+/// A small, fixed configuration for loopback tests: `streams` streams,
+/// `tier` without the auto tier, a 4 MiB window of 256 KiB chunks.
+#[allow(dead_code)] // not every test crate that includes this module uses it
+pub fn loopback_cfg(streams: u16, tier: Tier) -> TransportConfig {
+    TransportConfig {
+        streams,
+        tier,
+        auto_tier: false,
+        workers: 2,
+        window: 4 << 20,
+        chunk: 256 << 10,
+        idle_timeout: Duration::from_secs(5),
+        ..TransportConfig::default()
+    }
+}
 
 /// A responder target whose channels are socketpairs: the transport gets one
 /// end, the other ("QEMU's end", with its channel id) comes out of the
