@@ -24,10 +24,18 @@ pub const MAGIC: [u8; 4] = *b"DWCP";
 /// Oldest protocol version this build speaks.
 pub const VERSION_MIN: u16 = 1;
 /// Newest protocol version this build speaks. Version 2 added raw frames
-/// (codec 4); a session uses the lower of the two ends' newest versions.
-pub const VERSION_MAX: u16 = 2;
+/// (codec 4), version 3 raw frames without a payload checksum (codec 4 with
+/// [`UNCHECKED`]); a session uses the lower of the two ends' newest versions.
+pub const VERSION_MAX: u16 = 3;
 /// First version with raw frames (codec 4).
 pub const VERSION_RAW: u16 = 2;
+/// First version with unchecked raw frames ([`UNCHECKED`]).
+pub const VERSION_UNCHECKED: u16 = 3;
+/// Flag in a raw data frame's codec byte: the payload carries no checksum
+/// (`payload_crc` is 0), so the sender can write it straight from the
+/// caller's buffers. TCP's checksum still covers it, as it covers QEMU's own
+/// `tcp:` stream; the header keeps its CRC.
+pub const UNCHECKED: u8 = 0x80;
 /// Size of the fixed part of a hello (the name and a CRC follow).
 pub const HELLO_FIXED_LEN: usize = 44;
 /// Size of a reply.
@@ -386,6 +394,16 @@ pub struct FrameHeader {
 }
 
 impl FrameHeader {
+    /// The payload's codec, without the [`UNCHECKED`] flag.
+    pub fn codec_id(&self) -> Option<CodecId> {
+        CodecId::from_wire(self.codec & !UNCHECKED)
+    }
+
+    /// Whether the payload carries a checksum (see [`UNCHECKED`]).
+    pub fn checked(&self) -> bool {
+        self.codec & UNCHECKED == 0
+    }
+
     pub fn encode(&self) -> [u8; FRAME_HEADER_LEN] {
         let mut b = [0u8; FRAME_HEADER_LEN];
         b[0] = self.kind as u8;
@@ -454,13 +472,20 @@ impl FrameHeader {
         }
         match kind {
             Kind::Data => {
-                let Some(codec) = CodecId::from_wire(h.codec) else {
+                let Some(codec) = h.codec_id() else {
                     return field(
                         "frame codec",
                         h.codec as u64,
-                        "1 (none), 2 (lz4), 3 (zstd), 4 (raw)",
+                        "1 (none), 2 (lz4), 3 (zstd), 4 (raw), 132 (raw, unchecked)",
                     );
                 };
+                if !h.checked() && (codec != CodecId::Raw || h.payload_crc != 0) {
+                    return field(
+                        "unchecked frame",
+                        h.codec as u64,
+                        "a raw frame whose payload checksum is 0",
+                    );
+                }
                 if h.len == 0 || h.len as usize > MAX_RAW_LEN {
                     return field("frame raw length", h.len as u64, "1..=1048576");
                 }
@@ -546,7 +571,8 @@ impl FrameHeader {
     }
 }
 
-/// Reads a payload of `len` bytes into `buf` (resized) and checks its CRC.
+/// Reads a payload of `len` bytes into `buf` (resized) and checks its CRC
+/// (unless the frame is [`UNCHECKED`]).
 pub fn read_payload(
     r: &mut impl Read,
     h: &FrameHeader,
@@ -576,6 +602,9 @@ pub fn read_payload(
             want: len,
         });
     }
+    if !h.checked() {
+        return Ok(());
+    }
     let want = crc32c::crc32c(buf);
     if want != h.payload_crc {
         return Err(WireError::Checksum {
@@ -589,10 +618,27 @@ pub fn read_payload(
 
 /// Writes a header and its payload in one call where possible.
 pub fn write_frame(w: &mut impl Write, h: &FrameHeader, payload: &[u8]) -> io::Result<()> {
+    write_frame_vectored(w, h, &[io::IoSlice::new(payload)])
+}
+
+/// [`write_frame`] with the payload in pieces (gathered by the kernel, not
+/// copied first).
+pub fn write_frame_vectored(
+    w: &mut impl Write,
+    h: &FrameHeader,
+    payload: &[io::IoSlice<'_>],
+) -> io::Result<()> {
     let head = h.encode();
-    let mut bufs = [io::IoSlice::new(&head), io::IoSlice::new(payload)];
+    let mut bufs = Vec::with_capacity(payload.len() + 1);
+    bufs.push(io::IoSlice::new(&head));
+    bufs.extend(
+        payload
+            .iter()
+            .filter(|p| !p.is_empty())
+            .map(|p| io::IoSlice::new(p)),
+    );
     let mut slices: &mut [io::IoSlice<'_>] = &mut bufs;
-    let total = head.len() + payload.len();
+    let total: usize = slices.iter().map(|s| s.len()).sum();
     let mut written = 0;
     while written < total {
         let n = match w.write_vectored(slices) {
@@ -785,6 +831,77 @@ mod tests {
         raw[28..].copy_from_slice(&crc.to_le_bytes());
         let err = FrameHeader::decode(&raw, 16).unwrap_err();
         assert!(err.to_string().contains("frame kind"), "{err}");
+    }
+
+    /// An unchecked frame is a raw frame with payload checksum 0, and its
+    /// payload is read without a check; the flag on any other codec, or
+    /// with a checksum, is refused by name.
+    #[test]
+    fn unchecked_raw_frames() {
+        let h = data_header();
+        let unchecked = FrameHeader {
+            codec: CodecId::Raw as u8 | UNCHECKED,
+            plan_len: h.len,
+            wire_len: h.len,
+            payload_crc: 0,
+            ..h
+        };
+        let got = FrameHeader::decode(&unchecked.encode(), 16).unwrap();
+        assert_eq!(got, unchecked);
+        assert!(!got.checked() && got.codec_id() == Some(CodecId::Raw));
+        let payload = vec![0x5a; h.len as usize];
+        let mut buf = Vec::new();
+        read_payload(&mut &payload[..], &got, &mut buf).unwrap();
+        assert_eq!(buf, payload);
+        // The same payload with the checked codec and checksum 0 fails.
+        let checked = FrameHeader {
+            codec: CodecId::Raw as u8,
+            ..unchecked
+        };
+        let err = read_payload(&mut &payload[..], &checked, &mut buf).unwrap_err();
+        assert!(matches!(err, WireError::Checksum { .. }), "{err}");
+        for bad in [
+            FrameHeader {
+                payload_crc: 1,
+                ..unchecked
+            },
+            FrameHeader {
+                codec: CodecId::Lz4 as u8 | UNCHECKED,
+                ..h
+            },
+        ] {
+            let err = FrameHeader::decode(&bad.encode(), 16).unwrap_err();
+            assert!(err.to_string().contains("unchecked frame"), "{err}");
+        }
+    }
+
+    /// A frame written from pieces reads back as one payload.
+    #[test]
+    fn vectored_frame_write() {
+        let payload: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+        let h = FrameHeader {
+            kind: Kind::Data,
+            codec: CodecId::Raw as u8,
+            channel: 1,
+            len: payload.len() as u32,
+            seq: 3,
+            plan_len: payload.len() as u32,
+            wire_len: payload.len() as u32,
+            payload_crc: crc32c::crc32c(&payload),
+        };
+        let pieces = [
+            io::IoSlice::new(&payload[..1]),
+            io::IoSlice::new(&[]),
+            io::IoSlice::new(&payload[1..7000]),
+            io::IoSlice::new(&payload[7000..]),
+        ];
+        let mut out = Vec::new();
+        write_frame_vectored(&mut out, &h, &pieces).unwrap();
+        let mut r = &out[..];
+        let got = FrameHeader::read(&mut r, 16).unwrap().unwrap();
+        let mut buf = Vec::new();
+        read_payload(&mut r, &got, &mut buf).unwrap();
+        assert_eq!(buf, payload);
     }
 
     #[test]

@@ -465,8 +465,11 @@ fn version_is_negotiated_down_to_the_peers_newest() {
 /// with `ChannelWriter::write_vectored` in uneven pieces, the return path
 /// on the local socket, `finish` (or `shutdown`, like shutdown(2)) ends the
 /// stream, and both sessions complete.
-fn direct(tier: Tier, shutdown_second: bool) {
-    let c = cfg(3, tier);
+fn direct(tier: Tier, shutdown_second: bool, checksum_raw: bool) {
+    let c = TransportConfig {
+        checksum_raw,
+        ..cfg(3, tier)
+    };
     let r = responder(c.clone());
     let sess = Session::connect(&c, "test-vm", r.addr).unwrap();
     let data = stream_bytes(7, 5 << 20);
@@ -529,14 +532,32 @@ fn direct(tier: Tier, shutdown_second: bool) {
     assert_eq!(stats.state, "completed");
     assert_eq!(stats.raw_out, 2 * data.len() as u64);
     assert_eq!(stats.raw_in, 2 * reply.len() as u64);
+    // Raw frames (here the return path's) go without a payload checksum
+    // unless `checksum_raw` asks for one.
+    let codecs = stats.codecs_in;
+    if tier == Tier::Raw {
+        assert!(codecs.raw > 0, "{codecs:?}");
+        let want = if checksum_raw { 0 } else { codecs.raw };
+        assert_eq!(codecs.raw_unchecked, want, "{codecs:?}");
+    } else {
+        assert_eq!(codecs.raw_unchecked, 0, "{codecs:?}");
+    }
 }
 
+/// Raw frames, written straight from the caller's buffers without a
+/// payload checksum (the default).
 #[test]
 fn direct_channels_raw() {
-    direct(Tier::Raw, false);
+    direct(Tier::Raw, false, false);
+}
+
+/// Raw frames with a payload checksum (`checksum=all`): copied first.
+#[test]
+fn direct_channels_raw_checked() {
+    direct(Tier::Raw, false, true);
 }
 
 #[test]
 fn direct_channels_lz4_and_shutdown_ends_the_stream() {
-    direct(Tier::Lz4, true);
+    direct(Tier::Lz4, true, false);
 }

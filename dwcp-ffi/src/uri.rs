@@ -14,6 +14,7 @@ use dwcp_core::transport::TransportConfig;
 pub const KEYS: &[&str] = &[
     "streams",
     "codec",
+    "checksum",
     "workers",
     "window",
     "dedup",
@@ -98,6 +99,10 @@ impl DwcpUri {
                     .cfg
                     .set_codec(value)
                     .map_err(|e| format!("codec={value}: {e}"))?,
+                "checksum" => self
+                    .cfg
+                    .set_checksum(value)
+                    .map_err(|e| format!("checksum={value}: {e}"))?,
                 "workers" => self.cfg.workers = num("1..=64")?.min(1 << 16) as usize,
                 "window" => {
                     let mb = num("MiB, 1..=256")?;
@@ -191,6 +196,9 @@ mod tests {
         assert_eq!(u.cfg.tier, dwcp_core::codec::Tier::Zstd(3));
         assert!(!u.cfg.auto_tier);
         assert_eq!(u.name, "vm1");
+        assert!(!u.cfg.checksum_raw);
+        let u = DwcpUri::parse("dwcp:h:5?checksum=all").unwrap();
+        assert!(u.cfg.checksum_raw);
         let u = DwcpUri::parse("dwcp:[::1]:5").unwrap();
         assert_eq!((u.host.as_str(), u.port), ("::1", 5));
         assert!(DwcpUri::parse("dwcp:host-a.example:0").is_ok());
@@ -207,6 +215,9 @@ mod tests {
         assert!(e("dwcp:h:5?streams=0").contains("streams = 0"));
         assert!(e("dwcp:h:5?streams=300").contains("streams"));
         assert!(e("dwcp:h:5?codec=brotli").contains("codec=brotli"));
+        assert!(
+            e("dwcp:h:5?checksum=crc").contains("checksum=crc: 'crc': expected all or compressed")
+        );
         assert!(e("dwcp:h:5?bogus=1").contains("unknown parameter 'bogus'"));
         assert!(e("dwcp:h:5?streams=2&streams=3").contains("twice"));
         assert!(e("dwcp:h:5?streams").contains("no value"));

@@ -67,6 +67,11 @@ pub struct TransportArgs {
     /// pages only), lz4, zstd, zstd:N (N in -7..=19).
     #[arg(long, default_value = "auto")]
     codec: String,
+    /// Payload checksums: compressed (CRC32C on compressed frames; raw
+    /// frames go straight from memory with TCP's checksum only, as QEMU's
+    /// tcp: does) or all (raw frames too, at one copy per byte).
+    #[arg(long, default_value = "compressed")]
+    checksum: String,
     /// Compression worker threads (1-64; default: one per core).
     #[arg(long)]
     workers: Option<usize>,
@@ -96,6 +101,8 @@ impl TransportArgs {
             idle_timeout: Duration::from_secs(self.idle_timeout),
             ..TransportConfig::default()
         };
+        c.set_checksum(&self.checksum)
+            .map_err(|e| anyhow::anyhow!("--checksum {}: {e}", self.checksum))?;
         if let Some(w) = self.workers {
             c.workers = w;
         }

@@ -71,6 +71,13 @@ pub struct TransportConfig {
     pub max_channels: u16,
     /// Largest read from QEMU per frame, bytes.
     pub chunk: usize,
+    /// Give raw (uncompressed) frames a payload CRC too (`checksum=all`).
+    /// Off by default (`checksum=compressed`): raw frames, the datacenter
+    /// tier, then go out straight from QEMU's buffers, with TCP's checksum
+    /// only, as QEMU's own `tcp:` stream does; a CRC would need a copy
+    /// first, since the guest may rewrite a page while it is being sent.
+    /// Compressed frames always carry one. Both ends' headers keep theirs.
+    pub checksum_raw: bool,
     pub tuning: SocketTuning,
     /// A session with no frame from the peer for this long fails.
     pub idle_timeout: Duration,
@@ -90,6 +97,7 @@ impl Default for TransportConfig {
             dedup_cache_mb: 256,
             max_channels: 16,
             chunk: 512 << 10,
+            checksum_raw: false,
             tuning: SocketTuning::default(),
             idle_timeout: Duration::from_secs(15),
             connect_timeout: Duration::from_secs(10),
@@ -150,6 +158,17 @@ impl TransportConfig {
                 );
             }
         }
+        Ok(())
+    }
+
+    /// Sets the payload checksum policy from its name: `all` (every frame)
+    /// or `compressed` (compressed frames only; see [`Self::checksum_raw`]).
+    pub fn set_checksum(&mut self, name: &str) -> Result<(), String> {
+        self.checksum_raw = match name {
+            "all" => true,
+            "compressed" => false,
+            _ => return Err(format!("'{name}': expected all or compressed")),
+        };
         Ok(())
     }
 

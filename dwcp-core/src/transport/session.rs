@@ -182,6 +182,8 @@ struct Counters {
     pages_deduped: AtomicU64,
     /// Data frames received per codec (none, lz4, zstd, raw).
     codec_in: [AtomicU64; 4],
+    /// Raw data frames received without a payload checksum.
+    unchecked_in: AtomicU64,
 }
 
 struct Inner {
@@ -324,6 +326,9 @@ pub struct CodecCounts {
     pub lz4: u64,
     pub zstd: u64,
     pub raw: u64,
+    /// Of the raw frames, those sent without a payload checksum (see
+    /// [`TransportConfig::checksum_raw`]).
+    pub raw_unchecked: u64,
 }
 
 impl CodecCounts {
@@ -703,6 +708,7 @@ impl Session {
                 lz4: c.codec_in[1].load(Ordering::Relaxed),
                 zstd: c.codec_in[2].load(Ordering::Relaxed),
                 raw: c.codec_in[3].load(Ordering::Relaxed),
+                raw_unchecked: c.unchecked_in.load(Ordering::Relaxed),
             },
             per_stream: i
                 .streams
@@ -852,6 +858,48 @@ impl FrameSender {
         inner.version >= wire::VERSION_RAW && *inner.tier.lock() == Tier::Raw
     }
 
+    /// Whether raw frames go without a payload checksum (see
+    /// [`TransportConfig::checksum_raw`]).
+    fn unchecked(inner: &Inner) -> bool {
+        inner.version >= wire::VERSION_UNCHECKED && !inner.cfg.checksum_raw
+    }
+
+    /// Takes `n` bytes of credit and returns the channel's next raw frame
+    /// header; `crc` None makes it an unchecked frame.
+    fn raw_header(
+        &mut self,
+        inner: &Inner,
+        ch: &Channel,
+        n: usize,
+        crc: Option<u32>,
+    ) -> FrameHeader {
+        let seq = self.account(inner, ch, n);
+        ch.note_sent(inner, n as u64, (wire::FRAME_HEADER_LEN + n) as u64);
+        FrameHeader {
+            kind: Kind::Data,
+            codec: CodecId::Raw as u8 | if crc.is_some() { 0 } else { wire::UNCHECKED },
+            channel: ch.id,
+            len: n as u32,
+            seq,
+            plan_len: n as u32,
+            wire_len: n as u32,
+            payload_crc: crc.unwrap_or(0),
+        }
+    }
+
+    /// Takes `n` bytes of credit, counts them as sent and numbers the frame.
+    fn account(&mut self, inner: &Inner, ch: &Channel, n: usize) -> u64 {
+        *ch.credit.lock() -= n as u64;
+        inner
+            .counters
+            .raw_out
+            .fetch_add(n as u64, Ordering::Relaxed);
+        ch.raw_out.fetch_add(n as u64, Ordering::Relaxed);
+        let seq = self.seq;
+        self.seq += 1;
+        seq
+    }
+
     /// A buffer to fill with the next `allowed` bytes: raw frames own their
     /// buffer (it travels to the socket writer); planned frames reuse one.
     fn take_buf(&mut self, raw: bool, allowed: usize) -> Vec<u8> {
@@ -877,32 +925,16 @@ impl FrameSender {
         data: Vec<u8>,
     ) -> bool {
         let n = data.len();
-        *ch.credit.lock() -= n as u64;
-        inner
-            .counters
-            .raw_out
-            .fetch_add(n as u64, Ordering::Relaxed);
-        ch.raw_out.fetch_add(n as u64, Ordering::Relaxed);
-        let seq = self.seq;
-        self.seq += 1;
         if raw {
-            let h = FrameHeader {
-                kind: Kind::Data,
-                codec: CodecId::Raw as u8,
-                channel: ch.id,
-                len: n as u32,
-                seq,
-                plan_len: n as u32,
-                wire_len: n as u32,
-                payload_crc: crc32c::crc32c(&data),
-            };
-            ch.note_sent(inner, n as u64, (wire::FRAME_HEADER_LEN + n) as u64);
+            let crc = (!Self::unchecked(inner)).then(|| crc32c::crc32c(&data));
+            let h = self.raw_header(inner, ch, n, crc);
             if inline {
-                return write_inline(inner, &h, &data);
+                return write_inline(inner, &h, &[std::io::IoSlice::new(&data)]);
             }
             inner.inflight.fetch_add(1, Ordering::AcqRel);
             return inner.frame_tx.send(Outgoing::Frame(h, data)).is_ok();
         }
+        let seq = self.account(inner, ch, n);
         ch.unencoded.fetch_add(n as u64, Ordering::Relaxed);
         let mut plan = Vec::with_capacity(n + 64);
         self.planner.plan(&data, &mut plan);
@@ -980,10 +1012,11 @@ impl FrameSender {
 
 /// Writes a frame to a stream from the calling thread (a direct channel's
 /// writer), saving the hand-off to a writer thread: the first stream whose
-/// lock is free, or else the next one in turn (waiting for it). The frame
-/// owns its bytes (a copy taken from QEMU), so the checksum matches what is
-/// sent even while the guest keeps writing to the pages.
-fn write_inline(inner: &Inner, h: &FrameHeader, payload: &[u8]) -> bool {
+/// lock is free, or else the next one in turn (waiting for it). A checked
+/// frame's payload is a copy taken from QEMU, so the checksum matches what
+/// is sent even while the guest keeps writing to the pages; an unchecked
+/// one is QEMU's own buffers, which the kernel copies during the call.
+fn write_inline(inner: &Inner, h: &FrameHeader, payload: &[std::io::IoSlice<'_>]) -> bool {
     let n = inner.tx.len();
     let start = inner.next_tx.fetch_add(1, Ordering::Relaxed);
     let mut guard = (0..n)
@@ -992,14 +1025,14 @@ fn write_inline(inner: &Inner, h: &FrameHeader, payload: &[u8]) -> bool {
     if is_down(inner) {
         return false;
     }
-    if let Err(e) = wire::write_frame(&mut *guard, h, payload) {
+    if let Err(e) = wire::write_frame_vectored(&mut *guard, h, payload) {
         drop(guard);
         fail(inner, format!("sending to the peer failed: {e}"));
         return false;
     }
     drop(guard);
     inner.counters.wire_out.fetch_add(
-        (wire::FRAME_HEADER_LEN + payload.len()) as u64,
+        (wire::FRAME_HEADER_LEN + h.wire_len as usize) as u64,
         Ordering::Relaxed,
     );
     inner.counters.frames_out.fetch_add(1, Ordering::Relaxed);
@@ -1103,8 +1136,28 @@ impl ChannelWriter {
                 return Err(self.why());
             };
             let raw = FrameSender::raw(inner);
-            let mut data = tx.take_buf(raw, allowed.min(left));
             let want = allowed.min(left);
+            if raw && FrameSender::unchecked(inner) {
+                // Straight from the caller's buffers: no copy, no checksum.
+                let mut slices = Vec::with_capacity(bufs.len());
+                let mut need = want;
+                while need > 0 {
+                    if cur.is_empty() {
+                        cur = pieces.next().unwrap_or(&[]);
+                    }
+                    let k = cur.len().min(need);
+                    slices.push(std::io::IoSlice::new(&cur[..k]));
+                    cur = &cur[k..];
+                    need -= k;
+                }
+                left -= want;
+                let h = tx.raw_header(inner, ch, want, None);
+                if !write_inline(inner, &h, &slices) {
+                    return Err(self.why());
+                }
+                continue;
+            }
+            let mut data = tx.take_buf(raw, want);
             while data.len() < want {
                 if cur.is_empty() {
                     cur = pieces.next().unwrap_or(&[]);
@@ -1445,8 +1498,11 @@ fn handle_frame(
             let item = if h.kind == Kind::Data {
                 wire::read_payload(r, h, payload)
                     .map_err(|e| format!("channel {} frame {}: {e}", h.channel, h.seq))?;
-                let codec = CodecId::from_wire(h.codec).expect("validated by decode");
+                let codec = h.codec_id().expect("validated by decode");
                 inner.counters.codec_in[codec as usize - 1].fetch_add(1, Ordering::Relaxed);
+                if !h.checked() {
+                    inner.counters.unchecked_in.fetch_add(1, Ordering::Relaxed);
+                }
                 if codec == CodecId::Raw {
                     // Lengths checked equal by the header's validation.
                     Incoming::Raw(std::mem::take(payload))

@@ -24,7 +24,8 @@ use parking_lot::Mutex;
 use tracing::debug;
 
 use super::{
-    check_complete, delivered_inline, fail, is_down, open_channel_with, Channel, Incoming, Inner,
+    check_complete, count_delivered, delivered_inline, fail, is_down, open_channel_with, Channel,
+    Ctrl, Incoming, Inner,
 };
 use crate::codec::Rebuilder;
 
@@ -158,6 +159,10 @@ impl std::fmt::Debug for ChannelReader {
 /// Send buffer of a relayed channel's socket, bytes.
 const RELAY_SEND_BUFFER: usize = 4 << 20;
 
+/// Credit goes back once this many chunks were read (or when QEMU has read
+/// everything that arrived).
+const CREDIT_BATCH_CHUNKS: u64 = 2;
+
 /// How often a blocked read looks at the session's state.
 const BLOCK_POLL: Duration = Duration::from_millis(100);
 
@@ -198,6 +203,9 @@ impl ChannelReader {
                 return self.copy_out(&mut rs, bufs, peek);
             }
             if rs.eof || self.stop.load(Ordering::Acquire) {
+                // What was read counts as delivered (statistics, and the
+                // peer's credit) before the end is reported.
+                self.flush_credit(&mut rs)?;
                 return Ok(0);
             }
             if let Some(e) = self.failure() {
@@ -212,6 +220,13 @@ impl ChannelReader {
                         Some(item)
                     }
                     None if have > 0 => None,
+                    None if rs.uncredited > 0 => {
+                        // Everything here was read: give the peer room
+                        // before waiting for more.
+                        drop(st);
+                        self.flush_credit(&mut rs)?;
+                        continue;
+                    }
                     None if block => {
                         self.ch.recv_cv.wait_for(&mut st, BLOCK_POLL);
                         continue;
@@ -311,18 +326,28 @@ impl ChannelReader {
         if !peek {
             rs.pos += n;
             rs.uncredited += n as u64;
-            // Credit whole frames (or half a chunk), as a deliverer thread
-            // does: QEMU reads in pieces of a few KiB, and a credit message
-            // per piece would cost both ends a wake-up each.
-            if rs.pos == rs.cur.len() || rs.uncredited >= self.inner.cfg.chunk as u64 / 2 {
-                let credit = std::mem::take(&mut rs.uncredited);
-                delivered_inline(&self.inner, &self.ch, credit).map_err(|e| {
-                    fail(&self.inner, e.clone());
-                    ReadError::Failed(e)
-                })?;
+            // Credit in batches of two chunks: QEMU reads in pieces of a few
+            // KiB, and each credit message costs both ends a wake-up (the
+            // peer's receiving thread, then its writer). What is owed goes
+            // back at once when QEMU has read everything here (see
+            // `flush_credit`), so a sender waiting for it never stalls.
+            if rs.uncredited >= CREDIT_BATCH_CHUNKS * self.inner.cfg.chunk as u64 {
+                self.flush_credit(rs)?;
             }
         }
         Ok(n)
+    }
+
+    /// Returns the credit owed for bytes QEMU has read.
+    fn flush_credit(&self, rs: &mut ReadState) -> Result<(), ReadError> {
+        let credit = std::mem::take(&mut rs.uncredited);
+        if credit == 0 {
+            return Ok(());
+        }
+        delivered_inline(&self.inner, &self.ch, credit).map_err(|e| {
+            fail(&self.inner, e.clone());
+            ReadError::Failed(e)
+        })
     }
 
     /// Relays the channel into its socketpair from a thread of its own, for
@@ -378,6 +403,13 @@ impl Drop for ChannelReader {
     fn drop(&mut self) {
         let unread = {
             let rs = self.state.get_mut();
+            let credit = std::mem::take(&mut rs.uncredited);
+            // Bytes QEMU read count as delivered; their credit goes out
+            // through a writer thread if the control queue has room (never
+            // blocking here: the channel is closing anyway).
+            if credit > 0 && count_delivered(&self.inner, &self.ch, credit) == 0 {
+                let _ = self.inner.ctrl_tx.try_send(Ctrl::Credit(self.ch.clone()));
+            }
             rs.cur.len() - rs.pos
         };
         {
