@@ -279,8 +279,10 @@ fn proxy(
 
 /// Pushes data into one channel until the session fails; returns what the
 /// destination's QEMU end received, what was sent, and the two errors.
-fn run_until_failure(via: impl Fn(SocketAddr) -> SocketAddr) -> (Vec<u8>, Vec<u8>, String, String) {
-    let c = cfg(2, Tier::Lz4);
+fn run_until_failure(
+    c: TransportConfig,
+    via: impl Fn(SocketAddr) -> SocketAddr,
+) -> (Vec<u8>, Vec<u8>, String, String) {
     let r = responder(c.clone());
     let addr = via(r.addr);
     let sess = Session::connect(&c, "test-vm", addr).unwrap();
@@ -313,10 +315,9 @@ fn run_until_failure(via: impl Fn(SocketAddr) -> SocketAddr) -> (Vec<u8>, Vec<u8
     (got, data, src_err, dst_err)
 }
 
-#[test]
-fn corrupted_frame_is_never_delivered_and_fails_both_sides() {
+fn corrupted_frame_is_never_delivered_and_fails_both_sides(c: TransportConfig) {
     // Flip one bit 3 MB into the first stream (past the handshake).
-    let (got, sent, src_err, dst_err) = run_until_failure(|to| {
+    let (got, sent, src_err, dst_err) = run_until_failure(c, |to| {
         proxy(to, 0, |off, buf| {
             let at = 3_000_000u64;
             if off <= at && at < off + buf.len() as u64 {
@@ -345,8 +346,25 @@ fn corrupted_frame_is_never_delivered_and_fails_both_sides() {
 }
 
 #[test]
+fn corrupted_lz4_frame_is_never_delivered_and_fails_both_sides() {
+    corrupted_frame_is_never_delivered_and_fails_both_sides(cfg(2, Tier::Lz4));
+}
+
+/// Raw frames carry a payload checksum only with `checksum_raw`
+/// (`checksum=all`); with it, a flipped bit in one is caught like any other.
+#[test]
+fn corrupted_raw_frame_is_caught_with_checksum_all() {
+    corrupted_frame_is_never_delivered_and_fails_both_sides(TransportConfig {
+        checksum_raw: true,
+        ..cfg(2, Tier::Raw)
+    });
+}
+
+#[test]
 fn killed_stream_fails_the_session_in_bounded_time() {
-    let (got, sent, src_err, _) = run_until_failure(|to| proxy(to, 1, |off, _| off < 2_000_000));
+    let (got, sent, src_err, _) = run_until_failure(cfg(2, Tier::Lz4), |to| {
+        proxy(to, 1, |off, _| off < 2_000_000)
+    });
     assert!(got.len() < sent.len());
     assert_eq!(&got[..], &sent[..got.len()]);
     assert!(!src_err.is_empty());
