@@ -73,17 +73,13 @@ fn stream_bytes(seed: u64, len: usize) -> Vec<u8> {
     out
 }
 
+/// The shared loopback configuration, with a small dedup ring and a short
+/// idle timeout (the failure tests wait for it).
 fn cfg(streams: u16, tier: Tier) -> TransportConfig {
     TransportConfig {
-        streams,
-        tier,
-        auto_tier: false,
-        workers: 2,
-        window: 4 << 20,
-        chunk: 256 << 10,
         dedup_cache_mb: 16,
         idle_timeout: Duration::from_secs(3),
-        ..TransportConfig::default()
+        ..common::loopback_cfg(streams, tier)
     }
 }
 
