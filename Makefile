@@ -1,5 +1,7 @@
 # DWCP: the two set-up commands are `make demo` and `make test`; both install
-# what they need on a fresh Debian bookworm machine (run as root).
+# what they need on a fresh Debian bookworm machine (run as root). `make`,
+# `make build` and `make guest` never touch apt or the system's QEMU: they
+# expect the build dependencies (scripts/setup-host.sh lists them).
 SHELL := /bin/bash
 CARGO ?= cargo
 DWCP := target/release/dwcp
@@ -24,13 +26,14 @@ help:
 setup:
 	bash scripts/setup-host.sh
 
-guest: setup
+guest:
 	bash tests/guest/build.sh
 
-build: setup
+build:
 	$(CARGO) build --release --workspace --bins
 
-demo: build guest
+demo: setup
+	$(MAKE) build guest
 	$(DWCP) demo
 
 lint:
@@ -52,9 +55,10 @@ ffi: build
 	bash dwcp-ffi/check-header.sh
 	bash tests/c/run.sh
 
-# QEMU with the dwcp: migration URI, built once into $(DWCP_CACHE) (default
-# /work/.cache) and reused while the patches and libdwcp are unchanged.
-qemu: setup
+# QEMU with the dwcp: migration URI, built once into $DWCP_CACHE (default
+# $XDG_CACHE_HOME/dwcp, i.e. ~/.cache/dwcp) and reused while the patches and
+# libdwcp are unchanged.
+qemu:
 	bash qemu-patches/setup.sh
 	bash qemu-patches/build.sh
 
@@ -74,7 +78,8 @@ libvirt-test: build guest
 	bash tests/libvirt/setup.sh
 	bash tests/libvirt/run.sh
 
-test: build guest lint unit e2e ffi qemu-test libvirt-test
+test: setup
+	$(MAKE) build guest lint unit e2e ffi qemu-test libvirt-test
 
 # virsh migrate --live through DWCP against libvirt's own transport (plain and
 # --parallel 4 + zstd), dc and internet links, 1 GiB guest (~15 min; not part

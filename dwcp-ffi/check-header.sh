@@ -1,12 +1,12 @@
 #!/bin/sh
 # Regenerates include/dwcp.h with the pinned cbindgen and fails on any
 # difference from the committed header. `--update` rewrites it instead.
-# cbindgen is installed once into $DWCP_CACHE/cbindgen (default /work/.cache).
+# cbindgen is installed once into $DWCP_CACHE/cbindgen (default ${XDG_CACHE_HOME:-$HOME/.cache}/dwcp).
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(dirname "$here")
 CBINDGEN_VERSION=0.29.4
-cache=${DWCP_CACHE:-/work/.cache}/cbindgen
+cache=${DWCP_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/dwcp}/cbindgen
 cbindgen=$cache/bin/cbindgen
 if ! [ -x "$cbindgen" ] || [ "$("$cbindgen" --version)" != "cbindgen $CBINDGEN_VERSION" ]; then
     echo "check-header: installing cbindgen $CBINDGEN_VERSION into $cache" >&2

@@ -1,4 +1,4 @@
-/* SPDX-License-Identifier: Apache-2.0 */
+/* SPDX-License-Identifier: MIT OR Apache-2.0 */
 /* libdwcp: DWCP live-migration transport for QEMU (see docs/qemu.md) */
 
 #ifndef DWCP_H

@@ -5,7 +5,7 @@
 # libdwcp (library + header) and this script. Prints the binary's path
 # as its last line of stdout.
 #
-# Cache layout ($DWCP_CACHE, default /work/.cache):
+# Cache layout ($DWCP_CACHE, default ${XDG_CACHE_HOME:-$HOME/.cache}/dwcp):
 #   qemu-dl/       the source tarball (apt-get source --download-only)
 #   libdwcp/       libdwcp installed by dwcp-ffi/install.sh (pkg-config)
 #   qemu-dwcp/src  QEMU git tree: commit "base" + the series (git am)
@@ -18,7 +18,7 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(dirname "$here")
-cache=${DWCP_CACHE:-/work/.cache}
+cache=${DWCP_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/dwcp}
 qdir=$cache/qemu-dwcp
 log() { echo "qemu-patches/build.sh: $*" >&2; }
 

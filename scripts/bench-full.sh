@@ -18,8 +18,8 @@ mkdir -p "$OUT"
 log() { echo "[$(date +%T)] bench-full: $*" >&2; }
 
 patched=${DWCP_QEMU:-}
-if [ -z "$patched" ] && [ -x "${DWCP_CACHE:-/work/.cache}/qemu-dwcp/build/qemu-system-x86_64" ]; then
-    patched=${DWCP_CACHE:-/work/.cache}/qemu-dwcp/build/qemu-system-x86_64
+if [ -z "$patched" ] && [ -x "${DWCP_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/dwcp}/qemu-dwcp/build/qemu-system-x86_64" ]; then
+    patched=${DWCP_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/dwcp}/qemu-dwcp/build/qemu-system-x86_64
 fi
 
 run() {

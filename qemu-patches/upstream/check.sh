@@ -8,7 +8,7 @@
 #   default: the newest qemu source package (sid, experimental, ...) that
 #   the mirror really serves; older ones are tried when a newer one is
 #   listed but its files are missing (404). E.g. 1:10.2.2+ds-1.
-# Env: DWCP_CACHE (default /work/.cache); E2E=0 skips tests/qemu/e2e.py.
+# Env: DWCP_CACHE (default ${XDG_CACHE_HOME:-$HOME/.cache}/dwcp); E2E=0 skips tests/qemu/e2e.py.
 #
 # Steps, each logged under $DWCP_CACHE/upstream-VERSION/:
 #   1. apt-get source --download-only qemu=V  -> $DWCP_CACHE/qemu-dl/
@@ -27,7 +27,7 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
-cache=${DWCP_CACHE:-/work/.cache}
+cache=${DWCP_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/dwcp}
 log() { echo "upstream/check.sh: $*" >&2; }
 die() { log "FAILED: $*"; exit 1; }
 

@@ -1,4 +1,4 @@
-/* SPDX-License-Identifier: Apache-2.0 */
+/* SPDX-License-Identifier: MIT OR Apache-2.0 */
 /*
  * Tests of libdwcp's C API against include/dwcp.h: every function, NULL
  * arguments, bad URIs, double free, use after cancel, and a real loopback
