@@ -6,23 +6,20 @@
 //! silently falls back to a default.
 
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
-use std::time::Duration;
 
+use dwcp_core::transport::options::{self, Surface};
 use dwcp_core::transport::TransportConfig;
 
-/// Keys a dwcp URI may carry, in the order error messages list them.
-pub const KEYS: &[&str] = &[
-    "streams",
-    "codec",
-    "checksum",
-    "workers",
-    "window",
-    "dedup",
-    "congestion",
-    "name",
-    "connect-timeout",
-    "idle-timeout",
-];
+/// Keys a dwcp URI may carry besides the transport options: `name`.
+const NAME_KEY: &str = "name";
+
+/// Every key a dwcp URI may carry, in the order error messages list them:
+/// the transport options of [`options::OPTIONS`] that have a URI key, then `name`.
+pub fn keys() -> Vec<&'static str> {
+    let mut k = options::names(Surface::Uri);
+    k.push(NAME_KEY);
+    k
+}
 
 /// A parsed, validated dwcp URI.
 #[derive(Debug, Clone)]
@@ -72,10 +69,11 @@ impl DwcpUri {
             let (key, value) = pair
                 .split_once('=')
                 .ok_or_else(|| format!("parameter '{pair}' has no value (expected KEY=VALUE)"))?;
-            if !KEYS.contains(&key) {
+            let option = options::find(key, Surface::Uri);
+            if option.is_none() && key != NAME_KEY {
                 return Err(format!(
                     "unknown parameter '{key}' (known: {})",
-                    KEYS.join(", ")
+                    keys().join(", ")
                 ));
             }
             if seen.contains(&key) {
@@ -85,49 +83,11 @@ impl DwcpUri {
             if value.is_empty() {
                 return Err(format!("parameter '{key}' has an empty value"));
             }
-            let num = |allowed: &str| -> Result<u64, String> {
-                value
-                    .parse::<u64>()
-                    .map_err(|_| format!("{key}={value}: not a number ({allowed})"))
-            };
-            match key {
-                "streams" => {
-                    self.cfg.streams = u16::try_from(num("1..=256")?)
-                        .map_err(|_| format!("{key}={value}: 1..=256"))?
-                }
-                "codec" => self
-                    .cfg
-                    .set_codec(value)
-                    .map_err(|e| format!("codec={value}: {e}"))?,
-                "checksum" => self
-                    .cfg
-                    .set_checksum(value)
-                    .map_err(|e| format!("checksum={value}: {e}"))?,
-                "workers" => self.cfg.workers = num("1..=64")?.min(1 << 16) as usize,
-                "window" => {
-                    let mb = num("MiB, 1..=256")?;
-                    if mb == 0 || mb > 256 {
-                        return Err(format!("window={value}: MiB, 1..=256"));
-                    }
-                    self.cfg.window = (mb as u32) << 20;
-                }
-                "dedup" => {
-                    self.cfg.dedup_cache_mb = num("MiB, 0..=4096")?.min(u32::MAX as u64) as u32
-                }
-                "congestion" => self.cfg.tuning.congestion = Some(value.to_string()),
-                "name" => self.name = value.to_string(),
-                "connect-timeout" => {
-                    let s = num("seconds, 1..=600")?;
-                    if s == 0 || s > 600 {
-                        return Err(format!("connect-timeout={value}: seconds, 1..=600"));
-                    }
-                    self.cfg.connect_timeout = Duration::from_secs(s);
-                }
-                "idle-timeout" => {
-                    self.cfg.idle_timeout =
-                        Duration::from_secs(num("seconds, 1..=3600")?.min(1 << 20))
-                }
-                _ => unreachable!("key checked against KEYS"),
+            match option {
+                Some(o) => o
+                    .apply(&mut self.cfg, value, Surface::Uri)
+                    .map_err(|e| e.to_string())?,
+                None => self.name = value.to_string(),
             }
         }
         Ok(())
@@ -214,10 +174,16 @@ mod tests {
         assert!(e("dwcp:::1:5").contains("brackets"));
         assert!(e("dwcp:h:5?streams=0").contains("streams = 0"));
         assert!(e("dwcp:h:5?streams=300").contains("streams"));
-        assert!(e("dwcp:h:5?codec=brotli").contains("codec=brotli"));
-        assert!(
-            e("dwcp:h:5?checksum=crc").contains("checksum=crc: 'crc': expected all or compressed")
+        assert!(e("dwcp:h:5?codec=brotli").contains("codec = brotli is out of range"));
+        assert_eq!(
+            e("dwcp:h:5?checksum=crc"),
+            "checksum = crc is out of range: all, compressed"
         );
+        assert_eq!(
+            e("dwcp:h:5?window=0"),
+            "window = 0 is out of range: 1..=256 MiB"
+        );
+        assert!(e("dwcp:h:5?bogus=1").contains("known: streams, codec,"));
         assert!(e("dwcp:h:5?bogus=1").contains("unknown parameter 'bogus'"));
         assert!(e("dwcp:h:5?streams=2&streams=3").contains("twice"));
         assert!(e("dwcp:h:5?streams").contains("no value"));

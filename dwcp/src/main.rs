@@ -7,11 +7,11 @@ mod migrate;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use dwcp_core::agent::{control_request, Agent, AgentConfig};
+use dwcp_core::transport::options::{self, Surface, TransportOption};
 use dwcp_core::transport::{AcceptorLimits, TransportConfig};
 use serde_json::{json, Value};
 
@@ -55,64 +55,64 @@ enum Cmd {
     },
 }
 
-/// Transport settings shared by `agent` and `migrate`.
-#[derive(Args, Debug, Clone)]
+/// Transport settings shared by `agent` and `migrate`: one flag per entry of
+/// the transport option table (`dwcp_core::transport::options`), which the
+/// agent's control requests and `dwcp:` URIs read too.
+#[derive(Debug, Clone, Default)]
 pub struct TransportArgs {
-    /// TCP streams per migration (1-256).
-    #[arg(long, default_value_t = 4)]
-    streams: u16,
-    /// Compression: auto (raw on datacenter paths, min RTT < 1 ms; lz4
-    /// otherwise, up to zstd:3 while the link, not the CPU, is the
-    /// bottleneck), or a fixed tier: raw (pass-through), none (zero/duplicate
-    /// pages only), lz4, zstd, zstd:N (N in -7..=19).
-    #[arg(long, default_value = "auto")]
-    codec: String,
-    /// Payload checksums: compressed (CRC32C on compressed frames; raw
-    /// frames go straight from memory with TCP's checksum only, as QEMU's
-    /// tcp: does) or all (raw frames too, at one copy per byte).
-    #[arg(long, default_value = "compressed")]
-    checksum: String,
-    /// Compression worker threads (1-64; default: one per core).
-    #[arg(long)]
-    workers: Option<usize>,
-    /// Page-dedup cache per channel in MiB (0 disables dedup; max 4096).
-    #[arg(long, default_value_t = 256)]
-    dedup_cache_mb: u32,
-    /// Flow-control window per channel in MiB (1-256).
-    #[arg(long, default_value_t = 32)]
-    window_mb: u32,
-    /// TCP congestion control for the streams (e.g. bbr, cubic; default: the kernel's).
-    #[arg(long)]
-    congestion: Option<String>,
-    /// Socket send/receive buffer in KiB (default: kernel autotuning).
-    #[arg(long)]
-    socket_buffer_kb: Option<usize>,
-    /// Seconds without a frame from the peer before a migration fails (1-3600).
-    #[arg(long, default_value_t = 15)]
-    idle_timeout: u64,
+    /// The options given on the command line, in table order.
+    given: Vec<(&'static TransportOption, String)>,
 }
 
 impl TransportArgs {
     pub fn config(&self) -> Result<TransportConfig> {
-        let mut c = TransportConfig {
-            streams: self.streams,
-            dedup_cache_mb: self.dedup_cache_mb,
-            window: self.window_mb.saturating_mul(1 << 20),
-            idle_timeout: Duration::from_secs(self.idle_timeout),
-            ..TransportConfig::default()
-        };
-        c.set_checksum(&self.checksum)
-            .map_err(|e| anyhow::anyhow!("--checksum {}: {e}", self.checksum))?;
-        if let Some(w) = self.workers {
-            c.workers = w;
+        let mut c = TransportConfig::default();
+        for (o, v) in &self.given {
+            o.apply(&mut c, v, Surface::Cli)?;
         }
-        c.set_codec(&self.codec)
-            .map_err(|e| anyhow::anyhow!("--{e}"))?;
-        c.tuning.congestion = self.congestion.clone();
-        c.tuning.send_buffer = self.socket_buffer_kb.map(|k| k * 1024);
-        c.tuning.recv_buffer = self.socket_buffer_kb.map(|k| k * 1024);
         c.validate().map_err(|e| anyhow::anyhow!("--{e}"))?;
         Ok(c)
+    }
+}
+
+impl clap::FromArgMatches for TransportArgs {
+    fn from_arg_matches(m: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        let mut a = TransportArgs::default();
+        a.update_from_arg_matches(m)?;
+        Ok(a)
+    }
+    fn update_from_arg_matches(&mut self, m: &clap::ArgMatches) -> Result<(), clap::Error> {
+        for o in options::OPTIONS {
+            if let Some(v) = m.get_one::<String>(o.name) {
+                self.given.retain(|(g, _)| g.name != o.name);
+                self.given.push((o, v.clone()));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Args for TransportArgs {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        let defaults = TransportConfig::default();
+        options::OPTIONS.iter().fold(cmd, |cmd, o| {
+            let d = o.show(&defaults);
+            let help = if d.is_empty() || o.name == "workers" {
+                format!("{} [{}]", o.help, o.allowed)
+            } else {
+                format!("{} [{}] [default: {d}]", o.help, o.allowed)
+            };
+            cmd.arg(
+                clap::Arg::new(o.name)
+                    .long(o.name)
+                    .value_name("VALUE")
+                    .help(help)
+                    .help_heading("Transport"),
+            )
+        })
+    }
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
     }
 }
 

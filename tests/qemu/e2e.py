@@ -197,7 +197,7 @@ def failure_cases(src):
     # 1. invalid URIs: refused synchronously with a message naming the problem
     for uri, want in [
         ("dwcp:127.0.0.1:4444?streams=0", "streams = 0 is out of range"),
-        ("dwcp:127.0.0.1:4444?codec=gzip", "codec=gzip"),
+        ("dwcp:127.0.0.1:4444?codec=gzip", "codec = gzip is out of range"),
         ("dwcp:127.0.0.1", "no ':PORT'"),
         ("dwcp:127.0.0.1:4444?stream=8", "unknown parameter 'stream'"),
     ]:

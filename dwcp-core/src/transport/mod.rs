@@ -23,6 +23,7 @@
 //! connection fail. Nothing that failed a check is ever written to QEMU.
 
 pub mod gate;
+pub mod options;
 mod session;
 pub mod tcp;
 
@@ -45,7 +46,7 @@ pub const MAX_STREAMS: usize = 256;
 #[derive(Debug, thiserror::Error)]
 #[error("{option} = {value} is out of range: {allowed}")]
 pub struct ConfigError {
-    pub option: &'static str,
+    pub option: String,
     pub value: String,
     pub allowed: &'static str,
 }
@@ -108,22 +109,23 @@ impl Default for TransportConfig {
 impl TransportConfig {
     /// Checks every value; the error names the option and its allowed range.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        use options::*;
         fn bad(
             option: &'static str,
             value: impl ToString,
             allowed: &'static str,
         ) -> Result<(), ConfigError> {
             Err(ConfigError {
-                option,
+                option: option.to_string(),
                 value: value.to_string(),
                 allowed,
             })
         }
         if self.streams == 0 || self.streams as usize > MAX_STREAMS {
-            return bad("streams", self.streams, "1..=256");
+            return bad("streams", self.streams, STREAMS_RANGE);
         }
         if self.workers == 0 || self.workers > 64 {
-            return bad("workers", self.workers, "1..=64");
+            return bad("workers", self.workers, WORKERS_RANGE);
         }
         if self.chunk < 4096 || self.chunk > MAX_RAW_LEN {
             return bad("chunk", self.chunk, "4096..=1048576 bytes");
@@ -132,7 +134,7 @@ impl TransportConfig {
             return bad("window", self.window, "2 x chunk ..= 256 MiB");
         }
         if self.dedup_cache_mb > 4096 {
-            return bad("dedup-cache-mb", self.dedup_cache_mb, "0..=4096");
+            return bad("dedup-cache-mb", self.dedup_cache_mb, DEDUP_MB_RANGE);
         }
         if self.max_channels == 0 || self.max_channels > 64 {
             return bad("max-channels", self.max_channels, "1..=64");
@@ -143,7 +145,7 @@ impl TransportConfig {
             return bad(
                 "idle-timeout",
                 format!("{:?}", self.idle_timeout),
-                "1 s ..= 1 h",
+                IDLE_TIMEOUT_RANGE,
             );
         }
         if let Some(cc) = &self.tuning.congestion {

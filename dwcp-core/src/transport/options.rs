@@ -1,0 +1,331 @@
+//! The transport options a user sets, in one table.
+//!
+//! The `dwcp` command line (`--streams 8`), the agent's control requests
+//! (`{"op":"route","streams":8}`) and `dwcp:` URIs (`?streams=8`) all set a
+//! [`TransportConfig`] through [`OPTIONS`], so an option is added in one place
+//! and every surface names it and its range the same way in errors:
+//! `streams = 0 is out of range: 1..=256` (the command line prefixes `--`).
+
+use std::time::Duration;
+
+use super::{ConfigError, TransportConfig, MAX_STREAMS};
+use crate::codec::{ZSTD_MAX_LEVEL, ZSTD_MIN_LEVEL};
+
+/// Allowed values of `streams`, as error messages and help show them.
+pub const STREAMS_RANGE: &str = "1..=256";
+/// Allowed values of `workers`.
+pub const WORKERS_RANGE: &str = "1..=64";
+/// Allowed values of the window, in MiB.
+pub const WINDOW_MB_RANGE: &str = "1..=256 MiB";
+/// Allowed values of the dedup ring, in MiB.
+pub const DEDUP_MB_RANGE: &str = "0..=4096 MiB";
+/// Allowed values of the idle timeout.
+pub const IDLE_TIMEOUT_RANGE: &str = "1..=3600 s";
+
+/// One option: its name on each surface, its range and what it does.
+#[derive(Debug)]
+pub struct TransportOption {
+    /// Command-line flag without `--` (kebab case).
+    pub name: &'static str,
+    /// Key in `dwcp:` URIs; `None`: not settable there.
+    pub uri: Option<&'static str>,
+    /// Field of the agent's `route` control request; `None`: not settable there.
+    pub control: Option<&'static str>,
+    /// Allowed values, as errors and help show them.
+    pub allowed: &'static str,
+    /// One line for `--help` and the docs.
+    pub help: &'static str,
+    set: fn(&mut TransportConfig, &str) -> Result<(), ()>,
+    show: fn(&TransportConfig) -> String,
+}
+
+/// Which surface a value came from: decides how the option is named in errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Surface {
+    /// `--name`
+    Cli,
+    /// `key=` of a `dwcp:` URI
+    Uri,
+    /// a field of a control request
+    Control,
+}
+
+impl TransportOption {
+    /// The option's name on `surface`.
+    pub fn label(&self, surface: Surface) -> String {
+        match surface {
+            Surface::Cli => format!("--{}", self.name),
+            Surface::Uri => self.uri.unwrap_or(self.name).to_string(),
+            Surface::Control => self.control.unwrap_or(self.name).to_string(),
+        }
+    }
+
+    /// Sets the option from its text form; the error names the option (as
+    /// `surface` spells it), the value and the allowed range.
+    pub fn apply(
+        &self,
+        cfg: &mut TransportConfig,
+        value: &str,
+        surface: Surface,
+    ) -> Result<(), ConfigError> {
+        (self.set)(cfg, value.trim()).map_err(|()| ConfigError {
+            option: self.label(surface),
+            value: value.to_string(),
+            allowed: self.allowed,
+        })
+    }
+
+    /// The option's current value in `cfg`, in the form `apply` takes.
+    pub fn show(&self, cfg: &TransportConfig) -> String {
+        (self.show)(cfg)
+    }
+}
+
+fn int<T: std::str::FromStr + PartialOrd>(v: &str, lo: T, hi: T) -> Result<T, ()> {
+    let n: T = v.parse().map_err(|_| ())?;
+    if n < lo || n > hi {
+        return Err(());
+    }
+    Ok(n)
+}
+
+/// Every transport option, in the order help and error messages list them.
+pub const OPTIONS: &[TransportOption] = &[
+    TransportOption {
+        name: "streams",
+        uri: Some("streams"),
+        control: Some("streams"),
+        allowed: STREAMS_RANGE,
+        help: "TCP streams per migration",
+        set: |c, v| {
+            c.streams = int(v, 1, MAX_STREAMS as u16)?;
+            Ok(())
+        },
+        show: |c| c.streams.to_string(),
+    },
+    TransportOption {
+        name: "codec",
+        uri: Some("codec"),
+        control: Some("codec"),
+        allowed: "auto, raw, none, lz4, zstd, zstd:N (N in -7..=19)",
+        help: "compression: auto (raw frames on datacenter paths, min RTT < 1 ms; \
+               lz4 otherwise, up to zstd:3 while the link, not the CPU, is the \
+               bottleneck) or a fixed tier: raw (pass-through), none (zero and \
+               duplicate pages only), lz4, zstd, zstd:N",
+        set: |c, v| {
+            if let Some(n) = v.strip_prefix("zstd:") {
+                int(n, ZSTD_MIN_LEVEL, ZSTD_MAX_LEVEL)?;
+            }
+            c.set_codec(v).map_err(|_| ())
+        },
+        show: |c| c.codec_name(),
+    },
+    TransportOption {
+        name: "checksum",
+        uri: Some("checksum"),
+        control: Some("checksum"),
+        allowed: "all, compressed",
+        help: "payload checksums: compressed (CRC32C on compressed frames; raw \
+               frames go straight from memory with TCP's checksum only, as \
+               QEMU's tcp: does) or all (raw frames too, at one copy per byte)",
+        set: |c, v| c.set_checksum(v).map_err(|_| ()),
+        show: |c| if c.checksum_raw { "all" } else { "compressed" }.into(),
+    },
+    TransportOption {
+        name: "workers",
+        uri: Some("workers"),
+        control: Some("workers"),
+        allowed: WORKERS_RANGE,
+        help: "compression worker threads (default: one per core)",
+        set: |c, v| {
+            c.workers = int(v, 1, 64)?;
+            Ok(())
+        },
+        show: |c| c.workers.to_string(),
+    },
+    TransportOption {
+        name: "window-mb",
+        uri: Some("window"),
+        control: Some("window_mb"),
+        allowed: WINDOW_MB_RANGE,
+        help: "flow-control window per channel, MiB",
+        set: |c, v| {
+            c.window = int(v, 1u32, 256)? << 20;
+            Ok(())
+        },
+        show: |c| (c.window >> 20).to_string(),
+    },
+    TransportOption {
+        name: "dedup-cache-mb",
+        uri: Some("dedup"),
+        control: Some("dedup_cache_mb"),
+        allowed: DEDUP_MB_RANGE,
+        help: "page-dedup ring per channel, MiB (0 disables dedup)",
+        set: |c, v| {
+            c.dedup_cache_mb = int(v, 0, 4096)?;
+            Ok(())
+        },
+        show: |c| c.dedup_cache_mb.to_string(),
+    },
+    TransportOption {
+        name: "congestion",
+        uri: Some("congestion"),
+        control: Some("congestion"),
+        allowed: "a kernel congestion control name such as bbr or cubic",
+        help: "TCP congestion control of the streams (default: the kernel's)",
+        set: |c, v| {
+            if v.is_empty()
+                || v.len() > 15
+                || !v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            {
+                return Err(());
+            }
+            c.tuning.congestion = Some(v.to_string());
+            Ok(())
+        },
+        show: |c| c.tuning.congestion.clone().unwrap_or_default(),
+    },
+    TransportOption {
+        name: "socket-buffer-kb",
+        uri: None,
+        control: None,
+        allowed: "4..=1048576 KiB",
+        help: "SO_SNDBUF/SO_RCVBUF of the streams, KiB (default: kernel autotuning)",
+        set: |c, v| {
+            let b = int(v, 4usize, 1 << 20)? * 1024;
+            c.tuning.send_buffer = Some(b);
+            c.tuning.recv_buffer = Some(b);
+            Ok(())
+        },
+        show: |c| {
+            c.tuning
+                .send_buffer
+                .map(|b| (b / 1024).to_string())
+                .unwrap_or_default()
+        },
+    },
+    TransportOption {
+        name: "idle-timeout",
+        uri: Some("idle-timeout"),
+        control: Some("idle_timeout"),
+        allowed: IDLE_TIMEOUT_RANGE,
+        help: "seconds without a frame from the peer before a migration fails",
+        set: |c, v| {
+            c.idle_timeout = Duration::from_secs(int(v, 1, 3600)?);
+            Ok(())
+        },
+        show: |c| c.idle_timeout.as_secs().to_string(),
+    },
+    TransportOption {
+        name: "connect-timeout",
+        uri: Some("connect-timeout"),
+        control: Some("connect_timeout"),
+        allowed: "1..=600 s",
+        help: "seconds to wait for the destination to accept each stream",
+        set: |c, v| {
+            c.connect_timeout = Duration::from_secs(int(v, 1, 600)?);
+            Ok(())
+        },
+        show: |c| c.connect_timeout.as_secs().to_string(),
+    },
+];
+
+/// The option named `name` on `surface`.
+pub fn find(name: &str, surface: Surface) -> Option<&'static TransportOption> {
+    OPTIONS.iter().find(|o| match surface {
+        Surface::Cli => o.name == name,
+        Surface::Uri => o.uri == Some(name),
+        Surface::Control => o.control == Some(name),
+    })
+}
+
+/// The names `surface` knows, for "unknown option" messages.
+pub fn names(surface: Surface) -> Vec<&'static str> {
+    OPTIONS
+        .iter()
+        .filter_map(|o| match surface {
+            Surface::Cli => Some(o.name),
+            Surface::Uri => o.uri,
+            Surface::Control => o.control,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(name: &str, v: &str, s: Surface) -> Result<TransportConfig, String> {
+        let mut c = TransportConfig::default();
+        find(name, s)
+            .ok_or_else(|| format!("no option {name}"))?
+            .apply(&mut c, v, s)
+            .map_err(|e| e.to_string())?;
+        Ok(c)
+    }
+
+    #[test]
+    fn every_surface_names_option_and_range_alike() {
+        assert_eq!(
+            set("streams", "0", Surface::Cli).unwrap_err(),
+            "--streams = 0 is out of range: 1..=256"
+        );
+        assert_eq!(
+            set("streams", "300", Surface::Uri).unwrap_err(),
+            "streams = 300 is out of range: 1..=256"
+        );
+        assert_eq!(
+            set("window_mb", "0", Surface::Control).unwrap_err(),
+            "window_mb = 0 is out of range: 1..=256 MiB"
+        );
+        assert_eq!(
+            set("window", "x", Surface::Uri).unwrap_err(),
+            "window = x is out of range: 1..=256 MiB"
+        );
+        let e = set("codec", "zstd:99", Surface::Uri).unwrap_err();
+        assert!(
+            e.starts_with("codec = zstd:99 is out of range: auto, raw"),
+            "{e}"
+        );
+        assert!(set("congestion", "bbr;rm", Surface::Cli).is_err());
+    }
+
+    #[test]
+    fn values_land_in_the_config() {
+        let c = set("window", "2", Surface::Uri).unwrap();
+        assert_eq!(c.window, 2 << 20);
+        let c = set("dedup_cache_mb", "0", Surface::Control).unwrap();
+        assert_eq!(c.dedup_cache_mb, 0);
+        let c = set("codec", "zstd:3", Surface::Cli).unwrap();
+        assert_eq!(c.codec_name(), "zstd:3");
+        let c = set("idle-timeout", "30", Surface::Cli).unwrap();
+        assert_eq!(c.idle_timeout, Duration::from_secs(30));
+        let c = set("socket-buffer-kb", "512", Surface::Cli).unwrap();
+        assert_eq!(c.tuning.recv_buffer, Some(512 << 10));
+    }
+
+    #[test]
+    fn show_round_trips_through_apply() {
+        let d = TransportConfig::default();
+        for o in OPTIONS {
+            let v = o.show(&d);
+            if v.is_empty() {
+                continue; // unset (kernel default)
+            }
+            let mut c = TransportConfig::default();
+            o.apply(&mut c, &v, Surface::Cli).unwrap();
+            assert_eq!(o.show(&c), v, "{}", o.name);
+        }
+    }
+
+    #[test]
+    fn names_are_unique_per_surface() {
+        for s in [Surface::Cli, Surface::Uri, Surface::Control] {
+            let mut n = names(s);
+            let len = n.len();
+            n.sort();
+            n.dedup();
+            assert_eq!(n.len(), len, "{s:?}");
+        }
+    }
+}
