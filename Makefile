@@ -7,13 +7,14 @@ CARGO ?= cargo
 DWCP := target/release/dwcp
 GUEST := tests/guest/out/initrd.img
 
-.PHONY: all setup build guest demo test lint unit e2e ffi qemu qemu-test qemu-upstream libvirt-test libvirt-bench bench bench-full soak bench-gate bench-consensus clean help
+.PHONY: fresh-check all setup build guest demo test lint unit e2e ffi qemu qemu-test qemu-upstream libvirt-test libvirt-bench bench bench-full soak bench-gate bench-consensus clean help
 
 all: build
 
 help:
 	@echo "make demo   - set up, build, migrate the test guest through DWCP and print the figures"
 	@echo "make test   - set up, build, lint and run every test (CI runs this)"
+	@echo "make fresh-check - make demo and make test in a clean Debian bookworm root (mmdebstrap)"
 	@echo "make bench  - side-by-side benchmarks against QEMU's own channel (see docs/benchmarks.md)"
 	@echo "make bench-full - every figure of docs/benchmarks.md (about an hour)"
 	@echo "make libvirt-bench - virsh migrate through DWCP against libvirt's own transport (docs/libvirt.md)"
@@ -116,6 +117,12 @@ bench-gate: build guest
 bench-consensus: build
 	$(DWCP) benchmark consensus --link loopback,dc,internet --nodes 3,5 --ops 500 --batch 1 --output dwcp-bench/consensus-1
 	$(DWCP) benchmark consensus --link loopback,dc,internet --nodes 3,5 --ops 20000 --batch 256 --output dwcp-bench/consensus-256
+
+# The README's two set-up commands (make demo, make test) in a clean bookworm
+# root built with mmdebstrap; the host's Rust toolchain is bind-mounted, nothing
+# else. About an hour here (log: target/fresh-check.log).
+fresh-check:
+	bash scripts/fresh-check.sh
 
 clean:
 	$(CARGO) clean

@@ -23,6 +23,11 @@ struct Cli {
     /// Log filter (error, warn, info, debug, trace; or RUST_LOG syntax).
     #[arg(long, global = true, default_value = "info", env = "DWCP_LOG")]
     log: String,
+    /// Log line format: text (coloured only when stderr is a terminal) or
+    /// json (one object per line, for log collectors).
+    #[arg(long, global = true, default_value = "text", env = "DWCP_LOG_FORMAT",
+          value_parser = ["text", "json"])]
+    log_format: String,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -158,11 +163,17 @@ fn main() {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+        .with_target(false);
+    if cli.log_format == "json" {
+        logs.json().flatten_event(true).init();
+    } else {
+        // No colour escapes in files and journals.
+        logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
+    }
     let r = match cli.cmd {
         Cmd::Agent(a) => run_agent(a),
         Cmd::Migrate(m) => migrate::run(m),
