@@ -20,10 +20,12 @@ use uuid::Uuid;
 #[derive(Args, Debug, Clone, Default)]
 pub struct ClusterArgs {
     /// This agent's node (host) id in the raft cluster, non-zero.
-    #[arg(long)]
+    #[arg(long, env = "DWCP_NODE_ID")]
     pub node_id: Option<u64>,
-    /// Cluster id shared by all members (peer frames with another id are refused).
-    #[arg(long)]
+    /// Cluster id shared by all members (peer frames with another id are
+    /// refused); better set in the configuration file ([cluster] cluster_id)
+    /// or DWCP_CLUSTER_ID than on a command line.
+    #[arg(long, env = "DWCP_CLUSTER_ID")]
     pub cluster_id: Option<u64>,
     /// IP:PORT the raft peer transport listens on.
     #[arg(long)]
@@ -37,6 +39,15 @@ pub struct ClusterArgs {
 }
 
 impl ClusterArgs {
+    /// Takes each setting not given as a flag from the configuration file.
+    pub fn fill_from(&mut self, f: crate::config::ClusterSection) {
+        self.node_id = self.node_id.or(f.node_id);
+        self.cluster_id = self.cluster_id.or(f.cluster_id);
+        self.raft_listen = self.raft_listen.or(f.raft_listen);
+        self.peers = self.peers.take().or(f.peers);
+        self.data_dir = self.data_dir.take().or(f.data_dir);
+    }
+
     /// None when no cluster flag is given; an error naming the missing ones when
     /// only some are.
     pub fn config(&self) -> Result<Option<ClusterConfig>> {

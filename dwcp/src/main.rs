@@ -2,13 +2,14 @@
 
 mod bench;
 mod cluster;
+mod config;
 mod libvirt_migrate;
 mod migrate;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use dwcp_core::agent::{control_request, Agent, AgentConfig};
 use dwcp_core::transport::options::{self, Surface, TransportOption};
@@ -28,6 +29,10 @@ struct Cli {
     #[arg(long, global = true, default_value = "text", env = "DWCP_LOG_FORMAT",
           value_parser = ["text", "json"])]
     log_format: String,
+    /// Configuration file (default /etc/dwcp/dwcp.toml when it exists);
+    /// flags and DWCP_* variables override it.
+    #[arg(long, global = true, env = "DWCP_CONFIG")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -40,6 +45,9 @@ enum Cmd {
     Migrate(migrate::MigrateArgs),
     /// Live-migrate a libvirt domain through DWCP (`virsh migrate --p2p` via the agents).
     VirshMigrate(libvirt_migrate::VirshMigrateArgs),
+    /// The configuration file: `dwcp config check [FILE]`.
+    #[command(subcommand)]
+    Config(ConfigCmd),
     /// Show the local agent's routes and sessions.
     Stats(StatsArgs),
     /// The agents' raft cluster (`dwcp cluster status`).
@@ -60,6 +68,16 @@ enum Cmd {
     },
 }
 
+#[derive(Subcommand, Debug)]
+enum ConfigCmd {
+    /// Check a configuration file: every error with its line, key and
+    /// allowed range (default: --config, else /etc/dwcp/dwcp.toml).
+    Check {
+        /// The file to check.
+        file: Option<PathBuf>,
+    },
+}
+
 /// Transport settings shared by `agent` and `migrate`: one flag per entry of
 /// the transport option table (`dwcp_core::transport::options`), which the
 /// agent's control requests and `dwcp:` URIs read too.
@@ -71,7 +89,12 @@ pub struct TransportArgs {
 
 impl TransportArgs {
     pub fn config(&self) -> Result<TransportConfig> {
-        let mut c = TransportConfig::default();
+        self.config_over(TransportConfig::default())
+    }
+
+    /// `base` (e.g. the configuration file's values) with the given flags on top.
+    pub fn config_over(&self, base: TransportConfig) -> Result<TransportConfig> {
+        let mut c = base;
         for (o, v) in &self.given {
             o.apply(&mut c, v, Surface::Cli)?;
         }
@@ -110,6 +133,11 @@ impl Args for TransportArgs {
             cmd.arg(
                 clap::Arg::new(o.name)
                     .long(o.name)
+                    // One small string per option, for the process's lifetime.
+                    .env(&*Box::leak(
+                        format!("DWCP_{}", o.name.replace('-', "_").to_uppercase())
+                            .into_boxed_str(),
+                    ))
                     .value_name("VALUE")
                     .help(help)
                     .help_heading("Transport"),
@@ -124,25 +152,26 @@ impl Args for TransportArgs {
 #[derive(Args, Debug)]
 struct AgentArgs {
     /// Data port to accept migrations on (destination role), e.g. 0.0.0.0:7070.
-    #[arg(long)]
+    #[arg(long, env = "DWCP_LISTEN")]
     listen: Option<SocketAddr>,
-    /// Directory for the control socket and route sockets.
-    #[arg(long, default_value = "/run/dwcp")]
-    run_dir: PathBuf,
-    /// Directory where QEMU's incoming sockets (NAME.sock) are, on the destination.
-    #[arg(long)]
+    /// Directory for the control socket and route sockets [default: /run/dwcp].
+    #[arg(long, env = "DWCP_RUN_DIR")]
+    run_dir: Option<PathBuf>,
+    /// Directory where QEMU's incoming sockets (NAME.sock) are, on the
+    /// destination [default: RUN_DIR/incoming].
+    #[arg(long, env = "DWCP_INCOMING_DIR")]
     incoming_dir: Option<PathBuf>,
     /// Routes to create at start: NAME=HOST:PORT (repeatable).
     #[arg(long = "route")]
     routes: Vec<String>,
-    /// Largest dedup cache per channel a peer may ask for, MiB.
-    #[arg(long, default_value_t = 1024)]
-    max_dedup_cache_mb: u32,
+    /// Largest dedup cache per channel a peer may ask for, MiB [default: 1024].
+    #[arg(long, env = "DWCP_MAX_DEDUP_CACHE_MB")]
+    max_dedup_cache_mb: Option<u32>,
     /// Cutover gate of gated incoming migrations (libvirt hook): how long to
     /// keep trying to commit the ownership transfer before the migration
-    /// fails and the guest stays on the source, ms.
-    #[arg(long, default_value_t = 5000)]
-    gate_timeout_ms: u64,
+    /// fails and the guest stays on the source, ms [default: 5000].
+    #[arg(long, env = "DWCP_GATE_TIMEOUT_MS")]
+    gate_timeout_ms: Option<u64>,
     #[command(flatten)]
     transport: TransportArgs,
     #[command(flatten)]
@@ -175,7 +204,10 @@ fn main() {
             .init();
     }
     let r = match cli.cmd {
-        Cmd::Agent(a) => run_agent(a),
+        Cmd::Agent(a) => run_agent(a, cli.config.as_deref()),
+        Cmd::Config(ConfigCmd::Check { file }) => {
+            config::check(file.as_deref().or(cli.config.as_deref()))
+        }
         Cmd::Migrate(m) => migrate::run(m),
         Cmd::VirshMigrate(m) => libvirt_migrate::run(m),
         Cmd::Stats(s) => stats(s),
@@ -191,42 +223,64 @@ fn main() {
     }
 }
 
-fn run_agent(a: AgentArgs) -> Result<()> {
-    let transport = a.transport.config()?;
+fn run_agent(mut a: AgentArgs, config: Option<&std::path::Path>) -> Result<()> {
+    let file = match config::locate(config) {
+        Some(p) => {
+            let f = config::FileConfig::load(&p)?;
+            tracing::info!("configuration {}", p.display());
+            f
+        }
+        None => config::FileConfig::default(),
+    };
+    let mut base = TransportConfig::default();
+    file.apply_transport(&mut base)?;
+    let transport = a.transport.config_over(base)?;
+    let fa = file.agent;
+    a.cluster.fill_from(file.cluster);
     let cluster = match a.cluster.config()? {
         Some(c) => Some(cluster::start(c)?),
         None => None,
     };
+    let run_dir = a
+        .run_dir
+        .or(fa.run_dir)
+        .unwrap_or_else(|| PathBuf::from("/run/dwcp"));
+    let max_dedup_cache_mb = a
+        .max_dedup_cache_mb
+        .or(fa.max_dedup_cache_mb)
+        .unwrap_or(1024);
     let cfg = AgentConfig {
-        listen: a.listen,
+        listen: a.listen.or(fa.listen),
         incoming_dir: a
             .incoming_dir
-            .clone()
-            .unwrap_or_else(|| a.run_dir.join("incoming")),
-        run_dir: a.run_dir.clone(),
+            .or(fa.incoming_dir)
+            .unwrap_or_else(|| run_dir.join("incoming")),
+        run_dir: run_dir.clone(),
         transport: transport.clone(),
         limits: AcceptorLimits {
-            max_ring_pages: ((a.max_dedup_cache_mb as u64) << 20 >> 12) as u32,
+            max_ring_pages: ((max_dedup_cache_mb as u64) << 20 >> 12) as u32,
             ..AcceptorLimits::default()
         },
         cluster,
-        gate_timeout: std::time::Duration::from_millis(a.gate_timeout_ms),
+        gate_timeout: std::time::Duration::from_millis(
+            a.gate_timeout_ms.or(fa.gate_timeout_ms).unwrap_or(5000),
+        ),
     };
     let agent = Agent::start(cfg).context("starting the agent")?;
-    for r in &a.routes {
-        let Some((name, to)) = r.split_once('=') else {
-            bail!("--route {r:?}: expected NAME=HOST:PORT");
-        };
-        let to: SocketAddr = to
-            .parse()
-            .with_context(|| format!("--route {r:?}: {to:?} is not HOST:PORT"))?;
+    let routes = if a.routes.is_empty() {
+        fa.routes.unwrap_or_default()
+    } else {
+        a.routes
+    };
+    for r in &routes {
+        let (name, to) = config::check_route(r).map_err(|e| anyhow::anyhow!("--route {e}"))?;
         agent
             .add_route(name, to, transport.clone())
             .map_err(|e| anyhow::anyhow!("--route {r:?}: {e}"))?;
     }
     eprintln!(
         "dwcp agent ready (control socket {})",
-        a.run_dir.join("agent.sock").display()
+        run_dir.join("agent.sock").display()
     );
     loop {
         std::thread::park();
