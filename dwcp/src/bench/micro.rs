@@ -11,7 +11,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use dwcp_core::agent::control_request;
 use dwcp_core::codec::{measure_tiers, Tier};
-use dwcp_harness::Lab;
+use dwcp_lab::Lab;
 use serde_json::json;
 
 use super::compare::cpu_seconds;
@@ -65,18 +65,8 @@ pub fn precopy_stream(image: &[u8]) -> Vec<u8> {
 }
 
 fn generate(mix: &str, mib: u64, seed: u64) -> Result<Vec<u8>> {
-    let tool = dwcp_harness::workspace_root().join("tests/guest/out/dwcp-workload");
-    if !tool.exists() {
-        let _ = Command::new("bash")
-            .arg(dwcp_harness::workspace_root().join("tests/guest/build.sh"))
-            .status();
-    }
-    if !tool.exists() {
-        bail!(
-            "{} missing (run tests/guest/build.sh) and no --input given",
-            tool.display()
-        );
-    }
+    let tool = dwcp_lab::locate::workload_tool()
+        .context("the guest workload's host copy (dwcp-workload), with no --input given")?;
     let dir = if std::path::Path::new("/dev/shm").is_dir() {
         PathBuf::from("/dev/shm")
     } else {
@@ -414,7 +404,7 @@ fn consensus_over_link(
     ops: usize,
     batch: usize,
 ) -> Result<dwcp_consensus::BenchResult> {
-    let prof: dwcp_harness::Profile = link.parse().map_err(|e| anyhow!("--link {link:?}: {e}"))?;
+    let prof: dwcp_lab::Profile = link.parse().map_err(|e| anyhow!("--link {link:?}: {e}"))?;
     let prefix = format!("dwcons{}", std::process::id() % 100000);
     let subnet = 100 + (std::process::id() % 150) as u8;
     let topo = linkem::Topology::create(&prefix, subnet, prof.middle())

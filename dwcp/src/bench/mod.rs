@@ -22,6 +22,8 @@ pub use schema::Results;
 pub struct BenchArgs {
     #[command(subcommand)]
     cmd: BenchCmd,
+    #[command(flatten)]
+    data: dwcp_lab::locate::DataDirArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -79,6 +81,7 @@ struct RunArgs {
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
+    a.data.apply();
     let cmdline: Vec<String> = std::env::args().collect();
     let mut res = Results::new(cmdline.join(" "));
     let out = match a.cmd {
