@@ -5,9 +5,11 @@
 //! `report.html` with SVG figures into `--output`.
 
 mod compare;
+mod consensus;
 mod micro;
 mod report;
 mod schema;
+mod tiers;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
