@@ -46,8 +46,8 @@ pub fn set_data_dir(dir: PathBuf) {
 pub struct DataDirArgs {
     /// Directory with the test guest's scripts (guest/build.sh): an
     /// installed share/dwcp or a dwcp source checkout. Default: the
-    /// installation (<exe dir>/../share/dwcp), else the checkout the
-    /// executable was built in.
+    /// installation (<exe dir>/../share/dwcp), else a source checkout above
+    /// the executable (target/release/dwcp) or the current directory.
     #[arg(long, global = true, env = "DWCP_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
 }
