@@ -43,12 +43,12 @@ lint:
 
 # Unit and loopback tests of every crate except the end-to-end suite.
 unit: build
-	$(CARGO) test --release --workspace --exclude dwcp-harness
+	$(CARGO) test --release --workspace --exclude dwcp-e2e
 
 # End-to-end tests on real QEMU guests between network namespaces; one at a
 # time (each boots guests under TCG on this 2-core machine).
 e2e: build guest
-	$(CARGO) test --release -p dwcp-harness -- --test-threads=1
+	$(CARGO) test --release -p dwcp-e2e -- --test-threads=1
 
 # C ABI: the committed header matches cbindgen's output, and the C tests
 # (every function, bad input, a real loopback transfer) pass under ASan+UBSan.
@@ -105,13 +105,13 @@ SOAK_RUNS ?= 200
 SOAK_SEED ?= 2026
 soak: build guest
 	DWCP_SOAK_RUNS=$(SOAK_RUNS) DWCP_SOAK_SEED=$(SOAK_SEED) DWCP_SOAK_REPORT=$(CURDIR)/target/soak.json \
-	  $(CARGO) test --release -p dwcp-harness --test soak -- --nocapture
+	  $(CARGO) test --release -p dwcp-e2e --test soak -- --nocapture
 
 # The cutover gate's cost: ungated, QMP gate and transport gate side by side.
 bench-gate: build guest
 	for l in dc internet; do \
 	  DWCP_GATE_LINK=$$l DWCP_GATE_REPORT=$(CURDIR)/target/gate-$$l.json \
-	    $(CARGO) test --release -p dwcp-harness --test cluster gate_cost_over_link -- --ignored --nocapture || exit 1; \
+	    $(CARGO) test --release -p dwcp-e2e --test cluster gate_cost_over_link -- --ignored --nocapture || exit 1; \
 	done
 
 bench-consensus: build

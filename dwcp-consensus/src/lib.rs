@@ -7,7 +7,7 @@
 //! * [`net`] — peer transport over TCP with framed, checksummed, cluster-bound messages.
 //! * [`registry`] — the replicated state machine: guest → owner + epoch, migrations.
 //! * [`cluster`] — the handle an agent embeds: [`Cluster::start`], the registry API,
-//!   status, and [`bench_commits`].
+//!   status. (Commit benchmarks are `dwcp benchmark consensus`, in the `dwcp` crate.)
 
 // rust-protobuf messages are built by assigning fields to a default, as raft-rs's own
 // examples do.
@@ -22,10 +22,7 @@ pub mod storage;
 #[cfg(test)]
 mod testnet;
 
-pub use cluster::{
-    bench_commits, bench_placed, BenchResult, Cluster, ClusterConfig, ClusterError, ClusterStatus,
-    PeerAddr,
-};
+pub use cluster::{Cluster, ClusterConfig, ClusterError, ClusterStatus, PeerAddr};
 pub use node::{NodeConfig, NodeStatus, ProposeError};
 pub use registry::{
     Applied, Command, GuestRecord, HostId, Migration, MigrationState, RegistryError,

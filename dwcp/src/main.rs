@@ -56,7 +56,7 @@ enum Cmd {
     /// The guest ownership registry as the local agent's cluster member sees it.
     Guests(cluster::ShowArgs),
     /// Boot the test guest on two emulated hosts and migrate it through DWCP.
-    Demo(dwcp_harness::demo::DemoArgs),
+    Demo(dwcp_lab::demo::DemoArgs),
     /// Benchmarks: DWCP against QEMU's own channels, codec, streams, consensus.
     Benchmark(bench::BenchArgs),
     /// Userspace WAN link emulator between two interfaces (`dwcp linkem --help`).
@@ -213,7 +213,7 @@ fn main() {
         Cmd::Stats(s) => stats(s),
         Cmd::Cluster(c) => cluster::cluster_cmd(c),
         Cmd::Guests(g) => cluster::guests_cmd(g),
-        Cmd::Demo(d) => dwcp_harness::demo::run(d),
+        Cmd::Demo(d) => dwcp_lab::demo::run(d),
         Cmd::Benchmark(b) => bench::run(b),
         Cmd::Linkem { args } => linkem::cli_main(args),
     };

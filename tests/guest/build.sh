@@ -2,12 +2,12 @@
 # Builds the DWCP test guest: OUTDIR/vmlinuz and OUTDIR/initrd.img (gzip cpio
 # newc with busybox-static, /init and /bin/dwcp-workload), plus the host copy
 # OUTDIR/dwcp-workload of the workload (for --selftest / --dump).
-# Usage: tests/guest/build.sh [OUTDIR]     (default: tests/guest/out)
+# Usage: tests/guest/build.sh [OUTDIR]     (default: $DWCP_GUEST_OUT, else tests/guest/out)
 # Does nothing when the outputs are newer than all inputs.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
-out=${1:-$here/out}
+out=${1:-${DWCP_GUEST_OUT:-$here/out}}
 
 fail() { echo "build.sh: error: $*" >&2; echo "build.sh: run 'make setup' (scripts/setup-host.sh) to install the host packages" >&2; exit 1; }
 

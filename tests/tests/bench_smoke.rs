@@ -6,7 +6,7 @@
 
 use std::process::Command;
 
-use dwcp_harness::dwcp_bin;
+use dwcp_lab::dwcp_bin;
 use serde_json::Value;
 
 fn bench(args: &[&str], out: &std::path::Path) -> Value {

@@ -8,13 +8,11 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use dwcp_core::agent::control_request;
-use dwcp_harness::cluster::{
+use dwcp_lab::cluster::{
     partition_dst, prepared, raft_log_bytes, record, spawn_migrate, wait_record, wait_record_for,
     ClusterLab,
 };
-use dwcp_harness::{
-    boot_pair, dwcp_bin, dwcp_migrate, scratch_dir, verify, GuestSpec, MigrationSpec,
-};
+use dwcp_lab::{boot_pair, dwcp_bin, dwcp_migrate, scratch_dir, verify, GuestSpec, MigrationSpec};
 use serde_json::{json, Value};
 
 /// The guest UUID the tests give `--guest-uuid`.
@@ -217,7 +215,7 @@ fn hook_migrate_begin(agent: &Path, dir: &Path, dom: &str) -> (bool, String) {
     .unwrap();
     let xml = format!("<domain type='qemu'><name>{dom}</name><uuid>{GUEST}</uuid></domain>");
     let mut child = Command::new("python3")
-        .arg(dwcp_harness::workspace_root().join("libvirt-hooks/qemu.d/dwcp"))
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../libvirt-hooks/qemu.d/dwcp"))
         .args([dom, "migrate", "begin", "-"])
         .env("DWCP_HOOK_CONF", &conf)
         .stdin(Stdio::piped())
@@ -415,7 +413,7 @@ fn gate_cost_over_link() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
-    let prof: dwcp_harness::Profile = link.parse().expect("DWCP_GATE_LINK: a link profile");
+    let prof: dwcp_lab::Profile = link.parse().expect("DWCP_GATE_LINK: a link profile");
     let c = ClusterLab::over("gcost", prof.middle(), &[]);
     let lab = &c.lab;
     let mut rows: Vec<Value> = Vec::new();

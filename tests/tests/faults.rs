@@ -8,7 +8,7 @@ use std::net::TcpStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use dwcp_harness::*;
+use dwcp_lab::*;
 
 fn wait_log(path: &std::path::Path, pat: &str) -> Vec<String> {
     let t0 = Instant::now();

@@ -3,7 +3,7 @@
 //! source's and the guest must keep running (and checking its own data) on
 //! the destination. Needs root (namespaces) and QEMU 10.0 (`make setup`).
 
-use dwcp_harness::{
+use dwcp_lab::{
     boot_pair, dwcp_migrate, guest_files, scratch_dir, verify, GuestSpec, Lab, Middle,
     MigrationSpec,
 };

@@ -31,8 +31,8 @@ use std::process::Child;
 use std::time::{Duration, Instant};
 
 use dwcp_core::agent::control_request;
-use dwcp_harness::cluster::{partition_dst, prepared, record, ClusterLab};
-use dwcp_harness::{
+use dwcp_lab::cluster::{partition_dst, prepared, record, ClusterLab};
+use dwcp_lab::{
     boot_pair, compare_memory, dwcp_bin, scratch_dir, GuestPair, GuestSpec, MigrationSpec,
 };
 use rand::rngs::StdRng;
@@ -189,7 +189,7 @@ fn heal(c: &mut ClusterLab, fault: Fault) {
     }
 }
 
-fn status_of(g: &dwcp_harness::Guest) -> String {
+fn status_of(g: &dwcp_lab::Guest) -> String {
     if !g.alive() {
         return "exited".into();
     }

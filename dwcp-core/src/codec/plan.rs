@@ -358,8 +358,10 @@ impl Planner {
         }
     }
 
-    /// Faults in the ring memory the next `pages` inserts will use.
-    pub(crate) fn prefault(&mut self, pages: usize) {
+    /// Faults in the ring memory the next `pages` inserts will use, so that
+    /// a measurement sees the steady state of a long-lived channel
+    /// (`dwcp benchmark hde`).
+    pub fn prefault(&mut self, pages: usize) {
         self.ring.prefault(pages);
         self.index.reserve(pages.min(self.ring.cap as usize));
         self.slot_hash.reserve(pages.min(self.ring.cap as usize));
@@ -464,8 +466,10 @@ impl Rebuilder {
         }
     }
 
-    /// Faults in the ring memory the next `pages` inserts will use.
-    pub(crate) fn prefault(&mut self, pages: usize) {
+    /// Faults in the ring memory the next `pages` inserts will use, so that
+    /// a measurement sees the steady state of a long-lived channel
+    /// (`dwcp benchmark hde`).
+    pub fn prefault(&mut self, pages: usize) {
         self.ring.prefault(pages);
     }
 

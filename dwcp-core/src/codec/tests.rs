@@ -708,59 +708,6 @@ fn codec_compress_falls_back_to_none() {
     }
 }
 
-#[test]
-fn codec_measure_tiers_smoke() {
-    let mut rng = StdRng::seed_from_u64(10);
-    let s = qemu_stream(&mut rng, 500, 0.3);
-    let m = measure_tiers(&s, &TIERS, 256 << 10, CACHE);
-    assert_eq!(m.len(), TIERS.len());
-    for t in &m {
-        assert!(t.roundtrip_ok, "{t:?}");
-        assert!(t.ratio > 1.0);
-        assert!(t.pages_deduped > 0);
-    }
-    let json = serde_json::to_string(&m).unwrap();
-    assert!(json.contains("\"tier\":\"zstd:3\""));
-}
-
-/// Prints measurements on a 256 MiB synthetic stream:
-/// `cargo test -p dwcp-core --release codec_bench_report -- --ignored --nocapture`
-#[test]
-#[ignore]
-fn codec_bench_report() {
-    let mut rng = StdRng::seed_from_u64(11);
-    let s = qemu_stream(&mut rng, 64 * 1024, 0.2);
-    let tiers = [
-        Tier::None,
-        Tier::Lz4,
-        Tier::Zstd(-3),
-        Tier::Zstd(1),
-        Tier::Zstd(3),
-        Tier::Zstd(9),
-    ];
-    println!("stream {} MiB", s.len() >> 20);
-    for cache in [0, 256 << 20] {
-        for m in measure_tiers(&s, &tiers, MAX_RAW_LEN, cache) {
-            println!(
-                "cache {:>4} MiB {:>8}: ratio {:5.2} enc {:7.0} MB/s dec {:7.0} MB/s | raw crate: ratio {:5.2} enc {:7.0} dec {:7.0} | dedup {}/{} zero {} MiB ok {}",
-                cache >> 20,
-                m.tier,
-                m.ratio,
-                m.encode_mb_s,
-                m.decode_mb_s,
-                m.raw_crate_ratio,
-                m.raw_crate_encode_mb_s,
-                m.raw_crate_decode_mb_s,
-                m.pages_deduped,
-                m.pages_seen,
-                m.zero_bytes >> 20,
-                m.roundtrip_ok
-            );
-        }
-    }
-    let _ = (OP_REF, OP_ZERO);
-}
-
 /// Planner / rebuilder alone (no compression), steady state.
 #[test]
 #[ignore]

@@ -9,9 +9,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use dwcp_core::agent::control_request;
 use dwcp_core::qemu::{self, MigrationSetup};
-use dwcp_harness::{
-    boot_pair, scratch_dir, verify, Guest, GuestPair, GuestSpec, Lab, MigrationSpec,
-};
+use dwcp_lab::{boot_pair, scratch_dir, verify, Guest, GuestPair, GuestSpec, Lab, MigrationSpec};
 use serde_json::{json, Value};
 
 use super::schema::{
@@ -194,7 +192,7 @@ pub(super) fn open_lab(
     agent_args: &[&str],
     p: &Progress,
 ) -> Result<Lab> {
-    let prof: dwcp_harness::Profile = profile
+    let prof: dwcp_lab::Profile = profile
         .parse()
         .map_err(|e| anyhow!("--profile {profile:?}: {e}"))?;
     p.set_message(format!("{what} {profile}: creating the two hosts"));

@@ -10,12 +10,13 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use dwcp_core::agent::control_request;
-use dwcp_core::codec::{measure_tiers, Tier};
-use dwcp_harness::Lab;
+use dwcp_core::codec::Tier;
+use dwcp_lab::Lab;
 use serde_json::json;
 
 use super::compare::cpu_seconds;
 use super::schema::{AmstPoint, AmstSuite, HdeDataset, HdeResult};
+use super::tiers::measure_tiers;
 use super::{OutputArgs, Progress};
 
 const PAGE: usize = 4096;
@@ -65,18 +66,8 @@ pub fn precopy_stream(image: &[u8]) -> Vec<u8> {
 }
 
 fn generate(mix: &str, mib: u64, seed: u64) -> Result<Vec<u8>> {
-    let tool = dwcp_harness::workspace_root().join("tests/guest/out/dwcp-workload");
-    if !tool.exists() {
-        let _ = Command::new("bash")
-            .arg(dwcp_harness::workspace_root().join("tests/guest/build.sh"))
-            .status();
-    }
-    if !tool.exists() {
-        bail!(
-            "{} missing (run tests/guest/build.sh) and no --input given",
-            tool.display()
-        );
-    }
+    let tool = dwcp_lab::locate::workload_tool()
+        .context("the guest workload's host copy (dwcp-workload), with no --input given")?;
     let dir = if std::path::Path::new("/dev/shm").is_dir() {
         PathBuf::from("/dev/shm")
     } else {
@@ -387,12 +378,12 @@ pub struct ConsensusArgs {
     pub link: Vec<String>,
 }
 
-pub fn consensus(a: &ConsensusArgs) -> Result<Vec<dwcp_consensus::BenchResult>> {
+pub fn consensus(a: &ConsensusArgs) -> Result<Vec<super::consensus::BenchResult>> {
     let mut out = Vec::new();
     for link in &a.link {
         for &n in &a.nodes {
             let r = if link == "loopback" {
-                dwcp_consensus::bench_commits(n, a.ops, a.batch)
+                super::consensus::bench_commits(n, a.ops, a.batch)
                     .map_err(|e| anyhow!("{n} nodes: {e}"))?
             } else {
                 consensus_over_link(link, n, a.ops, a.batch)
@@ -413,8 +404,8 @@ fn consensus_over_link(
     n: usize,
     ops: usize,
     batch: usize,
-) -> Result<dwcp_consensus::BenchResult> {
-    let prof: dwcp_harness::Profile = link.parse().map_err(|e| anyhow!("--link {link:?}: {e}"))?;
+) -> Result<super::consensus::BenchResult> {
+    let prof: dwcp_lab::Profile = link.parse().map_err(|e| anyhow!("--link {link:?}: {e}"))?;
     let prefix = format!("dwcons{}", std::process::id() % 100000);
     let subnet = 100 + (std::process::id() % 150) as u8;
     let topo = linkem::Topology::create(&prefix, subnet, prof.middle())
@@ -435,7 +426,7 @@ fn consensus_over_link(
         .collect();
     let base = std::env::temp_dir().join(format!("{prefix}-raft"));
     let _ = std::fs::remove_dir_all(&base);
-    let r = dwcp_consensus::bench_placed(&base, peers, ops, batch, link, &|cfg| {
+    let r = super::consensus::bench_placed(&base, peers, ops, batch, link, &|cfg| {
         let (ns, _) = side(cfg.node_id);
         linkem::sys::in_netns(&ns, move || {
             let l = std::net::TcpListener::bind(&cfg.listen).map_err(|source| {
@@ -456,7 +447,7 @@ fn consensus_over_link(
     r.map_err(|e| anyhow!("{e}"))
 }
 
-pub fn print_consensus(r: &[dwcp_consensus::BenchResult]) {
+pub fn print_consensus(r: &[super::consensus::BenchResult]) {
     println!(
         "{:>9} {:>6} {:>6} {:>6} {:>9} {:>9} {:>9} {:>10} {:>7} {:>12} {:>12}",
         "link",

@@ -5,9 +5,11 @@
 //! `report.html` with SVG figures into `--output`.
 
 mod compare;
+mod consensus;
 mod micro;
 mod report;
 mod schema;
+mod tiers;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -22,6 +24,8 @@ pub use schema::Results;
 pub struct BenchArgs {
     #[command(subcommand)]
     cmd: BenchCmd,
+    #[command(flatten)]
+    data: dwcp_lab::locate::DataDirArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -79,6 +83,7 @@ struct RunArgs {
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
+    a.data.apply();
     let cmdline: Vec<String> = std::env::args().collect();
     let mut res = Results::new(cmdline.join(" "));
     let out = match a.cmd {

@@ -20,7 +20,7 @@ pub struct Results {
     pub compare: Vec<CompareSuite>,
     pub hde: Option<HdeResult>,
     pub amst: Vec<AmstSuite>,
-    pub consensus: Vec<dwcp_consensus::BenchResult>,
+    pub consensus: Vec<super::consensus::BenchResult>,
     /// One entry per `converge` suite (profile): the highest dirty rate at
     /// which each contender still converges.
     pub converge: Vec<ConvergeSuite>,
@@ -241,7 +241,7 @@ pub struct HdeDataset {
     pub image_bytes: u64,
     /// Bytes of the QEMU precopy stream built from the image.
     pub stream_bytes: u64,
-    pub tiers: Vec<dwcp_core::codec::TierMeasurement>,
+    pub tiers: Vec<super::tiers::TierMeasurement>,
 }
 
 #[derive(Debug, Clone, Serialize)]

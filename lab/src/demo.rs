@@ -9,8 +9,13 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::{json, Value};
 
-use crate::{boot_pair, dwcp_migrate, scratch_dir, verify, GuestSpec, Lab, MigrationSpec, Profile};
 use dwcp_core::qemu::{self, MigrationSetup};
+use linkem::Profile;
+
+use crate::guest::{Guest, GuestSpec};
+use crate::hosts::{scratch_dir, Lab};
+use crate::locate::DataDirArgs;
+use crate::migration::{boot_pair, dwcp_migrate, verify, GuestPair, MigrationSpec, Verified};
 
 #[derive(Args, Debug, Clone)]
 pub struct DemoArgs {
@@ -36,6 +41,8 @@ pub struct DemoArgs {
     /// Skip the QEMU-native comparison run.
     #[arg(long)]
     pub no_compare: bool,
+    #[command(flatten)]
+    pub data: DataDirArgs,
 }
 
 fn profile(name: &str) -> Result<Profile> {
@@ -49,14 +56,14 @@ pub fn native_run(
     spec: &GuestSpec,
     setup: &MigrationSetup,
     port: u16,
-) -> Result<(qemu::MigrationResult, crate::Verified)> {
+) -> Result<(qemu::MigrationResult, Verified)> {
     let mig = MigrationSpec {
         return_path: setup.return_path,
         multifd: setup.multifd_channels,
         ..Default::default()
     };
-    let src = crate::Guest::start(lab, lab.src_ns(), "native-src", spec, false)?;
-    let dst = crate::Guest::start(lab, lab.dst_ns(), "native-dst", spec, true)?;
+    let src = Guest::start(lab, lab.src_ns(), "native-src", spec, false)?;
+    let dst = Guest::start(lab, lab.dst_ns(), "native-dst", spec, true)?;
     src.wait_line("DWCP-READY", Duration::from_secs(60 + spec.fill_mb / 2))?;
     let hb = src.expect_heartbeats(0, 2, Duration::from_secs(20))?;
     let uri = format!("tcp:{}:{port}", lab.topo.dst_ip);
@@ -69,7 +76,7 @@ pub fn native_run(
     setup.apply(&mut sq, false)?;
     let r = qemu::migrate(&mut sq, &uri, Duration::from_secs(mig.timeout_s), |_| None)?;
     drop(sq);
-    let pair = crate::GuestPair {
+    let pair = GuestPair {
         src,
         dst,
         ready_seq: hb.seq,
@@ -79,6 +86,7 @@ pub fn native_run(
 }
 
 pub fn run(a: DemoArgs) -> Result<()> {
+    a.data.apply();
     let prof = profile(&a.profile)?;
     if a.fill + 48 > a.mem {
         bail!(

@@ -11,7 +11,11 @@ use std::time::{Duration, Instant};
 use dwcp_core::agent::control_request;
 use serde_json::{json, Value};
 
-use crate::{dwcp_bin, AgentProc, GuestPair, Lab, Middle, MigrationSpec};
+use linkem::topo::Middle;
+
+use crate::hosts::{AgentProc, Lab};
+use crate::locate::dwcp_bin;
+use crate::migration::{GuestPair, MigrationSpec};
 
 /// The cluster id of the lab's members.
 pub const CLUSTER_ID: &str = "6060";

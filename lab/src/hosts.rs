@@ -1,0 +1,249 @@
+//! The two hosts: network namespaces joined by a (possibly emulated) link,
+//! a `dwcp agent` on each, and small helpers on them (scratch space, agent
+//! logs, a bit-flipping proxy).
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use linkem::topo::{Middle, Topology};
+
+use crate::locate::dwcp_bin;
+
+/// The data port agents listen on inside their namespace.
+pub const AGENT_PORT: u16 = 7070;
+
+static LAB_SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// Two hosts and their agents. Dropping it stops everything it started.
+pub struct Lab {
+    pub topo: Topology,
+    pub dir: PathBuf,
+    pub src_agent: Option<AgentProc>,
+    pub dst_agent: Option<AgentProc>,
+    pub agent_args: Vec<String>,
+}
+
+impl std::fmt::Debug for Lab {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lab").field("dir", &self.dir).finish()
+    }
+}
+
+/// A `dwcp agent` process in one namespace.
+#[derive(Debug)]
+pub struct AgentProc {
+    pub child: Child,
+    pub run_dir: PathBuf,
+    pub log: PathBuf,
+}
+
+impl AgentProc {
+    pub fn control(&self) -> PathBuf {
+        self.run_dir.join("agent.sock")
+    }
+    pub fn incoming(&self, name: &str) -> PathBuf {
+        self.run_dir.join("incoming").join(format!("{name}.sock"))
+    }
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+impl Lab {
+    /// Creates the hosts (`tag` names them) joined by `middle`, and starts an
+    /// agent on each with `agent_args` (e.g. `--streams 8`).
+    pub fn new(tag: &str, middle: Middle, agent_args: &[&str]) -> Result<Lab> {
+        let seq = LAB_SEQ.fetch_add(1, Ordering::Relaxed);
+        let pid = std::process::id();
+        let prefix = format!("dw{}{}{tag}", pid % 100000, seq);
+        let prefix: String = prefix.chars().take(24).collect();
+        let dir = PathBuf::from(format!("/tmp/dwcp-lab/{prefix}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let subnet = 100 + ((pid + seq) % 150) as u8;
+        let topo = Topology::create(&prefix, subnet, middle).context("creating the two hosts")?;
+        let mut lab = Lab {
+            topo,
+            dir,
+            src_agent: None,
+            dst_agent: None,
+            agent_args: agent_args.iter().map(|s| s.to_string()).collect(),
+        };
+        lab.start_agent(true)?;
+        lab.start_agent(false)?;
+        Ok(lab)
+    }
+
+    pub fn src_ns(&self) -> &str {
+        &self.topo.src_ns
+    }
+    pub fn dst_ns(&self) -> &str {
+        &self.topo.dst_ns
+    }
+    /// The destination agent's data address.
+    pub fn dst_addr(&self) -> String {
+        format!("{}:{AGENT_PORT}", self.topo.dst_ip)
+    }
+
+    /// (Re)starts the source (`src = true`) or destination agent.
+    pub fn start_agent(&mut self, src: bool) -> Result<()> {
+        let (ns, name, ip) = if src {
+            (self.topo.src_ns.clone(), "src", self.topo.src_ip)
+        } else {
+            (self.topo.dst_ns.clone(), "dst", self.topo.dst_ip)
+        };
+        let run_dir = self.dir.join(format!("{name}-run"));
+        std::fs::create_dir_all(&run_dir)?;
+        let log = self.dir.join(format!("{name}-agent.log"));
+        let logf = File::options().create(true).append(true).open(&log)?;
+        let mut cmd = self.topo.exec(&ns, dwcp_bin()?);
+        cmd.args([
+            "--log",
+            "info",
+            "agent",
+            "--listen",
+            &format!("{ip}:{AGENT_PORT}"),
+            "--run-dir",
+        ])
+        .arg(&run_dir)
+        .args(&self.agent_args)
+        .stdin(Stdio::null())
+        .stdout(logf.try_clone()?)
+        .stderr(logf);
+        let child = cmd.spawn().context("starting dwcp agent")?;
+        let mut a = AgentProc {
+            child,
+            run_dir,
+            log,
+        };
+        let t0 = Instant::now();
+        loop {
+            if dwcp_core::agent::control_request(&a.control(), &serde_json::json!({"op": "ping"}))
+                .is_ok()
+            {
+                break;
+            }
+            if let Some(st) = a.child.try_wait()? {
+                bail!("agent on {name} exited ({st}) at start:\n{}", a.log_text());
+            }
+            if t0.elapsed() > Duration::from_secs(10) {
+                bail!(
+                    "agent on {name} did not answer within 10 s:\n{}",
+                    a.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if src {
+            self.src_agent = Some(a);
+        } else {
+            self.dst_agent = Some(a);
+        }
+        Ok(())
+    }
+
+    pub fn src_agent(&self) -> &AgentProc {
+        self.src_agent.as_ref().expect("source agent running")
+    }
+    pub fn dst_agent(&self) -> &AgentProc {
+        self.dst_agent.as_ref().expect("destination agent running")
+    }
+}
+
+/// Scratch directory for RAM dumps (tmpfs when available).
+pub fn scratch_dir(lab: &Lab) -> Result<PathBuf> {
+    let base = if Path::new("/dev/shm").is_dir() {
+        PathBuf::from("/dev/shm")
+    } else {
+        lab.dir.clone()
+    };
+    let d = base.join(format!("dwcp-{}", lab.topo.prefix));
+    std::fs::create_dir_all(&d)?;
+    Ok(d)
+}
+
+/// Reads the lines of a file that contain `pat` (agent logs).
+pub fn grep(path: &Path, pat: &str) -> Vec<String> {
+    match File::open(path) {
+        Ok(f) => BufReader::new(f)
+            .lines()
+            .map_while(Result::ok)
+            .filter(|l| l.contains(pat))
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// A TCP proxy inside the destination namespace, listening on
+/// `dst_ip:listen_port` and forwarding to the destination agent. On the
+/// first connection it flips one bit at byte `flip_at` (counted from the
+/// start of the connection, so past the handshake when large) when given.
+pub fn spawn_proxy(lab: &Lab, listen_port: u16, flip_at: Option<u64>) -> Result<()> {
+    use std::io::Write;
+    use std::net::{Shutdown, TcpListener, TcpStream};
+    let listen = format!("{}:{listen_port}", lab.topo.dst_ip);
+    let to = lab.dst_addr();
+    let (tx, rx) = std::sync::mpsc::channel();
+    // The listener is created inside the namespace; the thread keeps serving
+    // until the namespace is torn down with the lab.
+    let _h = lab.topo.spawn_in(lab.dst_ns(), move || {
+        let l = match TcpListener::bind(&listen) {
+            Ok(l) => {
+                let _ = tx.send(Ok(()));
+                l
+            }
+            Err(e) => {
+                let _ = tx.send(Err(e.to_string()));
+                return;
+            }
+        };
+        for (i, c) in l.incoming().flatten().enumerate() {
+            let Ok(up) = TcpStream::connect(&to) else {
+                return;
+            };
+            let (mut c2, mut up2) = (c.try_clone().expect("dup"), up.try_clone().expect("dup"));
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut up2, &mut c2);
+                let _ = c2.shutdown(Shutdown::Write);
+            });
+            std::thread::spawn(move || {
+                let (mut c, mut up) = (c, up);
+                let mut buf = vec![0u8; 64 << 10];
+                let mut off = 0u64;
+                loop {
+                    let n = match c.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    if let (0, Some(at)) = (i, flip_at) {
+                        if off <= at && at < off + n as u64 {
+                            buf[(at - off) as usize] ^= 0x04;
+                        }
+                    }
+                    off += n as u64;
+                    if up.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                let _ = up.shutdown(Shutdown::Write);
+            });
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(5))?
+        .map_err(|e| anyhow!("proxy bind: {e}"))
+}
