@@ -510,3 +510,105 @@ pub(super) fn reconcile_op(
         None => Ok(json!({"ok": true, "action": "none", "record": rec})),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    /// A cluster whose aborts answer from a script (then Ok); reverts succeed.
+    #[derive(Debug, Default)]
+    struct Scripted {
+        aborts: Mutex<Vec<ClusterError>>,
+        calls: Mutex<Vec<&'static str>>,
+    }
+
+    impl ClusterOps for Scripted {
+        fn node_id(&self) -> u64 {
+            2
+        }
+        fn status(&self) -> Value {
+            Value::Null
+        }
+        fn guests(&self) -> Value {
+            Value::Null
+        }
+        fn begin(&self, _: &str, _: u64, _: u64) -> Result<u64, ClusterError> {
+            Ok(1)
+        }
+        fn commit(&self, _: &str, _: u64) -> Result<(), ClusterError> {
+            Ok(())
+        }
+        fn abort(&self, _: &str, _: u64) -> Result<(), ClusterError> {
+            self.calls.lock().push("abort");
+            let mut a = self.aborts.lock();
+            if a.is_empty() {
+                Ok(())
+            } else {
+                Err(a.remove(0))
+            }
+        }
+        fn revert(&self, _: &str, _: u64) -> Result<(), ClusterError> {
+            self.calls.lock().push("revert");
+            Ok(())
+        }
+        fn owner(&self, _: &str) -> Option<u64> {
+            None
+        }
+        fn member_at(&self, _: std::net::IpAddr) -> Option<u64> {
+            None
+        }
+        fn open_intents(&self) -> Vec<(String, u64, u64, u64)> {
+            Vec::new()
+        }
+    }
+
+    /// Settles with abort answers `script`; returns the final state (None:
+    /// gave up) and the calls made.
+    fn settle_with(
+        script: Vec<ClusterError>,
+        how: Settle,
+    ) -> (Option<GateState>, Vec<&'static str>) {
+        let c = Arc::new(Scripted {
+            aborts: Mutex::new(script),
+            ..Default::default()
+        });
+        let (tx, rx) = mpsc::channel();
+        settle(
+            c.clone(),
+            "g".into(),
+            1,
+            how,
+            Some(Box::new(move |s| {
+                let _ = tx.send(s);
+            })),
+        );
+        let state = rx.recv_timeout(Duration::from_secs(5)).ok();
+        let calls = c.calls.lock().clone();
+        (state, calls)
+    }
+
+    #[test]
+    fn settling_goes_by_the_error_kind() {
+        use ClusterErrorKind::*;
+        let committed = || ClusterError::new(AlreadyCommitted, "refused by the registry: ...");
+        // Already committed: revert when asked to, else give up.
+        let (s, calls) = settle_with(vec![committed()], Settle::AbortOrRevert);
+        assert_eq!(
+            (s, calls),
+            (Some(GateState::Reverted), vec!["abort", "revert"])
+        );
+        let (s, calls) = settle_with(vec![committed()], Settle::Abort);
+        assert_eq!((s, calls), (None, vec!["abort"]));
+        // Refused or invalid: final. Unavailable: retried.
+        for kind in [Refused, Invalid] {
+            let (s, calls) = settle_with(vec![ClusterError::new(kind, "no")], Settle::Abort);
+            assert_eq!((s, calls), (None, vec!["abort"]), "{kind:?}");
+        }
+        let (s, calls) = settle_with(vec![ClusterError::unavailable("no leader")], Settle::Abort);
+        assert_eq!(
+            (s, calls),
+            (Some(GateState::Aborted), vec!["abort", "abort"])
+        );
+    }
+}

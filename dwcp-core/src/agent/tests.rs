@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use super::{control_request, Agent, AgentConfig, KEEP_PREPARED};
+use super::{control_call, control_request, Agent, AgentConfig, ClusterErrorKind, KEEP_PREPARED};
 use crate::transport::{AcceptorLimits, TransportConfig};
 
 /// A real agent on a fresh temp run dir (and a data port when `listen`).
@@ -203,6 +203,37 @@ fn bad_input_gets_clear_errors() {
         assert!(err.contains(want), "{req}: {err:?} does not say {want:?}");
     }
     assert!(prepared(&dir).is_empty(), "a refused prepare left an entry");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A cluster op on an agent that is no member: refused with the op, the
+/// reason and `"kind": "not_member"`, before its fields are looked at.
+#[test]
+fn cluster_ops_on_a_non_member_say_so_with_a_kind() {
+    let (_a, dir, _) = agent("nomember", false);
+    let sock = dir.join("agent.sock");
+    for op in [
+        "cluster_status",
+        "guests",
+        "begin",
+        "commit",
+        "abort",
+        "revert",
+        "settle",
+        "reconcile",
+    ] {
+        let e = control_call(&sock, &json!({"op": op})).unwrap_err();
+        assert!(
+            e.message.starts_with(&format!(
+                "{op}: this agent is not a cluster member (start it with"
+            )),
+            "{e}"
+        );
+        assert_eq!(e.kind, Some(ClusterErrorKind::NotMember), "{op}");
+    }
+    // Other refusals carry no kind.
+    let e = control_call(&sock, &json!({"op": "unroute", "name": "x"})).unwrap_err();
+    assert_eq!((e.message.as_str(), e.kind), ("no route named \"x\"", None));
     let _ = std::fs::remove_dir_all(&dir);
 }
 
