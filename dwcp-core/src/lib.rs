@@ -5,10 +5,13 @@
 //! - [`transport`]: sessions of N TCP streams carrying QEMU's channels
 //! - [`codec`]: zero runs, page dedup, lz4/zstd tiers
 //! - [`agent`]: the per-host daemon relaying QEMU's UNIX-socket migrations
+//! - [`cutover`]: the agent's cutover gate on the cluster (`agent::cutover`)
 //! - [`qemu`]: QMP client and migration driver
 pub mod agent;
 pub mod codec;
-pub mod cutover;
 pub mod qemu;
 pub mod transport;
 pub mod wire;
+
+/// The cutover gate lives with the agent that runs it; this is its old path.
+pub use agent::cutover;

@@ -9,8 +9,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use dwcp_consensus::{Cluster, ClusterConfig, ClusterError, PeerAddr, ProposeError};
-use dwcp_core::agent::{control_request, ClusterOps};
+use dwcp_consensus::{
+    Cluster, ClusterConfig, ClusterError as RaftError, PeerAddr, ProposeError, RegistryError,
+};
+use dwcp_core::agent::{control_call, control_request, ClusterError, ClusterErrorKind, ClusterOps};
 use dwcp_core::qemu::{MigrationResult, Qmp};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -102,20 +104,29 @@ pub fn start(cfg: ClusterConfig) -> Result<Arc<dyn ClusterOps>> {
 #[derive(Debug)]
 struct AgentCluster(Cluster);
 
-fn guest_uuid(s: &str) -> Result<Uuid, String> {
-    Uuid::parse_str(s).map_err(|e| format!("guest {s:?} is not a UUID: {e}"))
+fn guest_uuid(s: &str) -> Result<Uuid, ClusterError> {
+    Uuid::parse_str(s).map_err(|e| ClusterError::invalid(format!("guest {s:?} is not a UUID: {e}")))
 }
 
-fn explain(e: ClusterError) -> String {
+/// The raft cluster's error as the agent reports it: a refusal by the
+/// registry is final (the same on every node; an abort of a committed
+/// migration is `AlreadyCommitted`), anything else may pass with a quorum.
+fn explain(e: RaftError) -> ClusterError {
     match e {
-        ClusterError::Propose(ProposeError::NotLeader { leader: None }) => {
-            "no raft leader reachable (no quorum?)".into()
+        RaftError::Propose(ProposeError::NotLeader { leader: None }) => {
+            ClusterError::unavailable("no raft leader reachable (no quorum?)")
         }
-        ClusterError::Propose(ProposeError::Timeout) => {
-            "not committed within the proposal timeout (no quorum, or partitioned)".into()
+        RaftError::Propose(ProposeError::Timeout) => ClusterError::unavailable(
+            "not committed within the proposal timeout (no quorum, or partitioned)",
+        ),
+        RaftError::Propose(ProposeError::Rejected(r)) => {
+            let kind = match r {
+                RegistryError::WasCommitted { .. } => ClusterErrorKind::AlreadyCommitted,
+                _ => ClusterErrorKind::Refused,
+            };
+            ClusterError::new(kind, format!("refused by the registry: {r}"))
         }
-        ClusterError::Propose(ProposeError::Rejected(r)) => format!("refused by the registry: {r}"),
-        other => other.to_string(),
+        other => ClusterError::unavailable(other.to_string()),
     }
 }
 
@@ -129,22 +140,22 @@ impl ClusterOps for AgentCluster {
     fn guests(&self) -> Value {
         serde_json::to_value(self.0.guests()).unwrap_or(Value::Null)
     }
-    fn begin(&self, guest: &str, src: u64, dst: u64) -> Result<u64, String> {
+    fn begin(&self, guest: &str, src: u64, dst: u64) -> Result<u64, ClusterError> {
         self.0
             .begin_migration(guest_uuid(guest)?, src, dst)
             .map_err(explain)
     }
-    fn commit(&self, guest: &str, epoch: u64) -> Result<(), String> {
+    fn commit(&self, guest: &str, epoch: u64) -> Result<(), ClusterError> {
         self.0
             .commit_migration(guest_uuid(guest)?, epoch)
             .map_err(explain)
     }
-    fn abort(&self, guest: &str, epoch: u64) -> Result<(), String> {
+    fn abort(&self, guest: &str, epoch: u64) -> Result<(), ClusterError> {
         self.0
             .abort_migration(guest_uuid(guest)?, epoch)
             .map_err(explain)
     }
-    fn revert(&self, guest: &str, epoch: u64) -> Result<(), String> {
+    fn revert(&self, guest: &str, epoch: u64) -> Result<(), ClusterError> {
         self.0
             .revert_migration(guest_uuid(guest)?, epoch)
             .map_err(explain)
@@ -376,13 +387,15 @@ impl Gate {
                 json!({"op": "commit", "guest": self.guest, "epoch": self.epoch}),
             );
             std::thread::spawn(move || {
-                let _ = tx.send(control_request(&agent, &req));
+                let _ = tx.send(control_call(&agent, &req));
             });
             let left = end.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok(Ok(_)) => return Ok(()),
-                Ok(Err(e)) if e.contains("refused by the registry") => return Err(e),
-                Ok(Err(e)) => last = e,
+                Ok(Err(e)) if e.kind.is_some_and(ClusterErrorKind::refused_by_registry) => {
+                    return Err(e.message)
+                }
+                Ok(Err(e)) => last = e.message,
                 Err(_) => {
                     last = format!("no answer within {:?}", self.commit_timeout);
                     break;
@@ -404,14 +417,17 @@ impl Gate {
         // asking for a while, since nothing else knows the guest is back.
         let t0 = Instant::now();
         loop {
-            match control_request(
+            match control_call(
                 &self.agent,
                 &json!({"op": "settle", "guest": self.guest, "epoch": self.epoch,
                         "revert_if_committed": true}),
             ) {
                 Ok(_) => return None,
-                Err(e) if t0.elapsed() > Duration::from_secs(30) || e.contains("not a cluster") => {
-                    return Some(e)
+                Err(e)
+                    if t0.elapsed() > Duration::from_secs(30)
+                        || e.kind == Some(ClusterErrorKind::NotMember) =>
+                {
+                    return Some(e.message)
                 }
                 Err(_) => std::thread::sleep(Duration::from_millis(250)),
             }

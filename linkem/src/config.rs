@@ -162,7 +162,7 @@ impl LinkConfig {
 /// Named link profiles.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Profile {
-    /// Unshaped (a kernel bridge in a [`crate::topo::Topology`]).
+    /// Unshaped (a kernel bridge in a topology; see `Profile::middle`).
     Dc,
     /// 1 Gbit/s, 50 ms RTT, 0.01 % loss per direction.
     Wan,
@@ -201,14 +201,6 @@ impl Profile {
             queue: QueueLimit::Bdp,
             ..Default::default()
         })
-    }
-
-    /// The middle box a [`crate::topo::Topology`] uses for this profile.
-    pub fn middle(self) -> crate::topo::Middle {
-        match self {
-            Profile::Dc => crate::topo::Middle::Bridge,
-            p => crate::topo::Middle::Emulator(p.config()),
-        }
     }
 }
 

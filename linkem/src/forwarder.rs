@@ -839,7 +839,7 @@ mod tests {
 
     #[test]
     fn trace_rate_applies_to_frames_starting_after_change() {
-        let tr = Arc::new(crate::Trace::from_steps(&[(0.0, 8.0), (1.0, 16.0)]).unwrap());
+        let tr = Arc::new(crate::config::Trace::from_steps(&[(0.0, 8.0), (1.0, 16.0)]).unwrap());
         let mut d = dir(DirConfig {
             trace: Some(tr),
             ..Default::default()

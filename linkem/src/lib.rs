@@ -8,6 +8,10 @@
 //!   kernel bridge or the forwarder (as threads of the calling process) in
 //!   the middle.
 //!
+//! Modules depend one way only: [`sys`] (syscalls) and [`config`] (what a
+//! link does) use nothing else of the crate; `forwarder` uses both; [`topo`]
+//! uses all three (and gives [`Profile`] its [`Middle`]).
+//!
 //! See README.md for the design and measured accuracy.
 
 pub mod config;

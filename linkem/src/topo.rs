@@ -12,7 +12,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use crate::config::LinkConfig;
+use crate::config::{LinkConfig, Profile};
 use crate::forwarder::{Forwarder, Stats};
 use crate::sys;
 
@@ -27,6 +27,17 @@ pub enum Middle {
     /// Ports `a` and `b` up and joined by nothing: run a forwarder yourself,
     /// e.g. `dwcp linkem run --netns {prefix}-link` as a child process.
     External,
+}
+
+impl Profile {
+    /// The middle box a [`Topology`] uses for this profile. (It lives here,
+    /// not in `config`, so that `config` does not depend on the topology.)
+    pub fn middle(self) -> Middle {
+        match self {
+            Profile::Dc => Middle::Bridge,
+            p => Middle::Emulator(p.config()),
+        }
+    }
 }
 
 /// Three namespaces and two veth pairs; dropping it deletes everything.

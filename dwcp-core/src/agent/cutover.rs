@@ -1,25 +1,25 @@
 //! The agent's side of the cutover gate: a destination session's
 //! [`CutoverGate`] on top of the cluster ([`ClusterOps`]), the background
 //! settling of migrations that did not finish (abort, or revert after a
-//! late failure), and the reconciliation an agent runs when it starts.
+//! late failure), the reconciliation an agent runs when it starts, and the
+//! cluster ops of the control socket (`begin`, `commit`, `abort`, `revert`,
+//! `settle`, `reconcile`), which drive the same registry by hand.
+//! Whether a cluster error is final is its [`ClusterErrorKind`].
 //! The protocol is in docs/consensus.md ("The transport gate").
 
 use std::collections::HashSet;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tracing::{info, warn};
 
-use crate::agent::ClusterOps;
+use super::cluster::{ClusterError, ClusterErrorKind, ClusterOps};
+use super::State;
 use crate::transport::CutoverGate;
-
-/// Errors of the cluster that no retry can change (the registry refused).
-pub fn is_final(e: &str) -> bool {
-    e.contains("refused by the registry")
-}
 
 /// Where a gated migration stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -82,7 +82,7 @@ impl AgentGate {
         guest: &str,
         src: Option<u64>,
         timeout: Duration,
-    ) -> Result<Arc<AgentGate>, String> {
+    ) -> Result<Arc<AgentGate>, ClusterError> {
         let g = Arc::new(AgentGate {
             dst: cluster.node_id(),
             cluster,
@@ -102,7 +102,7 @@ impl AgentGate {
         Ok(g)
     }
 
-    fn begin(&self, src: u64) -> Result<u64, String> {
+    fn begin(&self, src: u64) -> Result<u64, ClusterError> {
         let epoch = self.cluster.begin(&self.guest, src, self.dst)?;
         info!(
             guest = self.guest,
@@ -127,7 +127,7 @@ impl AgentGate {
         let src = self.cluster.member_at(ip).ok_or_else(|| {
             format!("the source {ip} is not a cluster member, so the intent to move guest {} cannot be recorded", self.guest)
         })?;
-        self.begin(src).map(|_| ())
+        self.begin(src).map(|_| ()).map_err(|e| e.to_string())
     }
 
     pub fn state(&self) -> GateState {
@@ -212,11 +212,11 @@ impl CutoverGate for AgentGate {
                     );
                     return Ok(());
                 }
-                Err(e) if is_final(&e) => {
-                    self.inner.lock().reason = Some(e.clone());
-                    return Err(e);
+                Err(e) if e.is_final() => {
+                    self.inner.lock().reason = Some(e.message.clone());
+                    return Err(e.message);
                 }
-                Err(e) => last = e,
+                Err(e) => last = e.message,
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -281,11 +281,14 @@ pub fn settle(
                         }
                         return;
                     }
-                    Err(e) if e.contains("already committed") && how == Settle::AbortOrRevert => {
+                    Err(e)
+                        if e.kind == ClusterErrorKind::AlreadyCommitted
+                            && how == Settle::AbortOrRevert =>
+                    {
                         how = Settle::Revert;
                         continue;
                     }
-                    Err(e) if is_final(&e) => {
+                    Err(e) if e.is_final() => {
                         warn!(guest, epoch, ?how, "settling refused: {e}");
                         return;
                     }
@@ -349,4 +352,263 @@ pub fn reconcile_on_start(
             }
         })
         .expect("spawn");
+}
+
+// The cluster ops of the control socket. Their fields are read leniently (a
+// field of the wrong JSON type counts as missing) and unknown fields are
+// ignored, as they always were; a missing guest is the empty string, which
+// the cluster refuses as not a UUID.
+
+/// `{"op":"begin","guest":UUID,"src":N,"dst":M}` (→ `"epoch"`).
+#[derive(Debug, Deserialize)]
+pub(crate) struct BeginRequest {
+    #[serde(default, deserialize_with = "super::lenient_string_or_empty")]
+    pub guest: String,
+    #[serde(default, deserialize_with = "super::lenient_u64")]
+    pub src: Option<u64>,
+    #[serde(default, deserialize_with = "super::lenient_u64")]
+    pub dst: Option<u64>,
+}
+
+/// `{"op":"commit"|"abort"|"revert","guest":UUID,"epoch":E}`.
+#[derive(Debug, Deserialize)]
+pub(crate) struct EpochRequest {
+    #[serde(default, deserialize_with = "super::lenient_string_or_empty")]
+    pub guest: String,
+    #[serde(default, deserialize_with = "super::lenient_u64")]
+    pub epoch: Option<u64>,
+}
+
+/// `{"op":"settle","guest":UUID,"epoch":E,"revert_if_committed":BOOL}`
+/// (only JSON `true` reverts).
+#[derive(Debug, Deserialize)]
+pub(crate) struct SettleRequest {
+    #[serde(default, deserialize_with = "super::lenient_string_or_empty")]
+    pub guest: String,
+    #[serde(default, deserialize_with = "super::lenient_u64")]
+    pub epoch: Option<u64>,
+    #[serde(default, deserialize_with = "super::lenient_true")]
+    pub revert_if_committed: bool,
+}
+
+/// `{"op":"reconcile","guest":UUID}`.
+#[derive(Debug, Deserialize)]
+pub(crate) struct ReconcileRequest {
+    #[serde(default, deserialize_with = "super::lenient_string_or_empty")]
+    pub guest: String,
+}
+
+/// A numeric field the op needs.
+fn need(op: &str, field: &str, v: Option<u64>) -> Result<u64, ClusterError> {
+    v.ok_or_else(|| ClusterError::invalid(format!("{op}: missing or non-numeric {field:?}")))
+}
+
+/// `begin`: records the intent (and remembers it as this agent's).
+pub(super) fn begin_op(
+    st: &State,
+    c: &dyn ClusterOps,
+    r: &BeginRequest,
+) -> Result<Value, ClusterError> {
+    let src = need("begin", "src", r.src)?;
+    let dst = need("begin", "dst", r.dst)?;
+    let guest = r.guest.as_str();
+    let epoch = c.begin(guest, src, dst)?;
+    st.record_intent(&format!("{guest}@{epoch}"));
+    info!(guest, src, dst, epoch, "migration intent committed");
+    Ok(json!({"ok": true, "epoch": epoch}))
+}
+
+/// `commit`: transfers ownership (counted in `stats` while under way).
+pub(super) fn commit_op(
+    st: &State,
+    c: &dyn ClusterOps,
+    r: &EpochRequest,
+) -> Result<Value, ClusterError> {
+    let (guest, e) = (r.guest.as_str(), need("commit", "epoch", r.epoch)?);
+    st.commits_in_flight.fetch_add(1, Ordering::AcqRel);
+    if let Some(d) = failpoint_delay() {
+        std::thread::sleep(d);
+    }
+    let result = c.commit(guest, e);
+    st.commits_in_flight.fetch_sub(1, Ordering::AcqRel);
+    result?;
+    info!(guest, epoch = e, "ownership transfer committed");
+    Ok(json!({"ok": true}))
+}
+
+/// `abort`: abandons the intent.
+pub(super) fn abort_op(c: &dyn ClusterOps, r: &EpochRequest) -> Result<Value, ClusterError> {
+    let (guest, e) = (r.guest.as_str(), need("abort", "epoch", r.epoch)?);
+    c.abort(guest, e)?;
+    info!(guest, epoch = e, "migration aborted");
+    Ok(json!({"ok": true}))
+}
+
+/// `revert`: a committed migration failed late; the source owns the guest again.
+pub(super) fn revert_op(c: &dyn ClusterOps, r: &EpochRequest) -> Result<Value, ClusterError> {
+    let (guest, e) = (r.guest.as_str(), need("revert", "epoch", r.epoch)?);
+    c.revert(guest, e)?;
+    info!(
+        guest,
+        epoch = e,
+        "migration reverted: the source owns the guest again"
+    );
+    Ok(json!({"ok": true}))
+}
+
+/// `settle`: abort (or revert) in the background, retried until the
+/// cluster has a quorum.
+pub(super) fn settle_op(c: &Arc<dyn ClusterOps>, r: &SettleRequest) -> Result<Value, ClusterError> {
+    let e = need("settle", "epoch", r.epoch)?;
+    let how = if r.revert_if_committed {
+        Settle::AbortOrRevert
+    } else {
+        Settle::Abort
+    };
+    settle(c.clone(), r.guest.clone(), e, how, None);
+    Ok(json!({"ok": true, "queued": true}))
+}
+
+/// `reconcile`: after a failed migration, on the host where the guest runs
+/// again (the source), close what the registry still shows for the guest's
+/// latest migration out of this host.
+pub(super) fn reconcile_op(
+    c: &Arc<dyn ClusterOps>,
+    r: &ReconcileRequest,
+) -> Result<Value, ClusterError> {
+    let guest = r.guest.as_str();
+    let me = c.node_id();
+    let rec = c.guests()["guests"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|g| g["guest"].as_str() == Some(guest))
+        .cloned();
+    let m = rec
+        .as_ref()
+        .map(|r| r["migration"].clone())
+        .unwrap_or(Value::Null);
+    let action = match (
+        m["source"].as_u64(),
+        m["state"].as_str(),
+        m["epoch"].as_u64(),
+    ) {
+        (Some(src), Some("intent"), Some(e)) if src == me => Some((e, Settle::Abort, "abort")),
+        (Some(src), Some("committed"), Some(e)) if src == me => Some((e, Settle::Revert, "revert")),
+        _ => None,
+    };
+    match action {
+        Some((e, how, name)) => {
+            info!(
+                guest,
+                epoch = e,
+                "reconcile: the guest runs on this host (the source) again: {name}"
+            );
+            settle(c.clone(), guest.to_string(), e, how, None);
+            Ok(json!({"ok": true, "action": name, "epoch": e}))
+        }
+        None => Ok(json!({"ok": true, "action": "none", "record": rec})),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    /// A cluster whose aborts answer from a script (then Ok); reverts succeed.
+    #[derive(Debug, Default)]
+    struct Scripted {
+        aborts: Mutex<Vec<ClusterError>>,
+        calls: Mutex<Vec<&'static str>>,
+    }
+
+    impl ClusterOps for Scripted {
+        fn node_id(&self) -> u64 {
+            2
+        }
+        fn status(&self) -> Value {
+            Value::Null
+        }
+        fn guests(&self) -> Value {
+            Value::Null
+        }
+        fn begin(&self, _: &str, _: u64, _: u64) -> Result<u64, ClusterError> {
+            Ok(1)
+        }
+        fn commit(&self, _: &str, _: u64) -> Result<(), ClusterError> {
+            Ok(())
+        }
+        fn abort(&self, _: &str, _: u64) -> Result<(), ClusterError> {
+            self.calls.lock().push("abort");
+            let mut a = self.aborts.lock();
+            if a.is_empty() {
+                Ok(())
+            } else {
+                Err(a.remove(0))
+            }
+        }
+        fn revert(&self, _: &str, _: u64) -> Result<(), ClusterError> {
+            self.calls.lock().push("revert");
+            Ok(())
+        }
+        fn owner(&self, _: &str) -> Option<u64> {
+            None
+        }
+        fn member_at(&self, _: std::net::IpAddr) -> Option<u64> {
+            None
+        }
+        fn open_intents(&self) -> Vec<(String, u64, u64, u64)> {
+            Vec::new()
+        }
+    }
+
+    /// Settles with abort answers `script`; returns the final state (None:
+    /// gave up) and the calls made.
+    fn settle_with(
+        script: Vec<ClusterError>,
+        how: Settle,
+    ) -> (Option<GateState>, Vec<&'static str>) {
+        let c = Arc::new(Scripted {
+            aborts: Mutex::new(script),
+            ..Default::default()
+        });
+        let (tx, rx) = mpsc::channel();
+        settle(
+            c.clone(),
+            "g".into(),
+            1,
+            how,
+            Some(Box::new(move |s| {
+                let _ = tx.send(s);
+            })),
+        );
+        let state = rx.recv_timeout(Duration::from_secs(5)).ok();
+        let calls = c.calls.lock().clone();
+        (state, calls)
+    }
+
+    #[test]
+    fn settling_goes_by_the_error_kind() {
+        use ClusterErrorKind::*;
+        let committed = || ClusterError::new(AlreadyCommitted, "refused by the registry: ...");
+        // Already committed: revert when asked to, else give up.
+        let (s, calls) = settle_with(vec![committed()], Settle::AbortOrRevert);
+        assert_eq!(
+            (s, calls),
+            (Some(GateState::Reverted), vec!["abort", "revert"])
+        );
+        let (s, calls) = settle_with(vec![committed()], Settle::Abort);
+        assert_eq!((s, calls), (None, vec!["abort"]));
+        // Refused or invalid: final. Unavailable: retried.
+        for kind in [Refused, Invalid] {
+            let (s, calls) = settle_with(vec![ClusterError::new(kind, "no")], Settle::Abort);
+            assert_eq!((s, calls), (None, vec!["abort"]), "{kind:?}");
+        }
+        let (s, calls) = settle_with(vec![ClusterError::unavailable("no leader")], Settle::Abort);
+        assert_eq!(
+            (s, calls),
+            (Some(GateState::Aborted), vec!["abort", "abort"])
+        );
+    }
 }

@@ -1,0 +1,207 @@
+//! The source side: routes. A route `NAME -> DST:PORT` listens on
+//! `<run-dir>/NAME.sock`; each connection QEMU opens there joins the route's
+//! current session (a new one once the last has finished). Also the
+//! `route` and `unroute` control requests.
+
+use std::net::SocketAddr;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tracing::{error, info, warn};
+
+use super::State;
+use crate::transport::{Session, SessionError, TransportConfig};
+use crate::wire;
+
+pub(super) struct Route {
+    name: String,
+    to: SocketAddr,
+    cfg: TransportConfig,
+    /// Where streams/codec came from: `request`, `prepared` or `defaults`.
+    settings_from: &'static str,
+    socket: PathBuf,
+    current: Mutex<Option<Session>>,
+    stop: AtomicBool,
+}
+
+impl Route {
+    /// The route as `stats` shows it.
+    pub(super) fn to_json(&self) -> Value {
+        json!({"name": self.name, "to": self.to.to_string(), "socket": self.socket,
+               "streams": self.cfg.streams, "codec": self.cfg.codec_name(),
+               "settings_from": self.settings_from})
+    }
+
+    /// Stops the route's accept loop (its socket file stays).
+    fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        let _ = UnixStream::connect(&self.socket); // wakes its accept loop
+    }
+}
+
+/// `{"op":"route",...}`. Unset fields take the agent's defaults (streams and
+/// codec: the name's prepared choice first); unknown fields are ignored.
+#[derive(Debug, Deserialize)]
+pub(crate) struct RouteRequest {
+    pub name: String,
+    pub to: String,
+    pub streams: Option<u16>,
+    pub codec: Option<String>,
+    pub workers: Option<usize>,
+    pub dedup_cache_mb: Option<u32>,
+    pub congestion: Option<String>,
+    pub window_mb: Option<u32>,
+}
+
+/// `{"op":"unroute","name":..}`; a missing name is the empty name.
+#[derive(Debug, Deserialize)]
+pub(crate) struct UnrouteRequest {
+    #[serde(default, deserialize_with = "super::lenient_string_or_empty")]
+    pub name: String,
+}
+
+/// Adds (or replaces) the route a request describes; returns its socket.
+pub(super) fn route(st: &Arc<State>, r: RouteRequest) -> Result<PathBuf, String> {
+    let to: SocketAddr = r.to.parse().map_err(|e| {
+        format!(
+            "to = {:?}: not HOST:PORT with a numeric address ({e})",
+            r.to
+        )
+    })?;
+    let mut cfg = st.cfg.transport.clone();
+    // Unset streams/codec: the name's prepared choice, else the defaults.
+    let mut from = "defaults";
+    if r.streams.is_none() || r.codec.is_none() {
+        if let Some((n, c)) = st.prepared_settings(&r.name) {
+            cfg.streams = n;
+            cfg.set_codec(&c)?;
+            from = "prepared";
+        }
+    }
+    if let Some(n) = r.streams {
+        cfg.streams = n;
+        from = "request";
+    }
+    if let Some(c) = r.codec {
+        cfg.set_codec(&c)?;
+        from = "request";
+    }
+    if let Some(w) = r.workers {
+        cfg.workers = w;
+    }
+    if let Some(d) = r.dedup_cache_mb {
+        cfg.dedup_cache_mb = d;
+    }
+    if let Some(c) = r.congestion {
+        cfg.tuning.congestion = Some(c);
+    }
+    if let Some(w) = r.window_mb {
+        cfg.window = w.saturating_mul(1 << 20);
+    }
+    add_route(st, &r.name, to, cfg, from)
+}
+
+/// Removes a route and its socket.
+pub(super) fn unroute(st: &State, r: &UnrouteRequest) -> Result<(), String> {
+    let name = &r.name;
+    match st.routes.lock().remove(name) {
+        Some(r) => {
+            r.stop();
+            let _ = std::fs::remove_file(&r.socket);
+            Ok(())
+        }
+        None => Err(format!("no route named {name:?}")),
+    }
+}
+
+pub(super) fn add_route(
+    st: &Arc<State>,
+    name: &str,
+    to: SocketAddr,
+    cfg: TransportConfig,
+    settings_from: &'static str,
+) -> Result<PathBuf, String> {
+    wire::check_name(name).map_err(|e| e.to_string())?;
+    cfg.validate().map_err(|e| e.to_string())?;
+    let socket = st.cfg.run_dir.join(format!("{name}.sock"));
+    if let Some(old) = st.routes.lock().remove(name) {
+        old.stop();
+    }
+    let _ = std::fs::remove_file(&socket);
+    let l =
+        UnixListener::bind(&socket).map_err(|e| format!("binding {}: {e}", socket.display()))?;
+    let route = Arc::new(Route {
+        name: name.to_string(),
+        to,
+        cfg,
+        settings_from,
+        socket: socket.clone(),
+        current: Mutex::new(None),
+        stop: AtomicBool::new(false),
+    });
+    st.routes.lock().insert(name.to_string(), route.clone());
+    info!(name, %to, streams = route.cfg.streams, tier = %route.cfg.tier, settings_from, "route added at {}", socket.display());
+    let st2 = st.clone();
+    std::thread::Builder::new()
+        .name(format!("dwcp-route-{name}"))
+        .spawn(move || route_loop(st2, route, l))
+        .map_err(|e| e.to_string())?;
+    Ok(socket)
+}
+
+fn route_loop(st: Arc<State>, route: Arc<Route>, l: UnixListener) {
+    for conn in l.incoming() {
+        if route.stop.load(Ordering::Acquire) {
+            return;
+        }
+        let conn = match conn {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(route = %route.name, "accept: {e}");
+                continue;
+            }
+        };
+        if let Err(e) = attach(&st, &route, conn) {
+            // Dropping the connection makes QEMU's migration fail with a
+            // socket error; the source guest keeps running.
+            error!(route = %route.name, "cannot relay migration to {}: {e}", route.to);
+        }
+    }
+}
+
+/// Joins QEMU's connection to the route's current session (a new one when
+/// there is none, or it finished). The error is the session's message.
+fn attach(st: &Arc<State>, route: &Arc<Route>, conn: UnixStream) -> Result<(), String> {
+    let mut current = route.current.lock();
+    for _ in 0..2 {
+        let session = match current.as_ref() {
+            Some(s) if !s.is_finished() => s.clone(),
+            _ => {
+                let s = Session::connect(&route.cfg, &route.name, route.to)
+                    .map_err(|e| e.to_string())?;
+                st.remember(&s);
+                let (w, st2) = (s.clone(), st.clone());
+                std::thread::spawn(move || st2.watch_session(w));
+                *current = Some(s.clone());
+                s
+            }
+        };
+        let conn = conn
+            .try_clone()
+            .map_err(|e| format!("migration failed: {e}"))?;
+        match session.add_local_channel(conn) {
+            Ok(_) => return Ok(()),
+            Err(SessionError::Finished) => {
+                *current = None;
+                continue;
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Err(SessionError::Finished.to_string())
+}
