@@ -117,17 +117,18 @@ fn run_inner(
     cfg: &dwcp_core::transport::TransportConfig,
     gate: Option<&crate::cluster::Gate>,
 ) -> Result<()> {
-    let route = control_request(
-        &a.agent,
-        &json!({
-            "op": "route", "name": a.name, "to": a.to, "streams": cfg.streams,
-            "codec": cfg.codec_name(), "workers": cfg.workers,
-            "dedup_cache_mb": cfg.dedup_cache_mb, "congestion": cfg.tuning.congestion,
-            "window_mb": cfg.window >> 20,
-        }),
-    )
-    .map_err(anyhow::Error::msg)
-    .context("setting up the route on the local agent")?;
+    // Every transport option the route request carries, from the same table
+    // the flags came from.
+    let mut req = json!({"op": "route", "name": a.name, "to": a.to});
+    for o in dwcp_core::transport::options::OPTIONS {
+        let v = o.show(cfg);
+        if let (Some(key), false) = (o.control, v.is_empty()) {
+            req[key] = Value::String(v);
+        }
+    }
+    let route = control_request(&a.agent, &req)
+        .map_err(anyhow::Error::msg)
+        .context("setting up the route on the local agent")?;
     let socket = route["socket"].as_str().unwrap_or_default().to_string();
     let setup = MigrationSetup {
         multifd_channels: a.multifd,

@@ -385,9 +385,25 @@ mod tests {
         match parse(cases[0].clone()) {
             ControlRequest::Route(r) => {
                 assert_eq!((r.name.as_str(), r.to.as_str()), ("vm1", "10.0.0.2:4800"));
-                assert_eq!((r.streams, r.codec.as_deref()), (Some(4), Some("zstd:3")));
-                assert_eq!((r.workers, r.dedup_cache_mb), (Some(2), Some(64)));
-                assert_eq!((r.congestion, r.window_mb), (None, Some(16)));
+                let opt = |name: &str| {
+                    let o = crate::transport::options::OPTIONS
+                        .iter()
+                        .find(|o| o.name == name)
+                        .unwrap();
+                    r.option(o)
+                };
+                assert_eq!(
+                    (opt("streams"), opt("codec")),
+                    (Some("4".into()), Some("zstd:3".into()))
+                );
+                assert_eq!(
+                    (opt("workers"), opt("dedup-cache-mb")),
+                    (Some("2".into()), Some("64".into()))
+                );
+                assert_eq!(
+                    (opt("congestion"), opt("window-mb")),
+                    (None, Some("16".into()))
+                );
             }
             other => panic!("{other:?}"),
         }
@@ -426,7 +442,7 @@ mod tests {
         else {
             panic!()
         };
-        assert!(r.streams.is_none() && r.codec.is_none() && r.window_mb.is_none());
+        assert_eq!(r.options.keys().collect::<Vec<_>>(), ["extra"]);
         let ControlRequest::Prepare(r) = parse(json!({"op": "prepare", "name": "g"})) else {
             panic!()
         };

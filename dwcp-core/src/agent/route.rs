@@ -3,6 +3,7 @@
 //! current session (a new one once the last has finished). Also the
 //! `route` and `unroute` control requests.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -15,6 +16,7 @@ use serde_json::{json, Value};
 use tracing::{error, info, warn};
 
 use super::State;
+use crate::transport::options::{self, Surface, TransportOption};
 use crate::transport::{Session, SessionError, TransportConfig};
 use crate::wire;
 
@@ -44,18 +46,27 @@ impl Route {
     }
 }
 
-/// `{"op":"route",...}`. Unset fields take the agent's defaults (streams and
-/// codec: the name's prepared choice first); unknown fields are ignored.
+/// `{"op":"route",...}`. Transport options use the fields of the option
+/// table (`transport::options`, e.g. `streams`, `codec`, `window_mb`); unset
+/// or null ones take the agent's defaults (streams and codec: the name's
+/// prepared choice first); unknown fields are ignored.
 #[derive(Debug, Deserialize)]
 pub(crate) struct RouteRequest {
     pub name: String,
     pub to: String,
-    pub streams: Option<u16>,
-    pub codec: Option<String>,
-    pub workers: Option<usize>,
-    pub dedup_cache_mb: Option<u32>,
-    pub congestion: Option<String>,
-    pub window_mb: Option<u32>,
+    #[serde(flatten)]
+    pub options: BTreeMap<String, Value>,
+}
+
+impl RouteRequest {
+    /// The request's value for `o`, as text; `None` when unset or null.
+    pub fn option(&self, o: &TransportOption) -> Option<String> {
+        match self.options.get(o.control?)? {
+            Value::Null => None,
+            Value::String(s) => Some(s.clone()),
+            v => Some(v.to_string()),
+        }
+    }
 }
 
 /// `{"op":"unroute","name":..}`; a missing name is the empty name.
@@ -74,34 +85,30 @@ pub(super) fn route(st: &Arc<State>, r: RouteRequest) -> Result<PathBuf, String>
         )
     })?;
     let mut cfg = st.cfg.transport.clone();
+    let is = |name| move |o: &&TransportOption| o.name == name;
+    let chosen = |name| {
+        options::OPTIONS
+            .iter()
+            .find(is(name))
+            .and_then(|o| r.option(o))
+    };
     // Unset streams/codec: the name's prepared choice, else the defaults.
     let mut from = "defaults";
-    if r.streams.is_none() || r.codec.is_none() {
+    if chosen("streams").is_none() || chosen("codec").is_none() {
         if let Some((n, c)) = st.prepared_settings(&r.name) {
             cfg.streams = n;
             cfg.set_codec(&c)?;
             from = "prepared";
         }
     }
-    if let Some(n) = r.streams {
-        cfg.streams = n;
-        from = "request";
-    }
-    if let Some(c) = r.codec {
-        cfg.set_codec(&c)?;
-        from = "request";
-    }
-    if let Some(w) = r.workers {
-        cfg.workers = w;
-    }
-    if let Some(d) = r.dedup_cache_mb {
-        cfg.dedup_cache_mb = d;
-    }
-    if let Some(c) = r.congestion {
-        cfg.tuning.congestion = Some(c);
-    }
-    if let Some(w) = r.window_mb {
-        cfg.window = w.saturating_mul(1 << 20);
+    for o in options::OPTIONS {
+        if let Some(v) = r.option(o) {
+            o.apply(&mut cfg, &v, Surface::Control)
+                .map_err(|e| e.to_string())?;
+            if o.name == "streams" || o.name == "codec" {
+                from = "request";
+            }
+        }
     }
     add_route(st, &r.name, to, cfg, from)
 }

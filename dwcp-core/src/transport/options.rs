@@ -188,7 +188,7 @@ pub const OPTIONS: &[TransportOption] = &[
     TransportOption {
         name: "socket-buffer-kb",
         uri: None,
-        control: None,
+        control: Some("socket_buffer_kb"),
         allowed: "4..=1048576 KiB",
         help: "SO_SNDBUF/SO_RCVBUF of the streams, KiB (default: kernel autotuning)",
         set: |c, v| {
