@@ -6,9 +6,11 @@
 //! - [`codec`]: zero runs, page dedup, lz4/zstd tiers
 //! - [`agent`]: the per-host daemon relaying QEMU's UNIX-socket migrations
 //! - [`qemu`]: QMP client and migration driver
+//! - [`tls`]: TLS 1.3 with mutual authentication (rustls), libvirt's PKI layout
 pub mod agent;
 pub mod codec;
 pub mod cutover;
 pub mod qemu;
+pub mod tls;
 pub mod transport;
 pub mod wire;
