@@ -173,13 +173,12 @@ fn client_without_certificate_is_refused() {
     for c in CertificateDer::pem_file_iter(d.path().join("ca-cert.pem")).unwrap() {
         roots.add(c.unwrap()).unwrap();
     }
-    let anon = ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13])
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let anon =
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
     let (s, c) = pair(creds.server_config(), Arc::new(anon), "localhost");
     let se = s.unwrap_err().to_string();
     assert!(se.contains("presented no certificate"), "{se}");
@@ -192,7 +191,17 @@ fn certificate_from_another_ca_is_refused_both_directions() {
     let ca = TestCa::new("good CA").unwrap();
     let rogue = TestCa::new("rogue CA").unwrap();
 
-    // A client certificate signed by the rogue CA (trusting the good one).
+    let good_dir = TempDir::new("good");
+    ca.write_layout(
+        good_dir.path(),
+        &leaf(&ca, "server", Usage::Server),
+        &leaf(&ca, "client", Usage::Client),
+    )
+    .unwrap();
+    let good = TlsCredentials::load(good_dir.path()).unwrap();
+
+    // A client certificate signed by the rogue CA (the client trusts the
+    // good CA, so it accepts the server): the server refuses.
     let d1 = TempDir::new("rogue-client");
     ca.write_layout(
         d1.path(),
@@ -201,14 +210,17 @@ fn certificate_from_another_ca_is_refused_both_directions() {
     )
     .unwrap();
     let bad_client = TlsCredentials::load(d1.path()).unwrap();
-    let (_d, good) = pki("good");
-    // The server of `good` trusts only its own CA.
-    let (s, c) = pair(good.server_config(), bad_client.client_config(), "localhost");
-    let _ = c;
+    let (s, c) = pair(
+        good.server_config(),
+        bad_client.client_config(),
+        "localhost",
+    );
     let se = s.unwrap_err().to_string();
     assert!(se.contains("certificate signed by an unknown CA"), "{se}");
+    let ce = client_refused(c);
+    assert!(ce.contains("CA it does not trust"), "{ce}");
 
-    // A server certificate signed by the rogue CA.
+    // A server certificate signed by the rogue CA: the client refuses.
     let d2 = TempDir::new("rogue-server");
     ca.write_layout(
         d2.path(),
@@ -217,14 +229,7 @@ fn certificate_from_another_ca_is_refused_both_directions() {
     )
     .unwrap();
     let bad_server = TlsCredentials::load(d2.path()).unwrap();
-    let d3 = TempDir::new("good-client");
-    ca.write_layout(
-        d3.path(),
-        &leaf(&ca, "server", Usage::Server),
-        &leaf(&ca, "client", Usage::Client),
-    )
-    .unwrap();
-    let good_client = TlsCredentials::load(d3.path()).unwrap();
+    let good_client = good;
     let (s, c) = pair(
         bad_server.server_config(),
         good_client.client_config(),
@@ -248,8 +253,12 @@ fn expired_certificate_is_refused() {
     };
     // Expired server certificate: the client refuses.
     let d = TempDir::new("exp-server");
-    ca.write_layout(d.path(), &expired(Usage::Server), &leaf(&ca, "c", Usage::Client))
-        .unwrap();
+    ca.write_layout(
+        d.path(),
+        &expired(Usage::Server),
+        &leaf(&ca, "c", Usage::Client),
+    )
+    .unwrap();
     let creds = TlsCredentials::load(d.path()).unwrap();
     let (s, c) = pair(creds.server_config(), creds.client_config(), "localhost");
     let ce = c.unwrap_err().to_string();
@@ -257,8 +266,12 @@ fn expired_certificate_is_refused() {
     assert!(s.is_err());
     // Expired client certificate: the server refuses.
     let d = TempDir::new("exp-client");
-    ca.write_layout(d.path(), &leaf(&ca, "s", Usage::Server), &expired(Usage::Client))
-        .unwrap();
+    ca.write_layout(
+        d.path(),
+        &leaf(&ca, "s", Usage::Server),
+        &expired(Usage::Client),
+    )
+    .unwrap();
     let creds = TlsCredentials::load(d.path()).unwrap();
     let (s, _c) = pair(creds.server_config(), creds.client_config(), "localhost");
     let se = s.unwrap_err().to_string();
@@ -274,15 +287,23 @@ fn wrong_server_name_is_refused() {
         "dst.example.org",
     );
     let ce = c.unwrap_err().to_string();
-    assert!(ce.contains("name mismatch: expected dst.example.org"), "{ce}");
+    assert!(
+        ce.contains("name mismatch: expected dst.example.org"),
+        "{ce}"
+    );
     assert!(ce.contains("localhost"), "{ce}");
     assert!(s.is_err());
     // An IP address is a valid tls-hostname when the certificate has it.
     let (s, c) = pair(creds.server_config(), creds.client_config(), "127.0.0.1");
     assert!(s.is_ok() && c.is_ok());
     // An unparsable one is reported as such.
-    let t = TcpStream::connect(TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap())
-        .unwrap();
+    let t = TcpStream::connect(
+        TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap(),
+    )
+    .unwrap();
     let e = client_handshake(t, creds.client_config(), "bad name!").unwrap_err();
     assert!(matches!(e, TlsError::ServerName(_)), "{e}");
 }
@@ -297,7 +318,8 @@ fn plaintext_client_gets_a_clean_error_not_a_hang() {
         let mut out = Vec::new();
         for _ in 0..2 {
             let (s, _) = l.accept().unwrap();
-            s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
             let t = Instant::now();
             out.push((server_handshake(s, cfg.clone()), t.elapsed()));
         }
@@ -305,7 +327,9 @@ fn plaintext_client_gets_a_clean_error_not_a_hang() {
     });
     // A clear-text DWCP peer that speaks first.
     let mut talker = TcpStream::connect(addr).unwrap();
-    talker.write_all(b"DWCP\x01\x00hello in clear text\n").unwrap();
+    talker
+        .write_all(b"DWCP\x01\x00hello in clear text\n")
+        .unwrap();
     // One that waits for the server to speak first.
     let silent = TcpStream::connect(addr).unwrap();
     let out = h.join().unwrap();
@@ -334,7 +358,10 @@ fn reload_with_a_broken_file_keeps_the_old_credentials() {
     write_file(&d.path().join("server-key.pem"), "garbage\n", 0o600).unwrap();
     let e = store.reload().unwrap_err();
     let msg = e.to_string();
-    assert!(msg.contains("server-key.pem") && msg.contains("not PEM"), "{msg}");
+    assert!(
+        msg.contains("server-key.pem") && msg.contains("not PEM"),
+        "{msg}"
+    );
     assert!(Arc::ptr_eq(&before, &store.current()));
     assert_eq!(store.generation(), 1);
     // The old credentials still serve new connections.
@@ -374,15 +401,24 @@ fn load_errors_name_the_file_and_the_problem() {
     write_file(&p("client-key.pem"), &server_key, 0o600).unwrap();
     let e = TlsCredentials::load(d.path()).unwrap_err();
     assert!(matches!(e, TlsError::KeyMismatch { .. }), "{e}");
-    assert!(e.to_string().contains("client-key.pem does not match"), "{e}");
+    assert!(
+        e.to_string().contains("client-key.pem does not match"),
+        "{e}"
+    );
     // A certificate where the key should be and the reverse.
     write_file(&p("client-key.pem"), &cert, 0o600).unwrap();
     let e = TlsCredentials::load(d.path()).unwrap_err().to_string();
-    assert!(e.contains("client-key.pem") && e.contains("holds a certificate"), "{e}");
+    assert!(
+        e.contains("client-key.pem") && e.contains("holds a certificate"),
+        "{e}"
+    );
     write_file(&p("client-key.pem"), &key, 0o600).unwrap();
     write_file(&p("client-cert.pem"), &key, 0o644).unwrap();
     let e = TlsCredentials::load(d.path()).unwrap_err().to_string();
-    assert!(e.contains("client-cert.pem") && e.contains("holds a private key"), "{e}");
+    assert!(
+        e.contains("client-cert.pem") && e.contains("holds a private key"),
+        "{e}"
+    );
     write_file(&p("client-cert.pem"), &cert, 0o644).unwrap();
     // A CA file that is not PEM.
     write_file(&p("ca-cert.pem"), "not a certificate", 0o644).unwrap();
@@ -391,7 +427,10 @@ fn load_errors_name_the_file_and_the_problem() {
     assert!(e.to_string().contains("not PEM"), "{e}");
     // Keys are written 0600.
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(p("server-key.pem")).unwrap().permissions().mode();
+    let mode = std::fs::metadata(p("server-key.pem"))
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600);
 }
 
@@ -400,21 +439,35 @@ fn peer_identity_shows_cn_and_sans_and_authorizes() {
     let ca = TestCa::new("CA").unwrap();
     let d = TempDir::new("ident");
     let server = ca
-        .issue(&LeafSpec::new("dst-host", &["dst.dc1.example", "localhost"], Usage::Server))
+        .issue(&LeafSpec::new(
+            "dst-host",
+            &["dst.dc1.example", "localhost"],
+            Usage::Server,
+        ))
         .unwrap();
     let client = ca
-        .issue(&LeafSpec::new("src-host", &["src.dc1.example", "127.0.0.1"], Usage::Client))
+        .issue(&LeafSpec::new(
+            "src-host",
+            &["src.dc1.example", "127.0.0.1"],
+            Usage::Client,
+        ))
         .unwrap();
     ca.write_layout(d.path(), &server, &client).unwrap();
     let creds = TlsCredentials::load(d.path()).unwrap();
-    assert_eq!(creds.client_identity().common_name.as_deref(), Some("src-host"));
+    assert_eq!(
+        creds.client_identity().common_name.as_deref(),
+        Some("src-host")
+    );
     let (s, c) = pair(creds.server_config(), creds.client_config(), "localhost");
     let (s, c) = (s.unwrap(), c.unwrap());
     let id = s.peer_identity().unwrap();
     assert_eq!(id.common_name.as_deref(), Some("src-host"));
     assert_eq!(id.subject, "CN=src-host,O=DWCP test");
     assert_eq!(id.dns_names, vec!["src.dc1.example".to_string()]);
-    assert_eq!(id.ip_addresses, vec!["127.0.0.1".parse::<std::net::IpAddr>().unwrap()]);
+    assert_eq!(
+        id.ip_addresses,
+        vec!["127.0.0.1".parse::<std::net::IpAddr>().unwrap()]
+    );
     assert_eq!(
         id.to_string(),
         "CN=src-host,O=DWCP test [DNS:src.dc1.example, IP:127.0.0.1]"

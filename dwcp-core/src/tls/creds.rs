@@ -264,9 +264,13 @@ fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
     let certs = parse_certs(path).map_err(err)?;
     let mut roots = RootCertStore::empty();
     for (i, c) in certs.into_iter().enumerate() {
-        roots
-            .add(c)
-            .map_err(|e| err(format!("certificate #{} unusable as a CA: {}", i + 1, describe(&e))))?;
+        roots.add(c).map_err(|e| {
+            err(format!(
+                "certificate #{} unusable as a CA: {}",
+                i + 1,
+                describe(&e)
+            ))
+        })?;
     }
     Ok(roots)
 }

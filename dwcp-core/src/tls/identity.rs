@@ -257,10 +257,7 @@ fn oid_dotted(oid: &[u8]) -> String {
             acc = 0;
         }
     }
-    out.iter()
-        .map(u64::to_string)
-        .collect::<Vec<_>>()
-        .join(".")
+    out.iter().map(u64::to_string).collect::<Vec<_>>().join(".")
 }
 
 /// `[critical BOOLEAN,] extnValue OCTET STRING { GeneralNames }`.
@@ -282,8 +279,12 @@ fn parse_san(rest: &[u8], id: &mut PeerIdentity) -> Option<()> {
             // dNSName [2] IA5String
             (0x82, _) => id.dns_names.push(String::from_utf8_lossy(n).into_owned()),
             // iPAddress [7] OCTET STRING
-            (0x87, 4) => id.ip_addresses.push(IpAddr::from(<[u8; 4]>::try_from(n).ok()?)),
-            (0x87, 16) => id.ip_addresses.push(IpAddr::from(<[u8; 16]>::try_from(n).ok()?)),
+            (0x87, 4) => id
+                .ip_addresses
+                .push(IpAddr::from(<[u8; 4]>::try_from(n).ok()?)),
+            (0x87, 16) => id
+                .ip_addresses
+                .push(IpAddr::from(<[u8; 16]>::try_from(n).ok()?)),
             _ => {}
         }
         names = next;
@@ -346,6 +347,9 @@ mod tests {
     #[test]
     fn oid_dotted_form() {
         assert_eq!(oid_dotted(&[0x55, 0x04, 0x2a]), "2.5.4.42");
-        assert_eq!(oid_dotted(&[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d]), "1.2.840.113549");
+        assert_eq!(
+            oid_dotted(&[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d]),
+            "1.2.840.113549"
+        );
     }
 }

@@ -139,7 +139,10 @@ fn describe_cert(c: &CertificateError) -> String {
             "certificate not valid yet (check the clocks)".into()
         }
         C::NotValidForName => "name mismatch".into(),
-        C::NotValidForNameContext { expected, presented } => format!(
+        C::NotValidForNameContext {
+            expected,
+            presented,
+        } => format!(
             "name mismatch: expected {} but the certificate names {}",
             expected.to_str(),
             if presented.is_empty() {

@@ -183,15 +183,19 @@ fn handshake(mut tcp: TcpStream, mut conn: Connection) -> Result<TlsLink, TlsErr
     };
     loop {
         while conn.wants_write() {
-            conn.write_tls(&mut tcp)
-                .map_err(|e| io_err("sending", e))?;
+            conn.write_tls(&mut tcp).map_err(|e| io_err("sending", e))?;
         }
         if !conn.is_handshaking() {
             break;
         }
         let n = match conn.read_tls(&mut tcp) {
             Ok(n) => n,
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
                 return Err(io_err(
                     "timed out waiting for the peer (is it speaking TLS?)",
                     e,

@@ -141,7 +141,11 @@ impl TestCa {
 /// `virsh migrate --tls` (docs/security.md).
 pub fn write_test_pki(dir: &Path, hosts: &[&str]) -> io::Result<()> {
     let cn = hosts.first().copied().unwrap_or("localhost");
-    let hosts: &[&str] = if hosts.is_empty() { &["localhost"] } else { hosts };
+    let hosts: &[&str] = if hosts.is_empty() {
+        &["localhost"]
+    } else {
+        hosts
+    };
     let ca = TestCa::new("DWCP throwaway test CA").map_err(io::Error::other)?;
     let server = ca
         .issue(&LeafSpec::new(cn, hosts, Usage::Server))
@@ -171,7 +175,6 @@ fn dn(cn: &str) -> DistinguishedName {
     dn
 }
 
-
 /// The civil date (UTC) of `now + offset_secs`.
 fn civil(offset_secs: i64) -> (i32, u8, u8) {
     let now = SystemTime::now()
@@ -190,4 +193,3 @@ fn civil(offset_secs: i64) -> (i32, u8, u8) {
     let y = yoe + era * 400 + i64::from(m <= 2);
     (y as i32, m as u8, d as u8)
 }
-
