@@ -477,6 +477,10 @@ fn peer_identity_shows_cn_and_sans_and_authorizes() {
     assert!(AllowedPeers::new(["src.dc1.example"]).allows(&id));
     assert!(AllowedPeers::new(["*.dc1.example"]).allows(&id));
     assert!(!AllowedPeers::new(["dst-host", "10.1.1.1"]).allows(&id));
+    assert_eq!(AllowedPeers::new(["src-host"]).authorize(&s).unwrap(), id);
+    let e = AllowedPeers::new(["dst-host"]).authorize(&s).unwrap_err();
+    assert!(matches!(e, TlsError::NotAllowed { .. }), "{e}");
+    assert!(e.to_string().contains("CN=src-host"), "{e}");
     assert!(c.cipher_suite().unwrap().starts_with("TLS13_"));
 }
 

@@ -8,6 +8,8 @@
 use std::fmt;
 use std::net::IpAddr;
 
+use super::{TlsError, TlsLink};
+
 /// Who the peer is, from its verified certificate.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PeerIdentity {
@@ -91,6 +93,31 @@ impl AllowedPeers {
     /// Whether `id` is allowed.
     pub fn allows(&self, id: &PeerIdentity) -> bool {
         self.is_any() || self.entries.iter().any(|e| entry_matches(e, id))
+    }
+
+    /// The destination's check after [`server_handshake`]: the peer's
+    /// identity if it is allowed, else [`TlsError::NotAllowed`] (log it and
+    /// drop the connection before reading any DWCP frame).
+    ///
+    /// [`server_handshake`]: super::server_handshake
+    pub fn authorize(&self, link: &TlsLink) -> Result<PeerIdentity, TlsError> {
+        let denied = |identity: String| TlsError::NotAllowed {
+            peer: link.peer().to_string(),
+            identity,
+        };
+        let id = link
+            .peer_identity()
+            .ok_or_else(|| denied("no readable certificate".into()))?;
+        if self.allows(&id) {
+            Ok(id)
+        } else {
+            Err(denied(id.to_string()))
+        }
+    }
+
+    /// The entries, as given.
+    pub fn entries(&self) -> &[String] {
+        &self.entries
     }
 }
 

@@ -336,8 +336,15 @@ impl TlsWriter {
                         o = 0;
                     }
                 }
+                let offered = !slices.is_empty();
                 let mut sent = c.writer().write_vectored(&slices)?;
                 drop(slices);
+                if offered && sent == 0 && !c.wants_write() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "TLS: the connection accepts no more data",
+                    ));
+                }
                 // Advance by what rustls accepted (it may refuse some when a
                 // key update is due; the next round sends the rest).
                 while sent > 0 {
