@@ -566,3 +566,27 @@ fn bench_tls_vs_plain_throughput() {
         c.cipher_suite().unwrap_or_default()
     );
 }
+
+/// An operator's PKI (e.g. made with docs/security.md's certtool or openssl
+/// recipe) in `DWCP_TEST_TLS_DIR` loads and completes a mutual handshake
+/// with itself; `DWCP_TEST_TLS_NAME` is the name to verify (default
+/// localhost). `DWCP_TEST_TLS_DIR=... cargo test -p dwcp-core --test tls
+/// operator_pki -- --ignored`
+#[test]
+#[ignore]
+fn operator_pki_from_env_loads_and_handshakes() {
+    let dir = std::env::var("DWCP_TEST_TLS_DIR").expect("set DWCP_TEST_TLS_DIR");
+    let name = std::env::var("DWCP_TEST_TLS_NAME").unwrap_or_else(|_| "localhost".into());
+    let creds = TlsCredentials::load(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let (s, c) = pair(creds.server_config(), creds.client_config(), &name);
+    let (s, c) = (s.unwrap(), c.unwrap());
+    c.writer().write_all(b"ping").unwrap();
+    let mut b = [0u8; 4];
+    s.reader().read_exact(&mut b).unwrap();
+    println!(
+        "{dir}: client {} -> server {} ({})",
+        s.peer_identity().unwrap(),
+        c.peer_identity().unwrap(),
+        c.cipher_suite().unwrap()
+    );
+}
