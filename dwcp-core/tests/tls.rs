@@ -575,7 +575,10 @@ fn bench_tls_vs_plain_throughput() {
 #[test]
 #[ignore]
 fn operator_pki_from_env_loads_and_handshakes() {
-    let dir = std::env::var("DWCP_TEST_TLS_DIR").expect("set DWCP_TEST_TLS_DIR");
+    let Ok(dir) = std::env::var("DWCP_TEST_TLS_DIR") else {
+        eprintln!("DWCP_TEST_TLS_DIR not set: nothing to check");
+        return;
+    };
     let name = std::env::var("DWCP_TEST_TLS_NAME").unwrap_or_else(|_| "localhost".into());
     let creds = TlsCredentials::load(&dir).unwrap_or_else(|e| panic!("{e}"));
     let (s, c) = pair(creds.server_config(), creds.client_config(), &name);
