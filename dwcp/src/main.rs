@@ -2,6 +2,7 @@
 
 mod bench;
 mod cluster;
+mod gendocs;
 mod libvirt_migrate;
 mod migrate;
 
@@ -58,6 +59,9 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Write man pages and shell completions generated from this CLI (packaging).
+    #[command(hide = true)]
+    GenerateDocs(gendocs::GenDocsArgs),
 }
 
 /// Transport settings shared by `agent` and `migrate`: one flag per entry of
@@ -184,6 +188,7 @@ fn main() {
         Cmd::Demo(d) => dwcp_harness::demo::run(d),
         Cmd::Benchmark(b) => bench::run(b),
         Cmd::Linkem { args } => linkem::cli_main(args),
+        Cmd::GenerateDocs(g) => gendocs::run(g),
     };
     if let Err(e) = r {
         eprintln!("dwcp: error: {e:#}");
