@@ -189,7 +189,7 @@ install: dist-build
 	sed -e 's|/usr/bin/dwcp|$(BINDIR)/dwcp|g' -e 's|/etc/|$(SYSCONFDIR)/|g' \
 	  packaging/dwcp-agent.service >$(DESTDIR)$(UNITDIR)/dwcp-agent.service
 	chmod 644 $(DESTDIR)$(UNITDIR)/dwcp-agent.service
-	install -m 644 $(PKG_GEN)/man/*.1 $(DESTDIR)$(MANDIR)/man1/
+	install -m 644 $(PKG_GEN)/man/*.1 packaging/man/*.1 $(DESTDIR)$(MANDIR)/man1/
 	install -m 644 $(PKG_GEN)/completions/dwcp $(DESTDIR)$(BASHCOMPDIR)/dwcp
 	install -m 644 $(PKG_GEN)/completions/_dwcp $(DESTDIR)$(ZSHCOMPDIR)/_dwcp
 	install -m 644 $(PKG_GEN)/completions/dwcp.fish $(DESTDIR)$(FISHCOMPDIR)/dwcp.fish
