@@ -16,7 +16,7 @@ target=${CARGO_TARGET_DIR:-$root/target}
 out=$target/debian
 CARGO_DEB_VERSION=3.8.0
 cache=${DWCP_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/dwcp}/cargo-deb
-if ! [ -x "$cache/bin/cargo-deb" ] || [ "$("$cache/bin/cargo-deb" --version)" != "$CARGO_DEB_VERSION" ]; then
+if ! [ -x "$cache/bin/cargo-deb" ] || [ "$("$cache/bin/cargo-deb" --version)" != "cargo-deb $CARGO_DEB_VERSION" ]; then
     echo "build-debs: installing cargo-deb $CARGO_DEB_VERSION into $cache" >&2
     cargo install cargo-deb --version "=$CARGO_DEB_VERSION" --locked --root "$cache" >&2
 fi
