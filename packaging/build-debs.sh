@@ -23,7 +23,14 @@ fi
 mkdir -p "$out"
 
 # --- dwcp (cargo-deb; the binary and generated docs come from dist-build) ---
-"$cache/bin/cargo-deb" -p dwcp --no-build --output "$out"
+# cargo-deb compresses man pages only when they are not build products: the
+# generated ones are gzipped here (what dh_compress would do).
+rm -rf "$target/release/gendocs/man-gz"
+mkdir -p "$target/release/gendocs/man-gz"
+for m in "$target/release/gendocs/man"/*.1; do
+    gzip -9n <"$m" >"$target/release/gendocs/man-gz/$(basename "$m").gz"
+done
+"$cache/bin/cargo-deb" -p dwcp --no-build --strip --output "$out"
 
 # --- libdwcp0, libdwcp-dev (dpkg-deb) ---
 ver=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)

@@ -15,7 +15,7 @@ for t in lintian systemd-analyze; do
 done
 
 echo "== lintian"
-lintian --fail-on error --info --display-level '>=warning' "${debs[@]}"
+lintian --fail-on error --display-level '>=warning' "${debs[@]}"
 echo "lintian: no errors"
 
 # The unit from the package, its ExecStart pointed at the packaged binary and
