@@ -8,6 +8,7 @@ DWCP := target/release/dwcp
 GUEST := tests/guest/out/initrd.img
 
 .PHONY: fresh-check all setup build guest demo test lint unit e2e ffi qemu qemu-test qemu-upstream libvirt-test libvirt-bench bench bench-full soak bench-gate bench-consensus clean help
+.PHONY: dist-build install uninstall deb deb-check
 
 all: build
 
@@ -22,6 +23,8 @@ help:
 	@echo "make bench-gate - what the cutover gate adds to a migration, dc and internet links"
 	@echo "make bench-consensus - raft commit latency, throughput and failover over dc and internet links"
 	@echo "make qemu   - build QEMU with the dwcp: migration URI (qemu-patches/)"
+	@echo "make install - install into \$$(DESTDIR)\$$(PREFIX) (PREFIX=/usr/local); make uninstall removes it (docs/install.md)"
+	@echo "make deb    - the Debian packages dwcp, libdwcp0, libdwcp-dev in target/debian/; make deb-check runs lintian and systemd-analyze on them"
 	@echo "make qemu-upstream - the upstream rebase on the newest QEMU Debian serves: git am, checkpatch, build, smoke (not in make test)"
 
 setup:
@@ -127,3 +130,86 @@ fresh-check:
 clean:
 	$(CARGO) clean
 	rm -rf tests/guest/out
+
+# --- Installation and Debian packages (docs/install.md) ---------------------
+# `make install` builds with cargo (release) when needed and copies; it never
+# runs apt and never touches the system's QEMU. PREFIX is what the installed
+# files name (dwcp.pc, the unit's ExecStart); DESTDIR only stages. /etc is
+# /etc for every PREFIX (libvirt reads its hooks there); configuration files
+# that exist already are kept.
+PREFIX ?= /usr/local
+DESTDIR ?=
+BINDIR ?= $(PREFIX)/bin
+LIBDIR ?= $(PREFIX)/lib
+INCLUDEDIR ?= $(PREFIX)/include
+MANDIR ?= $(PREFIX)/share/man
+SYSCONFDIR ?= /etc
+UNITDIR ?= $(PREFIX)/lib/systemd/system
+BASHCOMPDIR ?= $(PREFIX)/share/bash-completion/completions
+# Debian's zsh searches vendor-completions under /usr, site-functions elsewhere.
+ZSHCOMPDIR ?= $(PREFIX)/share/zsh/$(if $(filter /usr,$(PREFIX)),vendor-completions,site-functions)
+FISHCOMPDIR ?= $(PREFIX)/share/fish/vendor_completions.d
+PKG_TARGET := $(or $(CARGO_TARGET_DIR),target)
+PKG_GEN := $(PKG_TARGET)/release/gendocs
+LIBDWCP_VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+# Man page dates: the last commit's (reproducible), else today.
+PKG_DATE = $(shell git log -1 --format=%ct 2>/dev/null)
+
+# The release binary and library, then man pages and completions generated
+# from the CLI definition (`dwcp generate-docs`).
+dist-build:
+	$(CARGO) build --release -p dwcp -p dwcp-ffi
+	rm -rf $(PKG_GEN)
+	SOURCE_DATE_EPOCH=$(PKG_DATE) $(PKG_TARGET)/release/dwcp generate-docs \
+	  --man $(PKG_GEN)/man --completions $(PKG_GEN)/completions
+
+install: dist-build
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(LIBDIR)/pkgconfig $(DESTDIR)$(INCLUDEDIR) \
+	  $(DESTDIR)$(MANDIR)/man1 $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSCONFDIR)/dwcp \
+	  $(DESTDIR)$(SYSCONFDIR)/default $(DESTDIR)$(SYSCONFDIR)/libvirt/hooks/qemu.d \
+	  $(DESTDIR)$(BASHCOMPDIR) $(DESTDIR)$(ZSHCOMPDIR) $(DESTDIR)$(FISHCOMPDIR)
+	install -m 755 $(PKG_TARGET)/release/dwcp libvirt-hooks/dwcp-route \
+	  libvirt-hooks/dwcp-nova-shim $(DESTDIR)$(BINDIR)/
+	install -m 644 $(PKG_TARGET)/release/libdwcp.so $(DESTDIR)$(LIBDIR)/libdwcp.so.$(LIBDWCP_VERSION)
+	ln -sfn libdwcp.so.$(LIBDWCP_VERSION) $(DESTDIR)$(LIBDIR)/libdwcp.so.0
+	ln -sfn libdwcp.so.0 $(DESTDIR)$(LIBDIR)/libdwcp.so
+	install -m 644 include/dwcp.h $(DESTDIR)$(INCLUDEDIR)/dwcp.h
+	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@VERSION@|$(LIBDWCP_VERSION)|' \
+	  -e 's|^libdir=.*|libdir=$(patsubst $(PREFIX)/%,$${prefix}/%,$(LIBDIR))|' \
+	  -e 's|^includedir=.*|includedir=$(patsubst $(PREFIX)/%,$${prefix}/%,$(INCLUDEDIR))|' \
+	  dwcp-ffi/dwcp.pc.in >$(DESTDIR)$(LIBDIR)/pkgconfig/dwcp.pc
+	chmod 644 $(DESTDIR)$(LIBDIR)/pkgconfig/dwcp.pc
+	install -m 755 libvirt-hooks/qemu.d/dwcp $(DESTDIR)$(SYSCONFDIR)/libvirt/hooks/qemu.d/dwcp
+	[ -e $(DESTDIR)$(SYSCONFDIR)/libvirt/hooks/dwcp.conf ] || \
+	  install -m 644 libvirt-hooks/dwcp.conf $(DESTDIR)$(SYSCONFDIR)/libvirt/hooks/dwcp.conf
+	[ -e $(DESTDIR)$(SYSCONFDIR)/dwcp/dwcp.toml ] || \
+	  install -m 644 packaging/dwcp.toml $(DESTDIR)$(SYSCONFDIR)/dwcp/dwcp.toml
+	[ -e $(DESTDIR)$(SYSCONFDIR)/default/dwcp ] || \
+	  install -m 644 packaging/default-dwcp $(DESTDIR)$(SYSCONFDIR)/default/dwcp
+	sed -e 's|/usr/bin/dwcp|$(BINDIR)/dwcp|g' -e 's|/etc/|$(SYSCONFDIR)/|g' \
+	  packaging/dwcp-agent.service >$(DESTDIR)$(UNITDIR)/dwcp-agent.service
+	chmod 644 $(DESTDIR)$(UNITDIR)/dwcp-agent.service
+	install -m 644 $(PKG_GEN)/man/*.1 packaging/man/*.1 $(DESTDIR)$(MANDIR)/man1/
+	install -m 644 $(PKG_GEN)/completions/dwcp $(DESTDIR)$(BASHCOMPDIR)/dwcp
+	install -m 644 $(PKG_GEN)/completions/_dwcp $(DESTDIR)$(ZSHCOMPDIR)/_dwcp
+	install -m 644 $(PKG_GEN)/completions/dwcp.fish $(DESTDIR)$(FISHCOMPDIR)/dwcp.fish
+	@echo "installed into $(DESTDIR)$(PREFIX); libvirtd reads hooks at start: restart it after the first install"
+
+# Removes what `make install` put there, except the configuration files in
+# $(SYSCONFDIR) (dwcp/dwcp.toml, default/dwcp, libvirt/hooks/dwcp.conf).
+uninstall:
+	rm -f $(DESTDIR)$(BINDIR)/dwcp $(DESTDIR)$(BINDIR)/dwcp-route $(DESTDIR)$(BINDIR)/dwcp-nova-shim
+	rm -f $(DESTDIR)$(LIBDIR)/libdwcp.so.$(LIBDWCP_VERSION) $(DESTDIR)$(LIBDIR)/libdwcp.so.0 \
+	  $(DESTDIR)$(LIBDIR)/libdwcp.so $(DESTDIR)$(LIBDIR)/pkgconfig/dwcp.pc $(DESTDIR)$(INCLUDEDIR)/dwcp.h
+	rm -f $(DESTDIR)$(SYSCONFDIR)/libvirt/hooks/qemu.d/dwcp $(DESTDIR)$(UNITDIR)/dwcp-agent.service
+	rm -f $(DESTDIR)$(MANDIR)/man1/dwcp.1 $(DESTDIR)$(MANDIR)/man1/dwcp-*.1
+	rm -f $(DESTDIR)$(BASHCOMPDIR)/dwcp $(DESTDIR)$(ZSHCOMPDIR)/_dwcp $(DESTDIR)$(FISHCOMPDIR)/dwcp.fish
+	@echo "kept the configuration in $(DESTDIR)$(SYSCONFDIR) (dwcp/, default/dwcp, libvirt/hooks/dwcp.conf)"
+
+# dwcp (cargo-deb, installed once into $DWCP_CACHE/cargo-deb), libdwcp0 and
+# libdwcp-dev (dpkg-deb from a staged `make install`): $(PKG_TARGET)/debian/.
+deb: dist-build
+	bash packaging/build-debs.sh
+
+deb-check:
+	bash packaging/check-debs.sh

@@ -3,6 +3,7 @@
 mod bench;
 mod cluster;
 mod config;
+mod gendocs;
 mod libvirt_migrate;
 mod migrate;
 
@@ -66,6 +67,9 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Write man pages and shell completions generated from this CLI (packaging).
+    #[command(hide = true)]
+    GenerateDocs(gendocs::GenDocsArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -216,6 +220,7 @@ fn main() {
         Cmd::Demo(d) => dwcp_lab::demo::run(d),
         Cmd::Benchmark(b) => bench::run(b),
         Cmd::Linkem { args } => linkem::cli_main(args),
+        Cmd::GenerateDocs(g) => gendocs::run(g),
     };
     if let Err(e) = r {
         eprintln!("dwcp: error: {e:#}");
