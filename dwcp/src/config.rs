@@ -222,6 +222,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_packaged_file_parses() {
+        let text = include_str!("../../packaging/dwcp.toml");
+        let c = FileConfig::parse(text).unwrap();
+        assert_eq!(c.agent.listen, Some("0.0.0.0:7070".parse().unwrap()));
+        // Every commented key is a real one: uncomment them all and parse.
+        let all: String = text
+            .lines()
+            .map(|l| {
+                l.strip_prefix("# ")
+                    .filter(|l| l.contains(" = "))
+                    .unwrap_or(l)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        FileConfig::parse(&all).unwrap();
+    }
+
+    #[test]
     fn a_full_file_parses_and_applies() {
         let c = FileConfig::parse(
             "[agent]\nlisten = \"0.0.0.0:7070\"\nroutes = [\"vm1=10.0.0.2:7070\"]\n\
