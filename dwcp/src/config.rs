@@ -44,6 +44,7 @@ pub struct AgentSection {
     pub routes: Option<Vec<String>>,
     pub max_dedup_cache_mb: Option<u32>,
     pub gate_timeout_ms: Option<u64>,
+    pub shutdown_grace_s: Option<u64>,
 }
 
 /// `[cluster]`: raft membership, as `dwcp agent --node-id ...` takes it.

@@ -6,6 +6,7 @@ mod config;
 mod gendocs;
 mod libvirt_migrate;
 mod migrate;
+mod service;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -176,6 +177,11 @@ struct AgentArgs {
     /// fails and the guest stays on the source, ms [default: 5000].
     #[arg(long, env = "DWCP_GATE_TIMEOUT_MS")]
     gate_timeout_ms: Option<u64>,
+    /// On SIGTERM/SIGINT: new migrations are refused at once, those in
+    /// flight get this long to finish before they fail with a reason, s
+    /// [default: 30].
+    #[arg(long, env = "DWCP_SHUTDOWN_GRACE_S")]
+    shutdown_grace_s: Option<u64>,
     #[command(flatten)]
     transport: TransportArgs,
     #[command(flatten)]
@@ -287,9 +293,10 @@ fn run_agent(mut a: AgentArgs, config: Option<&std::path::Path>) -> Result<()> {
         "dwcp agent ready (control socket {})",
         run_dir.join("agent.sock").display()
     );
-    loop {
-        std::thread::park();
-    }
+    let grace =
+        std::time::Duration::from_secs(a.shutdown_grace_s.or(fa.shutdown_grace_s).unwrap_or(30));
+    service::notify("READY=1");
+    service::serve_signals(&agent, grace)
 }
 
 fn stats(a: StatsArgs) -> Result<()> {

@@ -36,6 +36,10 @@ pub(super) fn accept_loop(st: Arc<State>, l: TcpListener) {
             .peer_addr()
             .map(|a| a.to_string())
             .unwrap_or_else(|_| "?".into());
+        if let Err(why) = st.check_not_draining() {
+            warn!("data port: refused connection from {peer}: {why}");
+            continue; // dropping it closes it: the source's handshake fails
+        }
         let (st, acceptor) = (st.clone(), acceptor.clone());
         // Each handshake on its own thread: a slow or hostile peer never
         // holds up others.

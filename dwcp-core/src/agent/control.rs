@@ -195,6 +195,9 @@ fn dispatch(st: &Arc<State>, req: ControlRequest) -> Result<Value, Refusal> {
     match req {
         ControlRequest::Ping => Ok(json!({"ok": true, "version": env!("CARGO_PKG_VERSION")})),
         ControlRequest::Stats => Ok(stats(st)),
+        ControlRequest::Route(_) | ControlRequest::Prepare(_) if st.draining() => {
+            Err(Refusal::plain(super::DRAINING.to_string()))
+        }
         ControlRequest::Route(r) => route::route(st, r)
             .map(|path| json!({"ok": true, "socket": path}))
             .map_err(Refusal::plain),

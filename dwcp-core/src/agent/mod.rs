@@ -61,7 +61,7 @@ use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -121,6 +121,8 @@ struct State {
     fresh_intents: Arc<Mutex<HashSet<String>>>,
     /// `commit` requests under way (shown in `stats`).
     commits_in_flight: AtomicUsize,
+    /// Set by [`Agent::shutdown`]: new sessions, routes and prepares are refused.
+    draining: AtomicBool,
 }
 
 const KEEP_SESSIONS: usize = 32;
@@ -132,7 +134,32 @@ fn now_s() -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Why new work is refused while the agent shuts down.
+const DRAINING: &str = "the agent is shutting down: no new migrations";
+
 impl State {
+    /// Err while the agent shuts down ([`Agent::shutdown`]).
+    fn check_not_draining(&self) -> Result<(), String> {
+        if self.draining() {
+            return Err(DRAINING.to_string());
+        }
+        Ok(())
+    }
+
+    fn draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Sessions that have not ended yet.
+    fn live_sessions(&self) -> Vec<Session> {
+        self.sessions
+            .lock()
+            .iter()
+            .filter(|s| !s.is_finished())
+            .cloned()
+            .collect()
+    }
+
     fn remember(&self, s: &Session) {
         let mut v = self.sessions.lock();
         if v.len() >= KEEP_SESSIONS {
@@ -244,6 +271,7 @@ impl Agent {
             prepared: Mutex::new(VecDeque::new()),
             fresh_intents: Arc::new(Mutex::new(HashSet::new())),
             commits_in_flight: Default::default(),
+            draining: AtomicBool::new(false),
         });
         if let Some(c) = &state.cfg.cluster {
             // Intents this agent recorded before it (re)started.
@@ -284,6 +312,46 @@ impl Agent {
         cfg: TransportConfig,
     ) -> Result<PathBuf, String> {
         route::add_route(&self.state, name, to, cfg, "request")
+    }
+}
+
+/// What [`Agent::shutdown`] did with the migrations it found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Sessions that ended by themselves within the grace period.
+    pub drained: usize,
+    /// Sessions still running at its end, failed with a reason.
+    pub aborted: usize,
+}
+
+impl Agent {
+    /// Shuts the agent down without failing a migration silently: from now
+    /// on new sessions (data port and routes), routes and prepares are
+    /// refused with a reason; migrations in flight get `grace` to finish;
+    /// those still running then fail with "the agent is shutting down" (the
+    /// peer gets an abort; the source guest keeps running). The control
+    /// socket keeps answering `stats` meanwhile.
+    pub fn shutdown(&self, grace: Duration) -> ShutdownReport {
+        let st = &self.state;
+        st.draining.store(true, Ordering::Release);
+        let at_start = st.live_sessions().len();
+        info!("shutting down: {at_start} migration(s) in flight, {grace:?} to finish");
+        let deadline = std::time::Instant::now() + grace;
+        while !st.live_sessions().is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let left = st.live_sessions();
+        for s in &left {
+            warn!(name = s.name(), "failing the migration: {DRAINING}");
+            s.abort(DRAINING);
+        }
+        for s in &left {
+            let _ = s.wait();
+        }
+        ShutdownReport {
+            drained: at_start.saturating_sub(left.len()),
+            aborted: left.len(),
+        }
     }
 }
 

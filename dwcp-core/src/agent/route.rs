@@ -189,6 +189,7 @@ fn attach(st: &Arc<State>, route: &Arc<Route>, conn: UnixStream) -> Result<(), S
         let session = match current.as_ref() {
             Some(s) if !s.is_finished() => s.clone(),
             _ => {
+                st.check_not_draining()?;
                 let s = Session::connect(&route.cfg, &route.name, route.to)
                     .map_err(|e| e.to_string())?;
                 st.remember(&s);
