@@ -210,7 +210,7 @@ impl Prepared {
         let used = self.session.as_ref().map(|s| {
             let st = s.stats();
             let codec = match st.role {
-                Role::Initiator => st.tier.clone(),
+                Role::Initiator => st.tier.to_string(),
                 Role::Responder => st.codecs_in.dominant().unwrap_or("-").to_string(),
             };
             json!({
@@ -600,7 +600,7 @@ fn attach(st: &Arc<State>, route: &Arc<Route>, conn: UnixStream) -> Result<(), S
         };
         match session.add_local_channel(
             conn.try_clone()
-                .map_err(|e| SessionError::Failed(e.to_string()))?,
+                .map_err(|e| SessionError::Failed(e.to_string().into()))?,
         ) {
             Ok(_) => return Ok(()),
             Err(SessionError::Finished) => {
