@@ -364,8 +364,8 @@ mod tests {
         // the fast samples age out after ten slow ones: the budget shrinks
         let mut last = None;
         for k in 0..10u64 {
-            let w = 50_000_000 + (k + 1) * 1_000_000;
-            last = t.tick(at(400 + 100 * k), w, w);
+            let more = (k + 1) * 1_000_000;
+            last = t.tick(at(400 + 100 * k), 50_000_000 + more, 60_000_000 + more);
         }
         let r = last.unwrap();
         assert!((r.delivery - 10e6).abs() < 1.0, "{r:?}");
