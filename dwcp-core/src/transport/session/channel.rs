@@ -78,7 +78,7 @@ impl Channel {
         let mut log = self.sent.lock();
         log.frames.push_back((raw, wire));
         log.wire += wire;
-        inner.wire_inflight.fetch_add(wire, Ordering::Relaxed);
+        inner.flow.wire_inflight.fetch_add(wire, Ordering::Relaxed);
     }
 
     /// Retires frames covered by `credit` raw bytes; returns their wire size.
@@ -96,7 +96,7 @@ impl Channel {
         }
         log.carry = left;
         log.wire -= wire;
-        inner.wire_inflight.fetch_sub(wire, Ordering::Relaxed);
+        inner.flow.wire_inflight.fetch_sub(wire, Ordering::Relaxed);
         wire
     }
 

@@ -27,7 +27,7 @@ pub(super) fn count_delivered(inner: &Inner, ch: &Channel, n: u64) -> u64 {
 /// for the peer.
 pub(super) fn delivered_inline(inner: &Inner, ch: &Arc<Channel>, n: u64) -> Result<(), FailReason> {
     let was = count_delivered(inner, ch, n);
-    if let Some(w) = inner.tx.iter().find_map(|t| t.try_lock()) {
+    if let Some(w) = inner.links.tx.iter().find_map(|t| t.try_lock()) {
         let credit = ch.pending_credit.swap(0, Ordering::AcqRel);
         if credit == 0 || is_down(inner) {
             return Ok(());
@@ -68,6 +68,7 @@ pub(super) fn delivered_inline(inner: &Inner, ch: &Arc<Channel>, n: u64) -> Resu
 /// Has a writer thread send the channel's owed credit.
 pub(super) fn queue_credit(inner: &Inner, ch: &Arc<Channel>) -> Result<(), FailReason> {
     inner
+        .queues
         .ctrl_tx
         .send_timeout(Ctrl::Credit(ch.clone()), inner.cfg.idle_timeout)
         .map_err(|_| FailReason::Local("control queue stuck".into()))
@@ -90,13 +91,14 @@ pub(super) fn delivered(inner: &Inner, ch: &Arc<Channel>, n: u64) -> Result<(), 
 pub(super) fn allowed_bytes(inner: &Inner, ch: &Channel, credit: u64) -> usize {
     let open = inner
         .channels
+        .map
         .lock()
         .values()
         .filter(|c| !c.sent_eof.load(Ordering::Relaxed))
         .count()
         .max(1) as u64;
     let per_channel =
-        (inner.target_inflight.load(Ordering::Relaxed) / open).max(inner.cfg.chunk as u64);
+        (inner.tuning.target_inflight.load(Ordering::Relaxed) / open).max(inner.cfg.chunk as u64);
     if ch.wire_inflight() >= per_channel {
         return 0;
     }

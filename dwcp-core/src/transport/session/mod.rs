@@ -86,6 +86,7 @@ struct Counters {
     unchecked_in: AtomicU64,
 }
 
+/// The state a session's threads share, grouped by concern.
 struct Inner {
     id: [u8; 16],
     name: String,
@@ -93,55 +94,94 @@ struct Inner {
     /// Protocol version of the session (the lower of both ends' newest).
     version: u16,
     cfg: TransportConfig,
+    /// Flow-control window per channel, raw bytes (as agreed).
     window: u64,
     ring_bytes: usize,
-    tier: Mutex<Tier>,
+    /// Responder: where its channels go.
+    target: Option<Target>,
+    /// The cutover gate on the main channel (a gated destination session).
+    gate: Option<Arc<dyn CutoverGate>>,
+    links: Links,
+    channels: Channels,
+    queues: Queues,
+    life: Life,
+    flow: Flow,
+    tuning: Tuning,
+    counters: Counters,
+}
+
+/// The session's TCP streams.
+struct Links {
+    /// Clones kept for TCP_INFO and shutdown.
     streams: Vec<TcpStream>,
     /// The streams' sending halves: a writer thread, or a direct channel's
     /// writer ([`ChannelWriter`]), holds the lock for each whole frame.
     tx: Vec<Mutex<TcpStream>>,
     /// Where a direct writer starts looking for a free stream.
     next_tx: AtomicUsize,
-    channels: Mutex<HashMap<u16, Arc<Channel>>>,
+}
+
+/// The open channels.
+struct Channels {
+    map: Mutex<HashMap<u16, Arc<Channel>>>,
+    /// Held while a responder opens a channel.
     opening: Mutex<()>,
-    next_channel: AtomicUsize,
+    /// Initiator: the next channel's number.
+    next_id: AtomicUsize,
+}
+
+/// The queues between the session's threads.
+struct Queues {
     job_tx: Sender<Job>,
     job_rx: Receiver<Job>,
     frame_tx: Sender<Outgoing>,
     frame_rx: Receiver<Outgoing>,
     ctrl_tx: Sender<Ctrl>,
     ctrl_rx: Receiver<Ctrl>,
+    /// Frames queued (job or frame queue) and not yet written.
+    inflight: AtomicU64,
+}
+
+/// Where the session is in its life, and its threads.
+struct Life {
     failure: Mutex<Option<FailReason>>,
     failed: AtomicBool,
     complete: AtomicBool,
     /// Responder: channel count announced by the initiator's Close frame.
     close_expected: Mutex<Option<u32>>,
+    /// Stream readers that have ended.
+    readers_done: AtomicUsize,
+    /// When the peer first closed a stream.
+    first_eof: Mutex<Option<Instant>>,
+    /// When the last frame arrived.
+    last_rx: Mutex<Instant>,
+    started: Instant,
+    ended: Mutex<Option<Instant>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// Flow control: what the peer has credited back, what is in flight.
+struct Flow {
     /// Raw bytes the peer has credited back (delivered to its QEMU).
     credited: AtomicU64,
     /// Wire bytes of the frames those credits retired.
     credited_wire: AtomicU64,
     /// Wire bytes of Data frames sent and not yet credited (all channels).
     wire_inflight: AtomicU64,
-    /// Raw bytes per second delivered, average of the last second.
-    raw_rate: AtomicU64,
+    /// Local readers currently waiting for credit (the link is the limit).
+    credit_waiters: AtomicUsize,
+}
+
+/// What the tuners decided ([`tune`]) and the rates they measured.
+struct Tuning {
+    /// The tier of frames encoded from now on.
+    tier: Mutex<Tier>,
     /// Wire bytes all channels together may have in flight now (adaptive).
     target_inflight: AtomicU64,
     /// Bottleneck rate estimate, wire bytes/s (see [`SessionStats`]).
     delivery_rate: AtomicU64,
-    /// Local readers currently waiting for credit (the link is the limit).
-    credit_waiters: AtomicUsize,
-    /// Frames queued (job or frame queue) and not yet written.
-    inflight: AtomicU64,
-    readers_done: AtomicUsize,
-    first_eof: Mutex<Option<Instant>>,
-    last_rx: Mutex<Instant>,
-    started: Instant,
-    ended: Mutex<Option<Instant>>,
-    target: Option<Target>,
-    /// The cutover gate on the main channel (a gated destination session).
-    gate: Option<Arc<dyn CutoverGate>>,
-    threads: Mutex<Vec<JoinHandle<()>>>,
-    counters: Counters,
+    /// Raw bytes per second delivered, average of the last second.
+    raw_rate: AtomicU64,
 }
 
 /// One migration's multi-stream session. Cheap to clone (shared handle).
@@ -190,54 +230,67 @@ impl Session {
                 s.try_clone().expect("dup of a connected socket"),
             ));
         }
+        let tier = if cfg.auto_tier {
+            let rtt = super::tcp::path_min_rtt_us(&streams);
+            let tier = tune::initial_tier(rtt);
+            info!(name, %tier, min_rtt_us = rtt, "auto tier: start");
+            tier
+        } else {
+            cfg.tier
+        };
         let inner = Arc::new(Inner {
             id,
             name: name.to_string(),
             role,
             version,
-            tier: Mutex::new(if cfg.auto_tier {
-                let rtt = super::tcp::path_min_rtt_us(&streams);
-                let tier = tune::initial_tier(rtt);
-                info!(name, %tier, min_rtt_us = rtt, "auto tier: start");
-                tier
-            } else {
-                cfg.tier
-            }),
             window: window as u64,
             ring_bytes: ring_pages as usize * crate::codec::PAGE_SIZE,
             cfg,
-            streams: shutdown_clones,
-            tx,
-            next_tx: AtomicUsize::new(0),
-            channels: Mutex::new(HashMap::new()),
-            opening: Mutex::new(()),
-            next_channel: AtomicUsize::new(0),
-            job_tx,
-            job_rx,
-            frame_tx,
-            frame_rx,
-            ctrl_tx,
-            ctrl_rx,
-            failure: Mutex::new(None),
-            failed: AtomicBool::new(false),
-            complete: AtomicBool::new(false),
-            close_expected: Mutex::new(None),
-            credited: AtomicU64::new(0),
-            credited_wire: AtomicU64::new(0),
-            wire_inflight: AtomicU64::new(0),
-            raw_rate: AtomicU64::new(0),
-            target_inflight: AtomicU64::new(tune::INITIAL_INFLIGHT.min(window as u64)),
-            delivery_rate: AtomicU64::new(0),
-            credit_waiters: AtomicUsize::new(0),
-            inflight: AtomicU64::new(0),
-            readers_done: AtomicUsize::new(0),
-            first_eof: Mutex::new(None),
-            last_rx: Mutex::new(Instant::now()),
-            started: Instant::now(),
-            ended: Mutex::new(None),
             target,
             gate,
-            threads: Mutex::new(Vec::new()),
+            links: Links {
+                streams: shutdown_clones,
+                tx,
+                next_tx: AtomicUsize::new(0),
+            },
+            channels: Channels {
+                map: Mutex::new(HashMap::new()),
+                opening: Mutex::new(()),
+                next_id: AtomicUsize::new(0),
+            },
+            queues: Queues {
+                job_tx,
+                job_rx,
+                frame_tx,
+                frame_rx,
+                ctrl_tx,
+                ctrl_rx,
+                inflight: AtomicU64::new(0),
+            },
+            life: Life {
+                failure: Mutex::new(None),
+                failed: AtomicBool::new(false),
+                complete: AtomicBool::new(false),
+                close_expected: Mutex::new(None),
+                readers_done: AtomicUsize::new(0),
+                first_eof: Mutex::new(None),
+                last_rx: Mutex::new(Instant::now()),
+                started: Instant::now(),
+                ended: Mutex::new(None),
+                threads: Mutex::new(Vec::new()),
+            },
+            flow: Flow {
+                credited: AtomicU64::new(0),
+                credited_wire: AtomicU64::new(0),
+                wire_inflight: AtomicU64::new(0),
+                credit_waiters: AtomicUsize::new(0),
+            },
+            tuning: Tuning {
+                tier: Mutex::new(tier),
+                target_inflight: AtomicU64::new(tune::INITIAL_INFLIGHT.min(window as u64)),
+                delivery_rate: AtomicU64::new(0),
+                raw_rate: AtomicU64::new(0),
+            },
             counters: Counters::default(),
         });
         info!(name, session = %hex(&id), ?role, streams = n, window, ring_pages, "session started");
@@ -262,7 +315,7 @@ impl Session {
             .name(name)
             .spawn(f)
             .expect("spawn thread");
-        self.inner.threads.lock().push(h);
+        self.inner.life.threads.lock().push(h);
     }
 
     /// Whether `other` is a handle of this same session.
@@ -288,13 +341,13 @@ impl Session {
     }
 
     fn next_channel_id(&self) -> Result<u16, SessionError> {
-        if self.inner.complete.load(Ordering::Acquire) {
+        if self.inner.life.complete.load(Ordering::Acquire) {
             return Err(SessionError::Finished);
         }
         if let Some(e) = self.failure() {
             return Err(SessionError::Failed(e));
         }
-        let id = self.inner.next_channel.fetch_add(1, Ordering::AcqRel);
+        let id = self.inner.channels.next_id.fetch_add(1, Ordering::AcqRel);
         if id >= self.inner.cfg.max_channels as usize {
             return Err(SessionError::TooManyChannels(self.inner.cfg.max_channels));
         }
@@ -303,7 +356,7 @@ impl Session {
 
     /// Changes the compression tier of frames encoded from now on.
     pub fn set_tier(&self, tier: Tier) {
-        *self.inner.tier.lock() = tier;
+        *self.inner.tuning.tier.lock() = tier;
     }
 
     pub fn name(&self) -> &str {
@@ -312,11 +365,12 @@ impl Session {
 
     /// The failure reason, once the session has failed.
     pub fn failure(&self) -> Option<FailReason> {
-        self.inner.failure.lock().clone()
+        self.inner.life.failure.lock().clone()
     }
 
     pub fn is_finished(&self) -> bool {
-        self.inner.complete.load(Ordering::Acquire) || self.inner.failed.load(Ordering::Acquire)
+        self.inner.life.complete.load(Ordering::Acquire)
+            || self.inner.life.failed.load(Ordering::Acquire)
     }
 
     /// Fails the session from outside, for a reason of the caller's own
@@ -339,7 +393,7 @@ impl Session {
     /// or the failure.
     pub fn wait(&self) -> Result<SessionStats, SessionError> {
         loop {
-            let next = self.inner.threads.lock().pop();
+            let next = self.inner.life.threads.lock().pop();
             match next {
                 Some(h) => {
                     let _ = h.join();
@@ -357,24 +411,24 @@ impl Session {
 /// Fails the session (once; the first reason sticks): tells the peer
 /// (an Abort frame from each writer) and wakes every waiting thread.
 fn fail(inner: &Inner, reason: FailReason) {
-    if inner.complete.load(Ordering::Acquire) {
+    if inner.life.complete.load(Ordering::Acquire) {
         return;
     }
-    if inner.failed.swap(true, Ordering::AcqRel) {
+    if inner.life.failed.swap(true, Ordering::AcqRel) {
         return;
     }
     warn!(name = %inner.name, session = %hex(&inner.id), "session failed: {reason}");
     let text = reason.to_string();
-    *inner.failure.lock() = Some(reason);
-    *inner.ended.lock() = Some(Instant::now());
-    for _ in 0..inner.streams.len() {
-        let _ = inner.ctrl_tx.try_send(Ctrl::Abort(text.clone()));
+    *inner.life.failure.lock() = Some(reason);
+    *inner.life.ended.lock() = Some(Instant::now());
+    for _ in 0..inner.links.streams.len() {
+        let _ = inner.queues.ctrl_tx.try_send(Ctrl::Abort(text.clone()));
     }
     wake_all(inner);
 }
 
 fn wake_all(inner: &Inner) {
-    for ch in inner.channels.lock().values() {
+    for ch in inner.channels.map.lock().values() {
         ch.credit_cv.notify_all();
         ch.recv_cv.notify_all();
         if let Some(r) = &ch.direct {
@@ -385,7 +439,7 @@ fn wake_all(inner: &Inner) {
 }
 
 fn is_down(inner: &Inner) -> bool {
-    inner.failed.load(Ordering::Acquire)
+    inner.life.failed.load(Ordering::Acquire)
 }
 
 fn open_channel(inner: &Arc<Inner>, id: u16, conn: UnixStream, read_local: bool) -> Arc<Channel> {
@@ -418,12 +472,12 @@ fn open_channel_with(
         unencoded: AtomicU64::new(0),
         direct,
     });
-    inner.channels.lock().insert(id, ch.clone());
+    inner.channels.map.lock().insert(id, ch.clone());
     debug!(name = %inner.name, channel = id, "channel opened");
     let reader_conn = conn.try_clone().expect("dup of a connected socket");
     let (i1, c1) = (inner.clone(), ch.clone());
     let (i2, c2) = (inner.clone(), ch.clone());
-    let mut threads = inner.threads.lock();
+    let mut threads = inner.life.threads.lock();
     if read_local {
         threads.push(
             std::thread::Builder::new()
@@ -447,15 +501,15 @@ fn open_channel_with(
 /// ways; it then tells the responder (Close) how many channels there were.
 /// The responder completes when it got that Close and has finished as many.
 fn check_complete(inner: &Inner) {
-    let chans = inner.channels.lock();
+    let chans = inner.channels.map.lock();
     let all_done = !chans.is_empty() && chans.values().all(|c| c.done());
     let announced = match inner.role {
         Role::Initiator => true,
-        Role::Responder => *inner.close_expected.lock() == Some(chans.len() as u32),
+        Role::Responder => *inner.life.close_expected.lock() == Some(chans.len() as u32),
     };
-    if all_done && announced && !inner.failed.load(Ordering::Acquire) {
-        if !inner.complete.swap(true, Ordering::AcqRel) {
-            *inner.ended.lock() = Some(Instant::now());
+    if all_done && announced && !inner.life.failed.load(Ordering::Acquire) {
+        if !inner.life.complete.swap(true, Ordering::AcqRel) {
+            *inner.life.ended.lock() = Some(Instant::now());
             info!(name = %inner.name, session = %hex(&inner.id), "session completed");
         }
         // Both ends are done with every channel; close our QEMU sockets fully.

@@ -37,14 +37,14 @@ pub(super) fn tcp_rx(inner: Arc<Inner>, index: usize, stream: TcpStream) {
             Ok(Some(h)) => h,
             Ok(None) => {
                 debug!(stream = index, "peer closed stream");
-                let mut first = inner.first_eof.lock();
+                let mut first = inner.life.first_eof.lock();
                 first.get_or_insert_with(Instant::now);
-                inner.readers_done.fetch_add(1, Ordering::AcqRel);
+                inner.life.readers_done.fetch_add(1, Ordering::AcqRel);
                 return;
             }
             Err(e) => {
-                inner.readers_done.fetch_add(1, Ordering::AcqRel);
-                if is_down(&inner) || inner.complete.load(Ordering::Acquire) {
+                inner.life.readers_done.fetch_add(1, Ordering::AcqRel);
+                if is_down(&inner) || inner.life.complete.load(Ordering::Acquire) {
                     return;
                 }
                 let error = match &e {
@@ -68,14 +68,14 @@ pub(super) fn tcp_rx(inner: Arc<Inner>, index: usize, stream: TcpStream) {
                 return;
             }
         };
-        *inner.last_rx.lock() = Instant::now();
+        *inner.life.last_rx.lock() = Instant::now();
         inner.counters.frames_in.fetch_add(1, Ordering::Relaxed);
         inner.counters.wire_in.fetch_add(
             (wire::FRAME_HEADER_LEN + h.wire_len as usize) as u64,
             Ordering::Relaxed,
         );
         if let Err(e) = handle_frame(&inner, &mut r, &h, &mut dec, &mut payload) {
-            inner.readers_done.fetch_add(1, Ordering::AcqRel);
+            inner.life.readers_done.fetch_add(1, Ordering::AcqRel);
             fail(
                 &inner,
                 FailReason::Stream {
@@ -119,7 +119,7 @@ fn on_close(inner: &Inner, h: &FrameHeader) -> Result<(), FailReason> {
     if inner.role != Role::Responder {
         return Err(protocol("Close frame from the responder".into()));
     }
-    *inner.close_expected.lock() = Some(h.len);
+    *inner.life.close_expected.lock() = Some(h.len);
     check_complete(inner);
     Ok(())
 }
@@ -136,6 +136,7 @@ fn on_abort(r: &mut impl Read, h: &FrameHeader, payload: &mut Vec<u8>) -> Result
 fn on_window(inner: &Inner, h: &FrameHeader) -> Result<(), FailReason> {
     let ch = inner
         .channels
+        .map
         .lock()
         .get(&h.channel)
         .cloned()
@@ -145,9 +146,12 @@ fn on_window(inner: &Inner, h: &FrameHeader) -> Result<(), FailReason> {
                 h.channel
             ))
         })?;
-    inner.credited.fetch_add(h.len as u64, Ordering::Relaxed);
+    inner
+        .flow
+        .credited
+        .fetch_add(h.len as u64, Ordering::Relaxed);
     let wire = ch.note_credit(inner, h.len as u64);
-    inner.credited_wire.fetch_add(wire, Ordering::Relaxed);
+    inner.flow.credited_wire.fetch_add(wire, Ordering::Relaxed);
     let mut credit = ch.credit.lock();
     *credit += h.len as u64;
     if *credit > inner.window {
@@ -244,7 +248,7 @@ fn queue_incoming(inner: &Arc<Inner>, h: &FrameHeader, item: Incoming) -> Result
 /// The channel a frame belongs to; on the responder, the first frame of a new
 /// channel opens a connection to QEMU's incoming socket.
 fn channel_for(inner: &Arc<Inner>, id: u16) -> Result<Arc<Channel>, FailReason> {
-    if let Some(ch) = inner.channels.lock().get(&id) {
+    if let Some(ch) = inner.channels.map.lock().get(&id) {
         return Ok(ch.clone());
     }
     let Some(target) = &inner.target else {
@@ -258,8 +262,8 @@ fn channel_for(inner: &Arc<Inner>, id: u16) -> Result<Arc<Channel>, FailReason> 
     };
     // One opener at a time, so two streams racing on a new channel's first
     // frames open one QEMU connection, not two.
-    let _opening = inner.opening.lock();
-    if let Some(ch) = inner.channels.lock().get(&id) {
+    let _opening = inner.channels.opening.lock();
+    if let Some(ch) = inner.channels.map.lock().get(&id) {
         return Ok(ch.clone());
     }
     if let Target::Direct(hand_over) = target {

@@ -75,16 +75,16 @@ impl FrameSender {
             if allowed > 0 {
                 return Some(allowed.min(inner.cfg.chunk));
             }
-            inner.credit_waiters.fetch_add(1, Ordering::Relaxed);
+            inner.flow.credit_waiters.fetch_add(1, Ordering::Relaxed);
             ch.credit_cv
                 .wait_for(&mut credit, Duration::from_millis(20));
-            inner.credit_waiters.fetch_sub(1, Ordering::Relaxed);
+            inner.flow.credit_waiters.fetch_sub(1, Ordering::Relaxed);
         }
     }
 
     /// Whether frames go out raw (no planning, no encoder).
     pub(super) fn raw(inner: &Inner) -> bool {
-        inner.version >= wire::VERSION_RAW && *inner.tier.lock() == Tier::Raw
+        inner.version >= wire::VERSION_RAW && *inner.tuning.tier.lock() == Tier::Raw
     }
 
     /// Whether raw frames go without a payload checksum (see
@@ -151,8 +151,8 @@ impl FrameSender {
             if inline {
                 return write_inline(inner, &h, &[std::io::IoSlice::new(&data)]);
             }
-            inner.inflight.fetch_add(1, Ordering::AcqRel);
-            return inner.frame_tx.send(Outgoing::Frame(h, data)).is_ok();
+            inner.queues.inflight.fetch_add(1, Ordering::AcqRel);
+            return inner.queues.frame_tx.send(Outgoing::Frame(h, data)).is_ok();
         }
         let seq = self.account(inner, ch, n);
         ch.unencoded.fetch_add(n as u64, Ordering::Relaxed);
@@ -170,7 +170,7 @@ impl FrameSender {
             Ordering::Relaxed,
         );
         self.last = st;
-        inner.inflight.fetch_add(1, Ordering::AcqRel);
+        inner.queues.inflight.fetch_add(1, Ordering::AcqRel);
         let job = Job {
             ch: ch.clone(),
             channel: ch.id,
@@ -178,23 +178,23 @@ impl FrameSender {
             raw_len: n as u32,
             plan,
         };
-        inner.job_tx.send(job).is_ok()
+        inner.queues.job_tx.send(job).is_ok()
     }
 
     /// Queues the channel's end of stream (once), waiting for room in the
     /// send queue.
     pub(super) fn eof(&mut self, inner: &Inner, ch: &Channel) {
-        self.eof_with(inner, ch, |f| inner.frame_tx.send(f).is_ok());
+        self.eof_with(inner, ch, |f| inner.queues.frame_tx.send(f).is_ok());
     }
 
     /// [`FrameSender::eof`] for callers that must not block (QEMU's close
     /// and shutdown, on its main loop): when the send queue is full (the
     /// streams stalled), a short-lived thread waits for room instead.
     pub(super) fn eof_nonblocking(&mut self, inner: &Inner, ch: &Channel) {
-        self.eof_with(inner, ch, |f| match inner.frame_tx.try_send(f) {
+        self.eof_with(inner, ch, |f| match inner.queues.frame_tx.try_send(f) {
             Ok(()) => true,
             Err(crossbeam_channel::TrySendError::Full(f)) => {
-                let tx = inner.frame_tx.clone();
+                let tx = inner.queues.frame_tx.clone();
                 std::thread::Builder::new()
                     .name("dwcp-eof".into())
                     .spawn(move || {
@@ -216,7 +216,7 @@ impl FrameSender {
             return;
         }
         let h = FrameHeader::eof(ch.id, self.seq);
-        inner.inflight.fetch_add(1, Ordering::AcqRel);
+        inner.queues.inflight.fetch_add(1, Ordering::AcqRel);
         if !send(Outgoing::Frame(h, Vec::new())) {
             return;
         }
@@ -237,11 +237,11 @@ pub(super) fn write_inline(
     h: &FrameHeader,
     payload: &[std::io::IoSlice<'_>],
 ) -> bool {
-    let n = inner.tx.len();
-    let start = inner.next_tx.fetch_add(1, Ordering::Relaxed);
+    let n = inner.links.tx.len();
+    let start = inner.links.next_tx.fetch_add(1, Ordering::Relaxed);
     let mut guard = (0..n)
-        .find_map(|k| inner.tx[(start + k) % n].try_lock())
-        .unwrap_or_else(|| inner.tx[start % n].lock());
+        .find_map(|k| inner.links.tx[(start + k) % n].try_lock())
+        .unwrap_or_else(|| inner.links.tx[start % n].lock());
     if is_down(inner) {
         return false;
     }
@@ -340,16 +340,16 @@ pub(super) fn read_some(
 pub(super) fn encode(inner: Arc<Inner>) {
     let mut comp = Compressor::new();
     loop {
-        let job = match inner.job_rx.recv_timeout(Duration::from_millis(100)) {
+        let job = match inner.queues.job_rx.recv_timeout(Duration::from_millis(100)) {
             Ok(j) => j,
             Err(_) => {
-                if is_down(&inner) || inner.complete.load(Ordering::Acquire) {
+                if is_down(&inner) || inner.life.complete.load(Ordering::Acquire) {
                     return;
                 }
                 continue;
             }
         };
-        let tier = *inner.tier.lock();
+        let tier = *inner.tuning.tier.lock();
         let mut out = Vec::with_capacity(job.plan.len() / 2 + 64);
         let codec = comp.compress(tier, &job.plan, &mut out);
         let plan_len = job.plan.len() as u32;
@@ -367,7 +367,12 @@ pub(super) fn encode(inner: Arc<Inner>) {
         job.ch
             .unencoded
             .fetch_sub(job.raw_len as u64, Ordering::Relaxed);
-        if inner.frame_tx.send(Outgoing::Frame(h, payload)).is_err() {
+        if inner
+            .queues
+            .frame_tx
+            .send(Outgoing::Frame(h, payload))
+            .is_err()
+        {
             return;
         }
     }
@@ -375,7 +380,7 @@ pub(super) fn encode(inner: Arc<Inner>) {
 
 pub(super) fn tcp_tx(inner: Arc<Inner>, index: usize) {
     let ping = Duration::from_millis(1000);
-    let stream = &inner.tx[index];
+    let stream = &inner.links.tx[index];
     let write = |h: FrameHeader, payload: &[u8]| -> bool {
         if let Err(e) = wire::write_frame(&mut *stream.lock(), &h, payload) {
             fail(
@@ -404,11 +409,11 @@ pub(super) fn tcp_tx(inner: Arc<Inner>, index: usize) {
             Ping,
             Gone,
         }
-        let item = match inner.ctrl_rx.try_recv() {
+        let item = match inner.queues.ctrl_rx.try_recv() {
             Ok(c) => Item::Ctrl(c),
             Err(_) => select! {
-                recv(inner.ctrl_rx) -> c => c.map(Item::Ctrl).unwrap_or(Item::Gone),
-                recv(inner.frame_rx) -> f => f.map(Item::Out).unwrap_or(Item::Gone),
+                recv(inner.queues.ctrl_rx) -> c => c.map(Item::Ctrl).unwrap_or(Item::Gone),
+                recv(inner.queues.frame_rx) -> f => f.map(Item::Out).unwrap_or(Item::Gone),
                 default(ping) => Item::Ping,
             },
         };
@@ -433,7 +438,7 @@ pub(super) fn tcp_tx(inner: Arc<Inner>, index: usize) {
                     return;
                 }
                 let ok = write(h, &payload);
-                inner.inflight.fetch_sub(1, Ordering::AcqRel);
+                inner.queues.inflight.fetch_sub(1, Ordering::AcqRel);
                 if !ok {
                     return;
                 }

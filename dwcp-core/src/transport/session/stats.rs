@@ -144,18 +144,19 @@ impl Session {
     pub fn stats(&self) -> SessionStats {
         let i = &self.inner;
         let c = &i.counters;
-        let state = if i.failed.load(Ordering::Acquire) {
+        let state = if i.life.failed.load(Ordering::Acquire) {
             SessionState::Failed
-        } else if i.complete.load(Ordering::Acquire) {
+        } else if i.life.complete.load(Ordering::Acquire) {
             SessionState::Completed
         } else {
             SessionState::Running
         };
-        let end = i.ended.lock().unwrap_or_else(Instant::now);
+        let end = i.life.ended.lock().unwrap_or_else(Instant::now);
         let raw_out = c.raw_out.load(Ordering::Relaxed);
         let wire_out = c.wire_out.load(Ordering::Relaxed);
         let mut channels: Vec<ChannelStats> = i
             .channels
+            .map
             .lock()
             .values()
             .map(|ch| ChannelStats {
@@ -171,10 +172,10 @@ impl Session {
             session: hex(&i.id),
             role: i.role,
             state,
-            error: i.failure.lock().as_ref().map(|e| e.to_string()),
-            elapsed_s: end.duration_since(i.started).as_secs_f64(),
-            tier: *i.tier.lock(),
-            streams: i.streams.len(),
+            error: i.life.failure.lock().as_ref().map(|e| e.to_string()),
+            elapsed_s: end.duration_since(i.life.started).as_secs_f64(),
+            tier: *i.tuning.tier.lock(),
+            streams: i.links.streams.len(),
             channels,
             raw_out,
             raw_in: c.raw_in.load(Ordering::Relaxed),
@@ -190,15 +191,16 @@ impl Session {
             zero_bytes: c.zero_bytes.load(Ordering::Relaxed),
             pages_seen: c.pages_seen.load(Ordering::Relaxed),
             pages_deduped: c.pages_deduped.load(Ordering::Relaxed),
-            inflight_bytes: i.wire_inflight.load(Ordering::Relaxed)
+            inflight_bytes: i.flow.wire_inflight.load(Ordering::Relaxed)
                 + i.channels
+                    .map
                     .lock()
                     .values()
                     .map(|c| c.unencoded.load(Ordering::Relaxed))
                     .sum::<u64>(),
-            delivery_rate: i.delivery_rate.load(Ordering::Relaxed),
-            raw_rate: i.raw_rate.load(Ordering::Relaxed),
-            min_rtt_us: path_min_rtt_us(&i.streams),
+            delivery_rate: i.tuning.delivery_rate.load(Ordering::Relaxed),
+            raw_rate: i.tuning.raw_rate.load(Ordering::Relaxed),
+            min_rtt_us: path_min_rtt_us(&i.links.streams),
             codecs_in: CodecCounts {
                 none: c.codec_in[0].load(Ordering::Relaxed),
                 lz4: c.codec_in[1].load(Ordering::Relaxed),
@@ -207,6 +209,7 @@ impl Session {
                 raw_unchecked: c.unchecked_in.load(Ordering::Relaxed),
             },
             per_stream: i
+                .links
                 .streams
                 .iter()
                 .enumerate()

@@ -218,6 +218,7 @@ impl ChannelReader {
         }
         Some(
             self.inner
+                .life
                 .failure
                 .lock()
                 .clone()
@@ -345,7 +346,7 @@ impl ChannelReader {
                     }
                 }
             })?;
-        inner.threads.lock().push(t);
+        inner.life.threads.lock().push(t);
         Ok(())
     }
 
@@ -369,7 +370,11 @@ impl Drop for ChannelReader {
             // through a writer thread if the control queue has room (never
             // blocking here: the channel is closing anyway).
             if credit > 0 && count_delivered(&self.inner, &self.ch, credit) == 0 {
-                let _ = self.inner.ctrl_tx.try_send(Ctrl::Credit(self.ch.clone()));
+                let _ = self
+                    .inner
+                    .queues
+                    .ctrl_tx
+                    .try_send(Ctrl::Credit(self.ch.clone()));
             }
             rs.cur.len() - rs.pos
         };
@@ -411,7 +416,9 @@ pub(in crate::transport::session) fn drain_detached(
             Ok(())
         }
         Some(_) => {
-            if ch.delivered_eof.load(Ordering::Acquire) || inner.complete.load(Ordering::Acquire) {
+            if ch.delivered_eof.load(Ordering::Acquire)
+                || inner.life.complete.load(Ordering::Acquire)
+            {
                 return Ok(());
             }
             Err(FailReason::QemuIo {

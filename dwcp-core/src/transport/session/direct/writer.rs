@@ -122,7 +122,7 @@ impl ChannelWriter {
     }
 
     fn why(&self) -> WriteError {
-        match self.inner.failure.lock().clone() {
+        match self.inner.life.failure.lock().clone() {
             Some(e) => WriteError::Failed(e),
             None if self.stop.load(Ordering::Acquire) => WriteError::Shutdown,
             None => WriteError::Failed(FailReason::ShuttingDown),
