@@ -5,8 +5,8 @@
 //!
 //! The threads and their concerns live in the child modules:
 //!
-//! - [`channel`]: a channel's state (reorder buffer, credit, sent log) and
-//!   where a responder's channels go ([`Target`]);
+//! - [`channel`]: a channel's state (reorder buffer, credit, sent log);
+//! - [`target`]: where a responder's channels go ([`Target`]);
 //! - [`send`]: QEMU's bytes to frames (`qemu_rx` threads), the encoders
 //!   (`encode`), the stream writers (`tcp_tx`);
 //! - [`recv`]: the stream readers (`tcp_rx`), the frame handler by kind,
@@ -43,16 +43,17 @@ mod error;
 mod recv;
 mod send;
 mod stats;
+mod target;
 mod tune;
 mod watchdog;
 
 use channel::{Channel, RecvState, SentLog};
-pub use channel::{DirectHandOver, Target};
 pub use direct::reader::{ChannelReader, ReadError};
 pub use direct::writer::{ChannelWriter, WriteError};
 pub use error::{FailReason, SessionError};
 use send::{Job, Outgoing};
 pub use stats::{ChannelStats, CodecCounts, SessionState, SessionStats, StreamStats};
+pub use target::{DirectHandOver, Target};
 
 /// Which end of the session this is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -12,9 +12,10 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, info};
 
-use super::channel::{Channel, Incoming, Target};
+use super::channel::{Channel, Incoming};
 use super::credit::delivered;
 use super::direct::reader;
+use super::target::Target;
 use super::{check_complete, fail, is_down, open_channel, FailReason, Inner, Role};
 use crate::codec::{CodecId, Decompressor, Rebuilder};
 use crate::transport::gate::{CutoverGate, TailHold, GATE_HOLD};
