@@ -3,8 +3,12 @@
 //! state its threads share ([`Inner`], grouped by concern), and the
 //! session's life: start, channel opening, failure and completion.
 //!
-//! The threads and their concerns live in the child modules:
+//! The threads and their concerns live in the child modules (thread names
+//! say which way bytes flow: `dwcp-qemu-rx<ch>` reads QEMU, `dwcp-tcp-tx<i>`
+//! writes stream i, `dwcp-tcp-rx<i>` reads it, `dwcp-qemu-tx<ch>` writes
+//! QEMU; `dwcp-enc<i>` encodes, `dwcp-watch` is the clock):
 //!
+//! - [`error`]: why a session failed ([`FailReason`]) or could not start;
 //! - [`channel`]: a channel's state (reorder buffer, credit, sent log);
 //! - [`target`]: where a responder's channels go ([`Target`]);
 //! - [`send`]: QEMU's bytes to frames (`qemu_rx` threads), the encoders
