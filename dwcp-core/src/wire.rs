@@ -49,6 +49,8 @@ pub const MAX_NAME_LEN: usize = 64;
 pub const MAX_WIRE_LEN: usize = MAX_PLAN_LEN + MAX_PLAN_LEN / 128 + 1024;
 /// Longest abort reason carried on the wire.
 pub const MAX_ABORT_LEN: usize = 1024;
+/// Most TCP streams one session may use (a hello's stream count).
+pub const MAX_STREAMS: usize = 256;
 
 /// Errors in what a peer sent. Each names what was wrong.
 #[derive(Debug, thiserror::Error)]
@@ -280,7 +282,7 @@ impl Hello {
         }
         let stream_count = u16_at(26);
         let stream_index = u16_at(24);
-        if stream_count == 0 || stream_count > crate::transport::MAX_STREAMS as u16 {
+        if stream_count == 0 || stream_count > MAX_STREAMS as u16 {
             return Err(WireError::Field {
                 field: "hello stream count",
                 value: stream_count as u64,
@@ -394,6 +396,87 @@ pub struct FrameHeader {
 }
 
 impl FrameHeader {
+    /// A `Data` frame of `channel` whose payload (`payload`, encoded with
+    /// `codec`) rebuilds to `raw_len` bytes from a plan of `plan_len`.
+    pub fn data(
+        channel: u16,
+        seq: u64,
+        codec: CodecId,
+        raw_len: u32,
+        plan_len: u32,
+        payload: &[u8],
+    ) -> FrameHeader {
+        FrameHeader {
+            kind: Kind::Data,
+            codec: codec as u8,
+            channel,
+            len: raw_len,
+            seq,
+            plan_len,
+            wire_len: payload.len() as u32,
+            payload_crc: crc32c::crc32c(payload),
+        }
+    }
+
+    /// A raw `Data` frame of `len` bytes ([`CodecId::Raw`]) with the payload
+    /// checksum `crc`, or without one ([`UNCHECKED`]) when None.
+    pub fn raw(channel: u16, seq: u64, len: u32, crc: Option<u32>) -> FrameHeader {
+        FrameHeader {
+            kind: Kind::Data,
+            codec: CodecId::Raw as u8 | if crc.is_some() { 0 } else { UNCHECKED },
+            channel,
+            len,
+            seq,
+            plan_len: len,
+            wire_len: len,
+            payload_crc: crc.unwrap_or(0),
+        }
+    }
+
+    /// A payload-less frame of `kind`.
+    fn control(kind: Kind, channel: u16, len: u32, seq: u64) -> FrameHeader {
+        FrameHeader {
+            kind,
+            codec: 0,
+            channel,
+            len,
+            seq,
+            plan_len: 0,
+            wire_len: 0,
+            payload_crc: crc32c::crc32c(&[]),
+        }
+    }
+
+    /// The end of `channel`'s stream, after its frame `seq - 1`.
+    pub fn eof(channel: u16, seq: u64) -> FrameHeader {
+        FrameHeader::control(Kind::Eof, channel, 0, seq)
+    }
+
+    /// `credit` more bytes of `channel` were delivered.
+    pub fn window(channel: u16, credit: u32) -> FrameHeader {
+        FrameHeader::control(Kind::Window, channel, credit, 0)
+    }
+
+    /// Keeps an idle stream alive.
+    pub fn ping() -> FrameHeader {
+        FrameHeader::control(Kind::Ping, 0, 0, 0)
+    }
+
+    /// Every one of the session's `channels` is finished on the initiator.
+    pub fn close(channels: u32) -> FrameHeader {
+        FrameHeader::control(Kind::Close, 0, channels, 0)
+    }
+
+    /// The sender gives up; `reason` (at most [`MAX_ABORT_LEN`] bytes) is
+    /// the payload.
+    pub fn abort(reason: &[u8]) -> FrameHeader {
+        FrameHeader {
+            wire_len: reason.len() as u32,
+            payload_crc: crc32c::crc32c(reason),
+            ..FrameHeader::control(Kind::Abort, 0, 0, 0)
+        }
+    }
+
     /// The payload's codec, without the [`UNCHECKED`] flag.
     pub fn codec_id(&self) -> Option<CodecId> {
         CodecId::from_wire(self.codec & !UNCHECKED)

@@ -265,6 +265,6 @@ fn closing_the_reader_with_data_unread_fails_both_ends() {
     let e = src.wait().expect_err("the source must see the failure");
     eprintln!("source: {e}");
     let d = dst.sessions.lock().unwrap()[0].clone();
-    let why = d.failure().expect("destination failed");
+    let why = d.failure().expect("destination failed").to_string();
     assert!(why.contains("unread"), "{why}");
 }

@@ -181,7 +181,7 @@ fn auto_starts_raw_on_a_datacenter_path() {
         ..cfg(2, Tier::Lz4)
     };
     let st = relay_with(c, 2, 8 << 20, 4096, |_| {});
-    assert_eq!(st.tier, "raw", "{st:?}");
+    assert_eq!(st.tier, Tier::Raw, "{st:?}");
     assert_eq!(st.pages_seen, 0, "{st:?}");
 }
 

@@ -4,10 +4,9 @@
 
 use std::io::{IoSlice, IoSliceMut};
 
-use dwcp_core::transport::{ChannelReader, ChannelWriter, ReadError};
+use dwcp_core::transport::{ChannelReader, ChannelWriter};
 
 use crate::error::{dwcp_result::*, Error};
-use crate::outgoing::{write_error, CANCEL_PREFIX};
 
 #[derive(Debug)]
 pub enum Chan {
@@ -18,7 +17,7 @@ pub enum Chan {
 impl Chan {
     pub fn writev(&self, bufs: &[IoSlice<'_>]) -> Result<usize, Error> {
         match self {
-            Chan::Writer(w) => w.write_vectored(bufs).map_err(write_error),
+            Chan::Writer(w) => w.write_vectored(bufs).map_err(Error::from),
             Chan::Reader(_) => Err(Error::new(
                 DWCP_INVALID_ARGUMENT,
                 "this is a receiving channel (from dwcp_incoming_next_channel_direct); it cannot be written",
@@ -35,13 +34,7 @@ impl Chan {
         block: bool,
     ) -> Result<usize, Error> {
         match self {
-            Chan::Reader(r) => r.read_vectored(bufs, peek, block).map_err(|e| match e {
-                ReadError::WouldBlock => Error::new(DWCP_AGAIN, "nothing to read yet"),
-                ReadError::Failed(m) if m.starts_with(CANCEL_PREFIX) => {
-                    Error::new(DWCP_CANCELLED, m)
-                }
-                ReadError::Failed(m) => Error::new(DWCP_SESSION_FAILED, m),
-            }),
+            Chan::Reader(r) => r.read_vectored(bufs, peek, block).map_err(Error::from),
             Chan::Writer(_) => Err(Error::new(
                 DWCP_INVALID_ARGUMENT,
                 "this is a sending channel (from dwcp_outgoing_channel_direct); it cannot be read",

@@ -3,6 +3,8 @@
 
 use std::fmt;
 
+use dwcp_core::transport::{FailReason, ReadError, SessionError, WriteError};
+
 /// The result of every fallible `dwcp_*` function.
 ///
 /// `DWCP_OK` is success and `DWCP_AGAIN` means "nothing to do yet" (not an
@@ -134,9 +136,80 @@ impl fmt::Display for Error {
     }
 }
 
+/// The one place where the transport's errors become result codes.
+impl Error {
+    /// A failed session: `DWCP_CANCELLED` when it was cancelled on this
+    /// side, `DWCP_SESSION_FAILED` otherwise (a peer's cancel included: it
+    /// reaches us as [`FailReason::PeerAborted`]).
+    pub fn failure(reason: &FailReason) -> Error {
+        let code = match reason {
+            FailReason::Cancelled(_) => DWCP_CANCELLED,
+            _ => DWCP_SESSION_FAILED,
+        };
+        Error::new(code, reason.to_string())
+    }
+
+    /// Opening a session failed.
+    pub fn connect(e: SessionError) -> Error {
+        let code = match &e {
+            SessionError::Connect { .. } => DWCP_CONNECT_FAILED,
+            SessionError::Handshake { .. } => DWCP_HANDSHAKE_FAILED,
+            _ => DWCP_SESSION_FAILED,
+        };
+        Error::new(code, e.to_string())
+    }
+
+    /// Adding a channel to a session failed.
+    pub fn channel(e: SessionError) -> Error {
+        match e {
+            SessionError::TooManyChannels(_) => Error::new(DWCP_TOO_MANY_CHANNELS, e.to_string()),
+            SessionError::Finished => Error::new(DWCP_FINISHED, e.to_string()),
+            _ => Error::new(DWCP_SESSION_FAILED, e.to_string()),
+        }
+    }
+}
+
+impl From<WriteError> for Error {
+    /// A failed direct-channel write.
+    fn from(e: WriteError) -> Error {
+        match e {
+            WriteError::Failed(reason) => Error::failure(&reason),
+            WriteError::Shutdown => Error::new(DWCP_CANCELLED, e.to_string()),
+            WriteError::Ended => Error::new(DWCP_FINISHED, e.to_string()),
+        }
+    }
+}
+
+impl From<ReadError> for Error {
+    /// A failed direct-channel read (or nothing to read yet).
+    fn from(e: ReadError) -> Error {
+        match e {
+            ReadError::WouldBlock => Error::new(DWCP_AGAIN, "nothing to read yet"),
+            ReadError::Failed(reason) => Error::failure(&reason),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_local_cancel_and_only_that_is_cancelled() {
+        let e = Error::failure(&FailReason::Cancelled("operator said so".into()));
+        assert_eq!(e.code, DWCP_CANCELLED);
+        assert_eq!(e.message, "cancelled: operator said so");
+        let e = Error::failure(&FailReason::PeerAborted("cancelled: x".into()));
+        assert_eq!(e.code, DWCP_SESSION_FAILED);
+        assert_eq!(e.message, "peer aborted: cancelled: x");
+        let e = Error::from(WriteError::Failed(FailReason::Cancelled("y".into())));
+        assert_eq!(e.code, DWCP_CANCELLED);
+        let e = Error::from(ReadError::Failed(FailReason::PeerClosed));
+        assert_eq!(e.code, DWCP_SESSION_FAILED);
+        assert_eq!(Error::from(WriteError::Shutdown).code, DWCP_CANCELLED);
+        assert_eq!(Error::from(WriteError::Ended).code, DWCP_FINISHED);
+        assert_eq!(Error::from(ReadError::WouldBlock).code, DWCP_AGAIN);
+    }
 
     #[test]
     fn codes_round_trip_and_have_text() {

@@ -15,11 +15,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use dwcp_core::transport::{
-    Acceptor, AcceptorLimits, ChannelReader, Session, SessionStats, Target,
+    Acceptor, AcceptorLimits, ChannelReader, FailReason, Session, SessionStats, Target,
 };
 
 use crate::error::{dwcp_result::*, Error};
-use crate::outgoing::CANCEL_PREFIX;
 use crate::uri::DwcpUri;
 
 /// How often the accept loop looks at the stop flag.
@@ -137,7 +136,7 @@ impl Incoming {
                 .unwrap_or_else(|p| p.into_inner())
                 .clone()
             {
-                return Err(Error::new(DWCP_CANCELLED, reason));
+                return Err(Error::failure(&FailReason::Cancelled(reason)));
             }
             if let Some(taken) = q.pop_front() {
                 let mut b = [0u8; 1];
@@ -181,7 +180,7 @@ impl Incoming {
             .cancelled
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get_or_insert_with(|| format!("{CANCEL_PREFIX}{reason}"))
+            .get_or_insert_with(|| reason.to_string())
             .clone();
         self.shared.stop.store(true, Ordering::Release);
         for s in self
@@ -191,7 +190,7 @@ impl Incoming {
             .unwrap_or_else(|p| p.into_inner())
             .iter()
         {
-            s.abort(&reason);
+            s.cancel(&reason);
         }
         self.shared
             .queue

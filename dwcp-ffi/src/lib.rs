@@ -399,13 +399,12 @@ pub extern "C" fn dwcp_outgoing_error(
 ) -> dwcp_result {
     run(buf, len, || {
         let o = ffi::outgoing(h)?;
-        match o.stats().error {
+        match o.failure() {
             None => {
                 ffi::write_message(buf, len, "");
                 Ok(())
             }
-            Some(e) if e.starts_with(outgoing::CANCEL_PREFIX) => Err(Error::new(DWCP_CANCELLED, e)),
-            Some(e) => Err(Error::new(DWCP_SESSION_FAILED, e)),
+            Some(reason) => Err(Error::failure(&reason)),
         }
     })
 }

@@ -3,7 +3,7 @@
 
 use std::os::fd::OwnedFd;
 
-use dwcp_core::transport::{ChannelWriter, Session, SessionError, SessionStats, WriteError};
+use dwcp_core::transport::{ChannelWriter, FailReason, Session, SessionStats};
 
 use crate::error::{dwcp_result::*, Error};
 use crate::uri::DwcpUri;
@@ -29,14 +29,7 @@ impl Outgoing {
         let addr = uri
             .resolve()
             .map_err(|m| Error::new(DWCP_RESOLVE_FAILED, m))?;
-        let session = Session::connect(&uri.cfg, &uri.name, addr).map_err(|e| {
-            let code = match &e {
-                SessionError::Connect { .. } => DWCP_CONNECT_FAILED,
-                SessionError::Handshake { .. } => DWCP_HANDSHAKE_FAILED,
-                _ => DWCP_SESSION_FAILED,
-            };
-            Error::new(code, e.to_string())
-        })?;
+        let session = Session::connect(&uri.cfg, &uri.name, addr).map_err(Error::connect)?;
         Ok(Outgoing {
             session,
             channels: Default::default(),
@@ -50,7 +43,7 @@ impl Outgoing {
             .map_err(|e| Error::new(DWCP_IO, format!("socketpair for a channel: {e}")))?;
         self.session
             .add_local_channel(ours)
-            .map_err(channel_error)?;
+            .map_err(Error::channel)?;
         self.channels
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         Ok(OwnedFd::from(theirs))
@@ -66,7 +59,7 @@ impl Outgoing {
         let w = self
             .session
             .add_direct_channel(ours)
-            .map_err(channel_error)?;
+            .map_err(Error::channel)?;
         self.channels
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         Ok((OwnedFd::from(theirs), w))
@@ -74,10 +67,14 @@ impl Outgoing {
 
     fn check_live(&self) -> Result<(), Error> {
         match self.session.failure() {
-            Some(e) if e.starts_with(CANCEL_PREFIX) => Err(Error::new(DWCP_CANCELLED, e)),
-            Some(e) => Err(Error::new(DWCP_SESSION_FAILED, e)),
+            Some(reason) => Err(Error::failure(&reason)),
             None => Ok(()),
         }
+    }
+
+    /// Why the session failed, once it has.
+    pub fn failure(&self) -> Option<FailReason> {
+        self.session.failure()
     }
 
     pub fn stats(&self) -> SessionStats {
@@ -85,30 +82,9 @@ impl Outgoing {
     }
 
     pub fn cancel(&self, reason: &str) {
-        self.session.abort(&format!("{CANCEL_PREFIX}{reason}"));
+        self.session.cancel(reason);
     }
 }
-
-fn channel_error(e: SessionError) -> Error {
-    match e {
-        SessionError::TooManyChannels(_) => Error::new(DWCP_TOO_MANY_CHANNELS, e.to_string()),
-        SessionError::Finished => Error::new(DWCP_FINISHED, e.to_string()),
-        _ => Error::new(DWCP_SESSION_FAILED, e.to_string()),
-    }
-}
-
-/// The result code and message of a failed direct-channel write.
-pub fn write_error(e: WriteError) -> Error {
-    match e {
-        WriteError::Failed(m) if m.starts_with(CANCEL_PREFIX) => Error::new(DWCP_CANCELLED, m),
-        WriteError::Failed(m) => Error::new(DWCP_SESSION_FAILED, m),
-        WriteError::Shutdown => Error::new(DWCP_CANCELLED, e.to_string()),
-        WriteError::Ended => Error::new(DWCP_FINISHED, e.to_string()),
-    }
-}
-
-/// Failure reasons of cancelled sessions start with this.
-pub const CANCEL_PREFIX: &str = "cancelled: ";
 
 impl Drop for Outgoing {
     /// Freeing the handle detaches the session: a migration in flight keeps

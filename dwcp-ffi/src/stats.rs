@@ -91,7 +91,7 @@ impl From<&SessionStats> for dwcp_stats {
             .filter_map(|p| p.tcp.as_ref().map(|t| t.total_retrans))
             .sum();
         let mut codec = [0 as c_char; 16];
-        for (d, b) in codec.iter_mut().zip(s.tier.bytes().take(15)) {
+        for (d, b) in codec.iter_mut().zip(s.tier.to_string().bytes().take(15)) {
             *d = b as c_char;
         }
         dwcp_stats {

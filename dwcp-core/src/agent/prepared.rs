@@ -82,7 +82,7 @@ impl Prepared {
         let used = self.session.as_ref().map(|s| {
             let st = s.stats();
             let codec = match st.role {
-                Role::Initiator => st.tier.clone(),
+                Role::Initiator => st.tier.to_string(),
                 Role::Responder => st.codecs_in.dominant().unwrap_or("-").to_string(),
             };
             json!({

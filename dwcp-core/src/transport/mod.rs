@@ -23,6 +23,7 @@
 //! connection fail. Nothing that failed a check is ever written to QEMU.
 
 pub mod gate;
+mod handshake;
 pub mod options;
 mod session;
 pub mod tcp;
@@ -30,17 +31,17 @@ pub mod tcp;
 use std::time::Duration;
 
 pub use gate::CutoverGate;
+pub use handshake::{Acceptor, AcceptorLimits, GateProvider};
 pub use session::{
-    Acceptor, AcceptorLimits, ChannelReader, ChannelStats, ChannelWriter, CodecCounts,
-    DirectHandOver, GateProvider, ReadError, Role, Session, SessionError, SessionStats,
-    StreamStats, Target, WriteError,
+    ChannelReader, ChannelStats, ChannelWriter, CodecCounts, DirectHandOver, FailReason, ReadError,
+    Role, Session, SessionError, SessionState, SessionStats, StreamStats, Target, WriteError,
 };
 pub use tcp::{tcp_info, SocketTuning, TcpInfo};
 
 use crate::codec::{Tier, MAX_RAW_LEN};
 
-/// Most TCP streams one session may use.
-pub const MAX_STREAMS: usize = 256;
+/// Most TCP streams one session may use (owned by the wire format).
+pub use crate::wire::MAX_STREAMS;
 
 /// A configuration value outside its allowed range.
 #[derive(Debug, thiserror::Error)]

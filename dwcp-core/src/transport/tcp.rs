@@ -175,6 +175,32 @@ pub fn tcp_info(s: &TcpStream) -> std::io::Result<TcpInfo> {
     })
 }
 
+/// Lowest RTT the streams have measured so far, microseconds.
+pub(crate) fn path_min_rtt_us(streams: &[TcpStream]) -> Option<u32> {
+    streams
+        .iter()
+        .filter_map(|s| tcp_info(s).ok())
+        .map(|i| {
+            if i.min_rtt_us > 0 {
+                i.min_rtt_us
+            } else {
+                i.rtt_us
+            }
+        })
+        .filter(|r| *r > 0)
+        .min()
+}
+
+/// Bytes the kernel holds in the streams' send queues (unacknowledged or
+/// not yet sent).
+pub(crate) fn stream_backlog(streams: &[TcpStream]) -> u64 {
+    streams
+        .iter()
+        .filter_map(|s| tcp_info(s).ok())
+        .map(|i| i.backlog_bytes())
+        .sum()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

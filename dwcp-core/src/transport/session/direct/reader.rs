@@ -13,7 +13,7 @@
 //! drains it before saying "would block". Both happen under the channel's
 //! receive lock, so no wake-up falls between them.
 
-use std::io::{IoSliceMut, Read, Write};
+use std::io::{IoSliceMut, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,10 +23,10 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use tracing::debug;
 
-use super::{
-    check_complete, count_delivered, delivered_inline, fail, is_down, open_channel_with, Channel,
-    Ctrl, Incoming, Inner,
-};
+use super::super::channel::{Channel, Incoming};
+use super::super::credit::{count_delivered, delivered_inline};
+use super::super::{check_complete, fail, is_down, open_channel_with, Ctrl, FailReason, Inner};
+use super::ready::Readiness;
 use crate::codec::Rebuilder;
 
 /// Why [`ChannelReader::read_vectored`] returned no bytes.
@@ -37,57 +37,11 @@ pub enum ReadError {
     #[error("nothing to read yet")]
     WouldBlock,
     #[error("migration failed: {0}")]
-    Failed(String),
-}
-
-/// The readiness signal of one direct channel.
-#[derive(Debug)]
-pub(super) struct Readiness {
-    tx: UnixStream,
-    rx: UnixStream,
-    /// The reader found nothing and waits for a signal.
-    armed: AtomicBool,
-    /// The reader is gone: frames are checked and dropped as they come.
-    detached: AtomicBool,
-}
-
-impl Readiness {
-    fn new() -> std::io::Result<Readiness> {
-        let (tx, rx) = UnixStream::pair()?;
-        tx.set_nonblocking(true)?;
-        rx.set_nonblocking(true)?;
-        Ok(Readiness {
-            tx,
-            rx,
-            armed: AtomicBool::new(false),
-            detached: AtomicBool::new(false),
-        })
-    }
-
-    /// Makes the descriptor readable (a full buffer is readable already).
-    pub(super) fn signal(&self) {
-        let _ = (&self.tx).write(&[1]);
-    }
-
-    fn clear(&self) {
-        let mut b = [0u8; 64];
-        while matches!((&self.rx).read(&mut b), Ok(n) if n > 0) {}
-    }
-
-    /// Called with the channel's receive lock held after a frame was queued.
-    pub(super) fn frame_arrived(&self) {
-        if self.armed.swap(false, Ordering::AcqRel) {
-            self.signal();
-        }
-    }
-
-    pub(super) fn is_detached(&self) -> bool {
-        self.detached.load(Ordering::Acquire)
-    }
+    Failed(FailReason),
 }
 
 /// Opens responder channel `id` as a direct channel and hands it over.
-pub(super) fn open_direct(
+pub(in crate::transport::session) fn open_direct(
     inner: &Arc<Inner>,
     id: u16,
     hand_over: &(dyn Fn(UnixStream, ChannelReader) -> std::io::Result<()> + Send + Sync),
@@ -258,21 +212,22 @@ impl ChannelReader {
         st.frames.contains_key(&st.next)
     }
 
-    fn failure(&self) -> Option<String> {
+    fn failure(&self) -> Option<FailReason> {
         if !is_down(&self.inner) {
             return None;
         }
         Some(
             self.inner
+                .life
                 .failure
                 .lock()
                 .clone()
-                .unwrap_or_else(|| "session is shutting down".into()),
+                .unwrap_or(FailReason::ShuttingDown),
         )
     }
 
     /// Appends one frame's bytes to what is left unread.
-    fn take(&self, rs: &mut ReadState, item: Incoming) -> Result<(), String> {
+    fn take(&self, rs: &mut ReadState, item: Incoming) -> Result<(), FailReason> {
         if rs.pos == rs.cur.len() {
             rs.cur.clear();
             rs.pos = 0;
@@ -296,7 +251,11 @@ impl ChannelReader {
                 let out = if cur.is_empty() { cur } else { scratch };
                 rebuilder
                     .rebuild(&plan, raw_len as usize, out)
-                    .map_err(|e| format!("channel {}: {e}", self.ch.id))?;
+                    .map_err(|e| FailReason::Codec {
+                        channel: self.ch.id,
+                        seq: None,
+                        error: e.to_string(),
+                    })?;
                 if !rs.scratch.is_empty() {
                     rs.cur.extend_from_slice(&rs.scratch);
                     rs.scratch.clear();
@@ -362,7 +321,7 @@ impl ChannelReader {
         let _ = socket2::SockRef::from(&sock).set_send_buffer_size(RELAY_SEND_BUFFER);
         let inner = self.inner.clone();
         let t = std::thread::Builder::new()
-            .name(format!("dwcp-out{}", self.ch.id))
+            .name(format!("dwcp-qemu-tx{}", self.ch.id))
             .spawn(move || {
                 let mut buf = vec![0u8; self.inner.cfg.chunk];
                 loop {
@@ -375,7 +334,10 @@ impl ChannelReader {
                             if let Err(e) = sock.write_all(&buf[..n]) {
                                 fail(
                                     &self.inner,
-                                    format!("channel {}: writing to QEMU failed: {e}", self.ch.id),
+                                    FailReason::QemuIo {
+                                        channel: Some(self.ch.id),
+                                        error: format!("writing to QEMU failed: {e}"),
+                                    },
                                 );
                                 return;
                             }
@@ -384,7 +346,7 @@ impl ChannelReader {
                     }
                 }
             })?;
-        inner.threads.lock().push(t);
+        inner.life.threads.lock().push(t);
         Ok(())
     }
 
@@ -408,7 +370,11 @@ impl Drop for ChannelReader {
             // through a writer thread if the control queue has room (never
             // blocking here: the channel is closing anyway).
             if credit > 0 && count_delivered(&self.inner, &self.ch, credit) == 0 {
-                let _ = self.inner.ctrl_tx.try_send(Ctrl::Credit(self.ch.clone()));
+                let _ = self
+                    .inner
+                    .queues
+                    .ctrl_tx
+                    .try_send(Ctrl::Credit(self.ch.clone()));
             }
             rs.cur.len() - rs.pos
         };
@@ -419,10 +385,10 @@ impl Drop for ChannelReader {
         if unread > 0 {
             fail(
                 &self.inner,
-                format!(
-                    "channel {}: QEMU closed it with {unread} bytes unread",
-                    self.ch.id
-                ),
+                FailReason::QemuIo {
+                    channel: Some(self.ch.id),
+                    error: format!("QEMU closed it with {unread} bytes unread"),
+                },
             );
             return;
         }
@@ -434,7 +400,10 @@ impl Drop for ChannelReader {
 
 /// Takes what arrived for a channel whose reader is gone: its end of stream
 /// completes it; data (QEMU closed the channel mid-stream) fails the session.
-pub(super) fn drain_detached(inner: &Inner, ch: &Channel) -> Result<(), String> {
+pub(in crate::transport::session) fn drain_detached(
+    inner: &Inner,
+    ch: &Channel,
+) -> Result<(), FailReason> {
     let mut st = ch.recv.lock();
     let next = st.next;
     match st.frames.remove(&next) {
@@ -447,13 +416,15 @@ pub(super) fn drain_detached(inner: &Inner, ch: &Channel) -> Result<(), String> 
             Ok(())
         }
         Some(_) => {
-            if ch.delivered_eof.load(Ordering::Acquire) || inner.complete.load(Ordering::Acquire) {
+            if ch.delivered_eof.load(Ordering::Acquire)
+                || inner.life.complete.load(Ordering::Acquire)
+            {
                 return Ok(());
             }
-            Err(format!(
-                "channel {}: data arrived after QEMU closed the channel",
-                ch.id
-            ))
+            Err(FailReason::QemuIo {
+                channel: Some(ch.id),
+                error: "data arrived after QEMU closed the channel".into(),
+            })
         }
     }
 }

@@ -1,0 +1,354 @@
+//! The handshake: the source's [`Session::connect`] (N streams, hello and
+//! reply on each in parallel) and the destination's [`Acceptor`], which
+//! collects each session's streams and starts it.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tracing::warn;
+
+use super::gate::CutoverGate;
+use super::session::{FailReason, Role, Session, SessionError, Target};
+use super::TransportConfig;
+use crate::wire::{self, Hello, Reply, Status, WireError};
+
+impl Session {
+    /// Opens `cfg.streams` TCP streams to a destination agent and performs the
+    /// handshake on each (in parallel, so a long RTT is paid once).
+    pub fn connect(
+        cfg: &TransportConfig,
+        name: &str,
+        addr: SocketAddr,
+    ) -> Result<Session, SessionError> {
+        let invalid =
+            |e: &dyn std::fmt::Display| SessionError::Failed(FailReason::Local(e.to_string()));
+        cfg.validate().map_err(|e| invalid(&e))?;
+        wire::check_name(name).map_err(|e| invalid(&e))?;
+        let id: [u8; 16] = rand::random();
+        let n = cfg.streams as usize;
+        let results: Vec<Result<(TcpStream, Reply), SessionError>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..n)
+                .map(|index| {
+                    s.spawn(move || {
+                        let mut st = TcpStream::connect_timeout(&addr, cfg.connect_timeout)
+                            .map_err(|source| SessionError::Connect {
+                                index,
+                                addr,
+                                source,
+                            })?;
+                        cfg.tuning
+                            .apply(&st)
+                            .map_err(|source| SessionError::Connect {
+                                index,
+                                addr,
+                                source,
+                            })?;
+                        st.set_read_timeout(Some(cfg.connect_timeout))
+                            .map_err(|source| SessionError::Connect {
+                                index,
+                                addr,
+                                source,
+                            })?;
+                        let hello = Hello {
+                            version_min: wire::VERSION_MIN,
+                            version_max: wire::VERSION_MAX,
+                            session: id,
+                            stream_index: index as u16,
+                            stream_count: n as u16,
+                            role: wire::Role::Data,
+                            window: cfg.window,
+                            ring_pages: cfg.ring_pages(),
+                            name: name.to_string(),
+                        };
+                        st.write_all(&hello.encode()).map_err(|source| {
+                            SessionError::Handshake {
+                                index,
+                                addr,
+                                source: WireError::Io {
+                                    what: "hello",
+                                    source,
+                                },
+                            }
+                        })?;
+                        let reply =
+                            Reply::read(&mut st).map_err(|source| SessionError::Handshake {
+                                index,
+                                addr,
+                                source,
+                            })?;
+                        if reply.status != Status::Ok {
+                            return Err(SessionError::Handshake {
+                                index,
+                                addr,
+                                source: WireError::Refused(reply.status),
+                            });
+                        }
+                        Ok((st, reply))
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("connect thread panicked"))
+                .collect()
+        });
+        let mut streams = Vec::with_capacity(n);
+        let mut window = cfg.window;
+        let mut ring = cfg.ring_pages();
+        let mut version = wire::VERSION_MAX;
+        for (index, r) in results.into_iter().enumerate() {
+            let (st, reply) = r?;
+            if !(wire::VERSION_MIN..=wire::VERSION_MAX).contains(&reply.version) {
+                return Err(SessionError::Handshake {
+                    index,
+                    addr,
+                    source: WireError::Field {
+                        field: "reply version",
+                        value: reply.version as u64,
+                        allowed: "a version we offered",
+                    },
+                });
+            }
+            window = window.min(reply.window);
+            ring = ring.min(reply.ring_pages);
+            version = version.min(reply.version);
+            streams.push(st);
+        }
+        Ok(Session::start(
+            Role::Initiator,
+            id,
+            name,
+            cfg.clone(),
+            (window, ring, version),
+            streams,
+            None,
+            None,
+        ))
+    }
+}
+
+/// Limits a destination agent puts on what initiators may ask for.
+#[derive(Debug, Clone)]
+pub struct AcceptorLimits {
+    pub max_window: u32,
+    pub max_ring_pages: u32,
+    pub max_sessions: usize,
+    pub handshake_timeout: Duration,
+}
+
+impl Default for AcceptorLimits {
+    fn default() -> Self {
+        AcceptorLimits {
+            max_window: 64 << 20,
+            max_ring_pages: (1024 << 20) / 4096,
+            max_sessions: 64,
+            handshake_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+struct Pending {
+    hello: Hello,
+    streams: Vec<Option<TcpStream>>,
+    since: Instant,
+}
+
+/// The destination agent's side of the handshake: collects the N streams of
+/// each session and starts the session when all are in.
+#[derive(Debug)]
+pub struct Acceptor {
+    cfg: TransportConfig,
+    limits: AcceptorLimits,
+    incoming_dir: PathBuf,
+    connector: Option<Target>,
+    gates: Option<Gates>,
+    pending: Mutex<HashMap<[u8; 16], PendingBox>>,
+}
+
+#[derive(Clone)]
+struct Gates(GateProvider);
+
+impl std::fmt::Debug for Gates {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GateProvider")
+    }
+}
+
+/// Decides, for a session about to start (migration name, the source's
+/// address), whether its main channel is gated: `Ok(Some(gate))` gates it,
+/// `Ok(None)` leaves it ungated, `Err(reason)` refuses it (the source is told
+/// the reason, QEMU gets nothing).
+pub type GateProvider =
+    Arc<dyn Fn(&str, SocketAddr) -> Result<Option<Arc<dyn CutoverGate>>, String> + Send + Sync>;
+
+struct PendingBox(Pending);
+
+impl std::fmt::Debug for PendingBox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pending")
+            .field("name", &self.0.hello.name)
+            .finish()
+    }
+}
+
+impl Acceptor {
+    /// `incoming_dir` holds QEMU's incoming sockets, `<name>.sock`.
+    pub fn new(cfg: TransportConfig, limits: AcceptorLimits, incoming_dir: PathBuf) -> Acceptor {
+        Acceptor {
+            cfg,
+            limits,
+            incoming_dir,
+            connector: None,
+            gates: None,
+            pending: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Gates the sessions `gates` says to (see [`GateProvider`]).
+    pub fn with_gates(mut self, gates: GateProvider) -> Acceptor {
+        self.gates = Some(Gates(gates));
+        self
+    }
+
+    /// An acceptor whose sessions get their channels from `connector`
+    /// instead of QEMU's incoming sockets (any migration name is accepted).
+    pub fn with_connector(
+        cfg: TransportConfig,
+        limits: AcceptorLimits,
+        connector: Target,
+    ) -> Acceptor {
+        Acceptor {
+            cfg,
+            limits,
+            incoming_dir: PathBuf::new(),
+            connector: Some(connector),
+            gates: None,
+            pending: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Handles one accepted TCP connection: reads and checks the hello,
+    /// replies, and returns a started session when this was its last stream.
+    /// Errors name what was wrong; the connection is closed on error.
+    pub fn handle(&self, mut stream: TcpStream) -> Result<Option<Session>, WireError> {
+        let io = |what, source| WireError::Io { what, source };
+        stream
+            .set_read_timeout(Some(self.limits.handshake_timeout))
+            .map_err(|e| io("socket", e))?;
+        let hello = match Hello::read(&mut stream) {
+            Ok(h) => h,
+            Err(e) => {
+                if matches!(e, WireError::Version { .. }) {
+                    let reply = self.reply(Status::BadVersion, 0, 0, wire::VERSION_MAX);
+                    let _ = stream.write_all(&reply.encode());
+                }
+                return Err(e);
+            }
+        };
+        let refuse = |stream: &mut TcpStream, status| {
+            let _ = stream.write_all(&self.reply(status, 0, 0, wire::VERSION_MAX).encode());
+            Err(WireError::Refused(status))
+        };
+        let target = match &self.connector {
+            Some(c) => c.clone(),
+            None => {
+                let path = self.incoming_dir.join(format!("{}.sock", hello.name));
+                if !path.exists() {
+                    warn!(name = %hello.name, "no incoming QEMU socket at {}", path.display());
+                    return refuse(&mut stream, Status::UnknownTarget);
+                }
+                Target::Socket(path)
+            }
+        };
+        let window = hello.window.min(self.limits.max_window);
+        let ring = hello.ring_pages.min(self.limits.max_ring_pages);
+        if (window as usize) < 2 * crate::codec::MAX_RAW_LEN.min(self.cfg.chunk) {
+            return refuse(&mut stream, Status::TooLarge);
+        }
+        self.cfg
+            .tuning
+            .apply(&stream)
+            .map_err(|e| io("socket tuning", e))?;
+        let mut pending = self.pending.lock();
+        pending.retain(|_, p| p.0.since.elapsed() < self.limits.handshake_timeout * 2);
+        if !pending.contains_key(&hello.session) && pending.len() >= self.limits.max_sessions {
+            drop(pending);
+            return refuse(&mut stream, Status::Busy);
+        }
+        let entry = pending.entry(hello.session).or_insert_with(|| {
+            PendingBox(Pending {
+                hello: hello.clone(),
+                streams: (0..hello.stream_count).map(|_| None).collect(),
+                since: Instant::now(),
+            })
+        });
+        let p = &mut entry.0;
+        let same = p.hello.name == hello.name
+            && p.hello.stream_count == hello.stream_count
+            && p.hello.window == hello.window
+            && p.hello.ring_pages == hello.ring_pages;
+        if !same || p.streams[hello.stream_index as usize].is_some() {
+            drop(pending);
+            return refuse(&mut stream, Status::SessionMismatch);
+        }
+        // Hello::read checked the ranges overlap.
+        let version = hello.version_max.min(wire::VERSION_MAX);
+        stream
+            .write_all(&self.reply(Status::Ok, window, ring, version).encode())
+            .map_err(|e| io("reply", e))?;
+        p.streams[hello.stream_index as usize] = Some(stream);
+        if p.streams.iter().all(Option::is_some) {
+            let p = pending.remove(&hello.session).expect("present").0;
+            drop(pending);
+            let streams: Vec<TcpStream> = p
+                .streams
+                .into_iter()
+                .map(|s| s.expect("all present"))
+                .collect();
+            let cfg = TransportConfig {
+                streams: streams.len() as u16,
+                ..self.cfg.clone()
+            };
+            let peer = streams[0].peer_addr().map_err(|e| io("socket", e))?;
+            let (gate, refusal) = match &self.gates {
+                Some(Gates(f)) => match f(&hello.name, peer) {
+                    Ok(g) => (g, None),
+                    Err(reason) => (None, Some(reason)),
+                },
+                None => (None, None),
+            };
+            let session = Session::start(
+                Role::Responder,
+                hello.session,
+                &hello.name,
+                cfg,
+                (window, ring, version),
+                streams,
+                Some(target),
+                gate,
+            );
+            if let Some(reason) = refusal {
+                // Started only to tell the source why (an Abort frame):
+                // nothing reaches QEMU.
+                warn!(name = %hello.name, "cutover gate refused the session: {reason}");
+                session.fail(FailReason::GateRefused(reason));
+            }
+            return Ok(Some(session));
+        }
+        Ok(None)
+    }
+
+    fn reply(&self, status: Status, window: u32, ring_pages: u32, version: u16) -> Reply {
+        Reply {
+            version,
+            status,
+            window,
+            ring_pages,
+        }
+    }
+}

@@ -1,0 +1,105 @@
+//! A channel's state: what it has sent and not yet had credited back, its
+//! credit, its reorder buffer of received frames.
+
+use std::collections::BTreeMap;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::{Condvar, Mutex};
+
+use super::direct::ready::Readiness;
+use super::Inner;
+
+pub(super) enum Incoming {
+    Data {
+        plan: Vec<u8>,
+        raw_len: u32,
+    },
+    /// A [`Tier::Raw`] frame: the bytes themselves.
+    Raw(Vec<u8>),
+    Eof,
+}
+
+#[derive(Default)]
+pub(super) struct RecvState {
+    pub(super) next: u64,
+    pub(super) frames: BTreeMap<u64, Incoming>,
+    /// Raw bytes buffered and not yet credited back.
+    pub(super) bytes: u64,
+}
+
+pub(super) struct Channel {
+    pub(super) id: u16,
+    /// Our side of the QEMU connection (a clone kept for shutdown).
+    pub(super) local: UnixStream,
+    pub(super) credit: Mutex<u64>,
+    pub(super) credit_cv: Condvar,
+    /// Credit earned by delivering, waiting for a writer to send it.
+    pub(super) pending_credit: AtomicU64,
+    pub(super) recv: Mutex<RecvState>,
+    pub(super) recv_cv: Condvar,
+    pub(super) sent_eof: AtomicBool,
+    pub(super) delivered_eof: AtomicBool,
+    pub(super) raw_out: AtomicU64,
+    pub(super) raw_in: AtomicU64,
+    /// Wire sizes of the Data frames sent and not yet credited back.
+    pub(super) sent: Mutex<SentLog>,
+    /// Raw bytes read from QEMU and not yet encoded (counted at their raw
+    /// size against the wire budget until their wire size is known).
+    pub(super) unencoded: AtomicU64,
+    /// A channel read by the embedder ([`ChannelReader`]) instead of a
+    /// deliverer thread: its readiness signal.
+    pub(super) direct: Option<Arc<Readiness>>,
+}
+
+/// What a channel has on the wire: frames in the order they were encoded,
+/// retired by the peer's credit (raw bytes, in delivery order). Encode
+/// workers may finish frames out of order, so the wire attributed to a
+/// credit can be off by a frame for a moment; the totals always agree.
+#[derive(Default)]
+pub(super) struct SentLog {
+    pub(super) frames: std::collections::VecDeque<(u64, u64)>,
+    /// Credit not yet matched to whole frames.
+    pub(super) carry: u64,
+    /// Sum of the wire sizes in `frames`.
+    pub(super) wire: u64,
+}
+
+impl Channel {
+    pub(super) fn done(&self) -> bool {
+        self.sent_eof.load(Ordering::Acquire) && self.delivered_eof.load(Ordering::Acquire)
+    }
+
+    /// Records a Data frame put on the wire (frame header included).
+    pub(super) fn note_sent(&self, inner: &Inner, raw: u64, wire: u64) {
+        let mut log = self.sent.lock();
+        log.frames.push_back((raw, wire));
+        log.wire += wire;
+        inner.flow.wire_inflight.fetch_add(wire, Ordering::Relaxed);
+    }
+
+    /// Retires frames covered by `credit` raw bytes; returns their wire size.
+    pub(super) fn note_credit(&self, inner: &Inner, credit: u64) -> u64 {
+        let mut log = self.sent.lock();
+        let mut left = log.carry + credit;
+        let mut wire = 0;
+        while let Some(&(raw, w)) = log.frames.front() {
+            if raw > left {
+                break;
+            }
+            left -= raw;
+            wire += w;
+            log.frames.pop_front();
+        }
+        log.carry = left;
+        log.wire -= wire;
+        inner.flow.wire_inflight.fetch_sub(wire, Ordering::Relaxed);
+        wire
+    }
+
+    /// Wire bytes this channel has in flight, unencoded reads included.
+    pub(super) fn wire_inflight(&self) -> u64 {
+        self.sent.lock().wire + self.unencoded.load(Ordering::Relaxed)
+    }
+}

@@ -1,0 +1,525 @@
+//! Sessions: one multi-stream migration. This module owns the [`Session`]
+//! handle, its [`Role`] and errors ([`SessionError`], [`FailReason`]), the
+//! state its threads share ([`Inner`], grouped by concern), and the
+//! session's life: start, channel opening, failure and completion.
+//!
+//! The threads and their concerns live in the child modules (thread names
+//! say which way bytes flow: `dwcp-qemu-rx<ch>` reads QEMU, `dwcp-tcp-tx<i>`
+//! writes stream i, `dwcp-tcp-rx<i>` reads it, `dwcp-qemu-tx<ch>` writes
+//! QEMU; `dwcp-enc<i>` encodes, `dwcp-watch` is the clock):
+//!
+//! - [`error`]: why a session failed ([`FailReason`]) or could not start;
+//! - [`channel`]: a channel's state (reorder buffer, credit, sent log);
+//! - [`target`]: where a responder's channels go ([`Target`]);
+//! - [`send`]: QEMU's bytes to frames (`qemu_rx` threads), the encoders
+//!   (`encode`), the stream writers (`tcp_tx`);
+//! - [`recv`]: the stream readers (`tcp_rx`), the frame handler by kind,
+//!   the in-order delivery to QEMU (`qemu_tx`) and the cutover gate's hold;
+//! - [`credit`]: flow control (credit returned, the in-flight budget share);
+//! - [`tune`]: the in-flight budget and codec tier decisions (pure);
+//! - [`watchdog`]: the session's clock (`watch`): tuners, idle and close;
+//! - [`stats`]: the stats snapshot;
+//! - [`direct`]: channels written or read by the embedder (libdwcp).
+//!
+//! The handshake (connect, acceptor) is [`super::handshake`].
+
+use std::collections::HashMap;
+use std::net::{Shutdown, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crossbeam_channel::{bounded, Receiver, Sender};
+use parking_lot::{Condvar, Mutex};
+use serde::Serialize;
+use tracing::{debug, info, warn};
+
+use super::gate::CutoverGate;
+use super::TransportConfig;
+use crate::codec::Tier;
+
+mod channel;
+mod credit;
+pub(super) mod direct;
+mod error;
+mod recv;
+mod send;
+mod stats;
+mod target;
+mod tune;
+mod watchdog;
+
+use channel::{Channel, RecvState, SentLog};
+pub use direct::reader::{ChannelReader, ReadError};
+pub use direct::writer::{ChannelWriter, WriteError};
+pub use error::{FailReason, SessionError};
+use send::{Job, Outgoing};
+pub use stats::{ChannelStats, CodecCounts, SessionState, SessionStats, StreamStats};
+pub use target::{DirectHandOver, Target};
+
+/// Which end of the session this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Source host: QEMU connects to our UNIX socket, we open the streams.
+    Initiator,
+    /// Destination host: we accept the streams and connect to QEMU.
+    Responder,
+}
+
+enum Ctrl {
+    Credit(Arc<Channel>),
+    Abort(String),
+}
+
+#[derive(Default)]
+struct Counters {
+    raw_out: AtomicU64,
+    raw_in: AtomicU64,
+    wire_out: AtomicU64,
+    wire_in: AtomicU64,
+    frames_out: AtomicU64,
+    frames_in: AtomicU64,
+    zero_bytes: AtomicU64,
+    pages_seen: AtomicU64,
+    pages_deduped: AtomicU64,
+    /// Data frames received per codec (none, lz4, zstd, raw).
+    codec_in: [AtomicU64; 4],
+    /// Raw data frames received without a payload checksum.
+    unchecked_in: AtomicU64,
+}
+
+/// The state a session's threads share, grouped by concern.
+struct Inner {
+    id: [u8; 16],
+    name: String,
+    role: Role,
+    /// Protocol version of the session (the lower of both ends' newest).
+    version: u16,
+    cfg: TransportConfig,
+    /// Flow-control window per channel, raw bytes (as agreed).
+    window: u64,
+    ring_bytes: usize,
+    /// Responder: where its channels go.
+    target: Option<Target>,
+    /// The cutover gate on the main channel (a gated destination session).
+    gate: Option<Arc<dyn CutoverGate>>,
+    links: Links,
+    channels: Channels,
+    queues: Queues,
+    life: Life,
+    flow: Flow,
+    tuning: Tuning,
+    counters: Counters,
+}
+
+/// The session's TCP streams.
+struct Links {
+    /// Clones kept for TCP_INFO and shutdown.
+    streams: Vec<TcpStream>,
+    /// The streams' sending halves: a writer thread, or a direct channel's
+    /// writer ([`ChannelWriter`]), holds the lock for each whole frame.
+    tx: Vec<Mutex<TcpStream>>,
+    /// Where a direct writer starts looking for a free stream.
+    next_tx: AtomicUsize,
+}
+
+/// The open channels.
+struct Channels {
+    map: Mutex<HashMap<u16, Arc<Channel>>>,
+    /// Held while a responder opens a channel.
+    opening: Mutex<()>,
+    /// Initiator: the next channel's number.
+    next_id: AtomicUsize,
+}
+
+/// The queues between the session's threads.
+struct Queues {
+    job_tx: Sender<Job>,
+    job_rx: Receiver<Job>,
+    frame_tx: Sender<Outgoing>,
+    frame_rx: Receiver<Outgoing>,
+    ctrl_tx: Sender<Ctrl>,
+    ctrl_rx: Receiver<Ctrl>,
+    /// Frames queued (job or frame queue) and not yet written.
+    inflight: AtomicU64,
+}
+
+/// Where the session is in its life, and its threads.
+struct Life {
+    failure: Mutex<Option<FailReason>>,
+    failed: AtomicBool,
+    complete: AtomicBool,
+    /// Responder: channel count announced by the initiator's Close frame.
+    close_expected: Mutex<Option<u32>>,
+    /// Stream readers that have ended.
+    readers_done: AtomicUsize,
+    /// When the peer first closed a stream.
+    first_eof: Mutex<Option<Instant>>,
+    /// When the last frame arrived.
+    last_rx: Mutex<Instant>,
+    started: Instant,
+    ended: Mutex<Option<Instant>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// Flow control: what the peer has credited back, what is in flight.
+struct Flow {
+    /// Raw bytes the peer has credited back (delivered to its QEMU).
+    credited: AtomicU64,
+    /// Wire bytes of the frames those credits retired.
+    credited_wire: AtomicU64,
+    /// Wire bytes of Data frames sent and not yet credited (all channels).
+    wire_inflight: AtomicU64,
+    /// Local readers currently waiting for credit (the link is the limit).
+    credit_waiters: AtomicUsize,
+}
+
+/// What the tuners decided ([`tune`]) and the rates they measured.
+struct Tuning {
+    /// The tier of frames encoded from now on.
+    tier: Mutex<Tier>,
+    /// Wire bytes all channels together may have in flight now (adaptive).
+    target_inflight: AtomicU64,
+    /// Bottleneck rate estimate, wire bytes/s (see [`SessionStats`]).
+    delivery_rate: AtomicU64,
+    /// Raw bytes per second delivered, average of the last second.
+    raw_rate: AtomicU64,
+}
+
+/// One migration's multi-stream session. Cheap to clone (shared handle).
+#[derive(Clone)]
+pub struct Session {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("name", &self.inner.name)
+            .field("role", &self.inner.role)
+            .finish()
+    }
+}
+
+fn hex(id: &[u8; 16]) -> String {
+    id.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Session {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn start(
+        role: Role,
+        id: [u8; 16],
+        name: &str,
+        cfg: TransportConfig,
+        (window, ring_pages, version): (u32, u32, u16),
+        streams: Vec<TcpStream>,
+        target: Option<Target>,
+        gate: Option<Arc<dyn CutoverGate>>,
+    ) -> Session {
+        let n = streams.len();
+        let (job_tx, job_rx) = bounded(cfg.workers * 2);
+        let (frame_tx, frame_rx) = bounded(n * 2 + 4);
+        let (ctrl_tx, ctrl_rx) = bounded(cfg.max_channels as usize * 2 + n * 2 + 16);
+        let mut shutdown_clones = Vec::with_capacity(n);
+        let mut tx = Vec::with_capacity(n);
+        for s in &streams {
+            // A read timeout turns a silent peer into an error the watchdog sees.
+            let _ = s.set_read_timeout(Some(cfg.idle_timeout));
+            let _ = s.set_write_timeout(Some(cfg.idle_timeout));
+            shutdown_clones.push(s.try_clone().expect("dup of a connected socket"));
+            tx.push(Mutex::new(
+                s.try_clone().expect("dup of a connected socket"),
+            ));
+        }
+        let tier = if cfg.auto_tier {
+            let rtt = super::tcp::path_min_rtt_us(&streams);
+            let tier = tune::initial_tier(rtt);
+            info!(name, %tier, min_rtt_us = rtt, "auto tier: start");
+            tier
+        } else {
+            cfg.tier
+        };
+        let inner = Arc::new(Inner {
+            id,
+            name: name.to_string(),
+            role,
+            version,
+            window: window as u64,
+            ring_bytes: ring_pages as usize * crate::codec::PAGE_SIZE,
+            cfg,
+            target,
+            gate,
+            links: Links {
+                streams: shutdown_clones,
+                tx,
+                next_tx: AtomicUsize::new(0),
+            },
+            channels: Channels {
+                map: Mutex::new(HashMap::new()),
+                opening: Mutex::new(()),
+                next_id: AtomicUsize::new(0),
+            },
+            queues: Queues {
+                job_tx,
+                job_rx,
+                frame_tx,
+                frame_rx,
+                ctrl_tx,
+                ctrl_rx,
+                inflight: AtomicU64::new(0),
+            },
+            life: Life {
+                failure: Mutex::new(None),
+                failed: AtomicBool::new(false),
+                complete: AtomicBool::new(false),
+                close_expected: Mutex::new(None),
+                readers_done: AtomicUsize::new(0),
+                first_eof: Mutex::new(None),
+                last_rx: Mutex::new(Instant::now()),
+                started: Instant::now(),
+                ended: Mutex::new(None),
+                threads: Mutex::new(Vec::new()),
+            },
+            flow: Flow {
+                credited: AtomicU64::new(0),
+                credited_wire: AtomicU64::new(0),
+                wire_inflight: AtomicU64::new(0),
+                credit_waiters: AtomicUsize::new(0),
+            },
+            tuning: Tuning {
+                tier: Mutex::new(tier),
+                target_inflight: AtomicU64::new(tune::INITIAL_INFLIGHT.min(window as u64)),
+                delivery_rate: AtomicU64::new(0),
+                raw_rate: AtomicU64::new(0),
+            },
+            counters: Counters::default(),
+        });
+        info!(name, session = %hex(&id), ?role, streams = n, window, ring_pages, "session started");
+        let sess = Session { inner };
+        for (i, s) in streams.into_iter().enumerate() {
+            let inner = sess.inner.clone();
+            sess.spawn(format!("dwcp-tcp-tx{i}"), move || send::tcp_tx(inner, i));
+            let inner = sess.inner.clone();
+            sess.spawn(format!("dwcp-tcp-rx{i}"), move || recv::tcp_rx(inner, i, s));
+        }
+        for i in 0..sess.inner.cfg.workers {
+            let inner = sess.inner.clone();
+            sess.spawn(format!("dwcp-enc{i}"), move || send::encode(inner));
+        }
+        let inner = sess.inner.clone();
+        sess.spawn("dwcp-watch".into(), move || watchdog::watchdog(inner));
+        sess
+    }
+
+    fn spawn(&self, name: String, f: impl FnOnce() + Send + 'static) {
+        let h = std::thread::Builder::new()
+            .name(name)
+            .spawn(f)
+            .expect("spawn thread");
+        self.inner.life.threads.lock().push(h);
+    }
+
+    /// Whether `other` is a handle of this same session.
+    pub fn same(&self, other: &Session) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
+    /// Adds a QEMU connection accepted on the source host as a new channel.
+    pub fn add_local_channel(&self, conn: UnixStream) -> Result<u16, SessionError> {
+        let id = self.next_channel_id()?;
+        open_channel(&self.inner, id, conn, true);
+        Ok(id)
+    }
+
+    /// Adds a channel whose bytes the caller sends with the returned
+    /// [`ChannelWriter`]; what the peer sends back on it is written to
+    /// `conn` (the return path), and `conn` is shut down once the session
+    /// completes. Nothing is read from `conn`.
+    pub fn add_direct_channel(&self, conn: UnixStream) -> Result<ChannelWriter, SessionError> {
+        let id = self.next_channel_id()?;
+        let ch = open_channel(&self.inner, id, conn, false);
+        Ok(ChannelWriter::new(self.inner.clone(), ch))
+    }
+
+    fn next_channel_id(&self) -> Result<u16, SessionError> {
+        if self.inner.life.complete.load(Ordering::Acquire) {
+            return Err(SessionError::Finished);
+        }
+        if let Some(e) = self.failure() {
+            return Err(SessionError::Failed(e));
+        }
+        let id = self.inner.channels.next_id.fetch_add(1, Ordering::AcqRel);
+        if id >= self.inner.cfg.max_channels as usize {
+            return Err(SessionError::TooManyChannels(self.inner.cfg.max_channels));
+        }
+        Ok(id as u16)
+    }
+
+    /// Changes the compression tier of frames encoded from now on.
+    pub fn set_tier(&self, tier: Tier) {
+        *self.inner.tuning.tier.lock() = tier;
+    }
+
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The failure reason, once the session has failed.
+    pub fn failure(&self) -> Option<FailReason> {
+        self.inner.life.failure.lock().clone()
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.inner.life.complete.load(Ordering::Acquire)
+            || self.inner.life.failed.load(Ordering::Acquire)
+    }
+
+    /// Fails the session from outside, for a reason of the caller's own
+    /// ([`FailReason::Local`]).
+    pub fn abort(&self, reason: &str) {
+        fail(&self.inner, FailReason::Local(reason.to_string()));
+    }
+
+    /// Fails the session with `reason` (the handshake's gate refusal).
+    pub(super) fn fail(&self, reason: FailReason) {
+        fail(&self.inner, reason);
+    }
+
+    /// Cancels the session ([`FailReason::Cancelled`]).
+    pub fn cancel(&self, reason: &str) {
+        fail(&self.inner, FailReason::Cancelled(reason.to_string()));
+    }
+
+    /// Waits for every thread of the session to end; returns the final stats,
+    /// or the failure.
+    pub fn wait(&self) -> Result<SessionStats, SessionError> {
+        loop {
+            let next = self.inner.life.threads.lock().pop();
+            match next {
+                Some(h) => {
+                    let _ = h.join();
+                }
+                None => break,
+            }
+        }
+        match self.failure() {
+            Some(e) => Err(SessionError::Failed(e)),
+            None => Ok(self.stats()),
+        }
+    }
+}
+
+/// Fails the session (once; the first reason sticks): tells the peer
+/// (an Abort frame from each writer) and wakes every waiting thread.
+fn fail(inner: &Inner, reason: FailReason) {
+    if inner.life.complete.load(Ordering::Acquire) {
+        return;
+    }
+    if inner.life.failed.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    warn!(name = %inner.name, session = %hex(&inner.id), "session failed: {reason}");
+    let text = reason.to_string();
+    *inner.life.failure.lock() = Some(reason);
+    *inner.life.ended.lock() = Some(Instant::now());
+    for _ in 0..inner.links.streams.len() {
+        let _ = inner.queues.ctrl_tx.try_send(Ctrl::Abort(text.clone()));
+    }
+    wake_all(inner);
+}
+
+fn wake_all(inner: &Inner) {
+    for ch in inner.channels.map.lock().values() {
+        ch.credit_cv.notify_all();
+        ch.recv_cv.notify_all();
+        if let Some(r) = &ch.direct {
+            // stays readable: the reader sees the failure and never clears it
+            r.signal();
+        }
+    }
+}
+
+fn is_down(inner: &Inner) -> bool {
+    inner.life.failed.load(Ordering::Acquire)
+}
+
+fn open_channel(inner: &Arc<Inner>, id: u16, conn: UnixStream, read_local: bool) -> Arc<Channel> {
+    open_channel_with(inner, id, conn, read_local, None)
+}
+
+/// [`open_channel`]; with `direct` the embedder reads the channel (no
+/// deliverer thread).
+fn open_channel_with(
+    inner: &Arc<Inner>,
+    id: u16,
+    conn: UnixStream,
+    read_local: bool,
+    direct: Option<Arc<direct::ready::Readiness>>,
+) -> Arc<Channel> {
+    let deliver = direct.is_none();
+    let ch = Arc::new(Channel {
+        id,
+        local: conn.try_clone().expect("dup of a connected socket"),
+        credit: Mutex::new(inner.window),
+        credit_cv: Condvar::new(),
+        pending_credit: AtomicU64::new(0),
+        recv: Mutex::new(RecvState::default()),
+        recv_cv: Condvar::new(),
+        sent_eof: AtomicBool::new(false),
+        delivered_eof: AtomicBool::new(false),
+        raw_out: AtomicU64::new(0),
+        raw_in: AtomicU64::new(0),
+        sent: Mutex::new(SentLog::default()),
+        unencoded: AtomicU64::new(0),
+        direct,
+    });
+    inner.channels.map.lock().insert(id, ch.clone());
+    debug!(name = %inner.name, channel = id, "channel opened");
+    let reader_conn = conn.try_clone().expect("dup of a connected socket");
+    let (i1, c1) = (inner.clone(), ch.clone());
+    let (i2, c2) = (inner.clone(), ch.clone());
+    let mut threads = inner.life.threads.lock();
+    if read_local {
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("dwcp-qemu-rx{id}"))
+                .spawn(move || send::qemu_rx(i1, c1, reader_conn))
+                .expect("spawn thread"),
+        );
+    }
+    if deliver {
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("dwcp-qemu-tx{id}"))
+                .spawn(move || recv::qemu_tx(i2, c2, conn))
+                .expect("spawn thread"),
+        );
+    }
+    ch
+}
+
+/// The initiator completes when every channel it opened is finished both
+/// ways; it then tells the responder (Close) how many channels there were.
+/// The responder completes when it got that Close and has finished as many.
+fn check_complete(inner: &Inner) {
+    let chans = inner.channels.map.lock();
+    let all_done = !chans.is_empty() && chans.values().all(|c| c.done());
+    let announced = match inner.role {
+        Role::Initiator => true,
+        Role::Responder => *inner.life.close_expected.lock() == Some(chans.len() as u32),
+    };
+    if all_done && announced && !inner.life.failed.load(Ordering::Acquire) {
+        if !inner.life.complete.swap(true, Ordering::AcqRel) {
+            *inner.life.ended.lock() = Some(Instant::now());
+            info!(name = %inner.name, session = %hex(&inner.id), "session completed");
+        }
+        // Both ends are done with every channel; close our QEMU sockets fully.
+        for c in chans.values() {
+            let _ = c.local.shutdown(Shutdown::Both);
+        }
+    }
+}

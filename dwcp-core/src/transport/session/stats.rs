@@ -1,0 +1,223 @@
+//! The stats snapshot of a session (what `dwcp stats`, the hooks and the
+//! C API's `dwcp_stats` show).
+
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use super::{hex, Role, Session};
+use crate::codec::Tier;
+use crate::transport::tcp::{path_min_rtt_us, tcp_info, TcpInfo};
+
+/// Where a session is in its life (serialised as `running`, `completed`,
+/// `failed`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionState {
+    Running,
+    Completed,
+    Failed,
+}
+
+impl SessionState {
+    /// The state's name, as serialised.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionState::Running => "running",
+            SessionState::Completed => "completed",
+            SessionState::Failed => "failed",
+        }
+    }
+}
+
+impl std::fmt::Display for SessionState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<&str> for SessionState {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+/// Serialises a tier by its name (`raw`, `lz4`, `zstd:3`, ...).
+fn tier_name<S: serde::Serializer>(tier: &Tier, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(tier)
+}
+
+/// Per-stream figures, from the kernel's TCP_INFO.
+#[derive(Debug, Clone, Serialize)]
+pub struct StreamStats {
+    pub index: usize,
+    pub tcp: Option<TcpInfo>,
+}
+
+/// Per-channel byte counts.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChannelStats {
+    pub id: u16,
+    pub raw_out: u64,
+    pub raw_in: u64,
+    pub done: bool,
+}
+
+/// A snapshot of a session's figures (what `dwcp stats` shows).
+#[derive(Debug, Clone, Serialize)]
+pub struct SessionStats {
+    pub name: String,
+    pub session: String,
+    pub role: Role,
+    pub state: SessionState,
+    /// The failure reason's text ([`super::FailReason`]).
+    pub error: Option<String>,
+    pub elapsed_s: f64,
+    /// The tier of the frames encoded now.
+    #[serde(serialize_with = "tier_name")]
+    pub tier: Tier,
+    pub streams: usize,
+    pub channels: Vec<ChannelStats>,
+    /// QEMU bytes read from local sockets and sent.
+    pub raw_out: u64,
+    /// QEMU bytes received and written to local sockets.
+    pub raw_in: u64,
+    /// Bytes put on the TCP streams (headers included).
+    pub wire_out: u64,
+    pub wire_in: u64,
+    pub frames_out: u64,
+    pub frames_in: u64,
+    /// raw_out / wire_out.
+    pub ratio_out: f64,
+    pub zero_bytes: u64,
+    pub pages_seen: u64,
+    pub pages_deduped: u64,
+    /// Wire bytes sent whose data the peer has not yet delivered to its QEMU
+    /// (plus reads not yet encoded): what must still cross the link.
+    pub inflight_bytes: u64,
+    /// Wire bytes per second delivered, highest of the last second's 100 ms
+    /// samples: the bottleneck rate the in-flight budget is sized from; 0
+    /// before the first sample.
+    pub delivery_rate: u64,
+    /// Raw (QEMU) bytes per second delivered, average over the last second.
+    pub raw_rate: u64,
+    /// Lowest RTT the streams measured, microseconds.
+    pub min_rtt_us: Option<u32>,
+    /// Data frames received per codec: what the peer actually sent (the
+    /// wire names the codec of each frame, not the zstd level).
+    pub codecs_in: CodecCounts,
+    pub per_stream: Vec<StreamStats>,
+}
+
+/// Frames per codec.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct CodecCounts {
+    pub none: u64,
+    pub lz4: u64,
+    pub zstd: u64,
+    pub raw: u64,
+    /// Of the raw frames, those sent without a payload checksum (see
+    /// [`TransportConfig::checksum_raw`]).
+    pub raw_unchecked: u64,
+}
+
+impl CodecCounts {
+    /// The codec of most frames (`raw`, `none`, `lz4`, `zstd`), or None
+    /// without frames.
+    pub fn dominant(&self) -> Option<&'static str> {
+        [
+            ("zstd", self.zstd),
+            ("lz4", self.lz4),
+            ("none", self.none),
+            ("raw", self.raw),
+        ]
+        .into_iter()
+        .filter(|&(_, n)| n > 0)
+        .max_by_key(|&(_, n)| n)
+        .map(|(c, _)| c)
+    }
+}
+
+impl Session {
+    /// A snapshot of the session's figures.
+    pub fn stats(&self) -> SessionStats {
+        let i = &self.inner;
+        let c = &i.counters;
+        let state = if i.life.failed.load(Ordering::Acquire) {
+            SessionState::Failed
+        } else if i.life.complete.load(Ordering::Acquire) {
+            SessionState::Completed
+        } else {
+            SessionState::Running
+        };
+        let end = i.life.ended.lock().unwrap_or_else(Instant::now);
+        let raw_out = c.raw_out.load(Ordering::Relaxed);
+        let wire_out = c.wire_out.load(Ordering::Relaxed);
+        let mut channels: Vec<ChannelStats> = i
+            .channels
+            .map
+            .lock()
+            .values()
+            .map(|ch| ChannelStats {
+                id: ch.id,
+                raw_out: ch.raw_out.load(Ordering::Relaxed),
+                raw_in: ch.raw_in.load(Ordering::Relaxed),
+                done: ch.done(),
+            })
+            .collect();
+        channels.sort_by_key(|c| c.id);
+        SessionStats {
+            name: i.name.clone(),
+            session: hex(&i.id),
+            role: i.role,
+            state,
+            error: i.life.failure.lock().as_ref().map(|e| e.to_string()),
+            elapsed_s: end.duration_since(i.life.started).as_secs_f64(),
+            tier: *i.tuning.tier.lock(),
+            streams: i.links.streams.len(),
+            channels,
+            raw_out,
+            raw_in: c.raw_in.load(Ordering::Relaxed),
+            wire_out,
+            wire_in: c.wire_in.load(Ordering::Relaxed),
+            frames_out: c.frames_out.load(Ordering::Relaxed),
+            frames_in: c.frames_in.load(Ordering::Relaxed),
+            ratio_out: if wire_out > 0 {
+                raw_out as f64 / wire_out as f64
+            } else {
+                0.0
+            },
+            zero_bytes: c.zero_bytes.load(Ordering::Relaxed),
+            pages_seen: c.pages_seen.load(Ordering::Relaxed),
+            pages_deduped: c.pages_deduped.load(Ordering::Relaxed),
+            inflight_bytes: i.flow.wire_inflight.load(Ordering::Relaxed)
+                + i.channels
+                    .map
+                    .lock()
+                    .values()
+                    .map(|c| c.unencoded.load(Ordering::Relaxed))
+                    .sum::<u64>(),
+            delivery_rate: i.tuning.delivery_rate.load(Ordering::Relaxed),
+            raw_rate: i.tuning.raw_rate.load(Ordering::Relaxed),
+            min_rtt_us: path_min_rtt_us(&i.links.streams),
+            codecs_in: CodecCounts {
+                none: c.codec_in[0].load(Ordering::Relaxed),
+                lz4: c.codec_in[1].load(Ordering::Relaxed),
+                zstd: c.codec_in[2].load(Ordering::Relaxed),
+                raw: c.codec_in[3].load(Ordering::Relaxed),
+                raw_unchecked: c.unchecked_in.load(Ordering::Relaxed),
+            },
+            per_stream: i
+                .links
+                .streams
+                .iter()
+                .enumerate()
+                .map(|(index, s)| StreamStats {
+                    index,
+                    tcp: tcp_info(s).ok(),
+                })
+                .collect(),
+        }
+    }
+}

@@ -1,0 +1,374 @@
+//! Tuning decisions, as pure functions of a load sample: the in-flight
+//! budget ([`InflightTuner`], [`inflight_budget`]) and the codec tier of
+//! `--codec auto` ([`TierTuner`], [`initial_tier`]). The watchdog measures
+//! (counters, queue depths, TCP_INFO) and applies the decisions; nothing
+//! here reads the session, so every decision is unit-tested below.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use crate::codec::Tier;
+
+/// The slack the in-flight budget adds to two RTTs, seconds: ten RTTs,
+/// within 10..=50 ms. It covers the relay threads' scheduling delays
+/// (credit comes back only after the peer's QEMU took the bytes). On a
+/// datacenter path (RTT ~0.1 ms) a flat 50 ms held ~50 ms of the link's
+/// output in flight, all of which had to drain after QEMU stopped the guest:
+/// tens of ms of extra downtime for no extra throughput.
+pub(super) fn inflight_margin_s(min_rtt_s: f64) -> f64 {
+    (10.0 * min_rtt_s).clamp(0.010, 0.050)
+}
+
+/// Starting in-flight budget before the delivery rate is known.
+pub(super) const INITIAL_INFLIGHT: u64 = 4 << 20;
+
+/// The in-flight budget (wire bytes) for a bottleneck rate `btl_bw`
+/// (wire bytes/s) and a path's lowest RTT `min_rtt_s`: the rate times twice
+/// the RTT plus the scheduling margin ([`inflight_margin_s`]), within
+/// `floor..=ceiling`.
+pub(super) fn inflight_budget(btl_bw: f64, min_rtt_s: f64, floor: u64, ceiling: u64) -> u64 {
+    let want = (btl_bw * (2.0 * min_rtt_s + inflight_margin_s(min_rtt_s))) as u64;
+    want.clamp(floor, ceiling)
+}
+
+/// Delivery rates measured by [`InflightTuner::tick`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) struct Rates {
+    /// Bottleneck rate: the highest of the last ten samples, wire bytes/s.
+    pub(super) delivery: f64,
+    /// Raw (QEMU) bytes/s, average of the last ten samples.
+    pub(super) raw: f64,
+}
+
+/// Adapts the in-flight budget (wire bytes) to the path, BBR-style: the
+/// highest recent wire delivery rate (bottleneck bandwidth) times twice the
+/// lowest RTT plus a scheduling margin of ten RTTs, at least 10 ms and at
+/// most 50 ms ([`inflight_budget`]).
+/// That keeps the link busy (and grows the budget while the window is the
+/// limit), but no more: whatever is in flight when QEMU stops the guest must
+/// drain through the link before the destination can start, so an oversized
+/// buffer turns straight into downtime.
+pub(super) struct InflightTuner {
+    last: Instant,
+    last_credited: u64,
+    last_raw: u64,
+    /// (wire, raw) bytes/s of the last 10 samples.
+    rates: VecDeque<(f64, f64)>,
+}
+
+impl InflightTuner {
+    pub(super) fn new(now: Instant) -> Self {
+        InflightTuner {
+            last: now,
+            last_credited: 0,
+            last_raw: 0,
+            rates: VecDeque::new(),
+        }
+    }
+
+    /// Takes the totals the peer has credited back by `now` (wire bytes of
+    /// the frames retired, raw bytes); every 100 ms or more returns the
+    /// rates to size the budget from, None in between or while nothing was
+    /// delivered.
+    pub(super) fn tick(
+        &mut self,
+        now: Instant,
+        credited_wire: u64,
+        credited_raw: u64,
+    ) -> Option<Rates> {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        if dt < 0.1 {
+            return None;
+        }
+        let r = (credited_wire - self.last_credited) as f64 / dt;
+        let rr = (credited_raw - self.last_raw) as f64 / dt;
+        self.last = now;
+        self.last_credited = credited_wire;
+        self.last_raw = credited_raw;
+        if r <= 0.0 {
+            return None;
+        }
+        if self.rates.len() == 10 {
+            self.rates.pop_front();
+        }
+        self.rates.push_back((r, rr));
+        Some(Rates {
+            delivery: self.rates.iter().map(|x| x.0).fold(0.0, f64::max),
+            raw: self.rates.iter().map(|x| x.1).sum::<f64>() / self.rates.len() as f64,
+        })
+    }
+}
+
+/// The tiers `--codec auto` moves along, cheapest first.
+pub(super) const AUTO_TIERS: [Tier; 4] = [Tier::Raw, Tier::Lz4, Tier::Zstd(1), Tier::Zstd(3)];
+
+/// Paths whose lowest RTT is below this are "datacenter": start raw.
+pub const DC_RTT_US: u32 = 1000;
+
+/// Leave raw for lz4 only on links slower than this (bytes/s): lz4 encodes
+/// ~410 MB/s per core on realistic guest memory here (`dwcp benchmark hde`,
+/// docs/benchmarks.md), so below ~200 MB/s one encode core keeps up with the
+/// link and saves bytes.
+pub(super) const RAW_UPGRADE_BELOW: f64 = 200e6;
+
+/// The tier `--codec auto` starts a session with, from its path's lowest
+/// RTT (set before any thread reads from QEMU, so the first frames have
+/// it): raw on a datacenter path, lz4 otherwise (or when unknown).
+pub(super) fn initial_tier(min_rtt_us: Option<u32>) -> Tier {
+    if min_rtt_us.is_some_and(|r| r < DC_RTT_US) {
+        AUTO_TIERS[0]
+    } else {
+        AUTO_TIERS[1]
+    }
+}
+
+/// Whether the data in flight waits for the link: the kernel holds at least
+/// half of it (`inflight`, wire bytes) in the streams' send queues
+/// (`backlog`: unacknowledged or not yet sent). When the peer's QEMU (or its
+/// CPU) is what is slow, readers wait for credit too, but the streams are
+/// nearly empty (the peer drains them into its reorder buffers), and
+/// compressing would only load that CPU more.
+pub(super) fn link_backlogged(backlog: u64, inflight: u64) -> bool {
+    backlog > 0 && backlog * 2 >= inflight
+}
+
+/// One 50 ms load sample for the [`TierTuner`].
+#[derive(Debug, Clone, Copy)]
+pub(super) struct TierSample {
+    pub(super) now: Instant,
+    /// The encode queue was full: compression is the bottleneck.
+    pub(super) encode_queue_full: bool,
+    /// Otherwise: readers waited for credit or encoded frames piled up for
+    /// the sockets, and the link was backlogged ([`link_backlogged`]).
+    pub(super) link_bound: bool,
+    /// Wire bytes the peer has credited back so far.
+    pub(super) credited_wire: u64,
+}
+
+/// A tier change decided by [`TierTuner::sample`], with what it saw.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) struct TierChange {
+    pub(super) tier: Tier,
+    pub(super) link_bound: u32,
+    pub(super) cpu_bound: u32,
+    /// Wire delivery rate over the samples, bytes/s.
+    pub(super) rate: f64,
+}
+
+/// `--codec auto`: picks the starting tier from the path (datacenter mode,
+/// min RTT under [`DC_RTT_US`]: raw; internet mode: lz4), then once a second
+/// moves one step along raw -> lz4 -> zstd:1 -> zstd:3 when most samples
+/// found the link to be the bottleneck (readers waiting for credit, or
+/// encoded frames piling up for the sockets), and one step back when most
+/// found compression to be (the encode queue full). Leaving raw also needs
+/// the link to be slower than [`RAW_UPGRADE_BELOW`]: on a fast link a full
+/// credit window means the receiving CPU is the limit, which compression
+/// would only make worse. The wire format names each frame's codec, so the
+/// receiver needs no notice.
+#[derive(Debug, Default)]
+pub(super) struct TierTuner {
+    samples: u32,
+    link_bound: u32,
+    cpu_bound: u32,
+    level: usize,
+    credited: u64,
+    since: Option<Instant>,
+}
+
+impl TierTuner {
+    /// A tuner starting from the session's current tier.
+    pub(super) fn start(tier: Tier) -> TierTuner {
+        TierTuner {
+            level: AUTO_TIERS.iter().position(|t| *t == tier).unwrap_or(1),
+            ..TierTuner::default()
+        }
+    }
+
+    /// Takes one sample; every 20 samples decides, and returns the new tier
+    /// when it changes.
+    pub(super) fn sample(&mut self, s: &TierSample) -> Option<TierChange> {
+        if s.encode_queue_full {
+            self.cpu_bound += 1;
+        } else if s.link_bound {
+            self.link_bound += 1;
+        }
+        let since = *self.since.get_or_insert_with(|| {
+            self.credited = s.credited_wire;
+            s.now
+        });
+        self.samples += 1;
+        if self.samples < 20 {
+            return None;
+        }
+        let elapsed = s.now.saturating_duration_since(since).as_secs_f64();
+        let rate = (s.credited_wire - self.credited) as f64 / elapsed.max(1e-3);
+        let before = self.level;
+        if self.cpu_bound * 5 >= self.samples * 3 && self.level > 0 {
+            self.level -= 1;
+        } else if self.link_bound * 5 >= self.samples * 3
+            && self.level + 1 < AUTO_TIERS.len()
+            && (self.level > 0 || rate < RAW_UPGRADE_BELOW)
+        {
+            self.level += 1;
+        }
+        let change = (self.level != before).then(|| TierChange {
+            tier: AUTO_TIERS[self.level],
+            link_bound: self.link_bound,
+            cpu_bound: self.cpu_bound,
+            rate,
+        });
+        *self = TierTuner {
+            level: self.level,
+            ..TierTuner::default()
+        };
+        change
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// Feeds 20 samples over one second, `link`/`cpu` of them bound that
+    /// way, with the link delivering `rate` wire bytes/s; returns the
+    /// decision of the 20th.
+    fn second(
+        t: &mut TierTuner,
+        start: Instant,
+        link: u32,
+        cpu: u32,
+        rate: f64,
+    ) -> Option<TierChange> {
+        let mut out = None;
+        for k in 0..20u32 {
+            let now = start + Duration::from_millis(50 * k as u64 + 50);
+            let s = TierSample {
+                now,
+                encode_queue_full: k < cpu,
+                link_bound: k >= cpu && k < cpu + link,
+                credited_wire: (rate * 0.05 * k as f64) as u64,
+            };
+            out = t.sample(&s);
+            if k < 19 {
+                assert_eq!(out, None, "decides only every 20 samples");
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn starts_raw_on_a_datacenter_rtt_and_lz4_otherwise() {
+        assert_eq!(initial_tier(Some(80)), Tier::Raw);
+        assert_eq!(initial_tier(Some(DC_RTT_US - 1)), Tier::Raw);
+        assert_eq!(initial_tier(Some(DC_RTT_US)), Tier::Lz4);
+        assert_eq!(initial_tier(Some(25_000)), Tier::Lz4);
+        assert_eq!(initial_tier(None), Tier::Lz4);
+    }
+
+    #[test]
+    fn tier_goes_up_while_the_link_is_the_bottleneck() {
+        let mut t = TierTuner::start(Tier::Lz4);
+        let c = second(&mut t, Instant::now(), 15, 0, 50e6).expect("a change");
+        assert_eq!(c.tier, Tier::Zstd(1));
+        assert_eq!((c.link_bound, c.cpu_bound), (15, 0));
+        let c = second(&mut t, Instant::now(), 20, 0, 50e6).expect("a change");
+        assert_eq!(c.tier, Tier::Zstd(3));
+        // already at the top
+        assert_eq!(second(&mut t, Instant::now(), 20, 0, 50e6), None);
+    }
+
+    #[test]
+    fn tier_goes_down_while_compression_is_the_bottleneck() {
+        let mut t = TierTuner::start(Tier::Zstd(3));
+        let c = second(&mut t, Instant::now(), 0, 12, 50e6).expect("a change");
+        assert_eq!(c.tier, Tier::Zstd(1));
+        // a minority of either changes nothing
+        assert_eq!(second(&mut t, Instant::now(), 11, 0, 50e6), None);
+        assert_eq!(second(&mut t, Instant::now(), 0, 11, 50e6), None);
+        let mut t = TierTuner::start(Tier::Raw);
+        assert_eq!(
+            second(&mut t, Instant::now(), 0, 20, 50e6),
+            None,
+            "raw is the floor"
+        );
+    }
+
+    #[test]
+    fn raw_stays_raw_on_a_fast_link() {
+        let mut t = TierTuner::start(Tier::Raw);
+        assert_eq!(second(&mut t, Instant::now(), 20, 0, 1e9), None);
+        let c = second(&mut t, Instant::now(), 20, 0, 100e6).expect("slow link");
+        assert_eq!(c.tier, Tier::Lz4);
+        assert!(c.rate < RAW_UPGRADE_BELOW);
+    }
+
+    #[test]
+    fn an_unknown_tier_starts_at_lz4() {
+        let mut t = TierTuner::start(Tier::Zstd(9));
+        let c = second(&mut t, Instant::now(), 0, 20, 1e6).expect("a change");
+        assert_eq!(c.tier, Tier::Raw);
+    }
+
+    #[test]
+    fn link_backlog_needs_half_the_inflight_in_the_kernel() {
+        assert!(!link_backlogged(0, 0));
+        assert!(link_backlogged(500, 1000));
+        assert!(!link_backlogged(499, 1000));
+        assert!(link_backlogged(1, 0));
+    }
+
+    #[test]
+    fn budget_is_rate_times_two_rtts_plus_margin_within_bounds() {
+        let (floor, ceiling) = (1 << 20, 512 << 20);
+        let near = |got: u64, want: u64| got.abs_diff(want) <= 1;
+        // 1 GB/s, 10 ms RTT: 1e9 * (0.02 + 0.05 capped margin) = 70 MB
+        assert!(near(
+            inflight_budget(1e9, 0.010, floor, ceiling),
+            70_000_000
+        ));
+        // datacenter: 0.1 ms RTT, margin floor 10 ms: 1e9 * 0.0102
+        assert!(near(
+            inflight_budget(1e9, 0.0001, floor, ceiling),
+            10_200_000
+        ));
+        // slow link: the floor
+        assert_eq!(inflight_budget(1e6, 0.0001, floor, ceiling), floor);
+        // huge BDP: the ceiling
+        assert_eq!(inflight_budget(10e9, 0.2, floor, ceiling), ceiling);
+    }
+
+    #[test]
+    fn budget_grows_and_shrinks_with_the_delivery_rate() {
+        let t0 = Instant::now();
+        let mut t = InflightTuner::new(t0);
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        assert_eq!(t.tick(at(50), 10, 10), None, "under 100 ms: no sample");
+        // 100 MB/s, then 400 MB/s: the bottleneck rate is the highest
+        let r = t.tick(at(100), 10_000_000, 20_000_000).unwrap();
+        assert!((r.delivery - 100e6).abs() < 1.0);
+        assert!((r.raw - 200e6).abs() < 1.0);
+        let r = t.tick(at(200), 50_000_000, 60_000_000).unwrap();
+        assert!((r.delivery - 400e6).abs() < 1.0);
+        let budget = |r: Rates| inflight_budget(r.delivery, 0.001, 1 << 20, 1 << 30);
+        let grown = budget(r);
+        assert!(
+            grown
+                > budget(Rates {
+                    delivery: 100e6,
+                    raw: 0.0
+                })
+        );
+        // nothing delivered: no sample, the budget stays
+        assert_eq!(t.tick(at(300), 50_000_000, 60_000_000), None);
+        // the fast samples age out after ten slow ones: the budget shrinks
+        let mut last = None;
+        for k in 0..10u64 {
+            let more = (k + 1) * 1_000_000;
+            last = t.tick(at(400 + 100 * k), 50_000_000 + more, 60_000_000 + more);
+        }
+        let r = last.unwrap();
+        assert!((r.delivery - 10e6).abs() < 1.0, "{r:?}");
+        assert!(budget(r) < grown);
+    }
+}
