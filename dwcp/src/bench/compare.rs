@@ -1,5 +1,9 @@
 //! `dwcp benchmark compare`: the same guest over the same emulated link,
 //! migrated by QEMU's own channels and by DWCP, runs interleaved.
+//!
+//! Over 800 lines on purpose: one file holds the whole run of one contender
+//! (set-up, QEMU capabilities per contender, the migration, verification,
+//! the sample of figures), so a reader can follow a run top to bottom.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
