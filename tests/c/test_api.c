@@ -176,7 +176,7 @@ static void test_uri_parse(void)
         { "dwcp:h:1?streams", "no value" },
         { "dwcp:h:1?streams=", "empty value" },
         { "dwcp:h:1?streams=4&", "empty parameter" },
-        { "dwcp:h:1?window=0", "window=0" },
+        { "dwcp:h:1?window=0", "window = 0 is out of range" },
         { "dwcp:h:1?name=a/b", "name" },
     };
     char err[256];
