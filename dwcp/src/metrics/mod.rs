@@ -188,9 +188,9 @@ impl Metrics {
             for o in ["completed", "failed"] {
                 // Every series exists from the start (at 0), so that
                 // increase() sees the first migration.
-                let _ = self
-                    .migrations
-                    .get_or_create(&labels(&[("role", role), ("outcome", o)]));
+                let l = labels(&[("role", role), ("outcome", o)]);
+                let _ = self.migrations.get_or_create(&l);
+                let _ = self.duration.get_or_create(&l);
             }
         }
         reg.register(
