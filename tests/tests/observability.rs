@@ -376,10 +376,20 @@ fn prometheus_scrapes_both_agents_and_the_dashboard_shows_the_migration() {
         std::fs::read_to_string(dir.join("prometheus.log")).unwrap_or_default()
     );
     let qemu_bytes = v.result["qemu_bytes"].as_u64().unwrap() as f64;
-    let sent = query(&lab, "dwcp_qemu_bytes_total{direction=\"sent\"} > 0");
+    // The source sent the QEMU stream, the destination received it (and
+    // sent QEMU's return path back).
+    let src_inst = format!("{}:{METRICS_PORT}", lab.topo.src_ip);
+    let dst_inst = format!("{}:{METRICS_PORT}", lab.topo.dst_ip);
+    let sent = query(
+        &lab,
+        &format!("dwcp_qemu_bytes_total{{direction=\"sent\",instance=\"{src_inst}\"}}"),
+    );
     assert_eq!(sent.len(), 1, "{sent:?}");
     assert_eq!(sample_value(&sent[0]), qemu_bytes, "{sent:?}");
-    let received = query(&lab, "dwcp_qemu_bytes_total{direction=\"received\"} > 0");
+    let received = query(
+        &lab,
+        &format!("dwcp_qemu_bytes_total{{direction=\"received\",instance=\"{dst_inst}\"}}"),
+    );
     assert_eq!(received.len(), 1, "{received:?}");
     assert_eq!(sample_value(&received[0]), qemu_bytes, "{received:?}");
     let wire = query(&lab, "sum(dwcp_wire_bytes_total{direction=\"sent\"})");
