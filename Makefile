@@ -213,3 +213,12 @@ deb: dist-build
 
 deb-check:
 	bash packaging/check-debs.sh
+
+# Metrics: the alerting rules (promtool check/test rules), then Prometheus
+# scraping both lab agents and headless Chromium loading the dashboard during
+# a real migration (tests/tests/observability.rs; docs/metrics.md).
+.PHONY: metrics-test
+metrics-test: build guest
+	promtool check rules packaging/prometheus/dwcp-rules.yml
+	promtool test rules packaging/prometheus/dwcp-rules.test.yml
+	$(CARGO) test --release -p dwcp-e2e --test observability -- --test-threads=1 --nocapture

@@ -6,7 +6,7 @@
 set -euo pipefail
 
 need_apt=0
-for bin in qemu-system-x86_64 busybox ip gcc pkg-config iptables; do
+for bin in qemu-system-x86_64 busybox ip gcc pkg-config iptables prometheus promtool chromium; do
   command -v "$bin" >/dev/null 2>&1 || need_apt=1
 done
 ls /boot/vmlinuz-*cloud-amd64 >/dev/null 2>&1 || need_apt=1
@@ -33,6 +33,6 @@ SRC
   apt-get install -y -q --no-install-recommends -t bookworm-backports libvirt-dev
   apt-get install -y -q --no-install-recommends \
     busybox-static iproute2 iputils-ping procps psmisc pkg-config gcc libc6-dev \
-    linux-image-cloud-amd64 cpio gzip kmod libzstd-dev python3 iptables
+    linux-image-cloud-amd64 cpio gzip kmod libzstd-dev python3 iptables prometheus chromium
 fi
 echo "setup-host: qemu $(qemu-system-x86_64 --version | head -1 | awk '{print $4}'), kernel $(ls /boot/vmlinuz-*cloud-amd64 | tail -1)"

@@ -31,6 +31,16 @@ pub struct FileConfig {
     pub transport: BTreeMap<String, Spanned<toml::Value>>,
     #[serde(default)]
     pub cluster: ClusterSection,
+    #[serde(default)]
+    pub metrics: MetricsSection,
+}
+
+/// `[metrics]`: the metrics endpoint and dashboard (`--metrics-listen`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    /// HTTP address of /metrics and /dashboard; unset: off.
+    pub listen: Option<SocketAddr>,
 }
 
 /// `[agent]`: the flags of `dwcp agent` that are not transport options.

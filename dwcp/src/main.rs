@@ -5,8 +5,10 @@ mod cluster;
 mod config;
 mod gendocs;
 mod libvirt_migrate;
+mod metrics;
 mod migrate;
 mod service;
+mod watch;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -182,6 +184,10 @@ struct AgentArgs {
     /// [default: 30].
     #[arg(long, env = "DWCP_SHUTDOWN_GRACE_S")]
     shutdown_grace_s: Option<u64>,
+    /// Serve Prometheus metrics (/metrics) and the live dashboard
+    /// (/dashboard) over HTTP on this address, e.g. 127.0.0.1:9464 [default: off].
+    #[arg(long, env = "DWCP_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
     #[command(flatten)]
     transport: TransportArgs,
     #[command(flatten)]
@@ -196,6 +202,16 @@ struct StatsArgs {
     /// Print the raw JSON.
     #[arg(long)]
     json: bool,
+    /// Refresh the view until interrupted: running migrations with rates
+    /// (from successive samples), ETA, tier and per-stream RTT.
+    #[arg(long, conflicts_with = "json")]
+    watch: bool,
+    /// With --watch: time between refreshes (1s, 500ms).
+    #[arg(long, default_value = "1s", value_parser = watch::parse_interval)]
+    interval: std::time::Duration,
+    /// With --watch: stop after this many refreshes.
+    #[arg(long, requires = "watch", hide = true)]
+    count: Option<u64>,
 }
 
 fn main() {
@@ -252,6 +268,8 @@ fn run_agent(mut a: AgentArgs, config: Option<&std::path::Path>) -> Result<()> {
         Some(c) => Some(cluster::start(c)?),
         None => None,
     };
+    let metrics_listen = a.metrics_listen.or(file.metrics.listen);
+    let (cluster, raft_metrics) = metrics::wrap_cluster(metrics_listen.is_some(), cluster);
     let run_dir = a
         .run_dir
         .or(fa.run_dir)
@@ -278,6 +296,9 @@ fn run_agent(mut a: AgentArgs, config: Option<&std::path::Path>) -> Result<()> {
         ),
     };
     let agent = Agent::start(cfg).context("starting the agent")?;
+    if let Some(addr) = metrics_listen {
+        metrics::serve(addr, &agent, raft_metrics)?;
+    }
     let routes = if a.routes.is_empty() {
         fa.routes.unwrap_or_default()
     } else {
@@ -300,6 +321,9 @@ fn run_agent(mut a: AgentArgs, config: Option<&std::path::Path>) -> Result<()> {
 }
 
 fn stats(a: StatsArgs) -> Result<()> {
+    if a.watch {
+        return watch::run(&a.agent, a.interval, a.count);
+    }
     let v = control_request(&a.agent, &json!({"op": "stats"})).map_err(anyhow::Error::msg)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&v)?);

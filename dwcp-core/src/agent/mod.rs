@@ -70,7 +70,7 @@ use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 use tracing::{error, info, warn};
 
-use crate::transport::{AcceptorLimits, Session, TransportConfig};
+use crate::transport::{AcceptorLimits, Session, SessionStats, TransportConfig};
 
 mod accept;
 pub mod cluster;
@@ -123,7 +123,14 @@ struct State {
     commits_in_flight: AtomicUsize,
     /// Set by [`Agent::shutdown`]: new sessions, routes and prepares are refused.
     draining: AtomicBool,
+    /// Called with each session's final figures when it ends
+    /// ([`Agent::on_session_end`]; the metrics endpoint counts outcomes).
+    observers: Mutex<Vec<SessionObserver>>,
 }
+
+/// A callback run once per session, with its final figures, when it ends
+/// (on the thread that watched it; keep it short).
+pub type SessionObserver = Arc<dyn Fn(&SessionStats) + Send + Sync>;
 
 const KEEP_SESSIONS: usize = 32;
 
@@ -188,6 +195,13 @@ impl State {
             }
         };
         self.session_ended(&session, &result);
+        let observers = self.observers.lock().clone();
+        if !observers.is_empty() {
+            let last = session.stats();
+            for o in &observers {
+                o(&last);
+            }
+        }
     }
 
     /// Remembers an intent recorded through this agent (`guest@epoch`): in
@@ -272,6 +286,7 @@ impl Agent {
             fresh_intents: Arc::new(Mutex::new(HashSet::new())),
             commits_in_flight: Default::default(),
             draining: AtomicBool::new(false),
+            observers: Mutex::new(Vec::new()),
         });
         if let Some(c) = &state.cfg.cluster {
             // Intents this agent recorded before it (re)started.
@@ -312,6 +327,28 @@ impl Agent {
         cfg: TransportConfig,
     ) -> Result<PathBuf, String> {
         route::add_route(&self.state, name, to, cfg, "request")
+    }
+
+    /// The most recent sessions (running and ended, newest last; bounded):
+    /// what `stats` shows. Reading their [`Session::stats`] costs what a
+    /// `stats` request does; nothing on the data path.
+    pub fn sessions(&self) -> Vec<Session> {
+        self.state.sessions.lock().iter().cloned().collect()
+    }
+
+    /// Runs `f` with the final figures of every session that ends from now on.
+    pub fn on_session_end(&self, f: SessionObserver) {
+        self.state.observers.lock().push(f);
+    }
+
+    /// The number of routes.
+    pub fn route_count(&self) -> usize {
+        self.state.routes.lock().len()
+    }
+
+    /// The agent's cluster membership, if any.
+    pub fn cluster(&self) -> Option<Arc<dyn ClusterOps>> {
+        self.state.cfg.cluster.clone()
     }
 }
 
