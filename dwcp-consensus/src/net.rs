@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use crossbeam_channel::{bounded, Sender, TrySendError};
 use parking_lot::Mutex;
-use protobuf::Message as PbMessage;
+use prost::Message as _;
 use raft::prelude::Message;
 
 use crate::node::{Mailbox, Transport};
@@ -102,7 +102,7 @@ impl FrameError {
 /// Encodes one raft message as a frame, appended to `out`.
 pub fn encode_frame(cluster_id: u64, msg: &Message, out: &mut Vec<u8>) {
     let start = out.len();
-    let payload = msg.write_to_bytes().unwrap_or_default();
+    let payload = msg.encode_to_vec();
     out.extend_from_slice(&FRAME_MAGIC);
     out.extend_from_slice(&FRAME_VERSION.to_le_bytes());
     out.extend_from_slice(&KIND_RAFT.to_le_bytes());
@@ -159,7 +159,7 @@ pub fn read_frame(r: &mut impl Read, cluster_id: u64, max: u32) -> Result<Messag
     if crc32c::crc32c_append(crc32c::crc32c(&head), payload) != want {
         return Err(FrameError::BadCrc);
     }
-    Message::parse_from_bytes(payload).map_err(|e| FrameError::Decode(e.to_string()))
+    Message::decode(payload).map_err(|e| FrameError::Decode(e.to_string()))
 }
 
 /// Counters of a transport.
