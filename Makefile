@@ -213,3 +213,9 @@ deb: dist-build
 
 deb-check:
 	bash packaging/check-debs.sh
+
+# Licences and bans of the dependency graph (deny.toml): cargo-deny, installed
+# once into $(DWCP_CACHE)/cargo-deny, offline after `cargo fetch`.
+.PHONY: deny
+deny:
+	bash scripts/deny.sh
