@@ -33,7 +33,7 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Sender, TrySendError};
 use dwcp_core::tls::{client_handshake, server_handshake, CredentialStore, TlsReader};
@@ -57,6 +57,8 @@ pub const DEFAULT_MAX_FRAME: u32 = 64 << 20;
 const QUEUE: usize = 8192;
 /// Longest a TLS handshake may wait for the peer (each direction).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+const TLS_RETRY_MIN: Duration = Duration::from_millis(50);
+const TLS_RETRY_MAX: Duration = Duration::from_secs(1);
 /// Incoming connections served at once (handshaking or reading); more are closed.
 pub const MAX_INCOMING: usize = 64;
 
@@ -140,6 +142,8 @@ pub fn read_frame(r: &mut impl Read, cluster_id: u64, max: u32) -> Result<Messag
         match r.read(&mut head[..1]) {
             Ok(n) => break n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            // A TLS peer that went away between frames without close_notify.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break 0,
             Err(e) => return Err(e.into()),
         }
     };
@@ -477,6 +481,13 @@ fn send_loop(
     // The last connection failure logged, so a peer that stays down (or keeps
     // refusing us) is logged once per new reason, not per heartbeat.
     let mut last_failure: Option<String> = None;
+    // TLS only: after a refused handshake, or a connection the peer dropped soon
+    // after it (TLS 1.3: it checks our certificate after our side is done), wait
+    // before dialing again, doubling up to TLS_RETRY_MAX, so a member that
+    // refuses us is not asked (and does not log) at every heartbeat.
+    let mut retry_at = Instant::now();
+    let mut backoff = TLS_RETRY_MIN;
+    let mut connected_at = Instant::now();
     let mut buf = Vec::with_capacity(64 << 10);
     while let Ok(first) = rx.recv() {
         buf.clear();
@@ -489,15 +500,20 @@ fn send_loop(
                 break;
             }
         }
-        if conn.is_none() {
+        if conn.is_none() && Instant::now() >= retry_at {
             match connect(&addr, inner.tls.as_deref()) {
                 Ok(c) => {
+                    connected_at = Instant::now();
                     if last_failure.take().is_some() {
                         tracing::info!(node = inner.id, to, addr, "raft peer reachable again");
                     }
                     conn = Some(c);
                 }
                 Err(reason) => {
+                    if reason.starts_with("TLS") {
+                        retry_at = Instant::now() + backoff;
+                        backoff = (backoff * 2).min(TLS_RETRY_MAX);
+                    }
                     if last_failure.as_deref() != Some(reason.as_str()) {
                         if reason.starts_with("TLS") {
                             tracing::warn!(
@@ -535,6 +551,14 @@ fn send_loop(
             tracing::debug!(node = inner.id, to, error = %e, "peer write failed, reconnecting");
             inner.stats.send_dropped.fetch_add(n, Ordering::Relaxed);
             conn = None;
+            if inner.tls.is_some() {
+                if connected_at.elapsed() < TLS_RETRY_MAX {
+                    retry_at = Instant::now() + backoff;
+                    backoff = (backoff * 2).min(TLS_RETRY_MAX);
+                } else {
+                    backoff = TLS_RETRY_MIN;
+                }
+            }
         }
     }
 }

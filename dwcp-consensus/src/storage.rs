@@ -448,7 +448,7 @@ impl DiskStorage {
         meta.index = 1;
         meta.term = 1;
         meta.mut_conf_state().voters = voters.to_vec();
-        snap.data = data.into();
+        snap.data = data;
         self.apply_snapshot(snap)
     }
 
@@ -552,7 +552,7 @@ impl DiskStorage {
         meta.term = term;
         meta.set_conf_state(cs);
         snap.set_metadata(meta);
-        snap.data = data.into();
+        snap.data = data;
         c.write_snapshot_file(&snap)?;
         let drop = (index + 1 - c.first_index()) as usize;
         c.entries.drain(..drop);
@@ -799,7 +799,7 @@ mod tests {
         let mut e = Entry::default();
         e.index = index;
         e.term = term;
-        e.data = format!("e{index}t{term}").into_bytes().into();
+        e.data = format!("e{index}t{term}").into_bytes();
         e
     }
 

@@ -3,11 +3,12 @@
 //! uses prost (`prost-codec`): protobuf is a wire standard and both codecs
 //! speak it.
 //!
-//! `tests/fixtures/protobuf2/` was written by `write_fixture` below at the
-//! last commit that built raft with `protobuf-codec` (run with
+//! `tests/fixtures/protobuf2/` was written by `write_fixture` below with the
+//! last build of raft with `protobuf-codec` (commit 4398ef1, run as
 //! `DWCP_WRITE_FIXTURE=dir cargo test -p dwcp-consensus --test format_compat
 //! -- --ignored`); `fixture_is_readable` reads it with the current build and
-//! checks every value.
+//! checks every value. Do not regenerate it: the current build would write
+//! prost's bytes, and the test would stop proving anything about old data.
 #![allow(clippy::field_reassign_with_default)]
 
 use std::path::{Path, PathBuf};
@@ -26,8 +27,8 @@ fn entry(index: u64, term: u64, kind: EntryType, data: &[u8], context: &[u8]) ->
     e.index = index;
     e.term = term;
     e.set_entry_type(kind);
-    e.data = data.to_vec().into();
-    e.context = context.to_vec().into();
+    e.data = data.to_vec();
+    e.context = context.to_vec();
     e
 }
 
@@ -82,7 +83,7 @@ fn message() -> Message {
     m.term = 3;
     m.log_term = 2;
     m.index = 4;
-    m.entries = entries()[2..].to_vec().into();
+    m.entries = entries()[2..].to_vec();
     m.commit = 5;
     m.commit_term = 2;
     let mut snap = Snapshot::default();
@@ -91,12 +92,12 @@ fn message() -> Message {
     meta.term = 1;
     meta.set_conf_state(conf_state());
     snap.set_metadata(meta);
-    snap.data = b"registry".to_vec().into();
+    snap.data = b"registry".to_vec();
     m.set_snapshot(snap);
     m.request_snapshot = 7;
     m.reject = true;
     m.reject_hint = 9;
-    m.context = b"context".to_vec().into();
+    m.context = b"context".to_vec();
     m.priority = -4;
     m
 }
