@@ -222,3 +222,9 @@ metrics-test: build guest
 	promtool check rules packaging/prometheus/dwcp-rules.yml
 	promtool test rules packaging/prometheus/dwcp-rules.test.yml
 	$(CARGO) test --release -p dwcp-e2e --test observability -- --test-threads=1 --nocapture
+
+# Licences and bans of the dependency graph (deny.toml): cargo-deny, installed
+# once into $(DWCP_CACHE)/cargo-deny, offline after `cargo fetch`.
+.PHONY: deny
+deny:
+	bash scripts/deny.sh

@@ -6,13 +6,14 @@
 set -euo pipefail
 
 need_apt=0
-for bin in qemu-system-x86_64 busybox ip gcc pkg-config iptables prometheus promtool chromium; do
+for bin in qemu-system-x86_64 busybox ip gcc pkg-config iptables prometheus promtool chromium protoc; do
   command -v "$bin" >/dev/null 2>&1 || need_apt=1
 done
 ls /boot/vmlinuz-*cloud-amd64 >/dev/null 2>&1 || need_apt=1
 [ -e /usr/lib/x86_64-linux-gnu/libzstd.so ] || need_apt=1
 # The dwcp binary links libvirt (virt-sys finds it with pkg-config): without
 # libvirt-dev the build stops, so it belongs here, not in the libvirt tests.
+# protoc (protobuf-compiler) builds raft-proto's prost codec (dwcp-consensus).
 pkg-config --exists libvirt 2>/dev/null || need_apt=1
 qemu-system-x86_64 --version 2>/dev/null | grep -q 'version 10\.' || need_apt=1
 
@@ -33,6 +34,7 @@ SRC
   apt-get install -y -q --no-install-recommends -t bookworm-backports libvirt-dev
   apt-get install -y -q --no-install-recommends \
     busybox-static iproute2 iputils-ping procps psmisc pkg-config gcc libc6-dev \
-    linux-image-cloud-amd64 cpio gzip kmod libzstd-dev python3 iptables prometheus chromium
+    linux-image-cloud-amd64 cpio gzip kmod libzstd-dev python3 iptables \
+    prometheus chromium protobuf-compiler
 fi
 echo "setup-host: qemu $(qemu-system-x86_64 --version | head -1 | awk '{print $4}'), kernel $(ls /boot/vmlinuz-*cloud-amd64 | tail -1)"

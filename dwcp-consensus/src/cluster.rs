@@ -2,8 +2,10 @@
 
 use std::net::TcpListener;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use dwcp_core::tls::CredentialStore;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -67,6 +69,11 @@ pub struct ClusterConfig {
     pub join: bool,
     /// Timing and sizing of the raft node.
     pub node: NodeConfig,
+    /// Mutual TLS 1.3 on every peer connection with these credentials (libvirt's
+    /// layout: the member's certificates must come from the cluster's CA and name the
+    /// host its peers dial). `None` is clear text, only for the agent's `--insecure`.
+    #[serde(skip)]
+    pub tls: Option<Arc<CredentialStore>>,
 }
 
 impl ClusterConfig {
@@ -86,7 +93,14 @@ impl ClusterConfig {
             listen: listen.to_owned(),
             join: false,
             node: NodeConfig::new(node_id),
+            tls: None,
         }
+    }
+
+    /// The same config with peer TLS from `tls` (`None`: clear text, `--insecure`).
+    pub fn with_tls(mut self, tls: Option<Arc<CredentialStore>>) -> ClusterConfig {
+        self.tls = tls;
+        self
     }
 }
 
@@ -161,6 +175,11 @@ pub struct ClusterStatus {
     pub migrating: usize,
     /// Peer frames refused since start.
     pub rejected_frames: u64,
+    /// Whether peer connections are mutual TLS (false: `--insecure`, clear text).
+    pub peer_tls: bool,
+    /// Incoming peer connections refused before any frame (TLS handshake failed:
+    /// no certificate or another CA's, not TLS, timeout; or too many connections).
+    pub refused_connections: u64,
     /// Set when the node stopped on an error.
     pub failure: Option<String>,
 }
@@ -225,6 +244,7 @@ impl Cluster {
             listener,
             mb,
             DEFAULT_MAX_FRAME,
+            config.tls.clone(),
         )
         .map_err(|source| ClusterError::Listen {
             addr: config.listen.clone(),
@@ -403,6 +423,12 @@ impl Cluster {
                 .stats()
                 .rejected
                 .load(std::sync::atomic::Ordering::Relaxed),
+            peer_tls: self.net.is_tls(),
+            refused_connections: self
+                .net
+                .stats()
+                .tls_refused
+                .load(std::sync::atomic::Ordering::Relaxed),
             failure: st.failure,
         }
     }
@@ -442,10 +468,20 @@ impl Drop for Cluster {
 mod tests {
     use super::*;
     use crate::net::encode_frame;
+    use dwcp_core::tls::testca::write_test_pki;
     use raft::prelude::{Message, MessageType};
     use std::io::Write;
+    use std::path::Path;
+    use std::sync::atomic::Ordering;
 
-    fn three(dir: &std::path::Path, cluster_id: u64) -> Vec<Cluster> {
+    /// A fresh CA and certificates for 127.0.0.1 under `dir/name`.
+    fn pki(dir: &Path, name: &str) -> Arc<CredentialStore> {
+        let d = dir.join(name);
+        write_test_pki(&d, &["127.0.0.1", "localhost"]).unwrap();
+        Arc::new(CredentialStore::load(&d).unwrap())
+    }
+
+    fn three(dir: &Path, cluster_id: u64, tls: Option<Arc<CredentialStore>>) -> Vec<Cluster> {
         let ls: Vec<TcpListener> = (0..3)
             .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
             .collect();
@@ -462,7 +498,8 @@ mod tests {
             .map(|(i, l)| {
                 let id = i as u64 + 1;
                 let cfg =
-                    ClusterConfig::new(id, peers.clone(), dir.join(id.to_string()), cluster_id, "");
+                    ClusterConfig::new(id, peers.clone(), dir.join(id.to_string()), cluster_id, "")
+                        .with_tls(tls.clone());
                 Cluster::start_with_listener(cfg, l).unwrap()
             })
             .collect()
@@ -477,6 +514,26 @@ mod tests {
             assert!(Instant::now() < end, "no leader over TCP");
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+
+    fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+        let end = Instant::now() + Duration::from_secs(secs);
+        while !f() {
+            assert!(Instant::now() < end, "timed out: {what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// A vote request with a huge term: stepping it would bump the target's term.
+    fn hostile_vote(target: &Cluster) -> Message {
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgRequestVote);
+        m.to = target.id();
+        m.from = 3;
+        m.term = target.status().term + 1000;
+        m.log_term = 1000;
+        m.index = 1000;
+        m
     }
 
     #[test]
@@ -495,10 +552,10 @@ mod tests {
         }
     }
 
-    #[test]
-    fn three_nodes_over_tcp_migrate_a_guest() {
+    fn migrate_a_guest(tls: bool) {
         let dir = tempfile::tempdir().unwrap();
-        let cs = three(dir.path(), 0xD3C9);
+        let store = tls.then(|| pki(dir.path(), "pki"));
+        let cs = three(dir.path(), 0xD3C9, store);
         let l = leader(&cs);
         let g = Uuid::from_u128(0xfeed);
         let epoch = l.begin_migration(g, 1, 2).unwrap();
@@ -509,20 +566,18 @@ mod tests {
         // From a follower: raft forwards the proposal to the leader (once
         // the follower has heard from it).
         let f = cs.iter().find(|c| c.id() != l.id()).unwrap();
-        let end = Instant::now() + Duration::from_secs(5);
-        while f.node().status().leader != Some(l.id()) {
-            assert!(Instant::now() < end, "follower never learned the leader");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_until("follower learns the leader", 5, || {
+            f.node().status().leader == Some(l.id())
+        });
         f.commit_migration(g, epoch).unwrap();
-        let end = Instant::now() + Duration::from_secs(5);
-        while cs.iter().any(|c| c.owner(g).map(|r| r.owner) != Some(2)) {
-            assert!(Instant::now() < end, "ownership not replicated");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_until("ownership replicated", 5, || {
+            cs.iter().all(|c| c.owner(g).map(|r| r.owner) == Some(2))
+        });
         let st = f.status();
         assert_eq!(st.members.len(), 3);
         assert_eq!(st.guests, 1);
+        assert_eq!(st.peer_tls, tls);
+        assert_eq!(st.refused_connections, 0);
         let json = serde_json::to_string(&st).unwrap();
         assert!(json.contains("\"leader\""));
         let guests = serde_json::to_value(f.guests()).unwrap();
@@ -531,20 +586,24 @@ mod tests {
     }
 
     #[test]
+    fn three_nodes_over_tls_migrate_a_guest() {
+        migrate_a_guest(true);
+    }
+
+    #[test]
+    fn three_nodes_insecure_migrate_a_guest() {
+        migrate_a_guest(false);
+    }
+
+    /// Clear text (`--insecure`): the frame checks are the only gate.
+    #[test]
     fn bad_peer_input_is_rejected_and_never_stepped() {
         let dir = tempfile::tempdir().unwrap();
-        let cs = three(dir.path(), 77);
+        let cs = three(dir.path(), 77, None);
         let l = leader(&cs);
         let target = cs.iter().find(|c| c.id() != l.id()).unwrap();
+        let m = hostile_vote(target);
         let term = target.status().term;
-        // A vote request with a huge term: stepping it would bump the term.
-        let mut m = Message::default();
-        m.set_msg_type(MessageType::MsgRequestVote);
-        m.to = target.id();
-        m.from = 3;
-        m.term = term + 1000;
-        m.log_term = 1000;
-        m.index = 1000;
         let addr = target.local_addr();
         let send = |bytes: &[u8]| {
             let mut s = std::net::TcpStream::connect(addr).unwrap();
@@ -565,45 +624,244 @@ mod tests {
         encode_frame(77, &m, &mut oversized);
         oversized[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
         send(&oversized);
-        let end = Instant::now() + Duration::from_secs(3);
-        while target
-            .transport()
-            .stats()
-            .rejected
-            .load(std::sync::atomic::Ordering::Relaxed)
-            < 4
-        {
-            assert!(
-                Instant::now() < end,
-                "frames not rejected: {:?}",
-                target.status()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_until("frames rejected", 3, || {
+            target.transport().stats().rejected.load(Ordering::Relaxed) >= 4
+        });
         let st = target.status();
         assert!(
             st.term < term + 1000,
             "a rejected frame reached raft: {st:?}"
         );
         assert_eq!(st.rejected_frames, 4);
+        assert!(!st.peer_tls);
         // The cluster still works.
         leader(&cs).register_guest(Uuid::from_u128(1), 1).unwrap();
     }
 
+    /// With TLS, clear-text bytes (even a well-formed frame of this cluster)
+    /// never reach the frame parser.
     #[test]
-    fn restart_over_tcp_keeps_the_registry() {
+    fn clear_text_peer_is_refused_by_a_tls_member() {
         let dir = tempfile::tempdir().unwrap();
+        let cs = three(dir.path(), 77, Some(pki(dir.path(), "pki")));
+        let l = leader(&cs);
+        let target = cs.iter().find(|c| c.id() != l.id()).unwrap();
+        let term = target.status().term;
+        let mut frame = Vec::new();
+        encode_frame(77, &hostile_vote(target), &mut frame);
+        for bytes in [&frame[..], b"\x16\x03\x01garbage, not a client hello"] {
+            let mut s = std::net::TcpStream::connect(target.local_addr()).unwrap();
+            let _ = s.write_all(bytes);
+            let _ = s.flush();
+        }
+        wait_until("clear-text connections refused", 5, || {
+            target.status().refused_connections >= 2
+        });
+        let st = target.status();
+        assert!(st.term < term + 1000, "clear text reached raft: {st:?}");
+        assert_eq!(st.rejected_frames, 0, "clear text reached the frame parser");
+        leader(&cs).register_guest(Uuid::from_u128(1), 1).unwrap();
+    }
+
+    /// Accepts any server certificate: the hostile peer does not care who we are.
+    #[derive(Debug)]
+    struct AcceptAnything(Arc<rustls::crypto::CryptoProvider>);
+
+    impl rustls::client::danger::ServerCertVerifier for AcceptAnything {
+        fn verify_server_cert(
+            &self,
+            _: &rustls_pki_types::CertificateDer<'_>,
+            _: &[rustls_pki_types::CertificateDer<'_>],
+            _: &rustls_pki_types::ServerName<'_>,
+            _: &[u8],
+            _: rustls_pki_types::UnixTime,
+        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            m: &[u8],
+            c: &rustls_pki_types::CertificateDer<'_>,
+            d: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(
+                m,
+                c,
+                d,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+        fn verify_tls13_signature(
+            &self,
+            m: &[u8],
+            c: &rustls_pki_types::CertificateDer<'_>,
+            d: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                m,
+                c,
+                d,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+
+    /// A client presenting `dir`'s client certificate (another CA's) and
+    /// trusting any server.
+    fn hostile_client(dir: &Path) -> Arc<rustls::ClientConfig> {
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let certs: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_file_iter(dir.join("client-cert.pem"))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+        let key = PrivateKeyDer::from_pem_file(dir.join("client-key.pem")).unwrap();
+        let cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAnything(provider)))
+            .with_client_auth_cert(certs, key)
+            .unwrap();
+        Arc::new(cfg)
+    }
+
+    /// The security issue's case: a raft peer with a certificate from another
+    /// CA is refused (logged with its address and the reason), injects
+    /// nothing, and the cluster keeps committing; a new member with the
+    /// right CA joins.
+    #[test]
+    fn peer_with_a_certificate_from_another_ca_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = pki(dir.path(), "pki");
+        let evil = pki(dir.path(), "evil-pki");
+        let cs = three(dir.path(), 0xC1A5, Some(good.clone()));
+        let l = leader(&cs);
+        l.register_guest(Uuid::from_u128(1), 1).unwrap();
+        let target = cs.iter().find(|c| c.id() != l.id()).unwrap();
+        let term = target.status().term;
+        let delivered = || {
+            cs.iter()
+                .map(|c| c.transport().stats().delivered.load(Ordering::Relaxed))
+                .sum::<u64>()
+        };
+
+        // 1. A hostile client that skips server verification and presents the
+        // other CA's client certificate, then writes a well-formed frame of
+        // this cluster with the right cluster id.
+        let tcp = std::net::TcpStream::connect(target.local_addr()).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let me = tcp.local_addr().unwrap().to_string();
+        let mut frame = Vec::new();
+        encode_frame(0xC1A5, &hostile_vote(target), &mut frame);
+        // TLS 1.3: the client's handshake ends before the server has checked
+        // its certificate, so it may get as far as sending records.
+        if let Ok(link) =
+            dwcp_core::tls::client_handshake(tcp, hostile_client(evil.dir()), "127.0.0.1")
         {
-            let cs = three(dir.path(), 5);
+            let mut w = link.writer();
+            let _ = w.write_all(&frame);
+        }
+        wait_until("another CA's client refused", 5, || {
+            target.status().refused_connections >= 1
+        });
+        let why = target
+            .transport()
+            .stats()
+            .last_rejection
+            .lock()
+            .clone()
+            .unwrap_or_default();
+        assert!(why.contains(&me), "refusal does not name the peer: {why}");
+        // Both test CAs carry the same name, so webpki finds "our" CA as the
+        // issuer and the signature check fails; a CA of another name gives
+        // "certificate signed by an unknown CA".
+        assert!(
+            why.contains("signature invalid") || why.contains("unknown CA"),
+            "refusal does not say why: {why}"
+        );
+
+        // 2. A whole member (node 4) of another CA that lists our members as
+        // its peers and campaigns: its connections fail both ways (it does
+        // not trust our servers; our servers refuse it).
+        let l4 = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut peers: Vec<PeerAddr> = cs
+            .iter()
+            .map(|c| PeerAddr {
+                id: c.id(),
+                addr: c.local_addr().to_string(),
+            })
+            .collect();
+        peers.push(PeerAddr {
+            id: 4,
+            addr: l4.local_addr().unwrap().to_string(),
+        });
+        let cfg = ClusterConfig::new(4, peers.clone(), dir.path().join("4"), 0xC1A5, "")
+            .with_tls(Some(evil));
+        let refused = || {
+            cs.iter()
+                .map(|c| c.status().refused_connections)
+                .sum::<u64>()
+        };
+        let refused_before = refused();
+        let intruder = Cluster::start_with_listener(cfg, l4).unwrap();
+        intruder.node().campaign();
+        // Its (pre-)vote requests never arrive: every member it dials ends
+        // the handshake (it rejects our server certificate with an alert).
+        wait_until("the intruder's connections refused", 5, || {
+            refused() >= refused_before + 3
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(intruder.status().leader, None);
+        assert_ne!(intruder.status().role, "leader");
+        let before = delivered();
+
+        // 3. The cluster keeps working and no hostile message was stepped.
+        let l = leader(&cs);
+        l.register_guest(Uuid::from_u128(2), 2).unwrap();
+        let st = target.status();
+        assert!(
+            st.term < term + 1000,
+            "a hostile frame reached raft: {st:?}"
+        );
+        assert_eq!(st.rejected_frames, 0, "a hostile frame reached the parser");
+        assert!(cs.iter().all(|c| c.status().members.len() == 3));
+        assert!(delivered() > before, "the members stopped talking");
+        intruder.shutdown();
+
+        // 4. A new member with the right CA joins and catches up.
+        let l5 = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a5 = l5.local_addr().unwrap().to_string();
+        let mut cfg = ClusterConfig::new(5, peers[..3].to_vec(), dir.path().join("5"), 0xC1A5, "")
+            .with_tls(Some(good));
+        cfg.join = true;
+        let joiner = Cluster::start_with_listener(cfg, l5).unwrap();
+        l.add_node(5, &a5).unwrap();
+        l.register_guest(Uuid::from_u128(3), 3).unwrap();
+        wait_until("the new member catches up", 10, || {
+            joiner.guests().guests.len() == 3
+        });
+        assert_eq!(joiner.status().refused_connections, 0);
+    }
+
+    #[test]
+    fn restart_over_tls_keeps_the_registry() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = pki(dir.path(), "pki");
+        {
+            let cs = three(dir.path(), 5, Some(store.clone()));
             leader(&cs).register_guest(Uuid::from_u128(9), 3).unwrap();
         }
-        let cs = three(dir.path(), 5);
+        let cs = three(dir.path(), 5, Some(store));
         let l = leader(&cs);
-        let end = Instant::now() + Duration::from_secs(5);
-        while l.owner(Uuid::from_u128(9)).is_none() {
-            assert!(Instant::now() < end, "registry lost across restart");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_until("registry back after restart", 5, || {
+            l.owner(Uuid::from_u128(9)).is_some()
+        });
         assert_eq!(l.owner(Uuid::from_u128(9)).unwrap().owner, 3);
     }
 }

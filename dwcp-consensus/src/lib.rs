@@ -9,7 +9,7 @@
 //! * [`cluster`] — the handle an agent embeds: [`Cluster::start`], the registry API,
 //!   status. (Commit benchmarks are `dwcp benchmark consensus`, in the `dwcp` crate.)
 
-// rust-protobuf messages are built by assigning fields to a default, as raft-rs's own
+// raft's protobuf messages (prost structs) are built by assigning fields to a default, as raft-rs's own
 // examples do.
 #![allow(clippy::field_reassign_with_default)]
 

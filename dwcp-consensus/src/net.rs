@@ -1,6 +1,20 @@
 //! Peer transport over TCP: one outgoing connection per peer (a thread with a bounded
 //! queue; a full queue drops, raft retries), one reader thread per incoming connection.
 //!
+//! # Mutual TLS
+//!
+//! With credentials ([`TcpTransport::start`]'s `tls`, libvirt's layout loaded by
+//! [`dwcp_core::tls::CredentialStore`]), every connection is TLS 1.3 with mutual
+//! authentication before the first frame: the connecting side verifies the listener's
+//! `server-cert.pem` against `ca-cert.pem` and the host part of the peer's address (a
+//! DNS or IP SAN), and presents `client-cert.pem`; the listening side requires a client
+//! certificate issued by `ca-cert.pem`. The handshake is bounded by
+//! [`HANDSHAKE_TIMEOUT`] and the number of incoming connections by [`MAX_INCOMING`]; a
+//! refused peer is logged with its address and the reason, counted in
+//! [`NetStats::tls_refused`], and no byte of it reaches the frame parser. The frames then
+//! run inside TLS, unchanged, cluster-id check included. Without credentials (the
+//! agent's `--insecure`) the frames are sent in clear text.
+//!
 //! Frame (little-endian):
 //!
 //! ```text
@@ -12,19 +26,19 @@
 //! the cap, a bad CRC or an unparsable payload is rejected with a logged reason, counted in
 //! [`NetStats`], and never stepped into raft. Framing errors close the connection; a
 //! well-framed message addressed to another node is dropped and the connection kept.
-//! Authentication is the cluster id only; mTLS is future work.
 
 use std::collections::HashMap;
 use std::io::{self, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Sender, TrySendError};
+use dwcp_core::tls::{client_handshake, server_handshake, CredentialStore, TlsReader};
 use parking_lot::Mutex;
-use protobuf::Message as PbMessage;
+use prost::Message as _;
 use raft::prelude::Message;
 
 use crate::node::{Mailbox, Transport};
@@ -41,6 +55,12 @@ pub const FRAME_HEADER: usize = 20;
 /// Default cap on a frame's payload.
 pub const DEFAULT_MAX_FRAME: u32 = 64 << 20;
 const QUEUE: usize = 8192;
+/// Longest a TLS handshake may wait for the peer (each direction).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+const TLS_RETRY_MIN: Duration = Duration::from_millis(50);
+const TLS_RETRY_MAX: Duration = Duration::from_secs(1);
+/// Incoming connections served at once (handshaking or reading); more are closed.
+pub const MAX_INCOMING: usize = 64;
 
 /// Why an incoming frame was refused.
 #[derive(Debug, thiserror::Error)]
@@ -102,7 +122,7 @@ impl FrameError {
 /// Encodes one raft message as a frame, appended to `out`.
 pub fn encode_frame(cluster_id: u64, msg: &Message, out: &mut Vec<u8>) {
     let start = out.len();
-    let payload = msg.write_to_bytes().unwrap_or_default();
+    let payload = msg.encode_to_vec();
     out.extend_from_slice(&FRAME_MAGIC);
     out.extend_from_slice(&FRAME_VERSION.to_le_bytes());
     out.extend_from_slice(&KIND_RAFT.to_le_bytes());
@@ -122,6 +142,8 @@ pub fn read_frame(r: &mut impl Read, cluster_id: u64, max: u32) -> Result<Messag
         match r.read(&mut head[..1]) {
             Ok(n) => break n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            // A TLS peer that went away between frames without close_notify.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break 0,
             Err(e) => return Err(e.into()),
         }
     };
@@ -159,7 +181,7 @@ pub fn read_frame(r: &mut impl Read, cluster_id: u64, max: u32) -> Result<Messag
     if crc32c::crc32c_append(crc32c::crc32c(&head), payload) != want {
         return Err(FrameError::BadCrc);
     }
-    Message::parse_from_bytes(payload).map_err(|e| FrameError::Decode(e.to_string()))
+    Message::decode(payload).map_err(|e| FrameError::Decode(e.to_string()))
 }
 
 /// Counters of a transport.
@@ -171,7 +193,10 @@ pub struct NetStats {
     pub rejected: AtomicU64,
     /// Messages dropped on send (queue full, peer unreachable).
     pub send_dropped: AtomicU64,
-    /// The latest refusal's reason.
+    /// Incoming connections refused before any frame: TLS handshake failed (no
+    /// certificate, another CA, not TLS, timeout) or too many connections.
+    pub tls_refused: AtomicU64,
+    /// The latest refusal's reason (a frame's, or a connection's with its peer).
     pub last_rejection: Mutex<Option<String>>,
 }
 
@@ -191,6 +216,9 @@ struct Inner {
     conns: Mutex<Vec<TcpStream>>,
     accept: Mutex<Option<JoinHandle<()>>>,
     stats: NetStats,
+    /// None: clear text (`--insecure`).
+    tls: Option<Arc<CredentialStore>>,
+    incoming: AtomicUsize,
 }
 
 /// TCP peer transport of one node. Cloning shares it; [`TcpTransport::shutdown`] stops it.
@@ -210,13 +238,16 @@ impl std::fmt::Debug for TcpTransport {
 
 impl TcpTransport {
     /// Serves `listener`, delivering accepted messages for node `id` of cluster
-    /// `cluster_id` to `mailbox`.
+    /// `cluster_id` to `mailbox`. With `tls`, every connection in both directions is
+    /// mutual TLS 1.3 against the store's credentials (taken per connection, so a
+    /// reload applies to the next one); `None` is clear text.
     pub fn start(
         id: HostId,
         cluster_id: u64,
         listener: TcpListener,
         mailbox: Mailbox,
         max_frame: u32,
+        tls: Option<Arc<CredentialStore>>,
     ) -> io::Result<TcpTransport> {
         let local = listener.local_addr()?;
         let inner = Arc::new(Inner {
@@ -229,6 +260,8 @@ impl TcpTransport {
             conns: Mutex::new(Vec::new()),
             accept: Mutex::new(None),
             stats: NetStats::default(),
+            tls,
+            incoming: AtomicUsize::new(0),
         });
         let acc = inner.clone();
         let handle = std::thread::Builder::new()
@@ -246,6 +279,11 @@ impl TcpTransport {
     /// Counters.
     pub fn stats(&self) -> &NetStats {
         &self.inner.stats
+    }
+
+    /// Whether peer connections use mutual TLS.
+    pub fn is_tls(&self) -> bool {
+        self.inner.tls.is_some()
     }
 
     /// Known peers and their addresses.
@@ -309,6 +347,12 @@ fn accept_loop(inner: Arc<Inner>, listener: TcpListener, mailbox: Mailbox) {
         }
         let _ = conn.set_nodelay(true);
         let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+        if inner.incoming.fetch_add(1, Ordering::SeqCst) >= MAX_INCOMING {
+            inner.incoming.fetch_sub(1, Ordering::SeqCst);
+            inner.refuse(&peer, &format!("more than {MAX_INCOMING} peer connections"));
+            let _ = conn.shutdown(Shutdown::Both);
+            continue;
+        }
         if let Ok(c) = conn.try_clone() {
             let mut conns = inner.conns.lock();
             conns.retain(|c| c.peer_addr().is_ok());
@@ -316,13 +360,65 @@ fn accept_loop(inner: Arc<Inner>, listener: TcpListener, mailbox: Mailbox) {
         }
         let inner = inner.clone();
         let mailbox = mailbox.clone();
-        let _ = std::thread::Builder::new()
+        let spawned = std::thread::Builder::new()
             .name(format!("raft-read-{}", inner.id))
-            .spawn(move || read_loop(&inner, conn, &peer, &mailbox));
+            .spawn(move || {
+                serve_incoming(&inner, conn, &peer, &mailbox);
+                inner.incoming.fetch_sub(1, Ordering::SeqCst);
+            });
+        if spawned.is_err() {
+            tracing::error!("raft: cannot spawn a reader thread");
+        }
     }
 }
 
-fn read_loop(inner: &Inner, conn: TcpStream, peer: &str, mailbox: &Mailbox) {
+impl Inner {
+    /// A connection refused before any frame: logged with the peer and the reason.
+    fn refuse(&self, peer: &str, reason: &str) {
+        tracing::warn!(node = self.id, peer, reason, "refused raft peer connection");
+        self.stats.tls_refused.fetch_add(1, Ordering::Relaxed);
+        *self.stats.last_rejection.lock() = Some(format!("peer {peer}: {reason}"));
+    }
+}
+
+/// The TLS handshake (when configured), then the frames.
+fn serve_incoming(inner: &Inner, conn: TcpStream, peer: &str, mailbox: &Mailbox) {
+    let Some(store) = inner.tls.as_ref() else {
+        read_loop(inner, conn, peer, mailbox);
+        return;
+    };
+    if let Err(e) = conn.set_read_timeout(Some(HANDSHAKE_TIMEOUT)) {
+        inner.refuse(peer, &e.to_string());
+        return;
+    }
+    let _ = conn.set_write_timeout(Some(HANDSHAKE_TIMEOUT));
+    let link = match server_handshake(conn, store.server_config()) {
+        Ok(l) => l,
+        Err(e) => {
+            if !inner.stop.load(Ordering::SeqCst) {
+                inner.refuse(peer, &e.to_string());
+            }
+            return;
+        }
+    };
+    // Frames may be far apart (an idle follower): no read timeout from here on.
+    let _ = link.tcp().set_read_timeout(None);
+    let _ = link.tcp().set_write_timeout(None);
+    let who = link
+        .peer_identity()
+        .map(|i| i.to_string())
+        .unwrap_or_default();
+    tracing::debug!(
+        node = inner.id,
+        peer,
+        identity = who,
+        "raft peer authenticated"
+    );
+    let (reader, _writer) = link.split();
+    read_loop(inner, reader, peer, mailbox);
+}
+
+fn read_loop(inner: &Inner, conn: impl ReadConn, peer: &str, mailbox: &Mailbox) {
     let mut r = BufReader::with_capacity(256 << 10, conn);
     loop {
         let res = read_frame(&mut r, inner.cluster_id, inner.max_frame).and_then(|m| {
@@ -349,11 +445,29 @@ fn read_loop(inner: &Inner, conn: TcpStream, peer: &str, mailbox: &Mailbox) {
                 inner.stats.rejected.fetch_add(1, Ordering::Relaxed);
                 *inner.stats.last_rejection.lock() = Some(e.to_string());
                 if e.closes_connection() {
-                    let _ = r.get_ref().shutdown(Shutdown::Both);
+                    r.get_ref().close();
                     return;
                 }
             }
         }
+    }
+}
+
+/// What [`read_loop`] reads frames from: a plain socket or the TLS reader half.
+trait ReadConn: Read {
+    /// Drops the connection (a framing error).
+    fn close(&self);
+}
+
+impl ReadConn for TcpStream {
+    fn close(&self) {
+        let _ = self.shutdown(Shutdown::Both);
+    }
+}
+
+impl ReadConn for TlsReader {
+    fn close(&self) {
+        let _ = self.tcp().shutdown(Shutdown::Both);
     }
 }
 
@@ -363,7 +477,17 @@ fn send_loop(
     addr: String,
     rx: crossbeam_channel::Receiver<Message>,
 ) {
-    let mut conn: Option<TcpStream> = None;
+    let mut conn: Option<Box<dyn Write + Send>> = None;
+    // The last connection failure logged, so a peer that stays down (or keeps
+    // refusing us) is logged once per new reason, not per heartbeat.
+    let mut last_failure: Option<String> = None;
+    // TLS only: after a refused handshake, or a connection the peer dropped soon
+    // after it (TLS 1.3: it checks our certificate after our side is done), wait
+    // before dialing again, doubling up to TLS_RETRY_MAX, so a member that
+    // refuses us is not asked (and does not log) at every heartbeat.
+    let mut retry_at = Instant::now();
+    let mut backoff = TLS_RETRY_MIN;
+    let mut connected_at = Instant::now();
     let mut buf = Vec::with_capacity(64 << 10);
     while let Ok(first) = rx.recv() {
         buf.clear();
@@ -376,8 +500,42 @@ fn send_loop(
                 break;
             }
         }
-        if conn.is_none() {
-            conn = connect(&addr);
+        if conn.is_none() && Instant::now() >= retry_at {
+            match connect(&addr, inner.tls.as_deref()) {
+                Ok(c) => {
+                    connected_at = Instant::now();
+                    if last_failure.take().is_some() {
+                        tracing::info!(node = inner.id, to, addr, "raft peer reachable again");
+                    }
+                    conn = Some(c);
+                }
+                Err(reason) => {
+                    if reason.starts_with("TLS") {
+                        retry_at = Instant::now() + backoff;
+                        backoff = (backoff * 2).min(TLS_RETRY_MAX);
+                    }
+                    if last_failure.as_deref() != Some(reason.as_str()) {
+                        if reason.starts_with("TLS") {
+                            tracing::warn!(
+                                node = inner.id,
+                                to,
+                                addr,
+                                reason,
+                                "cannot connect to raft peer"
+                            );
+                        } else {
+                            tracing::debug!(
+                                node = inner.id,
+                                to,
+                                addr,
+                                reason,
+                                "cannot connect to raft peer"
+                            );
+                        }
+                        last_failure = Some(reason);
+                    }
+                }
+            }
         }
         let Some(c) = conn.as_mut() else {
             inner.stats.send_dropped.fetch_add(n, Ordering::Relaxed);
@@ -393,16 +551,48 @@ fn send_loop(
             tracing::debug!(node = inner.id, to, error = %e, "peer write failed, reconnecting");
             inner.stats.send_dropped.fetch_add(n, Ordering::Relaxed);
             conn = None;
+            if inner.tls.is_some() {
+                if connected_at.elapsed() < TLS_RETRY_MAX {
+                    retry_at = Instant::now() + backoff;
+                    backoff = (backoff * 2).min(TLS_RETRY_MAX);
+                } else {
+                    backoff = TLS_RETRY_MIN;
+                }
+            }
         }
     }
 }
 
-fn connect(addr: &str) -> Option<TcpStream> {
-    let sa = addr.to_socket_addrs().ok()?.next()?;
-    let c = TcpStream::connect_timeout(&sa, Duration::from_millis(300)).ok()?;
+/// Connects to `addr` (`HOST:PORT`), with the TLS handshake when `tls` is set; the
+/// error says why, TLS failures starting with "TLS".
+fn connect(addr: &str, tls: Option<&CredentialStore>) -> Result<Box<dyn Write + Send>, String> {
+    let sa = addr
+        .to_socket_addrs()
+        .map_err(|e| format!("resolving: {e}"))?
+        .next()
+        .ok_or_else(|| "resolves to no address".to_string())?;
+    let c = TcpStream::connect_timeout(&sa, Duration::from_millis(300))
+        .map_err(|e| format!("connecting: {e}"))?;
     let _ = c.set_nodelay(true);
     let _ = c.set_write_timeout(Some(Duration::from_secs(2)));
-    Some(c)
+    let Some(store) = tls else {
+        return Ok(Box::new(c));
+    };
+    let _ = c.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
+    let link =
+        client_handshake(c, store.client_config(), server_name(addr)).map_err(|e| e.to_string())?;
+    // Nothing is read on this side after the handshake (the peer never writes).
+    let _ = link.tcp().set_read_timeout(None);
+    Ok(Box::new(link.writer()))
+}
+
+/// The name the peer's server certificate must carry: the host part of `HOST:PORT`
+/// (brackets of an IPv6 literal removed).
+fn server_name(addr: &str) -> &str {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    host.strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host)
 }
 
 impl Transport for TcpTransport {

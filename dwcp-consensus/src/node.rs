@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender};
 use parking_lot::RwLock;
-use protobuf::Message as PbMessage;
+use prost::Message as _;
 use raft::prelude::{
     ConfChange, ConfChangeType, ConfChangeV2, Entry, EntryType, Message, Snapshot,
 };
@@ -663,11 +663,10 @@ impl<T: Transport> Worker<T> {
                     self.shared.registry.write().set_applied_index(entry.index);
                 }
                 EntryType::EntryConfChange => {
-                    let mut cc = ConfChange::default();
-                    let parsed = cc.merge_from_bytes(&entry.data);
+                    let parsed = ConfChange::decode(&entry.data[..]);
                     let ctx: Option<ConfContext> = serde_json::from_slice(&entry.context).ok();
                     let r = match parsed {
-                        Ok(()) => self.apply_conf_change(&cc, ctx.as_ref()),
+                        Ok(cc) => self.apply_conf_change(&cc, ctx.as_ref()),
                         Err(e) => Err(ProposeError::ConfChange(e.to_string())),
                     };
                     if let Some(ctx) = ctx {
@@ -676,8 +675,7 @@ impl<T: Transport> Worker<T> {
                     self.shared.registry.write().set_applied_index(entry.index);
                 }
                 EntryType::EntryConfChangeV2 => {
-                    let mut cc = ConfChangeV2::default();
-                    if cc.merge_from_bytes(&entry.data).is_ok() {
+                    if let Ok(cc) = ConfChangeV2::decode(&entry.data[..]) {
                         match self.raw.apply_conf_change(&cc) {
                             Ok(cs) => self.storage.set_conf_state(&cs)?,
                             Err(e) => tracing::warn!(error = %e, "conf change v2 refused"),

@@ -41,7 +41,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use parking_lot::RwLock;
-use protobuf::Message as PbMessage;
+use prost::Message as PbMessage;
 use raft::prelude::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, Storage};
 
@@ -222,8 +222,8 @@ fn encode_record(buf: &mut Vec<u8>, kind: u8, payload: &[u8]) {
 }
 
 fn pb_bytes(m: &impl PbMessage) -> Vec<u8> {
-    // Writing a protobuf message into a Vec cannot fail for raft's message types.
-    m.write_to_bytes().unwrap_or_default()
+    // prost: the protobuf wire format, the same bytes rust-protobuf 2 wrote.
+    m.encode_to_vec()
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -361,7 +361,7 @@ fn read_snapshot_file(path: &Path) -> Result<Option<Snapshot>, StorageError> {
     if crc32c::crc32c_append(crc32c::crc32c(&head), body) != want {
         return Err(bad("checksum mismatch".into()));
     }
-    Snapshot::parse_from_bytes(body)
+    Snapshot::decode(body)
         .map(Some)
         .map_err(|e| bad(format!("does not decode: {e}")))
 }
@@ -448,7 +448,7 @@ impl DiskStorage {
         meta.index = 1;
         meta.term = 1;
         meta.mut_conf_state().voters = voters.to_vec();
-        snap.data = data.into();
+        snap.data = data;
         self.apply_snapshot(snap)
     }
 
@@ -552,7 +552,7 @@ impl DiskStorage {
         meta.term = term;
         meta.set_conf_state(cs);
         snap.set_metadata(meta);
-        snap.data = data.into();
+        snap.data = data;
         c.write_snapshot_file(&snap)?;
         let drop = (index + 1 - c.first_index()) as usize;
         c.entries.drain(..drop);
@@ -663,7 +663,7 @@ fn replay_log(core: &mut Core, path: &Path, rec: &mut Recovery) -> Result<(), St
         };
         match kind {
             KIND_ENTRY => {
-                let e = Entry::parse_from_bytes(&payload).map_err(|e| decode_err(e.to_string()))?;
+                let e = Entry::decode(&payload[..]).map_err(|e| decode_err(e.to_string()))?;
                 match e.index.cmp(&snap_index) {
                     // A rewrite at or below the snapshot index also truncates what follows.
                     std::cmp::Ordering::Less => {
@@ -690,11 +690,11 @@ fn replay_log(core: &mut Core, path: &Path, rec: &mut Recovery) -> Result<(), St
             }
             KIND_HARD_STATE => {
                 core.hard_state =
-                    HardState::parse_from_bytes(&payload).map_err(|e| decode_err(e.to_string()))?;
+                    HardState::decode(&payload[..]).map_err(|e| decode_err(e.to_string()))?;
             }
             KIND_CONF_STATE => {
                 core.conf_state =
-                    ConfState::parse_from_bytes(&payload).map_err(|e| decode_err(e.to_string()))?;
+                    ConfState::decode(&payload[..]).map_err(|e| decode_err(e.to_string()))?;
             }
             KIND_BASE => {
                 if payload.len() != 16 {
@@ -799,7 +799,7 @@ mod tests {
         let mut e = Entry::default();
         e.index = index;
         e.term = term;
-        e.data = format!("e{index}t{term}").into_bytes().into();
+        e.data = format!("e{index}t{term}").into_bytes();
         e
     }
 

@@ -89,13 +89,19 @@ impl ClusterArgs {
     }
 }
 
-/// Starts the raft member; the agent's control socket serves it.
+/// Starts the raft member; the agent's control socket serves it. Peer TLS comes
+/// from `cfg.tls` (set it with `cfg.with_tls(Some(store))`; `None` is clear text,
+/// for `--insecure` only).
 pub fn start(cfg: ClusterConfig) -> Result<Arc<dyn ClusterOps>> {
     let (id, listen, dir) = (cfg.node_id, cfg.listen.clone(), cfg.data_dir.clone());
+    let security = match &cfg.tls {
+        Some(t) => format!("mutual TLS with {}", t.dir().display()),
+        None => "clear text (--insecure)".to_string(),
+    };
     let c = Cluster::start(cfg).context("starting the raft cluster member")?;
     tracing::info!(
         node = id,
-        "raft member listening on {listen}, data dir {}",
+        "raft member listening on {listen} ({security}), data dir {}",
         dir.display()
     );
     Ok(Arc::new(AgentCluster(c)))
@@ -292,6 +298,15 @@ pub fn cluster_cmd(c: ClusterCmd) -> Result<()> {
         "log: commit {} applied {} snapshot {} last {} ({} bytes); guests {}, migrating {}; rejected peer frames {}",
         s["commit_index"], s["applied_index"], s["snapshot_index"], s["last_index"],
         s["log_bytes"], s["guests"], s["migrating"], s["rejected_frames"]
+    );
+    println!(
+        "peer transport: {}; refused peer connections {}",
+        if s["peer_tls"] == true {
+            "mutual TLS"
+        } else {
+            "clear text (--insecure)"
+        },
+        s["refused_connections"]
     );
     if let Some(f) = s["failure"].as_str() {
         println!("FAILED: {f}");
