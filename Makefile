@@ -83,7 +83,7 @@ libvirt-test: build guest
 	bash tests/libvirt/run.sh
 
 test: setup
-	$(MAKE) build guest lint unit e2e ffi qemu-test libvirt-test
+	$(MAKE) build guest lint deny unit e2e ffi qemu-test libvirt-test
 
 # virsh migrate --live through DWCP against libvirt's own transport (plain and
 # --parallel 4 + zstd), dc and internet links, 1 GiB guest (~15 min; not part
