@@ -211,6 +211,87 @@ fn agent_killed_mid_migration_then_retry_succeeds() {
     verify(&pair, r, &scratch_dir(&lab).unwrap()).unwrap();
 }
 
+/// SIGTERM drains the destination agent: the migration in flight gets the
+/// grace period (1 s here, too short for it), then fails with the reason; the
+/// agent exits 0, the source keeps running, and a new agent takes the retry.
+#[test]
+fn sigterm_drains_the_agent_and_the_retry_succeeds() {
+    let mut lab = Lab::new("term", Middle::Bridge, &["--shutdown-grace-s", "1"]).unwrap();
+    let spec = GuestSpec::default();
+    let slow = MigrationSpec {
+        streams: 4,
+        extra: vec!["--max-bandwidth-mb".into(), "20".into()],
+        ..Default::default()
+    };
+    let mut pair = boot_pair(&lab, &spec, &slow).unwrap();
+    let mut cmd = Command::new(dwcp_bin().unwrap());
+    cmd.args(["--log", "warn", "migrate", "--json", "--qmp"])
+        .arg(&pair.src.qmp_path)
+        .args(["--to", &lab.dst_addr(), "--name", "vm", "--agent"])
+        .arg(lab.src_agent().control())
+        .args([
+            "--streams",
+            "4",
+            "--max-bandwidth-mb",
+            "20",
+            "--timeout",
+            "120",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = cmd.spawn().unwrap();
+    let t0 = Instant::now();
+    loop {
+        let v = dwcp_core::agent::control_request(
+            &lab.dst_agent().control(),
+            &serde_json::json!({"op": "stats"}),
+        );
+        let flowing = v
+            .ok()
+            .and_then(|v| v["sessions"][0]["raw_in"].as_u64())
+            .unwrap_or(0)
+            > 5 << 20;
+        if flowing {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "migration never started"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let agent = lab.dst_agent.as_mut().unwrap();
+    let st = Command::new("kill")
+        .args(["-TERM", &agent.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let exit = agent.child.wait().unwrap();
+    assert!(exit.success(), "the draining agent exited with {exit:?}");
+    let log = std::fs::read_to_string(&agent.log).unwrap();
+    assert!(
+        log.contains("0 migration(s) finished in the grace period, 1 failed by the shutdown"),
+        "{log}"
+    );
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        !out.status.success(),
+        "migration succeeded through a drained agent"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!("migration failed: {}", err.trim());
+    assert_source_running(&pair);
+
+    lab.start_agent(false).unwrap();
+    let mig = MigrationSpec {
+        streams: 4,
+        ..Default::default()
+    };
+    restart_destination(&lab, &mut pair, &spec, &mig).unwrap();
+    let r = dwcp_migrate(&lab, &pair, &mig).unwrap();
+    verify(&pair, r, &scratch_dir(&lab).unwrap()).unwrap();
+}
+
 #[test]
 fn bad_cli_values_name_the_option_and_range() {
     let bin = dwcp_bin().unwrap();
