@@ -89,6 +89,43 @@ fn int<T: std::str::FromStr + PartialOrd>(v: &str, lo: T, hi: T) -> Result<T, ()
     Ok(n)
 }
 
+/// A size in `unit` bytes: a plain number is in `unit`; `K`/`KiB`, `M`/`MiB`,
+/// `G`/`GiB` (binary) name their own, and must come out a whole `unit`.
+fn size(v: &str, unit: u64, lo: u64, hi: u64) -> Result<u64, ()> {
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (num, suffix) = v.split_at(split);
+    let n: u64 = num.parse().map_err(|_| ())?;
+    let bytes = match suffix.trim() {
+        "" => return int(num, lo, hi),
+        "K" | "KiB" | "k" => n.checked_mul(1 << 10),
+        "M" | "MiB" => n.checked_mul(1 << 20),
+        "G" | "GiB" => n.checked_mul(1 << 30),
+        _ => None,
+    }
+    .ok_or(())?;
+    if bytes % unit != 0 {
+        return Err(());
+    }
+    int(&(bytes / unit).to_string(), lo, hi)
+}
+
+/// A duration: a plain number is seconds; `ms`, `s`, `m` name their own.
+fn duration(v: &str, lo: Duration, hi: Duration) -> Result<Duration, ()> {
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (num, suffix) = v.split_at(split);
+    let n: u64 = num.parse().map_err(|_| ())?;
+    let d = match suffix.trim() {
+        "" | "s" => Duration::from_secs(n),
+        "ms" => Duration::from_millis(n),
+        "m" | "min" => Duration::from_secs(n.checked_mul(60).ok_or(())?),
+        _ => return Err(()),
+    };
+    if d < lo || d > hi {
+        return Err(());
+    }
+    Ok(d)
+}
+
 /// Every transport option, in the order help and error messages list them.
 pub const OPTIONS: &[TransportOption] = &[
     TransportOption {
@@ -148,9 +185,9 @@ pub const OPTIONS: &[TransportOption] = &[
         uri: Some("window"),
         control: Some("window_mb"),
         allowed: WINDOW_MB_RANGE,
-        help: "flow-control window per channel, MiB",
+        help: "flow-control window per channel, MiB (or with a unit: 64MiB)",
         set: |c, v| {
-            c.window = int(v, 1u32, 256)? << 20;
+            c.window = (size(v, 1 << 20, 1, 256)? as u32) << 20;
             Ok(())
         },
         show: |c| (c.window >> 20).to_string(),
@@ -160,9 +197,9 @@ pub const OPTIONS: &[TransportOption] = &[
         uri: Some("dedup"),
         control: Some("dedup_cache_mb"),
         allowed: DEDUP_MB_RANGE,
-        help: "page-dedup ring per channel, MiB (0 disables dedup)",
+        help: "page-dedup ring per channel, MiB (or 1GiB ...; 0 disables dedup)",
         set: |c, v| {
-            c.dedup_cache_mb = int(v, 0, 4096)?;
+            c.dedup_cache_mb = size(v, 1 << 20, 0, 4096)? as u32;
             Ok(())
         },
         show: |c| c.dedup_cache_mb.to_string(),
@@ -190,9 +227,9 @@ pub const OPTIONS: &[TransportOption] = &[
         uri: None,
         control: Some("socket_buffer_kb"),
         allowed: "4..=1048576 KiB",
-        help: "SO_SNDBUF/SO_RCVBUF of the streams, KiB (default: kernel autotuning)",
+        help: "SO_SNDBUF/SO_RCVBUF of the streams, KiB (or 4MiB ...; default: kernel autotuning)",
         set: |c, v| {
-            let b = int(v, 4usize, 1 << 20)? * 1024;
+            let b = size(v, 1 << 10, 4, 1 << 20)? as usize * 1024;
             c.tuning.send_buffer = Some(b);
             c.tuning.recv_buffer = Some(b);
             Ok(())
@@ -209,24 +246,30 @@ pub const OPTIONS: &[TransportOption] = &[
         uri: Some("idle-timeout"),
         control: Some("idle_timeout"),
         allowed: IDLE_TIMEOUT_RANGE,
-        help: "seconds without a frame from the peer before a migration fails",
+        help: "time without a frame from the peer before a migration fails (seconds, or 90s, 2m)",
         set: |c, v| {
-            c.idle_timeout = Duration::from_secs(int(v, 1, 3600)?);
+            c.idle_timeout = duration(v, Duration::from_secs(1), Duration::from_secs(3600))?;
             Ok(())
         },
-        show: |c| c.idle_timeout.as_secs().to_string(),
+        show: |c| match c.idle_timeout.subsec_millis() {
+            0 => c.idle_timeout.as_secs().to_string(),
+            _ => format!("{}ms", c.idle_timeout.as_millis()),
+        },
     },
     TransportOption {
         name: "connect-timeout",
         uri: Some("connect-timeout"),
         control: Some("connect_timeout"),
         allowed: "1..=600 s",
-        help: "seconds to wait for the destination to accept each stream",
+        help: "time to wait for the destination to accept each stream (seconds, or 1500ms)",
         set: |c, v| {
-            c.connect_timeout = Duration::from_secs(int(v, 1, 600)?);
+            c.connect_timeout = duration(v, Duration::from_secs(1), Duration::from_secs(600))?;
             Ok(())
         },
-        show: |c| c.connect_timeout.as_secs().to_string(),
+        show: |c| match c.connect_timeout.subsec_millis() {
+            0 => c.connect_timeout.as_secs().to_string(),
+            _ => format!("{}ms", c.connect_timeout.as_millis()),
+        },
     },
 ];
 
@@ -302,6 +345,29 @@ mod tests {
         assert_eq!(c.idle_timeout, Duration::from_secs(30));
         let c = set("socket-buffer-kb", "512", Surface::Cli).unwrap();
         assert_eq!(c.tuning.recv_buffer, Some(512 << 10));
+    }
+
+    #[test]
+    fn sizes_and_durations_take_units() {
+        let c = set("window-mb", "64MiB", Surface::Cli).unwrap();
+        assert_eq!(c.window, 64 << 20);
+        let c = set("dedup-cache-mb", "1GiB", Surface::Cli).unwrap();
+        assert_eq!(c.dedup_cache_mb, 1024);
+        let c = set("socket-buffer-kb", "4M", Surface::Cli).unwrap();
+        assert_eq!(c.tuning.send_buffer, Some(4 << 20));
+        let c = set("idle-timeout", "2m", Surface::Cli).unwrap();
+        assert_eq!(c.idle_timeout, Duration::from_secs(120));
+        let c = set("connect-timeout", "1500ms", Surface::Cli).unwrap();
+        assert_eq!(c.connect_timeout, Duration::from_millis(1500));
+        for (name, v) in [
+            ("window-mb", "512KiB"), // not a whole MiB
+            ("window-mb", "1GiB"),   // over 256 MiB
+            ("idle-timeout", "500ms"),
+            ("idle-timeout", "5h"),
+            ("dedup-cache-mb", "5TiB"),
+        ] {
+            assert!(set(name, v, Surface::Cli).is_err(), "{name} {v}");
+        }
     }
 
     #[test]
