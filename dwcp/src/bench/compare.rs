@@ -29,6 +29,13 @@ pub const DEFAULT_CONTENDERS: &str =
 pub struct CompareArgs {
     #[command(flatten)]
     pub out: OutputArgs,
+    /// Compare two earlier results instead of running: the baseline
+    /// results.json (with --current).
+    #[arg(long, value_name = "A.json")]
+    pub baseline: Option<PathBuf>,
+    /// The current results.json, compared with --baseline.
+    #[arg(long, value_name = "B.json")]
+    pub current: Option<PathBuf>,
     /// Link profile: dc (unshaped), wan, internet, lossy.
     #[arg(long, default_value = "dc")]
     pub profile: String,

@@ -4,6 +4,7 @@
 //! [`schema`], documented in docs/benchmarks.md) and a self-contained
 //! `report.html` with SVG figures into `--output`.
 
+mod baseline;
 mod compare;
 mod consensus;
 mod micro;
@@ -87,6 +88,15 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let cmdline: Vec<String> = std::env::args().collect();
     let mut res = Results::new(cmdline.join(" "));
     let out = match a.cmd {
+        BenchCmd::Compare(c) if c.baseline.is_some() || c.current.is_some() => {
+            let (Some(b), Some(cur)) = (&c.baseline, &c.current) else {
+                anyhow::bail!(
+                    "--baseline and --current go together (two results.json files to compare)"
+                );
+            };
+            print!("{}", baseline::compare(b, cur)?);
+            return Ok(());
+        }
         BenchCmd::Compare(c) => {
             let p = Progress::new(c.runs() as u64, c.runs() as u64 * 40);
             let s = compare::run(&c, &p)?;
@@ -162,6 +172,8 @@ fn suite(r: &RunArgs, res: &mut Results) -> Result<()> {
             warmup: 20,
             congestion: None,
             qemu: std::env::var("DWCP_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".into()),
+            baseline: None,
+            current: None,
         })
         .collect();
     let amst = micro::AmstArgs {
