@@ -66,7 +66,10 @@ fuzz_target!(|data: &[u8]| {
         // Allocation is bounded by the header's plan length, itself capped.
         assert!(plan.capacity() <= MAX_PLAN_LEN.max(wire.len()));
         if res.is_err() {
-            assert!(expect.is_none(), "decompressing what the compressor made failed: {res:?}");
+            assert!(
+                expect.is_none(),
+                "decompressing what the compressor made failed: {res:?}"
+            );
             continue;
         }
         assert_eq!(plan.len(), plan_len);
@@ -81,7 +84,10 @@ fuzz_target!(|data: &[u8]| {
             Ok(()) => {
                 assert_eq!(raw.len(), raw_len);
                 if let (Some(want), true) = (expect, in_step) {
-                    assert!(raw == want, "round trip through planner and rebuilder differs");
+                    assert!(
+                        raw == want,
+                        "round trip through planner and rebuilder differs"
+                    );
                 }
             }
             Err(e) => {

@@ -3,8 +3,8 @@
 //! `parse_queue`. Byte 0 picks the parser, the rest is the text.
 #![no_main]
 
-use linkem::config::{parse_duration, parse_loss, parse_queue, parse_rate, Trace};
 use libfuzzer_sys::fuzz_target;
+use linkem::config::{parse_duration, parse_loss, parse_queue, parse_rate, Trace};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&which, rest)) = data.split_first() else {

@@ -6,8 +6,7 @@
 #![no_main]
 
 use dwcp_consensus::net::{
-    encode_frame, read_frame, FrameError, DEFAULT_MAX_FRAME, FRAME_MAGIC, FRAME_VERSION,
-    KIND_RAFT,
+    encode_frame, read_frame, FrameError, DEFAULT_MAX_FRAME, FRAME_MAGIC, FRAME_VERSION, KIND_RAFT,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -31,7 +30,11 @@ fuzz_target!(|data: &[u8]| {
     } else {
         rest.to_vec()
     };
-    let max = if mode & 2 != 0 { DEFAULT_MAX_FRAME } else { 4096 };
+    let max = if mode & 2 != 0 {
+        DEFAULT_MAX_FRAME
+    } else {
+        4096
+    };
     let mut r = &buf[..];
     for _ in 0..16 {
         match read_frame(&mut r, CLUSTER, max) {
