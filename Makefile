@@ -228,3 +228,17 @@ metrics-test: build guest
 .PHONY: deny
 deny:
 	bash scripts/deny.sh
+
+# --- Fuzzing (docs/fuzzing.md) ------------------------------------------------
+# libFuzzer through cargo-fuzz on stable Rust (no sanitizer), installed once
+# into $DWCP_CACHE/cargo-fuzz. fuzz-smoke (CI): every target FUZZ_SMOKE_SECONDS
+# from the committed corpus, fails on a crash. fuzz: every target
+# FUZZ_SECONDS, one after the other, growing and minimizing fuzz/corpus/.
+FUZZ_SECONDS ?= 600
+FUZZ_SMOKE_SECONDS ?= 10
+.PHONY: fuzz fuzz-smoke
+fuzz-smoke:
+	bash scripts/fuzz.sh smoke $(FUZZ_SMOKE_SECONDS) $(FUZZ_TARGETS)
+
+fuzz:
+	bash scripts/fuzz.sh run $(FUZZ_SECONDS) $(FUZZ_TARGETS)

@@ -239,6 +239,9 @@ impl Trace {
         if steps_mbit.is_empty() {
             bail!("empty trace");
         }
+        if let Some(s) = steps_mbit.iter().find(|s| !s.0.is_finite()) {
+            bail!("bad trace time {}", s.0);
+        }
         if steps_mbit[0].0 != 0.0 {
             bail!("trace must start at time 0");
         }
@@ -320,7 +323,7 @@ pub fn parse_duration(s: &str) -> Result<Duration> {
     if !(v.is_finite() && v >= 0.0) {
         bail!("bad duration {s:?}");
     }
-    Ok(Duration::from_secs_f64(v * scale))
+    Duration::try_from_secs_f64(v * scale).map_err(|_| anyhow!("duration {s:?} is too long"))
 }
 
 /// Parse a rate into bit/s: `100mbit`, `1gbit`, `500kbit`, `1G`, bare = bit/s.
@@ -343,7 +346,12 @@ pub fn parse_rate(s: &str) -> Result<u64> {
     if !(v.is_finite() && v > 0.0) {
         bail!("bad rate {s:?}");
     }
-    Ok((v * scale).round() as u64)
+    // A rate that rounds to 0 bit/s would stall the link for good.
+    let bps = (v * scale).round();
+    if bps < 1.0 {
+        bail!("rate {s:?} is below 1 bit/s");
+    }
+    Ok(bps as u64)
 }
 
 /// Parse a loss probability: `0.1%` or a fraction `0.001`.
@@ -431,6 +439,38 @@ mod tests {
             QueueLimit::Time(Duration::from_millis(20))
         );
         assert_eq!(parse_queue("bdp").unwrap(), QueueLimit::Bdp);
+    }
+
+    /// fuzz/artifacts linkem_config crash-b7d16fd2: a duration too long for
+    /// `Duration` (2.2e24 ms) panicked in `Duration::from_secs_f64`.
+    #[test]
+    fn fuzz_duration_too_long_is_an_error() {
+        let text = std::str::from_utf8(b"2222222222222222222222222").unwrap();
+        let e = parse_duration(text).unwrap_err();
+        assert!(e.to_string().contains("too long"), "{e}");
+        assert!(parse_duration("1e300s").is_err());
+        assert!(parse_queue("1e30s").is_err());
+        assert_eq!(parse_duration("1e3s").unwrap(), Duration::from_secs(1000));
+    }
+
+    /// linkem_config's invariant (period > 0): a NaN time after the first
+    /// passed the "times must increase" check and made the period NaN.
+    #[test]
+    fn fuzz_trace_times_must_be_finite() {
+        for text in [&b"0 1\nnan 2\n"[..], b"0 1\ninf 2\n", b"0 1\n2 3\nNaN 4\n"] {
+            let e = Trace::parse(std::str::from_utf8(text).unwrap()).unwrap_err();
+            assert!(e.to_string().contains("bad trace time"), "{e}");
+        }
+    }
+
+    /// fuzz/artifacts linkem_config crash-511dd7bb: "0.01" parsed to a rate
+    /// of 0 bit/s (a link that never delivers) instead of an error.
+    #[test]
+    fn fuzz_rate_below_one_bit_is_refused() {
+        let e = parse_rate(std::str::from_utf8(b"0.01").unwrap()).unwrap_err();
+        assert!(e.to_string().contains("below 1 bit/s"), "{e}");
+        assert!(parse_rate("0.4bit").is_err());
+        assert_eq!(parse_rate("0.5").unwrap(), 1);
     }
 
     #[test]

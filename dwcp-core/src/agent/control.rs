@@ -113,6 +113,16 @@ impl ControlRequest {
     }
 }
 
+/// Parses one request line as the agent does, without acting on it: the op,
+/// or the error answer the agent would send. The entry point of the
+/// `control_request` fuzz target (docs/fuzzing.md).
+#[doc(hidden)]
+pub fn parse_request(line: &str) -> Result<&'static str, String> {
+    ControlRequest::parse(line)
+        .map(|r| r.op())
+        .map_err(|r| r.answer.to_string())
+}
+
 /// A request the agent refuses: the error answer, and whether to log it.
 #[derive(Debug)]
 pub(crate) struct Refusal {
