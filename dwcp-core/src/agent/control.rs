@@ -22,6 +22,7 @@ use tracing::warn;
 
 use super::cluster::{ClusterError, ClusterErrorKind, ClusterOps};
 use super::cutover::{self, BeginRequest, EpochRequest, ReconcileRequest, SettleRequest};
+use super::expect::{self, ExpectRequest};
 use super::prepared::{self, PrepareRequest, ReleaseRequest, StartedRequest};
 use super::route::{self, RouteRequest, UnrouteRequest};
 use super::State;
@@ -69,6 +70,10 @@ control_requests! {
     "started" => Started(StartedRequest),
     /// The management layer is done with a prepared migration.
     "release" => Release(ReleaseRequest),
+    /// Accept a migration of this name (from this peer) on the data port.
+    "expect" => Expect(ExpectRequest),
+    /// Re-read the TLS credentials (as SIGHUP does).
+    "reload_tls" => ReloadTls,
     /// The raft group as this member sees it.
     "cluster_status" => ClusterStatus,
     /// The guest registry as applied on this member.
@@ -195,7 +200,9 @@ fn dispatch(st: &Arc<State>, req: ControlRequest) -> Result<Value, Refusal> {
     match req {
         ControlRequest::Ping => Ok(json!({"ok": true, "version": env!("CARGO_PKG_VERSION")})),
         ControlRequest::Stats => Ok(stats(st)),
-        ControlRequest::Route(_) | ControlRequest::Prepare(_) if st.draining() => {
+        ControlRequest::Route(_) | ControlRequest::Prepare(_) | ControlRequest::Expect(_)
+            if st.draining() =>
+        {
             Err(Refusal::plain(super::DRAINING.to_string()))
         }
         ControlRequest::Route(r) => route::route(st, r)
@@ -207,6 +214,10 @@ fn dispatch(st: &Arc<State>, req: ControlRequest) -> Result<Value, Refusal> {
         ControlRequest::Prepare(r) => local(prepared::prepare(st, r)),
         ControlRequest::Started(r) => local(prepared::started(st, r)),
         ControlRequest::Release(r) => local(prepared::release(st, r)),
+        ControlRequest::Expect(r) => local(expect::expect(st, r)),
+        ControlRequest::ReloadTls => {
+            local(super::reload_tls(st).map(|m| json!({"ok": true, "message": m})))
+        }
         cluster_op => {
             let c = st.cfg.cluster.as_ref().ok_or_else(|| not_member(op))?;
             cluster_dispatch(st, c, cluster_op).map_err(|e| Refusal::cluster(op, e))

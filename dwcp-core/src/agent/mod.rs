@@ -76,11 +76,13 @@ mod accept;
 pub mod cluster;
 pub mod control;
 pub mod cutover;
+pub mod expect;
 mod prepared;
 mod route;
 
 pub use cluster::{ClusterError, ClusterErrorKind, ClusterOps};
 pub use control::{control_call, control_request, newest_session, settled_session, ControlError};
+pub use expect::AllowRule;
 pub use prepared::{PrepState, KEEP_PREPARED};
 
 /// How an agent runs.
@@ -101,6 +103,9 @@ pub struct AgentConfig {
     /// How long a gated session keeps trying to commit the ownership
     /// transfer before the gate closes (`prepare` with `"gate": true`).
     pub gate_timeout: Duration,
+    /// `--allow NAME_GLOB[=PEER]`: migrations accepted without an `expect`
+    /// or `prepare` (see [`expect`]).
+    pub allow: Vec<AllowRule>,
 }
 
 impl AgentConfig {
@@ -123,6 +128,8 @@ struct State {
     commits_in_flight: AtomicUsize,
     /// Set by [`Agent::shutdown`]: new sessions, routes and prepares are refused.
     draining: AtomicBool,
+    /// Migrations announced with `expect` ([`expect`]).
+    expected: Mutex<Vec<expect::Expectation>>,
 }
 
 const KEEP_SESSIONS: usize = 32;
@@ -175,6 +182,9 @@ impl State {
     fn watch_session(&self, session: Session) {
         let result = match session.wait() {
             Ok(s) => {
+                if s.role == crate::transport::Role::Responder {
+                    self.expectation_used(&s.name);
+                }
                 info!(
                     name = %s.name,
                     "session done: {} raw bytes out, {} in, {} on the wire out, ratio {:.2}, {:.2} s",
@@ -272,6 +282,7 @@ impl Agent {
             fresh_intents: Arc::new(Mutex::new(HashSet::new())),
             commits_in_flight: Default::default(),
             draining: AtomicBool::new(false),
+            expected: Mutex::new(Vec::new()),
         });
         if let Some(c) = &state.cfg.cluster {
             // Intents this agent recorded before it (re)started.
@@ -312,6 +323,43 @@ impl Agent {
         cfg: TransportConfig,
     ) -> Result<PathBuf, String> {
         route::add_route(&self.state, name, to, cfg, "request")
+    }
+}
+
+impl Agent {
+    /// Re-reads the TLS credentials (SIGHUP, `{"op":"reload_tls"}`):
+    /// sessions from now on use the new ones, those in flight keep theirs;
+    /// on failure the old ones stay and the error names the file.
+    pub fn reload_tls(&self) -> Result<String, String> {
+        reload_tls(&self.state)
+    }
+}
+
+fn reload_tls(st: &State) -> Result<String, String> {
+    let Some(store) = &st.cfg.transport.tls.store else {
+        return Err(if st.cfg.transport.tls.insecure {
+            "the agent runs with --insecure: no TLS credentials to reload".into()
+        } else {
+            "no TLS credentials loaded".into()
+        });
+    };
+    match store.reload() {
+        Ok(c) => {
+            let msg = format!(
+                "TLS credentials reloaded from {} (generation {}): server {}, client {}",
+                store.dir().display(),
+                store.generation(),
+                c.server_identity(),
+                c.client_identity()
+            );
+            info!("{msg}");
+            Ok(msg)
+        }
+        Err(e) => {
+            let msg = format!("TLS reload failed, keeping the credentials in force: {e}");
+            error!("{msg}");
+            Err(msg)
+        }
     }
 }
 
