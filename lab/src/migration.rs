@@ -118,6 +118,7 @@ pub fn boot_pair(lab: &Lab, spec: &GuestSpec, mig: &MigrationSpec) -> Result<Gue
     setup.apply(&mut dq, true)?;
     let incoming = lab.dst_agent().incoming(&mig.name);
     std::fs::create_dir_all(incoming.parent().expect("parent"))?;
+    lab.expect(&mig.name, None)?;
     dq.execute(
         "migrate-incoming",
         Some(serde_json::json!({"uri": format!("unix:{}", incoming.display())})),
@@ -251,6 +252,7 @@ pub fn restart_destination(
     let incoming = lab.dst_agent().incoming(&mig.name);
     let _ = std::fs::remove_file(&incoming);
     pair.dst = Guest::start(lab, lab.dst_ns(), "dst", spec, true)?;
+    lab.expect(&mig.name, None)?;
     let setup = MigrationSetup {
         multifd_channels: mig.multifd,
         return_path: mig.return_path,
