@@ -283,7 +283,14 @@ fn handshake_refusals_then_honest_session_and_sighup_keeps_old_creds() {
     assert!(!wait_log(&dlog, "\"nobody\" was not expected").is_empty());
     honest();
 
-    // 7. SIGHUP with a broken certificate: the old credentials stay.
+    // 7. SIGHUP with a broken certificate: the old credentials stay. (The
+    // source side here reads its own copy of the good files.)
+    let src_copy = lab.tls_dir.with_file_name("src-pki");
+    std::fs::create_dir_all(&src_copy).unwrap();
+    for f in std::fs::read_dir(&lab.tls_dir).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), src_copy.join(f.file_name())).unwrap();
+    }
     let good = std::fs::read_to_string(lab.tls_dir.join("server-cert.pem")).unwrap();
     write_file(&lab.tls_dir.join("server-cert.pem"), "garbage\n", 0o644).unwrap();
     let pid = lab.dst_agent.as_ref().unwrap().child.id();
@@ -298,7 +305,13 @@ fn handshake_refusals_then_honest_session_and_sighup_keeps_old_creds() {
         "the log must name the file:\n{}",
         lab.dst_agent().log_text()
     );
-    honest();
+    let r = connect_from_src(&lab, tls_cfg(&src_copy), "probe");
+    assert_eq!(
+        r,
+        "ok",
+        "after a failed reload:\n{}",
+        lab.dst_agent().log_text()
+    );
     write_file(&lab.tls_dir.join("server-cert.pem"), &good, 0o644).unwrap();
     drop(listener);
     let _ = std::fs::remove_file(incoming);
