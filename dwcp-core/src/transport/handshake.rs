@@ -37,7 +37,7 @@ impl Session {
         let creds = cfg.tls.credentials().map_err(|source| SessionError::Tls {
             index: 0,
             addr,
-            source,
+            source: Box::new(source),
         })?;
         let server_name = cfg
             .tls
@@ -77,7 +77,7 @@ impl Session {
                                     |source| SessionError::Tls {
                                         index,
                                         addr,
-                                        source,
+                                        source: Box::new(source),
                                     },
                                 )?,
                             ),

@@ -27,7 +27,7 @@ pub enum SessionError {
     Tls {
         index: usize,
         addr: SocketAddr,
-        source: crate::tls::TlsError,
+        source: Box<crate::tls::TlsError>,
     },
     #[error("migration failed: {0}")]
     Failed(FailReason),
