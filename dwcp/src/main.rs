@@ -334,6 +334,16 @@ fn run_agent(mut a: AgentArgs, config: Option<&std::path::Path>) -> Result<()> {
                 .map_err(|e| anyhow::anyhow!("--allow {e}"))?,
         );
     }
+    // Every value is checked before credentials are read, so a bad flag is
+    // reported as such on a host without a PKI too.
+    let routes = if a.routes.is_empty() {
+        file.agent.routes.clone().unwrap_or_default()
+    } else {
+        a.routes.clone()
+    };
+    for r in &routes {
+        config::check_route(r).map_err(|e| anyhow::anyhow!("--route {e}"))?;
+    }
     if transport.tls.insecure {
         tracing::warn!(
             "--insecure: migrations travel in clear text and peers are not authenticated; \
@@ -392,11 +402,6 @@ fn run_agent(mut a: AgentArgs, config: Option<&std::path::Path>) -> Result<()> {
         allow,
     };
     let agent = Agent::start(cfg).context("starting the agent")?;
-    let routes = if a.routes.is_empty() {
-        fa.routes.unwrap_or_default()
-    } else {
-        a.routes
-    };
     for r in &routes {
         let (name, to) = config::check_route(r).map_err(|e| anyhow::anyhow!("--route {e}"))?;
         agent

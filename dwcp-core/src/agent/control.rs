@@ -383,6 +383,9 @@ mod tests {
                    "chosen_by": "metadata", "gate": true, "src_node": 1}),
             json!({"op": "started", "name": "vm1"}),
             json!({"op": "release", "name": "vm1", "outcome": "failed", "reason": "why"}),
+            // dwcp expect
+            json!({"op": "expect", "name": "vm1", "from": "src1", "ttl_s": 60}),
+            json!({"op": "reload_tls"}),
             json!({"op": "cluster_status"}),
             json!({"op": "guests"}),
             json!({"op": "begin", "guest": guest, "src": 1, "dst": 2}),
@@ -432,13 +435,13 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        match parse(cases[9].clone()) {
+        match parse(cases[11].clone()) {
             ControlRequest::Begin(r) => {
                 assert_eq!((r.guest.as_str(), r.src, r.dst), (guest, Some(1), Some(2)))
             }
             other => panic!("{other:?}"),
         }
-        match parse(cases[13].clone()) {
+        match parse(cases[15].clone()) {
             ControlRequest::Settle(r) => {
                 assert_eq!((r.epoch, r.revert_if_committed), (Some(3), true))
             }
@@ -508,7 +511,7 @@ mod tests {
             }
             assert!(e.ends_with(", settle or reconcile"), "{e}");
         }
-        assert_eq!(ControlRequest::OPS.len(), 15);
+        assert_eq!(ControlRequest::OPS.len(), 17);
     }
 
     /// Refused requests read as they always did.
