@@ -75,6 +75,12 @@ pub enum WireError {
     Name(String),
     #[error("peer refused the stream: {0}")]
     Refused(Status),
+    /// One end speaks TLS and the other clear text (`--insecure`).
+    #[error("{0}")]
+    TlsMismatch(&'static str),
+    /// The TLS layer under the hello failed (handshake, certificate).
+    #[error("{0}")]
+    Tls(String),
     #[error("truncated {what}: connection closed after {got} of {want} bytes")]
     Truncated {
         what: &'static str,
@@ -124,6 +130,12 @@ pub enum Status {
     BadHello = 4,
     TooLarge = 5,
     Busy = 6,
+    /// The destination was not told to expect a migration of this name (from
+    /// this peer): no `expect`/`prepare` entry and no `--allow` rule matches.
+    NotExpected = 7,
+    /// The peer's certificate identity is not in the destination's
+    /// `--allow-peer` list.
+    PeerNotAllowed = 8,
 }
 
 impl Status {
@@ -136,6 +148,8 @@ impl Status {
             4 => Status::BadHello,
             5 => Status::TooLarge,
             6 => Status::Busy,
+            7 => Status::NotExpected,
+            8 => Status::PeerNotAllowed,
             _ => return None,
         })
     }
@@ -155,6 +169,13 @@ impl std::fmt::Display for Status {
             Status::BadHello => "malformed hello",
             Status::TooLarge => "window or dedup ring larger than the destination allows",
             Status::Busy => "destination has too many sessions",
+            Status::NotExpected => {
+                "the destination was not told to expect this migration name from this peer \
+                 (dwcp expect NAME, the libvirt hook's prepare, or an --allow rule)"
+            }
+            Status::PeerNotAllowed => {
+                "the destination does not allow this peer's certificate identity (--allow-peer)"
+            }
         })
     }
 }
@@ -233,6 +254,12 @@ impl Hello {
         let mut fixed = [0u8; HELLO_FIXED_LEN];
         read_exact_or(r, &mut fixed[..4], "hello")?;
         let magic: [u8; 4] = fixed[..4].try_into().expect("4 bytes");
+        if magic[0] == 0x16 && magic[1] == 0x03 {
+            return Err(WireError::TlsMismatch(
+                "the peer is speaking TLS and this agent runs with --insecure (clear text): \
+                 both ends must use TLS, or both --insecure",
+            ));
+        }
         if magic != MAGIC {
             return Err(WireError::BadMagic(magic));
         }
@@ -327,7 +354,22 @@ impl Reply {
 
     pub fn read(r: &mut impl Read) -> Result<Reply, WireError> {
         let mut b = [0u8; REPLY_LEN];
-        read_exact_or(r, &mut b, "reply")?;
+        read_exact_or(r, &mut b[..1], "reply")?;
+        if b[0] == 0x15 || b[0] == 0x16 {
+            // A TLS record (alert or handshake) where a clear-text reply was due.
+            return Err(WireError::TlsMismatch(
+                "the destination speaks TLS and this side runs with --insecure (clear text): \
+                 both ends must use TLS, or both --insecure",
+            ));
+        }
+        read_exact_or(r, &mut b[1..], "reply").map_err(|e| match e {
+            WireError::Truncated { got, want, .. } => WireError::Truncated {
+                what: "reply",
+                got: got + 1,
+                want: want + 1,
+            },
+            other => other,
+        })?;
         let magic: [u8; 4] = b[..4].try_into().expect("4 bytes");
         if magic != MAGIC {
             return Err(WireError::BadMagic(magic));

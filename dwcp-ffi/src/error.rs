@@ -153,7 +153,7 @@ impl Error {
     pub fn connect(e: SessionError) -> Error {
         let code = match &e {
             SessionError::Connect { .. } => DWCP_CONNECT_FAILED,
-            SessionError::Handshake { .. } => DWCP_HANDSHAKE_FAILED,
+            SessionError::Handshake { .. } | SessionError::Tls { .. } => DWCP_HANDSHAKE_FAILED,
             _ => DWCP_SESSION_FAILED,
         };
         Error::new(code, e.to_string())

@@ -84,8 +84,18 @@ impl Incoming {
                 .ok_or_else(|| std::io::Error::other("incoming handle freed"))?;
             shared.push_channel(sock, reader)
         }));
+        // TLS (the default): the credentials are read once, here, so a
+        // missing or broken file fails the listen, not each connection.
+        let mut cfg = uri.cfg.clone();
+        cfg.tls.load().map_err(|e| {
+            Error::new(
+                DWCP_LISTEN_FAILED,
+                format!("TLS credentials (tls-dir=, or insecure=1 for clear text): {e}"),
+            )
+        })?;
+        crate::uri::warn_insecure(&cfg);
         let acceptor = Arc::new(Acceptor::with_connector(
-            uri.cfg.clone(),
+            cfg,
             AcceptorLimits::default(),
             connector,
         ));

@@ -29,7 +29,14 @@ impl Outgoing {
         let addr = uri
             .resolve()
             .map_err(|m| Error::new(DWCP_RESOLVE_FAILED, m))?;
-        let session = Session::connect(&uri.cfg, &uri.name, addr).map_err(Error::connect)?;
+        let mut cfg = uri.cfg.clone();
+        if cfg.tls.hostname.is_none() && uri.host.parse::<std::net::IpAddr>().is_err() {
+            // dwcp:NAME:PORT: the certificate must carry NAME (as QEMU's
+            // tls: migrations check the host name given).
+            cfg.tls.hostname = Some(uri.host.clone());
+        }
+        crate::uri::warn_insecure(&cfg);
+        let session = Session::connect(&cfg, &uri.name, addr).map_err(Error::connect)?;
         Ok(Outgoing {
             session,
             channels: Default::default(),

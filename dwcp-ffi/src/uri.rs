@@ -104,6 +104,17 @@ impl DwcpUri {
     }
 }
 
+/// `insecure=1`: say once on stderr (QEMU's log) that the migration is
+/// neither encrypted nor authenticated.
+pub fn warn_insecure(cfg: &TransportConfig) {
+    if cfg.tls.insecure {
+        eprintln!(
+            "libdwcp: warning: insecure=1: this migration travels in clear text and the \
+             peer is not authenticated"
+        );
+    }
+}
+
 fn split_host_port(authority: &str) -> Result<(String, u16), String> {
     let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
         let (h, after) = v6

@@ -33,6 +33,8 @@ pub struct FileConfig {
     pub cluster: ClusterSection,
     #[serde(default)]
     pub metrics: MetricsSection,
+    #[serde(default)]
+    pub tls: TlsSection,
 }
 
 /// `[metrics]`: the metrics endpoint and dashboard (`--metrics-listen`).
@@ -41,6 +43,45 @@ pub struct FileConfig {
 pub struct MetricsSection {
     /// HTTP address of /metrics and /dashboard; unset: off.
     pub listen: Option<SocketAddr>,
+}
+
+/// `[tls]`: TLS of the data streams, as `dwcp agent --tls-dir ...` takes it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// libvirt's layout (default /etc/pki/qemu).
+    pub dir: Option<PathBuf>,
+    /// Clear text (warned about at start).
+    pub insecure: Option<bool>,
+    /// The name destinations' certificates must carry.
+    pub hostname: Option<String>,
+    /// `--allow-peer` patterns.
+    pub allow_peer: Option<Vec<String>>,
+    /// `--allow NAME_GLOB[=PEER]` rules.
+    pub allow: Option<Vec<String>>,
+}
+
+impl TlsSection {
+    /// Applies `dir`, `insecure` and `hostname` to `cfg` (through the option
+    /// table, so the checks are the command line's).
+    pub fn apply(&self, cfg: &mut TransportConfig) -> anyhow::Result<()> {
+        let set = |cfg: &mut TransportConfig, name: &str, v: String| {
+            options::find(name, Surface::Cli)
+                .expect("a table option")
+                .apply(cfg, &v, Surface::Cli)
+                .map_err(|e| anyhow::anyhow!("config tls.{}: {e}", name.replace("tls-", "")))
+        };
+        if let Some(d) = &self.dir {
+            set(cfg, "tls-dir", d.display().to_string())?;
+        }
+        if let Some(i) = self.insecure {
+            set(cfg, "insecure", i.to_string())?;
+        }
+        if let Some(h) = &self.hostname {
+            set(cfg, "tls-hostname", h.clone())?;
+        }
+        Ok(())
+    }
 }
 
 /// `[agent]`: the flags of `dwcp agent` that are not transport options.

@@ -54,6 +54,11 @@ enum Cmd {
     Config(ConfigCmd),
     /// Show the local agent's routes and sessions.
     Stats(StatsArgs),
+    /// Destination: accept a migration of this name (from this peer) on the
+    /// local agent's data port.
+    Expect(ExpectArgs),
+    /// Re-read the local agent's TLS credentials (as SIGHUP does).
+    ReloadTls(ReloadTlsArgs),
     /// The agents' raft cluster (`dwcp cluster status`).
     #[command(subcommand)]
     Cluster(cluster::ClusterCmd),
@@ -110,6 +115,9 @@ impl TransportArgs {
     }
 }
 
+/// The one transport option that is a flag on the command line.
+const INSECURE: &str = "insecure";
+
 impl clap::FromArgMatches for TransportArgs {
     fn from_arg_matches(m: &clap::ArgMatches) -> Result<Self, clap::Error> {
         let mut a = TransportArgs::default();
@@ -118,6 +126,13 @@ impl clap::FromArgMatches for TransportArgs {
     }
     fn update_from_arg_matches(&mut self, m: &clap::ArgMatches) -> Result<(), clap::Error> {
         for o in options::OPTIONS {
+            if o.name == INSECURE {
+                if m.get_flag(o.name) {
+                    self.given.retain(|(g, _)| g.name != o.name);
+                    self.given.push((o, "1".into()));
+                }
+                continue;
+            }
             if let Some(v) = m.get_one::<String>(o.name) {
                 self.given.retain(|(g, _)| g.name != o.name);
                 self.given.push((o, v.clone()));
@@ -131,6 +146,16 @@ impl Args for TransportArgs {
     fn augment_args(cmd: clap::Command) -> clap::Command {
         let defaults = TransportConfig::default();
         options::OPTIONS.iter().fold(cmd, |cmd, o| {
+            if o.name == INSECURE {
+                return cmd.arg(
+                    clap::Arg::new(o.name)
+                        .long(o.name)
+                        .env("DWCP_INSECURE")
+                        .action(clap::ArgAction::SetTrue)
+                        .help(o.help)
+                        .help_heading("Transport"),
+                );
+            }
             let d = o.show(&defaults);
             let help = if d.is_empty() || o.name == "workers" {
                 format!("{} [{}]", o.help, o.allowed)
@@ -188,10 +213,43 @@ struct AgentArgs {
     /// (/dashboard) over HTTP on this address, e.g. 127.0.0.1:9464 [default: off].
     #[arg(long, env = "DWCP_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// Destination: accept sessions only from these certificate identities
+    /// (CN, DNS or IP SAN, or the whole subject; `*.example.org`), repeatable
+    /// [default: any certificate the CA signed].
+    #[arg(long = "allow-peer", value_name = "PATTERN")]
+    allow_peer: Vec<String>,
+    /// Destination: accept migrations whose name matches NAME_GLOB (from PEER
+    /// only, when given) without a `dwcp expect` or a prepare, repeatable.
+    #[arg(long = "allow", value_name = "NAME_GLOB[=PEER]")]
+    allow: Vec<String>,
     #[command(flatten)]
     transport: TransportArgs,
     #[command(flatten)]
     cluster: cluster::ClusterArgs,
+}
+
+#[derive(Args, Debug)]
+struct ExpectArgs {
+    /// The migration name (the destination QEMU's incoming socket NAME.sock).
+    name: String,
+    /// Accept it only from this source identity (certificate CN or SAN; with
+    /// --insecure, the source's IP address) [default: any allowed peer].
+    #[arg(long)]
+    from: Option<String>,
+    /// How long the expectation lasts unless a migration of that name
+    /// completes first, s.
+    #[arg(long, default_value_t = dwcp_core::agent::expect::DEFAULT_TTL_S)]
+    ttl_s: u64,
+    /// The agent's control socket.
+    #[arg(long, default_value = "/run/dwcp/agent.sock")]
+    agent: PathBuf,
+}
+
+#[derive(Args, Debug)]
+struct ReloadTlsArgs {
+    /// The agent's control socket.
+    #[arg(long, default_value = "/run/dwcp/agent.sock")]
+    agent: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -237,6 +295,25 @@ fn main() {
         Cmd::Migrate(m) => migrate::run(m),
         Cmd::VirshMigrate(m) => libvirt_migrate::run(m),
         Cmd::Stats(s) => stats(s),
+        Cmd::Expect(e) => {
+            let mut req = json!({"op": "expect", "name": e.name, "ttl_s": e.ttl_s});
+            if let Some(f) = &e.from {
+                req["from"] = json!(f);
+            }
+            control_request(&e.agent, &req)
+                .map(|_| {
+                    eprintln!(
+                        "expecting migration {} from {} for {} s",
+                        e.name,
+                        e.from.as_deref().unwrap_or("any allowed peer"),
+                        e.ttl_s
+                    )
+                })
+                .map_err(anyhow::Error::msg)
+        }
+        Cmd::ReloadTls(r) => control_request(&r.agent, &json!({"op": "reload_tls"}))
+            .map(|v| eprintln!("{}", v["message"].as_str().unwrap_or("reloaded")))
+            .map_err(anyhow::Error::msg),
         Cmd::Cluster(c) => cluster::cluster_cmd(c),
         Cmd::Guests(g) => cluster::guests_cmd(g),
         Cmd::Demo(d) => dwcp_lab::demo::run(d),
@@ -261,11 +338,58 @@ fn run_agent(mut a: AgentArgs, config: Option<&std::path::Path>) -> Result<()> {
     };
     let mut base = TransportConfig::default();
     file.apply_transport(&mut base)?;
-    let transport = a.transport.config_over(base)?;
+    file.tls.apply(&mut base)?;
+    let mut transport = a.transport.config_over(base)?;
+    let mut allow_peer = file.tls.allow_peer.clone().unwrap_or_default();
+    allow_peer.extend(a.allow_peer.iter().cloned());
+    transport.tls.allowed_peers = dwcp_core::tls::AllowedPeers::new(allow_peer);
+    let mut allow = Vec::new();
+    for r in file.tls.allow.iter().flatten().chain(&a.allow) {
+        allow.push(
+            r.parse::<dwcp_core::agent::AllowRule>()
+                .map_err(|e| anyhow::anyhow!("--allow {e}"))?,
+        );
+    }
+    // Every value is checked before credentials are read, so a bad flag is
+    // reported as such on a host without a PKI too.
+    let routes = if a.routes.is_empty() {
+        file.agent.routes.clone().unwrap_or_default()
+    } else {
+        a.routes.clone()
+    };
+    for r in &routes {
+        config::check_route(r).map_err(|e| anyhow::anyhow!("--route {e}"))?;
+    }
+    if transport.tls.insecure {
+        tracing::warn!(
+            "--insecure: migrations travel in clear text and peers are not authenticated; \
+             anyone on the path can read guest RAM, and anyone who reaches the data port \
+             can feed an expected migration"
+        );
+    } else {
+        let store = transport
+            .tls
+            .load()
+            .context("loading the TLS credentials (--tls-dir; --insecure for clear text)")?
+            .expect("TLS");
+        let c = store.current();
+        tracing::info!(
+            "TLS 1.3 with credentials {}: server {}, client {}; peers allowed: {}",
+            store.dir().display(),
+            c.server_identity(),
+            c.client_identity(),
+            if transport.tls.allowed_peers.is_any() {
+                "any certificate the CA signed".to_string()
+            } else {
+                transport.tls.allowed_peers.entries().join(", ")
+            }
+        );
+    }
     let fa = file.agent;
     a.cluster.fill_from(file.cluster);
     let cluster = match a.cluster.config()? {
-        Some(c) => Some(cluster::start(c)?),
+        // The raft peers use the data streams' credentials (none: --insecure).
+        Some(c) => Some(cluster::start(c.with_tls(transport.tls.store.clone()))?),
         None => None,
     };
     let metrics_listen = a.metrics_listen.or(file.metrics.listen);
@@ -294,16 +418,12 @@ fn run_agent(mut a: AgentArgs, config: Option<&std::path::Path>) -> Result<()> {
         gate_timeout: std::time::Duration::from_millis(
             a.gate_timeout_ms.or(fa.gate_timeout_ms).unwrap_or(5000),
         ),
+        allow,
     };
     let agent = Agent::start(cfg).context("starting the agent")?;
     if let Some(addr) = metrics_listen {
         metrics::serve(addr, &agent, raft_metrics)?;
     }
-    let routes = if a.routes.is_empty() {
-        fa.routes.unwrap_or_default()
-    } else {
-        a.routes
-    };
     for r in &routes {
         let (name, to) = config::check_route(r).map_err(|e| anyhow::anyhow!("--route {e}"))?;
         agent

@@ -3,8 +3,10 @@
 //!
 //! - SIGTERM, SIGINT: [`Agent::shutdown`]: new migrations are refused, those
 //!   in flight get the grace period, then fail with a reason; exit 0.
-//! - SIGHUP: logged; nothing is re-read yet (the configuration file is read
-//!   at start).
+//! - SIGHUP: the TLS credentials (`--tls-dir`) are re-read; migrations in
+//!   flight keep theirs, and a directory that does not load leaves the old
+//!   ones in force (the log names the file and why). The configuration file
+//!   itself is read at start only.
 
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
@@ -42,7 +44,11 @@ pub fn serve_signals(agent: &Agent, grace: Duration) -> Result<()> {
         Signals::new([SIGTERM, SIGINT, SIGHUP]).context("installing signal handlers")?;
     for sig in signals.forever() {
         match sig {
-            SIGHUP => info!("SIGHUP: nothing to reload (the configuration is read at start)"),
+            SIGHUP => {
+                info!("SIGHUP: reloading the TLS credentials");
+                // reload_tls logs the outcome (error: the file and why).
+                let _ = agent.reload_tls();
+            }
             _ => {
                 notify("STOPPING=1");
                 let r = agent.shutdown(grace);

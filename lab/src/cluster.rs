@@ -178,6 +178,8 @@ impl ClusterLab {
             .exec(self.lab.src_ns(), dwcp_bin().unwrap())
             .args(["--log", "info", "agent", "--run-dir"])
             .arg(&run_dir)
+            .arg("--tls-dir")
+            .arg(&self.lab.tls_dir)
             .args(&self.third_args)
             .stdin(Stdio::null())
             .stdout(logf.try_clone().unwrap())

@@ -26,6 +26,10 @@ pub struct Lab {
     pub src_agent: Option<AgentProc>,
     pub dst_agent: Option<AgentProc>,
     pub agent_args: Vec<String>,
+    /// The lab's throwaway PKI (libvirt's layout, both hosts' IPs as SANs),
+    /// generated at run time; both agents get `--tls-dir` with it unless
+    /// their arguments say `--insecure`.
+    pub tls_dir: PathBuf,
 }
 
 impl std::fmt::Debug for Lab {
@@ -77,12 +81,17 @@ impl Lab {
         std::fs::create_dir_all(&dir)?;
         let subnet = 100 + ((pid + seq) % 150) as u8;
         let topo = Topology::create(&prefix, subnet, middle).context("creating the two hosts")?;
+        let tls_dir = dir.join("pki");
+        let (src_ip, dst_ip) = (topo.src_ip.to_string(), topo.dst_ip.to_string());
+        dwcp_core::tls::testca::write_test_pki(&tls_dir, &[&src_ip, &dst_ip])
+            .context("writing the lab's throwaway PKI")?;
         let mut lab = Lab {
             topo,
             dir,
             src_agent: None,
             dst_agent: None,
             agent_args: agent_args.iter().map(|s| s.to_string()).collect(),
+            tls_dir,
         };
         lab.start_agent(true)?;
         lab.start_agent(false)?;
@@ -121,10 +130,13 @@ impl Lab {
             "--run-dir",
         ])
         .arg(&run_dir)
-        .args(&self.agent_args)
-        .stdin(Stdio::null())
-        .stdout(logf.try_clone()?)
-        .stderr(logf);
+        .args(&self.agent_args);
+        if !self.agent_args.iter().any(|a| a == "--insecure") {
+            cmd.arg("--tls-dir").arg(&self.tls_dir);
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(logf.try_clone()?)
+            .stderr(logf);
         let child = cmd.spawn().context("starting dwcp agent")?;
         let mut a = AgentProc {
             child,
@@ -154,6 +166,19 @@ impl Lab {
         } else {
             self.dst_agent = Some(a);
         }
+        Ok(())
+    }
+
+    /// Tells the destination agent to accept a migration named `name` (from
+    /// the peer `from`, else any peer the CA signed), as its operator would
+    /// with `dwcp expect NAME`.
+    pub fn expect(&self, name: &str, from: Option<&str>) -> Result<()> {
+        let mut req = serde_json::json!({"op": "expect", "name": name});
+        if let Some(f) = from {
+            req["from"] = serde_json::json!(f);
+        }
+        dwcp_core::agent::control_request(&self.dst_agent().control(), &req)
+            .map_err(|e| anyhow::anyhow!("expect {name} on the destination agent: {e}"))?;
         Ok(())
     }
 

@@ -79,6 +79,9 @@ pub struct MigrationSpec {
     pub return_path: bool,
     pub extra: Vec<String>,
     pub timeout_s: u64,
+    /// The peer the destination agent expects the migration from (`dwcp
+    /// expect NAME --from PEER`); `None`: any peer the CA signed.
+    pub expect_from: Option<String>,
 }
 
 impl Default for MigrationSpec {
@@ -91,6 +94,7 @@ impl Default for MigrationSpec {
             return_path: true,
             extra: Vec::new(),
             timeout_s: 300,
+            expect_from: None,
         }
     }
 }
@@ -118,6 +122,7 @@ pub fn boot_pair(lab: &Lab, spec: &GuestSpec, mig: &MigrationSpec) -> Result<Gue
     setup.apply(&mut dq, true)?;
     let incoming = lab.dst_agent().incoming(&mig.name);
     std::fs::create_dir_all(incoming.parent().expect("parent"))?;
+    lab.expect(&mig.name, mig.expect_from.as_deref())?;
     dq.execute(
         "migrate-incoming",
         Some(serde_json::json!({"uri": format!("unix:{}", incoming.display())})),
@@ -251,6 +256,7 @@ pub fn restart_destination(
     let incoming = lab.dst_agent().incoming(&mig.name);
     let _ = std::fs::remove_file(&incoming);
     pair.dst = Guest::start(lab, lab.dst_ns(), "dst", spec, true)?;
+    lab.expect(&mig.name, mig.expect_from.as_deref())?;
     let setup = MigrationSetup {
         multifd_channels: mig.multifd,
         return_path: mig.return_path,

@@ -258,7 +258,7 @@ static void test_null_handles(void)
         CHECK_RC(dwcp_channel_free((dwcp_channel *)&st), DWCP_INVALID_HANDLE);
     }
 
-    CHECK_RC(dwcp_incoming_new("dwcp:127.0.0.1:0", NULL, err, sizeof(err)), DWCP_NULL_PARAMETER);
+    CHECK_RC(dwcp_incoming_new("dwcp:127.0.0.1:0?insecure=1", NULL, err, sizeof(err)), DWCP_NULL_PARAMETER);
     CHECK_RC(dwcp_incoming_new(NULL, &in, err, sizeof(err)), DWCP_NULL_PARAMETER);
     CHECK(in == NULL);
     CHECK_RC(dwcp_incoming_port(NULL, &port), DWCP_NULL_PARAMETER);
@@ -283,12 +283,12 @@ static void test_outgoing_failures(void)
     CHECK_RC(dwcp_outgoing_new("dwcp:127.0.0.1:1?streams=0", &o, err, sizeof(err)), DWCP_INVALID_URI);
     CHECK(o == NULL);
     CHECK(strstr(err, "streams") != NULL);
-    CHECK_RC(dwcp_outgoing_new("dwcp:127.0.0.1:0", &o, err, sizeof(err)), DWCP_INVALID_URI);
+    CHECK_RC(dwcp_outgoing_new("dwcp:127.0.0.1:0?insecure=1", &o, err, sizeof(err)), DWCP_INVALID_URI);
     CHECK(strstr(err, "port 0") != NULL);
     CHECK_RC(dwcp_outgoing_new("dwcp:no-such-host.invalid:4444", &o, err, sizeof(err)), DWCP_RESOLVE_FAILED);
     CHECK(o == NULL);
 
-    snprintf(uri, sizeof(uri), "dwcp:127.0.0.1:%u?streams=2&connect-timeout=2", closed_port());
+    snprintf(uri, sizeof(uri), "dwcp:127.0.0.1:%u?insecure=1&streams=2&connect-timeout=2", closed_port());
     CHECK_RC(dwcp_outgoing_new(uri, &o, err, sizeof(err)), DWCP_CONNECT_FAILED);
     CHECK(o == NULL);
     CHECK(strstr(err, "refused") != NULL);
@@ -305,7 +305,7 @@ static void test_outgoing_failures(void)
         CHECK(bind(s, (struct sockaddr *)&a, sizeof(a)) == 0);
         CHECK(listen(s, 8) == 0);
         getsockname(s, (struct sockaddr *)&a, &len);
-        snprintf(uri, sizeof(uri), "dwcp:127.0.0.1:%u?streams=1&connect-timeout=1",
+        snprintf(uri, sizeof(uri), "dwcp:127.0.0.1:%u?insecure=1&streams=1&connect-timeout=1",
                  ntohs(a.sin_port));
         CHECK_RC(dwcp_outgoing_new(uri, &o, err, sizeof(err)), DWCP_HANDSHAKE_FAILED);
         CHECK(o == NULL);
@@ -322,9 +322,9 @@ static void test_incoming_basics(void)
     uint16_t port = 0;
     int nfd = -1, fd = -7;
 
-    CHECK_RC(dwcp_incoming_new("dwcp:127.0.0.1:0?streams=0", &in, err, sizeof(err)), DWCP_INVALID_URI);
+    CHECK_RC(dwcp_incoming_new("dwcp:127.0.0.1:0?insecure=1&streams=0", &in, err, sizeof(err)), DWCP_INVALID_URI);
     CHECK(in == NULL);
-    CHECK_RC(dwcp_incoming_new("dwcp:127.0.0.1:0", &in, err, sizeof(err)), DWCP_OK);
+    CHECK_RC(dwcp_incoming_new("dwcp:127.0.0.1:0?insecure=1", &in, err, sizeof(err)), DWCP_OK);
     CHECK(in != NULL);
     CHECK_RC(dwcp_incoming_port(in, NULL), DWCP_NULL_PARAMETER);
     CHECK_RC(dwcp_incoming_port(in, &port), DWCP_OK);
@@ -345,7 +345,7 @@ static void test_incoming_basics(void)
     CHECK(st.state == DWCP_STATE_LISTENING && st.raw_in == 0);
 
     /* the port is taken */
-    snprintf(uri, sizeof(uri), "dwcp:127.0.0.1:%u", port);
+    snprintf(uri, sizeof(uri), "dwcp:127.0.0.1:%u?insecure=1", port);
     CHECK_RC(dwcp_incoming_new(uri, &in2, err, sizeof(err)), DWCP_LISTEN_FAILED);
     CHECK(in2 == NULL);
     CHECK(strstr(err, "in use") != NULL);
@@ -399,10 +399,10 @@ static void test_loopback(const char *params)
     int c;
 
     fprintf(stderr, "loopback %s\n", params);
-    CHECK_RC(dwcp_incoming_new("dwcp:127.0.0.1:0?codec=lz4", &in, err, sizeof(err)), DWCP_OK);
+    CHECK_RC(dwcp_incoming_new("dwcp:127.0.0.1:0?insecure=1&codec=lz4", &in, err, sizeof(err)), DWCP_OK);
     CHECK_RC(dwcp_incoming_port(in, &port), DWCP_OK);
     CHECK_RC(dwcp_incoming_notify_fd(in, &nfd), DWCP_OK);
-    snprintf(uri, sizeof(uri), "dwcp:127.0.0.1:%u?%s", port, params);
+    snprintf(uri, sizeof(uri), "dwcp:127.0.0.1:%u?insecure=1&%s", port, params);
     CHECK_RC(dwcp_outgoing_new(uri, &o, err, sizeof(err)), DWCP_OK);
     if (!o || !in) {
         fprintf(stderr, "loopback set-up failed: %s\n", err);
@@ -524,9 +524,9 @@ static void test_direct(const char *params)
     size_t off = 0, n, i;
 
     fprintf(stderr, "direct %s\n", params);
-    CHECK_RC(dwcp_incoming_new("dwcp:127.0.0.1:0", &in, err, sizeof(err)), DWCP_OK);
+    CHECK_RC(dwcp_incoming_new("dwcp:127.0.0.1:0?insecure=1", &in, err, sizeof(err)), DWCP_OK);
     CHECK_RC(dwcp_incoming_port(in, &port), DWCP_OK);
-    snprintf(uri, sizeof(uri), "dwcp:127.0.0.1:%u?%s", port, params);
+    snprintf(uri, sizeof(uri), "dwcp:127.0.0.1:%u?insecure=1&%s", port, params);
     CHECK_RC(dwcp_outgoing_new(uri, &o, err, sizeof(err)), DWCP_OK);
     if (!o || !in) {
         fprintf(stderr, "direct set-up failed: %s\n", err);
@@ -746,9 +746,9 @@ static void test_direct_receive(const char *params)
     size_t off = 0, n = 0;
 
     fprintf(stderr, "direct receive %s\n", params);
-    CHECK_RC(dwcp_incoming_new("dwcp:127.0.0.1:0", &in, err, sizeof(err)), DWCP_OK);
+    CHECK_RC(dwcp_incoming_new("dwcp:127.0.0.1:0?insecure=1", &in, err, sizeof(err)), DWCP_OK);
     CHECK_RC(dwcp_incoming_port(in, &port), DWCP_OK);
-    snprintf(uri, sizeof(uri), "dwcp:127.0.0.1:%u?%s", port, params);
+    snprintf(uri, sizeof(uri), "dwcp:127.0.0.1:%u?insecure=1&%s", port, params);
     CHECK_RC(dwcp_outgoing_new(uri, &o, err, sizeof(err)), DWCP_OK);
     if (!o || !in) {
         goto out;
@@ -862,9 +862,9 @@ static void test_cancel(void)
     ssize_t r;
 
     memset(buf, 1, sizeof(buf));
-    CHECK_RC(dwcp_incoming_new("dwcp:127.0.0.1:0", &in, err, sizeof(err)), DWCP_OK);
+    CHECK_RC(dwcp_incoming_new("dwcp:127.0.0.1:0?insecure=1", &in, err, sizeof(err)), DWCP_OK);
     CHECK_RC(dwcp_incoming_port(in, &port), DWCP_OK);
-    snprintf(uri, sizeof(uri), "dwcp:127.0.0.1:%u?streams=2", port);
+    snprintf(uri, sizeof(uri), "dwcp:127.0.0.1:%u?insecure=1&streams=2", port);
     CHECK_RC(dwcp_outgoing_new(uri, &o, err, sizeof(err)), DWCP_OK);
     if (!o || !in) {
         goto out;

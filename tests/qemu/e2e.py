@@ -208,7 +208,7 @@ def failure_cases(src):
 
     # 2. destination unreachable
     port = free_port()
-    src.qmp.cmd("migrate", {"uri": f"dwcp:127.0.0.1:{port}?streams=4&connect-timeout=3"})
+    src.qmp.cmd("migrate", {"uri": f"dwcp:127.0.0.1:{port}?insecure=1&streams=4&connect-timeout=3"})
     info = wait_migration(src, 30)
     check("unreachable destination fails the migration",
           info.get("status") == "failed" and "refused" in info.get("error-desc", ""),
@@ -217,9 +217,9 @@ def failure_cases(src):
 
     # 3. destination killed mid-way (bandwidth capped so it takes a while)
     port = free_port()
-    dst = VM("dst-killed", f"dwcp:127.0.0.1:{port}")
+    dst = VM("dst-killed", f"dwcp:127.0.0.1:{port}?insecure=1")
     set_bandwidth(src, 8 << 20)
-    src.qmp.cmd("migrate", {"uri": f"dwcp:127.0.0.1:{port}?streams=4&codec=lz4"})
+    src.qmp.cmd("migrate", {"uri": f"dwcp:127.0.0.1:{port}?insecure=1&streams=4&codec=lz4"})
     time.sleep(2)
     mid = src.qmp.migrate_status().get("status")
     dst.proc.kill()
@@ -233,8 +233,8 @@ def failure_cases(src):
 
     # 4. migrate_cancel
     port = free_port()
-    dst = VM("dst-cancel", f"dwcp:127.0.0.1:{port}")
-    src.qmp.cmd("migrate", {"uri": f"dwcp:127.0.0.1:{port}?streams=4&codec=lz4"})
+    dst = VM("dst-cancel", f"dwcp:127.0.0.1:{port}?insecure=1")
+    src.qmp.cmd("migrate", {"uri": f"dwcp:127.0.0.1:{port}?insecure=1&streams=4&codec=lz4"})
     time.sleep(2)
     mid = src.qmp.migrate_status().get("status")
     src.qmp.cmd("migrate_cancel")
@@ -259,7 +259,7 @@ def migrate(src, n, streams, codec, multifd, form, transport="dwcp"):
         label = f"#{n} tcp: multifd={'on' if multifd else 'off'} (QEMU's own transport)"
         dst = VM(f"dst{n}", "defer")
     elif form == "cmdline":
-        dst = VM(f"dst{n}", f"dwcp:127.0.0.1:{port}")
+        dst = VM(f"dst{n}", f"dwcp:127.0.0.1:{port}?insecure=1")
     else:
         dst = VM(f"dst{n}", "defer")
     for vm in (src, dst):
@@ -274,7 +274,7 @@ def migrate(src, n, streams, codec, multifd, form, transport="dwcp"):
             "channel-type": "main",
             "addr": {"transport": "dwcp", "host": "127.0.0.1", "port": str(port), "params": params}}]})
     elif form == "uri":
-        dst.qmp.cmd("migrate-incoming", {"uri": f"dwcp:127.0.0.1:{port}"})
+        dst.qmp.cmd("migrate-incoming", {"uri": f"dwcp:127.0.0.1:{port}?insecure=1"})
     hb_before = len(src.heartbeats())
     t0 = time.time()
     if form == "qapi":
@@ -284,7 +284,7 @@ def migrate(src, n, streams, codec, multifd, form, transport="dwcp"):
     elif transport == "tcp":
         src.qmp.cmd("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
     else:
-        src.qmp.cmd("migrate", {"uri": f"dwcp:127.0.0.1:{port}?{params}"})
+        src.qmp.cmd("migrate", {"uri": f"dwcp:127.0.0.1:{port}?insecure=1&{params}"})
     info = wait_migration(src)
     wall = time.time() - t0
     ok = check(f"migration {label} completes", info.get("status") == "completed",

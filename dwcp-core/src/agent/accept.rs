@@ -9,7 +9,7 @@ use std::time::Duration;
 use tracing::warn;
 
 use super::State;
-use crate::transport::{Acceptor, GateProvider};
+use crate::transport::{Acceptor, Authorizer, GateProvider};
 
 pub(super) fn accept_loop(st: Arc<State>, l: TcpListener) {
     let mut acceptor = Acceptor::new(
@@ -17,6 +17,9 @@ pub(super) fn accept_loop(st: Arc<State>, l: TcpListener) {
         st.cfg.limits.clone(),
         st.cfg.incoming_dir.clone(),
     );
+    let s2 = st.clone();
+    let auth: Authorizer = Arc::new(move |name, id, peer| s2.authorize(name, id, peer));
+    acceptor = acceptor.with_authorizer(auth);
     if st.cfg.cluster.is_some() {
         let s2 = st.clone();
         let gates: GateProvider = Arc::new(move |name, peer| s2.gate_for(name, peer));

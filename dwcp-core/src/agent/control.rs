@@ -22,6 +22,7 @@ use tracing::warn;
 
 use super::cluster::{ClusterError, ClusterErrorKind, ClusterOps};
 use super::cutover::{self, BeginRequest, EpochRequest, ReconcileRequest, SettleRequest};
+use super::expect::{self, ExpectRequest};
 use super::prepared::{self, PrepareRequest, ReleaseRequest, StartedRequest};
 use super::route::{self, RouteRequest, UnrouteRequest};
 use super::State;
@@ -69,6 +70,10 @@ control_requests! {
     "started" => Started(StartedRequest),
     /// The management layer is done with a prepared migration.
     "release" => Release(ReleaseRequest),
+    /// Accept a migration of this name (from this peer) on the data port.
+    "expect" => Expect(ExpectRequest),
+    /// Re-read the TLS credentials (as SIGHUP does).
+    "reload_tls" => ReloadTls,
     /// The raft group as this member sees it.
     "cluster_status" => ClusterStatus,
     /// The guest registry as applied on this member.
@@ -205,7 +210,9 @@ fn dispatch(st: &Arc<State>, req: ControlRequest) -> Result<Value, Refusal> {
     match req {
         ControlRequest::Ping => Ok(json!({"ok": true, "version": env!("CARGO_PKG_VERSION")})),
         ControlRequest::Stats => Ok(stats(st)),
-        ControlRequest::Route(_) | ControlRequest::Prepare(_) if st.draining() => {
+        ControlRequest::Route(_) | ControlRequest::Prepare(_) | ControlRequest::Expect(_)
+            if st.draining() =>
+        {
             Err(Refusal::plain(super::DRAINING.to_string()))
         }
         ControlRequest::Route(r) => route::route(st, r)
@@ -217,6 +224,10 @@ fn dispatch(st: &Arc<State>, req: ControlRequest) -> Result<Value, Refusal> {
         ControlRequest::Prepare(r) => local(prepared::prepare(st, r)),
         ControlRequest::Started(r) => local(prepared::started(st, r)),
         ControlRequest::Release(r) => local(prepared::release(st, r)),
+        ControlRequest::Expect(r) => local(expect::expect(st, r)),
+        ControlRequest::ReloadTls => {
+            local(super::reload_tls(st).map(|m| json!({"ok": true, "message": m})))
+        }
         cluster_op => {
             let c = st.cfg.cluster.as_ref().ok_or_else(|| not_member(op))?;
             cluster_dispatch(st, c, cluster_op).map_err(|e| Refusal::cluster(op, e))
@@ -382,6 +393,9 @@ mod tests {
                    "chosen_by": "metadata", "gate": true, "src_node": 1}),
             json!({"op": "started", "name": "vm1"}),
             json!({"op": "release", "name": "vm1", "outcome": "failed", "reason": "why"}),
+            // dwcp expect
+            json!({"op": "expect", "name": "vm1", "from": "src1", "ttl_s": 60}),
+            json!({"op": "reload_tls"}),
             json!({"op": "cluster_status"}),
             json!({"op": "guests"}),
             json!({"op": "begin", "guest": guest, "src": 1, "dst": 2}),
@@ -431,13 +445,13 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        match parse(cases[9].clone()) {
+        match parse(cases[11].clone()) {
             ControlRequest::Begin(r) => {
                 assert_eq!((r.guest.as_str(), r.src, r.dst), (guest, Some(1), Some(2)))
             }
             other => panic!("{other:?}"),
         }
-        match parse(cases[13].clone()) {
+        match parse(cases[15].clone()) {
             ControlRequest::Settle(r) => {
                 assert_eq!((r.epoch, r.revert_if_committed), (Some(3), true))
             }
@@ -507,7 +521,7 @@ mod tests {
             }
             assert!(e.ends_with(", settle or reconcile"), "{e}");
         }
-        assert_eq!(ControlRequest::OPS.len(), 15);
+        assert_eq!(ControlRequest::OPS.len(), 17);
     }
 
     /// Refused requests read as they always did.

@@ -76,11 +76,13 @@ mod accept;
 pub mod cluster;
 pub mod control;
 pub mod cutover;
+pub mod expect;
 mod prepared;
 mod route;
 
 pub use cluster::{ClusterError, ClusterErrorKind, ClusterOps};
 pub use control::{control_call, control_request, newest_session, settled_session, ControlError};
+pub use expect::AllowRule;
 pub use prepared::{PrepState, KEEP_PREPARED};
 
 /// How an agent runs.
@@ -101,6 +103,9 @@ pub struct AgentConfig {
     /// How long a gated session keeps trying to commit the ownership
     /// transfer before the gate closes (`prepare` with `"gate": true`).
     pub gate_timeout: Duration,
+    /// `--allow NAME_GLOB[=PEER]`: migrations accepted without an `expect`
+    /// or `prepare` (see [`expect`]).
+    pub allow: Vec<AllowRule>,
 }
 
 impl AgentConfig {
@@ -126,6 +131,8 @@ struct State {
     /// Called with each session's final figures when it ends
     /// ([`Agent::on_session_end`]; the metrics endpoint counts outcomes).
     observers: Mutex<Vec<SessionObserver>>,
+    /// Migrations announced with `expect` ([`expect`]).
+    expected: Mutex<Vec<expect::Expectation>>,
 }
 
 /// A callback run once per session, with its final figures, when it ends
@@ -182,6 +189,9 @@ impl State {
     fn watch_session(&self, session: Session) {
         let result = match session.wait() {
             Ok(s) => {
+                if s.role == crate::transport::Role::Responder {
+                    self.expectation_used(&s.name);
+                }
                 info!(
                     name = %s.name,
                     "session done: {} raw bytes out, {} in, {} on the wire out, ratio {:.2}, {:.2} s",
@@ -287,6 +297,7 @@ impl Agent {
             commits_in_flight: Default::default(),
             draining: AtomicBool::new(false),
             observers: Mutex::new(Vec::new()),
+            expected: Mutex::new(Vec::new()),
         });
         if let Some(c) = &state.cfg.cluster {
             // Intents this agent recorded before it (re)started.
@@ -349,6 +360,43 @@ impl Agent {
     /// The agent's cluster membership, if any.
     pub fn cluster(&self) -> Option<Arc<dyn ClusterOps>> {
         self.state.cfg.cluster.clone()
+    }
+}
+
+impl Agent {
+    /// Re-reads the TLS credentials (SIGHUP, `{"op":"reload_tls"}`):
+    /// sessions from now on use the new ones, those in flight keep theirs;
+    /// on failure the old ones stay and the error names the file.
+    pub fn reload_tls(&self) -> Result<String, String> {
+        reload_tls(&self.state)
+    }
+}
+
+fn reload_tls(st: &State) -> Result<String, String> {
+    let Some(store) = &st.cfg.transport.tls.store else {
+        return Err(if st.cfg.transport.tls.insecure {
+            "the agent runs with --insecure: no TLS credentials to reload".into()
+        } else {
+            "no TLS credentials loaded".into()
+        });
+    };
+    match store.reload() {
+        Ok(c) => {
+            let msg = format!(
+                "TLS credentials reloaded from {} (generation {}): server {}, client {}",
+                store.dir().display(),
+                store.generation(),
+                c.server_identity(),
+                c.client_identity()
+            );
+            info!("{msg}");
+            Ok(msg)
+        }
+        Err(e) => {
+            let msg = format!("TLS reload failed, keeping the credentials in force: {e}");
+            error!("{msg}");
+            Err(msg)
+        }
     }
 }
 

@@ -115,6 +115,15 @@ impl Prepared {
 }
 
 impl State {
+    /// Whether an active prepared entry names `name` (it counts as the
+    /// destination expecting that migration).
+    pub(super) fn prepared_active(&self, name: &str) -> bool {
+        self.prepared
+            .lock()
+            .iter()
+            .any(|e| e.name == name && e.active())
+    }
+
     /// Links a new session to the active prepared entry of the same name.
     pub(super) fn link_session(&self, s: &Session) {
         let mut p = self.prepared.lock();

@@ -23,6 +23,7 @@ fn agent(tag: &str, listen: bool) -> (Agent, PathBuf, Option<SocketAddr>) {
     });
     let transport = TransportConfig {
         workers: 1,
+        tls: crate::transport::TlsSettings::insecure(),
         ..TransportConfig::default()
     };
     let a = Agent::start(AgentConfig {
@@ -33,6 +34,7 @@ fn agent(tag: &str, listen: bool) -> (Agent, PathBuf, Option<SocketAddr>) {
         limits: AcceptorLimits::default(),
         cluster: None,
         gate_timeout: Duration::from_secs(5),
+        allow: vec!["*".parse().unwrap()],
     })
     .unwrap();
     (a, dir, addr)

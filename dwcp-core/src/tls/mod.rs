@@ -17,8 +17,9 @@
 //! - `testca` (feature `testca`): a throwaway CA writing libvirt's layout for
 //!   `make demo` and the tests.
 //!
-//! Integration status: this module and its tests are built; the sessions,
-//! the raft transport and libdwcp adopt it separately (docs/security.md).
+//! Used by the session streams (`transport::link`: TLS by default, clear
+//! text only with `--insecure`), the agent (reload, authorization) and
+//! libdwcp; the raft transport adopts it separately (docs/security.md).
 pub mod creds;
 pub mod identity;
 pub mod stream;

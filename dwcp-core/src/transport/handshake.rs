@@ -13,8 +13,10 @@ use parking_lot::Mutex;
 use tracing::warn;
 
 use super::gate::CutoverGate;
+use super::link::Link;
 use super::session::{FailReason, Role, Session, SessionError, Target};
 use super::TransportConfig;
+use crate::tls::{client_handshake, server_handshake, PeerIdentity};
 use crate::wire::{self, Hello, Reply, Status, WireError};
 
 impl Session {
@@ -31,16 +33,29 @@ impl Session {
         wire::check_name(name).map_err(|e| invalid(&e))?;
         let id: [u8; 16] = rand::random();
         let n = cfg.streams as usize;
-        let results: Vec<Result<(TcpStream, Reply), SessionError>> = std::thread::scope(|s| {
+        // One snapshot of the credentials for every stream of the session.
+        let creds = cfg.tls.credentials().map_err(|source| SessionError::Tls {
+            index: 0,
+            addr,
+            source: Box::new(source),
+        })?;
+        let server_name = cfg
+            .tls
+            .hostname
+            .clone()
+            .unwrap_or_else(|| addr.ip().to_string());
+        let (creds, server_name) = (&creds, &server_name);
+        let results: Vec<Result<(Link, Reply), SessionError>> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..n)
                 .map(|index| {
                     s.spawn(move || {
-                        let mut st = TcpStream::connect_timeout(&addr, cfg.connect_timeout)
-                            .map_err(|source| SessionError::Connect {
+                        let st = TcpStream::connect_timeout(&addr, cfg.connect_timeout).map_err(
+                            |source| SessionError::Connect {
                                 index,
                                 addr,
                                 source,
-                            })?;
+                            },
+                        )?;
                         cfg.tuning
                             .apply(&st)
                             .map_err(|source| SessionError::Connect {
@@ -49,11 +64,24 @@ impl Session {
                                 source,
                             })?;
                         st.set_read_timeout(Some(cfg.connect_timeout))
+                            .and_then(|()| st.set_write_timeout(Some(cfg.connect_timeout)))
                             .map_err(|source| SessionError::Connect {
                                 index,
                                 addr,
                                 source,
                             })?;
+                        let mut st = match creds {
+                            None => Link::Plain(st),
+                            Some(c) => Link::tls(
+                                client_handshake(st, c.client_config(), server_name).map_err(
+                                    |source| SessionError::Tls {
+                                        index,
+                                        addr,
+                                        source: Box::new(source),
+                                    },
+                                )?,
+                            ),
+                        };
                         let hello = Hello {
                             version_min: wire::VERSION_MIN,
                             version_max: wire::VERSION_MAX,
@@ -154,8 +182,32 @@ impl Default for AcceptorLimits {
 
 struct Pending {
     hello: Hello,
-    streams: Vec<Option<TcpStream>>,
+    streams: Vec<Option<Link>>,
     since: Instant,
+}
+
+/// Why a destination refuses a session: the status the source is told and
+/// the reason the destination logs.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub status: Status,
+    pub reason: String,
+}
+
+/// Decides whether a session for a migration name (first argument) from a
+/// peer (its certificate identity with TLS, and its address) may start:
+/// `Ok(rule)` names what allowed it (for the log), `Err` refuses it before
+/// anything reaches QEMU.
+pub type Authorizer =
+    Arc<dyn Fn(&str, Option<&PeerIdentity>, SocketAddr) -> Result<String, Refusal> + Send + Sync>;
+
+#[derive(Clone)]
+struct Auth(Authorizer);
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Authorizer")
+    }
 }
 
 /// The destination agent's side of the handshake: collects the N streams of
@@ -167,6 +219,7 @@ pub struct Acceptor {
     incoming_dir: PathBuf,
     connector: Option<Target>,
     gates: Option<Gates>,
+    authorizer: Option<Auth>,
     pending: Mutex<HashMap<[u8; 16], PendingBox>>,
 }
 
@@ -205,8 +258,15 @@ impl Acceptor {
             incoming_dir,
             connector: None,
             gates: None,
+            authorizer: None,
             pending: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Asks `auth` before accepting each stream's hello (see [`Authorizer`]).
+    pub fn with_authorizer(mut self, auth: Authorizer) -> Acceptor {
+        self.authorizer = Some(Auth(auth));
+        self
     }
 
     /// Gates the sessions `gates` says to (see [`GateProvider`]).
@@ -228,6 +288,7 @@ impl Acceptor {
             incoming_dir: PathBuf::new(),
             connector: Some(connector),
             gates: None,
+            authorizer: None,
             pending: Mutex::new(HashMap::new()),
         }
     }
@@ -235,11 +296,29 @@ impl Acceptor {
     /// Handles one accepted TCP connection: reads and checks the hello,
     /// replies, and returns a started session when this was its last stream.
     /// Errors name what was wrong; the connection is closed on error.
-    pub fn handle(&self, mut stream: TcpStream) -> Result<Option<Session>, WireError> {
+    pub fn handle(&self, stream: TcpStream) -> Result<Option<Session>, WireError> {
         let io = |what, source| WireError::Io { what, source };
+        // Bounds every wait of the TLS handshake and the hello: a peer that
+        // stalls costs this thread that long, and no more memory than one
+        // TLS record.
         stream
             .set_read_timeout(Some(self.limits.handshake_timeout))
+            .and_then(|()| stream.set_write_timeout(Some(self.limits.handshake_timeout)))
             .map_err(|e| io("socket", e))?;
+        let peer_addr = stream.peer_addr().map_err(|e| io("socket", e))?;
+        let creds = self
+            .cfg
+            .tls
+            .credentials()
+            .map_err(|e| WireError::Tls(e.to_string()))?;
+        let mut stream = match creds {
+            None => Link::Plain(stream),
+            Some(c) => Link::tls(
+                server_handshake(stream, c.server_config())
+                    .map_err(|e| WireError::Tls(e.to_string()))?,
+            ),
+        };
+        let identity = stream.peer_identity();
         let hello = match Hello::read(&mut stream) {
             Ok(h) => h,
             Err(e) => {
@@ -250,10 +329,43 @@ impl Acceptor {
                 return Err(e);
             }
         };
-        let refuse = |stream: &mut TcpStream, status| {
+        let refuse = |stream: &mut Link, status| {
             let _ = stream.write_all(&self.reply(status, 0, 0, wire::VERSION_MAX).encode());
             Err(WireError::Refused(status))
         };
+        let who = identity
+            .as_ref()
+            .map(|i| i.to_string())
+            .unwrap_or_else(|| "no certificate (clear text)".into());
+        if let Some(id) = &identity {
+            if !self.cfg.tls.allowed_peers.allows(id) {
+                warn!(
+                    name = %hello.name, peer = %peer_addr, identity = %who,
+                    "refused: peer identity not in --allow-peer ({})",
+                    self.cfg.tls.allowed_peers.entries().join(", ")
+                );
+                return refuse(&mut stream, Status::PeerNotAllowed);
+            }
+        }
+        if let Some(Auth(auth)) = &self.authorizer {
+            match auth(&hello.name, identity.as_ref(), peer_addr) {
+                Ok(rule) => {
+                    if hello.stream_index == 0 {
+                        tracing::info!(
+                            name = %hello.name, peer = %peer_addr, identity = %who,
+                            "session authorized by {rule}"
+                        );
+                    }
+                }
+                Err(r) => {
+                    warn!(
+                        name = %hello.name, peer = %peer_addr, identity = %who,
+                        status = ?r.status, "refused: {}", r.reason
+                    );
+                    return refuse(&mut stream, r.status);
+                }
+            }
+        }
         let target = match &self.connector {
             Some(c) => c.clone(),
             None => {
@@ -272,7 +384,7 @@ impl Acceptor {
         }
         self.cfg
             .tuning
-            .apply(&stream)
+            .apply(stream.tcp())
             .map_err(|e| io("socket tuning", e))?;
         let mut pending = self.pending.lock();
         pending.retain(|_, p| p.0.since.elapsed() < self.limits.handshake_timeout * 2);
@@ -305,7 +417,7 @@ impl Acceptor {
         if p.streams.iter().all(Option::is_some) {
             let p = pending.remove(&hello.session).expect("present").0;
             drop(pending);
-            let streams: Vec<TcpStream> = p
+            let streams: Vec<Link> = p
                 .streams
                 .into_iter()
                 .map(|s| s.expect("all present"))
@@ -314,7 +426,7 @@ impl Acceptor {
                 streams: streams.len() as u16,
                 ..self.cfg.clone()
             };
-            let peer = streams[0].peer_addr().map_err(|e| io("socket", e))?;
+            let peer = streams[0].tcp().peer_addr().map_err(|e| io("socket", e))?;
             let (gate, refusal) = match &self.gates {
                 Some(Gates(f)) => match f(&hello.name, peer) {
                     Ok(g) => (g, None),

@@ -24,6 +24,7 @@
 
 pub mod gate;
 mod handshake;
+pub(crate) mod link;
 pub mod options;
 mod session;
 pub mod tcp;
@@ -31,7 +32,8 @@ pub mod tcp;
 use std::time::Duration;
 
 pub use gate::CutoverGate;
-pub use handshake::{Acceptor, AcceptorLimits, GateProvider};
+pub use handshake::{Acceptor, AcceptorLimits, Authorizer, GateProvider, Refusal};
+pub use link::TlsSettings;
 pub use session::{
     ChannelReader, ChannelStats, ChannelWriter, CodecCounts, DirectHandOver, FailReason, ReadError,
     Role, Session, SessionError, SessionState, SessionStats, StreamStats, Target, WriteError,
@@ -81,6 +83,9 @@ pub struct TransportConfig {
     /// Compressed frames always carry one. Both ends' headers keep theirs.
     pub checksum_raw: bool,
     pub tuning: SocketTuning,
+    /// TLS (the default) or clear text, the credentials and the names to
+    /// verify ([`TlsSettings`]).
+    pub tls: TlsSettings,
     /// A session with no frame from the peer for this long fails.
     pub idle_timeout: Duration,
     pub connect_timeout: Duration,
@@ -101,6 +106,7 @@ impl Default for TransportConfig {
             chunk: 512 << 10,
             checksum_raw: false,
             tuning: SocketTuning::default(),
+            tls: TlsSettings::default(),
             idle_timeout: Duration::from_secs(15),
             connect_timeout: Duration::from_secs(10),
         }

@@ -271,6 +271,53 @@ pub const OPTIONS: &[TransportOption] = &[
             _ => format!("{}ms", c.connect_timeout.as_millis()),
         },
     },
+    TransportOption {
+        name: "tls-dir",
+        uri: Some("tls-dir"),
+        control: None,
+        allowed: "a directory holding ca-cert.pem, server-cert.pem, server-key.pem, \
+                  client-cert.pem, client-key.pem",
+        help: "TLS credentials in libvirt's layout",
+        set: |c, v| {
+            if v.is_empty() {
+                return Err(());
+            }
+            c.tls.dir = v.into();
+            Ok(())
+        },
+        show: |c| c.tls.dir.display().to_string(),
+    },
+    TransportOption {
+        name: "tls-hostname",
+        uri: Some("tls-hostname"),
+        control: Some("tls_hostname"),
+        allowed: "a DNS name or IP address",
+        help: "name the destination's certificate must carry (default: the \
+               destination's IP address, as an IP SAN)",
+        set: |c, v| {
+            rustls_pki_types::ServerName::try_from(v.to_string()).map_err(|_| ())?;
+            c.tls.hostname = Some(v.to_string());
+            Ok(())
+        },
+        show: |c| c.tls.hostname.clone().unwrap_or_default(),
+    },
+    TransportOption {
+        name: "insecure",
+        uri: Some("insecure"),
+        control: None,
+        allowed: "0 or 1",
+        help: "clear text: no TLS, no peer authentication (guest RAM readable and \
+               forgeable on the network; logged as a warning at start)",
+        set: |c, v| {
+            c.tls.insecure = match v {
+                "1" | "true" | "yes" | "on" => true,
+                "0" | "false" | "no" | "off" => false,
+                _ => return Err(()),
+            };
+            Ok(())
+        },
+        show: |c| if c.tls.insecure { "1" } else { "0" }.into(),
+    },
 ];
 
 /// The option named `name` on `surface`.

@@ -21,6 +21,7 @@ pub fn loopback_cfg(streams: u16, tier: Tier) -> TransportConfig {
         window: 4 << 20,
         chunk: 256 << 10,
         idle_timeout: Duration::from_secs(5),
+        tls: dwcp_core::transport::TlsSettings::insecure(),
         ..TransportConfig::default()
     }
 }

@@ -449,6 +449,11 @@ fn run_inner(
             if let Kind::QemuDwcp(_, Some(params)) = kind {
                 uri = format!("{uri}?{params}");
             }
+            if libdwcp {
+                // TLS, as by default, with the lab's throwaway PKI.
+                let sep = if uri.contains('?') { '&' } else { '?' };
+                uri = format!("{uri}{sep}tls-dir={}", lab.tls_dir.display());
+            }
             let mut dq = dst.qmp()?;
             setup
                 .apply(&mut dq, true)

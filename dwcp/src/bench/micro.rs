@@ -268,6 +268,7 @@ fn amst_point(lab: &Lab, n: u16, total: u64, block: &[u8]) -> Result<AmstPoint> 
     let name = format!("amst{n}-{}", total >> 20);
     let incoming = lab.dst_agent().incoming(&name);
     std::fs::create_dir_all(incoming.parent().expect("parent"))?;
+    lab.expect(&name, None)?;
     let _ = std::fs::remove_file(&incoming);
     let listener = UnixListener::bind(&incoming).context("sink listener")?;
     // The sink: reads and discards what the destination agent delivers.

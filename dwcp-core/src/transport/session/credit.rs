@@ -27,13 +27,20 @@ pub(super) fn count_delivered(inner: &Inner, ch: &Channel, n: u64) -> u64 {
 /// for the peer.
 pub(super) fn delivered_inline(inner: &Inner, ch: &Arc<Channel>, n: u64) -> Result<(), FailReason> {
     let was = count_delivered(inner, ch, n);
-    if let Some(w) = inner.links.tx.iter().find_map(|t| t.try_lock()) {
+    // Clear text only: a TLS record cannot go out partly without blocking.
+    if let Some(w) = inner
+        .links
+        .tx
+        .iter()
+        .find_map(|t| t.try_lock().filter(|w| w.plain().is_some()))
+    {
         let credit = ch.pending_credit.swap(0, Ordering::AcqRel);
         if credit == 0 || is_down(inner) {
             return Ok(());
         }
         let head = FrameHeader::window(ch.id, credit as u32).encode();
-        let sent = match socket2::SockRef::from(&*w).send_with_flags(&head, libc::MSG_DONTWAIT) {
+        let sock = w.plain().expect("filtered on plain");
+        let sent = match socket2::SockRef::from(sock).send_with_flags(&head, libc::MSG_DONTWAIT) {
             Ok(k) => k,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => 0,
@@ -42,7 +49,7 @@ pub(super) fn delivered_inline(inner: &Inner, ch: &Arc<Channel>, n: u64) -> Resu
         if sent > 0 {
             if sent < head.len() {
                 // Never leave half a frame: finish it (a few bytes).
-                (&*w).write_all(&head[sent..]).map_err(send_failed)?;
+                (&*sock).write_all(&head[sent..]).map_err(send_failed)?;
             }
             drop(w);
             inner

@@ -23,12 +23,35 @@ pub enum SessionError {
         addr: SocketAddr,
         source: WireError,
     },
+    #[error("TLS on stream {index} with {addr}: {}", tls_text(source))]
+    Tls {
+        index: usize,
+        addr: SocketAddr,
+        source: Box<crate::tls::TlsError>,
+    },
     #[error("migration failed: {0}")]
     Failed(FailReason),
     #[error("session already finished")]
     Finished,
     #[error("session has its maximum of {0} channels")]
     TooManyChannels(u16),
+}
+
+fn tls_text(e: &crate::tls::TlsError) -> String {
+    match e {
+        crate::tls::TlsError::HandshakeIo { source, .. }
+            if matches!(
+                source.kind(),
+                std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+            ) =>
+        {
+            format!(
+                "{e} (a destination running with --insecure, clear text, closes TLS \
+                 connections at once: both ends must use TLS, or both --insecure)"
+            )
+        }
+        _ => e.to_string(),
+    }
 }
 
 /// Why a session failed. The first reason sticks ([`super::Session::failure`]);

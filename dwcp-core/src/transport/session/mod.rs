@@ -37,6 +37,7 @@ use serde::Serialize;
 use tracing::{debug, info, warn};
 
 use super::gate::CutoverGate;
+use super::link::{Link, TxStream};
 use super::TransportConfig;
 use crate::codec::Tier;
 
@@ -119,9 +120,10 @@ struct Inner {
 struct Links {
     /// Clones kept for TCP_INFO and shutdown.
     streams: Vec<TcpStream>,
-    /// The streams' sending halves: a writer thread, or a direct channel's
-    /// writer ([`ChannelWriter`]), holds the lock for each whole frame.
-    tx: Vec<Mutex<TcpStream>>,
+    /// The streams' sending halves (the socket itself, or its TLS writer):
+    /// a writer thread, or a direct channel's writer ([`ChannelWriter`]),
+    /// holds the lock for each whole frame.
+    tx: Vec<Mutex<TxStream>>,
     /// Where a direct writer starts looking for a free stream.
     next_tx: AtomicUsize,
 }
@@ -216,27 +218,28 @@ impl Session {
         name: &str,
         cfg: TransportConfig,
         (window, ring_pages, version): (u32, u32, u16),
-        streams: Vec<TcpStream>,
+        links: Vec<Link>,
         target: Option<Target>,
         gate: Option<Arc<dyn CutoverGate>>,
     ) -> Session {
-        let n = streams.len();
+        let n = links.len();
         let (job_tx, job_rx) = bounded(cfg.workers * 2);
         let (frame_tx, frame_rx) = bounded(n * 2 + 4);
         let (ctrl_tx, ctrl_rx) = bounded(cfg.max_channels as usize * 2 + n * 2 + 16);
         let mut shutdown_clones = Vec::with_capacity(n);
         let mut tx = Vec::with_capacity(n);
-        for s in &streams {
+        let mut streams = Vec::with_capacity(n);
+        for l in links {
             // A read timeout turns a silent peer into an error the watchdog sees.
-            let _ = s.set_read_timeout(Some(cfg.idle_timeout));
-            let _ = s.set_write_timeout(Some(cfg.idle_timeout));
-            shutdown_clones.push(s.try_clone().expect("dup of a connected socket"));
-            tx.push(Mutex::new(
-                s.try_clone().expect("dup of a connected socket"),
-            ));
+            let _ = l.tcp().set_read_timeout(Some(cfg.idle_timeout));
+            let _ = l.tcp().set_write_timeout(Some(cfg.idle_timeout));
+            let (sock, w, r) = l.into_parts().expect("dup of a connected socket");
+            shutdown_clones.push(sock);
+            tx.push(Mutex::new(w));
+            streams.push(r);
         }
         let tier = if cfg.auto_tier {
-            let rtt = super::tcp::path_min_rtt_us(&streams);
+            let rtt = super::tcp::path_min_rtt_us(&shutdown_clones);
             let tier = tune::initial_tier(rtt);
             info!(name, %tier, min_rtt_us = rtt, "auto tier: start");
             tier

@@ -4,7 +4,7 @@
 //! channel holds its tail until the cutover gate commits ([`Held`]).
 
 use std::io::{BufReader, Read, Write};
-use std::net::{Shutdown, TcpStream};
+use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -19,12 +19,13 @@ use super::target::Target;
 use super::{check_complete, fail, is_down, open_channel, FailReason, Inner, Role};
 use crate::codec::{CodecId, Decompressor, Rebuilder};
 use crate::transport::gate::{CutoverGate, TailHold, GATE_HOLD};
+use crate::transport::link::RxStream;
 use crate::wire::{self, FrameHeader, Kind, WireError};
 
 /// Read buffer of each stream's receiving thread, bytes.
 pub(super) const RX_BUFFER: usize = 16 << 10;
 
-pub(super) fn tcp_rx(inner: Arc<Inner>, index: usize, stream: TcpStream) {
+pub(super) fn tcp_rx(inner: Arc<Inner>, index: usize, stream: RxStream) {
     let max_channels = inner.cfg.max_channels;
     // Small on purpose: frame headers come through the buffer, but a
     // payload read at least this large bypasses it and lands straight in

@@ -5,7 +5,6 @@
 //! (one per stream: writes frames, credit, pings and the abort).
 
 use std::io::Write;
-use std::net::Shutdown;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -429,7 +428,7 @@ pub(super) fn tcp_tx(inner: Arc<Inner>, index: usize) {
                 msg.truncate(wire::MAX_ABORT_LEN);
                 let h = FrameHeader::abort(&msg);
                 let mut w = stream.lock();
-                let _ = w.set_write_timeout(Some(Duration::from_millis(200)));
+                let _ = w.tcp().set_write_timeout(Some(Duration::from_millis(200)));
                 let _ = wire::write_frame(&mut *w, &h, &msg);
                 return;
             }
@@ -446,7 +445,7 @@ pub(super) fn tcp_tx(inner: Arc<Inner>, index: usize) {
             Item::Out(Outgoing::Close) => {
                 let mut w = stream.lock();
                 let _ = w.flush();
-                let _ = w.shutdown(Shutdown::Write);
+                let _ = w.close();
                 return;
             }
             Item::Ping => {
