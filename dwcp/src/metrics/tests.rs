@@ -27,11 +27,14 @@ fn agent(tag: &str, listen: bool) -> (Agent, PathBuf, Option<SocketAddr>) {
         incoming_dir: dir.join("incoming"),
         transport: TransportConfig {
             workers: 1,
+            // Loopback between two agents of this test: clear text, any name.
+            tls: dwcp_core::transport::TlsSettings::insecure(),
             ..TransportConfig::default()
         },
         limits: AcceptorLimits::default(),
         cluster: None,
         gate_timeout: Duration::from_secs(5),
+        allow: vec!["*".parse().unwrap()],
     })
     .unwrap();
     (a, dir, addr)
@@ -148,7 +151,14 @@ fn a_relayed_session_shows_in_the_exposition() {
     assert!(ms.openmetrics().ends_with("# EOF\n"));
 
     let sock = src
-        .add_route("m1", daddr.unwrap(), TransportConfig::default())
+        .add_route(
+            "m1",
+            daddr.unwrap(),
+            TransportConfig {
+                tls: dwcp_core::transport::TlsSettings::insecure(),
+                ..TransportConfig::default()
+            },
+        )
         .unwrap();
     let incoming = UnixListener::bind(ddir.join("incoming/m1.sock")).unwrap();
     let qemu = std::thread::spawn(move || {
