@@ -146,7 +146,7 @@ agent_up() {
   local h=$1
   hx "$h" sh -c 'echo $$ > "$1"; shift; exec "$@"' sh "$LAB/$h/agent.pid" \
     "$DWCP_BIN" --log info agent --listen "${IP[$h]}:7070" --run-dir /run/dwcp \
-    --incoming-dir /run/dwcp ${LV_AGENT_ARGS---workers 1 --insecure} </dev/null >>"$LAB/$h/agent.log" 2>&1 &
+    --incoming-dir /run/dwcp ${LV_AGENT_ARGS---workers 1 --insecure} --allow 'nova-*' </dev/null >>"$LAB/$h/agent.log" 2>&1 &
   local i
   for i in $(seq 50); do
     hx "$h" test -S /run/dwcp/agent.sock && agent_ctl "$h" '{"op":"ping"}' >/dev/null 2>&1 && return 0
