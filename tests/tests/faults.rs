@@ -137,20 +137,10 @@ fn hostile_bytes_and_corrupted_frame_then_retry_succeeds() {
     lab.src_agent = None;
 }
 
-#[test]
-fn agent_killed_mid_migration_then_retry_succeeds() {
-    let mut lab = Lab::new("kill", Middle::Bridge, &[]).unwrap();
-    let spec = GuestSpec {
-        dirty_mbps: 16,
-        ..GuestSpec::default()
-    };
-    // Slow QEMU down so the kill lands mid-migration.
-    let slow = MigrationSpec {
-        streams: 4,
-        extra: vec!["--max-bandwidth-mb".into(), "20".into()],
-        ..Default::default()
-    };
-    let mut pair = boot_pair(&lab, &spec, &slow).unwrap();
+/// Starts `dwcp migrate` of `pair` at 20 MB/s (slow enough for a fault to
+/// land mid-migration) and returns once more than 5 MiB reached the
+/// destination agent.
+fn start_slow_migration(lab: &Lab, pair: &GuestPair) -> std::process::Child {
     let mut cmd = Command::new(dwcp_bin().unwrap());
     cmd.args(["--log", "warn", "migrate", "--json", "--qmp"])
         .arg(&pair.src.qmp_path)
@@ -168,7 +158,6 @@ fn agent_killed_mid_migration_then_retry_succeeds() {
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
     let child = cmd.spawn().unwrap();
-    // Wait until bytes flow, then kill the destination agent.
     let t0 = Instant::now();
     loop {
         let v = dwcp_core::agent::control_request(
@@ -181,7 +170,7 @@ fn agent_killed_mid_migration_then_retry_succeeds() {
             .unwrap_or(0)
             > 5 << 20;
         if flowing {
-            break;
+            return child;
         }
         assert!(
             t0.elapsed() < Duration::from_secs(60),
@@ -189,6 +178,24 @@ fn agent_killed_mid_migration_then_retry_succeeds() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+#[test]
+fn agent_killed_mid_migration_then_retry_succeeds() {
+    let mut lab = Lab::new("kill", Middle::Bridge, &[]).unwrap();
+    let spec = GuestSpec {
+        dirty_mbps: 16,
+        ..GuestSpec::default()
+    };
+    // Slow QEMU down so the kill lands mid-migration.
+    let slow = MigrationSpec {
+        streams: 4,
+        extra: vec!["--max-bandwidth-mb".into(), "20".into()],
+        ..Default::default()
+    };
+    let mut pair = boot_pair(&lab, &spec, &slow).unwrap();
+    // Wait until bytes flow, then kill the destination agent.
+    let child = start_slow_migration(&lab, &pair);
     lab.dst_agent.as_mut().unwrap().kill();
     let killed = Instant::now();
     let out = child.wait_with_output().unwrap();
@@ -227,42 +234,7 @@ fn sigterm_drains_the_agent_and_the_retry_succeeds() {
         ..Default::default()
     };
     let mut pair = boot_pair(&lab, &spec, &slow).unwrap();
-    let mut cmd = Command::new(dwcp_bin().unwrap());
-    cmd.args(["--log", "warn", "migrate", "--json", "--qmp"])
-        .arg(&pair.src.qmp_path)
-        .args(["--to", &lab.dst_addr(), "--name", "vm", "--agent"])
-        .arg(lab.src_agent().control())
-        .args([
-            "--streams",
-            "4",
-            "--max-bandwidth-mb",
-            "20",
-            "--timeout",
-            "120",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let child = cmd.spawn().unwrap();
-    let t0 = Instant::now();
-    loop {
-        let v = dwcp_core::agent::control_request(
-            &lab.dst_agent().control(),
-            &serde_json::json!({"op": "stats"}),
-        );
-        let flowing = v
-            .ok()
-            .and_then(|v| v["sessions"][0]["raw_in"].as_u64())
-            .unwrap_or(0)
-            > 5 << 20;
-        if flowing {
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "migration never started"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let child = start_slow_migration(&lab, &pair);
     let agent = lab.dst_agent.as_mut().unwrap();
     let st = Command::new("kill")
         .args(["-TERM", &agent.child.id().to_string()])
