@@ -140,6 +140,8 @@ fn hostile_bytes_and_corrupted_frame_then_retry_succeeds() {
 /// Starts `dwcp migrate` of `pair` at 20 MB/s (slow enough for a fault to
 /// land mid-migration) and returns once more than 5 MiB reached the
 /// destination agent.
+// The child is returned; the caller waits on it (and it is reaped before a panic here).
+#[allow(clippy::zombie_processes)]
 fn start_slow_migration(lab: &Lab, pair: &GuestPair) -> std::process::Child {
     let mut cmd = Command::new(dwcp_bin().unwrap());
     cmd.args(["--log", "warn", "migrate", "--json", "--qmp"])
