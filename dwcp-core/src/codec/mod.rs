@@ -354,7 +354,7 @@ impl Compressor {
 
 /// LZ4-compresses `src` into `out` (cleared) writing at most `max_dst`
 /// bytes. `None` if it does not fit or the input is too large.
-fn lz4_compress(src: &[u8], out: &mut Vec<u8>, max_dst: usize) -> Option<usize> {
+pub fn lz4_compress(src: &[u8], out: &mut Vec<u8>, max_dst: usize) -> Option<usize> {
     out.clear();
     if src.len() > LZ4_MAX_INPUT || max_dst == 0 {
         return None;

@@ -231,38 +231,11 @@ fn lz4_bound(len: usize) -> usize {
 }
 
 /// The lz4 crate alone: one block of `src` into `out` (cleared), at most
-/// [`lz4_bound`] bytes. `None` if LZ4 fails or `src` is larger than LZ4
-/// takes.
+/// [`lz4_bound`] bytes, through the codec's own LZ4 call (no dedup, no
+/// framing). `None` if LZ4 fails or `src` is larger than LZ4 takes.
 fn lz4_block(src: &[u8], out: &mut Vec<u8>) -> Option<usize> {
-    out.clear();
-    let max_dst = lz4_bound(src.len());
-    if src.len() > LZ4_MAX_INPUT || max_dst > i32::MAX as usize {
-        return None;
-    }
-    out.reserve(max_dst);
-    // SAFETY: `src` is valid for reads of `src.len()` bytes (<= LZ4_MAX_INPUT
-    // fits c_int); `out` has capacity >= `max_dst` bytes (<= i32::MAX), and
-    // LZ4 in limited-output mode writes at most `max_dst` bytes to `dst`.
-    let n = unsafe {
-        lz4_sys::LZ4_compress_default(
-            src.as_ptr().cast(),
-            out.as_mut_ptr().cast(),
-            src.len() as libc::c_int,
-            max_dst as libc::c_int,
-        )
-    };
-    if n <= 0 {
-        return None;
-    }
-    let n = n as usize;
-    // SAFETY: LZ4 returned n > 0, so it initialised exactly the first n
-    // bytes of the buffer, and n <= max_dst <= capacity.
-    unsafe { out.set_len(n) };
-    Some(n)
+    dwcp_core::codec::lz4_compress(src, out, lz4_bound(src.len()))
 }
-
-/// Largest input LZ4 accepts (LZ4_MAX_INPUT_SIZE).
-const LZ4_MAX_INPUT: usize = 0x7E00_0000;
 
 #[cfg(test)]
 mod tests {
