@@ -8,7 +8,7 @@ DWCP := target/release/dwcp
 GUEST := tests/guest/out/initrd.img
 
 .PHONY: fresh-check all setup build guest demo test lint unit e2e ffi qemu qemu-test qemu-upstream libvirt-test libvirt-bench bench bench-full soak bench-gate bench-consensus clean help
-.PHONY: dist-build install uninstall deb deb-check
+.PHONY: dist-build install uninstall deb deb-check deb-install-check
 
 all: build
 
@@ -213,6 +213,13 @@ deb: dist-build
 
 deb-check:
 	bash packaging/check-debs.sh
+
+# Installs the three packages on THIS machine with apt (meant for the clean
+# root of `make fresh-check`), checks that the files landed where Debian
+# expects, then runs deb-check. Not part of `make test`.
+.PHONY: deb-install-check
+deb-install-check: deb
+	bash packaging/install-check.sh
 
 # Metrics: the alerting rules (promtool check/test rules), then Prometheus
 # scraping both lab agents and headless Chromium loading the dashboard during

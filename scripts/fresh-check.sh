@@ -11,7 +11,7 @@
 # 4. Inside, as root: `make demo`, then `make test`. Either failing fails this.
 #
 # Env: FRESH_ROOT   the root (default target/fresh-root; rebuilt each run)
-#      FRESH_STEPS  make targets to run, in order (default "demo test")
+#      FRESH_STEPS  make targets to run, in order (default "demo test deb-install-check")
 #      FRESH_KEEP=1 keep the root afterwards
 # Log: target/fresh-check.log (each step's start, end and exit status).
 # Needs: mmdebstrap (apt-get install mmdebstrap), root, network access to
@@ -19,7 +19,7 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 root=${FRESH_ROOT:-$here/target/fresh-root}
-steps=${FRESH_STEPS:-demo test}
+steps=${FRESH_STEPS:-demo test deb-install-check}
 log=$here/target/fresh-check.log
 rustup_home=${RUSTUP_HOME:-$HOME/.rustup}
 cargo_bin=${CARGO_HOME:-$HOME/.cargo}/bin
