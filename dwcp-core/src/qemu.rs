@@ -148,7 +148,14 @@ pub struct MigrationSetup {
     /// Bytes per second; None leaves QEMU's default.
     pub max_bandwidth: Option<u64>,
     pub downtime_limit_ms: Option<u64>,
+    /// QEMU's own TLS: a `tls-creds-x509` object over this directory
+    /// (libvirt's layout; `endpoint` client on the source, server on the
+    /// destination, peers verified) set as the `tls-creds` parameter.
+    pub tls_dir: Option<std::path::PathBuf>,
 }
+
+/// The id of the `tls-creds-x509` object [`MigrationSetup::apply`] creates.
+pub const TLS_CREDS_ID: &str = "dwcp-mig-tls";
 
 impl MigrationSetup {
     /// Sets capabilities and parameters. Must be applied to both source and
@@ -182,6 +189,19 @@ impl MigrationSetup {
             if self.xbzrle {
                 params.insert("xbzrle-cache-size".into(), json!(256u64 << 20));
             }
+        }
+        if let Some(dir) = &self.tls_dir {
+            qmp.execute(
+                "object-add",
+                Some(json!({
+                    "qom-type": "tls-creds-x509",
+                    "id": TLS_CREDS_ID,
+                    "dir": dir,
+                    "endpoint": if destination { "server" } else { "client" },
+                    "verify-peer": true,
+                })),
+            )?;
+            params.insert("tls-creds".into(), json!(TLS_CREDS_ID));
         }
         if !params.is_empty() {
             qmp.execute("migrate-set-parameters", Some(Value::Object(params)))?;

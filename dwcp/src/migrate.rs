@@ -137,6 +137,7 @@ fn run_inner(
         return_path: a.return_path,
         max_bandwidth: a.max_bandwidth_mb.map(|m| m << 20),
         downtime_limit_ms: a.downtime_limit_ms,
+        tls_dir: None,
     };
     if let Some(d) = &a.dst_qmp {
         let mut dq = Qmp::connect(d).context("destination QMP")?;

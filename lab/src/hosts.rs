@@ -16,6 +16,8 @@ use crate::locate::dwcp_bin;
 
 /// The data port agents listen on inside their namespace.
 pub const AGENT_PORT: u16 = 7070;
+/// The data port of the optional clear-text agent pair ([`Lab::start_plain_agents`]).
+pub const PLAIN_AGENT_PORT: u16 = 7071;
 
 static LAB_SEQ: AtomicU32 = AtomicU32::new(0);
 
@@ -30,6 +32,10 @@ pub struct Lab {
     /// generated at run time; both agents get `--tls-dir` with it unless
     /// their arguments say `--insecure`.
     pub tls_dir: PathBuf,
+    /// A second agent pair started with `--insecure` on [`PLAIN_AGENT_PORT`]
+    /// (source, destination), for benchmarks that compare TLS with clear
+    /// text on the same link: [`Lab::start_plain_agents`].
+    pub plain: Option<(AgentProc, AgentProc)>,
 }
 
 impl std::fmt::Debug for Lab {
@@ -92,6 +98,7 @@ impl Lab {
             dst_agent: None,
             agent_args: agent_args.iter().map(|s| s.to_string()).collect(),
             tls_dir,
+            plain: None,
         };
         lab.start_agent(true)?;
         lab.start_agent(false)?;
@@ -109,13 +116,57 @@ impl Lab {
         format!("{}:{AGENT_PORT}", self.topo.dst_ip)
     }
 
+    /// The data address of the destination agent of the TLS pair
+    /// (`plain = false`) or of the clear-text pair.
+    pub fn dst_addr_of(&self, plain: bool) -> String {
+        let port = if plain { PLAIN_AGENT_PORT } else { AGENT_PORT };
+        format!("{}:{port}", self.topo.dst_ip)
+    }
+
     /// (Re)starts the source (`src = true`) or destination agent.
     pub fn start_agent(&mut self, src: bool) -> Result<()> {
+        let a = self.spawn_agent(src, false)?;
+        if src {
+            self.src_agent = Some(a);
+        } else {
+            self.dst_agent = Some(a);
+        }
+        Ok(())
+    }
+
+    /// Starts a second agent pair in the same namespaces, in clear text
+    /// (`--insecure`, port [`PLAIN_AGENT_PORT`]), unless it runs already.
+    pub fn start_plain_agents(&mut self) -> Result<()> {
+        if self.plain.is_none() {
+            let s = self.spawn_agent(true, true)?;
+            let d = self.spawn_agent(false, true)?;
+            self.plain = Some((s, d));
+        }
+        Ok(())
+    }
+
+    /// The (source, destination) agents of the TLS pair or the clear-text one.
+    pub fn agents(&self, plain: bool) -> (&AgentProc, &AgentProc) {
+        if plain {
+            let (s, d) = self.plain.as_ref().expect("clear-text agents started");
+            (s, d)
+        } else {
+            (self.src_agent(), self.dst_agent())
+        }
+    }
+
+    fn spawn_agent(&self, src: bool, plain: bool) -> Result<AgentProc> {
         let (ns, name, ip) = if src {
             (self.topo.src_ns.clone(), "src", self.topo.src_ip)
         } else {
             (self.topo.dst_ns.clone(), "dst", self.topo.dst_ip)
         };
+        let (name, port) = if plain {
+            (format!("{name}-plain"), PLAIN_AGENT_PORT)
+        } else {
+            (name.to_string(), AGENT_PORT)
+        };
+        let name = name.as_str();
         let run_dir = self.dir.join(format!("{name}-run"));
         std::fs::create_dir_all(&run_dir)?;
         let log = self.dir.join(format!("{name}-agent.log"));
@@ -126,12 +177,16 @@ impl Lab {
             "info",
             "agent",
             "--listen",
-            &format!("{ip}:{AGENT_PORT}"),
+            &format!("{ip}:{port}"),
             "--run-dir",
         ])
         .arg(&run_dir)
         .args(&self.agent_args);
-        if !self.agent_args.iter().any(|a| a == "--insecure") {
+        if plain {
+            if !self.agent_args.iter().any(|a| a == "--insecure") {
+                cmd.arg("--insecure");
+            }
+        } else if !self.agent_args.iter().any(|a| a == "--insecure") {
             cmd.arg("--tls-dir").arg(&self.tls_dir);
         }
         cmd.stdin(Stdio::null())
@@ -161,23 +216,24 @@ impl Lab {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        if src {
-            self.src_agent = Some(a);
-        } else {
-            self.dst_agent = Some(a);
-        }
-        Ok(())
+        Ok(a)
     }
 
     /// Tells the destination agent to accept a migration named `name` (from
     /// the peer `from`, else any peer the CA signed), as its operator would
     /// with `dwcp expect NAME`.
     pub fn expect(&self, name: &str, from: Option<&str>) -> Result<()> {
+        self.expect_on(false, name, from)
+    }
+
+    /// [`Lab::expect`] on the destination agent of the TLS pair
+    /// (`plain = false`) or of the clear-text pair.
+    pub fn expect_on(&self, plain: bool, name: &str, from: Option<&str>) -> Result<()> {
         let mut req = serde_json::json!({"op": "expect", "name": name});
         if let Some(f) = from {
             req["from"] = serde_json::json!(f);
         }
-        dwcp_core::agent::control_request(&self.dst_agent().control(), &req)
+        dwcp_core::agent::control_request(&self.agents(plain).1.control(), &req)
             .map_err(|e| anyhow::anyhow!("expect {name} on the destination agent: {e}"))?;
         Ok(())
     }

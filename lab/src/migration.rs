@@ -82,6 +82,8 @@ pub struct MigrationSpec {
     /// The peer the destination agent expects the migration from (`dwcp
     /// expect NAME --from PEER`); `None`: any peer the CA signed.
     pub expect_from: Option<String>,
+    /// Through the clear-text agent pair ([`Lab::start_plain_agents`]).
+    pub plain: bool,
 }
 
 impl Default for MigrationSpec {
@@ -95,6 +97,7 @@ impl Default for MigrationSpec {
             extra: Vec::new(),
             timeout_s: 300,
             expect_from: None,
+            plain: false,
         }
     }
 }
@@ -120,9 +123,9 @@ pub fn boot_pair(lab: &Lab, spec: &GuestSpec, mig: &MigrationSpec) -> Result<Gue
     };
     let mut dq = dst.qmp()?;
     setup.apply(&mut dq, true)?;
-    let incoming = lab.dst_agent().incoming(&mig.name);
+    let incoming = lab.agents(mig.plain).1.incoming(&mig.name);
     std::fs::create_dir_all(incoming.parent().expect("parent"))?;
-    lab.expect(&mig.name, mig.expect_from.as_deref())?;
+    lab.expect_on(mig.plain, &mig.name, mig.expect_from.as_deref())?;
     dq.execute(
         "migrate-incoming",
         Some(serde_json::json!({"uri": format!("unix:{}", incoming.display())})),
@@ -148,8 +151,14 @@ pub fn dwcp_migrate(lab: &Lab, pair: &GuestPair, mig: &MigrationSpec) -> Result<
     let mut cmd = Command::new(dwcp_bin()?);
     cmd.args(["--log", "warn", "migrate", "--json", "--qmp"])
         .arg(&pair.src.qmp_path)
-        .args(["--to", &lab.dst_addr(), "--name", &mig.name, "--agent"])
-        .arg(lab.src_agent().control())
+        .args([
+            "--to",
+            &lab.dst_addr_of(mig.plain),
+            "--name",
+            &mig.name,
+            "--agent",
+        ])
+        .arg(lab.agents(mig.plain).0.control())
         .args([
             "--streams",
             &mig.streams.to_string(),

@@ -58,7 +58,11 @@ pub struct CompareArgs {
     /// qemu-dwcp[+multifd][?PARAMS]: the patched QEMU's own `dwcp:` URI
     /// (libdwcp in QEMU; PARAMS are the URI's, e.g.
     /// `qemu-dwcp?streams=1&codec=raw`; needs `--qemu` pointing at that
-    /// build).
+    /// build). DWCP contenders are TLS-encrypted (the lab's throwaway PKI);
+    /// `+insecure` at the end runs one in clear text (a second agent pair
+    /// started with `--insecure`, or `insecure=1` in the URI). QEMU's own
+    /// contenders are clear text; `+tls` at the end gives them QEMU's
+    /// `tls-creds-x509` with the same PKI (e.g. `qemu-multifd+tls`).
     #[arg(long, value_delimiter = ',', default_value = DEFAULT_CONTENDERS)]
     pub contenders: Vec<String>,
     /// Seconds before a migration counts as not converged and is cancelled.
@@ -108,11 +112,20 @@ enum Kind {
         bandwidth: Option<u64>,
         /// QEMU multifd channels (each relayed as a DWCP channel).
         multifd: Option<u32>,
+        /// Through a second agent pair in clear text (`+insecure`).
+        plain: bool,
     },
     /// QEMU built with qemu-patches/: `migrate dwcp:HOST:PORT`, libdwcp in
     /// QEMU, no agent in the data path.
     /// The URI's parameters (`qemu-dwcp?streams=1&codec=raw`), if any.
     QemuDwcp(MigrationSetup, Option<String>),
+}
+
+impl Kind {
+    /// Whether this contender needs the lab's clear-text agent pair.
+    fn plain_agents(&self) -> bool {
+        matches!(self, Kind::Dwcp { plain: true, .. })
+    }
 }
 
 /// What `dwcp migrate` aims at by default (`--downtime-goal-ms`).
@@ -122,7 +135,43 @@ fn multifd_of(name: &str) -> Option<u32> {
     name.ends_with("+multifd").then_some(4)
 }
 
+/// A contender by name. Suffixes: `+tls` on QEMU's own transports (QEMU's
+/// `tls-creds-x509` with the lab's PKI); `+insecure` on DWCP's (clear text:
+/// a second agent pair started with `--insecure`, or `insecure=1` in the
+/// `dwcp:` URI). DWCP is TLS-encrypted otherwise, QEMU's transports clear.
 fn contender(full: &str) -> Result<Kind> {
+    if let Some(base) = full.strip_suffix("+tls") {
+        return match contender(base)? {
+            Kind::Native(mut s) => {
+                s.tls_dir = Some(PathBuf::new());
+                Ok(Kind::Native(s))
+            }
+            _ => bail!("contender {full:?}: +tls is for QEMU's own transports (DWCP is encrypted unless +insecure)"),
+        };
+    }
+    if let Some(base) = full.strip_suffix("+insecure") {
+        return match contender(base)? {
+            Kind::Dwcp {
+                codec,
+                bandwidth,
+                multifd,
+                ..
+            } => Ok(Kind::Dwcp {
+                codec,
+                bandwidth,
+                multifd,
+                plain: true,
+            }),
+            Kind::QemuDwcp(s, p) => {
+                let p = match p {
+                    Some(p) => format!("{p}&insecure=1"),
+                    None => "insecure=1".to_string(),
+                };
+                Ok(Kind::QemuDwcp(s, Some(p)))
+            }
+            Kind::Native(_) => bail!("contender {full:?}: QEMU's own transports are clear text already (+tls encrypts them)"),
+        };
+    }
     if let Some((base, params)) = full.split_once('?') {
         if !base.starts_with("qemu-dwcp") {
             bail!("contender {full:?}: only qemu-dwcp contenders take ?PARAMS");
@@ -159,6 +208,7 @@ fn contender(full: &str) -> Result<Kind> {
             codec: None,
             bandwidth: None,
             multifd,
+            plain: false,
         },
         other => match other.strip_prefix("dwcp-") {
             Some(tier) => {
@@ -169,10 +219,11 @@ fn contender(full: &str) -> Result<Kind> {
                     codec: Some(tier.to_string()),
                     bandwidth: None,
                     multifd,
+                    plain: false,
                 }
             }
             None => bail!(
-                "unknown contender {other:?} (qemu-tcp, qemu-multifd, qemu-multifd-zstd, qemu-xbzrle, dwcp, dwcp-none, dwcp-lz4, dwcp-zstd, dwcp-zstd:N, dwcp-auto, dwcp-raw; any dwcp contender with +multifd: QEMU multifd, 4 channels, through DWCP)"
+                "unknown contender {other:?} (qemu-tcp, qemu-multifd, qemu-multifd-zstd, qemu-xbzrle, dwcp, dwcp-none, dwcp-lz4, dwcp-zstd, dwcp-zstd:N, dwcp-auto, dwcp-raw; any dwcp contender with +multifd: QEMU multifd, 4 channels, through DWCP; +insecure: DWCP in clear text; +tls on a qemu- contender: QEMU's own TLS)"
             ),
         },
     })
@@ -238,7 +289,11 @@ pub fn run(a: &CompareArgs, p: &Progress) -> Result<CompareSuite> {
         Some(cc) => vec!["--congestion", cc.as_str()],
         None => Vec::new(),
     };
-    let lab = open_lab("compare", "bench", &a.profile, &agent_args, p)?;
+    let mut lab = open_lab("compare", "bench", &a.profile, &agent_args, p)?;
+    if kinds.iter().any(|(_, k)| k.plain_agents()) {
+        lab.start_plain_agents()
+            .context("starting the clear-text agent pair")?;
+    }
     let spec = GuestSpec {
         mem_mb: a.guest_mem,
         fill_mb: a.fill,
@@ -433,9 +488,15 @@ fn run_inner(
 ) -> Result<()> {
     let seq = RUN_SEQ.fetch_add(1, Ordering::Relaxed);
     let tag = format!("b{seq}");
-    let src_ctl = lab.src_agent().control();
+    let plain = kind.plain_agents();
+    let (src_agent, dst_agent) = lab.agents(plain);
+    let src_ctl = src_agent.control();
     let (pair, uri, setup, dwcp_name) = match kind {
         Kind::Native(setup) | Kind::QemuDwcp(setup, _) => {
+            let mut setup = setup.clone();
+            if setup.tls_dir.is_some() {
+                setup.tls_dir = Some(lab.tls_dir.clone());
+            }
             let libdwcp = matches!(kind, Kind::QemuDwcp(..));
             let mut src = Guest::start(lab, lab.src_ns(), "src", spec, false)?;
             let dst = Guest::start(lab, lab.dst_ns(), "dst", spec, true)?;
@@ -449,7 +510,7 @@ fn run_inner(
             if let Kind::QemuDwcp(_, Some(params)) = kind {
                 uri = format!("{uri}?{params}");
             }
-            if libdwcp {
+            if libdwcp && !uri.contains("insecure=1") {
                 // TLS, as by default, with the lab's throwaway PKI.
                 let sep = if uri.contains('?') { '&' } else { '?' };
                 uri = format!("{uri}{sep}tls-dir={}", lab.tls_dir.display());
@@ -466,21 +527,23 @@ fn run_inner(
                 dst,
                 ready_seq,
             };
-            (pair, uri, setup.clone(), None)
+            (pair, uri, setup, None)
         }
         Kind::Dwcp {
             codec,
             bandwidth,
             multifd,
+            plain,
         } => {
             let mig = MigrationSpec {
                 name: tag.clone(),
                 return_path: true,
                 multifd: *multifd,
+                plain: *plain,
                 ..Default::default()
             };
             let pair = boot_pair(lab, spec, &mig)?;
-            let mut req = json!({"op": "route", "name": tag, "to": lab.dst_addr()});
+            let mut req = json!({"op": "route", "name": tag, "to": lab.dst_addr_of(*plain)});
             if let Some(c) = codec {
                 req["codec"] = json!(c);
             }
@@ -497,9 +560,9 @@ fn run_inner(
     };
     let pids = [
         pair.src.child.id(),
-        lab.src_agent().child.id(),
+        src_agent.child.id(),
         pair.dst.child.id(),
-        lab.dst_agent().child.id(),
+        dst_agent.child.id(),
     ];
     let cpu0: Vec<f64> = pids.iter().map(|&p| cpu_seconds(p)).collect();
     let link0 = link_tx(lab, lab.src_ns());
