@@ -7,6 +7,7 @@
 mod baseline;
 mod compare;
 mod consensus;
+mod handshake;
 mod micro;
 mod report;
 mod schema;
@@ -44,6 +45,9 @@ enum BenchCmd {
     Amst(micro::AmstArgs),
     /// Consensus commit latency and throughput (3 and 5 nodes, loopback).
     Consensus(micro::ConsensusArgs),
+    /// What TLS adds to session set-up: time until N streams are ready,
+    /// TLS against clear text through two agent pairs on one emulated link.
+    Handshake(handshake::HandshakeArgs),
     /// The whole suite with small defaults (compare on dc and internet,
     /// hde, amst, consensus) and one report.
     Run(RunArgs),
@@ -87,6 +91,24 @@ pub fn run(a: BenchArgs) -> Result<()> {
     a.data.apply();
     let cmdline: Vec<String> = std::env::args().collect();
     let mut res = Results::new(cmdline.join(" "));
+    if let BenchCmd::Handshake(h) = &a.cmd {
+        let p = Progress::new(
+            (h.streams.len() * 2 * h.repeat) as u64,
+            (h.streams.len() * 2 * h.repeat) as u64,
+        );
+        let r = handshake::run(h, &p)?;
+        p.finish();
+        let t = handshake::table(&r);
+        print!("{t}");
+        std::fs::create_dir_all(&h.out.output)?;
+        std::fs::write(h.out.output.join("handshake.md"), &t)?;
+        std::fs::write(
+            h.out.output.join("handshake.json"),
+            serde_json::to_string_pretty(&r)?,
+        )?;
+        println!("results: {}", h.out.output.join("handshake.json").display());
+        return Ok(());
+    }
     let out = match a.cmd {
         BenchCmd::Compare(c) if c.baseline.is_some() || c.current.is_some() => {
             let (Some(b), Some(cur)) = (&c.baseline, &c.current) else {
@@ -137,6 +159,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             suite(&r, &mut res)?;
             r.out.output.clone()
         }
+        BenchCmd::Handshake(_) => unreachable!("handled above"),
     };
     write_outputs(&res, &out)?;
     println!(
