@@ -43,6 +43,15 @@ mmdebstrap --variant=important --include=make,git,ca-certificates \
     "deb http://security.debian.org/debian-security bookworm-security main" \
     >>"$log" 2>&1
 cp /etc/resolv.conf "$root/etc/resolv.conf"
+# The network's own trust anchors, as for resolv.conf: where this host
+# reaches the package registries through a TLS-intercepting proxy, the
+# proxy's CA (added locally under /usr/local/share/ca-certificates) must be
+# trusted in the root too, or cargo cannot fetch crates. Nothing of DWCP.
+if compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then
+    cp /usr/local/share/ca-certificates/*.crt "$root/usr/local/share/ca-certificates/"
+    chroot "$root" update-ca-certificates >>"$log" 2>&1
+    say "trusting the host network's local CA certificates"
+fi
 say "root ready after $(( $(date +%s) - t0 )) s"
 
 git clone -q --no-hardlinks "$here" "$root/src"
