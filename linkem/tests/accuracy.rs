@@ -291,8 +291,10 @@ fn wan_1gbit_throughput_and_cpu() {
 /// Forwarder CPU cost at ~1 Gbit/s of UDP through the `wan` profile. The
 /// datagrams go to a made-up neighbour (static ARP entry), so the
 /// destination drops them at once (frame not for its MAC) and the forwarder
-/// threads' CPU time is their own work only.
+/// threads' CPU time is their own work only. A benchmark (it needs a core
+/// free to offer 1 Gbit/s): `cargo test -p linkem --test accuracy -- --ignored`.
 #[test]
+#[ignore = "benchmark: needs an idle core to offer 1 Gbit/s"]
 fn wan_1gbit_udp_forwarder_cpu() {
     let _g = serial();
     let cfg = Profile::Wan.config().both(|d| d.loss = 0.0);
