@@ -32,11 +32,11 @@ const MIB: u64 = 1 << 20;
 /// Default per-session budget.
 pub const DEFAULT_SESSION_MEMORY: u64 = 256 * MIB;
 /// Smallest budget `session-memory` accepts.
-pub const MIN_SESSION_MEMORY: u64 = 16 * MIB;
+pub const MIN_SESSION_MEMORY: u64 = 64 * MIB;
 /// Largest budget `session-memory` accepts.
 pub const MAX_SESSION_MEMORY: u64 = 64 << 30;
 /// Allowed values of `session-memory`, as errors and help show them.
-pub const SESSION_MEMORY_RANGE: &str = "16 MiB..=64 GiB (a number of MiB, or 512MiB, 2GiB)";
+pub const SESSION_MEMORY_RANGE: &str = "64 MiB..=64 GiB (a number of MiB, or 512MiB, 2GiB)";
 
 /// Resident stack of one session thread (they run shallow loops; measured
 /// well below this).

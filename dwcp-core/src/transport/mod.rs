@@ -33,7 +33,9 @@ pub mod tcp;
 use std::time::Duration;
 
 pub use gate::CutoverGate;
-pub use handshake::{Acceptor, AcceptorLimits, Authorizer, GateProvider, Refusal};
+pub use handshake::{
+    Acceptor, AcceptorLimits, Authorizer, GateProvider, Refusal, DEFAULT_MAX_SESSIONS,
+};
 pub use link::TlsSettings;
 pub use session::{
     ChannelReader, ChannelStats, ChannelWriter, CodecCounts, DirectHandOver, FailReason, ReadError,

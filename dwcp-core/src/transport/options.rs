@@ -212,7 +212,7 @@ pub const OPTIONS: &[TransportOption] = &[
         help: "memory one migration may take, MiB (or 512MiB, 2GiB): a destination grants \
                windows and dedup rings within it and refuses a session whose streams do not fit",
         set: |c, v| {
-            c.session_memory = size(v, 1 << 20, 16, 64 << 10)? << 20;
+            c.session_memory = size(v, 1 << 20, 64, 64 << 10)? << 20;
             Ok(())
         },
         show: |c| (c.session_memory >> 20).to_string(),
