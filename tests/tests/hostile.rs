@@ -85,6 +85,8 @@ struct Hog {
     next_seq: HashMap<u16, u64>,
     aborted: Arc<Mutex<Option<String>>>,
     next_writer: usize,
+    /// Streams 0..clean have no half-read frame (all, until [`Hog::half_frames`]).
+    clean: usize,
     rng: rand::rngs::StdRng,
 }
 
@@ -169,13 +171,14 @@ fn hog(lab: &Lab, name: &str, streams: u16) -> Result<Hog, Status> {
         next_seq: HashMap::new(),
         aborted,
         next_writer: 0,
+        clean: usize::MAX,
         rng: rand::SeedableRng::seed_from_u64(rand::random()),
     })
 }
 
 impl Hog {
     fn writer(&mut self) -> &mut TlsWriter {
-        self.next_writer = (self.next_writer + 1) % self.writers.len();
+        self.next_writer = (self.next_writer + 1) % self.writers.len().min(self.clean);
         &mut self.writers[self.next_writer]
     }
 
@@ -187,8 +190,7 @@ impl Hog {
             if self.sent.get(&ch).copied().unwrap_or(0) + len <= credited + self.window {
                 return true;
             }
-            if self.aborted.lock().unwrap().is_some() || t0.elapsed() > Duration::from_secs(60)
-            {
+            if self.aborted.lock().unwrap().is_some() || t0.elapsed() > Duration::from_secs(60) {
                 return false;
             }
             std::thread::sleep(Duration::from_millis(2));
@@ -216,7 +218,10 @@ impl Hog {
             let seq = *self.next_seq.entry(ch).or_insert(0);
             let h = FrameHeader::data(ch, seq, CodecId::None, raw as u32, plan.len() as u32, &plan);
             let w = self.writer();
-            if w.write_all(&h.encode()).and_then(|()| w.write_all(&plan)).is_err() {
+            if w.write_all(&h.encode())
+                .and_then(|()| w.write_all(&plan))
+                .is_err()
+            {
                 return false;
             }
             self.next_seq.insert(ch, seq + 1);
@@ -245,7 +250,10 @@ impl Hog {
             self.rng.fill_bytes(&mut data[..n]);
             let h = FrameHeader::raw(ch, seq, n as u32, Some(crc32c(&data[..n])));
             let w = self.writer();
-            if w.write_all(&h.encode()).and_then(|()| w.write_all(&data[..n])).is_err() {
+            if w.write_all(&h.encode())
+                .and_then(|()| w.write_all(&data[..n]))
+                .is_err()
+            {
                 return false;
             }
             seq += 1;
@@ -256,13 +264,15 @@ impl Hog {
         true
     }
 
-    /// On each stream, the header of a 1 MiB frame and all of its payload
-    /// but the last byte: every stream's reader holds a frame in hand.
-    fn half_frames(&mut self) {
+    /// On each stream from `from` on, the header of a 1 MiB frame and all
+    /// of its payload but the last byte: those streams' readers hold a frame
+    /// in hand; later frames go on the streams before `from`.
+    fn half_frames(&mut self, from: usize) {
         let mut data = vec![0u8; 1 << 20];
         self.rng.fill_bytes(&mut data);
         let crc = crc32c(&data);
-        for i in 0..self.writers.len() {
+        self.clean = from;
+        for i in from..self.writers.len() {
             let ch = (i % CHANNELS as usize) as u16;
             let seq = self.next_seq.get(&ch).copied().unwrap_or(1) + 1000 + i as u64;
             let h = FrameHeader::raw(ch, seq, data.len() as u32, Some(crc));
@@ -334,9 +344,8 @@ fn hostile_peer_cannot_push_the_agent_past_its_memory_bound() {
     for k in 1..=MAX_SESSIONS {
         let name = format!("hog{k}");
         sinks.push(sink(&lab.dst_agent().incoming(&name)));
-        let mut h = hog(&lab, &name, 8).unwrap_or_else(|s| {
-            panic!("{name}: refused: {s}\n{}", lab.dst_agent().log_text())
-        });
+        let mut h = hog(&lab, &name, 8)
+            .unwrap_or_else(|s| panic!("{name}: refused: {s}\n{}", lab.dst_agent().log_text()));
         eprintln!(
             "{name}: granted window {} KiB, ring {} MiB",
             h.window >> 10,
@@ -344,13 +353,25 @@ fn hostile_peer_cannot_push_the_agent_past_its_memory_bound() {
         );
         assert!(h.window < 64 * MIB && h.ring_pages * 4096 < 1024 * MIB);
         let pages = h.ring_pages;
-        assert!(h.fill_ring(0, pages), "{name}: ring: {:?}", h.aborted.lock().unwrap());
-        let last = if k == MAX_SESSIONS { CHANNELS - 1 } else { CHANNELS };
+        assert!(
+            h.fill_ring(0, pages),
+            "{name}: ring: {:?}",
+            h.aborted.lock().unwrap()
+        );
+        let last = if k == MAX_SESSIONS {
+            CHANNELS - 1
+        } else {
+            CHANNELS
+        };
         for ch in 0..last {
             // 1 MiB left on channels 0..7 for the streams' half-read frames.
-            assert!(h.fill_window(ch, if ch < 8 { 1 << 20 } else { 0 }), "{name} ch{ch}");
+            assert!(
+                h.fill_window(ch, if ch < 8 { 1 << 20 } else { 0 }),
+                "{name} ch{ch}"
+            );
         }
-        h.half_frames();
+        // The third keeps stream 0 whole for its second ring.
+        h.half_frames(if k == MAX_SESSIONS { 1 } else { 0 });
         hogs.push(h);
     }
     std::thread::sleep(Duration::from_secs(3));
@@ -425,7 +446,10 @@ fn hostile_peer_cannot_push_the_agent_past_its_memory_bound() {
                 eprintln!("honest: {e}; retrying");
                 std::thread::sleep(Duration::from_millis(500));
             }
-            Err(e) => panic!("honest session refused: {e}\n{}", lab.dst_agent().log_text()),
+            Err(e) => panic!(
+                "honest session refused: {e}\n{}",
+                lab.dst_agent().log_text()
+            ),
         }
     };
     let (mut ours, theirs) = UnixStream::pair().unwrap();

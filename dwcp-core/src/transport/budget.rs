@@ -337,6 +337,25 @@ mod tests {
         assert!(g.ring_pages > 0);
     }
 
+    /// The figures docs/protocol.md states.
+    #[test]
+    fn the_documented_figures() {
+        let c = 512 << 10;
+        assert_eq!(stream_bytes(c) >> 10, 3072);
+        assert_eq!(fixed_bytes(0, 0, c) >> 10, 7284);
+        assert_eq!((fixed_bytes(0, 1, c) - fixed_bytes(0, 0, c)) >> 10, 4202);
+        assert_eq!(channel_bytes(0, c) >> 10, 2193);
+        let g = |budget: u64| {
+            let g = grant(&Ask { budget, ..ask() }).unwrap();
+            (g.window >> 10, g.ring_pages / 256)
+        };
+        assert_eq!(g(256 * MIB), (4416, 114));
+        assert_eq!(g(512 * MIB), (11456, 243));
+        assert_eq!(g(1024 * MIB), (25664, 256));
+        let fits = |streams| grant(&Ask { streams, ..ask() }).is_ok();
+        assert!(fits(62) && !fits(63));
+    }
+
     #[test]
     fn a_small_ask_is_granted_as_asked() {
         let a = Ask {
