@@ -155,7 +155,7 @@ impl TransportConfig {
             return bad("max-channels", self.max_channels, "1..=64");
         }
         if !(budget::MIN_SESSION_MEMORY..=budget::MAX_SESSION_MEMORY).contains(&self.session_memory)
-            || self.session_memory % (1 << 20) != 0
+            || !self.session_memory.is_multiple_of(1 << 20)
         {
             return bad(
                 "session-memory",
