@@ -47,6 +47,24 @@ pub const MAX_NAME_LEN: usize = 64;
 /// Largest payload any frame may carry: a plan that did not compress, or an
 /// lz4/zstd output of a plan, whose worst case is slightly larger.
 pub const MAX_WIRE_LEN: usize = MAX_PLAN_LEN + MAX_PLAN_LEN / 128 + 1024;
+/// Slack of [`max_plan_len`] for the smallest frames.
+pub const PLAN_SLACK: u64 = 16;
+
+/// Largest plan a Data frame of `len` raw bytes may carry: a receiver
+/// refuses a longer one before reading its payload, so what it buffers stays
+/// proportional to the raw bytes its window counts (a planner's plans stay
+/// within `len + len / 400 + 8`).
+pub fn max_plan_len(len: u64) -> u64 {
+    (len + len / 64 + PLAN_SLACK).min(MAX_PLAN_LEN as u64)
+}
+
+/// Largest payload of a compressed (lz4, zstd) Data frame whose plan is
+/// `plan_len` bytes: a sender compresses only when that shrinks the plan;
+/// this leaves room for a codec's worst case.
+pub fn max_compressed_len(plan_len: u64) -> u64 {
+    (plan_len + plan_len / 128 + 1024).min(MAX_WIRE_LEN as u64)
+}
+
 /// Longest abort reason carried on the wire.
 pub const MAX_ABORT_LEN: usize = 1024;
 /// Most TCP streams one session may use (a hello's stream count).
@@ -136,6 +154,13 @@ pub enum Status {
     /// The peer's certificate identity is not in the destination's
     /// `--allow-peer` list.
     PeerNotAllowed = 8,
+    /// The session's streams (with the smallest window on every channel)
+    /// need more memory than the destination's per-session budget
+    /// (`--session-memory`).
+    MemoryBudget = 9,
+    /// The destination already runs (or sets up) its maximum of concurrent
+    /// sessions (`--max-sessions`).
+    MaxSessions = 10,
 }
 
 impl Status {
@@ -150,6 +175,8 @@ impl Status {
             6 => Status::Busy,
             7 => Status::NotExpected,
             8 => Status::PeerNotAllowed,
+            9 => Status::MemoryBudget,
+            10 => Status::MaxSessions,
             _ => return None,
         })
     }
@@ -168,13 +195,20 @@ impl std::fmt::Display for Status {
             }
             Status::BadHello => "malformed hello",
             Status::TooLarge => "window or dedup ring larger than the destination allows",
-            Status::Busy => "destination has too many sessions",
+            Status::Busy => "destination has too many sessions being set up",
             Status::NotExpected => {
                 "the destination was not told to expect this migration name from this peer \
                  (dwcp expect NAME, the libvirt hook's prepare, or an --allow rule)"
             }
             Status::PeerNotAllowed => {
                 "the destination does not allow this peer's certificate identity (--allow-peer)"
+            }
+            Status::MemoryBudget => {
+                "this many streams need more memory than the destination's per-session budget \
+                 (--session-memory); use fewer streams or raise the destination's budget"
+            }
+            Status::MaxSessions => {
+                "the destination already runs its maximum of concurrent sessions (--max-sessions)"
             }
         })
     }
@@ -386,7 +420,7 @@ impl Reply {
         let status = Status::from_wire(b[6]).ok_or(WireError::Field {
             field: "reply status",
             value: b[6] as u64,
-            allowed: "0..=6",
+            allowed: "0..=10",
         })?;
         Ok(Reply {
             version: u16::from_le_bytes([b[4], b[5]]),
@@ -625,6 +659,22 @@ impl FrameHeader {
                         "raw frame plan/wire length",
                         h.wire_len as u64,
                         "equal to the raw length",
+                    );
+                }
+                if h.plan_len as u64 > max_plan_len(h.len as u64) {
+                    return field(
+                        "frame plan length",
+                        h.plan_len as u64,
+                        "at most len + len/64 + 16 for the frame's raw length",
+                    );
+                }
+                if matches!(codec, CodecId::Lz4 | CodecId::Zstd)
+                    && h.wire_len as u64 > max_compressed_len(h.plan_len as u64)
+                {
+                    return field(
+                        "compressed frame wire length",
+                        h.wire_len as u64,
+                        "at most plan_len + plan_len/128 + 1024",
                     );
                 }
                 if codec == CodecId::None && h.wire_len != h.plan_len {

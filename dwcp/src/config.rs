@@ -94,6 +94,7 @@ pub struct AgentSection {
     /// Routes created at start, `NAME=HOST:PORT`.
     pub routes: Option<Vec<String>>,
     pub max_dedup_cache_mb: Option<u32>,
+    pub max_sessions: Option<u16>,
     pub gate_timeout_ms: Option<u64>,
     pub shutdown_grace_s: Option<u64>,
 }

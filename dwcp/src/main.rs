@@ -199,6 +199,12 @@ struct AgentArgs {
     /// Largest dedup cache per channel a peer may ask for, MiB [default: 1024].
     #[arg(long, env = "DWCP_MAX_DEDUP_CACHE_MB")]
     max_dedup_cache_mb: Option<u32>,
+    /// Most incoming migrations running (or being set up) at once; one past
+    /// it is refused at its handshake, naming this limit, and those running
+    /// are not touched. With --session-memory this bounds the agent's memory
+    /// (docs/protocol.md) [default: 16] [1..=1024].
+    #[arg(long, env = "DWCP_MAX_SESSIONS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    max_sessions: Option<u16>,
     /// Cutover gate of gated incoming migrations (libvirt hook): how long to
     /// keep trying to commit the ownership transfer before the migration
     /// fails and the guest stays on the source, ms [default: 5000].
@@ -402,6 +408,13 @@ fn run_agent(mut a: AgentArgs, config: Option<&std::path::Path>) -> Result<()> {
         .max_dedup_cache_mb
         .or(fa.max_dedup_cache_mb)
         .unwrap_or(1024);
+    let max_sessions = match a.max_sessions.or(fa.max_sessions) {
+        Some(n) if !(1..=1024).contains(&n) => {
+            anyhow::bail!("max_sessions = {n} is out of range: 1..=1024")
+        }
+        Some(n) => n,
+        None => dwcp_core::transport::DEFAULT_MAX_SESSIONS as u16,
+    };
     let cfg = AgentConfig {
         listen: a.listen.or(fa.listen),
         incoming_dir: a
@@ -412,6 +425,7 @@ fn run_agent(mut a: AgentArgs, config: Option<&std::path::Path>) -> Result<()> {
         transport: transport.clone(),
         limits: AcceptorLimits {
             max_ring_pages: ((max_dedup_cache_mb as u64) << 20 >> 12) as u32,
+            max_sessions: max_sessions as usize,
             ..AcceptorLimits::default()
         },
         cluster,

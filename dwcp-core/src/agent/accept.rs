@@ -3,6 +3,7 @@
 //! member) gated by the prepared entry of its name.
 
 use std::net::TcpListener;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,6 +27,11 @@ pub(super) fn accept_loop(st: Arc<State>, l: TcpListener) {
         acceptor = acceptor.with_gates(gates);
     }
     let acceptor = Arc::new(acceptor);
+    // Connections in their TLS handshake and hello: each holds a thread and
+    // its TLS state until it joins a session or fails (the handshake timeout
+    // bounds how long), so their number is bounded too.
+    let handshaking = Arc::new(AtomicUsize::new(0));
+    let max_handshakes = st.cfg.limits.max_handshakes;
     for conn in l.incoming() {
         let conn = match conn {
             Ok(c) => c,
@@ -43,16 +49,28 @@ pub(super) fn accept_loop(st: Arc<State>, l: TcpListener) {
             warn!("data port: refused connection from {peer}: {why}");
             continue; // dropping it closes it: the source's handshake fails
         }
-        let (st, acceptor) = (st.clone(), acceptor.clone());
+        if handshaking.fetch_add(1, Ordering::AcqRel) >= max_handshakes {
+            handshaking.fetch_sub(1, Ordering::AcqRel);
+            warn!(
+                "data port: refused connection from {peer}: {max_handshakes} connections \
+                 are in their handshake already"
+            );
+            continue;
+        }
+        let (st, acceptor, handshaking) = (st.clone(), acceptor.clone(), handshaking.clone());
         // Each handshake on its own thread: a slow or hostile peer never
         // holds up others.
-        std::thread::spawn(move || match acceptor.handle(conn) {
-            Ok(Some(session)) => {
-                st.remember(&session);
-                st.watch_session(session);
+        std::thread::spawn(move || {
+            let r = acceptor.handle(conn);
+            handshaking.fetch_sub(1, Ordering::AcqRel);
+            match r {
+                Ok(Some(session)) => {
+                    st.remember(&session);
+                    st.watch_session(session);
+                }
+                Ok(None) => {}
+                Err(e) => warn!("data port: rejected connection from {peer}: {e}"),
             }
-            Ok(None) => {}
-            Err(e) => warn!("data port: rejected connection from {peer}: {e}"),
         });
     }
 }

@@ -473,6 +473,17 @@ impl Rebuilder {
         self.ring.prefault(pages);
     }
 
+    /// Ring pages holding data (the ring's memory is touched page by page
+    /// as it fills, up to its capacity).
+    pub fn ring_pages_used(&self) -> u64 {
+        self.ring.count.min(self.ring.cap)
+    }
+
+    /// The ring's capacity, pages.
+    pub fn ring_capacity(&self) -> u64 {
+        self.ring.cap
+    }
+
     /// Executes `plan` into `out` (cleared first), which must come out
     /// exactly `raw_len` bytes long. Errors (never panics) on malformed
     /// plans; after an error the ring state is unspecified.

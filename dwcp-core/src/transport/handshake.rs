@@ -33,6 +33,11 @@ impl Session {
         wire::check_name(name).map_err(|e| invalid(&e))?;
         let id: [u8; 16] = rand::random();
         let n = cfg.streams as usize;
+        // Ask for no more than this end's own budget holds: the initiator
+        // keeps the same windows and rings as the responder.
+        let own = cfg
+            .grant(cfg.streams, cfg.window, cfg.ring_pages())
+            .map_err(|e| invalid(&e))?;
         // One snapshot of the credentials for every stream of the session.
         let creds = cfg.tls.credentials().map_err(|source| SessionError::Tls {
             index: 0,
@@ -89,8 +94,8 @@ impl Session {
                             stream_index: index as u16,
                             stream_count: n as u16,
                             role: wire::Role::Data,
-                            window: cfg.window,
-                            ring_pages: cfg.ring_pages(),
+                            window: own.window,
+                            ring_pages: own.ring_pages,
                             name: name.to_string(),
                         };
                         st.write_all(&hello.encode()).map_err(|source| {
@@ -126,8 +131,8 @@ impl Session {
                 .collect()
         });
         let mut streams = Vec::with_capacity(n);
-        let mut window = cfg.window;
-        let mut ring = cfg.ring_pages();
+        let mut window = own.window;
+        let mut ring = own.ring_pages;
         let mut version = wire::VERSION_MAX;
         for (index, r) in results.into_iter().enumerate() {
             let (st, reply) = r?;
@@ -160,21 +165,37 @@ impl Session {
     }
 }
 
-/// Limits a destination agent puts on what initiators may ask for.
+/// Limits a destination agent puts on what initiators may ask for. What
+/// one session may take in memory is the transport's
+/// [`TransportConfig::session_memory`] ([`super::budget`]).
 #[derive(Debug, Clone)]
 pub struct AcceptorLimits {
     pub max_window: u32,
     pub max_ring_pages: u32,
+    /// Most sessions running or being set up at once (`--max-sessions`); a
+    /// new one past it is refused with [`Status::MaxSessions`], those
+    /// running are not touched.
     pub max_sessions: usize,
+    /// Most sessions being set up (streams still arriving) at once; past it
+    /// a new one is refused with [`Status::Busy`].
+    pub max_pending: usize,
+    /// Most connections in their TLS handshake and hello at once (the
+    /// agent's data port closes one past it at once).
+    pub max_handshakes: usize,
     pub handshake_timeout: Duration,
 }
+
+/// Default of [`AcceptorLimits::max_sessions`].
+pub const DEFAULT_MAX_SESSIONS: usize = 16;
 
 impl Default for AcceptorLimits {
     fn default() -> Self {
         AcceptorLimits {
             max_window: 64 << 20,
             max_ring_pages: (1024 << 20) / 4096,
-            max_sessions: 64,
+            max_sessions: DEFAULT_MAX_SESSIONS,
+            max_pending: 64,
+            max_handshakes: 256,
             handshake_timeout: Duration::from_secs(5),
         }
     }
@@ -221,6 +242,8 @@ pub struct Acceptor {
     gates: Option<Gates>,
     authorizer: Option<Auth>,
     pending: Mutex<HashMap<[u8; 16], PendingBox>>,
+    /// Sessions this acceptor started that have not ended.
+    running: Mutex<Vec<Session>>,
 }
 
 #[derive(Clone)]
@@ -260,6 +283,7 @@ impl Acceptor {
             gates: None,
             authorizer: None,
             pending: Mutex::new(HashMap::new()),
+            running: Mutex::new(Vec::new()),
         }
     }
 
@@ -290,6 +314,7 @@ impl Acceptor {
             gates: None,
             authorizer: None,
             pending: Mutex::new(HashMap::new()),
+            running: Mutex::new(Vec::new()),
         }
     }
 
@@ -382,15 +407,44 @@ impl Acceptor {
         if (window as usize) < 2 * crate::codec::MAX_RAW_LEN.min(self.cfg.chunk) {
             return refuse(&mut stream, Status::TooLarge);
         }
+        // Within the per-session memory budget: less than asked when the
+        // ask does not fit, refused when the streams alone do not.
+        let (window, ring) = match self.cfg.grant(hello.stream_count, window, ring) {
+            Ok(g) => (g.window, g.ring_pages),
+            Err(e) => {
+                if hello.stream_index == 0 {
+                    warn!(name = %hello.name, peer = %peer_addr, "refused: {e}");
+                }
+                return refuse(&mut stream, Status::MemoryBudget);
+            }
+        };
         self.cfg
             .tuning
             .apply(stream.tcp())
             .map_err(|e| io("socket tuning", e))?;
         let mut pending = self.pending.lock();
         pending.retain(|_, p| p.0.since.elapsed() < self.limits.handshake_timeout * 2);
-        if !pending.contains_key(&hello.session) && pending.len() >= self.limits.max_sessions {
-            drop(pending);
-            return refuse(&mut stream, Status::Busy);
+        if !pending.contains_key(&hello.session) {
+            if pending.len() >= self.limits.max_pending {
+                drop(pending);
+                warn!(name = %hello.name, peer = %peer_addr,
+                    "refused: {} sessions are being set up already", self.limits.max_pending);
+                return refuse(&mut stream, Status::Busy);
+            }
+            let running = self.running_sessions();
+            let setting_up = pending.len();
+            if running + setting_up >= self.limits.max_sessions {
+                drop(pending);
+                if hello.stream_index == 0 {
+                    warn!(
+                        name = %hello.name, peer = %peer_addr,
+                        "refused: {running} sessions running and {setting_up} being set up: the \
+                         agent's limit is {} (--max-sessions)",
+                        self.limits.max_sessions
+                    );
+                }
+                return refuse(&mut stream, Status::MaxSessions);
+            }
         }
         let entry = pending.entry(hello.session).or_insert_with(|| {
             PendingBox(Pending {
@@ -444,6 +498,7 @@ impl Acceptor {
                 Some(target),
                 gate,
             );
+            self.running.lock().push(session.clone());
             if let Some(reason) = refusal {
                 // Started only to tell the source why (an Abort frame):
                 // nothing reaches QEMU.
@@ -453,6 +508,18 @@ impl Acceptor {
             return Ok(Some(session));
         }
         Ok(None)
+    }
+
+    /// Sessions started here that have not ended yet.
+    pub fn running_sessions(&self) -> usize {
+        let mut r = self.running.lock();
+        r.retain(|s| !s.is_finished());
+        r.len()
+    }
+
+    /// The limits this acceptor enforces.
+    pub fn limits(&self) -> &AcceptorLimits {
+        &self.limits
     }
 
     fn reply(&self, status: Status, window: u32, ring_pages: u32, version: u16) -> Reply {

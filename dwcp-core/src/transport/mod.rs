@@ -22,6 +22,7 @@
 //! the peer, every socket is shut down, QEMU on each side sees its migration
 //! connection fail. Nothing that failed a check is ever written to QEMU.
 
+pub mod budget;
 pub mod gate;
 mod handshake;
 pub(crate) mod link;
@@ -32,7 +33,9 @@ pub mod tcp;
 use std::time::Duration;
 
 pub use gate::CutoverGate;
-pub use handshake::{Acceptor, AcceptorLimits, Authorizer, GateProvider, Refusal};
+pub use handshake::{
+    Acceptor, AcceptorLimits, Authorizer, GateProvider, Refusal, DEFAULT_MAX_SESSIONS,
+};
 pub use link::TlsSettings;
 pub use session::{
     ChannelReader, ChannelStats, ChannelWriter, CodecCounts, DirectHandOver, FailReason, ReadError,
@@ -73,6 +76,10 @@ pub struct TransportConfig {
     pub dedup_cache_mb: u32,
     /// Most channels (QEMU connections) per session, 1..=64.
     pub max_channels: u16,
+    /// Memory one session may take, bytes (`session-memory`): a destination
+    /// grants windows and rings within it ([`budget`]), a source asks for
+    /// no more than fits in its own.
+    pub session_memory: u64,
     /// Largest read from QEMU per frame, bytes.
     pub chunk: usize,
     /// Give raw (uncompressed) frames a payload CRC too (`checksum=all`).
@@ -103,6 +110,7 @@ impl Default for TransportConfig {
             window: 32 << 20,
             dedup_cache_mb: 256,
             max_channels: 16,
+            session_memory: budget::DEFAULT_SESSION_MEMORY,
             chunk: 512 << 10,
             checksum_raw: false,
             tuning: SocketTuning::default(),
@@ -145,6 +153,15 @@ impl TransportConfig {
         }
         if self.max_channels == 0 || self.max_channels > 64 {
             return bad("max-channels", self.max_channels, "1..=64");
+        }
+        if !(budget::MIN_SESSION_MEMORY..=budget::MAX_SESSION_MEMORY).contains(&self.session_memory)
+            || !self.session_memory.is_multiple_of(1 << 20)
+        {
+            return bad(
+                "session-memory",
+                self.session_memory >> 20,
+                budget::SESSION_MEMORY_RANGE,
+            );
         }
         if self.idle_timeout < Duration::from_secs(1)
             || self.idle_timeout > Duration::from_secs(3600)
@@ -208,6 +225,26 @@ impl TransportConfig {
     /// Dedup ring capacity in pages, as carried in the hello.
     pub fn ring_pages(&self) -> u32 {
         ((self.dedup_cache_mb as u64) << 20 >> 12) as u32
+    }
+
+    /// What this end grants (or, as a source, asks for) a session of
+    /// `streams` streams asking `window` and `ring_pages`, within
+    /// [`Self::session_memory`] ([`budget::grant`]).
+    pub fn grant(
+        &self,
+        streams: u16,
+        window: u32,
+        ring_pages: u32,
+    ) -> Result<budget::Grant, budget::OverBudget> {
+        budget::grant(&budget::Ask {
+            budget: self.session_memory,
+            streams,
+            workers: self.workers.min(u16::MAX as usize) as u16,
+            chunk: self.chunk as u32,
+            max_channels: self.max_channels,
+            window,
+            ring_pages,
+        })
     }
 }
 

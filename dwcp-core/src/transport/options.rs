@@ -205,6 +205,19 @@ pub const OPTIONS: &[TransportOption] = &[
         show: |c| c.dedup_cache_mb.to_string(),
     },
     TransportOption {
+        name: "session-memory",
+        uri: Some("session-memory"),
+        control: Some("session_memory"),
+        allowed: super::budget::SESSION_MEMORY_RANGE,
+        help: "memory one migration may take, MiB (or 512MiB, 2GiB): a destination grants \
+               windows and dedup rings within it and refuses a session whose streams do not fit",
+        set: |c, v| {
+            c.session_memory = size(v, 1 << 20, 64, 64 << 10)? << 20;
+            Ok(())
+        },
+        show: |c| (c.session_memory >> 20).to_string(),
+    },
+    TransportOption {
         name: "congestion",
         uri: Some("congestion"),
         control: Some("congestion"),
@@ -404,6 +417,19 @@ mod tests {
         assert_eq!(c.tuning.send_buffer, Some(4 << 20));
         let c = set("idle-timeout", "2m", Surface::Cli).unwrap();
         assert_eq!(c.idle_timeout, Duration::from_secs(120));
+        let c = set("session-memory", "256MiB", Surface::Cli).unwrap();
+        assert_eq!(c.session_memory, 256 << 20);
+        let c = set("session-memory", "2GiB", Surface::Uri).unwrap();
+        assert_eq!(c.session_memory, 2 << 30);
+        let c = set("session_memory", "64", Surface::Control).unwrap();
+        assert_eq!(c.session_memory, 64 << 20);
+        assert_eq!(
+            set("session-memory", "8MiB", Surface::Cli).unwrap_err(),
+            format!(
+                "--session-memory = 8MiB is out of range: {}",
+                crate::transport::budget::SESSION_MEMORY_RANGE
+            )
+        );
         let c = set("connect-timeout", "1500ms", Surface::Cli).unwrap();
         assert_eq!(c.connect_timeout, Duration::from_millis(1500));
         for (name, v) in [

@@ -35,6 +35,9 @@ pub enum SessionError {
     Finished,
     #[error("session has its maximum of {0} channels")]
     TooManyChannels(u16),
+    /// A new channel would take the session past its memory budget.
+    #[error("{0}")]
+    MemoryBudget(String),
 }
 
 fn tls_text(e: &crate::tls::TlsError) -> String {
@@ -102,6 +105,10 @@ pub enum FailReason {
     /// The cutover gate refused the session before it started.
     #[error("cutover gate: {0}")]
     GateRefused(String),
+    /// What the peer sent would take the session past its memory budget
+    /// (`session-memory`): a channel opened, or dedup rings filled, beyond it.
+    #[error("{0}")]
+    MemoryBudget(String),
     /// Failed from this side for a reason of its own
     /// ([`super::Session::abort`], an invalid configuration, a stuck queue).
     #[error("{0}")]

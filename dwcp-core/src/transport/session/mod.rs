@@ -36,6 +36,7 @@ use parking_lot::{Condvar, Mutex};
 use serde::Serialize;
 use tracing::{debug, info, warn};
 
+use super::budget::{self, SessionBudget};
 use super::gate::CutoverGate;
 use super::link::{Link, TxStream};
 use super::TransportConfig;
@@ -56,6 +57,7 @@ use channel::{Channel, RecvState, SentLog};
 pub use direct::reader::{ChannelReader, ReadError};
 pub use direct::writer::{ChannelWriter, WriteError};
 pub use error::{FailReason, SessionError};
+pub(super) use recv::RX_BUFFER;
 use send::{Job, Outgoing};
 pub use stats::{ChannelStats, CodecCounts, SessionState, SessionStats, StreamStats};
 pub use target::{DirectHandOver, Target};
@@ -103,6 +105,9 @@ struct Inner {
     /// Flow-control window per channel, raw bytes (as agreed).
     window: u64,
     ring_bytes: usize,
+    /// What the session's channels and the rings the peer fills may take
+    /// ([`budget`]).
+    budget: SessionBudget,
     /// Responder: where its channels go.
     target: Option<Target>,
     /// The cutover gate on the main channel (a gated destination session).
@@ -253,6 +258,14 @@ impl Session {
             version,
             window: window as u64,
             ring_bytes: ring_pages as usize * crate::codec::PAGE_SIZE,
+            budget: SessionBudget::new(
+                cfg.session_memory.saturating_sub(budget::fixed_bytes(
+                    n as u64,
+                    cfg.workers as u64,
+                    cfg.chunk as u64,
+                )),
+                cfg.session_memory,
+            ),
             cfg,
             target,
             gate,
@@ -359,6 +372,7 @@ impl Session {
         if id >= self.inner.cfg.max_channels as usize {
             return Err(SessionError::TooManyChannels(self.inner.cfg.max_channels));
         }
+        charge_channel(&self.inner, id as u16).map_err(SessionError::MemoryBudget)?;
         Ok(id as u16)
     }
 
@@ -409,11 +423,37 @@ impl Session {
                 None => break,
             }
         }
+        release_buffers(&self.inner);
         match self.failure() {
             Some(e) => Err(SessionError::Failed(e)),
             None => Ok(self.stats()),
         }
     }
+
+    /// Bytes of the session's budget its channels and dedup rings have
+    /// taken so far, and what they may take ([`budget::SessionBudget`]).
+    pub fn memory_charged(&self) -> (u64, u64) {
+        (self.inner.budget.used(), self.inner.budget.limit())
+    }
+}
+
+/// Charges a new channel's memory to the session's budget.
+fn charge_channel(inner: &Inner, id: u16) -> Result<(), String> {
+    inner.budget.charge(
+        budget::channel_bytes(inner.window, inner.cfg.chunk as u64),
+        || format!("opening channel {id}"),
+    )
+}
+
+/// Frees what an ended session still holds (buffered frames, queued
+/// frames), so a session kept for its figures keeps no data.
+fn release_buffers(inner: &Inner) {
+    for ch in inner.channels.map.lock().values() {
+        let mut st = ch.recv.lock();
+        st.frames = Default::default();
+    }
+    while inner.queues.job_rx.try_recv().is_ok() {}
+    while inner.queues.frame_rx.try_recv().is_ok() {}
 }
 
 /// Fails the session (once; the first reason sticks): tells the peer

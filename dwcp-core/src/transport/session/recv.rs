@@ -18,12 +18,13 @@ use super::direct::reader;
 use super::target::Target;
 use super::{check_complete, fail, is_down, open_channel, FailReason, Inner, Role};
 use crate::codec::{CodecId, Decompressor, Rebuilder};
+use crate::transport::budget::RingCharge;
 use crate::transport::gate::{CutoverGate, TailHold, GATE_HOLD};
 use crate::transport::link::RxStream;
 use crate::wire::{self, FrameHeader, Kind, WireError};
 
 /// Read buffer of each stream's receiving thread, bytes.
-pub(super) const RX_BUFFER: usize = 16 << 10;
+pub(in crate::transport) const RX_BUFFER: usize = 16 << 10;
 
 pub(super) fn tcp_rx(inner: Arc<Inner>, index: usize, stream: RxStream) {
     let max_channels = inner.cfg.max_channels;
@@ -105,10 +106,22 @@ fn handle_frame(
         Kind::Abort => on_abort(r, h, payload),
         Kind::Window => on_window(inner, h),
         Kind::Data => {
+            // The frame's raw bytes count against the window before its
+            // payload is read and decoded: what a reader holds is always
+            // within the window (the header's checks keep plans and
+            // payloads proportional to the raw bytes).
+            let ch = reserve(inner, h)?;
             let item = read_data(inner, r, h, dec, payload)?;
-            queue_incoming(inner, h, item)
+            if payload.capacity() > RX_PAYLOAD_KEEP {
+                // Large compressed payloads are not kept between frames.
+                *payload = Vec::new();
+            }
+            queue_incoming(inner, &ch, h, item)
         }
-        Kind::Eof => queue_incoming(inner, h, Incoming::Eof),
+        Kind::Eof => {
+            let ch = channel_for(inner, h.channel)?;
+            queue_incoming(inner, &ch, h, Incoming::Eof)
+        }
     }
 }
 
@@ -198,11 +211,29 @@ fn read_data(
     })
 }
 
-/// Puts a Data or Eof frame into its channel's reorder buffer (checking its
-/// place and the window) and wakes the channel's reader.
-fn queue_incoming(inner: &Arc<Inner>, h: &FrameHeader, item: Incoming) -> Result<(), FailReason> {
+/// Payload buffers of a stream's reader larger than this are dropped after
+/// each frame instead of kept for the next.
+const RX_PAYLOAD_KEEP: usize = 64 << 10;
+
+/// Opens (if new) the channel of Data frame `h` and counts its raw bytes
+/// against the channel's window, before its payload is read.
+fn reserve(inner: &Arc<Inner>, h: &FrameHeader) -> Result<Arc<Channel>, FailReason> {
     let ch = channel_for(inner, h.channel)?;
     let mut st = ch.recv.lock();
+    check_place(&st, h)?;
+    st.bytes += h.len as u64;
+    if st.bytes > inner.window {
+        return Err(protocol(format!(
+            "channel {}: peer sent beyond its credit window",
+            h.channel
+        )));
+    }
+    drop(st);
+    Ok(ch)
+}
+
+/// Checks a frame's sequence number against what the channel has.
+fn check_place(st: &super::channel::RecvState, h: &FrameHeader) -> Result<(), FailReason> {
     if h.seq < st.next || st.frames.contains_key(&h.seq) {
         return Err(protocol(format!(
             "channel {} frame {} repeated",
@@ -215,20 +246,20 @@ fn queue_incoming(inner: &Arc<Inner>, h: &FrameHeader, item: Incoming) -> Result
             h.channel, h.seq, st.next
         )));
     }
-    let raw_len = match &item {
-        Incoming::Data { raw_len, .. } => Some(*raw_len as u64),
-        Incoming::Raw(data) => Some(data.len() as u64),
-        Incoming::Eof => None,
-    };
-    if let Some(raw_len) = raw_len {
-        st.bytes += raw_len;
-        if st.bytes > inner.window {
-            return Err(protocol(format!(
-                "channel {}: peer sent beyond its credit window",
-                h.channel
-            )));
-        }
-    }
+    Ok(())
+}
+
+/// Puts a Data frame (its bytes already counted by [`reserve`]) or an Eof
+/// into its channel's reorder buffer and wakes the channel's reader.
+fn queue_incoming(
+    inner: &Arc<Inner>,
+    ch: &Arc<Channel>,
+    h: &FrameHeader,
+    item: Incoming,
+) -> Result<(), FailReason> {
+    let mut st = ch.recv.lock();
+    // Checked again: another stream may have brought the same seq meanwhile.
+    check_place(&st, h)?;
     st.frames.insert(h.seq, item);
     if st.frames.len() > 4 * (inner.window as usize / 4096 + 16) {
         return Err(protocol(format!(
@@ -240,7 +271,7 @@ fn queue_incoming(inner: &Arc<Inner>, h: &FrameHeader, item: Incoming) -> Result
     if let Some(r) = &ch.direct {
         if r.is_detached() {
             drop(st);
-            return reader::drain_detached(inner, &ch);
+            return reader::drain_detached(inner, ch);
         }
         r.frame_arrived();
     }
@@ -268,6 +299,7 @@ fn channel_for(inner: &Arc<Inner>, id: u16) -> Result<Arc<Channel>, FailReason> 
     if let Some(ch) = inner.channels.map.lock().get(&id) {
         return Ok(ch.clone());
     }
+    super::charge_channel(inner, id).map_err(FailReason::MemoryBudget)?;
     if let Target::Direct(hand_over) = target {
         return reader::open_direct(inner, id, hand_over.as_ref()).map_err(open_failed);
     }
@@ -320,6 +352,7 @@ impl Held {
 /// Writes bytes to QEMU in order, then returns credit to the peer.
 pub(super) fn qemu_tx(inner: Arc<Inner>, ch: Arc<Channel>, mut conn: UnixStream) {
     let mut rebuilder = Rebuilder::new(inner.ring_bytes);
+    let mut ring_charge = RingCharge::default();
     let mut raw = Vec::new();
     let mut discard = false;
     let mut held = match (&inner.gate, ch.id) {
@@ -382,6 +415,15 @@ pub(super) fn qemu_tx(inner: Arc<Inner>, ch: Arc<Channel>, mut conn: UnixStream)
                             error: e.to_string(),
                         },
                     );
+                    return;
+                }
+                if let Err(e) = ring_charge.update(
+                    &inner.budget,
+                    rebuilder.ring_pages_used(),
+                    rebuilder.ring_capacity(),
+                    ch.id,
+                ) {
+                    fail(&inner, FailReason::MemoryBudget(e));
                     return;
                 }
                 &raw

@@ -46,7 +46,14 @@ pub(super) struct FrameSender {
 
 impl FrameSender {
     pub(super) fn new(inner: &Inner) -> FrameSender {
-        let planner = Planner::new(inner.ring_bytes);
+        // A responder sends QEMU's return path, which holds no guest pages:
+        // it dedups nothing, so it keeps no ring (a sender may use a smaller
+        // ring than agreed: its REFs stay within the receiver's).
+        let ring = match inner.role {
+            super::Role::Initiator => inner.ring_bytes,
+            super::Role::Responder => 0,
+        };
+        let planner = Planner::new(ring);
         let last = planner.stats();
         FrameSender {
             planner,

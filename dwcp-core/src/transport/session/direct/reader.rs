@@ -28,6 +28,7 @@ use super::super::credit::{count_delivered, delivered_inline};
 use super::super::{check_complete, fail, is_down, open_channel_with, Ctrl, FailReason, Inner};
 use super::ready::Readiness;
 use crate::codec::Rebuilder;
+use crate::transport::budget::RingCharge;
 
 /// Why [`ChannelReader::read_vectored`] returned no bytes.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +63,7 @@ pub(in crate::transport::session) fn open_direct(
         ready,
         state: Mutex::new(ReadState {
             rebuilder: Rebuilder::new(inner.ring_bytes),
+            ring_charge: RingCharge::default(),
             cur: Vec::new(),
             pos: 0,
             scratch: Vec::new(),
@@ -76,6 +78,7 @@ pub(in crate::transport::session) fn open_direct(
 
 struct ReadState {
     rebuilder: Rebuilder,
+    ring_charge: RingCharge,
     /// The frame being read (several, after a peek that crossed frames).
     cur: Vec<u8>,
     pos: usize,
@@ -256,6 +259,14 @@ impl ChannelReader {
                         seq: None,
                         error: e.to_string(),
                     })?;
+                rs.ring_charge
+                    .update(
+                        &self.inner.budget,
+                        rs.rebuilder.ring_pages_used(),
+                        rs.rebuilder.ring_capacity(),
+                        self.ch.id,
+                    )
+                    .map_err(FailReason::MemoryBudget)?;
                 if !rs.scratch.is_empty() {
                     rs.cur.extend_from_slice(&rs.scratch);
                     rs.scratch.clear();
