@@ -64,6 +64,9 @@ unshare --mount --propagation private bash -s "$root" "$rustup_home" "$cargo_bin
     >>"$log" 2>&1 <<'INNER' || status=$?
 set -euo pipefail
 root=$1 rustup_home=$2 cargo_bin=$3 steps=$4
+# The root must be a mount point of its own: `ip netns exec` remounts / as
+# a slave, which fails on a plain directory.
+mount --bind "$root" "$root"
 mount -t proc proc "$root/proc"
 mount --rbind /sys "$root/sys"
 mount --rbind /dev "$root/dev"
