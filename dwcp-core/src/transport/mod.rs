@@ -35,8 +35,9 @@ pub use gate::CutoverGate;
 pub use handshake::{Acceptor, AcceptorLimits, Authorizer, GateProvider, Refusal};
 pub use link::TlsSettings;
 pub use session::{
-    ChannelReader, ChannelStats, ChannelWriter, CodecCounts, DirectHandOver, FailReason, ReadError,
-    Role, Session, SessionError, SessionState, SessionStats, StreamStats, Target, WriteError,
+    ChannelReader, ChannelStats, ChannelWriter, CodecCounts, DirectHandOver, FailReason,
+    PeerRefusal, ReadError, Role, Session, SessionError, SessionState, SessionStats, StreamStats,
+    Target, WriteError,
 };
 pub use tcp::{tcp_info, SocketTuning, TcpInfo};
 

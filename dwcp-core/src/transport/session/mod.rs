@@ -55,7 +55,7 @@ mod watchdog;
 use channel::{Channel, RecvState, SentLog};
 pub use direct::reader::{ChannelReader, ReadError};
 pub use direct::writer::{ChannelWriter, WriteError};
-pub use error::{FailReason, SessionError};
+pub use error::{FailReason, PeerRefusal, SessionError};
 use send::{Job, Outgoing};
 pub use stats::{ChannelStats, CodecCounts, SessionState, SessionStats, StreamStats};
 pub use target::{DirectHandOver, Target};
