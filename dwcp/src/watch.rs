@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use dwcp_core::agent::control_request;
+use dwcp_core::agent::control_call;
 use serde_json::{json, Value};
 
 /// Parses `1s`, `500ms`, `2` (seconds), `0.5s`.
@@ -185,7 +185,7 @@ pub fn run(agent: &Path, every: Duration, count: Option<u64>) -> Result<()> {
     let mut last: HashMap<String, Sample> = HashMap::new();
     let mut frame = 0u64;
     loop {
-        let v = control_request(agent, &json!({"op": "stats"})).map_err(anyhow::Error::msg)?;
+        let v = control_call(agent, &json!({"op": "stats"}))?;
         let now = Instant::now();
         let mut rs = HashMap::new();
         let mut next = HashMap::new();
