@@ -48,7 +48,7 @@ fn compare_smoke_writes_verified_runs_and_a_report() {
         ],
         &out,
     );
-    assert_eq!(r["schema_version"], 1);
+    assert_eq!(r["schema_version"], 2);
     let suite = &r["compare"][0];
     assert_eq!(suite["profile"], "dc");
     let runs = suite["runs"].as_array().expect("runs");
