@@ -471,7 +471,7 @@ fn ran_and_not(r: &Results) -> String {
     );
     if !not.is_empty() {
         t.push_str(&format!(
-            " Not run: {} (`dwcp benchmark run` runs the whole suite).",
+            " Not run: {} (dwcp benchmark run runs the whole suite).",
             not.join(", ")
         ));
     }
@@ -819,7 +819,13 @@ fn compare_section(h: &mut String, svgs: &mut Vec<(String, String)>, r: &Results
                 Box::new(|c: &ContenderSummary| med(&c.wire_bytes).map(|v| v / 1048576.0)),
             ),
         ] {
-            let svg = svg_bars(title, unit, &cats, &series(&*f));
+            let data = series(&*f);
+            if data.iter().all(|(_, v)| v.iter().all(Option::is_none)) {
+                // Nothing to show (a guest of one's own has no guest-side
+                // pause figure): no empty chart of ✗.
+                continue;
+            }
+            let svg = svg_bars(title, unit, &cats, &data);
             h.push_str(&svg);
             svgs.push((file.to_string(), svg));
         }
