@@ -149,7 +149,8 @@ pub fn control_kind(c: &ControlError) -> FailKind {
 /// The JSON object printed for a failure under `--json`.
 pub fn json_error(e: &anyhow::Error) -> Value {
     let kind = classify(e);
-    let mut v = json!({"error": format!("{e:#}"), "kind": kind.name(), "exit_code": kind.exit_code()});
+    let mut v =
+        json!({"error": format!("{e:#}"), "kind": kind.name(), "exit_code": kind.exit_code()});
     if let Some(p) = e.chain().find_map(|c| c.downcast_ref::<ConfigProblems>()) {
         v["file"] = json!(p.file);
         v["problems"] = json!(p.problems);

@@ -95,8 +95,7 @@ pub fn run(a: VirshMigrateArgs) -> Result<()> {
     if let Some(c) = a.codec.clone().or_else(|| xml_attr(&md, "codec")) {
         route["codec"] = json!(c);
     }
-    let answer =
-        control_call(&a.agent, &route).context("creating the route on the local agent")?;
+    let answer = control_call(&a.agent, &route).context("creating the route on the local agent")?;
     let socket = answer["socket"].as_str().unwrap_or_default().to_string();
     let dest_uri = a
         .dest_uri
@@ -200,7 +199,10 @@ pub fn run(a: VirshMigrateArgs) -> Result<()> {
                 _ => {}
             }
         }
-        let e = anyhow::anyhow!("libvirt migration of {} to {dest_uri} failed: {e}", a.domain);
+        let e = anyhow::anyhow!(
+            "libvirt migration of {} to {dest_uri} failed: {e}",
+            a.domain
+        );
         return Err(crate::migrate::failed_migration(e, refusal));
     }
     // The destination keeps the completed job's statistics (downtime).

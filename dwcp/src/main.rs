@@ -387,7 +387,10 @@ fn expect(e: ExpectArgs, json: bool) -> Result<()> {
             json!({"ok": true, "name": e.name, "from": e.from, "ttl_s": e.ttl_s})
         );
     } else {
-        eprintln!("expecting migration {} from {from} for {} s", e.name, e.ttl_s);
+        eprintln!(
+            "expecting migration {} from {from} for {} s",
+            e.name, e.ttl_s
+        );
     }
     Ok(())
 }

@@ -128,8 +128,7 @@ fn run_inner(
             req[key] = Value::String(v);
         }
     }
-    let route =
-        control_call(&a.agent, &req).context("setting up the route on the local agent")?;
+    let route = control_call(&a.agent, &req).context("setting up the route on the local agent")?;
     let socket = route["socket"].as_str().unwrap_or_default().to_string();
     let setup = MigrationSetup {
         multifd_channels: a.multifd,

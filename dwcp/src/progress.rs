@@ -210,11 +210,19 @@ mod tests {
         assert_eq!(p.remaining_bytes, Some(90_000_000));
         assert_eq!(p.expected_downtime_ms, Some(120));
         assert_eq!(p.downtime_ms, None);
-        let p = from_query_migrate(&q(20_096_000, "active"), &mut w, t0 + Duration::from_secs(2));
+        let p = from_query_migrate(
+            &q(20_096_000, "active"),
+            &mut w,
+            t0 + Duration::from_secs(2),
+        );
         // 10.048 MB/s sent, 4.096 MB/s dirtied: 90 MB / 5.952 MB/s.
         let eta = p.eta_s.unwrap();
         assert!((eta - 90_000_000.0 / 5_952_000.0).abs() < 1e-6, "{eta}");
-        let p = from_query_migrate(&q(30_000_000, "completed"), &mut w, t0 + Duration::from_secs(3));
+        let p = from_query_migrate(
+            &q(30_000_000, "completed"),
+            &mut w,
+            t0 + Duration::from_secs(3),
+        );
         assert_eq!((p.eta_s, p.downtime_ms), (None, Some(45)));
     }
 }

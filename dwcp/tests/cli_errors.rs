@@ -44,10 +44,7 @@ fn json_error(o: &Output, kind: &str, code: i32) -> Value {
     let v: Value = serde_json::from_str(lines[0]).expect("stdout is JSON");
     assert_eq!(v["kind"], kind, "{v}");
     assert_eq!(v["exit_code"], code, "{v}");
-    assert!(
-        v["error"].as_str().is_some_and(|e| !e.is_empty()),
-        "{v}"
-    );
+    assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{v}");
     v
 }
 
@@ -64,14 +61,24 @@ fn a_missing_control_socket_exits_3() {
         vec!["--json", "expect", "vm1", "--agent", sock],
         vec!["--json", "reload-tls", "--agent", sock],
         vec![
-            "--json", "migrate", "--qmp", "/nonexistent/qmp.sock", "--to", "127.0.0.1:9",
-            "--insecure", "--agent", sock,
+            "--json",
+            "migrate",
+            "--qmp",
+            "/nonexistent/qmp.sock",
+            "--to",
+            "127.0.0.1:9",
+            "--insecure",
+            "--agent",
+            sock,
         ],
     ] {
         let o = dwcp(&args);
         let v = json_error(&o, "agent_unreachable", 3);
         assert!(
-            v["error"].as_str().unwrap().contains("cannot reach the agent"),
+            v["error"]
+                .as_str()
+                .unwrap()
+                .contains("cannot reach the agent"),
             "{args:?}: {v}"
         );
         // The text error is on stderr as without --json.
@@ -91,7 +98,11 @@ fn bad_usage_exits_2() {
     let v = json_error(&o, "usage", 2);
     assert!(v["error"].as_str().unwrap().contains("--bogus"), "{v}");
     // A missing required flag, and a conflict found after parsing.
-    json_error(&dwcp(&["migrate", "--json", "--to", "127.0.0.1:9"]), "usage", 2);
+    json_error(
+        &dwcp(&["migrate", "--json", "--to", "127.0.0.1:9"]),
+        "usage",
+        2,
+    );
     json_error(&dwcp(&["stats", "--watch", "--json"]), "usage", 2);
     // Without --json: clap's text on stderr, exit 2.
     let o = dwcp(&["stats", "--bogus"]);
@@ -101,7 +112,11 @@ fn bad_usage_exits_2() {
     let o = dwcp(&["--help"]);
     assert_eq!(o.status.code(), Some(0));
     let help = String::from_utf8_lossy(&o.stdout);
-    for want in ["3  agent_unreachable", "4  migration_failed", "6  peer_refused"] {
+    for want in [
+        "3  agent_unreachable",
+        "4  migration_failed",
+        "6  peer_refused",
+    ] {
         assert!(help.contains(want), "{want} not in --help:\n{help}");
     }
 }
@@ -110,7 +125,11 @@ fn bad_usage_exits_2() {
 fn config_check_of_a_bad_file_is_a_json_error() {
     let dir = scratch("config");
     let bad = dir.join("dwcp.toml");
-    std::fs::write(&bad, "[transport]\nstreams = 0\ncodec = \"gzip\"\n[agnet]\n").unwrap();
+    std::fs::write(
+        &bad,
+        "[transport]\nstreams = 0\ncodec = \"gzip\"\n[agnet]\n",
+    )
+    .unwrap();
     let o = dwcp(&["--json", "config", "check", bad.to_str().unwrap()]);
     let v = json_error(&o, "config", 1);
     let problems = v["problems"].as_array().expect("problems");
@@ -123,7 +142,12 @@ fn config_check_of_a_bad_file_is_a_json_error() {
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["ok"], true);
     // A file that is not there: an error of no particular class.
-    let o = dwcp(&["--json", "config", "check", dir.join("none.toml").to_str().unwrap()]);
+    let o = dwcp(&[
+        "--json",
+        "config",
+        "check",
+        dir.join("none.toml").to_str().unwrap(),
+    ]);
     json_error(&o, "error", 1);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -159,7 +183,10 @@ impl AgentProc {
         };
         let t0 = Instant::now();
         while dwcp_core::agent::control_call(&a.control(), &json!({"op": "ping"})).is_err() {
-            assert!(t0.elapsed() < Duration::from_secs(20), "agent did not start");
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "agent did not start"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         a
@@ -272,8 +299,7 @@ fn a_migration_the_destination_does_not_expect_exits_6() {
         "{v}"
     );
     // The agent's stats say why, typed.
-    let stats =
-        dwcp_core::agent::control_call(&src.control(), &json!({"op": "stats"})).unwrap();
+    let stats = dwcp_core::agent::control_call(&src.control(), &json!({"op": "stats"})).unwrap();
     let route = &stats["routes"][0];
     assert_eq!(route["last_error"]["refused_by_peer"], true, "{stats}");
     assert_eq!(route["last_error"]["refusal"], "not_expected", "{stats}");

@@ -279,13 +279,17 @@ fn prometheus_scrapes_both_agents_and_the_dashboard_shows_the_migration() {
         // A live scrape, linted by promtool, once `dwcp migrate` has
         // reported an ETA (its first report has no rate yet; it reports
         // once a second).
-        let eta_series = format!("dwcp_migration_eta_seconds{{migration=\"{NAME}\",role=\"source\"}}");
+        let eta_series =
+            format!("dwcp_migration_eta_seconds{{migration=\"{NAME}\",role=\"source\"}}");
         let t0 = Instant::now();
         let scrape = loop {
             let (status, scrape) =
                 http_get(&lab, lab.src_ns(), src_metrics.clone(), "/metrics".into()).unwrap();
             assert!(status.contains("200"), "{status}");
-            if scrape.contains(&eta_series) || m.is_finished() || t0.elapsed() > Duration::from_secs(20) {
+            if scrape.contains(&eta_series)
+                || m.is_finished()
+                || t0.elapsed() > Duration::from_secs(20)
+            {
                 break scrape;
             }
             std::thread::sleep(Duration::from_millis(250));
@@ -376,7 +380,10 @@ fn prometheus_scrapes_both_agents_and_the_dashboard_shows_the_migration() {
     // The ETA dwcp migrate reported, in seconds.
     let eta = cell_of(&dom2, NAME, "eta").unwrap_or_default();
     eprintln!("dashboard ETA: {eta:?}");
-    assert!(eta.ends_with(" s"), "no ETA on the dashboard: {eta:?}\n{dom2}");
+    assert!(
+        eta.ends_with(" s"),
+        "no ETA on the dashboard: {eta:?}\n{dom2}"
+    );
     assert!(std::fs::metadata(&shot)
         .map(|m| m.len() > 10_000)
         .unwrap_or(false));
@@ -429,7 +436,11 @@ fn prometheus_scrapes_both_agents_and_the_dashboard_shows_the_migration() {
         }
         std::thread::sleep(Duration::from_millis(500));
     };
-    assert_eq!(downtime.first().map(sample_value), Some(1.0), "{downtime:?}");
+    assert_eq!(
+        downtime.first().map(sample_value),
+        Some(1.0),
+        "{downtime:?}"
+    );
     let wire = query(&lab, "sum(dwcp_wire_bytes_total{direction=\"sent\"})");
     assert!(sample_value(&wire[0]) > 0.0, "{wire:?}");
     // Series only there while it ran: Prometheus saw them mid-flight.

@@ -840,7 +840,11 @@ pub fn converge(a: &ConvergeArgs, p: &Progress) -> Result<ConvergeSuite> {
 pub fn converge_summary(s: &ConvergeSuite) -> String {
     let mut t = format!(
         "converge --profile {}: {} MiB guest, {} MiB filled, rates {:?} MiB/s, timeout {} s\n",
-        s.profile, s.guest.mem_mb, s.guest.fill_mb.unwrap_or(0), s.rates_mbps, s.timeout_s
+        s.profile,
+        s.guest.mem_mb,
+        s.guest.fill_mb.unwrap_or(0),
+        s.rates_mbps,
+        s.timeout_s
     );
     for l in &s.limits {
         t.push_str(&format!(

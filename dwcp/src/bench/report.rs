@@ -424,7 +424,8 @@ small{{color:#777}} i{{color:#886}} .bad{{color:#c00;font-weight:bold}}</style><
 }
 
 /// The template's items no run here can measure, in one line at the end.
-const NEVER_MEASURED: &str = "RDMA, 512 streams (the transport allows 256), runtime mode switching \
+const NEVER_MEASURED: &str =
+    "RDMA, 512 streams (the transport allows 256), runtime mode switching \
     (DWCP fixes tier and streams per route), snappy, a bandwidth predictor, BFT consensus, bulk \
     state sync, consensus over a real WAN, 5 % loss, concurrent migrations, 10–1000 node \
     clusters, VMware and Hyper-V, long-running stress";
@@ -587,11 +588,7 @@ fn hde_section(h: &mut String, hd: &super::schema::HdeResult) {
                 ]
             })
             .collect();
-        table(
-            h,
-            &["Data", "LZ4", "ZSTD-1", "ZSTD-3"],
-            &rows,
-        );
+        table(h, &["Data", "LZ4", "ZSTD-1", "ZSTD-3"], &rows);
         h.push_str("<h4>1.2.2 Compression throughput (per core)</h4>");
         let mut rows = Vec::new();
         for d in &hd.datasets {
@@ -901,14 +898,20 @@ fn converge_section(h: &mut String, r: &Results) {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::super::schema::{CompareSuite, ContenderSummary, GuestInfo, Results, Stat};
     use super::*;
 
     fn suite(profile: &str, guest: GuestInfo) -> CompareSuite {
-        let stat = |v: f64| Some(Stat { median: v, min: v, max: v, n: 1 });
+        let stat = |v: f64| {
+            Some(Stat {
+                median: v,
+                min: v,
+                max: v,
+                n: 1,
+            })
+        };
         CompareSuite {
             profile: profile.into(),
             guest,
@@ -985,7 +988,10 @@ mod tests {
         assert_eq!(g["mem_mb"], 2048);
         assert_eq!(g["qemu_args_file"], "guests/web.args");
         assert_eq!(g["accel"], "tcg");
-        assert!(g.get("fill_mb").is_none() && g.get("dirty_mbps").is_none(), "{g}");
+        assert!(
+            g.get("fill_mb").is_none() && g.get("dirty_mbps").is_none(),
+            "{g}"
+        );
     }
 
     /// The test guest is described as before.
@@ -1004,6 +1010,9 @@ mod tests {
         assert!(!html.contains("not measured"));
         let j = serde_json::to_value(&r).unwrap();
         let g = &j["compare"][0]["guest"];
-        assert_eq!((g["kind"].as_str(), g["fill_mb"].as_u64()), (Some("test_guest"), Some(256)));
+        assert_eq!(
+            (g["kind"].as_str(), g["fill_mb"].as_u64()),
+            (Some("test_guest"), Some(256))
+        );
     }
 }

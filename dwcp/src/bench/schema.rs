@@ -82,7 +82,14 @@ const QEMU_DEFAULT_MEM_MB: u64 = 128;
 
 impl GuestInfo {
     /// The test guest with this workload.
-    pub fn test_guest(mem_mb: u64, fill_mb: u64, dirty_mbps: u64, seed: u64, mix: &str, accel: &str) -> GuestInfo {
+    pub fn test_guest(
+        mem_mb: u64,
+        fill_mb: u64,
+        dirty_mbps: u64,
+        seed: u64,
+        mix: &str,
+        accel: &str,
+    ) -> GuestInfo {
         GuestInfo {
             kind: GuestKind::TestGuest,
             mem_mb,

@@ -186,8 +186,12 @@ fn a_relayed_session_shows_in_the_exposition() {
         .unwrap();
         running = parse(&ms.text()).1;
         if a["session"].is_string()
-            && value(&running, "dwcp_migration_eta_seconds", r#"migration="m1",role="source""#)
-                .is_some()
+            && value(
+                &running,
+                "dwcp_migration_eta_seconds",
+                r#"migration="m1",role="source""#,
+            )
+            .is_some()
         {
             break;
         }
@@ -204,7 +208,10 @@ fn a_relayed_session_shows_in_the_exposition() {
         Some(0.04)
     );
     let api = &ms.migrations_json()["running"][0];
-    assert_eq!((api["eta_s"].as_f64(), api["total_bytes"].as_u64()), (Some(2.5), Some(64 << 20)));
+    assert_eq!(
+        (api["eta_s"].as_f64(), api["total_bytes"].as_u64()),
+        (Some(2.5), Some(64 << 20))
+    );
     // A report without an ETA (the guest dirties as fast as it is sent)
     // removes it: no ETA rather than a stale one.
     dwcp_core::agent::control_call(
@@ -262,9 +269,13 @@ fn a_relayed_session_shows_in_the_exposition() {
     assert!(!samples.iter().any(|s| s.name == "dwcp_stream_rtt_seconds"));
     assert!(!samples
         .iter()
-        .any(|s| s.name == "dwcp_migration_eta_seconds" || s.name == "dwcp_migration_remaining_bytes"));
+        .any(|s| s.name == "dwcp_migration_eta_seconds"
+            || s.name == "dwcp_migration_remaining_bytes"));
     // The downtime, reported once QEMU completed (twice here: counted once).
-    assert_eq!(value(&samples, "dwcp_migration_downtime_seconds_count", ""), Some(0.0));
+    assert_eq!(
+        value(&samples, "dwcp_migration_downtime_seconds_count", ""),
+        Some(0.0)
+    );
     for _ in 0..2 {
         dwcp_core::agent::control_call(
             &ctl,
@@ -273,10 +284,20 @@ fn a_relayed_session_shows_in_the_exposition() {
         .unwrap();
     }
     let samples = parse(&ms.text()).1;
-    assert_eq!(value(&samples, "dwcp_migration_downtime_seconds_count", ""), Some(1.0));
-    assert_eq!(value(&samples, "dwcp_migration_downtime_seconds_sum", ""), Some(0.045));
     assert_eq!(
-        value(&samples, "dwcp_migration_downtime_seconds_bucket", r#"le="0.05""#),
+        value(&samples, "dwcp_migration_downtime_seconds_count", ""),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(&samples, "dwcp_migration_downtime_seconds_sum", ""),
+        Some(0.045)
+    );
+    assert_eq!(
+        value(
+            &samples,
+            "dwcp_migration_downtime_seconds_bucket",
+            r#"le="0.05""#
+        ),
         Some(1.0)
     );
     assert_eq!(ms.migrations_json()["history"][0]["downtime_ms"], 45);
