@@ -54,23 +54,31 @@ enum Cmd {
     /// Run the per-host agent daemon (source and/or destination side).
     Agent(AgentArgs),
     /// Migrate a running QEMU through the local agent to a destination agent.
+    #[command(after_help = failure::exit_code_help())]
     Migrate(migrate::MigrateArgs),
     /// Live-migrate a libvirt domain through DWCP (`virsh migrate --p2p` via the agents).
+    #[command(after_help = failure::exit_code_help())]
     VirshMigrate(libvirt_migrate::VirshMigrateArgs),
     /// The configuration file: `dwcp config check [FILE]`.
+    #[command(after_help = failure::exit_code_help())]
     #[command(subcommand)]
     Config(ConfigCmd),
     /// Show the local agent's routes and sessions.
+    #[command(after_help = failure::exit_code_help())]
     Stats(StatsArgs),
     /// Destination: accept a migration of this name (from this peer) on the
     /// local agent's data port.
+    #[command(after_help = failure::exit_code_help())]
     Expect(ExpectArgs),
     /// Re-read the local agent's TLS credentials (as SIGHUP does).
+    #[command(after_help = failure::exit_code_help())]
     ReloadTls(ReloadTlsArgs),
     /// The agents' raft cluster (`dwcp cluster status`).
+    #[command(after_help = failure::exit_code_help())]
     #[command(subcommand)]
     Cluster(cluster::ClusterCmd),
     /// The guest ownership registry as the local agent's cluster member sees it.
+    #[command(after_help = failure::exit_code_help())]
     Guests(cluster::ShowArgs),
     /// Boot the test guest on two emulated hosts and migrate it through DWCP.
     Demo(dwcp_lab::demo::DemoArgs),
