@@ -149,7 +149,8 @@ pub fn run(a: VirshMigrateArgs) -> Result<()> {
                 remaining_bytes: j.mem_remaining,
                 total_bytes: j.mem_total,
                 eta_s,
-                expected_downtime_ms: None,
+                // For a running job libvirt's downtime is the expected one.
+                expected_downtime_ms: j.downtime,
                 downtime_ms: None,
             });
             let eta = match eta_s {
