@@ -12,7 +12,7 @@ use clap::Args;
 use dwcp_consensus::{
     Cluster, ClusterConfig, ClusterError as RaftError, PeerAddr, ProposeError, RegistryError,
 };
-use dwcp_core::agent::{control_call, control_request, ClusterError, ClusterErrorKind, ClusterOps};
+use dwcp_core::agent::{control_call, ClusterError, ClusterErrorKind, ClusterOps};
 use dwcp_core::qemu::{MigrationResult, Qmp};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -235,17 +235,20 @@ pub struct ShowArgs {
     /// The agent's control socket.
     #[arg(long, default_value = "/run/dwcp/agent.sock")]
     agent: PathBuf,
-    /// Print the raw JSON.
-    #[arg(long)]
-    json: bool,
+    /// Print the raw JSON (the global --json).
+    #[arg(skip)]
+    pub json: bool,
 }
 
-pub fn cluster_cmd(c: ClusterCmd) -> Result<()> {
-    let a = match c {
+pub fn cluster_cmd(c: ClusterCmd, json: bool) -> Result<()> {
+    let mut a = match c {
         ClusterCmd::Status(a) => a,
         ClusterCmd::Reconcile(r) => {
-            let v = control_request(&r.agent, &json!({"op": "reconcile", "guest": r.guest}))
-                .map_err(anyhow::Error::msg)?;
+            let v = control_call(&r.agent, &json!({"op": "reconcile", "guest": r.guest}))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
             match v["action"].as_str().unwrap_or("none") {
                 "none" => println!(
                     "nothing to reconcile for guest {}: {}",
@@ -264,8 +267,8 @@ pub fn cluster_cmd(c: ClusterCmd) -> Result<()> {
             return Ok(());
         }
     };
-    let v =
-        control_request(&a.agent, &json!({"op": "cluster_status"})).map_err(anyhow::Error::msg)?;
+    a.json = json;
+    let v = control_call(&a.agent, &json!({"op": "cluster_status"}))?;
     let s = &v["status"];
     if a.json {
         println!("{}", serde_json::to_string_pretty(s)?);
@@ -315,7 +318,7 @@ pub fn cluster_cmd(c: ClusterCmd) -> Result<()> {
 }
 
 pub fn guests_cmd(a: ShowArgs) -> Result<()> {
-    let v = control_request(&a.agent, &json!({"op": "guests"})).map_err(anyhow::Error::msg)?;
+    let v = control_call(&a.agent, &json!({"op": "guests"}))?;
     let g = &v["guests"];
     if a.json {
         println!("{}", serde_json::to_string_pretty(g)?);
@@ -363,19 +366,17 @@ impl Gate {
         let src = match src {
             Some(s) => s,
             None => {
-                let v = control_request(agent, &json!({"op": "cluster_status"}))
-                    .map_err(anyhow::Error::msg)
+                let v = control_call(agent, &json!({"op": "cluster_status"}))
                     .context("asking the local agent for its node id")?;
                 v["status"]["node_id"]
                     .as_u64()
                     .context("the agent's cluster status has no node_id")?
             }
         };
-        let v = control_request(
+        let v = control_call(
             agent,
             &json!({"op": "begin", "guest": guest, "src": src, "dst": dst}),
         )
-        .map_err(anyhow::Error::msg)
         .with_context(|| {
             format!("the cluster refused to begin migrating guest {guest} from host {src} to host {dst}")
         })?;
@@ -391,8 +392,9 @@ impl Gate {
     }
 
     /// Commits the ownership transfer, retrying "no leader" and timeouts until
-    /// `commit_timeout`; a refusal by the registry is final.
-    pub fn commit(&self) -> Result<(), String> {
+    /// `commit_timeout`; a refusal by the registry is final (the error is
+    /// then the agent's [`dwcp_core::agent::ControlError`], of its kind).
+    pub fn commit(&self) -> Result<()> {
         let end = Instant::now() + self.commit_timeout;
         let mut last = String::from("no answer");
         while Instant::now() < end {
@@ -408,7 +410,7 @@ impl Gate {
             match rx.recv_timeout(left) {
                 Ok(Ok(_)) => return Ok(()),
                 Ok(Err(e)) if e.kind.is_some_and(ClusterErrorKind::refused_by_registry) => {
-                    return Err(e.message)
+                    return Err(e.into())
                 }
                 Ok(Err(e)) => last = e.message,
                 Err(_) => {
@@ -418,10 +420,10 @@ impl Gate {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        Err(format!(
+        bail!(
             "ownership transfer not committed within {:?}: {last}",
             self.commit_timeout
-        ))
+        )
     }
 
     /// The migration failed: the agent aborts the intent, or reverts the
@@ -459,7 +461,7 @@ pub fn gated_migrate(
     uri: &str,
     timeout: Duration,
     mut progress: impl FnMut(&Value) -> Option<Value>,
-    mut gate: impl FnMut() -> Result<(), String>,
+    mut gate: impl FnMut() -> Result<()>,
 ) -> Result<(MigrationResult, u64)> {
     q.execute(
         "migrate-set-capabilities",
@@ -488,7 +490,9 @@ pub fn gated_migrate(
                 let tg = Instant::now();
                 if let Err(e) = gate() {
                     cancel_and_resume(q);
-                    bail!("cutover gate closed: {e}; migration cancelled, the guest stays on the source");
+                    return Err(e.context(
+                        "cutover gate closed (migration cancelled, the guest stays on the source)",
+                    ));
                 }
                 q.execute("migrate-continue", Some(json!({"state": "pre-switchover"})))
                     .context("migrate-continue after the gate")?;

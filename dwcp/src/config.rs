@@ -250,7 +250,9 @@ pub fn locate(given: Option<&Path>) -> Option<PathBuf> {
 
 /// `dwcp config check [FILE]`: prints every problem with its line, key and
 /// allowed range; Ok when there is none.
-pub fn check(path: Option<&Path>) -> anyhow::Result<()> {
+/// With `json`, prints `{"file": F, "ok": true}` instead; a file with
+/// problems is a [`crate::failure::ConfigProblems`] error, which lists them.
+pub fn check(path: Option<&Path>, json: bool) -> anyhow::Result<()> {
     let path = path
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from(DEFAULT_PATH));
@@ -258,14 +260,27 @@ pub fn check(path: Option<&Path>) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
     match FileConfig::parse(&text) {
         Ok(_) => {
-            println!("{}: ok", path.display());
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"file": path.display().to_string(), "ok": true})
+                );
+            } else {
+                println!("{}: ok", path.display());
+            }
             Ok(())
         }
         Err(problems) => {
-            for p in &problems {
-                println!("{}: {p}", path.display());
+            if !json {
+                for p in &problems {
+                    println!("{}: {p}", path.display());
+                }
             }
-            anyhow::bail!("{}: {} problem(s)", path.display(), problems.len())
+            Err(crate::failure::ConfigProblems {
+                file: path.display().to_string(),
+                problems: problems.iter().map(|p| p.to_string()).collect(),
+            }
+            .into())
         }
     }
 }

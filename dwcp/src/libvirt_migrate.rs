@@ -10,9 +10,9 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Args;
-use dwcp_core::agent::control_request;
+use dwcp_core::agent::{control_call, control_request};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 use virt::connect::Connect;
@@ -50,9 +50,9 @@ pub struct VirshMigrateArgs {
     /// DWCP codec (default: metadata, else the agent's).
     #[arg(long)]
     codec: Option<String>,
-    /// Print the result as JSON on stdout.
-    #[arg(long)]
-    json: bool,
+    /// Print the result as JSON on stdout (the global --json).
+    #[arg(skip)]
+    pub json: bool,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -95,9 +95,7 @@ pub fn run(a: VirshMigrateArgs) -> Result<()> {
     if let Some(c) = a.codec.clone().or_else(|| xml_attr(&md, "codec")) {
         route["codec"] = json!(c);
     }
-    let answer = control_request(&a.agent, &route)
-        .map_err(anyhow::Error::msg)
-        .context("creating the route on the local agent")?;
+    let answer = control_call(&a.agent, &route).context("creating the route on the local agent")?;
     let socket = answer["socket"].as_str().unwrap_or_default().to_string();
     let dest_uri = a
         .dest_uri
@@ -129,17 +127,35 @@ pub fn run(a: VirshMigrateArgs) -> Result<()> {
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let mut downtime_ms = None;
+    let mut reporter = crate::progress::Reporter::new(a.agent.clone(), &a.domain);
+    let mut rate = crate::progress::RateWindow::default();
     while !worker.is_finished() {
         if let Ok(j) = dom.job_stats(0) {
             let total = j.mem_total.unwrap_or(0);
             let remaining = j.mem_remaining.unwrap_or(0);
             pb.set_length(total);
             pb.set_position(total.saturating_sub(remaining));
-            let bps = j.mem_bps.unwrap_or(0);
-            let eta = if bps > 0 {
-                format!("{:.1} s", remaining as f64 / bps as f64)
-            } else {
-                "?".into()
+            if let Some(done) = j.mem_processed {
+                rate.observe(Instant::now(), done);
+            }
+            // libvirt's dirty rate is in pages per second.
+            let dirty = j
+                .mem_dirty_rate
+                .map(|p| (p * j.mem_page_size.unwrap_or(4096)) as f64);
+            let eta_s = j
+                .mem_remaining
+                .and_then(|r| crate::progress::eta_s(r, rate.rate(), dirty));
+            reporter.maybe_send(&crate::progress::Progress {
+                remaining_bytes: j.mem_remaining,
+                total_bytes: j.mem_total,
+                eta_s,
+                // For a running job libvirt's downtime is the expected one.
+                expected_downtime_ms: j.downtime,
+                downtime_ms: None,
+            });
+            let eta = match eta_s {
+                Some(s) => format!("{s:.1} s"),
+                None => "?".into(),
             };
             let wire = dwcp_core::agent::newest_session(&a.agent, &a.domain)
                 .map(|s| {
@@ -166,6 +182,11 @@ pub fn run(a: VirshMigrateArgs) -> Result<()> {
         .join()
         .map_err(|_| anyhow::anyhow!("migration thread panicked"))?;
     let elapsed = t0.elapsed().as_secs_f64();
+    // Before the route goes: why it could not relay, if the destination refused.
+    let refusal = res
+        .is_err()
+        .then(|| crate::migrate::peer_refusal(&a.agent, &a.domain))
+        .flatten();
     let _ = control_request(&a.agent, &json!({"op": "unroute", "name": a.domain}));
     if let Err(e) = res {
         // libvirt resumed the guest here: when the local agent is a cluster
@@ -179,10 +200,11 @@ pub fn run(a: VirshMigrateArgs) -> Result<()> {
                 _ => {}
             }
         }
-        bail!(
+        let e = anyhow::anyhow!(
             "libvirt migration of {} to {dest_uri} failed: {e}",
             a.domain
         );
+        return Err(crate::migrate::failed_migration(e, refusal));
     }
     // The destination keeps the completed job's statistics (downtime).
     if let Ok(dconn) = Connect::open(Some(&dest_uri)) {
@@ -192,6 +214,11 @@ pub fn run(a: VirshMigrateArgs) -> Result<()> {
             }
         }
     }
+    reporter.finish(&crate::progress::Progress {
+        remaining_bytes: Some(0),
+        downtime_ms,
+        ..Default::default()
+    });
     let s = dwcp_core::agent::newest_session(&a.agent, &a.domain).unwrap_or(Value::Null);
     let out = json!({
         "domain": a.domain, "dest_uri": dest_uri, "socket": socket,

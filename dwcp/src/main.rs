@@ -3,10 +3,12 @@
 mod bench;
 mod cluster;
 mod config;
+mod failure;
 mod gendocs;
 mod libvirt_migrate;
 mod metrics;
 mod migrate;
+mod progress;
 mod service;
 mod watch;
 
@@ -15,7 +17,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use dwcp_core::agent::{control_request, Agent, AgentConfig};
+use dwcp_core::agent::{control_call, Agent, AgentConfig};
 use dwcp_core::transport::options::{self, Surface, TransportOption};
 use dwcp_core::transport::{AcceptorLimits, TransportConfig};
 use serde_json::{json, Value};
@@ -23,7 +25,8 @@ use serde_json::{json, Value};
 /// DWCP moves a running QEMU/KVM guest between hosts over many TCP streams
 /// with compression and page deduplication.
 #[derive(Parser, Debug)]
-#[command(name = "dwcp", version, about, propagate_version = true)]
+#[command(name = "dwcp", version, about, propagate_version = true,
+          after_help = failure::exit_code_help())]
 struct Cli {
     /// Log filter (error, warn, info, debug, trace; or RUST_LOG syntax).
     #[arg(long, global = true, default_value = "info", env = "DWCP_LOG")]
@@ -37,6 +40,11 @@ struct Cli {
     /// flags and DWCP_* variables override it.
     #[arg(long, global = true, env = "DWCP_CONFIG")]
     config: Option<PathBuf>,
+    /// Machine-readable output on stdout: the result as JSON (migrate,
+    /// virsh-migrate, stats, cluster status, guests, config check), and a
+    /// failure as one object {"error", "kind", "exit_code"} (see below).
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -46,23 +54,31 @@ enum Cmd {
     /// Run the per-host agent daemon (source and/or destination side).
     Agent(AgentArgs),
     /// Migrate a running QEMU through the local agent to a destination agent.
+    #[command(after_help = failure::exit_code_help())]
     Migrate(migrate::MigrateArgs),
     /// Live-migrate a libvirt domain through DWCP (`virsh migrate --p2p` via the agents).
+    #[command(after_help = failure::exit_code_help())]
     VirshMigrate(libvirt_migrate::VirshMigrateArgs),
     /// The configuration file: `dwcp config check [FILE]`.
+    #[command(after_help = failure::exit_code_help())]
     #[command(subcommand)]
     Config(ConfigCmd),
     /// Show the local agent's routes and sessions.
+    #[command(after_help = failure::exit_code_help())]
     Stats(StatsArgs),
     /// Destination: accept a migration of this name (from this peer) on the
     /// local agent's data port.
+    #[command(after_help = failure::exit_code_help())]
     Expect(ExpectArgs),
     /// Re-read the local agent's TLS credentials (as SIGHUP does).
+    #[command(after_help = failure::exit_code_help())]
     ReloadTls(ReloadTlsArgs),
     /// The agents' raft cluster (`dwcp cluster status`).
+    #[command(after_help = failure::exit_code_help())]
     #[command(subcommand)]
     Cluster(cluster::ClusterCmd),
     /// The guest ownership registry as the local agent's cluster member sees it.
+    #[command(after_help = failure::exit_code_help())]
     Guests(cluster::ShowArgs),
     /// Boot the test guest on two emulated hosts and migrate it through DWCP.
     Demo(dwcp_lab::demo::DemoArgs),
@@ -263,12 +279,13 @@ struct StatsArgs {
     /// The agent's control socket.
     #[arg(long, default_value = "/run/dwcp/agent.sock")]
     agent: PathBuf,
-    /// Print the raw JSON.
-    #[arg(long)]
+    /// Print the raw JSON (the global --json).
+    #[arg(skip)]
     json: bool,
     /// Refresh the view until interrupted: running migrations with rates
-    /// (from successive samples), ETA, tier and per-stream RTT.
-    #[arg(long, conflicts_with = "json")]
+    /// (from successive samples), ETA, remaining bytes, tier and per-stream
+    /// RTT; the downtime of those that ended. Not with --json.
+    #[arg(long)]
     watch: bool,
     /// With --watch: time between refreshes (1s, 500ms).
     #[arg(long, default_value = "1s", value_parser = watch::parse_interval)]
@@ -279,7 +296,11 @@ struct StatsArgs {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let cli = match Cli::try_parse_from(&args) {
+        Ok(c) => c,
+        Err(e) => usage_error(e, args.iter().skip(1).any(|a| a == "--json")),
+    };
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt()
@@ -293,44 +314,104 @@ fn main() {
         logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .init();
     }
+    let json = cli.json;
     let r = match cli.cmd {
         Cmd::Agent(a) => run_agent(a, cli.config.as_deref()),
         Cmd::Config(ConfigCmd::Check { file }) => {
-            config::check(file.as_deref().or(cli.config.as_deref()))
+            config::check(file.as_deref().or(cli.config.as_deref()), json)
         }
-        Cmd::Migrate(m) => migrate::run(m),
-        Cmd::VirshMigrate(m) => libvirt_migrate::run(m),
-        Cmd::Stats(s) => stats(s),
-        Cmd::Expect(e) => {
-            let mut req = json!({"op": "expect", "name": e.name, "ttl_s": e.ttl_s});
-            if let Some(f) = &e.from {
-                req["from"] = json!(f);
-            }
-            control_request(&e.agent, &req)
-                .map(|_| {
-                    eprintln!(
-                        "expecting migration {} from {} for {} s",
-                        e.name,
-                        e.from.as_deref().unwrap_or("any allowed peer"),
-                        e.ttl_s
-                    )
-                })
-                .map_err(anyhow::Error::msg)
+        Cmd::Migrate(mut m) => {
+            m.json = json;
+            migrate::run(m)
         }
-        Cmd::ReloadTls(r) => control_request(&r.agent, &json!({"op": "reload_tls"}))
-            .map(|v| eprintln!("{}", v["message"].as_str().unwrap_or("reloaded")))
-            .map_err(anyhow::Error::msg),
-        Cmd::Cluster(c) => cluster::cluster_cmd(c),
-        Cmd::Guests(g) => cluster::guests_cmd(g),
+        Cmd::VirshMigrate(mut m) => {
+            m.json = json;
+            libvirt_migrate::run(m)
+        }
+        Cmd::Stats(mut s) => {
+            s.json = json;
+            stats(s)
+        }
+        Cmd::Expect(e) => expect(e, json),
+        Cmd::ReloadTls(r) => control_call(&r.agent, &json!({"op": "reload_tls"}))
+            .map(|v| {
+                let m = v["message"].as_str().unwrap_or("reloaded");
+                if json {
+                    println!("{}", json!({"ok": true, "message": m}));
+                } else {
+                    eprintln!("{m}");
+                }
+            })
+            .map_err(anyhow::Error::from),
+        Cmd::Cluster(c) => cluster::cluster_cmd(c, json),
+        Cmd::Guests(mut g) => {
+            g.json = json;
+            cluster::guests_cmd(g)
+        }
         Cmd::Demo(d) => dwcp_lab::demo::run(d),
         Cmd::Benchmark(b) => bench::run(b),
         Cmd::Linkem { args } => linkem::cli_main(args),
         Cmd::GenerateDocs(g) => gendocs::run(g),
     };
     if let Err(e) = r {
-        eprintln!("dwcp: error: {e:#}");
-        std::process::exit(1);
+        fail(&e, json);
     }
+}
+
+/// Reports a failure (text on stderr; with --json also the JSON object on
+/// stdout) and exits with its class's code ([`failure::FailKind`]).
+fn fail(e: &anyhow::Error, json: bool) -> ! {
+    let kind = failure::classify(e);
+    eprintln!("dwcp: error: {e:#}");
+    if json {
+        println!("{}", failure::json_error(e));
+    }
+    std::process::exit(kind.exit_code())
+}
+
+/// A command line clap refused: help and version are printed as usual; an
+/// error exits 2 (with --json, after printing the JSON object on stdout).
+fn usage_error(e: clap::Error, json: bool) -> ! {
+    use clap::error::ErrorKind;
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) || !json {
+        e.exit()
+    }
+    let text = e.to_string();
+    let first = text.lines().next().unwrap_or("bad usage");
+    let _ = e.print();
+    println!(
+        "{}",
+        json!({"error": first.strip_prefix("error: ").unwrap_or(first),
+               "kind": failure::FailKind::Usage.name(),
+               "exit_code": failure::FailKind::Usage.exit_code()})
+    );
+    std::process::exit(failure::FailKind::Usage.exit_code())
+}
+
+fn expect(e: ExpectArgs, json: bool) -> Result<()> {
+    let mut req = json!({"op": "expect", "name": e.name, "ttl_s": e.ttl_s});
+    if let Some(f) = &e.from {
+        req["from"] = json!(f);
+    }
+    control_call(&e.agent, &req)?;
+    let from = e.from.as_deref().unwrap_or("any allowed peer");
+    if json {
+        println!(
+            "{}",
+            json!({"ok": true, "name": e.name, "from": e.from, "ttl_s": e.ttl_s})
+        );
+    } else {
+        eprintln!(
+            "expecting migration {} from {from} for {} s",
+            e.name, e.ttl_s
+        );
+    }
+    Ok(())
+}
+
+/// A usage error found after parsing (exit 2, like clap's own).
+pub fn usage(msg: impl std::fmt::Display) -> anyhow::Error {
+    failure::classified(failure::FailKind::Usage, anyhow::anyhow!("{msg}"))
 }
 
 fn run_agent(mut a: AgentArgs, config: Option<&std::path::Path>) -> Result<()> {
@@ -455,10 +536,13 @@ fn run_agent(mut a: AgentArgs, config: Option<&std::path::Path>) -> Result<()> {
 }
 
 fn stats(a: StatsArgs) -> Result<()> {
+    if a.watch && a.json {
+        return Err(usage("--watch draws a terminal view: not with --json"));
+    }
     if a.watch {
         return watch::run(&a.agent, a.interval, a.count);
     }
-    let v = control_request(&a.agent, &json!({"op": "stats"})).map_err(anyhow::Error::msg)?;
+    let v = control_call(&a.agent, &json!({"op": "stats"}))?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());

@@ -5,11 +5,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Args;
-use dwcp_core::agent::control_request;
+use dwcp_core::agent::control_call;
 use dwcp_core::qemu::{self, MigrationSetup, Qmp};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 
+use crate::failure::{classified, classify, FailKind};
+use crate::progress::{self, RateWindow, Reporter};
 use crate::TransportArgs;
 
 #[derive(Args, Debug)]
@@ -51,9 +53,9 @@ pub struct MigrateArgs {
     /// Give up (and cancel) after this many seconds.
     #[arg(long, default_value_t = 600)]
     timeout: u64,
-    /// Print the result as JSON on stdout.
-    #[arg(long)]
-    json: bool,
+    /// Print the result as JSON on stdout (the global --json).
+    #[arg(skip)]
+    pub json: bool,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -126,9 +128,7 @@ fn run_inner(
             req[key] = Value::String(v);
         }
     }
-    let route = control_request(&a.agent, &req)
-        .map_err(anyhow::Error::msg)
-        .context("setting up the route on the local agent")?;
+    let route = control_call(&a.agent, &req).context("setting up the route on the local agent")?;
     let socket = route["socket"].as_str().unwrap_or_default().to_string();
     let setup = MigrationSetup {
         multifd_channels: a.multifd,
@@ -166,7 +166,11 @@ fn run_inner(
         .then(|| qemu::SwitchoverTuner::new(a.downtime_goal_ms));
     let agent = a.agent.clone();
     let name = a.name.clone();
+    let mut reporter = Reporter::new(a.agent.clone(), &a.name);
+    let mut rate = RateWindow::default();
     let mut progress = |v: &Value| {
+        let report = progress::from_query_migrate(v, &mut rate, Instant::now());
+        reporter.maybe_send(&report);
         let n = |p: &str| v.pointer(p).and_then(Value::as_u64).unwrap_or(0);
         let (total, remaining, mbps) = (
             n("/ram/total"),
@@ -179,10 +183,9 @@ fn run_inner(
             bar.set_length(total);
             bar.set_position(total.saturating_sub(remaining));
         }
-        let eta = if mbps > 0.0 {
-            format!("{:.1} s", remaining as f64 * 8.0 / (mbps * 1e6))
-        } else {
-            "?".into()
+        let eta = match report.eta_s {
+            Some(s) => format!("{s:.1} s"),
+            None => "?".into(),
         };
         bar.set_message(format!(
             "{} pass {} remaining {:.1} MiB at {:.0} Mbit/s ETA {}",
@@ -203,20 +206,30 @@ fn run_inner(
     let timeout = Duration::from_secs(a.timeout);
     let (result, gate_ms) = match gate {
         None => (
-            qemu::migrate(&mut q, &uri, timeout, &mut progress).map_err(anyhow::Error::from),
+            qemu::migrate(&mut q, &uri, timeout, &mut progress)
+                .map_err(|e| anyhow::Error::from(e).context("QEMU migration")),
             None,
         ),
         Some(g) => {
             match crate::cluster::gated_migrate(&mut q, &uri, timeout, &mut progress, || g.commit())
             {
                 Ok((r, ms)) => (Ok(r), Some(ms)),
-                Err(e) => (Err(e), None),
+                Err(e) => (Err(e.context("QEMU migration")), None),
             }
         }
     };
     bar.finish_and_clear();
+    if let Ok(r) = &result {
+        // The downtime, for the agent's metrics and dashboard.
+        reporter.finish(&progress::Progress {
+            remaining_bytes: Some(0),
+            total_bytes: Some(r.ram_total),
+            downtime_ms: Some(r.downtime_ms),
+            ..Default::default()
+        });
+    }
     let session = dwcp_core::agent::settled_session(&a.agent, &a.name, Duration::from_secs(5));
-    let r = result.context("QEMU migration")?;
+    let r = result.map_err(|e| migration_error(e, &a.agent, &a.name))?;
     let wall = t0.elapsed();
     let wire = session
         .as_ref()
@@ -260,4 +273,37 @@ fn run_inner(
         }
     }
     Ok(())
+}
+
+/// The class of a failed migration: refused by the cluster (the cutover
+/// gate's commit), refused by the destination (the route's record of why
+/// QEMU's connection could not be relayed), else a failed migration.
+pub fn migration_error(e: anyhow::Error, agent: &std::path::Path, name: &str) -> anyhow::Error {
+    if classify(&e) == FailKind::ClusterRefused {
+        return e;
+    }
+    failed_migration(e, peer_refusal(agent, name))
+}
+
+/// [`migration_error`] with the destination's refusal already looked up.
+pub fn failed_migration(e: anyhow::Error, refusal: Option<String>) -> anyhow::Error {
+    if classify(&e) == FailKind::ClusterRefused {
+        return e;
+    }
+    match refusal {
+        Some(why) => classified(
+            FailKind::PeerRefused,
+            e.context(format!("the destination refused the migration: {why}")),
+        ),
+        None => classified(FailKind::MigrationFailed, e),
+    }
+}
+
+/// Why the local agent could not relay the route's last connection, when
+/// the destination refused it (`stats`: the route's `last_error`).
+pub fn peer_refusal(agent: &std::path::Path, name: &str) -> Option<String> {
+    let v = control_call(agent, &serde_json::json!({"op": "stats"})).ok()?;
+    let route = v["routes"].as_array()?.iter().find(|r| r["name"] == name)?;
+    let last = &route["last_error"];
+    (last["refused_by_peer"] == true).then(|| last["error"].as_str().unwrap_or("?").to_string())
 }

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use dwcp_core::agent::control_request;
+use dwcp_core::agent::control_call;
 use serde_json::{json, Value};
 
 /// Parses `1s`, `500ms`, `2` (seconds), `0.5s`.
@@ -97,12 +97,22 @@ fn render(v: &Value, rates: &HashMap<String, Rates>, every: Duration) -> String 
         let (qemu, wire) = moved(s);
         let r = rates.get(id);
         let f = |k: &str| s[k].as_f64().unwrap_or(0.0);
-        // The agent knows the size left only when something reports it
-        // (`remaining_bytes`); otherwise the ETA is unknown.
-        let eta = match (s["remaining_bytes"].as_u64(), r) {
-            (Some(left), Some(r)) if r.qemu > 0.0 => format!("{:.1} s", left as f64 / r.qemu),
-            _ => "?".into(),
+        // The ETA and the size left come from the migration's driver
+        // (`dwcp migrate` reports QEMU's figures to the agent once a
+        // second); the ETA accounts for the guest's dirty rate and is
+        // unknown when the guest dirties as fast as the migration sends.
+        let eta = match s["eta_s"].as_f64() {
+            Some(eta) => format!("{eta:.1} s"),
+            None => "?".into(),
         };
+        let left = s["remaining_bytes"]
+            .as_u64()
+            .map(|b| format!("  left {}", mib(b as f64)))
+            .unwrap_or_default();
+        let expected = s["expected_downtime_ms"]
+            .as_u64()
+            .map(|d| format!("  expected downtime {d} ms"))
+            .unwrap_or_default();
         let mode = if s["role"] == "responder" {
             "destination"
         } else {
@@ -115,7 +125,7 @@ fn render(v: &Value, rates: &HashMap<String, Rates>, every: Duration) -> String 
             f("elapsed_s"),
         ));
         out.push_str(&format!(
-            "  moved {}  wire {}  rate {} (wire {})  ETA {eta}\n",
+            "  moved {}  wire {}  rate {} (wire {}){left}  ETA {eta}{expected}\n",
             mib(qemu as f64),
             mib(wire as f64),
             r.map(|r| mbit(r.qemu)).unwrap_or_else(|| "…".into()),
@@ -162,12 +172,16 @@ fn render(v: &Value, rates: &HashMap<String, Rates>, every: Duration) -> String 
         for s in ended {
             let (qemu, wire) = moved(s);
             out.push_str(&format!(
-                "  {:<16} {:<9} {:>8.1} s  moved {}  wire {}{}\n",
+                "  {:<16} {:<9} {:>8.1} s  moved {}  wire {}{}{}\n",
                 s["name"].as_str().unwrap_or("?"),
                 s["state"].as_str().unwrap_or("?"),
                 s["elapsed_s"].as_f64().unwrap_or(0.0),
                 mib(qemu as f64),
                 mib(wire as f64),
+                s["downtime_ms"]
+                    .as_u64()
+                    .map(|d| format!("  downtime {d} ms"))
+                    .unwrap_or_default(),
                 s["error"]
                     .as_str()
                     .map(|e| format!("  error: {e}"))
@@ -185,7 +199,7 @@ pub fn run(agent: &Path, every: Duration, count: Option<u64>) -> Result<()> {
     let mut last: HashMap<String, Sample> = HashMap::new();
     let mut frame = 0u64;
     loop {
-        let v = control_request(agent, &json!({"op": "stats"})).map_err(anyhow::Error::msg)?;
+        let v = control_call(agent, &json!({"op": "stats"}))?;
         let now = Instant::now();
         let mut rs = HashMap::new();
         let mut next = HashMap::new();
@@ -255,9 +269,11 @@ mod tests {
             "name": "vm1", "session": "0123456789abcdef", "role": "initiator", "state": "running",
             "elapsed_s": 3.0, "raw_out": 200u64 << 20, "wire_out": 100u64 << 20, "ratio_out": 2.0,
             "tier": "lz4", "streams": 2, "delivery_rate": 1e8, "inflight_bytes": 1048576,
-            "remaining_bytes": 300u64 << 20,
+            "remaining_bytes": 300u64 << 20, "eta_s": 4.31, "expected_downtime_ms": 120,
             "per_stream": [{"index": 0, "tcp": {"rtt_us": 1500, "total_retrans": 3}},
-                           {"index": 1, "tcp": {"rtt_us": 2500, "total_retrans": 0}}]}],
+                           {"index": 1, "tcp": {"rtt_us": 2500, "total_retrans": 0}}]},
+            {"name": "vm0", "session": "fedcba9876543210", "role": "initiator", "state": "completed",
+             "elapsed_s": 9.5, "raw_out": 1u64 << 20, "wire_out": 1u64 << 20, "downtime_ms": 37}],
             "routes": [], "commits_in_flight": 0});
         let mut rs = HashMap::new();
         rs.insert("0123456789abcdef".to_string(), r);
@@ -266,7 +282,10 @@ mod tests {
             "vm1  [source, session 01234567]",
             "moved 200.0 MiB",
             "rate 839 Mbit/s (wire 419 Mbit/s)",
-            "ETA 3.0 s",
+            "left 300.0 MiB",
+            "ETA 4.3 s",
+            "expected downtime 120 ms",
+            "downtime 37 ms",
             "tier lz4",
             "ratio 2.00",
             "#0 1.50 ms (3 retr)",

@@ -48,9 +48,17 @@ fn compare_smoke_writes_verified_runs_and_a_report() {
         ],
         &out,
     );
-    assert_eq!(r["schema_version"], 1);
+    assert_eq!(r["schema_version"], 2);
     let suite = &r["compare"][0];
     assert_eq!(suite["profile"], "dc");
+    // The guest block describes the guest that ran: the test guest here.
+    let g = &suite["guest"];
+    assert_eq!(g["kind"], "test_guest", "{g}");
+    assert_eq!(
+        (g["mem_mb"].as_u64(), g["fill_mb"].as_u64()),
+        (Some(256), Some(96)),
+        "{g}"
+    );
     let runs = suite["runs"].as_array().expect("runs");
     assert_eq!(runs.len(), 2, "{suite}");
     for run in runs {
@@ -70,6 +78,15 @@ fn compare_smoke_writes_verified_runs_and_a_report() {
     }
     let html = std::fs::read_to_string(out.join("report.html")).expect("report.html");
     assert!(html.contains("<svg") && html.contains("qemu-tcp") && html.contains("dwcp"));
+    // Only what ran: the compare, the guest it migrated, one line for the rest.
+    assert!(
+        !html.contains("not measured"),
+        "rows of \"not measured\" in the report"
+    );
+    assert!(html.contains("In this file: compare (dc). Not run: converge, hde, amst, consensus"));
+    assert!(html.contains(
+        "the test guest (tests/guest): 256 MiB RAM, 96 MiB realistic content, rewriting 4 MiB/s"
+    ));
     for f in [
         "compare_total_time.svg",
         "compare_wire_bytes.svg",

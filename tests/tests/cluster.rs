@@ -91,6 +91,8 @@ fn gate_without_quorum_cancels_and_guest_stays() {
         stderr.contains("cutover gate closed") && stderr.contains("stays on the source"),
         "{stderr}"
     );
+    // No quorum is no refusal: the migration failed (exit 4).
+    assert_eq!(status.code(), Some(4), "{stderr}");
     // The guest keeps running on the source, intact.
     assert_eq!(pair.src.qmp().unwrap().status().unwrap(), "running");
     let last = pair.src.heartbeats().last().map(|h| h.seq).unwrap_or(0);
@@ -144,7 +146,13 @@ fn second_begin_for_a_migrating_guest_is_refused() {
     assert!(e.contains("already migrating (1 -> 2, epoch 1)"), "{e}");
     // Through `dwcp migrate --gate`: refused before any route or QMP is touched.
     let out = Command::new(dwcp_bin().unwrap())
-        .args(["migrate", "--qmp", "/nonexistent/qmp.sock", "--to"])
+        .args([
+            "--json",
+            "migrate",
+            "--qmp",
+            "/nonexistent/qmp.sock",
+            "--to",
+        ])
         .arg(c.lab.dst_addr())
         .arg("--agent")
         .arg(&src)
@@ -156,6 +164,17 @@ fn second_begin_for_a_migrating_guest_is_refused() {
     assert!(
         stderr.contains("refused to begin") && stderr.contains("already migrating"),
         "{stderr}"
+    );
+    // Refused by the cluster: exit 5, and the JSON error says so.
+    assert_eq!(out.status.code(), Some(5), "{stderr}");
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON error on stdout");
+    assert_eq!(j["kind"], "cluster_refused", "{j}");
+    assert!(
+        j["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("already migrating"),
+        "{j}"
     );
     let stats = control_request(&src, &json!({"op": "stats"})).unwrap();
     assert_eq!(stats["routes"].as_array().map(Vec::len), Some(0), "{stats}");

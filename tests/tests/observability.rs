@@ -191,9 +191,16 @@ fn tempdir(base: &Path, tag: &str) -> PathBuf {
 /// The progress figure the dashboard shows for `name` (the text of its
 /// `progress` cell), if the row is there.
 fn progress_of(dom: &str, name: &str) -> Option<String> {
+    cell_of(dom, name, "progress")
+}
+
+/// The text of the element of class `class` in `name`'s row.
+fn cell_of(dom: &str, name: &str, class: &str) -> Option<String> {
     let row = dom.find(&format!("data-name=\"{name}\""))?;
     let rest = &dom[row..];
-    let cell = rest.find("class=\"progress\">")? + "class=\"progress\">".len();
+    let tag = format!("class=\"{class}\"");
+    let at = rest.find(&tag)?;
+    let cell = at + rest[at..].find('>')? + 1;
     let end = rest[cell..].find('<')?;
     Some(rest[cell..cell + end].to_string())
 }
@@ -269,10 +276,24 @@ fn prometheus_scrapes_both_agents_and_the_dashboard_shows_the_migration() {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-        // A live scrape, linted by promtool.
-        let (status, scrape) =
-            http_get(&lab, lab.src_ns(), src_metrics.clone(), "/metrics".into()).unwrap();
-        assert!(status.contains("200"), "{status}");
+        // A live scrape, linted by promtool, once `dwcp migrate` has
+        // reported an ETA (its first report has no rate yet; it reports
+        // once a second).
+        let eta_series =
+            format!("dwcp_migration_eta_seconds{{migration=\"{NAME}\",role=\"source\"}}");
+        let t0 = Instant::now();
+        let scrape = loop {
+            let (status, scrape) =
+                http_get(&lab, lab.src_ns(), src_metrics.clone(), "/metrics".into()).unwrap();
+            assert!(status.contains("200"), "{status}");
+            if scrape.contains(&eta_series)
+                || m.is_finished()
+                || t0.elapsed() > Duration::from_secs(20)
+            {
+                break scrape;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        };
         let dom1 = chromium(&lab, &dir, &dashboard, "--dump-dom");
         let shot = dir.join("dashboard.png");
         chromium(
@@ -337,6 +358,10 @@ fn prometheus_scrapes_both_agents_and_the_dashboard_shows_the_migration() {
         "dwcp_stream_rtt_seconds{".to_string(),
         "dwcp_migration_codec_tier{".to_string(),
         "# TYPE dwcp_qemu_bytes_total counter".to_string(),
+        // What dwcp migrate reports to the agent once a second.
+        format!("dwcp_migration_eta_seconds{{migration=\"{NAME}\",role=\"source\"}}"),
+        format!("dwcp_migration_remaining_bytes{{migration=\"{NAME}\",role=\"source\"}}"),
+        "# TYPE dwcp_migration_downtime_seconds histogram".to_string(),
     ] {
         assert!(
             scrape.contains(&want),
@@ -352,6 +377,13 @@ fn prometheus_scrapes_both_agents_and_the_dashboard_shows_the_migration() {
         shot.display()
     );
     assert_ne!(p1, p2, "the progress figure did not move");
+    // The ETA dwcp migrate reported, in seconds.
+    let eta = cell_of(&dom2, NAME, "eta").unwrap_or_default();
+    eprintln!("dashboard ETA: {eta:?}");
+    assert!(
+        eta.ends_with(" s"),
+        "no ETA on the dashboard: {eta:?}\n{dom2}"
+    );
     assert!(std::fs::metadata(&shot)
         .map(|m| m.len() > 10_000)
         .unwrap_or(false));
@@ -392,6 +424,23 @@ fn prometheus_scrapes_both_agents_and_the_dashboard_shows_the_migration() {
     );
     assert_eq!(received.len(), 1, "{received:?}");
     assert_eq!(sample_value(&received[0]), qemu_bytes, "{received:?}");
+    // The downtime dwcp migrate reported once QEMU completed, observed once.
+    let t0 = Instant::now();
+    let downtime = loop {
+        let r = query(
+            &lab,
+            &format!("dwcp_migration_downtime_seconds_count{{instance=\"{src_inst}\"}}"),
+        );
+        if r.first().map(sample_value) == Some(1.0) || t0.elapsed() > Duration::from_secs(30) {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(
+        downtime.first().map(sample_value),
+        Some(1.0),
+        "{downtime:?}"
+    );
     let wire = query(&lab, "sum(dwcp_wire_bytes_total{direction=\"sent\"})");
     assert!(sample_value(&wire[0]) > 0.0, "{wire:?}");
     // Series only there while it ran: Prometheus saw them mid-flight.

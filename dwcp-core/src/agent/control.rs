@@ -24,6 +24,7 @@ use super::cluster::{ClusterError, ClusterErrorKind, ClusterOps};
 use super::cutover::{self, BeginRequest, EpochRequest, ReconcileRequest, SettleRequest};
 use super::expect::{self, ExpectRequest};
 use super::prepared::{self, PrepareRequest, ReleaseRequest, StartedRequest};
+use super::progress::{self, ProgressRequest};
 use super::route::{self, RouteRequest, UnrouteRequest};
 use super::State;
 
@@ -90,6 +91,8 @@ control_requests! {
     "settle" => Settle(SettleRequest),
     /// Closes what the registry still shows for the guest's last migration.
     "reconcile" => Reconcile(ReconcileRequest),
+    /// The driver's figures for a migration: remaining bytes, ETA, downtime.
+    "progress" => Progress(ProgressRequest),
 }
 
 impl ControlRequest {
@@ -225,6 +228,7 @@ fn dispatch(st: &Arc<State>, req: ControlRequest) -> Result<Value, Refusal> {
         ControlRequest::Started(r) => local(prepared::started(st, r)),
         ControlRequest::Release(r) => local(prepared::release(st, r)),
         ControlRequest::Expect(r) => local(expect::expect(st, r)),
+        ControlRequest::Progress(r) => progress::progress(st, r).map_err(Refusal::plain),
         ControlRequest::ReloadTls => {
             local(super::reload_tls(st).map(|m| json!({"ok": true, "message": m})))
         }
@@ -264,11 +268,21 @@ fn cluster_dispatch(
 }
 
 fn stats(st: &State) -> Value {
+    let reports = st.progress.lock().clone();
     let sessions: Vec<Value> = st
         .sessions
         .lock()
         .iter()
-        .map(|s| serde_json::to_value(s.stats()).unwrap_or(Value::Null))
+        .map(|s| {
+            let stats = s.stats();
+            let mut v = serde_json::to_value(&stats).unwrap_or(Value::Null);
+            if let (Some(p), Some(o)) = (reports.get(&stats.session), v.as_object_mut()) {
+                for (k, x) in p.session_fields().as_object().into_iter().flatten() {
+                    o.insert(k.clone(), x.clone());
+                }
+            }
+            v
+        })
         .collect();
     let routes: Vec<Value> = st.routes.lock().values().map(|r| r.to_json()).collect();
     let prepared: Vec<Value> = st.prepared.lock().iter().map(|p| p.to_json()).collect();
@@ -283,6 +297,9 @@ fn stats(st: &State) -> Value {
 pub struct ControlError {
     pub message: String,
     pub kind: Option<ClusterErrorKind>,
+    /// The control socket could not be connected to (missing, refused, no
+    /// permission): no agent answered at all.
+    pub unreachable: bool,
 }
 
 impl ControlError {
@@ -290,6 +307,7 @@ impl ControlError {
         ControlError {
             message,
             kind: None,
+            unreachable: false,
         }
     }
 }
@@ -298,8 +316,9 @@ impl ControlError {
 /// an answer with `"ok": false` becomes an error carrying its message and
 /// kind.
 pub fn control_call(path: &Path, req: &Value) -> Result<Value, ControlError> {
-    let mut s = UnixStream::connect(path).map_err(|e| {
-        ControlError::local(format!(
+    let mut s = UnixStream::connect(path).map_err(|e| ControlError {
+        unreachable: true,
+        ..ControlError::local(format!(
             "cannot reach the agent at {}: {e} (is `dwcp agent` running?)",
             path.display()
         ))
@@ -320,6 +339,7 @@ pub fn control_call(path: &Path, req: &Value) -> Result<Value, ControlError> {
         Ok(v)
     } else {
         Err(ControlError {
+            unreachable: false,
             message: v["error"]
                 .as_str()
                 .unwrap_or("agent refused the request")
@@ -404,6 +424,9 @@ mod tests {
             json!({"op": "revert", "guest": guest, "epoch": 3}),
             json!({"op": "settle", "guest": guest, "epoch": 3, "revert_if_committed": true}),
             json!({"op": "reconcile", "guest": guest}),
+            // dwcp migrate, dwcp virsh-migrate: once a second.
+            json!({"op": "progress", "name": "vm1", "remaining_bytes": 1048576,
+                   "total_bytes": 536870912, "eta_s": 1.5, "expected_downtime_ms": 120}),
         ];
         assert_eq!(cases.len(), ControlRequest::OPS.len());
         for (v, op) in cases.iter().zip(ControlRequest::OPS) {
@@ -519,9 +542,9 @@ mod tests {
             for op in ControlRequest::OPS {
                 assert!(e.contains(&format!(" {op}")), "{v}: {e} misses {op}");
             }
-            assert!(e.ends_with(", settle or reconcile"), "{e}");
+            assert!(e.ends_with(", reconcile or progress"), "{e}");
         }
-        assert_eq!(ControlRequest::OPS.len(), 17);
+        assert_eq!(ControlRequest::OPS.len(), 18);
     }
 
     /// Refused requests read as they always did.

@@ -78,12 +78,14 @@ pub mod control;
 pub mod cutover;
 pub mod expect;
 mod prepared;
+pub mod progress;
 mod route;
 
 pub use cluster::{ClusterError, ClusterErrorKind, ClusterOps};
 pub use control::{control_call, control_request, newest_session, settled_session, ControlError};
 pub use expect::AllowRule;
 pub use prepared::{PrepState, KEEP_PREPARED};
+pub use progress::{DowntimeObserver, MigrationProgress};
 
 /// How an agent runs.
 #[derive(Debug, Clone)]
@@ -133,6 +135,10 @@ struct State {
     observers: Mutex<Vec<SessionObserver>>,
     /// Migrations announced with `expect` ([`expect`]).
     expected: Mutex<Vec<expect::Expectation>>,
+    /// What the migrations' drivers reported ([`progress`]), by session id.
+    progress: Mutex<progress::Reports>,
+    /// Called once per session when its downtime is first reported.
+    downtime_observers: Mutex<Vec<DowntimeObserver>>,
 }
 
 /// A callback run once per session, with its final figures, when it ends
@@ -298,6 +304,8 @@ impl Agent {
             draining: AtomicBool::new(false),
             observers: Mutex::new(Vec::new()),
             expected: Mutex::new(Vec::new()),
+            progress: Mutex::new(progress::Reports::new()),
+            downtime_observers: Mutex::new(Vec::new()),
         });
         if let Some(c) = &state.cfg.cluster {
             // Intents this agent recorded before it (re)started.
@@ -350,6 +358,17 @@ impl Agent {
     /// Runs `f` with the final figures of every session that ends from now on.
     pub fn on_session_end(&self, f: SessionObserver) {
         self.state.observers.lock().push(f);
+    }
+
+    /// Runs `f` once per session, when the driver of its migration first
+    /// reports the guest's downtime ([`progress`]).
+    pub fn on_downtime(&self, f: DowntimeObserver) {
+        self.state.downtime_observers.lock().push(f);
+    }
+
+    /// The latest progress report of the session with this id, if any.
+    pub fn progress(&self, session: &str) -> Option<MigrationProgress> {
+        self.state.progress.lock().get(session).cloned()
     }
 
     /// The number of routes.

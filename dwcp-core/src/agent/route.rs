@@ -17,7 +17,7 @@ use tracing::{error, info, warn};
 
 use super::State;
 use crate::transport::options::{self, Surface, TransportOption};
-use crate::transport::{Session, SessionError, TransportConfig};
+use crate::transport::{PeerRefusal, Session, SessionError, TransportConfig};
 use crate::wire;
 
 pub(super) struct Route {
@@ -29,14 +29,55 @@ pub(super) struct Route {
     socket: PathBuf,
     current: Mutex<Option<Session>>,
     stop: AtomicBool,
+    /// Why the last connection QEMU opened could not be relayed, if it
+    /// could not (shown in `stats`; `dwcp migrate` reads it to tell a
+    /// refusal by the destination from other failures).
+    last_error: Mutex<Option<RouteFailure>>,
+}
+
+/// A connection of QEMU's the route could not relay.
+#[derive(Debug, Clone)]
+struct RouteFailure {
+    message: String,
+    /// Set when the destination refused the session (or TLS failed).
+    peer_refusal: Option<PeerRefusal>,
+    at: f64,
+}
+
+/// Why relaying a connection of QEMU's failed.
+struct AttachError {
+    message: String,
+    peer_refusal: Option<PeerRefusal>,
+}
+
+impl From<String> for AttachError {
+    fn from(message: String) -> AttachError {
+        AttachError {
+            message,
+            peer_refusal: None,
+        }
+    }
+}
+
+impl From<SessionError> for AttachError {
+    fn from(e: SessionError) -> AttachError {
+        AttachError {
+            peer_refusal: e.peer_refusal(),
+            message: e.to_string(),
+        }
+    }
 }
 
 impl Route {
     /// The route as `stats` shows it.
     pub(super) fn to_json(&self) -> Value {
+        let last_error = self.last_error.lock().as_ref().map(|f| {
+            json!({"error": f.message, "refused_by_peer": f.peer_refusal.is_some(),
+                   "refusal": f.peer_refusal, "at": f.at})
+        });
         json!({"name": self.name, "to": self.to.to_string(), "socket": self.socket,
                "streams": self.cfg.streams, "codec": self.cfg.codec_name(),
-               "settings_from": self.settings_from})
+               "settings_from": self.settings_from, "last_error": last_error})
     }
 
     /// Stops the route's accept loop (its socket file stays).
@@ -150,6 +191,7 @@ pub(super) fn add_route(
         socket: socket.clone(),
         current: Mutex::new(None),
         stop: AtomicBool::new(false),
+        last_error: Mutex::new(None),
     });
     st.routes.lock().insert(name.to_string(), route.clone());
     info!(name, %to, streams = route.cfg.streams, tier = %route.cfg.tier, settings_from, "route added at {}", socket.display());
@@ -176,22 +218,26 @@ fn route_loop(st: Arc<State>, route: Arc<Route>, l: UnixListener) {
         if let Err(e) = attach(&st, &route, conn) {
             // Dropping the connection makes QEMU's migration fail with a
             // socket error; the source guest keeps running.
-            error!(route = %route.name, "cannot relay migration to {}: {e}", route.to);
+            error!(route = %route.name, "cannot relay migration to {}: {}", route.to, e.message);
+            *route.last_error.lock() = Some(RouteFailure {
+                message: e.message,
+                peer_refusal: e.peer_refusal,
+                at: super::now_s(),
+            });
         }
     }
 }
 
 /// Joins QEMU's connection to the route's current session (a new one when
 /// there is none, or it finished). The error is the session's message.
-fn attach(st: &Arc<State>, route: &Arc<Route>, conn: UnixStream) -> Result<(), String> {
+fn attach(st: &Arc<State>, route: &Arc<Route>, conn: UnixStream) -> Result<(), AttachError> {
     let mut current = route.current.lock();
     for _ in 0..2 {
         let session = match current.as_ref() {
             Some(s) if !s.is_finished() => s.clone(),
             _ => {
                 st.check_not_draining()?;
-                let s = Session::connect(&route.cfg, &route.name, route.to)
-                    .map_err(|e| e.to_string())?;
+                let s = Session::connect(&route.cfg, &route.name, route.to)?;
                 st.remember(&s);
                 let (w, st2) = (s.clone(), st.clone());
                 std::thread::spawn(move || st2.watch_session(w));
@@ -208,8 +254,8 @@ fn attach(st: &Arc<State>, route: &Arc<Route>, conn: UnixStream) -> Result<(), S
                 *current = None;
                 continue;
             }
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(e.into()),
         }
     }
-    Err(SessionError::Finished.to_string())
+    Err(SessionError::Finished.into())
 }

@@ -38,8 +38,9 @@ pub use handshake::{
 };
 pub use link::TlsSettings;
 pub use session::{
-    ChannelReader, ChannelStats, ChannelWriter, CodecCounts, DirectHandOver, FailReason, ReadError,
-    Role, Session, SessionError, SessionState, SessionStats, StreamStats, Target, WriteError,
+    ChannelReader, ChannelStats, ChannelWriter, CodecCounts, DirectHandOver, FailReason,
+    PeerRefusal, ReadError, Role, Session, SessionError, SessionState, SessionStats, StreamStats,
+    Target, WriteError,
 };
 pub use tcp::{tcp_info, SocketTuning, TcpInfo};
 

@@ -33,6 +33,21 @@ fn load(p: &Path) -> Result<Value> {
     Ok(v)
 }
 
+/// What identifies a suite's guest, alike in schema 1 and 2: an own guest
+/// by its RAM and QEMU arguments (schema 1 also wrote the unused test-guest
+/// fields for it), the test guest by its workload fields.
+fn guest_key(g: &Value) -> Value {
+    if g.get("qemu_args").is_some_and(|a| !a.is_null()) {
+        return serde_json::json!({"mem_mb": g["mem_mb"], "qemu_args": g["qemu_args"]});
+    }
+    let mut k = g.clone();
+    if let Some(o) = k.as_object_mut() {
+        o.remove("kind");
+        o.retain(|_, v| !v.is_null());
+    }
+    k
+}
+
 fn stat(s: &Value, key: &str, div: f64) -> Option<(f64, f64, f64)> {
     let st = &s[key];
     Some((
@@ -64,7 +79,7 @@ pub fn compare(baseline: &Path, current: &Path) -> Result<String> {
             out.push_str(&format!("\nprofile {profile}: not in the baseline\n"));
             continue;
         };
-        if bs["guest"] != cs["guest"] {
+        if guest_key(&bs["guest"]) != guest_key(&cs["guest"]) {
             out.push_str(&format!(
                 "\nprofile {profile}: WARNING the guests differ: baseline {} / current {}\n",
                 bs["guest"], cs["guest"]
@@ -114,6 +129,21 @@ pub fn compare(baseline: &Path, current: &Path) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn guests_of_schema_1_and_2_compare_alike() {
+        let v1 = serde_json::json!({"mem_mb": 512, "fill_mb": 256, "dirty_mbps": 8, "seed": 1,
+                                    "mix": "realistic", "accel": "tcg"});
+        let v2 = serde_json::json!({"kind": "test_guest", "mem_mb": 512, "fill_mb": 256,
+                                    "dirty_mbps": 8, "seed": 1, "mix": "realistic", "accel": "tcg"});
+        assert_eq!(guest_key(&v1), guest_key(&v2));
+        let own1 = serde_json::json!({"mem_mb": 2048, "fill_mb": 256, "dirty_mbps": 8, "seed": 1,
+                                      "mix": "realistic", "accel": "tcg", "qemu_args": ["-m", "2G"]});
+        let own2 = serde_json::json!({"kind": "own", "mem_mb": 2048, "qemu_args_file": "a",
+                                      "qemu_args": ["-m", "2G"]});
+        assert_eq!(guest_key(&own1), guest_key(&own2));
+        assert_ne!(guest_key(&v2), guest_key(&own2));
+    }
 
     fn file(dir: &Path, name: &str, median: f64) -> std::path::PathBuf {
         let v = serde_json::json!({"command": name, "compare": [{

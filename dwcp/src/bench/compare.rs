@@ -344,14 +344,16 @@ pub fn run(a: &CompareArgs, p: &Progress) -> Result<CompareSuite> {
     let summary = a.contenders.iter().map(|c| summarize(c, &runs)).collect();
     Ok(CompareSuite {
         profile: a.profile.clone(),
-        guest: GuestInfo {
-            mem_mb: GuestSpec::custom_mem_mb(&spec.qemu_args).unwrap_or(spec.mem_mb),
-            fill_mb: spec.fill_mb,
-            dirty_mbps: spec.dirty_mbps,
-            seed: spec.seed,
-            mix: spec.mix.clone(),
-            accel: spec.accel.clone(),
-            qemu_args: spec.is_custom().then(|| spec.qemu_args.clone()),
+        guest: match &a.qemu_args_file {
+            Some(f) if spec.is_custom() => GuestInfo::own(f, &spec.qemu_args),
+            _ => GuestInfo::test_guest(
+                spec.mem_mb,
+                spec.fill_mb,
+                spec.dirty_mbps,
+                spec.seed,
+                &spec.mix,
+                &spec.accel,
+            ),
         },
         dwcp_congestion: a.congestion.clone(),
         repeat: a.repeat,
@@ -733,8 +735,10 @@ fn fmt_stat(s: &Option<Stat>, scale: f64, prec: usize) -> String {
 
 pub fn summary_text(s: &CompareSuite) -> String {
     let mut t = format!(
-        "compare --profile {}: {} MiB guest, {} MiB filled, dirtying {} MiB/s, {} repeat(s); median [min-max]\n",
-        s.profile, s.guest.mem_mb, s.guest.fill_mb, s.guest.dirty_mbps, s.repeat
+        "compare --profile {}: {}, {} repeat(s); median [min-max]\n",
+        s.profile,
+        s.guest.describe(),
+        s.repeat
     );
     t.push_str(&format!(
         "{:<18} {:>5} {:>18} {:>16} {:>16} {:>18} {:>18} {:>16} {:>8} {:>14}\n",
@@ -881,15 +885,14 @@ pub fn converge(a: &ConvergeArgs, p: &Progress) -> Result<ConvergeSuite> {
     let _ = std::fs::remove_dir_all(&scratch);
     Ok(ConvergeSuite {
         profile: a.profile.clone(),
-        guest: GuestInfo {
-            mem_mb: base.mem_mb,
-            fill_mb: base.fill_mb,
-            dirty_mbps: 0,
-            seed: base.seed,
-            mix: base.mix.clone(),
-            accel: base.accel.clone(),
-            qemu_args: None,
-        },
+        guest: GuestInfo::test_guest(
+            base.mem_mb,
+            base.fill_mb,
+            0,
+            base.seed,
+            &base.mix,
+            &base.accel,
+        ),
         timeout_s: a.timeout,
         rates_mbps: rates,
         runs,
@@ -900,7 +903,11 @@ pub fn converge(a: &ConvergeArgs, p: &Progress) -> Result<ConvergeSuite> {
 pub fn converge_summary(s: &ConvergeSuite) -> String {
     let mut t = format!(
         "converge --profile {}: {} MiB guest, {} MiB filled, rates {:?} MiB/s, timeout {} s\n",
-        s.profile, s.guest.mem_mb, s.guest.fill_mb, s.rates_mbps, s.timeout_s
+        s.profile,
+        s.guest.mem_mb,
+        s.guest.fill_mb.unwrap_or(0),
+        s.rates_mbps,
+        s.timeout_s
     );
     for l in &s.limits {
         t.push_str(&format!(

@@ -89,7 +89,17 @@ struct RunArgs {
 
 pub fn run(a: BenchArgs) -> Result<()> {
     a.data.apply();
-    let cmdline: Vec<String> = std::env::args().collect();
+    // The command as one would type it: `dwcp ...`, not the binary's path.
+    let cmdline: Vec<String> = std::env::args()
+        .enumerate()
+        .map(|(i, a)| match i {
+            0 => Path::new(&a)
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or(a),
+            _ => a,
+        })
+        .collect();
     let mut res = Results::new(cmdline.join(" "));
     if let BenchCmd::Handshake(h) = &a.cmd {
         let p = Progress::new(

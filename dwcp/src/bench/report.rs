@@ -1,6 +1,8 @@
 //! `report.html` (self-contained, inline SVG) and the SVG figures. The
-//! sections follow the Phase 5 benchmark template; rows that this machine
-//! cannot measure say so instead of showing a number.
+//! sections follow the Phase 5 benchmark template, but the report shows
+//! only what the file holds: a line at the top names the suites run and
+//! those not, and the template's items no run here can measure are one
+//! line at the end, not rows of "not measured".
 //!
 //! Over 800 lines on purpose: the report is one document, written section by
 //! section in the template's order; splitting it would scatter one page.
@@ -8,7 +10,7 @@
 use std::fmt::Write as _;
 
 use super::micro::pct;
-use super::schema::{CompareSuite, ContenderSummary, Results, Stat};
+use super::schema::{CompareSuite, ContenderSummary, GuestKind, Results, Stat};
 
 const COLORS: [&str; 8] = [
     "#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#9c755f",
@@ -240,10 +242,6 @@ fn table(h: &mut String, head: &[&str], rows: &[Vec<String>]) {
     h.push_str("</table>");
 }
 
-fn nm(why: &str) -> String {
-    format!("<i>not measured: {}</i>", esc(why))
-}
-
 fn find<'a>(
     r: &'a Results,
     profile: &str,
@@ -302,100 +300,187 @@ small{{color:#777}} i{{color:#886}} .bad{{color:#c00;font-weight:bold}}</style><
     }
 
     // ---- Executive summary.
-    h.push_str("<h2>Executive summary: key indicators</h2>");
+    // Which suites this file holds; the report shows only those.
+    let ran = ran_and_not(r);
+    let _ = write!(h, r#"<p class="ran">{}</p>"#, esc(&ran));
+
+    // ---- Executive summary: only the indicators this file measured.
     let mut kpi: Vec<Vec<String>> = Vec::new();
+    let mut row = |name: &str, target: &str, got: Option<String>| {
+        if let Some(g) = got {
+            kpi.push(vec![name.into(), target.into(), g]);
+        }
+    };
     let best_amst = r
         .amst
         .iter()
         .flat_map(|a| a.points.iter().filter(|p| p.ok).map(move |p| (a, p)))
         .max_by(|a, b| a.1.mbit_s.total_cmp(&b.1.mbit_s));
-    kpi.push(vec![
-        "Datacenter throughput (agents, no QEMU)".into(),
-        "≥2.4 GB/s".into(),
-        best_amst
-            .map(|(a, p)| {
-                format!(
-                    "{:.2} GB/s ({} streams, {})",
-                    p.mbit_s / 8000.0,
-                    p.streams,
-                    a.profile
-                )
-            })
-            .unwrap_or_else(|| nm("amst not run")),
-    ]);
-    kpi.push(vec![
-        "Datacenter VM migration downtime (dwcp)".into(),
-        "<500 ms".into(),
-        find(r, "dc", "dwcp")
-            .map(|(s, c)| {
-                format!(
-                    "{} ms ({} MiB guest)",
-                    st(&c.downtime_ms, 1.0, 0),
-                    s.guest.mem_mb
-                )
-            })
-            .unwrap_or_else(|| nm("compare --profile dc not run")),
-    ]);
+    row(
+        "Datacenter throughput (agents, no QEMU)",
+        "≥2.4 GB/s",
+        best_amst.map(|(a, p)| {
+            format!(
+                "{:.2} GB/s ({} streams, {})",
+                p.mbit_s / 8000.0,
+                p.streams,
+                a.profile
+            )
+        }),
+    );
+    row(
+        "Datacenter VM migration downtime (dwcp)",
+        "<500 ms",
+        find(r, "dc", "dwcp").map(|(s, c)| {
+            format!(
+                "{} ms ({})",
+                st(&c.downtime_ms, 1.0, 0),
+                esc(&s.guest.short())
+            )
+        }),
+    );
     let hde_ratio = r.hde.as_ref().and_then(|hd| {
         hd.datasets
             .first()
             .and_then(|d| d.tiers.iter().find(|t| t.tier.starts_with("zstd")))
     });
-    kpi.push(vec![
-        "Internet compression (size reduction, zstd tier, guest image)".into(),
-        "75–85 %".into(),
-        hde_ratio
-            .map(|t| {
-                format!(
-                    "{:.0} % (ratio {:.2})",
-                    (1.0 - 1.0 / t.ratio) * 100.0,
-                    t.ratio
-                )
-            })
-            .unwrap_or_else(|| nm("hde not run")),
-    ]);
-    kpi.push(vec![
-        "Internet 2 GB VM migration".into(),
-        "<90 s".into(),
+    row(
+        "Internet compression (size reduction, zstd tier, guest image)",
+        "75–85 %",
+        hde_ratio.map(|t| {
+            format!(
+                "{:.0} % (ratio {:.2})",
+                (1.0 - 1.0 / t.ratio) * 100.0,
+                t.ratio
+            )
+        }),
+    );
+    row(
+        "Internet 2 GB VM migration",
+        "<90 s",
         r.compare
             .iter()
             .find(|s| s.profile == "internet" && s.guest.mem_mb >= 2048)
             .and_then(|s| s.summary.iter().find(|c| c.contender == "dwcp"))
-            .map(|c| format!("{} s", st(&c.total_time_ms, 1000.0, 1)))
-            .unwrap_or_else(|| nm("no 2 GiB guest run on the internet profile in this file")),
-    ]);
-    kpi.push(vec![
-        "Consensus latency (datacenter)".into(),
-        "<100 ms".into(),
-        r.consensus
-            .first()
-            .map(|b| {
-                format!(
-                    "p50 {:.2} ms, p99 {:.2} ms ({} nodes, loopback)",
-                    b.p50_ms, b.p99_ms, b.nodes
-                )
-            })
-            .unwrap_or_else(|| nm("consensus not run")),
-    ]);
-    kpi.push(vec![
-        "Consensus latency (internet)".into(),
-        "1–5 s".into(),
-        nm("consensus bench runs on loopback only"),
-    ]);
-    kpi.push(vec![
-        "Scalability".into(),
-        "linear to 1000 nodes".into(),
-        nm("one 2-core machine; no 1000-node deployment"),
-    ]);
-    kpi.push(vec![
-        "Mode switching".into(),
-        "<2 s".into(),
-        nm("DWCP has no runtime mode switch: the tier and streams are fixed per route"),
-    ]);
-    table(&mut h, &["Component", "Target", "Achieved"], &kpi);
+            .map(|c| format!("{} s", st(&c.total_time_ms, 1000.0, 1))),
+    );
+    row(
+        "Consensus latency (datacenter)",
+        "<100 ms",
+        r.consensus.first().map(|b| {
+            format!(
+                "p50 {:.2} ms, p99 {:.2} ms ({} nodes, loopback)",
+                b.p50_ms, b.p99_ms, b.nodes
+            )
+        }),
+    );
+    if !kpi.is_empty() {
+        h.push_str("<h2>Executive summary: key indicators</h2>");
+        table(&mut h, &["Component", "Target", "Achieved"], &kpi);
+    }
 
     // ---- 1.1 AMST.
-    h.push_str("<h2>1. Component benchmarks</h2><h3>1.1 AMST (multi-stream transport)</h3><h4>1.1.1 Transport throughput</h4>");
+    let lossy = find(r, "lossy", "dwcp");
+    if !r.amst.is_empty() || r.hde.is_some() || !r.consensus.is_empty() || lossy.is_some() {
+        h.push_str("<h2>1. Component benchmarks</h2>");
+    }
+    if !r.amst.is_empty() {
+        amst_section(&mut h, &mut svgs, r);
+    }
+    if let Some(hd) = &r.hde {
+        hde_section(&mut h, hd);
+    }
+    if !r.consensus.is_empty() {
+        consensus_section(&mut h, r);
+    }
+    if let Some((_, c)) = lossy {
+        h.push_str("<h3>1.5 Transport under loss</h3>");
+        table(
+            &mut h,
+            &["Scenario", "Throughput (dwcp, wire)", "Total time"],
+            &[vec![
+                "1 % loss (lossy profile: 50 Mbit/s, 150 ms RTT)".into(),
+                format!("{} Mbit/s", st(&c.wire_mbit_s, 1.0, 1)),
+                format!("{} s", st(&c.total_time_ms, 1000.0, 1)),
+            ]],
+        );
+    }
+    migration_section(&mut h, &mut svgs, r);
+
+    // ---- Appendix.
+    let m = &r.machine;
+    let _ = write!(
+        h,
+        "<h2>Appendix B: test environment</h2><p>{} · {} × {} · {} MiB RAM · Linux {} · {}</p><p>Raw data: results.json next to this file.</p><p class=\"never\"><small>Never measured by this suite (no hardware, feature or machines for it; docs/benchmarks.md): {}.</small></p></body></html>",
+        esc(&m.hostname),
+        m.cpus,
+        esc(&m.cpu_model),
+        m.mem_mib,
+        esc(&m.kernel),
+        esc(&m.qemu),
+        NEVER_MEASURED
+    );
+    (h, svgs)
+}
+
+/// The template's items no run here can measure, in one line at the end.
+const NEVER_MEASURED: &str =
+    "RDMA, 512 streams (the transport allows 256), runtime mode switching \
+    (DWCP fixes tier and streams per route), snappy, a bandwidth predictor, BFT consensus, bulk \
+    state sync, consensus over a real WAN, 5 % loss, concurrent migrations, 10–1000 node \
+    clusters, VMware and Hyper-V, long-running stress";
+
+/// Which suites the file holds, and which not: one line at the top.
+fn ran_and_not(r: &Results) -> String {
+    let mut ran = Vec::new();
+    let mut not = Vec::new();
+    let profiles = |v: Vec<&str>| v.join(", ");
+    if r.compare.is_empty() {
+        not.push("compare".to_string());
+    } else {
+        ran.push(format!(
+            "compare ({})",
+            profiles(r.compare.iter().map(|s| s.profile.as_str()).collect())
+        ));
+    }
+    if r.converge.is_empty() {
+        not.push("converge".into());
+    } else {
+        ran.push(format!(
+            "converge ({})",
+            profiles(r.converge.iter().map(|s| s.profile.as_str()).collect())
+        ));
+    }
+    for (name, present) in [
+        ("hde", r.hde.is_some()),
+        ("amst", !r.amst.is_empty()),
+        ("consensus", !r.consensus.is_empty()),
+    ] {
+        if present {
+            ran.push(name.into());
+        } else {
+            not.push(name.into());
+        }
+    }
+    let mut t = format!(
+        "In this file: {}.",
+        if ran.is_empty() {
+            "nothing".to_string()
+        } else {
+            ran.join(", ")
+        }
+    );
+    if !not.is_empty() {
+        t.push_str(&format!(
+            " Not run: {} (dwcp benchmark run runs the whole suite).",
+            not.join(", ")
+        ));
+    }
+    t
+}
+
+fn amst_section(h: &mut String, svgs: &mut Vec<(String, String)>, r: &Results) {
+    h.push_str("<h3>1.1 AMST (multi-stream transport)</h3><h4>1.1.1 Transport throughput</h4>");
     let p8 = r
         .amst
         .iter()
@@ -406,31 +491,18 @@ small{{color:#777}} i{{color:#886}} .bad{{color:#c00;font-weight:bold}}</style><
                 .map(move |p| (a, p))
         })
         .next();
-    table(
-        &mut h,
-        &["Scenario", "Throughput", "Streams", "Target"],
-        &[
-            vec![
-                "RDMA 64KB (8 streams)".into(),
-                nm("no RDMA hardware or transport"),
-                "8".into(),
-                "≥2.4 GB/s".into(),
-            ],
-            vec![
+    if let Some((a, p)) = p8 {
+        table(
+            h,
+            &["Scenario", "Throughput", "Streams", "Target"],
+            &[vec![
                 "TCP (8 streams, codec none)".into(),
-                p8.map(|(a, p)| format!("{:.2} GB/s ({})", p.mbit_s / 8000.0, a.profile))
-                    .unwrap_or_else(|| nm("amst with 8 streams not run")),
+                format!("{:.2} GB/s ({})", p.mbit_s / 8000.0, a.profile),
                 "8".into(),
                 "≥2.4 GB/s".into(),
-            ],
-            vec![
-                "RDMA 1MB (1 stream)".into(),
-                nm("no RDMA hardware or transport"),
-                "1".into(),
-                "–".into(),
-            ],
-        ],
-    );
+            ]],
+        );
+    }
     h.push_str("<h4>1.1.2 Stream scalability</h4>");
     for a in &r.amst {
         let _ = write!(
@@ -439,7 +511,7 @@ small{{color:#777}} i{{color:#886}} .bad{{color:#c00;font-weight:bold}}</style><
             esc(&a.profile),
             a.data_bytes >> 20
         );
-        let mut rows: Vec<Vec<String>> = a
+        let rows: Vec<Vec<String>> = a
             .points
             .iter()
             .map(|p| {
@@ -460,14 +532,8 @@ small{{color:#777}} i{{color:#886}} .bad{{color:#c00;font-weight:bold}}</style><
                 }
             })
             .collect();
-        rows.push(vec![
-            "512".into(),
-            nm("the transport allows at most 256 streams"),
-            "–".into(),
-            "–".into(),
-        ]);
         table(
-            &mut h,
+            h,
             &[
                 "Streams",
                 "Throughput",
@@ -491,30 +557,11 @@ small{{color:#777}} i{{color:#886}} .bad{{color:#c00;font-weight:bold}}</style><
         h.push_str(&svg);
         svgs.push((format!("amst_{}.svg", a.profile), svg));
     }
-    if r.amst.is_empty() {
-        h.push_str(&nm("amst not run in this file"));
-    }
-    h.push_str("<h4>1.1.3 Mode switching latency</h4>");
-    table(
-        &mut h,
-        &["Scenario", "Latency", "Target"],
-        &[
-            vec![
-                "Datacenter → Internet".into(),
-                nm("no runtime mode switch in DWCP"),
-                "<2000 ms".into(),
-            ],
-            vec![
-                "Internet → Datacenter".into(),
-                nm("no runtime mode switch in DWCP"),
-                "<2000 ms".into(),
-            ],
-        ],
-    );
+}
 
-    // ---- 1.2 HDE.
+fn hde_section(h: &mut String, hd: &super::schema::HdeResult) {
     h.push_str("<h3>1.2 HDE (codec: page dedup + compression)</h3>");
-    if let Some(hd) = &r.hde {
+    {
         let _ = write!(
             h,
             "<p>Data: {}. Frames of {} KiB, dedup cache {} MiB. MB/s = 10<sup>6</sup> bytes of QEMU stream per second on one core. \"raw crate\" = the lz4/zstd crate alone on the same frames (no dedup).</p><h4>1.2.1 Compression ratios (size reduction; ratio in brackets)</h4>",
@@ -535,18 +582,13 @@ small{{color:#777}} i{{color:#886}} .bad{{color:#c00;font-weight:bold}}</style><
             .map(|d| {
                 vec![
                     esc(&d.name),
-                    nm("no snappy codec in DWCP"),
                     red(d, "lz4"),
                     red(d, "zstd:1"),
                     red(d, "zstd:3"),
                 ]
             })
             .collect();
-        table(
-            &mut h,
-            &["Data", "Snappy", "LZ4", "ZSTD-1", "ZSTD-3"],
-            &rows,
-        );
+        table(h, &["Data", "LZ4", "ZSTD-1", "ZSTD-3"], &rows);
         h.push_str("<h4>1.2.2 Compression throughput (per core)</h4>");
         let mut rows = Vec::new();
         for d in &hd.datasets {
@@ -566,7 +608,7 @@ small{{color:#777}} i{{color:#886}} .bad{{color:#c00;font-weight:bold}}</style><
             }
         }
         table(
-            &mut h,
+            h,
             &[
                 "Data",
                 "Tier",
@@ -581,28 +623,13 @@ small{{color:#777}} i{{color:#886}} .bad{{color:#c00;font-weight:bold}}</style><
             ],
             &rows,
         );
-    } else {
-        h.push_str(&nm("hde not run in this file"));
     }
+}
 
-    h.push_str("<h3>1.3 PBA (predictive bandwidth allocator)</h3>");
-    table(
-        &mut h,
-        &["Workload", "Prediction accuracy"],
-        &["Stable", "Variable", "Bursty"]
-            .iter()
-            .map(|w| {
-                vec![
-                    w.to_string(),
-                    nm("DWCP has no bandwidth predictor; TCP congestion control paces the streams"),
-                ]
-            })
-            .collect::<Vec<_>>(),
-    );
-
+fn consensus_section(h: &mut String, r: &Results) {
     // ---- 1.4 consensus.
     h.push_str("<h3>1.4 Consensus</h3><h4>1.4.1 Consensus latency (commit through a Raft-style cluster on loopback TCP, fsync'd logs)</h4>");
-    let mut rows: Vec<Vec<String>> = r
+    let rows: Vec<Vec<String>> = r
         .consensus
         .iter()
         .map(|b| {
@@ -616,46 +643,40 @@ small{{color:#777}} i{{color:#886}} .bad{{color:#c00;font-weight:bold}}</style><
             ]
         })
         .collect();
-    rows.push(vec![
-        "PBFT (4 nodes)".into(),
-        nm("no BFT protocol in DWCP"),
-        "–".into(),
-        "–".into(),
-        "–".into(),
-        "–".into(),
-    ]);
     table(
-        &mut h,
+        h,
         &["Topology", "p50 ms", "p99 ms", "max ms", "ops/s", "failed"],
         &rows,
     );
-    h.push_str("<h4>1.4.2 State synchronisation</h4>");
-    h.push_str(&nm(
-        "the registry state is small; no bulk state-sync benchmark",
-    ));
+}
 
-    h.push_str("<h3>1.5 Transport under loss</h3>");
-    let lossy = find(r, "lossy", "dwcp");
-    table(
-        &mut h,
-        &["Scenario", "Throughput (dwcp, wire)", "Total time"],
-        &[
-            vec![
-                "1 % loss (lossy profile: 50 Mbit/s, 150 ms RTT)".into(),
-                lossy
-                    .map(|(_, c)| format!("{} Mbit/s", st(&c.wire_mbit_s, 1.0, 1)))
-                    .unwrap_or_else(|| nm("compare --profile lossy not run in this file")),
-                lossy
-                    .map(|(_, c)| format!("{} s", st(&c.total_time_ms, 1000.0, 1)))
-                    .unwrap_or_else(|| "–".into()),
-            ],
-            vec!["5 % loss".into(), nm("no such link profile"), "–".into()],
-        ],
-    );
+/// Section 2, only for the suites this file holds.
+fn migration_section(h: &mut String, svgs: &mut Vec<(String, String)>, r: &Results) {
+    if !r.compare.is_empty() {
+        compare_section(h, svgs, r);
+    }
+    if !r.converge.is_empty() {
+        converge_section(h, r);
+    }
+}
 
-    // ---- 2. Migration.
+fn compare_section(h: &mut String, svgs: &mut Vec<(String, String)>, r: &Results) {
     h.push_str("<h2>2. End-to-end migration: DWCP against QEMU's own channels</h2>");
-    h.push_str("<p>Same test guest (tests/guest), same emulated link, fresh guest pair per run, runs interleaved. Every completed run's destination RAM was compared page by page with the source and the guest's self-check ran on the destination. Cells: median <small>[min–max]</small> over converged runs. Wire bytes: DWCP's session bytes on its TCP streams; for QEMU native, QEMU's transferred bytes. Link bytes: what the source host's interface sent (TCP/IP headers and retransmissions included), the same meter for everyone. CPU: utime+stime of QEMU and agent processes on each host during the migration (the source QEMU figure includes the guest's own vCPU, TCG).</p>");
+    let kinds = |k: GuestKind| r.compare.iter().any(|s| s.guest.kind == k);
+    let _ = write!(
+        h,
+        "<p>The same guest for every contender (described per profile below), the same emulated link, a fresh guest pair per run, runs interleaved. Every completed run's destination RAM was compared page by page with the source's{}{}. Cells: median <small>[min–max]</small> over converged runs. Wire bytes: DWCP's session bytes on its TCP streams; for QEMU native, QEMU's transferred bytes. Link bytes: what the source host's interface sent (TCP/IP headers and retransmissions included), the same meter for everyone. CPU: utime+stime of QEMU and agent processes on each host during the migration (under TCG the source QEMU figure includes the guest's own vCPU).</p>",
+        if kinds(GuestKind::TestGuest) {
+            "; the test guest's self-check also ran on the destination"
+        } else {
+            ""
+        },
+        if kinds(GuestKind::Own) {
+            "; a guest of your own has no heartbeat, so it has no guest-pause figure"
+        } else {
+            ""
+        },
+    );
     let profiles: Vec<String> = {
         let mut v: Vec<String> = Vec::new();
         for s in &r.compare {
@@ -668,8 +689,11 @@ small{{color:#777}} i{{color:#886}} .bad{{color:#c00;font-weight:bold}}</style><
     for s in &r.compare {
         let _ = write!(
             h,
-            "<h3>Profile {} — {} MiB guest, {} MiB realistic content, dirtying {} MiB/s, {} repeat(s), timeout {} s</h3>",
-            esc(&s.profile), s.guest.mem_mb, s.guest.fill_mb, s.guest.dirty_mbps, s.repeat, s.timeout_s
+            "<h3>Profile {} — {}, {} repeat(s), timeout {} s</h3>",
+            esc(&s.profile),
+            esc(&s.guest.describe()),
+            s.repeat,
+            s.timeout_s
         );
         let rows: Vec<Vec<String>> = s
             .summary
@@ -702,7 +726,7 @@ small{{color:#777}} i{{color:#886}} .bad{{color:#c00;font-weight:bold}}</style><
             })
             .collect();
         table(
-            &mut h,
+            h,
             &[
                 "Contender",
                 "Converged",
@@ -736,7 +760,7 @@ small{{color:#777}} i{{color:#886}} .bad{{color:#c00;font-weight:bold}}</style><
             .collect();
         if !bad.is_empty() {
             h.push_str("<p>Runs that did not complete:</p>");
-            table(&mut h, &["Contender", "Run", "Outcome", "Error"], &bad);
+            table(h, &["Contender", "Run", "Outcome", "Error"], &bad);
         }
     }
     if !r.compare.is_empty() {
@@ -792,7 +816,13 @@ small{{color:#777}} i{{color:#886}} .bad{{color:#c00;font-weight:bold}}</style><
                 Box::new(|c: &ContenderSummary| med(&c.wire_bytes).map(|v| v / 1048576.0)),
             ),
         ] {
-            let svg = svg_bars(title, unit, &cats, &series(&*f));
+            let data = series(&*f);
+            if data.iter().all(|(_, v)| v.iter().all(Option::is_none)) {
+                // Nothing to show (a guest of one's own has no guest-side
+                // pause figure): no empty chart of ✗.
+                continue;
+            }
+            let svg = svg_bars(title, unit, &cats, &data);
             h.push_str(&svg);
             svgs.push((file.to_string(), svg));
         }
@@ -818,20 +848,18 @@ small{{color:#777}} i{{color:#886}} .bad{{color:#c00;font-weight:bold}}</style><
             h.push_str(&svg);
             svgs.push(("timeline.svg".into(), svg));
         }
-    } else {
-        h.push_str(&nm("compare not run in this file"));
     }
+}
+
+fn converge_section(h: &mut String, r: &Results) {
     h.push_str("<h3>2.3 Convergence limit</h3><p>`dwcp benchmark converge`: the guest's dirty rate raised step by step; a contender that does not converge within the timeout at one rate is not tried at higher ones.</p>");
-    if r.converge.is_empty() {
-        h.push_str(&nm("converge not run in this file"));
-    }
     for c in &r.converge {
         let _ = write!(
             h,
             "<h4>{} profile, {} MiB guest, {} MiB rewritten, timeout {} s</h4>",
             esc(&c.profile),
             c.guest.mem_mb,
-            c.guest.fill_mb,
+            c.guest.fill_mb.unwrap_or(0),
             c.timeout_s
         );
         let rows: Vec<Vec<String>> = c
@@ -866,30 +894,125 @@ small{{color:#777}} i{{color:#886}} .bad{{color:#c00;font-weight:bold}}</style><
             .chain(std::iter::once("Highest converged".to_string()))
             .collect();
         let head_refs: Vec<&str> = heads.iter().map(String::as_str).collect();
-        table(&mut h, &head_refs, &rows);
+        table(h, &head_refs, &rows);
     }
-    h.push_str("<h3>2.4 Concurrent migrations</h3>");
-    h.push_str(&nm(
-        "one guest pair at a time on a 2-core machine (TCG guests)",
-    ));
-    h.push_str("<h2>3. Scalability (nodes)</h2>");
-    h.push_str(&nm("10–1000 node clusters need that many machines"));
-    h.push_str("<h2>4. Competitor comparison</h2><p>KVM/QEMU native channels are measured above (qemu-tcp, qemu-multifd-zstd, qemu-xbzrle). VMware and Hyper-V: ");
-    h.push_str(&nm("not available on this machine"));
-    h.push_str("</p><h2>5. Stress testing</h2>");
-    h.push_str(&nm("no long-running soak in this suite"));
+}
 
-    // ---- Appendix.
-    let m = &r.machine;
-    let _ = write!(
-        h,
-        "<h2>Appendix B: test environment</h2><p>{} · {} × {} · {} MiB RAM · Linux {} · {}</p><p>Raw data: results.json next to this file.</p></body></html>",
-        esc(&m.hostname),
-        m.cpus,
-        esc(&m.cpu_model),
-        m.mem_mib,
-        esc(&m.kernel),
-        esc(&m.qemu)
-    );
-    (h, svgs)
+#[cfg(test)]
+mod tests {
+    use super::super::schema::{CompareSuite, ContenderSummary, GuestInfo, Results, Stat};
+    use super::*;
+
+    fn suite(profile: &str, guest: GuestInfo) -> CompareSuite {
+        let stat = |v: f64| {
+            Some(Stat {
+                median: v,
+                min: v,
+                max: v,
+                n: 1,
+            })
+        };
+        CompareSuite {
+            profile: profile.into(),
+            guest,
+            dwcp_congestion: None,
+            repeat: 1,
+            timeout_s: 60,
+            qemu_max_bandwidth: 1 << 40,
+            contenders: vec!["qemu-tcp".into(), "dwcp".into()],
+            runs: Vec::new(),
+            summary: ["qemu-tcp", "dwcp"]
+                .iter()
+                .map(|c| ContenderSummary {
+                    contender: c.to_string(),
+                    runs: 1,
+                    converged: 1,
+                    corrupted: 0,
+                    total_time_ms: stat(2000.0),
+                    downtime_ms: stat(40.0),
+                    guest_pause_ms: None,
+                    ram_bytes: stat(1e8),
+                    wire_bytes: stat(9e7),
+                    link_tx_bytes: stat(9.5e7),
+                    wire_mbit_s: stat(400.0),
+                    ram_mbit_s: stat(420.0),
+                    dirty_syncs: stat(3.0),
+                    cpu_src_s: stat(1.0),
+                    cpu_dst_s: stat(1.0),
+                    cpu_s_per_gib: stat(5.0),
+                })
+                .collect(),
+        }
+    }
+
+    /// A compare of one's own guest: the report shows that guest and only
+    /// the compare suite, with one line naming what was not run.
+    #[test]
+    fn a_compare_of_an_own_guest_reports_only_that() {
+        let mut r = Results::new("dwcp benchmark compare --qemu-args-file web.args".into());
+        let args: Vec<String> = ["-machine", "q35", "-m", "2G", "-accel", "tcg"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        r.compare.push(suite(
+            "dc",
+            GuestInfo::own(std::path::Path::new("guests/web.args"), &args),
+        ));
+        let (html, _) = render(&r);
+        for gone in [
+            "not measured",
+            "tests/guest",
+            "realistic content",
+            "Same test guest",
+            "1. Component benchmarks",
+            "1.2 HDE",
+            "1.4 Consensus",
+            "2.3 Convergence",
+            "RDMA 64KB",
+        ] {
+            assert!(!html.contains(gone), "{gone:?} in the report:\n{html}");
+        }
+        for want in [
+            "your guest from web.args: 2048 MiB RAM, running its own workload",
+            "In this file: compare (dc). Not run: converge, hde, amst, consensus",
+            "2048 MiB guest from web.args",
+            "no guest-pause figure",
+            "Never measured by this suite",
+        ] {
+            assert!(html.contains(want), "{want:?} not in the report:\n{html}");
+        }
+        let j = serde_json::to_value(&r).unwrap();
+        let g = &j["compare"][0]["guest"];
+        assert_eq!(j["schema_version"], 2);
+        assert_eq!(g["kind"], "own");
+        assert_eq!(g["mem_mb"], 2048);
+        assert_eq!(g["qemu_args_file"], "guests/web.args");
+        assert_eq!(g["accel"], "tcg");
+        assert!(
+            g.get("fill_mb").is_none() && g.get("dirty_mbps").is_none(),
+            "{g}"
+        );
+    }
+
+    /// The test guest is described as before.
+    #[test]
+    fn the_test_guest_is_described_by_its_workload() {
+        let mut r = Results::new("dwcp benchmark compare".into());
+        r.compare.push(suite(
+            "dc",
+            GuestInfo::test_guest(512, 256, 8, 1, "realistic", "tcg"),
+        ));
+        let (html, _) = render(&r);
+        assert!(html.contains(
+            "the test guest (tests/guest): 512 MiB RAM, 256 MiB realistic content, rewriting 8 MiB/s"
+        ));
+        assert!(html.contains("self-check also ran"));
+        assert!(!html.contains("not measured"));
+        let j = serde_json::to_value(&r).unwrap();
+        let g = &j["compare"][0]["guest"];
+        assert_eq!(
+            (g["kind"].as_str(), g["fill_mb"].as_u64()),
+            (Some("test_guest"), Some(256))
+        );
+    }
 }

@@ -5,7 +5,9 @@
 
 use serde::Serialize;
 
-pub const SCHEMA_VERSION: u32 = 1;
+/// 2: `guest` describes the guest that was migrated (`kind`; the test
+/// guest's workload fields only for the test guest; `qemu_args_file`).
+pub const SCHEMA_VERSION: u32 = 2;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Results {
@@ -38,18 +40,126 @@ pub struct Machine {
     pub qemu: String,
 }
 
+/// Which guest was migrated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GuestKind {
+    /// The self-checking test guest (tests/guest): its workload fills
+    /// `fill_mb` of realistic content and rewrites `dirty_mbps`.
+    TestGuest,
+    /// A guest of the user's own (`--qemu-args-file`), running its own
+    /// workload.
+    Own,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct GuestInfo {
+    pub kind: GuestKind,
+    /// Guest RAM, MiB (an own guest: its `-m`, else QEMU's default of 128).
     pub mem_mb: u64,
-    pub fill_mb: u64,
-    pub dirty_mbps: u64,
-    pub seed: u64,
-    pub mix: String,
-    pub accel: String,
-    /// A guest of the user's own (`--qemu-args-file`): its QEMU arguments;
-    /// absent for the test guest (then mem/fill/dirty/seed/mix describe it).
+    /// The test guest's workload (absent for an own guest, whose workload
+    /// is its own).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fill_mb: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dirty_mbps: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mix: Option<String>,
+    /// QEMU's accelerator (an own guest: its `-accel`, if the file has one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accel: Option<String>,
+    /// An own guest: the arguments file's name as given, and its arguments.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub qemu_args_file: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub qemu_args: Option<Vec<String>>,
+}
+
+/// QEMU's default guest RAM when no `-m` is given, MiB.
+const QEMU_DEFAULT_MEM_MB: u64 = 128;
+
+impl GuestInfo {
+    /// The test guest with this workload.
+    pub fn test_guest(
+        mem_mb: u64,
+        fill_mb: u64,
+        dirty_mbps: u64,
+        seed: u64,
+        mix: &str,
+        accel: &str,
+    ) -> GuestInfo {
+        GuestInfo {
+            kind: GuestKind::TestGuest,
+            mem_mb,
+            fill_mb: Some(fill_mb),
+            dirty_mbps: Some(dirty_mbps),
+            seed: Some(seed),
+            mix: Some(mix.to_string()),
+            accel: Some(accel.to_string()),
+            qemu_args_file: None,
+            qemu_args: None,
+        }
+    }
+
+    /// A guest of the user's own, from its arguments file.
+    pub fn own(file: &std::path::Path, args: &[String]) -> GuestInfo {
+        let after = |flag: &str| {
+            args.iter()
+                .position(|a| a == flag)
+                .and_then(|i| args.get(i + 1))
+                .cloned()
+        };
+        GuestInfo {
+            kind: GuestKind::Own,
+            mem_mb: dwcp_lab::GuestSpec::custom_mem_mb(args).unwrap_or(QEMU_DEFAULT_MEM_MB),
+            fill_mb: None,
+            dirty_mbps: None,
+            seed: None,
+            mix: None,
+            accel: after("-accel"),
+            qemu_args_file: Some(file.display().to_string()),
+            qemu_args: Some(args.to_vec()),
+        }
+    }
+
+    /// A few words: `512 MiB test guest`, `2048 MiB guest from web.args`.
+    pub fn short(&self) -> String {
+        match self.kind {
+            GuestKind::TestGuest => format!("{} MiB test guest", self.mem_mb),
+            GuestKind::Own => format!("{} MiB guest from {}", self.mem_mb, self.args_file_name()),
+        }
+    }
+
+    fn args_file_name(&self) -> String {
+        self.qemu_args_file
+            .as_deref()
+            .map(|f| {
+                std::path::Path::new(f)
+                    .file_name()
+                    .map(|n| n.to_string_lossy().to_string())
+                    .unwrap_or_else(|| f.to_string())
+            })
+            .unwrap_or_else(|| "--qemu-args-file".into())
+    }
+
+    /// One line for the report and the terminal: what was migrated.
+    pub fn describe(&self) -> String {
+        match self.kind {
+            GuestKind::TestGuest => format!(
+                "the test guest (tests/guest): {} MiB RAM, {} MiB realistic content, rewriting {} MiB/s",
+                self.mem_mb,
+                self.fill_mb.unwrap_or(0),
+                self.dirty_mbps.unwrap_or(0)
+            ),
+            GuestKind::Own => format!(
+                "your guest from {}: {} MiB RAM, running its own workload",
+                self.args_file_name(),
+                self.mem_mb
+            ),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]

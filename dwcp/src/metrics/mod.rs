@@ -26,7 +26,7 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use dwcp_core::agent::{Agent, ClusterOps};
+use dwcp_core::agent::{Agent, ClusterOps, MigrationProgress};
 use dwcp_core::transport::{Role, SessionState, SessionStats};
 use parking_lot::Mutex;
 use prometheus_client::metrics::counter::Counter;
@@ -46,6 +46,13 @@ pub type FGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
 
 /// How many ended migrations `/api/migrations` lists.
 const KEEP_HISTORY: usize = 20;
+
+/// Buckets of the guest's downtime, seconds (10 ms .. 30 s).
+fn downtime_buckets() -> Histogram {
+    Histogram::new([
+        0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0,
+    ])
+}
 
 /// Buckets of the migration total time, seconds (0.5 s .. ~68 min).
 fn duration_buckets() -> Histogram {
@@ -83,6 +90,9 @@ pub struct Metrics {
     migrations: Family<Labels, Counter>,
     /// `dwcp_migration_duration_seconds{role,outcome}`.
     duration: Family<Labels, Histogram, fn() -> Histogram>,
+    /// `dwcp_migration_downtime_seconds`: QEMU's downtime of each completed
+    /// migration whose driver reported it (source side).
+    downtime: Histogram,
     raft: Option<Arc<RaftMetrics>>,
 }
 
@@ -117,6 +127,7 @@ impl Metrics {
             ended: Mutex::new(Ended::default()),
             migrations: Family::default(),
             duration: Family::new_with_constructor(duration_buckets as fn() -> Histogram),
+            downtime: downtime_buckets(),
             raft,
         });
         let weak = Arc::downgrade(&m);
@@ -125,7 +136,24 @@ impl Metrics {
                 m.session_ended(s);
             }
         }));
+        let weak = Arc::downgrade(&m);
+        agent.on_downtime(Arc::new(move |p: &MigrationProgress| {
+            if let Some(m) = weak.upgrade() {
+                m.downtime_reported(p);
+            }
+        }));
         m
+    }
+
+    /// Once per session, when its driver first reports the downtime (that
+    /// may be before or after the session ended).
+    fn downtime_reported(&self, p: &MigrationProgress) {
+        let Some(ms) = p.downtime_ms else { return };
+        self.downtime.observe(ms as f64 / 1000.0);
+        let mut e = self.ended.lock();
+        if let Some(h) = e.history.iter_mut().find(|h| h["session"] == p.session) {
+            h["downtime_ms"] = json!(ms);
+        }
     }
 
     /// Once per session, with its final figures.
@@ -144,7 +172,7 @@ impl Metrics {
         if e.history.len() >= KEEP_HISTORY {
             e.history.pop_front();
         }
-        let mut v = session_json(s);
+        let mut v = session_json(s, self.agent.progress(&s.session).as_ref());
         v["ended_at"] = json!(unix_now());
         e.history.push_back(v);
     }
@@ -202,6 +230,11 @@ impl Metrics {
             "dwcp_migration_duration_seconds",
             "Total time of each ended migration (session start to end)",
             self.duration.clone(),
+        );
+        reg.register(
+            "dwcp_migration_downtime_seconds",
+            "Guest downtime of each completed migration, QEMU's figure as its driver (dwcp migrate, dwcp virsh-migrate) reported it to the source agent",
+            self.downtime.clone(),
         );
 
         // Byte counters: ended sessions' totals plus the running ones' counts.
@@ -264,6 +297,9 @@ impl Metrics {
         let tier = Family::<Labels, Gauge>::default();
         let rtt = Family::<Labels, FGauge>::default();
         let retrans = Family::<Labels, Counter>::default();
+        let eta = Family::<Labels, FGauge>::default();
+        let remaining = Family::<Labels, Gauge>::default();
+        let expected_downtime = Family::<Labels, FGauge>::default();
         for s in sessions.iter().filter(|s| s.state == SessionState::Running) {
             let role = role_name(s.role);
             in_progress.get_or_create(&labels(&[("role", role)])).inc();
@@ -282,6 +318,23 @@ impl Metrics {
                 let mut tl = l.clone();
                 tl.push(("tier".into(), s.tier.to_string()));
                 tier.get_or_create(&tl).set(1);
+            }
+            // What the driver reported, while it is current: no ETA rather
+            // than a stale one.
+            if let Some(p) = self
+                .agent
+                .progress(&s.session)
+                .filter(MigrationProgress::is_fresh)
+            {
+                if let Some(v) = p.eta_s {
+                    eta.get_or_create(&l).set(v);
+                }
+                if let Some(v) = p.remaining_bytes {
+                    remaining.get_or_create(&l).set(v as i64);
+                }
+                if let Some(v) = p.expected_downtime_ms {
+                    expected_downtime.get_or_create(&l).set(v as f64 / 1000.0);
+                }
             }
             for p in &s.per_stream {
                 let Some(t) = &p.tcp else { continue };
@@ -332,6 +385,21 @@ impl Metrics {
             streams,
         );
         reg.register(
+            "dwcp_migration_eta_seconds",
+            "Seconds until a running migration completes: RAM left over the recent rate net of the guest's dirty rate (source side, reported by the driver; absent when unknown or not converging)",
+            eta,
+        );
+        reg.register(
+            "dwcp_migration_remaining_bytes",
+            "Guest RAM bytes QEMU has still to send (source side, reported by the driver)",
+            remaining,
+        );
+        reg.register(
+            "dwcp_migration_expected_downtime_seconds",
+            "QEMU's expected downtime were it to switch over now (source side, reported by the driver)",
+            expected_downtime,
+        );
+        reg.register(
             "dwcp_migration_codec_tier",
             "1 for the codec tier a running migration encodes with now (source side)",
             tier,
@@ -370,7 +438,7 @@ impl Metrics {
             .iter()
             .map(|s| s.stats())
             .filter(|s| s.state == SessionState::Running)
-            .map(|s| session_json(&s))
+            .map(|s| session_json(&s, self.agent.progress(&s.session).as_ref()))
             .collect();
         let e = self.ended.lock();
         let history: Vec<Value> = e.history.iter().rev().cloned().collect();
@@ -390,8 +458,10 @@ fn unix_now() -> f64 {
         .unwrap_or(0.0)
 }
 
-/// One migration as `/api/migrations` shows it.
-pub fn session_json(s: &SessionStats) -> Value {
+/// One migration as `/api/migrations` shows it, with what its driver
+/// reported (`remaining_bytes`, `total_bytes`, `eta_s`,
+/// `expected_downtime_ms` while current; `downtime_ms`).
+pub fn session_json(s: &SessionStats, p: Option<&MigrationProgress>) -> Value {
     let moved = match s.role {
         Role::Initiator => s.raw_out,
         Role::Responder => s.raw_in,
@@ -415,6 +485,7 @@ pub fn session_json(s: &SessionStats) -> Value {
         .iter()
         .filter_map(|p| p.tcp.as_ref().map(|t| t.total_retrans as u64))
         .sum();
+    let fresh = p.filter(|p| p.is_fresh());
     json!({
         "name": s.name,
         "session": s.session,
@@ -432,6 +503,11 @@ pub fn session_json(s: &SessionStats) -> Value {
         "rtt_ms": rtt_ms,
         "retransmits": retrans,
         "inflight_bytes": s.inflight_bytes,
+        "remaining_bytes": fresh.and_then(|p| p.remaining_bytes),
+        "total_bytes": p.and_then(|p| p.total_bytes),
+        "eta_s": fresh.and_then(|p| p.eta_s),
+        "expected_downtime_ms": fresh.and_then(|p| p.expected_downtime_ms),
+        "downtime_ms": p.and_then(|p| p.downtime_ms),
     })
 }
 

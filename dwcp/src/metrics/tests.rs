@@ -135,6 +135,7 @@ fn a_relayed_session_shows_in_the_exposition() {
         ("dwcp_build_info", "gauge"),
         ("dwcp_migrations_total", "counter"),
         ("dwcp_migration_duration_seconds", "histogram"),
+        ("dwcp_migration_downtime_seconds", "histogram"),
         ("dwcp_qemu_bytes_total", "counter"),
         ("dwcp_wire_bytes_total", "counter"),
         ("dwcp_migrations_in_progress", "gauge"),
@@ -171,6 +172,55 @@ fn a_relayed_session_shows_in_the_exposition() {
     let payload: Vec<u8> = (0..4u32 << 20).map(|i| (i / 4096) as u8).collect();
     let mut q = UnixStream::connect(sock).unwrap();
     q.write_all(&payload).unwrap();
+
+    // While it runs: the driver's report (`dwcp migrate` sends one a
+    // second) shows as the ETA and remaining-bytes gauges.
+    let ctl = sdir.join("agent.sock");
+    let mut running = Vec::new();
+    for _ in 0..200 {
+        let a = dwcp_core::agent::control_call(
+            &ctl,
+            &json!({"op": "progress", "name": "m1", "remaining_bytes": 3u64 << 20,
+                    "total_bytes": 64u64 << 20, "eta_s": 2.5, "expected_downtime_ms": 40}),
+        )
+        .unwrap();
+        running = parse(&ms.text()).1;
+        if a["session"].is_string()
+            && value(
+                &running,
+                "dwcp_migration_eta_seconds",
+                r#"migration="m1",role="source""#,
+            )
+            .is_some()
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    let l = r#"migration="m1",role="source""#;
+    assert_eq!(value(&running, "dwcp_migration_eta_seconds", l), Some(2.5));
+    assert_eq!(
+        value(&running, "dwcp_migration_remaining_bytes", l),
+        Some((3u64 << 20) as f64)
+    );
+    assert_eq!(
+        value(&running, "dwcp_migration_expected_downtime_seconds", l),
+        Some(0.04)
+    );
+    let api = &ms.migrations_json()["running"][0];
+    assert_eq!(
+        (api["eta_s"].as_f64(), api["total_bytes"].as_u64()),
+        (Some(2.5), Some(64 << 20))
+    );
+    // A report without an ETA (the guest dirties as fast as it is sent)
+    // removes it: no ETA rather than a stale one.
+    dwcp_core::agent::control_call(
+        &ctl,
+        &json!({"op": "progress", "name": "m1", "remaining_bytes": 3u64 << 20}),
+    )
+    .unwrap();
+    let running = parse(&ms.text()).1;
+    assert_eq!(value(&running, "dwcp_migration_eta_seconds", l), None);
     q.shutdown(Shutdown::Write).unwrap();
     let mut rest = Vec::new();
     q.read_to_end(&mut rest).unwrap();
@@ -217,6 +267,40 @@ fn a_relayed_session_shows_in_the_exposition() {
     );
     // Nothing runs now: no per-migration series.
     assert!(!samples.iter().any(|s| s.name == "dwcp_stream_rtt_seconds"));
+    assert!(!samples
+        .iter()
+        .any(|s| s.name == "dwcp_migration_eta_seconds"
+            || s.name == "dwcp_migration_remaining_bytes"));
+    // The downtime, reported once QEMU completed (twice here: counted once).
+    assert_eq!(
+        value(&samples, "dwcp_migration_downtime_seconds_count", ""),
+        Some(0.0)
+    );
+    for _ in 0..2 {
+        dwcp_core::agent::control_call(
+            &ctl,
+            &json!({"op": "progress", "name": "m1", "remaining_bytes": 0, "downtime_ms": 45}),
+        )
+        .unwrap();
+    }
+    let samples = parse(&ms.text()).1;
+    assert_eq!(
+        value(&samples, "dwcp_migration_downtime_seconds_count", ""),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(&samples, "dwcp_migration_downtime_seconds_sum", ""),
+        Some(0.045)
+    );
+    assert_eq!(
+        value(
+            &samples,
+            "dwcp_migration_downtime_seconds_bucket",
+            r#"le="0.05""#
+        ),
+        Some(1.0)
+    );
+    assert_eq!(ms.migrations_json()["history"][0]["downtime_ms"], 45);
     assert_eq!(
         value(&samples, "dwcp_migrations_in_progress", r#"role="source""#),
         Some(0.0)

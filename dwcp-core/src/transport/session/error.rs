@@ -40,6 +40,39 @@ pub enum SessionError {
     MemoryBudget(String),
 }
 
+/// Why the destination refused a session before it started: it was not
+/// told to expect the migration ([`crate::wire::Status::NotExpected`]), it
+/// does not allow this source's certificate identity
+/// ([`crate::wire::Status::PeerNotAllowed`]), or the two agents did not
+/// authenticate each other over TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PeerRefusal {
+    NotExpected,
+    PeerNotAllowed,
+    Tls,
+}
+
+impl SessionError {
+    /// The destination's refusal (or the failed TLS authentication) that
+    /// kept this session from starting, if that is why it failed.
+    pub fn peer_refusal(&self) -> Option<PeerRefusal> {
+        use crate::wire::Status;
+        match self {
+            SessionError::Handshake {
+                source: WireError::Refused(Status::NotExpected),
+                ..
+            } => Some(PeerRefusal::NotExpected),
+            SessionError::Handshake {
+                source: WireError::Refused(Status::PeerNotAllowed),
+                ..
+            } => Some(PeerRefusal::PeerNotAllowed),
+            SessionError::Tls { .. } => Some(PeerRefusal::Tls),
+            _ => None,
+        }
+    }
+}
+
 fn tls_text(e: &crate::tls::TlsError) -> String {
     match e {
         crate::tls::TlsError::HandshakeIo { source, .. }

@@ -46,6 +46,7 @@ mod channel;
 mod credit;
 pub(super) mod direct;
 mod error;
+pub use error::PeerRefusal;
 mod recv;
 mod send;
 mod stats;

@@ -140,6 +140,16 @@ impl CodecCounts {
 }
 
 impl Session {
+    /// The session's id, as [`SessionStats::session`] shows it (hex).
+    pub fn id(&self) -> String {
+        hex(&self.inner.id)
+    }
+
+    /// Which end of the session this is.
+    pub fn role(&self) -> Role {
+        self.inner.role
+    }
+
     /// A snapshot of the session's figures.
     pub fn stats(&self) -> SessionStats {
         let i = &self.inner;

@@ -1,0 +1,172 @@
+//! What the driver of a migration reports about it: the `progress` control
+//! request.
+//!
+//! The agent relays bytes and cannot tell how much guest RAM is left or
+//! when the guest was stopped; whoever drives QEMU can (`dwcp migrate`,
+//! `dwcp virsh-migrate`). Once a second it sends
+//! `{"op":"progress","name":N,"remaining_bytes":B,"total_bytes":T,"eta_s":S,
+//! "expected_downtime_ms":D}` and, once QEMU completed, `"downtime_ms":D`.
+//! The report is attached to the newest source-side session of that name;
+//! `stats` shows its figures with the session, and the metrics endpoint
+//! exports them (ETA and remaining bytes while the session runs, the
+//! downtime into a histogram once, when it is first reported).
+//!
+//! Every field but `name` is optional; a field left out (or not a finite
+//! non-negative number) clears the previous value: an ETA that can no longer
+//! be computed is shown as unknown, never as a stale figure.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::{json, Value};
+
+use super::{lenient_u64, State};
+use crate::transport::Role;
+
+/// How long a report stays current: older ones (the driver died, or
+/// stopped reporting) no longer give an ETA.
+pub const FRESH_FOR: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// `{"op":"progress",...}`.
+#[derive(Debug, Deserialize)]
+pub(crate) struct ProgressRequest {
+    #[serde(default, deserialize_with = "super::lenient_string_or_empty")]
+    pub name: String,
+    #[serde(default, deserialize_with = "lenient_u64")]
+    pub remaining_bytes: Option<u64>,
+    #[serde(default, deserialize_with = "lenient_u64")]
+    pub total_bytes: Option<u64>,
+    #[serde(default, deserialize_with = "lenient_seconds")]
+    pub eta_s: Option<f64>,
+    #[serde(default, deserialize_with = "lenient_u64")]
+    pub expected_downtime_ms: Option<u64>,
+    #[serde(default, deserialize_with = "lenient_u64")]
+    pub downtime_ms: Option<u64>,
+}
+
+/// A finite number >= 0, else None.
+fn lenient_seconds<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+    Ok(Value::deserialize(d)?
+        .as_f64()
+        .filter(|v| v.is_finite() && *v >= 0.0))
+}
+
+/// The latest report for one session.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MigrationProgress {
+    /// The migration name.
+    pub name: String,
+    /// The session it belongs to ([`crate::transport::SessionStats::session`]).
+    pub session: String,
+    /// Guest RAM QEMU still has to send, bytes.
+    pub remaining_bytes: Option<u64>,
+    /// Guest RAM in all, bytes.
+    pub total_bytes: Option<u64>,
+    /// Seconds until the migration completes, at the recent rate net of the
+    /// guest's dirty rate; None when that is unknown or the guest dirties
+    /// as fast as the migration sends.
+    pub eta_s: Option<f64>,
+    /// QEMU's expected downtime at this point, ms.
+    pub expected_downtime_ms: Option<u64>,
+    /// QEMU's downtime, once the migration completed, ms.
+    pub downtime_ms: Option<u64>,
+    /// When the report came, Unix time.
+    pub reported_at: f64,
+    #[serde(skip)]
+    received: Option<Instant>,
+}
+
+impl MigrationProgress {
+    /// Whether the report is recent enough to show an ETA ([`FRESH_FOR`]).
+    pub fn is_fresh(&self) -> bool {
+        self.received.is_some_and(|t| t.elapsed() < FRESH_FOR)
+    }
+
+    /// The fields `stats` adds to the session's figures.
+    pub(super) fn session_fields(&self) -> Value {
+        let fresh = self.is_fresh();
+        json!({
+            "remaining_bytes": self.remaining_bytes.filter(|_| fresh),
+            "total_bytes": self.total_bytes,
+            "eta_s": self.eta_s.filter(|_| fresh),
+            "expected_downtime_ms": self.expected_downtime_ms.filter(|_| fresh),
+            "downtime_ms": self.downtime_ms,
+            "progress_at": self.reported_at,
+        })
+    }
+}
+
+/// Called once per session when its downtime is first reported.
+pub type DowntimeObserver = Arc<dyn Fn(&MigrationProgress) + Send + Sync>;
+
+/// The reports, by session id (only sessions the agent still remembers).
+pub(super) type Reports = HashMap<String, MigrationProgress>;
+
+/// `{"op":"progress",...}`: attaches the report to the newest source-side
+/// session of that name. Answers the session's id, or null when there is
+/// no such session (yet: QEMU may not have connected).
+pub(super) fn progress(st: &Arc<State>, r: ProgressRequest) -> Result<Value, String> {
+    if r.name.is_empty() {
+        return Err("missing field `name`".into());
+    }
+    let (id, first_downtime) = {
+        let sessions = st.sessions.lock();
+        let found = sessions
+            .iter()
+            .rev()
+            .find(|s| s.name() == r.name && s.role() == Role::Initiator)
+            .map(|s| s.id());
+        let Some(id) = found else {
+            return Ok(json!({"ok": true, "session": null}));
+        };
+        let mut reports = st.progress.lock();
+        reports.retain(|k, _| *k == id || sessions.iter().any(|s| s.id() == *k));
+        let previous = reports.get(&id).and_then(|p| p.downtime_ms);
+        let p = MigrationProgress {
+            name: r.name,
+            session: id.clone(),
+            remaining_bytes: r.remaining_bytes,
+            total_bytes: r.total_bytes,
+            eta_s: r.eta_s,
+            expected_downtime_ms: r.expected_downtime_ms,
+            // Reported once QEMU completed; it stays.
+            downtime_ms: previous.or(r.downtime_ms),
+            reported_at: super::now_s(),
+            received: Some(Instant::now()),
+        };
+        let first = (previous.is_none() && p.downtime_ms.is_some()).then(|| p.clone());
+        reports.insert(id.clone(), p);
+        (id, first)
+    };
+    if let Some(p) = &first_downtime {
+        let observers = st.downtime_observers.lock().clone();
+        for o in &observers {
+            o(p);
+        }
+    }
+    Ok(json!({"ok": true, "session": id}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_numbers_count_as_missing() {
+        let r: ProgressRequest = serde_json::from_value(json!({
+            "op": "progress", "name": "vm1", "remaining_bytes": -1, "eta_s": -3.0,
+            "expected_downtime_ms": "12", "downtime_ms": 40}))
+        .unwrap();
+        assert_eq!(r.name, "vm1");
+        assert_eq!(
+            (r.remaining_bytes, r.eta_s, r.expected_downtime_ms),
+            (None, None, None)
+        );
+        assert_eq!(r.downtime_ms, Some(40));
+        let r: ProgressRequest =
+            serde_json::from_value(json!({"op": "progress", "name": "a", "eta_s": 2.5})).unwrap();
+        assert_eq!(r.eta_s, Some(2.5));
+    }
+}

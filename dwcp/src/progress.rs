@@ -1,0 +1,228 @@
+//! The driver's side of a migration's progress: the ETA from QEMU's (or
+//! libvirt's) figures, and the once-a-second `progress` report to the local
+//! agent (dwcp_core::agent::progress), which the metrics endpoint, the
+//! dashboard and `dwcp stats --watch` show.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+/// How far back the transfer rate is measured.
+const RATE_WINDOW: Duration = Duration::from_secs(3);
+
+/// The recent transfer rate, from successive (time, bytes transferred so
+/// far) samples over the last [`RATE_WINDOW`].
+#[derive(Debug, Default)]
+pub struct RateWindow {
+    samples: VecDeque<(Instant, u64)>,
+}
+
+impl RateWindow {
+    pub fn observe(&mut self, at: Instant, transferred: u64) {
+        if self.samples.back().is_some_and(|(_, b)| transferred < *b) {
+            // A new count (QEMU restarted its figures): start over.
+            self.samples.clear();
+        }
+        self.samples.push_back((at, transferred));
+        while self.samples.len() > 2
+            && self
+                .samples
+                .front()
+                .is_some_and(|(t, _)| at.duration_since(*t) > RATE_WINDOW)
+        {
+            self.samples.pop_front();
+        }
+    }
+
+    /// Bytes per second over the window; None before half a second of
+    /// samples.
+    pub fn rate(&self) -> Option<f64> {
+        let (t0, b0) = self.samples.front()?;
+        let (t1, b1) = self.samples.back()?;
+        let dt = t1.duration_since(*t0).as_secs_f64();
+        (dt >= 0.5).then(|| (b1 - b0) as f64 / dt)
+    }
+}
+
+/// Seconds until `remaining` bytes are sent at `rate` bytes/s while the
+/// guest dirties `dirty_rate` bytes/s: `remaining / (rate - dirty_rate)`.
+/// None when the rate is unknown or not above the dirty rate (the
+/// migration does not converge at this pace: no ETA rather than a wrong one).
+pub fn eta_s(remaining: u64, rate: Option<f64>, dirty_rate: Option<f64>) -> Option<f64> {
+    let net = rate? - dirty_rate.unwrap_or(0.0);
+    (net > 0.0 && net.is_finite()).then(|| remaining as f64 / net)
+}
+
+/// One report for the agent.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Progress {
+    pub remaining_bytes: Option<u64>,
+    pub total_bytes: Option<u64>,
+    pub eta_s: Option<f64>,
+    pub expected_downtime_ms: Option<u64>,
+    pub downtime_ms: Option<u64>,
+}
+
+impl Progress {
+    fn request(&self, name: &str) -> Value {
+        json!({"op": "progress", "name": name, "remaining_bytes": self.remaining_bytes,
+               "total_bytes": self.total_bytes, "eta_s": self.eta_s,
+               "expected_downtime_ms": self.expected_downtime_ms,
+               "downtime_ms": self.downtime_ms})
+    }
+}
+
+/// QEMU's `query-migrate` answer as a report; `rate` keeps the recent
+/// transfer rate across calls.
+pub fn from_query_migrate(v: &Value, rate: &mut RateWindow, at: Instant) -> Progress {
+    let n = |p: &str| v.pointer(p).and_then(Value::as_u64);
+    let remaining = n("/ram/remaining");
+    if let Some(t) = n("/ram/transferred") {
+        rate.observe(at, t);
+    }
+    // Dirty pages per second times the page size.
+    let dirty = v
+        .pointer("/ram/dirty-pages-rate")
+        .and_then(Value::as_f64)
+        .map(|p| p * n("/ram/page-size").unwrap_or(4096) as f64);
+    let status = v["status"].as_str().unwrap_or("");
+    Progress {
+        remaining_bytes: remaining,
+        total_bytes: n("/ram/total"),
+        eta_s: remaining
+            .filter(|_| status == "active")
+            .and_then(|r| eta_s(r, rate.rate(), dirty)),
+        expected_downtime_ms: n("/expected-downtime"),
+        downtime_ms: (status == "completed").then(|| n("/downtime")).flatten(),
+    }
+}
+
+/// Sends reports to the agent at most once a second, from a thread of its
+/// own, so a slow agent never holds up the migration's polling loop (the
+/// cutover gate polls every 5 ms). Errors are ignored: the agent's view is
+/// a display, the migration does not depend on it.
+#[derive(Debug)]
+pub struct Reporter {
+    tx: Option<SyncSender<Value>>,
+    name: String,
+    last: Option<Instant>,
+    worker: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Reporter {
+    pub fn new(agent: PathBuf, name: &str) -> Reporter {
+        let (tx, rx) = sync_channel::<Value>(1);
+        let worker = std::thread::Builder::new()
+            .name("dwcp-progress".into())
+            .spawn(move || {
+                for req in rx {
+                    let _ = dwcp_core::agent::control_call(&agent, &req);
+                }
+            })
+            .ok();
+        Reporter {
+            tx: Some(tx),
+            name: name.to_string(),
+            last: None,
+            worker,
+        }
+    }
+
+    /// Sends `p` if a second has passed since the last report.
+    pub fn maybe_send(&mut self, p: &Progress) {
+        if self
+            .last
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
+            return;
+        }
+        if let Some(tx) = &self.tx {
+            match tx.try_send(p.request(&self.name)) {
+                Ok(()) => self.last = Some(Instant::now()),
+                Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {}
+            }
+        }
+    }
+
+    /// Sends the last report (the downtime) and waits up to 2 s for it.
+    pub fn finish(mut self, p: &Progress) {
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(p.request(&self.name));
+        }
+        if let Some(w) = self.worker.take() {
+            let end = Instant::now() + Duration::from_secs(2);
+            while !w.is_finished() && Instant::now() < end {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eta_accounts_for_the_dirty_rate_and_refuses_to_guess() {
+        assert_eq!(eta_s(100, Some(10.0), None), Some(10.0));
+        assert_eq!(eta_s(100, Some(30.0), Some(10.0)), Some(5.0));
+        // Dirtying as fast as (or faster than) it sends: no ETA.
+        assert_eq!(eta_s(100, Some(10.0), Some(10.0)), None);
+        assert_eq!(eta_s(100, Some(10.0), Some(20.0)), None);
+        assert_eq!(eta_s(100, None, Some(1.0)), None);
+        assert_eq!(eta_s(100, Some(0.0), None), None);
+    }
+
+    #[test]
+    fn the_rate_is_that_of_the_last_seconds() {
+        let t0 = Instant::now();
+        let mut w = RateWindow::default();
+        w.observe(t0, 0);
+        assert_eq!(w.rate(), None);
+        // 1 MB/s for 10 s, then 4 MB/s.
+        for i in 1..=10u64 {
+            w.observe(t0 + Duration::from_secs(i), i * 1_000_000);
+        }
+        assert_eq!(w.rate(), Some(1e6));
+        for i in 11..=14u64 {
+            w.observe(
+                t0 + Duration::from_secs(i),
+                10_000_000 + (i - 10) * 4_000_000,
+            );
+        }
+        assert_eq!(w.rate(), Some(4e6));
+    }
+
+    #[test]
+    fn query_migrate_figures_become_a_report() {
+        let t0 = Instant::now();
+        let mut w = RateWindow::default();
+        let q = |transferred: u64, status: &str| {
+            json!({"status": status, "expected-downtime": 120, "downtime": 45,
+                   "ram": {"transferred": transferred, "remaining": 90_000_000u64,
+                           "total": 512u64 << 20, "dirty-pages-rate": 1000.0, "page-size": 4096}})
+        };
+        let p = from_query_migrate(&q(0, "active"), &mut w, t0);
+        assert_eq!(p.eta_s, None, "no rate yet");
+        assert_eq!(p.remaining_bytes, Some(90_000_000));
+        assert_eq!(p.expected_downtime_ms, Some(120));
+        assert_eq!(p.downtime_ms, None);
+        let p = from_query_migrate(
+            &q(20_096_000, "active"),
+            &mut w,
+            t0 + Duration::from_secs(2),
+        );
+        // 10.048 MB/s sent, 4.096 MB/s dirtied: 90 MB / 5.952 MB/s.
+        let eta = p.eta_s.unwrap();
+        assert!((eta - 90_000_000.0 / 5_952_000.0).abs() < 1e-6, "{eta}");
+        let p = from_query_migrate(
+            &q(30_000_000, "completed"),
+            &mut w,
+            t0 + Duration::from_secs(3),
+        );
+        assert_eq!((p.eta_s, p.downtime_ms), (None, Some(45)));
+    }
+}
