@@ -21,7 +21,9 @@ certificate another CA signed and a tls-hostname the destination's
 certificate does not carry each fail the migration with an error that
 names the TLS failure, the source keeps running and the destination is
 still waiting (inmigrate) -- the migration that follows proves it
-received nothing before.
+received nothing before. After that migration, QEMU's trace events
+show that every channel (main and multifd) stayed a qio-channel-dwcp on
+both sides: QEMU added no TLS of its own.
 
 Usage: e2e.py QEMU_BINARY GUEST_DIR WORKDIR   (exit 0 = all passed)
 """
@@ -327,6 +329,12 @@ def tls_case(src, dst, port, params):
     with open(f"{psk_dir}/keys.psk", "w") as f:
         f.write("qemu:" + os.urandom(16).hex() + "\n")
 
+    # QEMU's trace of every channel it sets up, and of its own TLS
+    # handshakes (which must not happen: libdwcp does TLS): see
+    # check_no_qemu_tls()
+    for vm in (src, dst):
+        for pattern in ("migration_set_*_channel", "migration_tls*", "multifd_tls*"):
+            vm.qmp.cmd("trace-event-set-state", {"name": pattern, "enable": True})
     object_add(dst, "tls0", "tls-creds-x509", dir=dst_dir, endpoint="server")
     dst.qmp.cmd("migrate-set-parameters", {"tls-creds": "tls0"})
     dst.qmp.cmd("migrate-incoming", {"uri": f"dwcp:127.0.0.1:{port}"})
@@ -374,6 +382,23 @@ def tls_case(src, dst, port, params):
           log_text.strip().splitlines()[-1] if log_text.strip() else "empty")
     # the real one: our CA, the name the certificate carries
     src.qmp.cmd("migrate-set-parameters", {"tls-creds": "tls0", "tls-hostname": "localhost"})
+
+
+def check_no_qemu_tls(src, dst, label, channels):
+    """With tls-creds set, every channel must still be a plain
+    qio-channel-dwcp on both sides (QEMU's trace events), never wrapped in
+    QEMU's own TLS (qio-channel-tls, migration_tls_*/multifd_tls_* events)."""
+    logs = {}
+    for vm in (src, dst):
+        with open(vm.stderr.name, errors="replace") as f:
+            logs[vm.name] = f.read()
+    out = re.findall(r"migration_set_outgoing_channel .*ioctype=(\S+)", logs[src.name])
+    inc = re.findall(r"migration_set_incoming_channel .*ioctype=(\S+)", logs[dst.name])
+    qemu_tls = [line for text in logs.values() for line in text.splitlines()
+                if "qio-channel-tls" in line or re.match(r"(migration|multifd)_tls", line)]
+    check(f"{label}: QEMU adds no TLS of its own (every channel qio-channel-dwcp)",
+          out == ["qio-channel-dwcp"] and inc == ["qio-channel-dwcp"] * channels and not qemu_tls,
+          f"outgoing {out}, incoming {inc}, QEMU TLS events {qemu_tls[:3]}")
 
 
 def migrate(src, n, streams, codec, multifd, form, transport="dwcp"):
@@ -437,6 +462,8 @@ def migrate(src, n, streams, codec, multifd, form, transport="dwcp"):
           f"{src.qmp.status()} / {dst.qmp.status()}")
     a, b = ram_digest(src, "src"), ram_digest(dst, "dst")
     check(f"{label}: destination RAM identical ({a[1] >> 20} MiB)", a == b and a[1] == MEM_MB << 20)
+    if tls:
+        check_no_qemu_tls(src, dst, label, 1 + (4 if multifd else 0))
     dst.qmp.cmd("cont")
     ok = dst.wait_serial(r"DWCP-HB seq=\d+ .*errors=\d+(.|\n)*DWCP-HB seq=\d+ .*errors=\d+", 60)
     hbs = dst.heartbeats()
