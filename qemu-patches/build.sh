@@ -12,7 +12,7 @@
 #   qemu-dwcp/build, qemu-dwcp/key   the build and the key it was made from
 # Needs: meson >= 1.5 (apt-get install -t bookworm-backports meson; the +ds
 # tarball has no bundled wheels), python3-pycotap (same), ninja-build,
-# libglib2.0-dev, libfdt-dev, gcc.
+# libglib2.0-dev, libfdt-dev, libgnutls28-dev, gcc.
 # Changing a patch re-applies the series onto "base" (git rewrites only the
 # files that differ, so ninja rebuilds only what the patches touch).
 set -euo pipefail
@@ -89,9 +89,12 @@ done
 # 4. Configure (once) and build.
 export PKG_CONFIG_PATH=$cache/libdwcp/lib/pkgconfig
 # zstd: QEMU's best WAN contender (multifd + zstd) runs on the same binary
-# as dwcp:, as Debian's QEMU builds it. A changed option list reconfigures.
+# as dwcp:, as Debian's QEMU builds it. gnutls: -object tls-creds-x509
+# (the tls-creds migration parameter) needs it. A changed option list
+# reconfigures.
 conf=(--target-list=x86_64-softmmu
     --without-default-features --enable-tcg --enable-dwcp --enable-zstd
+    --enable-gnutls
     --disable-docs --disable-werror --disable-user --disable-download
     --disable-install-blobs
     --python=/usr/bin/python3

@@ -232,7 +232,7 @@ impl Shared {
 fn accept_loop(listener: TcpListener, acceptor: Arc<Acceptor>, shared: Arc<Shared>) {
     while !shared.stop.load(Ordering::Acquire) {
         match listener.accept() {
-            Ok((stream, _peer)) => {
+            Ok((stream, peer)) => {
                 let _ = stream.set_nonblocking(false);
                 let acceptor = acceptor.clone();
                 let weak = Arc::downgrade(&shared);
@@ -240,8 +240,13 @@ fn accept_loop(listener: TcpListener, acceptor: Arc<Acceptor>, shared: Arc<Share
                 // connection so a slow peer cannot hold up the others.
                 let _ = std::thread::Builder::new()
                     .name("dwcp-hello".into())
-                    .spawn(move || {
-                        if let Ok(Some(session)) = acceptor.handle(stream) {
+                    .spawn(move || match acceptor.handle(stream) {
+                        // Nothing reached the embedder: say why on its
+                        // stderr (QEMU's log), as QEMU reports a failed TLS
+                        // handshake of its own.
+                        Err(e) => eprintln!("libdwcp: refused a connection from {peer}: {e}"),
+                        Ok(None) => {}
+                        Ok(Some(session)) => {
                             match weak.upgrade() {
                                 Some(sh) if !sh.stop.load(Ordering::Acquire) => sh
                                     .sessions

@@ -141,7 +141,7 @@ if ! [ -f "$work/build/build.ninja" ]; then
     rm -rf "$work/build"
     mkdir -p "$work/build"
     if ! (cd "$work/build" && nice -n 19 "$src/configure" --target-list=x86_64-softmmu \
-            --without-default-features --enable-tcg --enable-dwcp \
+            --without-default-features --enable-tcg --enable-dwcp --enable-gnutls \
             --disable-docs --disable-werror --disable-user --disable-download \
             --disable-install-blobs \
             --python=/usr/bin/python3 \

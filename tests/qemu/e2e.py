@@ -12,6 +12,19 @@ the problem, an unreachable destination fails the migration, a
 destination killed mid-way fails it, and migrate_cancel cancels it; the
 source keeps running after each.
 
+The last migration of the matrix runs with QEMU's tls-creds (a
+tls-creds-x509 object on each side, with a CA generated at run time by
+openssl) instead of insecure=1. Before it, against the same waiting
+destination: tls-creds naming a PSK object and insecure=1 with tls-creds
+are refused; a source trusting another CA, a source whose client
+certificate another CA signed and a tls-hostname the destination's
+certificate does not carry each fail the migration with an error that
+names the TLS failure, the source keeps running and the destination is
+still waiting (inmigrate) -- the migration that follows proves it
+received nothing before. After that migration, QEMU's trace events
+show that every channel (main and multifd) stayed a qio-channel-dwcp on
+both sides: QEMU added no TLS of its own.
+
 Usage: e2e.py QEMU_BINARY GUEST_DIR WORKDIR   (exit 0 = all passed)
 """
 import hashlib
@@ -27,13 +40,15 @@ QEMU, GUEST, WORK = sys.argv[1], sys.argv[2], sys.argv[3]
 MEM_MB = 256
 APPEND = "console=ttyS0 panic=-1 quiet dwcp.fill=96 dwcp.dirty=8"
 
-# (streams, codec, multifd, incoming form)
+# (streams, codec, multifd, incoming form); the transport is dwcp with
+# insecure=1, or "dwcp+tls-creds" (QEMU's tls-creds, see tls_case())
 MATRIX = [
-    (1, "none", False, "cmdline"),
-    (8, "lz4", False, "cmdline"),
-    (8, "zstd:3", True, "qapi"),
-    (1, "lz4", True, "uri"),
-    (4, "auto", True, "qapi"),
+    (1, "none", False, "cmdline", "dwcp"),
+    (8, "lz4", False, "cmdline", "dwcp"),
+    (8, "zstd:3", True, "qapi", "dwcp"),
+    (1, "lz4", True, "uri", "dwcp"),
+    (4, "auto", True, "qapi", "dwcp"),
+    (4, "lz4", True, "uri", "dwcp+tls-creds"),
 ]
 
 results = []
@@ -251,15 +266,153 @@ def failure_cases(src):
     set_bandwidth(src, 10 << 30)
 
 
+def openssl(*args):
+    subprocess.run(["openssl", *args], check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.PIPE)
+
+
+def make_ca(path, name):
+    """A throwaway CA (key and certificate) in `path`."""
+    os.makedirs(path, exist_ok=True)
+    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+            "-keyout", f"{path}/ca-key.pem", "-out", f"{path}/ca-cert.pem", "-days", "2",
+            "-subj", f"/O=DWCP e2e/CN={name}",
+            "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    return path
+
+
+def make_host(path, ca, trust=()):
+    """libvirt's layout in `path`: server and client certificates for
+    localhost / 127.0.0.1 signed by `ca`; ca-cert.pem holds `ca`'s
+    certificate and those of the CAs in `trust`."""
+    os.makedirs(path, exist_ok=True)
+    with open(f"{path}/ca-cert.pem", "w") as out:
+        for c in (ca, *trust):
+            with open(f"{c}/ca-cert.pem") as f:
+                out.write(f.read())
+    for role, eku in (("server", "serverAuth"), ("client", "clientAuth")):
+        ext = f"{path}/{role}.ext"
+        with open(ext, "w") as f:
+            f.write("subjectAltName=DNS:localhost,IP:127.0.0.1\n"
+                    f"extendedKeyUsage={eku}\n"
+                    "keyUsage=critical,digitalSignature,keyEncipherment\n"
+                    "basicConstraints=CA:FALSE\n")
+        openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                "-keyout", f"{path}/{role}-key.pem", "-out", f"{path}/{role}.csr",
+                "-subj", "/O=DWCP e2e/CN=localhost")
+        openssl("x509", "-req", "-in", f"{path}/{role}.csr", "-CA", f"{ca}/ca-cert.pem",
+                "-CAkey", f"{ca}/ca-key.pem", "-set_serial", str(int.from_bytes(os.urandom(8), "big")),
+                "-days", "2", "-out", f"{path}/{role}-cert.pem", "-extfile", ext)
+        os.unlink(ext)
+        os.unlink(f"{path}/{role}.csr")
+        os.chmod(f"{path}/{role}-key.pem", 0o600)
+    return path
+
+
+def object_add(vm, oid, qom_type, **props):
+    vm.qmp.cmd("object-add", {"qom-type": qom_type, "id": oid, **props})
+
+
+def tls_case(src, dst, port, params):
+    """tls-creds on both sides. Sets up the destination (which must be
+    started with -incoming defer) and the source, then checks what must
+    fail against the waiting destination; returns when the source is set
+    up for the migration that must succeed."""
+    pki = os.path.join(WORK, "pki")
+    ca, other = make_ca(f"{pki}/ca", "DWCP e2e CA"), make_ca(f"{pki}/other-ca", "another CA")
+    dst_dir, src_dir = make_host(f"{pki}/dst", ca), make_host(f"{pki}/src", ca)
+    foreign_dir = make_host(f"{pki}/foreign", other)              # trusts another CA only
+    stranger_dir = make_host(f"{pki}/stranger", other, [ca])      # trusts ours, cert from another CA
+    psk_dir = f"{pki}/psk"
+    os.makedirs(psk_dir)
+    with open(f"{psk_dir}/keys.psk", "w") as f:
+        f.write("qemu:" + os.urandom(16).hex() + "\n")
+
+    # QEMU's trace of every channel it sets up, and of its own TLS
+    # handshakes (which must not happen: libdwcp does TLS): see
+    # check_no_qemu_tls()
+    for vm in (src, dst):
+        for pattern in ("migration_set_*_channel", "migration_tls*", "multifd_tls*"):
+            vm.qmp.cmd("trace-event-set-state", {"name": pattern, "enable": True})
+    object_add(dst, "tls0", "tls-creds-x509", dir=dst_dir, endpoint="server")
+    dst.qmp.cmd("migrate-set-parameters", {"tls-creds": "tls0"})
+    dst.qmp.cmd("migrate-incoming", {"uri": f"dwcp:127.0.0.1:{port}"})
+    for oid, d in (("tls0", src_dir), ("foreign", foreign_dir), ("stranger", stranger_dir)):
+        object_add(src, oid, "tls-creds-x509", dir=d, endpoint="client")
+    object_add(src, "psk0", "tls-creds-psk", dir=psk_dir, endpoint="client", username="qemu")
+    uri = f"dwcp:127.0.0.1:{port}?{params}"
+
+    def refused(creds, args, want, name):
+        src.qmp.cmd("migrate-set-parameters", {"tls-creds": creds})
+        reply = src.qmp.raw("migrate", args)
+        desc = reply.get("error", {}).get("desc", "")
+        check(name, "error" in reply and want in desc, desc)
+
+    refused("psk0", {"uri": uri}, "tls-creds 'psk0' is a tls-creds-psk object",
+            "tls-creds naming a PSK object refused")
+    refused("tls0", {"uri": uri + "&insecure=1"}, "insecure=1 conflicts with tls-creds",
+            "insecure=1 with tls-creds refused")
+    check("source running after the refusals", src.qmp.status() == "running")
+
+    def fails(creds, hostname, want, name):
+        src.qmp.cmd("migrate-set-parameters", {"tls-creds": creds, "tls-hostname": hostname})
+        src.qmp.cmd("migrate", {"uri": uri})
+        info = wait_migration(src, 30)
+        desc = info.get("error-desc", "")
+        check(f"{name}: the migration fails naming the TLS failure",
+              info.get("status") == "failed" and "TLS" in desc and want in desc,
+              f"{info.get('status')}: {desc}")
+        check(f"{name}: source still running", src.qmp.status() == "running")
+        dst_info = dst.qmp.migrate_status()
+        check(f"{name}: destination still waiting, nothing received",
+              dst.qmp.status() == "inmigrate" and dst_info.get("status") in (None, "none", "setup"),
+              f"{dst.qmp.status()} {dst_info}")
+
+    fails("foreign", "", "certificate signed by an unknown CA",
+          "destination's certificate from a CA the source does not trust")
+    fails("stranger", "", "rejected our certificate",
+          "source's client certificate from a CA the destination does not trust")
+    fails("tls0", "wrong.example", "name mismatch: expected wrong.example",
+          "tls-hostname the destination's certificate does not carry")
+    with open(dst.stderr.name) as f:
+        log_text = f.read()
+    check("destination's log names the refused TLS connection",
+          "libdwcp: refused a connection" in log_text and "TLS" in log_text,
+          log_text.strip().splitlines()[-1] if log_text.strip() else "empty")
+    # the real one: our CA, the name the certificate carries
+    src.qmp.cmd("migrate-set-parameters", {"tls-creds": "tls0", "tls-hostname": "localhost"})
+
+
+def check_no_qemu_tls(src, dst, label, channels):
+    """With tls-creds set, every channel must still be a plain
+    qio-channel-dwcp on both sides (QEMU's trace events), never wrapped in
+    QEMU's own TLS (qio-channel-tls, migration_tls_*/multifd_tls_* events)."""
+    logs = {}
+    for vm in (src, dst):
+        with open(vm.stderr.name, errors="replace") as f:
+            logs[vm.name] = f.read()
+    out = re.findall(r"migration_set_outgoing_channel .*ioctype=(\S+)", logs[src.name])
+    inc = re.findall(r"migration_set_incoming_channel .*ioctype=(\S+)", logs[dst.name])
+    qemu_tls = [line for text in logs.values() for line in text.splitlines()
+                if "qio-channel-tls" in line or re.match(r"(migration|multifd)_tls", line)]
+    check(f"{label}: QEMU adds no TLS of its own (every channel qio-channel-dwcp)",
+          out == ["qio-channel-dwcp"] and inc == ["qio-channel-dwcp"] * channels and not qemu_tls,
+          f"outgoing {out}, incoming {inc}, QEMU TLS events {qemu_tls[:3]}")
+
+
 def migrate(src, n, streams, codec, multifd, form, transport="dwcp"):
     port = free_port()
-    # Clear text on this loopback test (TLS is covered by tests/tests/security.rs).
-    params = f"insecure=1&streams={streams}&codec={codec}"
+    tls = transport == "dwcp+tls-creds"
+    # Clear text on this loopback test but for the tls-creds case (TLS
+    # itself is covered by tests/tests/security.rs).
+    params = f"{'' if tls else 'insecure=1&'}streams={streams}&codec={codec}"
     label = f"#{n} streams={streams} codec={codec} multifd={'on' if multifd else 'off'} ({form})"
+    if tls:
+        label = f"#{n} tls-creds streams={streams} codec={codec} multifd={'on' if multifd else 'off'}"
     if transport == "tcp":
         label = f"#{n} tcp: multifd={'on' if multifd else 'off'} (QEMU's own transport)"
-        dst = VM(f"dst{n}", "defer")
-    elif form == "cmdline":
+    if transport == "dwcp" and form == "cmdline":
         dst = VM(f"dst{n}", f"dwcp:127.0.0.1:{port}?insecure=1")
     else:
         dst = VM(f"dst{n}", "defer")
@@ -270,6 +423,8 @@ def migrate(src, n, streams, codec, multifd, form, transport="dwcp"):
             vm.qmp.cmd("migrate-set-parameters", {"multifd-channels": 4})
     if transport == "tcp":
         dst.qmp.cmd("migrate-incoming", {"uri": f"tcp:127.0.0.1:{port}"})
+    elif tls:
+        tls_case(src, dst, port, params)
     elif form == "qapi":
         dst.qmp.cmd("migrate-incoming", {"channels": [{
             "channel-type": "main",
@@ -307,6 +462,8 @@ def migrate(src, n, streams, codec, multifd, form, transport="dwcp"):
           f"{src.qmp.status()} / {dst.qmp.status()}")
     a, b = ram_digest(src, "src"), ram_digest(dst, "dst")
     check(f"{label}: destination RAM identical ({a[1] >> 20} MiB)", a == b and a[1] == MEM_MB << 20)
+    if tls:
+        check_no_qemu_tls(src, dst, label, 1 + (4 if multifd else 0))
     dst.qmp.cmd("cont")
     ok = dst.wait_serial(r"DWCP-HB seq=\d+ .*errors=\d+(.|\n)*DWCP-HB seq=\d+ .*errors=\d+", 60)
     hbs = dst.heartbeats()
@@ -332,7 +489,7 @@ def main():
     if not bench:
         failure_cases(src)
     vm = src
-    matrix = BENCH_MATRIX if bench else [m + ("dwcp",) for m in MATRIX]
+    matrix = BENCH_MATRIX if bench else MATRIX
     for n, (streams, codec, multifd, form, transport) in enumerate(matrix, 1):
         nxt = migrate(vm, n, streams, codec, multifd, form, transport)
         if nxt is None:
