@@ -262,6 +262,12 @@ fn gated_migration_from_a_member_that_is_not_the_intended_source_is_refused() {
         "node 3's agent must be told why:\n{}",
         c.third.as_ref().unwrap().log_text()
     );
+    let stats = control_request(&third, &json!({"op": "stats"})).unwrap();
+    let route = &stats["routes"][0];
+    assert_eq!(
+        route["last_error"]["refusal"], "not_intended_source",
+        "{stats}"
+    );
     assert_source_running(&pair);
     assert_dst_waiting(&pair);
     let p = prepared(&dst, &mig.name);

@@ -527,7 +527,12 @@ fn data_port_refuses_a_gated_session_from_another_member_before_qemu() {
         tls: crate::transport::TlsSettings::insecure(),
         ..TransportConfig::default()
     };
-    let e = Session::connect(&cfg, "g1", daddr).unwrap_err().to_string();
+    let e = Session::connect(&cfg, "g1", daddr).unwrap_err();
+    assert_eq!(
+        e.peer_refusal(),
+        Some(crate::transport::PeerRefusal::NotIntendedSource)
+    );
+    let e = e.to_string();
     assert!(
         e.contains("registry names another host as the source"),
         "{e}"
