@@ -177,8 +177,9 @@ pub struct ClusterStatus {
     pub rejected_frames: u64,
     /// Whether peer connections are mutual TLS (false: `--insecure`, clear text).
     pub peer_tls: bool,
-    /// Incoming peer connections refused before any frame (TLS handshake failed:
-    /// no certificate or another CA's, not TLS, timeout; or too many connections).
+    /// Incoming peer connections refused before any frame reached raft (TLS handshake
+    /// failed: no certificate or another CA's, not TLS, timeout; too many connections;
+    /// or the certificate does not name the host of the member its frames come from).
     pub refused_connections: u64,
     /// Set when the node stopped on an error.
     pub failure: Option<String>,
@@ -285,6 +286,28 @@ impl Cluster {
     /// The transport (counters).
     pub fn transport(&self) -> &TcpTransport {
         &self.net
+    }
+
+    /// Member `id`'s raft address as this node knows it (`--peers`, or `add_node`;
+    /// for this node its own entry in `--peers`, else where it listens). None when
+    /// unknown.
+    pub fn member_addr(&self, id: HostId) -> Option<String> {
+        if id == self.cfg.node_id {
+            let own = self.cfg.peers.iter().find(|p| p.id == id);
+            return Some(own.map_or_else(|| self.net.local_addr().to_string(), |p| p.addr.clone()));
+        }
+        self.net
+            .peers()
+            .into_iter()
+            .find(|(p, _)| *p == id)
+            .map(|(_, a)| a)
+    }
+
+    /// Member `id`'s identity: the host part of its raft address
+    /// ([`crate::net::peer_host`]), the name its certificates must carry.
+    pub fn member_host(&self, id: HostId) -> Option<String> {
+        self.member_addr(id)
+            .map(|a| crate::net::peer_host(&a).to_string())
     }
 
     /// Records a guest and its owner.

@@ -15,6 +15,25 @@
 //! run inside TLS, unchanged, cluster-id check included. Without credentials (the
 //! agent's `--insecure`) the frames are sent in clear text.
 //!
+//! # Per-member identity
+//!
+//! A member's identity is the host part of its raft address ([`peer_host`] of the
+//! `HOST:PORT` in `--peers` or given to `add_node`). Both directions check it:
+//!
+//! - dialling member N, the listener's server certificate must name N's host (it is the
+//!   TLS server name, so rustls checks it against the certificate's DNS/IP SANs);
+//! - an incoming connection belongs to the member its first frame comes from (raft's
+//!   `from`): that member's host must be named by the client certificate (an IP SAN for
+//!   an IP address; the CN or a DNS SAN for a name: [`PeerIdentity::names_host`]), and
+//!   every later frame on the connection must come from the same member. A frame from a
+//!   member whose address this node does not know, or whose host the certificate does
+//!   not name, closes the connection before raft sees it; the refusal is logged
+//!   (`refused raft peer connection`, with the member, its host and the certificate's
+//!   names) and counted in [`NetStats::tls_refused`].
+//!
+//! So a certificate of the cluster's CA only lets its holder speak as the members on the
+//! hosts it names. Clear text (`--insecure`) checks only the cluster id.
+//!
 //! Frame (little-endian):
 //!
 //! ```text
@@ -36,7 +55,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Sender, TrySendError};
-use dwcp_core::tls::{client_handshake, server_handshake, CredentialStore, TlsReader};
+use dwcp_core::tls::{
+    client_handshake, server_handshake, CredentialStore, PeerIdentity, TlsReader,
+};
 use parking_lot::Mutex;
 use prost::Message as _;
 use raft::prelude::Message;
@@ -193,8 +214,9 @@ pub struct NetStats {
     pub rejected: AtomicU64,
     /// Messages dropped on send (queue full, peer unreachable).
     pub send_dropped: AtomicU64,
-    /// Incoming connections refused before any frame: TLS handshake failed (no
-    /// certificate, another CA, not TLS, timeout) or too many connections.
+    /// Incoming connections refused before any frame reached raft: TLS handshake
+    /// failed (no certificate, another CA, not TLS, timeout), too many connections, or
+    /// the certificate does not name the host of the member the frames come from.
     pub tls_refused: AtomicU64,
     /// The latest refusal's reason (a frame's, or a connection's with its peer).
     pub last_rejection: Mutex<Option<String>>,
@@ -379,12 +401,40 @@ impl Inner {
         self.stats.tls_refused.fetch_add(1, Ordering::Relaxed);
         *self.stats.last_rejection.lock() = Some(format!("peer {peer}: {reason}"));
     }
+
+    /// Whether a frame from member `from` may arrive on a connection whose client
+    /// certificate is `id`: that member's raft address must be known and its host named
+    /// by the certificate. The error is the reason, for [`Inner::refuse`].
+    fn check_member(&self, from: HostId, id: &PeerIdentity) -> Result<(), String> {
+        let addr = self.peers.lock().get(&from).map(|l| l.addr.clone());
+        let Some(addr) = addr else {
+            return Err(if from == self.id {
+                format!("frames claim to come from this node ({from}); certificate {id}")
+            } else {
+                format!(
+                    "frames claim to come from member {from}, whose raft address this node \
+                     does not know (not in --peers, not added), so certificate {id} cannot be \
+                     checked against it"
+                )
+            });
+        };
+        let host = peer_host(&addr);
+        if id.names_host(host) {
+            Ok(())
+        } else {
+            Err(format!(
+                "certificate {id} does not name member {from}'s host {host} (its raft address \
+                 {addr}): a certificate of this CA for another host cannot speak for member \
+                 {from}"
+            ))
+        }
+    }
 }
 
 /// The TLS handshake (when configured), then the frames.
 fn serve_incoming(inner: &Inner, conn: TcpStream, peer: &str, mailbox: &Mailbox) {
     let Some(store) = inner.tls.as_ref() else {
-        read_loop(inner, conn, peer, mailbox);
+        read_loop(inner, conn, peer, mailbox, None);
         return;
     };
     if let Err(e) = conn.set_read_timeout(Some(HANDSHAKE_TIMEOUT)) {
@@ -404,22 +454,35 @@ fn serve_incoming(inner: &Inner, conn: TcpStream, peer: &str, mailbox: &Mailbox)
     // Frames may be far apart (an idle follower): no read timeout from here on.
     let _ = link.tcp().set_read_timeout(None);
     let _ = link.tcp().set_write_timeout(None);
-    let who = link
-        .peer_identity()
-        .map(|i| i.to_string())
-        .unwrap_or_default();
+    let Some(identity) = link.peer_identity() else {
+        inner.refuse(peer, "no readable client certificate");
+        let _ = link.tcp().shutdown(Shutdown::Both);
+        return;
+    };
     tracing::debug!(
         node = inner.id,
         peer,
-        identity = who,
+        identity = %identity,
         "raft peer authenticated"
     );
     let (reader, _writer) = link.split();
-    read_loop(inner, reader, peer, mailbox);
+    read_loop(inner, reader, peer, mailbox, Some(&identity));
 }
 
-fn read_loop(inner: &Inner, conn: impl ReadConn, peer: &str, mailbox: &Mailbox) {
+/// Reads frames until the connection ends. With `identity` (TLS), the first frame's
+/// sender must be a member whose host the certificate names, and every later frame must
+/// come from that member; otherwise the connection is refused and closed before the
+/// frame reaches raft.
+fn read_loop(
+    inner: &Inner,
+    conn: impl ReadConn,
+    peer: &str,
+    mailbox: &Mailbox,
+    identity: Option<&PeerIdentity>,
+) {
     let mut r = BufReader::with_capacity(256 << 10, conn);
+    // The member this connection speaks for, once its first frame is checked.
+    let mut member: Option<HostId> = None;
     loop {
         let res = read_frame(&mut r, inner.cluster_id, inner.max_frame).and_then(|m| {
             if m.to != inner.id {
@@ -433,6 +496,23 @@ fn read_loop(inner: &Inner, conn: impl ReadConn, peer: &str, mailbox: &Mailbox) 
         });
         match res {
             Ok(msg) => {
+                if let Some(id) = identity {
+                    let checked = match member {
+                        Some(m) if m == msg.from => Ok(()),
+                        Some(m) => Err(format!(
+                            "a frame from member {} on the connection of member {m} \
+                             (certificate {id})",
+                            msg.from
+                        )),
+                        None => inner.check_member(msg.from, id),
+                    };
+                    if let Err(reason) = checked {
+                        inner.refuse(peer, &reason);
+                        r.get_ref().close();
+                        return;
+                    }
+                    member = Some(msg.from);
+                }
                 inner.stats.delivered.fetch_add(1, Ordering::Relaxed);
                 if !mailbox.deliver(msg) {
                     return;
@@ -579,16 +659,18 @@ fn connect(addr: &str, tls: Option<&CredentialStore>) -> Result<Box<dyn Write + 
         return Ok(Box::new(c));
     };
     let _ = c.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
+    // The member's identity is its address's host: the certificate must name it.
     let link =
-        client_handshake(c, store.client_config(), server_name(addr)).map_err(|e| e.to_string())?;
+        client_handshake(c, store.client_config(), peer_host(addr)).map_err(|e| e.to_string())?;
     // Nothing is read on this side after the handshake (the peer never writes).
     let _ = link.tcp().set_read_timeout(None);
     Ok(Box::new(link.writer()))
 }
 
-/// The name the peer's server certificate must carry: the host part of `HOST:PORT`
-/// (brackets of an IPv6 literal removed).
-fn server_name(addr: &str) -> &str {
+/// A member's identity: the host part of its raft address `HOST:PORT` (brackets of an
+/// IPv6 literal removed), the name its certificates must carry (the server name when it
+/// is dialled; a name of its client certificate when it connects).
+pub fn peer_host(addr: &str) -> &str {
     let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
     host.strip_prefix('[')
         .and_then(|h| h.strip_suffix(']'))
@@ -659,7 +741,9 @@ impl Transport for TcpTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dwcp_core::tls::testca::{LeafSpec, TestCa, Usage};
     use raft::prelude::MessageType;
+    use std::path::Path;
 
     fn msg(to: u64) -> Message {
         let mut m = Message::default();
@@ -747,5 +831,142 @@ mod tests {
             read_frame(&mut &cut[..], 7, 1024),
             Err(FrameError::Io(_))
         ));
+    }
+
+    /// A member's credentials from `ca`: server and client certificates naming
+    /// only `hosts` (CN `hosts[0]`).
+    fn member_pki(ca: &TestCa, dir: &Path, hosts: &[&str]) -> Arc<CredentialStore> {
+        let server = ca
+            .issue(&LeafSpec::new(hosts[0], hosts, Usage::Server))
+            .unwrap();
+        let client = ca
+            .issue(&LeafSpec::new(hosts[0], hosts, Usage::Client))
+            .unwrap();
+        ca.write_layout(dir, &server, &client).unwrap();
+        Arc::new(CredentialStore::load(dir).unwrap())
+    }
+
+    fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+        let end = Instant::now() + Duration::from_secs(5);
+        while !f() {
+            assert!(Instant::now() < end, "timed out: {what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn heartbeat(from: u64, to: u64) -> Message {
+        let mut m = msg(to);
+        m.from = from;
+        m
+    }
+
+    /// Node 1 at 127.0.0.1 knows member 2 at 127.0.0.2 and member 3 at
+    /// 127.0.0.3. A connection presenting a certificate of the cluster's CA
+    /// speaks only for the members on the hosts it names, and only for the
+    /// first one it speaks for: every other frame closes it before raft.
+    #[test]
+    fn incoming_frames_must_come_from_the_member_the_certificate_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = TestCa::new("raft identity CA").unwrap();
+        let one = member_pki(&ca, &dir.path().join("1"), &["127.0.0.1"]);
+        let two = member_pki(&ca, &dir.path().join("2"), &["127.0.0.2"]);
+        let other = member_pki(&ca, &dir.path().join("x"), &["intruder.example"]);
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let (mb, _inbox) = crate::node::mailbox();
+        let t = TcpTransport::start(1, 7, l, mb, 1 << 20, Some(one)).unwrap();
+        // Nothing listens there: the send side never connects, which is fine.
+        t.add_peer(2, "127.0.0.2:9");
+        t.add_peer(3, "127.0.0.3:9");
+        let stats = t.stats();
+        // Sends `frames` on one connection with `store`'s client certificate.
+        let send = |store: &CredentialStore, frames: &[Message]| {
+            let tcp = TcpStream::connect(t.local_addr()).unwrap();
+            tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let link = client_handshake(tcp, store.client_config(), "127.0.0.1").unwrap();
+            let mut w = link.writer();
+            for f in frames {
+                let mut buf = Vec::new();
+                encode_frame(7, f, &mut buf);
+                if w.write_all(&buf).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        };
+        let why = || stats.last_rejection.lock().clone().unwrap_or_default();
+        let refused = || stats.tls_refused.load(Ordering::Relaxed);
+        let delivered = || stats.delivered.load(Ordering::Relaxed);
+
+        // Member 2's certificate speaking as member 2: delivered.
+        send(&two, &[heartbeat(2, 1), heartbeat(2, 1)]);
+        wait_until("member 2's frames delivered", || delivered() == 2);
+        assert_eq!(refused(), 0, "{}", why());
+
+        // Member 2's certificate speaking as member 3: refused, nothing delivered.
+        send(&two, &[heartbeat(3, 1)]);
+        wait_until("member 3 impersonated", || refused() == 1);
+        let w = why();
+        assert!(
+            w.contains("does not name member 3's host 127.0.0.3") && w.contains("IP:127.0.0.2"),
+            "{w}"
+        );
+        assert_eq!(delivered(), 2);
+
+        // A certificate of the same CA for another host, as member 2.
+        send(&other, &[heartbeat(2, 1)]);
+        wait_until("another host's certificate refused", || refused() == 2);
+        assert!(why().contains("DNS:intruder.example"), "{}", why());
+
+        // Member 2, then member 3 on the same connection: the second is refused.
+        send(&two, &[heartbeat(2, 1), heartbeat(3, 1), heartbeat(2, 1)]);
+        wait_until("a second member on one connection refused", || {
+            refused() == 3
+        });
+        assert!(
+            why().contains("a frame from member 3 on the connection of member 2"),
+            "{}",
+            why()
+        );
+        assert_eq!(delivered(), 3);
+
+        // A member this node has no address for, and this node itself.
+        send(&two, &[heartbeat(7, 1)]);
+        wait_until("an unknown member refused", || refused() == 4);
+        assert!(why().contains("member 7, whose raft address"), "{}", why());
+        send(&two, &[heartbeat(1, 1)]);
+        wait_until("a frame as this node refused", || refused() == 5);
+        assert!(why().contains("come from this node (1)"), "{}", why());
+        assert_eq!(delivered(), 3);
+        assert_eq!(stats.rejected.load(Ordering::Relaxed), 0);
+        t.shutdown();
+    }
+
+    /// Dialling member 2 at 127.0.0.2: its server certificate must name
+    /// 127.0.0.2; one of the same CA naming another host is refused.
+    #[test]
+    fn dialling_a_member_checks_its_certificate_names_the_members_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = TestCa::new("raft identity CA").unwrap();
+        let me = member_pki(&ca, &dir.path().join("1"), &["127.0.0.1"]);
+        for (certified, ok) in [("127.0.0.2", true), ("127.0.0.3", false)] {
+            let peer = member_pki(&ca, &dir.path().join(certified), &[certified]);
+            let l = TcpListener::bind("127.0.0.2:0").unwrap();
+            let addr = l.local_addr().unwrap().to_string();
+            let server = std::thread::spawn(move || {
+                let (c, _) = l.accept().unwrap();
+                c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let _ = server_handshake(c, peer.server_config());
+            });
+            let r = connect(&addr, Some(&me));
+            server.join().unwrap();
+            if ok {
+                assert!(r.is_ok(), "{:?}", r.err());
+            } else {
+                let e = r
+                    .err()
+                    .expect("a certificate for another host was accepted");
+                assert!(e.starts_with("TLS") && e.contains("name mismatch"), "{e}");
+            }
+        }
     }
 }

@@ -161,6 +161,11 @@ pub enum Status {
     /// The destination already runs (or sets up) its maximum of concurrent
     /// sessions (`--max-sessions`).
     MaxSessions = 10,
+    /// The migration is gated by the cluster and the registry's intent for
+    /// its guest names another member as the source: the peer's certificate
+    /// does not name that member's host (clear text: the peer's address is
+    /// not that member's).
+    NotIntendedSource = 11,
 }
 
 impl Status {
@@ -177,6 +182,7 @@ impl Status {
             8 => Status::PeerNotAllowed,
             9 => Status::MemoryBudget,
             10 => Status::MaxSessions,
+            11 => Status::NotIntendedSource,
             _ => return None,
         })
     }
@@ -209,6 +215,11 @@ impl std::fmt::Display for Status {
             }
             Status::MaxSessions => {
                 "the destination already runs its maximum of concurrent sessions (--max-sessions)"
+            }
+            Status::NotIntendedSource => {
+                "the cluster's registry names another host as the source of this guest's \
+                 migration (the peer's certificate, or in clear text its address, is not \
+                 that member's)"
             }
         })
     }
@@ -420,7 +431,7 @@ impl Reply {
         let status = Status::from_wire(b[6]).ok_or(WireError::Field {
             field: "reply status",
             value: b[6] as u64,
-            allowed: "0..=10",
+            allowed: "0..=11",
         })?;
         Ok(Reply {
             version: u16::from_le_bytes([b[4], b[5]]),

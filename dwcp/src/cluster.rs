@@ -181,6 +181,9 @@ impl ClusterOps for AgentCluster {
             .collect();
         (at.len() == 1).then(|| at[0])
     }
+    fn member_identity(&self, node: u64) -> Option<String> {
+        self.0.member_host(node)
+    }
     fn open_intents(&self) -> Vec<(String, u64, u64, u64)> {
         self.0
             .guests()

@@ -4,6 +4,7 @@
 //! disk. Shared by the cluster tests and the fault-injection soak.
 
 use std::fs::File;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -27,6 +28,12 @@ pub struct ClusterLab {
     pub third_args: Vec<String>,
     /// Agent arguments of nodes 1 and 2 (for restarts).
     pub node_args: [Vec<String>; 2],
+    /// Node 3's host: the source's IP, or a second address of the source
+    /// namespace ([`ClusterLab::with_third_host`]).
+    pub third_ip: Ipv4Addr,
+    /// Node 3's TLS directory: the lab's, or (own host) one whose
+    /// certificates name only `third_ip`.
+    pub third_tls_dir: PathBuf,
 }
 
 impl ClusterLab {
@@ -39,25 +46,67 @@ impl ClusterLab {
 
     /// [`ClusterLab::new`] with more arguments for every agent.
     pub fn with_args(tag: &str, dst_blocked: bool, extra: &[&str]) -> ClusterLab {
-        Self::build(tag, Middle::Bridge, dst_blocked, extra)
+        Self::build(tag, Middle::Bridge, dst_blocked, extra, false)
     }
 
     /// The cluster with the two hosts joined by `middle` (e.g. an emulated
     /// link profile). Node 3 shares the source host's side.
     pub fn over(tag: &str, middle: Middle, extra: &[&str]) -> ClusterLab {
-        Self::build(tag, middle, false, extra)
+        Self::build(tag, middle, false, extra, false)
     }
 
-    fn build(tag: &str, middle: Middle, dst_blocked: bool, extra: &[&str]) -> ClusterLab {
+    /// [`ClusterLab::with_args`], node 3 on a host of its own: a second
+    /// address of the source namespace (`.3` of the lab's subnet), listed
+    /// in `--peers` at that address, with certificates of the lab's CA that
+    /// name only it. So node 3 is a valid member that is neither the source
+    /// (node 1) nor the destination (node 2) host.
+    pub fn with_third_host(tag: &str, extra: &[&str]) -> ClusterLab {
+        Self::build(tag, Middle::Bridge, false, extra, true)
+    }
+
+    fn build(
+        tag: &str,
+        middle: Middle,
+        dst_blocked: bool,
+        extra: &[&str],
+        third_host: bool,
+    ) -> ClusterLab {
         let mut lab = Lab::new(tag, middle, &[]).expect("lab");
         let (s, d) = (lab.topo.src_ip, lab.topo.dst_ip);
+        let (t, third_tls_dir) = if third_host {
+            let [a, b, c, _] = s.octets();
+            let t = Ipv4Addr::new(a, b, c, 3);
+            let out = Command::new("ip")
+                .args([
+                    "-n",
+                    lab.src_ns(),
+                    "addr",
+                    "add",
+                    &format!("{t}/24"),
+                    "dev",
+                    "eth0",
+                ])
+                .output()
+                .expect("ip addr add");
+            assert!(
+                out.status.success(),
+                "adding {t} to the source namespace: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let dir = lab.dir.join("third-pki");
+            crate::hosts::issue_host_pki(&lab.ca, &dir, &[t.to_string().as_str()])
+                .expect("node 3's certificates");
+            (t, dir)
+        } else {
+            (s, lab.tls_dir.clone())
+        };
         let dst_seen = if dst_blocked {
             format!("{d}:7199")
         } else {
             format!("{d}:7102")
         };
-        let peers_of_others = format!("1={s}:7101,2={dst_seen},3={s}:7103");
-        let peers_of_dst = format!("1={s}:7101,2={d}:7102,3={s}:7103");
+        let peers_of_others = format!("1={s}:7101,2={dst_seen},3={t}:7103");
+        let peers_of_dst = format!("1={s}:7101,2={d}:7102,3={t}:7103");
         let args = |id: u32, listen: String, peers: &str, dir: &Path| -> Vec<String> {
             vec![
                 "--node-id".into(),
@@ -91,12 +140,14 @@ impl ClusterLab {
         drop(lab.dst_agent.take());
         lab.start_agent(false)
             .expect("destination agent with cluster");
-        let third_args = with_extra(args(3, format!("{s}:7103"), &peers_of_others, &dir));
+        let third_args = with_extra(args(3, format!("{t}:7103"), &peers_of_others, &dir));
         let mut c = ClusterLab {
             lab,
             third: None,
             third_args,
             node_args,
+            third_ip: t,
+            third_tls_dir,
         };
         c.start_third();
         let mut members = vec![
@@ -179,7 +230,7 @@ impl ClusterLab {
             .args(["--log", "info", "agent", "--run-dir"])
             .arg(&run_dir)
             .arg("--tls-dir")
-            .arg(&self.lab.tls_dir)
+            .arg(&self.third_tls_dir)
             .args(&self.third_args)
             .stdin(Stdio::null())
             .stdout(logf.try_clone().unwrap())

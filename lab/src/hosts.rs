@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use dwcp_core::tls::testca::{LeafSpec, TestCa, Usage};
 use linkem::topo::{Middle, Topology};
 
 use crate::locate::dwcp_bin;
@@ -30,12 +31,17 @@ pub struct Lab {
     pub agent_args: Vec<String>,
     /// The lab's throwaway PKI (libvirt's layout, both hosts' IPs as SANs),
     /// generated at run time; both agents get `--tls-dir` with it unless
-    /// their arguments say `--insecure`.
+    /// their arguments say `--insecure`. Each host's certificate so carries
+    /// its namespace's IP as an IP SAN, as the raft peers' per-member
+    /// identity check and the data port's intended-source check need.
     pub tls_dir: PathBuf,
     /// A second agent pair started with `--insecure` on [`PLAIN_AGENT_PORT`]
     /// (source, destination), for benchmarks that compare TLS with clear
     /// text on the same link: [`Lab::start_plain_agents`].
     pub plain: Option<(AgentProc, AgentProc)>,
+    /// The CA that signed `tls_dir`'s certificates, to issue more identities of
+    /// the same PKI (e.g. a third host's).
+    pub ca: TestCa,
 }
 
 impl std::fmt::Debug for Lab {
@@ -89,8 +95,8 @@ impl Lab {
         let topo = Topology::create(&prefix, subnet, middle).context("creating the two hosts")?;
         let tls_dir = dir.join("pki");
         let (src_ip, dst_ip) = (topo.src_ip.to_string(), topo.dst_ip.to_string());
-        dwcp_core::tls::testca::write_test_pki(&tls_dir, &[&src_ip, &dst_ip])
-            .context("writing the lab's throwaway PKI")?;
+        let ca =
+            write_pki(&tls_dir, &[&src_ip, &dst_ip]).context("writing the lab's throwaway PKI")?;
         let mut lab = Lab {
             topo,
             dir,
@@ -99,6 +105,7 @@ impl Lab {
             agent_args: agent_args.iter().map(|s| s.to_string()).collect(),
             tls_dir,
             plain: None,
+            ca,
         };
         lab.start_agent(true)?;
         lab.start_agent(false)?;
@@ -244,6 +251,26 @@ impl Lab {
     pub fn dst_agent(&self) -> &AgentProc {
         self.dst_agent.as_ref().expect("destination agent running")
     }
+}
+
+/// A fresh CA and, in libvirt's layout under `dir`, its certificate and a
+/// server and a client certificate naming `hosts` (CN `hosts[0]`). Returns
+/// the CA, to issue more from it.
+pub fn write_pki(dir: &Path, hosts: &[&str]) -> Result<TestCa> {
+    let ca = TestCa::new("DWCP lab CA")?;
+    issue_host_pki(&ca, dir, hosts)?;
+    Ok(ca)
+}
+
+/// Writes libvirt's layout under `dir`: `ca`'s certificate and a server and
+/// a client certificate of `ca` naming `hosts` (IP addresses become IP
+/// SANs, names DNS SANs; CN `hosts[0]`).
+pub fn issue_host_pki(ca: &TestCa, dir: &Path, hosts: &[&str]) -> Result<()> {
+    let cn = hosts.first().copied().unwrap_or("localhost");
+    let server = ca.issue(&LeafSpec::new(cn, hosts, Usage::Server))?;
+    let client = ca.issue(&LeafSpec::new(cn, hosts, Usage::Client))?;
+    ca.write_layout(dir, &server, &client)?;
+    Ok(())
 }
 
 /// Scratch directory for RAM dumps (tmpfs when available).

@@ -196,6 +196,109 @@ fn attack_from_another_peer_is_refused_then_honest_migration_succeeds() {
     );
 }
 
+/// Issue 14: a gated migration's stream must come from the host the
+/// cluster's registry names as the guest's source. Three agents in a raft
+/// cluster: node 1 (source), node 2 (destination), node 3 on a host of its
+/// own with a valid certificate of the cluster's CA. The destination agent
+/// prepares the migration of guest G gated on the cluster (intent 1 -> 2),
+/// is told to expect the name (as `boot_pair` does) and even has `--allow
+/// '*'`. Node 3's agent routes the migration's name to the destination and
+/// feeds it a forged stream: refused with NotIntendedSource, logged with
+/// the guest, the expected member and node 3's identity; the destination
+/// QEMU stays in `inmigrate`, the source guest runs, the gate stays open.
+/// Then the honest migration from node 1 goes through the gate with RAM
+/// identical.
+#[test]
+fn gated_migration_from_a_member_that_is_not_the_intended_source_is_refused() {
+    use dwcp_core::agent::control_request;
+    use dwcp_lab::cluster::{prepared, wait_record, ClusterLab};
+    const GUEST: &str = "5ec00000-0000-4000-8000-000000000014";
+    let c = ClusterLab::with_third_host("notsrc", &["--allow", "*"]);
+    let lab = &c.lab;
+    let dst = lab.dst_agent().control();
+    let mig = MigrationSpec {
+        name: "victim".into(),
+        streams: 2,
+        ..Default::default()
+    };
+    let pair = boot_pair(lab, &GuestSpec::default(), &mig).unwrap();
+    let v = control_request(
+        &dst,
+        &json!({"op": "prepare", "name": mig.name, "uuid": GUEST, "gate": true, "src_node": 1}),
+    )
+    .expect("gated prepare");
+    assert_eq!(v["prepared"]["gate"]["state"], "intent", "{v}");
+
+    // Node 3 relays its own "migration stream" for the name.
+    let third = c.control(3);
+    let r = control_request(
+        &third,
+        &json!({"op": "route", "name": mig.name, "to": lab.dst_addr()}),
+    )
+    .expect("route on node 3");
+    let sock = r["socket"].as_str().expect("route socket").to_string();
+    let mut q = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    let mut forged = b"QEVM\x00\x00\x00\x03".to_vec();
+    forged.extend(std::iter::repeat_n(0x41u8, 1 << 20));
+    let _ = q.write_all(&forged);
+    let _ = q.shutdown(std::net::Shutdown::Write);
+    q.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = q.read_to_end(&mut Vec::new());
+    drop(q);
+
+    let dlog = lab.dst_agent().log.clone();
+    let t3 = c.third_ip.to_string();
+    let refused = wait_log(&dlog, "may only come from member 1");
+    assert!(
+        refused.iter().any(|l| l.contains(GUEST)
+            && l.contains(&format!("IP:{t3}"))
+            && l.contains("NotIntendedSource")),
+        "the destination must log the guest, the expected member and node 3's identity:\n{}",
+        lab.dst_agent().log_text()
+    );
+    let tlog = c.third.as_ref().unwrap().log.clone();
+    assert!(
+        !wait_log(&tlog, "registry names another host").is_empty(),
+        "node 3's agent must be told why:\n{}",
+        c.third.as_ref().unwrap().log_text()
+    );
+    let stats = control_request(&third, &json!({"op": "stats"})).unwrap();
+    let route = &stats["routes"][0];
+    assert_eq!(
+        route["last_error"]["refusal"], "not_intended_source",
+        "{stats}"
+    );
+    assert_source_running(&pair);
+    assert_dst_waiting(&pair);
+    let p = prepared(&dst, &mig.name);
+    assert_eq!(
+        p["gate"]["state"], "intent",
+        "the refusal must not close the gate: {p}"
+    );
+    assert_eq!(p["state"], "prepared", "{p}");
+
+    // The intended source: accepted, through the gate, RAM identical.
+    let r = dwcp_migrate(lab, &pair, &mig).unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
+    let v = verify(&pair, r, &scratch_dir(lab).unwrap()).unwrap();
+    assert_eq!(v.memory.differing_pages, 0);
+    assert_eq!(prepared(&dst, &mig.name)["gate"]["state"], "released");
+    let why = format!("(the intended source of guest {GUEST}: member 1)");
+    assert!(
+        !grep(&dlog, &why).is_empty(),
+        "the honest session's authorization must name the intended source:\n{}",
+        lab.dst_agent().log_text()
+    );
+    for id in 1..=3 {
+        let rec = wait_record(&c.control(id), GUEST, |r| r["owner"] == 2);
+        assert_eq!(rec["migration"]["state"], "committed", "{rec}");
+    }
+    // The raft peers accepted each other's per-host certificates.
+    for id in 1..=3 {
+        let st = dwcp_lab::cluster::status(&c.control(id));
+        assert_eq!(st["refused_connections"], 0, "node {id}: {st}");
+    }
+}
+
 /// Refusals at the TLS layer and the authorization, each from the source
 /// host; after every one the agent still accepts an honest session.
 #[test]

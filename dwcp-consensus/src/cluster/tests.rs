@@ -1,6 +1,6 @@
 use super::*;
 use crate::net::encode_frame;
-use dwcp_core::tls::testca::write_test_pki;
+use dwcp_core::tls::testca::{write_test_pki, LeafSpec, TestCa, Usage};
 use raft::prelude::{Message, MessageType};
 use std::io::Write;
 use std::path::Path;
@@ -14,8 +14,24 @@ fn pki(dir: &Path, name: &str) -> Arc<CredentialStore> {
 }
 
 fn three(dir: &Path, cluster_id: u64, tls: Option<Arc<CredentialStore>>) -> Vec<Cluster> {
-    let ls: Vec<TcpListener> = (0..3)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+    three_on(
+        dir,
+        cluster_id,
+        &["127.0.0.1"; 3],
+        &[tls.clone(), tls.clone(), tls],
+    )
+}
+
+/// Three members, member i listening on `hosts[i]` with the credentials `tls[i]`.
+fn three_on(
+    dir: &Path,
+    cluster_id: u64,
+    hosts: &[&str; 3],
+    tls: &[Option<Arc<CredentialStore>>; 3],
+) -> Vec<Cluster> {
+    let ls: Vec<TcpListener> = hosts
+        .iter()
+        .map(|h| TcpListener::bind(format!("{h}:0")).unwrap())
         .collect();
     let peers: Vec<PeerAddr> = ls
         .iter()
@@ -31,7 +47,7 @@ fn three(dir: &Path, cluster_id: u64, tls: Option<Arc<CredentialStore>>) -> Vec<
             let id = i as u64 + 1;
             let cfg =
                 ClusterConfig::new(id, peers.clone(), dir.join(id.to_string()), cluster_id, "")
-                    .with_tls(tls.clone());
+                    .with_tls(tls[i].clone());
             Cluster::start_with_listener(cfg, l).unwrap()
         })
         .collect()
@@ -384,4 +400,134 @@ fn restart_over_tls_keeps_the_registry() {
         l.owner(Uuid::from_u128(9)).is_some()
     });
     assert_eq!(l.owner(Uuid::from_u128(9)).unwrap().owner, 3);
+}
+
+/// Member credentials from `ca` naming only `host` (server and client).
+fn host_pki(ca: &TestCa, dir: &Path, host: &str) -> Arc<CredentialStore> {
+    let d = dir.join(format!("pki-{host}"));
+    let server = ca
+        .issue(&LeafSpec::new(host, &[host], Usage::Server))
+        .unwrap();
+    let client = ca
+        .issue(&LeafSpec::new(host, &[host], Usage::Client))
+        .unwrap();
+    ca.write_layout(&d, &server, &client).unwrap();
+    Arc::new(CredentialStore::load(&d).unwrap())
+}
+
+/// Each member on its own loopback address with a certificate naming only
+/// that address: the cluster forms and commits. A hostile client holding
+/// member 3's valid certificate cannot speak for member 1 or 2 (nor can a
+/// certificate of the same CA for an outside host): refused, logged with
+/// the member and its host, never stepped.
+#[test]
+fn a_valid_certificate_for_another_host_cannot_speak_for_a_member() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("cluster CA").unwrap();
+    let hosts = ["127.0.0.1", "127.0.0.2", "127.0.0.3"];
+    let stores = hosts.map(|h| Some(host_pki(&ca, dir.path(), h)));
+    let cs = three_on(dir.path(), 0x1D, &hosts, &stores);
+    let l = leader(&cs);
+    l.register_guest(Uuid::from_u128(1), 1).unwrap();
+    let g = Uuid::from_u128(2);
+    let epoch = l.begin_migration(g, 1, 2).unwrap();
+    l.commit_migration(g, epoch).unwrap();
+    wait_until("ownership replicated", 5, || {
+        cs.iter().all(|c| c.owner(g).map(|r| r.owner) == Some(2))
+    });
+    assert!(cs.iter().all(|c| c.status().refused_connections == 0));
+    assert_eq!(l.member_host(3).as_deref(), Some("127.0.0.3"));
+
+    // Member 3's key and certificate (valid, same CA) as member 1 or 2, and an
+    // outside host's certificate as member 2.
+    let outsider = host_pki(&ca, dir.path(), "10.99.0.1");
+    for (store, as_member) in [
+        (stores[2].as_ref().unwrap(), 1u64),
+        (stores[2].as_ref().unwrap(), 2),
+        (&outsider, 2),
+    ] {
+        let target = cs
+            .iter()
+            .find(|c| c.id() != as_member && c.id() != 3)
+            .unwrap();
+        let refused_before = target.status().refused_connections;
+        let term = target.status().term;
+        let mut vote = hostile_vote(target);
+        vote.from = as_member;
+        let mut frame = Vec::new();
+        encode_frame(0x1D, &vote, &mut frame);
+        let tcp = std::net::TcpStream::connect(target.local_addr()).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let link = dwcp_core::tls::client_handshake(
+            tcp,
+            store.client_config(),
+            &target.local_addr().ip().to_string(),
+        )
+        .unwrap();
+        let _ = link.writer().write_all(&frame);
+        wait_until("the impersonation refused", 5, || {
+            target.status().refused_connections > refused_before
+        });
+        let why = target
+            .transport()
+            .stats()
+            .last_rejection
+            .lock()
+            .clone()
+            .unwrap_or_default();
+        let host = hosts[as_member as usize - 1];
+        assert!(
+            why.contains(&format!("does not name member {as_member}'s host {host}")),
+            "{why}"
+        );
+        let st = target.status();
+        assert!(
+            st.term < term + 1000,
+            "an impersonated vote reached raft: {st:?}"
+        );
+        assert_eq!(st.rejected_frames, 0);
+    }
+    // The cluster keeps committing.
+    leader(&cs).register_guest(Uuid::from_u128(3), 3).unwrap();
+}
+
+/// Member 3 started with member 2's credentials (certificates naming
+/// 127.0.0.2, while it is at 127.0.0.3): members 1 and 2 refuse to dial it
+/// (name mismatch) and refuse its connections (its certificate does not
+/// name 127.0.0.3); they commit without it, and it never learns a leader.
+#[test]
+fn a_member_with_another_members_certificate_is_shut_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("cluster CA").unwrap();
+    let hosts = ["127.0.0.1", "127.0.0.2", "127.0.0.3"];
+    let one = host_pki(&ca, dir.path(), hosts[0]);
+    let two = host_pki(&ca, dir.path(), hosts[1]);
+    let cs = three_on(
+        dir.path(),
+        0x2D,
+        &hosts,
+        &[Some(one), Some(two.clone()), Some(two)],
+    );
+    let ok = &cs[..2];
+    let l = leader(ok);
+    assert_ne!(l.id(), 3);
+    l.register_guest(Uuid::from_u128(1), 1).unwrap();
+    wait_until("member 3's connections refused", 5, || {
+        ok.iter().any(|c| {
+            c.transport()
+                .stats()
+                .last_rejection
+                .lock()
+                .as_deref()
+                .is_some_and(|w| w.contains("does not name member 3's host 127.0.0.3"))
+        })
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let st3 = cs[2].status();
+    assert_eq!(st3.leader, None, "member 3 reached the cluster: {st3:?}");
+    assert!(cs[2].guests().guests.is_empty());
+    assert_eq!(
+        cs[2].transport().stats().delivered.load(Ordering::Relaxed),
+        0
+    );
 }

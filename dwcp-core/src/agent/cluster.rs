@@ -29,6 +29,11 @@ pub trait ClusterOps: Send + Sync + std::fmt::Debug {
     fn owner(&self, guest: &str) -> Option<u64>;
     /// The member whose raft address has this IP (the host's agent).
     fn member_at(&self, ip: std::net::IpAddr) -> Option<u64>;
+    /// Member `node`'s identity: the host part of its raft address (`HOST`
+    /// of `HOST:PORT`, IPv6 brackets removed), the name its certificates
+    /// must carry (a DNS or IP SAN, or the CN) and, in clear text, the
+    /// address it connects from. None when this node knows no address for it.
+    fn member_identity(&self, node: u64) -> Option<String>;
     /// Open intents as applied on this node: (guest, epoch, src, dst).
     fn open_intents(&self) -> Vec<(String, u64, u64, u64)>;
 }

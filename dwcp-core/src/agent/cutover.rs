@@ -138,6 +138,11 @@ impl AgentGate {
         self.inner.lock().epoch
     }
 
+    /// The source member of the intent this gate recorded, if any.
+    pub fn src(&self) -> Option<u64> {
+        self.inner.lock().src
+    }
+
     pub fn to_json(&self) -> Value {
         let i = self.inner.lock();
         json!({"guest": self.guest, "src": i.src, "dst": self.dst, "epoch": i.epoch,
@@ -556,6 +561,9 @@ mod tests {
             None
         }
         fn member_at(&self, _: std::net::IpAddr) -> Option<u64> {
+            None
+        }
+        fn member_identity(&self, _: u64) -> Option<String> {
             None
         }
         fn open_intents(&self) -> Vec<(String, u64, u64, u64)> {

@@ -17,14 +17,32 @@
 //!
 //! The peer-identity list `--allow-peer` is checked before these
 //! ([`Status::PeerNotAllowed`], in the acceptor).
+//!
+//! # The intended source of a gated migration
+//!
+//! On a cluster member, a migration NAME prepared with a gate for guest G
+//! (`prepare` with `"gate": true`) is checked first, before any rule: the
+//! session must come from the member the registry's intent for G names as
+//! the source (the open intent G → this node; before the intent is
+//! recorded, the member at the peer's address, which the gate will record).
+//! The peer's certificate must name that member's host, the host part of
+//! its raft address (an IP SAN for an address, the CN or a DNS SAN for a
+//! name: [`PeerIdentity::names_host`]); in clear text (`--insecure`) the
+//! peer's IP address must be that host's. Anything else, even a valid
+//! cluster member or a peer an `--allow` rule names, is refused with
+//! [`Status::NotIntendedSource`] and logged with the guest, the expected
+//! member and the peer's identity.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tracing::info;
 
+use super::cluster::ClusterOps;
+use super::cutover::AgentGate;
 use super::{lenient_string, lenient_u64, State};
 use crate::tls::{AllowedPeers, PeerIdentity};
 use crate::transport::Refusal;
@@ -164,6 +182,25 @@ impl State {
         id: Option<&PeerIdentity>,
         addr: SocketAddr,
     ) -> Result<String, Refusal> {
+        let source = match (&self.cfg.cluster, self.gate_of(name)) {
+            (Some(c), Some(gate)) => {
+                let m = check_intended_source(c.as_ref(), &gate, name, id, addr)?;
+                format!(" (the intended source of guest {}: member {m})", gate.guest)
+            }
+            _ => String::new(),
+        };
+        self.authorize_name(name, id, addr)
+            .map(|rule| format!("{rule}{source}"))
+    }
+
+    /// [`State::authorize`] after the intended-source check: `expect`,
+    /// `prepare` and `--allow`.
+    fn authorize_name(
+        &self,
+        name: &str,
+        id: Option<&PeerIdentity>,
+        addr: SocketAddr,
+    ) -> Result<String, Refusal> {
         let from_ok = |p: &Option<String>| p.as_deref().is_none_or(|p| peer_matches(p, id, addr));
         for r in &self.cfg.allow {
             if glob(&r.name, name) && from_ok(&r.from) {
@@ -209,6 +246,95 @@ impl State {
     pub(super) fn expectation_used(&self, name: &str) {
         self.expected.lock().retain(|e| e.name != name);
     }
+}
+
+/// `ip` without its IPv4-mapped IPv6 form (a dual-stack listener's view).
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// Whether a clear-text peer at `ip` is on `host` (an IP address, or a name
+/// resolved here).
+fn address_is_host(ip: IpAddr, host: &str) -> bool {
+    let ip = canonical(ip);
+    if let Ok(h) = host.parse::<IpAddr>() {
+        return canonical(h) == ip;
+    }
+    (host, 0)
+        .to_socket_addrs()
+        .is_ok_and(|mut a| a.any(|a| canonical(a.ip()) == ip))
+}
+
+/// The check of a gated migration's source (see the module docs): Ok with
+/// the member when the peer is the one the registry's intent for the gate's
+/// guest names.
+pub(super) fn check_intended_source(
+    c: &dyn ClusterOps,
+    gate: &Arc<AgentGate>,
+    name: &str,
+    id: Option<&PeerIdentity>,
+    addr: SocketAddr,
+) -> Result<u64, Refusal> {
+    let guest = gate.guest.as_str();
+    let refuse = |reason: String| Refusal {
+        status: Status::NotIntendedSource,
+        reason,
+    };
+    let peer = match id {
+        Some(id) => format!("certificate {id}"),
+        None => format!("{} (clear text)", addr.ip()),
+    };
+    let me = c.node_id();
+    // The registry's open intent for the guest into this node, else the one
+    // the gate recorded (this node may not have applied it yet).
+    let intent = c
+        .open_intents()
+        .into_iter()
+        .find(|(g, _, _, dst)| g == guest && *dst == me)
+        .map(|(_, _, src, _)| src)
+        .or_else(|| gate.src());
+    let (expected, why) = match intent {
+        Some(src) => (src, "the source the registry's intent names"),
+        None => match c.member_at(canonical(addr.ip())) {
+            Some(m) => (
+                m,
+                "the member at the peer's address, which the gate records as the source",
+            ),
+            None => {
+                return Err(refuse(format!(
+                    "guest {guest} (migration {name:?}): no intent is recorded yet and {} is not \
+                     the address of exactly one cluster member, so the source cannot be \
+                     identified (prepare with \"src_node\"); the peer is {peer}",
+                    addr.ip()
+                )))
+            }
+        },
+    };
+    let Some(host) = c.member_identity(expected) else {
+        return Err(refuse(format!(
+            "guest {guest} (migration {name:?}) may only come from member {expected} ({why}), \
+             whose raft address this node does not know; the peer is {peer}"
+        )));
+    };
+    let ok = match id {
+        Some(id) => id.names_host(&host),
+        None => address_is_host(addr.ip(), &host),
+    };
+    if ok {
+        return Ok(expected);
+    }
+    Err(refuse(format!(
+        "guest {guest} (migration {name:?}) may only come from member {expected} (host {host}, \
+         {why}); the peer is {peer}, which {}",
+        if id.is_some() {
+            format!("does not name {host}")
+        } else {
+            format!("is not {host}'s address")
+        }
+    )))
 }
 
 #[cfg(test)]

@@ -37,7 +37,9 @@
 //! An error answer of these ops also has `"kind"` ([`ClusterErrorKind`]).
 //! A `prepare` with `"gate": true` (and the
 //! guest's `uuid`) gates the migration's cutover on the cluster: see
-//! [`cutover`] and docs/consensus.md.
+//! [`cutover`] and docs/consensus.md; its streams are then accepted only
+//! from the source the registry's intent names ([`expect`],
+//! `NotIntendedSource`).
 //!
 //! # Modules
 //!

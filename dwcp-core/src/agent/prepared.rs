@@ -167,14 +167,7 @@ impl State {
         name: &str,
         peer: SocketAddr,
     ) -> Result<Option<Arc<dyn CutoverGate>>, String> {
-        let gate = self
-            .prepared
-            .lock()
-            .iter()
-            .rev()
-            .find(|e| e.name == name && e.active())
-            .and_then(|e| e.gate.clone());
-        let Some(gate) = gate else {
+        let Some(gate) = self.gate_of(name) else {
             return Ok(None);
         };
         if let Err(e) = gate.begin_from(peer.ip()) {
@@ -185,6 +178,17 @@ impl State {
             self.record_intent(&format!("{}@{epoch}", gate.guest));
         }
         Ok(Some(gate as Arc<dyn CutoverGate>))
+    }
+
+    /// The cutover gate of the newest active prepared entry called `name`,
+    /// when that migration is gated by the cluster.
+    pub(super) fn gate_of(&self, name: &str) -> Option<Arc<AgentGate>> {
+        self.prepared
+            .lock()
+            .iter()
+            .rev()
+            .find(|e| e.name == name && e.active())
+            .and_then(|e| e.gate.clone())
     }
 
     /// The newest active prepared entry called `name`: (streams, codec).

@@ -5,15 +5,32 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use serde_json::{json, Value};
 
-use super::{control_call, control_request, Agent, AgentConfig, ClusterErrorKind, KEEP_PREPARED};
-use crate::transport::{AcceptorLimits, TransportConfig};
+use super::expect::check_intended_source;
+use super::{
+    control_call, control_request, Agent, AgentConfig, ClusterError, ClusterErrorKind, ClusterOps,
+    KEEP_PREPARED,
+};
+use crate::tls::PeerIdentity;
+use crate::transport::{AcceptorLimits, Session, TransportConfig};
+use crate::wire::Status;
 
 /// A real agent on a fresh temp run dir (and a data port when `listen`).
 fn agent(tag: &str, listen: bool) -> (Agent, PathBuf, Option<SocketAddr>) {
+    agent_in(tag, listen, None)
+}
+
+/// [`agent`], a member of `cluster` when given.
+fn agent_in(
+    tag: &str,
+    listen: bool,
+    cluster: Option<Arc<dyn ClusterOps>>,
+) -> (Agent, PathBuf, Option<SocketAddr>) {
     let dir = std::env::temp_dir().join(format!("dwcp-agent-{}-{tag}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let addr = listen.then(|| {
@@ -32,7 +49,7 @@ fn agent(tag: &str, listen: bool) -> (Agent, PathBuf, Option<SocketAddr>) {
         incoming_dir: dir.join("incoming"),
         transport,
         limits: AcceptorLimits::default(),
-        cluster: None,
+        cluster,
         gate_timeout: Duration::from_secs(5),
         allow: vec!["*".parse().unwrap()],
     })
@@ -336,5 +353,199 @@ fn prepared_settings_drive_the_route_and_the_session_ends_the_entry() {
     let routes = ctl(&sdir, json!({"op": "stats"})).unwrap()["routes"].clone();
     assert_eq!(routes[0]["settings_from"], "request");
     let _ = std::fs::remove_dir_all(&sdir);
+    let _ = std::fs::remove_dir_all(&ddir);
+}
+
+/// A cluster as node 2 sees it: members 1 and 3 at the hosts in `hosts`,
+/// `begin` records an open intent (epoch 1) that `open_intents` shows.
+#[derive(Debug, Default)]
+struct Members {
+    hosts: Mutex<Vec<(u64, String)>>,
+    intents: Mutex<Vec<(String, u64, u64, u64)>>,
+}
+
+impl Members {
+    fn new(hosts: &[(u64, &str)]) -> Arc<Members> {
+        Arc::new(Members {
+            hosts: Mutex::new(hosts.iter().map(|(n, h)| (*n, h.to_string())).collect()),
+            ..Default::default()
+        })
+    }
+}
+
+impl ClusterOps for Members {
+    fn node_id(&self) -> u64 {
+        2
+    }
+    fn status(&self) -> Value {
+        Value::Null
+    }
+    fn guests(&self) -> Value {
+        Value::Null
+    }
+    fn begin(&self, guest: &str, src: u64, dst: u64) -> Result<u64, ClusterError> {
+        self.intents.lock().push((guest.to_string(), 1, src, dst));
+        Ok(1)
+    }
+    fn commit(&self, _: &str, _: u64) -> Result<(), ClusterError> {
+        Ok(())
+    }
+    fn abort(&self, guest: &str, _: u64) -> Result<(), ClusterError> {
+        self.intents.lock().retain(|i| i.0 != guest);
+        Ok(())
+    }
+    fn revert(&self, _: &str, _: u64) -> Result<(), ClusterError> {
+        Ok(())
+    }
+    fn owner(&self, _: &str) -> Option<u64> {
+        None
+    }
+    fn member_at(&self, ip: std::net::IpAddr) -> Option<u64> {
+        let ip = ip.to_string();
+        let h = self.hosts.lock();
+        let at: Vec<u64> = h.iter().filter(|(_, a)| *a == ip).map(|m| m.0).collect();
+        (at.len() == 1).then(|| at[0])
+    }
+    fn member_identity(&self, node: u64) -> Option<String> {
+        self.hosts
+            .lock()
+            .iter()
+            .find(|(n, _)| *n == node)
+            .map(|m| m.1.clone())
+    }
+    fn open_intents(&self) -> Vec<(String, u64, u64, u64)> {
+        self.intents.lock().clone()
+    }
+}
+
+const GUEST: &str = "7e570000-0000-4000-8000-00000000000a";
+
+/// A certificate identity naming `ips` (IP SANs) and CN `cn`.
+fn cert(cn: &str, ips: &[&str]) -> PeerIdentity {
+    PeerIdentity {
+        subject: format!("CN={cn},O=test"),
+        common_name: Some(cn.into()),
+        dns_names: Vec::new(),
+        ip_addresses: ips.iter().map(|i| i.parse().unwrap()).collect(),
+    }
+}
+
+fn at(ip: &str) -> SocketAddr {
+    SocketAddr::new(ip.parse().unwrap(), 40000)
+}
+
+/// The intended-source check on its own: the registry's intent names member
+/// 1 (10.0.0.1); member 3 (10.0.0.3), a host an `--allow` rule would
+/// accept, is refused with `NotIntendedSource` naming the guest, the
+/// expected member and the peer; TLS by the certificate, clear text by the
+/// address; before the intent exists, the member at the peer's address.
+#[test]
+fn only_the_source_the_registry_intent_names_may_feed_a_gated_migration() {
+    let c = Members::new(&[(1, "10.0.0.1"), (3, "10.0.0.3"), (4, "host-d.example")]);
+    let ops: Arc<dyn ClusterOps> = c.clone();
+    let gate = super::cutover::AgentGate::new(ops.clone(), GUEST, Some(1), Duration::from_secs(1))
+        .unwrap();
+    let check = |id: Option<&PeerIdentity>, from: &str| {
+        check_intended_source(ops.as_ref(), &gate, "g1", id, at(from))
+    };
+    // TLS: the certificate must name member 1's host.
+    let one = cert("src1", &["10.0.0.1"]);
+    let three = cert("member3", &["10.0.0.3"]);
+    assert_eq!(check(Some(&one), "10.0.0.1").unwrap(), 1);
+    // The certificate decides, not the address it comes from.
+    assert!(check(Some(&one), "10.0.0.3").is_ok());
+    let r = check(Some(&three), "10.0.0.3").unwrap_err();
+    assert_eq!(r.status, Status::NotIntendedSource);
+    for want in [
+        GUEST,
+        "\"g1\"",
+        "member 1",
+        "10.0.0.1",
+        "CN=member3",
+        "IP:10.0.0.3",
+    ] {
+        assert!(r.reason.contains(want), "{:?} lacks {want:?}", r.reason);
+    }
+    // A certificate naming both hosts names member 1's too.
+    assert!(check(Some(&cert("both", &["10.0.0.3", "10.0.0.1"])), "10.0.0.3").is_ok());
+    // Clear text: the peer's address must be member 1's.
+    assert!(check(None, "10.0.0.1").is_ok());
+    assert!(check(None, "::ffff:10.0.0.1").is_ok());
+    let r = check(None, "10.0.0.3").unwrap_err();
+    assert_eq!(r.status, Status::NotIntendedSource);
+    assert!(r.reason.contains("10.0.0.3 (clear text)"), "{}", r.reason);
+    // The registry's intent is what counts: it now names member 4, a DNS name.
+    c.intents.lock()[0].2 = 4;
+    let four = PeerIdentity {
+        dns_names: vec!["HOST-D.example".into()],
+        ..cert("d", &[])
+    };
+    assert_eq!(check(Some(&four), "10.0.0.4").unwrap(), 4);
+    assert!(check(Some(&one), "10.0.0.1").is_err());
+    // A member with no known address: refused, saying so.
+    c.intents.lock()[0].2 = 9;
+    let r = check(Some(&one), "10.0.0.1").unwrap_err();
+    assert!(r.reason.contains("member 9"), "{}", r.reason);
+    assert!(r.reason.contains("does not know"), "{}", r.reason);
+
+    // No intent yet (gate pending): the member at the peer's address.
+    c.intents.lock().clear();
+    let pending =
+        super::cutover::AgentGate::new(ops.clone(), GUEST, None, Duration::from_secs(1)).unwrap();
+    let check = |id: Option<&PeerIdentity>, from: &str| {
+        check_intended_source(ops.as_ref(), &pending, "g1", id, at(from))
+    };
+    assert_eq!(check(Some(&three), "10.0.0.3").unwrap(), 3);
+    assert!(check(None, "10.0.0.3").is_ok());
+    let r = check(Some(&one), "10.0.0.3").unwrap_err();
+    assert!(r.reason.contains("member 3"), "{}", r.reason);
+    let r = check(Some(&one), "10.0.0.77").unwrap_err();
+    assert!(r.reason.contains("cannot be identified"), "{}", r.reason);
+}
+
+/// Over the data port: a gated migration whose intent names member 1
+/// (127.0.0.2) is refused to a session from 127.0.0.1 (member 3) with
+/// status 11, even under `--allow '*'`; nothing reaches the incoming socket
+/// and the gate stays open; once member 1 is at 127.0.0.1 the same session
+/// is accepted.
+#[test]
+fn data_port_refuses_a_gated_session_from_another_member_before_qemu() {
+    let c = Members::new(&[(1, "127.0.0.2"), (3, "127.0.0.1")]);
+    let (_dst, ddir, daddr) = agent_in("notsrc", true, Some(c.clone()));
+    let daddr = daddr.unwrap();
+    let r = ctl(
+        &ddir,
+        json!({"op": "prepare", "name": "g1", "uuid": GUEST, "gate": true, "src_node": 1}),
+    )
+    .unwrap();
+    assert_eq!(r["prepared"]["gate"]["state"], "intent", "{r}");
+    let incoming = UnixListener::bind(ddir.join("incoming/g1.sock")).unwrap();
+    incoming.set_nonblocking(true).unwrap();
+    let cfg = TransportConfig {
+        streams: 2,
+        workers: 1,
+        tls: crate::transport::TlsSettings::insecure(),
+        ..TransportConfig::default()
+    };
+    let e = Session::connect(&cfg, "g1", daddr).unwrap_err();
+    assert_eq!(
+        e.peer_refusal(),
+        Some(crate::transport::PeerRefusal::NotIntendedSource)
+    );
+    let e = e.to_string();
+    assert!(
+        e.contains("registry names another host as the source"),
+        "{e}"
+    );
+    assert!(incoming.accept().is_err(), "a refused session reached QEMU");
+    let p = &prepared(&ddir)[0];
+    assert_eq!(p["state"], "prepared", "{p}");
+    assert_eq!(p["gate"]["state"], "intent", "{p}");
+
+    c.hosts.lock()[0].1 = "127.0.0.1".into();
+    c.hosts.lock()[1].1 = "127.0.0.3".into();
+    let s = Session::connect(&cfg, "g1", daddr).expect("the intended source is accepted");
+    s.abort("probe only");
+    let _ = s.wait();
     let _ = std::fs::remove_dir_all(&ddir);
 }

@@ -31,6 +31,19 @@ impl PeerIdentity {
         parse_cert(cert)
     }
 
+    /// Whether the certificate names `host`, the host part of an address
+    /// such as a raft member's `HOST:PORT` (IPv6 brackets allowed): an IP
+    /// address must be one of its IP SANs; a DNS name its CN or one of its
+    /// DNS SANs (ASCII case-insensitive). The same matcher as
+    /// [`AllowedPeers`], without patterns: a `*` in `host` never matches.
+    pub fn names_host(&self, host: &str) -> bool {
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        !host.is_empty() && !host.contains('*') && name_matches(host, self)
+    }
+
     /// Every name the certificate carries: CN, DNS SANs and IP SANs.
     pub fn names(&self) -> Vec<String> {
         let mut v: Vec<String> = self.common_name.iter().cloned().collect();
@@ -122,9 +135,12 @@ impl AllowedPeers {
 }
 
 fn entry_matches(entry: &str, id: &PeerIdentity) -> bool {
-    if entry == id.subject {
-        return true;
-    }
+    entry == id.subject || name_matches(entry, id)
+}
+
+/// `entry` (an IP address, a DNS name or `*.suffix`) against the
+/// certificate's IP SANs, or its CN and DNS SANs.
+fn name_matches(entry: &str, id: &PeerIdentity) -> bool {
     if let Ok(ip) = entry.parse::<IpAddr>() {
         return id.ip_addresses.contains(&ip);
     }
@@ -362,6 +378,29 @@ mod tests {
         assert!(AllowedPeers::new(["*.dc1.example"]).allows(&p));
         assert!(!AllowedPeers::new(["*.example"]).allows(&p));
         assert!(!AllowedPeers::new(["10.0.0.2", "hostB"]).allows(&p));
+    }
+
+    #[test]
+    fn names_host_matches_ip_sans_and_dns_names_only() {
+        let p = id("hostA", &["a.dc1.example"], &["10.0.0.1", "fd00::1"]);
+        assert!(p.names_host("10.0.0.1"));
+        assert!(p.names_host("fd00::1"));
+        assert!(p.names_host("[fd00::1]"));
+        assert!(p.names_host("A.DC1.example"));
+        assert!(p.names_host("hosta"));
+        // Another host, of any kind.
+        assert!(!p.names_host("10.0.0.2"));
+        assert!(!p.names_host("b.dc1.example"));
+        assert!(!p.names_host("fd00::2"));
+        // An IP address is never matched against the CN or a DNS SAN, nor a
+        // name against an IP SAN.
+        let by_name = id("10.0.0.9", &["10.0.0.8"], &[]);
+        assert!(!by_name.names_host("10.0.0.9") && !by_name.names_host("10.0.0.8"));
+        // No patterns, no subjects, nothing empty.
+        assert!(!p.names_host("*.dc1.example"));
+        assert!(!p.names_host("CN=hostA,O=DWCP"));
+        assert!(!p.names_host(""));
+        assert!(!PeerIdentity::default().names_host("10.0.0.1"));
     }
 
     #[test]

@@ -75,6 +75,26 @@ fn reply_round_trip_and_flip() {
     assert!(Reply::read(&mut &c[..]).is_err());
 }
 
+#[test]
+fn every_refusal_status_survives_the_reply_and_names_its_reason() {
+    for status in [
+        Status::NotExpected,
+        Status::PeerNotAllowed,
+        Status::NotIntendedSource,
+    ] {
+        let r = Reply {
+            version: VERSION_MAX,
+            status,
+            window: 0,
+            ring_pages: 0,
+        };
+        assert_eq!(Reply::read(&mut &r.encode()[..]).unwrap().status, status);
+    }
+    assert_eq!(Status::NotIntendedSource as u8, 11);
+    let e = WireError::Refused(Status::NotIntendedSource).to_string();
+    assert!(e.contains("registry names another host"), "{e}");
+}
+
 fn data_header() -> FrameHeader {
     FrameHeader {
         kind: Kind::Data,

@@ -175,6 +175,9 @@ impl ClusterOps for Timed {
     fn member_at(&self, ip: IpAddr) -> Option<u64> {
         self.0.inner.member_at(ip)
     }
+    fn member_identity(&self, node: u64) -> Option<String> {
+        self.0.inner.member_identity(node)
+    }
     fn open_intents(&self) -> Vec<(String, u64, u64, u64)> {
         self.0.inner.open_intents()
     }

@@ -43,13 +43,16 @@ pub enum SessionError {
 /// Why the destination refused a session before it started: it was not
 /// told to expect the migration ([`crate::wire::Status::NotExpected`]), it
 /// does not allow this source's certificate identity
-/// ([`crate::wire::Status::PeerNotAllowed`]), or the two agents did not
+/// ([`crate::wire::Status::PeerNotAllowed`]), the cluster's registry names
+/// another host as the source of this gated migration
+/// ([`crate::wire::Status::NotIntendedSource`]), or the two agents did not
 /// authenticate each other over TLS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PeerRefusal {
     NotExpected,
     PeerNotAllowed,
+    NotIntendedSource,
     Tls,
 }
 
@@ -67,6 +70,10 @@ impl SessionError {
                 source: WireError::Refused(Status::PeerNotAllowed),
                 ..
             } => Some(PeerRefusal::PeerNotAllowed),
+            SessionError::Handshake {
+                source: WireError::Refused(Status::NotIntendedSource),
+                ..
+            } => Some(PeerRefusal::NotIntendedSource),
             SessionError::Tls { .. } => Some(PeerRefusal::Tls),
             _ => None,
         }
