@@ -12,7 +12,7 @@
 //! fixed(streams, workers, chunk) + max_channels × channel(window, chunk) + ring ≤ budget
 //! ```
 //!
-//! with the windows taking at most half of what the fixed part leaves. The
+//! with the windows taking at most two thirds of what the fixed part leaves. The
 //! windows of every channel the session may open are counted up front, so an
 //! honest session never fails for memory once started; the rings are counted
 //! as they fill, for the whole session ([`SessionBudget`]): one ring may
@@ -154,7 +154,7 @@ pub fn min_window(chunk: u64) -> u64 {
 }
 
 /// The window and ring a destination grants for `ask`: the window as asked
-/// if the windows of all channels fit in half of what the budget leaves
+/// if the windows of all channels fit in two thirds of what the budget leaves
 /// after the fixed part, else the largest that does (never below two
 /// chunks, never above the ask); the ring as asked if it fits in the rest,
 /// else the rest.
@@ -173,7 +173,7 @@ pub fn grant(ask: &Ask) -> Result<Grant, OverBudget> {
         });
     }
     let account = ask.budget - fixed;
-    let for_windows = (account / 2).max(channels * channel_bytes(min_w, chunk));
+    let for_windows = (account / 3 * 2).max(channels * channel_bytes(min_w, chunk));
     // A window below two chunks (the destination refuses those) fits as is.
     let mut window = ask.window as u64;
     if channels * channel_bytes(window, chunk) > for_windows {
@@ -302,7 +302,7 @@ mod tests {
             streams: 4,
             workers: 2,
             chunk: 512 << 10,
-            max_channels: 16,
+            max_channels: 8,
             window: 32 << 20,
             ring_pages: (256 << 20) / 4096,
         }
@@ -330,10 +330,12 @@ mod tests {
         assert!(worst(&a, &g) <= a.budget, "{g:?}");
         assert_eq!(g.window as u64 % WINDOW_STEP, 0);
         assert!(g.window as u64 >= min_window(a.chunk as u64));
-        // Windows take at most half of what the fixed part leaves.
-        assert!(16 * channel_bytes(g.window as u64, a.chunk as u64) <= g.account / 2);
-        // The next window step would not fit in that half.
-        assert!(16 * channel_bytes(g.window as u64 + WINDOW_STEP, a.chunk as u64) > g.account / 2);
+        // Windows take at most two thirds of what the fixed part leaves.
+        assert!(8 * channel_bytes(g.window as u64, a.chunk as u64) <= g.account / 3 * 2);
+        // The next window step would not fit in those two thirds.
+        assert!(
+            8 * channel_bytes(g.window as u64 + WINDOW_STEP, a.chunk as u64) > g.account / 3 * 2
+        );
         assert!(g.ring_pages > 0);
     }
 
@@ -349,11 +351,11 @@ mod tests {
             let g = grant(&Ask { budget, ..ask() }).unwrap();
             (g.window >> 10, g.ring_pages / 256)
         };
-        assert_eq!(g(256 * MIB), (4416, 114));
-        assert_eq!(g(512 * MIB), (11456, 243));
-        assert_eq!(g(1024 * MIB), (25664, 256));
+        assert_eq!(g(256 * MIB), (14976, 76));
+        assert_eq!(g(512 * MIB), (32768, 171));
+        assert_eq!(g(1024 * MIB), (32768, 256));
         let fits = |streams| grant(&Ask { streams, ..ask() }).is_ok();
-        assert!(fits(62) && !fits(63));
+        assert!(fits(71) && !fits(72));
     }
 
     #[test]

@@ -110,7 +110,7 @@ impl Default for TransportConfig {
                 .unwrap_or(2),
             window: 32 << 20,
             dedup_cache_mb: 256,
-            max_channels: 16,
+            max_channels: 8,
             session_memory: budget::DEFAULT_SESSION_MEMORY,
             chunk: 512 << 10,
             checksum_raw: false,

@@ -205,6 +205,20 @@ pub const OPTIONS: &[TransportOption] = &[
         show: |c| c.dedup_cache_mb.to_string(),
     },
     TransportOption {
+        name: "max-channels",
+        uri: Some("max-channels"),
+        control: Some("max_channels"),
+        allowed: "1..=64",
+        help: "most channels (QEMU connections: the main one and one per multifd channel) a \
+               migration may open; both ends must allow what QEMU opens, and each is counted \
+               against session-memory at its window",
+        set: |c, v| {
+            c.max_channels = int(v, 1, 64)?;
+            Ok(())
+        },
+        show: |c| c.max_channels.to_string(),
+    },
+    TransportOption {
         name: "session-memory",
         uri: Some("session-memory"),
         control: Some("session_memory"),
