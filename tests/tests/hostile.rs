@@ -31,7 +31,16 @@ use rand::RngCore;
 const MIB: u64 = 1 << 20;
 const BUDGET: u64 = budget::DEFAULT_SESSION_MEMORY;
 const MAX_SESSIONS: u64 = 3;
-const CHANNELS: u16 = 16;
+/// The channels a session may open with the agent's defaults (`max-channels`).
+const CHANNELS: u16 = 8;
+
+#[test]
+fn channels_constant_is_the_default() {
+    assert_eq!(
+        CHANNELS,
+        dwcp_core::transport::TransportConfig::default().max_channels
+    );
+}
 
 /// VmRSS and VmHWM of a process, bytes.
 fn rss(pid: u32) -> (u64, u64) {
