@@ -91,8 +91,14 @@ for t in "${targets[@]}"; do
     cov=$(grep -oE 'cov: [0-9]+' "$log" | tail -1 | cut -d' ' -f2)
     ft=$(grep -oE 'ft: [0-9]+' "$log" | tail -1 | cut -d' ' -f2)
     if [ "$mode" = run ] && [ "$result" = ok ]; then
+        # cmin keeps coverage, not names: the regress-* inputs of crashes
+        # found earlier (docs/fuzzing.md) are put back afterwards.
+        keep=$FUZZ_TARGET_DIR/regress-$t
+        rm -rf "$keep" && mkdir -p "$keep"
+        find "$corpus" -maxdepth 1 -name 'regress-*' -exec cp {} "$keep/" \;
         cargo fuzz cmin -s none "$t" "$corpus" -- -max_len="$(max_len "$t")" -rss_limit_mb=1024 \
             >"$FUZZ_TARGET_DIR/cmin-$t.log" 2>&1 || echo "cmin of $t failed (see cmin-$t.log)" >&2
+        cp "$keep"/. "$corpus/" -r
     fi
     n=$(find "$corpus" -type f | wc -l)
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$t" "$elapsed" "${execs:-?}" "${rate:-?}" \
