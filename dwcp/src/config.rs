@@ -248,43 +248,6 @@ pub fn locate(given: Option<&Path>) -> Option<PathBuf> {
     }
 }
 
-/// `dwcp config check [FILE]`: prints every problem with its line, key and
-/// allowed range; Ok when there is none.
-/// With `json`, prints `{"file": F, "ok": true}` instead; a file with
-/// problems is a [`crate::failure::ConfigProblems`] error, which lists them.
-pub fn check(path: Option<&Path>, json: bool) -> anyhow::Result<()> {
-    let path = path
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_PATH));
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
-    match FileConfig::parse(&text) {
-        Ok(_) => {
-            if json {
-                println!(
-                    "{}",
-                    serde_json::json!({"file": path.display().to_string(), "ok": true})
-                );
-            } else {
-                println!("{}: ok", path.display());
-            }
-            Ok(())
-        }
-        Err(problems) => {
-            if !json {
-                for p in &problems {
-                    println!("{}: {p}", path.display());
-                }
-            }
-            Err(crate::failure::ConfigProblems {
-                file: path.display().to_string(),
-                problems: problems.iter().map(|p| p.to_string()).collect(),
-            }
-            .into())
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

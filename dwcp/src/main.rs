@@ -318,7 +318,7 @@ fn main() {
     let r = match cli.cmd {
         Cmd::Agent(a) => run_agent(a, cli.config.as_deref()),
         Cmd::Config(ConfigCmd::Check { file }) => {
-            config::check(file.as_deref().or(cli.config.as_deref()), json)
+            config_check(file.as_deref().or(cli.config.as_deref()), json)
         }
         Cmd::Migrate(mut m) => {
             m.json = json;
@@ -671,4 +671,41 @@ fn prepared_line(p: &Value) -> String {
         line.push_str(&format!("\n    reason: {r}"));
     }
     line
+}
+
+/// `dwcp config check [FILE]`: prints every problem with its line, key and
+/// allowed range; Ok when there is none.
+/// With `json`, prints `{"file": F, "ok": true}` instead; a file with
+/// problems is a [`crate::failure::ConfigProblems`] error, which lists them.
+fn config_check(path: Option<&std::path::Path>, json: bool) -> anyhow::Result<()> {
+    let path = path
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from(config::DEFAULT_PATH));
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+    match config::FileConfig::parse(&text) {
+        Ok(_) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"file": path.display().to_string(), "ok": true})
+                );
+            } else {
+                println!("{}: ok", path.display());
+            }
+            Ok(())
+        }
+        Err(problems) => {
+            if !json {
+                for p in &problems {
+                    println!("{}: {p}", path.display());
+                }
+            }
+            Err(crate::failure::ConfigProblems {
+                file: path.display().to_string(),
+                problems: problems.iter().map(|p| p.to_string()).collect(),
+            }
+            .into())
+        }
+    }
 }
