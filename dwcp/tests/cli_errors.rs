@@ -277,21 +277,24 @@ fn a_migration_the_destination_does_not_expect_exits_6() {
     let qmp = dir.join("qmp.sock");
     fake_qmp(&qmp);
     let to = format!("127.0.0.1:{port}");
-    let o = dwcp(&[
-        "--json",
-        "migrate",
-        "--qmp",
-        qmp.to_str().unwrap(),
-        "--to",
-        &to,
-        "--name",
-        "vm-refused",
-        "--insecure",
-        "--timeout",
-        "30",
-        "--agent",
-        src.control().to_str().unwrap(),
-    ]);
+    let migrate = || {
+        dwcp(&[
+            "--json",
+            "migrate",
+            "--qmp",
+            qmp.to_str().unwrap(),
+            "--to",
+            &to,
+            "--name",
+            "vm-refused",
+            "--insecure",
+            "--timeout",
+            "30",
+            "--agent",
+            src.control().to_str().unwrap(),
+        ])
+    };
+    let o = migrate();
     let v = json_error(&o, "peer_refused", 6);
     let e = v["error"].as_str().unwrap();
     assert!(
@@ -311,21 +314,7 @@ fn a_migration_the_destination_does_not_expect_exits_6() {
         &json!({"op": "expect", "name": "vm-refused"}),
     )
     .unwrap();
-    let o = dwcp(&[
-        "--json",
-        "migrate",
-        "--qmp",
-        qmp.to_str().unwrap(),
-        "--to",
-        &to,
-        "--name",
-        "vm-refused",
-        "--insecure",
-        "--timeout",
-        "30",
-        "--agent",
-        src.control().to_str().unwrap(),
-    ]);
+    let o = migrate();
     json_error(&o, "migration_failed", 4);
     drop((src, dst));
     let _ = std::fs::remove_dir_all(&dir);
