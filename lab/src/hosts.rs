@@ -285,6 +285,19 @@ pub fn scratch_dir(lab: &Lab) -> Result<PathBuf> {
     Ok(d)
 }
 
+/// The lines of `path` containing `pat`, waiting up to 10 s for one (an
+/// agent's log line written by another process).
+pub fn wait_log(path: &Path, pat: &str) -> Vec<String> {
+    let t0 = Instant::now();
+    loop {
+        let hits = grep(path, pat);
+        if !hits.is_empty() || t0.elapsed() > Duration::from_secs(10) {
+            return hits;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Reads the lines of a file that contain `pat` (agent logs).
 pub fn grep(path: &Path, pat: &str) -> Vec<String> {
     match File::open(path) {

@@ -22,7 +22,7 @@ pub mod locate;
 pub mod migration;
 
 pub use guest::{longest_heartbeat_gap, Guest, GuestSpec, Heartbeat};
-pub use hosts::{grep, scratch_dir, spawn_proxy, AgentProc, Lab, AGENT_PORT};
+pub use hosts::{grep, scratch_dir, spawn_proxy, wait_log, AgentProc, Lab, AGENT_PORT};
 pub use linkem::topo::{Middle, Topology};
 pub use linkem::Profile;
 pub use locate::{dwcp_bin, guest_files, DataDir};

@@ -10,17 +10,6 @@ use std::time::{Duration, Instant};
 
 use dwcp_lab::*;
 
-fn wait_log(path: &std::path::Path, pat: &str) -> Vec<String> {
-    let t0 = Instant::now();
-    loop {
-        let hits = grep(path, pat);
-        if !hits.is_empty() || t0.elapsed() > Duration::from_secs(10) {
-            return hits;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 fn assert_source_running(pair: &GuestPair) {
     let st = pair.src.qmp().unwrap().status().unwrap();
     assert_eq!(

@@ -17,17 +17,6 @@ use dwcp_core::transport::{Session, TransportConfig};
 use dwcp_lab::*;
 use serde_json::json;
 
-fn wait_log(path: &Path, pat: &str) -> Vec<String> {
-    let t0 = Instant::now();
-    loop {
-        let hits = grep(path, pat);
-        if !hits.is_empty() || t0.elapsed() > Duration::from_secs(10) {
-            return hits;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// The lab's PKI re-issued from a CA this test holds (to sign more
 /// certificates from it): agents' certificates have CN `honest` and both
 /// hosts' IPs as SANs; both agents reload.
