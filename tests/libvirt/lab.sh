@@ -19,7 +19,9 @@ LINKEM_PID=
 lv_log() { echo "[$(date +%T)] $*" >&2; }
 
 # hx HOST CMD...: run CMD inside HOST (network, mount and UTS namespaces).
-hx() { local h=$1; shift; nsenter -t "${KEEPER[$h]}" -m -u -n -- "$@"; }
+# -r: the keeper's root, so a lab started inside a chroot (make fresh-check)
+# keeps seeing the chroot, not the root of the mount namespace.
+hx() { local h=$1; shift; nsenter -t "${KEEPER[$h]}" -m -u -n -r -- "$@"; }
 
 # virsh on a host's own libvirtd.
 hvirsh() { local h=$1; shift; hx "$h" virsh -q -c qemu:///system "$@"; }
