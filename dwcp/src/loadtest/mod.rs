@@ -297,6 +297,8 @@ struct Shared {
     completed: AtomicU64,
     failed: AtomicU64,
     records: Mutex<Vec<MigrationRecord>>,
+    /// Failure reasons seen so far (numbers elided), each printed once.
+    reasons: Mutex<std::collections::HashSet<String>>,
 }
 
 pub fn run(a: LoadTestArgs) -> Result<()> {
@@ -355,6 +357,7 @@ pub fn run(a: LoadTestArgs) -> Result<()> {
         completed: AtomicU64::new(0),
         failed: AtomicU64::new(0),
         records: Mutex::new(Vec::new()),
+        reasons: Mutex::new(Default::default()),
     });
     std::fs::create_dir_all(&shared.incoming_dir)?;
     let idle = (ProcFigures::of(pids.0), ProcFigures::of(pids.1));
@@ -398,9 +401,15 @@ pub fn run(a: LoadTestArgs) -> Result<()> {
     shared.stop.store(true, Ordering::Release);
     // Slots finish the migration in hand (bounded by --timeout).
     let p = Progress::new(most as u64, c.timeout.as_secs());
+    let mut done = 0;
     loop {
         let left = shared.in_flight.load(Ordering::Acquire);
-        if slots.iter().all(|h| h.is_finished()) {
+        let finished = slots.iter().filter(|h| h.is_finished()).count();
+        while done < finished {
+            p.inc();
+            done += 1;
+        }
+        if finished == slots.len() {
             break;
         }
         p.set_message(format!("draining: {left} migration(s) finishing"));
@@ -678,9 +687,16 @@ fn slot(sh: &Arc<Shared>, i: usize) {
             sh.completed.fetch_add(1, Ordering::AcqRel);
         } else {
             sh.failed.fetch_add(1, Ordering::AcqRel);
+            let why = rec.error.clone().unwrap_or_default();
+            if sh.reasons.lock().insert(report::reason_class(&why)) {
+                eprintln!(
+                    "load test: migration lt{i} #{seq} failed after {:.1} s: {why}",
+                    rec.secs
+                );
+            }
             // A refused or failed migration is retried after a pause, as
             // an orchestrator would, not in a tight loop.
-            std::thread::sleep(Duration::from_secs(1));
+            std::thread::sleep(Duration::from_secs(5));
         }
         sh.records.lock().push(rec);
         seq += 1;
@@ -691,6 +707,7 @@ fn slot(sh: &Arc<Shared>, i: usize) {
 fn migrate_one(sh: &Arc<Shared>, vm: u32, seq: u32, guest: &mut Guest) -> MigrationRecord {
     let name = format!("lt{vm}");
     let t0 = Instant::now();
+    let started_unix = unix_now();
     let mut rec = MigrationRecord {
         vm,
         seq,
@@ -745,7 +762,7 @@ fn migrate_one(sh: &Arc<Shared>, vm: u32, seq: u32, guest: &mut Guest) -> Migrat
             .map_err(|e| anyhow!("writing the stream: {e:#}"));
         let sent = match sent {
             Ok(s) => s,
-            Err(e) => return Err(why_failed(sh, &name, e)),
+            Err(e) => return Err(why_failed(sh, &name, started_unix, e)),
         };
         rec.bytes = sent.bytes;
         rec.passes = sent.passes;
@@ -764,13 +781,14 @@ fn migrate_one(sh: &Arc<Shared>, vm: u32, seq: u32, guest: &mut Guest) -> Migrat
         let closed = std::io::Read::read_to_end(&mut conn, &mut back);
         let got = sink_guard
             .join()
-            .map_err(|e| why_failed(sh, &name, anyhow!("destination side: {e}")))?;
+            .map_err(|e| why_failed(sh, &name, started_unix, anyhow!("destination side: {e}")))?;
         rec.verified_bytes = got.0;
         stream::verify(&sent, got)?;
         if let Err(e) = closed {
             return Err(why_failed(
                 sh,
                 &name,
+                started_unix,
                 anyhow!("the source's channel did not close after the stream: {e}"),
             ));
         }
@@ -844,25 +862,35 @@ fn sink(
     r.map_err(|e| format!("reading what the destination agent delivered: {e}"))
 }
 
-/// Adds the source agent's reason (the route's last error, the session's
-/// error) to a failure seen at the socket.
-fn why_failed(sh: &Shared, name: &str, e: anyhow::Error) -> anyhow::Error {
-    let route_err = control_request(&sh.src_ctl, &json!({"op": "stats"}))
-        .ok()
-        .and_then(|v| {
-            let r = v["routes"]
-                .as_array()?
-                .iter()
-                .find(|r| r["name"] == name)?
-                .clone();
-            r["last_error"]["error"].as_str().map(str::to_string)
-        });
-    let session_err = dwcp_core::agent::newest_session(&sh.src_ctl, name)
+/// Adds the source agent's reason (the route's last error, else the
+/// session's error) to a failure seen at the socket. The route records its
+/// error just after it drops QEMU's connection, hence the short wait; one
+/// `stats` per failure, so failures do not load the control socket.
+fn why_failed(sh: &Shared, name: &str, started_unix: f64, e: anyhow::Error) -> anyhow::Error {
+    std::thread::sleep(Duration::from_millis(300));
+    let Ok(v) = control_request(&sh.src_ctl, &json!({"op": "stats"})) else {
+        return e;
+    };
+    let route_err = v["routes"]
+        .as_array()
+        .and_then(|rs| rs.iter().find(|r| r["name"] == name))
+        .filter(|r| r["last_error"]["at"].as_f64().unwrap_or(0.0) >= started_unix - 0.5)
+        .and_then(|r| r["last_error"]["error"].as_str().map(str::to_string));
+    let session_err = v["sessions"]
+        .as_array()
+        .and_then(|ss| ss.iter().rev().find(|s| s["name"] == name))
         .and_then(|s| s["error"].as_str().map(str::to_string));
     match route_err.or(session_err) {
         Some(why) => e.context(format!("source agent: {why}")),
         None => e,
     }
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 pub fn percentile(sorted: &[f64], q: f64) -> f64 {

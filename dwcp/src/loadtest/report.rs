@@ -87,25 +87,29 @@ pub fn assemble(
     }
 }
 
+/// A failure's reason with its numbers elided (`N`), to group failures.
+pub fn reason_class(e: &str) -> String {
+    let mut key = String::new();
+    let mut digits = false;
+    for ch in e.chars() {
+        if ch.is_ascii_digit() {
+            if !digits {
+                key.push('N');
+            }
+            digits = true;
+        } else {
+            digits = false;
+            key.push(ch);
+        }
+    }
+    key.chars().take(240).collect()
+}
+
 /// Failures grouped by their reason, numbers elided (most frequent first).
 fn failure_reasons(m: &[MigrationRecord]) -> Vec<(String, u64)> {
     let mut by: std::collections::BTreeMap<String, u64> = Default::default();
     for e in m.iter().filter_map(|m| m.error.as_deref()) {
-        let mut key = String::new();
-        let mut digits = false;
-        for ch in e.chars() {
-            if ch.is_ascii_digit() {
-                if !digits {
-                    key.push('N');
-                }
-                digits = true;
-            } else {
-                digits = false;
-                key.push(ch);
-            }
-        }
-        let key: String = key.chars().take(240).collect();
-        *by.entry(key).or_default() += 1;
+        *by.entry(reason_class(e)).or_default() += 1;
     }
     let mut v: Vec<(String, u64)> = by.into_iter().collect();
     v.sort_by(|a, b| b.1.cmp(&a.1));
