@@ -276,6 +276,12 @@ pub struct AgentsSummary {
     pub dst_peak_threads: u64,
     pub src_cpu_s: f64,
     pub dst_cpu_s: f64,
+    /// CPU of the load test itself (the guests' streams and the sinks),
+    /// which shares the machine with the agents.
+    pub generator_cpu_s: f64,
+    /// /proc/loadavg at the start and at the end: the machine's other load.
+    pub loadavg_start: String,
+    pub loadavg_end: String,
 }
 
 /// What the slots, the sampler and the controller share.
@@ -361,6 +367,13 @@ pub fn run(a: LoadTestArgs) -> Result<()> {
     });
     std::fs::create_dir_all(&shared.incoming_dir)?;
     let idle = (ProcFigures::of(pids.0), ProcFigures::of(pids.1));
+    let loadavg = || {
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
+    let machine_start = (loadavg(), cpu_seconds(std::process::id()));
     let timeline = Arc::new(Mutex::new(Vec::<Sample>::new()));
     let sampler = {
         let (sh, tl) = (shared.clone(), timeline.clone());
@@ -422,6 +435,7 @@ pub fn run(a: LoadTestArgs) -> Result<()> {
     // Let the agents end their sessions and free their memory.
     std::thread::sleep(Duration::from_secs(3));
     let end = (ProcFigures::of(pids.0), ProcFigures::of(pids.1));
+    let machine_end = (loadavg(), cpu_seconds(std::process::id()));
     shared.active.store(0, Ordering::Release);
     let _ = sampler.join();
     let timeline = std::mem::take(&mut *timeline.lock());
@@ -438,7 +452,7 @@ pub fn run(a: LoadTestArgs) -> Result<()> {
     if let (Some(o), Some(e)) = (settings.as_object_mut(), settings_extra.as_object()) {
         o.extend(e.clone());
     }
-    let r = report::assemble(
+    let mut r = report::assemble(
         cmdline.join(" "),
         mode,
         settings,
@@ -451,6 +465,9 @@ pub fn run(a: LoadTestArgs) -> Result<()> {
         verdict,
         shared.t0.elapsed().as_secs_f64(),
     );
+    r.agents.generator_cpu_s = machine_end.1 - machine_start.1;
+    r.agents.loadavg_start = machine_start.0;
+    r.agents.loadavg_end = machine_end.0;
     let json_path = c.report.with_extension("json");
     if let Some(d) = c.report.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;

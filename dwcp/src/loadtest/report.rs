@@ -65,6 +65,7 @@ pub fn assemble(
         dst_peak_threads: timeline.iter().map(|s| s.dst.threads).max().unwrap_or(0),
         src_cpu_s: end.0.cpu_s - idle.0.cpu_s,
         dst_cpu_s: end.1.cpu_s - idle.1.cpu_s,
+        ..Default::default()
     };
     LoadReport {
         command,
@@ -112,7 +113,7 @@ fn failure_reasons(m: &[MigrationRecord]) -> Vec<(String, u64)> {
         *by.entry(reason_class(e)).or_default() += 1;
     }
     let mut v: Vec<(String, u64)> = by.into_iter().collect();
-    v.sort_by(|a, b| b.1.cmp(&a.1));
+    v.sort_by_key(|x| std::cmp::Reverse(x.1));
     v
 }
 
@@ -182,7 +183,7 @@ small{{color:#777}} .bad{{color:#c00;font-weight:bold}} .good{{color:#070;font-w
         .as_object()
         .into_iter()
         .flatten()
-        .map(|(k, v)| vec![esc(k), esc(&v.to_string().trim_matches('"').to_string())])
+        .map(|(k, v)| vec![esc(k), esc(v.to_string().trim_matches('"'))])
         .chain(std::iter::once(vec![
             "agent arguments".into(),
             esc(&r.agent_args.join(" ")),
@@ -335,6 +336,13 @@ small{{color:#777}} .bad{{color:#c00;font-weight:bold}} .good{{color:#070;font-w
             ),
         ],
     );
+    let _ = write!(
+        h,
+        "<p>The load test itself (streams and sinks) used {:.1} CPU s. Load average at the start {}, at the end {}.</p>",
+        a.generator_cpu_s,
+        esc(&a.loadavg_start),
+        esc(&a.loadavg_end)
+    );
     h.push_str(&svg_lines(
         "Agent CPU (utime + stime, % of one core)",
         "s",
@@ -434,6 +442,11 @@ pub fn text(r: &LoadReport) -> String {
             idle.rss_mib, end.hwm_mib, end.rss_mib, idle.threads, end.threads
         );
     }
+    let _ = writeln!(
+        t,
+        "load test process: CPU {:.1} s; load average {} at the start, {} at the end",
+        a.generator_cpu_s, a.loadavg_start, a.loadavg_end
+    );
     if let Some(v) = &r.stress_verdict {
         let _ = writeln!(t, "stress: {v}");
     }
