@@ -276,8 +276,9 @@ pub struct AgentsSummary {
     pub dst_peak_threads: u64,
     pub src_cpu_s: f64,
     pub dst_cpu_s: f64,
-    /// CPU of the load test itself (the guests' streams and the sinks),
-    /// which shares the machine with the agents.
+    /// CPU of the load test process (the guests' streams, the sinks, and
+    /// the link emulator's forwarder threads), which shares the machine
+    /// with the agents.
     pub generator_cpu_s: f64,
     /// /proc/loadavg at the start and at the end: the machine's other load.
     pub loadavg_start: String,

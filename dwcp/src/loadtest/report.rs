@@ -338,7 +338,7 @@ small{{color:#777}} .bad{{color:#c00;font-weight:bold}} .good{{color:#070;font-w
     );
     let _ = write!(
         h,
-        "<p>The load test itself (streams and sinks) used {:.1} CPU s. Load average at the start {}, at the end {}.</p>",
+        "<p>The load test process (the guests' streams, the sinks, and on wan, internet and lossy the link emulator's forwarder) used {:.1} CPU s. Load average at the start {}, at the end {}.</p>",
         a.generator_cpu_s,
         esc(&a.loadavg_start),
         esc(&a.loadavg_end)
