@@ -7,7 +7,7 @@ CARGO ?= cargo
 DWCP := target/release/dwcp
 GUEST := tests/guest/out/initrd.img
 
-.PHONY: fresh-check all setup build guest demo test lint unit e2e ffi qemu qemu-test qemu-upstream libvirt-test libvirt-bench bench bench-full soak bench-gate bench-consensus clean help
+.PHONY: fresh-check all setup build guest demo test lint unit e2e ffi qemu qemu-test qemu-upstream libvirt-test libvirt-bench bench bench-full soak bench-gate bench-consensus load-test clean help
 .PHONY: dist-build install uninstall deb deb-check deb-install-check
 
 all: build
@@ -19,6 +19,7 @@ help:
 	@echo "make bench  - side-by-side benchmarks against QEMU's own channel (see docs/benchmarks.md)"
 	@echo "make bench-full - every figure of docs/benchmarks.md (about an hour)"
 	@echo "make libvirt-bench - virsh migrate through DWCP against libvirt's own transport (docs/libvirt.md)"
+	@echo "make load-test - many migrations at once: dwcp load-test with 10, 100 and 1,000 synthetic guests, stress ramp (docs/scale.md)"
 	@echo "make soak   - 200 randomized fault-injection runs on gated migrations (about an hour; make test runs 4)"
 	@echo "make bench-gate - what the cutover gate adds to a migration, dc and internet links"
 	@echo "make bench-consensus - raft commit latency, throughput and failover over dc and internet links"
@@ -120,6 +121,12 @@ bench-gate: build guest
 bench-consensus: build
 	$(DWCP) benchmark consensus --link loopback,dc,internet --nodes 3,5 --ops 500 --batch 1 --output dwcp-bench/consensus-1
 	$(DWCP) benchmark consensus --link loopback,dc,internet --nodes 3,5 --ops 20000 --batch 256 --output dwcp-bench/consensus-256
+
+# Fleet scale (docs/scale.md): `dwcp load-test` with 10, 100 and 1,000
+# synthetic guests at once through one agent pair, and its stress ramp
+# (scripts/load-test.sh; reports in target/load-test/).
+load-test: build
+	bash scripts/load-test.sh
 
 # The README's two set-up commands (make demo, make test) in a clean bookworm
 # root built with mmdebstrap; the host's Rust toolchain is bind-mounted, nothing

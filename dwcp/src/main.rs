@@ -1,4 +1,5 @@
-//! `dwcp`: the DWCP command (agent daemon, migrate, stats, demo, benchmark).
+//! `dwcp`: the DWCP command (agent daemon, migrate, stats, demo, benchmark,
+//! load-test).
 
 mod bench;
 mod cluster;
@@ -6,6 +7,7 @@ mod config;
 mod failure;
 mod gendocs;
 mod libvirt_migrate;
+mod loadtest;
 mod metrics;
 mod migrate;
 mod progress;
@@ -84,6 +86,9 @@ enum Cmd {
     Demo(dwcp_lab::demo::DemoArgs),
     /// Benchmarks: DWCP against QEMU's own channels, codec, streams, consensus.
     Benchmark(bench::BenchArgs),
+    /// Many synthetic guests (QEMU's precopy stream, no QEMU) migrating at
+    /// once through two agents on emulated hosts; report with figures.
+    LoadTest(loadtest::LoadTestArgs),
     /// Userspace WAN link emulator between two interfaces (`dwcp linkem --help`).
     #[command(disable_help_flag = true)]
     Linkem {
@@ -350,6 +355,7 @@ fn main() {
         }
         Cmd::Demo(d) => dwcp_lab::demo::run(d),
         Cmd::Benchmark(b) => bench::run(b),
+        Cmd::LoadTest(l) => loadtest::run(l),
         Cmd::Linkem { args } => linkem::cli_main(args),
         Cmd::GenerateDocs(g) => gendocs::run(g),
     };

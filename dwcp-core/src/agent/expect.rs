@@ -96,6 +96,9 @@ pub(crate) struct Expectation {
     name: String,
     from: Option<String>,
     until: Instant,
+    /// When it was made: a session ending uses up only those made before
+    /// it started, not the next migration's of the same name.
+    since: Instant,
 }
 
 /// `{"op":"expect","name":N,"from":PEER?,"ttl_s":S?}`.
@@ -163,6 +166,7 @@ pub(super) fn expect(st: &State, r: ExpectRequest) -> Result<Value, String> {
         name: name.clone(),
         from: r.from.clone(),
         until: now + Duration::from_secs(ttl),
+        since: now,
     });
     info!(
         name,
@@ -242,9 +246,14 @@ impl State {
         })
     }
 
-    /// A session of `name` completed: its expectations are used up.
-    pub(super) fn expectation_used(&self, name: &str) {
-        self.expected.lock().retain(|e| e.name != name);
+    /// A session of `name` that started at `started` completed: the
+    /// expectations of its name made before then are used up. One made
+    /// since is for the next migration of that name (a guest migrated
+    /// again, back to back) and stays.
+    pub(super) fn expectation_used(&self, name: &str, started: Instant) {
+        self.expected
+            .lock()
+            .retain(|e| e.name != name || e.since > started);
     }
 }
 

@@ -198,7 +198,7 @@ impl State {
         let result = match session.wait() {
             Ok(s) => {
                 if s.role == crate::transport::Role::Responder {
-                    self.expectation_used(&s.name);
+                    self.expectation_used(&s.name, session.started());
                 }
                 info!(
                     name = %s.name,

@@ -549,3 +549,22 @@ fn data_port_refuses_a_gated_session_from_another_member_before_qemu() {
     let _ = s.wait();
     let _ = std::fs::remove_dir_all(&ddir);
 }
+
+/// A guest migrated to the same destination twice, back to back: the first
+/// session's end must not use up the `expect` made for the second (found by
+/// `dwcp load-test`, whose guests migrate back to back: every other
+/// migration was refused as not expected).
+#[test]
+fn a_session_ending_uses_up_only_the_expectations_made_before_it_started() {
+    let (a, dir, _) = agent("expect-next", false);
+    let expected = || a.state.expected.lock().len();
+    ctl(&dir, json!({"op": "expect", "name": "vm"})).unwrap();
+    ctl(&dir, json!({"op": "expect", "name": "other"})).unwrap();
+    a.state.expectation_used("vm", std::time::Instant::now());
+    assert_eq!(expected(), 1, "the used expectation goes, the other stays");
+    let started = std::time::Instant::now();
+    std::thread::sleep(Duration::from_millis(2));
+    ctl(&dir, json!({"op": "expect", "name": "vm"})).unwrap();
+    a.state.expectation_used("vm", started);
+    assert_eq!(expected(), 2, "the next migration's expectation stays");
+}

@@ -109,7 +109,7 @@ fn size(v: &str, unit: u64, lo: u64, hi: u64) -> Result<u64, ()> {
     int(&(bytes / unit).to_string(), lo, hi)
 }
 
-/// A duration: a plain number is seconds; `ms`, `s`, `m` name their own.
+/// A duration: a plain number is seconds; `ms`, `s`, `m`, `h` name their own.
 fn duration(v: &str, lo: Duration, hi: Duration) -> Result<Duration, ()> {
     let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
     let (num, suffix) = v.split_at(split);
@@ -118,12 +118,26 @@ fn duration(v: &str, lo: Duration, hi: Duration) -> Result<Duration, ()> {
         "" | "s" => Duration::from_secs(n),
         "ms" => Duration::from_millis(n),
         "m" | "min" => Duration::from_secs(n.checked_mul(60).ok_or(())?),
+        "h" => Duration::from_secs(n.checked_mul(3600).ok_or(())?),
         _ => return Err(()),
     };
     if d < lo || d > hi {
         return Err(());
     }
     Ok(d)
+}
+
+/// A size as the transport options take it (a plain number is in `unit`
+/// bytes; `K`/`KiB`, `M`/`MiB`, `G`/`GiB`), in `unit`s within `lo..=hi`:
+/// for other commands' flags, so sizes read the same everywhere.
+pub fn parse_size(v: &str, unit: u64, lo: u64, hi: u64) -> Option<u64> {
+    size(v.trim(), unit, lo, hi).ok()
+}
+
+/// A duration as the transport options take it (a plain number is seconds;
+/// `ms`, `s`, `m`, `h`), within `lo..=hi`: for other commands' flags.
+pub fn parse_duration(v: &str, lo: Duration, hi: Duration) -> Option<Duration> {
+    duration(v.trim(), lo, hi).ok()
 }
 
 /// Every transport option, in the order help and error messages list them.

@@ -9,7 +9,7 @@ mod compare;
 mod consensus;
 mod handshake;
 mod micro;
-mod report;
+pub(crate) mod report;
 mod schema;
 mod tiers;
 
@@ -20,7 +20,8 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
-pub use schema::Results;
+pub use compare::cpu_seconds;
+pub use schema::{Machine, Results};
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -292,7 +293,7 @@ pub struct Progress {
 impl Progress {
     /// `units` steps; `est_secs` the expected duration (for the ETA before
     /// the first step finishes).
-    fn new(units: u64, est_secs: u64) -> Progress {
+    pub(crate) fn new(units: u64, est_secs: u64) -> Progress {
         let bar = ProgressBar::new(units);
         bar.set_style(
             ProgressStyle::with_template(
@@ -336,7 +337,7 @@ impl Progress {
             self.bar.println(m);
         }
     }
-    fn finish(&self) {
+    pub(crate) fn finish(&self) {
         self.bar.finish_and_clear();
     }
 }

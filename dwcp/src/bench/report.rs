@@ -16,7 +16,7 @@ const COLORS: [&str; 8] = [
     "#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#9c755f",
 ];
 
-fn esc(s: &str) -> String {
+pub(crate) fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
@@ -36,7 +36,7 @@ fn nice_max(v: f64) -> f64 {
 }
 
 /// Grouped bar chart: one group per category, one bar per series.
-fn svg_bars(
+pub(crate) fn svg_bars(
     title: &str,
     unit: &str,
     cats: &[String],
@@ -133,7 +133,12 @@ fn legend<'a>(s: &mut String, names: impl Iterator<Item = &'a str>, w: f64) {
 }
 
 /// Line chart of (x, y) series.
-fn svg_lines(title: &str, xl: &str, yl: &str, series: &[(String, Vec<(f64, f64)>)]) -> String {
+pub(crate) fn svg_lines(
+    title: &str,
+    xl: &str,
+    yl: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+) -> String {
     let (w, h, l, b, t) = (760.0, 320.0, 70.0, 45.0, 40.0);
     let (pw, ph) = (w - l - 20.0, h - b - t);
     let xmax = nice_max(
@@ -194,7 +199,7 @@ fn svg_lines(title: &str, xl: &str, yl: &str, series: &[(String, Vec<(f64, f64)>
     s
 }
 
-fn fmt_num(v: f64) -> String {
+pub(crate) fn fmt_num(v: f64) -> String {
     if v == 0.0 {
         "0".into()
     } else if v.abs() >= 100.0 {
@@ -226,7 +231,7 @@ fn med(s: &Option<Stat>) -> Option<f64> {
     s.as_ref().map(|s| s.median)
 }
 
-fn table(h: &mut String, head: &[&str], rows: &[Vec<String>]) {
+pub(crate) fn table(h: &mut String, head: &[&str], rows: &[Vec<String>]) {
     h.push_str("<table><tr>");
     for c in head {
         let _ = write!(h, "<th>{c}</th>");

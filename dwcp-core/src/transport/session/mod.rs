@@ -386,6 +386,11 @@ impl Session {
         &self.inner.name
     }
 
+    /// When the session started (its handshake done).
+    pub fn started(&self) -> Instant {
+        self.inner.life.started
+    }
+
     /// The failure reason, once the session has failed.
     pub fn failure(&self) -> Option<FailReason> {
         self.inner.life.failure.lock().clone()
