@@ -296,9 +296,9 @@ fn gated_migration_from_a_member_that_is_not_the_intended_source_is_refused() {
 
 /// Raft per-member identity with the lab's per-host certificates: the
 /// source host's certificate (naming only the source's IP) cannot speak for
-/// member 2, the destination host's agent, nor the destination's for member
-/// 1. Each impostor connects from its own host's namespace to node 3 (a
-/// member on the source host that knows both), passes the TLS handshake
+/// member 2, the destination host's agent, nor the destination's for
+/// member 1. Each impostor connects from its own host's namespace to node 3
+/// (a member on the source host that knows both), passes the TLS handshake
 /// with its host's real client certificate and sends a vote request
 /// claiming to be the other host's member: node 3 refuses the connection,
 /// logging the member and the host the certificate does not name, counts
