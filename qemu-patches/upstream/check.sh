@@ -181,12 +181,16 @@ assert r.returncode != 0 and "dwcp" in r.stderr, "dwcp:bogus not refused"
 # b) loopback migration of a -M none VM (32 MiB RAM) over 4 DWCP streams
 class QMP:
     def __init__(self, path):
-        for _ in range(100):
+        # QEMU may take a while to open its QMP socket on a loaded machine
+        deadline = time.time() + 60
+        while True:
             try:
                 self.s = socket.socket(socket.AF_UNIX)
                 self.s.connect(path)
                 break
-            except OSError:
+            except OSError as e:
+                if time.time() > deadline:
+                    raise RuntimeError(f"no QMP socket at {path} after 60 s: {e}")
                 time.sleep(0.1)
         self.f = self.s.makefile("rw")
         json.loads(self.f.readline())
