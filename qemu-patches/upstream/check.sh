@@ -20,7 +20,7 @@
 #   4. configure as qemu-patches/build.sh does, ninja qemu-system-x86_64
 #      (nice -n 19, -j2)                                        configure.log, build.log
 #   5. smoke: -incoming dwcp:bogus is refused with libdwcp's message; a
-#      loopback migration of a -M none VM with 32 MiB of RAM over
+#      loopback migration (clear text) of a -M none VM with 32 MiB of RAM over
 #      dwcp:...?streams=4; then (unless E2E=0) tests/qemu/run.sh with
 #      this binary (the project's test guest, full dwcp: matrix) smoke.log
 # Exit 0 = every step passed. The last line of stdout is the binary.
@@ -180,10 +180,14 @@ assert r.returncode != 0 and "dwcp" in r.stderr, "dwcp:bogus not refused"
 
 # b) loopback migration of a -M none VM (32 MiB RAM) over 4 DWCP streams
 class QMP:
-    def __init__(self, path):
-        # QEMU may take a while to open its QMP socket on a loaded machine
+    def __init__(self, path, proc, errlog):
+        # QEMU may take a while to open its QMP socket on a loaded machine;
+        # if it exits instead, say why
         deadline = time.time() + 60
         while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"QEMU exited ({proc.returncode}): "
+                                   + open(errlog).read().strip())
             try:
                 self.s = socket.socket(socket.AF_UNIX)
                 self.s.connect(path)
@@ -210,20 +214,22 @@ def vm(name, *extra):
     path = os.path.join(work, f"smoke-{name}.qmp")
     if os.path.exists(path):
         os.unlink(path)
+    errlog = os.path.join(work, f"smoke-{name}.stderr")
     p = subprocess.Popen([qemu, "-M", "none", "-m", "32", "-display", "none", "-nodefaults",
                           "-qmp", f"unix:{path},server=on,wait=off", *extra],
-                         stdout=open(os.path.join(work, f"smoke-{name}.stderr"), "w"),
-                         stderr=subprocess.STDOUT)
-    return p, QMP(path)
+                         stdout=open(errlog, "w"), stderr=subprocess.STDOUT)
+    return p, QMP(path, p, errlog)
 
 s = socket.socket()
 s.bind(("127.0.0.1", 0))
 port = s.getsockname()[1]
 s.close()
-dp, dst = vm("dst", "-incoming", f"dwcp:127.0.0.1:{port}")
+# clear text (insecure=1): libdwcp's TLS default wants /etc/pki/qemu;
+# tests/qemu/run.sh (below) covers TLS with tls-creds and its own CA
+dp, dst = vm("dst", "-incoming", f"dwcp:127.0.0.1:{port}?insecure=1")
 sp, src = vm("src")
 try:
-    uri = f"dwcp:127.0.0.1:{port}?streams=4&codec=lz4"
+    uri = f"dwcp:127.0.0.1:{port}?streams=4&codec=lz4&insecure=1"
     src.cmd("migrate", uri=uri)
     deadline = time.time() + 60
     while time.time() < deadline:
