@@ -92,6 +92,12 @@ if ! git -C "$src" rev-parse -q --verify base >/dev/null 2>&1; then
 fi
 git -C "$src" am --abort >/dev/null 2>&1 || true
 old=$(git -C "$src" rev-parse HEAD)
+# The times of the files the applied series touches: reset + am rewrite
+# them, and those whose content comes out the same get their own time
+# back (below), so ninja (and meson) rebuild only what changed.
+git -C "$src" diff --name-only base "$old" | while read -r f; do
+    if [ -e "$src/$f" ]; then echo "$(stat -c %Y "$src/$f") $f"; fi
+done >"$work/mtimes"
 git -C "$src" reset -q --hard base
 if ! ls "$here"/0*.patch | grep -v '/0000-' | xargs git -C "$src" -c user.name=check \
         -c user.email=check@localhost am --committer-date-is-author-date >"$work/am.log" 2>&1; then
@@ -100,17 +106,11 @@ if ! ls "$here"/0*.patch | grep -v '/0000-' | xargs git -C "$src" -c user.name=c
 fi
 new=$(git -C "$src" rev-parse HEAD)
 log "git am: $(grep -c '^Applying:' "$work/am.log") patches applied on QEMU $upver"
-# reset + am rewrote the files the series touches: give those whose content
-# did not change their old time back, so ninja does not rebuild everything.
-if [ -f "$work/applied" ]; then
-    { git -C "$src" diff --name-only base "$old"; git -C "$src" diff --name-only base "$new"; } |
-        sort -u | while read -r f; do
-            if [ -e "$src/$f" ] && git -C "$src" diff --quiet "$old" "$new" -- "$f"; then
-                touch -r "$work/applied" "$src/$f"
-            fi
-        done
-fi
-touch "$work/applied"
+while read -r t f; do
+    if [ -e "$src/$f" ] && git -C "$src" diff --quiet "$old" "$new" -- "$f"; then
+        touch -d "@$t" "$src/$f"
+    fi
+done <"$work/mtimes"
 
 # 3. checkpatch.
 : >"$work/checkpatch.log"
