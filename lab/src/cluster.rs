@@ -31,8 +31,8 @@ pub struct ClusterLab {
     /// Node 3's host: the source's IP, or a second address of the source
     /// namespace ([`ClusterLab::with_third_host`]).
     pub third_ip: Ipv4Addr,
-    /// Node 3's TLS directory: the lab's, or (own host) one whose
-    /// certificates name only `third_ip`.
+    /// Node 3's TLS directory: the source host's (node 3 runs on that host),
+    /// or (own host) one whose certificates name only `third_ip`.
     pub third_tls_dir: PathBuf,
 }
 
@@ -98,7 +98,7 @@ impl ClusterLab {
                 .expect("node 3's certificates");
             (t, dir)
         } else {
-            (s, lab.tls_dir.clone())
+            (s, lab.src_tls_dir.clone())
         };
         let dst_seen = if dst_blocked {
             format!("{d}:7199")

@@ -112,8 +112,10 @@ impl Guest {
         let serial = dir.join("serial.log");
         let _ = std::fs::remove_file(&serial);
         let _ = std::fs::remove_file(&qmp_path);
+        // no_timer_check: under TCG on a loaded host the kernel's IO-APIC
+        // timer check can miss its ticks and panic at boot.
         let append = format!(
-            "console=ttyS0 panic=-1 quiet dwcp.fill={} dwcp.dirty={} dwcp.seed={} dwcp.mix={}",
+            "console=ttyS0 panic=-1 quiet no_timer_check dwcp.fill={} dwcp.dirty={} dwcp.seed={} dwcp.mix={}",
             spec.fill_mb, spec.dirty_mbps, spec.seed, spec.mix
         );
         let mut cmd = lab.topo.exec(ns, &spec.qemu_bin);

@@ -29,18 +29,24 @@ pub struct Lab {
     pub src_agent: Option<AgentProc>,
     pub dst_agent: Option<AgentProc>,
     pub agent_args: Vec<String>,
-    /// The lab's throwaway PKI (libvirt's layout, both hosts' IPs as SANs),
-    /// generated at run time; both agents get `--tls-dir` with it unless
-    /// their arguments say `--insecure`. Each host's certificate so carries
-    /// its namespace's IP as an IP SAN, as the raft peers' per-member
-    /// identity check and the data port's intended-source check need.
-    pub tls_dir: PathBuf,
+    /// The source host's TLS directory (libvirt's layout, as its
+    /// /etc/pki/qemu would be): the lab CA's certificate and a server and a
+    /// client certificate naming only the source's IP (IP SAN and CN),
+    /// generated at run time. The source agent gets `--tls-dir` with it
+    /// unless its arguments say `--insecure`; anything acting as the source
+    /// host (a client connecting from its namespace) uses it too.
+    pub src_tls_dir: PathBuf,
+    /// The destination host's TLS directory: the same CA, certificates
+    /// naming only the destination's IP. So neither host's certificate
+    /// passes as the other's, as the raft peers' per-member identity check
+    /// and the data port's intended-source check need.
+    pub dst_tls_dir: PathBuf,
     /// A second agent pair started with `--insecure` on [`PLAIN_AGENT_PORT`]
     /// (source, destination), for benchmarks that compare TLS with clear
     /// text on the same link: [`Lab::start_plain_agents`].
     pub plain: Option<(AgentProc, AgentProc)>,
-    /// The CA that signed `tls_dir`'s certificates, to issue more identities of
-    /// the same PKI (e.g. a third host's).
+    /// The CA that signed the hosts' certificates, to issue more identities
+    /// of the same PKI (e.g. a third host's).
     pub ca: TestCa,
 }
 
@@ -93,17 +99,20 @@ impl Lab {
         std::fs::create_dir_all(&dir)?;
         let subnet = 100 + ((pid + seq) % 150) as u8;
         let topo = Topology::create(&prefix, subnet, middle).context("creating the two hosts")?;
-        let tls_dir = dir.join("pki");
-        let (src_ip, dst_ip) = (topo.src_ip.to_string(), topo.dst_ip.to_string());
-        let ca =
-            write_pki(&tls_dir, &[&src_ip, &dst_ip]).context("writing the lab's throwaway PKI")?;
+        let (src_tls_dir, dst_tls_dir) = (dir.join("src-pki"), dir.join("dst-pki"));
+        let ca = TestCa::new("DWCP lab CA")?;
+        for (tls_dir, ip) in [(&src_tls_dir, topo.src_ip), (&dst_tls_dir, topo.dst_ip)] {
+            issue_host_pki(&ca, tls_dir, &[ip.to_string().as_str()])
+                .with_context(|| format!("writing the lab's throwaway PKI of {ip}"))?;
+        }
         let mut lab = Lab {
             topo,
             dir,
             src_agent: None,
             dst_agent: None,
             agent_args: agent_args.iter().map(|s| s.to_string()).collect(),
-            tls_dir,
+            src_tls_dir,
+            dst_tls_dir,
             plain: None,
             ca,
         };
@@ -162,6 +171,15 @@ impl Lab {
         }
     }
 
+    /// The TLS directory of the source (`src = true`) or destination host.
+    pub fn tls_dir(&self, src: bool) -> &Path {
+        if src {
+            &self.src_tls_dir
+        } else {
+            &self.dst_tls_dir
+        }
+    }
+
     fn spawn_agent(&self, src: bool, plain: bool) -> Result<AgentProc> {
         let (ns, name, ip) = if src {
             (self.topo.src_ns.clone(), "src", self.topo.src_ip)
@@ -194,7 +212,7 @@ impl Lab {
                 cmd.arg("--insecure");
             }
         } else if !self.agent_args.iter().any(|a| a == "--insecure") {
-            cmd.arg("--tls-dir").arg(&self.tls_dir);
+            cmd.arg("--tls-dir").arg(self.tls_dir(src));
         }
         cmd.stdin(Stdio::null())
             .stdout(logf.try_clone()?)
@@ -251,15 +269,6 @@ impl Lab {
     pub fn dst_agent(&self) -> &AgentProc {
         self.dst_agent.as_ref().expect("destination agent running")
     }
-}
-
-/// A fresh CA and, in libvirt's layout under `dir`, its certificate and a
-/// server and a client certificate naming `hosts` (CN `hosts[0]`). Returns
-/// the CA, to issue more from it.
-pub fn write_pki(dir: &Path, hosts: &[&str]) -> Result<TestCa> {
-    let ca = TestCa::new("DWCP lab CA")?;
-    issue_host_pki(&ca, dir, hosts)?;
-    Ok(ca)
 }
 
 /// Writes libvirt's layout under `dir`: `ca`'s certificate and a server and

@@ -20,7 +20,7 @@
 #   4. configure as qemu-patches/build.sh does, ninja qemu-system-x86_64
 #      (nice -n 19, -j2)                                        configure.log, build.log
 #   5. smoke: -incoming dwcp:bogus is refused with libdwcp's message; a
-#      loopback migration of a -M none VM with 32 MiB of RAM over
+#      loopback migration (clear text) of a -M none VM with 32 MiB of RAM over
 #      dwcp:...?streams=4; then (unless E2E=0) tests/qemu/run.sh with
 #      this binary (the project's test guest, full dwcp: matrix) smoke.log
 # Exit 0 = every step passed. The last line of stdout is the binary.
@@ -92,6 +92,12 @@ if ! git -C "$src" rev-parse -q --verify base >/dev/null 2>&1; then
 fi
 git -C "$src" am --abort >/dev/null 2>&1 || true
 old=$(git -C "$src" rev-parse HEAD)
+# The times of the files the applied series touches: reset + am rewrite
+# them, and those whose content comes out the same get their own time
+# back (below), so ninja (and meson) rebuild only what changed.
+git -C "$src" diff --name-only base "$old" | while read -r f; do
+    if [ -e "$src/$f" ]; then echo "$(stat -c %Y "$src/$f") $f"; fi
+done >"$work/mtimes"
 git -C "$src" reset -q --hard base
 if ! ls "$here"/0*.patch | grep -v '/0000-' | xargs git -C "$src" -c user.name=check \
         -c user.email=check@localhost am --committer-date-is-author-date >"$work/am.log" 2>&1; then
@@ -100,17 +106,11 @@ if ! ls "$here"/0*.patch | grep -v '/0000-' | xargs git -C "$src" -c user.name=c
 fi
 new=$(git -C "$src" rev-parse HEAD)
 log "git am: $(grep -c '^Applying:' "$work/am.log") patches applied on QEMU $upver"
-# reset + am rewrote the files the series touches: give those whose content
-# did not change their old time back, so ninja does not rebuild everything.
-if [ -f "$work/applied" ]; then
-    { git -C "$src" diff --name-only base "$old"; git -C "$src" diff --name-only base "$new"; } |
-        sort -u | while read -r f; do
-            if [ -e "$src/$f" ] && git -C "$src" diff --quiet "$old" "$new" -- "$f"; then
-                touch -r "$work/applied" "$src/$f"
-            fi
-        done
-fi
-touch "$work/applied"
+while read -r t f; do
+    if [ -e "$src/$f" ] && git -C "$src" diff --quiet "$old" "$new" -- "$f"; then
+        touch -d "@$t" "$src/$f"
+    fi
+done <"$work/mtimes"
 
 # 3. checkpatch.
 : >"$work/checkpatch.log"
@@ -180,13 +180,21 @@ assert r.returncode != 0 and "dwcp" in r.stderr, "dwcp:bogus not refused"
 
 # b) loopback migration of a -M none VM (32 MiB RAM) over 4 DWCP streams
 class QMP:
-    def __init__(self, path):
-        for _ in range(100):
+    def __init__(self, path, proc, errlog):
+        # QEMU may take a while to open its QMP socket on a loaded machine;
+        # if it exits instead, say why
+        deadline = time.time() + 60
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"QEMU exited ({proc.returncode}): "
+                                   + open(errlog).read().strip())
             try:
                 self.s = socket.socket(socket.AF_UNIX)
                 self.s.connect(path)
                 break
-            except OSError:
+            except OSError as e:
+                if time.time() > deadline:
+                    raise RuntimeError(f"no QMP socket at {path} after 60 s: {e}")
                 time.sleep(0.1)
         self.f = self.s.makefile("rw")
         json.loads(self.f.readline())
@@ -206,20 +214,22 @@ def vm(name, *extra):
     path = os.path.join(work, f"smoke-{name}.qmp")
     if os.path.exists(path):
         os.unlink(path)
+    errlog = os.path.join(work, f"smoke-{name}.stderr")
     p = subprocess.Popen([qemu, "-M", "none", "-m", "32", "-display", "none", "-nodefaults",
                           "-qmp", f"unix:{path},server=on,wait=off", *extra],
-                         stdout=open(os.path.join(work, f"smoke-{name}.stderr"), "w"),
-                         stderr=subprocess.STDOUT)
-    return p, QMP(path)
+                         stdout=open(errlog, "w"), stderr=subprocess.STDOUT)
+    return p, QMP(path, p, errlog)
 
 s = socket.socket()
 s.bind(("127.0.0.1", 0))
 port = s.getsockname()[1]
 s.close()
-dp, dst = vm("dst", "-incoming", f"dwcp:127.0.0.1:{port}")
+# clear text (insecure=1): libdwcp's TLS default wants /etc/pki/qemu;
+# tests/qemu/run.sh (below) covers TLS with tls-creds and its own CA
+dp, dst = vm("dst", "-incoming", f"dwcp:127.0.0.1:{port}?insecure=1")
 sp, src = vm("src")
 try:
-    uri = f"dwcp:127.0.0.1:{port}?streams=4&codec=lz4"
+    uri = f"dwcp:127.0.0.1:{port}?streams=4&codec=lz4&insecure=1"
     src.cmd("migrate", uri=uri)
     deadline = time.time() + 60
     while time.time() < deadline:

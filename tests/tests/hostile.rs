@@ -112,7 +112,7 @@ fn hog(lab: &Lab, name: &str, streams: u16) -> Result<Hog, Status> {
                 .collect()
         })
         .unwrap();
-    let store = CredentialStore::load(&lab.tls_dir).unwrap();
+    let store = CredentialStore::load(&lab.src_tls_dir).unwrap();
     let session: [u8; 16] = rand::random();
     let mut writers = Vec::new();
     let mut readers = Vec::new();
@@ -439,7 +439,7 @@ fn hostile_peer_cannot_push_the_agent_past_its_memory_bound() {
         workers: 1,
         ..TransportConfig::default()
     };
-    cfg.tls.dir = lab.tls_dir.clone();
+    cfg.tls.dir = lab.src_tls_dir.clone();
     let addr: SocketAddr = lab.dst_addr().parse().unwrap();
     let t0 = Instant::now();
     let session = loop {

@@ -17,20 +17,26 @@ use dwcp_core::transport::{Session, TransportConfig};
 use dwcp_lab::*;
 use serde_json::json;
 
-/// The lab's PKI re-issued from a CA this test holds (to sign more
-/// certificates from it): agents' certificates have CN `honest` and both
-/// hosts' IPs as SANs; both agents reload.
+/// The lab's per-host PKI re-issued from a CA this test holds (to sign more
+/// certificates from it): each host's certificates have CN `honest` and
+/// name only that host's IP; both agents reload.
 fn own_pki(lab: &Lab) -> TestCa {
     let ca = TestCa::new("security test CA").unwrap();
-    let (s, d) = (lab.topo.src_ip.to_string(), lab.topo.dst_ip.to_string());
-    let hosts = [s.as_str(), d.as_str()];
-    let server = ca
-        .issue(&LeafSpec::new("honest", &hosts, Usage::Server))
-        .unwrap();
-    let client = ca
-        .issue(&LeafSpec::new("honest", &hosts, Usage::Client))
-        .unwrap();
-    ca.write_layout(&lab.tls_dir, &server, &client).unwrap();
+    for src in [true, false] {
+        let ip = if src {
+            lab.topo.src_ip
+        } else {
+            lab.topo.dst_ip
+        }
+        .to_string();
+        let server = ca
+            .issue(&LeafSpec::new("honest", &[ip.as_str()], Usage::Server))
+            .unwrap();
+        let client = ca
+            .issue(&LeafSpec::new("honest", &[ip.as_str()], Usage::Client))
+            .unwrap();
+        ca.write_layout(lab.tls_dir(src), &server, &client).unwrap();
+    }
     for a in [lab.src_agent(), lab.dst_agent()] {
         let r = dwcp_core::agent::control_request(&a.control(), &json!({"op": "reload_tls"}));
         assert!(r.is_ok(), "reload_tls: {r:?}");
@@ -108,7 +114,7 @@ fn attack_from_another_peer_is_refused_then_honest_migration_succeeds() {
     let pair = boot_pair(&lab, &spec, &mig).unwrap();
 
     // Mallory: same CA, her own identity, her own agent on the source host.
-    let mdir = lab.tls_dir.with_file_name("mallory-pki");
+    let mdir = lab.dir.join("mallory-pki");
     let mallory = ca
         .issue(&LeafSpec::new(
             "mallory",
@@ -117,9 +123,9 @@ fn attack_from_another_peer_is_refused_then_honest_migration_succeeds() {
         ))
         .unwrap();
     pki_with_client(&ca, &mdir, &mallory);
-    let mrun = lab.tls_dir.with_file_name("mallory-run");
+    let mrun = lab.dir.join("mallory-run");
     std::fs::create_dir_all(&mrun).unwrap();
-    let mlog = lab.tls_dir.with_file_name("mallory-agent.log");
+    let mlog = lab.dir.join("mallory-agent.log");
     let logf = std::fs::File::create(&mlog).unwrap();
     let mut agent = lab
         .topo
@@ -288,6 +294,81 @@ fn gated_migration_from_a_member_that_is_not_the_intended_source_is_refused() {
     }
 }
 
+/// Raft per-member identity with the lab's per-host certificates: the
+/// source host's certificate (naming only the source's IP) cannot speak for
+/// member 2, the destination host's agent, nor the destination's for
+/// member 1. Each impostor connects from its own host's namespace to node 3
+/// (a member on the source host that knows both), passes the TLS handshake
+/// with its host's real client certificate and sends a vote request
+/// claiming to be the other host's member: node 3 refuses the connection,
+/// logging the member and the host the certificate does not name, counts
+/// it, and raft never sees the vote (node 3's term does not jump); every
+/// member still knows a leader.
+#[test]
+fn a_hosts_certificate_cannot_speak_for_the_other_hosts_raft_member() {
+    use dwcp_consensus::net::encode_frame;
+    use dwcp_core::tls::{client_handshake, CredentialStore};
+    use dwcp_lab::cluster::{status, ClusterLab, CLUSTER_ID};
+    use raft::prelude::{Message, MessageType};
+    let c = ClusterLab::new("imperson", false);
+    let lab = &c.lab;
+    let node3 = c.control(3);
+    let target: SocketAddr = format!("{}:7103", c.third_ip).parse().unwrap();
+    let log3 = c.third.as_ref().unwrap().log.clone();
+    for (from_src, as_member) in [(true, 2u64), (false, 1u64)] {
+        let (ns, dir, claimed_host) = if from_src {
+            (lab.src_ns(), lab.src_tls_dir.clone(), lab.topo.dst_ip)
+        } else {
+            (lab.dst_ns(), lab.dst_tls_dir.clone(), lab.topo.src_ip)
+        };
+        let before = status(&node3);
+        let term = before["term"].as_u64().unwrap();
+        let refused = before["refused_connections"].as_u64().unwrap();
+        let mut vote = Message::default();
+        vote.set_msg_type(MessageType::MsgRequestVote);
+        vote.to = 3;
+        vote.from = as_member;
+        vote.term = term + 1000;
+        vote.log_term = 1000;
+        vote.index = 1000;
+        let mut frame = Vec::new();
+        encode_frame(CLUSTER_ID.parse().unwrap(), &vote, &mut frame);
+        lab.topo
+            .in_ns(ns, move || {
+                let store = CredentialStore::load(&dir).unwrap();
+                let tcp = TcpStream::connect_timeout(&target, Duration::from_secs(5)).unwrap();
+                tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                let link = client_handshake(tcp, store.client_config(), &target.ip().to_string())
+                    .expect("the impostor's own certificate passes the TLS handshake");
+                let (mut r, mut w) = link.split();
+                let _ = w.write_all(&frame);
+                // Node 3 closes the connection.
+                let _ = r.read_to_end(&mut Vec::new());
+            })
+            .unwrap();
+        let why = format!("does not name member {as_member}'s host {claimed_host}");
+        let hits = wait_log(&log3, &why);
+        assert!(
+            hits.iter()
+                .any(|l| l.contains("refused raft peer connection")),
+            "node 3 must refuse the host's certificate as member {as_member}:\n{}",
+            c.logs()
+        );
+        let after = status(&node3);
+        assert!(
+            after["refused_connections"].as_u64().unwrap() > refused,
+            "{after}"
+        );
+        assert!(
+            after["term"].as_u64().unwrap() < term + 1000,
+            "the impersonated vote reached raft: {after}"
+        );
+    }
+    for id in 1..=3 {
+        c.wait_leader(&c.control(id), Duration::from_secs(10));
+    }
+}
+
 /// Refusals at the TLS layer and the authorization, each from the source
 /// host; after every one the agent still accepts an honest session.
 #[test]
@@ -305,7 +386,7 @@ fn handshake_refusals_then_honest_session_and_sighup_keeps_old_creds() {
     let delivered = |l: &UnixListener| l.accept().is_ok();
     lab.expect("probe", Some("honest")).unwrap();
     let honest = || {
-        let r = connect_from_src(&lab, tls_cfg(&lab.tls_dir), "probe");
+        let r = connect_from_src(&lab, tls_cfg(&lab.src_tls_dir), "probe");
         assert_eq!(
             r,
             "ok",
@@ -317,7 +398,7 @@ fn handshake_refusals_then_honest_session_and_sighup_keeps_old_creds() {
     honest();
 
     // 1. A clear-text client on the TLS port.
-    let mut insecure = tls_cfg(&lab.tls_dir);
+    let mut insecure = tls_cfg(&lab.src_tls_dir);
     insecure.tls.insecure = true;
     let e = connect_from_src(&lab, insecure, "probe");
     assert!(e.contains("TLS"), "{e}");
@@ -339,18 +420,18 @@ fn handshake_refusals_then_honest_session_and_sighup_keeps_old_creds() {
     honest();
 
     // 3. A certificate from another CA.
-    let other = lab.tls_dir.with_file_name("other-ca");
-    let (s, d) = (lab.topo.src_ip.to_string(), lab.topo.dst_ip.to_string());
-    dwcp_core::tls::testca::write_test_pki(&other, &[&s, &d]).unwrap();
+    let other = lab.dir.join("other-ca");
+    let s = lab.topo.src_ip.to_string();
+    dwcp_core::tls::testca::write_test_pki(&other, &[&s]).unwrap();
     let e = connect_from_src(&lab, tls_cfg(&other), "probe");
     assert!(e.contains("unknown CA") || e.contains("CA"), "{e}");
     assert!(!delivered(&listener));
     honest();
 
     // 4. An expired client certificate from the right CA.
-    let expired_dir = lab.tls_dir.with_file_name("expired");
-    let hosts = [s.as_str(), d.as_str()];
-    let mut spec = LeafSpec::new("honest", &hosts, Usage::Client);
+    let expired_dir = lab.dir.join("expired");
+    let src_host = [s.as_str()];
+    let mut spec = LeafSpec::new("honest", &src_host, Usage::Client);
     spec.valid_from_secs = -30 * 86_400;
     spec.valid_until_secs = -2 * 86_400;
     let expired = ca.issue(&spec).unwrap();
@@ -362,7 +443,7 @@ fn handshake_refusals_then_honest_session_and_sighup_keeps_old_creds() {
     honest();
 
     // 5. The wrong name for the destination (--tls-hostname).
-    let mut wrong = tls_cfg(&lab.tls_dir);
+    let mut wrong = tls_cfg(&lab.src_tls_dir);
     wrong.tls.hostname = Some("not-the-destination.example".into());
     let e = connect_from_src(&lab, wrong, "probe");
     assert!(e.contains("name mismatch"), "{e}");
@@ -370,21 +451,16 @@ fn handshake_refusals_then_honest_session_and_sighup_keeps_old_creds() {
     honest();
 
     // 6. A name the destination was not told to expect.
-    let e = connect_from_src(&lab, tls_cfg(&lab.tls_dir), "nobody");
+    let e = connect_from_src(&lab, tls_cfg(&lab.src_tls_dir), "nobody");
     assert!(e.contains("not told to expect"), "{e}");
     assert!(!wait_log(&dlog, "\"nobody\" was not expected").is_empty());
     honest();
 
-    // 7. SIGHUP with a broken certificate: the old credentials stay. (The
-    // source side here reads its own copy of the good files.)
-    let src_copy = lab.tls_dir.with_file_name("src-pki");
-    std::fs::create_dir_all(&src_copy).unwrap();
-    for f in std::fs::read_dir(&lab.tls_dir).unwrap() {
-        let f = f.unwrap();
-        std::fs::copy(f.path(), src_copy.join(f.file_name())).unwrap();
-    }
-    let good = std::fs::read_to_string(lab.tls_dir.join("server-cert.pem")).unwrap();
-    write_file(&lab.tls_dir.join("server-cert.pem"), "garbage\n", 0o644).unwrap();
+    // 7. SIGHUP with a broken certificate on the destination host: the old
+    // credentials stay. (The source side reads its own host's files.)
+    let dst_cert = lab.dst_tls_dir.join("server-cert.pem");
+    let good = std::fs::read_to_string(&dst_cert).unwrap();
+    write_file(&dst_cert, "garbage\n", 0o644).unwrap();
     let pid = lab.dst_agent.as_ref().unwrap().child.id();
     let st = Command::new("kill")
         .args(["-HUP", &pid.to_string()])
@@ -397,14 +473,14 @@ fn handshake_refusals_then_honest_session_and_sighup_keeps_old_creds() {
         "the log must name the file:\n{}",
         lab.dst_agent().log_text()
     );
-    let r = connect_from_src(&lab, tls_cfg(&src_copy), "probe");
+    let r = connect_from_src(&lab, tls_cfg(&lab.src_tls_dir), "probe");
     assert_eq!(
         r,
         "ok",
         "after a failed reload:\n{}",
         lab.dst_agent().log_text()
     );
-    write_file(&lab.tls_dir.join("server-cert.pem"), &good, 0o644).unwrap();
+    write_file(&dst_cert, &good, 0o644).unwrap();
     drop(listener);
     let _ = std::fs::remove_file(incoming);
 }

@@ -495,10 +495,14 @@ fn run_inner(
     let src_ctl = src_agent.control();
     let (pair, uri, setup, dwcp_name) = match kind {
         Kind::Native(setup) | Kind::QemuDwcp(setup, _) => {
-            let mut setup = setup.clone();
-            if setup.tls_dir.is_some() {
-                setup.tls_dir = Some(lab.tls_dir.clone());
-            }
+            // Each QEMU with its own host's credentials, as on real hosts.
+            let setup_of = |source: bool| {
+                let mut s = setup.clone();
+                if s.tls_dir.is_some() {
+                    s.tls_dir = Some(lab.tls_dir(source).to_path_buf());
+                }
+                s
+            };
             let libdwcp = matches!(kind, Kind::QemuDwcp(..));
             let mut src = Guest::start(lab, lab.src_ns(), "src", spec, false)?;
             let dst = Guest::start(lab, lab.dst_ns(), "dst", spec, true)?;
@@ -512,16 +516,21 @@ fn run_inner(
             if let Kind::QemuDwcp(_, Some(params)) = kind {
                 uri = format!("{uri}?{params}");
             }
-            if libdwcp && !uri.contains("insecure=1") {
-                // TLS, as by default, with the lab's throwaway PKI.
-                let sep = if uri.contains('?') { '&' } else { '?' };
-                uri = format!("{uri}{sep}tls-dir={}", lab.tls_dir.display());
-            }
+            // libdwcp: TLS, as by default, with the host's throwaway PKI.
+            let tls = libdwcp && !uri.contains("insecure=1");
+            let uri_of = |source: bool| {
+                if tls {
+                    let sep = if uri.contains('?') { '&' } else { '?' };
+                    format!("{uri}{sep}tls-dir={}", lab.tls_dir(source).display())
+                } else {
+                    uri.clone()
+                }
+            };
             let mut dq = dst.qmp()?;
-            setup
+            setup_of(false)
                 .apply(&mut dq, true)
                 .context("destination capabilities")?;
-            dq.execute("migrate-incoming", Some(json!({ "uri": uri })))?;
+            dq.execute("migrate-incoming", Some(json!({ "uri": uri_of(false) })))?;
             drop(dq);
             std::thread::sleep(Duration::from_millis(200));
             let pair = GuestPair {
@@ -529,7 +538,7 @@ fn run_inner(
                 dst,
                 ready_seq,
             };
-            (pair, uri, setup, None)
+            (pair, uri_of(true), setup_of(true), None)
         }
         Kind::Dwcp {
             codec,

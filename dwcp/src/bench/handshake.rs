@@ -110,7 +110,7 @@ pub fn run(a: &HandshakeArgs, p: &Progress) -> Result<HandshakeResult> {
             };
             cfg.tls = if row.tls {
                 TlsSettings {
-                    dir: lab.tls_dir.clone(),
+                    dir: lab.src_tls_dir.clone(),
                     ..Default::default()
                 }
             } else {
