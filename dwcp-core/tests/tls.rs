@@ -279,6 +279,42 @@ fn expired_certificate_is_refused() {
 }
 
 #[test]
+fn revoked_certificate_in_ca_crl_is_refused_both_directions() {
+    let ca = TestCa::new("CA").unwrap();
+    let (server, client) = (leaf(&ca, "s", Usage::Server), leaf(&ca, "c", Usage::Client));
+    let other = leaf(&ca, "other", Usage::Client);
+    let d = TempDir::new("crl");
+    ca.write_layout(d.path(), &server, &client).unwrap();
+    let crl = d.path().join("ca-crl.pem");
+
+    // A list that names another certificate changes nothing.
+    std::fs::write(&crl, ca.crl_pem(&[&other]).unwrap()).unwrap();
+    let creds = TlsCredentials::load(d.path()).unwrap();
+    let (s, c) = pair(creds.server_config(), creds.client_config(), "localhost");
+    assert!(s.is_ok() && c.is_ok(), "unrevoked pair refused");
+
+    // The client's certificate revoked: the server refuses it.
+    std::fs::write(&crl, ca.crl_pem(&[&client]).unwrap()).unwrap();
+    let creds = TlsCredentials::load(d.path()).unwrap();
+    let (s, _c) = pair(creds.server_config(), creds.client_config(), "localhost");
+    let se = s.unwrap_err().to_string();
+    assert!(se.contains("revoked"), "{se}");
+
+    // The server's certificate revoked: the client refuses it.
+    std::fs::write(&crl, ca.crl_pem(&[&server]).unwrap()).unwrap();
+    let creds = TlsCredentials::load(d.path()).unwrap();
+    let (_s, c) = pair(creds.server_config(), creds.client_config(), "localhost");
+    let ce = c.unwrap_err().to_string();
+    assert!(ce.contains("revoked"), "{ce}");
+
+    // A ca-crl.pem that is not a list is an error naming the file, not
+    // silently no revocation at all.
+    std::fs::write(&crl, ca.cert_pem()).unwrap();
+    let e = TlsCredentials::load(d.path()).unwrap_err().to_string();
+    assert!(e.contains("ca-crl.pem") && e.contains("no X509 CRL"), "{e}");
+}
+
+#[test]
 fn wrong_server_name_is_refused() {
     let (_d, creds) = pki("name");
     let (s, c) = pair(

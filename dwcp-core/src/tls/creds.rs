@@ -9,6 +9,12 @@
 //! | `ca-cert.pem` | trust anchor(s) for both directions |
 //! | `server-cert.pem`, `server-key.pem` | presented when accepting |
 //! | `client-cert.pem`, `client-key.pem` | presented when connecting |
+//! | `ca-crl.pem` (optional) | revoked certificates, refused both ways |
+//!
+//! As with QEMU's `tls-creds-x509`, `ca-crl.pem` is optional; when present,
+//! a peer whose certificate (or any CA of its chain) it lists is refused in
+//! either direction. Certificates of a CA that the file has no list for are
+//! accepted (their revocation status is unknown, as GnuTLS treats them).
 //!
 //! Both configurations are TLS 1.3 only, use the ring provider, require
 //! and verify the peer's certificate, and neither resumes sessions (every
@@ -21,12 +27,13 @@ use std::sync::Arc;
 
 use parking_lot::RwLock;
 use rustls::client::Resumption;
+use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
 use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
 use rustls::sign::{CertifiedKey, SingleCertAndKey};
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::pem::{self, PemObject};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 
 use super::{describe, PeerIdentity, TlsError};
 
@@ -43,6 +50,8 @@ pub struct TlsPaths {
     pub server_key: PathBuf,
     pub client_cert: PathBuf,
     pub client_key: PathBuf,
+    /// Optional: certificate revocation list(s) of the CA.
+    pub ca_crl: PathBuf,
 }
 
 impl TlsPaths {
@@ -55,6 +64,7 @@ impl TlsPaths {
             server_key: dir.join("server-key.pem"),
             client_cert: dir.join("client-cert.pem"),
             client_key: dir.join("client-key.pem"),
+            ca_crl: dir.join("ca-crl.pem"),
             dir,
         }
     }
@@ -104,12 +114,34 @@ impl TlsCredentials {
             dir: paths.dir.clone(),
             source,
         };
-        let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
-            .build()
-            .map_err(|e| TlsError::LoadCa {
-                path: paths.ca_cert.clone(),
-                reason: format!("cannot verify clients with it: {e}"),
-            })?;
+        let crls = load_crls(&paths.ca_crl)?;
+        let crl_err = |e: rustls::server::VerifierBuilderError, what: &str| {
+            if crls.is_empty() {
+                TlsError::LoadCa {
+                    path: paths.ca_cert.clone(),
+                    reason: format!("cannot verify {what} with it: {e}"),
+                }
+            } else {
+                TlsError::LoadCrl {
+                    path: paths.ca_crl.clone(),
+                    reason: format!("cannot verify {what} with it: {e}"),
+                }
+            }
+        };
+        let mut client_verifier =
+            WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone());
+        let mut server_verifier =
+            WebPkiServerVerifier::builder_with_provider(roots.clone(), provider.clone());
+        if !crls.is_empty() {
+            client_verifier = client_verifier
+                .with_crls(crls.clone())
+                .allow_unknown_revocation_status();
+            server_verifier = server_verifier
+                .with_crls(crls.clone())
+                .allow_unknown_revocation_status();
+        }
+        let verifier = client_verifier.build().map_err(|e| crl_err(e, "clients"))?;
+        let server_verifier = server_verifier.build().map_err(|e| crl_err(e, "servers"))?;
         let mut server = ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(config_err)?
@@ -122,7 +154,7 @@ impl TlsCredentials {
         let mut client = ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(config_err)?
-            .with_root_certificates(roots)
+            .with_webpki_verifier(server_verifier)
             .with_client_cert_resolver(Arc::new(SingleCertAndKey::from(client_ck)));
         client.resumption = Resumption::disabled();
 
@@ -273,6 +305,32 @@ fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
         })?;
     }
     Ok(roots)
+}
+
+/// `ca-crl.pem`: none when the file does not exist (it is optional, as for
+/// QEMU); an error naming the file when it exists but holds no usable list.
+fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+    let err = |reason: String| TlsError::LoadCrl {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let bytes = match fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            return Err(err("not readable: permission denied".into()))
+        }
+        Err(e) => return Err(err(format!("not readable: {e}"))),
+    };
+    let crls = CertificateRevocationListDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| err(pem_reason(&e)))?;
+    if crls.is_empty() {
+        return Err(err(
+            "no X509 CRL block in it (delete the file if there is no revocation list)".into(),
+        ));
+    }
+    Ok(crls)
 }
 
 fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {

@@ -43,6 +43,9 @@ pub enum TlsError {
     /// `ca-cert.pem` is missing, unreadable or holds no usable CA.
     #[error("TLS CA certificate {}: {reason}", path.display())]
     LoadCa { path: PathBuf, reason: String },
+    /// `ca-crl.pem` exists but is unreadable or holds no usable list.
+    #[error("TLS certificate revocation list {}: {reason}", path.display())]
+    LoadCrl { path: PathBuf, reason: String },
     /// A certificate file (`server-cert.pem`, `client-cert.pem`).
     #[error("TLS certificate {}: {reason}", path.display())]
     LoadCert { path: PathBuf, reason: String },

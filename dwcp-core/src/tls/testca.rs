@@ -9,8 +9,9 @@ use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, CertifiedIssuer,
+    DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyIdMethod, KeyPair,
+    KeyUsagePurpose, RevocationReason, RevokedCertParams, SerialNumber,
 };
 
 use super::TlsPaths;
@@ -66,6 +67,8 @@ impl<'a> LeafSpec<'a> {
 pub struct Issued {
     pub cert_pem: String,
     pub key_pem: String,
+    /// The certificate's serial number (big-endian), for a revocation list.
+    pub serial: Vec<u8>,
 }
 
 /// A throwaway certificate authority.
@@ -111,6 +114,12 @@ impl TestCa {
             Usage::Client => ExtendedKeyUsagePurpose::ClientAuth,
         }];
         params.use_authority_key_identifier_extension = true;
+        // A random positive 127-bit serial (RFC 5280: at most 20 octets), kept
+        // so that a test can revoke this certificate.
+        let mut serial: [u8; 16] = rand::random();
+        serial[0] &= 0x7f;
+        serial[0] |= 0x01;
+        params.serial_number = Some(SerialNumber::from_slice(&serial));
         params.not_before = at!(spec.valid_from_secs);
         params.not_after = at!(spec.valid_until_secs);
         let key = KeyPair::generate()?;
@@ -118,7 +127,30 @@ impl TestCa {
         Ok(Issued {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
+            serial: serial.to_vec(),
         })
+    }
+
+    /// A revocation list of this CA (`ca-crl.pem`, PEM) naming `revoked`,
+    /// valid from yesterday for a week.
+    pub fn crl_pem(&self, revoked: &[&Issued]) -> Result<String, rcgen::Error> {
+        let params = CertificateRevocationListParams {
+            this_update: at!(-86_400),
+            next_update: at!(7 * 86_400),
+            crl_number: SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|c| RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(&c.serial),
+                    revocation_time: at!(-3_600),
+                    reason_code: Some(RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        params.signed_by(&self.issuer)?.pem()
     }
 
     /// Write libvirt's layout under `dir`: this CA, a server and a client
