@@ -26,7 +26,7 @@ mod testnet;
 
 pub use cluster::{Cluster, ClusterConfig, ClusterError, ClusterStatus, PeerAddr};
 pub use node::{NodeConfig, NodeStatus, ProposeError};
-pub use reply::Answer;
 pub use registry::{
     Applied, Command, GuestRecord, HostId, Migration, MigrationState, RegistryError,
 };
+pub use reply::Answer;

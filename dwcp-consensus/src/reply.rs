@@ -102,7 +102,10 @@ mod tests {
         assert_eq!(rx.wait(Duration::from_secs(1)), Err(ProposeError::Stopped));
 
         let (_tx, rx) = reply();
-        assert_eq!(rx.wait(Duration::from_millis(5)), Err(ProposeError::Timeout));
+        assert_eq!(
+            rx.wait(Duration::from_millis(5)),
+            Err(ProposeError::Timeout)
+        );
     }
 
     #[test]

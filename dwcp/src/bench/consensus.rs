@@ -69,7 +69,14 @@ fn bench_in(
 ) -> Result<BenchResult, ClusterError> {
     let (peers, listeners) = loopback_peers(nodes)?;
     let listeners = Mutex::new(listeners);
-    bench_placed(base, peers, ops, batch, "loopback", &loopback_start(listeners))
+    bench_placed(
+        base,
+        peers,
+        ops,
+        batch,
+        "loopback",
+        &loopback_start(listeners),
+    )
 }
 
 /// Loopback peers on listeners bound to port 0, one per member.
@@ -191,7 +198,11 @@ pub fn bench_placed(
 }
 
 /// One config per member, logs under `base/n<id>`.
-fn member_configs(base: &std::path::Path, peers: &[PeerAddr], snapshot_interval: u64) -> Vec<ClusterConfig> {
+fn member_configs(
+    base: &std::path::Path,
+    peers: &[PeerAddr],
+    snapshot_interval: u64,
+) -> Vec<ClusterConfig> {
     let cluster_id = rand::random::<u64>();
     peers
         .iter()
@@ -374,7 +385,10 @@ fn wait_applied(m: &Cluster, index: u64, what: &str) -> Result<f64, ClusterError
     let t = Instant::now();
     while m.node().status().applied_index < index {
         if t.elapsed() > Duration::from_secs(300) {
-            return Err(fail(&format!("{what}: member {} never applied index {index}", m.id())));
+            return Err(fail(&format!(
+                "{what}: member {} never applied index {index}",
+                m.id()
+            )));
         }
         std::thread::sleep(Duration::from_millis(1));
     }
@@ -444,7 +458,10 @@ pub fn fleet_placed(
         }
     });
     if pop_failed > 0 {
-        return Err(fail(&format!("{pop_failed} of {} registrations failed", spec.guests)));
+        return Err(fail(&format!(
+            "{pop_failed} of {} registrations failed",
+            spec.guests
+        )));
     }
 
     // 2. Snapshot every member (the leader's cost is the figure).
@@ -499,7 +516,8 @@ pub fn fleet_placed(
     let (lat, failed, secs) = drive(spec.concurrent, spec.migrations, &|k, lat| {
         migrate(leader, k, lat)
     });
-    let snapshots_during_migrations = u64::from(leader.node().status().snapshot_index > snaps_before);
+    let snapshots_during_migrations =
+        u64::from(leader.node().status().snapshot_index > snaps_before);
     let ops = spec.migrations * 2 - failed;
 
     // 5. The last member misses half as many migrations again, the leader's
@@ -533,9 +551,7 @@ pub fn fleet_placed(
     for &i in &live(&members)[1..] {
         let m = get(&members, i)?;
         wait_applied(m, commit, "final check")?;
-        consistent &= m
-            .node()
-            .with_registry(|r| r.guests().eq(reference.iter()));
+        consistent &= m.node().with_registry(|r| r.guests().eq(reference.iter()));
     }
     Ok(FleetResult {
         link: link.to_string(),
@@ -573,7 +589,13 @@ pub fn bench_fleet(nodes: usize, spec: FleetSpec) -> Result<FleetResult, Cluster
         rand::random::<u32>()
     ));
     let result = loopback_peers(nodes).and_then(|(peers, listeners)| {
-        fleet_placed(&base, peers, spec, "loopback", &loopback_start(Mutex::new(listeners)))
+        fleet_placed(
+            &base,
+            peers,
+            spec,
+            "loopback",
+            &loopback_start(Mutex::new(listeners)),
+        )
     });
     let _ = std::fs::remove_dir_all(&base);
     result
