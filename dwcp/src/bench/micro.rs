@@ -505,15 +505,14 @@ type StartMember<'a> = &'a dyn Fn(
     dwcp_consensus::ClusterConfig,
 ) -> Result<dwcp_consensus::Cluster, dwcp_consensus::ClusterError>;
 
-fn over_link<R>(
-    link: &str,
-    n: usize,
-    run: &dyn Fn(
-        &std::path::Path,
-        Vec<dwcp_consensus::PeerAddr>,
-        StartMember<'_>,
-    ) -> Result<R, dwcp_consensus::ClusterError>,
-) -> Result<R> {
+/// A benchmark run on placed members: data dir base, their addresses, how to start one.
+type PlacedRun<'a, R> = &'a dyn Fn(
+    &std::path::Path,
+    Vec<dwcp_consensus::PeerAddr>,
+    StartMember<'_>,
+) -> Result<R, dwcp_consensus::ClusterError>;
+
+fn over_link<R>(link: &str, n: usize, run: PlacedRun<'_, R>) -> Result<R> {
     let prof: dwcp_lab::Profile = link.parse().map_err(|e| anyhow!("--link {link:?}: {e}"))?;
     let prefix = format!("dwcons{}", std::process::id() % 100000);
     let subnet = 100 + (std::process::id() % 150) as u8;
