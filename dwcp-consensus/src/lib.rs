@@ -6,6 +6,7 @@
 //! * [`node`] — the raft node thread: ticks, `Ready` handling, proposals, membership.
 //! * [`net`] — peer transport over TCP with framed, checksummed, cluster-bound messages.
 //! * [`registry`] — the replicated state machine: guest → owner + epoch, migrations.
+//! * [`reply`] — the answer to one proposal, awaited by its caller.
 //! * [`cluster`] — the handle an agent embeds: [`Cluster::start`], the registry API,
 //!   status. (Commit benchmarks are `dwcp benchmark consensus`, in the `dwcp` crate.)
 
@@ -17,6 +18,7 @@ pub mod cluster;
 pub mod net;
 pub mod node;
 pub mod registry;
+pub mod reply;
 pub mod storage;
 
 #[cfg(test)]
@@ -27,3 +29,4 @@ pub use node::{NodeConfig, NodeStatus, ProposeError};
 pub use registry::{
     Applied, Command, GuestRecord, HostId, Migration, MigrationState, RegistryError,
 };
+pub use reply::Answer;

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
 use parking_lot::RwLock;
 use prost::Message as _;
 use raft::prelude::{
@@ -26,6 +26,7 @@ use raft::{RawNode, StateRole};
 use serde::{Deserialize, Serialize};
 
 use crate::registry::{Applied, Command, HostId, Registry, RegistryError};
+use crate::reply::{reply, Answer, Reply};
 use crate::storage::{DiskStorage, StorageError};
 
 /// Sends raft messages to peers. Delivery is best effort: raft retries.
@@ -152,6 +153,13 @@ pub struct NodeStatus {
     pub snapshot_index: u64,
     /// Last log index held.
     pub last_index: u64,
+    /// Size of the latest snapshot this node took (the registry serialized), bytes.
+    #[serde(default)]
+    pub snapshot_bytes: u64,
+    /// How long taking it stalled the node thread (serialize, write and fsync, compact
+    /// the log), microseconds.
+    #[serde(default)]
+    pub snapshot_micros: u64,
     /// Set when the node thread stopped on an error (storage failure).
     pub failure: Option<String>,
 }
@@ -174,14 +182,13 @@ struct ConfContext {
     addr: Option<String>,
 }
 
-type Reply = Sender<Result<Applied, ProposeError>>;
-
 enum Input {
     Raft(Box<Message>),
     Propose(Command, Reply),
     Conf(ConfChange, Option<String>, Reply),
     Campaign,
     TransferLeader(u64),
+    Compact,
     Stop,
 }
 
@@ -289,6 +296,7 @@ impl Node {
             batch: Vec::new(),
             snapshot_index: applied,
             force_snapshot: false,
+            snapshot_cost: (0, 0),
         };
         let rx = inbox.rx;
         let thread = std::thread::Builder::new()
@@ -322,25 +330,17 @@ impl Node {
         self.wait(self.propose_async(cmd))
     }
 
-    /// Proposes without waiting; the receiver yields the outcome.
-    pub fn propose_async(&self, cmd: Command) -> Receiver<Result<Applied, ProposeError>> {
-        let (tx, rx) = bounded(1);
-        if self.tx.send(Input::Propose(cmd, tx.clone())).is_err() {
-            let _ = tx.send(Err(ProposeError::Stopped));
-        }
+    /// Proposes without waiting; the [`Answer`] yields the outcome. (A node thread
+    /// that has stopped drops the reply unanswered: the answer is `Stopped`.)
+    pub fn propose_async(&self, cmd: Command) -> Answer {
+        let (tx, rx) = reply();
+        let _ = self.tx.send(Input::Propose(cmd, tx));
         rx
     }
 
     /// Waits for an outcome from [`Node::propose_async`] up to the proposal timeout.
-    pub fn wait(
-        &self,
-        rx: Receiver<Result<Applied, ProposeError>>,
-    ) -> Result<Applied, ProposeError> {
-        match rx.recv_timeout(self.timeout) {
-            Ok(r) => r,
-            Err(RecvTimeoutError::Timeout) => Err(ProposeError::Timeout),
-            Err(RecvTimeoutError::Disconnected) => Err(ProposeError::Stopped),
-        }
+    pub fn wait(&self, rx: Answer) -> Result<Applied, ProposeError> {
+        rx.wait(self.timeout)
     }
 
     /// Adds a voter reachable at `addr` (must be proposed on the leader).
@@ -360,7 +360,7 @@ impl Node {
     }
 
     fn conf_change(&self, cc: ConfChange, addr: Option<String>) -> Result<(), ProposeError> {
-        let (tx, rx) = bounded(1);
+        let (tx, rx) = reply();
         self.tx
             .send(Input::Conf(cc, addr, tx))
             .map_err(|_| ProposeError::Stopped)?;
@@ -376,6 +376,13 @@ impl Node {
     /// leader transfer; planned moves and benchmarks).
     pub fn transfer_leader(&self, to: u64) {
         let _ = self.tx.send(Input::TransferLeader(to));
+    }
+
+    /// Takes a snapshot at the applied index and compacts the log now, instead of
+    /// after the next `snapshot_interval` entries (operators, benchmarks). Returns at
+    /// once; `status().snapshot_index` shows when it is done.
+    pub fn compact(&self) {
+        let _ = self.tx.send(Input::Compact);
     }
 
     /// The node's current view of the group.
@@ -423,6 +430,8 @@ struct Worker<T: Transport> {
     /// because raft-rs refuses a snapshot whose conf state lacks the receiving node, and
     /// a joining node is brought up by one.
     force_snapshot: bool,
+    /// Bytes and microseconds of the latest snapshot taken (for the status).
+    snapshot_cost: (u64, u64),
 }
 
 impl<T: Transport> Worker<T> {
@@ -531,6 +540,7 @@ impl<T: Transport> Worker<T> {
                 }
             }
             Input::TransferLeader(to) => self.raw.transfer_leader(to),
+            Input::Compact => self.force_snapshot = true,
             Input::Stop => return true,
         }
         false
@@ -755,10 +765,16 @@ impl<T: Transport> Worker<T> {
             return Ok(());
         }
         self.force_snapshot = false;
+        if applied <= self.snapshot_index {
+            return Ok(());
+        }
+        let t = Instant::now();
         let data = self.shared.registry.read().to_snapshot();
+        let bytes = data.len() as u64;
         let cs = self.raw.raft.prs().conf().to_conf_state();
         self.storage.create_snapshot(applied, cs, data)?;
         self.snapshot_index = applied;
+        self.snapshot_cost = (bytes, t.elapsed().as_micros() as u64);
         tracing::debug!(
             node = self.cfg.id,
             index = applied,
@@ -793,6 +809,8 @@ impl<T: Transport> Worker<T> {
             applied_index: r.raft_log.applied,
             snapshot_index: self.snapshot_index,
             last_index: r.raft_log.last_index(),
+            snapshot_bytes: self.snapshot_cost.0,
+            snapshot_micros: self.snapshot_cost.1,
             failure,
         };
         *self.shared.status.write() = st;

@@ -377,6 +377,21 @@ pub struct ConsensusArgs {
     /// commit crosses the link once.
     #[arg(long, value_delimiter = ',', default_value = "loopback")]
     pub link: Vec<String>,
+    /// Fleet mode (with --guests): hosts the guests are spread over.
+    #[arg(long, default_value_t = 1000)]
+    pub hosts: u64,
+    /// Fleet mode: register this many guests, snapshot, restart a member from
+    /// its snapshot, run --migrations migrations (intent + commit each)
+    /// --concurrent at a time, then let a stopped member catch up through a
+    /// snapshot. 0 (the default) runs the commit benchmark instead.
+    #[arg(long, default_value_t = 0)]
+    pub guests: usize,
+    /// Fleet mode: migrations in flight at once.
+    #[arg(long, default_value_t = 1000)]
+    pub concurrent: usize,
+    /// Fleet mode: migrations measured (default: 10 x --concurrent).
+    #[arg(long)]
+    pub migrations: Option<usize>,
 }
 
 pub fn consensus(a: &ConsensusArgs) -> Result<Vec<super::consensus::BenchResult>> {
@@ -387,8 +402,10 @@ pub fn consensus(a: &ConsensusArgs) -> Result<Vec<super::consensus::BenchResult>
                 super::consensus::bench_commits(n, a.ops, a.batch)
                     .map_err(|e| anyhow!("{n} nodes: {e}"))?
             } else {
-                consensus_over_link(link, n, a.ops, a.batch)
-                    .with_context(|| format!("{n} nodes over {link}"))?
+                over_link(link, n, &|base, peers, start| {
+                    super::consensus::bench_placed(base, peers, a.ops, a.batch, link, start)
+                })
+                .with_context(|| format!("{n} nodes over {link}"))?
             };
             out.push(r);
         }
@@ -396,16 +413,106 @@ pub fn consensus(a: &ConsensusArgs) -> Result<Vec<super::consensus::BenchResult>
     Ok(out)
 }
 
+/// `dwcp benchmark consensus --guests N`: the registry at fleet size.
+pub fn consensus_fleet(a: &ConsensusArgs) -> Result<Vec<super::consensus::FleetResult>> {
+    let spec = super::consensus::FleetSpec {
+        hosts: a.hosts,
+        guests: a.guests,
+        concurrent: a.concurrent.max(1),
+        migrations: a.migrations.unwrap_or(a.concurrent.max(1) * 10),
+    };
+    if spec.hosts < 2 {
+        bail!("--hosts {}: a migration needs at least 2 hosts", spec.hosts);
+    }
+    if spec.migrations + spec.migrations / 2 > spec.guests {
+        bail!(
+            "--migrations {} needs at least {} guests (1.5 x, one migration per guest), --guests is {}",
+            spec.migrations,
+            spec.migrations + spec.migrations / 2,
+            spec.guests
+        );
+    }
+    if let Some(&n) = a.nodes.iter().find(|&&n| n < 3) {
+        bail!("--nodes {n}: fleet mode needs at least 3 members (one is stopped and restarted)");
+    }
+    let mut out = Vec::new();
+    for link in &a.link {
+        for &n in &a.nodes {
+            eprintln!("fleet: {n} members, {link}");
+            let r = if link == "loopback" {
+                super::consensus::bench_fleet(n, spec).map_err(|e| anyhow!("{n} nodes: {e}"))?
+            } else {
+                over_link(link, n, &|base, peers, start| {
+                    super::consensus::fleet_placed(base, peers, spec, link, start)
+                })
+                .with_context(|| format!("{n} nodes over {link}"))?
+            };
+            out.push(r);
+        }
+    }
+    Ok(out)
+}
+
+pub fn print_fleet(r: &[super::consensus::FleetResult]) {
+    println!(
+        "{:>9} {:>5} {:>7} {:>5} {:>9} {:>8} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>6} {:>9} {:>5}",
+        "link",
+        "nodes",
+        "guests",
+        "conc",
+        "reg/s",
+        "snap MB",
+        "snap ms",
+        "open ms",
+        "restart",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "ops/s",
+        "failed",
+        "catchup",
+        "same"
+    );
+    for b in r {
+        println!(
+            "{:>9} {:>5} {:>7} {:>5} {:>9.0} {:>8.1} {:>9.0} {:>8.0} {:>8.0} {:>8.2} {:>8.2} {:>8.2} {:>9.0} {:>6} {:>7.0}{} {:>5}",
+            b.link,
+            b.nodes,
+            b.guests,
+            b.concurrent,
+            b.populate_ops_per_sec,
+            b.snapshot_bytes as f64 / 1e6,
+            b.snapshot_ms,
+            b.restart_open_ms,
+            b.restart_caught_up_ms,
+            b.p50_ms,
+            b.p99_ms,
+            b.max_ms,
+            b.ops_per_sec,
+            b.failed,
+            b.catchup_ms,
+            if b.catchup_via_snapshot { "s" } else { "l" },
+            if b.consistent { "yes" } else { "NO" }
+        );
+    }
+}
+
 /// Members in the two namespaces of an emulated link: ids 1..=k (k =
 /// (n-1)/2, a minority, node 1 the leader) on the source side, the rest on
 /// the destination side. Each member is started from a thread inside its
 /// namespace, so its sockets (and the threads it spawns) live there.
-fn consensus_over_link(
-    link: &str,
-    n: usize,
-    ops: usize,
-    batch: usize,
-) -> Result<super::consensus::BenchResult> {
+type StartMember<'a> = &'a dyn Fn(
+    dwcp_consensus::ClusterConfig,
+) -> Result<dwcp_consensus::Cluster, dwcp_consensus::ClusterError>;
+
+/// A benchmark run on placed members: data dir base, their addresses, how to start one.
+type PlacedRun<'a, R> = &'a dyn Fn(
+    &std::path::Path,
+    Vec<dwcp_consensus::PeerAddr>,
+    StartMember<'_>,
+) -> Result<R, dwcp_consensus::ClusterError>;
+
+fn over_link<R>(link: &str, n: usize, run: PlacedRun<'_, R>) -> Result<R> {
     let prof: dwcp_lab::Profile = link.parse().map_err(|e| anyhow!("--link {link:?}: {e}"))?;
     let prefix = format!("dwcons{}", std::process::id() % 100000);
     let subnet = 100 + (std::process::id() % 150) as u8;
@@ -427,7 +534,7 @@ fn consensus_over_link(
         .collect();
     let base = std::env::temp_dir().join(format!("{prefix}-raft"));
     let _ = std::fs::remove_dir_all(&base);
-    let r = super::consensus::bench_placed(&base, peers, ops, batch, link, &|cfg| {
+    let r = run(&base, peers, &|cfg| {
         let (ns, _) = side(cfg.node_id);
         linkem::sys::in_netns(&ns, move || {
             let l = std::net::TcpListener::bind(&cfg.listen).map_err(|source| {

@@ -44,7 +44,8 @@ enum BenchCmd {
     Hde(micro::HdeArgs),
     /// Stream scalability through two agents (no QEMU): 1..32 streams.
     Amst(micro::AmstArgs),
-    /// Consensus commit latency and throughput (3 and 5 nodes, loopback).
+    /// Consensus commit latency and throughput (3 and 5 nodes, loopback);
+    /// with --guests, the registry at fleet size.
     Consensus(micro::ConsensusArgs),
     /// What TLS adds to session set-up: time until N streams are ready,
     /// TLS against clear text through two agent pairs on one emulated link.
@@ -160,6 +161,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
             res.amst.push(r);
             m.out.output.clone()
         }
+        BenchCmd::Consensus(c) if c.guests > 0 => {
+            res.consensus_fleet = micro::consensus_fleet(&c)?;
+            micro::print_fleet(&res.consensus_fleet);
+            c.out.output.clone()
+        }
         BenchCmd::Consensus(c) => {
             let r = micro::consensus(&c)?;
             micro::print_consensus(&r);
@@ -228,6 +234,10 @@ fn suite(r: &RunArgs, res: &mut Results) -> Result<()> {
         ops: 500,
         batch: 8,
         link: vec!["loopback".into(), "internet".into()],
+        hosts: 1000,
+        guests: 0,
+        concurrent: 1000,
+        migrations: None,
     };
     // Units: one per migration run / stream count, plus hde and consensus.
     let runs: u64 = compares.iter().map(|c| c.runs() as u64).sum();

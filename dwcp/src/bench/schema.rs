@@ -23,6 +23,8 @@ pub struct Results {
     pub hde: Option<HdeResult>,
     pub amst: Vec<AmstSuite>,
     pub consensus: Vec<super::consensus::BenchResult>,
+    /// `dwcp benchmark consensus --guests N`: the registry at fleet size.
+    pub consensus_fleet: Vec<super::consensus::FleetResult>,
     /// One entry per `converge` suite (profile): the highest dirty rate at
     /// which each contender still converges.
     pub converge: Vec<ConvergeSuite>,
@@ -390,6 +392,7 @@ impl Results {
             hde: None,
             amst: Vec::new(),
             consensus: Vec::new(),
+            consensus_fleet: Vec::new(),
             converge: Vec::new(),
             errors: Vec::new(),
         }

@@ -1,0 +1,124 @@
+//! The answer to one proposal: filled once by the node thread, awaited by its caller.
+//!
+//! Not a channel: a crossbeam receive spins and yields before it sleeps, and with a
+//! thousand callers waiting at once (a fleet's concurrent migrations, one gate each) on a
+//! 2-core host that spinning took more CPU than raft itself (`dwcp benchmark consensus
+//! --guests`, docs/scale.md). And not a mutex either: the node thread must never wait
+//! for a caller that holds a lock and is not scheduled. The answer is set once
+//! ([`OnceLock`]) and the waiting thread is unparked; a waiter sleeps at once.
+
+use std::sync::atomic::{fence, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::thread::Thread;
+use std::time::{Duration, Instant};
+
+use crate::node::ProposeError;
+use crate::registry::Applied;
+
+type Outcome = Result<Applied, ProposeError>;
+
+#[derive(Default)]
+struct Slot {
+    value: OnceLock<Outcome>,
+    waiter: OnceLock<Thread>,
+}
+
+/// A reply slot and the caller's [`Answer`] to it.
+pub(crate) fn reply() -> (Reply, Answer) {
+    let slot = Arc::new(Slot::default());
+    (Reply { slot: slot.clone() }, Answer { slot })
+}
+
+/// The node thread's end: the first [`Reply::send`] is the answer. Dropped unanswered
+/// (the node stopped), the caller gets [`ProposeError::Stopped`].
+pub(crate) struct Reply {
+    slot: Arc<Slot>,
+}
+
+impl Reply {
+    /// Answers the caller; later answers are ignored (Err then, as a closed channel's).
+    pub(crate) fn send(&self, r: Outcome) -> Result<(), Outcome> {
+        self.slot.value.set(r)?;
+        // Pairs with the fence in `Answer::wait`: either it sees the value, or we see
+        // its thread.
+        fence(Ordering::SeqCst);
+        if let Some(t) = self.slot.waiter.get() {
+            t.unpark();
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Reply {
+    fn drop(&mut self) {
+        let _ = self.send(Err(ProposeError::Stopped));
+    }
+}
+
+/// The caller's end of a proposal ([`crate::node::Node::propose_async`]).
+pub struct Answer {
+    slot: Arc<Slot>,
+}
+
+impl std::fmt::Debug for Answer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Answer")
+    }
+}
+
+impl Answer {
+    /// Waits up to `timeout` for the outcome ([`ProposeError::Timeout`] after it).
+    pub fn wait(self, timeout: Duration) -> Result<Applied, ProposeError> {
+        let deadline = Instant::now() + timeout;
+        let _ = self.slot.waiter.set(std::thread::current());
+        fence(Ordering::SeqCst);
+        loop {
+            if let Some(r) = self.slot.value.get() {
+                return r.clone();
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(ProposeError::Timeout);
+            }
+            std::thread::park_timeout(deadline - now);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_answer_wins_and_drop_means_stopped() {
+        let (tx, rx) = reply();
+        assert!(tx.send(Ok(Applied::Registered)).is_ok());
+        assert!(tx.send(Err(ProposeError::Timeout)).is_err());
+        drop(tx);
+        assert_eq!(rx.wait(Duration::from_secs(1)), Ok(Applied::Registered));
+
+        let (tx, rx) = reply();
+        drop(tx);
+        assert_eq!(rx.wait(Duration::from_secs(1)), Err(ProposeError::Stopped));
+
+        let (_tx, rx) = reply();
+        assert_eq!(
+            rx.wait(Duration::from_millis(5)),
+            Err(ProposeError::Timeout)
+        );
+    }
+
+    #[test]
+    fn answer_from_another_thread_wakes_the_waiter() {
+        let (tx, rx) = reply();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            let _ = tx.send(Ok(Applied::MigrationCommitted));
+        });
+        assert_eq!(
+            rx.wait(Duration::from_secs(5)),
+            Ok(Applied::MigrationCommitted)
+        );
+        t.join().unwrap();
+    }
+}
