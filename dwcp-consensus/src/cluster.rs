@@ -456,6 +456,42 @@ impl Cluster {
         }
     }
 
+    /// Moves leadership to voter `to` (planned maintenance: take it off a host
+    /// before draining it). Only the leader can hand it over; waits until this
+    /// node sees `to` lead, up to `timeout`.
+    pub fn transfer_leader(&self, to: HostId, timeout: Duration) -> Result<(), ClusterError> {
+        let st = self.node.status();
+        if !st.voters.contains(&to) {
+            return Err(ClusterError::Config(format!(
+                "node {to} is not a voting member (voters: {:?})",
+                st.voters
+            )));
+        }
+        if st.leader == Some(to) {
+            return Ok(());
+        }
+        if st.leader != Some(self.cfg.node_id) {
+            return Err(ProposeError::NotLeader { leader: st.leader }.into());
+        }
+        let end = Instant::now() + timeout;
+        let mut asked = Instant::now() - Duration::from_secs(1);
+        loop {
+            // Re-asked now and then: raft drops the transfer if `to` does not
+            // catch up within an election timeout.
+            if asked.elapsed() >= Duration::from_millis(300) {
+                self.node.transfer_leader(to);
+                asked = Instant::now();
+            }
+            std::thread::sleep(Duration::from_millis(5));
+            if self.node.status().leader == Some(to) {
+                return Ok(());
+            }
+            if Instant::now() >= end {
+                return Err(ProposeError::Timeout.into());
+            }
+        }
+    }
+
     /// Waits until this node knows a leader; returns it.
     pub fn wait_for_leader(&self, timeout: Duration) -> Option<HostId> {
         let end = Instant::now() + timeout;
