@@ -31,6 +31,8 @@
 //! registry names that host as the owner with no open intent.
 //!
 //! `DWCP_SOAK_RUNS` (default 4, CI), `DWCP_SOAK_SEED` (default 1),
+//! `DWCP_SOAK_FIRST` (the first run's number, default 0: a run's draw depends
+//! only on the seed and its number, so a stopped soak can be resumed),
 //! `DWCP_SOAK_REPORT` (a JSON file for the counts), `DWCP_SOAK_FAULTS` and
 //! `DWCP_SOAK_POINTS` (comma-separated names, e.g. `kill-leader,kill-follower`
 //! and `at-gate`: draw only from these; default all). `make soak` runs 200.
@@ -449,6 +451,7 @@ fn one_run(c: &mut ClusterLab, i: u64, run: &Run, rng: &mut StdRng) -> Outcome {
 #[test]
 fn randomized_faults_never_lose_or_duplicate_the_guest() {
     let runs = env_u64("DWCP_SOAK_RUNS", 4);
+    let first = env_u64("DWCP_SOAK_FIRST", 0);
     let seed = env_u64("DWCP_SOAK_SEED", 1);
     let faults = selected("DWCP_SOAK_FAULTS", &FAULTS);
     let points = selected("DWCP_SOAK_POINTS", &POINTS);
@@ -462,7 +465,7 @@ fn randomized_faults_never_lose_or_duplicate_the_guest() {
     let t_all = Instant::now();
     let mut rows = Vec::new();
     let mut bad = Vec::new();
-    for i in 0..runs {
+    for i in first..first + runs {
         let mut rng = StdRng::seed_from_u64(seed.wrapping_mul(1_000_003).wrapping_add(i));
         let run = Run {
             mode: if rng.gen_bool(0.5) {
@@ -483,7 +486,8 @@ fn randomized_faults_never_lose_or_duplicate_the_guest() {
             "violations": o.violations, "seconds": t.elapsed().as_secs_f64(),
         });
         eprintln!(
-            "soak run {i}/{runs}: {:?} {:?} at {:?}: {} in {:.1} s{}",
+            "soak run {i}/{}: {:?} {:?} at {:?}: {} in {:.1} s{}",
+            first + runs,
             run.mode,
             run.fault,
             run.point,
