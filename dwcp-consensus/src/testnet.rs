@@ -107,6 +107,7 @@ pub(crate) struct TestCluster {
     pub(crate) nodes: BTreeMap<HostId, Node>,
     pub(crate) dir: tempfile::TempDir,
     pub(crate) snapshot_interval: u64,
+    pub(crate) proposal_timeout: Duration,
 }
 
 pub(crate) fn test_config(id: HostId, snapshot_interval: u64) -> NodeConfig {
@@ -118,11 +119,17 @@ pub(crate) fn test_config(id: HostId, snapshot_interval: u64) -> NodeConfig {
 
 impl TestCluster {
     pub(crate) fn new(n: u64, snapshot_interval: u64) -> TestCluster {
+        Self::with_timeout(n, snapshot_interval, Duration::from_millis(1500))
+    }
+
+    /// [`TestCluster::new`] with nodes whose proposals time out after `timeout`.
+    pub(crate) fn with_timeout(n: u64, snapshot_interval: u64, timeout: Duration) -> TestCluster {
         let mut c = TestCluster {
             net: SimNet::new(),
             nodes: BTreeMap::new(),
             dir: tempfile::tempdir().unwrap(),
             snapshot_interval,
+            proposal_timeout: timeout,
         };
         let voters: Vec<HostId> = (1..=n).collect();
         for id in 1..=n {
@@ -145,7 +152,9 @@ impl TestCluster {
             from: id,
             net: self.net.clone(),
         };
-        let node = Node::start(test_config(id, self.snapshot_interval), storage, t, inbox).unwrap();
+        let mut cfg = test_config(id, self.snapshot_interval);
+        cfg.proposal_timeout = self.proposal_timeout;
+        let node = Node::start(cfg, storage, t, inbox).unwrap();
         self.nodes.insert(id, node);
     }
 
@@ -323,7 +332,8 @@ mod tests {
     /// moves exactly once.
     #[test]
     fn leader_killed_during_a_commit_still_commits_once() {
-        let mut c = TestCluster::new(3, 10_000);
+        // The agents' proposal timeout: an election fits in it even on a loaded machine.
+        let mut c = TestCluster::with_timeout(3, 10_000, Duration::from_secs(3));
         let all = [1, 2, 3];
         let old = c.wait_leader(&all, T).expect("no leader");
         let g = Uuid::from_u128(77);
@@ -391,13 +401,13 @@ mod tests {
     /// second is skipped on every node: a migration begun once has epoch 1.
     #[test]
     fn a_re_sent_proposal_applies_once() {
-        let c = TestCluster::new(3, 10_000);
+        let c = TestCluster::with_timeout(3, 10_000, Duration::from_secs(3));
         let all = [1, 2, 3];
         let l = c.wait_leader(&all, T).expect("no leader");
         let f = all.into_iter().find(|&id| id != l).unwrap();
-        // Four 200 ms hops from the follower's proposal to its apply: longer than
-        // the 500 ms after which it is sent again.
-        c.net.set_delay(Duration::from_millis(200));
+        // Four 300 ms hops from the follower's proposal to its apply: longer than
+        // the 1 s (a third of the proposal timeout) after which it is sent again.
+        c.net.set_delay(Duration::from_millis(300));
         let g = Uuid::from_u128(78);
         let r = c.node(f).propose(Command::BeginMigration {
             guest: g,
