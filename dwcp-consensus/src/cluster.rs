@@ -183,6 +183,12 @@ pub struct ClusterStatus {
     pub refused_connections: u64,
     /// Set when the node stopped on an error.
     pub failure: Option<String>,
+    /// This node's proposals sent to raft again (a new leader, a lost forward).
+    #[serde(default)]
+    pub resent: u64,
+    /// Log copies of already applied proposals this node skipped.
+    #[serde(default)]
+    pub skipped_copies: u64,
 }
 
 /// `dwcp guests`: the registry as applied on this node.
@@ -453,6 +459,8 @@ impl Cluster {
                 .tls_refused
                 .load(std::sync::atomic::Ordering::Relaxed),
             failure: st.failure,
+            resent: st.resent,
+            skipped_copies: st.skipped_copies,
         }
     }
 
