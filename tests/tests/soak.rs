@@ -204,8 +204,20 @@ fn inject(c: &mut ClusterLab, fault: Fault, o: &mut Outcome) {
         Fault::None => {}
         Fault::KillSrcAgent => o.killed = Some(1),
         Fault::KillDstAgent => o.killed = Some(2),
-        Fault::KillLeader => o.killed = c.leader(),
-        Fault::KillFollower => o.killed = Some(RAFT_ONLY),
+        // Leadership can move on its own (a loaded machine delays heartbeats):
+        // place it again, so the raft faults still kill node 3 only.
+        Fault::KillLeader => {
+            if c.leader() != Some(RAFT_ONLY) {
+                let _ = c.move_leader(RAFT_ONLY, Duration::from_secs(3));
+            }
+            o.killed = c.leader();
+        }
+        Fault::KillFollower => {
+            if c.leader() == Some(RAFT_ONLY) {
+                let _ = c.move_leader(1, Duration::from_secs(3));
+            }
+            o.killed = Some(RAFT_ONLY);
+        }
         Fault::PartitionDst => partition_dst(&c.lab, true),
         Fault::CutDataLink => cut_data(c, true),
     }
