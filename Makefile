@@ -104,11 +104,16 @@ bench-full: build guest
 
 # Randomized fault injection on real migrations through a 3-agent cluster
 # (tests/tests/soak.rs): SOAK_RUNS runs from SOAK_SEED; `make test` runs the
-# first 4 of seed 1. Report: target/soak.json.
+# first 4 of seed 1. SOAK_FAULTS / SOAK_POINTS (comma-separated, e.g.
+# kill-leader,kill-follower and at-gate) draw only from those. Report:
+# target/soak.json.
 SOAK_RUNS ?= 200
 SOAK_SEED ?= 2026
+SOAK_FAULTS ?=
+SOAK_POINTS ?=
 soak: build guest
 	DWCP_SOAK_RUNS=$(SOAK_RUNS) DWCP_SOAK_SEED=$(SOAK_SEED) DWCP_SOAK_REPORT=$(CURDIR)/target/soak.json \
+	  DWCP_SOAK_FAULTS="$(SOAK_FAULTS)" DWCP_SOAK_POINTS="$(SOAK_POINTS)" \
 	  $(CARGO) test --release -p dwcp-e2e --test soak -- --nocapture
 
 # The cutover gate's cost: ungated, QMP gate and transport gate side by side.

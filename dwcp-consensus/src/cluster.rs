@@ -183,6 +183,12 @@ pub struct ClusterStatus {
     pub refused_connections: u64,
     /// Set when the node stopped on an error.
     pub failure: Option<String>,
+    /// This node's proposals sent to raft again (a new leader, a lost forward).
+    #[serde(default)]
+    pub resent: u64,
+    /// Log copies of already applied proposals this node skipped.
+    #[serde(default)]
+    pub skipped_copies: u64,
 }
 
 /// `dwcp guests`: the registry as applied on this node.
@@ -453,6 +459,44 @@ impl Cluster {
                 .tls_refused
                 .load(std::sync::atomic::Ordering::Relaxed),
             failure: st.failure,
+            resent: st.resent,
+            skipped_copies: st.skipped_copies,
+        }
+    }
+
+    /// Moves leadership to voter `to` (planned maintenance: take it off a host
+    /// before draining it). Only the leader can hand it over; waits until this
+    /// node sees `to` lead, up to `timeout`.
+    pub fn transfer_leader(&self, to: HostId, timeout: Duration) -> Result<(), ClusterError> {
+        let st = self.node.status();
+        if !st.voters.contains(&to) {
+            return Err(ClusterError::Config(format!(
+                "node {to} is not a voting member (voters: {:?})",
+                st.voters
+            )));
+        }
+        if st.leader == Some(to) {
+            return Ok(());
+        }
+        if st.leader != Some(self.cfg.node_id) {
+            return Err(ProposeError::NotLeader { leader: st.leader }.into());
+        }
+        let end = Instant::now() + timeout;
+        let mut asked = Instant::now() - Duration::from_secs(1);
+        loop {
+            // Re-asked now and then: raft drops the transfer if `to` does not
+            // catch up within an election timeout.
+            if asked.elapsed() >= Duration::from_millis(300) {
+                self.node.transfer_leader(to);
+                asked = Instant::now();
+            }
+            std::thread::sleep(Duration::from_millis(5));
+            if self.node.status().leader == Some(to) {
+                return Ok(());
+            }
+            if Instant::now() >= end {
+                return Err(ProposeError::Timeout.into());
+            }
         }
     }
 

@@ -8,8 +8,19 @@
 //! Proposals: callers hand a [`Command`] to the node thread with a reply channel. The
 //! thread gathers every proposal waiting in its inbox into one log entry (batching), and
 //! answers each caller when the entry is applied on this node. A follower's proposal is
-//! forwarded to the leader by raft itself (`MsgPropose`); with no known leader the caller
-//! gets [`ProposeError::NotLeader`] at once.
+//! forwarded to the leader by raft itself (`MsgPropose`).
+//!
+//! Leader failover: raft forwards a proposal once and never again, and a leader that dies
+//! (or steps down) takes the proposals it had not replicated with it. So the node keeps
+//! every proposal until it is applied and sends it again when a new leader (or term)
+//! appears, when it was dropped for want of a leader, and when it has waited a third of
+//! the proposal timeout; a proposal made while no leader is known waits for one (up to
+//! the timeout) instead of failing. The log may then hold two copies of a proposal: each
+//! carries its proposer's identity (node, run, sequence number) and the registry's
+//! [`Proposers`](crate::registry::Proposers) table skips a copy already applied, on every
+//! node alike. A proposal that was never handed to raft fails with
+//! [`ProposeError::NotLeader`] at the timeout (it is in no log); one that was, with
+//! [`ProposeError::Timeout`] (it may still commit).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -162,15 +173,26 @@ pub struct NodeStatus {
     pub snapshot_micros: u64,
     /// Set when the node thread stopped on an error (storage failure).
     pub failure: Option<String>,
+    /// Proposals of this node sent to raft again (leader change, lost forward).
+    #[serde(default)]
+    pub resent: u64,
+    /// Log copies of an already applied proposal that this node skipped.
+    #[serde(default)]
+    pub skipped_copies: u64,
 }
 
-/// Proposal identity carried in the log so the origin node can answer its caller.
+/// Proposal identity carried in the log so the origin node can answer its caller, and so
+/// a re-sent copy is applied once.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Proposal {
     origin: HostId,
     /// Random per node start, so a replayed old entry never answers a new caller.
     incarnation: u64,
     seq: u64,
+    /// The origin was done with every proposal below this one when it sent it (0 in
+    /// entries of older builds).
+    #[serde(default)]
+    low_water: u64,
     cmd: Command,
 }
 
@@ -180,6 +202,16 @@ struct ConfContext {
     incarnation: u64,
     seq: u64,
     addr: Option<String>,
+}
+
+/// A caller waiting for its proposal (or membership change) to be applied.
+struct Pending {
+    reply: Reply,
+    deadline: Instant,
+    /// The proposal, kept to be re-sent; None for a membership change.
+    proposal: Option<Proposal>,
+    /// When raft last took it (None: never, so it is in no log).
+    sent: Option<Instant>,
 }
 
 enum Input {
@@ -294,6 +326,10 @@ impl Node {
             seq: 0,
             pending: HashMap::new(),
             batch: Vec::new(),
+            seen_leader: (raft::INVALID_ID, 0),
+            next_resend_scan: Instant::now(),
+            resent: 0,
+            skipped_copies: 0,
             snapshot_index: applied,
             force_snapshot: false,
             snapshot_cost: (0, 0),
@@ -423,8 +459,15 @@ struct Worker<T: Transport> {
     shared: Arc<Shared>,
     incarnation: u64,
     seq: u64,
-    pending: HashMap<u64, (Reply, Instant)>,
-    batch: Vec<Proposal>,
+    pending: HashMap<u64, Pending>,
+    /// Sequence numbers of pending proposals to hand to raft in the next entry.
+    batch: Vec<u64>,
+    /// The (leader, term) the pending proposals were last sent under.
+    seen_leader: (HostId, u64),
+    /// When to look for proposals that waited too long.
+    next_resend_scan: Instant,
+    resent: u64,
+    skipped_copies: u64,
     snapshot_index: u64,
     /// Set when membership changed: the next snapshot must carry the new conf state,
     /// because raft-rs refuses a snapshot whose conf state lacks the receiving node, and
@@ -466,6 +509,10 @@ impl<T: Transport> Worker<T> {
             if let Err(e) = self.on_ready() {
                 break Err(e);
             }
+            self.resend(now);
+            if let Err(e) = self.on_ready() {
+                break Err(e);
+            }
             self.expire(now);
             self.publish_status(None);
         };
@@ -475,8 +522,8 @@ impl<T: Transport> Worker<T> {
         } else {
             self.publish_status(Some("stopped".into()));
         }
-        for (_, (reply, _)) in self.pending.drain() {
-            let _ = reply.send(Err(ProposeError::Stopped));
+        for (_, p) in self.pending.drain() {
+            let _ = p.reply.send(Err(ProposeError::Stopped));
         }
     }
 
@@ -489,23 +536,29 @@ impl<T: Transport> Worker<T> {
                 }
             }
             Input::Propose(cmd, reply) => {
-                if self.raw.raft.leader_id == raft::INVALID_ID {
-                    let _ = reply.send(Err(ProposeError::NotLeader { leader: None }));
-                    return false;
-                }
                 self.seq += 1;
-                self.pending.insert(
-                    self.seq,
-                    (reply, Instant::now() + self.cfg.proposal_timeout),
-                );
-                self.batch.push(Proposal {
+                let proposal = Proposal {
                     origin: self.cfg.id,
                     incarnation: self.incarnation,
                     seq: self.seq,
+                    low_water: 0,
                     cmd,
-                });
-                if self.batch.len() >= self.cfg.max_batch {
-                    self.flush_batch();
+                };
+                self.pending.insert(
+                    self.seq,
+                    Pending {
+                        reply,
+                        deadline: Instant::now() + self.cfg.proposal_timeout,
+                        proposal: Some(proposal),
+                        sent: None,
+                    },
+                );
+                // With no leader known it waits for one (`resend`).
+                if self.raw.raft.leader_id != raft::INVALID_ID {
+                    self.batch.push(self.seq);
+                    if self.batch.len() >= self.cfg.max_batch {
+                        self.flush_batch();
+                    }
                 }
             }
             Input::Conf(cc, addr, reply) => {
@@ -526,7 +579,12 @@ impl<T: Transport> Worker<T> {
                     Ok(()) => {
                         self.pending.insert(
                             self.seq,
-                            (reply, Instant::now() + self.cfg.proposal_timeout),
+                            Pending {
+                                reply,
+                                deadline: Instant::now() + self.cfg.proposal_timeout,
+                                proposal: None,
+                                sent: Some(Instant::now()),
+                            },
                         );
                     }
                     Err(e) => {
@@ -546,20 +604,86 @@ impl<T: Transport> Worker<T> {
         false
     }
 
+    /// Hands the batched proposals to raft as one entry. If raft drops it (no leader, a
+    /// leader transfer under way) they stay pending and are sent again (`resend`).
     fn flush_batch(&mut self) {
         if self.batch.is_empty() {
             return;
         }
-        let batch = std::mem::take(&mut self.batch);
+        let seqs = std::mem::take(&mut self.batch);
+        // Everything below the oldest pending proposal is answered or given up.
+        let low_water = self.pending.keys().min().copied().unwrap_or(self.seq + 1);
+        let batch: Vec<Proposal> = seqs
+            .iter()
+            .filter_map(|s| self.pending.get(s)?.proposal.clone())
+            .map(|mut p| {
+                p.low_water = low_water;
+                p
+            })
+            .collect();
+        if batch.is_empty() {
+            return;
+        }
         let data = serde_json::to_vec(&batch).unwrap_or_default();
-        if let Err(e) = self.raw.propose(vec![], data) {
-            let leader = Some(self.raw.raft.leader_id).filter(|&l| l != raft::INVALID_ID);
-            tracing::debug!(node = self.cfg.id, error = %e, "proposal dropped");
-            for p in batch {
-                if let Some((reply, _)) = self.pending.remove(&p.seq) {
-                    let _ = reply.send(Err(ProposeError::NotLeader { leader }));
+        match self.raw.propose(vec![], data) {
+            Ok(()) => {
+                let now = Instant::now();
+                for s in seqs {
+                    if let Some(p) = self.pending.get_mut(&s) {
+                        p.sent = Some(now);
+                    }
                 }
             }
+            Err(e) => {
+                tracing::debug!(node = self.cfg.id, error = %e, "proposal dropped; kept to be sent again");
+            }
+        }
+    }
+
+    /// Sends pending proposals again: all of them when a leader (or term) appears that
+    /// they were not sent under, else those raft never took or that have waited a third
+    /// of the proposal timeout (a forward lost on the way). Copies are harmless: the
+    /// registry applies a proposal once.
+    fn resend(&mut self, now: Instant) {
+        let r = &self.raw.raft;
+        if self.pending.is_empty() || r.leader_id == raft::INVALID_ID {
+            return;
+        }
+        let leader = (r.leader_id, r.term);
+        let changed = leader != self.seen_leader;
+        if !changed && now < self.next_resend_scan {
+            return;
+        }
+        self.seen_leader = leader;
+        self.next_resend_scan = now + Duration::from_millis(100);
+        let stale = self.cfg.proposal_timeout / 3;
+        let mut seqs: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| {
+                p.proposal.is_some()
+                    && (changed || p.sent.is_none_or(|t| now.duration_since(t) >= stale))
+            })
+            .map(|(s, _)| *s)
+            .filter(|s| !self.batch.contains(s))
+            .collect();
+        if seqs.is_empty() {
+            return;
+        }
+        seqs.sort_unstable();
+        if changed {
+            tracing::debug!(
+                node = self.cfg.id,
+                leader = leader.0,
+                term = leader.1,
+                proposals = seqs.len(),
+                "new leader: sending pending proposals again"
+            );
+        }
+        self.resent += seqs.len() as u64;
+        for chunk in seqs.chunks(self.cfg.max_batch.max(1)) {
+            self.batch.extend_from_slice(chunk);
+            self.flush_batch();
         }
     }
 
@@ -567,9 +691,15 @@ impl<T: Transport> Worker<T> {
         if self.pending.is_empty() {
             return;
         }
-        self.pending.retain(|_, (reply, deadline)| {
-            if *deadline <= now {
-                let _ = reply.send(Err(ProposeError::Timeout));
+        let leader = Some(self.raw.raft.leader_id).filter(|&l| l != raft::INVALID_ID);
+        self.pending.retain(|_, p| {
+            if p.deadline <= now {
+                // Never handed to raft: it is in no log and will never apply.
+                let e = match p.sent {
+                    None => ProposeError::NotLeader { leader },
+                    Some(_) => ProposeError::Timeout,
+                };
+                let _ = p.reply.send(Err(e));
                 false
             } else {
                 true
@@ -657,8 +787,8 @@ impl<T: Transport> Worker<T> {
         r: Result<Applied, ProposeError>,
     ) {
         if origin == self.cfg.id && incarnation == self.incarnation {
-            if let Some((reply, _)) = self.pending.remove(&seq) {
-                let _ = reply.send(r);
+            if let Some(p) = self.pending.remove(&seq) {
+                let _ = p.reply.send(r);
             }
         }
     }
@@ -711,14 +841,28 @@ impl<T: Transport> Worker<T> {
         {
             let mut reg = self.shared.registry.write();
             for p in &batch {
+                // A re-sent copy of a proposal applied before: its caller had the answer.
+                if !reg
+                    .proposers_mut()
+                    .first_time(p.origin, p.incarnation, p.seq, p.low_water)
+                {
+                    tracing::debug!(
+                        index = entry.index,
+                        origin = p.origin,
+                        seq = p.seq,
+                        "copy of an applied proposal skipped"
+                    );
+                    self.skipped_copies += 1;
+                    continue;
+                }
                 let r = reg.apply(entry.index, &p.cmd);
                 if let Err(e) = &r {
                     tracing::debug!(index = entry.index, error = %e, "registry refused a command");
                 }
-                results.push(r);
+                results.push((p, r));
             }
         }
-        for (p, r) in batch.iter().zip(results) {
+        for (p, r) in results {
             self.reply(
                 p.origin,
                 p.incarnation,
@@ -812,6 +956,8 @@ impl<T: Transport> Worker<T> {
             snapshot_bytes: self.snapshot_cost.0,
             snapshot_micros: self.snapshot_cost.1,
             failure,
+            resent: self.resent,
+            skipped_copies: self.skipped_copies,
         };
         *self.shared.status.write() = st;
     }

@@ -10,8 +10,13 @@
 //! `AbortMigration` must name the current epoch (a stale one is refused); commit moves the
 //! ownership to the destination. Retrying the same commit or abort is answered with
 //! success, so a client that timed out can retry safely.
+//!
+//! A node re-sends its proposals when the leader changes (the old one may have died with
+//! them), so the log can hold two copies of one proposal. [`Proposers`] remembers which
+//! proposals were applied, so a second copy is skipped on every node alike: each command
+//! takes effect once.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -212,12 +217,72 @@ pub enum RegistryError {
     },
 }
 
+/// How many runs (incarnations) of one node [`Proposers`] remembers.
+const RUNS_PER_NODE: usize = 4;
+
+/// One run of a proposing node: the proposals of it already applied.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct ProposerRun {
+    incarnation: u64,
+    /// The node is done with every proposal below this (answered or given up):
+    /// a copy of one that arrives now is stale and skipped.
+    low_water: u64,
+    /// Proposals at or above `low_water` already applied.
+    applied: BTreeSet<u64>,
+}
+
+/// Which proposals were applied, per proposing node and run: what makes a re-sent
+/// proposal take effect once. Part of the replicated state (in snapshots), so every node
+/// skips the same copies. Bounded: a run keeps only the proposals at or above its
+/// low-water mark (those still in flight at the proposer), and a node's oldest runs are
+/// forgotten beyond [`RUNS_PER_NODE`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Proposers {
+    runs: BTreeMap<HostId, VecDeque<ProposerRun>>,
+}
+
+impl Proposers {
+    /// Records that proposal `seq` of `origin`'s run `incarnation` is being applied;
+    /// false if it was applied before, or is older than the proposer's low-water mark
+    /// (then the copy must be skipped). `low_water` is the one the copy carries.
+    pub fn first_time(
+        &mut self,
+        origin: HostId,
+        incarnation: u64,
+        seq: u64,
+        low_water: u64,
+    ) -> bool {
+        let runs = self.runs.entry(origin).or_default();
+        let run = match runs.iter().position(|r| r.incarnation == incarnation) {
+            Some(i) => &mut runs[i],
+            None => {
+                if runs.len() == RUNS_PER_NODE {
+                    runs.pop_front();
+                }
+                runs.push_back(ProposerRun {
+                    incarnation,
+                    ..Default::default()
+                });
+                runs.back_mut().expect("just pushed")
+            }
+        };
+        if low_water > run.low_water {
+            run.low_water = low_water;
+            run.applied = run.applied.split_off(&low_water);
+        }
+        seq >= run.low_water && run.applied.insert(seq)
+    }
+}
+
 /// The registry state; serialized whole into raft snapshots.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Registry {
     guests: BTreeMap<Uuid, GuestRecord>,
     history: VecDeque<Migration>,
     applied_index: u64,
+    /// Applied proposals, so a re-sent copy is skipped (absent in older snapshots).
+    #[serde(default)]
+    proposers: Proposers,
 }
 
 impl Registry {
@@ -262,6 +327,11 @@ impl Registry {
     /// Finished migrations, oldest first (at most [`HISTORY`]).
     pub fn history(&self) -> impl Iterator<Item = &Migration> {
         self.history.iter()
+    }
+
+    /// The table of applied proposals ([`Proposers`]).
+    pub(crate) fn proposers_mut(&mut self) -> &mut Proposers {
+        &mut self.proposers
     }
 
     /// Applies one command at raft index `index`.
@@ -603,6 +673,39 @@ mod tests {
             ),
             Err(RegistryError::UnknownGuest(_))
         ));
+    }
+
+    #[test]
+    fn a_re_sent_proposal_takes_effect_once() {
+        let mut p = Proposers::default();
+        // Node 1, run 7: proposals 5 and 6 in flight.
+        assert!(p.first_time(1, 7, 5, 5));
+        assert!(!p.first_time(1, 7, 5, 5), "second copy of 5");
+        assert!(p.first_time(1, 7, 6, 5));
+        // Another run of node 1, and another node, have their own numbers.
+        assert!(p.first_time(1, 8, 5, 1));
+        assert!(p.first_time(2, 7, 5, 1));
+        // Node 1 run 7 is done below 9: a late copy of 6, or of 8 never applied, is stale.
+        assert!(p.first_time(1, 7, 9, 9));
+        assert!(!p.first_time(1, 7, 6, 9));
+        assert!(!p.first_time(1, 7, 8, 9));
+        assert_eq!(p.runs[&1][0].applied, BTreeSet::from([9]), "pruned below 9");
+        // The oldest runs of a node are forgotten beyond RUNS_PER_NODE.
+        for inc in 100..100 + RUNS_PER_NODE as u64 {
+            assert!(p.first_time(1, inc, 1, 1));
+        }
+        assert_eq!(p.runs[&1].len(), RUNS_PER_NODE);
+        assert!(p.runs[&1].iter().all(|r| r.incarnation >= 100));
+        // It travels in snapshots; one without it (an older build's) reads as empty.
+        let mut r = Registry::new();
+        r.proposers.first_time(3, 1, 1, 1);
+        let back = Registry::from_snapshot(&r.to_snapshot()).unwrap();
+        assert_eq!(back, r);
+        let old = br#"{"guests":{},"history":[],"applied_index":4}"#;
+        assert_eq!(
+            Registry::from_snapshot(old).unwrap().proposers,
+            Proposers::default()
+        );
     }
 
     #[test]

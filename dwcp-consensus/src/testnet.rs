@@ -107,6 +107,7 @@ pub(crate) struct TestCluster {
     pub(crate) nodes: BTreeMap<HostId, Node>,
     pub(crate) dir: tempfile::TempDir,
     pub(crate) snapshot_interval: u64,
+    pub(crate) proposal_timeout: Duration,
 }
 
 pub(crate) fn test_config(id: HostId, snapshot_interval: u64) -> NodeConfig {
@@ -118,11 +119,17 @@ pub(crate) fn test_config(id: HostId, snapshot_interval: u64) -> NodeConfig {
 
 impl TestCluster {
     pub(crate) fn new(n: u64, snapshot_interval: u64) -> TestCluster {
+        Self::with_timeout(n, snapshot_interval, Duration::from_millis(1500))
+    }
+
+    /// [`TestCluster::new`] with nodes whose proposals time out after `timeout`.
+    pub(crate) fn with_timeout(n: u64, snapshot_interval: u64, timeout: Duration) -> TestCluster {
         let mut c = TestCluster {
             net: SimNet::new(),
             nodes: BTreeMap::new(),
             dir: tempfile::tempdir().unwrap(),
             snapshot_interval,
+            proposal_timeout: timeout,
         };
         let voters: Vec<HostId> = (1..=n).collect();
         for id in 1..=n {
@@ -145,7 +152,9 @@ impl TestCluster {
             from: id,
             net: self.net.clone(),
         };
-        let node = Node::start(test_config(id, self.snapshot_interval), storage, t, inbox).unwrap();
+        let mut cfg = test_config(id, self.snapshot_interval);
+        cfg.proposal_timeout = self.proposal_timeout;
+        let node = Node::start(cfg, storage, t, inbox).unwrap();
         self.nodes.insert(id, node);
     }
 
@@ -314,6 +323,119 @@ mod tests {
         c.net.heal();
         same_registry(&c, &[1, 2, 3]);
         assert!(c.registry(old).guest(&Uuid::from_u128(2)).is_none());
+    }
+
+    /// The leader dies while a follower's commit of an ownership transfer is on its
+    /// way to it (the QMP gate's commit, proposed on the source's member): the
+    /// forward is lost with the leader. The follower sends it again to the new
+    /// leader, so the commit succeeds within one proposal timeout, and ownership
+    /// moves exactly once.
+    #[test]
+    fn leader_killed_during_a_commit_still_commits_once() {
+        // The agents' proposal timeout: an election fits in it even on a loaded machine.
+        let mut c = TestCluster::with_timeout(3, 10_000, Duration::from_secs(3));
+        let all = [1, 2, 3];
+        let old = c.wait_leader(&all, T).expect("no leader");
+        let g = Uuid::from_u128(77);
+        c.propose(&all, reg(77, 1)).unwrap();
+        let epoch = match c
+            .propose(
+                &all,
+                Command::BeginMigration {
+                    guest: g,
+                    source: 1,
+                    destination: 2,
+                },
+            )
+            .unwrap()
+        {
+            Applied::MigrationBegun { epoch } => epoch,
+            other => panic!("{other:?}"),
+        };
+        let gate = (1..=3).find(|&id| id != old).unwrap();
+        let rest: Vec<HostId> = all.iter().copied().filter(|&id| id != old).collect();
+        for &id in &rest {
+            // Every survivor knows the intent, and still follows the old leader.
+            wait_applied(&c, id, |r| r.guest(&g).is_some_and(|r| r.epoch == epoch));
+            assert_eq!(c.node(id).status().leader, Some(old));
+        }
+        c.stop(old);
+        let t0 = Instant::now();
+        let r = c
+            .node(gate)
+            .propose(Command::CommitMigration { guest: g, epoch });
+        eprintln!(
+            "commit on node {gate} with leader {old} killed: {r:?} in {} ms",
+            t0.elapsed().as_millis()
+        );
+        assert_eq!(r, Ok(Applied::MigrationCommitted));
+        assert!(
+            c.node(gate).status().resent >= 1,
+            "the commit went through without being sent again: the forward was not lost"
+        );
+        let new = c.wait_leader(&rest, T).expect("no new leader");
+        assert_ne!(new, old);
+        // The gate retries (it cannot know the first answer was the only one): same answer.
+        assert_eq!(
+            c.node(gate)
+                .propose(Command::CommitMigration { guest: g, epoch }),
+            Ok(Applied::MigrationCommitted)
+        );
+        // The old leader comes back and catches up: one transfer, everywhere.
+        c.start(old, None);
+        c.wait_leader(&all, T).expect("no leader after the restart");
+        wait_applied(&c, old, |r| r.guest(&g).is_some_and(|r| r.owner == 2));
+        same_registry(&c, &all);
+        for id in all {
+            let reg = c.registry(id);
+            let rec = reg.guest(&g).unwrap();
+            assert_eq!((rec.owner, rec.epoch), (2, epoch), "node {id}");
+            let moves: Vec<_> = reg.history().filter(|m| m.guest == g).collect();
+            assert_eq!(moves.len(), 1, "node {id}: {moves:?}");
+            assert_eq!(moves[0].state, MigrationState::Committed);
+        }
+    }
+
+    /// A proposal that waits longer than a third of the proposal timeout is sent
+    /// again (its forward may be lost); when both copies reach the log, the
+    /// second is skipped on every node: a migration begun once has epoch 1.
+    #[test]
+    fn a_re_sent_proposal_applies_once() {
+        // Each message 100 ms late (under the 150 ms election timeout, so the
+        // leader stays): the follower's proposal applies after four hops plus a
+        // heartbeat, ~0.45 s, later than the re-send after a third of the
+        // 0.9 s proposal timeout (0.3 s) and within the timeout.
+        let c = TestCluster::with_timeout(3, 10_000, Duration::from_millis(900));
+        let all = [1, 2, 3];
+        let l = c.wait_leader(&all, T).expect("no leader");
+        let f = all.into_iter().find(|&id| id != l).unwrap();
+        c.net.set_delay(Duration::from_millis(100));
+        let g = Uuid::from_u128(78);
+        let r = c.node(f).propose(Command::BeginMigration {
+            guest: g,
+            source: 1,
+            destination: 2,
+        });
+        assert_eq!(r, Ok(Applied::MigrationBegun { epoch: 1 }));
+        assert!(c.node(f).status().resent >= 1, "not sent again");
+        c.net.set_delay(Duration::ZERO);
+        c.propose(&all, reg(79, 1)).unwrap();
+        same_registry(&c, &all);
+        for id in all {
+            assert!(
+                c.node(id).status().skipped_copies >= 1,
+                "node {id} skipped no copy"
+            );
+            assert_eq!(c.registry(id).guest(&g).unwrap().epoch, 1, "node {id}");
+        }
+    }
+
+    fn wait_applied(c: &TestCluster, id: HostId, pred: impl Fn(&Registry) -> bool) {
+        let end = Instant::now() + T;
+        while !c.node(id).with_registry(&pred) {
+            assert!(Instant::now() < end, "node {id} did not catch up");
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     #[test]

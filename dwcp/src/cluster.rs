@@ -196,6 +196,23 @@ impl ClusterOps for AgentCluster {
             })
             .collect()
     }
+    fn transfer_leader(&self, to: u64) -> Result<(), ClusterError> {
+        self.0
+            .transfer_leader(to, Duration::from_secs(3))
+            .map_err(|e| match e {
+                RaftError::Config(m) => ClusterError::invalid(m),
+                RaftError::Propose(ProposeError::NotLeader { leader }) => {
+                    ClusterError::unavailable(format!(
+                        "this node does not lead, so it cannot hand leadership over (leader: {})",
+                        leader.map_or_else(|| "none known".to_string(), |l| format!("node {l}"))
+                    ))
+                }
+                RaftError::Propose(ProposeError::Timeout) => ClusterError::unavailable(format!(
+                    "node {to} did not take the leadership within 3 s"
+                )),
+                other => explain(other),
+            })
+    }
 }
 
 /// The UUID of a guest known only by its migration name: the first 16 bytes of

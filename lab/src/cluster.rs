@@ -214,6 +214,33 @@ impl ClusterLab {
         })
     }
 
+    /// Moves raft leadership to node `to` (the `transfer_leader` op on the
+    /// current leader) and waits until every running member sees it lead.
+    pub fn move_leader(&self, to: u64, timeout: Duration) -> Result<(), String> {
+        let t0 = Instant::now();
+        loop {
+            let views: Vec<Option<u64>> = (1..=3)
+                .filter(|&id| self.alive(id))
+                .map(|id| status_of(&self.control(id))["leader"].as_u64())
+                .collect();
+            if views.iter().all(|l| *l == Some(to)) {
+                return Ok(());
+            }
+            if t0.elapsed() > timeout {
+                return Err(format!(
+                    "leadership did not move to node {to} within {timeout:?} (members see {views:?})"
+                ));
+            }
+            if let Some(l) = self.leader().filter(|&l| l != to) {
+                let _ = control_request(
+                    &self.control(l),
+                    &json!({"op": "transfer_leader", "to": to}),
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn start_third(&mut self) {
         let run_dir = self.lab.dir.join("third-run");
         std::fs::create_dir_all(&run_dir).unwrap();
@@ -318,6 +345,13 @@ pub fn prepared(agent: &Path, name: &str) -> Value {
         .rev()
         .find(|e| e["name"] == name)
         .cloned()
+        .unwrap_or(Value::Null)
+}
+
+/// [`status`], or Null when the agent does not answer.
+fn status_of(agent: &Path) -> Value {
+    control_request(agent, &json!({"op": "cluster_status"}))
+        .map(|v| v["status"].clone())
         .unwrap_or(Value::Null)
 }
 

@@ -9,12 +9,18 @@
 //!   (`prepare` with `"gate": true`, as the libvirt hook does), the source is
 //!   driven like libvirt drives it (return path, no gate of its own).
 //!
-//! and injects one fault — kill the source agent, the destination agent or
-//! the raft leader; partition the destination from the raft majority; cut the
-//! data link; or none — at one point: before any byte moves (intent
+//! and injects one fault — kill the source agent, the destination agent, the
+//! raft leader or a follower; partition the destination from the raft
+//! majority; cut the data link; or none — at one point: before any byte moves (intent
 //! recorded), during the stream, at the gate (commit under way) or after the
 //! commit. Killed agents come back 1.5 s later (a supervisor's restart);
 //! partitions and cuts heal when the migration has ended.
+//!
+//! "Kill the leader" and "kill a follower" are raft faults only: the member
+//! killed is node 3, which relays no data (killing node 1 or 2 is the
+//! source or destination agent fault, whatever its raft role). Before such a
+//! run the soak moves the leadership (`transfer_leader`) onto node 3, or off
+//! it, so node 3 is the leader, or a follower, when it is killed.
 //!
 //! Then it acts as the management layer does (libvirt's Finish/Confirm):
 //! a completed migration has its RAM compared and the destination resumed;
@@ -25,7 +31,11 @@
 //! registry names that host as the owner with no open intent.
 //!
 //! `DWCP_SOAK_RUNS` (default 4, CI), `DWCP_SOAK_SEED` (default 1),
-//! `DWCP_SOAK_REPORT` (a JSON file for the counts). `make soak` runs 200.
+//! `DWCP_SOAK_FIRST` (the first run's number, default 0: a run's draw depends
+//! only on the seed and its number, so a stopped soak can be resumed),
+//! `DWCP_SOAK_REPORT` (a JSON file for the counts), `DWCP_SOAK_FAULTS` and
+//! `DWCP_SOAK_POINTS` (comma-separated names, e.g. `kill-leader,kill-follower`
+//! and `at-gate`: draw only from these; default all). `make soak` runs 200.
 
 use std::process::Child;
 use std::time::{Duration, Instant};
@@ -51,6 +61,7 @@ enum Fault {
     KillSrcAgent,
     KillDstAgent,
     KillLeader,
+    KillFollower,
     PartitionDst,
     CutDataLink,
 }
@@ -63,20 +74,42 @@ enum Point {
     AfterCommit,
 }
 
-const FAULTS: [Fault; 6] = [
-    Fault::None,
-    Fault::KillSrcAgent,
-    Fault::KillDstAgent,
-    Fault::KillLeader,
-    Fault::PartitionDst,
-    Fault::CutDataLink,
+const FAULTS: [(Fault, &str); 7] = [
+    (Fault::None, "none"),
+    (Fault::KillSrcAgent, "kill-src-agent"),
+    (Fault::KillDstAgent, "kill-dst-agent"),
+    (Fault::KillLeader, "kill-leader"),
+    (Fault::KillFollower, "kill-follower"),
+    (Fault::PartitionDst, "partition-dst"),
+    (Fault::CutDataLink, "cut-data-link"),
 ];
-const POINTS: [Point; 4] = [
-    Point::Before,
-    Point::During,
-    Point::AtGate,
-    Point::AfterCommit,
+const POINTS: [(Point, &str); 4] = [
+    (Point::Before, "before"),
+    (Point::During, "during"),
+    (Point::AtGate, "at-gate"),
+    (Point::AfterCommit, "after-commit"),
 ];
+
+/// The raft member the raft faults kill: it relays no migration data.
+const RAFT_ONLY: u64 = 3;
+
+/// The entries of `all` named in `$var` (comma-separated), all when unset or empty.
+fn selected<T: Copy>(var: &str, all: &[(T, &'static str)]) -> Vec<(T, &'static str)> {
+    let list = std::env::var(var).unwrap_or_default();
+    if list.trim().is_empty() {
+        return all.to_vec();
+    }
+    let names: Vec<&str> = all.iter().map(|(_, n)| *n).collect();
+    list.split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .map(|n| {
+            *all.iter().find(|(_, name)| *name == n).unwrap_or_else(|| {
+                panic!("{var}: unknown name {n:?}; use some of {}", names.join(","))
+            })
+        })
+        .collect()
+}
 
 fn env_u64(k: &str, d: u64) -> u64 {
     std::env::var(k)
@@ -116,6 +149,8 @@ struct Outcome {
     migrated: bool,
     fault_fired: bool,
     killed: Option<u64>,
+    /// The killed member's raft role when it was killed.
+    killed_role: String,
     violations: Vec<String>,
     registry_ms: u64,
     reconciled: String,
@@ -169,11 +204,28 @@ fn inject(c: &mut ClusterLab, fault: Fault, o: &mut Outcome) {
         Fault::None => {}
         Fault::KillSrcAgent => o.killed = Some(1),
         Fault::KillDstAgent => o.killed = Some(2),
-        Fault::KillLeader => o.killed = c.leader(),
+        // Leadership can move on its own (a loaded machine delays heartbeats):
+        // place it again, so the raft faults still kill node 3 only.
+        Fault::KillLeader => {
+            if c.leader() != Some(RAFT_ONLY) {
+                let _ = c.move_leader(RAFT_ONLY, Duration::from_secs(3));
+            }
+            o.killed = c.leader();
+        }
+        Fault::KillFollower => {
+            if c.leader() == Some(RAFT_ONLY) {
+                let _ = c.move_leader(1, Duration::from_secs(3));
+            }
+            o.killed = Some(RAFT_ONLY);
+        }
         Fault::PartitionDst => partition_dst(&c.lab, true),
         Fault::CutDataLink => cut_data(c, true),
     }
     if let Some(id) = o.killed {
+        o.killed_role = control_request(&c.control(id), &json!({"op": "cluster_status"}))
+            .ok()
+            .and_then(|v| v["status"]["role"].as_str().map(str::to_string))
+            .unwrap_or_default();
         c.kill(id);
     }
 }
@@ -199,7 +251,8 @@ fn status_of(g: &dwcp_lab::Guest) -> String {
         .unwrap_or_else(|| "unreachable".into())
 }
 
-fn one_run(c: &mut ClusterLab, i: u64, run: &Run, rng: &mut StdRng) -> Outcome {
+/// One run; None when its guests did not boot (no migration was tried).
+fn one_run(c: &mut ClusterLab, i: u64, run: &Run, rng: &mut StdRng) -> Option<Outcome> {
     let mut o = Outcome::default();
     let spec = GuestSpec {
         mem_mb: 256,
@@ -209,7 +262,31 @@ fn one_run(c: &mut ClusterLab, i: u64, run: &Run, rng: &mut StdRng) -> Outcome {
         ..GuestSpec::default()
     };
     let mig = MigrationSpec::default();
-    let pair = boot_pair(&c.lab, &spec, &mig).expect("boot guests");
+    // Raft faults hit node 3 only: make it the leader, or a follower.
+    let place = match run.fault {
+        Fault::KillLeader => Some(RAFT_ONLY),
+        Fault::KillFollower if c.leader() == Some(RAFT_ONLY) => Some(1 + i % 2),
+        _ => None,
+    };
+    if let Some(to) = place {
+        if let Err(e) = c.move_leader(to, Duration::from_secs(15)) {
+            o.violations.push(format!("leader placement: {e}"));
+        }
+    }
+    // A TCG guest can fail to boot on a loaded machine (its timer check,
+    // or a slow boot); that is no migration result: boot it again, or skip.
+    let mut tries = 0;
+    let pair = loop {
+        tries += 1;
+        match boot_pair(&c.lab, &spec, &mig) {
+            Ok(p) => break p,
+            Err(e) if tries < 3 => eprintln!("soak run {i}: booting the guests again: {e:#}"),
+            Err(e) => {
+                eprintln!("soak run {i}: skipped, the guests did not boot in {tries} tries: {e:#}");
+                return None;
+            }
+        }
+    };
     // The intent, before any byte moves.
     match run.mode {
         Mode::Transport => {
@@ -384,20 +461,28 @@ fn one_run(c: &mut ClusterLab, i: u64, run: &Run, rng: &mut StdRng) -> Outcome {
         std::thread::sleep(Duration::from_millis(100));
     }
     drop(pair);
-    o
+    Some(o)
 }
 
 #[test]
 fn randomized_faults_never_lose_or_duplicate_the_guest() {
     let runs = env_u64("DWCP_SOAK_RUNS", 4);
+    let first = env_u64("DWCP_SOAK_FIRST", 0);
     let seed = env_u64("DWCP_SOAK_SEED", 1);
+    let faults = selected("DWCP_SOAK_FAULTS", &FAULTS);
+    let points = selected("DWCP_SOAK_POINTS", &POINTS);
+    assert!(
+        !faults.is_empty() && !points.is_empty(),
+        "DWCP_SOAK_FAULTS and DWCP_SOAK_POINTS must name at least one each"
+    );
     // Commits wait 300 ms so faults can land while the tail is held.
     std::env::set_var("DWCP_FAILPOINT_GATE_DELAY_MS", "300");
     let mut c = ClusterLab::with_args("soak", false, &["--idle-timeout", "3"]);
     let t_all = Instant::now();
     let mut rows = Vec::new();
+    let mut skipped = 0;
     let mut bad = Vec::new();
-    for i in 0..runs {
+    for i in first..first + runs {
         let mut rng = StdRng::seed_from_u64(seed.wrapping_mul(1_000_003).wrapping_add(i));
         let run = Run {
             mode: if rng.gen_bool(0.5) {
@@ -405,20 +490,24 @@ fn randomized_faults_never_lose_or_duplicate_the_guest() {
             } else {
                 Mode::Transport
             },
-            fault: FAULTS[rng.gen_range(0..FAULTS.len())],
-            point: POINTS[rng.gen_range(0..POINTS.len())],
+            fault: faults[rng.gen_range(0..faults.len())].0,
+            point: points[rng.gen_range(0..points.len())].0,
             guest: format!("5a0a0000-0000-4000-8000-{:012x}", seed * 100_000 + i),
         };
         let t = Instant::now();
-        let o = one_run(&mut c, i, &run, &mut rng);
+        let Some(o) = one_run(&mut c, i, &run, &mut rng) else {
+            skipped += 1;
+            continue;
+        };
         let row = json!({
             "run": i, "mode": format!("{:?}", run.mode), "fault": format!("{:?}", run.fault),
-            "point": format!("{:?}", run.point), "fired": o.fault_fired, "killed": o.killed,
+            "point": format!("{:?}", run.point), "fired": o.fault_fired, "killed": o.killed, "killed_role": o.killed_role,
             "migrated": o.migrated, "error": o.error, "reconciled": o.reconciled, "registry_ms": o.registry_ms,
             "violations": o.violations, "seconds": t.elapsed().as_secs_f64(),
         });
         eprintln!(
-            "soak run {i}/{runs}: {:?} {:?} at {:?}: {} in {:.1} s{}",
+            "soak run {i}/{}: {:?} {:?} at {:?}: {} in {:.1} s{}",
+            first + runs,
             run.mode,
             run.fault,
             run.point,
@@ -440,16 +529,33 @@ fn randomized_faults_never_lose_or_duplicate_the_guest() {
         rows.push(row);
     }
     let migrated = rows.iter().filter(|r| r["migrated"] == true).count();
+    // Per fault and point: migrated / stayed on the source / with violations.
+    let mut table: std::collections::BTreeMap<String, [u64; 3]> = Default::default();
+    for r in &rows {
+        let key = format!(
+            "{} {}",
+            r["fault"].as_str().unwrap_or("?"),
+            r["point"].as_str().unwrap_or("?")
+        );
+        let e = table.entry(key).or_default();
+        e[if r["migrated"] == true { 0 } else { 1 }] += 1;
+        e[2] += u64::from(!r["violations"].as_array().is_none_or(Vec::is_empty));
+    }
+    for (k, [m, s, v]) in &table {
+        eprintln!("soak table: {k}: {m} migrated, {s} stayed on the source, {v} with violations");
+    }
     let summary = json!({
-        "runs": runs, "seed": seed, "migrated": migrated, "stayed": rows.len() - migrated,
-        "violations": bad.len(), "seconds": t_all.elapsed().as_secs_f64(), "rows": rows,
+        "runs": runs, "first": first, "skipped": skipped, "seed": seed, "migrated": migrated,
+        "stayed": rows.len() - migrated,
+        "violations": bad.len(), "seconds": t_all.elapsed().as_secs_f64(),
+        "table": table, "rows": rows,
     });
     if let Ok(path) = std::env::var("DWCP_SOAK_REPORT") {
         std::fs::write(&path, serde_json::to_string_pretty(&summary).unwrap()).unwrap();
     }
     eprintln!(
-        "soak: {runs} runs (seed {seed}): {migrated} migrated, {} stayed on the source, {} with violations, {:.0} s",
-        runs as usize - migrated,
+        "soak: {runs} runs (seed {seed}, from run {first}; {skipped} skipped, their guests did not boot): {migrated} migrated, {} stayed on the source, {} with violations, {:.0} s",
+        rows.len() - migrated,
         bad.len(),
         t_all.elapsed().as_secs_f64()
     );

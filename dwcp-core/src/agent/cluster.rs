@@ -36,6 +36,14 @@ pub trait ClusterOps: Send + Sync + std::fmt::Debug {
     fn member_identity(&self, node: u64) -> Option<String>;
     /// Open intents as applied on this node: (guest, epoch, src, dst).
     fn open_intents(&self) -> Vec<(String, u64, u64, u64)>;
+    /// Hands raft leadership to member `to` (this node must lead); returns
+    /// once `to` leads.
+    fn transfer_leader(&self, to: u64) -> Result<(), ClusterError> {
+        let _ = to;
+        Err(ClusterError::invalid(
+            "this cluster cannot transfer leadership",
+        ))
+    }
 }
 
 /// Why a cluster operation failed. On the control socket an error answer of

@@ -21,7 +21,9 @@ use serde_json::{json, Value};
 use tracing::warn;
 
 use super::cluster::{ClusterError, ClusterErrorKind, ClusterOps};
-use super::cutover::{self, BeginRequest, EpochRequest, ReconcileRequest, SettleRequest};
+use super::cutover::{
+    self, BeginRequest, EpochRequest, ReconcileRequest, SettleRequest, TransferLeaderRequest,
+};
 use super::expect::{self, ExpectRequest};
 use super::prepared::{self, PrepareRequest, ReleaseRequest, StartedRequest};
 use super::progress::{self, ProgressRequest};
@@ -91,6 +93,8 @@ control_requests! {
     "settle" => Settle(SettleRequest),
     /// Closes what the registry still shows for the guest's last migration.
     "reconcile" => Reconcile(ReconcileRequest),
+    /// Hands raft leadership to member `"to"` (ask the leader).
+    "transfer_leader" => TransferLeader(TransferLeaderRequest),
     /// The driver's figures for a migration: remaining bytes, ETA, downtime.
     "progress" => Progress(ProgressRequest),
 }
@@ -263,6 +267,7 @@ fn cluster_dispatch(
         ControlRequest::Revert(r) => cutover::revert_op(c.as_ref(), &r),
         ControlRequest::Settle(r) => cutover::settle_op(c, &r),
         ControlRequest::Reconcile(r) => cutover::reconcile_op(c, &r),
+        ControlRequest::TransferLeader(r) => cutover::transfer_leader_op(c.as_ref(), &r),
         other => unreachable!("{} is not a cluster op", other.op()),
     }
 }

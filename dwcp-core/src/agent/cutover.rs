@@ -403,6 +403,13 @@ pub(crate) struct ReconcileRequest {
     pub guest: String,
 }
 
+/// `{"op":"transfer_leader","to":N}`.
+#[derive(Debug, Deserialize)]
+pub(crate) struct TransferLeaderRequest {
+    #[serde(default, deserialize_with = "super::lenient_u64")]
+    pub to: Option<u64>,
+}
+
 /// A numeric field the op needs.
 fn need(op: &str, field: &str, v: Option<u64>) -> Result<u64, ClusterError> {
     v.ok_or_else(|| ClusterError::invalid(format!("{op}: missing or non-numeric {field:?}")))
@@ -459,6 +466,18 @@ pub(super) fn revert_op(c: &dyn ClusterOps, r: &EpochRequest) -> Result<Value, C
         "migration reverted: the source owns the guest again"
     );
     Ok(json!({"ok": true}))
+}
+
+/// `transfer_leader`: hands raft leadership to another member (this node
+/// must lead; planned maintenance, and the soak's leader placement).
+pub(super) fn transfer_leader_op(
+    c: &dyn ClusterOps,
+    r: &TransferLeaderRequest,
+) -> Result<Value, ClusterError> {
+    let to = need("transfer_leader", "to", r.to)?;
+    c.transfer_leader(to)?;
+    info!(to, "raft leadership handed over");
+    Ok(json!({"ok": true, "leader": to}))
 }
 
 /// `settle`: abort (or revert) in the background, retried until the

@@ -33,7 +33,9 @@
 //! "revert_if_committed":BOOL}` (abort, or revert, in the background, retried
 //! until the cluster has a quorum), and `{"op":"reconcile","guest":UUID}`: after a
 //! failed migration, on the host running the guest again, abort or revert
-//! whatever the registry still shows for its latest migration out of here.
+//! whatever the registry still shows for its latest migration out of here;
+//! `{"op":"transfer_leader","to":N}` on the leader hands raft leadership to
+//! member N (planned maintenance).
 //! An error answer of these ops also has `"kind"` ([`ClusterErrorKind`]).
 //! A `prepare` with `"gate": true` (and the
 //! guest's `uuid`) gates the migration's cutover on the cluster: see

@@ -240,6 +240,7 @@ fn cluster_ops_on_a_non_member_say_so_with_a_kind() {
         "revert",
         "settle",
         "reconcile",
+        "transfer_leader",
     ] {
         let e = control_call(&sock, &json!({"op": op})).unwrap_err();
         assert!(

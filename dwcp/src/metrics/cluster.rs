@@ -181,4 +181,7 @@ impl ClusterOps for Timed {
     fn open_intents(&self) -> Vec<(String, u64, u64, u64)> {
         self.0.inner.open_intents()
     }
+    fn transfer_leader(&self, to: u64) -> Result<(), ClusterError> {
+        self.0.inner.transfer_leader(to)
+    }
 }
