@@ -20,6 +20,7 @@ help:
 	@echo "make bench-full - every figure of docs/benchmarks.md (about an hour)"
 	@echo "make libvirt-bench - virsh migrate through DWCP against libvirt's own transport (docs/libvirt.md)"
 	@echo "make soak   - 200 randomized fault-injection runs on gated migrations (about an hour; make test runs 4)"
+	@echo "make load-test - 5 and 10 concurrent migrations, 100 back-to-back with the agents' memory sampled (docs/scale.md)"
 	@echo "make bench-gate - what the cutover gate adds to a migration, dc and internet links"
 	@echo "make bench-consensus - raft commit latency, throughput and failover over dc and internet links"
 	@echo "make qemu   - build QEMU with the dwcp: migration URI (qemu-patches/)"
@@ -109,6 +110,15 @@ SOAK_SEED ?= 2026
 soak: build guest
 	DWCP_SOAK_RUNS=$(SOAK_RUNS) DWCP_SOAK_SEED=$(SOAK_SEED) DWCP_SOAK_REPORT=$(CURDIR)/target/soak.json \
 	  $(CARGO) test --release -p dwcp-e2e --test soak -- --nocapture
+
+# Scale (docs/scale.md). Concurrent real migrations (N = 5 and 10 guests at
+# once through one agent pair) and 100 back-to-back migrations with both
+# agents' RSS, descriptors and threads sampled after each (the #[ignore]d
+# tests of tests/tests/concurrent.rs and many_migrations.rs; make test runs
+# their short versions). About 20 min here.
+.PHONY: load-test
+load-test: build guest
+	$(CARGO) test --release -p dwcp-e2e --test concurrent --test many_migrations -- --ignored --test-threads=1 --nocapture
 
 # The cutover gate's cost: ungated, QMP gate and transport gate side by side.
 bench-gate: build guest
