@@ -19,7 +19,7 @@ help:
 	@echo "make bench  - side-by-side benchmarks against QEMU's own channel (see docs/benchmarks.md)"
 	@echo "make bench-full - every figure of docs/benchmarks.md (about an hour)"
 	@echo "make libvirt-bench - virsh migrate through DWCP against libvirt's own transport (docs/libvirt.md)"
-	@echo "make load-test - many migrations at once: dwcp load-test with 10, 100 and 1,000 synthetic guests, stress ramp (docs/scale.md)"
+	@echo "make load-test - 5 and 10 concurrent real migrations, 100 back-to-back with the agents' memory sampled, dwcp load-test with 10/100/1,000 synthetic guests (docs/scale.md)"
 	@echo "make soak   - 200 randomized fault-injection runs on gated migrations (about an hour; make test runs 4)"
 	@echo "make bench-gate - what the cutover gate adds to a migration, dc and internet links"
 	@echo "make bench-consensus - raft commit latency, throughput and failover over dc and internet links"
@@ -116,6 +116,19 @@ soak: build guest
 	  DWCP_SOAK_FAULTS="$(SOAK_FAULTS)" DWCP_SOAK_POINTS="$(SOAK_POINTS)" \
 	  $(CARGO) test --release -p dwcp-e2e --test soak -- --nocapture
 
+# Scale (docs/scale.md), the long versions of what make test runs short:
+# 1. concurrent real migrations (N = 5 and 10 guests at once through one
+#    agent pair) and 100 back-to-back migrations with both agents' RSS,
+#    descriptors and threads sampled after each (the #[ignore]d tests of
+#    tests/tests/concurrent.rs and many_migrations.rs);
+# 2. `dwcp load-test` with 10, 100 and 1,000 synthetic guests at once through
+#    one agent pair, and its stress ramp (scripts/load-test.sh; reports in
+#    target/load-test/).
+.PHONY: load-test
+load-test: build guest
+	$(CARGO) test --release -p dwcp-e2e --test concurrent --test many_migrations -- --ignored --test-threads=1 --nocapture
+	bash scripts/load-test.sh
+
 # The cutover gate's cost: ungated, QMP gate and transport gate side by side.
 bench-gate: build guest
 	for l in dc internet; do \
@@ -126,12 +139,6 @@ bench-gate: build guest
 bench-consensus: build
 	$(DWCP) benchmark consensus --link loopback,dc,internet --nodes 3,5 --ops 500 --batch 1 --output dwcp-bench/consensus-1
 	$(DWCP) benchmark consensus --link loopback,dc,internet --nodes 3,5 --ops 20000 --batch 256 --output dwcp-bench/consensus-256
-
-# Fleet scale (docs/scale.md): `dwcp load-test` with 10, 100 and 1,000
-# synthetic guests at once through one agent pair, and its stress ramp
-# (scripts/load-test.sh; reports in target/load-test/).
-load-test: build
-	bash scripts/load-test.sh
 
 # The README's two set-up commands (make demo, make test) in a clean bookworm
 # root built with mmdebstrap; the host's Rust toolchain is bind-mounted, nothing

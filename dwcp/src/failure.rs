@@ -181,7 +181,7 @@ pub fn exit_code_help() -> String {
             }
             FailKind::PeerRefused => {
                 "refused by the destination: migration not expected, this source not allowed, \
-                 or TLS authentication failed"
+                 its --max-sessions or --session-memory limit, or TLS authentication failed"
             }
         };
         s.push_str(&format!("  {}  {:<17}  {what}\n", k.exit_code(), k.name()));

@@ -230,6 +230,12 @@ fn run_inner(
     }
     let session = dwcp_core::agent::settled_session(&a.agent, &a.name, Duration::from_secs(5));
     let r = result.map_err(|e| migration_error(e, &a.agent, &a.name))?;
+    // The route was this migration's: it goes with it (each route holds a
+    // listening socket and a thread in the agent; a host that migrates
+    // guest after guest would otherwise pile them up). A failed
+    // migration's route stays, with its last error in `dwcp stats`, until
+    // a retry replaces it.
+    let _ = control_call(&a.agent, &json!({"op": "unroute", "name": a.name}));
     let wall = t0.elapsed();
     let wire = session
         .as_ref()

@@ -37,6 +37,21 @@ pub struct GuestSpec {
 }
 
 impl GuestSpec {
+    /// A small test guest for tests that run many at once or one after
+    /// the other (tests/tests/concurrent.rs, many_migrations.rs): 128 MiB
+    /// of RAM, 24 MiB of realistic content (the most the workload fills
+    /// while it leaves 48 MiB free), rewriting 2 MiB/s, checking it all
+    /// the while; `seed` makes each one's content its own.
+    pub fn small(seed: u64) -> GuestSpec {
+        GuestSpec {
+            mem_mb: 128,
+            fill_mb: 24,
+            dirty_mbps: 2,
+            seed,
+            ..GuestSpec::default()
+        }
+    }
+
     /// Whether this is a user guest (no workload, no heartbeats).
     pub fn is_custom(&self) -> bool {
         !self.qemu_args.is_empty()
@@ -225,7 +240,9 @@ impl Guest {
             }
             return Ok(0);
         }
-        self.wait_line("DWCP-READY", Duration::from_secs(60 + spec.fill_mb / 2))?;
+        // Minutes, not seconds: on a loaded 2-core host a TCG guest gets a
+        // fraction of a core while it boots and fills its memory.
+        self.wait_line("DWCP-READY", Duration::from_secs(180 + spec.fill_mb / 2))?;
         Ok(self.expect_heartbeats(0, 2, Duration::from_secs(20))?.seq)
     }
 

@@ -12,6 +12,8 @@
 //! * [`guest`] — a QEMU guest in one host: start, console, heartbeats.
 //! * [`migration`] — boot a pair, migrate through `dwcp migrate`, verify.
 //! * [`cluster`] — three agents as a raft cluster in the lab.
+//! * [`procstat`] — a process's memory, descriptors and threads from `/proc`,
+//!   and the slope of a series of them.
 //! * [`demo`] — `dwcp demo`.
 
 pub mod cluster;
@@ -20,6 +22,7 @@ pub mod guest;
 pub mod hosts;
 pub mod locate;
 pub mod migration;
+pub mod procstat;
 
 pub use guest::{longest_heartbeat_gap, Guest, GuestSpec, Heartbeat};
 pub use hosts::{grep, scratch_dir, spawn_proxy, wait_log, AgentProc, Lab, AGENT_PORT};
@@ -27,6 +30,7 @@ pub use linkem::topo::{Middle, Topology};
 pub use linkem::Profile;
 pub use locate::{dwcp_bin, guest_files, DataDir};
 pub use migration::{
-    boot_pair, compare_memory, dwcp_migrate, restart_destination, verify, GuestPair, MemoryCheck,
-    MigrationSpec, Verified,
+    boot_pair, boot_pair_as, compare_memory, dwcp_migrate, restart_destination, start_incoming,
+    verify, GuestPair, MemoryCheck, MigrationSpec, Verified,
 };
+pub use procstat::{proc_sample, slope, ProcSample};

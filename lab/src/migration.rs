@@ -13,7 +13,7 @@ use dwcp_core::qemu::MigrationSetup;
 use serde_json::Value;
 
 use crate::guest::{longest_heartbeat_gap, Guest, GuestSpec};
-use crate::hosts::Lab;
+use crate::hosts::{AgentProc, Lab, AGENT_PORT, PLAIN_AGENT_PORT};
 use crate::locate::dwcp_bin;
 
 /// Result of comparing the two guests' RAM.
@@ -84,6 +84,28 @@ pub struct MigrationSpec {
     pub expect_from: Option<String>,
     /// Through the clear-text agent pair ([`Lab::start_plain_agents`]).
     pub plain: bool,
+    /// From the lab's destination host back to its source host: the
+    /// destination's agent carries the migration out, the source's takes it
+    /// in (a guest migrated there and back, [`start_incoming`]).
+    pub reverse: bool,
+}
+
+impl MigrationSpec {
+    /// The agents of this migration: (the one on the guest's host, the
+    /// one it goes to) and the data address of the latter.
+    fn ends<'a>(&self, lab: &'a Lab) -> (&'a AgentProc, &'a AgentProc, String) {
+        let (s, d) = lab.agents(self.plain);
+        if self.reverse {
+            let port = if self.plain {
+                PLAIN_AGENT_PORT
+            } else {
+                AGENT_PORT
+            };
+            (d, s, format!("{}:{port}", lab.topo.src_ip))
+        } else {
+            (s, d, lab.dst_addr_of(self.plain))
+        }
+    }
 }
 
 impl Default for MigrationSpec {
@@ -98,6 +120,7 @@ impl Default for MigrationSpec {
             timeout_s: 300,
             expect_from: None,
             plain: false,
+            reverse: false,
         }
     }
 }
@@ -113,9 +136,46 @@ pub struct GuestPair {
 /// Boots the source guest (waits for its workload to be ready) and starts the
 /// destination QEMU listening on the destination agent's incoming socket.
 pub fn boot_pair(lab: &Lab, spec: &GuestSpec, mig: &MigrationSpec) -> Result<GuestPair> {
-    let mut src = Guest::start(lab, lab.src_ns(), "src", spec, false)?;
-    let dst = Guest::start(lab, lab.dst_ns(), "dst", spec, true)?;
+    boot_pair_as(lab, spec, mig, "")
+}
+
+/// [`boot_pair`] for one of several pairs in the same lab at once: the
+/// guests' directories (and QEMU `-name`s) are `src{tag}` and `dst{tag}`,
+/// so pairs with different tags (and different [`MigrationSpec::name`]s)
+/// run side by side.
+pub fn boot_pair_as(
+    lab: &Lab,
+    spec: &GuestSpec,
+    mig: &MigrationSpec,
+    tag: &str,
+) -> Result<GuestPair> {
+    let mut src = Guest::start(lab, lab.src_ns(), &format!("src{tag}"), spec, false)?;
+    let dst = start_incoming(lab, &format!("dst{tag}"), spec, mig)?;
     let ready_seq = src.wait_ready(spec)?;
+    Ok(GuestPair {
+        src,
+        dst,
+        ready_seq,
+    })
+}
+
+/// Starts a QEMU (directory `role`) waiting for migration `mig` on the
+/// host it goes to (the lab's destination, or its source when
+/// [`MigrationSpec::reverse`]): its capabilities set, the agent there told
+/// to expect it, listening on that agent's incoming socket.
+pub fn start_incoming(
+    lab: &Lab,
+    role: &str,
+    spec: &GuestSpec,
+    mig: &MigrationSpec,
+) -> Result<Guest> {
+    let (_, to_agent, _) = mig.ends(lab);
+    let ns = if mig.reverse {
+        lab.src_ns()
+    } else {
+        lab.dst_ns()
+    };
+    let dst = Guest::start(lab, ns, role, spec, true)?;
     let setup = MigrationSetup {
         multifd_channels: mig.multifd,
         return_path: mig.return_path,
@@ -123,9 +183,15 @@ pub fn boot_pair(lab: &Lab, spec: &GuestSpec, mig: &MigrationSpec) -> Result<Gue
     };
     let mut dq = dst.qmp()?;
     setup.apply(&mut dq, true)?;
-    let incoming = lab.agents(mig.plain).1.incoming(&mig.name);
+    let incoming = to_agent.incoming(&mig.name);
     std::fs::create_dir_all(incoming.parent().expect("parent"))?;
-    lab.expect_on(mig.plain, &mig.name, mig.expect_from.as_deref())?;
+    let _ = std::fs::remove_file(&incoming);
+    let mut req = serde_json::json!({"op": "expect", "name": mig.name});
+    if let Some(f) = &mig.expect_from {
+        req["from"] = serde_json::json!(f);
+    }
+    dwcp_core::agent::control_request(&to_agent.control(), &req)
+        .map_err(|e| anyhow::anyhow!("expect {} on {}: {e}", mig.name, to_agent.log.display()))?;
     dq.execute(
         "migrate-incoming",
         Some(serde_json::json!({"uri": format!("unix:{}", incoming.display())})),
@@ -138,27 +204,18 @@ pub fn boot_pair(lab: &Lab, spec: &GuestSpec, mig: &MigrationSpec) -> Result<Gue
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    Ok(GuestPair {
-        src,
-        dst,
-        ready_seq,
-    })
+    Ok(dst)
 }
 
 /// Runs `dwcp migrate` on the source host; returns its JSON result, or the
 /// command's error output.
 pub fn dwcp_migrate(lab: &Lab, pair: &GuestPair, mig: &MigrationSpec) -> Result<Value> {
+    let (from_agent, _, to) = mig.ends(lab);
     let mut cmd = Command::new(dwcp_bin()?);
     cmd.args(["--log", "warn", "migrate", "--json", "--qmp"])
         .arg(&pair.src.qmp_path)
-        .args([
-            "--to",
-            &lab.dst_addr_of(mig.plain),
-            "--name",
-            &mig.name,
-            "--agent",
-        ])
-        .arg(lab.agents(mig.plain).0.control())
+        .args(["--to", &to, "--name", &mig.name, "--agent"])
+        .arg(from_agent.control())
         .args([
             "--streams",
             &mig.streams.to_string(),
@@ -262,27 +319,6 @@ pub fn restart_destination(
 ) -> Result<()> {
     let _ = pair.dst.child.kill();
     let _ = pair.dst.child.wait();
-    let incoming = lab.dst_agent().incoming(&mig.name);
-    let _ = std::fs::remove_file(&incoming);
-    pair.dst = Guest::start(lab, lab.dst_ns(), "dst", spec, true)?;
-    lab.expect(&mig.name, mig.expect_from.as_deref())?;
-    let setup = MigrationSetup {
-        multifd_channels: mig.multifd,
-        return_path: mig.return_path,
-        ..Default::default()
-    };
-    let mut dq = pair.dst.qmp()?;
-    setup.apply(&mut dq, true)?;
-    dq.execute(
-        "migrate-incoming",
-        Some(serde_json::json!({"uri": format!("unix:{}", incoming.display())})),
-    )?;
-    let t0 = Instant::now();
-    while !incoming.exists() {
-        if t0.elapsed() > Duration::from_secs(10) {
-            bail!("destination QEMU did not listen on {}", incoming.display());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    pair.dst = start_incoming(lab, "dst", spec, mig)?;
     Ok(())
 }

@@ -42,18 +42,9 @@ fn channels_constant_is_the_default() {
     );
 }
 
-/// VmRSS and VmHWM of a process, bytes.
+/// VmRSS and VmHWM of a process, bytes (0 once it is gone).
 fn rss(pid: u32) -> (u64, u64) {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        text.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-            * 1024
-    };
-    (field("VmRSS:"), field("VmHWM:"))
+    proc_sample(pid).map(|s| (s.rss, s.hwm)).unwrap_or((0, 0))
 }
 
 /// A fake destination QEMU for `name`: accepts every channel's connection

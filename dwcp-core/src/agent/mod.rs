@@ -222,6 +222,28 @@ impl State {
                 o(&last);
             }
         }
+        self.retire(&session);
+    }
+
+    /// Replaces every handle the agent keeps of an ended session (its
+    /// history, the prepared entry, the route's current session) with a
+    /// retired one ([`Session::retired`]): the figures stay for `stats`, the
+    /// sockets close. Without this an agent holds every remembered
+    /// migration's streams and QEMU sockets open.
+    fn retire(&self, session: &Session) {
+        let retired = session.retired();
+        for s in self.sessions.lock().iter_mut() {
+            if s.same(session) {
+                *s = retired.clone();
+            }
+        }
+        self.retire_prepared(session, &retired);
+        // Not nested in another lock: `attach` takes a route's `current`
+        // and then the history's.
+        let routes: Vec<Arc<route::Route>> = self.routes.lock().values().cloned().collect();
+        for r in routes {
+            r.retire(session, &retired);
+        }
     }
 
     /// Remembers an intent recorded through this agent (`guest@epoch`): in

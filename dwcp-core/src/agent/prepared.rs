@@ -143,6 +143,15 @@ impl State {
 
     /// A session ended: its prepared entry (if still active) ends with it.
     /// `result` carries the session's failure as its message.
+    /// Replaces the prepared entries' handle of `s` with `retired` ([`State::retire`]).
+    pub(super) fn retire_prepared(&self, s: &Session, retired: &Session) {
+        for e in self.prepared.lock().iter_mut() {
+            if e.session.as_ref().is_some_and(|x| x.same(s)) {
+                e.session = Some(retired.clone());
+            }
+        }
+    }
+
     pub(super) fn session_ended(&self, s: &Session, result: &Result<(), String>) {
         let mut p = self.prepared.lock();
         let same = |e: &Prepared| e.session.as_ref().is_some_and(|x| x.same(s));

@@ -80,6 +80,14 @@ impl Route {
                "settings_from": self.settings_from, "last_error": last_error})
     }
 
+    /// Replaces the route's handle of the ended session `s` with `retired`.
+    pub(super) fn retire(&self, s: &Session, retired: &Session) {
+        let mut current = self.current.lock();
+        if current.as_ref().is_some_and(|c| c.same(s)) {
+            *current = Some(retired.clone());
+        }
+    }
+
     /// Stops the route's accept loop (its socket file stays).
     fn stop(&self) {
         self.stop.store(true, Ordering::Release);

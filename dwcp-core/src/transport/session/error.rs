@@ -45,8 +45,9 @@ pub enum SessionError {
 /// does not allow this source's certificate identity
 /// ([`crate::wire::Status::PeerNotAllowed`]), the cluster's registry names
 /// another host as the source of this gated migration
-/// ([`crate::wire::Status::NotIntendedSource`]), or the two agents did not
-/// authenticate each other over TLS.
+/// ([`crate::wire::Status::NotIntendedSource`]), it runs its maximum of
+/// migrations or the session does not fit its memory budget, or the two
+/// agents did not authenticate each other over TLS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PeerRefusal {
@@ -54,6 +55,12 @@ pub enum PeerRefusal {
     PeerNotAllowed,
     NotIntendedSource,
     Tls,
+    /// The destination runs its maximum of migrations at once
+    /// ([`crate::wire::Status::MaxSessions`], `--max-sessions`).
+    MaxSessions,
+    /// The session's streams do not fit the destination's per-session
+    /// memory budget ([`crate::wire::Status::MemoryBudget`], `--session-memory`).
+    MemoryBudget,
 }
 
 impl SessionError {
@@ -75,6 +82,14 @@ impl SessionError {
                 ..
             } => Some(PeerRefusal::NotIntendedSource),
             SessionError::Tls { .. } => Some(PeerRefusal::Tls),
+            SessionError::Handshake {
+                source: WireError::Refused(Status::MaxSessions),
+                ..
+            } => Some(PeerRefusal::MaxSessions),
+            SessionError::Handshake {
+                source: WireError::Refused(Status::MemoryBudget),
+                ..
+            } => Some(PeerRefusal::MemoryBudget),
             _ => None,
         }
     }

@@ -120,6 +120,9 @@ struct Inner {
     flow: Flow,
     tuning: Tuning,
     counters: Counters,
+    /// A retired handle ([`Session::retired`]): the ended session's final
+    /// figures, which [`Session::stats`] returns; it holds no socket.
+    retired: Option<SessionStats>,
 }
 
 /// The session's TCP streams.
@@ -314,6 +317,7 @@ impl Session {
                 raw_rate: AtomicU64::new(0),
             },
             counters: Counters::default(),
+            retired: None,
         });
         info!(name, session = %hex(&id), ?role, streams = n, window, ring_pages, "session started");
         let sess = Session { inner };
@@ -433,6 +437,83 @@ impl Session {
         match self.failure() {
             Some(e) => Err(SessionError::Failed(e)),
             None => Ok(self.stats()),
+        }
+    }
+
+    /// A handle on this session's figures alone, for a history of ended
+    /// sessions (the agent's `stats`): same id, name, role and outcome,
+    /// [`Session::stats`] its final figures, but none of its sockets, queues
+    /// or buffers. A handle kept for as long as a session is remembered
+    /// holds its streams' and QEMU's file descriptors open; a retired one
+    /// holds a few hundred bytes. Call it once the session has ended
+    /// ([`Session::wait`] returned); on a running session it returns a
+    /// handle of the figures so far, in state `running`, and never ends.
+    pub fn retired(&self) -> Session {
+        let i = &self.inner;
+        let figures = self.stats();
+        let (job_tx, job_rx) = bounded(0);
+        let (frame_tx, frame_rx) = bounded(0);
+        let (ctrl_tx, ctrl_rx) = bounded(0);
+        let flag = |a: &AtomicBool| AtomicBool::new(a.load(Ordering::Acquire));
+        Session {
+            inner: Arc::new(Inner {
+                id: i.id,
+                name: i.name.clone(),
+                role: i.role,
+                version: i.version,
+                cfg: i.cfg.clone(),
+                window: i.window,
+                ring_bytes: i.ring_bytes,
+                budget: SessionBudget::new(0, 0),
+                target: None,
+                gate: None,
+                links: Links {
+                    streams: Vec::new(),
+                    tx: Vec::new(),
+                    next_tx: AtomicUsize::new(0),
+                },
+                channels: Channels {
+                    map: Mutex::new(HashMap::new()),
+                    opening: Mutex::new(()),
+                    // No channel can be added to a retired handle.
+                    next_id: AtomicUsize::new(usize::MAX / 2),
+                },
+                queues: Queues {
+                    job_tx,
+                    job_rx,
+                    frame_tx,
+                    frame_rx,
+                    ctrl_tx,
+                    ctrl_rx,
+                    inflight: AtomicU64::new(0),
+                },
+                life: Life {
+                    failure: Mutex::new(i.life.failure.lock().clone()),
+                    failed: flag(&i.life.failed),
+                    complete: flag(&i.life.complete),
+                    close_expected: Mutex::new(None),
+                    readers_done: AtomicUsize::new(0),
+                    first_eof: Mutex::new(None),
+                    last_rx: Mutex::new(*i.life.last_rx.lock()),
+                    started: i.life.started,
+                    ended: Mutex::new(*i.life.ended.lock()),
+                    threads: Mutex::new(Vec::new()),
+                },
+                flow: Flow {
+                    credited: AtomicU64::new(0),
+                    credited_wire: AtomicU64::new(0),
+                    wire_inflight: AtomicU64::new(0),
+                    credit_waiters: AtomicUsize::new(0),
+                },
+                tuning: Tuning {
+                    tier: Mutex::new(figures.tier),
+                    target_inflight: AtomicU64::new(0),
+                    delivery_rate: AtomicU64::new(figures.delivery_rate),
+                    raw_rate: AtomicU64::new(figures.raw_rate),
+                },
+                counters: Counters::default(),
+                retired: Some(figures),
+            }),
         }
     }
 

@@ -153,6 +153,9 @@ impl Session {
     /// A snapshot of the session's figures.
     pub fn stats(&self) -> SessionStats {
         let i = &self.inner;
+        if let Some(figures) = &i.retired {
+            return figures.clone();
+        }
         let c = &i.counters;
         let state = if i.life.failed.load(Ordering::Acquire) {
             SessionState::Failed
