@@ -429,6 +429,8 @@ mod tests {
             json!({"op": "revert", "guest": guest, "epoch": 3}),
             json!({"op": "settle", "guest": guest, "epoch": 3, "revert_if_committed": true}),
             json!({"op": "reconcile", "guest": guest}),
+            // the soak (tests/tests/soak.rs): place the raft leader.
+            json!({"op": "transfer_leader", "to": 3}),
             // dwcp migrate, dwcp virsh-migrate: once a second.
             json!({"op": "progress", "name": "vm1", "remaining_bytes": 1048576,
                    "total_bytes": 536870912, "eta_s": 1.5, "expected_downtime_ms": 120}),
@@ -547,9 +549,9 @@ mod tests {
             for op in ControlRequest::OPS {
                 assert!(e.contains(&format!(" {op}")), "{v}: {e} misses {op}");
             }
-            assert!(e.ends_with(", reconcile or progress"), "{e}");
+            assert!(e.ends_with(", transfer_leader or progress"), "{e}");
         }
-        assert_eq!(ControlRequest::OPS.len(), 18);
+        assert_eq!(ControlRequest::OPS.len(), 19);
     }
 
     /// Refused requests read as they always did.
