@@ -158,6 +158,24 @@ struct Queues {
     inflight: AtomicU64,
 }
 
+impl Queues {
+    /// The three queues with these capacities, nothing in flight.
+    fn new(jobs: usize, frames: usize, ctrl: usize) -> Self {
+        let (job_tx, job_rx) = bounded(jobs);
+        let (frame_tx, frame_rx) = bounded(frames);
+        let (ctrl_tx, ctrl_rx) = bounded(ctrl);
+        Self {
+            job_tx,
+            job_rx,
+            frame_tx,
+            frame_rx,
+            ctrl_tx,
+            ctrl_rx,
+            inflight: AtomicU64::new(0),
+        }
+    }
+}
+
 /// Where the session is in its life, and its threads.
 struct Life {
     failure: Mutex<Option<FailReason>>,
@@ -232,9 +250,11 @@ impl Session {
         gate: Option<Arc<dyn CutoverGate>>,
     ) -> Session {
         let n = links.len();
-        let (job_tx, job_rx) = bounded(cfg.workers * 2);
-        let (frame_tx, frame_rx) = bounded(n * 2 + 4);
-        let (ctrl_tx, ctrl_rx) = bounded(cfg.max_channels as usize * 2 + n * 2 + 16);
+        let queues = Queues::new(
+            cfg.workers * 2,
+            n * 2 + 4,
+            cfg.max_channels as usize * 2 + n * 2 + 16,
+        );
         let mut shutdown_clones = Vec::with_capacity(n);
         let mut tx = Vec::with_capacity(n);
         let mut streams = Vec::with_capacity(n);
@@ -283,15 +303,7 @@ impl Session {
                 opening: Mutex::new(()),
                 next_id: AtomicUsize::new(0),
             },
-            queues: Queues {
-                job_tx,
-                job_rx,
-                frame_tx,
-                frame_rx,
-                ctrl_tx,
-                ctrl_rx,
-                inflight: AtomicU64::new(0),
-            },
+            queues,
             life: Life {
                 failure: Mutex::new(None),
                 failed: AtomicBool::new(false),
@@ -451,9 +463,6 @@ impl Session {
     pub fn retired(&self) -> Session {
         let i = &self.inner;
         let figures = self.stats();
-        let (job_tx, job_rx) = bounded(0);
-        let (frame_tx, frame_rx) = bounded(0);
-        let (ctrl_tx, ctrl_rx) = bounded(0);
         let flag = |a: &AtomicBool| AtomicBool::new(a.load(Ordering::Acquire));
         Session {
             inner: Arc::new(Inner {
@@ -478,15 +487,7 @@ impl Session {
                     // No channel can be added to a retired handle.
                     next_id: AtomicUsize::new(usize::MAX / 2),
                 },
-                queues: Queues {
-                    job_tx,
-                    job_rx,
-                    frame_tx,
-                    frame_rx,
-                    ctrl_tx,
-                    ctrl_rx,
-                    inflight: AtomicU64::new(0),
-                },
+                queues: Queues::new(0, 0, 0),
                 life: Life {
                     failure: Mutex::new(i.life.failure.lock().clone()),
                     failed: flag(&i.life.failed),
