@@ -28,6 +28,17 @@ pub struct MemoryCheck {
 /// compares them page by page. Both must be paused: the source after
 /// completion (`postmigrate`), the destination started with `-S`.
 pub fn compare_memory(src: &Guest, dst: &Guest, scratch: &Path) -> Result<MemoryCheck> {
+    compare_memory_keeping(src, dst, scratch, None)
+}
+
+/// [`compare_memory`], keeping the source's dump at `keep` (e.g. for
+/// `dwcp benchmark compare`'s compression floor) instead of deleting it.
+pub fn compare_memory_keeping(
+    src: &Guest,
+    dst: &Guest,
+    scratch: &Path,
+    keep: Option<&Path>,
+) -> Result<MemoryCheck> {
     let bytes = src.mem_mb << 20;
     let dumps = [scratch.join("src.ram"), scratch.join("dst.ram")];
     for (g, path) in [src, dst].iter().zip(&dumps) {
@@ -62,6 +73,11 @@ pub fn compare_memory(src: &Guest, dst: &Guest, scratch: &Path) -> Result<Memory
             check.first_difference.get_or_insert(off);
         }
         off += 4096;
+    }
+    drop((a, b));
+    if let Some(k) = keep {
+        std::fs::rename(&dumps[0], k)
+            .with_context(|| format!("keeping the source's RAM dump at {}", k.display()))?;
     }
     for d in &dumps {
         let _ = std::fs::remove_file(d);
@@ -253,6 +269,17 @@ pub struct Verified {
 /// equals the source's, and the guest runs on the destination (new heartbeats,
 /// no self-check errors).
 pub fn verify(pair: &GuestPair, result: Value, scratch: &Path) -> Result<Verified> {
+    verify_keeping(pair, result, scratch, None)
+}
+
+/// [`verify`], keeping the source's RAM dump at `keep` when RAM compares
+/// equal ([`compare_memory_keeping`]).
+pub fn verify_keeping(
+    pair: &GuestPair,
+    result: Value,
+    scratch: &Path,
+    keep: Option<&Path>,
+) -> Result<Verified> {
     let src_state = pair.src.qmp()?.status()?;
     if src_state != "postmigrate" {
         bail!("source guest is {src_state:?} after migration, expected postmigrate");
@@ -262,7 +289,7 @@ pub fn verify(pair: &GuestPair, result: Value, scratch: &Path) -> Result<Verifie
     if st != "paused" {
         bail!("destination is {st:?} after migration, expected paused (-S)");
     }
-    let memory = compare_memory(&pair.src, &pair.dst, scratch)?;
+    let memory = compare_memory_keeping(&pair.src, &pair.dst, scratch, keep)?;
     if memory.differing_pages > 0 {
         bail!(
             "destination RAM differs from the source in {} pages (first at {:#x})",

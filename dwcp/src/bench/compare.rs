@@ -13,7 +13,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use dwcp_core::agent::control_request;
 use dwcp_core::qemu::{self, MigrationSetup};
-use dwcp_lab::{boot_pair, scratch_dir, verify, Guest, GuestPair, GuestSpec, Lab, MigrationSpec};
+use dwcp_lab::{boot_pair, scratch_dir, verify_keeping, Guest, GuestPair, GuestSpec, Lab, MigrationSpec};
 use serde_json::{json, Value};
 
 use super::schema::{
@@ -96,6 +96,14 @@ pub struct CompareArgs {
     /// contender alike on fast links).
     #[arg(long, default_value_t = 0)]
     pub max_bandwidth: u64,
+    /// zstd levels of the compression floor (`dwcp benchmark floor`),
+    /// measured once on the source's RAM after the first verified run;
+    /// each run's wire bytes are then reported as a multiple of it.
+    #[arg(long, value_delimiter = ',', default_value = "3,19")]
+    pub floor_levels: Vec<i32>,
+    /// Do not measure the compression floor.
+    #[arg(long)]
+    pub no_floor: bool,
 }
 
 impl CompareArgs {
@@ -306,6 +314,7 @@ pub fn run(a: &CompareArgs, p: &Progress) -> Result<CompareSuite> {
     };
     let scratch = scratch_dir(&lab)?;
     let mut runs = Vec::new();
+    let mut floor: Option<super::floor::Floor> = None;
     for r in 0..a.repeat {
         for (name, kind) in &kinds {
             p.set_message(format!(
@@ -319,7 +328,29 @@ pub fn run(a: &CompareArgs, p: &Progress) -> Result<CompareSuite> {
             } else {
                 a.max_bandwidth << 20
             });
-            let rr = one_run(&lab, &spec, name, &kind, r, a.timeout, &scratch);
+            let keep = (floor.is_none() && !a.no_floor).then(|| scratch.join("floor-src.ram"));
+            let mut rr = one_run(&lab, &spec, name, &kind, r, a.timeout, &scratch, keep.as_deref());
+            if let Some(k) = keep.filter(|k| k.exists()) {
+                p.set_message(format!("compare {}: compression floor of the guest's RAM", a.profile));
+                match super::floor::measure(
+                    std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(&k)?),
+                    "the source's RAM after its first verified run",
+                    &a.floor_levels,
+                ) {
+                    Ok(f) => {
+                        // Runs before this one had no floor yet.
+                        for done in runs.iter_mut() {
+                            set_floor_multiple(done, &f);
+                        }
+                        floor = Some(f);
+                    }
+                    Err(e) => p.println(format!("    compression floor: {e:#}")),
+                }
+                let _ = std::fs::remove_file(&k);
+            }
+            if let Some(f) = &floor {
+                set_floor_multiple(&mut rr, f);
+            }
             if rr.outcome == Outcome::Corrupted {
                 p.println(format!(
                     "!!! CORRUPTION: {name} run {} on {}: {}",
@@ -366,6 +397,7 @@ pub fn run(a: &CompareArgs, p: &Progress) -> Result<CompareSuite> {
         contenders: a.contenders.clone(),
         runs,
         summary,
+        floor,
     })
 }
 
@@ -397,6 +429,7 @@ fn summarize(c: &str, runs: &[RunResult]) -> ContenderSummary {
         dirty_syncs: st(&|r| Some(r.dirty_syncs as f64)),
         cpu_src_s: st(&|r| Some(r.cpu.src())),
         cpu_dst_s: st(&|r| Some(r.cpu.dst())),
+        wire_floor_multiple: st(&|r| r.wire_floor_multiple),
         cpu_s_per_gib: st(&|r| {
             (r.ram_bytes > 0)
                 .then(|| (r.cpu.src() + r.cpu.dst()) / (r.ram_bytes as f64 / (1u64 << 30) as f64))
@@ -452,10 +485,20 @@ fn empty_run(name: &str, repeat: usize) -> RunResult {
         dirty_syncs: 0,
         cpu: Cpu::default(),
         memory_verified: false,
+        wire_floor_multiple: None,
         timeline: Vec::new(),
     }
 }
 
+/// A run's wire bytes as a multiple of the compression floor (the smallest
+/// level measured).
+fn set_floor_multiple(rr: &mut RunResult, f: &super::floor::Floor) {
+    if rr.outcome == Outcome::Completed && rr.wire_bytes > 0 {
+        rr.wire_floor_multiple = f.best_bytes().map(|b| rr.wire_bytes as f64 / b.max(1) as f64);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn one_run(
     lab: &Lab,
     spec: &GuestSpec,
@@ -464,9 +507,10 @@ fn one_run(
     repeat: usize,
     timeout: u64,
     scratch: &Path,
+    keep_dump: Option<&Path>,
 ) -> RunResult {
     let mut rr = empty_run(name, repeat);
-    if let Err(e) = run_inner(lab, spec, kind, timeout, scratch, &mut rr) {
+    if let Err(e) = run_inner(lab, spec, kind, timeout, scratch, keep_dump, &mut rr) {
         let msg = format!("{e:#}");
         if rr.outcome == Outcome::Failed
             && (msg.contains("differs from the source")
@@ -486,6 +530,7 @@ fn run_inner(
     kind: &Kind,
     timeout: u64,
     scratch: &Path,
+    keep_dump: Option<&Path>,
     rr: &mut RunResult,
 ) -> Result<()> {
     let seq = RUN_SEQ.fetch_add(1, Ordering::Relaxed);
@@ -680,7 +725,7 @@ fn run_inner(
     let secs = (r.total_time_ms as f64 / 1000.0).max(1e-3);
     rr.wire_mbit_s = rr.wire_bytes as f64 * 8.0 / secs / 1e6;
     rr.ram_mbit_s = rr.ram_bytes as f64 * 8.0 / secs / 1e6;
-    let v = verify(&pair, serde_json::to_value(&r)?, scratch)
+    let v = verify_keeping(&pair, serde_json::to_value(&r)?, scratch, keep_dump)
         .context("verifying the migrated guest")?;
     rr.memory_verified = true;
     rr.guest_pause_ms = (!spec.is_custom()).then_some(v.pause_ms);
@@ -750,7 +795,7 @@ pub fn summary_text(s: &CompareSuite) -> String {
         s.repeat
     );
     t.push_str(&format!(
-        "{:<18} {:>5} {:>18} {:>16} {:>16} {:>18} {:>18} {:>16} {:>8} {:>14}\n",
+        "{:<18} {:>5} {:>18} {:>16} {:>16} {:>18} {:>18} {:>16} {:>8} {:>14} {:>16}\n",
         "contender",
         "conv",
         "total s",
@@ -760,11 +805,12 @@ pub fn summary_text(s: &CompareSuite) -> String {
         "wire MiB",
         "wire Mbit/s",
         "syncs",
-        "CPU s/GiB"
+        "CPU s/GiB",
+        "wire/floor"
     ));
     for c in &s.summary {
         t.push_str(&format!(
-            "{:<18} {:>5} {:>18} {:>16} {:>16} {:>18} {:>18} {:>16} {:>8} {:>14}\n",
+            "{:<18} {:>5} {:>18} {:>16} {:>16} {:>18} {:>18} {:>16} {:>8} {:>14} {:>16}\n",
             c.contender,
             format!("{}/{}", c.converged, c.runs),
             fmt_stat(&c.total_time_ms, 1000.0, 2),
@@ -775,6 +821,7 @@ pub fn summary_text(s: &CompareSuite) -> String {
             fmt_stat(&c.wire_mbit_s, 1.0, 0),
             fmt_stat(&c.dirty_syncs, 1.0, 0),
             fmt_stat(&c.cpu_s_per_gib, 1.0, 2),
+            fmt_stat(&c.wire_floor_multiple, 1.0, 2),
         ));
         if c.corrupted > 0 {
             t.push_str(&format!(
@@ -864,7 +911,7 @@ pub fn converge(a: &ConvergeArgs, p: &Progress) -> Result<ConvergeSuite> {
             }
             p.set_message(format!("converge {}: {name} at {rate} MiB/s", a.profile));
             let kind = kind.with_bandwidth(UNCAPPED);
-            let mut rr = one_run(&lab, &spec, name, &kind, 0, a.timeout, &scratch);
+            let mut rr = one_run(&lab, &spec, name, &kind, 0, a.timeout, &scratch, None);
             let line = format!(
                 "    {name} at {rate} MiB/s: {:?} in {:.1} s{}",
                 rr.outcome,

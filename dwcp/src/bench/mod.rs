@@ -7,6 +7,7 @@
 mod baseline;
 mod compare;
 mod consensus;
+mod floor;
 mod handshake;
 mod micro;
 pub(crate) mod report;
@@ -50,6 +51,10 @@ enum BenchCmd {
     /// What TLS adds to session set-up: time until N streams are ready,
     /// TLS against clear text through two agent pairs on one emulated link.
     Handshake(handshake::HandshakeArgs),
+    /// The compression floor of a guest's RAM: zero, duplicate and unique
+    /// pages, and what zstd makes of the unique ones (bytes and seconds on a
+    /// link), from a `pmemsave` image or the test guest.
+    Floor(floor::FloorArgs),
     /// The whole suite with small defaults (compare on dc and internet,
     /// hde, amst, consensus) and one report.
     Run(RunArgs),
@@ -121,6 +126,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
         println!("results: {}", h.out.output.join("handshake.json").display());
         return Ok(());
     }
+    if let BenchCmd::Floor(f) = &a.cmd {
+        floor::run(f)?;
+        return Ok(());
+    }
     let out = match a.cmd {
         BenchCmd::Compare(c) if c.baseline.is_some() || c.current.is_some() => {
             let (Some(b), Some(cur)) = (&c.baseline, &c.current) else {
@@ -176,7 +185,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             suite(&r, &mut res)?;
             r.out.output.clone()
         }
-        BenchCmd::Handshake(_) => unreachable!("handled above"),
+        BenchCmd::Handshake(_) | BenchCmd::Floor(_) => unreachable!("handled above"),
     };
     write_outputs(&res, &out)?;
     println!(
@@ -214,6 +223,8 @@ fn suite(r: &RunArgs, res: &mut Results) -> Result<()> {
             qemu: std::env::var("DWCP_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".into()),
             baseline: None,
             current: None,
+            floor_levels: vec![3, 19],
+            no_floor: false,
         })
         .collect();
     let amst = micro::AmstArgs {

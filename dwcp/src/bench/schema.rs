@@ -179,6 +179,9 @@ pub struct CompareSuite {
     /// Every run in the order it ran (interleaved).
     pub runs: Vec<RunResult>,
     pub summary: Vec<ContenderSummary>,
+    /// The compression floor of the guest's RAM (`dwcp benchmark floor`),
+    /// measured on the source after the first verified run.
+    pub floor: Option<super::floor::Floor>,
 }
 
 /// `completed` (converged and verified), `not_converged` (timeout,
@@ -281,6 +284,9 @@ pub struct RunResult {
     pub cpu: Cpu,
     /// RAM of source and destination compared page by page after the run.
     pub memory_verified: bool,
+    /// Wire bytes / the compression floor of the guest's RAM (`None`: no
+    /// floor measured, or the run did not complete).
+    pub wire_floor_multiple: Option<f64>,
     pub timeline: Vec<Sample>,
 }
 
@@ -334,6 +340,8 @@ pub struct ContenderSummary {
     pub cpu_dst_s: Option<Stat>,
     /// (CPU seconds of both hosts) / (GiB of guest RAM moved).
     pub cpu_s_per_gib: Option<Stat>,
+    /// Wire bytes / the compression floor of the guest's RAM.
+    pub wire_floor_multiple: Option<Stat>,
 }
 
 #[derive(Debug, Clone, Serialize)]
