@@ -34,6 +34,9 @@ pub struct GuestSpec {
     /// QEMU binary (`$DWCP_QEMU`, default `qemu-system-x86_64` from PATH;
     /// the patched build with `dwcp:` for libdwcp runs).
     pub qemu_bin: String,
+    /// Another initramfs for the test guest (`$DWCP_GUEST_INITRD`; e.g.
+    /// scripts/real-files-initrd.sh: the test guest plus real files).
+    pub initrd: Option<PathBuf>,
 }
 
 impl GuestSpec {
@@ -87,6 +90,7 @@ impl Default for GuestSpec {
             qemu_args: Vec::new(),
             warmup_s: 20,
             qemu_bin: std::env::var("DWCP_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".into()),
+            initrd: std::env::var_os("DWCP_GUEST_INITRD").map(PathBuf::from),
         }
     }
 }
@@ -150,7 +154,13 @@ impl Guest {
                 mem_mb = m;
             }
         } else {
-            let (kernel, initrd) = guest_files()?;
+            let (kernel, mut initrd) = guest_files()?;
+            if let Some(i) = &spec.initrd {
+                if !i.is_file() {
+                    bail!("the guest initramfs {} does not exist", i.display());
+                }
+                initrd = i.clone();
+            }
             cmd.args([
                 "-name",
                 role,

@@ -30,7 +30,8 @@ pub use linkem::topo::{Middle, Topology};
 pub use linkem::Profile;
 pub use locate::{dwcp_bin, guest_files, DataDir};
 pub use migration::{
-    boot_pair, boot_pair_as, compare_memory, compare_memory_keeping, dwcp_migrate, restart_destination, start_incoming,
-    verify, verify_keeping, GuestPair, MemoryCheck, MigrationSpec, Verified,
+    boot_pair, boot_pair_as, compare_memory, compare_memory_keeping, dwcp_migrate,
+    restart_destination, start_incoming, verify, verify_keeping, GuestPair, MemoryCheck,
+    MigrationSpec, Verified,
 };
 pub use procstat::{proc_sample, slope, ProcSample};

@@ -13,7 +13,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use dwcp_core::agent::control_request;
 use dwcp_core::qemu::{self, MigrationSetup};
-use dwcp_lab::{boot_pair, scratch_dir, verify_keeping, Guest, GuestPair, GuestSpec, Lab, MigrationSpec};
+use dwcp_lab::{
+    boot_pair, scratch_dir, verify_keeping, Guest, GuestPair, GuestSpec, Lab, MigrationSpec,
+};
 use serde_json::{json, Value};
 
 use super::schema::{
@@ -104,6 +106,10 @@ pub struct CompareArgs {
     /// Do not measure the compression floor.
     #[arg(long)]
     pub no_floor: bool,
+    /// Boot the test guest with this initramfs instead of its own, e.g.
+    /// one with real files in it (scripts/real-files-initrd.sh).
+    #[arg(long, env = "DWCP_GUEST_INITRD", value_name = "FILE")]
+    pub guest_initrd: Option<PathBuf>,
 }
 
 impl CompareArgs {
@@ -310,6 +316,7 @@ pub fn run(a: &CompareArgs, p: &Progress) -> Result<CompareSuite> {
         qemu_args,
         warmup_s: a.warmup,
         qemu_bin: a.qemu.clone(),
+        initrd: a.guest_initrd.clone(),
         ..Default::default()
     };
     let scratch = scratch_dir(&lab)?;
@@ -329,9 +336,21 @@ pub fn run(a: &CompareArgs, p: &Progress) -> Result<CompareSuite> {
                 a.max_bandwidth << 20
             });
             let keep = (floor.is_none() && !a.no_floor).then(|| scratch.join("floor-src.ram"));
-            let mut rr = one_run(&lab, &spec, name, &kind, r, a.timeout, &scratch, keep.as_deref());
+            let mut rr = one_run(
+                &lab,
+                &spec,
+                name,
+                &kind,
+                r,
+                a.timeout,
+                &scratch,
+                keep.as_deref(),
+            );
             if let Some(k) = keep.filter(|k| k.exists()) {
-                p.set_message(format!("compare {}: compression floor of the guest's RAM", a.profile));
+                p.set_message(format!(
+                    "compare {}: compression floor of the guest's RAM",
+                    a.profile
+                ));
                 match super::floor::measure(
                     std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(&k)?),
                     "the source's RAM after its first verified run",
@@ -384,7 +403,8 @@ pub fn run(a: &CompareArgs, p: &Progress) -> Result<CompareSuite> {
                 spec.seed,
                 &spec.mix,
                 &spec.accel,
-            ),
+            )
+            .with_initrd(spec.initrd.as_deref()),
         },
         dwcp_congestion: a.congestion.clone(),
         repeat: a.repeat,
@@ -494,7 +514,9 @@ fn empty_run(name: &str, repeat: usize) -> RunResult {
 /// level measured).
 fn set_floor_multiple(rr: &mut RunResult, f: &super::floor::Floor) {
     if rr.outcome == Outcome::Completed && rr.wire_bytes > 0 {
-        rr.wire_floor_multiple = f.best_bytes().map(|b| rr.wire_bytes as f64 / b.max(1) as f64);
+        rr.wire_floor_multiple = f
+            .best_bytes()
+            .map(|b| rr.wire_bytes as f64 / b.max(1) as f64);
     }
 }
 

@@ -59,6 +59,10 @@ pub struct FloorArgs {
     /// Content seed of the test guest (without --input).
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Boot the test guest with this initramfs (without --input), e.g. one
+    /// with real files in it (scripts/real-files-initrd.sh).
+    #[arg(long, env = "DWCP_GUEST_INITRD", value_name = "FILE")]
+    pub guest_initrd: Option<PathBuf>,
 }
 
 /// What one zstd level makes of the unique pages.
@@ -309,6 +313,7 @@ fn from_test_guest(a: &FloorArgs) -> Result<Floor> {
         mem_mb: a.guest_mem,
         fill_mb: a.fill,
         seed: a.seed,
+        initrd: a.guest_initrd.clone(),
         ..GuestSpec::default()
     };
     let lab = Lab::new("floor", dwcp_lab::Middle::Bridge, &[])?;
@@ -332,15 +337,18 @@ fn from_test_guest(a: &FloorArgs) -> Result<Floor> {
         bail!("pmemsave: {out}");
     }
     let source = format!(
-        "test guest ({} MiB, {} MiB realistic fill, seed {})",
-        spec.mem_mb, spec.fill_mb, spec.seed
+        "test guest ({} MiB, {} MiB realistic fill, seed {}{})",
+        spec.mem_mb,
+        spec.fill_mb,
+        spec.seed,
+        spec.initrd
+            .as_deref()
+            .and_then(|p| p.file_name())
+            .map(|n| format!(", initramfs {}", n.to_string_lossy()))
+            .unwrap_or_default()
     );
     let file = File::open(&img)?;
-    let f = measure(
-        BufReader::with_capacity(1 << 20, file),
-        &source,
-        &a.levels,
-    );
+    let f = measure(BufReader::with_capacity(1 << 20, file), &source, &a.levels);
     let _ = std::fs::remove_file(&img);
     f
 }
@@ -401,7 +409,10 @@ mod tests {
     fn a_short_last_page_is_padded() {
         let img = vec![1u8; PAGE + 100];
         let f = measure(&img[..], "t", &[1]).unwrap();
-        assert_eq!((f.pages, f.unique_pages, f.ram_bytes), (2, 2, PAGE as u64 + 100));
+        assert_eq!(
+            (f.pages, f.unique_pages, f.ram_bytes),
+            (2, 2, PAGE as u64 + 100)
+        );
     }
 
     #[test]

@@ -225,6 +225,7 @@ fn suite(r: &RunArgs, res: &mut Results) -> Result<()> {
             current: None,
             floor_levels: vec![3, 19],
             no_floor: false,
+            guest_initrd: std::env::var_os("DWCP_GUEST_INITRD").map(PathBuf::from),
         })
         .collect();
     let amst = micro::AmstArgs {

@@ -727,6 +727,7 @@ fn compare_section(h: &mut String, svgs: &mut Vec<(String, String)>, r: &Results
                     st(&c.cpu_src_s, 1.0, 2),
                     st(&c.cpu_dst_s, 1.0, 2),
                     st(&c.cpu_s_per_gib, 1.0, 2),
+                    st(&c.wire_floor_multiple, 1.0, 2),
                 ]
             })
             .collect();
@@ -747,9 +748,27 @@ fn compare_section(h: &mut String, svgs: &mut Vec<(String, String)>, r: &Results
                 "CPU s src",
                 "CPU s dst",
                 "CPU s / GiB",
+                "Wire / floor",
             ],
             &rows,
         );
+        if let Some(f) = &s.floor {
+            let lv: Vec<String> = f
+                .levels
+                .iter()
+                .map(|l| format!("zstd -{}: {:.1} MB", l.level, l.bytes as f64 / 1e6))
+                .collect();
+            let _ = write!(
+                h,
+                "<p>Compression floor of the guest's RAM ({}): {} zero, {} duplicate and {} unique pages; \
+                 the unique pages compressed: {}. Wire / floor divides each run's wire bytes by the smallest.</p>",
+                esc(&f.source),
+                f.zero_pages,
+                f.duplicate_pages,
+                f.unique_pages,
+                esc(&lv.join(", "))
+            );
+        }
         let bad: Vec<Vec<String>> = s
             .runs
             .iter()
@@ -945,8 +964,10 @@ mod tests {
                     cpu_src_s: stat(1.0),
                     cpu_dst_s: stat(1.0),
                     cpu_s_per_gib: stat(5.0),
+                    wire_floor_multiple: stat(1.4),
                 })
                 .collect(),
+            floor: None,
         }
     }
 

@@ -77,6 +77,10 @@ pub struct GuestInfo {
     pub qemu_args_file: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub qemu_args: Option<Vec<String>>,
+    /// The test guest booted with another initramfs (`--guest-initrd`,
+    /// e.g. scripts/real-files-initrd.sh): its file name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<String>,
 }
 
 /// QEMU's default guest RAM when no `-m` is given, MiB.
@@ -102,7 +106,17 @@ impl GuestInfo {
             accel: Some(accel.to_string()),
             qemu_args_file: None,
             qemu_args: None,
+            initrd: None,
         }
+    }
+
+    /// The same guest, booted with the initramfs `initrd` (its file name
+    /// is recorded, not the path).
+    pub fn with_initrd(mut self, initrd: Option<&std::path::Path>) -> GuestInfo {
+        self.initrd = initrd
+            .and_then(|p| p.file_name())
+            .map(|n| n.to_string_lossy().to_string());
+        self
     }
 
     /// A guest of the user's own, from its arguments file.
@@ -123,6 +137,7 @@ impl GuestInfo {
             accel: after("-accel"),
             qemu_args_file: Some(file.display().to_string()),
             qemu_args: Some(args.to_vec()),
+            initrd: None,
         }
     }
 
@@ -150,7 +165,11 @@ impl GuestInfo {
     pub fn describe(&self) -> String {
         match self.kind {
             GuestKind::TestGuest => format!(
-                "the test guest (tests/guest): {} MiB RAM, {} MiB realistic content, rewriting {} MiB/s",
+                "the test guest (tests/guest{}): {} MiB RAM, {} MiB realistic content, rewriting {} MiB/s",
+                self.initrd
+                    .as_deref()
+                    .map(|i| format!(", initramfs {i}"))
+                    .unwrap_or_default(),
                 self.mem_mb,
                 self.fill_mb.unwrap_or(0),
                 self.dirty_mbps.unwrap_or(0)
