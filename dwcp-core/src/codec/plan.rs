@@ -41,7 +41,16 @@ pub struct PlanStats {
     pub pages_seen: u64,
     /// Pages sent as REF to the dedup ring.
     pub pages_deduped: u64,
+    /// Pages sent in full although this channel had sent the same content
+    /// before (it had left the ring): what a larger content store would
+    /// have saved. Counted for the first [`SENT_TRACK_PAGES`] distinct
+    /// contents only.
+    pub pages_missed_dups: u64,
 }
+
+/// Distinct page contents a [`Planner`] remembers (8-byte hashes, about
+/// 10 MiB) to count [`PlanStats::pages_missed_dups`]: 2 GiB of content.
+pub const SENT_TRACK_PAGES: usize = 1 << 19;
 
 #[inline]
 fn put_varint(out: &mut Vec<u8>, mut v: u64) {
@@ -196,6 +205,9 @@ pub struct Planner {
     /// Page hash -> ring index (only indices still in the ring).
     index: IdMap,
     stats: PlanStats,
+    /// Hashes of every page content sent in full (up to
+    /// [`SENT_TRACK_PAGES`]): a measurement, never used to encode.
+    sent: std::collections::HashSet<u64, BuildHasherDefault<IdHasher>>,
     /// Page hash function (xxh3_64; tests force collisions with it).
     pub(crate) hash: fn(&[u8]) -> u64,
 }
@@ -354,6 +366,7 @@ impl Planner {
             slot_hash: Vec::new(),
             index: IdMap::default(),
             stats: PlanStats::default(),
+            sent: Default::default(),
             hash: xxh3_64,
         }
     }
@@ -419,6 +432,11 @@ impl Planner {
         } else {
             em.out.push(OP_PAGE);
             em.out.extend_from_slice(data);
+        }
+        if self.sent.contains(&h) {
+            self.stats.pages_missed_dups += 1;
+        } else if self.sent.len() < SENT_TRACK_PAGES {
+            self.sent.insert(h);
         }
         self.insert(h, data);
     }

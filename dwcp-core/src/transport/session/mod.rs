@@ -89,6 +89,7 @@ struct Counters {
     zero_bytes: AtomicU64,
     pages_seen: AtomicU64,
     pages_deduped: AtomicU64,
+    pages_missed_dups: AtomicU64,
     /// Data frames received per codec (none, lz4, zstd, raw).
     codec_in: [AtomicU64; 4],
     /// Raw data frames received without a payload checksum.

@@ -175,6 +175,10 @@ impl FrameSender {
             st.pages_deduped - self.last.pages_deduped,
             Ordering::Relaxed,
         );
+        c.pages_missed_dups.fetch_add(
+            st.pages_missed_dups - self.last.pages_missed_dups,
+            Ordering::Relaxed,
+        );
         self.last = st;
         inner.queues.inflight.fetch_add(1, Ordering::AcqRel);
         let job = Job {

@@ -93,6 +93,10 @@ pub struct SessionStats {
     pub zero_bytes: u64,
     pub pages_seen: u64,
     pub pages_deduped: u64,
+    /// Pages sent in full whose content the channel had sent before, out of
+    /// the dedup ring by then (a measurement: what a content store holding
+    /// everything sent would have saved).
+    pub pages_missed_dups: u64,
     /// Wire bytes sent whose data the peer has not yet delivered to its QEMU
     /// (plus reads not yet encoded): what must still cross the link.
     pub inflight_bytes: u64,
@@ -204,6 +208,7 @@ impl Session {
             zero_bytes: c.zero_bytes.load(Ordering::Relaxed),
             pages_seen: c.pages_seen.load(Ordering::Relaxed),
             pages_deduped: c.pages_deduped.load(Ordering::Relaxed),
+            pages_missed_dups: c.pages_missed_dups.load(Ordering::Relaxed),
             inflight_bytes: i.flow.wire_inflight.load(Ordering::Relaxed)
                 + i.channels
                     .map
