@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 
 use super::schema::{
     CompareSuite, ContenderSummary, ConvergeLimit, ConvergeRun, ConvergeSuite, Cpu, GuestInfo,
-    Outcome, RunResult, Sample, Stat,
+    Outcome, PageCounts, RunResult, Sample, Stat,
 };
 use super::{OutputArgs, Progress};
 
@@ -506,6 +506,7 @@ fn empty_run(name: &str, repeat: usize) -> RunResult {
         cpu: Cpu::default(),
         memory_verified: false,
         wire_floor_multiple: None,
+        pages: None,
         timeline: Vec::new(),
     }
 }
@@ -730,12 +731,24 @@ fn run_inner(
     rr.downtime_ms = Some(r.downtime_ms);
     rr.ram_bytes = r.ram_transferred;
     rr.dirty_syncs = r.dirty_sync_count;
+    let session = dwcp_name
+        .as_ref()
+        .and_then(|n| dwcp_core::agent::settled_session(&src_ctl, n, Duration::from_secs(5)));
     rr.wire_bytes = match &dwcp_name {
-        Some(n) => dwcp_core::agent::settled_session(&src_ctl, n, Duration::from_secs(5))
+        Some(_) => session
+            .as_ref()
             .and_then(|s| s["wire_out"].as_u64())
             .unwrap_or(0),
         None => r.ram_transferred,
     };
+    if let Some(s) = &session {
+        let n = |k: &str| s[k].as_u64().unwrap_or(0);
+        rr.pages = Some(PageCounts {
+            seen: n("pages_seen"),
+            deduped: n("pages_deduped"),
+            missed_dups: n("pages_missed_dups"),
+        });
+    }
     finish_counters(rr);
     if matches!(kind, Kind::QemuDwcp(..)) {
         // libdwcp inside QEMU: what left the source host's link.

@@ -306,7 +306,20 @@ pub struct RunResult {
     /// Wire bytes / the compression floor of the guest's RAM (`None`: no
     /// floor measured, or the run did not complete).
     pub wire_floor_multiple: Option<f64>,
+    /// A DWCP agent run: the source session's page counters.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pages: Option<PageCounts>,
     pub timeline: Vec<Sample>,
+}
+
+/// Page records the source agent saw, sent as references to its dedup
+/// ring, and sent in full although their content had been sent before
+/// (out of the ring by then).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct PageCounts {
+    pub seen: u64,
+    pub deduped: u64,
+    pub missed_dups: u64,
 }
 
 /// Median, minimum and maximum over the completed runs.
