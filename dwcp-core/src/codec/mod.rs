@@ -238,6 +238,16 @@ pub enum CodecError {
         /// One past the highest valid index.
         hi: u64,
     },
+    /// The dedup spill file (pages that left the in-memory ring) could not
+    /// be written or read.
+    #[error("dedup spill file: {op} of page {idx}: {source}")]
+    Spill {
+        /// `write` or `read`.
+        op: &'static str,
+        /// Index of the page.
+        idx: u64,
+        source: std::io::Error,
+    },
     /// Plan produces more than raw_len bytes.
     #[error(
         "plan op at offset {offset} writes {len} bytes at output offset {at}, beyond the header's raw length {raw_len}"

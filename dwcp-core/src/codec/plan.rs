@@ -107,11 +107,51 @@ pub(crate) fn is_zero(d: &[u8]) -> bool {
     chunks.remainder().iter().all(|&b| b == 0)
 }
 
-/// Fixed-capacity FIFO ring of pages indexed by an absolute insert counter.
+/// Fixed-capacity FIFO ring of pages indexed by an absolute insert counter,
+/// optionally extended by a spill file: a page leaving the in-memory ring
+/// is written to the file (itself a ring of `spill.cap` pages), so the
+/// valid window is the last `cap + spill.cap` pages inserted.
 struct Ring {
     cap: u64,
     data: Vec<u8>,
     count: u64,
+    spill: Option<Spill>,
+}
+
+/// The on-disk part of a [`Ring`]: an unlinked file (nothing is left behind
+/// if the process dies) holding `cap` pages, and a page buffer for reads.
+struct Spill {
+    file: std::fs::File,
+    cap: u64,
+    buf: Vec<u8>,
+}
+
+impl Spill {
+    /// Creates an unlinked file in `dir` for `pages` pages.
+    fn create(dir: &std::path::Path, pages: u64) -> std::io::Result<Spill> {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        let path = dir.join(format!(
+            ".dwcp-spill-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        std::fs::remove_file(&path)?;
+        Ok(Spill {
+            file,
+            cap: pages,
+            buf: vec![0u8; PAGE_SIZE],
+        })
+    }
+
+    fn offset(&self, idx: u64) -> u64 {
+        (idx % self.cap) * PAGE_SIZE as u64
+    }
 }
 
 impl Ring {
@@ -120,6 +160,7 @@ impl Ring {
             cap: (cache_bytes / PAGE_SIZE) as u64,
             data: Vec::new(),
             count: 0,
+            spill: None,
         }
     }
 
@@ -148,31 +189,74 @@ impl Ring {
         }
     }
 
+    /// Pages in the spill file's window (0 without one).
+    fn spill_cap(&self) -> u64 {
+        self.spill.as_ref().map_or(0, |s| s.cap)
+    }
+
     /// Lowest valid index.
     fn lo(&self) -> u64 {
+        self.count.saturating_sub(self.cap + self.spill_cap())
+    }
+
+    /// Lowest index still in memory.
+    fn mem_lo(&self) -> u64 {
         self.count.saturating_sub(self.cap)
     }
 
-    fn get(&self, idx: u64) -> Option<&[u8]> {
+    /// The page at `idx`: from memory, or read from the spill file.
+    /// `Ok(None)`: outside the valid window.
+    fn get(&mut self, idx: u64) -> Result<Option<&[u8]>, CodecError> {
         if idx >= self.count || idx < self.lo() {
-            return None;
+            return Ok(None);
         }
-        let slot = (idx % self.cap) as usize * PAGE_SIZE;
-        self.data.get(slot..slot + PAGE_SIZE)
+        if idx >= self.mem_lo() {
+            let slot = (idx % self.cap) as usize * PAGE_SIZE;
+            return Ok(self.data.get(slot..slot + PAGE_SIZE));
+        }
+        let Some(sp) = self.spill.as_mut() else {
+            return Ok(None);
+        };
+        let off = sp.offset(idx);
+        std::os::unix::fs::FileExt::read_exact_at(&sp.file, &mut sp.buf, off).map_err(
+            |source| CodecError::Spill {
+                op: "read",
+                idx,
+                source,
+            },
+        )?;
+        Ok(Some(&sp.buf))
     }
 
     /// Inserts a page; returns its index. No-op (but counted) if cap is 0.
-    fn insert(&mut self, page: &[u8]) -> u64 {
+    /// With a spill file, the page it evicts from memory is written there.
+    fn insert(&mut self, page: &[u8]) -> Result<u64, CodecError> {
         debug_assert_eq!(page.len(), PAGE_SIZE);
         let idx = self.count;
-        self.count += 1;
         if self.cap == 0 {
-            return idx;
+            self.count += 1;
+            return Ok(idx);
         }
         self.ensure_alloc();
         let slot = (idx % self.cap) as usize * PAGE_SIZE;
+        if idx >= self.cap {
+            if let Some(sp) = &self.spill {
+                let old = idx - self.cap;
+                std::os::unix::fs::FileExt::write_all_at(
+                    &sp.file,
+                    &self.data[slot..slot + PAGE_SIZE],
+                    sp.offset(old),
+                )
+                .map_err(|source| CodecError::Spill {
+                    op: "write",
+                    idx: old,
+                    source,
+                })?;
+            }
+        }
+        self.count += 1;
         self.data[slot..slot + PAGE_SIZE].copy_from_slice(page);
-        idx
+        Ok(idx)
     }
 }
 
@@ -202,6 +286,8 @@ pub struct Planner {
     ring: Ring,
     /// Hash of the page in each ring slot.
     slot_hash: Vec<u64>,
+    /// Hash of the page in each slot of the spill file.
+    spill_hash: Vec<u64>,
     /// Page hash -> ring index (only indices still in the ring).
     index: IdMap,
     stats: PlanStats,
@@ -364,11 +450,29 @@ impl Planner {
         Planner {
             ring: Ring::new(dedup_cache_bytes),
             slot_hash: Vec::new(),
+            spill_hash: Vec::new(),
             index: IdMap::default(),
             stats: PlanStats::default(),
             sent: Default::default(),
             hash: xxh3_64,
         }
+    }
+
+    /// A planner whose ring is extended by `spill_pages` pages in an
+    /// unlinked file in `dir` (pages leaving the in-memory ring go there, so
+    /// the peer's [`Rebuilder::with_spill`] of the same sizes can resolve
+    /// references to them). The index of spilled pages costs about 40 bytes
+    /// of memory per page. `spill_pages` 0 (or no ring) is [`Planner::new`].
+    pub fn with_spill(
+        dedup_cache_bytes: usize,
+        spill_pages: u64,
+        dir: &std::path::Path,
+    ) -> std::io::Result<Self> {
+        let mut p = Planner::new(dedup_cache_bytes);
+        if spill_pages > 0 && p.ring.cap > 0 {
+            p.ring.spill = Some(Spill::create(dir, spill_pages)?);
+        }
+        Ok(p)
     }
 
     /// Faults in the ring memory the next `pages` inserts will use, so that
@@ -416,8 +520,9 @@ impl Planner {
         }
         let h = (self.hash)(data);
         if let Some(&idx) = self.index.get(&h) {
-            // Never trust the hash alone.
-            if self.ring.get(idx) == Some(data) {
+            // Never trust the hash alone (and a page the spill file cannot
+            // give back is no match).
+            if matches!(self.ring.get(idx), Ok(Some(p)) if p == data) {
                 em.out.push(OP_REF);
                 put_varint(em.out, idx);
                 self.stats.pages_deduped += 1;
@@ -446,17 +551,36 @@ impl Planner {
         let idx = self.ring.count;
         let slot = (idx % cap) as usize;
         if idx >= cap {
-            // Slot is overwritten: forget the evicted page.
+            // The slot is overwritten: its page leaves memory.
             let old = idx - cap;
             let oh = self.slot_hash[slot];
-            if self.index.get(&oh) == Some(&old) {
+            let scap = self.ring.spill_cap();
+            if scap > 0 {
+                // It moves to the spill file, whose slot's page leaves the
+                // window: forget that one instead.
+                let d = (old % scap) as usize;
+                if old >= scap {
+                    let gone = old - scap;
+                    let gh = self.spill_hash[d];
+                    if self.index.get(&gh) == Some(&gone) {
+                        self.index.remove(&gh);
+                    }
+                    self.spill_hash[d] = oh;
+                } else {
+                    debug_assert_eq!(d, self.spill_hash.len());
+                    self.spill_hash.push(oh);
+                }
+            } else if self.index.get(&oh) == Some(&old) {
                 self.index.remove(&oh);
             }
             self.slot_hash[slot] = h;
         } else {
             self.slot_hash.push(h);
         }
-        self.ring.insert(data);
+        // A spill write that fails leaves a slot that no longer matches
+        // what it claims: every later match is verified byte for byte, so
+        // it only costs the reference.
+        let _ = self.ring.insert(data);
         self.index.insert(h, idx);
     }
 }
@@ -482,6 +606,21 @@ impl Rebuilder {
         Rebuilder {
             ring: Ring::new(dedup_cache_bytes),
         }
+    }
+
+    /// A rebuilder whose ring is extended by `spill_pages` pages in an
+    /// unlinked file in `dir`; sizes must equal the sender's
+    /// ([`Planner::with_spill`]).
+    pub fn with_spill(
+        dedup_cache_bytes: usize,
+        spill_pages: u64,
+        dir: &std::path::Path,
+    ) -> std::io::Result<Self> {
+        let mut r = Rebuilder::new(dedup_cache_bytes);
+        if spill_pages > 0 && r.ring.cap > 0 {
+            r.ring.spill = Some(Spill::create(dir, spill_pages)?);
+        }
+        Ok(r)
     }
 
     /// Faults in the ring memory the next `pages` inserts will use, so that
@@ -572,17 +711,14 @@ impl Rebuilder {
                     room(out, PAGE_SIZE as u64)?;
                     let page = &plan[p..p + PAGE_SIZE];
                     out.extend_from_slice(page);
-                    self.ring.insert(page);
+                    self.ring.insert(page)?;
                     p += PAGE_SIZE;
                 }
                 OP_REF => {
                     let idx = get_varint(plan, &mut p)?;
-                    let Some(page) = self.ring.get(idx) else {
-                        return Err(CodecError::RefOutOfWindow {
-                            idx,
-                            lo: self.ring.lo(),
-                            hi: self.ring.count,
-                        });
+                    let (lo, hi) = (self.ring.lo(), self.ring.count);
+                    let Some(page) = self.ring.get(idx)? else {
+                        return Err(CodecError::RefOutOfWindow { idx, lo, hi });
                     };
                     room(out, PAGE_SIZE as u64)?;
                     out.extend_from_slice(page);
@@ -594,7 +730,7 @@ impl Rebuilder {
                             have: out.len(),
                         });
                     };
-                    self.ring.insert(&out[start..]);
+                    self.ring.insert(&out[start..])?;
                 }
                 _ => return Err(CodecError::BadTag { tag, offset }),
             }

@@ -784,3 +784,107 @@ fn a_duplicate_out_of_the_ring_counts_as_missed() {
     rb.rebuild(&plan, s.len(), &mut out).unwrap();
     assert_eq!(out, s);
 }
+
+/// A stream of `n` random pages where page `i` repeats page `i - back`
+/// when `i % every == 0` (a duplicate `back` pages later).
+fn stream_with_far_dups(seed: u64, n: u64, back: u64, every: u64) -> Vec<u8> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut pages: Vec<Vec<u8>> = Vec::new();
+    let mut s = Vec::new();
+    for i in 0..n {
+        let p = if i >= back && i % every == 0 {
+            pages[(i - back) as usize].clone()
+        } else {
+            random_bytes(&mut rng, PAGE_SIZE)
+        };
+        s.extend_from_slice(&header(i << 12, 0x28));
+        s.extend_from_slice(&p);
+        pages.push(p);
+    }
+    s
+}
+
+/// With a spill file, a duplicate further back than the in-memory ring is
+/// a reference the receiver resolves from its own spill file; the result
+/// is byte for byte the input, across frames.
+#[test]
+fn spill_extends_the_dedup_window_beyond_memory() {
+    let dir = std::env::temp_dir();
+    let (ring, spill) = (8 * PAGE_SIZE, 64u64);
+    // Page i (i % 5 == 0) repeats page i - 42, which is never a repeat
+    // itself (42 % 5 != 0): every duplicate is 42 pages back, beyond the
+    // 8-page ring, within ring + spill.
+    let s = stream_with_far_dups(3, 300, 42, 5);
+    let mut p = Planner::with_spill(ring, spill, &dir).unwrap();
+    let mut r = Rebuilder::with_spill(ring, spill, &dir).unwrap();
+    let (mut plan, mut out) = (Vec::new(), Vec::new());
+    // Frames of 10 records.
+    let rec = 8 + PAGE_SIZE;
+    for f in s.chunks(10 * rec) {
+        p.plan(f, &mut plan);
+        r.rebuild(&plan, f.len(), &mut out).unwrap();
+        assert_eq!(out, f);
+    }
+    let st = p.stats();
+    assert_eq!(
+        st.pages_deduped,
+        (42..300).filter(|i| i % 5 == 0).count() as u64,
+        "{st:?}"
+    );
+    assert_eq!(st.pages_missed_dups, 0, "{st:?}");
+    // Without the spill file the same stream dedups none of them.
+    let mut p0 = Planner::new(ring);
+    p0.plan(&s, &mut plan);
+    assert_eq!(p0.stats().pages_deduped, 0);
+    assert!(p0.stats().pages_missed_dups > 40);
+}
+
+/// A reference into a spill window the receiver does not have is refused
+/// with the window named, never resolved to other bytes.
+#[test]
+fn a_receiver_without_the_spill_refuses_a_reference_into_it() {
+    let dir = std::env::temp_dir();
+    let (ring, spill) = (8 * PAGE_SIZE, 64u64);
+    let s = stream_with_far_dups(4, 60, 42, 5);
+    let mut p = Planner::with_spill(ring, spill, &dir).unwrap();
+    let mut plan = Vec::new();
+    p.plan(&s, &mut plan);
+    assert!(p.stats().pages_deduped > 0);
+    let mut r = Rebuilder::new(ring);
+    let mut out = Vec::new();
+    let e = r.rebuild(&plan, s.len(), &mut out).unwrap_err();
+    assert!(matches!(e, CodecError::RefOutOfWindow { .. }), "{e}");
+    assert!(e.to_string().contains("outside the valid window"), "{e}");
+}
+
+/// Pages that left the spill file too are out of the window: the sender
+/// sends them in full again (and counts them as missed), the receiver
+/// would refuse a reference to them.
+#[test]
+fn pages_older_than_the_spill_window_are_sent_again() {
+    let dir = std::env::temp_dir();
+    let (ring, spill) = (8 * PAGE_SIZE, 16u64);
+    let s = stream_with_far_dups(5, 200, 42, 5);
+    let mut p = Planner::with_spill(ring, spill, &dir).unwrap();
+    let mut r = Rebuilder::with_spill(ring, spill, &dir).unwrap();
+    let (mut plan, mut out) = (Vec::new(), Vec::new());
+    p.plan(&s, &mut plan);
+    r.rebuild(&plan, s.len(), &mut out).unwrap();
+    assert_eq!(out, s);
+    let st = p.stats();
+    assert_eq!(st.pages_deduped, 0, "{st:?}");
+    assert!(st.pages_missed_dups > 0, "{st:?}");
+}
+
+/// The spill file is unlinked at once: nothing is left in the directory.
+#[test]
+fn the_spill_file_leaves_nothing_behind() {
+    let dir = std::env::temp_dir().join(format!("dwcp-spill-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = Planner::with_spill(8 * PAGE_SIZE, 16, &dir).unwrap();
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+    drop(p);
+    std::fs::remove_dir(&dir).unwrap();
+    let e = Planner::with_spill(8 * PAGE_SIZE, 16, &dir).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::NotFound);
+}
