@@ -133,6 +133,9 @@ pub struct Hello {
     pub window: u32,
     /// Dedup ring capacity per channel, in 4 KiB pages (both sides keep one).
     pub ring_pages: u32,
+    /// Pages of the dedup spill file per channel the initiator asks for
+    /// (bytes 40..44, zero in hellos before it existed: no spill).
+    pub spill_pages: u32,
     /// Migration name: the destination agent connects to `<incoming-dir>/<name>.sock`.
     pub name: String,
 }
@@ -232,6 +235,9 @@ pub struct Reply {
     pub status: Status,
     pub window: u32,
     pub ring_pages: u32,
+    /// Pages of the dedup spill file per channel the responder grants
+    /// (bytes 16..20, zero from responders before it existed: no spill).
+    pub spill_pages: u32,
 }
 
 fn read_exact_or(r: &mut impl Read, buf: &mut [u8], what: &'static str) -> Result<(), WireError> {
@@ -285,7 +291,7 @@ impl Hello {
         b.extend_from_slice(&[0, 0]);
         b.extend_from_slice(&self.window.to_le_bytes());
         b.extend_from_slice(&self.ring_pages.to_le_bytes());
-        b.extend_from_slice(&[0; 4]);
+        b.extend_from_slice(&self.spill_pages.to_le_bytes());
         debug_assert_eq!(b.len(), HELLO_FIXED_LEN);
         b.extend_from_slice(self.name.as_bytes());
         let crc = crc32c::crc32c(&b);
@@ -379,6 +385,7 @@ impl Hello {
             role: Role::Data,
             window: u32_at(32),
             ring_pages: u32_at(36),
+            spill_pages: u32_at(40),
             name,
         })
     }
@@ -392,6 +399,7 @@ impl Reply {
         b[6] = self.status as u8;
         b[8..12].copy_from_slice(&self.window.to_le_bytes());
         b[12..16].copy_from_slice(&self.ring_pages.to_le_bytes());
+        b[16..20].copy_from_slice(&self.spill_pages.to_le_bytes());
         let crc = crc32c::crc32c(&b[..20]);
         b[20..24].copy_from_slice(&crc.to_le_bytes());
         b
@@ -438,6 +446,7 @@ impl Reply {
             status,
             window: u32::from_le_bytes(b[8..12].try_into().expect("4 bytes")),
             ring_pages: u32::from_le_bytes(b[12..16].try_into().expect("4 bytes")),
+            spill_pages: u32::from_le_bytes(b[16..20].try_into().expect("4 bytes")),
         })
     }
 }

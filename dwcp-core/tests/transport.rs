@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 mod common;
 
 use dwcp_core::codec::Tier;
-use dwcp_core::transport::{Acceptor, AcceptorLimits, Session, TransportConfig};
+use dwcp_core::transport::{Acceptor, AcceptorLimits, Session, SessionStats, TransportConfig};
 use dwcp_core::wire::WireError;
 
 /// A responder on loopback: each new channel's "QEMU end" goes to `ends`.
@@ -384,6 +384,7 @@ fn garbage_on_the_data_port_is_refused_and_the_port_keeps_serving() {
                 role: dwcp_core::wire::Role::Data,
                 window: 1 << 22,
                 ring_pages: 16,
+                spill_pages: 0,
                 name: "x".into(),
             };
             h.encode()
@@ -464,6 +465,7 @@ fn version_is_negotiated_down_to_the_peers_newest() {
             role: dwcp_core::wire::Role::Data,
             window: 4 << 20,
             ring_pages: 16,
+            spill_pages: 0,
             name: "v".into(),
         };
         let mut s = TcpStream::connect(r.addr).unwrap();
@@ -574,4 +576,110 @@ fn direct_channels_raw_checked() {
 #[test]
 fn direct_channels_lz4_and_shutdown_ends_the_stream() {
     direct(Tier::Lz4, true, false);
+}
+
+/// `n` random pages, then the first `again` of them once more: the repeats
+/// lie `n - again` pages and more behind, beyond a small dedup ring.
+fn far_repeats(n: u64, again: u64) -> Vec<u8> {
+    let x: u64 = 0x2545_F491_4F6C_DD1D;
+    let page = |i: u64| -> Vec<u8> {
+        let mut p = Vec::with_capacity(4096 + 8);
+        p.extend_from_slice(&((i << 12) | 0x28).to_be_bytes());
+        let mut y = x ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        for _ in 0..512 {
+            y ^= y << 13;
+            y ^= y >> 7;
+            y ^= y << 17;
+            p.extend_from_slice(&y.to_le_bytes());
+        }
+        p
+    };
+    let mut out = Vec::new();
+    for i in 0..n {
+        out.extend(page(i));
+    }
+    for i in 0..again {
+        out.extend(page(i));
+    }
+    out
+}
+
+/// One channel of `data` from a source with `src` to a destination with
+/// `dst`; checks the bytes and returns the source's stats.
+fn one_channel(src: TransportConfig, dst: TransportConfig, data: Vec<u8>) -> SessionStats {
+    let r = responder(dst);
+    let sess = Session::connect(&src, "spill-vm", r.addr).unwrap();
+    let (ours, qemu_src) = UnixStream::pair().unwrap();
+    sess.add_local_channel(ours).unwrap();
+    let mut w = qemu_src.try_clone().unwrap();
+    let d = data.clone();
+    let writer = thread::spawn(move || {
+        w.write_all(&d).unwrap();
+        w.shutdown(Shutdown::Write).unwrap();
+    });
+    let (_, mut qemu_dst) = r.ends.recv_timeout(Duration::from_secs(10)).unwrap();
+    qemu_dst.shutdown(Shutdown::Write).unwrap();
+    let mut got = Vec::new();
+    qemu_dst.read_to_end(&mut got).unwrap();
+    writer.join().unwrap();
+    assert!(
+        got == data,
+        "bytes differ ({} vs {})",
+        got.len(),
+        data.len()
+    );
+    let st = sess.wait().unwrap();
+    assert_eq!(st.state, "completed");
+    st
+}
+
+/// Content sent once is referred to, not sent again, although it left the
+/// 1 MiB in-memory ring long ago: both ends keep it in their spill files.
+#[test]
+fn the_spill_file_dedups_content_the_ring_forgot() {
+    let c = TransportConfig {
+        dedup_cache_mb: 1,
+        spill_mb: 16,
+        ..cfg(2, Tier::Lz4)
+    };
+    let st = one_channel(c.clone(), c, far_repeats(2000, 1000));
+    // A record cut by a read boundary is not seen as a page (a few %).
+    assert!(st.pages_deduped >= 900, "{st:?}");
+    assert_eq!(st.pages_missed_dups, 0, "{st:?}");
+}
+
+/// A destination without spill files grants none: the source sends the
+/// forgotten pages again, and everything still arrives intact.
+#[test]
+fn a_destination_without_spill_files_gets_full_pages() {
+    let src = TransportConfig {
+        dedup_cache_mb: 1,
+        spill_mb: 16,
+        ..cfg(2, Tier::Lz4)
+    };
+    let dst = TransportConfig {
+        spill_mb: 0,
+        ..src.clone()
+    };
+    let st = one_channel(src, dst, far_repeats(2000, 1000));
+    assert_eq!(st.pages_deduped, 0, "{st:?}");
+    assert!(st.pages_missed_dups >= 900, "{st:?}");
+}
+
+/// A spill directory the destination cannot write to: no spill granted,
+/// the migration goes on without it.
+#[test]
+fn an_unusable_spill_dir_means_no_spill() {
+    let src = TransportConfig {
+        dedup_cache_mb: 1,
+        spill_mb: 16,
+        ..cfg(1, Tier::Lz4)
+    };
+    let dst = TransportConfig {
+        spill_dir: std::path::PathBuf::from("/nonexistent/dwcp-spill"),
+        ..src.clone()
+    };
+    assert_eq!(dst.spill_pages(), 0);
+    let st = one_channel(src, dst, far_repeats(600, 300));
+    assert_eq!(st.pages_deduped, 0, "{st:?}");
 }

@@ -121,6 +121,7 @@ fn hog(lab: &Lab, name: &str, streams: u16) -> Result<Hog, Status> {
             role: wire::Role::Data,
             window: u32::MAX,
             ring_pages: u32::MAX,
+            spill_pages: 0,
             name: name.to_string(),
         };
         w.write_all(&hello.encode()).unwrap();

@@ -516,6 +516,7 @@ fn no_cert_client(dst: &str, ca_pem: &str) -> String {
         role: dwcp_core::wire::Role::Data,
         window: 32 << 20,
         ring_pages: 16,
+        spill_pages: 0,
         name: "probe".into(),
     };
     let _ = w.write_all(&hello.encode());

@@ -38,6 +38,11 @@ impl Session {
         let own = cfg
             .grant(cfg.streams, cfg.window, cfg.ring_pages())
             .map_err(|e| invalid(&e))?;
+        let own_spill = if own.ring_pages > 0 {
+            cfg.spill_pages()
+        } else {
+            0
+        };
         // One snapshot of the credentials for every stream of the session.
         let creds = cfg.tls.credentials().map_err(|source| SessionError::Tls {
             index: 0,
@@ -96,6 +101,7 @@ impl Session {
                             role: wire::Role::Data,
                             window: own.window,
                             ring_pages: own.ring_pages,
+                            spill_pages: own_spill,
                             name: name.to_string(),
                         };
                         st.write_all(&hello.encode()).map_err(|source| {
@@ -133,6 +139,7 @@ impl Session {
         let mut streams = Vec::with_capacity(n);
         let mut window = own.window;
         let mut ring = own.ring_pages;
+        let mut spill = own_spill;
         let mut version = wire::VERSION_MAX;
         for (index, r) in results.into_iter().enumerate() {
             let (st, reply) = r?;
@@ -149,6 +156,7 @@ impl Session {
             }
             window = window.min(reply.window);
             ring = ring.min(reply.ring_pages);
+            spill = spill.min(reply.spill_pages);
             version = version.min(reply.version);
             streams.push(st);
         }
@@ -157,7 +165,7 @@ impl Session {
             id,
             name,
             cfg.clone(),
-            (window, ring, version),
+            (window, ring, if ring > 0 { spill } else { 0 }, version),
             streams,
             None,
             None,
@@ -348,14 +356,14 @@ impl Acceptor {
             Ok(h) => h,
             Err(e) => {
                 if matches!(e, WireError::Version { .. }) {
-                    let reply = self.reply(Status::BadVersion, 0, 0, wire::VERSION_MAX);
+                    let reply = self.reply(Status::BadVersion, 0, 0, 0, wire::VERSION_MAX);
                     let _ = stream.write_all(&reply.encode());
                 }
                 return Err(e);
             }
         };
         let refuse = |stream: &mut Link, status| {
-            let _ = stream.write_all(&self.reply(status, 0, 0, wire::VERSION_MAX).encode());
+            let _ = stream.write_all(&self.reply(status, 0, 0, 0, wire::VERSION_MAX).encode());
             Err(WireError::Refused(status))
         };
         let who = identity
@@ -409,8 +417,17 @@ impl Acceptor {
         }
         // Within the per-session memory budget: less than asked when the
         // ask does not fit, refused when the streams alone do not.
-        let (window, ring) = match self.cfg.grant(hello.stream_count, window, ring) {
-            Ok(g) => (g.window, g.ring_pages),
+        let (window, ring, spill) = match self.cfg.grant(hello.stream_count, window, ring) {
+            // The spill file is on disk, outside the memory budget; at most
+            // this end's own, and none if it cannot create one.
+            Ok(g) => (
+                g.window,
+                g.ring_pages,
+                match hello.spill_pages {
+                    0 => 0,
+                    asked => asked.min(self.cfg.spill_pages()),
+                },
+            ),
             Err(e) => {
                 if hello.stream_index == 0 {
                     warn!(name = %hello.name, peer = %peer_addr, "refused: {e}");
@@ -457,7 +474,8 @@ impl Acceptor {
         let same = p.hello.name == hello.name
             && p.hello.stream_count == hello.stream_count
             && p.hello.window == hello.window
-            && p.hello.ring_pages == hello.ring_pages;
+            && p.hello.ring_pages == hello.ring_pages
+            && p.hello.spill_pages == hello.spill_pages;
         if !same || p.streams[hello.stream_index as usize].is_some() {
             drop(pending);
             return refuse(&mut stream, Status::SessionMismatch);
@@ -465,7 +483,11 @@ impl Acceptor {
         // Hello::read checked the ranges overlap.
         let version = hello.version_max.min(wire::VERSION_MAX);
         stream
-            .write_all(&self.reply(Status::Ok, window, ring, version).encode())
+            .write_all(
+                &self
+                    .reply(Status::Ok, window, ring, spill, version)
+                    .encode(),
+            )
             .map_err(|e| io("reply", e))?;
         p.streams[hello.stream_index as usize] = Some(stream);
         if p.streams.iter().all(Option::is_some) {
@@ -493,7 +515,7 @@ impl Acceptor {
                 hello.session,
                 &hello.name,
                 cfg,
-                (window, ring, version),
+                (window, ring, spill, version),
                 streams,
                 Some(target),
                 gate,
@@ -522,12 +544,20 @@ impl Acceptor {
         &self.limits
     }
 
-    fn reply(&self, status: Status, window: u32, ring_pages: u32, version: u16) -> Reply {
+    fn reply(
+        &self,
+        status: Status,
+        window: u32,
+        ring_pages: u32,
+        spill_pages: u32,
+        version: u16,
+    ) -> Reply {
         Reply {
             version,
             status,
             window,
             ring_pages,
+            spill_pages,
         }
     }
 }

@@ -75,6 +75,13 @@ pub struct TransportConfig {
     pub window: u32,
     /// Dedup ring per channel, MiB (0 disables page deduplication).
     pub dedup_cache_mb: u32,
+    /// Dedup spill file per channel, MiB (0: none): pages leaving the
+    /// in-memory ring stay referable from an unlinked file in
+    /// [`Self::spill_dir`], on both ends. A destination grants at most its
+    /// own; a peer that does not know spill files gets none.
+    pub spill_mb: u32,
+    /// Where spill files are created (`$TMPDIR`, else `/var/tmp`).
+    pub spill_dir: std::path::PathBuf,
     /// Most channels (QEMU connections) per session, 1..=64.
     pub max_channels: u16,
     /// Memory one session may take, bytes (`session-memory`): a destination
@@ -110,6 +117,8 @@ impl Default for TransportConfig {
                 .unwrap_or(2),
             window: 32 << 20,
             dedup_cache_mb: 256,
+            spill_mb: DEFAULT_SPILL_MB,
+            spill_dir: default_spill_dir(),
             max_channels: 8,
             session_memory: budget::DEFAULT_SESSION_MEMORY,
             chunk: 512 << 10,
@@ -120,6 +129,20 @@ impl Default for TransportConfig {
             connect_timeout: Duration::from_secs(10),
         }
     }
+}
+
+/// Default dedup spill file per channel, MiB.
+pub const DEFAULT_SPILL_MB: u32 = 1024;
+/// Largest dedup spill file per channel, MiB.
+pub const MAX_SPILL_MB: u32 = 65536;
+
+/// `$TMPDIR`, else `/var/tmp` (on disk on most systems, unlike `/tmp` and
+/// `/run`, which may be RAM).
+pub fn default_spill_dir() -> std::path::PathBuf {
+    std::env::var_os("TMPDIR")
+        .filter(|v| !v.is_empty())
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from("/var/tmp"))
 }
 
 impl TransportConfig {
@@ -151,6 +174,9 @@ impl TransportConfig {
         }
         if self.dedup_cache_mb > 4096 {
             return bad("dedup-cache-mb", self.dedup_cache_mb, DEDUP_MB_RANGE);
+        }
+        if self.spill_mb > MAX_SPILL_MB {
+            return bad("spill-mb", self.spill_mb, SPILL_MB_RANGE);
         }
         if self.max_channels == 0 || self.max_channels > 64 {
             return bad("max-channels", self.max_channels, "1..=64");
@@ -228,6 +254,16 @@ impl TransportConfig {
         ((self.dedup_cache_mb as u64) << 20 >> 12) as u32
     }
 
+    /// Dedup spill file in pages, as carried in the hello: 0 without a ring
+    /// or when [`Self::spill_dir`] is not a directory this process can
+    /// create files in (checked by creating and removing one).
+    pub fn spill_pages(&self) -> u32 {
+        if self.spill_mb == 0 || self.dedup_cache_mb == 0 || !spill_dir_usable(&self.spill_dir) {
+            return 0;
+        }
+        ((self.spill_mb as u64) << 20 >> 12) as u32
+    }
+
     /// What this end grants (or, as a source, asks for) a session of
     /// `streams` streams asking `window` and `ring_pages`, within
     /// [`Self::session_memory`] ([`budget::grant`]).
@@ -283,5 +319,19 @@ mod tests {
             ..Default::default()
         };
         assert!(c.validate().unwrap_err().to_string().starts_with("workers"));
+    }
+}
+
+/// Whether a file can be created (and removed) in `dir`.
+fn spill_dir_usable(dir: &std::path::Path) -> bool {
+    let probe = dir.join(format!(".dwcp-spill-probe-{}", std::process::id()));
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&probe)
+    {
+        Ok(_) => std::fs::remove_file(&probe).is_ok(),
+        Err(_) => false,
     }
 }

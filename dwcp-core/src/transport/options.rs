@@ -19,6 +19,8 @@ pub const WORKERS_RANGE: &str = "1..=64";
 pub const WINDOW_MB_RANGE: &str = "1..=256 MiB";
 /// Allowed values of the dedup ring, in MiB.
 pub const DEDUP_MB_RANGE: &str = "0..=4096 MiB";
+/// Allowed values of the dedup spill file, in MiB.
+pub const SPILL_MB_RANGE: &str = "0..=65536 MiB";
 /// Allowed values of the idle timeout.
 pub const IDLE_TIMEOUT_RANGE: &str = "1..=3600 s";
 
@@ -217,6 +219,36 @@ pub const OPTIONS: &[TransportOption] = &[
             Ok(())
         },
         show: |c| c.dedup_cache_mb.to_string(),
+    },
+    TransportOption {
+        name: "spill-mb",
+        uri: Some("spill"),
+        control: Some("spill_mb"),
+        allowed: SPILL_MB_RANGE,
+        help: "dedup spill file per channel, MiB (or 4GiB ...; 0: none): pages that leave the \
+               in-memory dedup ring stay referable from an unlinked file in spill-dir, on both \
+               hosts, so content sent once is not sent again; disk, not memory",
+        set: |c, v| {
+            c.spill_mb = size(v, 1 << 20, 0, 65536)? as u32;
+            Ok(())
+        },
+        show: |c| c.spill_mb.to_string(),
+    },
+    TransportOption {
+        name: "spill-dir",
+        uri: Some("spill-dir"),
+        control: Some("spill_dir"),
+        allowed: "a directory",
+        help: "directory for dedup spill files ($TMPDIR, else /var/tmp); the files are \
+               unlinked at once, so nothing is left behind",
+        set: |c, v| {
+            if v.is_empty() {
+                return Err(());
+            }
+            c.spill_dir = std::path::PathBuf::from(v);
+            Ok(())
+        },
+        show: |c| c.spill_dir.display().to_string(),
     },
     TransportOption {
         name: "max-channels",

@@ -10,6 +10,7 @@ fn hello() -> Hello {
         role: Role::Data,
         window: 1 << 24,
         ring_pages: 1024,
+        spill_pages: 0,
         name: "vm-1".into(),
     }
 }
@@ -67,6 +68,7 @@ fn reply_round_trip_and_flip() {
         status: Status::UnknownTarget,
         window: 5,
         ring_pages: 6,
+        spill_pages: 0,
     };
     let b = r.encode();
     assert_eq!(Reply::read(&mut &b[..]).unwrap(), r);
@@ -87,6 +89,7 @@ fn every_refusal_status_survives_the_reply_and_names_its_reason() {
             status,
             window: 0,
             ring_pages: 0,
+            spill_pages: 0,
         };
         assert_eq!(Reply::read(&mut &r.encode()[..]).unwrap().status, status);
     }
@@ -294,4 +297,28 @@ fn payload_crc_checked() {
         read_payload(&mut r, &got, &mut buf),
         Err(WireError::Checksum { .. })
     ));
+}
+
+/// The spill sizes ride in bytes that earlier versions sent as zero: a
+/// hello or reply from before them reads as "no spill", and the new values
+/// round-trip.
+#[test]
+fn spill_pages_travel_in_the_formerly_reserved_bytes() {
+    let mut h = hello();
+    h.spill_pages = 262_144;
+    let b = h.encode();
+    assert_eq!(b.len(), HELLO_FIXED_LEN + h.name.len() + 4);
+    assert_eq!(&b[40..44], &262_144u32.to_le_bytes());
+    assert_eq!(Hello::read(&mut &b[..]).unwrap(), h);
+    assert_eq!(Hello::read(&mut &hello().encode()[..]).unwrap().spill_pages, 0);
+    let r = Reply {
+        version: 3,
+        status: Status::Ok,
+        window: 5,
+        ring_pages: 6,
+        spill_pages: 7,
+    };
+    let b = r.encode();
+    assert_eq!(&b[16..20], &7u32.to_le_bytes());
+    assert_eq!(Reply::read(&mut &b[..]).unwrap(), r);
 }

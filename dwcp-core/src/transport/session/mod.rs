@@ -107,6 +107,8 @@ struct Inner {
     /// Flow-control window per channel, raw bytes (as agreed).
     window: u64,
     ring_bytes: usize,
+    /// Dedup spill file per channel, pages (as agreed; 0: none).
+    spill_pages: u64,
     /// What the session's channels and the rings the peer fills may take
     /// ([`budget`]).
     budget: SessionBudget,
@@ -238,6 +240,24 @@ fn hex(id: &[u8; 16]) -> String {
     id.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+impl Inner {
+    /// The receiving end of a channel's dedup ring (and spill file, as
+    /// agreed): an error when the spill file cannot be created, since the
+    /// peer may refer to pages in it.
+    fn rebuilder(&self) -> std::io::Result<crate::codec::Rebuilder> {
+        crate::codec::Rebuilder::with_spill(self.ring_bytes, self.spill_pages, &self.cfg.spill_dir)
+            .map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "cannot create the dedup spill file in {} (spill-dir): {e}",
+                        self.cfg.spill_dir.display()
+                    ),
+                )
+            })
+    }
+}
+
 impl Session {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn start(
@@ -245,7 +265,7 @@ impl Session {
         id: [u8; 16],
         name: &str,
         cfg: TransportConfig,
-        (window, ring_pages, version): (u32, u32, u16),
+        (window, ring_pages, spill_pages, version): (u32, u32, u32, u16),
         links: Vec<Link>,
         target: Option<Target>,
         gate: Option<Arc<dyn CutoverGate>>,
@@ -283,6 +303,7 @@ impl Session {
             version,
             window: window as u64,
             ring_bytes: ring_pages as usize * crate::codec::PAGE_SIZE,
+            spill_pages: spill_pages as u64,
             budget: SessionBudget::new(
                 cfg.session_memory.saturating_sub(budget::fixed_bytes(
                     n as u64,
@@ -332,7 +353,7 @@ impl Session {
             counters: Counters::default(),
             retired: None,
         });
-        info!(name, session = %hex(&id), ?role, streams = n, window, ring_pages, "session started");
+        info!(name, session = %hex(&id), ?role, streams = n, window, ring_pages, spill_pages, "session started");
         let sess = Session { inner };
         for (i, s) in streams.into_iter().enumerate() {
             let inner = sess.inner.clone();
@@ -474,6 +495,7 @@ impl Session {
                 cfg: i.cfg.clone(),
                 window: i.window,
                 ring_bytes: i.ring_bytes,
+                spill_pages: i.spill_pages,
                 budget: SessionBudget::new(0, 0),
                 target: None,
                 gate: None,

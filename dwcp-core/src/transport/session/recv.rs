@@ -17,7 +17,7 @@ use super::credit::delivered;
 use super::direct::reader;
 use super::target::Target;
 use super::{check_complete, fail, is_down, open_channel, FailReason, Inner, Role};
-use crate::codec::{CodecId, Decompressor, Rebuilder};
+use crate::codec::{CodecId, Decompressor};
 use crate::transport::budget::RingCharge;
 use crate::transport::gate::{CutoverGate, TailHold, GATE_HOLD};
 use crate::transport::link::RxStream;
@@ -351,7 +351,20 @@ impl Held {
 
 /// Writes bytes to QEMU in order, then returns credit to the peer.
 pub(super) fn qemu_tx(inner: Arc<Inner>, ch: Arc<Channel>, mut conn: UnixStream) {
-    let mut rebuilder = Rebuilder::new(inner.ring_bytes);
+    let mut rebuilder = match inner.rebuilder() {
+        Ok(r) => r,
+        Err(e) => {
+            fail(
+                &inner,
+                FailReason::Codec {
+                    channel: ch.id,
+                    seq: None,
+                    error: e.to_string(),
+                },
+            );
+            return;
+        }
+    };
     let mut ring_charge = RingCharge::default();
     let mut raw = Vec::new();
     let mut discard = false;

@@ -53,7 +53,19 @@ impl FrameSender {
             super::Role::Initiator => inner.ring_bytes,
             super::Role::Responder => 0,
         };
-        let planner = Planner::new(ring);
+        // Without its spill file a sender only refers to pages in memory,
+        // which the receiver holds whatever it spills.
+        let planner = match inner.spill_pages {
+            0 => Planner::new(ring),
+            pages => Planner::with_spill(ring, pages, &inner.cfg.spill_dir).unwrap_or_else(|e| {
+                tracing::warn!(
+                    name = %inner.name,
+                    "no dedup spill file in {} ({e}): pages that leave the ring are sent again",
+                    inner.cfg.spill_dir.display()
+                );
+                Planner::new(ring)
+            }),
+        };
         let last = planner.stats();
         FrameSender {
             planner,
