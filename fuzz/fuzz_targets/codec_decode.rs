@@ -2,7 +2,8 @@
 //! lz4, zstd, raw) and the dedup plan interpreter `Rebuilder::rebuild`, fed a
 //! sequence of frames through one channel (the dedup ring carries over).
 //!
-//! Input: ring byte (ring of `b & 15` pages), then frames of
+//! Input: ring byte (ring of `b & 15` pages, extended by a spill file of
+//! `b >> 4` pages in the temp directory), then frames of
 //! `[codec u8][plan_len u24][raw_len u24][wire_len u16][wire...]`.
 //! Codec byte bit 7 set: the wire bytes are raw data, planned by a
 //! `Planner` and compressed by a `Compressor` (tier from bits 0-1) before
@@ -26,8 +27,12 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let ring_bytes = (ring & 15) as usize * PAGE_SIZE;
-    let mut planner = Planner::new(ring_bytes);
-    let mut rebuilder = Rebuilder::new(ring_bytes);
+    let spill = u64::from(ring >> 4);
+    let dir = std::env::temp_dir();
+    let new_planner = || Planner::with_spill(ring_bytes, spill, &dir).expect("spill file");
+    let new_rebuilder = || Rebuilder::with_spill(ring_bytes, spill, &dir).expect("spill file");
+    let mut planner = new_planner();
+    let mut rebuilder = new_rebuilder();
     let mut dec = Decompressor::new();
     let mut comp = Compressor::new();
     let mut in_step = true;
@@ -96,8 +101,8 @@ fuzz_target!(|data: &[u8]| {
                     "rebuilding the planner's plan failed: {e}"
                 );
                 // After an error the channel is torn down: start afresh.
-                planner = Planner::new(ring_bytes);
-                rebuilder = Rebuilder::new(ring_bytes);
+                planner = new_planner();
+                rebuilder = new_rebuilder();
                 in_step = true;
                 continue;
             }

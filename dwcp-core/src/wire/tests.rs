@@ -310,7 +310,10 @@ fn spill_pages_travel_in_the_formerly_reserved_bytes() {
     assert_eq!(b.len(), HELLO_FIXED_LEN + h.name.len() + 4);
     assert_eq!(&b[40..44], &262_144u32.to_le_bytes());
     assert_eq!(Hello::read(&mut &b[..]).unwrap(), h);
-    assert_eq!(Hello::read(&mut &hello().encode()[..]).unwrap().spill_pages, 0);
+    assert_eq!(
+        Hello::read(&mut &hello().encode()[..]).unwrap().spill_pages,
+        0
+    );
     let r = Reply {
         version: 3,
         status: Status::Ok,

@@ -65,6 +65,8 @@ pub struct CompareArgs {
     /// started with `--insecure`, or `insecure=1` in the URI). QEMU's own
     /// contenders are clear text; `+tls` at the end gives them QEMU's
     /// `tls-creds-x509` with the same PKI (e.g. `qemu-multifd+tls`).
+    /// `+nospill` on an agent contender asks for no dedup spill file
+    /// (docs/hde.md), e.g. `dwcp,dwcp+nospill` to see what it saves.
     #[arg(long, value_delimiter = ',', default_value = DEFAULT_CONTENDERS)]
     pub contenders: Vec<String>,
     /// Seconds before a migration counts as not converged and is cancelled.
@@ -128,6 +130,8 @@ enum Kind {
         multifd: Option<u32>,
         /// Through a second agent pair in clear text (`+insecure`).
         plain: bool,
+        /// Without dedup spill files (`+nospill`: the route asks for none).
+        nospill: bool,
     },
     /// QEMU built with qemu-patches/: `migrate dwcp:HOST:PORT`, libdwcp in
     /// QEMU, no agent in the data path.
@@ -163,18 +167,38 @@ fn contender(full: &str) -> Result<Kind> {
             _ => bail!("contender {full:?}: +tls is for QEMU's own transports (DWCP is encrypted unless +insecure)"),
         };
     }
+    if let Some(base) = full.strip_suffix("+nospill") {
+        return match contender(base)? {
+            Kind::Dwcp {
+                codec,
+                bandwidth,
+                multifd,
+                plain,
+                ..
+            } => Ok(Kind::Dwcp {
+                codec,
+                bandwidth,
+                multifd,
+                plain,
+                nospill: true,
+            }),
+            _ => bail!("contender {full:?}: +nospill is for contenders through the DWCP agents"),
+        };
+    }
     if let Some(base) = full.strip_suffix("+insecure") {
         return match contender(base)? {
             Kind::Dwcp {
                 codec,
                 bandwidth,
                 multifd,
+                nospill,
                 ..
             } => Ok(Kind::Dwcp {
                 codec,
                 bandwidth,
                 multifd,
                 plain: true,
+                nospill,
             }),
             Kind::QemuDwcp(s, p) => {
                 let p = match p {
@@ -223,6 +247,7 @@ fn contender(full: &str) -> Result<Kind> {
             bandwidth: None,
             multifd,
             plain: false,
+            nospill: false,
         },
         other => match other.strip_prefix("dwcp-") {
             Some(tier) => {
@@ -234,10 +259,11 @@ fn contender(full: &str) -> Result<Kind> {
                     bandwidth: None,
                     multifd,
                     plain: false,
+                    nospill: false,
                 }
             }
             None => bail!(
-                "unknown contender {other:?} (qemu-tcp, qemu-multifd, qemu-multifd-zstd, qemu-xbzrle, dwcp, dwcp-none, dwcp-lz4, dwcp-zstd, dwcp-zstd:N, dwcp-auto, dwcp-raw; any dwcp contender with +multifd: QEMU multifd, 4 channels, through DWCP; +insecure: DWCP in clear text; +tls on a qemu- contender: QEMU's own TLS)"
+                "unknown contender {other:?} (qemu-tcp, qemu-multifd, qemu-multifd-zstd, qemu-xbzrle, dwcp, dwcp-none, dwcp-lz4, dwcp-zstd, dwcp-zstd:N, dwcp-auto, dwcp-raw; any dwcp contender with +multifd: QEMU multifd, 4 channels, through DWCP; +insecure: DWCP in clear text; +nospill: DWCP without dedup spill files; +tls on a qemu- contender: QEMU's own TLS)"
             ),
         },
     })
@@ -613,6 +639,7 @@ fn run_inner(
             bandwidth,
             multifd,
             plain,
+            nospill,
         } => {
             let mig = MigrationSpec {
                 name: tag.clone(),
@@ -625,6 +652,9 @@ fn run_inner(
             let mut req = json!({"op": "route", "name": tag, "to": lab.dst_addr_of(*plain)});
             if let Some(c) = codec {
                 req["codec"] = json!(c);
+            }
+            if *nospill {
+                req["spill_mb"] = json!(0);
             }
             let route = control_request(&src_ctl, &req).map_err(|e| anyhow!("route: {e}"))?;
             let socket = route["socket"].as_str().unwrap_or_default().to_string();
