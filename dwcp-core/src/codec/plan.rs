@@ -118,6 +118,10 @@ struct Ring {
     spill: Option<Spill>,
 }
 
+/// Pages written to a spill file at once (when the ring and the file are
+/// multiples of it).
+const SPILL_BATCH: u64 = 64;
+
 /// The on-disk part of a [`Ring`]: an unlinked file (nothing is left behind
 /// if the process dies) holding `cap` pages, and a page buffer for reads.
 struct Spill {
@@ -241,17 +245,33 @@ impl Ring {
         let slot = (idx % self.cap) as usize * PAGE_SIZE;
         if idx >= self.cap {
             if let Some(sp) = &self.spill {
+                // The page at `old` leaves memory now. Pages go to the file
+                // SPILL_BATCH at a time, when the first of them leaves (one
+                // write instead of many): the file then holds the batch a
+                // little before the pages leave memory, and the pages it
+                // replaces leave the file a little early. Both ends write
+                // at the same points of the stream, the sender compares
+                // what it reads back before every reference, so the window
+                // only narrows by a batch.
                 let old = idx - self.cap;
-                std::os::unix::fs::FileExt::write_all_at(
-                    &sp.file,
-                    &self.data[slot..slot + PAGE_SIZE],
-                    sp.offset(old),
-                )
-                .map_err(|source| CodecError::Spill {
-                    op: "write",
-                    idx: old,
-                    source,
-                })?;
+                let batch = if self.cap % SPILL_BATCH == 0 && sp.cap % SPILL_BATCH == 0 {
+                    SPILL_BATCH
+                } else {
+                    1
+                };
+                if old % batch == 0 {
+                    let len = batch as usize * PAGE_SIZE;
+                    std::os::unix::fs::FileExt::write_all_at(
+                        &sp.file,
+                        &self.data[slot..slot + len],
+                        sp.offset(old),
+                    )
+                    .map_err(|source| CodecError::Spill {
+                        op: "write",
+                        idx: old,
+                        source,
+                    })?;
+                }
             }
         }
         self.count += 1;
