@@ -254,12 +254,13 @@ impl Ring {
                 // what it reads back before every reference, so the window
                 // only narrows by a batch.
                 let old = idx - self.cap;
-                let batch = if self.cap % SPILL_BATCH == 0 && sp.cap % SPILL_BATCH == 0 {
-                    SPILL_BATCH
-                } else {
-                    1
-                };
-                if old % batch == 0 {
+                let batch =
+                    if self.cap.is_multiple_of(SPILL_BATCH) && sp.cap.is_multiple_of(SPILL_BATCH) {
+                        SPILL_BATCH
+                    } else {
+                        1
+                    };
+                if old.is_multiple_of(batch) {
                     let len = batch as usize * PAGE_SIZE;
                     std::os::unix::fs::FileExt::write_all_at(
                         &sp.file,

@@ -131,6 +131,20 @@ impl Default for TransportConfig {
     }
 }
 
+/// Whether a file can be created (and removed) in `dir`.
+fn spill_dir_usable(dir: &std::path::Path) -> bool {
+    let probe = dir.join(format!(".dwcp-spill-probe-{}", std::process::id()));
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&probe)
+    {
+        Ok(_) => std::fs::remove_file(&probe).is_ok(),
+        Err(_) => false,
+    }
+}
+
 /// Default dedup spill file per channel, MiB.
 pub const DEFAULT_SPILL_MB: u32 = 1024;
 /// Largest dedup spill file per channel, MiB.
@@ -319,19 +333,5 @@ mod tests {
             ..Default::default()
         };
         assert!(c.validate().unwrap_err().to_string().starts_with("workers"));
-    }
-}
-
-/// Whether a file can be created (and removed) in `dir`.
-fn spill_dir_usable(dir: &std::path::Path) -> bool {
-    let probe = dir.join(format!(".dwcp-spill-probe-{}", std::process::id()));
-    match std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&probe)
-    {
-        Ok(_) => std::fs::remove_file(&probe).is_ok(),
-        Err(_) => false,
     }
 }
