@@ -47,6 +47,11 @@ pub struct FloorArgs {
     /// zstd levels to compress the unique pages with (one thread each).
     #[arg(long, value_delimiter = ',', default_value = "3,19")]
     pub levels: Vec<i32>,
+    /// Also compress the unique pages frame by frame (512 KiB frames, the
+    /// first level): each alone, as DWCP's codec does, and as one stream
+    /// flushed per frame (context across frames).
+    #[arg(long)]
+    pub frames: bool,
     /// Link rates to express the floor in seconds at, Mbit/s.
     #[arg(long, value_delimiter = ',', default_value = "100,1000,10000")]
     pub link_mbit: Vec<f64>,
@@ -87,6 +92,63 @@ pub struct Floor {
     pub unique_pages: u64,
     pub unique_bytes: u64,
     pub levels: Vec<Level>,
+    /// The unique pages compressed frame by frame (`--frames`), as DWCP's
+    /// codec compresses a channel's frames today, and with each frame given
+    /// the frames before it as context (one stream, flushed per frame).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub framed: Option<Framed>,
+}
+
+/// Frame-by-frame compression of the unique pages at one zstd level.
+#[derive(Debug, Clone, Serialize)]
+pub struct Framed {
+    pub level: i32,
+    pub frame_bytes: usize,
+    /// Each frame on its own (one zstd frame per DWCP frame).
+    pub independent_bytes: u64,
+    /// One zstd stream, flushed at the end of every frame: each frame
+    /// decodable on arrival, with the frames before it as context.
+    pub streamed_bytes: u64,
+}
+
+/// Raw bytes per frame in [`Framed`]: DWCP's default chunk.
+const FRAME: usize = 512 << 10;
+
+/// Compresses the chunks in frames of [`FRAME`]: each alone, and as one
+/// zstd stream flushed at the end of every frame (so each frame can be
+/// decoded as it arrives, with the frames before it as context).
+fn framed(rx: Receiver<Arc<Vec<u8>>>, level: i32) -> Result<Framed> {
+    let mut independent = 0u64;
+    let mut stream = zstd::stream::write::Encoder::new(Counter(0), level)?;
+    let mut cur: Vec<u8> = Vec::with_capacity(FRAME);
+    let mut one = |frame: &[u8], independent: &mut u64| -> Result<()> {
+        *independent += zstd::bulk::compress(frame, level)?.len() as u64;
+        stream.write_all(frame)?;
+        stream.flush()?;
+        Ok(())
+    };
+    for c in rx {
+        let mut rest: &[u8] = &c;
+        while !rest.is_empty() {
+            let take = (FRAME - cur.len()).min(rest.len());
+            cur.extend_from_slice(&rest[..take]);
+            rest = &rest[take..];
+            if cur.len() == FRAME {
+                one(&cur, &mut independent)?;
+                cur.clear();
+            }
+        }
+    }
+    if !cur.is_empty() {
+        one(&cur, &mut independent)?;
+    }
+    let streamed = stream.finish()?.0;
+    Ok(Framed {
+        level,
+        frame_bytes: FRAME,
+        independent_bytes: independent,
+        streamed_bytes: streamed,
+    })
 }
 
 impl Floor {
@@ -98,7 +160,13 @@ impl Floor {
 
 /// Measures the floor of everything `r` yields (a multiple of 4 KiB; a
 /// short last page is padded with zeros, as QEMU sends whole pages).
-pub fn measure(mut r: impl Read, source: &str, levels: &[i32]) -> Result<Floor> {
+pub fn measure(r: impl Read, source: &str, levels: &[i32]) -> Result<Floor> {
+    measure_with(r, source, levels, false)
+}
+
+/// [`measure`], with the frame-by-frame figures at the first level when
+/// `frames` is set.
+pub fn measure_with(mut r: impl Read, source: &str, levels: &[i32], frames: bool) -> Result<Floor> {
     if levels.is_empty() {
         bail!("no zstd level to measure (--levels)");
     }
@@ -120,6 +188,19 @@ pub fn measure(mut r: impl Read, source: &str, levels: &[i32]) -> Result<Floor> 
                 .context("starting a compressor thread")?,
         );
     }
+    let frame_worker = if frames {
+        let (tx, rx) = sync_channel::<Arc<Vec<u8>>>(2);
+        feeds.push(tx);
+        let level = levels[0];
+        Some(
+            std::thread::Builder::new()
+                .name("floor-frames".into())
+                .spawn(move || framed(rx, level))
+                .context("starting a compressor thread")?,
+        )
+    } else {
+        None
+    };
     let mut seen: HashSet<u128> = HashSet::new();
     let mut f = Floor {
         source: source.to_string(),
@@ -130,6 +211,7 @@ pub fn measure(mut r: impl Read, source: &str, levels: &[i32]) -> Result<Floor> 
         unique_pages: 0,
         unique_bytes: 0,
         levels: Vec::new(),
+        framed: None,
     };
     let mut chunk = Vec::with_capacity(CHUNK);
     let mut page = vec![0u8; PAGE];
@@ -172,6 +254,12 @@ pub fn measure(mut r: impl Read, source: &str, levels: &[i32]) -> Result<Floor> 
             .join()
             .map_err(|_| anyhow::anyhow!("the zstd {level} thread panicked"))??;
         f.levels.push(Level { level, bytes, secs });
+    }
+    if let Some(w) = frame_worker {
+        f.framed = Some(
+            w.join()
+                .map_err(|_| anyhow::anyhow!("the frame compressor thread panicked"))??,
+        );
     }
     Ok(f)
 }
@@ -263,6 +351,17 @@ pub fn table(f: &Floor, link_mbit: &[f64]) -> String {
         }
         s.push_str(&format!(" {:.1} |\n", l.secs));
     }
+    if let Some(fr) = &f.framed {
+        s.push_str(&format!(
+            "\nframe by frame ({} KiB frames, zstd -{}): {:.1} MB each frame alone (as DWCP's codec does), \
+             {:.1} MB as one stream flushed per frame ({:+.1} %)\n",
+            fr.frame_bytes >> 10,
+            fr.level,
+            mb(fr.independent_bytes),
+            mb(fr.streamed_bytes),
+            100.0 * (fr.streamed_bytes as f64 / fr.independent_bytes.max(1) as f64 - 1.0)
+        ));
+    }
     if let Some(b) = f.best_bytes() {
         s.push_str(&format!(
             "\nfloor: {:.1} MB ({:.3} of the RAM size); a migration's wire bytes / floor is its multiple of it\n",
@@ -276,7 +375,7 @@ pub fn table(f: &Floor, link_mbit: &[f64]) -> String {
 /// `dwcp benchmark floor`.
 pub fn run(a: &FloorArgs) -> Result<Floor> {
     let f = match &a.input {
-        Some(p) => from_file(p, &a.levels)?,
+        Some(p) => from_file(p, &a.levels, a.frames)?,
         None => from_test_guest(a)?,
     };
     let t = table(&f, &a.link_mbit);
@@ -292,7 +391,7 @@ pub fn run(a: &FloorArgs) -> Result<Floor> {
     Ok(f)
 }
 
-fn from_file(p: &Path, levels: &[i32]) -> Result<Floor> {
+fn from_file(p: &Path, levels: &[i32], frames: bool) -> Result<Floor> {
     let file = File::open(p).with_context(|| format!("opening the RAM image {}", p.display()))?;
     let len = file.metadata()?.len();
     if len == 0 {
@@ -302,7 +401,12 @@ fn from_file(p: &Path, levels: &[i32]) -> Result<Floor> {
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_default();
-    measure(BufReader::with_capacity(1 << 20, file), &name, levels)
+    measure_with(
+        BufReader::with_capacity(1 << 20, file),
+        &name,
+        levels,
+        frames,
+    )
 }
 
 /// Boots the test guest in a lab namespace, waits until its content is
@@ -348,7 +452,12 @@ fn from_test_guest(a: &FloorArgs) -> Result<Floor> {
             .unwrap_or_default()
     );
     let file = File::open(&img)?;
-    let f = measure(BufReader::with_capacity(1 << 20, file), &source, &a.levels);
+    let f = measure_with(
+        BufReader::with_capacity(1 << 20, file),
+        &source,
+        &a.levels,
+        a.frames,
+    );
     let _ = std::fs::remove_file(&img);
     f
 }
@@ -406,6 +515,59 @@ mod tests {
     }
 
     #[test]
+    fn frames_alone_and_with_context_cover_every_unique_page() {
+        // Text pages of words drawn at random from a small vocabulary:
+        // every frame can use the words the frames before it taught.
+        const WORDS: [&str; 12] = [
+            "page",
+            "guest",
+            "memory",
+            "stream",
+            "channel",
+            "dirty",
+            "frame",
+            "window",
+            "migration",
+            "kernel",
+            "buffer",
+            "socket",
+        ];
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut img = Vec::new();
+        for _ in 0..600 {
+            let mut p = Vec::with_capacity(PAGE);
+            while p.len() < PAGE {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                p.extend_from_slice(WORDS[(x % 12) as usize].as_bytes());
+                p.push(if x % 7 == 0 { b'\n' } else { b' ' });
+            }
+            p.truncate(PAGE);
+            img.extend(p);
+        }
+        let f = measure_with(&img[..], "t", &[3], true).unwrap();
+        let fr = f.framed.expect("framed");
+        // Frame by frame is exactly the sum of one zstd frame per 512 KiB.
+        let alone: u64 = img
+            .chunks(FRAME)
+            .map(|c| zstd::bulk::compress(c, 3).unwrap().len() as u64)
+            .sum();
+        assert_eq!(fr.independent_bytes, alone);
+        // The stream decodes back to the pages (and so counts them all).
+        assert!(fr.streamed_bytes > 0, "{fr:?}");
+        let mut enc = zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap();
+        for c in img.chunks(FRAME) {
+            enc.write_all(c).unwrap();
+            enc.flush().unwrap();
+        }
+        let out = enc.finish().unwrap();
+        assert_eq!(out.len() as u64, fr.streamed_bytes);
+        assert_eq!(zstd::decode_all(&out[..]).unwrap(), img);
+        assert!(measure(&img[..], "t", &[3]).unwrap().framed.is_none());
+    }
+
+    #[test]
     fn a_short_last_page_is_padded() {
         let img = vec![1u8; PAGE + 100];
         let f = measure(&img[..], "t", &[1]).unwrap();
@@ -423,10 +585,10 @@ mod tests {
         assert!(e.to_string().contains("--levels"), "{e}");
         let d = std::env::temp_dir().join(format!("dwcp-floor-{}", std::process::id()));
         std::fs::write(&d, b"").unwrap();
-        let e = from_file(&d, &[3]).unwrap_err();
+        let e = from_file(&d, &[3], false).unwrap_err();
         let _ = std::fs::remove_file(&d);
         assert!(e.to_string().contains("not a RAM image"), "{e}");
-        let e = from_file(Path::new("/nonexistent/ram.img"), &[3]).unwrap_err();
+        let e = from_file(Path::new("/nonexistent/ram.img"), &[3], false).unwrap_err();
         assert!(format!("{e:#}").contains("/nonexistent/ram.img"), "{e:#}");
     }
 
@@ -445,6 +607,7 @@ mod tests {
                 bytes: 100_000_000,
                 secs: 1.0,
             }],
+            framed: None,
         };
         let t = table(&f, &[100.0]);
         // 100 MB at 100 Mbit/s: 8 s.
