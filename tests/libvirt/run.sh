@@ -91,16 +91,18 @@ t_exact_ram() {
   # paused with --suspend), dump the destination, compare, resume.
   local size=$(( ${GUEST_MB:-256} << 20 ))
   hvirsh a suspend g1 >/dev/null || return 1
-  rm -f "$LAB"/ram-*
-  hvirsh a qemu-monitor-command g1 --hmp "pmemsave 0 $size \"$LAB/ram-src\"" || return 1
+  # QEMU (libvirt-qemu) writes the dumps: into $LAB/qemu-out, which it owns.
+  local out=$LAB/qemu-out
+  rm -f "$out"/ram-*
+  hvirsh a qemu-monitor-command g1 --hmp "pmemsave 0 $size \"$out/ram-src\"" || return 1
   route a b g1 || return 1
   migrate a b g1 --suspend --parallel --parallel-connections 2 || return 1
   [ "$(hvirsh b domstate g1)" = paused ] || { fail "destination not paused"; return 1; }
-  hvirsh b qemu-monitor-command g1 --hmp "pmemsave 0 $size \"$LAB/ram-dst\"" || return 1
-  local a b; a=$(sha256sum <"$LAB/ram-src"); b=$(sha256sum <"$LAB/ram-dst")
-  [ -s "$LAB/ram-src" ] && [ "$a" = "$b" ] || { cmp "$LAB/ram-src" "$LAB/ram-dst" | head -2 >&2; fail "RAM differs"; return 1; }
+  hvirsh b qemu-monitor-command g1 --hmp "pmemsave 0 $size \"$out/ram-dst\"" || return 1
+  local a b; a=$(sha256sum <"$out/ram-src"); b=$(sha256sum <"$out/ram-dst")
+  [ -s "$out/ram-src" ] && [ "$a" = "$b" ] || { cmp "$out/ram-src" "$out/ram-dst" | head -2 >&2; fail "RAM differs"; return 1; }
   lv_log "RAM identical ($size bytes, sha256 ${a:0:16})"
-  rm -f "$LAB"/ram-*
+  rm -f "$out"/ram-*
   hvirsh b resume g1 >/dev/null || return 1
   unroute a g1
   verify_moved a b g1
