@@ -146,7 +146,7 @@ CONF
   # qemu.conf stays Debian's default: QEMU runs as libvirt-qemu, libvirt
   # chowns what QEMU needs (dynamic_ownership), DAC security driver.
   # Hooks (installed like an operator would, into this host's /etc/libvirt).
-  DESTDIR=$d/etc bash "$HOOK_SRC/install.sh" >/dev/null
+  DESTDIR=$d/etc APPARMOR_DIR=$d/apparmor.d bash "$HOOK_SRC/install.sh" >/dev/null
   printf 'agent_socket=/run/dwcp/agent.sock\nlog=/var/log/libvirt/dwcp-hook.log\n%s\n' "${HOOK_CONF:-}" \
     > "$d/etc/hooks/dwcp.conf"
   # Guest kernel/initrd: libvirt wants them at the same path on both hosts.
