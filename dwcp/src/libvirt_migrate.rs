@@ -205,6 +205,10 @@ pub fn run(a: VirshMigrateArgs) -> Result<()> {
     // Bad flags are refused before anything is touched.
     let flags = migrate_flags(&a)?;
     let dest_uri = dest_uri(&a)?;
+    // libvirt's default handler prints every error on stderr, also the
+    // expected ones (job stats of a domain that just left); ours carry
+    // libvirt's message in the Result.
+    virt::error::clear_error_callback();
     let conn =
         Connect::open(Some(&a.connect)).with_context(|| format!("connecting to {}", a.connect))?;
     let dom = conn

@@ -49,11 +49,40 @@ lab_up() {
     ip -n "${NS[$h]}" link set "${LV_TAG}v$h" up
     ip -n "${NS[$h]}" link set lo up
   done
+  lab_pki
   for h in $HOSTS; do host_up "$h"; done
   # Files QEMU writes for the tests (pmemsave): QEMU runs as libvirt-qemu.
   install -d -o libvirt-qemu -g libvirt-qemu -m 700 "$LAB/qemu-out"
   lv_log "libvirt security model: $(hvirsh a capabilities | secmodels)"
 }
+
+# lab_pki: a throwaway CA, a server certificate per host (its link IP) for
+# libvirtd's TLS listener, and one client certificate in $LAB/pki/client
+# (libvirt's pkipath layout: qemu+tls://IP/system?pkipath=$LAB/pki/client).
+lab_pki() {
+  local p=$LAB/pki h
+  command -v openssl >/dev/null || { lv_log "no openssl: libvirtd without TLS"; return 0; }
+  mkdir -p "$p/client"
+  leaf() { # leaf NAME CN EXTENSIONS
+    openssl req -new -newkey rsa:2048 -nodes -keyout "$p/$1.key" -subj "/CN=$2" -out "$p/$1.csr" 2>/dev/null &&
+      openssl x509 -req -in "$p/$1.csr" -CA "$p/ca.pem" -CAkey "$p/ca.key" -CAcreateserial -days 2 \
+        -extfile <(printf '%s\n' "$3" 'basicConstraints=critical,CA:FALSE' 'keyUsage=critical,digitalSignature,keyEncipherment') \
+        -out "$p/$1.pem" 2>/dev/null
+  }
+  openssl req -x509 -newkey rsa:2048 -nodes -keyout "$p/ca.key" -subj "/CN=dwcp lab libvirt CA" -days 2 \
+    -addext 'basicConstraints=critical,CA:TRUE' -addext 'keyUsage=critical,keyCertSign,cRLSign' \
+    -out "$p/ca.pem" 2>/dev/null || { lv_log "openssl failed: libvirtd without TLS"; rm -rf "$p"; return 0; }
+  for h in $HOSTS; do
+    leaf "server-$h" "dwcp-$h" "subjectAltName=IP:${IP[$h]}
+extendedKeyUsage=serverAuth" || { rm -rf "$p"; return 0; }
+  done
+  leaf client "dwcp-lab-client" "extendedKeyUsage=clientAuth" || { rm -rf "$p"; return 0; }
+  cp "$p/ca.pem" "$p/client/cacert.pem"; cp "$p/client.pem" "$p/client/clientcert.pem"
+  cp "$p/client.key" "$p/client/clientkey.pem"
+}
+
+# tls_uri HOST: a TLS connection to HOST's libvirtd with the lab's client certificate.
+tls_uri() { echo "qemu+tls://${IP[$1]}/system?pkipath=$LAB/pki/client"; }
 
 # secmodels < capabilities XML: "model doi baselabel..." of each <secmodel>.
 secmodels() {
@@ -134,9 +163,14 @@ host_up() {
     hostname dwcp-$h
   "
   local uuid; uuid=$(cat /proc/sys/kernel/random/uuid)
+  local tls="listen_tls = 0"
+  [ -e "$LAB/pki/server-$h.pem" ] && tls="listen_tls = 1
+ca_file = \"$LAB/pki/ca.pem\"
+cert_file = \"$LAB/pki/server-$h.pem\"
+key_file = \"$LAB/pki/server-$h.key\""
   cat >> "$d/etc/libvirtd.conf" <<CONF
 # dwcp test lab
-listen_tls = 0
+$tls
 listen_tcp = 1
 auth_tcp = "none"
 listen_addr = "${IP[$h]}"

@@ -191,6 +191,31 @@ t_dwcp_virsh_migrate() {
   ! persistent_on b g1 && ! hvirsh a list --all --name | grep -qx g1 || { fail "g1 persistent on b or left on a"; return 1; }
 }
 
+t_dwcp_virsh_migrate_tls() {
+  # `dwcp virsh-migrate --dest-uri qemu+tls://...`: the source libvirtd
+  # reaches the destination's over TLS (the lab's PKI), the data goes
+  # through DWCP as before. g1 goes b -> a -> b.
+  [ -e "$LAB/pki/client/clientcert.pem" ] || { lv_log "SKIP: no lab PKI (openssl)"; return 0; }
+  hx b virsh -q -c "$(tls_uri a)" version >/dev/null || { fail "no TLS connection to a's libvirtd"; return 1; }
+  local out
+  out=$(hx b "$DWCP_BIN" --log warn virsh-migrate g1 --to "${IP[a]}" --dest-uri "$(tls_uri a)" --json) ||
+    { fail "dwcp virsh-migrate over qemu+tls: $out"; return 1; }
+  [[ "$out" == *'"dest_uri":"qemu+tls://'* ]] || { fail "result: $out"; return 1; }
+  verify_moved b a g1 || return 1
+  hx a "$DWCP_BIN" --log warn virsh-migrate g1 --to "${IP[b]}" --dest-uri "$(tls_uri b)" --quiet ||
+    { fail "dwcp virsh-migrate back over qemu+tls"; return 1; }
+  verify_moved a b g1 || return 1
+  # A plain virsh migrate over qemu+tls through DWCP too.
+  route b a g1 || return 1
+  lv_log "virsh migrate --live --p2p g1 $(tls_uri a) --migrateuri unix:///run/dwcp/g1.sock"
+  hx b timeout 120 virsh -q -c qemu:///system migrate --live --p2p g1 "$(tls_uri a)" \
+    --migrateuri unix:///run/dwcp/g1.sock >"$LAB/virsh.out" 2>&1 || { fail "virsh over qemu+tls: $(cat "$LAB/virsh.out")"; return 1; }
+  verify_moved b a g1 || return 1
+  unroute b g1
+  route a b g1 && migrate a b g1 && verify_moved a b g1 || return 1
+  unroute a g1
+}
+
 t_nova_tcp() {
   # The exact libvirt call Nova's libvirt driver makes (virDomainMigrateToURI3,
   # flags LIVE|PEER2PEER|UNDEFINE_SOURCE|PERSIST_DEST [+AUTO_CONVERGE], params
@@ -295,17 +320,20 @@ t_fail_wrong_socket() {
 t_fail_socket_permissions() {
   # The destination agent without --socket-group on a fresh /run/dwcp (root's,
   # 0755): QEMU (libvirt-qemu) cannot create its incoming socket. The
-  # migration fails naming the permission problem; g1 keeps running on b.
-  route b a g1 || return 1
-  agent_down a
-  hx a chown root:root /run/dwcp; hx a chmod 0755 /run/dwcp
-  LV_SOCKET_ARGS= agent_up a || return 1
-  expect_refused b a g1 "Failed to bind socket to /run/dwcp/g1.sock: Permission denied" || return 1
-  agent_down a
-  agent_up a || return 1
-  [ "$(stat_of a /run/dwcp)" = "1770 root:libvirt-qemu" ] || { fail "/run/dwcp after --socket-group: $(stat_of a /run/dwcp)"; return 1; }
-  migrate b a g1 || return 1
-  verify_moved b a g1 || return 1
+  # migration fails naming the permission problem; g1 keeps running on a.
+  route a b g1 || return 1
+  agent_down b
+  hx b chown root:root /run/dwcp; hx b chmod 0755 /run/dwcp
+  LV_SOCKET_ARGS= agent_up b || return 1
+  expect_refused a b g1 "Failed to bind socket to /run/dwcp/g1.sock: Permission denied" || return 1
+  agent_down b
+  agent_up b || return 1
+  [ "$(stat_of b /run/dwcp)" = "1770 root:libvirt-qemu" ] || { fail "/run/dwcp after --socket-group: $(stat_of b /run/dwcp)"; return 1; }
+  migrate a b g1 || return 1
+  verify_moved a b g1 || return 1
+  unroute a g1
+  # Back to a, where the next tests expect g1.
+  route b a g1 && migrate b a g1 && verify_moved b a g1 || return 1
   unroute b g1
 }
 
@@ -373,7 +401,7 @@ t_fail_dst_qemu_dies() { kill_mid a b g1 qemu; }
 t_fail_dst_agent_dies() { kill_mid b a g1 agent; }
 t_fail_link_cut() { kill_mid a b g1 link; }
 
-TESTS="live_p2p_metadata unprivileged_qemu parallel_back exact_ram dwcp_virsh_migrate nova_tcp fail_dst_agent_down fail_src_agent_down fail_socket_in_use fail_wrong_socket fail_socket_permissions fail_bad_metadata fail_dst_qemu_dies fail_dst_agent_dies fail_link_cut"
+TESTS="live_p2p_metadata unprivileged_qemu parallel_back exact_ram dwcp_virsh_migrate dwcp_virsh_migrate_tls nova_tcp fail_dst_agent_down fail_src_agent_down fail_socket_in_use fail_wrong_socket fail_socket_permissions fail_bad_metadata fail_dst_qemu_dies fail_dst_agent_dies fail_link_cut"
 
 lv_log "lab: $LAB"
 lab_up || { lv_log "lab did not come up"; exit 1; }
