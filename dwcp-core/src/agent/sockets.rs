@@ -188,6 +188,20 @@ pub fn bind_with(path: &Path, group: Option<u32>, mode: u32) -> std::io::Result<
     Ok(l)
 }
 
+/// A group the tests may give files: as root any gid will do (65534),
+/// otherwise the caller's own.
+#[cfg(test)]
+pub(crate) fn test_gid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    if root {
+        65534
+    } else {
+        // SAFETY: getegid has no preconditions and cannot fail.
+        unsafe { libc::getegid() }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -250,13 +264,7 @@ mod tests {
     #[test]
     fn sockets_and_dirs_get_group_and_mode() {
         let d = tmp("modes");
-        // As root any gid will do; otherwise the caller's own group.
-        // SAFETY: geteuid/getegid have no preconditions.
-        let gid = if unsafe { libc::geteuid() } == 0 {
-            65534
-        } else {
-            unsafe { libc::getegid() }
-        };
+        let gid = test_gid();
         let access = SocketAccess {
             group: Some(gid),
             mode: 0o640,

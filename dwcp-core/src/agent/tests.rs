@@ -584,13 +584,7 @@ fn a_session_ending_uses_up_only_the_expectations_made_before_it_started() {
 #[test]
 fn socket_group_and_mode_reach_dirs_and_route_sockets_not_the_control_socket() {
     use std::os::unix::fs::MetadataExt;
-    // As root any gid will do; otherwise the caller's own group.
-    // SAFETY: geteuid/getegid have no preconditions.
-    let gid = if unsafe { libc::geteuid() } == 0 {
-        65534
-    } else {
-        unsafe { libc::getegid() }
-    };
+    let gid = super::sockets::test_gid();
     let (_a, dir, _) = agent_with(
         "sockmode",
         false,
