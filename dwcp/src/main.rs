@@ -131,7 +131,7 @@ impl TransportArgs {
         for (o, v) in &self.given {
             o.apply(&mut c, v, Surface::Cli)?;
         }
-        c.validate().map_err(|e| anyhow::anyhow!(e))?;
+        c.validate().map_err(|e| anyhow::anyhow!("--{e}"))?;
         Ok(c)
     }
 }
