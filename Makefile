@@ -201,6 +201,9 @@ install: dist-build
 	install -m 755 libvirt-hooks/qemu.d/dwcp $(DESTDIR)$(SYSCONFDIR)/libvirt/hooks/qemu.d/dwcp
 	[ -e $(DESTDIR)$(SYSCONFDIR)/libvirt/hooks/dwcp.conf ] || \
 	  install -m 644 libvirt-hooks/dwcp.conf $(DESTDIR)$(SYSCONFDIR)/libvirt/hooks/dwcp.conf
+	install -d $(DESTDIR)$(SYSCONFDIR)/apparmor.d/abstractions/libvirt-qemu.d
+	install -m 644 libvirt-hooks/apparmor/libvirt-qemu.d-dwcp \
+	  $(DESTDIR)$(SYSCONFDIR)/apparmor.d/abstractions/libvirt-qemu.d/dwcp
 	[ -e $(DESTDIR)$(SYSCONFDIR)/dwcp/dwcp.toml ] || \
 	  install -m 644 packaging/dwcp.toml $(DESTDIR)$(SYSCONFDIR)/dwcp/dwcp.toml
 	[ -e $(DESTDIR)$(SYSCONFDIR)/default/dwcp ] || \

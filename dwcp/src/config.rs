@@ -91,6 +91,10 @@ pub struct AgentSection {
     pub listen: Option<SocketAddr>,
     pub run_dir: Option<PathBuf>,
     pub incoming_dir: Option<PathBuf>,
+    /// `--socket-group`: group of the run/incoming directories and route sockets.
+    pub socket_group: Option<String>,
+    /// `--socket-mode`: mode of route sockets, octal text (`"0660"`).
+    pub socket_mode: Option<String>,
     /// Routes created at start, `NAME=HOST:PORT`.
     pub routes: Option<Vec<String>>,
     pub max_dedup_cache_mb: Option<u32>,
@@ -183,6 +187,15 @@ impl FileConfig {
                         message: format!("{r:?}: expected NAME=IP:PORT"),
                     });
                 }
+            }
+        }
+        if let Some(m) = &cfg.agent.socket_mode {
+            if let Err(e) = dwcp_core::agent::sockets::parse_mode(m) {
+                problems.push(ConfigProblem {
+                    line: None,
+                    key: "agent.socket_mode".into(),
+                    message: e,
+                });
             }
         }
         if cfg.cluster.node_id == Some(0) {
@@ -311,6 +324,14 @@ mod tests {
             "{}",
             e[0].message
         );
+        let e = FileConfig::parse("[agent]\nsocket_mode = \"0868\"\n").unwrap_err();
+        assert_eq!(e[0].key, "agent.socket_mode");
+        assert!(e[0].message.contains("octal"), "{}", e[0].message);
+        let c =
+            FileConfig::parse("[agent]\nsocket_group = \"libvirt-qemu\"\nsocket_mode = \"0640\"\n")
+                .unwrap();
+        assert_eq!(c.agent.socket_group.as_deref(), Some("libvirt-qemu"));
+        assert_eq!(c.agent.socket_mode.as_deref(), Some("0640"));
         let e = FileConfig::parse("[metrix]\n").unwrap_err();
         assert!(
             e[0].message.contains("unknown field `metrix`"),

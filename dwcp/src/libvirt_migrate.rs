@@ -22,6 +22,17 @@ use virt::sys;
 /// XML namespace of the domain metadata element `<dwcp:migration>`.
 pub const METADATA_NS: &str = "https://dwcp.dev/xmlns/libvirt/1";
 
+/// How `--transport` reaches the destination's libvirtd.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LibvirtTransport {
+    /// `qemu+tcp://TO/system` (libvirtd's TCP listener; SASL or no auth).
+    Tcp,
+    /// `qemu+tls://TO/system` (libvirtd's TLS listener and PKI).
+    Tls,
+    /// `qemu+ssh://TO/system` (ssh to TO as the current user).
+    Ssh,
+}
+
 #[derive(Args, Debug)]
 pub struct VirshMigrateArgs {
     /// Domain name.
@@ -29,9 +40,15 @@ pub struct VirshMigrateArgs {
     /// Destination host (address of its libvirtd and its DWCP agent).
     #[arg(long)]
     to: String,
-    /// Destination libvirt URI (default: qemu+tcp://TO/system).
-    #[arg(long)]
+    /// Destination libvirt URI, any of qemu+tcp://, qemu+tls://,
+    /// qemu+ssh:// (or qemu+libssh://, qemu+libssh2://)
+    /// [default: qemu+TRANSPORT://TO/system].
+    #[arg(long, conflicts_with = "transport")]
     dest_uri: Option<String>,
+    /// How to reach the destination's libvirtd: qemu+tcp, qemu+tls or
+    /// qemu+ssh to TO/system [default: tcp].
+    #[arg(long, value_enum)]
+    transport: Option<LibvirtTransport>,
     /// Local libvirt URI.
     #[arg(long, default_value = "qemu:///system")]
     connect: String,
@@ -50,6 +67,20 @@ pub struct VirshMigrateArgs {
     /// DWCP codec (default: metadata, else the agent's).
     #[arg(long)]
     codec: Option<String>,
+    /// Define the domain on the destination (VIR_MIGRATE_PERSIST_DEST, virsh --persistent).
+    #[arg(long)]
+    persistent: bool,
+    /// Undefine the domain on the source once it runs on the destination
+    /// (VIR_MIGRATE_UNDEFINE_SOURCE, virsh --undefinesource).
+    #[arg(long)]
+    undefinesource: bool,
+    /// Let QEMU throttle the guest's vCPUs when memory is dirtied faster than
+    /// it is sent (VIR_MIGRATE_AUTO_CONVERGE, virsh --auto-converge).
+    #[arg(long)]
+    auto_converge: bool,
+    /// Post-copy: refused, DWCP does not carry post-copy migrations yet.
+    #[arg(long)]
+    postcopy: bool,
     /// Print the result as JSON on stdout (the global --json).
     #[arg(skip)]
     pub json: bool,
@@ -58,53 +89,147 @@ pub struct VirshMigrateArgs {
     quiet: bool,
 }
 
-/// Value of `name="..."` (or single quotes) in an XML start tag.
-fn xml_attr(xml: &str, name: &str) -> Option<String> {
-    for q in ['"', '\''] {
-        let pat = format!("{name}={q}");
-        if let Some(i) = xml.find(&pat) {
-            let rest = &xml[i + pat.len()..];
-            return rest.find(q).map(|j| rest[..j].to_string());
+/// Why `--postcopy` is refused.
+pub const POSTCOPY_REFUSED: &str = "post-copy is not supported by DWCP yet: only pre-copy \
+    migrations are carried (and tested) through the agents; migrate without --postcopy \
+    (--auto-converge helps a guest that dirties memory faster than the link sends it)";
+
+/// The libvirt flags of a migration with these arguments.
+fn migrate_flags(a: &VirshMigrateArgs) -> Result<sys::virDomainMigrateFlags> {
+    if a.postcopy {
+        anyhow::bail!(POSTCOPY_REFUSED);
+    }
+    let mut flags = sys::VIR_MIGRATE_LIVE | sys::VIR_MIGRATE_PEER2PEER;
+    for (on, flag) in [
+        (a.parallel.is_some(), sys::VIR_MIGRATE_PARALLEL),
+        (a.persistent, sys::VIR_MIGRATE_PERSIST_DEST),
+        (a.undefinesource, sys::VIR_MIGRATE_UNDEFINE_SOURCE),
+        (a.auto_converge, sys::VIR_MIGRATE_AUTO_CONVERGE),
+    ] {
+        if on {
+            flags |= flag;
         }
     }
-    None
+    Ok(flags)
+}
+
+/// Schemes accepted for the destination's libvirt connection.
+const DEST_SCHEMES: [&str; 5] = [
+    "qemu+tcp",
+    "qemu+tls",
+    "qemu+ssh",
+    "qemu+libssh",
+    "qemu+libssh2",
+];
+
+/// The destination's libvirt URI: `--dest-uri` (checked), else
+/// `qemu+TRANSPORT://TO/system`.
+fn dest_uri(a: &VirshMigrateArgs) -> Result<String> {
+    if let Some(u) = &a.dest_uri {
+        let scheme = u.split_once("://").map(|(s, _)| s).unwrap_or("");
+        if !DEST_SCHEMES.contains(&scheme) {
+            anyhow::bail!(
+                "--dest-uri {u:?}: a peer-to-peer migration needs a remote QEMU driver URI \
+                 ({}://HOST/system)",
+                DEST_SCHEMES.join("://, ")
+            );
+        }
+        return Ok(u.clone());
+    }
+    let t = match a.transport.unwrap_or(LibvirtTransport::Tcp) {
+        LibvirtTransport::Tcp => "tcp",
+        LibvirtTransport::Tls => "tls",
+        LibvirtTransport::Ssh => "ssh",
+    };
+    let host = if a.to.contains(':') && !a.to.starts_with('[') {
+        format!("[{}]", a.to) // an IPv6 address
+    } else {
+        a.to.clone()
+    };
+    Ok(format!("qemu+{t}://{host}/system"))
+}
+
+/// What a domain's `<dwcp:migration>` metadata asks for.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct MigrationMetadata {
+    pub streams: Option<u16>,
+    pub codec: Option<String>,
+}
+
+/// Reads `<metadata><migration xmlns="METADATA_NS" .../></metadata>` (any
+/// prefix) from a domain's XML. `Ok(None)`: no such element. An error names
+/// what is wrong: XML that is not well-formed, or a bad attribute.
+pub fn migration_metadata(domain_xml: &str) -> Result<Option<MigrationMetadata>> {
+    let doc = roxmltree::Document::parse(domain_xml)
+        .map_err(|e| anyhow::anyhow!("the domain XML is not well-formed: {e}"))?;
+    let root = doc.root_element();
+    if root.tag_name().name() != "domain" {
+        anyhow::bail!(
+            "the domain XML's root element is <{}>, not <domain>",
+            root.tag_name().name()
+        );
+    }
+    let Some(el) = root
+        .children()
+        .filter(|n| n.is_element() && n.tag_name().name() == "metadata")
+        .flat_map(|m| m.children())
+        .find(|n| {
+            n.is_element()
+                && n.tag_name().name() == "migration"
+                && n.tag_name().namespace() == Some(METADATA_NS)
+        })
+    else {
+        return Ok(None);
+    };
+    let streams = match el.attribute("streams") {
+        Some(v) => Some(
+            v.trim()
+                .parse::<u16>()
+                .ok()
+                .filter(|n| (1..=256).contains(n))
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "metadata <dwcp:migration streams='{v}'>: not a number of streams (1..=256)"
+                    )
+                })?,
+        ),
+        None => None,
+    };
+    Ok(Some(MigrationMetadata {
+        streams,
+        codec: el.attribute("codec").map(|c| c.trim().to_string()),
+    }))
 }
 
 pub fn run(a: VirshMigrateArgs) -> Result<()> {
+    // Bad flags are refused before anything is touched.
+    let flags = migrate_flags(&a)?;
+    let dest_uri = dest_uri(&a)?;
+    // libvirt's default handler prints every error on stderr, also the
+    // expected ones (job stats of a domain that just left); ours carry
+    // libvirt's message in the Result.
+    virt::error::clear_error_callback();
     let conn =
         Connect::open(Some(&a.connect)).with_context(|| format!("connecting to {}", a.connect))?;
     let dom = conn
         .lookup_domain_by_name(&a.domain)
         .with_context(|| format!("domain {}", a.domain))?;
-    let md = dom
-        .metadata(
-            sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
-            Some(METADATA_NS),
-            0,
-        )
+    let xml = dom
+        .xml_desc(0)
+        .with_context(|| format!("reading the XML of domain {}", a.domain))?;
+    let md = migration_metadata(&xml)
+        .with_context(|| format!("domain {}", a.domain))?
         .unwrap_or_default();
     let mut route =
         json!({"op": "route", "name": a.domain, "to": format!("{}:{}", a.to, a.agent_port)});
-    if let Some(s) = a
-        .streams
-        .map(u64::from)
-        .or_else(|| xml_attr(&md, "streams").and_then(|s| s.parse().ok()))
-    {
+    if let Some(s) = a.streams.or(md.streams) {
         route["streams"] = json!(s);
     }
-    if let Some(c) = a.codec.clone().or_else(|| xml_attr(&md, "codec")) {
+    if let Some(c) = a.codec.clone().or(md.codec) {
         route["codec"] = json!(c);
     }
     let answer = control_call(&a.agent, &route).context("creating the route on the local agent")?;
     let socket = answer["socket"].as_str().unwrap_or_default().to_string();
-    let dest_uri = a
-        .dest_uri
-        .clone()
-        .unwrap_or_else(|| format!("qemu+tcp://{}/system", a.to));
-    let mut flags = sys::VIR_MIGRATE_LIVE | sys::VIR_MIGRATE_PEER2PEER;
-    if a.parallel.is_some() {
-        flags |= sys::VIR_MIGRATE_PARALLEL;
-    }
     let params = MigrateParameters {
         uri: Some(format!("unix://{socket}")),
         parallel_connections: a.parallel,
@@ -243,4 +368,170 @@ pub fn run(a: VirshMigrateArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        a: VirshMigrateArgs,
+    }
+
+    fn args(extra: &[&str]) -> Result<VirshMigrateArgs, clap::Error> {
+        let mut v = vec!["t", "g1", "--to", "10.0.0.2"];
+        v.extend_from_slice(extra);
+        Cli::try_parse_from(v).map(|c| c.a)
+    }
+
+    #[test]
+    fn flags_map_to_libvirt_migrate_flags() {
+        let base = sys::VIR_MIGRATE_LIVE | sys::VIR_MIGRATE_PEER2PEER;
+        assert_eq!(migrate_flags(&args(&[]).unwrap()).unwrap(), base);
+        let all = args(&[
+            "--persistent",
+            "--undefinesource",
+            "--auto-converge",
+            "--parallel",
+            "4",
+        ])
+        .unwrap();
+        assert_eq!(
+            migrate_flags(&all).unwrap(),
+            base | sys::VIR_MIGRATE_PERSIST_DEST
+                | sys::VIR_MIGRATE_UNDEFINE_SOURCE
+                | sys::VIR_MIGRATE_AUTO_CONVERGE
+                | sys::VIR_MIGRATE_PARALLEL
+        );
+        assert_eq!(
+            migrate_flags(&args(&["--persistent"]).unwrap()).unwrap(),
+            base | sys::VIR_MIGRATE_PERSIST_DEST
+        );
+        let e = migrate_flags(&args(&["--postcopy", "--persistent"]).unwrap()).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("post-copy is not supported by DWCP yet: "),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn destination_uri_from_transport_or_given() {
+        let uri = |x: &[&str]| dest_uri(&args(x).unwrap());
+        assert_eq!(uri(&[]).unwrap(), "qemu+tcp://10.0.0.2/system");
+        assert_eq!(
+            uri(&["--transport", "tls"]).unwrap(),
+            "qemu+tls://10.0.0.2/system"
+        );
+        assert_eq!(
+            uri(&["--transport", "ssh"]).unwrap(),
+            "qemu+ssh://10.0.0.2/system"
+        );
+        for u in [
+            "qemu+tls://dst.example.org/system",
+            "qemu+ssh://root@dst/system?keyfile=/k",
+            "qemu+tcp://10.0.0.2/system",
+        ] {
+            assert_eq!(uri(&["--dest-uri", u]).unwrap(), u);
+        }
+        let e = uri(&["--dest-uri", "qemu:///system"]).unwrap_err();
+        assert!(e.to_string().contains("remote QEMU driver URI"), "{e}");
+        let e = uri(&["--dest-uri", "xen+ssh://h/system"]).unwrap_err();
+        assert!(e.to_string().contains("qemu+tls://"), "{e}");
+        // Not both.
+        assert!(args(&["--transport", "tls", "--dest-uri", "qemu+tls://h/system"]).is_err());
+        assert!(args(&["--transport", "udp"]).is_err());
+        let v6 = Cli::try_parse_from(["t", "g1", "--to", "fd00::2"])
+            .unwrap()
+            .a;
+        assert_eq!(dest_uri(&v6).unwrap(), "qemu+tcp://[fd00::2]/system");
+    }
+
+    fn domain(metadata: &str) -> String {
+        format!(
+            "<domain type='qemu'><name>g1</name><metadata>{metadata}</metadata>\
+             <os><type>hvm</type></os></domain>"
+        )
+    }
+
+    #[test]
+    fn metadata_is_read_by_namespace_not_prefix() {
+        let md = |m: &str| migration_metadata(&domain(m)).unwrap();
+        let want = Some(MigrationMetadata {
+            streams: Some(2),
+            codec: Some("zstd".into()),
+        });
+        assert_eq!(
+            md(&format!(
+                "<dwcp:migration xmlns:dwcp='{METADATA_NS}' transport='tcp' streams='2' codec='zstd'/>"
+            )),
+            want
+        );
+        // Another prefix, the default namespace, double quotes, other
+        // metadata around it: the same.
+        assert_eq!(
+            md(&format!(
+                "<app:x xmlns:app='urn:other' streams='9'/><m:migration xmlns:m=\"{METADATA_NS}\" codec=\"zstd\" streams=\"2\"></m:migration>"
+            )),
+            want
+        );
+        assert_eq!(
+            md(&format!(
+                "<migration xmlns='{METADATA_NS}' streams='2' codec='zstd'/>"
+            )),
+            want
+        );
+        // The same name in another namespace is not ours; an attribute in
+        // a comment or text is not an attribute.
+        assert_eq!(md("<x:migration xmlns:x='urn:other' streams='4'/>"), None);
+        assert_eq!(
+            migration_metadata(
+                "<domain><name>streams='4'</name><!-- <dwcp:migration streams='4'/> --></domain>"
+            )
+            .unwrap(),
+            None
+        );
+        // Only some attributes.
+        assert_eq!(
+            md(&format!(
+                "<dwcp:migration xmlns:dwcp='{METADATA_NS}' codec='lz4'/>"
+            )),
+            Some(MigrationMetadata {
+                streams: None,
+                codec: Some("lz4".into())
+            })
+        );
+        // No metadata at all.
+        assert_eq!(
+            migration_metadata("<domain type='qemu'><name>g1</name></domain>").unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn malformed_xml_and_bad_values_are_errors() {
+        let e = migration_metadata("<domain><metadata></domain>").unwrap_err();
+        assert!(e.to_string().contains("not well-formed"), "{e}");
+        let e = migration_metadata("").unwrap_err();
+        assert!(e.to_string().contains("not well-formed"), "{e}");
+        let e = migration_metadata("<network/>").unwrap_err();
+        assert!(e.to_string().contains("not <domain>"), "{e}");
+        for bad in ["999", "0", "two", ""] {
+            let e = migration_metadata(&domain(&format!(
+                "<dwcp:migration xmlns:dwcp='{METADATA_NS}' streams='{bad}'/>"
+            )))
+            .unwrap_err();
+            assert!(
+                e.to_string()
+                    .contains(&format!("<dwcp:migration streams='{bad}'>")),
+                "{e}"
+            );
+        }
+        // An undeclared prefix is not well-formed XML either.
+        let e = migration_metadata(&domain("<dwcp:migration streams='2'/>")).unwrap_err();
+        assert!(e.to_string().contains("not well-formed"), "{e}");
+    }
 }

@@ -214,6 +214,17 @@ struct AgentArgs {
     /// destination [default: RUN_DIR/incoming].
     #[arg(long, env = "DWCP_INCOMING_DIR")]
     incoming_dir: Option<PathBuf>,
+    /// Group given the run and incoming directories and each route socket,
+    /// so that QEMU running as a member of it (libvirt's `libvirt-qemu` on
+    /// Debian, `qemu` on Fedora) can connect to route sockets and create its
+    /// incoming socket; a name or a gid. The run directory becomes 0750, the
+    /// incoming directory 01770 (the same directory: 01770); the control
+    /// socket stays root's alone (0600) [default: none, directories unchanged].
+    #[arg(long, env = "DWCP_SOCKET_GROUP", value_name = "GROUP")]
+    socket_group: Option<String>,
+    /// Mode of each route socket, octal [default: 0660].
+    #[arg(long, env = "DWCP_SOCKET_MODE", value_name = "MODE")]
+    socket_mode: Option<String>,
     /// Routes to create at start: NAME=HOST:PORT (repeatable).
     #[arg(long = "route")]
     routes: Vec<String>,
@@ -502,6 +513,16 @@ fn run_agent(mut a: AgentArgs, config: Option<&std::path::Path>) -> Result<()> {
         Some(n) => n,
         None => dwcp_core::transport::DEFAULT_MAX_SESSIONS as u16,
     };
+    let socket_mode = match a.socket_mode.as_deref().or(fa.socket_mode.as_deref()) {
+        Some(m) => dwcp_core::agent::sockets::parse_mode(m).map_err(|e| anyhow::anyhow!(e))?,
+        None => dwcp_core::agent::sockets::DEFAULT_SOCKET_MODE,
+    };
+    let socket_group = match a.socket_group.as_deref().or(fa.socket_group.as_deref()) {
+        Some(g) => {
+            Some(dwcp_core::agent::sockets::resolve_group(g).map_err(|e| anyhow::anyhow!(e))?)
+        }
+        None => None,
+    };
     let cfg = AgentConfig {
         listen: a.listen.or(fa.listen),
         incoming_dir: a
@@ -520,6 +541,10 @@ fn run_agent(mut a: AgentArgs, config: Option<&std::path::Path>) -> Result<()> {
             a.gate_timeout_ms.or(fa.gate_timeout_ms).unwrap_or(5000),
         ),
         allow,
+        sockets: dwcp_core::agent::SocketAccess {
+            group: socket_group,
+            mode: socket_mode,
+        },
     };
     let agent = Agent::start(cfg).context("starting the agent")?;
     if let Some(addr) = metrics_listen {

@@ -49,7 +49,64 @@ lab_up() {
     ip -n "${NS[$h]}" link set "${LV_TAG}v$h" up
     ip -n "${NS[$h]}" link set lo up
   done
+  lab_pki
   for h in $HOSTS; do host_up "$h"; done
+  # Files QEMU writes for the tests (pmemsave): QEMU runs as libvirt-qemu.
+  install -d -o libvirt-qemu -g libvirt-qemu -m 700 "$LAB/qemu-out"
+  lv_log "libvirt security model: $(hvirsh a capabilities | secmodels)"
+}
+
+# lab_pki: a throwaway CA, a server certificate per host (its link IP) for
+# libvirtd's TLS listener, and one client certificate in $LAB/pki/client
+# (libvirt's pkipath layout: qemu+tls://IP/system?pkipath=$LAB/pki/client).
+lab_pki() {
+  local p=$LAB/pki h
+  command -v openssl >/dev/null || { lv_log "no openssl: libvirtd without TLS"; return 0; }
+  mkdir -p "$p/client"
+  leaf() { # leaf NAME CN EXTENSIONS
+    openssl req -new -newkey rsa:2048 -nodes -keyout "$p/$1.key" -subj "/CN=$2" -out "$p/$1.csr" 2>/dev/null &&
+      openssl x509 -req -in "$p/$1.csr" -CA "$p/ca.pem" -CAkey "$p/ca.key" -CAcreateserial -days 2 \
+        -extfile <(printf '%s\n' "$3" 'basicConstraints=critical,CA:FALSE' 'keyUsage=critical,digitalSignature,keyEncipherment') \
+        -out "$p/$1.pem" 2>/dev/null
+  }
+  openssl req -x509 -newkey rsa:2048 -nodes -keyout "$p/ca.key" -subj "/CN=dwcp lab libvirt CA" -days 2 \
+    -addext 'basicConstraints=critical,CA:TRUE' -addext 'keyUsage=critical,keyCertSign,cRLSign' \
+    -out "$p/ca.pem" 2>/dev/null || { lv_log "openssl failed: libvirtd without TLS"; rm -rf "$p"; return 0; }
+  for h in $HOSTS; do
+    leaf "server-$h" "dwcp-$h" "subjectAltName=IP:${IP[$h]}
+extendedKeyUsage=serverAuth" || { rm -rf "$p"; return 0; }
+  done
+  leaf client "dwcp-lab-client" "extendedKeyUsage=clientAuth" || { rm -rf "$p"; return 0; }
+  cp "$p/ca.pem" "$p/client/cacert.pem"; cp "$p/client.pem" "$p/client/clientcert.pem"
+  cp "$p/client.key" "$p/client/clientkey.pem"
+}
+
+# tls_uri HOST: a TLS connection to HOST's libvirtd with the lab's client certificate.
+tls_uri() { echo "qemu+tls://${IP[$1]}/system?pkipath=$LAB/pki/client"; }
+
+# secmodels < capabilities XML: "model doi baselabel..." of each <secmodel>.
+secmodels() {
+  python3 -c '
+import sys, xml.etree.ElementTree as ET
+host = ET.parse(sys.stdin).getroot().find("host")
+out = []
+for m in host.findall("secmodel"):
+    labels = ",".join(b.get("type") + "=" + (b.text or "") for b in m.findall("baselabel"))
+    model, doi = m.findtext("model"), m.findtext("doi")
+    out.append(f"{model} doi={doi} {labels}".strip())
+print("; ".join(out) or "none")'
+}
+
+# qemu_user HOST DOM: the user the domain's QEMU process runs as.
+qemu_user() {
+  local pid; pid=$(hx "$1" cat "/run/libvirt/qemu/$2.pid" 2>/dev/null) || return 1
+  ps -o user= -p "$pid" | tr -d ' '
+}
+
+# assert_unprivileged HOST DOM: QEMU runs as libvirt-qemu, not root.
+assert_unprivileged() {
+  local u; u=$(qemu_user "$1" "$2")
+  [ "$u" = libvirt-qemu ] || { lv_log "FAIL: QEMU of $2 on $1 runs as '${u:-?}', not libvirt-qemu"; return 1; }
 }
 
 # link_emulated: host a's and b's interfaces (${LV_TAG}va/vb, as with the
@@ -106,27 +163,24 @@ host_up() {
     hostname dwcp-$h
   "
   local uuid; uuid=$(cat /proc/sys/kernel/random/uuid)
+  local tls="listen_tls = 0"
+  [ -e "$LAB/pki/server-$h.pem" ] && tls="listen_tls = 1
+ca_file = \"$LAB/pki/ca.pem\"
+cert_file = \"$LAB/pki/server-$h.pem\"
+key_file = \"$LAB/pki/server-$h.key\""
   cat >> "$d/etc/libvirtd.conf" <<CONF
 # dwcp test lab
-listen_tls = 0
+$tls
 listen_tcp = 1
 auth_tcp = "none"
 listen_addr = "${IP[$h]}"
 host_uuid = "$uuid"
 log_outputs = "3:file:/var/log/libvirt/libvirtd.log"
 CONF
-  cat >> "$d/etc/qemu.conf" <<CONF
-# dwcp test lab: QEMU as root without cgroups/namespaces/security drivers
-user = "root"
-group = "root"
-dynamic_ownership = 0
-remember_owner = 0
-security_driver = "none"
-namespaces = [ ]
-cgroup_controllers = [ ]
-CONF
+  # qemu.conf stays Debian's default: QEMU runs as libvirt-qemu, libvirt
+  # chowns what QEMU needs (dynamic_ownership), DAC security driver.
   # Hooks (installed like an operator would, into this host's /etc/libvirt).
-  DESTDIR=$d/etc bash "$HOOK_SRC/install.sh" >/dev/null
+  DESTDIR=$d/etc APPARMOR_DIR=$d/apparmor.d bash "$HOOK_SRC/install.sh" >/dev/null
   printf 'agent_socket=/run/dwcp/agent.sock\nlog=/var/log/libvirt/dwcp-hook.log\n%s\n' "${HOOK_CONF:-}" \
     > "$d/etc/hooks/dwcp.conf"
   # Guest kernel/initrd: libvirt wants them at the same path on both hosts.
@@ -143,12 +197,14 @@ CONF
 
 # agent_up HOST: dwcp agent with route sockets in /run/dwcp; on the destination
 # QEMU listens at the migrate URI's path, /run/dwcp/DOM.sock, so --incoming-dir
-# is the same directory.
+# is the same directory. QEMU runs as libvirt-qemu: --socket-group libvirt-qemu
+# (LV_SOCKET_ARGS= starts the agent without it).
 agent_up() {
   local h=$1
   hx "$h" sh -c 'echo $$ > "$1"; shift; exec "$@"' sh "$LAB/$h/agent.pid" \
     "$DWCP_BIN" --log info agent --listen "${IP[$h]}:7070" --run-dir /run/dwcp \
-    --incoming-dir /run/dwcp ${LV_AGENT_ARGS---workers 1 --insecure} --allow 'nova-*' </dev/null >>"$LAB/$h/agent.log" 2>&1 &
+    --incoming-dir /run/dwcp ${LV_SOCKET_ARGS---socket-group libvirt-qemu} \
+    ${LV_AGENT_ARGS---workers 1 --insecure} --allow 'nova-*' </dev/null >>"$LAB/$h/agent.log" 2>&1 &
   local i
   for i in $(seq 50); do
     hx "$h" test -S /run/dwcp/agent.sock && agent_ctl "$h" '{"op":"ping"}' >/dev/null 2>&1 && return 0
@@ -291,6 +347,7 @@ verify_moved() {
   local f=$1 t=$2 d=$3
   domain_gone "$f" "$d" || fail "$d still present on $f after migration" || return 1
   running_on "$t" "$d" || fail "$d not running on $t" || return 1
+  assert_unprivileged "$t" "$d" || return 1
   wait_serial "$t" "$d" DWCP-HB 30 || return 1
   local first s0 i
   first=$(serial "$t" "$d" | grep -m1 '^DWCP-HB')
@@ -311,5 +368,6 @@ verify_moved() {
 boot() { # boot HOST DOM [metadata]
   domain_xml "$2" "${3:-}" >"$LAB/$2.xml"
   hvirsh "$1" create "$LAB/$2.xml" >/dev/null || { tail -5 "$LAB/$1/log/qemu/$2.log" >&2; return 1; }
+  assert_unprivileged "$1" "$2" || return 1
   wait_serial "$1" "$2" DWCP-READY "${BOOT_S:-90}"
 }

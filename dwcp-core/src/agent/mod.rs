@@ -63,7 +63,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -84,12 +84,14 @@ pub mod expect;
 mod prepared;
 pub mod progress;
 mod route;
+pub mod sockets;
 
 pub use cluster::{ClusterError, ClusterErrorKind, ClusterOps};
 pub use control::{control_call, control_request, newest_session, settled_session, ControlError};
 pub use expect::AllowRule;
 pub use prepared::{PrepState, KEEP_PREPARED};
 pub use progress::{DowntimeObserver, MigrationProgress};
+pub use sockets::SocketAccess;
 
 /// How an agent runs.
 #[derive(Debug, Clone)]
@@ -112,6 +114,9 @@ pub struct AgentConfig {
     /// `--allow NAME_GLOB[=PEER]`: migrations accepted without an `expect`
     /// or `prepare` (see [`expect`]).
     pub allow: Vec<AllowRule>,
+    /// `--socket-group`, `--socket-mode`: who may use the route sockets and
+    /// create QEMU's incoming sockets ([`sockets`]).
+    pub sockets: SocketAccess,
 }
 
 impl AgentConfig {
@@ -302,11 +307,22 @@ impl Agent {
         cfg.transport
             .validate()
             .map_err(|e| AgentError::Config(e.to_string()))?;
-        for (what, dir) in [
-            ("run directory", &cfg.run_dir),
-            ("incoming directory", &cfg.incoming_dir),
+        // QEMU creates its incoming sockets in the incoming directory; the
+        // run directory only needs to let it reach the route sockets.
+        let run_mode = if cfg.run_dir == cfg.incoming_dir {
+            sockets::INCOMING_DIR_MODE
+        } else {
+            sockets::RUN_DIR_MODE
+        };
+        for (what, dir, mode) in [
+            ("run directory", &cfg.run_dir, run_mode),
+            (
+                "incoming directory",
+                &cfg.incoming_dir,
+                sockets::INCOMING_DIR_MODE,
+            ),
         ] {
-            std::fs::create_dir_all(dir).map_err(|source| AgentError::Path {
+            sockets::prepare_dir(dir, &cfg.sockets, mode).map_err(|source| AgentError::Path {
                 what,
                 path: dir.display().to_string(),
                 source,
@@ -486,24 +502,13 @@ impl Agent {
 }
 
 fn bind_unix(path: &Path, what: &'static str) -> Result<UnixListener, AgentError> {
-    if path.exists() {
-        // A live agent answers; a stale socket from a dead one is replaced.
-        if UnixStream::connect(path).is_ok() {
-            return Err(AgentError::Path {
-                what,
-                path: path.display().to_string(),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::AddrInUse,
-                    "another process is serving it",
-                ),
-            });
+    // Root's alone; a stale socket of a dead agent is replaced, a live one refused.
+    sockets::bind_with(path, None, sockets::CONTROL_SOCKET_MODE).map_err(|source| {
+        AgentError::Path {
+            what,
+            path: path.display().to_string(),
+            source,
         }
-        let _ = std::fs::remove_file(path);
-    }
-    UnixListener::bind(path).map_err(|source| AgentError::Path {
-        what,
-        path: path.display().to_string(),
-        source,
     })
 }
 

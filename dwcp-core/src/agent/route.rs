@@ -185,12 +185,17 @@ pub(super) fn add_route(
     wire::check_name(name).map_err(|e| e.to_string())?;
     cfg.validate().map_err(|e| e.to_string())?;
     let socket = st.cfg.run_dir.join(format!("{name}.sock"));
-    if let Some(old) = st.routes.lock().remove(name) {
+    let replaced = st.routes.lock().remove(name);
+    if let Some(old) = replaced {
+        // Our own socket: its listener is going away.
         old.stop();
+        let _ = std::fs::remove_file(&socket);
     }
-    let _ = std::fs::remove_file(&socket);
-    let l =
-        UnixListener::bind(&socket).map_err(|e| format!("binding {}: {e}", socket.display()))?;
+    // Otherwise a stale socket (a crashed agent's) is replaced and one
+    // something listens on is refused.
+    let access = &st.cfg.sockets;
+    let l = super::sockets::bind_with(&socket, access.group, access.mode)
+        .map_err(|e| format!("binding {}: {e}", socket.display()))?;
     let route = Arc::new(Route {
         name: name.to_string(),
         to,

@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use super::expect::check_intended_source;
 use super::{
     control_call, control_request, Agent, AgentConfig, ClusterError, ClusterErrorKind, ClusterOps,
-    KEEP_PREPARED,
+    SocketAccess, KEEP_PREPARED,
 };
 use crate::tls::PeerIdentity;
 use crate::transport::{AcceptorLimits, Session, TransportConfig};
@@ -30,6 +30,16 @@ fn agent_in(
     tag: &str,
     listen: bool,
     cluster: Option<Arc<dyn ClusterOps>>,
+) -> (Agent, PathBuf, Option<SocketAddr>) {
+    agent_with(tag, listen, cluster, SocketAccess::default())
+}
+
+/// [`agent_in`] with this socket ownership.
+fn agent_with(
+    tag: &str,
+    listen: bool,
+    cluster: Option<Arc<dyn ClusterOps>>,
+    sockets: SocketAccess,
 ) -> (Agent, PathBuf, Option<SocketAddr>) {
     let dir = std::env::temp_dir().join(format!("dwcp-agent-{}-{tag}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -52,6 +62,7 @@ fn agent_in(
         cluster,
         gate_timeout: Duration::from_secs(5),
         allow: vec!["*".parse().unwrap()],
+        sockets,
     })
     .unwrap();
     (a, dir, addr)
@@ -568,4 +579,91 @@ fn a_session_ending_uses_up_only_the_expectations_made_before_it_started() {
     ctl(&dir, json!({"op": "expect", "name": "vm"})).unwrap();
     a.state.expectation_used("vm", started);
     assert_eq!(expected(), 2, "the next migration's expectation stays");
+}
+
+#[test]
+fn socket_group_and_mode_reach_dirs_and_route_sockets_not_the_control_socket() {
+    use std::os::unix::fs::MetadataExt;
+    let gid = super::sockets::test_gid();
+    let (_a, dir, _) = agent_with(
+        "sockmode",
+        false,
+        None,
+        SocketAccess {
+            group: Some(gid),
+            mode: 0o660,
+        },
+    );
+    let mode = |p: &Path| {
+        let m = std::fs::symlink_metadata(p).unwrap();
+        (m.gid(), m.mode() & 0o7777)
+    };
+    assert_eq!(mode(&dir), (gid, 0o750));
+    assert_eq!(mode(&dir.join("incoming")), (gid, 0o1770));
+    assert_eq!(mode(&dir.join("agent.sock")).1, 0o600);
+    assert_ne!(mode(&dir.join("agent.sock")).0, gid);
+    let r = ctl(
+        &dir,
+        json!({"op": "route", "name": "g1", "to": "127.0.0.1:9"}),
+    )
+    .unwrap();
+    assert_eq!(r["socket"], json!(dir.join("g1.sock")));
+    assert_eq!(mode(&dir.join("g1.sock")), (gid, 0o660));
+    // Replacing the route keeps group and mode.
+    ctl(
+        &dir,
+        json!({"op": "route", "name": "g1", "to": "127.0.0.1:10"}),
+    )
+    .unwrap();
+    assert_eq!(mode(&dir.join("g1.sock")), (gid, 0o660));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_stale_route_socket_is_reused_a_live_one_refused() {
+    let (_a, dir, _) = agent("stale", false);
+    // A crashed agent's socket: the file is there, nobody listens.
+    drop(UnixListener::bind(dir.join("g1.sock")).unwrap());
+    ctl(
+        &dir,
+        json!({"op": "route", "name": "g1", "to": "127.0.0.1:9"}),
+    )
+    .unwrap();
+    UnixStream::connect(dir.join("g1.sock")).expect("the new route listens");
+    // Something else listens on g2.sock: refused, and it keeps its socket.
+    let other = UnixListener::bind(dir.join("g2.sock")).unwrap();
+    let e = ctl(
+        &dir,
+        json!({"op": "route", "name": "g2", "to": "127.0.0.1:9"}),
+    )
+    .unwrap_err();
+    assert!(
+        e.contains("g2.sock") && e.contains("another process is listening"),
+        "{e}"
+    );
+    other.set_nonblocking(true).unwrap();
+    let _probe = other.accept(); // the check's own connection, if any
+    UnixStream::connect(dir.join("g2.sock")).expect("still the other listener's");
+    // A second agent on the same run dir: its control socket is live, refused.
+    let e = Agent::start(AgentConfig {
+        listen: None,
+        run_dir: dir.clone(),
+        incoming_dir: dir.join("incoming"),
+        transport: TransportConfig {
+            workers: 1,
+            tls: crate::transport::TlsSettings::insecure(),
+            ..TransportConfig::default()
+        },
+        limits: AcceptorLimits::default(),
+        cluster: None,
+        gate_timeout: Duration::from_secs(5),
+        allow: vec![],
+        sockets: SocketAccess::default(),
+    })
+    .unwrap_err();
+    assert!(
+        e.to_string().contains("another process is listening"),
+        "{e}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
