@@ -8,6 +8,11 @@
 # bind-mounted from $LAB/<host>/. Each host runs virtlogd, libvirtd (TCP,
 # no auth, on its link address only) and a `dwcp agent`. Everything is
 # started and stopped by PID; lab_down runs from an EXIT trap.
+#
+# LV_PATCHED=DIR: the hosts run the libvirtd of libvirt-patches/build.sh
+# (`make libvirt`; DIR is the build directory it prints) instead of the
+# system's, with the same /etc/libvirt, /var/lib/libvirt and /run/libvirt
+# layout; virsh and virtlogd stay the system's.
 
 LAB=${LAB:-/tmp/dwcp-lv/$$}
 LV_TAG=${LV_TAG:-lv$(( $$ % 100000 ))}
@@ -132,7 +137,7 @@ CONF
   # Guest kernel/initrd: libvirt wants them at the same path on both hosts.
   cp "$GUEST_DIR/vmlinuz" "$GUEST_DIR/initrd.img" "$d/lib/images/dwcp/"
   hx "$h" virtlogd -d
-  hx "$h" libvirtd -d --listen
+  hx "$h" "${LV_PATCHED:+$LV_PATCHED/src/}libvirtd" -d --listen
   for i in $(seq 100); do
     hvirsh "$h" version >/dev/null 2>&1 && break
     sleep 0.2
@@ -217,9 +222,13 @@ lab_down() {
 }
 
 # domain_xml NAME [METADATA-XML] [CMDLINE-EXTRA]
+# LV_EMULATOR=PATH: another QEMU binary (e.g. the patched one of `make
+# qemu`, which has no firmware of its own: it gets the system's with -L).
 domain_xml() {
+  local qargs=
+  [ -n "${LV_EMULATOR:-}" ] && qargs="<qemu:commandline><qemu:arg value='-L'/><qemu:arg value='/usr/share/seabios'/><qemu:arg value='-L'/><qemu:arg value='/usr/share/qemu'/></qemu:commandline>"
   cat <<XML
-<domain type='qemu'>
+<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
   <name>$1</name>
   <memory unit='MiB'>${GUEST_MB:-256}</memory>
   <vcpu>1</vcpu>
@@ -235,12 +244,13 @@ domain_xml() {
   <on_poweroff>destroy</on_poweroff>
   <on_crash>destroy</on_crash>
   <devices>
-    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <emulator>${LV_EMULATOR:-/usr/bin/qemu-system-x86_64}</emulator>
     <controller type='usb' model='none'/>
     <serial type='file'><source path='/var/log/libvirt/qemu/$1-serial.log'/><target port='0'/></serial>
     <console type='file'><source path='/var/log/libvirt/qemu/$1-serial.log'/><target type='serial' port='0'/></console>
     <memballoon model='none'/>
   </devices>
+  $qargs
 </domain>
 XML
 }
