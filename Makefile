@@ -72,12 +72,14 @@ qemu-test: qemu guest
 	bash tests/qemu/run.sh
 
 # libvirt 11.3 with the dwcp:// migration URI (libvirt-patches/), built once
-# into $DWCP_CACHE/libvirt-dwcp and reused while the patches are unchanged.
+# into $DWCP_CACHE/libvirt-dwcp and reused while the patches are unchanged;
+# then libvirt's syntax checks on the patched tree.
 # Run the dwcp:// libvirt tests with it:
 #   LV_PATCHED=$(bash libvirt-patches/build.sh | tail -1) bash tests/libvirt/run.sh
 libvirt:
 	bash libvirt-patches/setup.sh
 	bash libvirt-patches/build.sh
+	bash libvirt-patches/check.sh
 
 # The upstream rebase (qemu-patches/upstream/) on the newest QEMU source
 # Debian serves: git am, checkpatch, build, smoke and tests/qemu/run.sh.
