@@ -129,7 +129,10 @@ remember_owner = 0
 security_driver = "none"
 namespaces = [ ]
 cgroup_controllers = [ ]
+# migration TLS (virsh migrate --tls): this host's own directory, empty until a test fills it
+migrate_tls_x509_cert_dir = "/var/lib/libvirt/pki"
 CONF
+  mkdir -p "$d/lib/pki"
   # Hooks (installed like an operator would, into this host's /etc/libvirt).
   DESTDIR=$d/etc bash "$HOOK_SRC/install.sh" >/dev/null
   printf 'agent_socket=/run/dwcp/agent.sock\nlog=/var/log/libvirt/dwcp-hook.log\n%s\n' "${HOOK_CONF:-}" \
