@@ -93,7 +93,7 @@ if ! [ -f "$out/build.ninja" ] || [ "$(cat "$ldir/configured" 2>/dev/null)" != "
     (cd "$ldir/src" && meson setup "$out" "${conf[@]}" >&2)
     echo "${conf[*]}" >"$ldir/configured"
 fi
-log "building libvirtd and the QEMU driver (a clean build takes ~40 min on 2 busy cores)"
+log "building libvirtd and the QEMU driver (a clean build took about 20 min on 2 busy cores)"
 ninja -C "$out" src/libvirtd src/libvirt_driver_qemu.so >&2
 mv "$ldir/applied.new" "$ldir/applied"
 echo "$key" >"$ldir/key"
