@@ -58,25 +58,26 @@ if ! [ -d "$ldir/src/.git" ]; then
 fi
 
 # 2. The series, with git am onto the pristine base. Files whose content
-# did not change get their previous time back, so that ninja rebuilds only
-# what a changed patch touches.
+# did not change get their previous modification time back, so that ninja
+# rebuilds only what a changed patch touches (qemu_capabilities.h alone
+# would rebuild the whole QEMU driver).
 log "applying $(ls "$here"/*.patch | grep -vc '/0000-') patches"
 git -C "$ldir/src" am --abort >/dev/null 2>&1 || true
 old=$(git -C "$ldir/src" rev-parse HEAD)
+declare -A mtime=()
+while read -r f; do
+    [ -e "$ldir/src/$f" ] && mtime[$f]=$(stat -c %.9Y "$ldir/src/$f")
+done < <(git -C "$ldir/src" diff --name-only base "$old")
 git -C "$ldir/src" reset -q --hard base
 git -C "$ldir/src" clean -qfd
 ls "$here"/*.patch | grep -v '/0000-' | xargs git -C "$ldir/src" -c user.name=build \
     -c user.email=build@localhost am -q --committer-date-is-author-date
 new=$(git -C "$ldir/src" rev-parse HEAD)
-if [ -f "$ldir/applied" ]; then
-    { git -C "$ldir/src" diff --name-only base "$old"; git -C "$ldir/src" diff --name-only base "$new"; } |
-        sort -u | while read -r f; do
-            if [ -e "$ldir/src/$f" ] && git -C "$ldir/src" diff --quiet "$old" "$new" -- "$f"; then
-                touch -r "$ldir/applied" "$ldir/src/$f"
-            fi
-        done
-fi
-touch "$ldir/applied.new"
+for f in "${!mtime[@]}"; do
+    if [ -e "$ldir/src/$f" ] && git -C "$ldir/src" diff --quiet "$old" "$new" -- "$f"; then
+        touch -d "@${mtime[$f]}" "$ldir/src/$f"
+    fi
+done
 
 # 3. Configure (once; a changed option list reconfigures) and build only
 # what the lab runs: libvirtd and the QEMU driver module. Every optional
@@ -95,7 +96,6 @@ if ! [ -f "$out/build.ninja" ] || [ "$(cat "$ldir/configured" 2>/dev/null)" != "
 fi
 log "building libvirtd and the QEMU driver (a clean build took about 20 min on 2 busy cores)"
 ninja -C "$out" src/libvirtd src/libvirt_driver_qemu.so >&2
-mv "$ldir/applied.new" "$ldir/applied"
 echo "$key" >"$ldir/key"
 log "built in $(( $(date +%s) - t0 )) s"
 echo "$out"
