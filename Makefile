@@ -7,7 +7,7 @@ CARGO ?= cargo
 DWCP := target/release/dwcp
 GUEST := tests/guest/out/initrd.img
 
-.PHONY: fresh-check all setup build guest demo test lint unit e2e ffi qemu qemu-test qemu-upstream libvirt-test libvirt-bench bench bench-full soak bench-gate bench-consensus load-test clean help
+.PHONY: fresh-check all setup build guest demo test lint unit e2e ffi qemu qemu-test qemu-upstream libvirt libvirt-test libvirt-bench bench bench-full soak bench-gate bench-consensus load-test clean help
 .PHONY: dist-build install uninstall deb deb-check deb-install-check
 
 all: build
@@ -24,6 +24,7 @@ help:
 	@echo "make bench-gate - what the cutover gate adds to a migration, dc and internet links"
 	@echo "make bench-consensus - raft commit latency, throughput and failover over dc and internet links"
 	@echo "make qemu   - build QEMU with the dwcp: migration URI (qemu-patches/)"
+	@echo "make libvirt - build libvirtd with the dwcp:// migration URI (libvirt-patches/)"
 	@echo "make install - install into \$$(DESTDIR)\$$(PREFIX) (PREFIX=/usr/local); make uninstall removes it (docs/install.md)"
 	@echo "make deb    - the Debian packages dwcp, libdwcp0, libdwcp-dev in target/debian/; make deb-check runs lintian and systemd-analyze on them"
 	@echo "make qemu-upstream - the upstream rebase on the newest QEMU Debian serves: git am, checkpatch, build, smoke (not in make test)"
@@ -69,6 +70,16 @@ qemu:
 
 qemu-test: qemu guest
 	bash tests/qemu/run.sh
+
+# libvirt 11.3 with the dwcp:// migration URI (libvirt-patches/), built once
+# into $DWCP_CACHE/libvirt-dwcp and reused while the patches are unchanged;
+# then libvirt's syntax checks on the patched tree.
+# Run the dwcp:// libvirt tests with it:
+#   LV_PATCHED=$(bash libvirt-patches/build.sh | tail -1) bash tests/libvirt/run.sh
+libvirt:
+	bash libvirt-patches/setup.sh
+	bash libvirt-patches/build.sh
+	bash libvirt-patches/check.sh
 
 # The upstream rebase (qemu-patches/upstream/) on the newest QEMU source
 # Debian serves: git am, checkpatch, build, smoke and tests/qemu/run.sh.

@@ -15,6 +15,11 @@
 #                               dwcp-route with no flags: the agent's defaults
 #                               (what the hook's default policy also chooses)
 #                  dwcp-CODEC   the same with --codec CODEC (dwcp-zstd, dwcp-auto)
+#                  dwcp-uri     --migrateuri 'dwcp://DST?streams=4&codec=auto&insecure=1':
+#                               QEMU's own dwcp: transport, no agent in the path;
+#                               needs LV_PATCHED (make libvirt) and the patched QEMU
+#                               (make qemu, or DWCP_QEMU=PATH), which then runs
+#                               the guest for every contender
 #                  libvirt      --migrateuri tcp://DST (libvirt's own transport)
 #                  libvirt-par  the same + --parallel --parallel-connections 4
 #                               --compressed --comp-methods zstd
@@ -42,6 +47,11 @@ export LV_AGENT_ARGS=${LV_AGENT_ARGS-}
 BOOT_S=${BOOT_S:-240}
 VERIFY_S=${VERIFY_S:-90}
 BASE_LAB=/tmp/dwcp-lv/$$
+if [[ " $CONTENDERS " == *" dwcp-uri "* ]]; then
+  [ -n "${LV_PATCHED:-}" ] || { echo "contender dwcp-uri needs LV_PATCHED (make libvirt)" >&2; exit 1; }
+  DWCP_QEMU=${DWCP_QEMU:-$(bash qemu-patches/build.sh | tail -1)}
+  export LV_EMULATOR=$DWCP_QEMU
+fi
 trap 'lab_down' EXIT
 trap 'exit 130' INT TERM
 mkdir -p "$OUT"
@@ -79,6 +89,7 @@ one_run() {
     dwcp)
       route "$f" "$t" "$d" || { lv_log "route failed"; return 1; }
       uri=unix:///run/dwcp/$d.sock ;;
+    dwcp-uri) uri="dwcp://${IP[$t]}?streams=4&codec=auto&insecure=1" ;;
     dwcp-*)
       route "$f" "$t" "$d" --codec "${who#dwcp-}" || { lv_log "route failed"; return 1; }
       uri=unix:///run/dwcp/$d.sock ;;
@@ -105,7 +116,7 @@ one_run() {
   fi
   job=$(jobinfo "$f" "$d"); local job_from=source
   [ "$job" = "{}" ] && { job=$(jobinfo "$t" "$d"); job_from=destination; }
-  if [[ $who == dwcp* ]]; then
+  if [[ $who == dwcp* && $who != dwcp-uri ]]; then
     session=$(agent_ctl "$f" '{"op":"stats"}' | python3 -c '
 import json, sys
 s = [x for x in json.load(sys.stdin)["sessions"] if x["name"] == sys.argv[1]]
@@ -171,6 +182,7 @@ def med(xs):
 def f(x, scale=1.0, nd=1):
     return "-" if x is None else f"{x / scale:.{nd}f}"
 desc = {"dwcp": "DWCP (agent defaults: 4 streams, lz4)", "dwcp-zstd": "DWCP --codec zstd", "dwcp-auto": "DWCP --codec auto", "libvirt": "libvirt tcp",
+        "dwcp-uri": "dwcp:// (patched libvirt + QEMU, 4 streams, auto)",
         "libvirt-par": "libvirt --parallel 4 --compressed zstd"}
 lines = [f"Commit {commit}, {started}; guest {mb} MiB, {fill} MiB content, dirtied {dirty} MiB/s; "
          "medians over the rounds (each run in results.json).", "",

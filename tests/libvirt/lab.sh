@@ -8,6 +8,11 @@
 # bind-mounted from $LAB/<host>/. Each host runs virtlogd, libvirtd (TCP,
 # no auth, on its link address only) and a `dwcp agent`. Everything is
 # started and stopped by PID; lab_down runs from an EXIT trap.
+#
+# LV_PATCHED=DIR: the hosts run the libvirtd of libvirt-patches/build.sh
+# (`make libvirt`; DIR is the build directory it prints) instead of the
+# system's, with the same /etc/libvirt, /var/lib/libvirt and /run/libvirt
+# layout; virsh and virtlogd stay the system's.
 
 LAB=${LAB:-/tmp/dwcp-lv/$$}
 LV_TAG=${LV_TAG:-lv$(( $$ % 100000 ))}
@@ -178,7 +183,13 @@ host_uuid = "$uuid"
 log_outputs = "3:file:/var/log/libvirt/libvirtd.log"
 CONF
   # qemu.conf stays Debian's default: QEMU runs as libvirt-qemu, libvirt
-  # chowns what QEMU needs (dynamic_ownership), DAC security driver.
+  # chowns what QEMU needs (dynamic_ownership), DAC security driver. One
+  # line is added: where migration TLS (virsh migrate --tls) finds this
+  # host's credentials (empty until a test fills it; group libvirt-qemu).
+  cat >> "$d/etc/qemu.conf" <<CONF
+migrate_tls_x509_cert_dir = "/var/lib/libvirt/pki"
+CONF
+  mkdir -p "$d/lib/pki"
   # Hooks (installed like an operator would, into this host's /etc/libvirt).
   DESTDIR=$d/etc APPARMOR_DIR=$d/apparmor.d bash "$HOOK_SRC/install.sh" >/dev/null
   printf 'agent_socket=/run/dwcp/agent.sock\nlog=/var/log/libvirt/dwcp-hook.log\n%s\n' "${HOOK_CONF:-}" \
@@ -186,7 +197,7 @@ CONF
   # Guest kernel/initrd: libvirt wants them at the same path on both hosts.
   cp "$GUEST_DIR/vmlinuz" "$GUEST_DIR/initrd.img" "$d/lib/images/dwcp/"
   hx "$h" virtlogd -d
-  hx "$h" libvirtd -d --listen
+  hx "$h" "${LV_PATCHED:+$LV_PATCHED/src/}libvirtd" -d --listen
   for i in $(seq 100); do
     hvirsh "$h" version >/dev/null 2>&1 && break
     sleep 0.2
@@ -273,9 +284,13 @@ lab_down() {
 }
 
 # domain_xml NAME [METADATA-XML] [CMDLINE-EXTRA]
+# LV_EMULATOR=PATH: another QEMU binary (e.g. the patched one of `make
+# qemu`, which has no firmware of its own: it gets the system's with -L).
 domain_xml() {
+  local qargs=
+  [ -n "${LV_EMULATOR:-}" ] && qargs="<qemu:commandline><qemu:arg value='-L'/><qemu:arg value='/usr/share/seabios'/><qemu:arg value='-L'/><qemu:arg value='/usr/share/qemu'/>${LV_EMULATOR_LIBS:+<qemu:env name='LD_LIBRARY_PATH' value='$LV_EMULATOR_LIBS'/>}</qemu:commandline>"
   cat <<XML
-<domain type='qemu'>
+<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
   <name>$1</name>
   <memory unit='MiB'>${GUEST_MB:-256}</memory>
   <vcpu>1</vcpu>
@@ -291,12 +306,13 @@ domain_xml() {
   <on_poweroff>destroy</on_poweroff>
   <on_crash>destroy</on_crash>
   <devices>
-    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <emulator>${LV_EMULATOR:-/usr/bin/qemu-system-x86_64}</emulator>
     <controller type='usb' model='none'/>
     <serial type='file'><source path='/var/log/libvirt/qemu/$1-serial.log'/><target port='0'/></serial>
     <console type='file'><source path='/var/log/libvirt/qemu/$1-serial.log'/><target type='serial' port='0'/></console>
     <memballoon model='none'/>
   </devices>
+  $qargs
 </domain>
 XML
 }
