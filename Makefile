@@ -90,9 +90,12 @@ qemu-upstream: setup guest
 
 # Stock virsh migrate --live between two libvirtd hosts through the agents,
 # the hook, Nova's exact call, failure paths (~5 min).
-libvirt-test: build guest
+# Stock virsh against two lab libvirtds (QEMU as libvirt-qemu): the agents'
+# unix:// route, Nova's tcp:// through the agents, failures, and dwcp://
+# with the patched libvirtd and QEMU (make libvirt, make qemu; cached).
+libvirt-test: build guest libvirt qemu
 	bash tests/libvirt/setup.sh
-	bash tests/libvirt/run.sh
+	LV_PATCHED=$$(bash libvirt-patches/build.sh | tail -1) bash tests/libvirt/run.sh
 
 test: setup
 	$(MAKE) build guest lint deny unit e2e ffi qemu-test libvirt-test
