@@ -52,6 +52,7 @@ fn agent_in(
         cluster,
         gate_timeout: Duration::from_secs(5),
         allow: vec!["*".parse().unwrap()],
+        nova: Default::default(),
     })
     .unwrap();
     (a, dir, addr)

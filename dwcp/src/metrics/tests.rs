@@ -35,6 +35,7 @@ fn agent(tag: &str, listen: bool) -> (Agent, PathBuf, Option<SocketAddr>) {
         cluster: None,
         gate_timeout: Duration::from_secs(5),
         allow: vec!["*".parse().unwrap()],
+        nova: Default::default(),
     })
     .unwrap();
     (a, dir, addr)
