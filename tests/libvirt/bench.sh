@@ -202,7 +202,7 @@ lines = [f"Commit {commit}, {started}; guest {mb} MiB, {fill} MiB content, dirti
          "| profile | contender | runs ok / guest ok | total s | downtime ms | libvirt data MiB | DWCP wire MiB | link MiB (src->dst) |",
          "|---|---|---|---|---|---|---|---|"]
 for p in profiles.split():
-    for c in contenders.split():
+    for c in dict.fromkeys(contenders.split()):
         rs = [r for r in runs if r["profile"] == p and r["contender"] == c]
         if not rs:
             continue
