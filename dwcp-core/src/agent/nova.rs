@@ -412,8 +412,9 @@ fn serve(
                 if route.idle_for(IDLE) {
                     let mut w = workers.lock();
                     if rx.is_empty() {
+                        // Under the workers' lock: a new connection for
+                        // this name makes a new route, never reuses this one.
                         w.remove(&name);
-                        drop(w);
                         if !route.has_socket() {
                             route::remove_if_same(&st, &route);
                         }
