@@ -610,7 +610,7 @@ fn stats(a: StatsArgs) -> Result<()> {
             r["to"].as_str().unwrap_or("?"),
             r["streams"],
             r["codec"].as_str().unwrap_or("?"),
-            r["socket"].as_str().unwrap_or("?")
+            r["socket"].as_str().unwrap_or("none (Nova ingress)")
         );
     }
     println!("Prepared migrations (newest last):");
