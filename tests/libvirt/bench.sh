@@ -28,7 +28,8 @@
 #                  (the nova contenders' time includes adding and removing
 #                  the iptables rule and `virsh dumpxml`, a few ms)
 #   GUEST_MB [1024], GUEST_FILL [512] MiB of realistic content, GUEST_DIRTY [4] MiB/s
-#   LV_AGENT_ARGS  extra `dwcp agent` flags [none: the agent's defaults]
+#   LV_AGENT_ARGS  extra `dwcp agent` flags [none: the agent's defaults, which need TLS
+#                credentials in /etc/pki/qemu; --insecure for clear text]
 #   OUT          results directory [target/libvirt-bench]: results.json, table.md
 #
 # Per run: wall clock of virsh, libvirt's completed-job figures (downtime,
