@@ -101,6 +101,14 @@ pub struct AgentSection {
     pub max_sessions: Option<u16>,
     pub gate_timeout_ms: Option<u64>,
     pub shutdown_grace_s: Option<u64>,
+    /// `--nova-ingress`: where redirected Nova connections are accepted.
+    pub nova_ingress: Option<SocketAddr>,
+    /// `--nova-ports LO-HI`.
+    pub nova_ports: Option<String>,
+    /// `--nova-peer-port`.
+    pub nova_peer_port: Option<u16>,
+    /// `--deliver-tcp NAME_GLOB` rules.
+    pub deliver_tcp: Option<Vec<String>>,
 }
 
 /// `[cluster]`: raft membership, as `dwcp agent --node-id ...` takes it.
@@ -194,6 +202,15 @@ impl FileConfig {
                 problems.push(ConfigProblem {
                     line: None,
                     key: "agent.socket_mode".into(),
+                    message: e,
+                });
+            }
+        }
+        if let Some(p) = &cfg.agent.nova_ports {
+            if let Err(e) = dwcp_core::agent::nova::parse_ports(p) {
+                problems.push(ConfigProblem {
+                    line: None,
+                    key: "agent.nova_ports".into(),
                     message: e,
                 });
             }

@@ -260,6 +260,28 @@ struct AgentArgs {
     /// only, when given) without a `dwcp expect` or a prepare, repeatable.
     #[arg(long = "allow", value_name = "NAME_GLOB[=PEER]")]
     allow: Vec<String>,
+    /// Source: accept Nova's migration connections that an iptables
+    /// REDIRECT rule sends here (e.g. 127.0.0.1:7071); each joins the DWCP
+    /// session `nova-IP-PORT` of its original destination, to that host's
+    /// agent (docs/nova.md) [default: off].
+    #[arg(long, env = "DWCP_NOVA_INGRESS", value_name = "ADDR:PORT")]
+    nova_ingress: Option<SocketAddr>,
+    /// Ports of Nova's migrations, qemu.conf's migration_port_min-max: the
+    /// ingress closes connections to others, --deliver-tcp never delivers
+    /// to others [default: 49152-49215].
+    #[arg(long, env = "DWCP_NOVA_PORTS", value_name = "LO-HI")]
+    nova_ports: Option<String>,
+    /// Source: the destination agents' data port for the ingress's sessions
+    /// [default: the port of --listen, else 7070].
+    #[arg(long, env = "DWCP_NOVA_PEER_PORT", value_name = "PORT")]
+    nova_peer_port: Option<u16>,
+    /// Destination: deliver the channels of migrations whose name matches
+    /// NAME_GLOB and ends in -IP-PORT (e.g. 'nova-*') by TCP to IP:PORT,
+    /// where QEMU listens (-incoming tcp:IP:PORT), instead of to
+    /// INCOMING_DIR/NAME.sock; only to this host's own addresses and
+    /// --nova-ports, repeatable.
+    #[arg(long = "deliver-tcp", value_name = "NAME_GLOB")]
+    deliver_tcp: Vec<String>,
     #[command(flatten)]
     transport: TransportArgs,
     #[command(flatten)]
@@ -523,8 +545,34 @@ fn run_agent(mut a: AgentArgs, config: Option<&std::path::Path>) -> Result<()> {
         }
         None => None,
     };
+    let listen = a.listen.or(fa.listen);
+    let nova_ports = match a.nova_ports.as_deref().or(fa.nova_ports.as_deref()) {
+        Some(p) => dwcp_core::agent::nova::parse_ports(p)
+            .map_err(|e| usage(format!("--nova-ports {e}")))?,
+        None => dwcp_core::agent::nova::DEFAULT_PORTS,
+    };
+    let mut deliver_tcp = fa.deliver_tcp.clone().unwrap_or_default();
+    deliver_tcp.extend(a.deliver_tcp.iter().cloned());
+    if let Some(g) = deliver_tcp.iter().find(|g| g.trim().is_empty()) {
+        return Err(usage(format!(
+            "--deliver-tcp {g:?}: expected a name glob such as 'nova-*'"
+        )));
+    }
+    let nova = dwcp_core::agent::NovaConfig {
+        ingress: a.nova_ingress.or(fa.nova_ingress),
+        ports: nova_ports,
+        peer_port: a
+            .nova_peer_port
+            .or(fa.nova_peer_port)
+            .or(listen.map(|l| l.port()))
+            .unwrap_or(dwcp_core::agent::nova::DEFAULT_PEER_PORT),
+        deliver_tcp,
+    };
+    if nova.peer_port == 0 {
+        return Err(usage("--nova-peer-port 0: expected a port, 1..=65535"));
+    }
     let cfg = AgentConfig {
-        listen: a.listen.or(fa.listen),
+        listen,
         incoming_dir: a
             .incoming_dir
             .or(fa.incoming_dir)
@@ -545,6 +593,7 @@ fn run_agent(mut a: AgentArgs, config: Option<&std::path::Path>) -> Result<()> {
             group: socket_group,
             mode: socket_mode,
         },
+        nova,
     };
     let agent = Agent::start(cfg).context("starting the agent")?;
     if let Some(addr) = metrics_listen {
@@ -586,7 +635,7 @@ fn stats(a: StatsArgs) -> Result<()> {
             r["to"].as_str().unwrap_or("?"),
             r["streams"],
             r["codec"].as_str().unwrap_or("?"),
-            r["socket"].as_str().unwrap_or("?")
+            r["socket"].as_str().unwrap_or("none (Nova ingress)")
         );
     }
     println!("Prepared migrations (newest last):");

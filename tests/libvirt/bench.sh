@@ -23,8 +23,18 @@
 #                  libvirt      --migrateuri tcp://DST (libvirt's own transport)
 #                  libvirt-par  the same + --parallel --parallel-connections 4
 #                               --compressed --comp-methods zstd
+#                  nova         Nova's exact call (nova.sh: --migrateuri tcp://DST,
+#                               --persistent --undefinesource --auto-converge
+#                               --xml --persistent-xml) behind the REDIRECT rule,
+#                               carried by the agents' ingress (--nova-ingress,
+#                               --deliver-tcp); agents' defaults otherwise
+#                  nova-shim    the same call relayed by libvirt-hooks/dwcp-nova-shim
+#                               (agents without ingress/TCP delivery)
+#                  (the nova contenders' time includes adding and removing
+#                  the iptables rule and `virsh dumpxml`, a few ms)
 #   GUEST_MB [1024], GUEST_FILL [512] MiB of realistic content, GUEST_DIRTY [4] MiB/s
-#   LV_AGENT_ARGS  extra `dwcp agent` flags [none: the agent's defaults]
+#   LV_AGENT_ARGS  extra `dwcp agent` flags [none: the agent's defaults, which need TLS
+#                credentials in /etc/pki/qemu; --insecure for clear text]
 #   OUT          results directory [target/libvirt-bench]: results.json, table.md
 #
 # Per run: wall clock of virsh, libvirt's completed-job figures (downtime,
@@ -38,6 +48,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source tests/libvirt/lab.sh
+source tests/libvirt/nova.sh
 ROOT=$(pwd)
 OUT=${OUT:-$ROOT/target/libvirt-bench}
 PROFILES=${PROFILES:-dc internet}
@@ -97,15 +108,28 @@ one_run() {
     libvirt-par)
       uri=tcp://${IP[$t]}
       args=(--parallel --parallel-connections 4 --compressed --comp-methods zstd) ;;
+    nova) nova_agents native || return 1; uri=tcp://${IP[$t]} ;;
+    nova-shim) nova_agents shim || return 1; nova_shim_up; uri=tcp://${IP[$t]} ;;
     *) lv_log "unknown contender $who"; return 1 ;;
   esac
   tx0=$(link_tx "$f")
-  lv_log "[$prof round $round] $who: virsh migrate --live --p2p $d $(dst_uri "$t") --migrateuri $uri ${args[*]}"
-  t0=$(date +%s.%N)
-  hx "$f" timeout "$MIG_TIMEOUT" virsh -q -c qemu:///system migrate --live --p2p "$d" "$(dst_uri "$t")" \
-    --migrateuri "$uri" "${args[@]}" >"$LAB/virsh.out" 2>&1
-  rc=$?
-  t1=$(date +%s.%N)
+  if [[ $who == nova* ]]; then
+    lv_log "[$prof round $round] $who: Nova's call"
+    t0=$(date +%s.%N)
+    MIG_TIMEOUT=$MIG_TIMEOUT nova_call "$f" "$t" "$d"
+    rc=$?
+    t1=$(date +%s.%N)
+    [ "$who" = nova-shim ] && nova_shim_down
+    # PERSIST_DEST defined the guest on TO: transient again, like the others leave it.
+    [ $rc = 0 ] && hvirsh "$t" undefine "$d" >/dev/null
+  else
+    lv_log "[$prof round $round] $who: virsh migrate --live --p2p $d $(dst_uri "$t") --migrateuri $uri ${args[*]}"
+    t0=$(date +%s.%N)
+    hx "$f" timeout "$MIG_TIMEOUT" virsh -q -c qemu:///system migrate --live --p2p "$d" "$(dst_uri "$t")" \
+      --migrateuri "$uri" "${args[@]}" >"$LAB/virsh.out" 2>&1
+    rc=$?
+    t1=$(date +%s.%N)
+  fi
   tx1=$(link_tx "$f")
   local err="" guest_ok=false job session="{}"
   if [ $rc = 0 ]; then
@@ -116,13 +140,14 @@ one_run() {
   fi
   job=$(jobinfo "$f" "$d"); local job_from=source
   [ "$job" = "{}" ] && { job=$(jobinfo "$t" "$d"); job_from=destination; }
-  if [[ $who == dwcp* && $who != dwcp-uri ]]; then
+  if [[ ( $who == dwcp* && $who != dwcp-uri ) || $who == nova* ]]; then
+    local pat=$d; [[ $who == nova* ]] && pat="nova-${IP[$t]}-*"
     session=$(agent_ctl "$f" '{"op":"stats"}' | python3 -c '
-import json, sys
-s = [x for x in json.load(sys.stdin)["sessions"] if x["name"] == sys.argv[1]]
+import fnmatch, json, sys
+s = [x for x in json.load(sys.stdin)["sessions"] if fnmatch.fnmatch(x["name"], sys.argv[1])]
 x = s[-1] if s else {}
-print(json.dumps({k: x.get(k) for k in ("streams", "tier", "raw_out", "wire_out", "ratio_out", "elapsed_s", "state")}))' "$d")
-    unroute "$f" "$d"
+print(json.dumps({k: x.get(k) for k in ("name", "streams", "tier", "raw_out", "wire_out", "ratio_out", "elapsed_s", "state")}))' "$pat")
+    [[ $who == dwcp* ]] && unroute "$f" "$d"
   fi
   python3 - "$prof" "$who" "$round" "$f" "$t" "$rc" "$t0" "$t1" "$((tx1 - tx0))" "$guest_ok" "$job" "$job_from" "$session" "$err" >>"$RUNS" <<'PY'
 import json, sys
@@ -183,13 +208,14 @@ def f(x, scale=1.0, nd=1):
     return "-" if x is None else f"{x / scale:.{nd}f}"
 desc = {"dwcp": "DWCP (agent defaults: 4 streams, lz4)", "dwcp-zstd": "DWCP --codec zstd", "dwcp-auto": "DWCP --codec auto", "libvirt": "libvirt tcp",
         "dwcp-uri": "dwcp:// (patched libvirt + QEMU, 4 streams, auto)",
-        "libvirt-par": "libvirt --parallel 4 --compressed zstd"}
+        "libvirt-par": "libvirt --parallel 4 --compressed zstd",
+        "nova": "Nova's call, agents' native ingress", "nova-shim": "Nova's call, dwcp-nova-shim relay"}
 lines = [f"Commit {commit}, {started}; guest {mb} MiB, {fill} MiB content, dirtied {dirty} MiB/s; "
          "medians over the rounds (each run in results.json).", "",
          "| profile | contender | runs ok / guest ok | total s | downtime ms | libvirt data MiB | DWCP wire MiB | link MiB (src->dst) |",
          "|---|---|---|---|---|---|---|---|"]
 for p in profiles.split():
-    for c in contenders.split():
+    for c in dict.fromkeys(contenders.split()):
         rs = [r for r in runs if r["profile"] == p and r["contender"] == c]
         if not rs:
             continue

@@ -210,12 +210,14 @@ CONF
 # QEMU listens at the migrate URI's path, /run/dwcp/DOM.sock, so --incoming-dir
 # is the same directory. QEMU runs as libvirt-qemu: --socket-group libvirt-qemu
 # (LV_SOCKET_ARGS= starts the agent without it).
+# LV_NOVA=native (default): also Nova's ingress and TCP delivery (nova.sh).
 agent_up() {
-  local h=$1
+  local h=$1 nova=()
+  [ "${LV_NOVA:-native}" = native ] && nova=(--nova-ingress 127.0.0.1:7071 --deliver-tcp 'nova-*')
   hx "$h" sh -c 'echo $$ > "$1"; shift; exec "$@"' sh "$LAB/$h/agent.pid" \
     "$DWCP_BIN" --log info agent --listen "${IP[$h]}:7070" --run-dir /run/dwcp \
     --incoming-dir /run/dwcp ${LV_SOCKET_ARGS---socket-group libvirt-qemu} \
-    ${LV_AGENT_ARGS---workers 1 --insecure} --allow 'nova-*' </dev/null >>"$LAB/$h/agent.log" 2>&1 &
+    ${LV_AGENT_ARGS---workers 1 --insecure} --allow 'nova-*' ${nova[@]+"${nova[@]}"} </dev/null >>"$LAB/$h/agent.log" 2>&1 &
   local i
   for i in $(seq 50); do
     hx "$h" test -S /run/dwcp/agent.sock && agent_ctl "$h" '{"op":"ping"}' >/dev/null 2>&1 && return 0

@@ -10,6 +10,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source tests/libvirt/lab.sh
+source tests/libvirt/nova.sh
 ROOT=$(pwd)
 trap 'lab_down' EXIT
 trap 'exit 130' INT TERM
@@ -219,31 +220,87 @@ t_dwcp_virsh_migrate_tls() {
   unroute a g1
 }
 
+# nova_guest_on_b: g1 running on b (booted there when no earlier test left it).
+nova_guest_on_b() {
+  running_on b g1 && return 0
+  if running_on a g1; then
+    route a b g1 && migrate a b g1 && verify_moved a b g1 || return 1
+    unroute a g1
+  else
+    boot b g1 || return 1
+  fi
+}
+
+# nova_check_sessions SRC DST: the newest nova-* session on both agents is
+# the same migration, named nova-<DST address>-<port>, completed.
+nova_check_sessions() {
+  local s d n
+  s=$(nova_session "$1" 'nova-*'); d=$(nova_session "$2" 'nova-*')
+  n=$(session_field "$s" name)
+  [[ "$n" == nova-${IP[$2]}-* ]] || { fail "not carried by a DWCP session nova-${IP[$2]}-PORT on $1: $s"; return 1; }
+  [ "$(session_field "$d" name)" = "$n" ] || { fail "destination agent's session is not $n: $d"; return 1; }
+  [ "$(session_field "$s" state)" = completed ] && [ "$(session_field "$d" state)" = completed ] ||
+    { fail "sessions not completed: $s / $d"; return 1; }
+  [ "$(session_field "$s" role)" = initiator ] && [ "$(session_field "$d" role)" = responder ] || { fail "roles: $s / $d"; return 1; }
+  lv_log "carried by DWCP session $n on both agents: $(session_field "$s" wire_out) bytes on the wire, ratio $(session_field "$s" ratio_out)"
+}
+
 t_nova_tcp() {
-  # The exact libvirt call Nova's libvirt driver makes (virDomainMigrateToURI3,
-  # flags LIVE|PEER2PEER|UNDEFINE_SOURCE|PERSIST_DEST [+AUTO_CONVERGE], params
-  # migrate_uri=tcp://<live_migration_inbound_addr>, destination_xml,
-  # persistent_xml), unchanged, carried through DWCP by dwcp-nova-shim and an
-  # iptables REDIRECT on the source. g1 goes b -> a.
-  local shim=$ROOT/libvirt-hooks/dwcp-nova-shim
-  hx b iptables -t nat -A OUTPUT -p tcp -d "${IP[a]}" --dport 49152:49215 -j REDIRECT --to-ports 7071 || return 1
-  hx b sh -c 'echo $$ > "$1"; shift; exec "$@"' sh "$LAB/b/shim.pid" "$shim" source >>"$LAB/b/shim.log" 2>&1 &
-  hx a sh -c 'echo $$ > "$1"; shift; exec "$@"' sh "$LAB/a/shim.pid" "$shim" dest --addr "${IP[a]}" >>"$LAB/a/shim.log" 2>&1 &
-  sleep 1
-  hvirsh b dumpxml --migratable g1 >"$LAB/g1-dest.xml" || return 1
-  lv_log "virsh migrate --live --p2p --persistent --undefinesource --auto-converge g1 $(dst_uri a) --migrateuri tcp://${IP[a]} --xml --persistent-xml"
-  hx b timeout 120 virsh -q -c qemu:///system migrate --live --p2p --persistent --undefinesource --auto-converge \
-    g1 "$(dst_uri a)" --migrateuri "tcp://${IP[a]}" --xml "$LAB/g1-dest.xml" --persistent-xml "$LAB/g1-dest.xml" \
-    >"$LAB/virsh.out" 2>&1
-  local rc=$?
-  hx b iptables -t nat -F OUTPUT
-  kill "$(cat "$LAB/b/shim.pid")" "$(cat "$LAB/a/shim.pid")" 2>/dev/null
-  [ $rc = 0 ] || { fail "nova-style migration: $(cat "$LAB/virsh.out")"; cat "$LAB/a/shim.log" "$LAB/b/shim.log" >&2; return 1; }
+  # Nova's exact libvirt call (nova.sh: nova_call) carried by the agents'
+  # own ingress (--nova-ingress on the source, --deliver-tcp on the
+  # destination) behind the REDIRECT rule of docs/nova.md: no relay process.
+  # g1 goes b -> a running (live), then a -> b paused for an exact RAM
+  # comparison.
+  nova_guest_on_b || return 1
+  nova_call b a g1 || { fail "nova-style migration: $(cat "$LAB/virsh.out")"; return 1; }
   verify_moved b a g1 || return 1
-  local s; s=$(last_session b)
-  [[ "$(session_field "$s" name)" == nova-${IP[a]}-* ]] || { fail "not carried by DWCP: $s"; return 1; }
-  lv_log "carried by DWCP session $(session_field "$s" name): $(session_field "$s" wire_out) bytes on the wire, ratio $(session_field "$s" ratio_out)"
-  # Back to b (transient there) and drop the persistent definition on a.
+  nova_check_sessions b a || return 1
+  # Back, paused: RAM of the source before == RAM of the destination after.
+  local size=$(( ${GUEST_MB:-256} << 20 )) x y
+  hvirsh a suspend g1 >/dev/null || return 1
+  rm -f "$LAB"/ram-*
+  hvirsh a qemu-monitor-command g1 --hmp "pmemsave 0 $size \"$LAB/ram-src\"" || return 1
+  nova_call a b g1 --suspend || { fail "nova-style migration back: $(cat "$LAB/virsh.out")"; return 1; }
+  [ "$(hvirsh b domstate g1)" = paused ] || { fail "destination not paused"; return 1; }
+  hvirsh b qemu-monitor-command g1 --hmp "pmemsave 0 $size \"$LAB/ram-dst\"" || return 1
+  x=$(sha256sum <"$LAB/ram-src"); y=$(sha256sum <"$LAB/ram-dst")
+  [ -s "$LAB/ram-src" ] && [ "$x" = "$y" ] || { cmp "$LAB/ram-src" "$LAB/ram-dst" | head -2 >&2; fail "RAM differs"; return 1; }
+  lv_log "RAM identical after the Nova path ($size bytes, sha256 ${x:0:16})"
+  rm -f "$LAB"/ram-*
+  hvirsh b resume g1 >/dev/null || return 1
+  nova_check_sessions a b || return 1
+  # PERSIST_DEST defined g1 on b: transient again, as the other tests expect.
+  hvirsh b undefine g1 >/dev/null || return 1
+  verify_moved a b g1
+}
+
+t_nova_fail_no_peer() {
+  # A redirected connection whose session cannot be opened: a's data port
+  # rejects connections (its agent is up, so the libvirt hook lets the
+  # migration start). b's ingress closes QEMU's connection naming the cause;
+  # the migration fails, g1 keeps running on b, nothing is left on a.
+  nova_guest_on_b || return 1
+  local rule=(INPUT -p tcp --dport 7070 -j REJECT --reject-with tcp-reset)
+  hx a iptables -A "${rule[@]}" || return 1
+  MIG_TIMEOUT=60 nova_call b a g1
+  local rc=$?
+  hx a iptables -D "${rule[@]}"
+  [ $rc != 0 ] || { fail "migration should have failed"; return 1; }
+  running_on b g1 || { fail "g1 not running on b after the failure"; return 1; }
+  sleep 1
+  domain_gone a g1 || { fail "g1 left on a"; hvirsh a list --all >&2; return 1; }
+  local why
+  why=$(agent_ctl b '{"op":"stats"}' | python3 -c '
+import json, sys
+r = json.load(sys.stdin)["nova"]["ingress"]["last_refusals"]
+print(r[-1]["reason"] if r else "")')
+  [[ "$why" == *"nova-${IP[a]}-"*"${IP[a]}:7070"*"refused"* ]] ||
+    { fail "b's ingress does not name the cause: '$why'"; return 1; }
+  grep -q "cannot relay migration to ${IP[a]}:7070" "$LAB/b/agent.log" || { fail "no log line naming the cause on b"; return 1; }
+  lv_log "refused as expected: ingress on b: $why; virsh: $(head -1 "$LAB/virsh.out")"
+  # And the same call works once a's data port is back.
+  nova_call b a g1 || return 1
+  verify_moved b a g1 || return 1
   route a b g1 || return 1
   migrate a b g1 --undefinesource || return 1
   verify_moved a b g1 || return 1
@@ -579,7 +636,7 @@ t_fail_dst_qemu_dies() { kill_mid a b g1 qemu; }
 t_fail_dst_agent_dies() { kill_mid b a g1 agent; }
 t_fail_link_cut() { kill_mid a b g1 link; }
 
-TESTS="live_p2p_metadata unprivileged_qemu parallel_back exact_ram dwcp_virsh_migrate dwcp_virsh_migrate_tls nova_tcp fail_dst_agent_down fail_src_agent_down fail_socket_in_use fail_wrong_socket fail_socket_permissions fail_bad_metadata fail_dst_qemu_dies fail_dst_agent_dies fail_link_cut dwcp_uri dwcp_refused"
+TESTS="live_p2p_metadata unprivileged_qemu parallel_back exact_ram dwcp_virsh_migrate dwcp_virsh_migrate_tls nova_tcp nova_fail_no_peer fail_dst_agent_down fail_src_agent_down fail_socket_in_use fail_wrong_socket fail_socket_permissions fail_bad_metadata fail_dst_qemu_dies fail_dst_agent_dies fail_link_cut dwcp_uri dwcp_refused"
 
 lv_log "lab: $LAB"
 lab_up || { lv_log "lab did not come up"; exit 1; }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use tracing::warn;
 
 use super::State;
-use crate::transport::{Acceptor, Authorizer, GateProvider};
+use crate::transport::{Acceptor, Authorizer, GateProvider, TcpDelivery};
 
 pub(super) fn accept_loop(st: Arc<State>, l: TcpListener) {
     let mut acceptor = Acceptor::new(
@@ -21,6 +21,11 @@ pub(super) fn accept_loop(st: Arc<State>, l: TcpListener) {
     let s2 = st.clone();
     let auth: Authorizer = Arc::new(move |name, id, peer| s2.authorize(name, id, peer));
     acceptor = acceptor.with_authorizer(auth);
+    if !st.cfg.nova.deliver_tcp.is_empty() {
+        let s2 = st.clone();
+        let tcp: TcpDelivery = Arc::new(move |name| s2.tcp_delivery(name));
+        acceptor = acceptor.with_tcp_delivery(tcp);
+    }
     if st.cfg.cluster.is_some() {
         let s2 = st.clone();
         let gates: GateProvider = Arc::new(move |name, peer| s2.gate_for(name, peer));

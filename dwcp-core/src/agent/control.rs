@@ -292,7 +292,8 @@ fn stats(st: &State) -> Value {
     let routes: Vec<Value> = st.routes.lock().values().map(|r| r.to_json()).collect();
     let prepared: Vec<Value> = st.prepared.lock().iter().map(|p| p.to_json()).collect();
     json!({"ok": true, "sessions": sessions, "routes": routes, "prepared": prepared,
-           "commits_in_flight": st.commits_in_flight.load(Ordering::Relaxed)})
+           "commits_in_flight": st.commits_in_flight.load(Ordering::Relaxed),
+           "nova": st.nova_json()})
 }
 
 /// A failed control request: the agent's (or the connection's) message, and

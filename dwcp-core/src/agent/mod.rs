@@ -57,6 +57,8 @@
 //! - `prepared`: the prepared-migration table and `prepare`/`started`/`release`
 //! - `route`: the source side, routes and `route`/`unroute`
 //! - `accept`: the destination side, the data port
+//! - [`nova`]: Nova's redirected TCP connections on the source (the
+//!   ingress) and TCP delivery to QEMU on the destination (`--deliver-tcp`)
 //! - [`control`]: the control socket: the request enum, dispatch, and the
 //!   client ([`control_request`])
 
@@ -81,6 +83,7 @@ pub mod cluster;
 pub mod control;
 pub mod cutover;
 pub mod expect;
+pub mod nova;
 mod prepared;
 pub mod progress;
 mod route;
@@ -89,6 +92,7 @@ pub mod sockets;
 pub use cluster::{ClusterError, ClusterErrorKind, ClusterOps};
 pub use control::{control_call, control_request, newest_session, settled_session, ControlError};
 pub use expect::AllowRule;
+pub use nova::NovaConfig;
 pub use prepared::{PrepState, KEEP_PREPARED};
 pub use progress::{DowntimeObserver, MigrationProgress};
 pub use sockets::SocketAccess;
@@ -117,6 +121,9 @@ pub struct AgentConfig {
     /// `--socket-group`, `--socket-mode`: who may use the route sockets and
     /// create QEMU's incoming sockets ([`sockets`]).
     pub sockets: SocketAccess,
+    /// Nova's migrations: the source's ingress, the destination's TCP
+    /// delivery ([`nova`]).
+    pub nova: NovaConfig,
 }
 
 impl AgentConfig {
@@ -148,6 +155,8 @@ struct State {
     progress: Mutex<progress::Reports>,
     /// Called once per session when its downtime is first reported.
     downtime_observers: Mutex<Vec<DowntimeObserver>>,
+    /// What the Nova ingress did ([`nova`]).
+    ingress: nova::IngressStats,
 }
 
 /// A callback run once per session, with its final figures, when it ends
@@ -297,6 +306,11 @@ pub enum AgentError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("binding the Nova ingress {addr}: {source}")]
+    BindIngress {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Config(String),
 }
@@ -336,6 +350,13 @@ impl Agent {
             }
             None => None,
         };
+        let ingress = match cfg.nova.ingress {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .map_err(|source| AgentError::BindIngress { addr, source })?,
+            ),
+            None => None,
+        };
         let state = Arc::new(State {
             cfg,
             routes: Mutex::new(HashMap::new()),
@@ -348,6 +369,7 @@ impl Agent {
             expected: Mutex::new(Vec::new()),
             progress: Mutex::new(progress::Reports::new()),
             downtime_observers: Mutex::new(Vec::new()),
+            ingress: Default::default(),
         });
         if let Some(c) = &state.cfg.cluster {
             // Intents this agent recorded before it (re)started.
@@ -369,6 +391,22 @@ impl Agent {
             std::thread::Builder::new()
                 .name("dwcp-accept".into())
                 .spawn(move || accept::accept_loop(st, l))
+                .expect("spawn");
+        }
+        if let Some(l) = ingress {
+            let n = &state.cfg.nova;
+            info!(
+                "nova ingress listening on {}: redirected connections to ports {}-{} go to the \
+                 destination agents' port {}",
+                l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+                n.ports.start(),
+                n.ports.end(),
+                n.peer_port
+            );
+            let st = state.clone();
+            std::thread::Builder::new()
+                .name("dwcp-nova-in".into())
+                .spawn(move || nova::ingress_loop(st, l))
                 .expect("spawn");
         }
         let st = state.clone();

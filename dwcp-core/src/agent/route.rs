@@ -1,7 +1,9 @@
 //! The source side: routes. A route `NAME -> DST:PORT` listens on
 //! `<run-dir>/NAME.sock`; each connection QEMU opens there joins the route's
 //! current session (a new one once the last has finished). Also the
-//! `route` and `unroute` control requests.
+//! `route` and `unroute` control requests. The Nova ingress ([`super::nova`])
+//! makes routes without a socket, whose connections arrive on its TCP
+//! listener and join sessions the same way.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -9,6 +11,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use parking_lot::Mutex;
 use serde::Deserialize;
@@ -17,7 +20,7 @@ use tracing::{error, info, warn};
 
 use super::State;
 use crate::transport::options::{self, Surface, TransportOption};
-use crate::transport::{PeerRefusal, Session, SessionError, TransportConfig};
+use crate::transport::{LocalConn, PeerRefusal, Session, SessionError, TransportConfig};
 use crate::wire;
 
 pub(super) struct Route {
@@ -26,8 +29,12 @@ pub(super) struct Route {
     cfg: TransportConfig,
     /// Where streams/codec came from: `request`, `prepared` or `defaults`.
     settings_from: &'static str,
-    socket: PathBuf,
+    /// The route socket; `None` for a route of the Nova ingress.
+    socket: Option<PathBuf>,
     current: Mutex<Option<Session>>,
+    /// When the last connection arrived (the Nova ingress retires its idle
+    /// routes).
+    last_conn: Mutex<Instant>,
     stop: AtomicBool,
     /// Why the last connection QEMU opened could not be relayed, if it
     /// could not (shown in `stats`; `dwcp migrate` reads it to tell a
@@ -75,7 +82,12 @@ impl Route {
             json!({"error": f.message, "refused_by_peer": f.peer_refusal.is_some(),
                    "refusal": f.peer_refusal, "at": f.at})
         });
-        json!({"name": self.name, "to": self.to.to_string(), "socket": self.socket,
+        let via = if self.socket.is_some() {
+            "socket"
+        } else {
+            "nova-ingress"
+        };
+        json!({"name": self.name, "to": self.to.to_string(), "socket": self.socket, "via": via,
                "streams": self.cfg.streams, "codec": self.cfg.codec_name(),
                "settings_from": self.settings_from, "last_error": last_error})
     }
@@ -91,7 +103,23 @@ impl Route {
     /// Stops the route's accept loop (its socket file stays).
     fn stop(&self) {
         self.stop.store(true, Ordering::Release);
-        let _ = UnixStream::connect(&self.socket); // wakes its accept loop
+        if let Some(socket) = &self.socket {
+            let _ = UnixStream::connect(socket); // wakes its accept loop
+        }
+    }
+
+    pub(super) fn to(&self) -> SocketAddr {
+        self.to
+    }
+
+    pub(super) fn has_socket(&self) -> bool {
+        self.socket.is_some()
+    }
+
+    /// No session running, and no connection for `quiet`.
+    pub(super) fn idle_for(&self, quiet: std::time::Duration) -> bool {
+        self.last_conn.lock().elapsed() >= quiet
+            && self.current.lock().as_ref().is_none_or(|s| s.is_finished())
     }
 }
 
@@ -168,7 +196,9 @@ pub(super) fn unroute(st: &State, r: &UnrouteRequest) -> Result<(), String> {
     match st.routes.lock().remove(name) {
         Some(r) => {
             r.stop();
-            let _ = std::fs::remove_file(&r.socket);
+            if let Some(socket) = &r.socket {
+                let _ = std::fs::remove_file(socket);
+            }
             Ok(())
         }
         None => Err(format!("no route named {name:?}")),
@@ -201,8 +231,9 @@ pub(super) fn add_route(
         to,
         cfg,
         settings_from,
-        socket: socket.clone(),
+        socket: Some(socket.clone()),
         current: Mutex::new(None),
+        last_conn: Mutex::new(Instant::now()),
         stop: AtomicBool::new(false),
         last_error: Mutex::new(None),
     });
@@ -221,29 +252,84 @@ fn route_loop(st: Arc<State>, route: Arc<Route>, l: UnixListener) {
         if route.stop.load(Ordering::Acquire) {
             return;
         }
-        let conn = match conn {
-            Ok(c) => c,
-            Err(e) => {
-                warn!(route = %route.name, "accept: {e}");
-                continue;
+        match conn {
+            Ok(c) => {
+                let _ = relay(&st, &route, c.into());
             }
-        };
-        if let Err(e) = attach(&st, &route, conn) {
-            // Dropping the connection makes QEMU's migration fail with a
-            // socket error; the source guest keeps running.
-            error!(route = %route.name, "cannot relay migration to {}: {}", route.to, e.message);
-            *route.last_error.lock() = Some(RouteFailure {
-                message: e.message,
-                peer_refusal: e.peer_refusal,
-                at: super::now_s(),
-            });
+            Err(e) => warn!(route = %route.name, "accept: {e}"),
         }
     }
 }
 
+/// The route of the Nova ingress for `name` (see [`super::nova`]): the
+/// route of that name when it goes to `to` already, else a new one without
+/// a socket, with the agent's transport defaults (streams and codec: the
+/// name's prepared choice first).
+pub(super) fn ingress_route(
+    st: &Arc<State>,
+    name: &str,
+    to: SocketAddr,
+) -> Result<Arc<Route>, String> {
+    if let Some(r) = st.routes.lock().get(name).filter(|r| r.to == to) {
+        return Ok(r.clone());
+    }
+    wire::check_name(name).map_err(|e| e.to_string())?;
+    let mut cfg = st.cfg.transport.clone();
+    let mut settings_from = "defaults";
+    if let Some((n, c)) = st.prepared_settings(name) {
+        cfg.streams = n;
+        cfg.set_codec(&c)?;
+        settings_from = "prepared";
+    }
+    cfg.validate().map_err(|e| e.to_string())?;
+    let route = Arc::new(Route {
+        name: name.to_string(),
+        to,
+        cfg,
+        settings_from,
+        socket: None,
+        current: Mutex::new(None),
+        last_conn: Mutex::new(Instant::now()),
+        stop: AtomicBool::new(false),
+        last_error: Mutex::new(None),
+    });
+    if let Some(old) = st.routes.lock().insert(name.to_string(), route.clone()) {
+        old.stop();
+    }
+    info!(name, %to, streams = route.cfg.streams, tier = %route.cfg.tier, settings_from, "route added for the Nova ingress");
+    Ok(route)
+}
+
+/// Removes `route` from the agent's routes if it is still there.
+pub(super) fn remove_if_same(st: &State, route: &Arc<Route>) {
+    let mut routes = st.routes.lock();
+    if routes
+        .get(&route.name)
+        .is_some_and(|r| Arc::ptr_eq(r, route))
+    {
+        routes.remove(&route.name);
+    }
+}
+
+/// Joins a connection of QEMU's to the route's session. On error the
+/// connection is closed (QEMU's migration fails with a socket error; the
+/// source guest keeps running), the cause logged and kept for `stats`.
+pub(super) fn relay(st: &Arc<State>, route: &Arc<Route>, conn: LocalConn) -> Result<(), String> {
+    *route.last_conn.lock() = Instant::now();
+    attach(st, route, conn).map_err(|e| {
+        error!(route = %route.name, "cannot relay migration to {}: {}", route.to, e.message);
+        *route.last_error.lock() = Some(RouteFailure {
+            message: e.message.clone(),
+            peer_refusal: e.peer_refusal,
+            at: super::now_s(),
+        });
+        e.message
+    })
+}
+
 /// Joins QEMU's connection to the route's current session (a new one when
 /// there is none, or it finished). The error is the session's message.
-fn attach(st: &Arc<State>, route: &Arc<Route>, conn: UnixStream) -> Result<(), AttachError> {
+fn attach(st: &Arc<State>, route: &Arc<Route>, conn: LocalConn) -> Result<(), AttachError> {
     let mut current = route.current.lock();
     for _ in 0..2 {
         let session = match current.as_ref() {

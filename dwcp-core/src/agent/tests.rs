@@ -63,6 +63,7 @@ fn agent_with(
         gate_timeout: Duration::from_secs(5),
         allow: vec!["*".parse().unwrap()],
         sockets,
+        nova: Default::default(),
     })
     .unwrap();
     (a, dir, addr)
@@ -659,6 +660,7 @@ fn a_stale_route_socket_is_reused_a_live_one_refused() {
         gate_timeout: Duration::from_secs(5),
         allow: vec![],
         sockets: SocketAccess::default(),
+        nova: Default::default(),
     })
     .unwrap_err();
     assert!(

@@ -249,6 +249,7 @@ pub struct Acceptor {
     connector: Option<Target>,
     gates: Option<Gates>,
     authorizer: Option<Auth>,
+    tcp_delivery: Option<TcpDel>,
     pending: Mutex<HashMap<[u8; 16], PendingBox>>,
     /// Sessions this acceptor started that have not ended.
     running: Mutex<Vec<Session>>,
@@ -260,6 +261,23 @@ struct Gates(GateProvider);
 impl std::fmt::Debug for Gates {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("GateProvider")
+    }
+}
+
+/// Decides, for a migration name, whether the destination delivers its
+/// channels to QEMU over TCP instead of QEMU's incoming UNIX socket:
+/// `None` no (the socket), `Some(Ok(addr))` to QEMU listening at `addr` on
+/// this host, `Some(Err(reason))` refused before anything reaches QEMU (the
+/// name asks for a delivery this host does not allow; the source is told
+/// [`Status::UnknownTarget`], the destination logs the reason).
+pub type TcpDelivery = Arc<dyn Fn(&str) -> Option<Result<SocketAddr, String>> + Send + Sync>;
+
+#[derive(Clone)]
+struct TcpDel(TcpDelivery);
+
+impl std::fmt::Debug for TcpDel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TcpDelivery")
     }
 }
 
@@ -290,6 +308,7 @@ impl Acceptor {
             connector: None,
             gates: None,
             authorizer: None,
+            tcp_delivery: None,
             pending: Mutex::new(HashMap::new()),
             running: Mutex::new(Vec::new()),
         }
@@ -298,6 +317,13 @@ impl Acceptor {
     /// Asks `auth` before accepting each stream's hello (see [`Authorizer`]).
     pub fn with_authorizer(mut self, auth: Authorizer) -> Acceptor {
         self.authorizer = Some(Auth(auth));
+        self
+    }
+
+    /// Delivers the channels of the names `f` says to over TCP (see
+    /// [`TcpDelivery`]).
+    pub fn with_tcp_delivery(mut self, f: TcpDelivery) -> Acceptor {
+        self.tcp_delivery = Some(TcpDel(f));
         self
     }
 
@@ -321,6 +347,7 @@ impl Acceptor {
             connector: Some(connector),
             gates: None,
             authorizer: None,
+            tcp_delivery: None,
             pending: Mutex::new(HashMap::new()),
             running: Mutex::new(Vec::new()),
         }
@@ -399,9 +426,20 @@ impl Acceptor {
                 }
             }
         }
-        let target = match &self.connector {
-            Some(c) => c.clone(),
-            None => {
+        let tcp = self
+            .tcp_delivery
+            .as_ref()
+            .and_then(|TcpDel(f)| f(&hello.name));
+        let target = match (&self.connector, tcp) {
+            (Some(c), _) => c.clone(),
+            (None, Some(Ok(addr))) => Target::Tcp(addr, self.cfg.connect_timeout),
+            (None, Some(Err(reason))) => {
+                if hello.stream_index == 0 {
+                    warn!(name = %hello.name, peer = %peer_addr, "refused: {reason}");
+                }
+                return refuse(&mut stream, Status::UnknownTarget);
+            }
+            (None, None) => {
                 let path = self.incoming_dir.join(format!("{}.sock", hello.name));
                 if !path.exists() {
                     warn!(name = %hello.name, "no incoming QEMU socket at {}", path.display());

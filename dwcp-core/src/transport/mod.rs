@@ -34,11 +34,11 @@ use std::time::Duration;
 
 pub use gate::CutoverGate;
 pub use handshake::{
-    Acceptor, AcceptorLimits, Authorizer, GateProvider, Refusal, DEFAULT_MAX_SESSIONS,
+    Acceptor, AcceptorLimits, Authorizer, GateProvider, Refusal, TcpDelivery, DEFAULT_MAX_SESSIONS,
 };
 pub use link::TlsSettings;
 pub use session::{
-    ChannelReader, ChannelStats, ChannelWriter, CodecCounts, DirectHandOver, FailReason,
+    ChannelReader, ChannelStats, ChannelWriter, CodecCounts, DirectHandOver, FailReason, LocalConn,
     PeerRefusal, ReadError, Role, Session, SessionError, SessionState, SessionStats, StreamStats,
     Target, WriteError,
 };

@@ -36,6 +36,7 @@ fn agent(tag: &str, listen: bool) -> (Agent, PathBuf, Option<SocketAddr>) {
         gate_timeout: Duration::from_secs(5),
         allow: vec!["*".parse().unwrap()],
         sockets: Default::default(),
+        nova: Default::default(),
     })
     .unwrap();
     (a, dir, addr)

@@ -2,13 +2,13 @@
 //! credit, its reorder buffer of received frames.
 
 use std::collections::BTreeMap;
-use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{Condvar, Mutex};
 
 use super::direct::ready::Readiness;
+use super::local::LocalConn;
 use super::Inner;
 
 pub(super) enum Incoming {
@@ -32,7 +32,7 @@ pub(super) struct RecvState {
 pub(super) struct Channel {
     pub(super) id: u16,
     /// Our side of the QEMU connection (a clone kept for shutdown).
-    pub(super) local: UnixStream,
+    pub(super) local: LocalConn,
     pub(super) credit: Mutex<u64>,
     pub(super) credit_cv: Condvar,
     /// Credit earned by delivering, waiting for a writer to send it.

@@ -47,6 +47,8 @@ mod credit;
 pub(super) mod direct;
 mod error;
 pub use error::PeerRefusal;
+mod local;
+pub use local::LocalConn;
 mod recv;
 mod send;
 mod stats;
@@ -383,10 +385,11 @@ impl Session {
         Arc::ptr_eq(&self.inner, &other.inner)
     }
 
-    /// Adds a QEMU connection accepted on the source host as a new channel.
-    pub fn add_local_channel(&self, conn: UnixStream) -> Result<u16, SessionError> {
+    /// Adds a QEMU connection accepted on the source host (a UNIX or a TCP
+    /// stream) as a new channel.
+    pub fn add_local_channel(&self, conn: impl Into<LocalConn>) -> Result<u16, SessionError> {
         let id = self.next_channel_id()?;
-        open_channel(&self.inner, id, conn, true);
+        open_channel(&self.inner, id, conn.into(), true);
         Ok(id)
     }
 
@@ -396,7 +399,7 @@ impl Session {
     /// completes. Nothing is read from `conn`.
     pub fn add_direct_channel(&self, conn: UnixStream) -> Result<ChannelWriter, SessionError> {
         let id = self.next_channel_id()?;
-        let ch = open_channel(&self.inner, id, conn, false);
+        let ch = open_channel(&self.inner, id, conn.into(), false);
         Ok(ChannelWriter::new(self.inner.clone(), ch))
     }
 
@@ -601,7 +604,7 @@ fn is_down(inner: &Inner) -> bool {
     inner.life.failed.load(Ordering::Acquire)
 }
 
-fn open_channel(inner: &Arc<Inner>, id: u16, conn: UnixStream, read_local: bool) -> Arc<Channel> {
+fn open_channel(inner: &Arc<Inner>, id: u16, conn: LocalConn, read_local: bool) -> Arc<Channel> {
     open_channel_with(inner, id, conn, read_local, None)
 }
 
@@ -610,7 +613,7 @@ fn open_channel(inner: &Arc<Inner>, id: u16, conn: UnixStream, read_local: bool)
 fn open_channel_with(
     inner: &Arc<Inner>,
     id: u16,
-    conn: UnixStream,
+    conn: LocalConn,
     read_local: bool,
     direct: Option<Arc<direct::ready::Readiness>>,
 ) -> Arc<Channel> {

@@ -5,7 +5,6 @@
 
 use std::io::{BufReader, Read, Write};
 use std::net::Shutdown;
-use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,6 +14,7 @@ use tracing::{debug, info};
 use super::channel::{Channel, Incoming};
 use super::credit::delivered;
 use super::direct::reader;
+use super::local::LocalConn;
 use super::target::Target;
 use super::{check_complete, fail, is_down, open_channel, FailReason, Inner, Role};
 use crate::codec::{CodecId, Decompressor};
@@ -325,7 +325,7 @@ pub(super) struct Held {
 
 impl Held {
     /// Commits (once) and writes the held tail to QEMU; Err fails the session.
-    fn open(&mut self, conn: &mut UnixStream) -> Result<(), FailReason> {
+    fn open(&mut self, conn: &mut LocalConn) -> Result<(), FailReason> {
         if !self.committed {
             let t0 = Instant::now();
             self.gate.commit().map_err(|e| {
@@ -350,7 +350,7 @@ impl Held {
 }
 
 /// Writes bytes to QEMU in order, then returns credit to the peer.
-pub(super) fn qemu_tx(inner: Arc<Inner>, ch: Arc<Channel>, mut conn: UnixStream) {
+pub(super) fn qemu_tx(inner: Arc<Inner>, ch: Arc<Channel>, mut conn: LocalConn) {
     let mut rebuilder = match inner.rebuilder() {
         Ok(r) => r,
         Err(e) => {

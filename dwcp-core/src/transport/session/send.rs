@@ -6,7 +6,6 @@
 
 use std::io::Write;
 use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +15,7 @@ use tracing::debug;
 
 use super::channel::Channel;
 use super::credit::allowed_bytes;
+use super::local::LocalConn;
 use super::{check_complete, fail, is_down, Ctrl, FailReason, Inner};
 use crate::codec::{CodecId, Compressor, Planner, Tier};
 use crate::wire::{self, FrameHeader};
@@ -288,7 +288,7 @@ pub(super) fn write_inline(
 }
 
 /// Reads what QEMU writes to its connection and queues it for encoding.
-pub(super) fn qemu_rx(inner: Arc<Inner>, ch: Arc<Channel>, mut conn: UnixStream) {
+pub(super) fn qemu_rx(inner: Arc<Inner>, ch: Arc<Channel>, mut conn: LocalConn) {
     let mut tx = FrameSender::new(&inner);
     loop {
         let Some(allowed) = FrameSender::wait_allowed(&inner, &ch, None) else {
@@ -326,7 +326,7 @@ pub(super) fn qemu_rx(inner: Arc<Inner>, ch: Arc<Channel>, mut conn: UnixStream)
 /// fast and prompt when it is not. Reads into the spare capacity, so the
 /// buffer is never zero-filled first.
 pub(super) fn read_some(
-    conn: &mut UnixStream,
+    conn: &mut LocalConn,
     buf: &mut Vec<u8>,
     max: usize,
 ) -> std::io::Result<usize> {

@@ -56,7 +56,7 @@ pub(in crate::transport::session) fn open_direct(
     let (ours, theirs) = UnixStream::pair()?;
     // The channel's other direction (QEMU's return path) is still read
     // from the socketpair; this side only drops the deliverer.
-    let ch = open_channel_with(inner, id, ours, true, Some(ready.clone()));
+    let ch = open_channel_with(inner, id, ours.into(), true, Some(ready.clone()));
     let reader = ChannelReader {
         inner: inner.clone(),
         ch: ch.clone(),
