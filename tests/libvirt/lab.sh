@@ -290,7 +290,7 @@ lab_down() {
 # qemu`, which has no firmware of its own: it gets the system's with -L).
 domain_xml() {
   local qargs=
-  [ -n "${LV_EMULATOR:-}" ] && qargs="<qemu:commandline><qemu:arg value='-L'/><qemu:arg value='/usr/share/seabios'/><qemu:arg value='-L'/><qemu:arg value='/usr/share/qemu'/>${LV_EMULATOR_LIBS:+<qemu:env name='LD_LIBRARY_PATH' value='$LV_EMULATOR_LIBS'/>}</qemu:commandline>"
+  [ -n "${LV_EMULATOR:-}" ] && qargs="<qemu:commandline><qemu:arg value='-L'/><qemu:arg value='/usr/share/seabios'/><qemu:arg value='-L'/><qemu:arg value='/usr/share/qemu'/></qemu:commandline>"
   cat <<XML
 <domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
   <name>$1</name>

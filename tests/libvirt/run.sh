@@ -92,7 +92,9 @@ t_unprivileged_qemu() {
   # usable by libvirt-qemu and nobody else (--socket-group libvirt-qemu).
   local h set
   for h in $HOSTS; do
-    set=$(grep -Ev '^[[:space:]]*(#|$)' "$LAB/$h/etc/qemu.conf")
+    # One line is the lab's: where migration TLS finds its credentials.
+    set=$(grep -Ev '^[[:space:]]*(#|$)' "$LAB/$h/etc/qemu.conf" |
+      grep -vx 'migrate_tls_x509_cert_dir = "/var/lib/libvirt/pki"')
     [ -z "$set" ] || { fail "qemu.conf on $h is not the default: $set"; return 1; }
   done
   local sm; sm=$(hvirsh a capabilities | secmodels)
@@ -467,8 +469,8 @@ dwcp_qemu() {
   [ -n "${DWCP_QEMU:-}" ] || DWCP_QEMU=$(bash "$ROOT/qemu-patches/build.sh" 2>>"$LAB/qemu-build.log" | tail -1)
   [ -x "$DWCP_QEMU" ] || { fail "no patched QEMU (make qemu): ${DWCP_QEMU:-none}"; return 1; }
   # QEMU runs as libvirt-qemu, which may not reach the build cache (under
-  # root's home): a copy of the binary and its libdwcp where it can, found
-  # through LD_LIBRARY_PATH (lab.sh's domain XML sets it with LV_EMULATOR).
+  # root's home): a copy of the binary with its libdwcp beside it
+  # (RUNPATH $ORIGIN/lib), which libvirt can also run to probe it.
   if [ "${DWCP_QEMU#"$LAB"/}" = "$DWCP_QEMU" ]; then
     local lib
     lib=$(ldd "$DWCP_QEMU" | awk '/libdwcp/ {print $3}')
@@ -476,9 +478,11 @@ dwcp_qemu() {
     mkdir -p "$LAB/emu/lib"
     install -m 755 "$DWCP_QEMU" "$LAB/emu/qemu-system-x86_64"
     install -m 644 "$lib" "$LAB/emu/lib/"
+    patchelf --set-rpath '$ORIGIN/lib' "$LAB/emu/qemu-system-x86_64" ||
+      { fail "patchelf (tests/libvirt/setup.sh installs it)"; return 1; }
+    chmod 755 "$LAB" "$LAB/emu" "$LAB/emu/lib"
     DWCP_QEMU=$LAB/emu/qemu-system-x86_64
   fi
-  LV_EMULATOR_LIBS=$LAB/emu/lib
 }
 
 # dwcp_uri TO [PORT] [PARAMS]: a dwcp:// migrate URI to host TO.

@@ -11,6 +11,9 @@ done
 pkg-config --exists libvirt 2>/dev/null || need=1
 # ethtool: the lab's emulated link (LV_PROFILE, tests/libvirt/bench.sh) turns veth offloads off.
 command -v ethtool >/dev/null 2>&1 || [ -x /usr/sbin/ethtool ] || need=1
+# patchelf: run.sh's copy of the patched QEMU finds libdwcp beside itself
+# (QEMU runs as libvirt-qemu, which cannot reach root's build cache).
+command -v patchelf >/dev/null 2>&1 || need=1
 if [ "$need" = 1 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q
@@ -19,7 +22,7 @@ if [ "$need" = 1 ]; then
   [ -e /usr/sbin/policy-rc.d ] || { cp /usr/sbin/policy-rc.d.dwcp /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; rm_policy=1; }
   apt-get install -y -q --no-install-recommends -t bookworm-backports \
     libvirt-daemon libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev \
-    pkg-config util-linux ethtool
+    pkg-config util-linux ethtool patchelf
   [ "${rm_policy:-0}" = 1 ] && rm -f /usr/sbin/policy-rc.d
   rm -f /usr/sbin/policy-rc.d.dwcp
 fi
