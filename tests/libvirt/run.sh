@@ -260,15 +260,15 @@ t_nova_tcp() {
   # Back, paused: RAM of the source before == RAM of the destination after.
   local size=$(( ${GUEST_MB:-256} << 20 )) x y
   hvirsh a suspend g1 >/dev/null || return 1
-  rm -f "$LAB"/ram-*
-  hvirsh a qemu-monitor-command g1 --hmp "pmemsave 0 $size \"$LAB/ram-src\"" || return 1
+  rm -f "$LAB"/qemu-out/ram-*
+  hvirsh a qemu-monitor-command g1 --hmp "pmemsave 0 $size \"$LAB/qemu-out/ram-src\"" || return 1
   nova_call a b g1 --suspend || { fail "nova-style migration back: $(cat "$LAB/virsh.out")"; return 1; }
   [ "$(hvirsh b domstate g1)" = paused ] || { fail "destination not paused"; return 1; }
-  hvirsh b qemu-monitor-command g1 --hmp "pmemsave 0 $size \"$LAB/ram-dst\"" || return 1
-  x=$(sha256sum <"$LAB/ram-src"); y=$(sha256sum <"$LAB/ram-dst")
-  [ -s "$LAB/ram-src" ] && [ "$x" = "$y" ] || { cmp "$LAB/ram-src" "$LAB/ram-dst" | head -2 >&2; fail "RAM differs"; return 1; }
+  hvirsh b qemu-monitor-command g1 --hmp "pmemsave 0 $size \"$LAB/qemu-out/ram-dst\"" || return 1
+  x=$(sha256sum <"$LAB/qemu-out/ram-src"); y=$(sha256sum <"$LAB/qemu-out/ram-dst")
+  [ -s "$LAB/qemu-out/ram-src" ] && [ "$x" = "$y" ] || { cmp "$LAB/qemu-out/ram-src" "$LAB/qemu-out/ram-dst" | head -2 >&2; fail "RAM differs"; return 1; }
   lv_log "RAM identical after the Nova path ($size bytes, sha256 ${x:0:16})"
-  rm -f "$LAB"/ram-*
+  rm -f "$LAB"/qemu-out/ram-*
   hvirsh b resume g1 >/dev/null || return 1
   nova_check_sessions a b || return 1
   # PERSIST_DEST defined g1 on b: transient again, as the other tests expect.
@@ -558,15 +558,15 @@ t_dwcp_uri() {
   # multifd channels, destination paused: RAM must be identical.
   local size=$(( ${GUEST_MB:-256} << 20 ))
   hvirsh b suspend g3 >/dev/null || return 1
-  rm -f "$LAB"/ram-*
-  hvirsh b qemu-monitor-command g3 --hmp "pmemsave 0 $size \"$LAB/ram-src\"" || return 1
+  rm -f "$LAB"/qemu-out/ram-*
+  hvirsh b qemu-monitor-command g3 --hmp "pmemsave 0 $size \"$LAB/qemu-out/ram-src\"" || return 1
   dmigrate b a g3 "$(dwcp_uri a 49190 'streams=8&codec=lz4')" --suspend --parallel --parallel-connections 2 || return 1
   [ "$(hvirsh a domstate g3)" = paused ] || { fail "destination not paused"; return 1; }
-  hvirsh a qemu-monitor-command g3 --hmp "pmemsave 0 $size \"$LAB/ram-dst\"" || return 1
-  local x y; x=$(sha256sum <"$LAB/ram-src"); y=$(sha256sum <"$LAB/ram-dst")
-  [ -s "$LAB/ram-src" ] && [ "$x" = "$y" ] || { cmp "$LAB/ram-src" "$LAB/ram-dst" | head -2 >&2; fail "RAM differs"; return 1; }
+  hvirsh a qemu-monitor-command g3 --hmp "pmemsave 0 $size \"$LAB/qemu-out/ram-dst\"" || return 1
+  local x y; x=$(sha256sum <"$LAB/qemu-out/ram-src"); y=$(sha256sum <"$LAB/qemu-out/ram-dst")
+  [ -s "$LAB/qemu-out/ram-src" ] && [ "$x" = "$y" ] || { cmp "$LAB/qemu-out/ram-src" "$LAB/qemu-out/ram-dst" | head -2 >&2; fail "RAM differs"; return 1; }
   lv_log "RAM identical after dwcp:// ($size bytes, sha256 ${x:0:16})"
-  rm -f "$LAB"/ram-*
+  rm -f "$LAB"/qemu-out/ram-*
   hvirsh a resume g3 >/dev/null || return 1
   verify_moved b a g3 || return 1
   # 3. virsh domjobabort during a slow dwcp:// migration: the job ends as
