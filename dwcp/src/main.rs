@@ -10,6 +10,7 @@ mod libvirt_migrate;
 mod loadtest;
 mod metrics;
 mod migrate;
+mod pba;
 mod progress;
 mod service;
 mod watch;
@@ -89,6 +90,9 @@ enum Cmd {
     /// Many synthetic guests (QEMU's precopy stream, no QEMU) migrating at
     /// once through two agents on emulated hosts; report with figures.
     LoadTest(loadtest::LoadTestArgs),
+    /// Bandwidth prediction models: collect-samples, train, evaluate, deploy-model.
+    #[command(subcommand)]
+    Pba(pba::PbaCmd),
     /// Userspace WAN link emulator between two interfaces (`dwcp linkem --help`).
     #[command(disable_help_flag = true)]
     Linkem {
@@ -356,6 +360,7 @@ fn main() {
         Cmd::Demo(d) => dwcp_lab::demo::run(d),
         Cmd::Benchmark(b) => bench::run(b),
         Cmd::LoadTest(l) => loadtest::run(l),
+        Cmd::Pba(p) => pba::run(p, json),
         Cmd::Linkem { args } => linkem::cli_main(args),
         Cmd::GenerateDocs(g) => gendocs::run(g),
     };

@@ -50,6 +50,9 @@ enum BenchCmd {
     /// What TLS adds to session set-up: time until N streams are ready,
     /// TLS against clear text through two agent pairs on one emulated link.
     Handshake(handshake::HandshakeArgs),
+    /// Bandwidth predictors on the FCC test traces: MAE, RMSE, R² (next
+    /// second and 5-s mean), inference latency p50/p99, model size.
+    Pba(crate::pba::BenchPbaArgs),
     /// The whole suite with small defaults (compare on dc and internet,
     /// hde, amst, consensus) and one report.
     Run(RunArgs),
@@ -121,6 +124,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
         println!("results: {}", h.out.output.join("handshake.json").display());
         return Ok(());
     }
+    if let BenchCmd::Pba(p) = a.cmd {
+        return crate::pba::bench(p, cmdline.join(" "));
+    }
     let out = match a.cmd {
         BenchCmd::Compare(c) if c.baseline.is_some() || c.current.is_some() => {
             let (Some(b), Some(cur)) = (&c.baseline, &c.current) else {
@@ -176,7 +182,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             suite(&r, &mut res)?;
             r.out.output.clone()
         }
-        BenchCmd::Handshake(_) => unreachable!("handled above"),
+        BenchCmd::Handshake(_) | BenchCmd::Pba(_) => unreachable!("handled above"),
     };
     write_outputs(&res, &out)?;
     println!(
