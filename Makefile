@@ -279,7 +279,7 @@ fuzz:
 # evaluate the committed model.
 PBA_VENV ?= $(or $(DWCP_PBA_VENV),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/dwcp/pba-venv)
 TRACES ?= ../shared/traces
-PBA_TRAIN_ARGS ?= --window 10 --hidden 24 --epochs 20 --seed 1
+PBA_TRAIN_ARGS ?= --window 10 --hidden 24 --epochs 10 --seed 1
 
 pba-venv: $(PBA_VENV)/.installed
 
@@ -289,7 +289,7 @@ $(PBA_VENV)/.installed: pba/requirements.txt
 	touch $@
 
 pba-model: pba-venv
-	$(PBA_VENV)/bin/python pba/train.py --train $(TRACES)/fcc/train --valid $(TRACES)/fcc/valid \
+	OPENBLAS_NUM_THREADS=1 $(PBA_VENV)/bin/python pba/train.py --train $(TRACES)/fcc/train --valid $(TRACES)/fcc/valid \
 		--test $(TRACES)/fcc/test --mode internet $(PBA_TRAIN_ARGS) \
 		--output pba/models/internet.onnx --report-dir pba/results
 

@@ -195,8 +195,9 @@ pub fn simple_predictors() -> Vec<Box<dyn Predictor>> {
     ]
 }
 
-/// EWMA weight of the newest sample, chosen on the FCC valid split.
-pub const EWMA_ALPHA: f64 = 0.5;
+/// EWMA weight of the newest sample: the best 5-s-mean MAE on the FCC valid
+/// split among 0.1, 0.2, .., 1.0 (0.9: 0.1453 Mbit/s; 0.5: 0.1555).
+pub const EWMA_ALPHA: f64 = 0.9;
 
 #[cfg(test)]
 mod tests {
