@@ -279,7 +279,7 @@ fuzz:
 # evaluate the committed model.
 PBA_VENV ?= $(or $(DWCP_PBA_VENV),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/dwcp/pba-venv)
 TRACES ?= ../shared/traces
-PBA_TRAIN_ARGS ?= --window 10 --hidden 24 --epochs 10 --seed 1
+PBA_TRAIN_ARGS ?= --window 10 --hidden 24 --epochs 20 --seed 1
 
 pba-venv: $(PBA_VENV)/.installed
 

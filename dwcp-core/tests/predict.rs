@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use dwcp_core::predict::trace::{self, evaluate};
-use dwcp_core::predict::{HarmonicMean, LastValue, Lstm, ModelFile, Predictor};
+use dwcp_core::predict::{best_simple, HarmonicMean, Lstm, ModelFile, Predictor};
 
 fn data() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/pba")
@@ -69,7 +69,7 @@ fn shipped_model_beats_harmonic_mean_on_test_traces() {
 fn before_a_full_window_the_fallback_predicts() {
     let mut m = Lstm::load(&shipped_model()).unwrap();
     assert_eq!(m.predict(), None);
-    let mut lv = LastValue::new();
+    let mut lv = best_simple();
     for v in [3.0, 4.0, 5.0] {
         m.observe(v);
         lv.observe(v);
@@ -123,7 +123,7 @@ fn bad_model_files_are_refused_with_the_reason() {
 #[test]
 fn nan_output_falls_back_to_the_simple_predictor() {
     let mut m = Lstm::load(&data().join("nan-output.onnx")).expect("a NaN model still loads");
-    let mut lv = LastValue::new();
+    let mut lv = best_simple();
     for i in 0..30 {
         let v = 1.0 + (i % 7) as f64;
         m.observe(v);
@@ -139,11 +139,12 @@ fn model_file_reloads_when_replaced() {
     let d = scratch("reload");
     let path = d.join("internet.onnx");
     let mut mf = ModelFile::new(&path).with_check_interval(Duration::ZERO);
-    assert_eq!(mf.name(), "last_value");
+    assert_eq!(mf.name(), "ewma(0.9)");
     for v in [2.0, 4.0] {
         mf.observe(v);
     }
-    assert_eq!(mf.predict_next_1s(), Some(4.0));
+    let p = mf.predict_next_1s().unwrap();
+    assert!((p - 3.8).abs() < 1e-12, "{p}");
     // deployed: temporary file renamed over the path
     let tmp = d.join(".internet.onnx.tmp");
     std::fs::copy(shipped_model(), &tmp).unwrap();
