@@ -50,7 +50,11 @@ fn shipped_model_beats_harmonic_mean_on_test_traces() {
         h.mean_5s.mae(),
         gain * 100.0
     );
-    assert!(gain < -0.10, "lstm only {:+.1} % vs harmonic mean", gain * 100.0);
+    assert!(
+        gain < -0.10,
+        "lstm only {:+.1} % vs harmonic mean",
+        gain * 100.0
+    );
     // Scale invariance: the same traces ×10 (a 100 Mbit/s-class path) give
     // the same relative errors.
     let x10: Vec<_> = traces
@@ -111,7 +115,10 @@ fn bad_model_files_are_refused_with_the_reason() {
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
     assert!(load_err(&cut).contains("not an ONNX model"));
     let e = load_err(&data().join("no-metadata.onnx"));
-    assert!(e.contains("metadata_props has no \"dwcp.pba.format\""), "{e}");
+    assert!(
+        e.contains("metadata_props has no \"dwcp.pba.format\""),
+        "{e}"
+    );
     let e = load_err(&data().join("wrong-shape.onnx"));
     assert!(
         e.contains("input shape is [5, 1, 1], expected [10, 1, 1]"),

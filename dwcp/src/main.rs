@@ -310,7 +310,9 @@ fn main() {
         Ok(c) => c,
         Err(e) => usage_error(e, args.iter().skip(1).any(|a| a == "--json")),
     };
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
+    // tract (the ONNX runtime of the bandwidth predictor) logs its CPU
+    // kernel choices at info: only its warnings are shown.
+    let filter = tracing_subscriber::EnvFilter::try_new(format!("{},tract=warn", cli.log))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)

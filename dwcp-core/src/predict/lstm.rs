@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::infer::Factoid;
 
 use super::{best_simple, clean, Prediction, Predictor};
 
@@ -129,7 +130,9 @@ impl Lstm {
             .ok_or_else(|| err("metadata dwcp.pba.window is not in 1..=1024".into()))?;
         let sigma = num("dwcp.pba.sigma")?;
         if sigma <= 0.0 {
-            return Err(err(format!("metadata dwcp.pba.sigma = {sigma} must be > 0")));
+            return Err(err(format!(
+                "metadata dwcp.pba.sigma = {sigma} must be > 0"
+            )));
         }
         let info = ModelInfo {
             window,
@@ -182,7 +185,7 @@ impl Lstm {
             .and_then(|m| m.into_optimized())
             .and_then(|m| m.into_runnable())
             .map_err(|e| err(format!("cannot prepare the graph: {e:#}")))?;
-        let mut l = Lstm {
+        let l = Lstm {
             path: path.to_path_buf(),
             info,
             plan,
@@ -349,7 +352,11 @@ impl ModelFile {
     /// Looks at the file now (or when `check_every` has passed unless
     /// `force`), loading it when its mtime changed.
     pub fn check(&mut self, force: bool) {
-        if !force && self.last_check.is_some_and(|t| t.elapsed() < self.check_every) {
+        if !force
+            && self
+                .last_check
+                .is_some_and(|t| t.elapsed() < self.check_every)
+        {
             return;
         }
         self.last_check = Some(Instant::now());

@@ -260,7 +260,10 @@ mod tests {
         let e = parse_trace(p, "0\t1\n1\tabc\n").unwrap_err();
         assert_eq!(e.to_string(), "x/t1:2: not a number: \"1\\tabc\"");
         let e = parse_trace(p, "0\t1\n1\t2\t3\n").unwrap_err();
-        assert!(e.to_string().starts_with("x/t1:2: expected 2 fields"), "{e}");
+        assert!(
+            e.to_string().starts_with("x/t1:2: expected 2 fields"),
+            "{e}"
+        );
         let e = parse_trace(p, "0\t1\n1\t2\n2\t-1\n").unwrap_err();
         assert_eq!(
             e.to_string(),

@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use dwcp_core::agent::control_call;
 use dwcp_core::predict::trace::{self, Evaluation, Trace};
-use dwcp_core::predict::{self, Lstm, Predictor};
+use dwcp_core::predict::{self, Lstm};
 use serde_json::{json, Value};
 
 #[derive(Subcommand, Debug)]
@@ -207,8 +207,8 @@ fn collect(a: CollectArgs) -> Result<()> {
     if a.interval < Duration::from_millis(100) {
         bail!("--interval must be at least 100ms");
     }
-    let mut f = File::create(&a.output)
-        .with_context(|| format!("creating {}", a.output.display()))?;
+    let mut f =
+        File::create(&a.output).with_context(|| format!("creating {}", a.output.display()))?;
     writeln!(f, "time_s,mbit_s")?;
     let start = Instant::now();
     let mut prev = control_call(&a.agent, &json!({"op": "stats"}))?;
@@ -239,11 +239,7 @@ fn collect(a: CollectArgs) -> Result<()> {
             continue;
         }
         let mbit = bytes as f64 * 8.0 / dt / 1e6;
-        writeln!(
-            f,
-            "{:.3},{mbit:.6}",
-            at.duration_since(start).as_secs_f64()
-        )?;
+        writeln!(f, "{:.3},{mbit:.6}", at.duration_since(start).as_secs_f64())?;
         f.flush()?;
         written += 1;
     }
@@ -278,12 +274,15 @@ fn train(a: TrainArgs) -> Result<()> {
     }
     let trainer = match &a.trainer {
         Some(t) => t.clone(),
-        None => checkout()
-            .map(|d| d.join("pba/train.py"))
-            .context("pba/train.py not found above the executable or the current directory: give --trainer")?,
+        None => checkout().map(|d| d.join("pba/train.py")).context(
+            "pba/train.py not found above the executable or the current directory: give --trainer",
+        )?,
     };
     if !is_valid_mode(&a.mode) {
-        bail!("--mode {:?}: use letters, digits, - and _ (datacenter, hybrid, internet)", a.mode);
+        bail!(
+            "--mode {:?}: use letters, digits, - and _ (datacenter, hybrid, internet)",
+            a.mode
+        );
     }
     let mut cmd = std::process::Command::new(&python);
     cmd.arg(&trainer);
@@ -407,7 +406,8 @@ fn evaluate(a: EvaluateArgs, json_out: bool) -> Result<()> {
     let traces = trace::load_traces(&a.test_data)?;
     let evs = evaluate_all(Some(&model), &traces)?;
     if let Some(p) = &a.per_trace {
-        std::fs::write(p, per_trace_csv(&evs)).with_context(|| format!("writing {}", p.display()))?;
+        std::fs::write(p, per_trace_csv(&evs))
+            .with_context(|| format!("writing {}", p.display()))?;
     }
     if json_out {
         let rows: Vec<Value> = evs
@@ -419,7 +419,9 @@ fn evaluate(a: EvaluateArgs, json_out: bool) -> Result<()> {
             .collect();
         println!(
             "{}",
-            serde_json::to_string_pretty(&json!({"model": model, "traces": traces.len(), "predictors": rows}))?
+            serde_json::to_string_pretty(
+                &json!({"model": model, "traces": traces.len(), "predictors": rows})
+            )?
         );
     } else {
         println!(
@@ -438,8 +440,7 @@ fn evaluate(a: EvaluateArgs, json_out: bool) -> Result<()> {
 fn is_valid_mode(m: &str) -> bool {
     !m.is_empty()
         && m.len() <= 64
-        && m
-            .chars()
+        && m.chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
@@ -523,7 +524,9 @@ fn default_test_data() -> Result<PathBuf> {
     checkout()
         .and_then(|d| d.parent().map(|p| p.join("shared/traces/fcc/test")))
         .filter(|p| p.is_dir())
-        .context("no --test-data, no $DWCP_TRACES and no ../shared/traces/fcc/test beside the checkout")
+        .context(
+            "no --test-data, no $DWCP_TRACES and no ../shared/traces/fcc/test beside the checkout",
+        )
 }
 
 pub fn bench(a: BenchPbaArgs, command: String) -> Result<()> {
@@ -599,7 +602,7 @@ pub fn bench(a: BenchPbaArgs, command: String) -> Result<()> {
         "model": model,
         "model_bytes": info.size,
         "model_window": info.window,
-        "model_metadata": info.props.iter().cloned().collect::<serde_json::Map<String, Value>>(),
+        "model_metadata": info.props.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<String, Value>>(),
         "model_load_ms": load_ms,
         "test_data": test,
         "traces": traces.len(),
