@@ -207,11 +207,12 @@ fn collect(a: CollectArgs) -> Result<()> {
     if a.interval < Duration::from_millis(100) {
         bail!("--interval must be at least 100ms");
     }
+    // The agent first: no file is left behind when it cannot be reached.
+    let mut prev = control_call(&a.agent, &json!({"op": "stats"}))?;
     let mut f =
         File::create(&a.output).with_context(|| format!("creating {}", a.output.display()))?;
     writeln!(f, "time_s,mbit_s")?;
     let start = Instant::now();
-    let mut prev = control_call(&a.agent, &json!({"op": "stats"}))?;
     let mut prev_at = Instant::now();
     let (mut written, mut idle) = (0u64, 0u64);
     eprintln!(
@@ -635,6 +636,65 @@ mod tests {
         assert_eq!(wire_delta(&prev, &now), (2000 + 200 + 100, true));
         let idle = json!({"sessions": [{"name": "a", "role": "initiator", "state": "done", "wire_out": 3000}]});
         assert_eq!(wire_delta(&idle, &idle), (0, false));
+    }
+
+    #[test]
+    fn deploy_model_replaces_atomically_and_refuses_bad_models() {
+        let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dwcp-core/tests/data/pba");
+        let dir = std::env::temp_dir().join(format!("dwcp-deploy-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let args = |model: PathBuf, mode: &str| DeployArgs {
+            model,
+            mode: mode.into(),
+            model_dir: dir.clone(),
+        };
+        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../pba/models/internet.onnx");
+        let dest = deploy(args(shipped.clone(), "internet"), false).unwrap();
+        assert_eq!(dest, dir.join("internet.onnx"));
+        assert_eq!(
+            std::fs::read(&dest).unwrap(),
+            std::fs::read(&shipped).unwrap()
+        );
+        let ino = |p: &Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
+        let before = ino(&dest);
+        // a second deploy renames a new file over it
+        deploy(args(data.join("tiny.onnx"), "internet"), false).unwrap();
+        assert_ne!(ino(&dest), before);
+        assert_eq!(
+            std::fs::read(&dest).unwrap(),
+            std::fs::read(data.join("tiny.onnx")).unwrap()
+        );
+        // bad models are refused before anything is written
+        for bad in ["wrong-shape.onnx", "no-metadata.onnx", "missing.onnx"] {
+            let e = deploy(args(data.join(bad), "internet"), false).unwrap_err();
+            assert!(format!("{e:#}").contains(bad), "{e:#}");
+        }
+        let e = deploy(args(data.join("tiny.onnx"), "../x"), false).unwrap_err();
+        assert!(e.to_string().contains("--mode"), "{e}");
+        assert_eq!(
+            std::fs::read(&dest).unwrap(),
+            std::fs::read(data.join("tiny.onnx")).unwrap()
+        );
+        let names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            names,
+            vec!["internet.onnx".to_string()],
+            "no temporary files left"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn evaluate_refuses_a_bad_trace_with_file_and_line() {
+        let dir = std::env::temp_dir().join(format!("dwcp-badtrace-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("t1"), "0\t1.0\n1\t2.0\n2\toops\n").unwrap();
+        let e = trace::load_traces(&dir).unwrap_err().to_string();
+        assert!(e.ends_with("t1:3: not a number: \"2\\toops\""), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
