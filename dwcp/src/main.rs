@@ -253,6 +253,10 @@ struct AgentArgs {
     /// only, when given) without a `dwcp expect` or a prepare, repeatable.
     #[arg(long = "allow", value_name = "NAME_GLOB[=PEER]")]
     allow: Vec<String>,
+    /// Bandwidth models: MODE.onnx files (`dwcp pba deploy-model`), reloaded
+    /// when they change; without one the agent predicts with ewma(0.9).
+    #[arg(long, env = "DWCP_MODEL_DIR", default_value = "/var/lib/dwcp/models")]
+    model_dir: PathBuf,
     #[command(flatten)]
     transport: TransportArgs,
     #[command(flatten)]
@@ -542,6 +546,7 @@ fn run_agent(mut a: AgentArgs, config: Option<&std::path::Path>) -> Result<()> {
         "dwcp agent ready (control socket {})",
         run_dir.join("agent.sock").display()
     );
+    pba::spawn_agent_predictor(run_dir.join("agent.sock"), a.model_dir.clone())?;
     let grace =
         std::time::Duration::from_secs(a.shutdown_grace_s.or(fa.shutdown_grace_s).unwrap_or(30));
     service::notify("READY=1");

@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use dwcp_core::agent::control_call;
 use dwcp_core::predict::trace::{self, Evaluation, Trace};
-use dwcp_core::predict::{self, Lstm};
+use dwcp_core::predict::{self, Lstm, Predictor};
 use serde_json::{json, Value};
 
 #[derive(Subcommand, Debug)]
@@ -500,6 +500,49 @@ pub fn deploy(a: DeployArgs, json_out: bool) -> Result<PathBuf> {
         );
     }
     Ok(dest)
+}
+
+// ------------------------------------------------------------------ agent
+
+/// The agent's predictor: `MODEL_DIR/internet.onnx` when it loads (else
+/// `ewma(0.9)`, said once in the log), reloaded when the file changes, fed
+/// once a second with the wire rate of the agent's migrations (read from its
+/// own control socket, as `collect-samples` does). Until the tuning loop
+/// consumes it, its predictions are logged at debug level.
+pub fn spawn_agent_predictor(control: PathBuf, model_dir: PathBuf) -> Result<()> {
+    std::thread::Builder::new()
+        .name("pba".into())
+        .spawn(move || {
+            let mut model = predict::ModelFile::new(&model_dir.join("internet.onnx"));
+            let mut prev: Option<(Value, Instant)> = None;
+            loop {
+                std::thread::sleep(Duration::from_secs(1));
+                model.check(false);
+                let Ok(now) = control_call(&control, &json!({"op": "stats"})) else {
+                    prev = None;
+                    continue;
+                };
+                let at = Instant::now();
+                if let Some((p, t)) = &prev {
+                    let (bytes, running) = wire_delta(p, &now);
+                    if running {
+                        let dt = at.duration_since(*t).as_secs_f64().max(1e-3);
+                        model.observe(bytes as f64 * 8.0 / dt / 1e6);
+                        if let Some(p) = model.predict() {
+                            tracing::debug!(
+                                "bandwidth prediction ({}): next 1 s {:.1} Mbit/s, 5-s mean {:.1} Mbit/s",
+                                model.name(),
+                                p.next_1s,
+                                p.mean_5s
+                            );
+                        }
+                    }
+                }
+                prev = Some((now, at));
+            }
+        })
+        .context("starting the bandwidth predictor thread")?;
+    Ok(())
 }
 
 // -------------------------------------------------------- benchmark pba
