@@ -303,7 +303,7 @@ mod tests {
         };
         let ev = evaluate(&mut HarmonicMean::new(5), &[flat], WARMUP);
         assert_eq!(ev.mean_5s.mae(), 0.0);
-        assert_eq!(ev.next_1s.count(), 30 - 5 - (WARMUP - 1));
+        assert_eq!(ev.next_1s.count() as usize, 30 - 5 - (WARMUP - 1));
     }
 
     #[test]
