@@ -9,6 +9,7 @@ GUEST := tests/guest/out/initrd.img
 
 .PHONY: fresh-check all setup build guest demo test lint unit e2e ffi qemu qemu-test qemu-upstream libvirt libvirt-test libvirt-bench bench bench-full soak bench-gate bench-consensus load-test clean help
 .PHONY: dist-build install uninstall deb deb-check deb-install-check
+.PHONY: pba-venv pba-model bench-pba
 
 all: build
 
@@ -27,6 +28,8 @@ help:
 	@echo "make libvirt - build libvirtd with the dwcp:// migration URI (libvirt-patches/)"
 	@echo "make install - install into \$$(DESTDIR)\$$(PREFIX) (PREFIX=/usr/local); make uninstall removes it (docs/install.md)"
 	@echo "make deb    - the Debian packages dwcp, libdwcp0, libdwcp-dev in target/debian/; make deb-check runs lintian and systemd-analyze on them"
+	@echo "make pba-model - train the bandwidth predictor (LSTM) on the FCC traces into pba/models/internet.onnx (not in make test)"
+	@echo "make bench-pba - dwcp benchmark pba: the predictors on the FCC test split (docs/adaptivity.md)"
 	@echo "make qemu-upstream - the upstream rebase on the newest QEMU Debian serves: git am, checkpatch, build, smoke (not in make test)"
 
 setup:
@@ -285,3 +288,27 @@ fuzz-smoke:
 
 fuzz:
 	bash scripts/fuzz.sh run $(FUZZ_SECONDS) $(FUZZ_TARGETS)
+
+# Bandwidth prediction (docs/adaptivity.md): the trainer's venv (numpy, onnx;
+# pba/requirements.txt) under $(XDG_CACHE_HOME)/dwcp, the committed model
+# retrained from the FCC traces (../shared/traces; TRACES=DIR overrides), and
+# its benchmark. Not part of `make test` (training takes minutes); the tests
+# evaluate the committed model.
+PBA_VENV ?= $(or $(DWCP_PBA_VENV),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/dwcp/pba-venv)
+TRACES ?= ../shared/traces
+PBA_TRAIN_ARGS ?= --window 10 --hidden 24 --epochs 20 --seed 1
+
+pba-venv: $(PBA_VENV)/.installed
+
+$(PBA_VENV)/.installed: pba/requirements.txt
+	python3 -m venv $(PBA_VENV)
+	$(PBA_VENV)/bin/pip install --quiet -r pba/requirements.txt
+	touch $@
+
+pba-model: pba-venv
+	OPENBLAS_NUM_THREADS=1 $(PBA_VENV)/bin/python pba/train.py --train $(TRACES)/fcc/train --valid $(TRACES)/fcc/valid \
+		--test $(TRACES)/fcc/test --mode internet $(PBA_TRAIN_ARGS) \
+		--output pba/models/internet.onnx --report-dir pba/results
+
+bench-pba: build
+	$(DWCP) benchmark pba --test-data $(TRACES)/fcc/test --output target/bench-pba

@@ -7,9 +7,11 @@
 //! - [`agent`]: the per-host daemon relaying QEMU's UNIX-socket migrations
 //! - [`cutover`]: the agent's cutover gate on the cluster (`agent::cutover`)
 //! - [`qemu`]: QMP client and migration driver
+//! - [`predict`]: bandwidth predictors (last value, EWMA, harmonic mean, LSTM in ONNX)
 //! - [`tls`]: TLS 1.3 with mutual authentication (rustls), libvirt's PKI layout
 pub mod agent;
 pub mod codec;
+pub mod predict;
 pub mod qemu;
 pub mod tls;
 pub mod transport;

@@ -10,6 +10,7 @@ mod libvirt_migrate;
 mod loadtest;
 mod metrics;
 mod migrate;
+mod pba;
 mod progress;
 mod service;
 mod watch;
@@ -89,6 +90,9 @@ enum Cmd {
     /// Many synthetic guests (QEMU's precopy stream, no QEMU) migrating at
     /// once through two agents on emulated hosts; report with figures.
     LoadTest(loadtest::LoadTestArgs),
+    /// Bandwidth prediction models: collect-samples, train, evaluate, deploy-model.
+    #[command(subcommand)]
+    Pba(pba::PbaCmd),
     /// Userspace WAN link emulator between two interfaces (`dwcp linkem --help`).
     #[command(disable_help_flag = true)]
     Linkem {
@@ -282,6 +286,10 @@ struct AgentArgs {
     /// --nova-ports, repeatable.
     #[arg(long = "deliver-tcp", value_name = "NAME_GLOB")]
     deliver_tcp: Vec<String>,
+    /// Bandwidth models: MODE.onnx files (`dwcp pba deploy-model`), reloaded
+    /// when they change; without one the agent predicts with ewma(0.9).
+    #[arg(long, env = "DWCP_MODEL_DIR", default_value = "/var/lib/dwcp/models")]
+    model_dir: PathBuf,
     #[command(flatten)]
     transport: TransportArgs,
     #[command(flatten)]
@@ -339,7 +347,9 @@ fn main() {
         Ok(c) => c,
         Err(e) => usage_error(e, args.iter().skip(1).any(|a| a == "--json")),
     };
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
+    // tract (the ONNX runtime of the bandwidth predictor) logs its CPU
+    // kernel choices at info: only its warnings are shown.
+    let filter = tracing_subscriber::EnvFilter::try_new(format!("{},tract=warn", cli.log))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -389,6 +399,7 @@ fn main() {
         Cmd::Demo(d) => dwcp_lab::demo::run(d),
         Cmd::Benchmark(b) => bench::run(b),
         Cmd::LoadTest(l) => loadtest::run(l),
+        Cmd::Pba(p) => pba::run(p, json),
         Cmd::Linkem { args } => linkem::cli_main(args),
         Cmd::GenerateDocs(g) => gendocs::run(g),
     };
@@ -609,6 +620,7 @@ fn run_agent(mut a: AgentArgs, config: Option<&std::path::Path>) -> Result<()> {
         "dwcp agent ready (control socket {})",
         run_dir.join("agent.sock").display()
     );
+    pba::spawn_agent_predictor(run_dir.join("agent.sock"), a.model_dir.clone())?;
     let grace =
         std::time::Duration::from_secs(a.shutdown_grace_s.or(fa.shutdown_grace_s).unwrap_or(30));
     service::notify("READY=1");

@@ -55,6 +55,9 @@ enum BenchCmd {
     /// pages, and what zstd makes of the unique ones (bytes and seconds on a
     /// link), from a `pmemsave` image or the test guest.
     Floor(floor::FloorArgs),
+    /// Bandwidth predictors on the FCC test traces: MAE, RMSE, R² (next
+    /// second and 5-s mean), inference latency p50/p99, model size.
+    Pba(crate::pba::BenchPbaArgs),
     /// The whole suite with small defaults (compare on dc and internet,
     /// hde, amst, consensus) and one report.
     Run(RunArgs),
@@ -130,6 +133,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
         floor::run(f)?;
         return Ok(());
     }
+    if let BenchCmd::Pba(p) = a.cmd {
+        return crate::pba::bench(p, cmdline.join(" "));
+    }
     let out = match a.cmd {
         BenchCmd::Compare(c) if c.baseline.is_some() || c.current.is_some() => {
             let (Some(b), Some(cur)) = (&c.baseline, &c.current) else {
@@ -185,7 +191,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
             suite(&r, &mut res)?;
             r.out.output.clone()
         }
-        BenchCmd::Handshake(_) | BenchCmd::Floor(_) => unreachable!("handled above"),
+        BenchCmd::Handshake(_) | BenchCmd::Floor(_) | BenchCmd::Pba(_) => {
+            unreachable!("handled above")
+        }
     };
     write_outputs(&res, &out)?;
     println!(
