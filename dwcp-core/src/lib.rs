@@ -8,6 +8,8 @@
 //! - [`cutover`]: the agent's cutover gate on the cluster (`agent::cutover`)
 //! - [`qemu`]: QMP client and migration driver
 //! - [`tls`]: TLS 1.3 with mutual authentication (rustls), libvirt's PKI layout
+//! - [`adapt`]: link samples, the datacenter/hybrid/internet detector, the ETA
+pub mod adapt;
 pub mod agent;
 pub mod codec;
 pub mod qemu;

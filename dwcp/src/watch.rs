@@ -139,6 +139,9 @@ fn render(v: &Value, rates: &HashMap<String, Rates>, every: Duration) -> String 
             mib(f("inflight_bytes")),
             s["streams"],
         ));
+        if let Some(line) = crate::link_line(s) {
+            out.push_str(&format!("  {line}\n"));
+        }
         let per: Vec<String> = s["per_stream"]
             .as_array()
             .into_iter()

@@ -59,6 +59,10 @@ fn tune_tier(inner: &Inner, tiers: &mut TierTuner) {
             tcp::stream_backlog(&inner.links.streams),
             inner.flow.wire_inflight.load(Ordering::Relaxed),
         );
+    if let Some(c) = tiers.allow_raw(inner.tuning.raw_allowed.load(Ordering::Relaxed)) {
+        *inner.tuning.tier.lock() = c;
+        info!(name = %inner.name, tier = %c, "auto tier: raw frames only on a datacenter path");
+    }
     let sample = TierSample {
         now: Instant::now(),
         encode_queue_full,
@@ -79,6 +83,7 @@ pub(super) fn watchdog(inner: Arc<Inner>) {
     loop {
         std::thread::sleep(Duration::from_millis(50));
         tune_inflight(&inner, &mut tuner);
+        super::adapt::tick(&inner, Instant::now());
         tune_tier(&inner, &mut tiers);
         if inner.life.failed.load(Ordering::Acquire) {
             // Give the writers a moment to put the Abort on the wire.
