@@ -13,8 +13,9 @@
 //!
 //! - `capacity_bytes_s`: measured only when at least one stream that sent in
 //!   the interval was limited by its congestion window (the kernel's last
-//!   delivery-rate sample not app-limited, and less than half its busy time
-//!   stalled by the receive window or the send buffer): then the sum of the
+//!   delivery-rate sample not app-limited, busy sending for at least half
+//!   the interval, and less than half of that stalled by the receive window
+//!   or the send buffer): then the sum of the
 //!   sending streams' kernel delivery rates is what the path delivers;
 //! - `rate_floor_bytes_s`: always, the highest of that sum, the wire rate
 //!   sent and the rate the peer credited back: the path carries at least
@@ -174,7 +175,11 @@ impl LinkSampler {
                 let busy = i.busy_us.saturating_sub(p.busy_us);
                 let stalled =
                     (i.rwnd_limited_us + i.sndbuf_limited_us).saturating_sub(p.stalled_us);
-                if !i.app_limited && busy > 0 && stalled * 2 < busy {
+                // Sending for at least half the interval: a short burst
+                // after an idle spell runs in slow start, and its delivery
+                // rate says little about the path.
+                let busy_enough = busy as f64 >= dt * 0.5e6;
+                if !i.app_limited && busy_enough && stalled * 2 < busy {
                     limited += 1;
                 }
             }
@@ -288,6 +293,16 @@ mod tests {
         assert_eq!(a.retrans_segments, 5);
         assert_eq!(a.capacity_bytes_s, Some(30e6));
         assert_eq!(a.cwnd_limited_streams, 1);
+    }
+
+    #[test]
+    fn a_short_burst_measures_no_capacity() {
+        let t0 = Instant::now();
+        let mut s = LinkSampler::new(t0);
+        let mut i = info(8_000_000, 0, 30_000_000, false, 1000);
+        i.busy_us = 100_000; // 0.1 s of a 0.5 s interval
+        let a = s.sample(&totals(t0, 500, 8_000_000, 8_000_000), &[Some(i)]);
+        assert_eq!(a.capacity_bytes_s, None);
     }
 
     #[test]
