@@ -6,14 +6,18 @@
 //! | --- | --- | --- | --- |
 //! | latency (lowest smoothed RTT) | < 10 ms | 10 ..< 50 ms | >= 50 ms |
 //! | capacity | >= 1 Gbit/s | | < 1 Gbit/s |
-//! | loss (retransmitted / sent bytes) | <= 0.01 % | 0.01 ..< 1 % | >= 1 % |
+//! | loss (lost / sent segments) | <= 0.01 % | 0.01 ..< 1 % | >= 1 % |
 //!
 //! and the sample's verdict is the worst of the metrics that voted. A metric
 //! without data does not vote: capacity votes "internet" only from a
 //! measured capacity (a stream limited by its congestion window, see
 //! [`super::sample`]), never from the application's own send rate, and votes
-//! "datacenter" when even the rate floor reaches the threshold; loss votes
-//! only with enough bytes sent. A capacity measurement stands for
+//! "datacenter" when even the rate floor reaches the threshold. Loss votes
+//! from the samples of the last [`LOSS_WINDOW_S`] taken on the same path
+//! (RTT within a factor of two), once they sent enough segments for the
+//! datacenter threshold to mean three lost segments (30,000 at 0.01 %): one
+//! spurious retransmission in a 500 ms sample is noise, not a lossy path.
+//! A capacity measurement stands for
 //! [`CAPACITY_HOLD_S`] while the RTT stays within a factor of two of the RTT
 //! it was measured at (a link that goes idle keeps its last known capacity;
 //! a path that changed does not).
@@ -39,6 +43,8 @@ use super::sample::LinkSample;
 pub const WINDOW_S: f64 = 1.5;
 /// How long a measured capacity stands without a new measurement, seconds.
 pub const CAPACITY_HOLD_S: f64 = 5.0;
+/// How far back the loss figure adds samples up, seconds.
+pub const LOSS_WINDOW_S: f64 = 5.0;
 /// Most recent switches a report keeps.
 pub const HISTORY: usize = 16;
 
@@ -173,7 +179,7 @@ pub struct ModeSwitch {
     pub rtt_ms: Option<f64>,
     /// The capacity the detector used, Mbit/s (measured or held).
     pub capacity_mbit: Option<f64>,
-    /// The sample's loss, percent.
+    /// The loss the detector used (recent samples of the same path), percent.
     pub loss_pct: Option<f64>,
     /// Share of the recent samples for `to`.
     pub confidence: f64,
@@ -229,7 +235,20 @@ pub struct ModeDetector {
     window_len: usize,
     /// Last measured capacity: (at_s, bytes/s, RTT µs then).
     held: Option<(f64, f64, Option<u32>)>,
+    /// Recent samples' (at_s, lost segments, segments sent, RTT µs).
+    losses: VecDeque<(f64, u32, u32, Option<u32>)>,
     report: ModeReport,
+}
+
+/// Whether two RTTs look like the same path (within a factor of two).
+fn same_path(a: Option<u32>, b: Option<u32>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => {
+            let (a, b) = (a as f64, b as f64);
+            b <= 2.0 * a && a <= 2.0 * b
+        }
+        _ => true,
+    }
 }
 
 impl ModeDetector {
@@ -249,6 +268,7 @@ impl ModeDetector {
             window: VecDeque::new(),
             window_len,
             held: None,
+            losses: VecDeque::new(),
             report,
         }
     }
@@ -276,8 +296,33 @@ impl ModeDetector {
         }
     }
 
-    /// The verdict of each metric on `s` (and the capacity it used, bytes/s).
-    pub fn votes(&mut self, s: &LinkSample) -> (Votes, Option<f64>) {
+    /// The loss over the recent samples of the same path, once they sent
+    /// enough segments (module doc).
+    fn loss(&mut self, s: &LinkSample) -> Option<f64> {
+        if s.segments_out > 0 {
+            let lost = s.retrans_segments.saturating_sub(s.dsack_segments);
+            self.losses
+                .push_back((s.at_s, lost, s.segments_out, s.rtt_us));
+        }
+        while self
+            .losses
+            .front()
+            .is_some_and(|l| s.at_s - l.0 > LOSS_WINDOW_S)
+        {
+            self.losses.pop_front();
+        }
+        let (lost, segs) = self
+            .losses
+            .iter()
+            .filter(|l| same_path(l.3, s.rtt_us))
+            .fold((0u64, 0u64), |(a, b), l| (a + l.1 as u64, b + l.2 as u64));
+        let need = (3.0 / self.cfg.dc_loss.max(1e-9)).clamp(1000.0, 100_000.0);
+        (segs as f64 >= need).then(|| lost as f64 / segs as f64)
+    }
+
+    /// The verdict of each metric on `s`, and the capacity (bytes/s) and
+    /// loss (fraction) it used.
+    pub fn votes(&mut self, s: &LinkSample) -> (Votes, Option<f64>, Option<f64>) {
         use LinkMode::*;
         let three = |v: f64, e1: f64, e2: f64, dc_inclusive: bool| {
             if v < e1 || (dc_inclusive && v <= e1) {
@@ -296,7 +341,8 @@ impl ModeDetector {
                 false,
             )
         });
-        let loss = s.loss.map(|l| {
+        let loss_used = self.loss(s);
+        let loss = loss_used.map(|l| {
             three(
                 l,
                 self.edge(self.cfg.dc_loss, Datacenter, true),
@@ -307,16 +353,9 @@ impl ModeDetector {
         if let Some(c) = s.capacity_bytes_s {
             self.held = Some((s.at_s, c, s.rtt_us));
         }
-        let held = self.held.filter(|(at, _, rtt)| {
-            s.at_s - at <= CAPACITY_HOLD_S
-                && match (rtt, s.rtt_us) {
-                    (Some(a), Some(b)) => {
-                        let (a, b) = (*a as f64, b as f64);
-                        b <= 2.0 * a && a <= 2.0 * b
-                    }
-                    _ => true,
-                }
-        });
+        let held = self
+            .held
+            .filter(|(at, _, rtt)| s.at_s - at <= CAPACITY_HOLD_S && same_path(*rtt, s.rtt_us));
         let edge = self.edge(self.cfg.dc_mbit * 1e6 / 8.0, Datacenter, false);
         let (capacity, used) = if s.rate_floor_bytes_s >= edge {
             (Some(Datacenter), Some(s.rate_floor_bytes_s))
@@ -332,12 +371,13 @@ impl ModeDetector {
                 loss,
             },
             used,
+            loss_used,
         )
     }
 
     /// Takes one sample; returns the switch it caused, if any.
     pub fn push(&mut self, s: &LinkSample) -> Option<ModeSwitch> {
-        let (votes, capacity) = self.votes(s);
+        let (votes, capacity, loss) = self.votes(s);
         self.report.votes = votes;
         if self.cfg.fixed.is_some() {
             return None;
@@ -375,7 +415,7 @@ impl ModeDetector {
             to,
             rtt_ms: s.rtt_us.map(|r| r as f64 / 1000.0),
             capacity_mbit: capacity.map(|c| c * 8.0 / 1e6),
-            loss_pct: s.loss.map(|l| l * 100.0),
+            loss_pct: loss.map(|l| l * 100.0),
             confidence,
         };
         if self.current.is_some() {
@@ -402,6 +442,8 @@ mod tests {
     /// A sample at `at_s` of a path with this RTT (ms), capacity (Mbit/s,
     /// measured when Some) and loss (fraction).
     fn s(at_s: f64, rtt_ms: f64, capacity_mbit: Option<f64>, loss: Option<f64>) -> LinkSample {
+        // 40,000 segments a sample: enough on its own for a loss figure
+        let segs = if loss.is_some() { 40_000 } else { 0 };
         LinkSample {
             at_s,
             interval_s: 0.5,
@@ -409,13 +451,15 @@ mod tests {
             min_rtt_us: None,
             capacity_bytes_s: capacity_mbit.map(|c| c * 1e6 / 8.0),
             rate_floor_bytes_s: capacity_mbit.unwrap_or(10.0) * 1e6 / 8.0 * 0.9,
-            cwnd_limited_streams: capacity_mbit.is_some() as u32,
+            link_bound: if capacity_mbit.is_some() { 1.0 } else { 0.0 },
             wire_rate_bytes_s: 0.0,
             raw_rate_bytes_s: 0.0,
             delivered_rate_bytes_s: 0.0,
             ratio: None,
             loss,
-            retrans_segments: 0,
+            retrans_segments: (loss.unwrap_or(0.0) * segs as f64).round() as u32,
+            dsack_segments: 0,
+            segments_out: segs,
             sent_bytes: 0,
             cwnd_segments: 0,
             inflight_bytes: 0,
@@ -445,27 +489,48 @@ mod tests {
 
     #[test]
     fn the_seed_thresholds_classify_each_metric() {
-        let mut d = detector();
-        let v = |d: &mut ModeDetector, x: LinkSample| d.votes(&x).0;
-        // no mode yet: plain thresholds
-        assert_eq!(v(&mut d, s(0.5, 0.2, None, None)).latency, Some(Datacenter));
-        assert_eq!(v(&mut d, s(0.5, 10.0, None, None)).latency, Some(Hybrid));
-        assert_eq!(v(&mut d, s(0.5, 49.0, None, None)).latency, Some(Hybrid));
-        assert_eq!(v(&mut d, s(0.5, 50.0, None, None)).latency, Some(Internet));
-        assert_eq!(
-            v(&mut d, s(0.5, 1.0, None, Some(0.0001))).loss,
-            Some(Datacenter)
-        );
-        assert_eq!(v(&mut d, s(0.5, 1.0, None, Some(0.001))).loss, Some(Hybrid));
-        assert_eq!(
-            v(&mut d, s(0.5, 1.0, None, Some(0.01))).loss,
-            Some(Internet)
-        );
-        let x = v(&mut d, s(0.5, 1.0, Some(999.0), None));
+        // a fresh detector each: no mode yet, plain thresholds
+        let v = |x: LinkSample| detector().votes(&x).0;
+        assert_eq!(v(s(0.5, 0.2, None, None)).latency, Some(Datacenter));
+        assert_eq!(v(s(0.5, 10.0, None, None)).latency, Some(Hybrid));
+        assert_eq!(v(s(0.5, 49.0, None, None)).latency, Some(Hybrid));
+        assert_eq!(v(s(0.5, 50.0, None, None)).latency, Some(Internet));
+        assert_eq!(v(s(0.5, 1.0, None, Some(0.0001))).loss, Some(Datacenter));
+        assert_eq!(v(s(0.5, 1.0, None, Some(0.001))).loss, Some(Hybrid));
+        assert_eq!(v(s(0.5, 1.0, None, Some(0.01))).loss, Some(Internet));
+        let x = v(s(0.5, 1.0, Some(999.0), None));
         assert_eq!(x.capacity, Some(Internet));
         assert_eq!(x.overall(), Some(Internet), "the worst metric wins");
-        let x = v(&mut d, s(0.5, 1.0, Some(2500.0), None));
+        let x = v(s(0.5, 1.0, Some(2500.0), None));
         assert_eq!(x.capacity, Some(Datacenter));
+    }
+
+    #[test]
+    fn loss_needs_enough_segments_and_the_same_path() {
+        let mut d = detector();
+        // 1 lost of 7,000: alone too few segments to say anything
+        let mut x = s(0.5, 0.2, None, None);
+        (x.retrans_segments, x.segments_out) = (1, 7000);
+        assert_eq!(d.votes(&x).0.loss, None);
+        // five such samples: 5 of 35,000 = 0.014 %: hybrid
+        for k in 2..=5 {
+            x.at_s = k as f64 * 0.5;
+            d.votes(&x);
+        }
+        let (v, _, loss) = d.votes(&x);
+        assert_eq!(v.loss, Some(Hybrid));
+        assert!((loss.unwrap() - 6.0 / 42_000.0).abs() < 1e-12);
+        // duplicates the peer reported (DSACK) are not losses
+        let mut d = detector();
+        (x.retrans_segments, x.dsack_segments, x.segments_out) = (40, 40, 40_000);
+        assert_eq!(d.votes(&x).0.loss, Some(Datacenter));
+        // another path (RTT 80 ms vs 0.2 ms): the old samples do not count
+        let mut d = detector();
+        let mut y = s(1.0, 80.0, None, Some(0.01));
+        d.votes(&y);
+        y = s(1.5, 0.2, None, None);
+        (y.retrans_segments, y.segments_out) = (0, 5000);
+        assert_eq!(d.votes(&y).0.loss, None);
     }
 
     #[test]
@@ -524,12 +589,22 @@ mod tests {
             s(t, r, None, None)
         });
         assert!(sw.len() <= 2, "first mode plus at most one switch: {sw:?}");
-        // Occasional single bad samples (a retransmission burst) never
-        // switch: one in three is under the 60 % confidence.
+        // Occasional spurious retransmissions (3 segments every third
+        // sample, 0.0025 % over the window) never leave datacenter.
         let mut d = detector();
         let sw = run(&mut d, 0.5, 60.0, |t| {
             let bad = ((t * 2.0) as u64) % 3 == 0;
-            s(t, 0.2, None, Some(if bad { 0.02 } else { 0.0 }))
+            let mut x = s(t, 0.2, None, Some(0.0));
+            x.retrans_segments = if bad { 3 } else { 0 };
+            x
+        });
+        assert_eq!(sw.len(), 1, "{sw:?}");
+        // A latency spike in one sample of three (a preempted host) does
+        // not switch either: under the 60 % confidence.
+        let mut d = detector();
+        let sw = run(&mut d, 0.5, 60.0, |t| {
+            let bad = ((t * 2.0) as u64) % 3 == 0;
+            s(t, if bad { 70.0 } else { 0.2 }, None, None)
         });
         assert_eq!(sw.len(), 1, "{sw:?}");
     }

@@ -112,6 +112,11 @@ pub struct TcpInfo {
     pub rwnd_limited_us: u64,
     /// Of that, time stalled by a full send buffer, microseconds.
     pub sndbuf_limited_us: u64,
+    /// Data segments sent, retransmissions included.
+    pub data_segs_out: u32,
+    /// Duplicate-SACK blocks received: segments the peer got twice, i.e.
+    /// spurious retransmissions (or duplicates the path made).
+    pub dsack_dups: u32,
 }
 
 impl TcpInfo {
@@ -126,7 +131,7 @@ impl TcpInfo {
 }
 
 /// The kernel's `struct tcp_info` (include/uapi/linux/tcp.h) up to
-/// `tcpi_bytes_retrans`; libc's copy stops earlier. The kernel fills as much
+/// `tcpi_dsack_dups`; libc's copy stops earlier. The kernel fills as much
 /// as it has and reports the length, so an older kernel leaves zeros.
 #[repr(C)]
 #[derive(Default)]
@@ -151,6 +156,7 @@ struct KernelTcpInfo {
     delivered_ce: u32,
     bytes_sent: u64,
     bytes_retrans: u64,
+    dsack_dups: u32,
 }
 
 /// Reads TCP_INFO from a connected socket.
@@ -192,6 +198,8 @@ pub fn tcp_info(s: &TcpStream) -> std::io::Result<TcpInfo> {
         busy_us: info.busy_time,
         rwnd_limited_us: info.rwnd_limited,
         sndbuf_limited_us: info.sndbuf_limited,
+        data_segs_out: info.u32s2[5],
+        dsack_dups: info.dsack_dups,
     })
 }
 

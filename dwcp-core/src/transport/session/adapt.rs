@@ -41,6 +41,9 @@ pub(super) struct AdaptState {
     cc_default: Option<String>,
     /// Setting the congestion control failed once: not tried again.
     cc_failed: bool,
+    /// Clock ticks so far, and those that found the link the bottleneck.
+    ticks: u64,
+    link_bound_ticks: u64,
 }
 
 impl AdaptState {
@@ -55,6 +58,8 @@ impl AdaptState {
             applied: None,
             cc_default: None,
             cc_failed: false,
+            ticks: 0,
+            link_bound_ticks: 0,
         }
     }
 
@@ -68,9 +73,12 @@ impl AdaptState {
     }
 }
 
-/// Takes a link sample when one is due (called every clock tick).
-pub(super) fn tick(inner: &Inner, now: Instant) {
+/// Notes whether this clock tick found the link to be the bottleneck, and
+/// takes a link sample when one is due.
+pub(super) fn tick(inner: &Inner, now: Instant, link_bound: bool) {
     let mut st = inner.adapt.lock();
+    st.ticks += 1;
+    st.link_bound_ticks += u64::from(link_bound);
     if now < st.next {
         return;
     }
@@ -85,6 +93,8 @@ pub(super) fn tick(inner: &Inner, now: Instant) {
             delivered_wire: inner.flow.credited_wire.load(Ordering::Relaxed),
             inflight: inner.flow.wire_inflight.load(Ordering::Relaxed),
             encode_ns,
+            ticks: st.ticks,
+            link_bound_ticks: st.link_bound_ticks,
         },
         Role::Responder => {
             let wire = c.wire_in.load(Ordering::Relaxed);
@@ -95,6 +105,8 @@ pub(super) fn tick(inner: &Inner, now: Instant) {
                 delivered_wire: wire,
                 inflight: 0,
                 encode_ns,
+                ticks: st.ticks,
+                link_bound_ticks: st.link_bound_ticks,
             }
         }
     };
