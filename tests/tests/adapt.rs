@@ -55,23 +55,28 @@ impl Link<'_> {
         }
     }
 
-    /// dc-like: the bridge joins a and b, then the forwarder (if any) stops
-    /// once what it holds has left (80 ms delay + its queue).
-    fn dc(&mut self) {
+    /// dc-like: the bridge joins a and b (the change: returned), then the
+    /// forwarder (if any) stops once what it holds has left (80 ms delay +
+    /// its queue).
+    fn dc(&mut self) -> Instant {
         self.bridge(true);
+        let changed = Instant::now();
         if let Some(fw) = self.fw.take() {
             std::thread::sleep(Duration::from_millis(400));
             fw.stop().expect("stop the forwarder");
         }
+        changed
     }
 
-    /// internet-like: the forwarder starts, then the bridge lets go.
-    fn internet(&mut self) {
+    /// internet-like: the forwarder starts, then the bridge lets go (the
+    /// change: returned).
+    fn internet(&mut self) -> Instant {
         let fw = Forwarder::start(&Profile::Internet.config(), "a", "b", Some(&self.t.link_ns))
             .expect("start the forwarder");
         self.fw = Some(fw);
         std::thread::sleep(Duration::from_millis(50));
         self.bridge(false);
+        Instant::now()
     }
 }
 
@@ -180,20 +185,22 @@ fn mode_follows_a_link_switching_between_dc_and_internet() {
     });
 
     // dc 8 s, internet 10 s, dc 8 s, internet 10 s.
-    let at = |s: &Session| s.started().elapsed().as_secs_f64();
+    let at = |t: Instant| t.duration_since(sess.started()).as_secs_f64();
     let mut changes: Vec<(f64, LinkMode)> = Vec::new();
     std::thread::sleep(Duration::from_secs(8));
-    for (i, secs) in [10u64, 8, 10].into_iter().enumerate() {
+    let phase0 = Instant::now();
+    for (i, until) in [18u64, 26, 36].into_iter().enumerate() {
         if i % 2 == 0 {
-            link.internet();
-            changes.push((at(&sess), LinkMode::Internet));
+            changes.push((at(link.internet()), LinkMode::Internet));
         } else {
-            link.dc();
-            changes.push((at(&sess), LinkMode::Datacenter));
+            changes.push((at(link.dc()), LinkMode::Datacenter));
         }
-        std::thread::sleep(Duration::from_secs(secs));
+        let end = phase0 + Duration::from_secs(until - 8);
+        if let Some(d) = end.checked_duration_since(Instant::now()) {
+            std::thread::sleep(d);
+        }
     }
-    let end = at(&sess);
+    let end = at(Instant::now());
     let stats = sess.stats();
     stop.store(true, Ordering::Relaxed);
     sess.abort("test over");

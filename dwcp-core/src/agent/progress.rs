@@ -205,6 +205,16 @@ mod tests {
         assert_eq!(r.downtime_ms, Some(40));
         let r: ProgressRequest =
             serde_json::from_value(json!({"op": "progress", "name": "a", "eta_s": 2.5})).unwrap();
-        assert_eq!(r.eta_s, Some(2.5));
+        assert_eq!((r.eta_s, r.dirty_rate_bytes_s), (Some(2.5), None));
+        let r: ProgressRequest = serde_json::from_value(
+            json!({"op": "progress", "name": "a", "dirty_rate_bytes_s": 4.5e6}),
+        )
+        .unwrap();
+        assert_eq!(r.dirty_rate_bytes_s, Some(4.5e6));
+        let r: ProgressRequest = serde_json::from_value(
+            json!({"op": "progress", "name": "a", "dirty_rate_bytes_s": -1}),
+        )
+        .unwrap();
+        assert_eq!(r.dirty_rate_bytes_s, None);
     }
 }

@@ -458,7 +458,7 @@ pub const OPTIONS: &[TransportOption] = &[
         uri: None,
         control: None,
         allowed: "0..=100 %",
-        help: "loss (retransmitted / sent bytes) up to which a path is datacenter, percent",
+        help: "loss (lost / sent segments) up to which a path is datacenter, percent",
         set: |c, v| {
             c.adapt.mode.dc_loss = float(v, 0.0, 100.0)? / 100.0;
             Ok(())

@@ -456,7 +456,7 @@ impl Metrics {
         );
         reg.register(
             "dwcp_migration_link_loss_ratio",
-            "Bytes retransmitted per byte sent, newest link sample (absent below 4 MiB sent)",
+            "Segments lost (retransmitted minus DSACK-reported duplicates) per segment sent, newest link sample (absent below 1,000 segments sent)",
             link_loss,
         );
         reg.register(
