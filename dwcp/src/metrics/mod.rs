@@ -586,8 +586,11 @@ pub fn session_json(s: &SessionStats, p: Option<&MigrationProgress>) -> Value {
         "remaining_bytes": fresh.and_then(|p| p.remaining_bytes),
         "total_bytes": p.and_then(|p| p.total_bytes),
         "eta_s": fresh.and_then(|p| p.eta_s),
+        "eta_source": fresh.and_then(|p| p.eta_s.and(p.eta_source)),
         "expected_downtime_ms": fresh.and_then(|p| p.expected_downtime_ms),
         "downtime_ms": p.and_then(|p| p.downtime_ms),
+        "mode": s.adapt.mode.mode,
+        "mode_switches": s.adapt.mode.switches,
     })
 }
 
