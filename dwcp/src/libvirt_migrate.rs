@@ -153,6 +153,7 @@ pub fn run(a: VirshMigrateArgs) -> Result<()> {
                 expected_downtime_ms: j.downtime,
                 downtime_ms: None,
                 dirty_rate_bytes_s: dirty,
+                ram_per_byte: None,
             });
             let eta = match reporter.eta(eta_s).0 {
                 Some(s) => format!("{s:.1} s"),

@@ -11,7 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 
 use crate::failure::{classified, classify, FailKind};
-use crate::progress::{self, EtaLog, RateWindow, Reporter};
+use crate::progress::{self, EtaLog, QemuRates, Reporter};
 use crate::TransportArgs;
 
 #[derive(Args, Debug)]
@@ -167,7 +167,7 @@ fn run_inner(
     let agent = a.agent.clone();
     let name = a.name.clone();
     let mut reporter = Reporter::new(a.agent.clone(), &a.name);
-    let mut rate = RateWindow::default();
+    let mut rate = QemuRates::default();
     let mut etas = EtaLog::default();
     let mut progress = |v: &Value| {
         let report = progress::from_query_migrate(v, &mut rate, Instant::now());

@@ -68,6 +68,9 @@ pub struct Progress {
     /// Guest RAM dirtied per second, bytes: with it the agent computes the
     /// ETA from its measured rate (dwcp_core::adapt::eta).
     pub dirty_rate_bytes_s: Option<f64>,
+    /// Guest RAM bytes QEMU got through per byte it wrote, recently (zero
+    /// pages cost it only a header).
+    pub ram_per_byte: Option<f64>,
 }
 
 impl Progress {
@@ -76,7 +79,8 @@ impl Progress {
                "total_bytes": self.total_bytes, "eta_s": self.eta_s,
                "expected_downtime_ms": self.expected_downtime_ms,
                "downtime_ms": self.downtime_ms,
-               "dirty_rate_bytes_s": self.dirty_rate_bytes_s})
+               "dirty_rate_bytes_s": self.dirty_rate_bytes_s,
+               "ram_per_byte": self.ram_per_byte})
     }
 }
 
@@ -151,14 +155,38 @@ impl EtaLog {
     }
 }
 
+/// The recent rates of a migration from QEMU's counters: bytes QEMU wrote
+/// (`transferred`) and guest RAM it got through (`normal` + `duplicate`
+/// pages: a zero page costs it a few bytes).
+#[derive(Debug, Default)]
+pub struct QemuRates {
+    pub sent: RateWindow,
+    pub ram: RateWindow,
+}
+
+impl QemuRates {
+    /// Guest RAM bytes processed per byte written, recently; None until
+    /// both rates are known.
+    pub fn ram_per_byte(&self) -> Option<f64> {
+        let (ram, sent) = (self.ram.rate()?, self.sent.rate()?);
+        (sent > 0.0 && ram > 0.0).then(|| (ram / sent).max(1.0))
+    }
+}
+
 /// QEMU's `query-migrate` answer as a report; `rate` keeps the recent
-/// transfer rate across calls.
-pub fn from_query_migrate(v: &Value, rate: &mut RateWindow, at: Instant) -> Progress {
+/// rates across calls.
+pub fn from_query_migrate(v: &Value, rates: &mut QemuRates, at: Instant) -> Progress {
     let n = |p: &str| v.pointer(p).and_then(Value::as_u64);
     let remaining = n("/ram/remaining");
     if let Some(t) = n("/ram/transferred") {
-        rate.observe(at, t);
+        rates.sent.observe(at, t);
     }
+    if let (Some(normal), Some(zero)) = (n("/ram/normal"), n("/ram/duplicate")) {
+        rates
+            .ram
+            .observe(at, (normal + zero) * n("/ram/page-size").unwrap_or(4096));
+    }
+    let rate = &rates.sent;
     // Dirty pages per second times the page size.
     let dirty = v
         .pointer("/ram/dirty-pages-rate")
@@ -167,11 +195,16 @@ pub fn from_query_migrate(v: &Value, rate: &mut RateWindow, at: Instant) -> Prog
     let status = v["status"].as_str().unwrap_or("");
     Progress {
         dirty_rate_bytes_s: dirty.filter(|_| status == "active"),
+        ram_per_byte: rates.ram_per_byte(),
         remaining_bytes: remaining,
         total_bytes: n("/ram/total"),
-        eta_s: remaining
-            .filter(|_| status == "active")
-            .and_then(|r| eta_s(r, rate.rate(), dirty)),
+        eta_s: remaining.filter(|_| status == "active").and_then(|r| {
+            eta_s(
+                r,
+                rate.rate().map(|x| x * rates.ram_per_byte().unwrap_or(1.0)),
+                dirty,
+            )
+        }),
         expected_downtime_ms: n("/expected-downtime"),
         downtime_ms: (status == "completed").then(|| n("/downtime")).flatten(),
     }
@@ -281,6 +314,25 @@ mod tests {
     }
 
     #[test]
+    fn zero_pages_make_more_ram_per_byte() {
+        let t0 = Instant::now();
+        let mut r = QemuRates::default();
+        let q = |transferred: u64, normal: u64, zero: u64| {
+            json!({"status": "active", "ram": {"transferred": transferred, "normal": normal,
+                   "duplicate": zero, "page-size": 4096, "remaining": 1u64 << 30}})
+        };
+        let p = from_query_migrate(&q(0, 0, 0), &mut r, t0);
+        assert_eq!(p.ram_per_byte, None);
+        // 1 s: 1,000 pages written (4.1 MB), 3,000 zero pages passed
+        let p = from_query_migrate(
+            &q(4_096_000, 1000, 3000),
+            &mut r,
+            t0 + Duration::from_secs(1),
+        );
+        assert!((p.ram_per_byte.unwrap() - 4.0).abs() < 1e-9, "{p:?}");
+    }
+
+    #[test]
     fn eta_checks_compare_with_the_real_duration() {
         let mut log = EtaLog::default();
         // A 10 s migration: at 2 s the ETA said 9 s (really 8), at 5 s 4 s
@@ -324,7 +376,7 @@ mod tests {
     #[test]
     fn query_migrate_figures_become_a_report() {
         let t0 = Instant::now();
-        let mut w = RateWindow::default();
+        let mut w = QemuRates::default();
         let q = |transferred: u64, status: &str| {
             json!({"status": status, "expected-downtime": 120, "downtime": 45,
                    "ram": {"transferred": transferred, "remaining": 90_000_000u64,

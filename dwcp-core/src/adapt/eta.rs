@@ -3,11 +3,15 @@
 //! byte and the guest dirties `dirty_rate` raw bytes/s meanwhile:
 //!
 //! ```text
-//! eta = remaining / (wire_rate * ratio - dirty_rate)
+//! eta = remaining / (wire_rate * ratio * ram_per_byte - dirty_rate)
 //! ```
 //!
 //! (each pass resends what the guest dirtied during the previous one: the
-//! sum of that geometric series). None when the rate is unknown or does not
+//! sum of that geometric series). `ram_per_byte` is the guest RAM QEMU gets
+//! through per byte it writes: a zero page costs it a few header bytes, so
+//! while a pass crosses untouched memory `remaining` falls much faster than
+//! QEMU's byte count grows (the driver measures it from QEMU's `normal`,
+//! `duplicate` and `transferred` counters; 1 when unknown). None when the rate is unknown or does not
 //! outrun the dirty rate: the migration does not converge at this pace, and
 //! no figure is better than a wrong one.
 //!
@@ -49,12 +53,20 @@ pub struct EtaInput {
     /// Guest RAM dirtied per second, bytes (QEMU's dirty-pages-rate times
     /// the page size); 0 when unknown.
     pub dirty_rate_bytes_s: f64,
+    /// Guest RAM bytes processed per byte QEMU writes (>= 1; 1 when
+    /// unknown).
+    pub ram_per_byte: f64,
     pub estimate: RateEstimate,
 }
 
 /// Seconds until the migration has sent what is left (module doc).
 pub fn eta_s(i: &EtaInput) -> Option<f64> {
-    let net = i.estimate.raw_rate() - i.dirty_rate_bytes_s.max(0.0);
+    let expand = if i.ram_per_byte.is_finite() && i.ram_per_byte >= 1.0 {
+        i.ram_per_byte
+    } else {
+        1.0
+    };
+    let net = i.estimate.raw_rate() * expand - i.dirty_rate_bytes_s.max(0.0);
     let eta = i.remaining_bytes as f64 / net;
     (net > 0.0 && eta.is_finite()).then_some(eta)
 }
@@ -110,6 +122,7 @@ mod tests {
         let i = |remaining, dirty, e| EtaInput {
             remaining_bytes: remaining,
             dirty_rate_bytes_s: dirty,
+            ram_per_byte: 1.0,
             estimate: e,
         };
         // 100 MB at 10 MB/s wire x 2 = 20 MB/s raw, 4 MB/s dirtied: 6.25 s
@@ -122,6 +135,12 @@ mod tests {
         // a negative dirty rate counts as none
         assert_eq!(eta_s(&i(100, -5.0, est(10.0, 1.0))), Some(10.0));
         assert_eq!(eta_s(&i(0, 0.0, est(10.0, 1.0))), Some(0.0));
+        // zero pages: 3 RAM bytes per byte QEMU writes
+        let mut x = i(120, 0.0, est(10.0, 2.0));
+        x.ram_per_byte = 3.0;
+        assert_eq!(eta_s(&x), Some(2.0));
+        x.ram_per_byte = f64::NAN;
+        assert_eq!(eta_s(&x), Some(6.0), "unknown: 1");
     }
 
     #[test]

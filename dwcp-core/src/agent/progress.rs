@@ -14,7 +14,9 @@
 //! With `"dirty_rate_bytes_s":R` (QEMU's dirty-pages-rate times the page
 //! size) the agent computes the ETA itself from the remaining bytes, that
 //! dirty rate and the session's measured rate and compression ratio
-//! ([`crate::adapt::eta`]), and answers it (`eta_s`, `eta_source: "model"`)
+//! ([`crate::adapt::eta`]; with `"ram_per_byte":F`, the guest RAM QEMU
+//! gets through per byte it writes, zero pages being nearly free), and
+//! answers it (`eta_s`, `eta_source: "model"`)
 //! with the link mode; without it the driver's own `eta_s` stands
 //! (`eta_source: "driver"`).
 //!
@@ -54,6 +56,8 @@ pub(crate) struct ProgressRequest {
     pub downtime_ms: Option<u64>,
     #[serde(default, deserialize_with = "lenient_seconds")]
     pub dirty_rate_bytes_s: Option<f64>,
+    #[serde(default, deserialize_with = "lenient_seconds")]
+    pub ram_per_byte: Option<f64>,
 }
 
 /// A finite number >= 0, else None.
@@ -143,6 +147,7 @@ pub(super) fn progress(st: &Arc<State>, r: ProgressRequest) -> Result<Value, Str
             eta::eta_s(&eta::EtaInput {
                 remaining_bytes: remaining,
                 dirty_rate_bytes_s: r.dirty_rate_bytes_s.unwrap_or(0.0),
+                ram_per_byte: r.ram_per_byte.unwrap_or(1.0),
                 estimate,
             })
         }
