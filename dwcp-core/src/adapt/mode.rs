@@ -593,7 +593,7 @@ mod tests {
         // sample, 0.0025 % over the window) never leave datacenter.
         let mut d = detector();
         let sw = run(&mut d, 0.5, 60.0, |t| {
-            let bad = ((t * 2.0) as u64) % 3 == 0;
+            let bad = ((t * 2.0) as u64).is_multiple_of(3);
             let mut x = s(t, 0.2, None, Some(0.0));
             x.retrans_segments = if bad { 3 } else { 0 };
             x
@@ -603,7 +603,7 @@ mod tests {
         // not switch either: under the 60 % confidence.
         let mut d = detector();
         let sw = run(&mut d, 0.5, 60.0, |t| {
-            let bad = ((t * 2.0) as u64) % 3 == 0;
+            let bad = ((t * 2.0) as u64).is_multiple_of(3);
             s(t, if bad { 70.0 } else { 0.2 }, None, None)
         });
         assert_eq!(sw.len(), 1, "{sw:?}");
