@@ -243,6 +243,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_link_line_shows_mode_sample_and_eta() {
+        let s = json!({"adapt": {
+            "mode": {"mode": "internet", "fixed": false, "switches": 1},
+            "link": {"rtt_us": 80_930, "capacity_bytes_s": 11_875_000.0,
+                     "rate_floor_bytes_s": 11_875_000.0, "loss": 0.00104,
+                     "wire_rate_bytes_s": 12_000_000.0, "codec_cpu": 0.25}},
+            "eta_s": 12.34, "eta_source": "model"});
+        assert_eq!(
+            crate::link_line(&s).unwrap(),
+            "link: mode internet (1 switch), rtt 80.93 ms, capacity 95 Mbit/s, \
+             loss 0.104 %, wire 96 Mbit/s, codec cpu 0.25, ETA 12.3 s (model)"
+        );
+        // only a floor, no sample figures beyond it: "capacity >="
+        let s = json!({"adapt": {"mode": {"mode": "datacenter", "switches": 0},
+                       "link": {"rate_floor_bytes_s": 2.5e6}}});
+        assert_eq!(
+            crate::link_line(&s).unwrap(),
+            "link: mode datacenter (0 switches), capacity >= 20 Mbit/s"
+        );
+        assert_eq!(crate::link_line(&json!({"adapt": {"mode": {}}})), None);
+    }
+
+    #[test]
     fn intervals() {
         assert_eq!(parse_interval("1s").unwrap(), Duration::from_secs(1));
         assert_eq!(parse_interval("500ms").unwrap(), Duration::from_millis(500));
