@@ -9,6 +9,8 @@
 //! - [`qemu`]: QMP client and migration driver
 //! - [`predict`]: bandwidth predictors (last value, EWMA, harmonic mean, LSTM in ONNX)
 //! - [`tls`]: TLS 1.3 with mutual authentication (rustls), libvirt's PKI layout
+//! - [`adapt`]: link samples, the datacenter/hybrid/internet detector, the ETA
+pub mod adapt;
 pub mod agent;
 pub mod codec;
 pub mod predict;

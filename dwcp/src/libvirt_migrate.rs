@@ -277,8 +277,10 @@ pub fn run(a: VirshMigrateArgs) -> Result<()> {
                 // For a running job libvirt's downtime is the expected one.
                 expected_downtime_ms: j.downtime,
                 downtime_ms: None,
+                dirty_rate_bytes_s: dirty,
+                ram_per_byte: None,
             });
-            let eta = match eta_s {
+            let eta = match reporter.eta(eta_s).0 {
                 Some(s) => format!("{s:.1} s"),
                 None => "?".into(),
             };

@@ -682,8 +682,57 @@ fn stats(a: StatsArgs) -> Result<()> {
             rtts.join(" "),
             s["error"].as_str().map(|e| format!("\n    error: {e}")).unwrap_or_default(),
         );
+        if let Some(line) = link_line(s) {
+            println!("    {line}");
+        }
     }
     Ok(())
+}
+
+/// The adaptive layer's line of a session in `dwcp stats`: the link mode
+/// and its switches, the newest link sample, the ETA and how it was made.
+pub(crate) fn link_line(s: &Value) -> Option<String> {
+    let a = &s["adapt"];
+    let m = &a["mode"];
+    let l = &a["link"];
+    if m["mode"].is_null() && l.is_null() {
+        return None;
+    }
+    let mbit = |v: &Value| v.as_f64().map(|b| format!("{:.0} Mbit/s", b * 8.0 / 1e6));
+    let mut parts = vec![format!(
+        "mode {}{} ({} switch{})",
+        m["mode"].as_str().unwrap_or("?"),
+        if m["fixed"] == true { ", fixed" } else { "" },
+        m["switches"].as_u64().unwrap_or(0),
+        if m["switches"] == 1 { "" } else { "es" }
+    )];
+    if let Some(r) = l["rtt_us"].as_f64() {
+        parts.push(format!("rtt {:.2} ms", r / 1000.0));
+    }
+    match mbit(&l["capacity_bytes_s"]) {
+        Some(c) => parts.push(format!("capacity {c}")),
+        None => {
+            if let Some(f) = mbit(&l["rate_floor_bytes_s"]) {
+                parts.push(format!("capacity >= {f}"));
+            }
+        }
+    }
+    if let Some(loss) = l["loss"].as_f64() {
+        parts.push(format!("loss {:.3} %", loss * 100.0));
+    }
+    if let Some(w) = mbit(&l["wire_rate_bytes_s"]) {
+        parts.push(format!("wire {w}"));
+    }
+    if let Some(c) = l["codec_cpu"].as_f64() {
+        parts.push(format!("codec cpu {c:.2}"));
+    }
+    if let Some(e) = s["eta_s"].as_f64() {
+        parts.push(format!(
+            "ETA {e:.1} s ({})",
+            s["eta_source"].as_str().unwrap_or("driver")
+        ));
+    }
+    Some(format!("link: {}", parts.join(", ")))
 }
 
 /// The codec column of a session: the initiator's tier, or on the responder

@@ -11,7 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 
 use crate::failure::{classified, classify, FailKind};
-use crate::progress::{self, RateWindow, Reporter};
+use crate::progress::{self, EtaLog, QemuRates, Reporter};
 use crate::TransportArgs;
 
 #[derive(Args, Debug)]
@@ -167,10 +167,22 @@ fn run_inner(
     let agent = a.agent.clone();
     let name = a.name.clone();
     let mut reporter = Reporter::new(a.agent.clone(), &a.name);
-    let mut rate = RateWindow::default();
+    let mut rate = QemuRates::default();
+    let mut etas = EtaLog::default();
     let mut progress = |v: &Value| {
         let report = progress::from_query_migrate(v, &mut rate, Instant::now());
         reporter.maybe_send(&report);
+        // The agent's ETA (measured rate, ratio, dirty rate) when it has
+        // one, else the extrapolated one; noted for the error afterwards.
+        let (eta_s, source) = reporter.eta(report.eta_s);
+        if v["status"] == "active" {
+            etas.record(t0.elapsed().as_secs_f64(), eta_s, &source);
+        }
+        let mode = reporter
+            .agent_view()
+            .and_then(|a| a.mode)
+            .map(|m| format!(" mode {m}"))
+            .unwrap_or_default();
         let n = |p: &str| v.pointer(p).and_then(Value::as_u64).unwrap_or(0);
         let (total, remaining, mbps) = (
             n("/ram/total"),
@@ -183,12 +195,12 @@ fn run_inner(
             bar.set_length(total);
             bar.set_position(total.saturating_sub(remaining));
         }
-        let eta = match report.eta_s {
+        let eta = match eta_s {
             Some(s) => format!("{s:.1} s"),
             None => "?".into(),
         };
         bar.set_message(format!(
-            "{} pass {} remaining {:.1} MiB at {:.0} Mbit/s ETA {}",
+            "{} pass {} remaining {:.1} MiB at {:.0} Mbit/s ETA {}{mode}",
             v["status"].as_str().unwrap_or("?"),
             n("/ram/dirty-sync-count"),
             remaining as f64 / 1048576.0,
@@ -218,6 +230,7 @@ fn run_inner(
             }
         }
     };
+    let migrated_s = t0.elapsed().as_secs_f64();
     bar.finish_and_clear();
     if let Ok(r) = &result {
         // The downtime, for the agent's metrics and dashboard.
@@ -254,13 +267,20 @@ fn run_inner(
         "streams": cfg.streams, "codec": cfg.codec_name(), "multifd": a.multifd,
         "session": session,
         "gate_ms": gate_ms,
+        // The link mode the source's session ended in, and its switches
+        // (each with its figures: session.adapt.mode.history).
+        "mode": session.as_ref().map(|s| s["adapt"]["mode"]["mode"].clone()),
+        "mode_switches": session.as_ref().map(|s| s["adapt"]["mode"]["switches"].clone()),
+        // The ETA shown at 25/50/75 % of the migration against the time
+        // it really took from then (QEMU's migrate to completion).
+        "eta": etas.checks(migrated_s),
         "gate": gate.map(|g| json!({"guest": g.guest, "epoch": g.epoch, "src": g.src, "dst": g.dst})),
     });
     if a.json {
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         println!(
-            "migration {}: total {:.2} s, downtime {} ms, QEMU sent {:.1} MiB, on the wire {:.1} MiB (ratio {:.2}), {} dirty syncs, {} streams, codec {}",
+            "migration {}: total {:.2} s, downtime {} ms, QEMU sent {:.1} MiB, on the wire {:.1} MiB (ratio {:.2}), {} dirty syncs, {} streams, codec {}, link mode {}",
             r.status,
             r.total_time_ms as f64 / 1000.0,
             r.downtime_ms,
@@ -269,7 +289,8 @@ fn run_inner(
             if wire > 0 { raw as f64 / wire as f64 } else { 0.0 },
             r.dirty_sync_count,
             cfg.streams,
-            cfg.codec_name()
+            cfg.codec_name(),
+            out["mode"].as_str().unwrap_or("?")
         );
         if let (Some(ms), Some(g)) = (gate_ms, gate) {
             println!(

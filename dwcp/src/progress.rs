@@ -6,6 +6,7 @@
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -64,6 +65,12 @@ pub struct Progress {
     pub eta_s: Option<f64>,
     pub expected_downtime_ms: Option<u64>,
     pub downtime_ms: Option<u64>,
+    /// Guest RAM dirtied per second, bytes: with it the agent computes the
+    /// ETA from its measured rate (dwcp_core::adapt::eta).
+    pub dirty_rate_bytes_s: Option<f64>,
+    /// Guest RAM bytes QEMU got through per byte it wrote, recently (zero
+    /// pages cost it only a header).
+    pub ram_per_byte: Option<f64>,
 }
 
 impl Progress {
@@ -71,18 +78,115 @@ impl Progress {
         json!({"op": "progress", "name": name, "remaining_bytes": self.remaining_bytes,
                "total_bytes": self.total_bytes, "eta_s": self.eta_s,
                "expected_downtime_ms": self.expected_downtime_ms,
-               "downtime_ms": self.downtime_ms})
+               "downtime_ms": self.downtime_ms,
+               "dirty_rate_bytes_s": self.dirty_rate_bytes_s,
+               "ram_per_byte": self.ram_per_byte})
+    }
+}
+
+/// The agent's answer to the latest report: its ETA (`eta_s`,
+/// `eta_source`), the link mode (`mode`) and the rate estimate.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AgentView {
+    pub eta_s: Option<f64>,
+    pub eta_source: Option<String>,
+    pub mode: Option<String>,
+}
+
+impl AgentView {
+    fn of(v: &Value) -> AgentView {
+        AgentView {
+            eta_s: v["eta_s"].as_f64().filter(|e| e.is_finite() && *e >= 0.0),
+            eta_source: v["eta_source"].as_str().map(str::to_string),
+            mode: v["mode"].as_str().map(str::to_string),
+        }
+    }
+}
+
+/// How long an answer of the agent stands.
+const VIEW_FRESH: Duration = Duration::from_secs(3);
+
+/// The ETAs a migration showed, and their error once its real duration is
+/// known: the ETA current at 25, 50 and 75 % of the migration's time
+/// against the time it really still took.
+#[derive(Debug, Default)]
+pub struct EtaLog {
+    /// (seconds since the start, ETA seconds, who computed it).
+    points: Vec<(f64, f64, String)>,
+}
+
+impl EtaLog {
+    /// Notes the ETA shown at `at_s` (at most one point per half second;
+    /// an unknown ETA ends the previous one's validity).
+    pub fn record(&mut self, at_s: f64, eta: Option<f64>, source: &str) {
+        if self.points.last().is_some_and(|p| at_s - p.0 < 0.5) {
+            return;
+        }
+        match eta {
+            Some(e) => self.points.push((at_s, e, source.to_string())),
+            None => self.points.push((at_s, f64::NAN, source.to_string())),
+        }
+    }
+
+    /// The checks at 25/50/75 % of `actual_s` (the migration's real
+    /// duration): the ETA current then, what was really left, the error.
+    pub fn checks(&self, actual_s: f64) -> Value {
+        let checks: Vec<Value> = [25u32, 50, 75]
+            .into_iter()
+            .map(|pct| {
+                let at = actual_s * pct as f64 / 100.0;
+                let left = actual_s - at;
+                let point = self.points.iter().rev().find(|p| p.0 <= at);
+                match point.filter(|p| p.1.is_finite()) {
+                    Some((made_at, eta, source)) => {
+                        let truly_left = actual_s - made_at;
+                        let error_pct =
+                            (truly_left > 0.0).then(|| (eta - truly_left) / truly_left * 100.0);
+                        json!({"at_pct": pct, "made_at_s": made_at, "eta_s": eta,
+                               "actual_remaining_s": truly_left, "source": source,
+                               "error_pct": error_pct})
+                    }
+                    None => json!({"at_pct": pct, "made_at_s": null, "eta_s": null,
+                                   "actual_remaining_s": left, "error_pct": null}),
+                }
+            })
+            .collect();
+        json!({"actual_s": actual_s, "checks": checks, "points": self.points.len()})
+    }
+}
+
+/// The recent rates of a migration from QEMU's counters: bytes QEMU wrote
+/// (`transferred`) and guest RAM it got through (`normal` + `duplicate`
+/// pages: a zero page costs it a few bytes).
+#[derive(Debug, Default)]
+pub struct QemuRates {
+    pub sent: RateWindow,
+    pub ram: RateWindow,
+}
+
+impl QemuRates {
+    /// Guest RAM bytes processed per byte written, recently; None until
+    /// both rates are known.
+    pub fn ram_per_byte(&self) -> Option<f64> {
+        let (ram, sent) = (self.ram.rate()?, self.sent.rate()?);
+        (sent > 0.0 && ram > 0.0).then(|| (ram / sent).max(1.0))
     }
 }
 
 /// QEMU's `query-migrate` answer as a report; `rate` keeps the recent
-/// transfer rate across calls.
-pub fn from_query_migrate(v: &Value, rate: &mut RateWindow, at: Instant) -> Progress {
+/// rates across calls.
+pub fn from_query_migrate(v: &Value, rates: &mut QemuRates, at: Instant) -> Progress {
     let n = |p: &str| v.pointer(p).and_then(Value::as_u64);
     let remaining = n("/ram/remaining");
     if let Some(t) = n("/ram/transferred") {
-        rate.observe(at, t);
+        rates.sent.observe(at, t);
     }
+    if let (Some(normal), Some(zero)) = (n("/ram/normal"), n("/ram/duplicate")) {
+        rates
+            .ram
+            .observe(at, (normal + zero) * n("/ram/page-size").unwrap_or(4096));
+    }
+    let rate = &rates.sent;
     // Dirty pages per second times the page size.
     let dirty = v
         .pointer("/ram/dirty-pages-rate")
@@ -90,11 +194,17 @@ pub fn from_query_migrate(v: &Value, rate: &mut RateWindow, at: Instant) -> Prog
         .map(|p| p * n("/ram/page-size").unwrap_or(4096) as f64);
     let status = v["status"].as_str().unwrap_or("");
     Progress {
+        dirty_rate_bytes_s: dirty.filter(|_| status == "active"),
+        ram_per_byte: rates.ram_per_byte(),
         remaining_bytes: remaining,
         total_bytes: n("/ram/total"),
-        eta_s: remaining
-            .filter(|_| status == "active")
-            .and_then(|r| eta_s(r, rate.rate(), dirty)),
+        eta_s: remaining.filter(|_| status == "active").and_then(|r| {
+            eta_s(
+                r,
+                rate.rate().map(|x| x * rates.ram_per_byte().unwrap_or(1.0)),
+                dirty,
+            )
+        }),
         expected_downtime_ms: n("/expected-downtime"),
         downtime_ms: (status == "completed").then(|| n("/downtime")).flatten(),
     }
@@ -110,16 +220,24 @@ pub struct Reporter {
     name: String,
     last: Option<Instant>,
     worker: Option<std::thread::JoinHandle<()>>,
+    /// The agent's latest answer and when it came.
+    view: Arc<Mutex<Option<(Instant, AgentView)>>>,
 }
 
 impl Reporter {
     pub fn new(agent: PathBuf, name: &str) -> Reporter {
         let (tx, rx) = sync_channel::<Value>(1);
+        let view = Arc::new(Mutex::new(None));
+        let seen = view.clone();
         let worker = std::thread::Builder::new()
             .name("dwcp-progress".into())
             .spawn(move || {
                 for req in rx {
-                    let _ = dwcp_core::agent::control_call(&agent, &req);
+                    if let Ok(v) = dwcp_core::agent::control_call(&agent, &req) {
+                        if let Ok(mut s) = seen.lock() {
+                            *s = Some((Instant::now(), AgentView::of(&v)));
+                        }
+                    }
                 }
             })
             .ok();
@@ -128,6 +246,25 @@ impl Reporter {
             name: name.to_string(),
             last: None,
             worker,
+            view,
+        }
+    }
+
+    /// The agent's latest answer, while fresh (3 s).
+    pub fn agent_view(&self) -> Option<AgentView> {
+        let v = self.view.lock().ok()?.clone()?;
+        (v.0.elapsed() < VIEW_FRESH).then_some(v.1)
+    }
+
+    /// The ETA to show: the agent's (model) when it has one, else `own`.
+    pub fn eta(&self, own: Option<f64>) -> (Option<f64>, String) {
+        match self.agent_view() {
+            Some(AgentView {
+                eta_s: Some(e),
+                eta_source,
+                ..
+            }) => (Some(e), eta_source.unwrap_or_else(|| "agent".into())),
+            _ => (own, "driver".into()),
         }
     }
 
@@ -177,6 +314,46 @@ mod tests {
     }
 
     #[test]
+    fn zero_pages_make_more_ram_per_byte() {
+        let t0 = Instant::now();
+        let mut r = QemuRates::default();
+        let q = |transferred: u64, normal: u64, zero: u64| {
+            json!({"status": "active", "ram": {"transferred": transferred, "normal": normal,
+                   "duplicate": zero, "page-size": 4096, "remaining": 1u64 << 30}})
+        };
+        let p = from_query_migrate(&q(0, 0, 0), &mut r, t0);
+        assert_eq!(p.ram_per_byte, None);
+        // 1 s: 1,000 pages written (4.1 MB), 3,000 zero pages passed
+        let p = from_query_migrate(
+            &q(4_096_000, 1000, 3000),
+            &mut r,
+            t0 + Duration::from_secs(1),
+        );
+        assert!((p.ram_per_byte.unwrap() - 4.0).abs() < 1e-9, "{p:?}");
+    }
+
+    #[test]
+    fn eta_checks_compare_with_the_real_duration() {
+        let mut log = EtaLog::default();
+        // A 10 s migration: at 2 s the ETA said 9 s (really 8), at 5 s 4 s
+        // (really 5), at 7.6 s nothing known.
+        log.record(0.0, None, "model");
+        log.record(2.0, Some(9.0), "model");
+        log.record(2.2, Some(1.0), "model"); // within 0.5 s: ignored
+        log.record(5.0, Some(4.0), "model");
+        log.record(7.4, None, "model");
+        let v = log.checks(10.0);
+        let c = v["checks"].as_array().unwrap();
+        assert_eq!(c[0]["at_pct"], 25);
+        assert_eq!(c[0]["made_at_s"], 2.0);
+        assert!((c[0]["error_pct"].as_f64().unwrap() - 12.5).abs() < 1e-9);
+        assert_eq!(c[1]["made_at_s"], 5.0);
+        assert!((c[1]["error_pct"].as_f64().unwrap() + 20.0).abs() < 1e-9);
+        assert_eq!(c[2]["eta_s"], Value::Null, "unknown at 75 %");
+        assert_eq!(v["actual_s"], 10.0);
+    }
+
+    #[test]
     fn the_rate_is_that_of_the_last_seconds() {
         let t0 = Instant::now();
         let mut w = RateWindow::default();
@@ -199,7 +376,7 @@ mod tests {
     #[test]
     fn query_migrate_figures_become_a_report() {
         let t0 = Instant::now();
-        let mut w = RateWindow::default();
+        let mut w = QemuRates::default();
         let q = |transferred: u64, status: &str| {
             json!({"status": status, "expected-downtime": 120, "downtime": 45,
                    "ram": {"transferred": transferred, "remaining": 90_000_000u64,

@@ -139,6 +139,9 @@ fn render(v: &Value, rates: &HashMap<String, Rates>, every: Duration) -> String 
             mib(f("inflight_bytes")),
             s["streams"],
         ));
+        if let Some(line) = crate::link_line(s) {
+            out.push_str(&format!("  {line}\n"));
+        }
         let per: Vec<String> = s["per_stream"]
             .as_array()
             .into_iter()
@@ -238,6 +241,29 @@ pub fn run(agent: &Path, every: Duration, count: Option<u64>) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_link_line_shows_mode_sample_and_eta() {
+        let s = json!({"adapt": {
+            "mode": {"mode": "internet", "fixed": false, "switches": 1},
+            "link": {"rtt_us": 80_930, "capacity_bytes_s": 11_875_000.0,
+                     "rate_floor_bytes_s": 11_875_000.0, "loss": 0.00104,
+                     "wire_rate_bytes_s": 12_000_000.0, "codec_cpu": 0.25}},
+            "eta_s": 12.34, "eta_source": "model"});
+        assert_eq!(
+            crate::link_line(&s).unwrap(),
+            "link: mode internet (1 switch), rtt 80.93 ms, capacity 95 Mbit/s, \
+             loss 0.104 %, wire 96 Mbit/s, codec cpu 0.25, ETA 12.3 s (model)"
+        );
+        // only a floor, no sample figures beyond it: "capacity >="
+        let s = json!({"adapt": {"mode": {"mode": "datacenter", "switches": 0},
+                       "link": {"rate_floor_bytes_s": 2.5e6}}});
+        assert_eq!(
+            crate::link_line(&s).unwrap(),
+            "link: mode datacenter (0 switches), capacity >= 20 Mbit/s"
+        );
+        assert_eq!(crate::link_line(&json!({"adapt": {"mode": {}}})), None);
+    }
 
     #[test]
     fn intervals() {

@@ -37,6 +37,30 @@ fn migrate_and_verify(tag: &str, spec: GuestSpec, mig: MigrationSpec) {
         "{}",
         v.result
     );
+    // The link mode the source detected, and the ETA's error afterwards:
+    // the ETA shown at 25/50/75 % of the migration against what remained.
+    let r = &v.result;
+    assert!(r["mode"].is_string(), "a link mode: {r}");
+    assert!(s["adapt"]["link"]["rtt_us"].as_u64().is_some(), "{s}");
+    let eta = &r["eta"];
+    assert!(eta["actual_s"].as_f64().unwrap_or(0.0) > 0.0, "{eta}");
+    assert_eq!(eta["checks"].as_array().map(Vec::len), Some(3), "{eta}");
+    eprintln!(
+        "{tag}: link mode {} ({} switches), ETA error at 25/50/75 %: {} % (ETA source {})",
+        r["mode"],
+        r["mode_switches"],
+        eta["checks"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| match c["error_pct"].as_f64() {
+                Some(e) => format!("{e:+.0}"),
+                None => "?".into(),
+            })
+            .collect::<Vec<_>>()
+            .join(" / "),
+        eta["checks"][1]["source"]
+    );
     eprintln!(
         "{tag}: total {} ms, downtime {} ms, QEMU bytes {}, wire bytes {}, ratio {:.2}, guest pause {} ms",
         v.result["total_time_ms"],

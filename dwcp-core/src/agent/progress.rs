@@ -11,6 +11,15 @@
 //! exports them (ETA and remaining bytes while the session runs, the
 //! downtime into a histogram once, when it is first reported).
 //!
+//! With `"dirty_rate_bytes_s":R` (QEMU's dirty-pages-rate times the page
+//! size) the agent computes the ETA itself from the remaining bytes, that
+//! dirty rate and the session's measured rate and compression ratio
+//! ([`crate::adapt::eta`]; with `"ram_per_byte":F`, the guest RAM QEMU
+//! gets through per byte it writes, zero pages being nearly free), and
+//! answers it (`eta_s`, `eta_source: "model"`)
+//! with the link mode; without it the driver's own `eta_s` stands
+//! (`eta_source: "driver"`).
+//!
 //! Every field but `name` is optional; a field left out (or not a finite
 //! non-negative number) clears the previous value: an ETA that can no longer
 //! be computed is shown as unknown, never as a stale figure.
@@ -23,6 +32,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{json, Value};
 
 use super::{lenient_u64, State};
+use crate::adapt::eta;
 use crate::transport::Role;
 
 /// How long a report stays current: older ones (the driver died, or
@@ -44,6 +54,10 @@ pub(crate) struct ProgressRequest {
     pub expected_downtime_ms: Option<u64>,
     #[serde(default, deserialize_with = "lenient_u64")]
     pub downtime_ms: Option<u64>,
+    #[serde(default, deserialize_with = "lenient_seconds")]
+    pub dirty_rate_bytes_s: Option<f64>,
+    #[serde(default, deserialize_with = "lenient_seconds")]
+    pub ram_per_byte: Option<f64>,
 }
 
 /// A finite number >= 0, else None.
@@ -68,6 +82,9 @@ pub struct MigrationProgress {
     /// guest's dirty rate; None when that is unknown or the guest dirties
     /// as fast as the migration sends.
     pub eta_s: Option<f64>,
+    /// Who computed `eta_s`: `model` (the agent, from the measured rate,
+    /// ratio and dirty rate) or `driver`.
+    pub eta_source: Option<&'static str>,
     /// QEMU's expected downtime at this point, ms.
     pub expected_downtime_ms: Option<u64>,
     /// QEMU's downtime, once the migration completed, ms.
@@ -91,6 +108,7 @@ impl MigrationProgress {
             "remaining_bytes": self.remaining_bytes.filter(|_| fresh),
             "total_bytes": self.total_bytes,
             "eta_s": self.eta_s.filter(|_| fresh),
+            "eta_source": self.eta_source.filter(|_| fresh && self.eta_s.is_some()),
             "expected_downtime_ms": self.expected_downtime_ms.filter(|_| fresh),
             "downtime_ms": self.downtime_ms,
             "progress_at": self.reported_at,
@@ -111,16 +129,37 @@ pub(super) fn progress(st: &Arc<State>, r: ProgressRequest) -> Result<Value, Str
     if r.name.is_empty() {
         return Err("missing field `name`".into());
     }
-    let (id, first_downtime) = {
+    let found = st
+        .sessions
+        .lock()
+        .iter()
+        .rev()
+        .find(|s| s.name() == r.name && s.role() == Role::Initiator)
+        .cloned();
+    let Some(session) = found else {
+        return Ok(json!({"ok": true, "session": null}));
+    };
+    let id = session.id();
+    // The model's ETA, from the session's measured rate and ratio.
+    let adapt = session.adapt();
+    let model = match (r.remaining_bytes, adapt.estimate, r.downtime_ms) {
+        (Some(remaining), Some(estimate), None) if r.dirty_rate_bytes_s.is_some() => {
+            eta::eta_s(&eta::EtaInput {
+                remaining_bytes: remaining,
+                dirty_rate_bytes_s: r.dirty_rate_bytes_s.unwrap_or(0.0),
+                ram_per_byte: r.ram_per_byte.unwrap_or(1.0),
+                estimate,
+            })
+        }
+        _ => None,
+    };
+    let (eta_s, eta_source) = match (model, r.eta_s) {
+        (Some(m), _) => (Some(m), Some("model")),
+        (None, Some(d)) => (Some(d), Some("driver")),
+        (None, None) => (None, None),
+    };
+    let first_downtime = {
         let sessions = st.sessions.lock();
-        let found = sessions
-            .iter()
-            .rev()
-            .find(|s| s.name() == r.name && s.role() == Role::Initiator)
-            .map(|s| s.id());
-        let Some(id) = found else {
-            return Ok(json!({"ok": true, "session": null}));
-        };
         let mut reports = st.progress.lock();
         reports.retain(|k, _| *k == id || sessions.iter().any(|s| s.id() == *k));
         let previous = reports.get(&id).and_then(|p| p.downtime_ms);
@@ -129,7 +168,8 @@ pub(super) fn progress(st: &Arc<State>, r: ProgressRequest) -> Result<Value, Str
             session: id.clone(),
             remaining_bytes: r.remaining_bytes,
             total_bytes: r.total_bytes,
-            eta_s: r.eta_s,
+            eta_s,
+            eta_source,
             expected_downtime_ms: r.expected_downtime_ms,
             // Reported once QEMU completed; it stays.
             downtime_ms: previous.or(r.downtime_ms),
@@ -138,7 +178,7 @@ pub(super) fn progress(st: &Arc<State>, r: ProgressRequest) -> Result<Value, Str
         };
         let first = (previous.is_none() && p.downtime_ms.is_some()).then(|| p.clone());
         reports.insert(id.clone(), p);
-        (id, first)
+        first
     };
     if let Some(p) = &first_downtime {
         let observers = st.downtime_observers.lock().clone();
@@ -146,7 +186,10 @@ pub(super) fn progress(st: &Arc<State>, r: ProgressRequest) -> Result<Value, Str
             o(p);
         }
     }
-    Ok(json!({"ok": true, "session": id}))
+    Ok(
+        json!({"ok": true, "session": id, "eta_s": eta_s, "eta_source": eta_source,
+              "mode": adapt.mode.mode, "estimate": adapt.estimate}),
+    )
 }
 
 #[cfg(test)]
@@ -167,6 +210,16 @@ mod tests {
         assert_eq!(r.downtime_ms, Some(40));
         let r: ProgressRequest =
             serde_json::from_value(json!({"op": "progress", "name": "a", "eta_s": 2.5})).unwrap();
-        assert_eq!(r.eta_s, Some(2.5));
+        assert_eq!((r.eta_s, r.dirty_rate_bytes_s), (Some(2.5), None));
+        let r: ProgressRequest = serde_json::from_value(
+            json!({"op": "progress", "name": "a", "dirty_rate_bytes_s": 4.5e6}),
+        )
+        .unwrap();
+        assert_eq!(r.dirty_rate_bytes_s, Some(4.5e6));
+        let r: ProgressRequest = serde_json::from_value(
+            json!({"op": "progress", "name": "a", "dirty_rate_bytes_s": -1}),
+        )
+        .unwrap();
+        assert_eq!(r.dirty_rate_bytes_s, None);
     }
 }

@@ -104,6 +104,8 @@ pub struct TransportConfig {
     /// A session with no frame from the peer for this long fails.
     pub idle_timeout: Duration,
     pub connect_timeout: Duration,
+    /// Link samples and the mode detector ([`crate::adapt`]).
+    pub adapt: crate::adapt::AdaptConfig,
 }
 
 impl Default for TransportConfig {
@@ -127,6 +129,7 @@ impl Default for TransportConfig {
             tls: TlsSettings::default(),
             idle_timeout: Duration::from_secs(15),
             connect_timeout: Duration::from_secs(10),
+            adapt: crate::adapt::AdaptConfig::default(),
         }
     }
 }
@@ -212,6 +215,21 @@ impl TransportConfig {
                 format!("{:?}", self.idle_timeout),
                 IDLE_TIMEOUT_RANGE,
             );
+        }
+        let every = self.adapt.sample_interval;
+        if every < Duration::from_millis(100) || every > Duration::from_secs(1) {
+            return bad(
+                "link-sample-ms",
+                every.as_millis(),
+                crate::adapt::SAMPLE_INTERVAL_RANGE,
+            );
+        }
+        if let Err(e) = self.adapt.mode.check() {
+            return Err(ConfigError {
+                option: "mode".into(),
+                value: e,
+                allowed: "each datacenter threshold below its internet one",
+            });
         }
         if let Some(cc) = &self.tuning.congestion {
             if cc.is_empty()

@@ -91,6 +91,22 @@ fn int<T: std::str::FromStr + PartialOrd>(v: &str, lo: T, hi: T) -> Result<T, ()
     Ok(n)
 }
 
+/// A finite number within `lo..=hi`; a trailing `%` is allowed (and
+/// ignored: the option's unit is already percent).
+fn float(v: &str, lo: f64, hi: f64) -> Result<f64, ()> {
+    let n: f64 = v.trim_end_matches('%').trim().parse().map_err(|_| ())?;
+    if !n.is_finite() || n < lo || n > hi {
+        return Err(());
+    }
+    Ok(n)
+}
+
+/// A float as `float` reads it back: no trailing zeros.
+fn show_float(v: f64) -> String {
+    let s = format!("{v:.6}");
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
 /// A size in `unit` bytes: a plain number is in `unit`; `K`/`KiB`, `M`/`MiB`,
 /// `G`/`GiB` (binary) name their own, and must come out a whole `unit`.
 fn size(v: &str, unit: u64, lo: u64, hi: u64) -> Result<u64, ()> {
@@ -391,6 +407,147 @@ pub const OPTIONS: &[TransportOption] = &[
         },
         show: |c| if c.tls.insecure { "1" } else { "0" }.into(),
     },
+    TransportOption {
+        name: "link-sample-ms",
+        uri: None,
+        control: None,
+        allowed: crate::adapt::SAMPLE_INTERVAL_RANGE,
+        help: "interval of the link samples (RTT, capacity, loss, rates) the mode detector \
+               and the ETA read, ms (or 1s)",
+        set: |c, v| {
+            let d = if v.bytes().all(|b| b.is_ascii_digit()) {
+                Duration::from_millis(v.parse().map_err(|_| ())?)
+            } else {
+                duration(v, Duration::ZERO, Duration::from_secs(1))?
+            };
+            if d < Duration::from_millis(100) || d > Duration::from_secs(1) {
+                return Err(());
+            }
+            c.adapt.sample_interval = d;
+            Ok(())
+        },
+        show: |c| c.adapt.sample_interval.as_millis().to_string(),
+    },
+    TransportOption {
+        name: "mode",
+        uri: None,
+        control: None,
+        allowed: "auto, datacenter, hybrid, internet",
+        help: "link mode: auto (detected from latency, capacity and loss; see \
+               docs/adaptivity.md) or a fixed one. The mode picks defaults: raw frames \
+               only on datacenter paths, BBR congestion control on internet paths \
+               (unless --congestion is set)",
+        set: |c, v| {
+            c.adapt.mode.fixed = match v {
+                "auto" => None,
+                m => Some(m.parse().map_err(|_| ())?),
+            };
+            Ok(())
+        },
+        show: |c| match c.adapt.mode.fixed {
+            None => "auto".into(),
+            Some(m) => m.to_string(),
+        },
+    },
+    TransportOption {
+        name: "mode-dc-rtt-ms",
+        uri: None,
+        control: None,
+        allowed: "0.01..=10000 ms",
+        help: "latency under which a path is datacenter, ms",
+        set: |c, v| {
+            c.adapt.mode.dc_rtt_ms = float(v, 0.01, 10_000.0)?;
+            Ok(())
+        },
+        show: |c| show_float(c.adapt.mode.dc_rtt_ms),
+    },
+    TransportOption {
+        name: "mode-internet-rtt-ms",
+        uri: None,
+        control: None,
+        allowed: "0.01..=10000 ms",
+        help: "latency from which a path is internet, ms",
+        set: |c, v| {
+            c.adapt.mode.internet_rtt_ms = float(v, 0.01, 10_000.0)?;
+            Ok(())
+        },
+        show: |c| show_float(c.adapt.mode.internet_rtt_ms),
+    },
+    TransportOption {
+        name: "mode-dc-mbit",
+        uri: None,
+        control: None,
+        allowed: "1..=1000000 Mbit/s",
+        help: "path capacity from which a path is datacenter (below: internet), Mbit/s",
+        set: |c, v| {
+            c.adapt.mode.dc_mbit = float(v, 1.0, 1e6)?;
+            Ok(())
+        },
+        show: |c| show_float(c.adapt.mode.dc_mbit),
+    },
+    TransportOption {
+        name: "mode-dc-loss-pct",
+        uri: None,
+        control: None,
+        allowed: "0..=100 %",
+        help: "loss (lost / sent segments) up to which a path is datacenter, percent",
+        set: |c, v| {
+            c.adapt.mode.dc_loss = float(v, 0.0, 100.0)? / 100.0;
+            Ok(())
+        },
+        show: |c| show_float(c.adapt.mode.dc_loss * 100.0),
+    },
+    TransportOption {
+        name: "mode-internet-loss-pct",
+        uri: None,
+        control: None,
+        allowed: "0..=100 %",
+        help: "loss from which a path is internet, percent",
+        set: |c, v| {
+            c.adapt.mode.internet_loss = float(v, 0.0, 100.0)? / 100.0;
+            Ok(())
+        },
+        show: |c| show_float(c.adapt.mode.internet_loss * 100.0),
+    },
+    TransportOption {
+        name: "mode-hysteresis-pct",
+        uri: None,
+        control: None,
+        allowed: "0..=90 %",
+        help: "how far a threshold next to the current mode moves in its favour, percent",
+        set: |c, v| {
+            c.adapt.mode.hysteresis = float(v, 0.0, 90.0)? / 100.0;
+            Ok(())
+        },
+        show: |c| show_float(c.adapt.mode.hysteresis * 100.0),
+    },
+    TransportOption {
+        name: "mode-dwell",
+        uri: None,
+        control: None,
+        allowed: "0..=600 s",
+        help: "shortest time between two mode switches (seconds, or 1500ms)",
+        set: |c, v| {
+            c.adapt.mode.dwell = duration(v, Duration::ZERO, Duration::from_secs(600))?;
+            Ok(())
+        },
+        show: |c| match c.adapt.mode.dwell.subsec_millis() {
+            0 => c.adapt.mode.dwell.as_secs().to_string(),
+            _ => format!("{}ms", c.adapt.mode.dwell.as_millis()),
+        },
+    },
+    TransportOption {
+        name: "mode-confidence-pct",
+        uri: None,
+        control: None,
+        allowed: "1..=100 %",
+        help: "share of the last 1.5 s of samples that must agree on a new mode, percent",
+        set: |c, v| {
+            c.adapt.mode.confidence = float(v, 1.0, 100.0)? / 100.0;
+            Ok(())
+        },
+        show: |c| show_float(c.adapt.mode.confidence * 100.0),
+    },
 ];
 
 /// The option named `name` on `surface`.
@@ -501,6 +658,34 @@ mod tests {
         ] {
             assert!(set(name, v, Surface::Cli).is_err(), "{name} {v}");
         }
+    }
+
+    #[test]
+    fn adaptive_options_land_in_the_config() {
+        let c = set("mode", "internet", Surface::Cli).unwrap();
+        assert_eq!(c.adapt.mode.fixed, Some(crate::adapt::LinkMode::Internet));
+        let c = set("mode-dc-loss-pct", "0.05%", Surface::Cli).unwrap();
+        assert!((c.adapt.mode.dc_loss - 0.0005).abs() < 1e-12);
+        let c = set("link-sample-ms", "250", Surface::Cli).unwrap();
+        assert_eq!(c.adapt.sample_interval, Duration::from_millis(250));
+        let c = set("link-sample-ms", "1s", Surface::Cli).unwrap();
+        assert_eq!(c.adapt.sample_interval, Duration::from_secs(1));
+        let c = set("mode-dwell", "1500ms", Surface::Cli).unwrap();
+        assert_eq!(c.adapt.mode.dwell, Duration::from_millis(1500));
+        for (name, v) in [
+            ("mode", "lan"),
+            ("link-sample-ms", "50"),
+            ("link-sample-ms", "2s"),
+            ("mode-confidence-pct", "0"),
+            ("mode-dc-rtt-ms", "NaN"),
+            ("mode-hysteresis-pct", "95"),
+        ] {
+            assert!(set(name, v, Surface::Cli).is_err(), "{name} {v}");
+        }
+        // out of order: the config check names the options
+        let c = set("mode-dc-rtt-ms", "80", Surface::Cli).unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("mode-dc-rtt-ms"), "{e}");
     }
 
     #[test]

@@ -99,6 +99,24 @@ pub struct TcpInfo {
     /// Bytes written to the socket and not yet sent, i.e. queued behind
     /// the congestion or receive window.
     pub notsent_bytes: u32,
+    /// Segments the kernel counts as lost now (in flight, not yet
+    /// retransmitted or acknowledged).
+    pub lost: u32,
+    /// The last delivery-rate sample was taken while the application, not
+    /// the congestion window, limited the sending: `delivery_rate` is then
+    /// only a lower bound of what the path can carry.
+    pub app_limited: bool,
+    /// Time the stream had data in flight, microseconds (over its life).
+    pub busy_us: u64,
+    /// Of that, time stalled by the peer's receive window, microseconds.
+    pub rwnd_limited_us: u64,
+    /// Of that, time stalled by a full send buffer, microseconds.
+    pub sndbuf_limited_us: u64,
+    /// Data segments sent, retransmissions included.
+    pub data_segs_out: u32,
+    /// Duplicate-SACK blocks received: segments the peer got twice, i.e.
+    /// spurious retransmissions (or duplicates the path made).
+    pub dsack_dups: u32,
 }
 
 impl TcpInfo {
@@ -113,7 +131,7 @@ impl TcpInfo {
 }
 
 /// The kernel's `struct tcp_info` (include/uapi/linux/tcp.h) up to
-/// `tcpi_bytes_retrans`; libc's copy stops earlier. The kernel fills as much
+/// `tcpi_dsack_dups`; libc's copy stops earlier. The kernel fills as much
 /// as it has and reports the length, so an older kernel leaves zeros.
 #[repr(C)]
 #[derive(Default)]
@@ -138,6 +156,7 @@ struct KernelTcpInfo {
     delivered_ce: u32,
     bytes_sent: u64,
     bytes_retrans: u64,
+    dsack_dups: u32,
 }
 
 /// Reads TCP_INFO from a connected socket.
@@ -172,6 +191,15 @@ pub fn tcp_info(s: &TcpStream) -> std::io::Result<TcpInfo> {
         bytes_sent: info.bytes_sent,
         bytes_retrans: info.bytes_retrans,
         notsent_bytes: info.u32s2[2],
+        lost: info.u32s[6],
+        // tcpi_delivery_rate_app_limited: bit 0 of the byte after the
+        // window scales.
+        app_limited: info.state[7] & 1 != 0,
+        busy_us: info.busy_time,
+        rwnd_limited_us: info.rwnd_limited,
+        sndbuf_limited_us: info.sndbuf_limited,
+        data_segs_out: info.u32s2[5],
+        dsack_dups: info.dsack_dups,
     })
 }
 

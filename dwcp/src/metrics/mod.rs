@@ -300,6 +300,15 @@ impl Metrics {
         let eta = Family::<Labels, FGauge>::default();
         let remaining = Family::<Labels, Gauge>::default();
         let expected_downtime = Family::<Labels, FGauge>::default();
+        let link_rtt = Family::<Labels, FGauge>::default();
+        let link_capacity = Family::<Labels, FGauge>::default();
+        let link_floor = Family::<Labels, FGauge>::default();
+        let link_loss = Family::<Labels, FGauge>::default();
+        let link_wire = Family::<Labels, FGauge>::default();
+        let codec_cpu = Family::<Labels, FGauge>::default();
+        let mode = Family::<Labels, Gauge>::default();
+        let mode_switches = Family::<Labels, Gauge>::default();
+        let rate_estimate = Family::<Labels, FGauge>::default();
         for s in sessions.iter().filter(|s| s.state == SessionState::Running) {
             let role = role_name(s.role);
             in_progress.get_or_create(&labels(&[("role", role)])).inc();
@@ -335,6 +344,32 @@ impl Metrics {
                 if let Some(v) = p.expected_downtime_ms {
                     expected_downtime.get_or_create(&l).set(v as f64 / 1000.0);
                 }
+            }
+            // The adaptive layer: the newest link sample, the mode.
+            if let Some(k) = &s.adapt.link {
+                if let Some(r) = k.rtt_us {
+                    link_rtt.get_or_create(&l).set(r as f64 / 1e6);
+                }
+                if let Some(c) = k.capacity_bytes_s {
+                    link_capacity.get_or_create(&l).set(c);
+                }
+                link_floor.get_or_create(&l).set(k.rate_floor_bytes_s);
+                if let Some(x) = k.loss {
+                    link_loss.get_or_create(&l).set(x);
+                }
+                link_wire.get_or_create(&l).set(k.wire_rate_bytes_s);
+                codec_cpu.get_or_create(&l).set(k.codec_cpu);
+            }
+            if let Some(m) = s.adapt.mode.mode {
+                let mut ml = l.clone();
+                ml.push(("mode".into(), m.to_string()));
+                mode.get_or_create(&ml).set(1);
+            }
+            mode_switches
+                .get_or_create(&l)
+                .set(s.adapt.mode.switches as i64);
+            if let Some(e) = &s.adapt.estimate {
+                rate_estimate.get_or_create(&l).set(e.wire_rate_bytes_s);
             }
             for p in &s.per_stream {
                 let Some(t) = &p.tcp else { continue };
@@ -386,7 +421,7 @@ impl Metrics {
         );
         reg.register(
             "dwcp_migration_eta_seconds",
-            "Seconds until a running migration completes: RAM left over the recent rate net of the guest's dirty rate (source side, reported by the driver; absent when unknown or not converging)",
+            "Seconds until a running migration completes: RAM left over the measured wire rate times the compression ratio, net of the guest's dirty rate (source side; computed by the agent from the driver's report, or the driver's own extrapolation; absent when unknown or not converging)",
             eta,
         );
         reg.register(
@@ -403,6 +438,51 @@ impl Metrics {
             "dwcp_migration_codec_tier",
             "1 for the codec tier a running migration encodes with now (source side)",
             tier,
+        );
+        reg.register(
+            "dwcp_migration_link_rtt_seconds",
+            "Lowest smoothed RTT among a running migration's streams, newest link sample",
+            link_rtt,
+        );
+        reg.register(
+            "dwcp_migration_link_capacity_bytes_per_second",
+            "Wire bytes per second the path delivers, measured while a stream was limited by its congestion window (absent otherwise)",
+            link_capacity,
+        );
+        reg.register(
+            "dwcp_migration_link_rate_floor_bytes_per_second",
+            "Wire bytes per second the path carried at least, newest link sample",
+            link_floor,
+        );
+        reg.register(
+            "dwcp_migration_link_loss_ratio",
+            "Segments lost (retransmitted minus DSACK-reported duplicates) per segment sent, newest link sample (absent below 1,000 segments sent)",
+            link_loss,
+        );
+        reg.register(
+            "dwcp_migration_link_wire_rate_bytes_per_second",
+            "Wire bytes per second sent (source) or received (destination), newest link sample",
+            link_wire,
+        );
+        reg.register(
+            "dwcp_migration_codec_cpu_cores",
+            "Cores the codec workers spent compressing, newest link sample",
+            codec_cpu,
+        );
+        reg.register(
+            "dwcp_migration_link_mode",
+            "1 for the link mode (datacenter, hybrid, internet) a running migration detected",
+            mode,
+        );
+        reg.register(
+            "dwcp_migration_link_mode_switches",
+            "Link mode switches of a running migration after its first mode",
+            mode_switches,
+        );
+        reg.register(
+            "dwcp_migration_rate_estimate_bytes_per_second",
+            "Wire rate the ETA is computed from (moving average of the delivered rate)",
+            rate_estimate,
         );
         reg.register(
             "dwcp_stream_rtt_seconds",
@@ -506,8 +586,11 @@ pub fn session_json(s: &SessionStats, p: Option<&MigrationProgress>) -> Value {
         "remaining_bytes": fresh.and_then(|p| p.remaining_bytes),
         "total_bytes": p.and_then(|p| p.total_bytes),
         "eta_s": fresh.and_then(|p| p.eta_s),
+        "eta_source": fresh.and_then(|p| p.eta_s.and(p.eta_source)),
         "expected_downtime_ms": fresh.and_then(|p| p.expected_downtime_ms),
         "downtime_ms": p.and_then(|p| p.downtime_ms),
+        "mode": s.adapt.mode.mode,
+        "mode_switches": s.adapt.mode.switches,
     })
 }
 

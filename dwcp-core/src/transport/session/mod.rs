@@ -42,6 +42,7 @@ use super::link::{Link, TxStream};
 use super::TransportConfig;
 use crate::codec::Tier;
 
+mod adapt;
 mod channel;
 mod credit;
 pub(super) mod direct;
@@ -96,6 +97,8 @@ struct Counters {
     codec_in: [AtomicU64; 4],
     /// Raw data frames received without a payload checksum.
     unchecked_in: AtomicU64,
+    /// Nanoseconds the codec workers spent compressing.
+    encode_ns: AtomicU64,
 }
 
 /// The state a session's threads share, grouped by concern.
@@ -125,6 +128,8 @@ struct Inner {
     flow: Flow,
     tuning: Tuning,
     counters: Counters,
+    /// Link samples, the mode detector and the rate estimate ([`adapt`]).
+    adapt: Mutex<adapt::AdaptState>,
     /// A retired handle ([`Session::retired`]): the ended session's final
     /// figures, which [`Session::stats`] returns; it holds no socket.
     retired: Option<SessionStats>,
@@ -221,6 +226,9 @@ struct Tuning {
     delivery_rate: AtomicU64,
     /// Raw bytes per second delivered, average of the last second.
     raw_rate: AtomicU64,
+    /// Whether `--codec auto` may use raw frames: not off a datacenter
+    /// path ([`adapt`]).
+    raw_allowed: AtomicBool,
 }
 
 /// One migration's multi-stream session. Cheap to clone (shared handle).
@@ -298,6 +306,8 @@ impl Session {
         } else {
             cfg.tier
         };
+        let started = Instant::now();
+        let adapt_cfg = cfg.adapt.clone();
         let inner = Arc::new(Inner {
             id,
             name: name.to_string(),
@@ -336,7 +346,7 @@ impl Session {
                 readers_done: AtomicUsize::new(0),
                 first_eof: Mutex::new(None),
                 last_rx: Mutex::new(Instant::now()),
-                started: Instant::now(),
+                started,
                 ended: Mutex::new(None),
                 threads: Mutex::new(Vec::new()),
             },
@@ -351,8 +361,10 @@ impl Session {
                 target_inflight: AtomicU64::new(tune::INITIAL_INFLIGHT.min(window as u64)),
                 delivery_rate: AtomicU64::new(0),
                 raw_rate: AtomicU64::new(0),
+                raw_allowed: AtomicBool::new(true),
             },
             counters: Counters::default(),
+            adapt: Mutex::new(adapt::AdaptState::new(&adapt_cfg, started)),
             retired: None,
         });
         info!(name, session = %hex(&id), ?role, streams = n, window, ring_pages, spill_pages, "session started");
@@ -537,8 +549,10 @@ impl Session {
                     target_inflight: AtomicU64::new(0),
                     delivery_rate: AtomicU64::new(figures.delivery_rate),
                     raw_rate: AtomicU64::new(figures.raw_rate),
+                    raw_allowed: AtomicBool::new(true),
                 },
                 counters: Counters::default(),
+                adapt: Mutex::new(adapt::AdaptState::new(&i.cfg.adapt, i.life.started)),
                 retired: Some(figures),
             }),
         }

@@ -373,7 +373,12 @@ pub(super) fn encode(inner: Arc<Inner>) {
         };
         let tier = *inner.tuning.tier.lock();
         let mut out = Vec::with_capacity(job.plan.len() / 2 + 64);
+        let started = std::time::Instant::now();
         let codec = comp.compress(tier, &job.plan, &mut out);
+        inner
+            .counters
+            .encode_ns
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         let plan_len = job.plan.len() as u32;
         let payload = if codec == CodecId::None {
             job.plan

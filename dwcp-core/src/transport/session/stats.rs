@@ -7,6 +7,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use super::{hex, Role, Session};
+use crate::adapt::AdaptStats;
 use crate::codec::Tier;
 use crate::transport::tcp::{path_min_rtt_us, tcp_info, TcpInfo};
 
@@ -112,6 +113,9 @@ pub struct SessionStats {
     /// wire names the codec of each frame, not the zstd level).
     pub codecs_in: CodecCounts,
     pub per_stream: Vec<StreamStats>,
+    /// The newest link sample, the link mode and the rate estimate
+    /// ([`crate::adapt`], docs/adaptivity.md).
+    pub adapt: AdaptStats,
 }
 
 /// Frames per codec.
@@ -152,6 +156,15 @@ impl Session {
     /// Which end of the session this is.
     pub fn role(&self) -> Role {
         self.inner.role
+    }
+
+    /// The adaptive layer's figures alone (what [`SessionStats::adapt`]
+    /// holds), without reading every stream's TCP_INFO.
+    pub fn adapt(&self) -> AdaptStats {
+        match &self.inner.retired {
+            Some(figures) => figures.adapt.clone(),
+            None => self.inner.adapt.lock().stats(),
+        }
     }
 
     /// A snapshot of the session's figures.
@@ -236,6 +249,7 @@ impl Session {
                     tcp: tcp_info(s).ok(),
                 })
                 .collect(),
+            adapt: i.adapt.lock().stats(),
         }
     }
 }

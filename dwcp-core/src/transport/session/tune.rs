@@ -173,9 +173,27 @@ pub(super) struct TierTuner {
     level: usize,
     credited: u64,
     since: Option<Instant>,
+    /// Raw frames are not allowed (not a datacenter path): lz4 is the floor.
+    no_raw: bool,
 }
 
 impl TierTuner {
+    /// Allows raw frames or not (the link mode's default); returns the
+    /// tier to switch to when the current one is raw and no longer allowed.
+    pub(super) fn allow_raw(&mut self, allowed: bool) -> Option<Tier> {
+        self.no_raw = !allowed;
+        if !allowed && self.level == 0 {
+            self.level = 1;
+            return Some(AUTO_TIERS[1]);
+        }
+        None
+    }
+
+    /// The lowest level the tuner may step down to.
+    fn floor(&self) -> usize {
+        usize::from(self.no_raw)
+    }
+
     /// A tuner starting from the session's current tier.
     pub(super) fn start(tier: Tier) -> TierTuner {
         TierTuner {
@@ -203,7 +221,7 @@ impl TierTuner {
         let elapsed = s.now.saturating_duration_since(since).as_secs_f64();
         let rate = (s.credited_wire - self.credited) as f64 / elapsed.max(1e-3);
         let before = self.level;
-        if self.cpu_bound * 5 >= self.samples * 3 && self.level > 0 {
+        if self.cpu_bound * 5 >= self.samples * 3 && self.level > self.floor() {
             self.level -= 1;
         } else if self.link_bound * 5 >= self.samples * 3
             && self.level + 1 < AUTO_TIERS.len()
@@ -219,6 +237,7 @@ impl TierTuner {
         });
         *self = TierTuner {
             level: self.level,
+            no_raw: self.no_raw,
             ..TierTuner::default()
         };
         change
@@ -307,6 +326,19 @@ mod tests {
     fn an_unknown_tier_starts_at_lz4() {
         let mut t = TierTuner::start(Tier::Zstd(9));
         let c = second(&mut t, Instant::now(), 0, 20, 1e6).expect("a change");
+        assert_eq!(c.tier, Tier::Raw);
+    }
+
+    #[test]
+    fn raw_only_while_allowed() {
+        let mut t = TierTuner::start(Tier::Raw);
+        assert_eq!(t.allow_raw(true), None);
+        assert_eq!(t.allow_raw(false), Some(Tier::Lz4), "leaves raw at once");
+        assert_eq!(t.allow_raw(false), None);
+        // compression-bound: lz4 is the floor now
+        assert_eq!(second(&mut t, Instant::now(), 0, 20, 50e6), None);
+        t.allow_raw(true);
+        let c = second(&mut t, Instant::now(), 0, 20, 50e6).expect("a change");
         assert_eq!(c.tier, Tier::Raw);
     }
 

@@ -40,15 +40,22 @@ fn tune_inflight(inner: &Inner, tuner: &mut InflightTuner) {
     );
 }
 
-/// Measures the session for the tier tuner (`--codec auto`) and applies
-/// its decision.
-fn tune_tier(inner: &Inner, tiers: &mut TierTuner) {
-    if !inner.cfg.auto_tier {
-        return;
-    }
+/// What one clock tick finds the bottleneck to be.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Load {
+    /// The encode queue is full: compression is the bottleneck.
+    pub(super) encode_queue_full: bool,
+    /// Readers wait for credit or encoded frames pile up for the sockets,
+    /// and the kernel holds at least half of what is in flight
+    /// ([`link_backlogged`]): the link is the bottleneck.
+    pub(super) link_bound: bool,
+}
+
+/// Looks at the queues now (TCP_INFO only when the cheap signs say the
+/// link may be the limit).
+fn load_now(inner: &Inner) -> Load {
     let full = |len: usize, cap: Option<usize>| cap.is_some_and(|c| len >= c);
     let encode_queue_full = full(inner.queues.job_rx.len(), inner.queues.job_rx.capacity());
-    // TCP_INFO only when the cheap signs say the link may be the limit.
     let link_bound = !encode_queue_full
         && (inner.flow.credit_waiters.load(Ordering::Relaxed) > 0
             || full(
@@ -59,10 +66,26 @@ fn tune_tier(inner: &Inner, tiers: &mut TierTuner) {
             tcp::stream_backlog(&inner.links.streams),
             inner.flow.wire_inflight.load(Ordering::Relaxed),
         );
-    let sample = TierSample {
-        now: Instant::now(),
+    Load {
         encode_queue_full,
         link_bound,
+    }
+}
+
+/// Feeds the tier tuner (`--codec auto`) this tick's load and applies its
+/// decision.
+fn tune_tier(inner: &Inner, tiers: &mut TierTuner, load: Load) {
+    if !inner.cfg.auto_tier {
+        return;
+    }
+    if let Some(c) = tiers.allow_raw(inner.tuning.raw_allowed.load(Ordering::Relaxed)) {
+        *inner.tuning.tier.lock() = c;
+        info!(name = %inner.name, tier = %c, "auto tier: raw frames only on a datacenter path");
+    }
+    let sample = TierSample {
+        now: Instant::now(),
+        encode_queue_full: load.encode_queue_full,
+        link_bound: load.link_bound,
         credited_wire: inner.flow.credited_wire.load(Ordering::Relaxed),
     };
     if let Some(c) = tiers.sample(&sample) {
@@ -79,7 +102,9 @@ pub(super) fn watchdog(inner: Arc<Inner>) {
     loop {
         std::thread::sleep(Duration::from_millis(50));
         tune_inflight(&inner, &mut tuner);
-        tune_tier(&inner, &mut tiers);
+        let load = load_now(&inner);
+        super::adapt::tick(&inner, Instant::now(), load.link_bound);
+        tune_tier(&inner, &mut tiers, load);
         if inner.life.failed.load(Ordering::Acquire) {
             // Give the writers a moment to put the Abort on the wire.
             std::thread::sleep(Duration::from_millis(200));

@@ -1,0 +1,194 @@
+//! The ETA of a migration: the time until QEMU has sent what is left, when
+//! the path delivers `wire_rate` wire bytes/s at `ratio` raw bytes per wire
+//! byte and the guest dirties `dirty_rate` raw bytes/s meanwhile:
+//!
+//! ```text
+//! eta = remaining / (wire_rate * ratio * ram_per_byte - dirty_rate)
+//! ```
+//!
+//! (each pass resends what the guest dirtied during the previous one: the
+//! sum of that geometric series). `ram_per_byte` is the guest RAM QEMU gets
+//! through per byte it writes: a zero page costs it a few header bytes, so
+//! while a pass crosses untouched memory `remaining` falls much faster than
+//! QEMU's byte count grows (the driver measures it from QEMU's `normal`,
+//! `duplicate` and `transferred` counters; 1 when unknown). None when the rate is unknown or does not
+//! outrun the dirty rate: the migration does not converge at this pace, and
+//! no figure is better than a wrong one.
+//!
+//! The rate is a [`RateEstimate`]: today the session's measured delivery
+//! rate ([`MeasuredRate`]); a predictor of the path's rate can hand its own
+//! estimate to [`eta_s`] instead, nothing else changes.
+
+use serde::Serialize;
+
+use super::sample::LinkSample;
+
+/// Time constant of the measured rate's moving average, seconds.
+pub const RATE_TAU_S: f64 = 2.0;
+
+/// The rate an ETA is computed from.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct RateEstimate {
+    /// Wire bytes/s the migration is expected to get.
+    pub wire_rate_bytes_s: f64,
+    /// Raw (QEMU) bytes per wire byte.
+    pub ratio: f64,
+    /// Where the rate comes from (`measured`: the delivered rate's moving
+    /// average over ~2 s).
+    pub source: &'static str,
+}
+
+impl RateEstimate {
+    /// Raw bytes/s the migration moves at this estimate.
+    pub fn raw_rate(&self) -> f64 {
+        self.wire_rate_bytes_s * self.ratio
+    }
+}
+
+/// What an ETA is computed from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EtaInput {
+    /// Guest RAM QEMU has still to send, bytes.
+    pub remaining_bytes: u64,
+    /// Guest RAM dirtied per second, bytes (QEMU's dirty-pages-rate times
+    /// the page size); 0 when unknown.
+    pub dirty_rate_bytes_s: f64,
+    /// Guest RAM bytes processed per byte QEMU writes (>= 1; 1 when
+    /// unknown).
+    pub ram_per_byte: f64,
+    pub estimate: RateEstimate,
+}
+
+/// Seconds until the migration has sent what is left (module doc).
+pub fn eta_s(i: &EtaInput) -> Option<f64> {
+    let expand = if i.ram_per_byte.is_finite() && i.ram_per_byte >= 1.0 {
+        i.ram_per_byte
+    } else {
+        1.0
+    };
+    let net = i.estimate.raw_rate() * expand - i.dirty_rate_bytes_s.max(0.0);
+    let eta = i.remaining_bytes as f64 / net;
+    (net > 0.0 && eta.is_finite()).then_some(eta)
+}
+
+/// The measured rate: moving averages (time constant [`RATE_TAU_S`]) of the
+/// wire rate the peer delivered and of the compression ratio, from the
+/// link samples; idle samples before the first byte do not count.
+#[derive(Debug, Clone, Default)]
+pub struct MeasuredRate {
+    rate: Option<f64>,
+    ratio: Option<f64>,
+}
+
+impl MeasuredRate {
+    /// Takes one sample.
+    pub fn push(&mut self, s: &LinkSample) {
+        let r = s.delivered_rate_bytes_s.max(0.0);
+        if self.rate.is_none() && r == 0.0 {
+            return;
+        }
+        let a = 1.0 - (-s.interval_s / RATE_TAU_S).exp();
+        let avg = |old: Option<f64>, new: f64| Some(old.map_or(new, |o| o + a * (new - o)));
+        self.rate = avg(self.rate, r);
+        if let Some(q) = s.ratio.filter(|q| q.is_finite() && *q > 0.0) {
+            self.ratio = avg(self.ratio, q);
+        }
+    }
+
+    /// The estimate, once a byte was delivered.
+    pub fn estimate(&self) -> Option<RateEstimate> {
+        Some(RateEstimate {
+            wire_rate_bytes_s: self.rate?,
+            ratio: self.ratio.unwrap_or(1.0),
+            source: "measured",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn est(rate: f64, ratio: f64) -> RateEstimate {
+        RateEstimate {
+            wire_rate_bytes_s: rate,
+            ratio,
+            source: "test",
+        }
+    }
+
+    #[test]
+    fn eta_is_what_is_left_over_the_net_raw_rate() {
+        let i = |remaining, dirty, e| EtaInput {
+            remaining_bytes: remaining,
+            dirty_rate_bytes_s: dirty,
+            ram_per_byte: 1.0,
+            estimate: e,
+        };
+        // 100 MB at 10 MB/s wire x 2 = 20 MB/s raw, 4 MB/s dirtied: 6.25 s
+        assert_eq!(eta_s(&i(100_000_000, 4e6, est(10e6, 2.0))), Some(6.25));
+        assert_eq!(eta_s(&i(100, 0.0, est(10.0, 1.0))), Some(10.0));
+        // not converging, or no rate: no ETA
+        assert_eq!(eta_s(&i(100, 20.0, est(10.0, 2.0))), None);
+        assert_eq!(eta_s(&i(100, 0.0, est(0.0, 2.0))), None);
+        assert_eq!(eta_s(&i(100, 0.0, est(f64::NAN, 2.0))), None);
+        // a negative dirty rate counts as none
+        assert_eq!(eta_s(&i(100, -5.0, est(10.0, 1.0))), Some(10.0));
+        assert_eq!(eta_s(&i(0, 0.0, est(10.0, 1.0))), Some(0.0));
+        // zero pages: 3 RAM bytes per byte QEMU writes
+        let mut x = i(120, 0.0, est(10.0, 2.0));
+        x.ram_per_byte = 3.0;
+        assert_eq!(eta_s(&x), Some(2.0));
+        x.ram_per_byte = f64::NAN;
+        assert_eq!(eta_s(&x), Some(6.0), "unknown: 1");
+    }
+
+    #[test]
+    fn the_measured_rate_follows_the_delivered_rate() {
+        let sample = |rate: f64, ratio: Option<f64>| LinkSample {
+            at_s: 0.0,
+            interval_s: 0.5,
+            rtt_us: None,
+            min_rtt_us: None,
+            capacity_bytes_s: None,
+            rate_floor_bytes_s: rate,
+            link_bound: 0.0,
+            wire_rate_bytes_s: rate,
+            raw_rate_bytes_s: rate * ratio.unwrap_or(0.0),
+            delivered_rate_bytes_s: rate,
+            ratio,
+            loss: None,
+            retrans_segments: 0,
+            dsack_segments: 0,
+            segments_out: 0,
+            sent_bytes: 0,
+            cwnd_segments: 0,
+            inflight_bytes: 0,
+            codec_cpu: 0.0,
+        };
+        let mut m = MeasuredRate::default();
+        m.push(&sample(0.0, None));
+        assert_eq!(m.estimate(), None, "idle before the first byte");
+        m.push(&sample(10e6, Some(2.0)));
+        assert_eq!(m.estimate().unwrap().wire_rate_bytes_s, 10e6);
+        for _ in 0..20 {
+            m.push(&sample(20e6, Some(3.0)));
+        }
+        let e = m.estimate().unwrap();
+        assert!((e.wire_rate_bytes_s - 20e6).abs() < 0.01 * 20e6, "{e:?}");
+        assert!((e.ratio - 3.0).abs() < 0.03, "{e:?}");
+        // after two time constants of a new rate, most of the way there
+        for _ in 0..8 {
+            m.push(&sample(10e6, None));
+        }
+        let e = m.estimate().unwrap();
+        assert!(
+            e.wire_rate_bytes_s < 12e6 && e.wire_rate_bytes_s > 10e6,
+            "{e:?}"
+        );
+        assert!(
+            (e.ratio - 3.0).abs() < 0.03,
+            "ratio kept without traffic data"
+        );
+    }
+}

@@ -1,0 +1,314 @@
+//! Link measurement: one [`LinkSample`] per interval from what the streams
+//! report (TCP_INFO) and the session's own counters, aggregated over the
+//! session's streams.
+//!
+//! No active probe: before the first data byte each stream's TCP_INFO
+//! already holds the RTT of its handshake (SYN / SYN-ACK, then the DWCP
+//! hello's round trip), which is all the latency vote needs; capacity and
+//! loss have no vote until data flows.
+//!
+//! **Capacity** is the question the mode detector's "< 1 Gbit/s" asks, and
+//! the application's send rate does not answer it: an idle datacenter link
+//! carries a few Mbit/s. So a sample has two figures:
+//!
+//! - `capacity_bytes_s`: measured only when the link was the bottleneck for
+//!   at least half of the interval's 50 ms clock ticks (readers waiting for
+//!   credit or encoded frames piling up, *and* the kernel holding at least
+//!   half of the bytes in flight in the streams' send queues: the signal
+//!   `--codec auto` already steps on). Then the wire rate the peer delivered
+//!   over the interval is what the path carries.
+//! - `rate_floor_bytes_s`: always, the higher of the wire rate sent and the
+//!   rate delivered: the path carries at least this much, so it can prove a
+//!   fast link, never a slow one.
+//!
+//! The kernel's own per-stream `tcpi_delivery_rate` is not used for either:
+//! it is the rate of the last ACKed flight, and bursts (ACK compression,
+//! slow start after idle) made it read 3.6 Gbit/s on a 100 Mbit/s link and
+//! 16 Gbit/s on a bridge carrying 160 Mbit/s in the replay test
+//! (tests/tests/adapt.rs).
+//!
+//! **Loss** counts segments: retransmitted minus those the peer reported as
+//! duplicates (DSACK: spurious retransmissions), over data segments sent.
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::transport::TcpInfo;
+
+/// Segments a sample needs for its own loss figure (the detector adds
+/// samples up until it has enough for its thresholds).
+pub const MIN_LOSS_SEGMENTS: u32 = 1000;
+
+/// The session's counters at one instant, as the sampler reads them.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionTotals {
+    pub at: Instant,
+    /// Wire bytes put on the streams (source) or taken off them
+    /// (destination), frame headers included.
+    pub wire: u64,
+    /// QEMU bytes read and sent (source) or delivered (destination).
+    pub raw: u64,
+    /// Wire bytes the peer credited back (delivered to its QEMU); on the
+    /// destination, what it delivered itself.
+    pub delivered_wire: u64,
+    /// Wire bytes in flight (sent, not yet credited) plus reads not yet
+    /// encoded.
+    pub inflight: u64,
+    /// Nanoseconds the codec workers spent encoding, in all.
+    pub encode_ns: u64,
+    /// Clock ticks so far, and those that found the link to be the
+    /// bottleneck (module doc).
+    pub ticks: u64,
+    pub link_bound_ticks: u64,
+}
+
+/// One measurement of the path and the session over an interval.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct LinkSample {
+    /// End of the interval, seconds since the session started.
+    pub at_s: f64,
+    /// Length of the interval, seconds.
+    pub interval_s: f64,
+    /// Lowest smoothed RTT among the streams, microseconds (the
+    /// handshake's until data flows); None when no stream has one.
+    pub rtt_us: Option<u32>,
+    /// Lowest RTT any stream has seen (the kernel's windowed minimum).
+    pub min_rtt_us: Option<u32>,
+    /// What the path delivers, wire bytes/s, when the link was the
+    /// bottleneck for most of the interval; None otherwise (module doc).
+    pub capacity_bytes_s: Option<f64>,
+    /// What the path carried at least, wire bytes/s (module doc).
+    pub rate_floor_bytes_s: f64,
+    /// Share of the interval's clock ticks the link was the bottleneck.
+    pub link_bound: f64,
+    /// Wire bytes/s put on (source) or taken off (destination) the streams.
+    pub wire_rate_bytes_s: f64,
+    /// QEMU bytes/s read (source) or delivered (destination).
+    pub raw_rate_bytes_s: f64,
+    /// Wire bytes/s the peer delivered to its QEMU (credit returned).
+    pub delivered_rate_bytes_s: f64,
+    /// Raw bytes per wire byte over the interval; None without traffic.
+    pub ratio: Option<f64>,
+    /// Segments lost per segment sent over the interval (all streams):
+    /// retransmitted minus spurious (DSACK), over data segments sent; None
+    /// below [`MIN_LOSS_SEGMENTS`] sent.
+    pub loss: Option<f64>,
+    /// Segments retransmitted in the interval.
+    pub retrans_segments: u32,
+    /// Of those, reported by the peer as duplicates (DSACK).
+    pub dsack_segments: u32,
+    /// Data segments sent in the interval, retransmissions included.
+    pub segments_out: u32,
+    /// Bytes the streams sent in the interval (retransmissions included).
+    pub sent_bytes: u64,
+    /// Congestion windows of all streams, segments.
+    pub cwnd_segments: u32,
+    /// Wire bytes in flight at the end of the interval.
+    pub inflight_bytes: u64,
+    /// Codec workers' CPU use, cores (1.0 = one core encoding all the time).
+    pub codec_cpu: f64,
+}
+
+/// Per-stream totals of the previous sample.
+#[derive(Debug, Clone, Copy, Default)]
+struct StreamPrev {
+    bytes_sent: u64,
+    total_retrans: u32,
+    dsack_dups: u32,
+    segs_out: u32,
+}
+
+impl StreamPrev {
+    fn of(i: &TcpInfo) -> Self {
+        StreamPrev {
+            bytes_sent: i.bytes_sent,
+            total_retrans: i.total_retrans,
+            dsack_dups: i.dsack_dups,
+            segs_out: i.data_segs_out,
+        }
+    }
+}
+
+/// Turns successive [`SessionTotals`] and TCP_INFO readings into samples.
+#[derive(Debug)]
+pub struct LinkSampler {
+    started: Instant,
+    prev: SessionTotals,
+    streams: Vec<Option<StreamPrev>>,
+}
+
+impl LinkSampler {
+    /// A sampler for a session that started at `started` (counters at 0).
+    pub fn new(started: Instant) -> Self {
+        LinkSampler {
+            started,
+            prev: SessionTotals {
+                at: started,
+                wire: 0,
+                raw: 0,
+                delivered_wire: 0,
+                inflight: 0,
+                encode_ns: 0,
+                ticks: 0,
+                link_bound_ticks: 0,
+            },
+            streams: Vec::new(),
+        }
+    }
+
+    /// The sample of the interval since the previous call (or the start);
+    /// `streams` is each stream's TCP_INFO, None where it could not be read.
+    pub fn sample(&mut self, now: &SessionTotals, streams: &[Option<TcpInfo>]) -> LinkSample {
+        let dt = now
+            .at
+            .saturating_duration_since(self.prev.at)
+            .as_secs_f64()
+            .max(1e-3);
+        let per_s = |a: u64, b: u64| a.saturating_sub(b) as f64 / dt;
+        if self.streams.len() != streams.len() {
+            self.streams = vec![None; streams.len()];
+        }
+        let (mut sent, mut retrans, mut dsack, mut segs) = (0u64, 0u32, 0u32, 0u32);
+        let mut cwnd = 0u32;
+        let (mut rtt, mut min_rtt): (Option<u32>, Option<u32>) = (None, None);
+        for (info, prev) in streams.iter().zip(self.streams.iter_mut()) {
+            let Some(i) = info else { continue };
+            let p = prev.unwrap_or_default();
+            sent += i.bytes_sent.saturating_sub(p.bytes_sent);
+            retrans = retrans.saturating_add(i.total_retrans.saturating_sub(p.total_retrans));
+            dsack = dsack.saturating_add(i.dsack_dups.saturating_sub(p.dsack_dups));
+            segs = segs.saturating_add(i.data_segs_out.saturating_sub(p.segs_out));
+            cwnd = cwnd.saturating_add(i.cwnd);
+            if i.rtt_us > 0 {
+                rtt = Some(rtt.map_or(i.rtt_us, |r| r.min(i.rtt_us)));
+            }
+            if i.min_rtt_us > 0 {
+                min_rtt = Some(min_rtt.map_or(i.min_rtt_us, |r| r.min(i.min_rtt_us)));
+            }
+            *prev = Some(StreamPrev::of(i));
+        }
+        let wire_rate = per_s(now.wire, self.prev.wire);
+        let raw_rate = per_s(now.raw, self.prev.raw);
+        let delivered = per_s(now.delivered_wire, self.prev.delivered_wire);
+        let d_wire = now.wire.saturating_sub(self.prev.wire);
+        let d_raw = now.raw.saturating_sub(self.prev.raw);
+        let ticks = now.ticks.saturating_sub(self.prev.ticks);
+        let bound = now
+            .link_bound_ticks
+            .saturating_sub(self.prev.link_bound_ticks);
+        let link_bound = if ticks > 0 {
+            bound as f64 / ticks as f64
+        } else {
+            0.0
+        };
+        let sample = LinkSample {
+            at_s: now.at.saturating_duration_since(self.started).as_secs_f64(),
+            interval_s: dt,
+            rtt_us: rtt,
+            min_rtt_us: min_rtt,
+            capacity_bytes_s: (link_bound >= 0.5 && delivered > 0.0).then_some(delivered),
+            rate_floor_bytes_s: wire_rate.max(delivered),
+            link_bound,
+            wire_rate_bytes_s: wire_rate,
+            raw_rate_bytes_s: raw_rate,
+            delivered_rate_bytes_s: delivered,
+            ratio: (d_wire > 0 && d_raw > 0).then(|| d_raw as f64 / d_wire as f64),
+            loss: (segs >= MIN_LOSS_SEGMENTS)
+                .then(|| retrans.saturating_sub(dsack) as f64 / segs as f64),
+            retrans_segments: retrans,
+            dsack_segments: dsack,
+            segments_out: segs,
+            sent_bytes: sent,
+            cwnd_segments: cwnd,
+            inflight_bytes: now.inflight,
+            codec_cpu: now.encode_ns.saturating_sub(self.prev.encode_ns) as f64 / 1e9 / dt,
+        };
+        self.prev = *now;
+        sample
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn info(sent: u64, segs: u32, retrans: u32, dsack: u32, rtt: u32) -> TcpInfo {
+        TcpInfo {
+            rtt_us: rtt,
+            min_rtt_us: rtt / 2,
+            cwnd: 10,
+            bytes_sent: sent,
+            data_segs_out: segs,
+            total_retrans: retrans,
+            dsack_dups: dsack,
+            // the kernel's own rate: not used
+            delivery_rate: 99_000_000_000,
+            ..Default::default()
+        }
+    }
+
+    fn totals(t0: Instant, ms: u64, wire: u64, bound: u64) -> SessionTotals {
+        SessionTotals {
+            at: t0 + Duration::from_millis(ms),
+            wire,
+            raw: wire * 2,
+            delivered_wire: wire,
+            inflight: 1 << 20,
+            encode_ns: ms * 500_000,
+            ticks: ms / 50,
+            link_bound_ticks: bound,
+        }
+    }
+
+    #[test]
+    fn capacity_is_the_delivered_rate_while_the_link_is_the_bottleneck() {
+        let t0 = Instant::now();
+        let mut s = LinkSampler::new(t0);
+        let streams = [
+            Some(info(10_000_000, 7000, 0, 0, 80_000)),
+            Some(info(10_000_000, 7000, 0, 0, 90_000)),
+        ];
+        // 20 MB in 0.5 s, 8 of 10 ticks link-bound
+        let a = s.sample(&totals(t0, 500, 20_000_000, 8), &streams);
+        assert_eq!(a.capacity_bytes_s, Some(40e6));
+        assert!((a.link_bound - 0.8).abs() < 1e-9);
+        assert_eq!(a.ratio, Some(2.0));
+        assert_eq!(a.rtt_us, Some(80_000));
+        assert_eq!(a.min_rtt_us, Some(40_000));
+        assert_eq!(a.loss, Some(0.0));
+        assert!((a.codec_cpu - 0.5).abs() < 1e-9);
+        // Then application-limited (2 of 10 ticks): a floor, no capacity.
+        let b = s.sample(&totals(t0, 1000, 21_000_000, 10), &streams);
+        assert_eq!(b.capacity_bytes_s, None);
+        assert!((b.rate_floor_bytes_s - 2e6).abs() < 1.0, "{b:?}");
+        assert_eq!(b.loss, None, "no segment sent");
+    }
+
+    #[test]
+    fn loss_counts_retransmissions_the_peer_did_not_report_as_duplicates() {
+        let t0 = Instant::now();
+        let mut s = LinkSampler::new(t0);
+        let streams = [
+            Some(info(8_000_000, 5000, 6, 1, 1000)),
+            Some(info(0, 0, 0, 0, 1000)),
+            None,
+        ];
+        let a = s.sample(&totals(t0, 500, 8_000_000, 0), &streams);
+        assert_eq!(a.loss, Some(0.001));
+        assert_eq!((a.retrans_segments, a.dsack_segments), (6, 1));
+        assert_eq!(a.segments_out, 5000);
+        assert_eq!(a.capacity_bytes_s, None);
+        // below MIN_LOSS_SEGMENTS: no figure
+        let streams = [
+            Some(info(8_100_000, 5500, 6, 1, 1000)),
+            Some(info(0, 0, 0, 0, 1000)),
+            None,
+        ];
+        assert_eq!(
+            s.sample(&totals(t0, 1000, 8_100_000, 0), &streams).loss,
+            None
+        );
+    }
+}
