@@ -541,7 +541,7 @@ mod tests {
                 x ^= x >> 7;
                 x ^= x << 17;
                 p.extend_from_slice(WORDS[(x % 12) as usize].as_bytes());
-                p.push(if x % 7 == 0 { b'\n' } else { b' ' });
+                p.push(if x.is_multiple_of(7) { b'\n' } else { b' ' });
             }
             p.truncate(PAGE);
             img.extend(p);
