@@ -351,19 +351,20 @@ impl Held {
 
 /// Writes bytes to QEMU in order, then returns credit to the peer.
 pub(super) fn qemu_tx(inner: Arc<Inner>, ch: Arc<Channel>, mut conn: LocalConn) {
+    // The channel's bytes cannot be rebuilt: the session fails, naming why.
+    let codec_fail = |e: &dyn std::fmt::Display| {
+        fail(
+            &inner,
+            FailReason::Codec {
+                channel: ch.id,
+                seq: None,
+                error: e.to_string(),
+            },
+        )
+    };
     let mut rebuilder = match inner.rebuilder() {
         Ok(r) => r,
-        Err(e) => {
-            fail(
-                &inner,
-                FailReason::Codec {
-                    channel: ch.id,
-                    seq: None,
-                    error: e.to_string(),
-                },
-            );
-            return;
-        }
+        Err(e) => return codec_fail(&e),
     };
     let mut ring_charge = RingCharge::default();
     let mut raw = Vec::new();
@@ -420,15 +421,7 @@ pub(super) fn qemu_tx(inner: Arc<Inner>, ch: Arc<Channel>, mut conn: LocalConn) 
         let bytes: &[u8] = match &item {
             Incoming::Data { plan, raw_len } => {
                 if let Err(e) = rebuilder.rebuild(plan, *raw_len as usize, &mut raw) {
-                    fail(
-                        &inner,
-                        FailReason::Codec {
-                            channel: ch.id,
-                            seq: None,
-                            error: e.to_string(),
-                        },
-                    );
-                    return;
+                    return codec_fail(&e);
                 }
                 if let Err(e) = ring_charge.update(
                     &inner.budget,
