@@ -27,7 +27,11 @@ mirror=http://deb.debian.org/debian
 
 say() { echo "fresh-check: $(date -u +%H:%M:%S) $*" | tee -a "$log" >&2; }
 [ "$(id -u)" = 0 ] || { echo "fresh-check: run as root (chroot, mounts)" >&2; exit 2; }
-command -v mmdebstrap >/dev/null || { echo "fresh-check: needs mmdebstrap (apt-get install mmdebstrap)" >&2; exit 2; }
+command -v mmdebstrap >/dev/null || {
+    echo "fresh-check: installing mmdebstrap" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q mmdebstrap >&2 ||
+        { echo "fresh-check: needs mmdebstrap (apt-get install mmdebstrap failed)" >&2; exit 2; }
+}
 [ -x "$cargo_bin/cargo" ] && [ -d "$rustup_home/toolchains" ] ||
     { echo "fresh-check: no Rust toolchain at $cargo_bin and $rustup_home (set CARGO_HOME/RUSTUP_HOME)" >&2; exit 2; }
 
