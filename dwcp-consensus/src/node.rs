@@ -662,6 +662,7 @@ impl<T: Transport> Worker<T> {
             .iter()
             .filter(|(_, p)| {
                 p.proposal.is_some()
+                    && !p.reply.abandoned()
                     && (changed || p.sent.is_none_or(|t| now.duration_since(t) >= stale))
             })
             .map(|(s, _)| *s)
@@ -693,7 +694,9 @@ impl<T: Transport> Worker<T> {
         }
         let leader = Some(self.raw.raft.leader_id).filter(|&l| l != raft::INVALID_ID);
         self.pending.retain(|_, p| {
-            if p.deadline <= now {
+            // A caller that gave up (its wait can end before this thread, slowed by
+            // load, reaches the deadline) is dropped too: never sent again.
+            if p.deadline <= now || p.reply.abandoned() {
                 // Never handed to raft: it is in no log and will never apply.
                 let e = match p.sent {
                     None => ProposeError::NotLeader { leader },

@@ -7,7 +7,7 @@
 //! for a caller that holds a lock and is not scheduled. The answer is set once
 //! ([`OnceLock`]) and the waiting thread is unparked; a waiter sleeps at once.
 
-use std::sync::atomic::{fence, Ordering};
+use std::sync::atomic::{fence, AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread::Thread;
 use std::time::{Duration, Instant};
@@ -21,6 +21,10 @@ type Outcome = Result<Applied, ProposeError>;
 struct Slot {
     value: OnceLock<Outcome>,
     waiter: OnceLock<Thread>,
+    /// The caller stopped waiting (its own timeout): the node thread must not send
+    /// the proposal again, or it could apply after its caller was told `Timeout`
+    /// and acted on that (a gate that resumed the source, say).
+    abandoned: AtomicBool,
 }
 
 /// A reply slot and the caller's [`Answer`] to it.
@@ -46,6 +50,13 @@ impl Reply {
             t.unpark();
         }
         Ok(())
+    }
+}
+
+impl Reply {
+    /// Whether the caller has given up waiting ([`Answer::wait`] timed out).
+    pub(crate) fn abandoned(&self) -> bool {
+        self.slot.abandoned.load(Ordering::Acquire)
     }
 }
 
@@ -78,6 +89,7 @@ impl Answer {
             }
             let now = Instant::now();
             if now >= deadline {
+                self.slot.abandoned.store(true, Ordering::Release);
                 return Err(ProposeError::Timeout);
             }
             std::thread::park_timeout(deadline - now);
@@ -101,11 +113,14 @@ mod tests {
         drop(tx);
         assert_eq!(rx.wait(Duration::from_secs(1)), Err(ProposeError::Stopped));
 
-        let (_tx, rx) = reply();
+        let (tx, rx) = reply();
+        assert!(!tx.abandoned());
         assert_eq!(
             rx.wait(Duration::from_millis(5)),
             Err(ProposeError::Timeout)
         );
+        // The node thread learns that the caller gave up (and sends it no more).
+        assert!(tx.abandoned());
     }
 
     #[test]
