@@ -1,25 +1,37 @@
 #!/usr/bin/env bash
-# Speed benchmark: stock `virsh migrate --live --p2p` through DWCP against
-# libvirt's own transport, plain and multifd (--parallel 4 + zstd), between the
-# two libvirt hosts of tests/libvirt/lab.sh, one guest, per link profile,
-# contenders interleaved (A B C A B C ...) so machine noise hits all alike.
+# Speed benchmark: stock `virsh migrate --live --p2p` through DWCP (QEMU's
+# dwcp: transport with the patched libvirt, the agents' hook route, Nova's
+# call through the agents' ingress or the Python shim) against libvirt's own
+# transport, plain and multifd (--parallel 4 + zstd), between the two libvirt
+# hosts of tests/libvirt/lab.sh, one guest, per link profile, contenders
+# interleaved (A B C A B C ...) so machine noise hits all alike.
 #
-#   bash tests/libvirt/bench.sh          (make libvirt-bench)
+#   LV_PATCHED=$(bash libvirt-patches/build.sh | tail -1) bash tests/libvirt/bench.sh
+#                                        (make libvirt-bench)
+#
+# TLS as shipped: the agents run with their default (TLS, mutual
+# authentication) on the lab's throwaway CA (lab.sh: migrate_pki, in each
+# host's /var/lib/libvirt/pki, libvirt's migrate_tls_x509_cert_dir), and
+# dwcp-uri migrates with virsh --tls on the same certificates.
 #
 # Environment (defaults in brackets):
 #   PROFILES     link profiles, in order ["dc internet"]; dc = the plain veth
 #                pair (unshaped), others = linkem between the hosts (LV_PROFILE)
-#   K_dc, K_internet, K   rounds per profile [K_dc=2, others 1]
-#   CONTENDERS   ["dwcp libvirt libvirt-par"]
+#   K_dc, K_internet, K   rounds per profile [2]
+#   CONTENDERS   [with LV_PATCHED: "dwcp-uri dwcp nova nova-shim libvirt libvirt-par",
+#                without: the same without dwcp-uri]
+#   CONTENDERS_<profile>  this profile's list [CONTENDERS; on profiles other
+#                than dc without nova-shim]
 #                  dwcp         --migrateuri unix:///run/dwcp/DOM.sock, route by
 #                               dwcp-route with no flags: the agent's defaults
 #                               (what the hook's default policy also chooses)
 #                  dwcp-CODEC   the same with --codec CODEC (dwcp-zstd, dwcp-auto)
-#                  dwcp-uri     --migrateuri 'dwcp://DST?streams=4&codec=auto&insecure=1':
+#                  dwcp-uri     --migrateuri 'dwcp://DST?streams=4&codec=auto' --tls:
 #                               QEMU's own dwcp: transport, no agent in the path;
 #                               needs LV_PATCHED (make libvirt) and the patched QEMU
 #                               (make qemu, or DWCP_QEMU=PATH), which then runs
 #                               the guest for every contender
+#                  dwcp-uri-clear  the same in clear text ('...&insecure=1', no --tls)
 #                  libvirt      --migrateuri tcp://DST (libvirt's own transport)
 #                  libvirt-par  the same + --parallel --parallel-connections 4
 #                               --compressed --comp-methods zstd
@@ -33,8 +45,8 @@
 #                  (the nova contenders' time includes adding and removing
 #                  the iptables rule and `virsh dumpxml`, a few ms)
 #   GUEST_MB [1024], GUEST_FILL [512] MiB of realistic content, GUEST_DIRTY [4] MiB/s
-#   LV_AGENT_ARGS  extra `dwcp agent` flags [none: the agent's defaults, which need TLS
-#                credentials in /etc/pki/qemu; --insecure for clear text]
+#   LV_AGENT_ARGS  extra `dwcp agent` flags [--tls-dir /var/lib/libvirt/pki: the
+#                agent's defaults on the lab's certificates; --insecure for clear text]
 #   OUT          results directory [target/libvirt-bench]: results.json, table.md
 #
 # Per run: wall clock of virsh, libvirt's completed-job figures (downtime,
@@ -52,16 +64,25 @@ source tests/libvirt/nova.sh
 ROOT=$(pwd)
 OUT=${OUT:-$ROOT/target/libvirt-bench}
 PROFILES=${PROFILES:-dc internet}
-CONTENDERS=${CONTENDERS:-dwcp libvirt libvirt-par}
+CONTENDERS=${CONTENDERS:-${LV_PATCHED:+dwcp-uri }dwcp nova nova-shim libvirt libvirt-par}
 export GUEST_MB=${GUEST_MB:-1024} GUEST_FILL=${GUEST_FILL:-512} GUEST_DIRTY=${GUEST_DIRTY:-4}
-export LV_AGENT_ARGS=${LV_AGENT_ARGS-}
+export LV_AGENT_ARGS=${LV_AGENT_ARGS---tls-dir /var/lib/libvirt/pki} LV_MIGRATE_PKI=1
 BOOT_S=${BOOT_S:-240}
 VERIFY_S=${VERIFY_S:-90}
-BASE_LAB=/tmp/dwcp-lv/$$
-if [[ " $CONTENDERS " == *" dwcp-uri "* ]]; then
+BASE_LAB=${BASE_LAB:-/tmp/dwcp-lv/$$}
+# contenders PROFILE: that profile's list.
+contenders() {
+  local v=CONTENDERS_$1
+  if [ -n "${!v:-}" ]; then echo "${!v}"
+  elif [ "$1" = dc ]; then echo "$CONTENDERS"
+  else echo " $CONTENDERS " | sed 's/ nova-shim / /g; s/^ *//; s/ *$//'
+  fi
+}
+ALL_CONTENDERS=$(for prof in $PROFILES; do contenders "$prof"; done | tr ' ' '\n' | awk 'NF && !seen[$0]++' | tr '\n' ' ')
+QEMU_SRC=
+if [[ " $ALL_CONTENDERS " == *" dwcp-uri"* ]]; then
   [ -n "${LV_PATCHED:-}" ] || { echo "contender dwcp-uri needs LV_PATCHED (make libvirt)" >&2; exit 1; }
-  DWCP_QEMU=${DWCP_QEMU:-$(bash qemu-patches/build.sh | tail -1)}
-  export LV_EMULATOR=$DWCP_QEMU
+  QEMU_SRC=${DWCP_QEMU:-$(bash qemu-patches/build.sh | tail -1)}
 fi
 trap 'lab_down' EXIT
 trap 'exit 130' INT TERM
@@ -100,7 +121,8 @@ one_run() {
     dwcp)
       route "$f" "$t" "$d" || { lv_log "route failed"; return 1; }
       uri=unix:///run/dwcp/$d.sock ;;
-    dwcp-uri) uri="dwcp://${IP[$t]}?streams=4&codec=auto&insecure=1" ;;
+    dwcp-uri) uri="dwcp://${IP[$t]}?streams=4&codec=auto"; args=(--tls) ;;
+    dwcp-uri-clear) uri="dwcp://${IP[$t]}?streams=4&codec=auto&insecure=1" ;;
     dwcp-*)
       route "$f" "$t" "$d" --codec "${who#dwcp-}" || { lv_log "route failed"; return 1; }
       uri=unix:///run/dwcp/$d.sock ;;
@@ -140,7 +162,7 @@ one_run() {
   fi
   job=$(jobinfo "$f" "$d"); local job_from=source
   [ "$job" = "{}" ] && { job=$(jobinfo "$t" "$d"); job_from=destination; }
-  if [[ ( $who == dwcp* && $who != dwcp-uri ) || $who == nova* ]]; then
+  if [[ ( $who == dwcp* && $who != dwcp-uri* ) || $who == nova* ]]; then
     local pat=$d; [[ $who == nova* ]] && pat="nova-${IP[$t]}-*"
     session=$(agent_ctl "$f" '{"op":"stats"}' | python3 -c '
 import fnmatch, json, sys
@@ -176,13 +198,22 @@ for prof in $PROFILES; do
   LAB=$BASE_LAB-$prof
   LV_TAG=lb$(( $$ % 10000 ))${prof:0:1}
   if [ "$prof" = dc ]; then unset LV_PROFILE; MIG_TIMEOUT=${MIG_TIMEOUT_DC:-180}; else export LV_PROFILE=$prof; MIG_TIMEOUT=${MIG_TIMEOUT_WAN:-600}; fi
-  kvar=K_$prof; k=${!kvar:-${K:-$([ "$prof" = dc ] && echo 2 || echo 1)}}
-  lv_log "=== profile $prof: $k round(s) of $CONTENDERS; guest ${GUEST_MB} MiB, fill ${GUEST_FILL} MiB, dirty ${GUEST_DIRTY} MiB/s; lab $LAB"
+  kvar=K_$prof; k=${!kvar:-${K:-2}}
+  cont=$(contenders "$prof")
+  lv_log "=== profile $prof: $k round(s) of $cont; guest ${GUEST_MB} MiB, fill ${GUEST_FILL} MiB, dirty ${GUEST_DIRTY} MiB/s; lab $LAB; $(uptime)"
   lab_up || { lv_log "lab did not come up"; exit 1; }
+  lv_log "agents: dwcp agent ... $LV_AGENT_ARGS; dwcp $("$DWCP_BIN" --version | cut -d' ' -f2) ($DWCP_BIN)"
+  if [ -n "$QEMU_SRC" ]; then
+    # The patched QEMU runs the guest for every contender (a copy in the lab
+    # that libvirt-qemu can run: lab.sh's dwcp_qemu).
+    DWCP_QEMU=$QEMU_SRC
+    dwcp_qemu || exit 1
+    export LV_EMULATOR=$DWCP_QEMU
+  fi
   boot a g1 || { lv_log "guest did not boot"; exit 1; }
   cur=a
   for round in $(seq "$k"); do
-    for who in $CONTENDERS; do
+    for who in $cont; do
       other=$([ $cur = a ] && echo b || echo a)
       one_run "$prof" "$who" "$round" "$cur" "$other"
       case $? in
@@ -192,10 +223,11 @@ for prof in $PROFILES; do
       esac
     done
   done
+  lv_log "=== profile $prof done; $(uptime)"
   lab_down
 done
 
-python3 - "$RUNS" "$OUT" "$COMMIT" "$STARTED" "$GUEST_MB" "$GUEST_FILL" "$GUEST_DIRTY" "$PROFILES" "$CONTENDERS" <<'PY'
+python3 - "$RUNS" "$OUT" "$COMMIT" "$STARTED" "$GUEST_MB" "$GUEST_FILL" "$GUEST_DIRTY" "$PROFILES" "$ALL_CONTENDERS" <<'PY'
 import json, statistics, sys
 runs_path, out, commit, started, mb, fill, dirty, profiles, contenders = sys.argv[1:]
 runs = [json.loads(l) for l in open(runs_path) if l.strip()]
@@ -206,22 +238,24 @@ def med(xs):
     return statistics.median(xs) if xs else None
 def f(x, scale=1.0, nd=1):
     return "-" if x is None else f"{x / scale:.{nd}f}"
-desc = {"dwcp": "DWCP (agent defaults: 4 streams, lz4)", "dwcp-zstd": "DWCP --codec zstd", "dwcp-auto": "DWCP --codec auto", "libvirt": "libvirt tcp",
-        "dwcp-uri": "dwcp:// (patched libvirt + QEMU, 4 streams, auto)",
+desc = {"dwcp": "virsh unix:// through the agents (hook route, agent defaults: 4 streams, codec auto)", "dwcp-zstd": "DWCP --codec zstd", "dwcp-auto": "DWCP --codec auto", "libvirt": "libvirt tcp",
+        "dwcp-uri": "dwcp:// --tls (patched libvirt + QEMU, 4 streams, codec auto)",
+        "dwcp-uri-clear": "dwcp:// insecure=1 (patched libvirt + QEMU, 4 streams, codec auto)",
         "libvirt-par": "libvirt --parallel 4 --compressed zstd",
         "nova": "Nova's call, agents' native ingress", "nova-shim": "Nova's call, dwcp-nova-shim relay"}
 lines = [f"Commit {commit}, {started}; guest {mb} MiB, {fill} MiB content, dirtied {dirty} MiB/s; "
          "medians over the rounds (each run in results.json).", "",
-         "| profile | contender | runs ok / guest ok | total s | downtime ms | libvirt data MiB | DWCP wire MiB | link MiB (src->dst) |",
-         "|---|---|---|---|---|---|---|---|"]
+         "| profile | contender | runs ok / guest ok | runs s | total s | downtime ms | libvirt data MiB | DWCP wire MiB | link MiB (src->dst) |",
+         "|---|---|---|---|---|---|---|---|---|"]
 for p in profiles.split():
     for c in dict.fromkeys(contenders.split()):
         rs = [r for r in runs if r["profile"] == p and r["contender"] == c]
         if not rs:
             continue
         ok = [r for r in rs if r["ok"]]
-        lines.append("| {} | {} | {}/{} / {} | {} | {} | {} | {} | {} |".format(
+        lines.append("| {} | {} | {}/{} / {} | {} | {} | {} | {} | {} | {} |".format(
             p, desc.get(c, c), len(ok), len(rs), sum(r["guest_ok"] for r in rs),
+            ", ".join(f"{r['total_s']:.2f}" + ("" if r["ok"] else " (failed)") for r in rs),
             f(med([r["total_s"] for r in ok]), 1, 2),
             f(med([r["downtime_ms"] for r in ok]), 1, 0),
             f(med([r["libvirt_data_bytes"] for r in ok]), 1 << 20),
