@@ -48,6 +48,8 @@
 #   LV_AGENT_ARGS  extra `dwcp agent` flags [--tls-dir /var/lib/libvirt/pki: the
 #                agent's defaults on the lab's certificates; --insecure for clear text]
 #   OUT          results directory [target/libvirt-bench]: results.json, table.md
+#   SUMMARY_ONLY runs.jsonl files of earlier runs: no migrations, only OUT's
+#                results.json and table.md made from them (concatenated)
 #
 # Per run: wall clock of virsh, libvirt's completed-job figures (downtime,
 # data transferred; `virsh domjobinfo --completed --rawstats`, on the source
@@ -80,7 +82,7 @@ contenders() {
 }
 ALL_CONTENDERS=$(for prof in $PROFILES; do contenders "$prof"; done | tr ' ' '\n' | awk 'NF && !seen[$0]++' | tr '\n' ' ')
 QEMU_SRC=
-if [[ " $ALL_CONTENDERS " == *" dwcp-uri"* ]]; then
+if [ -z "${SUMMARY_ONLY:-}" ] && [[ " $ALL_CONTENDERS " == *" dwcp-uri"* ]]; then
   [ -n "${LV_PATCHED:-}" ] || { echo "contender dwcp-uri needs LV_PATCHED (make libvirt)" >&2; exit 1; }
   QEMU_SRC=${DWCP_QEMU:-$(bash qemu-patches/build.sh | tail -1)}
 fi
@@ -88,10 +90,17 @@ trap 'lab_down' EXIT
 trap 'exit 130' INT TERM
 mkdir -p "$OUT"
 RUNS=$OUT/runs.jsonl
-: >"$RUNS"
-COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-[ -n "$(git status --porcelain -- dwcp-core dwcp linkem libvirt-hooks tests/libvirt 2>/dev/null)" ] && COMMIT="$COMMIT+dirty"
-STARTED=$(date -u +%Y-%m-%dT%H:%MZ)
+if [ -n "${SUMMARY_ONLY:-}" ]; then
+  # shellcheck disable=SC2086
+  cat $SUMMARY_ONLY >"$RUNS.new" && mv "$RUNS.new" "$RUNS" || exit 1
+else
+  : >"$RUNS"
+fi
+if [ -z "${COMMIT:-}" ]; then
+  COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+  [ -n "$(git status --porcelain -- dwcp-core dwcp linkem libvirt-hooks tests/libvirt 2>/dev/null)" ] && COMMIT="$COMMIT+dirty"
+fi
+STARTED=${STARTED:-$(date -u +%Y-%m-%dT%H:%MZ)}
 
 # link_tx HOST: bytes HOST has sent on its link interface.
 link_tx() {
@@ -112,6 +121,56 @@ for line in sys.stdin:
         except ValueError:
             d[m.group(1)] = m.group(2)
 print(json.dumps(d))'
+}
+
+# cpu_sampler OUT NS_A NS_B: until killed, every 0.25 s, the CPU time
+# (utime + stime, all threads) of every process in the two hosts' mount
+# namespaces (QEMUs, libvirtd, agents, the shim), as JSON lines
+# {pid: [host, comm, seconds]}; cpu_summary turns the first and last line
+# into CPU seconds per host and program during the migration (a process that
+# started during it counts from 0; one that ended counts until its last sample).
+cpu_sampler() {
+  python3 - "$@" <<'PY'
+import json, os, sys, time
+out, ns = sys.argv[1], {sys.argv[2]: "a", sys.argv[3]: "b"}
+tick = os.sysconf("SC_CLK_TCK")
+with open(out, "w") as f:
+    while True:
+        snap = {}
+        for p in os.listdir("/proc"):
+            if not p.isdigit():
+                continue
+            try:
+                h = ns.get(os.readlink(f"/proc/{p}/ns/mnt"))
+                if h is None:
+                    continue
+                st = open(f"/proc/{p}/stat").read()
+            except OSError:
+                continue
+            comm = st[st.index("(") + 1:st.rindex(")")]
+            x = st[st.rindex(")") + 2:].split()
+            snap[p] = [h, comm, (int(x[11]) + int(x[12])) / tick]
+        f.write(json.dumps(snap) + "\n")
+        f.flush()
+        time.sleep(0.25)
+PY
+}
+
+# cpu_summary FILE FROM: {"src qemu-system-x86": s, "dst dwcp": s, ...}
+cpu_summary() {
+  python3 - "$@" <<'PY'
+import json, sys
+lines = [json.loads(l) for l in open(sys.argv[1]) if l.strip().endswith("}")]
+first, seen = (lines[0] if lines else {}), {}
+for snap in lines:
+    seen.update(snap)
+out = {}
+for pid, (h, comm, cpu) in seen.items():
+    d = cpu - (first[pid][2] if pid in first else 0)
+    key = ("src " if h == sys.argv[2] else "dst ") + comm
+    out[key] = round(out.get(key, 0) + d, 2)
+print(json.dumps({k: v for k, v in sorted(out.items()) if v >= 0.05}))
+PY
 }
 
 # one_run PROFILE CONTENDER ROUND FROM TO: one migration of g1; appends a JSON line.
@@ -135,6 +194,9 @@ one_run() {
     *) lv_log "unknown contender $who"; return 1 ;;
   esac
   tx0=$(link_tx "$f")
+  cpu_sampler "$LAB/cpu.jsonl" "${MNTNS[a]}" "${MNTNS[b]}" &
+  local sampler=$!
+  sleep 0.3
   if [[ $who == nova* ]]; then
     lv_log "[$prof round $round] $who: Nova's call"
     t0=$(date +%s.%N)
@@ -153,6 +215,9 @@ one_run() {
     t1=$(date +%s.%N)
   fi
   tx1=$(link_tx "$f")
+  sleep 0.3
+  kill "$sampler" 2>/dev/null; wait "$sampler" 2>/dev/null
+  local cpu; cpu=$(cpu_summary "$LAB/cpu.jsonl" "$f")
   local err="" guest_ok=false job session="{}"
   if [ $rc = 0 ]; then
     verify_moved "$f" "$t" "$d" && guest_ok=true
@@ -171,9 +236,9 @@ x = s[-1] if s else {}
 print(json.dumps({k: x.get(k) for k in ("name", "streams", "tier", "raw_out", "wire_out", "ratio_out", "elapsed_s", "state")}))' "$pat")
     [[ $who == dwcp* ]] && unroute "$f" "$d"
   fi
-  python3 - "$prof" "$who" "$round" "$f" "$t" "$rc" "$t0" "$t1" "$((tx1 - tx0))" "$guest_ok" "$job" "$job_from" "$session" "$err" >>"$RUNS" <<'PY'
+  python3 - "$prof" "$who" "$round" "$f" "$t" "$rc" "$t0" "$t1" "$((tx1 - tx0))" "$guest_ok" "$job" "$job_from" "$session" "$err" "$cpu" >>"$RUNS" <<'PY'
 import json, sys
-prof, who, rnd, f, t, rc, t0, t1, tx, ok, job, job_from, sess, err = sys.argv[1:]
+prof, who, rnd, f, t, rc, t0, t1, tx, ok, job, job_from, sess, err, cpu = sys.argv[1:]
 job, sess = json.loads(job), json.loads(sess)
 print(json.dumps({
     "profile": prof, "contender": who, "round": int(rnd), "from": f, "to": t,
@@ -184,7 +249,7 @@ print(json.dumps({
     "libvirt_memory_bytes": job.get("memory_processed"), "guest_memory_bytes": job.get("memory_total"),
     "libvirt_time_ms": job.get("time_elapsed"), "jobinfo_from": job_from,
     "dwcp_wire_bytes": sess.get("wire_out"), "dwcp_session": sess or None,
-    "link_tx_bytes": int(tx), "jobinfo": job,
+    "link_tx_bytes": int(tx), "cpu_s": json.loads(cpu), "jobinfo": job,
 }))
 PY
   tail -1 "$RUNS" >&2
@@ -194,6 +259,7 @@ PY
 }
 
 cur=a LOST=0
+[ -n "${SUMMARY_ONLY:-}" ] && PROFILES=
 for prof in $PROFILES; do
   LAB=$BASE_LAB-$prof
   LV_TAG=lb$(( $$ % 10000 ))${prof:0:1}
@@ -231,6 +297,8 @@ python3 - "$RUNS" "$OUT" "$COMMIT" "$STARTED" "$GUEST_MB" "$GUEST_FILL" "$GUEST_
 import json, statistics, sys
 runs_path, out, commit, started, mb, fill, dirty, profiles, contenders = sys.argv[1:]
 runs = [json.loads(l) for l in open(runs_path) if l.strip()]
+profiles = " ".join(dict.fromkeys(profiles.split() + [r["profile"] for r in runs]))
+contenders = " ".join(dict.fromkeys(contenders.split() + [r["contender"] for r in runs]))
 json.dump({"commit": commit, "date": started, "guest": {"memory_mib": int(mb), "fill_mib": int(fill),
            "dirty_mib_s": int(dirty)}, "runs": runs}, open(f"{out}/results.json", "w"), indent=1)
 def med(xs):
@@ -261,6 +329,22 @@ for p in profiles.split():
             f(med([r["libvirt_data_bytes"] for r in ok]), 1 << 20),
             f(med([r["dwcp_wire_bytes"] for r in ok]), 1 << 20),
             f(med([r["link_tx_bytes"] for r in ok]), 1 << 20)))
+# CPU seconds during the migration (bench.sh's cpu_sampler), medians.
+groups = [("src QEMU", lambda k: k.startswith("src qemu")), ("dst QEMU", lambda k: k.startswith("dst qemu")),
+          ("agents", lambda k: k.endswith(" dwcp")), ("shim", lambda k: k.endswith(" python3")),
+          ("libvirtd", lambda k: k.endswith(" libvirtd") or k.endswith(" rpc-libvirtd"))]
+if any(r.get("cpu_s") for r in runs):
+    lines += ["", "CPU seconds used during the migration (medians; processes of the two lab hosts, "
+              "sampled every 0.25 s; QEMU includes the guest's vCPU):", "",
+              "| profile | contender | " + " | ".join(g for g, _ in groups) + " | total s |",
+              "|---|---|" + "---|" * (len(groups) + 1)]
+    for p in profiles.split():
+        for c in dict.fromkeys(contenders.split()):
+            rs = [r for r in runs if r["profile"] == p and r["contender"] == c and r["ok"] and r.get("cpu_s")]
+            if not rs:
+                continue
+            cells = [f(med([sum(v for k, v in r["cpu_s"].items() if sel(k)) for r in rs]), 1, 2) for _, sel in groups]
+            lines.append(f"| {p} | {desc.get(c, c)} | " + " | ".join(cells) + f" | {f(med([r['total_s'] for r in rs]), 1, 2)} |")
 open(f"{out}/table.md", "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
 PY
