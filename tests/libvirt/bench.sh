@@ -48,6 +48,8 @@
 #   LV_AGENT_ARGS  extra `dwcp agent` flags [--tls-dir /var/lib/libvirt/pki: the
 #                agent's defaults on the lab's certificates; --insecure for clear text]
 #   OUT          results directory [target/libvirt-bench]: results.json, table.md
+#   PERF=1       also `perf record -a -F 499` during each migration: the 12 largest
+#                (thread, object) CPU figures of each QEMU in results.json (perf_top_s)
 #   SUMMARY_ONLY runs.jsonl files of earlier runs: no migrations, only OUT's
 #                results.json and table.md made from them (concatenated)
 #
@@ -130,7 +132,7 @@ print(json.dumps(d))'
 # into CPU seconds per host and program during the migration (a process that
 # started during it counts from 0; one that ended counts until its last sample).
 cpu_sampler() {
-  python3 - "$@" <<'PY'
+  exec python3 - "$@" <<'PY'
 import json, os, sys, time
 out, ns = sys.argv[1], {sys.argv[2]: "a", sys.argv[3]: "b"}
 tick = os.sysconf("SC_CLK_TCK")
@@ -173,6 +175,30 @@ print(json.dumps({k: v for k, v in sorted(out.items()) if v >= 0.05}))
 PY
 }
 
+# perf_summary PERF.DATA SRC_QEMU_PID DST_QEMU_PID (PERF=1): CPU seconds
+# (samples at 499 Hz) of each QEMU by thread name and object (the QEMU
+# binary, libdwcp, the kernel, TCG's generated code), the 12 largest.
+perf_summary() {
+  local side pid
+  for side in src dst; do
+    pid=$([ $side = src ] && echo "$2" || echo "$3")
+    [ -n "$pid" ] || continue
+    perf report -i "$1" --pid "$pid" -n --sort comm,dso --stdio -q 2>/dev/null | head -12 |
+      awk -v side=$side '{ n = $2; $1 = ""; $2 = ""; sub(/^ +/, ""); print side "\t" n "\t" $0 }'
+  done | python3 -c '
+import json, re, sys
+out = {"src": [], "dst": []}
+for line in sys.stdin:
+    try:
+        side, n, rest = line.rstrip("\n").split("\t", 2)
+        n = int(n)
+    except ValueError:
+        continue
+    rest = re.sub(r"\[JIT\] tid \d+", "[JIT]", re.sub(r"\s{2,}", " | ", rest.strip()))
+    out[side].append([round(n / 499, 2), rest])
+print(json.dumps(out))'
+}
+
 # one_run PROFILE CONTENDER ROUND FROM TO: one migration of g1; appends a JSON line.
 one_run() {
   local prof=$1 who=$2 round=$3 f=$4 t=$5 d=g1 uri args=() rc tx0 tx1 t0 t1
@@ -195,7 +221,12 @@ one_run() {
   esac
   tx0=$(link_tx "$f")
   cpu_sampler "$LAB/cpu.jsonl" "${MNTNS[a]}" "${MNTNS[b]}" &
-  local sampler=$!
+  local sampler=$! perf_pid= src_qemu
+  src_qemu=$(hx "$f" cat "/run/libvirt/qemu/$d.pid" 2>/dev/null)
+  if [ -n "${PERF:-}" ]; then
+    perf record -q -a -F 499 -o "$LAB/perf.data" 2>>"$LAB/perf.log" &
+    perf_pid=$!
+  fi
   sleep 0.3
   if [[ $who == nova* ]]; then
     lv_log "[$prof round $round] $who: Nova's call"
@@ -218,6 +249,12 @@ one_run() {
   sleep 0.3
   kill "$sampler" 2>/dev/null; wait "$sampler" 2>/dev/null
   local cpu; cpu=$(cpu_summary "$LAB/cpu.jsonl" "$f")
+  local perf_top="{}"
+  if [ -n "$perf_pid" ]; then
+    kill -INT "$perf_pid" 2>/dev/null; wait "$perf_pid" 2>/dev/null
+    perf_top=$(perf_summary "$LAB/perf.data" "$src_qemu" "$(hx "$t" cat "/run/libvirt/qemu/$d.pid" 2>/dev/null)") || perf_top="{}"
+    rm -f "$LAB/perf.data"
+  fi
   local err="" guest_ok=false job session="{}"
   if [ $rc = 0 ]; then
     verify_moved "$f" "$t" "$d" && guest_ok=true
@@ -236,9 +273,9 @@ x = s[-1] if s else {}
 print(json.dumps({k: x.get(k) for k in ("name", "streams", "tier", "raw_out", "wire_out", "ratio_out", "elapsed_s", "state")}))' "$pat")
     [[ $who == dwcp* ]] && unroute "$f" "$d"
   fi
-  python3 - "$prof" "$who" "$round" "$f" "$t" "$rc" "$t0" "$t1" "$((tx1 - tx0))" "$guest_ok" "$job" "$job_from" "$session" "$err" "$cpu" >>"$RUNS" <<'PY'
+  python3 - "$prof" "$who" "$round" "$f" "$t" "$rc" "$t0" "$t1" "$((tx1 - tx0))" "$guest_ok" "$job" "$job_from" "$session" "$err" "$cpu" "$perf_top" >>"$RUNS" <<'PY'
 import json, sys
-prof, who, rnd, f, t, rc, t0, t1, tx, ok, job, job_from, sess, err, cpu = sys.argv[1:]
+prof, who, rnd, f, t, rc, t0, t1, tx, ok, job, job_from, sess, err, cpu, perf = sys.argv[1:]
 job, sess = json.loads(job), json.loads(sess)
 print(json.dumps({
     "profile": prof, "contender": who, "round": int(rnd), "from": f, "to": t,
@@ -249,7 +286,7 @@ print(json.dumps({
     "libvirt_memory_bytes": job.get("memory_processed"), "guest_memory_bytes": job.get("memory_total"),
     "libvirt_time_ms": job.get("time_elapsed"), "jobinfo_from": job_from,
     "dwcp_wire_bytes": sess.get("wire_out"), "dwcp_session": sess or None,
-    "link_tx_bytes": int(tx), "cpu_s": json.loads(cpu), "jobinfo": job,
+    "link_tx_bytes": int(tx), "cpu_s": json.loads(cpu), "perf_top_s": json.loads(perf) or None, "jobinfo": job,
 }))
 PY
   tail -1 "$RUNS" >&2
