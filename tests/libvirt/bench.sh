@@ -151,27 +151,47 @@ with open(out, "w") as f:
                 continue
             comm = st[st.index("(") + 1:st.rindex(")")]
             x = st[st.rindex(")") + 2:].split()
-            snap[p] = [h, comm, (int(x[11]) + int(x[12])) / tick]
+            # Per thread: nanoseconds spent runnable but waiting for a CPU.
+            wait = {}
+            try:
+                for t in os.listdir(f"/proc/{p}/task"):
+                    wait[t] = int(open(f"/proc/{p}/task/{t}/schedstat").read().split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+            snap[p] = [h, comm, (int(x[11]) + int(x[12])) / tick, wait]
         f.write(json.dumps(snap) + "\n")
         f.flush()
         time.sleep(0.25)
 PY
 }
 
-# cpu_summary FILE FROM: {"src qemu-system-x86": s, "dst dwcp": s, ...}
+# cpu_summary FILE FROM: {"cpu": {"src qemu-system-x86": s, "dst dwcp": s, ...},
+# "wait": {...}}: CPU seconds, and seconds its threads were runnable but
+# waiting for a CPU (/proc/PID/task/TID/schedstat; a thread that ended counts
+# until its last sample).
 cpu_summary() {
   python3 - "$@" <<'PY'
 import json, sys
-lines = [json.loads(l) for l in open(sys.argv[1]) if l.strip().endswith("}")]
-first, seen = (lines[0] if lines else {}), {}
+lines = []
+for l in open(sys.argv[1]):
+    try:
+        lines.append(json.loads(l))
+    except ValueError:
+        pass
+first, seen, waits = (lines[0] if lines else {}), {}, {}
 for snap in lines:
     seen.update(snap)
-out = {}
-for pid, (h, comm, cpu) in seen.items():
-    d = cpu - (first[pid][2] if pid in first else 0)
+    for pid, v in snap.items():
+        waits.setdefault(pid, {}).update(v[3])
+cpu, wait = {}, {}
+for pid, (h, comm, c, _) in seen.items():
     key = ("src " if h == sys.argv[2] else "dst ") + comm
-    out[key] = round(out.get(key, 0) + d, 2)
-print(json.dumps({k: v for k, v in sorted(out.items()) if v >= 0.05}))
+    cpu[key] = round(cpu.get(key, 0) + c - (first[pid][2] if pid in first else 0), 2)
+    w0 = first[pid][3] if pid in first else {}
+    w = sum(v - w0.get(t, 0) for t, v in waits[pid].items()) / 1e9
+    wait[key] = round(wait.get(key, 0) + w, 2)
+print(json.dumps({"cpu": {k: v for k, v in sorted(cpu.items()) if v >= 0.05},
+                  "wait": {k: v for k, v in sorted(wait.items()) if v >= 0.05}}))
 PY
 }
 
@@ -286,7 +306,7 @@ print(json.dumps({
     "libvirt_memory_bytes": job.get("memory_processed"), "guest_memory_bytes": job.get("memory_total"),
     "libvirt_time_ms": job.get("time_elapsed"), "jobinfo_from": job_from,
     "dwcp_wire_bytes": sess.get("wire_out"), "dwcp_session": sess or None,
-    "link_tx_bytes": int(tx), "cpu_s": json.loads(cpu), "perf_top_s": json.loads(perf) or None, "jobinfo": job,
+    "link_tx_bytes": int(tx), "cpu_s": json.loads(cpu)["cpu"], "runq_wait_s": json.loads(cpu)["wait"], "perf_top_s": json.loads(perf) or None, "jobinfo": job,
 }))
 PY
   tail -1 "$RUNS" >&2
@@ -371,16 +391,22 @@ groups = [("src QEMU", lambda k: k.startswith("src qemu")), ("dst QEMU", lambda 
           ("agents", lambda k: k.endswith(" dwcp")), ("shim", lambda k: k.endswith(" python3")),
           ("libvirtd", lambda k: k.endswith(" libvirtd") or k.endswith(" rpc-libvirtd"))]
 if any(r.get("cpu_s") for r in runs):
+    waits = any(r.get("runq_wait_s") for r in runs)
     lines += ["", "CPU seconds used during the migration (medians; processes of the two lab hosts, "
-              "sampled every 0.25 s; QEMU includes the guest's vCPU):", "",
-              "| profile | contender | " + " | ".join(g for g, _ in groups) + " | total s |",
-              "|---|---|" + "---|" * (len(groups) + 1)]
+              "sampled every 0.25 s; QEMU includes the guest's vCPU)" +
+              ("; wait: seconds the QEMU's threads were runnable but waiting for a CPU" if waits else "") + ":", "",
+              "| profile | contender | " + " | ".join(g for g, _ in groups) +
+              (" | src QEMU wait | dst QEMU wait" if waits else "") + " | total s |",
+              "|---|---|" + "---|" * (len(groups) + 1 + 2 * waits)]
     for p in profiles.split():
         for c in dict.fromkeys(contenders.split()):
             rs = [r for r in runs if r["profile"] == p and r["contender"] == c and r["ok"] and r.get("cpu_s")]
             if not rs:
                 continue
             cells = [f(med([sum(v for k, v in r["cpu_s"].items() if sel(k)) for r in rs]), 1, 2) for _, sel in groups]
+            if waits:
+                cells += [f(med([sum(v for k, v in (r.get("runq_wait_s") or {}).items() if k.startswith(side + " qemu"))
+                                 for r in rs if r.get("runq_wait_s")]), 1, 2) for side in ("src", "dst")]
             lines.append(f"| {p} | {desc.get(c, c)} | " + " | ".join(cells) + f" | {f(med([r['total_s'] for r in rs]), 1, 2)} |")
 open(f"{out}/table.md", "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
