@@ -32,6 +32,8 @@
 #                               (make qemu, or DWCP_QEMU=PATH), which then runs
 #                               the guest for every contender
 #                  dwcp-uri-clear  the same in clear text ('...&insecure=1', no --tls)
+#                  dwcp-uri@Q, dwcp-uri-clear@Q  the same with the URI query Q instead
+#                               of streams=4&codec=auto (dwcp-uri-clear@streams=1&codec=raw)
 #                  libvirt      --migrateuri tcp://DST (libvirt's own transport)
 #                  libvirt-par  the same + --parallel --parallel-connections 4
 #                               --compressed --comp-methods zstd
@@ -228,6 +230,8 @@ one_run() {
       uri=unix:///run/dwcp/$d.sock ;;
     dwcp-uri) uri="dwcp://${IP[$t]}?streams=4&codec=auto"; args=(--tls) ;;
     dwcp-uri-clear) uri="dwcp://${IP[$t]}?streams=4&codec=auto&insecure=1" ;;
+    dwcp-uri@*) uri="dwcp://${IP[$t]}?${who#*@}"; args=(--tls) ;;
+    dwcp-uri-clear@*) uri="dwcp://${IP[$t]}?${who#*@}&insecure=1" ;;
     dwcp-*)
       route "$f" "$t" "$d" --codec "${who#dwcp-}" || { lv_log "route failed"; return 1; }
       uri=unix:///run/dwcp/$d.sock ;;
@@ -368,6 +372,11 @@ desc = {"dwcp": "virsh unix:// through the agents (hook route, agent defaults: 4
         "dwcp-uri-clear": "dwcp:// insecure=1 (patched libvirt + QEMU, 4 streams, codec auto)",
         "libvirt-par": "libvirt --parallel 4 --compressed zstd",
         "nova": "Nova's call, agents' native ingress", "nova-shim": "Nova's call, dwcp-nova-shim relay"}
+def label(c):
+    if "@" in c:
+        base, q = c.split("@", 1)
+        return ("dwcp:// --tls" if base == "dwcp-uri" else "dwcp:// insecure=1") + f" ({q})"
+    return desc.get(c, c)
 lines = [f"Commit {commit}, {started}; guest {mb} MiB, {fill} MiB content, dirtied {dirty} MiB/s; "
          "medians over the rounds (each run in results.json).", "",
          "| profile | contender | runs ok / guest ok | runs s | total s | downtime ms | libvirt data MiB | DWCP wire MiB | link MiB (src->dst) |",
@@ -379,7 +388,7 @@ for p in profiles.split():
             continue
         ok = [r for r in rs if r["ok"]]
         lines.append("| {} | {} | {}/{} / {} | {} | {} | {} | {} | {} | {} |".format(
-            p, desc.get(c, c), len(ok), len(rs), sum(r["guest_ok"] for r in rs),
+            p, label(c), len(ok), len(rs), sum(r["guest_ok"] for r in rs),
             ", ".join(f"{r['total_s']:.2f}" + ("" if r["ok"] else " (failed)") for r in rs),
             f(med([r["total_s"] for r in ok]), 1, 2),
             f(med([r["downtime_ms"] for r in ok]), 1, 0),
@@ -407,7 +416,7 @@ if any(r.get("cpu_s") for r in runs):
             if waits:
                 cells += [f(med([sum(v for k, v in (r.get("runq_wait_s") or {}).items() if k.startswith(side + " qemu"))
                                  for r in rs if r.get("runq_wait_s")]), 1, 2) for side in ("src", "dst")]
-            lines.append(f"| {p} | {desc.get(c, c)} | " + " | ".join(cells) + f" | {f(med([r['total_s'] for r in rs]), 1, 2)} |")
+            lines.append(f"| {p} | {label(c)} | " + " | ".join(cells) + f" | {f(med([r['total_s'] for r in rs]), 1, 2)} |")
 open(f"{out}/table.md", "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
 PY
