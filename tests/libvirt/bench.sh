@@ -130,7 +130,8 @@ print(json.dumps(d))'
 # cpu_sampler OUT NS_A NS_B: until killed, every 0.25 s, the CPU time
 # (utime + stime, all threads) of every process in the two hosts' mount
 # namespaces (QEMUs, libvirtd, agents, the shim), as JSON lines
-# {pid: [host, comm, seconds]}; cpu_summary turns the first and last line
+# {pid: [host, comm, CPU seconds, {tid: run-queue wait ns}]}; cpu_summary
+# turns the first and last line
 # into CPU seconds per host and program during the migration (a process that
 # started during it counts from 0; one that ended counts until its last sample).
 cpu_sampler() {

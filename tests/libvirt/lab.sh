@@ -142,7 +142,7 @@ sshd_up() {
   hx "$h" install -d -m 755 /run/sshd
   hx "$h" sh -c 'echo $$ > "$1"; shift; exec "$@"' sh "$LAB/$h/sshd.pid" \
     /usr/sbin/sshd -D -e -f "$LAB/$h/sshd/sshd_config" </dev/null >>"$LAB/$h/sshd.log" 2>&1 &
-  for i in $(seq 50); do
+  for i in $(seq 100); do
     hx "$h" ss -Hltn "src ${IP[$h]}:22" | grep -q . && return 0
     sleep 0.1
   done
