@@ -108,12 +108,15 @@ libvirt-test: build guest libvirt qemu
 test: setup
 	$(MAKE) build guest lint deny unit e2e ffi qemu-test libvirt-test
 
-# virsh migrate --live through DWCP against libvirt's own transport (plain and
-# --parallel 4 + zstd), dc and internet links, 1 GiB guest (~15 min; not part
-# of make test). Results: target/libvirt-bench/{results.json,table.md}.
-libvirt-bench: build guest
+# virsh migrate --live through DWCP (dwcp:// with the patched libvirt and
+# QEMU, unix:// through the agents, Nova's call through the agents' ingress
+# and, on dc, through dwcp-nova-shim) against libvirt's own transport (plain
+# and --parallel 4 + zstd), dc and internet links, 1 GiB guest, 2 interleaved
+# rounds, TLS between the agents and for dwcp:// (~15 min; not part of make
+# test). Results: target/libvirt-bench/{results.json,table.md}.
+libvirt-bench: build guest libvirt qemu
 	bash tests/libvirt/setup.sh
-	bash tests/libvirt/bench.sh
+	LV_PATCHED=$$(bash libvirt-patches/build.sh | tail -1) bash tests/libvirt/bench.sh
 
 bench: build guest
 	$(DWCP) benchmark compare --profile dc --repeat 3

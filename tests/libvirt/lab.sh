@@ -55,6 +55,12 @@ lab_up() {
     ip -n "${NS[$h]}" link set lo up
   done
   lab_pki
+  lab_ssh_keys
+  # LV_MIGRATE_PKI=1: the migration certificates (migrate_pki) before the
+  # agents start, for agents with --tls-dir /var/lib/libvirt/pki (bench.sh).
+  if [ -n "${LV_MIGRATE_PKI:-}" ]; then
+    migrate_pki || { lv_log "could not make the lab's migration certificates (openssl)"; return 1; }
+  fi
   for h in $HOSTS; do host_up "$h"; done
   # Files QEMU writes for the tests (pmemsave): QEMU runs as libvirt-qemu.
   install -d -o libvirt-qemu -g libvirt-qemu -m 700 "$LAB/qemu-out"
@@ -88,6 +94,63 @@ extendedKeyUsage=serverAuth" || { rm -rf "$p"; return 0; }
 
 # tls_uri HOST: a TLS connection to HOST's libvirtd with the lab's client certificate.
 tls_uri() { echo "qemu+tls://${IP[$1]}/system?pkipath=$LAB/pki/client"; }
+
+# lab_ssh_keys: what an operator sets up for qemu+ssh://, made at run time
+# and thrown away with the lab: per host an sshd host key, and a root whose
+# home is $LAB/<host>/home (a copy of /etc/passwd with that one field changed
+# is bind-mounted over /etc/passwd inside the host, so ssh and sshd use the
+# lab's ~/.ssh, never this machine's) with its own key pair, the other
+# hosts' client keys in authorized_keys and their host keys in known_hosts
+# (strict host key checking, no prompts). Without sshd or ssh-keygen
+# (tests/libvirt/setup.sh installs openssh-server) the hosts run no sshd.
+lab_ssh_keys() {
+  [ -x /usr/sbin/sshd ] && command -v ssh-keygen >/dev/null || { lv_log "no sshd: hosts without ssh"; return 0; }
+  local h g
+  for h in $HOSTS; do
+    install -d -m 700 "$LAB/$h/home" "$LAB/$h/home/.ssh" "$LAB/$h/sshd"
+    ssh-keygen -q -t ed25519 -N '' -C "root@dwcp-$h" -f "$LAB/$h/home/.ssh/id_ed25519" &&
+      ssh-keygen -q -t ed25519 -N '' -C "dwcp-$h host" -f "$LAB/$h/sshd/ssh_host_ed25519_key" ||
+      { lv_log "ssh-keygen failed: hosts without ssh"; return 0; }
+    awk -F: -v OFS=: -v home="$LAB/$h/home" '$1 == "root" { $6 = home } 1' /etc/passwd >"$LAB/$h/passwd"
+    chmod 644 "$LAB/$h/passwd"
+    cat >"$LAB/$h/sshd/sshd_config" <<CONF
+ListenAddress ${IP[$h]}
+HostKey $LAB/$h/sshd/ssh_host_ed25519_key
+PermitRootLogin prohibit-password
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+CONF
+  done
+  for h in $HOSTS; do
+    for g in $HOSTS; do
+      cat "$LAB/$g/home/.ssh/id_ed25519.pub" >>"$LAB/$h/home/.ssh/authorized_keys"
+      echo "${IP[$g]} $(cut -d' ' -f1,2 "$LAB/$g/sshd/ssh_host_ed25519_key.pub")" >>"$LAB/$h/home/.ssh/known_hosts"
+    done
+    chmod 600 "$LAB/$h/home/.ssh/authorized_keys" "$LAB/$h/home/.ssh/known_hosts"
+  done
+}
+
+# sshd_up HOST: the lab's sshd on HOST's link address (port 22), inside the
+# host: a qemu+ssh:// connection runs virt-ssh-helper there, which reaches
+# that host's libvirtd. Log in $LAB/HOST/sshd.log.
+sshd_up() {
+  local h=$1 i
+  [ -e "$LAB/$h/sshd/sshd_config" ] || return 0
+  hx "$h" mount --bind "$LAB/$h/passwd" /etc/passwd || return 1
+  hx "$h" install -d -m 755 /run/sshd
+  hx "$h" sh -c 'echo $$ > "$1"; shift; exec "$@"' sh "$LAB/$h/sshd.pid" \
+    /usr/sbin/sshd -D -e -f "$LAB/$h/sshd/sshd_config" </dev/null >>"$LAB/$h/sshd.log" 2>&1 &
+  for i in $(seq 100); do
+    hx "$h" ss -Hltn "src ${IP[$h]}:22" | grep -q . && return 0
+    sleep 0.1
+  done
+  lv_log "sshd on $h did not start"; cat "$LAB/$h/sshd.log" >&2; return 1
+}
+
+# ssh_uri HOST: HOST's libvirtd over ssh (root, the lab's keys).
+ssh_uri() { echo "qemu+ssh://root@${IP[$1]}/system"; }
 
 # secmodels < capabilities XML: "model doi baselabel..." of each <secmodel>.
 secmodels() {
@@ -203,6 +266,7 @@ CONF
     sleep 0.2
   done
   hvirsh "$h" version >/dev/null || { lv_log "libvirtd on $h did not come up"; cat "$d/log/libvirtd.log" >&2; return 1; }
+  sshd_up "$h" || return 1
   agent_up "$h"
 }
 
@@ -388,4 +452,51 @@ boot() { # boot HOST DOM [metadata]
   hvirsh "$1" create "$LAB/$2.xml" >/dev/null || { tail -5 "$LAB/$1/log/qemu/$2.log" >&2; return 1; }
   assert_unprivileged "$1" "$2" || return 1
   wait_serial "$1" "$2" DWCP-READY "${BOOT_S:-90}"
+}
+
+# dwcp_qemu: the patched QEMU (qemu-patches/build.sh; cached by `make qemu`).
+dwcp_qemu() {
+  [ -n "${DWCP_QEMU:-}" ] || DWCP_QEMU=$(bash "$ROOT/qemu-patches/build.sh" 2>>"$LAB/qemu-build.log" | tail -1)
+  [ -x "$DWCP_QEMU" ] || { fail "no patched QEMU (make qemu): ${DWCP_QEMU:-none}"; return 1; }
+  # QEMU runs as libvirt-qemu, which may not reach the build cache (under
+  # root's home): a copy of the binary with its libdwcp beside it
+  # (RUNPATH $ORIGIN/lib), which libvirt can also run to probe it.
+  if [ "${DWCP_QEMU#"$LAB"/}" = "$DWCP_QEMU" ]; then
+    local lib
+    lib=$(ldd "$DWCP_QEMU" | awk '/libdwcp/ {print $3}')
+    [ -e "$lib" ] || { fail "the patched QEMU does not link libdwcp: $DWCP_QEMU"; return 1; }
+    mkdir -p "$LAB/emu/lib"
+    install -m 755 "$DWCP_QEMU" "$LAB/emu/qemu-system-x86_64"
+    install -m 644 "$lib" "$LAB/emu/lib/"
+    patchelf --set-rpath '$ORIGIN/lib' "$LAB/emu/qemu-system-x86_64" ||
+      { fail "patchelf (tests/libvirt/setup.sh installs it)"; return 1; }
+    chmod 755 "$LAB" "$LAB/emu" "$LAB/emu/lib"
+    DWCP_QEMU=$LAB/emu/qemu-system-x86_64
+  fi
+}
+
+# migrate_pki: a throwaway CA and, in each host's migrate_tls_x509_cert_dir
+# (/var/lib/libvirt/pki, lab.sh), libvirt's layout: ca-cert.pem and server and
+# client certificates for both hosts' addresses (libdwcp loads both pairs).
+migrate_pki() {
+  local ca=$LAB/pki-ca role eku h
+  mkdir -p "$ca"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$ca/ca-key.pem" \
+    -out "$ca/ca-cert.pem" -days 2 -subj "/O=DWCP lab/CN=lab CA" \
+    -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null || return 1
+  for role in server client; do
+    eku=$([ $role = server ] && echo serverAuth || echo clientAuth)
+    printf 'subjectAltName=IP:%s,IP:%s\nextendedKeyUsage=%s\nkeyUsage=critical,digitalSignature,keyEncipherment\nbasicConstraints=CA:FALSE\n' \
+      "${IP[a]}" "${IP[b]}" "$eku" >"$ca/$role.ext"
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$ca/$role-key.pem" \
+      -out "$ca/$role.csr" -subj "/O=DWCP lab/CN=dwcp-lab" 2>/dev/null || return 1
+    openssl x509 -req -in "$ca/$role.csr" -CA "$ca/ca-cert.pem" -CAkey "$ca/ca-key.pem" -set_serial "$RANDOM$RANDOM" \
+      -days 2 -out "$ca/$role-cert.pem" -extfile "$ca/$role.ext" 2>/dev/null || return 1
+  done
+  for h in $HOSTS; do
+    mkdir -p "$LAB/$h/lib/pki"
+    # Keys readable by QEMU's group (libvirt-qemu), as libvirt's docs ask.
+    install -m 644 "$ca/ca-cert.pem" "$ca/server-cert.pem" "$ca/client-cert.pem" "$LAB/$h/lib/pki/" &&
+      install -m 640 -g libvirt-qemu "$ca/server-key.pem" "$ca/client-key.pem" "$LAB/$h/lib/pki/" || return 1
+  done
 }

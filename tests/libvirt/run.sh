@@ -222,6 +222,43 @@ t_dwcp_virsh_migrate_tls() {
   unroute a g1
 }
 
+t_dwcp_virsh_migrate_ssh() {
+  # `dwcp virsh-migrate` with the destination's libvirtd over ssh: the
+  # source libvirtd runs ssh (root, the lab's keys, strict host key
+  # checking) to the destination host's sshd, which runs virt-ssh-helper
+  # there; the data goes through DWCP as before. g1 goes b -> a (--dest-uri
+  # qemu+ssh://root@A/system) live, then a -> b (--transport ssh) paused:
+  # the destination's RAM must equal the source's.
+  [ -e "$LAB/a/sshd/sshd_config" ] || { lv_log "SKIP: no sshd (tests/libvirt/setup.sh installs openssh-server)"; return 3; }
+  hx b virsh -q -c "$(ssh_uri a)" version >/dev/null || { fail "no ssh connection to a's libvirtd"; tail -5 "$LAB/a/sshd.log" >&2; return 1; }
+  local n0 out; n0=$(grep -c "Accepted publickey for root from ${IP[b]}" "$LAB/a/sshd.log")
+  out=$(hx b "$DWCP_BIN" --log warn virsh-migrate g1 --to "${IP[a]}" --dest-uri "$(ssh_uri a)" --json) ||
+    { fail "dwcp virsh-migrate over qemu+ssh: $out"; return 1; }
+  [[ "$out" == *'"dest_uri":"qemu+ssh://root@'* ]] || { fail "result: $out"; return 1; }
+  verify_moved b a g1 || return 1
+  [ "$(grep -c "Accepted publickey for root from ${IP[b]}" "$LAB/a/sshd.log")" -gt "$n0" ] ||
+    { fail "a's sshd saw no login from b during the migration"; return 1; }
+  # Back, paused on the source: libvirt keeps it paused on the destination.
+  local size=$(( ${GUEST_MB:-256} << 20 )) x y
+  hvirsh a suspend g1 >/dev/null || return 1
+  rm -f "$LAB"/qemu-out/ram-*
+  hvirsh a qemu-monitor-command g1 --hmp "pmemsave 0 $size \"$LAB/qemu-out/ram-src\"" || return 1
+  n0=$(grep -c "Accepted publickey for root from ${IP[a]}" "$LAB/b/sshd.log")
+  hx a "$DWCP_BIN" --log warn virsh-migrate g1 --to "${IP[b]}" --transport ssh --parallel 2 --quiet ||
+    { fail "dwcp virsh-migrate --transport ssh back"; return 1; }
+  [ "$(grep -c "Accepted publickey for root from ${IP[a]}" "$LAB/b/sshd.log")" -gt "$n0" ] ||
+    { fail "b's sshd saw no login from a during the migration"; return 1; }
+  [ "$(hvirsh b domstate g1)" = paused ] || { fail "destination not paused: $(hvirsh b domstate g1)"; return 1; }
+  hvirsh b qemu-monitor-command g1 --hmp "pmemsave 0 $size \"$LAB/qemu-out/ram-dst\"" || return 1
+  x=$(sha256sum <"$LAB/qemu-out/ram-src"); y=$(sha256sum <"$LAB/qemu-out/ram-dst")
+  [ -s "$LAB/qemu-out/ram-src" ] && [ "$x" = "$y" ] || { cmp "$LAB/qemu-out/ram-src" "$LAB/qemu-out/ram-dst" | head -2 >&2; fail "RAM differs"; return 1; }
+  lv_log "RAM identical after dwcp virsh-migrate over qemu+ssh ($size bytes, sha256 ${x:0:16})"
+  rm -f "$LAB"/qemu-out/ram-*
+  hvirsh b resume g1 >/dev/null || return 1
+  verify_moved a b g1 || return 1
+  lv_log "sshd: $(grep "Accepted publickey for root from ${IP[a]}" "$LAB/b/sshd.log" | tail -1 | cut -c1-120)"
+}
+
 # nova_guest_on_b: g1 running on b (booted there when no earlier test left it).
 nova_guest_on_b() {
   running_on b g1 && return 0
@@ -464,27 +501,6 @@ kill_mid() {
 # emulator, no agent in the data path. TLS: insecure=1 in the URI (both QEMUs
 # get it: the destination's libvirtd passes the URI's query to migrate-incoming).
 
-# dwcp_qemu: the patched QEMU (qemu-patches/build.sh; cached by `make qemu`).
-dwcp_qemu() {
-  [ -n "${DWCP_QEMU:-}" ] || DWCP_QEMU=$(bash "$ROOT/qemu-patches/build.sh" 2>>"$LAB/qemu-build.log" | tail -1)
-  [ -x "$DWCP_QEMU" ] || { fail "no patched QEMU (make qemu): ${DWCP_QEMU:-none}"; return 1; }
-  # QEMU runs as libvirt-qemu, which may not reach the build cache (under
-  # root's home): a copy of the binary with its libdwcp beside it
-  # (RUNPATH $ORIGIN/lib), which libvirt can also run to probe it.
-  if [ "${DWCP_QEMU#"$LAB"/}" = "$DWCP_QEMU" ]; then
-    local lib
-    lib=$(ldd "$DWCP_QEMU" | awk '/libdwcp/ {print $3}')
-    [ -e "$lib" ] || { fail "the patched QEMU does not link libdwcp: $DWCP_QEMU"; return 1; }
-    mkdir -p "$LAB/emu/lib"
-    install -m 755 "$DWCP_QEMU" "$LAB/emu/qemu-system-x86_64"
-    install -m 644 "$lib" "$LAB/emu/lib/"
-    patchelf --set-rpath '$ORIGIN/lib' "$LAB/emu/qemu-system-x86_64" ||
-      { fail "patchelf (tests/libvirt/setup.sh installs it)"; return 1; }
-    chmod 755 "$LAB" "$LAB/emu" "$LAB/emu/lib"
-    DWCP_QEMU=$LAB/emu/qemu-system-x86_64
-  fi
-}
-
 # dwcp_uri TO [PORT] [PARAMS]: a dwcp:// migrate URI to host TO.
 dwcp_uri() { echo "dwcp://${IP[$1]}${2:+:$2}?${3:-streams=4&codec=auto}&insecure=1"; }
 
@@ -513,31 +529,6 @@ dwcp_refused() {
   domain_gone "$t" "$d" || { fail "$d left on $t"; return 1; }
   [ "$(grep -c 'starting up' "$qlog" 2>/dev/null)" = "$starts" ] || { fail "a QEMU was started for $d on $t"; return 1; }
   lv_log "refused as expected: $(head -1 "$LAB/virsh.out")"
-}
-
-# migrate_pki: a throwaway CA and, in each host's migrate_tls_x509_cert_dir
-# (/var/lib/libvirt/pki, lab.sh), libvirt's layout: ca-cert.pem and server and
-# client certificates for both hosts' addresses (libdwcp loads both pairs).
-migrate_pki() {
-  local ca=$LAB/pki-ca role eku h
-  mkdir -p "$ca"
-  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$ca/ca-key.pem" \
-    -out "$ca/ca-cert.pem" -days 2 -subj "/O=DWCP lab/CN=lab CA" \
-    -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null || return 1
-  for role in server client; do
-    eku=$([ $role = server ] && echo serverAuth || echo clientAuth)
-    printf 'subjectAltName=IP:%s,IP:%s\nextendedKeyUsage=%s\nkeyUsage=critical,digitalSignature,keyEncipherment\nbasicConstraints=CA:FALSE\n' \
-      "${IP[a]}" "${IP[b]}" "$eku" >"$ca/$role.ext"
-    openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$ca/$role-key.pem" \
-      -out "$ca/$role.csr" -subj "/O=DWCP lab/CN=dwcp-lab" 2>/dev/null || return 1
-    openssl x509 -req -in "$ca/$role.csr" -CA "$ca/ca-cert.pem" -CAkey "$ca/ca-key.pem" -set_serial "$RANDOM$RANDOM" \
-      -days 2 -out "$ca/$role-cert.pem" -extfile "$ca/$role.ext" 2>/dev/null || return 1
-  done
-  for h in $HOSTS; do
-    # Keys readable by QEMU's group (libvirt-qemu), as libvirt's docs ask.
-    install -m 644 "$ca/ca-cert.pem" "$ca/server-cert.pem" "$ca/client-cert.pem" "$LAB/$h/lib/pki/" &&
-      install -m 640 -g libvirt-qemu "$ca/server-key.pem" "$ca/client-key.pem" "$LAB/$h/lib/pki/" || return 1
-  done
 }
 
 t_dwcp_uri() {
@@ -640,7 +631,7 @@ t_fail_dst_qemu_dies() { kill_mid a b g1 qemu; }
 t_fail_dst_agent_dies() { kill_mid b a g1 agent; }
 t_fail_link_cut() { kill_mid a b g1 link; }
 
-TESTS="live_p2p_metadata unprivileged_qemu parallel_back exact_ram dwcp_virsh_migrate dwcp_virsh_migrate_tls nova_tcp nova_fail_no_peer fail_dst_agent_down fail_src_agent_down fail_socket_in_use fail_wrong_socket fail_socket_permissions fail_bad_metadata fail_dst_qemu_dies fail_dst_agent_dies fail_link_cut dwcp_uri dwcp_refused"
+TESTS="live_p2p_metadata unprivileged_qemu parallel_back exact_ram dwcp_virsh_migrate dwcp_virsh_migrate_tls dwcp_virsh_migrate_ssh nova_tcp nova_fail_no_peer fail_dst_agent_down fail_src_agent_down fail_socket_in_use fail_wrong_socket fail_socket_permissions fail_bad_metadata fail_dst_qemu_dies fail_dst_agent_dies fail_link_cut dwcp_uri dwcp_refused"
 
 lv_log "lab: $LAB"
 lab_up || { lv_log "lab did not come up"; exit 1; }

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs libvirt 11.3 (bookworm-backports) for the libvirt tests and the virt crate,
-# and ethtool for the lab's emulated link.
+# ethtool for the lab's emulated link, patchelf, and openssh-server (the qemu+ssh test).
 # Idempotent: a second run only checks. Run after scripts/setup-host.sh (which adds the
 # bookworm-backports suite and QEMU 10.0).
 set -euo pipefail
@@ -14,6 +14,9 @@ command -v ethtool >/dev/null 2>&1 || [ -x /usr/sbin/ethtool ] || need=1
 # patchelf: run.sh's copy of the patched QEMU finds libdwcp beside itself
 # (QEMU runs as libvirt-qemu, which cannot reach root's build cache).
 command -v patchelf >/dev/null 2>&1 || need=1
+# openssh-server: run.sh's qemu+ssh test runs an sshd inside a lab host
+# (its own config and throwaway keys; the package's service is not started).
+[ -x /usr/sbin/sshd ] || need=1
 if [ "$need" = 1 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q
@@ -22,7 +25,7 @@ if [ "$need" = 1 ]; then
   [ -e /usr/sbin/policy-rc.d ] || { cp /usr/sbin/policy-rc.d.dwcp /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; rm_policy=1; }
   apt-get install -y -q --no-install-recommends -t bookworm-backports \
     libvirt-daemon libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev \
-    pkg-config util-linux ethtool patchelf
+    pkg-config util-linux ethtool patchelf openssh-server
   [ "${rm_policy:-0}" = 1 ] && rm -f /usr/sbin/policy-rc.d
   rm -f /usr/sbin/policy-rc.d.dwcp
 fi
