@@ -38,14 +38,23 @@ pub(crate) struct Reply {
 impl Reply {
     /// Answers the caller; later answers are ignored (Err then, as a closed channel's).
     pub(crate) fn send(&self, r: Outcome) -> Result<(), Outcome> {
+        if let Some(t) = self.set(r)? {
+            t.unpark();
+        }
+        Ok(())
+    }
+
+    /// Sets the answer without waking the caller: returns the thread to unpark (its
+    /// caller is parked, or about to park, waiting for it), which the node thread
+    /// hands to its waker thread so that a thousand wake-ups are not on the raft
+    /// thread's path ([`crate::node`]). An unpark that comes late is not lost: the
+    /// waiter's `park_timeout` returns at once and it finds the value.
+    pub(crate) fn set(&self, r: Outcome) -> Result<Option<Thread>, Outcome> {
         self.slot.value.set(r)?;
         // Pairs with the fence in `Answer::wait`: either it sees the value, or we see
         // its thread.
         fence(Ordering::SeqCst);
-        if let Some(t) = self.slot.waiter.get() {
-            t.unpark();
-        }
-        Ok(())
+        Ok(self.slot.waiter.get().cloned())
     }
 }
 
