@@ -118,6 +118,25 @@ mod tests {
     }
 
     #[test]
+    fn a_deferred_wake_up_reaches_the_waiter() {
+        // `set` answers without waking; the waiter's thread, returned once it
+        // waits, is unparked later (the node's waker thread), even after a delay.
+        let (tx, rx) = reply();
+        let t = std::thread::spawn(move || rx.wait(Duration::from_secs(5)));
+        let started = Instant::now();
+        while tx.slot.waiter.get().is_none() {
+            assert!(started.elapsed() < Duration::from_secs(5), "never waited");
+            std::thread::yield_now();
+        }
+        let waiter = tx.set(Ok(Applied::Registered)).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        waiter.expect("the caller is waiting").unpark();
+        assert_eq!(t.join().unwrap(), Ok(Applied::Registered));
+        // Woken by the unpark, not by the end of its 5 s wait.
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+
+    #[test]
     fn answer_from_another_thread_wakes_the_waiter() {
         let (tx, rx) = reply();
         let t = std::thread::spawn(move || {
