@@ -24,7 +24,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::thread::JoinHandle;
+use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
@@ -333,7 +333,11 @@ impl Node {
             snapshot_index: applied,
             force_snapshot: false,
             snapshot_cost: (0, 0),
+            wake: Vec::new(),
+            waker: None,
+            next_expire: Instant::now(),
         };
+        worker.waker = spawn_waker(cfg.id);
         let rx = inbox.rx;
         let thread = std::thread::Builder::new()
             .name(format!("raft-{}", cfg.id))
@@ -475,6 +479,38 @@ struct Worker<T: Transport> {
     force_snapshot: bool,
     /// Bytes and microseconds of the latest snapshot taken (for the status).
     snapshot_cost: (u64, u64),
+    /// Callers answered in this round, still to be woken.
+    wake: Vec<Thread>,
+    /// The waker thread: wakes the callers of a round's answers, so the raft thread
+    /// goes on with the next round meanwhile (None: it could not be spawned, the raft
+    /// thread wakes them itself).
+    waker: Option<(Sender<Vec<Thread>>, JoinHandle<()>)>,
+    /// When to look for proposals past their deadline next.
+    next_expire: Instant,
+}
+
+/// Rounds that answer at most this many callers wake them on the raft thread (one
+/// hand-off to the waker thread costs about as much as a few wake-ups).
+const WAKE_INLINE: usize = 4;
+
+/// Starts the thread that unparks answered callers. With a thousand proposals in
+/// flight, waking each caller (a futex wake and, on a small host, a context switch)
+/// was the largest item of the leader's raft thread (`perf`, docs/scale.md): done on
+/// the raft thread it lengthened every commit round by the wake-ups of the last.
+fn spawn_waker(id: HostId) -> Option<(Sender<Vec<Thread>>, JoinHandle<()>)> {
+    let (tx, rx) = unbounded::<Vec<Thread>>();
+    let h = std::thread::Builder::new()
+        .name(format!("raft-wake-{id}"))
+        .stack_size(64 << 10)
+        .spawn(move || {
+            for round in rx {
+                for t in round {
+                    t.unpark();
+                }
+            }
+        })
+        .ok()?;
+    Some((tx, h))
 }
 
 impl<T: Transport> Worker<T> {
@@ -514,6 +550,7 @@ impl<T: Transport> Worker<T> {
                 break Err(e);
             }
             self.expire(now);
+            self.wake_callers();
             self.publish_status(None);
         };
         if let Err(e) = result {
@@ -522,8 +559,38 @@ impl<T: Transport> Worker<T> {
         } else {
             self.publish_status(Some("stopped".into()));
         }
+        self.wake_callers();
+        if let Some((tx, h)) = self.waker.take() {
+            drop(tx);
+            let _ = h.join();
+        }
         for (_, p) in self.pending.drain() {
             let _ = p.reply.send(Err(ProposeError::Stopped));
+        }
+    }
+
+    /// Answers a caller; it is woken at the end of the round ([`Worker::wake_callers`]).
+    fn answer(&mut self, reply: &Reply, r: Result<Applied, ProposeError>) {
+        if let Ok(Some(t)) = reply.set(r) {
+            self.wake.push(t);
+        }
+    }
+
+    /// Wakes the callers answered in this round: on the waker thread when there are
+    /// many, here when there are a few (or no waker thread).
+    fn wake_callers(&mut self) {
+        if self.wake.is_empty() {
+            return;
+        }
+        if self.wake.len() > WAKE_INLINE {
+            if let Some((tx, _)) = &self.waker {
+                if let Err(e) = tx.send(std::mem::take(&mut self.wake)) {
+                    self.wake = e.into_inner();
+                }
+            }
+        }
+        for t in self.wake.drain(..) {
+            t.unpark();
         }
     }
 
@@ -688,11 +755,15 @@ impl<T: Transport> Worker<T> {
         }
     }
 
+    /// Fails the proposals past their deadline. Looked for once a tick, not on every
+    /// message: with a thousand pending a scan per message was a visible cost.
     fn expire(&mut self, now: Instant) {
-        if self.pending.is_empty() {
+        if self.pending.is_empty() || now < self.next_expire {
             return;
         }
+        self.next_expire = now + self.cfg.tick;
         let leader = Some(self.raw.raft.leader_id).filter(|&l| l != raft::INVALID_ID);
+        let mut wake = std::mem::take(&mut self.wake);
         self.pending.retain(|_, p| {
             // A caller that gave up (its wait can end before this thread, slowed by
             // load, reaches the deadline) is dropped too: never sent again.
@@ -702,12 +773,15 @@ impl<T: Transport> Worker<T> {
                     None => ProposeError::NotLeader { leader },
                     Some(_) => ProposeError::Timeout,
                 };
-                let _ = p.reply.send(Err(e));
+                if let Ok(Some(t)) = p.reply.set(Err(e)) {
+                    wake.push(t);
+                }
                 false
             } else {
                 true
             }
         });
+        self.wake = wake;
     }
 
     /// One `Ready`, in raft-rs's documented order.
@@ -791,7 +865,7 @@ impl<T: Transport> Worker<T> {
     ) {
         if origin == self.cfg.id && incarnation == self.incarnation {
             if let Some(p) = self.pending.remove(&seq) {
-                let _ = p.reply.send(r);
+                self.answer(&p.reply, r);
             }
         }
     }

@@ -42,14 +42,23 @@ pub(crate) struct Reply {
 impl Reply {
     /// Answers the caller; later answers are ignored (Err then, as a closed channel's).
     pub(crate) fn send(&self, r: Outcome) -> Result<(), Outcome> {
+        if let Some(t) = self.set(r)? {
+            t.unpark();
+        }
+        Ok(())
+    }
+
+    /// Sets the answer without waking the caller: returns the thread to unpark (its
+    /// caller is parked, or about to park, waiting for it), which the node thread
+    /// hands to its waker thread so that a thousand wake-ups are not on the raft
+    /// thread's path ([`crate::node`]). An unpark that comes late is not lost: the
+    /// waiter's `park_timeout` returns at once and it finds the value.
+    pub(crate) fn set(&self, r: Outcome) -> Result<Option<Thread>, Outcome> {
         self.slot.value.set(r)?;
         // Pairs with the fence in `Answer::wait`: either it sees the value, or we see
         // its thread.
         fence(Ordering::SeqCst);
-        if let Some(t) = self.slot.waiter.get() {
-            t.unpark();
-        }
-        Ok(())
+        Ok(self.slot.waiter.get().cloned())
     }
 }
 
@@ -121,6 +130,25 @@ mod tests {
         );
         // The node thread learns that the caller gave up (and sends it no more).
         assert!(tx.abandoned());
+    }
+
+    #[test]
+    fn a_deferred_wake_up_reaches_the_waiter() {
+        // `set` answers without waking; the waiter's thread, returned once it
+        // waits, is unparked later (the node's waker thread), even after a delay.
+        let (tx, rx) = reply();
+        let t = std::thread::spawn(move || rx.wait(Duration::from_secs(5)));
+        let started = Instant::now();
+        while tx.slot.waiter.get().is_none() {
+            assert!(started.elapsed() < Duration::from_secs(5), "never waited");
+            std::thread::yield_now();
+        }
+        let waiter = tx.set(Ok(Applied::Registered)).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        waiter.expect("the caller is waiting").unpark();
+        assert_eq!(t.join().unwrap(), Ok(Applied::Registered));
+        // Woken by the unpark, not by the end of its 5 s wait.
+        assert!(started.elapsed() < Duration::from_secs(2));
     }
 
     #[test]

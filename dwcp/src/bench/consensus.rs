@@ -265,6 +265,12 @@ pub struct FleetSpec {
     pub concurrent: usize,
     /// Migrations measured (each an intent and a commit).
     pub migrations: usize,
+    /// Client threads that keep the `concurrent` migrations in flight: 0, one
+    /// per migration (a gate each, all on the leader's host); fewer, each
+    /// thread keeps its share in flight with `propose_async` (the gates are
+    /// elsewhere: what the leader's host pays is raft, not a thousand
+    /// waiting threads).
+    pub client_threads: usize,
 }
 
 /// Result of [`fleet_placed`]: the registry at fleet size.
@@ -280,6 +286,9 @@ pub struct FleetResult {
     pub guests: usize,
     /// Migrations in flight at once.
     pub concurrent: usize,
+    /// Client threads keeping them in flight (0: one per migration).
+    #[serde(default)]
+    pub client_threads: usize,
     /// Migrations measured (2 commands each).
     pub migrations: usize,
     /// Registering every guest (`concurrent` in flight), s.
@@ -359,6 +368,124 @@ fn drive(
                             }
                             failed += f(i, &mut lat);
                         }
+                    })
+                    .ok()
+            })
+            .collect();
+        hs.into_iter().filter_map(|h| h.join().ok()).collect()
+    });
+    let secs = t.elapsed().as_secs_f64();
+    let mut lat = Vec::new();
+    let mut failed = 0;
+    for (l, f) in parts {
+        lat.extend(l);
+        failed += f;
+    }
+    lat.sort_by(|a, b| a.total_cmp(b));
+    (lat, failed, secs)
+}
+
+/// Migration `k`'s guest and its intent: guest k mod guests, from its
+/// owner to the next host (each round over the guests moves them one host on).
+fn begin_command(spec: &FleetSpec, k: usize) -> (Uuid, Command) {
+    let i = k % spec.guests;
+    let round = (k / spec.guests) as u64;
+    let source = (i as u64 + round) % spec.hosts + 1;
+    let destination = (i as u64 + round + 1) % spec.hosts + 1;
+    let guest = guest_id(i);
+    (
+        guest,
+        Command::BeginMigration {
+            guest,
+            source,
+            destination,
+        },
+    )
+}
+
+/// Whether migrations are driven from fewer threads than are in flight.
+fn pipelined(spec: &FleetSpec) -> bool {
+    spec.client_threads > 0 && spec.client_threads < spec.concurrent
+}
+
+/// Migrations `first..first + total` (intent, then commit), `spec.concurrent`
+/// in flight, kept there by `spec.client_threads` threads: each proposes its
+/// share with `propose_async` and takes the answers in the order it proposed
+/// (raft applies one proposer's commands in that order), proposing the commit
+/// on the intent's answer and the next migration on the commit's. Latency is
+/// proposal → answer taken. Returns what [`drive`] does.
+fn drive_pipelined(
+    spec: &FleetSpec,
+    leader: &Cluster,
+    first: usize,
+    total: usize,
+) -> (Vec<f64>, usize, f64) {
+    use std::collections::VecDeque;
+    enum Stage {
+        Begin,
+        Commit,
+    }
+    let threads = spec.client_threads.clamp(1, spec.concurrent);
+    let next = AtomicUsize::new(0);
+    let t = Instant::now();
+    let parts: Vec<(Vec<f64>, usize)> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..threads)
+            .filter_map(|n| {
+                // This thread's share of the migrations in flight.
+                let share = spec.concurrent / threads + usize::from(n < spec.concurrent % threads);
+                let next = &next;
+                std::thread::Builder::new()
+                    .stack_size(256 << 10)
+                    .spawn_scoped(s, move || {
+                        let node = leader.node();
+                        let mut lat = Vec::new();
+                        let mut failed = 0;
+                        let mut slots = VecDeque::with_capacity(share);
+                        let start_one = |slots: &mut VecDeque<_>| {
+                            let k = next.fetch_add(1, Ordering::Relaxed);
+                            if k < total {
+                                let (guest, begin) = begin_command(spec, first + k);
+                                slots.push_back((
+                                    guest,
+                                    Stage::Begin,
+                                    Instant::now(),
+                                    node.propose_async(begin),
+                                ));
+                            }
+                        };
+                        for _ in 0..share {
+                            start_one(&mut slots);
+                        }
+                        while let Some((guest, stage, t0, answer)) = slots.pop_front() {
+                            let r = node.wait(answer);
+                            match (stage, r) {
+                                (Stage::Begin, Ok(Applied::MigrationBegun { epoch })) => {
+                                    lat.push(t0.elapsed().as_secs_f64() * 1e3);
+                                    slots.push_back((
+                                        guest,
+                                        Stage::Commit,
+                                        Instant::now(),
+                                        node.propose_async(Command::CommitMigration {
+                                            guest,
+                                            epoch,
+                                        }),
+                                    ));
+                                }
+                                (Stage::Begin, _) => {
+                                    failed += 2;
+                                    start_one(&mut slots);
+                                }
+                                (Stage::Commit, r) => {
+                                    if r.is_ok() {
+                                        lat.push(t0.elapsed().as_secs_f64() * 1e3);
+                                    } else {
+                                        failed += 1;
+                                    }
+                                    start_one(&mut slots);
+                                }
+                            }
+                        }
+                        (lat, failed)
                     })
                     .ok()
             })
@@ -487,17 +614,9 @@ pub fn fleet_placed(
 
     // 4. Concurrent migrations at the leader.
     let migrate = |m: &Cluster, k: usize, lat: &mut Vec<f64>| -> usize {
-        let i = k % spec.guests;
-        let round = (k / spec.guests) as u64;
-        let source = (i as u64 + round) % spec.hosts + 1;
-        let destination = (i as u64 + round + 1) % spec.hosts + 1;
-        let guest = guest_id(i);
+        let (guest, begin) = begin_command(&spec, k);
         let t = Instant::now();
-        let epoch = match m.node().propose(Command::BeginMigration {
-            guest,
-            source,
-            destination,
-        }) {
+        let epoch = match m.node().propose(begin) {
             Ok(Applied::MigrationBegun { epoch }) => epoch,
             _ => return 2,
         };
@@ -513,9 +632,13 @@ pub fn fleet_placed(
     };
     let leader = get(&members, 0)?;
     let snaps_before = leader.node().status().snapshot_index;
-    let (lat, failed, secs) = drive(spec.concurrent, spec.migrations, &|k, lat| {
-        migrate(leader, k, lat)
-    });
+    let (lat, failed, secs) = if pipelined(&spec) {
+        drive_pipelined(&spec, leader, 0, spec.migrations)
+    } else {
+        drive(spec.concurrent, spec.migrations, &|k, lat| {
+            migrate(leader, k, lat)
+        })
+    };
     let snapshots_during_migrations =
         u64::from(leader.node().status().snapshot_index > snaps_before);
     let ops = spec.migrations * 2 - failed;
@@ -528,9 +651,13 @@ pub fn fleet_placed(
     }
     let more = (spec.migrations / 2).max(1);
     let leader = get(&members, 0)?;
-    drive(spec.concurrent, more, &|k, lat| {
-        migrate(leader, spec.migrations + k, lat)
-    });
+    if pipelined(&spec) {
+        drive_pipelined(&spec, leader, spec.migrations, more);
+    } else {
+        drive(spec.concurrent, more, &|k, lat| {
+            migrate(leader, spec.migrations + k, lat)
+        });
+    }
     for &i in &live(&members) {
         compact(get(&members, i)?)?;
     }
@@ -559,6 +686,7 @@ pub fn fleet_placed(
         hosts: spec.hosts,
         guests: spec.guests,
         concurrent: spec.concurrent,
+        client_threads: spec.client_threads,
         migrations: spec.migrations,
         populate_s,
         populate_ops_per_sec: spec.guests as f64 / populate_s,

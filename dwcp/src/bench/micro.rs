@@ -392,6 +392,13 @@ pub struct ConsensusArgs {
     /// Fleet mode: migrations measured (default: 10 x --concurrent).
     #[arg(long)]
     pub migrations: Option<usize>,
+    /// Fleet mode: client threads keeping the --concurrent migrations in
+    /// flight. 0 (the default): one per migration, as one gate each on the
+    /// leader's host; fewer: each keeps its share in flight with asynchronous
+    /// proposals, so the figure is raft's, not that of a thousand threads
+    /// waiting on the same cores.
+    #[arg(long, default_value_t = 0)]
+    pub client_threads: usize,
 }
 
 pub fn consensus(a: &ConsensusArgs) -> Result<Vec<super::consensus::BenchResult>> {
@@ -420,6 +427,7 @@ pub fn consensus_fleet(a: &ConsensusArgs) -> Result<Vec<super::consensus::FleetR
         guests: a.guests,
         concurrent: a.concurrent.max(1),
         migrations: a.migrations.unwrap_or(a.concurrent.max(1) * 10),
+        client_threads: a.client_threads,
     };
     if spec.hosts < 2 {
         bail!("--hosts {}: a migration needs at least 2 hosts", spec.hosts);

@@ -258,6 +258,7 @@ fn suite(r: &RunArgs, res: &mut Results) -> Result<()> {
         guests: 0,
         concurrent: 1000,
         migrations: None,
+        client_threads: 0,
     };
     // Units: one per migration run / stream count, plus hde and consensus.
     let runs: u64 = compares.iter().map(|c| c.runs() as u64).sum();
