@@ -484,7 +484,7 @@ mod tests {
             let t0 = Instant::now();
             let mut t = InflightTuner::new(t0);
             let (mut budget, mut credited) = (4u64 << 20, 0u64);
-            for k in 1..=20u64 {
+            for k in 1..=60u64 {
                 let rate = (budget as f64 / credit_loop).min(link);
                 credited += (rate * 0.1) as u64;
                 let l = with_loop.then_some(credit_loop);
