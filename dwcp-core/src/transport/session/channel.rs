@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
@@ -59,7 +60,8 @@ pub(super) struct Channel {
 /// credit can be off by a frame for a moment; the totals always agree.
 #[derive(Default)]
 pub(super) struct SentLog {
-    pub(super) frames: std::collections::VecDeque<(u64, u64)>,
+    /// (raw bytes, wire bytes, when it was put on the wire) per frame.
+    pub(super) frames: std::collections::VecDeque<(u64, u64, Instant)>,
     /// Credit not yet matched to whole frames.
     pub(super) carry: u64,
     /// Sum of the wire sizes in `frames`.
@@ -74,28 +76,33 @@ impl Channel {
     /// Records a Data frame put on the wire (frame header included).
     pub(super) fn note_sent(&self, inner: &Inner, raw: u64, wire: u64) {
         let mut log = self.sent.lock();
-        log.frames.push_back((raw, wire));
+        log.frames.push_back((raw, wire, Instant::now()));
         log.wire += wire;
         inner.flow.wire_inflight.fetch_add(wire, Ordering::Relaxed);
     }
 
-    /// Retires frames covered by `credit` raw bytes; returns their wire size.
-    pub(super) fn note_credit(&self, inner: &Inner, credit: u64) -> u64 {
+    /// Retires frames covered by `credit` raw bytes; returns their wire
+    /// size and the credit loop of the newest of them: how long ago it was
+    /// put on the wire (sent, carried, delivered to the peer's QEMU and
+    /// credited back).
+    pub(super) fn note_credit(&self, inner: &Inner, credit: u64) -> (u64, Option<Duration>) {
         let mut log = self.sent.lock();
         let mut left = log.carry + credit;
         let mut wire = 0;
-        while let Some(&(raw, w)) = log.frames.front() {
+        let mut newest = None;
+        while let Some(&(raw, w, at)) = log.frames.front() {
             if raw > left {
                 break;
             }
             left -= raw;
             wire += w;
+            newest = Some(at);
             log.frames.pop_front();
         }
         log.carry = left;
         log.wire -= wire;
         inner.flow.wire_inflight.fetch_sub(wire, Ordering::Relaxed);
-        wire
+        (wire, newest.map(|at| at.elapsed()))
     }
 
     /// Wire bytes this channel has in flight, unencoded reads included.

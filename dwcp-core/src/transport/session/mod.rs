@@ -214,6 +214,10 @@ struct Flow {
     wire_inflight: AtomicU64,
     /// Local readers currently waiting for credit (the link is the limit).
     credit_waiters: AtomicUsize,
+    /// Shortest credit loop seen since the in-flight tuner last looked,
+    /// microseconds (u64::MAX: none): from a Data frame put on the wire to
+    /// the peer's credit for it ([`tune::InflightTuner`]).
+    credit_loop_min_us: AtomicU64,
 }
 
 /// What the tuners decided ([`tune`]) and the rates they measured.
@@ -226,6 +230,8 @@ struct Tuning {
     delivery_rate: AtomicU64,
     /// Raw bytes per second delivered, average of the last second.
     raw_rate: AtomicU64,
+    /// Shortest credit loop of the last second, microseconds (0: none yet).
+    credit_loop_us: AtomicU64,
     /// Whether `--codec auto` may use raw frames: not off a datacenter
     /// path ([`adapt`]).
     raw_allowed: AtomicBool,
@@ -355,12 +361,14 @@ impl Session {
                 credited_wire: AtomicU64::new(0),
                 wire_inflight: AtomicU64::new(0),
                 credit_waiters: AtomicUsize::new(0),
+                credit_loop_min_us: AtomicU64::new(u64::MAX),
             },
             tuning: Tuning {
                 tier: Mutex::new(tier),
                 target_inflight: AtomicU64::new(tune::INITIAL_INFLIGHT.min(window as u64)),
                 delivery_rate: AtomicU64::new(0),
                 raw_rate: AtomicU64::new(0),
+                credit_loop_us: AtomicU64::new(0),
                 raw_allowed: AtomicBool::new(true),
             },
             counters: Counters::default(),
@@ -543,12 +551,14 @@ impl Session {
                     credited_wire: AtomicU64::new(0),
                     wire_inflight: AtomicU64::new(0),
                     credit_waiters: AtomicUsize::new(0),
+                    credit_loop_min_us: AtomicU64::new(u64::MAX),
                 },
                 tuning: Tuning {
                     tier: Mutex::new(figures.tier),
                     target_inflight: AtomicU64::new(0),
                     delivery_rate: AtomicU64::new(figures.delivery_rate),
                     raw_rate: AtomicU64::new(figures.raw_rate),
+                    credit_loop_us: AtomicU64::new(figures.credit_loop_us.unwrap_or(0) as u64),
                     raw_allowed: AtomicBool::new(true),
                 },
                 counters: Counters::default(),

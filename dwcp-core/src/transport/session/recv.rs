@@ -165,8 +165,14 @@ fn on_window(inner: &Inner, h: &FrameHeader) -> Result<(), FailReason> {
         .flow
         .credited
         .fetch_add(h.len as u64, Ordering::Relaxed);
-    let wire = ch.note_credit(inner, h.len as u64);
+    let (wire, credit_loop) = ch.note_credit(inner, h.len as u64);
     inner.flow.credited_wire.fetch_add(wire, Ordering::Relaxed);
+    if let Some(d) = credit_loop {
+        inner
+            .flow
+            .credit_loop_min_us
+            .fetch_min(d.as_micros() as u64, Ordering::Relaxed);
+    }
     let mut credit = ch.credit.lock();
     *credit += h.len as u64;
     if *credit > inner.window {

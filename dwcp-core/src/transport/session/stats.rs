@@ -109,6 +109,11 @@ pub struct SessionStats {
     pub raw_rate: u64,
     /// Lowest RTT the streams measured, microseconds.
     pub min_rtt_us: Option<u32>,
+    /// Shortest credit loop of the last second, microseconds: a Data frame
+    /// put on the wire until the peer's credit for it came back (the RTT
+    /// plus both ends' relay and the peer QEMU's read); the in-flight budget
+    /// covers twice this. None before the first credit.
+    pub credit_loop_us: Option<u32>,
     /// Data frames received per codec: what the peer actually sent (the
     /// wire names the codec of each frame, not the zstd level).
     pub codecs_in: CodecCounts,
@@ -232,6 +237,10 @@ impl Session {
             delivery_rate: i.tuning.delivery_rate.load(Ordering::Relaxed),
             raw_rate: i.tuning.raw_rate.load(Ordering::Relaxed),
             min_rtt_us: path_min_rtt_us(&i.links.streams),
+            credit_loop_us: match i.tuning.credit_loop_us.load(Ordering::Relaxed) {
+                0 => None,
+                us => Some(us.min(u32::MAX as u64) as u32),
+            },
             codecs_in: CodecCounts {
                 none: c.codec_in[0].load(Ordering::Relaxed),
                 lz4: c.codec_in[1].load(Ordering::Relaxed),

@@ -22,12 +22,36 @@ pub(super) fn inflight_margin_s(min_rtt_s: f64) -> f64 {
 /// Starting in-flight budget before the delivery rate is known.
 pub(super) const INITIAL_INFLIGHT: u64 = 4 << 20;
 
+/// Longest credit loop the in-flight budget is sized from, seconds: a
+/// receiver stalled longer than this is not a reason to queue more.
+pub(super) const MAX_CREDIT_LOOP_S: f64 = 0.050;
+
 /// The in-flight budget (wire bytes) for a bottleneck rate `btl_bw`
-/// (wire bytes/s) and a path's lowest RTT `min_rtt_s`: the rate times twice
-/// the RTT plus the scheduling margin ([`inflight_margin_s`]), within
+/// (wire bytes/s), a path's lowest RTT `min_rtt_s` and the shortest recent
+/// credit loop `loop_s` (a frame put on the wire until the peer's credit
+/// for it, at most [`MAX_CREDIT_LOOP_S`]): the rate times twice the longer
+/// of the two, plus the scheduling margin ([`inflight_margin_s`]), within
 /// `floor..=ceiling`.
-pub(super) fn inflight_budget(btl_bw: f64, min_rtt_s: f64, floor: u64, ceiling: u64) -> u64 {
-    let want = (btl_bw * (2.0 * min_rtt_s + inflight_margin_s(min_rtt_s))) as u64;
+///
+/// The credit loop is what a channel waits for before it may send again
+/// once its share is out: the network RTT plus both ends' relay threads and
+/// the peer QEMU's reads. Sizing from the RTT alone starves a loop longer
+/// than the margin (a busy host, where threads wait for a core): the rate
+/// falls to budget / loop, the budget follows the rate, and the session
+/// settles at its floor, a chunk or two in flight per channel (measured:
+/// ~280 MB/s on the dc profile of a loaded 2-core host, where QEMU's own
+/// multifd ran at ~800 MB/s). With the loop in it, a budget-bound session
+/// grows the budget at least 2x per sample until the link or a CPU is the
+/// limit; the loop's minimum excludes the queueing that follows.
+pub(super) fn inflight_budget(
+    btl_bw: f64,
+    min_rtt_s: f64,
+    loop_s: Option<f64>,
+    floor: u64,
+    ceiling: u64,
+) -> u64 {
+    let rtt = loop_s.map_or(min_rtt_s, |l| l.min(MAX_CREDIT_LOOP_S).max(min_rtt_s));
+    let want = (btl_bw * (2.0 * rtt + inflight_margin_s(min_rtt_s))) as u64;
     want.clamp(floor, ceiling)
 }
 
@@ -38,6 +62,9 @@ pub(super) struct Rates {
     pub(super) delivery: f64,
     /// Raw (QEMU) bytes/s, average of the last ten samples.
     pub(super) raw: f64,
+    /// Shortest credit loop of the last ten samples, seconds (None: no
+    /// frame was credited in them).
+    pub(super) credit_loop: Option<f64>,
 }
 
 /// Adapts the in-flight budget (wire bytes) to the path, BBR-style: the
@@ -52,8 +79,11 @@ pub(super) struct InflightTuner {
     last: Instant,
     last_credited: u64,
     last_raw: u64,
-    /// (wire, raw) bytes/s of the last 10 samples.
-    rates: VecDeque<(f64, f64)>,
+    /// Shortest credit loop seen since the last sample, seconds.
+    loop_now: Option<f64>,
+    /// (wire, raw) bytes/s and the shortest credit loop of the last 10
+    /// samples.
+    rates: VecDeque<(f64, f64, Option<f64>)>,
 }
 
 impl InflightTuner {
@@ -62,12 +92,14 @@ impl InflightTuner {
             last: now,
             last_credited: 0,
             last_raw: 0,
+            loop_now: None,
             rates: VecDeque::new(),
         }
     }
 
     /// Takes the totals the peer has credited back by `now` (wire bytes of
-    /// the frames retired, raw bytes); every 100 ms or more returns the
+    /// the frames retired, raw bytes) and the shortest credit loop seen
+    /// since the last call (seconds); every 100 ms or more returns the
     /// rates to size the budget from, None in between or while nothing was
     /// delivered.
     pub(super) fn tick(
@@ -75,7 +107,11 @@ impl InflightTuner {
         now: Instant,
         credited_wire: u64,
         credited_raw: u64,
+        credit_loop: Option<f64>,
     ) -> Option<Rates> {
+        if let Some(l) = credit_loop {
+            self.loop_now = Some(self.loop_now.map_or(l, |m| m.min(l)));
+        }
         let dt = now.saturating_duration_since(self.last).as_secs_f64();
         if dt < 0.1 {
             return None;
@@ -91,10 +127,11 @@ impl InflightTuner {
         if self.rates.len() == 10 {
             self.rates.pop_front();
         }
-        self.rates.push_back((r, rr));
+        self.rates.push_back((r, rr, self.loop_now.take()));
         Some(Rates {
             delivery: self.rates.iter().map(|x| x.0).fold(0.0, f64::max),
             raw: self.rates.iter().map(|x| x.1).sum::<f64>() / self.rates.len() as f64,
+            credit_loop: self.rates.iter().filter_map(|x| x.2).reduce(f64::min),
         })
     }
 }
@@ -356,18 +393,18 @@ mod tests {
         let near = |got: u64, want: u64| got.abs_diff(want) <= 1;
         // 1 GB/s, 10 ms RTT: 1e9 * (0.02 + 0.05 capped margin) = 70 MB
         assert!(near(
-            inflight_budget(1e9, 0.010, floor, ceiling),
+            inflight_budget(1e9, 0.010, None, floor, ceiling),
             70_000_000
         ));
         // datacenter: 0.1 ms RTT, margin floor 10 ms: 1e9 * 0.0102
         assert!(near(
-            inflight_budget(1e9, 0.0001, floor, ceiling),
+            inflight_budget(1e9, 0.0001, None, floor, ceiling),
             10_200_000
         ));
         // slow link: the floor
-        assert_eq!(inflight_budget(1e6, 0.0001, floor, ceiling), floor);
+        assert_eq!(inflight_budget(1e6, 0.0001, None, floor, ceiling), floor);
         // huge BDP: the ceiling
-        assert_eq!(inflight_budget(10e9, 0.2, floor, ceiling), ceiling);
+        assert_eq!(inflight_budget(10e9, 0.2, None, floor, ceiling), ceiling);
     }
 
     #[test]
@@ -375,32 +412,119 @@ mod tests {
         let t0 = Instant::now();
         let mut t = InflightTuner::new(t0);
         let at = |ms: u64| t0 + Duration::from_millis(ms);
-        assert_eq!(t.tick(at(50), 10, 10), None, "under 100 ms: no sample");
+        assert_eq!(
+            t.tick(at(50), 10, 10, None),
+            None,
+            "under 100 ms: no sample"
+        );
         // 100 MB/s, then 400 MB/s: the bottleneck rate is the highest
-        let r = t.tick(at(100), 10_000_000, 20_000_000).unwrap();
+        let r = t.tick(at(100), 10_000_000, 20_000_000, None).unwrap();
         assert!((r.delivery - 100e6).abs() < 1.0);
         assert!((r.raw - 200e6).abs() < 1.0);
-        let r = t.tick(at(200), 50_000_000, 60_000_000).unwrap();
+        let r = t.tick(at(200), 50_000_000, 60_000_000, None).unwrap();
         assert!((r.delivery - 400e6).abs() < 1.0);
-        let budget = |r: Rates| inflight_budget(r.delivery, 0.001, 1 << 20, 1 << 30);
+        let budget = |r: Rates| inflight_budget(r.delivery, 0.001, None, 1 << 20, 1 << 30);
         let grown = budget(r);
         assert!(
             grown
                 > budget(Rates {
                     delivery: 100e6,
-                    raw: 0.0
+                    raw: 0.0,
+                    credit_loop: None,
                 })
         );
         // nothing delivered: no sample, the budget stays
-        assert_eq!(t.tick(at(300), 50_000_000, 60_000_000), None);
+        assert_eq!(t.tick(at(300), 50_000_000, 60_000_000, None), None);
         // the fast samples age out after ten slow ones: the budget shrinks
         let mut last = None;
         for k in 0..10u64 {
             let more = (k + 1) * 1_000_000;
-            last = t.tick(at(400 + 100 * k), 50_000_000 + more, 60_000_000 + more);
+            last = t.tick(
+                at(400 + 100 * k),
+                50_000_000 + more,
+                60_000_000 + more,
+                None,
+            );
         }
         let r = last.unwrap();
         assert!((r.delivery - 10e6).abs() < 1.0, "{r:?}");
         assert!(budget(r) < grown);
+    }
+
+    #[test]
+    fn budget_covers_twice_the_credit_loop_when_longer_than_the_rtt() {
+        let (floor, ceiling) = (1 << 20, 512 << 20);
+        let near = |got: u64, want: u64| got.abs_diff(want) <= 1;
+        // datacenter RTT, 8 ms credit loop (busy relay threads): 1e9 * (0.016 + 0.010)
+        assert!(near(
+            inflight_budget(1e9, 0.0001, Some(0.008), floor, ceiling),
+            26_000_000
+        ));
+        // a loop shorter than the RTT changes nothing
+        assert_eq!(
+            inflight_budget(1e9, 0.010, Some(0.001), floor, ceiling),
+            inflight_budget(1e9, 0.010, None, floor, ceiling)
+        );
+        // a stalled peer counts for MAX_CREDIT_LOOP_S at most
+        assert_eq!(
+            inflight_budget(1e9, 0.0001, Some(5.0), floor, ceiling),
+            inflight_budget(1e9, 0.0001, Some(MAX_CREDIT_LOOP_S), floor, ceiling)
+        );
+    }
+
+    /// A session whose budget is the limit: each channel's share goes out,
+    /// then waits one credit loop. The rate is budget / loop; the budget
+    /// must grow from it while the loop exceeds the margin (with the RTT
+    /// alone it shrank to the floor), and stop at the link's rate.
+    #[test]
+    fn a_budget_bound_session_grows_to_the_link_rate() {
+        let (rtt, credit_loop, link) = (0.0001, 0.015, 1e9);
+        let (floor, ceiling) = (1 << 20, 256 << 20);
+        let run = |with_loop: bool| {
+            let t0 = Instant::now();
+            let mut t = InflightTuner::new(t0);
+            let (mut budget, mut credited) = (4u64 << 20, 0u64);
+            for k in 1..=60u64 {
+                let rate = (budget as f64 / credit_loop).min(link);
+                credited += (rate * 0.1) as u64;
+                let l = with_loop.then_some(credit_loop);
+                let r = t
+                    .tick(t0 + Duration::from_millis(100 * k), credited, credited, l)
+                    .unwrap();
+                budget = inflight_budget(r.delivery, rtt, r.credit_loop, floor, ceiling);
+            }
+            budget
+        };
+        assert_eq!(run(false), floor, "RTT alone: starved to the floor");
+        let grown = run(true);
+        let want = (link * (2.0 * credit_loop + 0.010)) as u64;
+        assert!(grown.abs_diff(want) <= 1, "{grown} vs {want}");
+    }
+
+    #[test]
+    fn credit_loop_is_the_shortest_of_the_last_ten_samples() {
+        let t0 = Instant::now();
+        let mut t = InflightTuner::new(t0);
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        // loops seen between samples count towards the next one
+        assert_eq!(t.tick(at(50), 0, 0, Some(0.004)), None);
+        let r = t.tick(at(100), 1000, 1000, Some(0.006)).unwrap();
+        assert_eq!(r.credit_loop, Some(0.004));
+        let r = t.tick(at(200), 2000, 2000, Some(0.009)).unwrap();
+        assert_eq!(r.credit_loop, Some(0.004));
+        let mut last = None;
+        for k in 0..10u64 {
+            last = t.tick(
+                at(300 + 100 * k),
+                3000 + k * 1000,
+                3000 + k * 1000,
+                Some(0.007),
+            );
+        }
+        assert_eq!(
+            last.unwrap().credit_loop,
+            Some(0.007),
+            "old minimum aged out"
+        );
     }
 }

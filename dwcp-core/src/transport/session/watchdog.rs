@@ -19,9 +19,21 @@ use crate::wire::FrameHeader;
 fn tune_inflight(inner: &Inner, tuner: &mut InflightTuner) {
     let credited_wire = inner.flow.credited_wire.load(Ordering::Relaxed);
     let credited_raw = inner.flow.credited.load(Ordering::Relaxed);
-    let Some(rates) = tuner.tick(Instant::now(), credited_wire, credited_raw) else {
+    let credit_loop = match inner
+        .flow
+        .credit_loop_min_us
+        .swap(u64::MAX, Ordering::Relaxed)
+    {
+        u64::MAX => None,
+        us => Some(us as f64 / 1e6),
+    };
+    let Some(rates) = tuner.tick(Instant::now(), credited_wire, credited_raw, credit_loop) else {
         return;
     };
+    inner.tuning.credit_loop_us.store(
+        rates.credit_loop.map_or(0, |s| (s * 1e6).max(1.0) as u64),
+        Ordering::Relaxed,
+    );
     inner
         .tuning
         .delivery_rate
@@ -35,7 +47,7 @@ fn tune_inflight(inner: &Inner, tuner: &mut InflightTuner) {
     let floor = 2 * inner.cfg.chunk as u64;
     let ceiling = inner.window * inner.cfg.max_channels as u64;
     inner.tuning.target_inflight.store(
-        inflight_budget(rates.delivery, min_rtt, floor, ceiling),
+        inflight_budget(rates.delivery, min_rtt, rates.credit_loop, floor, ceiling),
         Ordering::Relaxed,
     );
 }
