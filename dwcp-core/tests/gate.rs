@@ -101,6 +101,21 @@ fn gate(delay_ms: u64, verdict: Result<(), String>) -> Arc<TestGate> {
 
 /// A destination gated by `g` and a source session with its main channel:
 /// (destination, source session, the source QEMU's end).
+/// Writes `data` as the source QEMU, on a thread of its own: the destination
+/// side is read only afterwards, and with the in-flight budget at its floor (a
+/// loaded machine) a blocking write here would wait for reads that never come.
+/// Write errors are expected where the session fails.
+fn feed(src: &UnixStream, data: &[u8], close: bool) -> std::thread::JoinHandle<()> {
+    let mut w = src.try_clone().expect("clone the source QEMU's socket");
+    let data = data.to_vec();
+    std::thread::spawn(move || {
+        let _ = w.write_all(&data);
+        if close {
+            let _ = w.shutdown(Shutdown::Write);
+        }
+    })
+}
+
 fn gated(g: &Arc<TestGate>) -> (Dst, Session, UnixStream) {
     let dst = destination(g.clone());
     let src = Session::connect(&cfg(), "vm", dst.addr).unwrap();
@@ -160,7 +175,7 @@ fn quiet_channel_with_the_end_held_opens_the_gate_for_a_return_path() {
     // Like QEMU with a return path: send everything, do not close, wait for
     // the destination's answer.
     let data = qemu_stream(3 << 20);
-    qemu_src.write_all(&data).unwrap();
+    let writer = feed(&qemu_src, &data, false);
     let (_, mut qemu_dst) = dst.ends.recv_timeout(Duration::from_secs(10)).unwrap();
     let mut got = Vec::new();
     let t0 = Instant::now();
@@ -171,6 +186,7 @@ fn quiet_channel_with_the_end_held_opens_the_gate_for_a_return_path() {
     assert_eq!(g.commits.load(Ordering::SeqCst), 1);
     // The destination answers on the return path; then both close.
     qemu_dst.write_all(b"SHUT").unwrap();
+    writer.join().unwrap();
     let mut answer = [0u8; 4];
     qemu_src.read_exact(&mut answer).unwrap();
     assert_eq!(&answer, b"SHUT");
@@ -187,8 +203,7 @@ fn refused_gate_never_delivers_the_tail_and_fails_both_ends() {
     let g = gate(100, Err("no quorum".into()));
     let (dst, src, mut qemu_src) = gated(&g);
     let data = qemu_stream(6 << 20);
-    qemu_src.write_all(&data).unwrap();
-    qemu_src.shutdown(Shutdown::Write).unwrap();
+    let _writer = feed(&qemu_src, &data, true);
     let (_, mut qemu_dst) = dst.ends.recv_timeout(Duration::from_secs(10)).unwrap();
     let mut got = Vec::new();
     read_until_quiet(&mut qemu_dst, Duration::from_secs(3), &mut got);
@@ -216,8 +231,7 @@ fn stream_closed_without_qemus_end_is_never_released() {
     let (dst, src, mut qemu_src) = gated(&g);
     // A source QEMU that gave up mid-stream: no end marker.
     let data: Vec<u8> = (0..(2 << 20)).map(|i| (i % 13) as u8).collect();
-    qemu_src.write_all(&data).unwrap();
-    qemu_src.shutdown(Shutdown::Write).unwrap();
+    let _writer = feed(&qemu_src, &data, true);
     let (_, mut qemu_dst) = dst.ends.recv_timeout(Duration::from_secs(10)).unwrap();
     let mut got = Vec::new();
     read_until_quiet(&mut qemu_dst, Duration::from_secs(3), &mut got);
