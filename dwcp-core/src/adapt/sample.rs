@@ -108,7 +108,26 @@ pub struct LinkSample {
     pub inflight_bytes: u64,
     /// Codec workers' CPU use, cores (1.0 = one core encoding all the time).
     pub codec_cpu: f64,
+    /// What the streams' congestion windows allow at their smoothed RTTs,
+    /// wire bytes/s (sum over the streams of cwnd x MSS / RTT); None
+    /// without an RTT.
+    pub window_rate_bytes_s: Option<f64>,
+    /// Share of the interval the streams were stalled by the peer's receive
+    /// window (mean over the streams, 0..=1).
+    pub rwnd_limited: f64,
 }
+
+/// A delivered rate this many times below what the congestion windows
+/// allow is not the path's capacity: the windows were not the limit, so
+/// neither was the link (module doc).
+pub const WINDOW_SLACK: f64 = 4.0;
+
+/// Share of an interval stalled by the peer's receive window above which
+/// the peer, not the path, set the pace.
+pub const RWND_LIMITED_MAX: f64 = 0.25;
+
+/// MSS assumed when the kernel reports none.
+const DEFAULT_MSS: u32 = 1448;
 
 /// Per-stream totals of the previous sample.
 #[derive(Debug, Clone, Copy, Default)]
@@ -117,6 +136,7 @@ struct StreamPrev {
     total_retrans: u32,
     dsack_dups: u32,
     segs_out: u32,
+    rwnd_limited_us: u64,
 }
 
 impl StreamPrev {
@@ -126,6 +146,7 @@ impl StreamPrev {
             total_retrans: i.total_retrans,
             dsack_dups: i.dsack_dups,
             segs_out: i.data_segs_out,
+            rwnd_limited_us: i.rwnd_limited_us,
         }
     }
 }
@@ -171,6 +192,7 @@ impl LinkSampler {
         }
         let (mut sent, mut retrans, mut dsack, mut segs) = (0u64, 0u32, 0u32, 0u32);
         let mut cwnd = 0u32;
+        let (mut window_rate, mut rwnd_us, mut n_info) = (0f64, 0u64, 0u32);
         let (mut rtt, mut min_rtt): (Option<u32>, Option<u32>) = (None, None);
         for (info, prev) in streams.iter().zip(self.streams.iter_mut()) {
             let Some(i) = info else { continue };
@@ -180,6 +202,20 @@ impl LinkSampler {
             dsack = dsack.saturating_add(i.dsack_dups.saturating_sub(p.dsack_dups));
             segs = segs.saturating_add(i.data_segs_out.saturating_sub(p.segs_out));
             cwnd = cwnd.saturating_add(i.cwnd);
+            n_info += 1;
+            // The first reading of a stream has no previous one: its
+            // cumulative stall time is not this interval's.
+            if prev.is_some() {
+                rwnd_us += i.rwnd_limited_us.saturating_sub(p.rwnd_limited_us);
+            }
+            if i.rtt_us > 0 {
+                let mss = if i.snd_mss > 0 {
+                    i.snd_mss
+                } else {
+                    DEFAULT_MSS
+                };
+                window_rate += i.cwnd as f64 * mss as f64 / (i.rtt_us as f64 / 1e6);
+            }
             if i.rtt_us > 0 {
                 rtt = Some(rtt.map_or(i.rtt_us, |r| r.min(i.rtt_us)));
             }
@@ -202,12 +238,28 @@ impl LinkSampler {
         } else {
             0.0
         };
+        let window_rate = (window_rate > 0.0).then_some(window_rate);
+        let rwnd_limited = if n_info > 0 {
+            (rwnd_us as f64 / 1e6 / dt / n_info as f64).min(1.0)
+        } else {
+            0.0
+        };
+        // The link is the bottleneck when the session found it backlogged
+        // for most of the interval, the peer's receive window did not hold
+        // the streams back, and the congestion windows were (near) the
+        // limit: a path that delivers far less than the windows allow was
+        // not what stopped the sender (a starved CPU at either end, a
+        // stream restarting after idle), and reading that as the path's
+        // capacity made a bridge look like a 59 Mbit/s link.
+        let window_bound = window_rate.is_none_or(|w| delivered * WINDOW_SLACK >= w);
+        let bottleneck =
+            link_bound >= 0.5 && delivered > 0.0 && rwnd_limited < RWND_LIMITED_MAX && window_bound;
         let sample = LinkSample {
             at_s: now.at.saturating_duration_since(self.started).as_secs_f64(),
             interval_s: dt,
             rtt_us: rtt,
             min_rtt_us: min_rtt,
-            capacity_bytes_s: (link_bound >= 0.5 && delivered > 0.0).then_some(delivered),
+            capacity_bytes_s: bottleneck.then_some(delivered),
             rate_floor_bytes_s: wire_rate.max(delivered),
             link_bound,
             wire_rate_bytes_s: wire_rate,
@@ -223,6 +275,8 @@ impl LinkSampler {
             cwnd_segments: cwnd,
             inflight_bytes: now.inflight,
             codec_cpu: now.encode_ns.saturating_sub(self.prev.encode_ns) as f64 / 1e9 / dt,
+            window_rate_bytes_s: window_rate,
+            rwnd_limited,
         };
         self.prev = *now;
         sample
