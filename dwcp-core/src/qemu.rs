@@ -145,6 +145,10 @@ pub struct MigrationSetup {
     pub multifd_compression: Option<String>,
     pub xbzrle: bool,
     pub return_path: bool,
+    /// QEMU's auto-converge (throttles a guest that dirties memory faster
+    /// than the migration sends it). QEMU refuses to change capabilities
+    /// while a migration runs, so it is set before, or not at all.
+    pub auto_converge: bool,
     /// Bytes per second; None leaves QEMU's default.
     pub max_bandwidth: Option<u64>,
     pub downtime_limit_ms: Option<u64>,
@@ -167,6 +171,9 @@ impl MigrationSetup {
         ];
         if !destination || self.xbzrle {
             caps.push(json!({"capability": "xbzrle", "state": self.xbzrle}));
+        }
+        if !destination {
+            caps.push(json!({"capability": "auto-converge", "state": self.auto_converge}));
         }
         qmp.execute(
             "migrate-set-capabilities",
@@ -429,7 +436,7 @@ impl SwitchoverTuner {
                 "tuning: this migration will not converge at this pace: the link is expected to \
                  carry {:.1} Mbit/s ({source}) x ratio {ratio:.2} x {rpb:.2} RAM per byte = \
                  {:.1} MB/s of guest RAM, the guest dirties {:.1} MB/s ({} decisions in a row; \
-                 {:.0} MiB left). Enable auto-converge (--auto-converge) or lower the guest's \
+                 {:.0} MiB left). Enable auto-converge before migrating (`dwcp migrate --auto-converge`) or lower the guest's \
                  load; QEMU refuses to switch it on during a migration",
                 wire * 8.0 / 1e6,
                 through / 1e6,

@@ -38,7 +38,13 @@ pub struct MigrateArgs {
     /// Enable QEMU's return path (carried back through the same streams).
     #[arg(long)]
     return_path: bool,
-    /// QEMU max-bandwidth in MiB/s (default: QEMU's).
+    /// Enable QEMU's auto-converge: QEMU throttles a guest that dirties
+    /// memory faster than the migration sends it (the tuning loop warns
+    /// early when that is the case; QEMU cannot switch it on mid-way).
+    #[arg(long)]
+    auto_converge: bool,
+    /// QEMU max-bandwidth in MiB/s (default: QEMU's; the tuning loop lifts
+    /// QEMU's default cap when the link can carry more).
     #[arg(long)]
     max_bandwidth_mb: Option<u64>,
     /// Downtime to aim at, ms, as the destination sees it: once a second
@@ -135,6 +141,7 @@ fn run_inner(
         multifd_compression: None,
         xbzrle: false,
         return_path: a.return_path,
+        auto_converge: a.auto_converge,
         max_bandwidth: a.max_bandwidth_mb.map(|m| m << 20),
         downtime_limit_ms: a.downtime_limit_ms,
         tls_dir: None,
@@ -199,7 +206,7 @@ fn run_inner(
             bar.set_position(total.saturating_sub(remaining));
         }
         let eta = match eta_s {
-            Some(s) => format!("{s:.1} s"),
+            Some(s) => format!("{s:.1} s ({source})"),
             None => "?".into(),
         };
         bar.set_message(format!(

@@ -341,6 +341,52 @@ mod tests {
     }
 
     #[test]
+    fn capacity_needs_the_windows_to_be_the_limit() {
+        // The flap of the replay test: 59 Mbit/s (7.4 MB/s) delivered on a
+        // bridge (0.23 ms RTT) with the session backlogged. Four streams of
+        // 10 segments at 0.23 ms allow 4 x 10 x 1448 / 0.00023 = 252 MB/s:
+        // the windows were not the limit, so this is no capacity.
+        let t0 = Instant::now();
+        let bridge = |sent: u64, rwnd_us: u64| TcpInfo {
+            rtt_us: 230,
+            min_rtt_us: 200,
+            cwnd: 10,
+            snd_mss: 1448,
+            bytes_sent: sent,
+            data_segs_out: (sent / 1448) as u32,
+            rwnd_limited_us: rwnd_us,
+            ..Default::default()
+        };
+        let mut s = LinkSampler::new(t0);
+        let streams = vec![Some(bridge(925_000, 0)); 4];
+        let a = s.sample(&totals(t0, 500, 3_700_000, 10), &streams);
+        assert_eq!(a.capacity_bytes_s, None, "{a:?}");
+        assert!((a.window_rate_bytes_s.unwrap() - 4.0 * 10.0 * 1448.0 / 230e-6).abs() < 1.0);
+        // The same windows at 80 ms allow 724 KB/s: 7.4 MB/s is above that,
+        // the windows were the limit: a capacity.
+        let mut s = LinkSampler::new(t0);
+        let wan = |sent| TcpInfo {
+            rtt_us: 80_000,
+            ..bridge(sent, 0)
+        };
+        let streams = vec![Some(wan(925_000)); 4];
+        let a = s.sample(&totals(t0, 500, 3_700_000, 10), &streams);
+        assert_eq!(a.capacity_bytes_s, Some(7.4e6));
+        // Stalled by the peer's receive window for half of the interval
+        // (from the second reading on): the peer set the pace.
+        let streams = vec![
+            Some(TcpInfo {
+                rwnd_limited_us: 250_000,
+                ..wan(1_850_000)
+            });
+            4
+        ];
+        let b = s.sample(&totals(t0, 1000, 7_400_000, 20), &streams);
+        assert!((b.rwnd_limited - 0.5).abs() < 1e-9, "{b:?}");
+        assert_eq!(b.capacity_bytes_s, None);
+    }
+
+    #[test]
     fn loss_counts_retransmissions_the_peer_did_not_report_as_duplicates() {
         let t0 = Instant::now();
         let mut s = LinkSampler::new(t0);
