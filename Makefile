@@ -60,9 +60,9 @@ e2e: build guest
 	$(CARGO) test --release -p dwcp-e2e -- --test-threads=1
 
 # The mode detector on a link switching between dc and internet (linkem
-# replay, ~40 s; a known flap keeps it out of make test: docs/adaptivity.md).
+# replay, ~40 s; also part of make test since the flap fix: docs/adaptivity.md).
 adapt-replay: build
-	$(CARGO) test --release -p dwcp-e2e --test adapt -- --ignored --nocapture
+	$(CARGO) test --release -p dwcp-e2e --test adapt -- --nocapture
 
 # The adaptive layer on real migrations (docs/adaptivity.md): the 100 -> 20
 # Mbit/s drop (also in make test) and FCC_TRACES (default 3) replayed FCC
