@@ -76,7 +76,7 @@ fn migrate_over(tag: &str, cfg: &LinkConfig) -> Value {
         r["downtime_ms"],
         r["wire_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
         r["ratio"].as_f64().unwrap_or(0.0),
-        r["session"]["codec"],
+        r["codec"],
         r["mode"],
         r["dirty_sync_count"],
         v.pause_ms,
