@@ -163,9 +163,8 @@ fn fcc_trace_replays_eta_error() {
             f(*c)
         );
     }
-    let at50: Vec<f64> = rows.iter().filter_map(|r| r.3).map(f64::abs).collect();
-    if !at50.is_empty() {
-        let mut s = at50.clone();
+    let mut s: Vec<f64> = rows.iter().filter_map(|r| r.3).map(f64::abs).collect();
+    if !s.is_empty() {
         s.sort_by(f64::total_cmp);
         println!(
             "ETA |error| at 50 %: median {:.0} %, max {:.0} % over {} migrations",

@@ -197,9 +197,10 @@ pub(super) struct TierChange {
     pub(super) codec_cpu: f64,
 }
 
-/// `--codec auto`: picks the starting tier from the path (datacenter mode,
-/// min RTT under [`DC_RTT_US`]: raw; internet mode: lz4), then once a second
-/// moves one step along raw -> lz4 -> zstd:1 -> zstd:3 when most samples
+/// `--codec auto`: starts from [`initial_tier`] (raw on a datacenter path,
+/// zstd:3 on an internet one, lz4 between), then once a second
+/// moves one step along raw -> lz4 -> zstd:1 -> zstd:3 (-> zstd:6 on a slow
+/// link with idle encoders, [`HIGH_LEVEL_BELOW`]) when most samples
 /// found the link to be the bottleneck (readers waiting for credit, or
 /// encoded frames piling up for the sockets), and one step back when most
 /// found compression to be (the encode queue full). Leaving raw also needs
