@@ -152,7 +152,13 @@ pub(super) fn progress(st: &Arc<State>, r: ProgressRequest) -> Result<Value, Str
         .iter()
         .filter(|s| s.role() == Role::Initiator && !s.is_finished())
         .count();
-    let predicted = (sources == 1).then(crate::predict::latest).flatten();
+    // The predictor samples once a second: before it has seen a few
+    // seconds of this session its figure is the previous migration's, or
+    // one partial second of this one.
+    let seen = session.started().elapsed() >= PREDICTION_AFTER;
+    let predicted = (sources == 1 && seen)
+        .then(crate::predict::latest)
+        .flatten();
     let estimate = predicted_estimate(adapt.estimate, predicted.as_ref().map(|p| p.0));
     let model = match (r.remaining_bytes, estimate, r.downtime_ms) {
         (Some(remaining), Some(estimate), None) if r.dirty_rate_bytes_s.is_some() => {
@@ -211,6 +217,9 @@ pub(super) fn progress(st: &Arc<State>, r: ProgressRequest) -> Result<Value, Str
               "codec_cpu": adapt.link.map(|l| l.codec_cpu)}),
     )
 }
+
+/// How long a session runs before its ETA may use the predicted rate.
+pub const PREDICTION_AFTER: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// `eta_source` and [`eta::RateEstimate::source`] of an ETA from the
 /// predicted rate.
