@@ -451,7 +451,7 @@ impl SwitchoverTuner {
                 "remaining_bytes": i.remaining,
             }));
         }
-        (!params.is_empty()).then(|| Value::Object(params))
+        (!params.is_empty()).then_some(Value::Object(params))
     }
 }
 
