@@ -9,7 +9,7 @@ GUEST := tests/guest/out/initrd.img
 
 .PHONY: fresh-check all setup build guest demo test lint unit e2e adapt-replay ffi qemu qemu-test qemu-upstream libvirt libvirt-test libvirt-bench bench bench-full soak bench-gate bench-consensus load-test clean help
 .PHONY: dist-build install uninstall deb deb-check deb-install-check
-.PHONY: pba-venv pba-model bench-pba
+.PHONY: pba-venv pba-model bench-pba bench-adaptive
 
 all: build
 
@@ -30,6 +30,7 @@ help:
 	@echo "make deb    - the Debian packages dwcp, libdwcp0, libdwcp-dev in target/debian/; make deb-check runs lintian and systemd-analyze on them"
 	@echo "make pba-model - train the bandwidth predictor (LSTM) on the FCC traces into pba/models/internet.onnx (not in make test)"
 	@echo "make bench-pba - dwcp benchmark pba: the predictors on the FCC test split (docs/adaptivity.md)"
+	@echo "make bench-adaptive - migrations over a dropping link and replayed FCC traces: convergence, ETA error (docs/adaptivity.md)"
 	@echo "make qemu-upstream - the upstream rebase on the newest QEMU Debian serves: git am, checkpatch, build, smoke (not in make test)"
 
 setup:
@@ -59,9 +60,16 @@ e2e: build guest
 	$(CARGO) test --release -p dwcp-e2e -- --test-threads=1
 
 # The mode detector on a link switching between dc and internet (linkem
-# replay, ~40 s; a known flap keeps it out of make test: docs/adaptivity.md).
+# replay, ~40 s; also part of make test since the flap fix: docs/adaptivity.md).
 adapt-replay: build
-	$(CARGO) test --release -p dwcp-e2e --test adapt -- --ignored --nocapture
+	$(CARGO) test --release -p dwcp-e2e --test adapt -- --nocapture
+
+# The adaptive layer on real migrations (docs/adaptivity.md): the 100 -> 20
+# Mbit/s drop (also in make test) and FCC_TRACES (default 3) replayed FCC
+# test traces scaled to 100 Mbit/s, with the ETA's error at 25/50/75 %.
+FCC_TRACES ?= 3
+bench-adaptive: build guest
+	DWCP_TRACES=$(abspath $(TRACES)) FCC_TRACES=$(FCC_TRACES) $(CARGO) test --release -p dwcp-e2e --test adaptive -- --include-ignored --test-threads=1 --nocapture
 
 # C ABI: the committed header matches cbindgen's output, and the C tests
 # (every function, bad input, a real loopback transfer) pass under ASan+UBSan.

@@ -145,6 +145,10 @@ pub struct MigrationSetup {
     pub multifd_compression: Option<String>,
     pub xbzrle: bool,
     pub return_path: bool,
+    /// QEMU's auto-converge (throttles a guest that dirties memory faster
+    /// than the migration sends it). QEMU refuses to change capabilities
+    /// while a migration runs, so it is set before, or not at all.
+    pub auto_converge: bool,
     /// Bytes per second; None leaves QEMU's default.
     pub max_bandwidth: Option<u64>,
     pub downtime_limit_ms: Option<u64>,
@@ -167,6 +171,9 @@ impl MigrationSetup {
         ];
         if !destination || self.xbzrle {
             caps.push(json!({"capability": "xbzrle", "state": self.xbzrle}));
+        }
+        if !destination {
+            caps.push(json!({"capability": "auto-converge", "state": self.auto_converge}));
         }
         qmp.execute(
             "migrate-set-capabilities",
@@ -245,27 +252,73 @@ impl MigrationResult {
     }
 }
 
-/// Makes QEMU's switchover decision account for the relay between the hosts.
+/// The migration's closed-loop tuning, once a second (docs/adaptivity.md,
+/// "Closed-loop tuning"). One loop for everything the driver sets on QEMU:
 ///
-/// QEMU stops the guest once its remaining dirty RAM would cross within
-/// `downtime-limit` at the rate it writes into its migration socket. Through
-/// DWCP, the destination also waits, after the stop, for the bytes the relay
-/// still holds (the in-flight budget, about two RTTs of data) and for the
-/// last round trip (return path). So once a second, from the session's
-/// figures (`dwcp stats`), the source QEMU gets
-/// `downtime-limit = goal - inflight_bytes / delivery_rate - min RTT` (wire
-/// bytes over the wire rate; at least [`SWITCHOVER_FLOOR_MS`]) and
-/// `avail-switchover-bandwidth = raw_rate`, the QEMU bytes per second the
-/// relay actually delivers.
+/// - **switchover**: QEMU stops the guest once its remaining dirty RAM would
+///   cross within `downtime-limit` at the rate it writes into its migration
+///   socket. Through DWCP, the destination also waits, after the stop, for
+///   the bytes the relay still holds (the in-flight budget, about two RTTs
+///   of data) and for the last round trip (return path). So the source QEMU
+///   gets `downtime-limit = goal - inflight_bytes / delivery_rate - min RTT`
+///   (wire bytes over the wire rate; at least [`SWITCHOVER_FLOOR_MS`]) and
+///   `avail-switchover-bandwidth`, the QEMU bytes per second the relay will
+///   deliver: the predicted wire rate times the measured compression ratio
+///   when the agent has a prediction ([`TuneInputs`]), else the raw rate it
+///   measured.
+/// - **max-bandwidth**: unless the operator fixed one, lifted to twice the
+///   expected raw rate whenever that comes within 80 % of the cap in force
+///   (QEMU's default, 128 MiB/s, would otherwise hold back a fast path).
+/// - **convergence**: when the expected raw rate (times the RAM QEMU gets
+///   through per byte) does not outrun the guest's dirty rate for
+///   [`NOT_CONVERGING_AFTER`] decisions in a row, a warning with the
+///   numbers, once, early instead of after many wasted passes (QEMU does not
+///   let auto-converge be switched on while a migration runs; enable it
+///   before, `--auto-converge`, and QEMU throttles the guest itself).
+///
+/// The codec tier and level are the agent's part of the loop (its tier
+/// tuner, `--codec auto`), where the encoder's CPU is measured.
 #[derive(Debug)]
 pub struct SwitchoverTuner {
     goal_ms: u64,
     last: Option<Instant>,
     sent: Option<(u64, u64)>,
+    /// The max-bandwidth in force (bytes/s) and whether the tuner may move
+    /// it (not fixed by the operator).
+    max_bandwidth: u64,
+    lift_bandwidth: bool,
+    /// Decisions in a row that found the migration not converging.
+    behind: u32,
+    /// The first not-converging verdict, with its numbers.
+    pub not_converging: Option<Value>,
+    /// Decisions taken (each logged with its inputs).
+    pub decisions: u32,
 }
 
 /// Smallest downtime-limit the tuner sets, ms.
 pub const SWITCHOVER_FLOOR_MS: u64 = 30;
+
+/// QEMU's default max-bandwidth, bytes/s.
+pub const QEMU_DEFAULT_MAX_BANDWIDTH: u64 = 128 << 20;
+
+/// Decisions in a row without convergence before the tuner says so.
+pub const NOT_CONVERGING_AFTER: u32 = 3;
+
+/// What the agent knows beyond the session's own figures, from its answer
+/// to the driver's `progress` report, and QEMU's dirty rate.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TuneInputs {
+    /// Predicted wire rate (5-s mean), bytes/s, and the predictor's name.
+    pub predicted_wire: Option<(f64, String)>,
+    /// Measured raw bytes per wire byte.
+    pub ratio: Option<f64>,
+    /// Guest RAM dirtied per second, bytes.
+    pub dirty_rate: Option<f64>,
+    /// Guest RAM QEMU gets through per byte it writes.
+    pub ram_per_byte: Option<f64>,
+    /// Guest RAM still to send, bytes.
+    pub remaining: Option<u64>,
+}
 
 impl SwitchoverTuner {
     /// A tuner aiming at `goal_ms` of downtime as the destination sees it.
@@ -274,7 +327,22 @@ impl SwitchoverTuner {
             goal_ms,
             last: None,
             sent: None,
+            max_bandwidth: QEMU_DEFAULT_MAX_BANDWIDTH,
+            lift_bandwidth: false,
+            behind: 0,
+            not_converging: None,
+            decisions: 0,
         }
+    }
+
+    /// Lets the tuner raise QEMU's max-bandwidth, which starts at `current`
+    /// bytes/s (None: the operator fixed it; the tuner leaves it alone).
+    pub fn with_max_bandwidth(mut self, current: Option<u64>) -> Self {
+        if let Some(c) = current {
+            self.max_bandwidth = c;
+            self.lift_bandwidth = true;
+        }
+        self
     }
 
     /// Whether a second has passed since the last look (fetch the session's
@@ -285,8 +353,14 @@ impl SwitchoverTuner {
     }
 
     /// Parameters to set on the source now (`migrate-set-parameters`), from
-    /// the relay session's stats; None when nothing (new) is known.
+    /// the relay session's stats alone; None when nothing (new) is known.
     pub fn params(&mut self, session: &Value) -> Option<Value> {
+        self.decide(session, &TuneInputs::default())
+    }
+
+    /// One decision of the loop (type doc): parameters to set on the
+    /// source now, None when nothing (new) is known. Logged with its inputs.
+    pub fn decide(&mut self, session: &Value, i: &TuneInputs) -> Option<Value> {
         if !self.due() {
             return None;
         }
@@ -294,7 +368,7 @@ impl SwitchoverTuner {
         let wire_rate = session["delivery_rate"]
             .as_u64()
             .filter(|r| *r >= 1 << 20)?;
-        let rate = session["raw_rate"].as_u64().filter(|r| *r >= 1 << 20)?;
+        let measured_raw = session["raw_rate"].as_u64().filter(|r| *r >= 1 << 20)?;
         let inflight = session["inflight_bytes"].as_u64().unwrap_or(0);
         let rtt_ms = session["min_rtt_us"].as_u64().unwrap_or(0) / 1000;
         let pipeline_ms = inflight.saturating_mul(1000) / wire_rate;
@@ -302,14 +376,82 @@ impl SwitchoverTuner {
             .goal_ms
             .saturating_sub(pipeline_ms + rtt_ms)
             .max(SWITCHOVER_FLOOR_MS);
-        // Leave QEMU alone for changes under 10 %.
-        if let Some((l, r)) = self.sent {
-            if l.abs_diff(limit) * 10 < l && r.abs_diff(rate) * 10 < r {
-                return None;
+        // The raw rate to expect: predicted wire rate x measured ratio.
+        let ratio = i
+            .ratio
+            .filter(|r| r.is_finite() && *r > 0.0)
+            .unwrap_or(measured_raw as f64 / wire_rate as f64);
+        let (rate, source) = match &i.predicted_wire {
+            Some((w, name)) if w.is_finite() && *w * ratio >= (1 << 20) as f64 => {
+                ((*w * ratio) as u64, name.as_str())
             }
+            _ => (measured_raw, "measured"),
+        };
+        self.decisions += 1;
+        let mut params = serde_json::Map::new();
+        // Leave QEMU alone for changes under 10 %.
+        let small = self
+            .sent
+            .is_some_and(|(l, r)| l.abs_diff(limit) * 10 < l && r.abs_diff(rate) * 10 < r);
+        if !small {
+            self.sent = Some((limit, rate));
+            params.insert("downtime-limit".into(), json!(limit));
+            params.insert("avail-switchover-bandwidth".into(), json!(rate));
         }
-        self.sent = Some((limit, rate));
-        Some(json!({"downtime-limit": limit, "avail-switchover-bandwidth": rate}))
+        if self.lift_bandwidth && rate * 5 >= self.max_bandwidth * 4 {
+            self.max_bandwidth = rate.saturating_mul(2);
+            params.insert("max-bandwidth".into(), json!(self.max_bandwidth));
+        }
+        // Convergence: RAM the link gets through per second against what
+        // the guest dirties.
+        let rpb = i
+            .ram_per_byte
+            .filter(|r| r.is_finite() && *r >= 1.0)
+            .unwrap_or(1.0);
+        let through = rate as f64 * rpb;
+        let dirty = i.dirty_rate.filter(|d| d.is_finite()).unwrap_or(0.0);
+        if dirty > 0.0 && through <= dirty {
+            self.behind += 1;
+        } else {
+            self.behind = 0;
+        }
+        tracing::info!(
+            downtime_limit_ms = limit,
+            switchover_mb_s = rate as f64 / 1e6,
+            max_bandwidth_mb_s = self.max_bandwidth as f64 / 1e6,
+            rate_source = source,
+            wire_mb_s = wire_rate as f64 / 1e6,
+            predicted_wire_mb_s = i.predicted_wire.as_ref().map(|p| p.0 / 1e6),
+            ratio,
+            dirty_mb_s = dirty / 1e6,
+            ram_per_byte = rpb,
+            inflight_bytes = inflight,
+            min_rtt_ms = rtt_ms,
+            set = ?params.keys().collect::<Vec<_>>(),
+            "tuning"
+        );
+        if self.behind >= NOT_CONVERGING_AFTER && self.not_converging.is_none() {
+            let wire = rate as f64 / ratio;
+            tracing::warn!(
+                "tuning: this migration will not converge at this pace: the link is expected to \
+                 carry {:.1} Mbit/s ({source}) x ratio {ratio:.2} x {rpb:.2} RAM per byte = \
+                 {:.1} MB/s of guest RAM, the guest dirties {:.1} MB/s ({} decisions in a row; \
+                 {:.0} MiB left). Enable auto-converge before migrating (`dwcp migrate --auto-converge`) or lower the guest's \
+                 load; QEMU refuses to switch it on during a migration",
+                wire * 8.0 / 1e6,
+                through / 1e6,
+                dirty / 1e6,
+                self.behind,
+                i.remaining.unwrap_or(0) as f64 / 1048576.0
+            );
+            self.not_converging = Some(json!({
+                "at_decision": self.decisions, "wire_mbit": wire * 8.0 / 1e6,
+                "rate_source": source, "ratio": ratio, "ram_per_byte": rpb,
+                "ram_mb_s": through / 1e6, "dirty_mb_s": dirty / 1e6,
+                "remaining_bytes": i.remaining,
+            }));
+        }
+        (!params.is_empty()).then_some(Value::Object(params))
     }
 }
 
@@ -391,6 +533,54 @@ mod tests {
         let mut t = SwitchoverTuner::new(300);
         let p = t.params(&session(1_000_000_000, 2_000_000, 100)).unwrap();
         assert_eq!(p["downtime-limit"], 298);
+    }
+
+    #[test]
+    fn the_loop_uses_the_prediction_lifts_the_cap_and_says_when_it_cannot_converge() {
+        // 100 MB/s measured wire, ratio 2: 200 MB/s raw; a prediction of
+        // 10 MB/s wire (the link is about to drop) x ratio 3.
+        let mut t = SwitchoverTuner::new(300).with_max_bandwidth(Some(128 << 20));
+        let i = TuneInputs {
+            predicted_wire: Some((10e6, "lstm".into())),
+            ratio: Some(3.0),
+            dirty_rate: Some(8e6),
+            ram_per_byte: Some(1.0),
+            remaining: Some(1 << 30),
+        };
+        let p = t.decide(&session(100_000_000, 0, 100), &i).unwrap();
+        assert_eq!(p["avail-switchover-bandwidth"], 30_000_000);
+        assert!(
+            p.get("max-bandwidth").is_none(),
+            "30 MB/s is far below the cap"
+        );
+        // Measured only: 200 MB/s raw comes near the 128 MiB/s cap: lifted.
+        let mut t = SwitchoverTuner::new(300).with_max_bandwidth(Some(128 << 20));
+        let p = t
+            .decide(&session(100_000_000, 0, 100), &TuneInputs::default())
+            .unwrap();
+        assert_eq!(p["max-bandwidth"], 400_000_000);
+        // The operator's cap stays.
+        let mut t = SwitchoverTuner::new(300).with_max_bandwidth(None);
+        let p = t
+            .decide(&session(100_000_000, 0, 100), &TuneInputs::default())
+            .unwrap();
+        assert!(p.get("max-bandwidth").is_none());
+        // 2 MB/s wire x 3 = 6 MB/s of RAM against 8 MB/s dirtied: after
+        // three decisions in a row, the verdict with its numbers.
+        let mut t = SwitchoverTuner::new(300);
+        let slow = TuneInputs {
+            predicted_wire: Some((2e6, "lstm".into())),
+            ..i
+        };
+        for k in 0..NOT_CONVERGING_AFTER {
+            t.last = None;
+            t.decide(&session(2_000_000, 0, 100), &slow);
+            assert_eq!(t.not_converging.is_some(), k + 1 == NOT_CONVERGING_AFTER);
+        }
+        let v = t.not_converging.clone().unwrap();
+        assert_eq!(v["ram_mb_s"], 6.0);
+        assert_eq!(v["dirty_mb_s"], 8.0);
+        assert_eq!(v["rate_source"], "lstm");
     }
 
     #[test]

@@ -38,7 +38,13 @@ pub struct MigrateArgs {
     /// Enable QEMU's return path (carried back through the same streams).
     #[arg(long)]
     return_path: bool,
-    /// QEMU max-bandwidth in MiB/s (default: QEMU's).
+    /// Enable QEMU's auto-converge: QEMU throttles a guest that dirties
+    /// memory faster than the migration sends it (the tuning loop warns
+    /// early when that is the case; QEMU cannot switch it on mid-way).
+    #[arg(long)]
+    auto_converge: bool,
+    /// QEMU max-bandwidth in MiB/s (default: QEMU's; the tuning loop lifts
+    /// QEMU's default cap when the link can carry more).
     #[arg(long)]
     max_bandwidth_mb: Option<u64>,
     /// Downtime to aim at, ms, as the destination sees it: once a second
@@ -135,6 +141,7 @@ fn run_inner(
         multifd_compression: None,
         xbzrle: false,
         return_path: a.return_path,
+        auto_converge: a.auto_converge,
         max_bandwidth: a.max_bandwidth_mb.map(|m| m << 20),
         downtime_limit_ms: a.downtime_limit_ms,
         tls_dir: None,
@@ -160,10 +167,13 @@ fn run_inner(
             .expect("valid template"),
     );
     let t0 = Instant::now();
-    let mut tuner = a
-        .downtime_limit_ms
-        .is_none()
-        .then(|| qemu::SwitchoverTuner::new(a.downtime_goal_ms));
+    let mut tuner = a.downtime_limit_ms.is_none().then(|| {
+        qemu::SwitchoverTuner::new(a.downtime_goal_ms).with_max_bandwidth(
+            a.max_bandwidth_mb
+                .is_none()
+                .then_some(qemu::QEMU_DEFAULT_MAX_BANDWIDTH),
+        )
+    });
     let agent = a.agent.clone();
     let name = a.name.clone();
     let mut reporter = Reporter::new(a.agent.clone(), &a.name);
@@ -196,7 +206,7 @@ fn run_inner(
             bar.set_position(total.saturating_sub(remaining));
         }
         let eta = match eta_s {
-            Some(s) => format!("{s:.1} s"),
+            Some(s) => format!("{s:.1} s ({source})"),
             None => "?".into(),
         };
         bar.set_message(format!(
@@ -209,10 +219,18 @@ fn run_inner(
         ));
         bar.tick();
         let t = tuner.as_mut()?;
+        let view = reporter.agent_view().unwrap_or_default();
+        let inputs = qemu::TuneInputs {
+            predicted_wire: view.predicted_wire,
+            ratio: view.ratio,
+            dirty_rate: report.dirty_rate_bytes_s,
+            ram_per_byte: report.ram_per_byte,
+            remaining: report.remaining_bytes,
+        };
         t.due()
             .then(|| dwcp_core::agent::newest_session(&agent, &name))
             .flatten()
-            .and_then(|s| t.params(&s))
+            .and_then(|s| t.decide(&s, &inputs))
     };
     let uri = format!("unix:{socket}");
     let timeout = Duration::from_secs(a.timeout);
@@ -232,6 +250,9 @@ fn run_inner(
     };
     let migrated_s = t0.elapsed().as_secs_f64();
     bar.finish_and_clear();
+    let tuning = tuner
+        .as_ref()
+        .map(|t| json!({"decisions": t.decisions, "not_converging": t.not_converging}));
     if let Ok(r) = &result {
         // The downtime, for the agent's metrics and dashboard.
         reporter.finish(&progress::Progress {
@@ -274,6 +295,9 @@ fn run_inner(
         // The ETA shown at 25/50/75 % of the migration against the time
         // it really took from then (QEMU's migrate to completion).
         "eta": etas.checks(migrated_s),
+        // The closed-loop tuning: decisions taken, and the first verdict
+        // that the migration could not converge (with its numbers).
+        "tuning": tuning,
         "gate": gate.map(|g| json!({"guest": g.guest, "epoch": g.epoch, "src": g.src, "dst": g.dst})),
     });
     if a.json {

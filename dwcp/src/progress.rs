@@ -91,6 +91,10 @@ pub struct AgentView {
     pub eta_s: Option<f64>,
     pub eta_source: Option<String>,
     pub mode: Option<String>,
+    /// The agent's predicted wire rate (5-s mean), bytes/s, and predictor.
+    pub predicted_wire: Option<(f64, String)>,
+    /// The measured compression ratio (raw bytes per wire byte).
+    pub ratio: Option<f64>,
 }
 
 impl AgentView {
@@ -99,6 +103,16 @@ impl AgentView {
             eta_s: v["eta_s"].as_f64().filter(|e| e.is_finite() && *e >= 0.0),
             eta_source: v["eta_source"].as_str().map(str::to_string),
             mode: v["mode"].as_str().map(str::to_string),
+            predicted_wire: v["prediction"]["mean_5s_mbit"]
+                .as_f64()
+                .filter(|r| r.is_finite() && *r >= 0.0)
+                .map(|r| {
+                    let name = v["prediction"]["predictor"].as_str().unwrap_or("?");
+                    (r * 1e6 / 8.0, name.to_string())
+                }),
+            ratio: v["measured"]["ratio"]
+                .as_f64()
+                .filter(|r| r.is_finite() && *r > 0.0),
         }
     }
 }

@@ -136,6 +136,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         println!("   same guest, same link, QEMU's own tcp: channel ...");
         let setup = MigrationSetup {
             return_path: true,
+            auto_converge: false,
             ..Default::default()
         };
         Some(native_run(&lab, &spec, &setup, 7171)?)

@@ -195,6 +195,7 @@ pub fn start_incoming(
     let setup = MigrationSetup {
         multifd_channels: mig.multifd,
         return_path: mig.return_path,
+        auto_converge: false,
         ..Default::default()
     };
     let mut dq = dst.qmp()?;

@@ -165,6 +165,8 @@ mod tests {
             cwnd_segments: 0,
             inflight_bytes: 0,
             codec_cpu: 0.0,
+            window_rate_bytes_s: None,
+            rwnd_limited: 0.0,
         };
         let mut m = MeasuredRate::default();
         m.push(&sample(0.0, None));

@@ -420,6 +420,12 @@ impl ModeDetector {
         };
         if self.current.is_some() {
             self.report.switches += 1;
+            // What was measured before the switch describes the old path:
+            // the samples between the real change and the switch (RTT
+            // already low, retransmissions of what the old path dropped
+            // still counted) must not vote on the new one.
+            self.losses.clear();
+            self.held = None;
         }
         self.current = Some(to);
         self.since_s = s.at_s;
@@ -464,6 +470,8 @@ mod tests {
             cwnd_segments: 0,
             inflight_bytes: 0,
             codec_cpu: 0.0,
+            window_rate_bytes_s: None,
+            rwnd_limited: 0.0,
         }
     }
 
@@ -645,6 +653,27 @@ mod tests {
         let sw = run(&mut d, 3.5, 6.0, |t| s(t, 0.2, None, None));
         assert_eq!(sw.len(), 1);
         assert!(sw[0].at_s <= 5.0, "{sw:?}");
+    }
+
+    #[test]
+    fn a_switch_forgets_the_old_paths_loss_and_capacity() {
+        let mut d = detector();
+        // A 100 Mbit/s path at 30 ms with 0.15 % loss: internet by capacity.
+        let slow = |t: f64| s(t, 30.0, Some(95.0), Some(0.0015));
+        assert_eq!(run(&mut d, 0.5, 10.0, slow).len(), 1);
+        assert!(d.held.is_some() && !d.losses.is_empty());
+        // It becomes a 35 ms path (the same path by RTT) with 5 Gbit/s: the
+        // capacity vote turns datacenter, latency hybrid.
+        let fast = |t: f64| s(t, 35.0, Some(5000.0), None);
+        let sw = run(&mut d, 10.5, 14.0, fast);
+        assert_eq!(sw.len(), 1, "{sw:?}");
+        assert_eq!(sw[0].to, Hybrid);
+        // The switch dropped the old path's loss samples (the switching
+        // sample itself carried none) and its capacity: the 5 Gbit/s
+        // measurements since are the only ones.
+        let switched_at = sw[0].at_s;
+        assert!(d.losses.iter().all(|l| l.0 > switched_at), "{:?}", d.losses);
+        assert!(d.held.is_none_or(|h| h.0 > switched_at));
     }
 
     #[test]

@@ -108,7 +108,26 @@ pub struct LinkSample {
     pub inflight_bytes: u64,
     /// Codec workers' CPU use, cores (1.0 = one core encoding all the time).
     pub codec_cpu: f64,
+    /// What the streams' congestion windows allow at their smoothed RTTs,
+    /// wire bytes/s (sum over the streams of cwnd x MSS / RTT); None
+    /// without an RTT.
+    pub window_rate_bytes_s: Option<f64>,
+    /// Share of the interval the streams were stalled by the peer's receive
+    /// window (mean over the streams, 0..=1).
+    pub rwnd_limited: f64,
 }
+
+/// A delivered rate this many times below what the congestion windows
+/// allow is not the path's capacity: the windows were not the limit, so
+/// neither was the link (module doc).
+pub const WINDOW_SLACK: f64 = 4.0;
+
+/// Share of an interval stalled by the peer's receive window above which
+/// the peer, not the path, set the pace.
+pub const RWND_LIMITED_MAX: f64 = 0.25;
+
+/// MSS assumed when the kernel reports none.
+const DEFAULT_MSS: u32 = 1448;
 
 /// Per-stream totals of the previous sample.
 #[derive(Debug, Clone, Copy, Default)]
@@ -117,6 +136,7 @@ struct StreamPrev {
     total_retrans: u32,
     dsack_dups: u32,
     segs_out: u32,
+    rwnd_limited_us: u64,
 }
 
 impl StreamPrev {
@@ -126,6 +146,7 @@ impl StreamPrev {
             total_retrans: i.total_retrans,
             dsack_dups: i.dsack_dups,
             segs_out: i.data_segs_out,
+            rwnd_limited_us: i.rwnd_limited_us,
         }
     }
 }
@@ -171,6 +192,7 @@ impl LinkSampler {
         }
         let (mut sent, mut retrans, mut dsack, mut segs) = (0u64, 0u32, 0u32, 0u32);
         let mut cwnd = 0u32;
+        let (mut window_rate, mut rwnd_us, mut n_info) = (0f64, 0u64, 0u32);
         let (mut rtt, mut min_rtt): (Option<u32>, Option<u32>) = (None, None);
         for (info, prev) in streams.iter().zip(self.streams.iter_mut()) {
             let Some(i) = info else { continue };
@@ -180,6 +202,20 @@ impl LinkSampler {
             dsack = dsack.saturating_add(i.dsack_dups.saturating_sub(p.dsack_dups));
             segs = segs.saturating_add(i.data_segs_out.saturating_sub(p.segs_out));
             cwnd = cwnd.saturating_add(i.cwnd);
+            n_info += 1;
+            // The first reading of a stream has no previous one: its
+            // cumulative stall time is not this interval's.
+            if prev.is_some() {
+                rwnd_us += i.rwnd_limited_us.saturating_sub(p.rwnd_limited_us);
+            }
+            if i.rtt_us > 0 {
+                let mss = if i.snd_mss > 0 {
+                    i.snd_mss
+                } else {
+                    DEFAULT_MSS
+                };
+                window_rate += i.cwnd as f64 * mss as f64 / (i.rtt_us as f64 / 1e6);
+            }
             if i.rtt_us > 0 {
                 rtt = Some(rtt.map_or(i.rtt_us, |r| r.min(i.rtt_us)));
             }
@@ -202,12 +238,28 @@ impl LinkSampler {
         } else {
             0.0
         };
+        let window_rate = (window_rate > 0.0).then_some(window_rate);
+        let rwnd_limited = if n_info > 0 {
+            (rwnd_us as f64 / 1e6 / dt / n_info as f64).min(1.0)
+        } else {
+            0.0
+        };
+        // The link is the bottleneck when the session found it backlogged
+        // for most of the interval, the peer's receive window did not hold
+        // the streams back, and the congestion windows were (near) the
+        // limit: a path that delivers far less than the windows allow was
+        // not what stopped the sender (a starved CPU at either end, a
+        // stream restarting after idle), and reading that as the path's
+        // capacity made a bridge look like a 59 Mbit/s link.
+        let window_bound = window_rate.is_none_or(|w| delivered * WINDOW_SLACK >= w);
+        let bottleneck =
+            link_bound >= 0.5 && delivered > 0.0 && rwnd_limited < RWND_LIMITED_MAX && window_bound;
         let sample = LinkSample {
             at_s: now.at.saturating_duration_since(self.started).as_secs_f64(),
             interval_s: dt,
             rtt_us: rtt,
             min_rtt_us: min_rtt,
-            capacity_bytes_s: (link_bound >= 0.5 && delivered > 0.0).then_some(delivered),
+            capacity_bytes_s: bottleneck.then_some(delivered),
             rate_floor_bytes_s: wire_rate.max(delivered),
             link_bound,
             wire_rate_bytes_s: wire_rate,
@@ -223,6 +275,8 @@ impl LinkSampler {
             cwnd_segments: cwnd,
             inflight_bytes: now.inflight,
             codec_cpu: now.encode_ns.saturating_sub(self.prev.encode_ns) as f64 / 1e9 / dt,
+            window_rate_bytes_s: window_rate,
+            rwnd_limited,
         };
         self.prev = *now;
         sample
@@ -284,6 +338,52 @@ mod tests {
         assert_eq!(b.capacity_bytes_s, None);
         assert!((b.rate_floor_bytes_s - 2e6).abs() < 1.0, "{b:?}");
         assert_eq!(b.loss, None, "no segment sent");
+    }
+
+    #[test]
+    fn capacity_needs_the_windows_to_be_the_limit() {
+        // The flap of the replay test: 59 Mbit/s (7.4 MB/s) delivered on a
+        // bridge (0.23 ms RTT) with the session backlogged. Four streams of
+        // 10 segments at 0.23 ms allow 4 x 10 x 1448 / 0.00023 = 252 MB/s:
+        // the windows were not the limit, so this is no capacity.
+        let t0 = Instant::now();
+        let bridge = |sent: u64, rwnd_us: u64| TcpInfo {
+            rtt_us: 230,
+            min_rtt_us: 200,
+            cwnd: 10,
+            snd_mss: 1448,
+            bytes_sent: sent,
+            data_segs_out: (sent / 1448) as u32,
+            rwnd_limited_us: rwnd_us,
+            ..Default::default()
+        };
+        let mut s = LinkSampler::new(t0);
+        let streams = vec![Some(bridge(925_000, 0)); 4];
+        let a = s.sample(&totals(t0, 500, 3_700_000, 10), &streams);
+        assert_eq!(a.capacity_bytes_s, None, "{a:?}");
+        assert!((a.window_rate_bytes_s.unwrap() - 4.0 * 10.0 * 1448.0 / 230e-6).abs() < 1.0);
+        // The same windows at 80 ms allow 724 KB/s: 7.4 MB/s is above that,
+        // the windows were the limit: a capacity.
+        let mut s = LinkSampler::new(t0);
+        let wan = |sent| TcpInfo {
+            rtt_us: 80_000,
+            ..bridge(sent, 0)
+        };
+        let streams = vec![Some(wan(925_000)); 4];
+        let a = s.sample(&totals(t0, 500, 3_700_000, 10), &streams);
+        assert_eq!(a.capacity_bytes_s, Some(7.4e6));
+        // Stalled by the peer's receive window for half of the interval
+        // (from the second reading on): the peer set the pace.
+        let streams = vec![
+            Some(TcpInfo {
+                rwnd_limited_us: 250_000,
+                ..wan(1_850_000)
+            });
+            4
+        ];
+        let b = s.sample(&totals(t0, 1000, 7_400_000, 20), &streams);
+        assert!((b.rwnd_limited - 0.5).abs() < 1e-9, "{b:?}");
+        assert_eq!(b.capacity_bytes_s, None);
     }
 
     #[test]

@@ -16,8 +16,9 @@
 //! dirty rate and the session's measured rate and compression ratio
 //! ([`crate::adapt::eta`]; with `"ram_per_byte":F`, the guest RAM QEMU
 //! gets through per byte it writes, zero pages being nearly free), and
-//! answers it (`eta_s`, `eta_source: "model"`)
-//! with the link mode; without it the driver's own `eta_s` stands
+//! answers it (`eta_s`, `eta_source: "model"`, or `"predicted"` when the
+//! rate came from the agent's bandwidth predictor, [`crate::predict::latest`])
+//! with the link mode, the rate estimate and the prediction; without it the driver's own `eta_s` stands
 //! (`eta_source: "driver"`).
 //!
 //! Every field but `name` is optional; a field left out (or not a finite
@@ -82,8 +83,9 @@ pub struct MigrationProgress {
     /// guest's dirty rate; None when that is unknown or the guest dirties
     /// as fast as the migration sends.
     pub eta_s: Option<f64>,
-    /// Who computed `eta_s`: `model` (the agent, from the measured rate,
-    /// ratio and dirty rate) or `driver`.
+    /// Who computed `eta_s`: `predicted` (the agent, from the predicted
+    /// rate, the measured ratio and the dirty rate), `model` (the same with
+    /// the measured rate) or `driver`.
     pub eta_source: Option<&'static str>,
     /// QEMU's expected downtime at this point, ms.
     pub expected_downtime_ms: Option<u64>,
@@ -140,9 +142,25 @@ pub(super) fn progress(st: &Arc<State>, r: ProgressRequest) -> Result<Value, Str
         return Ok(json!({"ok": true, "session": null}));
     };
     let id = session.id();
-    // The model's ETA, from the session's measured rate and ratio.
+    // The model's ETA, from the predicted rate (the agent's predictor, when
+    // this is its only running migration: it predicts the sum of them) or
+    // else the session's measured rate, and the measured ratio.
     let adapt = session.adapt();
-    let model = match (r.remaining_bytes, adapt.estimate, r.downtime_ms) {
+    let sources = st
+        .sessions
+        .lock()
+        .iter()
+        .filter(|s| s.role() == Role::Initiator && !s.is_finished())
+        .count();
+    // The predictor samples once a second: before it has seen a few
+    // seconds of this session its figure is the previous migration's, or
+    // one partial second of this one.
+    let seen = session.started().elapsed() >= PREDICTION_AFTER;
+    let predicted = (sources == 1 && seen)
+        .then(crate::predict::latest)
+        .flatten();
+    let estimate = predicted_estimate(adapt.estimate, predicted.as_ref().map(|p| p.0));
+    let model = match (r.remaining_bytes, estimate, r.downtime_ms) {
         (Some(remaining), Some(estimate), None) if r.dirty_rate_bytes_s.is_some() => {
             eta::eta_s(&eta::EtaInput {
                 remaining_bytes: remaining,
@@ -154,6 +172,9 @@ pub(super) fn progress(st: &Arc<State>, r: ProgressRequest) -> Result<Value, Str
         _ => None,
     };
     let (eta_s, eta_source) = match (model, r.eta_s) {
+        (Some(m), _) if estimate.is_some_and(|e| e.source == PREDICTED) => {
+            (Some(m), Some(PREDICTED))
+        }
         (Some(m), _) => (Some(m), Some("model")),
         (None, Some(d)) => (Some(d), Some("driver")),
         (None, None) => (None, None),
@@ -186,15 +207,70 @@ pub(super) fn progress(st: &Arc<State>, r: ProgressRequest) -> Result<Value, Str
             o(p);
         }
     }
+    let prediction = predicted.map(|(p, name)| {
+        json!({"next_1s_mbit": p.next_1s, "mean_5s_mbit": p.mean_5s, "predictor": name})
+    });
     Ok(
         json!({"ok": true, "session": id, "eta_s": eta_s, "eta_source": eta_source,
-              "mode": adapt.mode.mode, "estimate": adapt.estimate}),
+              "mode": adapt.mode.mode, "estimate": estimate, "measured": adapt.estimate,
+              "prediction": prediction,
+              "codec_cpu": adapt.link.map(|l| l.codec_cpu)}),
     )
+}
+
+/// How long a session runs before its ETA may use the predicted rate.
+pub const PREDICTION_AFTER: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// `eta_source` and [`eta::RateEstimate::source`] of an ETA from the
+/// predicted rate.
+pub const PREDICTED: &str = "predicted";
+
+/// The rate estimate an ETA is computed from: the predicted wire rate (the
+/// 5-s mean, Mbit/s) with the measured compression ratio when both are
+/// there, else the measured estimate. A prediction of 0 (the predictor saw
+/// nothing moving) is no estimate.
+pub fn predicted_estimate(
+    measured: Option<eta::RateEstimate>,
+    predicted: Option<crate::predict::Prediction>,
+) -> Option<eta::RateEstimate> {
+    let m = measured?;
+    match predicted {
+        Some(p) if p.mean_5s.is_finite() && p.mean_5s > 0.0 => Some(eta::RateEstimate {
+            wire_rate_bytes_s: p.mean_5s * 1e6 / 8.0,
+            ratio: m.ratio,
+            source: PREDICTED,
+        }),
+        _ => Some(m),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_prediction_replaces_the_measured_rate_and_keeps_the_ratio() {
+        let m = eta::RateEstimate {
+            wire_rate_bytes_s: 12.5e6,
+            ratio: 2.5,
+            source: "measured",
+        };
+        let p = |mean_5s: f64| crate::predict::Prediction {
+            next_1s: mean_5s,
+            mean_5s,
+        };
+        let e = predicted_estimate(Some(m), Some(p(20.0))).unwrap();
+        assert_eq!(
+            (e.wire_rate_bytes_s, e.ratio, e.source),
+            (2.5e6, 2.5, PREDICTED)
+        );
+        // no prediction, a zero or NaN one: the measured rate
+        assert_eq!(predicted_estimate(Some(m), None), Some(m));
+        assert_eq!(predicted_estimate(Some(m), Some(p(0.0))), Some(m));
+        assert_eq!(predicted_estimate(Some(m), Some(p(f64::NAN))), Some(m));
+        // nothing measured yet (no ratio): no estimate
+        assert_eq!(predicted_estimate(None, Some(p(20.0))), None);
+    }
 
     #[test]
     fn bad_numbers_count_as_missing() {

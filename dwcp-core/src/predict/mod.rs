@@ -20,6 +20,9 @@ mod lstm;
 pub use lstm::{Lstm, ModelError, ModelFile, ModelInfo};
 
 use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
 
 /// One prediction, Mbit/s.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -28,6 +31,35 @@ pub struct Prediction {
     pub next_1s: f64,
     /// The mean rate over the next five intervals.
     pub mean_5s: f64,
+}
+
+/// The agent's newest prediction of the wire rate of its migrations (the
+/// sum over its sessions), with the predictor's name: the agent's predictor
+/// thread publishes it once a second ([`publish`]), the closed-loop tuning
+/// and the ETA read it ([`latest`]). One agent per process.
+static LATEST: Mutex<Option<(Instant, Prediction, String)>> = Mutex::new(None);
+
+/// How long a published prediction stands (the predictor runs once a
+/// second; three missed runs and it is stale).
+pub const PREDICTION_FRESH: Duration = Duration::from_secs(3);
+
+/// Publishes the agent's newest prediction (Mbit/s) by `predictor`. A
+/// prediction that is not finite or negative is not published.
+pub fn publish(p: Prediction, predictor: &str) {
+    if [p.next_1s, p.mean_5s]
+        .iter()
+        .all(|v| v.is_finite() && *v >= 0.0)
+    {
+        *LATEST.lock() = Some((Instant::now(), p, predictor.to_string()));
+    }
+}
+
+/// The newest published prediction and its predictor, while fresh
+/// ([`PREDICTION_FRESH`]).
+pub fn latest() -> Option<(Prediction, String)> {
+    let l = LATEST.lock();
+    let (at, p, name) = l.as_ref()?;
+    (at.elapsed() < PREDICTION_FRESH).then(|| (*p, name.clone()))
 }
 
 /// A bandwidth predictor fed one rate sample per interval.

@@ -86,6 +86,8 @@ pub struct TcpInfo {
     pub min_rtt_us: u32,
     /// Congestion window, segments.
     pub cwnd: u32,
+    /// Sender's maximum segment size, bytes.
+    pub snd_mss: u32,
     /// Segments retransmitted over the connection's life.
     pub total_retrans: u32,
     /// Kernel's estimate of the delivery rate, bytes/s.
@@ -183,6 +185,7 @@ pub fn tcp_info(s: &TcpStream) -> std::io::Result<TcpInfo> {
         rttvar_us: info.u32s[16],
         min_rtt_us: info.u32s2[3],
         cwnd: info.u32s[18],
+        snd_mss: info.u32s[2],
         total_retrans: info.u32s[23],
         delivery_rate: info.delivery_rate,
         bytes_acked: info.bytes_acked,

@@ -230,6 +230,7 @@ fn contender(full: &str) -> Result<Kind> {
             multifd_compression: comp.map(str::to_string),
             xbzrle,
             return_path: true,
+            auto_converge: false,
             ..Default::default()
         })
     };
@@ -660,6 +661,7 @@ fn run_inner(
             let socket = route["socket"].as_str().unwrap_or_default().to_string();
             let setup = MigrationSetup {
                 return_path: true,
+                auto_converge: false,
                 multifd_channels: *multifd,
                 max_bandwidth: *bandwidth,
                 ..Default::default()

@@ -507,8 +507,9 @@ pub fn deploy(a: DeployArgs, json_out: bool) -> Result<PathBuf> {
 /// The agent's predictor: `MODEL_DIR/internet.onnx` when it loads (else
 /// `ewma(0.9)`, said once in the log), reloaded when the file changes, fed
 /// once a second with the wire rate of the agent's migrations (read from its
-/// own control socket, as `collect-samples` does). Until the tuning loop
-/// consumes it, its predictions are logged at debug level.
+/// own control socket, as `collect-samples` does). Each prediction is
+/// published ([`predict::publish`]) for the ETA and the tuning of the
+/// agent's migrations (docs/adaptivity.md), and logged at debug level.
 pub fn spawn_agent_predictor(control: PathBuf, model_dir: PathBuf) -> Result<()> {
     std::thread::Builder::new()
         .name("pba".into())
@@ -529,6 +530,7 @@ pub fn spawn_agent_predictor(control: PathBuf, model_dir: PathBuf) -> Result<()>
                         let dt = at.duration_since(*t).as_secs_f64().max(1e-3);
                         model.observe(bytes as f64 * 8.0 / dt / 1e6);
                         if let Some(p) = model.predict() {
+                            predict::publish(p, &model.name());
                             tracing::debug!(
                                 "bandwidth prediction ({}): next 1 s {:.1} Mbit/s, 5-s mean {:.1} Mbit/s",
                                 model.name(),

@@ -306,7 +306,8 @@ impl Session {
         }
         let tier = if cfg.auto_tier {
             let rtt = super::tcp::path_min_rtt_us(&shutdown_clones);
-            let tier = tune::initial_tier(rtt);
+            let mode = &cfg.adapt.mode;
+            let tier = tune::initial_tier(rtt, (mode.internet_rtt_ms * 1000.0) as u32, mode.fixed);
             info!(name, %tier, min_rtt_us = rtt, "auto tier: start");
             tier
         } else {

@@ -7,6 +7,7 @@
 use std::collections::VecDeque;
 use std::time::Instant;
 
+use crate::adapt::LinkMode;
 use crate::codec::Tier;
 
 /// The slack the in-flight budget adds to two RTTs, seconds: ten RTTs,
@@ -136,8 +137,29 @@ impl InflightTuner {
     }
 }
 
-/// The tiers `--codec auto` moves along, cheapest first.
-pub(super) const AUTO_TIERS: [Tier; 4] = [Tier::Raw, Tier::Lz4, Tier::Zstd(1), Tier::Zstd(3)];
+/// The tiers `--codec auto` moves along, cheapest first. The last one
+/// (above zstd:3) only on a slow link with the encoders mostly idle
+/// ([`HIGH_LEVEL_BELOW`], [`HIGH_LEVEL_MAX_CPU`]).
+pub(super) const AUTO_TIERS: [Tier; 5] = [
+    Tier::Raw,
+    Tier::Lz4,
+    Tier::Zstd(1),
+    Tier::Zstd(3),
+    Tier::Zstd(6),
+];
+
+/// Index in [`AUTO_TIERS`] of zstd:3, the top of the ordinary climb.
+const ZSTD3: usize = 3;
+
+/// Step above zstd:3 only on links slower than this (wire bytes/s): the
+/// seed recommends higher zstd levels below 1 Gbit/s; zstd:6 costs about
+/// twice zstd:3's CPU per byte, so keep it to links well under that where
+/// one core has room to spare (200 Mbit/s).
+pub(super) const HIGH_LEVEL_BELOW: f64 = 25e6;
+
+/// ...and only while the encoders used less than this many cores over the
+/// last second (about twice that at the higher level).
+pub(super) const HIGH_LEVEL_MAX_CPU: f64 = 0.4;
 
 /// Paths whose lowest RTT is below this are "datacenter": start raw.
 pub const DC_RTT_US: u32 = 1000;
@@ -148,14 +170,30 @@ pub const DC_RTT_US: u32 = 1000;
 /// link and saves bytes.
 pub(super) const RAW_UPGRADE_BELOW: f64 = 200e6;
 
-/// The tier `--codec auto` starts a session with, from its path's lowest
-/// RTT (set before any thread reads from QEMU, so the first frames have
-/// it): raw on a datacenter path, lz4 otherwise (or when unknown).
-pub(super) fn initial_tier(min_rtt_us: Option<u32>) -> Tier {
-    if min_rtt_us.is_some_and(|r| r < DC_RTT_US) {
-        AUTO_TIERS[0]
-    } else {
-        AUTO_TIERS[1]
+/// The tier `--codec auto` starts a session with, from what is known
+/// before the first byte (set before any thread reads from QEMU, so the
+/// first frames have it): the path's lowest RTT (the handshake's) and the
+/// mode detector's internet threshold (`internet_rtt_us`), or a fixed mode.
+/// Raw on a datacenter path (or a fixed datacenter mode); zstd:3 on an
+/// internet path (RTT at or above the threshold, or a fixed internet mode):
+/// such a path is slow next to what zstd:3 encodes per core (~160 MB/s,
+/// docs/benchmarks.md), and climbing there from lz4 one link-bound second
+/// at a time sent the first seconds' burst at lz4 (~15 % more wire bytes in
+/// an `internet` benchmark); lz4 in between (or when unknown).
+pub(super) fn initial_tier(
+    min_rtt_us: Option<u32>,
+    internet_rtt_us: u32,
+    fixed: Option<LinkMode>,
+) -> Tier {
+    match fixed {
+        Some(LinkMode::Datacenter) => return AUTO_TIERS[0],
+        Some(LinkMode::Internet) => return AUTO_TIERS[ZSTD3],
+        _ => {}
+    }
+    match min_rtt_us {
+        Some(r) if r < DC_RTT_US => AUTO_TIERS[0],
+        Some(r) if r >= internet_rtt_us => AUTO_TIERS[ZSTD3],
+        _ => AUTO_TIERS[1],
     }
 }
 
@@ -180,6 +218,8 @@ pub(super) struct TierSample {
     pub(super) link_bound: bool,
     /// Wire bytes the peer has credited back so far.
     pub(super) credited_wire: u64,
+    /// Nanoseconds the encoders have spent so far.
+    pub(super) encode_ns: u64,
 }
 
 /// A tier change decided by [`TierTuner::sample`], with what it saw.
@@ -190,11 +230,14 @@ pub(super) struct TierChange {
     pub(super) cpu_bound: u32,
     /// Wire delivery rate over the samples, bytes/s.
     pub(super) rate: f64,
+    /// Encoders' CPU over the samples, cores.
+    pub(super) codec_cpu: f64,
 }
 
-/// `--codec auto`: picks the starting tier from the path (datacenter mode,
-/// min RTT under [`DC_RTT_US`]: raw; internet mode: lz4), then once a second
-/// moves one step along raw -> lz4 -> zstd:1 -> zstd:3 when most samples
+/// `--codec auto`: starts from [`initial_tier`] (raw on a datacenter path,
+/// zstd:3 on an internet one, lz4 between), then once a second
+/// moves one step along raw -> lz4 -> zstd:1 -> zstd:3 (-> zstd:6 on a slow
+/// link with idle encoders, [`HIGH_LEVEL_BELOW`]) when most samples
 /// found the link to be the bottleneck (readers waiting for credit, or
 /// encoded frames piling up for the sockets), and one step back when most
 /// found compression to be (the encode queue full). Leaving raw also needs
@@ -209,6 +252,7 @@ pub(super) struct TierTuner {
     cpu_bound: u32,
     level: usize,
     credited: u64,
+    encode_ns: u64,
     since: Option<Instant>,
     /// Raw frames are not allowed (not a datacenter path): lz4 is the floor.
     no_raw: bool,
@@ -249,6 +293,7 @@ impl TierTuner {
         }
         let since = *self.since.get_or_insert_with(|| {
             self.credited = s.credited_wire;
+            self.encode_ns = s.encode_ns;
             s.now
         });
         self.samples += 1;
@@ -257,20 +302,28 @@ impl TierTuner {
         }
         let elapsed = s.now.saturating_duration_since(since).as_secs_f64();
         let rate = (s.credited_wire - self.credited) as f64 / elapsed.max(1e-3);
+        let codec_cpu = s.encode_ns.saturating_sub(self.encode_ns) as f64 / 1e9 / elapsed.max(1e-3);
         let before = self.level;
+        let idle_slow =
+            rate < HIGH_LEVEL_BELOW && codec_cpu < HIGH_LEVEL_MAX_CPU && self.cpu_bound == 0;
         if self.cpu_bound * 5 >= self.samples * 3 && self.level > self.floor() {
             self.level -= 1;
         } else if self.link_bound * 5 >= self.samples * 3
             && self.level + 1 < AUTO_TIERS.len()
             && (self.level > 0 || rate < RAW_UPGRADE_BELOW)
+            && (self.level < ZSTD3 || idle_slow)
         {
             self.level += 1;
+        } else if self.level > ZSTD3 && !idle_slow && self.cpu_bound > 0 {
+            // Above zstd:3 only while the encoders have room to spare.
+            self.level = ZSTD3;
         }
         let change = (self.level != before).then(|| TierChange {
             tier: AUTO_TIERS[self.level],
             link_bound: self.link_bound,
             cpu_bound: self.cpu_bound,
             rate,
+            codec_cpu,
         });
         *self = TierTuner {
             level: self.level,
@@ -304,6 +357,7 @@ mod tests {
                 encode_queue_full: k < cpu,
                 link_bound: k >= cpu && k < cpu + link,
                 credited_wire: (rate * 0.05 * k as f64) as u64,
+                encode_ns: 0,
             };
             out = t.sample(&s);
             if k < 19 {
@@ -314,12 +368,58 @@ mod tests {
     }
 
     #[test]
-    fn starts_raw_on_a_datacenter_rtt_and_lz4_otherwise() {
-        assert_eq!(initial_tier(Some(80)), Tier::Raw);
-        assert_eq!(initial_tier(Some(DC_RTT_US - 1)), Tier::Raw);
-        assert_eq!(initial_tier(Some(DC_RTT_US)), Tier::Lz4);
-        assert_eq!(initial_tier(Some(25_000)), Tier::Lz4);
-        assert_eq!(initial_tier(None), Tier::Lz4);
+    fn starts_raw_on_a_datacenter_rtt_zstd3_on_an_internet_one_and_lz4_between() {
+        let t = |r| initial_tier(r, 50_000, None);
+        assert_eq!(t(Some(80)), Tier::Raw);
+        assert_eq!(t(Some(DC_RTT_US - 1)), Tier::Raw);
+        assert_eq!(t(Some(DC_RTT_US)), Tier::Lz4);
+        assert_eq!(t(Some(25_000)), Tier::Lz4);
+        assert_eq!(t(Some(49_999)), Tier::Lz4);
+        assert_eq!(t(Some(50_000)), Tier::Zstd(3));
+        assert_eq!(t(Some(80_000)), Tier::Zstd(3));
+        assert_eq!(t(None), Tier::Lz4);
+        // a fixed mode decides
+        assert_eq!(
+            initial_tier(Some(80_000), 50_000, Some(LinkMode::Datacenter)),
+            Tier::Raw
+        );
+        assert_eq!(
+            initial_tier(None, 50_000, Some(LinkMode::Internet)),
+            Tier::Zstd(3)
+        );
+        assert_eq!(
+            initial_tier(Some(80_000), 50_000, Some(LinkMode::Hybrid)),
+            Tier::Zstd(3)
+        );
+    }
+
+    #[test]
+    fn above_zstd3_only_on_a_slow_link_with_idle_encoders() {
+        // 12.5 MB/s (100 Mbit/s), link-bound, encoders idle: zstd:6.
+        let mut t = TierTuner::start(Tier::Zstd(3));
+        let c = second(&mut t, Instant::now(), 20, 0, 12.5e6).expect("a change");
+        assert_eq!(c.tier, Tier::Zstd(6));
+        // a fast link: stays at zstd:3
+        let mut t = TierTuner::start(Tier::Zstd(3));
+        assert_eq!(second(&mut t, Instant::now(), 20, 0, 100e6), None);
+        // busy encoders (0.5 cores): stays at zstd:3
+        let mut t = TierTuner::start(Tier::Zstd(3));
+        let start = Instant::now();
+        let mut out = None;
+        for k in 0..20u64 {
+            out = t.sample(&TierSample {
+                now: start + Duration::from_millis(50 * k + 50),
+                encode_queue_full: false,
+                link_bound: true,
+                credited_wire: (12.5e6 * 0.05 * k as f64) as u64,
+                encode_ns: 25_000_000 * k,
+            });
+        }
+        assert_eq!(out, None);
+        // at zstd:6, compression-bound: back to zstd:3
+        let mut t = TierTuner::start(Tier::Zstd(6));
+        let c = second(&mut t, Instant::now(), 0, 15, 12.5e6).expect("a change");
+        assert_eq!(c.tier, Tier::Zstd(3));
     }
 
     #[test]
@@ -330,7 +430,7 @@ mod tests {
         assert_eq!((c.link_bound, c.cpu_bound), (15, 0));
         let c = second(&mut t, Instant::now(), 20, 0, 50e6).expect("a change");
         assert_eq!(c.tier, Tier::Zstd(3));
-        // already at the top
+        // the top of the climb on a 50 MB/s link
         assert_eq!(second(&mut t, Instant::now(), 20, 0, 50e6), None);
     }
 
