@@ -201,7 +201,7 @@ fn quiet_channel_with_the_end_held_opens_the_gate_for_a_return_path() {
 #[test]
 fn refused_gate_never_delivers_the_tail_and_fails_both_ends() {
     let g = gate(100, Err("no quorum".into()));
-    let (dst, src, mut qemu_src) = gated(&g);
+    let (dst, src, qemu_src) = gated(&g);
     let data = qemu_stream(6 << 20);
     let _writer = feed(&qemu_src, &data, true);
     let (_, mut qemu_dst) = dst.ends.recv_timeout(Duration::from_secs(10)).unwrap();
@@ -228,7 +228,7 @@ fn refused_gate_never_delivers_the_tail_and_fails_both_ends() {
 #[test]
 fn stream_closed_without_qemus_end_is_never_released() {
     let g = gate(0, Ok(()));
-    let (dst, src, mut qemu_src) = gated(&g);
+    let (dst, src, qemu_src) = gated(&g);
     // A source QEMU that gave up mid-stream: no end marker.
     let data: Vec<u8> = (0..(2 << 20)).map(|i| (i % 13) as u8).collect();
     let _writer = feed(&qemu_src, &data, true);
