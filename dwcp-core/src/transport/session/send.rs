@@ -66,6 +66,8 @@ impl FrameSender {
                 Planner::new(ring)
             }),
         };
+        let mut planner = planner;
+        planner.set_delta(inner.delta && inner.role == super::Role::Initiator);
         let last = planner.stats();
         FrameSender {
             planner,
@@ -189,6 +191,18 @@ impl FrameSender {
         );
         c.pages_missed_dups.fetch_add(
             st.pages_missed_dups - self.last.pages_missed_dups,
+            Ordering::Relaxed,
+        );
+        c.pages_resent
+            .fetch_add(st.pages_resent - self.last.pages_resent, Ordering::Relaxed);
+        c.pages_delta
+            .fetch_add(st.pages_delta - self.last.pages_delta, Ordering::Relaxed);
+        c.resent_lz4_full.fetch_add(
+            st.resent_lz4_full - self.last.resent_lz4_full,
+            Ordering::Relaxed,
+        );
+        c.resent_lz4_delta.fetch_add(
+            st.resent_lz4_delta - self.last.resent_lz4_delta,
             Ordering::Relaxed,
         );
         self.last = st;
