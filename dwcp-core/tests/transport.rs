@@ -722,6 +722,10 @@ fn deltas_only_when_both_ends_agree() {
         ..cfg(1, Tier::Lz4)
     };
     let st = one_channel(c.clone(), c.clone(), edited_pages(600));
+    eprintln!(
+        "deltas: {} of {} re-sent pages, LZ4 alone {} B, as sent {} B, wire {} B",
+        st.pages_delta, st.pages_resent, st.resent_lz4_full, st.resent_lz4_delta, st.wire_out
+    );
     assert!(st.pages_delta >= 590, "{st:?}");
     assert!(st.resent_lz4_delta * 10 < st.resent_lz4_full, "{st:?}");
     let with = st.wire_out;
@@ -730,6 +734,7 @@ fn deltas_only_when_both_ends_agree() {
         ..c.clone()
     };
     let st = one_channel(c.clone(), off, edited_pages(600));
+    eprintln!("no deltas granted: wire {} B", st.wire_out);
     assert_eq!((st.pages_delta, st.pages_resent), (0, 0), "{st:?}");
     assert!(with * 3 / 2 < st.wire_out, "{with} vs {}", st.wire_out);
 }

@@ -705,9 +705,23 @@ impl Planner {
     /// alone, by the LZ4 size of each; false (nothing emitted) otherwise,
     /// or when the ring no longer holds `base`.
     fn try_delta(&mut self, base: u64, data: &[u8], em: &mut Emitter<'_>) -> bool {
+        // The hash the page had when it went into the ring: a spill slot
+        // whose write failed on this end (the receiver's holds the page)
+        // reads back as something else, and is no base.
+        let want = if base >= self.ring.mem_lo() {
+            self.slot_hash.get((base % self.ring.cap) as usize)
+        } else {
+            let scap = self.ring.spill_cap().max(1);
+            self.spill_hash.get((base % scap) as usize)
+        }
+        .copied();
+        let hash = self.hash;
         let Ok(Some(b)) = self.ring.get(base) else {
             return false;
         };
+        if want != Some(hash(b)) {
+            return false;
+        }
         self.xor.clear();
         self.xor.extend(b.iter().zip(data).map(|(x, y)| x ^ y));
         self.stats.pages_resent += 1;
