@@ -1052,10 +1052,9 @@ fn a_corrupt_delta_is_refused() {
     assert!(e.to_string().contains("corrupt delta or stale base"), "{e}");
     // The DELTA op after the header's LIT: rewrite its runs as one run
     // that starts beyond the page.
-    let at = plan2
-        .iter()
-        .position(|&b| b == super::plan::OP_DELTA)
-        .unwrap();
+    // LIT of the 15 header bytes (tag, length, bytes), then the DELTA.
+    let at = 2 + 15;
+    assert_eq!(plan2[at], super::plan::OP_DELTA);
     let mut bad = plan2[..at + 1 + 1 + 8].to_vec();
     bad.extend_from_slice(&[3, 0x90, 0x20, 1, 0xff]); // len 3: skip 4112, len 1
     let e = fresh().rebuild(&bad, s2.len(), &mut out).unwrap_err();
