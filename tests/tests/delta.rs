@@ -90,7 +90,7 @@ fn sink(path: &Path) -> Arc<AtomicU64> {
 
 /// One QEMU page record of block `pc.ram` at page 0.
 fn record(page: &[u8]) -> Vec<u8> {
-    let mut s = (0x08u64).to_be_bytes().to_vec();
+    let mut s = 0x08u64.to_be_bytes().to_vec();
     s.push(6);
     s.extend_from_slice(b"pc.ram");
     s.extend_from_slice(page);
