@@ -340,6 +340,14 @@ pub struct Planner {
     pub(crate) hash: fn(&[u8]) -> u64,
     /// Whether re-sent pages may go as DELTA ops (the receiver agreed).
     delta: bool,
+    /// What deltas need (boxed: a planner lives inside every channel's
+    /// sender, and most of this is empty until deltas are on).
+    d: Box<DeltaState>,
+}
+
+/// The [`Planner`]'s state for deltas of re-sent pages.
+#[derive(Default)]
+struct DeltaState {
     /// Guest page (RAM block, address; mixed by [`page_key`]) -> ring
     /// index of the version the receiver holds (sent in full, as a delta
     /// or as a reference). At most [`Planner::last_cap`] entries.
@@ -536,12 +544,7 @@ impl Planner {
             sent: Default::default(),
             hash: xxh3_64,
             delta: false,
-            last: IdMap::default(),
-            blocks: HashMap::new(),
-            cur_block: 0,
-            xor: Vec::new(),
-            runs: Vec::new(),
-            lz: Vec::new(),
+            d: Box::default(),
         }
     }
 
@@ -551,7 +554,7 @@ impl Planner {
     pub fn set_delta(&mut self, on: bool) {
         self.delta = on && self.ring.cap > 0;
         if !self.delta {
-            self.last = IdMap::default();
+            self.d.last = IdMap::default();
         }
     }
 
@@ -565,25 +568,26 @@ impl Planner {
     /// Records that the receiver holds the current version of page `key`
     /// at ring index `idx`.
     fn note_last(&mut self, key: u64, idx: u64) {
-        self.last.insert(key, idx);
-        if self.last.len() > self.last_cap() {
+        self.d.last.insert(key, idx);
+        if self.d.last.len() > self.last_cap() {
             let lo = self.ring.lo();
-            self.last.retain(|_, v| *v >= lo);
+            self.d.last.retain(|_, v| *v >= lo);
             // Many pages referring to few ring entries: start over rather
             // than scan again on every insert (costs deltas, never pages).
-            if self.last.len() > self.last_cap() / 2 {
-                self.last.clear();
+            if self.d.last.len() > self.last_cap() / 2 {
+                self.d.last.clear();
             }
         }
     }
 
     fn block_tag(&mut self, name: &[u8]) -> u64 {
-        if let Some(&t) = self.blocks.get(name) {
+        let blocks = &mut self.d.blocks;
+        if let Some(&t) = blocks.get(name) {
             return t;
         }
-        let t = (self.blocks.len() as u64).min(MAX_BLOCKS - 1);
-        if (self.blocks.len() as u64) < MAX_BLOCKS {
-            self.blocks.insert(name.to_vec(), t);
+        let t = (blocks.len() as u64).min(MAX_BLOCKS - 1);
+        if (blocks.len() as u64) < MAX_BLOCKS {
+            blocks.insert(name.to_vec(), t);
         }
         t
     }
@@ -635,9 +639,9 @@ impl Planner {
                 let ds = rec.ds;
                 em.region(raw, region_start, ds);
                 if let Some(b) = rec.block {
-                    self.cur_block = self.block_tag(b);
+                    self.d.cur_block = self.block_tag(b);
                 }
-                let key = page_key(self.cur_block, rec.addr);
+                let key = page_key(self.d.cur_block, rec.addr);
                 self.page(&raw[ds..ds + PAGE_SIZE], key, &mut em);
                 region_start = ds + PAGE_SIZE;
             }
@@ -652,7 +656,7 @@ impl Planner {
         if is_zero(data) {
             em.zero(PAGE_SIZE);
             if self.delta {
-                self.last.remove(&key);
+                self.d.last.remove(&key);
             }
             return;
         }
@@ -670,7 +674,7 @@ impl Planner {
                 return;
             }
         }
-        if let Some(&base) = self.last.get(&key) {
+        if let Some(&base) = self.d.last.get(&key) {
             if self.try_delta(base, data, em) {
                 if self.sent.len() < SENT_TRACK_PAGES {
                     self.sent.insert(h);
@@ -722,18 +726,19 @@ impl Planner {
         if want != Some(hash(b)) {
             return false;
         }
-        self.xor.clear();
-        self.xor.extend(b.iter().zip(data).map(|(x, y)| x ^ y));
+        let d = &mut *self.d;
+        d.xor.clear();
+        d.xor.extend(b.iter().zip(data).map(|(x, y)| x ^ y));
         self.stats.pages_resent += 1;
-        delta_runs(&self.xor, &mut self.runs);
-        let full = lz4_size(data, &mut self.lz);
-        let delta = lz4_size(&self.runs, &mut self.lz) + 12;
+        delta_runs(&d.xor, &mut d.runs);
+        let full = lz4_size(data, &mut d.lz);
+        let delta = lz4_size(&d.runs, &mut d.lz) + 12;
         // At most half the page's own LZ4 size: the frame's compressor sees
         // a full page beside its neighbours (text, code), a delta alone, so
         // a per-page estimate that only just favours the delta does not pay
         // (measured: docs/hde.md, layer 2). And the op stays no larger than
         // a PAGE op (the plan's size bound).
-        let take = delta * 2 <= full && self.runs.len() <= PAGE_SIZE - 16;
+        let take = delta * 2 <= full && d.runs.len() <= PAGE_SIZE - 16;
         self.stats.resent_lz4_full += full as u64;
         self.stats.resent_lz4_delta += if take { delta } else { full } as u64;
         if !take {
@@ -743,8 +748,8 @@ impl Planner {
         em.out.push(OP_DELTA);
         put_varint(em.out, base);
         em.out.extend_from_slice(&xxh3_64(data).to_le_bytes());
-        put_varint(em.out, self.runs.len() as u64);
-        em.out.extend_from_slice(&self.runs);
+        put_varint(em.out, d.runs.len() as u64);
+        em.out.extend_from_slice(&d.runs);
         true
     }
 
