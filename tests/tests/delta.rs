@@ -201,7 +201,7 @@ fn plans(v1: &[u8], v2: &[u8]) -> (Vec<u8>, Vec<u8>) {
     let (mut a, mut b) = (Vec::new(), Vec::new());
     p.plan(&record(v1), &mut a);
     p.plan(&record(v2), &mut b);
-    assert_eq!(p.stats().pages_delta, 1);
+    assert_eq!(p.delta_stats().pages_delta, 1);
     (a, b)
 }
 

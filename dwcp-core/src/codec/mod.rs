@@ -41,7 +41,7 @@ use std::str::FromStr;
 
 mod plan;
 
-pub use plan::{PlanStats, Planner, Rebuilder};
+pub use plan::{DeltaStats, PlanStats, Planner, Rebuilder};
 
 #[cfg(test)]
 mod tests;

@@ -56,6 +56,13 @@ pub struct PlanStats {
     /// have saved. Counted for the first [`SENT_TRACK_PAGES`] distinct
     /// contents only.
     pub pages_missed_dups: u64,
+}
+
+/// Delta counters of a [`Planner`] ([`Planner::delta_stats`]); kept apart
+/// from [`PlanStats`] so that the structs every channel sender holds stay
+/// small.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeltaStats {
     /// Pages whose guest address had been sent before (as a page the
     /// ring still holds) and whose content changed since: candidates
     /// for a delta.
@@ -65,7 +72,8 @@ pub struct PlanStats {
     /// Of the re-sent pages: their LZ4 size when compressed alone (the
     /// planner's estimate of what each costs in full) ...
     pub resent_lz4_full: u64,
-    /// ... and the LZ4 size of their delta against the previous version.
+    /// ... and the LZ4 size of what was chosen for them (the delta when
+    /// taken).
     pub resent_lz4_delta: u64,
 }
 
@@ -338,8 +346,6 @@ pub struct Planner {
     sent: std::collections::HashSet<u64, BuildHasherDefault<IdHasher>>,
     /// Page hash function (xxh3_64; tests force collisions with it).
     pub(crate) hash: fn(&[u8]) -> u64,
-    /// Whether re-sent pages may go as DELTA ops (the receiver agreed).
-    delta: bool,
     /// What deltas need (boxed: a planner lives inside every channel's
     /// sender, and most of this is empty until deltas are on).
     d: Box<DeltaState>,
@@ -348,6 +354,12 @@ pub struct Planner {
 /// The [`Planner`]'s state for deltas of re-sent pages.
 #[derive(Default)]
 struct DeltaState {
+    /// Whether re-sent pages may go as DELTA ops (the receiver agreed).
+    on: bool,
+    /// Counters since creation, and what [`Planner::new_delta_stats`]
+    /// reported so far.
+    st: DeltaStats,
+    reported: DeltaStats,
     /// Guest page (RAM block, address; mixed by [`page_key`]) -> ring
     /// index of the version the receiver holds (sent in full, as a delta
     /// or as a reference). At most [`Planner::last_cap`] entries.
@@ -543,7 +555,6 @@ impl Planner {
             stats: PlanStats::default(),
             sent: Default::default(),
             hash: xxh3_64,
-            delta: false,
             d: Box::default(),
         }
     }
@@ -552,8 +563,8 @@ impl Planner {
     /// (only when the receiver's [`Rebuilder`] understands them: the peer
     /// agreed in the hello). Off by default.
     pub fn set_delta(&mut self, on: bool) {
-        self.delta = on && self.ring.cap > 0;
-        if !self.delta {
+        self.d.on = on && self.ring.cap > 0;
+        if !self.d.on {
             self.d.last = IdMap::default();
         }
     }
@@ -623,6 +634,23 @@ impl Planner {
         self.stats
     }
 
+    /// Delta counters since creation.
+    pub fn delta_stats(&self) -> DeltaStats {
+        self.d.st
+    }
+
+    /// Delta counters since the last call (the session adds them up).
+    pub fn new_delta_stats(&mut self) -> DeltaStats {
+        let (st, r) = (self.d.st, self.d.reported);
+        self.d.reported = st;
+        DeltaStats {
+            pages_resent: st.pages_resent - r.pages_resent,
+            pages_delta: st.pages_delta - r.pages_delta,
+            resent_lz4_full: st.resent_lz4_full - r.resent_lz4_full,
+            resent_lz4_delta: st.resent_lz4_delta - r.resent_lz4_delta,
+        }
+    }
+
     /// Plans `raw` (any length; frames are at most [`MAX_RAW_LEN`]) into
     /// `out` (cleared first). For `raw.len() <= MAX_RAW_LEN` the plan is at
     /// most [`MAX_PLAN_LEN`] bytes.
@@ -655,7 +683,7 @@ impl Planner {
         self.stats.pages_seen += 1;
         if is_zero(data) {
             em.zero(PAGE_SIZE);
-            if self.delta {
+            if self.d.on {
                 self.d.last.remove(&key);
             }
             return;
@@ -668,7 +696,7 @@ impl Planner {
                 em.out.push(OP_REF);
                 put_varint(em.out, idx);
                 self.stats.pages_deduped += 1;
-                if self.delta {
+                if self.d.on {
                     self.note_last(key, idx);
                 }
                 return;
@@ -699,7 +727,7 @@ impl Planner {
             self.sent.insert(h);
         }
         let idx = self.insert(h, data);
-        if self.delta {
+        if self.d.on {
             self.note_last(key, idx);
         }
     }
@@ -729,7 +757,7 @@ impl Planner {
         let d = &mut *self.d;
         d.xor.clear();
         d.xor.extend(b.iter().zip(data).map(|(x, y)| x ^ y));
-        self.stats.pages_resent += 1;
+        d.st.pages_resent += 1;
         delta_runs(&d.xor, &mut d.runs);
         let full = lz4_size(data, &mut d.lz);
         let delta = lz4_size(&d.runs, &mut d.lz) + 12;
@@ -739,12 +767,12 @@ impl Planner {
         // (measured: docs/hde.md, layer 2). And the op stays no larger than
         // a PAGE op (the plan's size bound).
         let take = delta * 2 <= full && d.runs.len() <= PAGE_SIZE - 16;
-        self.stats.resent_lz4_full += full as u64;
-        self.stats.resent_lz4_delta += if take { delta } else { full } as u64;
+        d.st.resent_lz4_full += full as u64;
+        d.st.resent_lz4_delta += if take { delta } else { full } as u64;
         if !take {
             return false;
         }
-        self.stats.pages_delta += 1;
+        d.st.pages_delta += 1;
         em.out.push(OP_DELTA);
         put_varint(em.out, base);
         em.out.extend_from_slice(&xxh3_64(data).to_le_bytes());

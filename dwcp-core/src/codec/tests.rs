@@ -990,7 +990,7 @@ fn deltas_of_re_sent_pages_rebuild_byte_for_byte() {
             for it in &iters {
                 plan_bytes[k] += plan_and_rebuild(&mut p, &mut r, &pass(it), frame);
             }
-            let st = p.stats();
+            let st = p.delta_stats();
             if delta {
                 assert!(st.pages_delta > 100, "{st:?}");
                 assert!(st.pages_resent >= st.pages_delta, "{st:?}");
@@ -1018,7 +1018,7 @@ fn delta_pair() -> (Vec<u8>, Vec<u8>, Vec<u8>, Vec<u8>) {
     let (mut plan1, mut plan2) = (Vec::new(), Vec::new());
     p.plan(&s1, &mut plan1);
     p.plan(&s2, &mut plan2);
-    assert_eq!(p.stats().pages_delta, 1);
+    assert_eq!(p.delta_stats().pages_delta, 1);
     (s1, plan1, s2, plan2)
 }
 
@@ -1093,7 +1093,7 @@ fn no_delta_unless_agreed_and_in_the_window() {
     for it in &iters {
         plan_and_rebuild(&mut p, &mut r, &pass(it), 1 << 20);
     }
-    assert_eq!(p.stats().pages_delta, 0);
+    assert_eq!(p.delta_stats().pages_delta, 0);
     // A ring of 8 pages: the previous version of page i is 40 pages back.
     let mut p = Planner::new(8 * PAGE_SIZE);
     p.set_delta(true);
@@ -1101,5 +1101,5 @@ fn no_delta_unless_agreed_and_in_the_window() {
     for it in &iters {
         plan_and_rebuild(&mut p, &mut r, &pass(it), 1 << 20);
     }
-    assert_eq!(p.stats().pages_delta, 0, "{:?}", p.stats());
+    assert_eq!(p.delta_stats().pages_delta, 0, "{:?}", p.delta_stats());
 }
