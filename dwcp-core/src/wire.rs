@@ -136,6 +136,9 @@ pub struct Hello {
     /// Pages of the dedup spill file per channel the initiator asks for
     /// (bytes 40..44, zero in hellos before it existed: no spill).
     pub spill_pages: u32,
+    /// Feature flags ([`FLAG_DELTA`]; byte 30, zero in hellos before it
+    /// existed).
+    pub flags: u8,
     /// Migration name: the destination agent connects to `<incoming-dir>/<name>.sock`.
     pub name: String,
 }
@@ -238,7 +241,14 @@ pub struct Reply {
     /// Pages of the dedup spill file per channel the responder grants
     /// (bytes 16..20, zero from responders before it existed: no spill).
     pub spill_pages: u32,
+    /// Feature flags granted ([`FLAG_DELTA`]; byte 7, zero from
+    /// responders before it existed).
+    pub flags: u8,
 }
+
+/// Hello/reply flag: the initiator may send DELTA plan ops (codec), the
+/// responder's rebuilder understands them.
+pub const FLAG_DELTA: u8 = 0x01;
 
 fn read_exact_or(r: &mut impl Read, buf: &mut [u8], what: &'static str) -> Result<(), WireError> {
     let mut got = 0;
@@ -288,7 +298,7 @@ impl Hello {
         b.extend_from_slice(&self.stream_count.to_le_bytes());
         b.push(self.role as u8);
         b.push(self.name.len() as u8);
-        b.extend_from_slice(&[0, 0]);
+        b.extend_from_slice(&[self.flags, 0]);
         b.extend_from_slice(&self.window.to_le_bytes());
         b.extend_from_slice(&self.ring_pages.to_le_bytes());
         b.extend_from_slice(&self.spill_pages.to_le_bytes());
@@ -386,6 +396,7 @@ impl Hello {
             window: u32_at(32),
             ring_pages: u32_at(36),
             spill_pages: u32_at(40),
+            flags: fixed[30],
             name,
         })
     }
@@ -397,6 +408,7 @@ impl Reply {
         b[..4].copy_from_slice(&MAGIC);
         b[4..6].copy_from_slice(&self.version.to_le_bytes());
         b[6] = self.status as u8;
+        b[7] = self.flags;
         b[8..12].copy_from_slice(&self.window.to_le_bytes());
         b[12..16].copy_from_slice(&self.ring_pages.to_le_bytes());
         b[16..20].copy_from_slice(&self.spill_pages.to_le_bytes());
@@ -447,6 +459,7 @@ impl Reply {
             window: u32::from_le_bytes(b[8..12].try_into().expect("4 bytes")),
             ring_pages: u32::from_le_bytes(b[12..16].try_into().expect("4 bytes")),
             spill_pages: u32::from_le_bytes(b[16..20].try_into().expect("4 bytes")),
+            flags: b[7],
         })
     }
 }

@@ -10,6 +10,9 @@
 //! they are decoded, and the rebuilt bytes must equal them (a round trip
 //! through the sender, as long as the channel has not seen an error).
 //! Otherwise the bytes go to the decoders as they are (codec `b & 0x7f`).
+//! The planner sends deltas of re-sent pages (`set_delta`) unless the ring
+//! byte is odd, so hand-made frames also meet a rebuilder whose ring holds
+//! pages a DELTA op names (codec 1 plans with `0x06` ops).
 #![no_main]
 
 use dwcp_core::codec::{
@@ -29,7 +32,11 @@ fuzz_target!(|data: &[u8]| {
     let ring_bytes = (ring & 15) as usize * PAGE_SIZE;
     let spill = u64::from(ring >> 4);
     let dir = std::env::temp_dir();
-    let new_planner = || Planner::with_spill(ring_bytes, spill, &dir).expect("spill file");
+    let new_planner = || {
+        let mut p = Planner::with_spill(ring_bytes, spill, &dir).expect("spill file");
+        p.set_delta(ring & 1 == 0);
+        p
+    };
     let new_rebuilder = || Rebuilder::with_spill(ring_bytes, spill, &dir).expect("spill file");
     let mut planner = new_planner();
     let mut rebuilder = new_rebuilder();

@@ -44,6 +44,7 @@ fn hostile_bytes_and_corrupted_frame_then_retry_succeeds() {
                 window: 1 << 24,
                 ring_pages: 16,
                 spill_pages: 0,
+                flags: 0,
                 name: "vm".into(),
             }
             .encode();

@@ -122,6 +122,7 @@ fn hog(lab: &Lab, name: &str, streams: u16) -> Result<Hog, Status> {
             window: u32::MAX,
             ring_pages: u32::MAX,
             spill_pages: 0,
+            flags: 0,
             name: name.to_string(),
         };
         w.write_all(&hello.encode()).unwrap();

@@ -517,6 +517,7 @@ fn no_cert_client(dst: &str, ca_pem: &str) -> String {
         window: 32 << 20,
         ring_pages: 16,
         spill_pages: 0,
+        flags: 0,
         name: "probe".into(),
     };
     let _ = w.write_all(&hello.encode());

@@ -27,6 +27,12 @@
 //! - `0x05 MARK`: insert the last 4096 bytes of this frame's output into the
 //!   ring, like PAGE (used for pages with long zero runs, which are sent as
 //!   LIT/ZERO ops followed by MARK)
+//! - `0x06 DELTA base hash len` + `len` bytes of runs (`skip len` + bytes):
+//!   the ring page at index `base` with the runs' bytes XORed in, checked
+//!   against `hash` (xxh3-64, 8 bytes LE) and inserted into the ring like
+//!   PAGE. Only sent to a receiver that agreed to deltas in the hello; the
+//!   sender uses it for a page it sent before whose content changed, when
+//!   the delta against the version the receiver holds is smaller.
 //!
 //! All output buffers passed as `out` are cleared first.
 
@@ -35,7 +41,7 @@ use std::str::FromStr;
 
 mod plan;
 
-pub use plan::{PlanStats, Planner, Rebuilder};
+pub use plan::{DeltaStats, PlanStats, Planner, Rebuilder};
 
 #[cfg(test)]
 mod tests;
@@ -247,6 +253,39 @@ pub enum CodecError {
         /// Index of the page.
         idx: u64,
         source: std::io::Error,
+    },
+    /// DELTA against a ring index the receiver does not hold (never
+    /// received, or already evicted).
+    #[error("delta against page {base}, which this end does not hold (valid window {lo}..{hi})")]
+    DeltaBase {
+        /// Base index referenced.
+        base: u64,
+        /// Lowest valid index.
+        lo: u64,
+        /// One past the highest valid index.
+        hi: u64,
+    },
+    /// A DELTA's run reaches beyond its page.
+    #[error(
+        "delta run at plan offset {offset} writes {len} bytes at page offset {at}, beyond the page"
+    )]
+    DeltaRun {
+        /// Offset of the run in the plan.
+        offset: usize,
+        /// Page offset the run starts at.
+        at: u64,
+        /// Bytes the run claims.
+        len: u64,
+    },
+    /// The page a DELTA rebuilt is not the one the sender encoded (its
+    /// xxh3-64 differs): a corrupt delta or a base that differs from the
+    /// sender's. The page is not delivered.
+    #[error("delta at plan offset {offset} against page {base} rebuilt a page whose hash differs from the sender's (corrupt delta or stale base)")]
+    DeltaMismatch {
+        /// Offset of the op in the plan.
+        offset: usize,
+        /// Base index used.
+        base: u64,
     },
     /// Plan produces more than raw_len bytes.
     #[error(

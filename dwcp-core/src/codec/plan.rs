@@ -16,6 +16,16 @@ pub(crate) const OP_REF: u8 = 0x04;
 /// Insert the last 4096 bytes of this frame's output into the ring (a page
 /// that was sent as LIT/ZERO ops because it contains long zero runs).
 pub(crate) const OP_MARK: u8 = 0x05;
+/// A page sent as the difference from an earlier page the receiver holds
+/// in its ring (the previous version of the same guest page):
+/// `0x06 DELTA base hash(8 bytes, LE) len` + `len` bytes of runs, each
+/// `skip len bytes`: the page is the base with `bytes` XORed in at the
+/// offsets the runs name; `hash` (xxh3-64 of the page) is checked before
+/// the page is used, and the page is inserted into the ring like PAGE.
+pub(crate) const OP_DELTA: u8 = 0x06;
+
+/// Zero bytes in an XOR of two pages shorter than this stay inside a run.
+const DELTA_MIN_GAP: usize = 8;
 
 /// Zero runs at least this long become ZERO ops.
 pub(crate) const MIN_ZERO_RUN: usize = 512;
@@ -46,6 +56,25 @@ pub struct PlanStats {
     /// have saved. Counted for the first [`SENT_TRACK_PAGES`] distinct
     /// contents only.
     pub pages_missed_dups: u64,
+}
+
+/// Delta counters of a [`Planner`] ([`Planner::delta_stats`]); kept apart
+/// from [`PlanStats`] so that the structs every channel sender holds stay
+/// small.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeltaStats {
+    /// Pages whose guest address had been sent before (as a page the
+    /// ring still holds) and whose content changed since: candidates
+    /// for a delta.
+    pub pages_resent: u64,
+    /// Re-sent pages sent as a DELTA.
+    pub pages_delta: u64,
+    /// Of the re-sent pages: their LZ4 size when compressed alone (the
+    /// planner's estimate of what each costs in full) ...
+    pub resent_lz4_full: u64,
+    /// ... and the LZ4 size of what was chosen for them (the delta when
+    /// taken).
+    pub resent_lz4_delta: u64,
 }
 
 /// Distinct page contents a [`Planner`] remembers (8-byte hashes, about
@@ -317,6 +346,45 @@ pub struct Planner {
     sent: std::collections::HashSet<u64, BuildHasherDefault<IdHasher>>,
     /// Page hash function (xxh3_64; tests force collisions with it).
     pub(crate) hash: fn(&[u8]) -> u64,
+    /// What deltas need (boxed: a planner lives inside every channel's
+    /// sender, and most of this is empty until deltas are on).
+    d: Box<DeltaState>,
+}
+
+/// The [`Planner`]'s state for deltas of re-sent pages.
+#[derive(Default)]
+struct DeltaState {
+    /// Whether re-sent pages may go as DELTA ops (the receiver agreed).
+    on: bool,
+    /// Counters since creation, and what [`Planner::new_delta_stats`]
+    /// reported so far.
+    st: DeltaStats,
+    reported: DeltaStats,
+    /// Guest page (RAM block, address; mixed by [`page_key`]) -> ring
+    /// index of the version the receiver holds (sent in full, as a delta
+    /// or as a reference). At most [`Planner::last_cap`] entries.
+    last: IdMap,
+    /// RAM block names seen -> small numbers (at most [`MAX_BLOCKS`]).
+    blocks: HashMap<Vec<u8>, u64>,
+    /// Block of the last record that named one (CONTINUE records are in it).
+    cur_block: u64,
+    /// Scratch: XOR of a page and its previous version, the delta's runs,
+    /// and LZ4 output for the size estimates.
+    xor: Vec<u8>,
+    runs: Vec<u8>,
+    lz: Vec<u8>,
+}
+
+/// RAM blocks a [`Planner`] tells apart (QEMU has a handful; more share the
+/// last number, which only makes their deltas less likely to pay).
+const MAX_BLOCKS: u64 = 256;
+
+/// Key of a guest page in [`Planner::last`]: block number and page frame,
+/// multiplied by an odd constant (a bijection, so keys stay distinct) so
+/// that the map's buckets spread.
+#[inline]
+fn page_key(block: u64, addr: u64) -> u64 {
+    ((addr >> 12) | (block << 40)).wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
 impl fmt::Debug for Planner {
@@ -405,15 +473,16 @@ fn find_flag(raw: &[u8], from: usize) -> Option<usize> {
 }
 
 /// If a QEMU page record header starts at `h` and its whole page lies in
-/// `raw`, returns the offset of the page data.
+/// `raw`, returns the offset of the page data and, for a record that names
+/// its RAM block (no CONTINUE flag), the block's name.
 #[inline]
-fn parse_header(raw: &[u8], h: usize) -> Option<usize> {
+fn parse_header(raw: &[u8], h: usize) -> Option<(usize, Option<&[u8]>)> {
     let b = raw.get(h..h + 8)?;
     if b[0] != 0 || b[1] != 0 || b[6] & 0x0F != 0 {
         return None;
     }
-    let ds = match b[7] {
-        FLAG_PAGE_CONT => h + 8,
+    let (ds, block) = match b[7] {
+        FLAG_PAGE_CONT => (h + 8, None),
         FLAG_PAGE => {
             let l = *raw.get(h + 8)? as usize;
             if l == 0 {
@@ -423,14 +492,24 @@ fn parse_header(raw: &[u8], h: usize) -> Option<usize> {
             if !id.iter().all(|c| (0x21..0x7f).contains(c)) {
                 return None;
             }
-            h + 9 + l
+            (h + 9 + l, Some(id))
         }
         _ => return None,
     };
     if ds + PAGE_SIZE > raw.len() {
         return None;
     }
-    Some(ds)
+    Some((ds, block))
+}
+
+/// A page record found in a chunk.
+struct Record<'a> {
+    /// Offset of the page data.
+    ds: usize,
+    /// The page's offset in its RAM block (QEMU's record header).
+    addr: u64,
+    /// The block's name when the record carries it.
+    block: Option<&'a [u8]>,
 }
 
 /// Does a plausible record header follow at `next` (or does the chunk end
@@ -443,9 +522,8 @@ fn confirmed(raw: &[u8], next: usize) -> bool {
     }
 }
 
-/// Offset of the data of the next confirmed page record whose header starts
-/// at or after `pos`.
-fn find_record(raw: &[u8], pos: usize) -> Option<usize> {
+/// The next confirmed page record whose header starts at or after `pos`.
+fn find_record(raw: &[u8], pos: usize) -> Option<Record<'_>> {
     let mut p = pos + 7;
     loop {
         // A record needs 8 header bytes + a page after its start.
@@ -454,9 +532,10 @@ fn find_record(raw: &[u8], pos: usize) -> Option<usize> {
         }
         p = find_flag(raw, p)?;
         let h = p - 7;
-        if let Some(ds) = parse_header(raw, h) {
+        if let Some((ds, block)) = parse_header(raw, h) {
             if confirmed(raw, ds + PAGE_SIZE) {
-                return Some(ds);
+                let addr = u64::from_be_bytes(raw[h..h + 8].try_into().ok()?) & !0xFFF;
+                return Some(Record { ds, addr, block });
             }
         }
         p += 1;
@@ -476,7 +555,52 @@ impl Planner {
             stats: PlanStats::default(),
             sent: Default::default(),
             hash: xxh3_64,
+            d: Box::default(),
         }
+    }
+
+    /// Lets re-sent pages go as DELTA ops against their previous version
+    /// (only when the receiver's [`Rebuilder`] understands them: the peer
+    /// agreed in the hello). Off by default.
+    pub fn set_delta(&mut self, on: bool) {
+        self.d.on = on && self.ring.cap > 0;
+        if !self.d.on {
+            self.d.last = IdMap::default();
+        }
+    }
+
+    /// Most entries of the page -> previous version map: twice the pages
+    /// the ring and its spill file hold (entries beyond the window are
+    /// dropped when it fills).
+    fn last_cap(&self) -> usize {
+        2 * (self.ring.cap + self.ring.spill_cap()) as usize + 4096
+    }
+
+    /// Records that the receiver holds the current version of page `key`
+    /// at ring index `idx`.
+    fn note_last(&mut self, key: u64, idx: u64) {
+        self.d.last.insert(key, idx);
+        if self.d.last.len() > self.last_cap() {
+            let lo = self.ring.lo();
+            self.d.last.retain(|_, v| *v >= lo);
+            // Many pages referring to few ring entries: start over rather
+            // than scan again on every insert (costs deltas, never pages).
+            if self.d.last.len() > self.last_cap() / 2 {
+                self.d.last.clear();
+            }
+        }
+    }
+
+    fn block_tag(&mut self, name: &[u8]) -> u64 {
+        let blocks = &mut self.d.blocks;
+        if let Some(&t) = blocks.get(name) {
+            return t;
+        }
+        let t = (blocks.len() as u64).min(MAX_BLOCKS - 1);
+        if (blocks.len() as u64) < MAX_BLOCKS {
+            blocks.insert(name.to_vec(), t);
+        }
+        t
     }
 
     /// A planner whose ring is extended by `spill_pages` pages in an
@@ -510,6 +634,23 @@ impl Planner {
         self.stats
     }
 
+    /// Delta counters since creation.
+    pub fn delta_stats(&self) -> DeltaStats {
+        self.d.st
+    }
+
+    /// Delta counters since the last call (the session adds them up).
+    pub fn new_delta_stats(&mut self) -> DeltaStats {
+        let (st, r) = (self.d.st, self.d.reported);
+        self.d.reported = st;
+        DeltaStats {
+            pages_resent: st.pages_resent - r.pages_resent,
+            pages_delta: st.pages_delta - r.pages_delta,
+            resent_lz4_full: st.resent_lz4_full - r.resent_lz4_full,
+            resent_lz4_delta: st.resent_lz4_delta - r.resent_lz4_delta,
+        }
+    }
+
     /// Plans `raw` (any length; frames are at most [`MAX_RAW_LEN`]) into
     /// `out` (cleared first). For `raw.len() <= MAX_RAW_LEN` the plan is at
     /// most [`MAX_PLAN_LEN`] bytes.
@@ -522,9 +663,14 @@ impl Planner {
             em.region(raw, 0, raw.len());
         } else {
             let mut region_start = 0;
-            while let Some(ds) = find_record(raw, region_start) {
+            while let Some(rec) = find_record(raw, region_start) {
+                let ds = rec.ds;
                 em.region(raw, region_start, ds);
-                self.page(&raw[ds..ds + PAGE_SIZE], &mut em);
+                if let Some(b) = rec.block {
+                    self.d.cur_block = self.block_tag(b);
+                }
+                let key = page_key(self.d.cur_block, rec.addr);
+                self.page(&raw[ds..ds + PAGE_SIZE], key, &mut em);
                 region_start = ds + PAGE_SIZE;
             }
             em.region(raw, region_start, raw.len());
@@ -533,10 +679,13 @@ impl Planner {
         debug_assert!(raw.len() > MAX_RAW_LEN || out.len() <= MAX_PLAN_LEN);
     }
 
-    fn page(&mut self, data: &[u8], em: &mut Emitter<'_>) {
+    fn page(&mut self, data: &[u8], key: u64, em: &mut Emitter<'_>) {
         self.stats.pages_seen += 1;
         if is_zero(data) {
             em.zero(PAGE_SIZE);
+            if self.d.on {
+                self.d.last.remove(&key);
+            }
             return;
         }
         let h = (self.hash)(data);
@@ -547,6 +696,19 @@ impl Planner {
                 em.out.push(OP_REF);
                 put_varint(em.out, idx);
                 self.stats.pages_deduped += 1;
+                if self.d.on {
+                    self.note_last(key, idx);
+                }
+                return;
+            }
+        }
+        if let Some(&base) = self.d.last.get(&key) {
+            if self.try_delta(base, data, em) {
+                if self.sent.len() < SENT_TRACK_PAGES {
+                    self.sent.insert(h);
+                }
+                let idx = self.insert(h, data);
+                self.note_last(key, idx);
                 return;
             }
         }
@@ -564,10 +726,62 @@ impl Planner {
         } else if self.sent.len() < SENT_TRACK_PAGES {
             self.sent.insert(h);
         }
-        self.insert(h, data);
+        let idx = self.insert(h, data);
+        if self.d.on {
+            self.note_last(key, idx);
+        }
     }
 
-    fn insert(&mut self, h: u64, data: &[u8]) {
+    /// Emits `data` as a DELTA against ring index `base` (the previous
+    /// version of the same guest page) if that is at most half the page
+    /// alone, by the LZ4 size of each; false (nothing emitted) otherwise,
+    /// or when the ring no longer holds `base`.
+    fn try_delta(&mut self, base: u64, data: &[u8], em: &mut Emitter<'_>) -> bool {
+        // The hash the page had when it went into the ring: a spill slot
+        // whose write failed on this end (the receiver's holds the page)
+        // reads back as something else, and is no base.
+        let want = if base >= self.ring.mem_lo() {
+            self.slot_hash.get((base % self.ring.cap) as usize)
+        } else {
+            let scap = self.ring.spill_cap().max(1);
+            self.spill_hash.get((base % scap) as usize)
+        }
+        .copied();
+        let hash = self.hash;
+        let Ok(Some(b)) = self.ring.get(base) else {
+            return false;
+        };
+        if want != Some(hash(b)) {
+            return false;
+        }
+        let d = &mut *self.d;
+        d.xor.clear();
+        d.xor.extend(b.iter().zip(data).map(|(x, y)| x ^ y));
+        d.st.pages_resent += 1;
+        delta_runs(&d.xor, &mut d.runs);
+        let full = lz4_size(data, &mut d.lz);
+        let delta = lz4_size(&d.runs, &mut d.lz) + 12;
+        // At most half the page's own LZ4 size: the frame's compressor sees
+        // a full page beside its neighbours (text, code), a delta alone, so
+        // a per-page estimate that only just favours the delta does not pay
+        // (measured: docs/hde.md, layer 2). And the op stays no larger than
+        // a PAGE op (the plan's size bound).
+        let take = delta * 2 <= full && d.runs.len() <= PAGE_SIZE - 16;
+        d.st.resent_lz4_full += full as u64;
+        d.st.resent_lz4_delta += if take { delta } else { full } as u64;
+        if !take {
+            return false;
+        }
+        d.st.pages_delta += 1;
+        em.out.push(OP_DELTA);
+        put_varint(em.out, base);
+        em.out.extend_from_slice(&xxh3_64(data).to_le_bytes());
+        put_varint(em.out, d.runs.len() as u64);
+        em.out.extend_from_slice(&d.runs);
+        true
+    }
+
+    fn insert(&mut self, h: u64, data: &[u8]) -> u64 {
         let cap = self.ring.cap;
         let idx = self.ring.count;
         let slot = (idx % cap) as usize;
@@ -603,7 +817,44 @@ impl Planner {
         // it only costs the reference.
         let _ = self.ring.insert(data);
         self.index.insert(h, idx);
+        idx
     }
+}
+
+/// Encodes the XOR of two pages as runs `skip len bytes` (gaps of zeros
+/// shorter than [`DELTA_MIN_GAP`] stay inside a run) into `out` (cleared).
+fn delta_runs(xor: &[u8], out: &mut Vec<u8>) {
+    out.clear();
+    let mut prev = 0;
+    let mut i = 0;
+    while i < xor.len() {
+        if xor[i] == 0 {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        let mut end = i + 1;
+        let mut j = end;
+        while j < xor.len() && j - end < DELTA_MIN_GAP {
+            if xor[j] != 0 {
+                end = j + 1;
+            }
+            j += 1;
+        }
+        put_varint(out, (start - prev) as u64);
+        put_varint(out, (end - start) as u64);
+        out.extend_from_slice(&xor[start..end]);
+        prev = end;
+        i = end;
+    }
+}
+
+/// Bytes LZ4 makes of `d` (its length when it does not shrink).
+fn lz4_size(d: &[u8], scratch: &mut Vec<u8>) -> usize {
+    if d.is_empty() {
+        return 0;
+    }
+    super::lz4_compress(d, scratch, d.len() - 1).unwrap_or(d.len())
 }
 
 /// Receiver side: plan -> raw bytes. One per channel direction, called in
@@ -753,6 +1004,28 @@ impl Rebuilder {
                     };
                     self.ring.insert(&out[start..])?;
                 }
+                OP_DELTA => {
+                    let base = get_varint(plan, &mut p)?;
+                    literal(p, 8)?;
+                    let want = u64::from_le_bytes(plan[p..p + 8].try_into().expect("8 bytes"));
+                    p += 8;
+                    let len = get_varint(plan, &mut p)?;
+                    literal(p, len)?;
+                    let end = p + len as usize;
+                    room(out, PAGE_SIZE as u64)?;
+                    let (lo, hi) = (self.ring.lo(), self.ring.count);
+                    let Some(b) = self.ring.get(base)? else {
+                        return Err(CodecError::DeltaBase { base, lo, hi });
+                    };
+                    let start = out.len();
+                    out.extend_from_slice(b);
+                    apply_runs(&plan[..end], p, &mut out[start..])?;
+                    p = end;
+                    if xxh3_64(&out[start..]) != want {
+                        return Err(CodecError::DeltaMismatch { offset, base });
+                    }
+                    self.ring.insert(&out[start..])?;
+                }
                 _ => return Err(CodecError::BadTag { tag, offset }),
             }
         }
@@ -764,4 +1037,37 @@ impl Rebuilder {
         }
         Ok(())
     }
+}
+
+/// XORs the runs `plan[p..]` (see [`OP_DELTA`]) into `page`.
+fn apply_runs(plan: &[u8], mut p: usize, page: &mut [u8]) -> Result<(), CodecError> {
+    let mut pos = 0usize;
+    while p < plan.len() {
+        let offset = p;
+        let skip = get_varint(plan, &mut p)?;
+        let len = get_varint(plan, &mut p)?;
+        let left = (page.len() - pos) as u64;
+        if skip > left || len > left - skip {
+            return Err(CodecError::DeltaRun {
+                offset,
+                at: pos as u64 + skip.min(left),
+                len,
+            });
+        }
+        let have = plan.len() - p;
+        if len > have as u64 {
+            return Err(CodecError::TruncatedLiteral {
+                offset,
+                need: len,
+                have,
+            });
+        }
+        let (a, len) = (pos + skip as usize, len as usize);
+        for (d, s) in page[a..a + len].iter_mut().zip(&plan[p..p + len]) {
+            *d ^= s;
+        }
+        p += len;
+        pos = a + len;
+    }
+    Ok(())
 }

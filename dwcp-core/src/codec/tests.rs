@@ -911,3 +911,195 @@ fn batched_spill_writes_keep_both_ends_in_step() {
         }
     }
 }
+
+/// One precopy pass over pages `0..n` (CONTINUE records in one block).
+fn pass(pages: &[Vec<u8>]) -> Vec<u8> {
+    let mut s = Vec::new();
+    for (i, p) in pages.iter().enumerate() {
+        if i == 0 {
+            s.extend_from_slice(&header(0, FLAG_PAGE_TEST));
+            s.push(6);
+            s.extend_from_slice(b"pc.ram");
+        } else {
+            s.extend_from_slice(&header((i as u64) << 12, 0x28));
+        }
+        s.extend_from_slice(p);
+    }
+    s
+}
+
+/// Plans `s` in frames of `frame` bytes and rebuilds each, asserting the
+/// result; returns the plan bytes.
+fn plan_and_rebuild(p: &mut Planner, r: &mut Rebuilder, s: &[u8], frame: usize) -> usize {
+    let (mut plan, mut out) = (Vec::new(), Vec::new());
+    let mut total = 0;
+    for f in s.chunks(frame) {
+        p.plan(f, &mut plan);
+        assert!(plan.len() <= f.len() + f.len() / 400 + 8);
+        total += plan.len();
+        r.rebuild(&plan, f.len(), &mut out).unwrap();
+        assert!(out == f, "rebuilt frame differs");
+    }
+    total
+}
+
+/// Iterations of a guest that edits some pages a little, rewrites others
+/// whole and zeroes a few: each iteration is every page's content then.
+fn iterations(seed: u64, n: usize, iters: usize) -> Vec<Vec<Vec<u8>>> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut pages: Vec<Vec<u8>> = (0..n).map(|k| page_content(&mut rng, k as u32)).collect();
+    let mut out = vec![pages.clone()];
+    for _ in 1..iters {
+        for (i, p) in pages.iter_mut().enumerate() {
+            match rng.gen_range(0..10) {
+                // A few words changed.
+                0..=3 => {
+                    for _ in 0..rng.gen_range(1..8) {
+                        let at = rng.gen_range(0..PAGE_SIZE - 8);
+                        p[at..at + 8].copy_from_slice(&rng.gen::<u64>().to_le_bytes());
+                    }
+                }
+                // Rewritten whole.
+                4 => *p = random_bytes(&mut rng, PAGE_SIZE),
+                5 if i % 7 == 0 => *p = vec![0u8; PAGE_SIZE],
+                _ => {}
+            }
+        }
+        out.push(pages.clone());
+    }
+    out
+}
+
+/// Re-sent pages go as deltas against the version the receiver holds when
+/// smaller, and every frame rebuilds byte for byte (in memory, through the
+/// spill file, at several frame sizes).
+#[test]
+fn deltas_of_re_sent_pages_rebuild_byte_for_byte() {
+    let dir = std::env::temp_dir();
+    let iters = iterations(11, 200, 4);
+    for (ring, spill, frame) in [
+        (256 * PAGE_SIZE, 0u64, 64 << 10),
+        (32 * PAGE_SIZE, 512, 512 << 10),
+        (64 * PAGE_SIZE, 256, 37 * (8 + PAGE_SIZE) + 5),
+    ] {
+        let mut plan_bytes = [0usize; 2];
+        for (k, delta) in [false, true].into_iter().enumerate() {
+            let mut p = Planner::with_spill(ring, spill, &dir).unwrap();
+            p.set_delta(delta);
+            let mut r = Rebuilder::with_spill(ring, spill, &dir).unwrap();
+            for it in &iters {
+                plan_bytes[k] += plan_and_rebuild(&mut p, &mut r, &pass(it), frame);
+            }
+            let st = p.delta_stats();
+            if delta {
+                assert!(st.pages_delta > 100, "{st:?}");
+                assert!(st.pages_resent >= st.pages_delta, "{st:?}");
+                assert!(st.resent_lz4_delta < st.resent_lz4_full, "{st:?}");
+            } else {
+                assert_eq!((st.pages_delta, st.pages_resent), (0, 0), "{st:?}");
+            }
+        }
+        assert!(
+            plan_bytes[1] * 10 < plan_bytes[0] * 8,
+            "deltas save less than 20 %: {plan_bytes:?}"
+        );
+    }
+}
+
+/// The frame after `v1`'s: page 0 changed a little (one DELTA op).
+fn delta_pair() -> (Vec<u8>, Vec<u8>, Vec<u8>, Vec<u8>) {
+    let mut rng = StdRng::seed_from_u64(21);
+    let v1 = text(&mut rng, PAGE_SIZE);
+    let mut v2 = v1.clone();
+    v2[100..108].copy_from_slice(b"CHANGED!");
+    let (s1, s2) = (pass(&[v1]), pass(&[v2]));
+    let mut p = Planner::new(16 * PAGE_SIZE);
+    p.set_delta(true);
+    let (mut plan1, mut plan2) = (Vec::new(), Vec::new());
+    p.plan(&s1, &mut plan1);
+    p.plan(&s2, &mut plan2);
+    assert_eq!(p.delta_stats().pages_delta, 1);
+    (s1, plan1, s2, plan2)
+}
+
+/// A delta against a page the receiver never received is refused, named.
+#[test]
+fn a_delta_against_a_page_never_received_is_refused() {
+    let (_, _, s2, plan2) = delta_pair();
+    let mut r = Rebuilder::new(16 * PAGE_SIZE);
+    let e = r.rebuild(&plan2, s2.len(), &mut Vec::new()).unwrap_err();
+    assert!(matches!(e, CodecError::DeltaBase { base: 0, .. }), "{e}");
+    assert!(e.to_string().contains("does not hold"), "{e}");
+}
+
+/// A corrupt delta (a flipped byte of its runs, or a run beyond the page)
+/// is refused: the page is never delivered.
+#[test]
+fn a_corrupt_delta_is_refused() {
+    let (s1, plan1, s2, plan2) = delta_pair();
+    let fresh = || {
+        let mut r = Rebuilder::new(16 * PAGE_SIZE);
+        r.rebuild(&plan1, s1.len(), &mut Vec::new()).unwrap();
+        r
+    };
+    let mut out = Vec::new();
+    fresh().rebuild(&plan2, s2.len(), &mut out).unwrap();
+    assert_eq!(out, s2);
+    let mut bad = plan2.clone();
+    *bad.last_mut().unwrap() ^= 0x40;
+    let e = fresh().rebuild(&bad, s2.len(), &mut out).unwrap_err();
+    assert!(matches!(e, CodecError::DeltaMismatch { .. }), "{e}");
+    assert!(e.to_string().contains("corrupt delta or stale base"), "{e}");
+    // The DELTA op after the header's LIT: rewrite its runs as one run
+    // that starts beyond the page.
+    // LIT of the 15 header bytes (tag, length, bytes), then the DELTA.
+    let at = 2 + 15;
+    assert_eq!(plan2[at], super::plan::OP_DELTA);
+    let mut bad = plan2[..at + 1 + 1 + 8].to_vec();
+    bad.extend_from_slice(&[3, 0x90, 0x20, 1, 0xff]); // len 3: skip 4112, len 1
+    let e = fresh().rebuild(&bad, s2.len(), &mut out).unwrap_err();
+    assert!(matches!(e, CodecError::DeltaRun { .. }), "{e}");
+}
+
+/// A receiver whose ring holds other content at the base index (a stale
+/// base) refuses the delta rather than deliver a wrong page.
+#[test]
+fn a_delta_against_a_stale_base_is_refused() {
+    let (s1, _, s2, plan2) = delta_pair();
+    let mut other = s1.clone();
+    let n = other.len();
+    other[n - 1] ^= 1;
+    let mut po = Planner::new(16 * PAGE_SIZE);
+    let mut plan_other = Vec::new();
+    po.plan(&other, &mut plan_other);
+    let mut r = Rebuilder::new(16 * PAGE_SIZE);
+    r.rebuild(&plan_other, other.len(), &mut Vec::new())
+        .unwrap();
+    let e = r.rebuild(&plan2, s2.len(), &mut Vec::new()).unwrap_err();
+    assert!(
+        matches!(e, CodecError::DeltaMismatch { base: 0, .. }),
+        "{e}"
+    );
+}
+
+/// Without `set_delta` (a peer that did not agree) the planner never sends
+/// a DELTA op, and a page whose previous version left the window goes in
+/// full.
+#[test]
+fn no_delta_unless_agreed_and_in_the_window() {
+    let iters = iterations(12, 40, 3);
+    let mut p = Planner::new(64 * PAGE_SIZE);
+    let mut r = Rebuilder::new(64 * PAGE_SIZE);
+    for it in &iters {
+        plan_and_rebuild(&mut p, &mut r, &pass(it), 1 << 20);
+    }
+    assert_eq!(p.delta_stats().pages_delta, 0);
+    // A ring of 8 pages: the previous version of page i is 40 pages back.
+    let mut p = Planner::new(8 * PAGE_SIZE);
+    p.set_delta(true);
+    let mut r = Rebuilder::new(8 * PAGE_SIZE);
+    for it in &iters {
+        plan_and_rebuild(&mut p, &mut r, &pass(it), 1 << 20);
+    }
+    assert_eq!(p.delta_stats().pages_delta, 0, "{:?}", p.delta_stats());
+}

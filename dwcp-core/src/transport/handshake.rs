@@ -43,6 +43,7 @@ impl Session {
         } else {
             0
         };
+        let own_flags = if cfg.delta { wire::FLAG_DELTA } else { 0 };
         // One snapshot of the credentials for every stream of the session.
         let creds = cfg.tls.credentials().map_err(|source| SessionError::Tls {
             index: 0,
@@ -102,6 +103,7 @@ impl Session {
                             window: own.window,
                             ring_pages: own.ring_pages,
                             spill_pages: own_spill,
+                            flags: own_flags,
                             name: name.to_string(),
                         };
                         st.write_all(&hello.encode()).map_err(|source| {
@@ -140,6 +142,7 @@ impl Session {
         let mut window = own.window;
         let mut ring = own.ring_pages;
         let mut spill = own_spill;
+        let mut flags = own_flags;
         let mut version = wire::VERSION_MAX;
         for (index, r) in results.into_iter().enumerate() {
             let (st, reply) = r?;
@@ -157,6 +160,7 @@ impl Session {
             window = window.min(reply.window);
             ring = ring.min(reply.ring_pages);
             spill = spill.min(reply.spill_pages);
+            flags &= reply.flags;
             version = version.min(reply.version);
             streams.push(st);
         }
@@ -166,6 +170,7 @@ impl Session {
             name,
             cfg.clone(),
             (window, ring, if ring > 0 { spill } else { 0 }, version),
+            flags & wire::FLAG_DELTA != 0 && ring > 0,
             streams,
             None,
             None,
@@ -513,18 +518,27 @@ impl Acceptor {
             && p.hello.stream_count == hello.stream_count
             && p.hello.window == hello.window
             && p.hello.ring_pages == hello.ring_pages
-            && p.hello.spill_pages == hello.spill_pages;
+            && p.hello.spill_pages == hello.spill_pages
+            && p.hello.flags == hello.flags;
         if !same || p.streams[hello.stream_index as usize].is_some() {
             drop(pending);
             return refuse(&mut stream, Status::SessionMismatch);
         }
         // Hello::read checked the ranges overlap.
         let version = hello.version_max.min(wire::VERSION_MAX);
+        // Deltas when both ends allow them (this end's rebuilder reads them).
+        let flags = if self.cfg.delta {
+            hello.flags & wire::FLAG_DELTA
+        } else {
+            0
+        };
         stream
             .write_all(
-                &self
-                    .reply(Status::Ok, window, ring, spill, version)
-                    .encode(),
+                &Reply {
+                    flags,
+                    ..self.reply(Status::Ok, window, ring, spill, version)
+                }
+                .encode(),
             )
             .map_err(|e| io("reply", e))?;
         p.streams[hello.stream_index as usize] = Some(stream);
@@ -554,6 +568,7 @@ impl Acceptor {
                 &hello.name,
                 cfg,
                 (window, ring, spill, version),
+                flags != 0 && ring > 0,
                 streams,
                 Some(target),
                 gate,
@@ -596,6 +611,7 @@ impl Acceptor {
             window,
             ring_pages,
             spill_pages,
+            flags: 0,
         }
     }
 }

@@ -82,6 +82,11 @@ pub struct TransportConfig {
     pub spill_mb: u32,
     /// Where spill files are created (`$TMPDIR`, else `/var/tmp`).
     pub spill_dir: std::path::PathBuf,
+    /// Send a re-sent page as a delta against the version the peer holds
+    /// in its dedup ring when that is smaller (docs/hde.md); on both ends
+    /// (asked in the hello, granted in the reply; peers before deltas
+    /// grant none).
+    pub delta: bool,
     /// Most channels (QEMU connections) per session, 1..=64.
     pub max_channels: u16,
     /// Memory one session may take, bytes (`session-memory`): a destination
@@ -121,6 +126,7 @@ impl Default for TransportConfig {
             dedup_cache_mb: 256,
             spill_mb: DEFAULT_SPILL_MB,
             spill_dir: default_spill_dir(),
+            delta: true,
             max_channels: 8,
             session_memory: budget::DEFAULT_SESSION_MEMORY,
             chunk: 512 << 10,

@@ -267,6 +267,24 @@ pub const OPTIONS: &[TransportOption] = &[
         show: |c| c.spill_dir.display().to_string(),
     },
     TransportOption {
+        name: "delta",
+        uri: Some("delta"),
+        control: Some("delta"),
+        allowed: "0 or 1",
+        help: "send a page that changed since it was sent as a delta against the version the \
+               destination holds in its dedup ring, when that is smaller (1, the default; both \
+               ends must allow it)",
+        set: |c, v| {
+            c.delta = match v {
+                "1" | "true" | "yes" | "on" => true,
+                "0" | "false" | "no" | "off" => false,
+                _ => return Err(()),
+            };
+            Ok(())
+        },
+        show: |c| if c.delta { "1" } else { "0" }.into(),
+    },
+    TransportOption {
         name: "max-channels",
         uri: Some("max-channels"),
         control: Some("max_channels"),

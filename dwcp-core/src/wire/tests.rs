@@ -11,6 +11,7 @@ fn hello() -> Hello {
         window: 1 << 24,
         ring_pages: 1024,
         spill_pages: 0,
+        flags: 0,
         name: "vm-1".into(),
     }
 }
@@ -69,6 +70,7 @@ fn reply_round_trip_and_flip() {
         window: 5,
         ring_pages: 6,
         spill_pages: 0,
+        flags: 0,
     };
     let b = r.encode();
     assert_eq!(Reply::read(&mut &b[..]).unwrap(), r);
@@ -90,6 +92,7 @@ fn every_refusal_status_survives_the_reply_and_names_its_reason() {
             window: 0,
             ring_pages: 0,
             spill_pages: 0,
+            flags: 0,
         };
         assert_eq!(Reply::read(&mut &r.encode()[..]).unwrap().status, status);
     }
@@ -320,8 +323,34 @@ fn spill_pages_travel_in_the_formerly_reserved_bytes() {
         window: 5,
         ring_pages: 6,
         spill_pages: 7,
+        flags: 0,
     };
     let b = r.encode();
     assert_eq!(&b[16..20], &7u32.to_le_bytes());
     assert_eq!(Reply::read(&mut &b[..]).unwrap(), r);
+}
+
+/// The delta flag rides in a byte earlier versions sent as zero (hello byte
+/// 30, reply byte 7): an old peer's hello or reply reads as "no deltas".
+#[test]
+fn delta_flag_travels_in_the_formerly_reserved_bytes() {
+    let mut h = hello();
+    h.flags = crate::wire::FLAG_DELTA;
+    let b = h.encode();
+    assert_eq!(b[30], crate::wire::FLAG_DELTA);
+    assert_eq!(Hello::read(&mut &b[..]).unwrap(), h);
+    assert_eq!(Hello::read(&mut &hello().encode()[..]).unwrap().flags, 0);
+    let r = Reply {
+        version: 3,
+        status: Status::Ok,
+        window: 5,
+        ring_pages: 6,
+        spill_pages: 7,
+        flags: crate::wire::FLAG_DELTA,
+    };
+    let b = r.encode();
+    assert_eq!(b[7], crate::wire::FLAG_DELTA);
+    assert_eq!(Reply::read(&mut &b[..]).unwrap(), r);
+    let old = Reply { flags: 0, ..r }.encode();
+    assert_eq!(Reply::read(&mut &old[..]).unwrap().flags, 0);
 }

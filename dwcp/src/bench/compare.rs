@@ -66,7 +66,8 @@ pub struct CompareArgs {
     /// contenders are clear text; `+tls` at the end gives them QEMU's
     /// `tls-creds-x509` with the same PKI (e.g. `qemu-multifd+tls`).
     /// `+nospill` on an agent contender asks for no dedup spill file
-    /// (docs/hde.md), e.g. `dwcp,dwcp+nospill` to see what it saves.
+    /// (docs/hde.md), e.g. `dwcp,dwcp+nospill` to see what it saves;
+    /// `+nodelta` for no deltas of re-sent pages (`dwcp,dwcp+nodelta`).
     #[arg(long, value_delimiter = ',', default_value = DEFAULT_CONTENDERS)]
     pub contenders: Vec<String>,
     /// Seconds before a migration counts as not converged and is cancelled.
@@ -132,6 +133,8 @@ enum Kind {
         plain: bool,
         /// Without dedup spill files (`+nospill`: the route asks for none).
         nospill: bool,
+        /// Without deltas of re-sent pages (`+nodelta`).
+        nodelta: bool,
     },
     /// QEMU built with qemu-patches/: `migrate dwcp:HOST:PORT`, libdwcp in
     /// QEMU, no agent in the data path.
@@ -174,6 +177,7 @@ fn contender(full: &str) -> Result<Kind> {
                 bandwidth,
                 multifd,
                 plain,
+                nodelta,
                 ..
             } => Ok(Kind::Dwcp {
                 codec,
@@ -181,8 +185,29 @@ fn contender(full: &str) -> Result<Kind> {
                 multifd,
                 plain,
                 nospill: true,
+                nodelta,
             }),
             _ => bail!("contender {full:?}: +nospill is for contenders through the DWCP agents"),
+        };
+    }
+    if let Some(base) = full.strip_suffix("+nodelta") {
+        return match contender(base)? {
+            Kind::Dwcp {
+                codec,
+                bandwidth,
+                multifd,
+                plain,
+                nospill,
+                ..
+            } => Ok(Kind::Dwcp {
+                codec,
+                bandwidth,
+                multifd,
+                plain,
+                nospill,
+                nodelta: true,
+            }),
+            _ => bail!("contender {full:?}: +nodelta is for contenders through the DWCP agents"),
         };
     }
     if let Some(base) = full.strip_suffix("+insecure") {
@@ -192,6 +217,7 @@ fn contender(full: &str) -> Result<Kind> {
                 bandwidth,
                 multifd,
                 nospill,
+                nodelta,
                 ..
             } => Ok(Kind::Dwcp {
                 codec,
@@ -199,6 +225,7 @@ fn contender(full: &str) -> Result<Kind> {
                 multifd,
                 plain: true,
                 nospill,
+                nodelta,
             }),
             Kind::QemuDwcp(s, p) => {
                 let p = match p {
@@ -249,6 +276,7 @@ fn contender(full: &str) -> Result<Kind> {
             multifd,
             plain: false,
             nospill: false,
+            nodelta: false,
         },
         other => match other.strip_prefix("dwcp-") {
             Some(tier) => {
@@ -261,10 +289,11 @@ fn contender(full: &str) -> Result<Kind> {
                     multifd,
                     plain: false,
                     nospill: false,
+                    nodelta: false,
                 }
             }
             None => bail!(
-                "unknown contender {other:?} (qemu-tcp, qemu-multifd, qemu-multifd-zstd, qemu-xbzrle, dwcp, dwcp-none, dwcp-lz4, dwcp-zstd, dwcp-zstd:N, dwcp-auto, dwcp-raw; any dwcp contender with +multifd: QEMU multifd, 4 channels, through DWCP; +insecure: DWCP in clear text; +nospill: DWCP without dedup spill files; +tls on a qemu- contender: QEMU's own TLS)"
+                "unknown contender {other:?} (qemu-tcp, qemu-multifd, qemu-multifd-zstd, qemu-xbzrle, dwcp, dwcp-none, dwcp-lz4, dwcp-zstd, dwcp-zstd:N, dwcp-auto, dwcp-raw; any dwcp contender with +multifd: QEMU multifd, 4 channels, through DWCP; +insecure: DWCP in clear text; +nospill: DWCP without dedup spill files; +nodelta: DWCP without deltas of re-sent pages; +tls on a qemu- contender: QEMU's own TLS)"
             ),
         },
     })
@@ -641,6 +670,7 @@ fn run_inner(
             multifd,
             plain,
             nospill,
+            nodelta,
         } => {
             let mig = MigrationSpec {
                 name: tag.clone(),
@@ -656,6 +686,9 @@ fn run_inner(
             }
             if *nospill {
                 req["spill_mb"] = json!(0);
+            }
+            if *nodelta {
+                req["delta"] = json!("0");
             }
             let route = control_request(&src_ctl, &req).map_err(|e| anyhow!("route: {e}"))?;
             let socket = route["socket"].as_str().unwrap_or_default().to_string();
@@ -779,6 +812,10 @@ fn run_inner(
             seen: n("pages_seen"),
             deduped: n("pages_deduped"),
             missed_dups: n("pages_missed_dups"),
+            resent: n("pages_resent"),
+            delta: n("pages_delta"),
+            resent_lz4_full: n("resent_lz4_full"),
+            resent_lz4_delta: n("resent_lz4_delta"),
         });
     }
     finish_counters(rr);

@@ -320,6 +320,19 @@ pub struct PageCounts {
     pub seen: u64,
     pub deduped: u64,
     pub missed_dups: u64,
+    /// Pages sent again after their content changed, whose previous
+    /// version the destination still held (0 without deltas).
+    #[serde(default)]
+    pub resent: u64,
+    /// Of those, sent as a delta (docs/hde.md, layer 2).
+    #[serde(default)]
+    pub delta: u64,
+    /// LZ4 bytes of the re-sent pages each compressed alone ...
+    #[serde(default)]
+    pub resent_lz4_full: u64,
+    /// ... and of what was sent for them (the delta where smaller).
+    #[serde(default)]
+    pub resent_lz4_delta: u64,
 }
 
 /// Median, minimum and maximum over the completed runs.

@@ -93,6 +93,10 @@ struct Counters {
     pages_seen: AtomicU64,
     pages_deduped: AtomicU64,
     pages_missed_dups: AtomicU64,
+    pages_resent: AtomicU64,
+    pages_delta: AtomicU64,
+    resent_lz4_full: AtomicU64,
+    resent_lz4_delta: AtomicU64,
     /// Data frames received per codec (none, lz4, zstd, raw).
     codec_in: [AtomicU64; 4],
     /// Raw data frames received without a payload checksum.
@@ -114,6 +118,8 @@ struct Inner {
     ring_bytes: usize,
     /// Dedup spill file per channel, pages (as agreed; 0: none).
     spill_pages: u64,
+    /// Deltas of re-sent pages (as agreed in the hello).
+    delta: bool,
     /// What the session's channels and the rings the peer fills may take
     /// ([`budget`]).
     budget: SessionBudget,
@@ -282,6 +288,7 @@ impl Session {
         name: &str,
         cfg: TransportConfig,
         (window, ring_pages, spill_pages, version): (u32, u32, u32, u16),
+        delta: bool,
         links: Vec<Link>,
         target: Option<Target>,
         gate: Option<Arc<dyn CutoverGate>>,
@@ -323,6 +330,7 @@ impl Session {
             window: window as u64,
             ring_bytes: ring_pages as usize * crate::codec::PAGE_SIZE,
             spill_pages: spill_pages as u64,
+            delta,
             budget: SessionBudget::new(
                 cfg.session_memory.saturating_sub(budget::fixed_bytes(
                     n as u64,
@@ -520,6 +528,7 @@ impl Session {
                 window: i.window,
                 ring_bytes: i.ring_bytes,
                 spill_pages: i.spill_pages,
+                delta: i.delta,
                 budget: SessionBudget::new(0, 0),
                 target: None,
                 gate: None,

@@ -66,6 +66,8 @@ impl FrameSender {
                 Planner::new(ring)
             }),
         };
+        let mut planner = planner;
+        planner.set_delta(inner.delta && inner.role == super::Role::Initiator);
         let last = planner.stats();
         FrameSender {
             planner,
@@ -191,6 +193,13 @@ impl FrameSender {
             st.pages_missed_dups - self.last.pages_missed_dups,
             Ordering::Relaxed,
         );
+        let ds = self.planner.new_delta_stats();
+        c.pages_resent.fetch_add(ds.pages_resent, Ordering::Relaxed);
+        c.pages_delta.fetch_add(ds.pages_delta, Ordering::Relaxed);
+        c.resent_lz4_full
+            .fetch_add(ds.resent_lz4_full, Ordering::Relaxed);
+        c.resent_lz4_delta
+            .fetch_add(ds.resent_lz4_delta, Ordering::Relaxed);
         self.last = st;
         inner.queues.inflight.fetch_add(1, Ordering::AcqRel);
         let job = Job {

@@ -98,6 +98,16 @@ pub struct SessionStats {
     /// the dedup ring by then (a measurement: what a content store holding
     /// everything sent would have saved).
     pub pages_missed_dups: u64,
+    /// Pages sent again after their content changed, whose previous
+    /// version the peer still held (delta candidates; 0 without deltas).
+    pub pages_resent: u64,
+    /// Of those, pages sent as a delta.
+    pub pages_delta: u64,
+    /// LZ4 size of the re-sent pages each compressed alone, bytes (the
+    /// planner's estimate) ...
+    pub resent_lz4_full: u64,
+    /// ... and of what was chosen for them (the delta when smaller).
+    pub resent_lz4_delta: u64,
     /// Wire bytes sent whose data the peer has not yet delivered to its QEMU
     /// (plus reads not yet encoded): what must still cross the link.
     pub inflight_bytes: u64,
@@ -227,6 +237,10 @@ impl Session {
             pages_seen: c.pages_seen.load(Ordering::Relaxed),
             pages_deduped: c.pages_deduped.load(Ordering::Relaxed),
             pages_missed_dups: c.pages_missed_dups.load(Ordering::Relaxed),
+            pages_resent: c.pages_resent.load(Ordering::Relaxed),
+            pages_delta: c.pages_delta.load(Ordering::Relaxed),
+            resent_lz4_full: c.resent_lz4_full.load(Ordering::Relaxed),
+            resent_lz4_delta: c.resent_lz4_delta.load(Ordering::Relaxed),
             inflight_bytes: i.flow.wire_inflight.load(Ordering::Relaxed)
                 + i.channels
                     .map
