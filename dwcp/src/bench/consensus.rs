@@ -374,15 +374,7 @@ fn drive(
             .collect();
         hs.into_iter().filter_map(|h| h.join().ok()).collect()
     });
-    let secs = t.elapsed().as_secs_f64();
-    let mut lat = Vec::new();
-    let mut failed = 0;
-    for (l, f) in parts {
-        lat.extend(l);
-        failed += f;
-    }
-    lat.sort_by(|a, b| a.total_cmp(b));
-    (lat, failed, secs)
+    merge_parts(parts, t.elapsed().as_secs_f64())
 }
 
 /// Migration `k`'s guest and its intent: guest k mod guests, from its
@@ -406,6 +398,18 @@ fn begin_command(spec: &FleetSpec, k: usize) -> (Uuid, Command) {
 /// Whether migrations are driven from fewer threads than are in flight.
 fn pipelined(spec: &FleetSpec) -> bool {
     spec.client_threads > 0 && spec.client_threads < spec.concurrent
+}
+
+/// The client threads' latencies (sorted) and failures, with the run's seconds.
+fn merge_parts(parts: Vec<(Vec<f64>, usize)>, secs: f64) -> (Vec<f64>, usize, f64) {
+    let mut lat = Vec::new();
+    let mut failed = 0;
+    for (l, f) in parts {
+        lat.extend(l);
+        failed += f;
+    }
+    lat.sort_by(|a, b| a.total_cmp(b));
+    (lat, failed, secs)
 }
 
 /// Migrations `first..first + total` (intent, then commit), `spec.concurrent`
@@ -492,15 +496,7 @@ fn drive_pipelined(
             .collect();
         hs.into_iter().filter_map(|h| h.join().ok()).collect()
     });
-    let secs = t.elapsed().as_secs_f64();
-    let mut lat = Vec::new();
-    let mut failed = 0;
-    for (l, f) in parts {
-        lat.extend(l);
-        failed += f;
-    }
-    lat.sort_by(|a, b| a.total_cmp(b));
-    (lat, failed, secs)
+    merge_parts(parts, t.elapsed().as_secs_f64())
 }
 
 fn guest_id(i: usize) -> Uuid {
