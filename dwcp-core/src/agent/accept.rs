@@ -34,12 +34,29 @@ pub(super) fn accept_loop(st: Arc<State>, l: TcpListener) {
     let acceptor = Arc::new(acceptor);
     // Connections in their TLS handshake and hello: each holds a thread and
     // its TLS state until it joins a session or fails (the handshake timeout
-    // bounds how long), so their number is bounded too.
+    // bounds how long), so their number is bounded too. At the bound the
+    // loop stops accepting until one finishes: the connections beyond it
+    // wait in the kernel's accept queue (bounded by the listen backlog),
+    // and the source's own handshake timeout bounds their wait. Refusing
+    // them instead failed migrations that a moment later would have gone
+    // through: with hundreds starting at once, 295 of 2,247 failures of a
+    // 1,000-guest load test were such resets.
     let handshaking = Arc::new(AtomicUsize::new(0));
-    let max_handshakes = st.cfg.limits.max_handshakes;
-    for conn in l.incoming() {
-        let conn = match conn {
-            Ok(c) => c,
+    let max_handshakes = st.cfg.limits.max_handshakes.max(1);
+    loop {
+        let mut waited = false;
+        while handshaking.load(Ordering::Acquire) >= max_handshakes {
+            if !waited {
+                warn!(
+                    "data port: {max_handshakes} connections are in their handshake; \
+                     new ones wait in the accept queue"
+                );
+                waited = true;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let conn = match l.accept() {
+            Ok((c, _)) => c,
             Err(e) => {
                 warn!("data port accept: {e}");
                 std::thread::sleep(Duration::from_millis(10));
@@ -54,14 +71,7 @@ pub(super) fn accept_loop(st: Arc<State>, l: TcpListener) {
             warn!("data port: refused connection from {peer}: {why}");
             continue; // dropping it closes it: the source's handshake fails
         }
-        if handshaking.fetch_add(1, Ordering::AcqRel) >= max_handshakes {
-            handshaking.fetch_sub(1, Ordering::AcqRel);
-            warn!(
-                "data port: refused connection from {peer}: {max_handshakes} connections \
-                 are in their handshake already"
-            );
-            continue;
-        }
+        handshaking.fetch_add(1, Ordering::AcqRel);
         let (st, acceptor, handshaking) = (st.clone(), acceptor.clone(), handshaking.clone());
         // Each handshake on its own thread: a slow or hostile peer never
         // holds up others.

@@ -346,7 +346,10 @@ impl Agent {
         let ctl = bind_unix(&control, "control socket")?;
         let data = match cfg.listen {
             Some(addr) => {
-                Some(TcpListener::bind(addr).map_err(|source| AgentError::Bind { addr, source })?)
+                let l =
+                    TcpListener::bind(addr).map_err(|source| AgentError::Bind { addr, source })?;
+                sockets::deepen_backlog(&l);
+                Some(l)
             }
             None => None,
         };

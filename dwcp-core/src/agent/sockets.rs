@@ -166,11 +166,24 @@ pub fn clear_stale(path: &Path) -> std::io::Result<()> {
     }
 }
 
+/// Connections a listener's kernel queue holds before connect(2) blocks or
+/// SYNs are dropped (the kernel caps it at `net.core.somaxconn`, 4096 by
+/// default). Hundreds of migrations set up at once queue here while the
+/// agent is busy; with a short queue their connects failed instead.
+pub const LISTEN_BACKLOG: i32 = 4096;
+
+/// Re-listens with [`LISTEN_BACKLOG`] (listen(2) on a listening socket only
+/// changes its backlog). Best effort: the default queue still works.
+pub fn deepen_backlog(l: &impl std::os::fd::AsFd) {
+    let _ = socket2::SockRef::from(l).listen(LISTEN_BACKLOG);
+}
+
 /// Binds a listening socket at `path` (a stale one there is replaced, see
 /// [`clear_stale`]) and gives it `group` (if any) and `mode`.
 pub fn bind_with(path: &Path, group: Option<u32>, mode: u32) -> std::io::Result<UnixListener> {
     clear_stale(path)?;
     let l = UnixListener::bind(path)?;
+    deepen_backlog(&l);
     let set = || -> std::io::Result<()> {
         if let Some(gid) = group {
             std::os::unix::fs::lchown(path, None, Some(gid)).map_err(|e| {

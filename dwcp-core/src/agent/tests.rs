@@ -41,6 +41,17 @@ fn agent_with(
     cluster: Option<Arc<dyn ClusterOps>>,
     sockets: SocketAccess,
 ) -> (Agent, PathBuf, Option<SocketAddr>) {
+    agent_limited(tag, listen, cluster, sockets, AcceptorLimits::default())
+}
+
+/// [`agent_with`] with these data-port limits.
+fn agent_limited(
+    tag: &str,
+    listen: bool,
+    cluster: Option<Arc<dyn ClusterOps>>,
+    sockets: SocketAccess,
+    limits: AcceptorLimits,
+) -> (Agent, PathBuf, Option<SocketAddr>) {
     let dir = std::env::temp_dir().join(format!("dwcp-agent-{}-{tag}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let addr = listen.then(|| {
@@ -58,7 +69,7 @@ fn agent_with(
         run_dir: dir.clone(),
         incoming_dir: dir.join("incoming"),
         transport,
-        limits: AcceptorLimits::default(),
+        limits,
         cluster,
         gate_timeout: Duration::from_secs(5),
         allow: vec!["*".parse().unwrap()],
@@ -668,4 +679,60 @@ fn a_stale_route_socket_is_reused_a_live_one_refused() {
         "{e}"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// At `max_handshakes` the data port stops accepting instead of refusing:
+/// a migration set up while a silent peer holds the only handshake slot
+/// waits in the accept queue and goes through once that peer times out.
+#[test]
+fn a_full_handshake_table_queues_new_connections_instead_of_refusing_them() {
+    let limits = AcceptorLimits {
+        max_handshakes: 1,
+        handshake_timeout: Duration::from_secs(1),
+        ..AcceptorLimits::default()
+    };
+    let (_src, sdir, _) = agent("q-src", false);
+    let (_dst, ddir, daddr) = agent_limited("q-dst", true, None, SocketAccess::default(), limits);
+    let daddr = daddr.unwrap();
+    // The silent peer: connects and sends nothing.
+    let silent = std::net::TcpStream::connect(daddr).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    ctl(&ddir, json!({"op": "expect", "name": "q1", "ttl_s": 60})).unwrap();
+    let r = ctl(
+        &sdir,
+        json!({"op": "route", "name": "q1", "to": daddr.to_string(), "streams": 1}),
+    )
+    .unwrap();
+    let incoming = UnixListener::bind(ddir.join("incoming/q1.sock")).unwrap();
+    let qemu = std::thread::spawn(move || {
+        let (mut c, _) = incoming.accept().unwrap();
+        let mut got = Vec::new();
+        c.read_to_end(&mut got).unwrap();
+        c.shutdown(Shutdown::Write).unwrap();
+        got
+    });
+    let payload: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+    let t0 = std::time::Instant::now();
+    let mut q = UnixStream::connect(r["socket"].as_str().unwrap()).unwrap();
+    q.write_all(&payload).unwrap();
+    q.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    q.read_to_end(&mut rest).unwrap();
+    assert_eq!(
+        qemu.join().unwrap(),
+        payload,
+        "the queued migration's bytes"
+    );
+    // It waited for the silent peer's slot (about the 1-s handshake
+    // timeout), and was not refused.
+    assert!(
+        t0.elapsed() >= Duration::from_millis(500),
+        "{:?}",
+        t0.elapsed()
+    );
+    let stats = ctl(&sdir, json!({"op": "stats"})).unwrap();
+    assert_eq!(stats["routes"][0]["last_error"], Value::Null, "{stats}");
+    drop(silent);
+    let _ = std::fs::remove_dir_all(&sdir);
+    let _ = std::fs::remove_dir_all(&ddir);
 }

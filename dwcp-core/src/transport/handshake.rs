@@ -192,8 +192,9 @@ pub struct AcceptorLimits {
     /// Most sessions being set up (streams still arriving) at once; past it
     /// a new one is refused with [`Status::Busy`].
     pub max_pending: usize,
-    /// Most connections in their TLS handshake and hello at once (the
-    /// agent's data port closes one past it at once).
+    /// Most connections in their TLS handshake and hello at once (past it
+    /// the agent's data port stops accepting: new connections wait in the
+    /// kernel's accept queue until one of these ends).
     pub max_handshakes: usize,
     pub handshake_timeout: Duration,
 }

@@ -106,6 +106,13 @@ struct CommonArgs {
     /// TCP streams per migration (route request).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
     streams: u16,
+    /// A transport option for every route request, KEY=VALUE (repeatable;
+    /// the fields of `dwcp agent`'s control `route`), e.g.
+    /// connect_timeout=60s: hundreds of set-ups at once queue at the
+    /// destination, so a fleet evacuation wants a longer wait than the
+    /// default 10s.
+    #[arg(long = "route-option", value_parser = parse_route_option)]
+    route_options: Vec<(String, String)>,
     /// Codec per migration (route request): auto, raw, none, lz4, zstd:N.
     #[arg(long, default_value = "auto")]
     codec: String,
@@ -130,6 +137,26 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("{s:?}: use a duration such as 30s, 500ms, 5m or 1h"))
 }
 
+fn parse_route_option(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: not KEY=VALUE (e.g. connect_timeout=60s)"))?;
+    let known = dwcp_core::transport::options::OPTIONS
+        .iter()
+        .filter_map(|o| o.control)
+        .collect::<Vec<_>>();
+    if !known.contains(&k) {
+        return Err(format!(
+            "{k:?} is not a route option; one of: {}",
+            known.join(", ")
+        ));
+    }
+    if ["streams", "codec"].contains(&k) {
+        return Err(format!("{k}: use --{k}"));
+    }
+    Ok((k.to_string(), v.to_string()))
+}
+
 fn parse_rate(s: &str) -> Result<u64, String> {
     linkem::config::parse_rate(s).map_err(|e| format!("{e} (e.g. 50Gbps, 800mbit)"))
 }
@@ -152,6 +179,8 @@ pub struct MigrationRecord {
     pub pages_sent: u64,
     pub final_bytes: u64,
     pub final_ms: u64,
+    /// Set-up: the `expect` and `route` requests to the agents, answered.
+    pub setup_ms: u64,
     pub error: Option<String>,
 }
 
@@ -262,6 +291,9 @@ pub struct Summary {
     pub passes_mean: f64,
     pub final_ms_p50: f64,
     pub final_ms_p99: f64,
+    /// Set-up of the completed migrations (expect + route answered), ms.
+    pub setup_ms_p50: f64,
+    pub setup_ms_p99: f64,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -294,6 +326,7 @@ struct Shared {
     spec: GuestSpec,
     streams: u16,
     codec: String,
+    route_options: Vec<(String, String)>,
     timeout: Duration,
     t0: Instant,
     /// Slots below this may migrate.
@@ -355,6 +388,7 @@ pub fn run(a: LoadTestArgs) -> Result<()> {
         },
         streams: c.streams,
         codec: c.codec.clone(),
+        route_options: c.route_options.clone(),
         timeout: c.timeout,
         t0: Instant::now(),
         active: AtomicUsize::new(0),
@@ -449,6 +483,7 @@ pub fn run(a: LoadTestArgs) -> Result<()> {
         "max_sessions": max_sessions,
         "session_memory": c.session_memory.clone().unwrap_or_else(|| "256MiB (agent default)".into()),
         "timeout_s": c.timeout.as_secs_f64(),
+        "route_options": c.route_options.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
     });
     if let (Some(o), Some(e)) = (settings.as_object_mut(), settings_extra.as_object()) {
         o.extend(e.clone());
@@ -694,7 +729,9 @@ fn slot(sh: &Arc<Shared>, i: usize) {
         if sh.stop.load(Ordering::Acquire) {
             return;
         }
-        std::thread::sleep(Duration::from_millis(50));
+        // Coarse: a thousand slots waiting for the ramp must not keep the
+        // generator's CPU busy waking up.
+        std::thread::sleep(Duration::from_millis(200));
     }
     let mut seq = 0u32;
     while !sh.stop.load(Ordering::Acquire) {
@@ -738,6 +775,7 @@ fn migrate_one(sh: &Arc<Shared>, vm: u32, seq: u32, guest: &mut Guest) -> Migrat
         pages_sent: 0,
         final_bytes: 0,
         final_ms: 0,
+        setup_ms: 0,
         error: None,
     };
     let r = (|| -> Result<()> {
@@ -762,12 +800,14 @@ fn migrate_one(sh: &Arc<Shared>, vm: u32, seq: u32, guest: &mut Guest) -> Migrat
             &json!({"op": "expect", "name": name, "ttl_s": sh.timeout.as_secs().max(1)}),
         )
         .map_err(|e| anyhow!("expect on the destination agent: {e}"))?;
-        let route = control_request(
-            &sh.src_ctl,
-            &json!({"op": "route", "name": name, "to": sh.dst_addr,
-                    "streams": sh.streams, "codec": sh.codec}),
-        )
-        .map_err(|e| anyhow!("route on the source agent: {e}"))?;
+        let mut req = json!({"op": "route", "name": name, "to": sh.dst_addr,
+                             "streams": sh.streams, "codec": sh.codec});
+        for (k, v) in &sh.route_options {
+            req[k.as_str()] = json!(v);
+        }
+        let route = control_request(&sh.src_ctl, &req)
+            .map_err(|e| anyhow!("route on the source agent: {e}"))?;
+        rec.setup_ms = t0.elapsed().as_millis() as u64;
         let socket = route["socket"]
             .as_str()
             .ok_or_else(|| anyhow!("route answer without a socket: {route}"))?
@@ -854,6 +894,10 @@ fn sink(
     delivered: &AtomicU64,
     cancel: &AtomicBool,
 ) -> Result<(u64, u64), String> {
+    // Polled with a backoff (10 ms doubling to 200 ms): with a thousand
+    // sinks waiting through a slow set-up, fixed 20-ms polls were 50,000
+    // wake-ups a second of the generator's own CPU.
+    let mut pause = Duration::from_millis(10);
     let mut c = loop {
         match l.accept() {
             Ok((c, _)) => break c,
@@ -861,7 +905,8 @@ fn sink(
                 if Instant::now() >= deadline || cancel.load(Ordering::Acquire) {
                     return Err("the destination agent never connected".into());
                 }
-                std::thread::sleep(Duration::from_millis(20));
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(200));
             }
             Err(e) => return Err(format!("accept: {e}")),
         }
