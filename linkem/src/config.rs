@@ -296,6 +296,30 @@ impl Trace {
         self.period
     }
 
+    /// Mean rate over one loop, bit/s (time-weighted).
+    pub fn mean(&self) -> f64 {
+        if !self.period.is_finite() {
+            return self.steps[0].1;
+        }
+        let mut sum = 0.0;
+        for (i, s) in self.steps.iter().enumerate() {
+            let end = self.steps.get(i + 1).map_or(self.period, |n| n.0);
+            sum += s.1 * (end - s.0);
+        }
+        sum / self.period
+    }
+
+    /// The same trace with every rate scaled so that its mean is `bit_s`
+    /// (a trace whose mean is 0 stays as it is).
+    pub fn scaled_to_mean(&self, bit_s: f64) -> Trace {
+        let m = self.mean();
+        let k = if m > 0.0 { bit_s / m } else { 1.0 };
+        Trace {
+            steps: self.steps.iter().map(|&(t, r)| (t, r * k)).collect(),
+            period: self.period,
+        }
+    }
+
     /// Rate in bit/s at `t` seconds.
     pub fn rate_at(&self, t: f64) -> f64 {
         let t = if self.period.is_finite() {
@@ -487,5 +511,19 @@ mod tests {
         assert!(Trace::parse("0\t10\n0\t5\n").is_err());
         let c = Trace::parse("0 7").unwrap();
         assert_eq!(c.rate_at(1e6), 7e6);
+    }
+
+    #[test]
+    fn scaling_a_trace_keeps_its_shape_and_sets_its_time_weighted_mean() {
+        // 10 Mbit/s for 1 s, 30 for 1 s (the last step lasts as long as
+        // the one before it): mean 20.
+        let t = Trace::from_steps(&[(0.0, 10.0), (1.0, 30.0)]).unwrap();
+        assert!((t.mean() - 20e6).abs() < 1.0);
+        let s = t.scaled_to_mean(100e6);
+        assert!((s.mean() - 100e6).abs() < 1.0);
+        assert!((s.rate_at(0.5) - 50e6).abs() < 1.0);
+        assert!((s.rate_at(1.5) - 150e6).abs() < 1.0);
+        let flat = Trace::from_steps(&[(0.0, 5.0)]).unwrap();
+        assert!((flat.scaled_to_mean(8e6).rate_at(99.0) - 8e6).abs() < 1.0);
     }
 }

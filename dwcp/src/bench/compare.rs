@@ -41,6 +41,16 @@ pub struct CompareArgs {
     /// Link profile: dc (unshaped), wan, internet, lossy.
     #[arg(long, default_value = "dc")]
     pub profile: String,
+    /// Replay a bandwidth trace (`time_s<TAB>Mbit/s` per line, e.g. an FCC
+    /// trace of ../shared/traces) as the link's rate, on the profile's
+    /// delay and loss (give `--profile internet` or `wan`). Each migration
+    /// starts the trace from its beginning, so every contender meets the
+    /// same link.
+    #[arg(long, value_name = "FILE")]
+    pub trace: Option<PathBuf>,
+    /// Scale the trace so that its mean is this many Mbit/s (0: as is).
+    #[arg(long, default_value_t = 100.0, requires = "trace")]
+    pub trace_mean_mbit: f64,
     /// Guest RAM, MiB.
     #[arg(long, default_value_t = 512)]
     pub guest_mem: u64,
@@ -343,6 +353,25 @@ impl Kind {
     }
 }
 
+/// The profile's link (delay, loss) with its rate following the trace in
+/// `file`, scaled to a mean of `mean_mbit` (0: unscaled).
+fn traced_link(profile: &str, file: &Path, mean_mbit: f64) -> Result<linkem::LinkConfig> {
+    let prof: dwcp_lab::Profile = profile
+        .parse()
+        .map_err(|e| anyhow!("--profile {profile:?}: {e}"))?;
+    if matches!(prof, dwcp_lab::Profile::Dc) {
+        anyhow::bail!("--trace needs an emulated profile (wan, internet, lossy), not dc");
+    }
+    let trace = linkem::Trace::load(file).with_context(|| format!("--trace {}", file.display()))?;
+    let trace = if mean_mbit > 0.0 {
+        trace.scaled_to_mean(mean_mbit * 1e6)
+    } else {
+        trace
+    };
+    let t = std::sync::Arc::new(trace);
+    Ok(prof.config().both(|d| d.trace = Some(t.clone())))
+}
+
 /// QEMU max-bandwidth that lifts its default cap of 128 MiB/s.
 const UNCAPPED: u64 = 1 << 40;
 
@@ -359,7 +388,19 @@ pub fn run(a: &CompareArgs, p: &Progress) -> Result<CompareSuite> {
         Some(cc) => vec!["--congestion", cc.as_str()],
         None => Vec::new(),
     };
-    let mut lab = open_lab("compare", "bench", &a.profile, &agent_args, p)?;
+    let traced = match &a.trace {
+        Some(f) => Some(traced_link(&a.profile, f, a.trace_mean_mbit)?),
+        None => None,
+    };
+    let mut lab = match &traced {
+        // The hosts are joined only while a migration runs (its forwarder).
+        Some(_) => {
+            p.set_message(format!("compare {}: creating the two hosts", a.profile));
+            Lab::new("bench", linkem::Middle::External, &agent_args)
+                .context("setting up the two hosts")?
+        }
+        None => open_lab("compare", "bench", &a.profile, &agent_args, p)?,
+    };
     if kinds.iter().any(|(_, k)| k.plain_agents()) {
         lab.start_plain_agents()
             .context("starting the clear-text agent pair")?;
@@ -401,6 +442,7 @@ pub fn run(a: &CompareArgs, p: &Progress) -> Result<CompareSuite> {
                 a.timeout,
                 &scratch,
                 keep.as_deref(),
+                traced.as_ref(),
             );
             if let Some(k) = keep.filter(|k| k.exists()) {
                 p.set_message(format!(
@@ -449,7 +491,15 @@ pub fn run(a: &CompareArgs, p: &Progress) -> Result<CompareSuite> {
     let _ = std::fs::remove_dir_all(&scratch);
     let summary = a.contenders.iter().map(|c| summarize(c, &runs)).collect();
     Ok(CompareSuite {
-        profile: a.profile.clone(),
+        profile: match &a.trace {
+            Some(f) => format!(
+                "{} with the rate of trace {} (mean scaled to {} Mbit/s)",
+                a.profile,
+                f.file_name().unwrap_or_default().to_string_lossy(),
+                a.trace_mean_mbit
+            ),
+            None => a.profile.clone(),
+        },
         guest: match &a.qemu_args_file {
             Some(f) if spec.is_custom() => GuestInfo::own(f, &spec.qemu_args),
             _ => GuestInfo::test_guest(
@@ -587,9 +637,13 @@ fn one_run(
     timeout: u64,
     scratch: &Path,
     keep_dump: Option<&Path>,
+    traced: Option<&linkem::LinkConfig>,
 ) -> RunResult {
     let mut rr = empty_run(name, repeat);
-    if let Err(e) = run_inner(lab, spec, kind, timeout, scratch, keep_dump, &mut rr) {
+    let r = run_inner(
+        lab, spec, kind, timeout, scratch, keep_dump, traced, &mut rr,
+    );
+    if let Err(e) = r {
         let msg = format!("{e:#}");
         if rr.outcome == Outcome::Failed
             && (msg.contains("differs from the source")
@@ -603,6 +657,7 @@ fn one_run(
     rr
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_inner(
     lab: &Lab,
     spec: &GuestSpec,
@@ -610,6 +665,7 @@ fn run_inner(
     timeout: u64,
     scratch: &Path,
     keep_dump: Option<&Path>,
+    traced: Option<&linkem::LinkConfig>,
     rr: &mut RunResult,
 ) -> Result<()> {
     let seq = RUN_SEQ.fetch_add(1, Ordering::Relaxed);
@@ -708,6 +764,14 @@ fn run_inner(
         pair.dst.child.id(),
         dst_agent.child.id(),
     ];
+    // A traced link starts now: the trace's time 0 is the migration's.
+    let _forwarder = match traced {
+        Some(cfg) => Some(
+            linkem::Forwarder::start(cfg, "a", "b", Some(&lab.topo.link_ns))
+                .context("starting the traced link")?,
+        ),
+        None => None,
+    };
     let cpu0: Vec<f64> = pids.iter().map(|&p| cpu_seconds(p)).collect();
     let link0 = link_tx(lab, lab.src_ns());
 
@@ -1015,7 +1079,7 @@ pub fn converge(a: &ConvergeArgs, p: &Progress) -> Result<ConvergeSuite> {
             }
             p.set_message(format!("converge {}: {name} at {rate} MiB/s", a.profile));
             let kind = kind.with_bandwidth(UNCAPPED);
-            let mut rr = one_run(&lab, &spec, name, &kind, 0, a.timeout, &scratch, None);
+            let mut rr = one_run(&lab, &spec, name, &kind, 0, a.timeout, &scratch, None, None);
             let line = format!(
                 "    {name} at {rate} MiB/s: {:?} in {:.1} s{}",
                 rr.outcome,

@@ -217,6 +217,8 @@ fn suite(r: &RunArgs, res: &mut Results) -> Result<()> {
         .map(|p| compare::CompareArgs {
             out: r.out.clone(),
             profile: p.clone(),
+            trace: None,
+            trace_mean_mbit: 100.0,
             guest_mem: r.guest_mem,
             fill: r.fill,
             dirty_rate: r.dirty_rate,
