@@ -32,10 +32,15 @@ fn link(trace: Trace) -> LinkConfig {
 /// Migrates the dirtying guest over `cfg` (the forwarder starts with the
 /// migration: the trace's time 0); checks RAM and the guest; the result.
 fn migrate_over(tag: &str, cfg: &LinkConfig) -> Value {
+    migrate_guest_over(tag, cfg, GuestSpec::default())
+}
+
+/// [`migrate_over`] with this guest (its dirty rate set to 8 MiB/s).
+fn migrate_guest_over(tag: &str, cfg: &LinkConfig, guest: GuestSpec) -> Value {
     let lab = Lab::new(tag, Middle::External, &[]).expect("lab");
     let spec = GuestSpec {
         dirty_mbps: 8,
-        ..GuestSpec::default()
+        ..guest
     };
     let mig = MigrationSpec {
         streams: 4,
@@ -145,9 +150,19 @@ fn fcc_trace_replays_eta_error() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
+    // FCC_GUEST_MB / FCC_FILL_MB: a larger guest for longer migrations
+    // (default: the test guest, 256 MiB with 96 MiB of content).
+    let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
+    let mut guest = GuestSpec::default();
+    if let Some(m) = env("FCC_GUEST_MB") {
+        guest.mem_mb = m;
+    }
+    if let Some(f) = env("FCC_FILL_MB") {
+        guest.fill_mb = f;
+    }
     let mut rows = Vec::new();
     for (k, (name, trace)) in fcc_traces(n).into_iter().enumerate() {
-        let r = migrate_over(&format!("fcc{k}"), &link(trace));
+        let r = migrate_guest_over(&format!("fcc{k}"), &link(trace), guest.clone());
         let err = |i: usize| r["eta"]["checks"][i]["error_pct"].as_f64();
         rows.push((name, r["total_time_ms"].as_u64(), err(0), err(1), err(2)));
         std::thread::sleep(Duration::from_secs(1));
