@@ -180,45 +180,29 @@ fn contender(full: &str) -> Result<Kind> {
             _ => bail!("contender {full:?}: +tls is for QEMU's own transports (DWCP is encrypted unless +insecure)"),
         };
     }
-    if let Some(base) = full.strip_suffix("+nospill") {
-        return match contender(base)? {
-            Kind::Dwcp {
-                codec,
-                bandwidth,
-                multifd,
-                plain,
-                nodelta,
-                ..
-            } => Ok(Kind::Dwcp {
-                codec,
-                bandwidth,
-                multifd,
-                plain,
-                nospill: true,
-                nodelta,
-            }),
-            _ => bail!("contender {full:?}: +nospill is for contenders through the DWCP agents"),
-        };
-    }
-    if let Some(base) = full.strip_suffix("+nodelta") {
-        return match contender(base)? {
-            Kind::Dwcp {
-                codec,
-                bandwidth,
-                multifd,
-                plain,
-                nospill,
-                ..
-            } => Ok(Kind::Dwcp {
-                codec,
-                bandwidth,
-                multifd,
-                plain,
-                nospill,
-                nodelta: true,
-            }),
-            _ => bail!("contender {full:?}: +nodelta is for contenders through the DWCP agents"),
-        };
+    for suffix in ["+nospill", "+nodelta"] {
+        if let Some(base) = full.strip_suffix(suffix) {
+            return match contender(base)? {
+                Kind::Dwcp {
+                    codec,
+                    bandwidth,
+                    multifd,
+                    plain,
+                    nospill,
+                    nodelta,
+                } => Ok(Kind::Dwcp {
+                    codec,
+                    bandwidth,
+                    multifd,
+                    plain,
+                    nospill: nospill || suffix == "+nospill",
+                    nodelta: nodelta || suffix == "+nodelta",
+                }),
+                _ => {
+                    bail!("contender {full:?}: {suffix} is for contenders through the DWCP agents")
+                }
+            };
+        }
     }
     if let Some(base) = full.strip_suffix("+insecure") {
         return match contender(base)? {
@@ -1146,4 +1130,48 @@ pub fn converge_summary(s: &ConvergeSuite) -> String {
         ));
     }
     t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flags(name: &str) -> (Option<String>, Option<u32>, bool, bool, bool) {
+        match contender(name).unwrap() {
+            Kind::Dwcp {
+                codec,
+                multifd,
+                plain,
+                nospill,
+                nodelta,
+                ..
+            } => (codec, multifd, plain, nospill, nodelta),
+            _ => panic!("{name}: not an agent contender"),
+        }
+    }
+
+    #[test]
+    fn contender_suffixes_combine_in_any_order_and_are_refused_where_they_do_not_apply() {
+        assert_eq!(flags("dwcp"), (None, None, false, false, false));
+        assert_eq!(
+            flags("dwcp+multifd+nospill+insecure"),
+            (None, Some(4), true, true, false)
+        );
+        assert_eq!(
+            flags("dwcp-zstd:3+nodelta+nospill"),
+            (Some("zstd:3".into()), None, false, true, true)
+        );
+        for bad in [
+            "qemu-tcp+nospill",
+            "qemu-multifd+nodelta",
+            "dwcp+tls",
+            "qemu-tcp+insecure",
+        ] {
+            let e = contender(bad)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(e.contains(bad), "{bad}: {e}");
+        }
+    }
 }
