@@ -66,10 +66,13 @@ adapt-replay: build
 
 # The adaptive layer on real migrations (docs/adaptivity.md): the 100 -> 20
 # Mbit/s drop (also in make test) and FCC_TRACES (default 3) replayed FCC
-# test traces scaled to 100 Mbit/s, with the ETA's error at 25/50/75 %.
+# test traces scaled to 100 Mbit/s, with the ETA's error at 25/50/75 %;
+# then adaptive DWCP against fixed tiers and QEMU multifd + zstd on every
+# profile and on replayed traces (scripts/bench-adaptive.sh, ADAPT_* knobs).
 FCC_TRACES ?= 3
 bench-adaptive: build guest
 	DWCP_TRACES=$(abspath $(TRACES)) FCC_TRACES=$(FCC_TRACES) $(CARGO) test --release -p dwcp-e2e --test adaptive -- --include-ignored --test-threads=1 --nocapture
+	DWCP_TRACES=$(abspath $(TRACES)) bash scripts/bench-adaptive.sh
 
 # C ABI: the committed header matches cbindgen's output, and the C tests
 # (every function, bad input, a real loopback transfer) pass under ASan+UBSan.
