@@ -108,6 +108,37 @@ impl Route {
         }
     }
 
+    /// Whether a route request for `to` with `cfg` can keep this route:
+    /// the same destination, settings and socket, still listening, and no
+    /// session of it running or being set up (a new migration must not join
+    /// an old session).
+    fn reusable_for(
+        &self,
+        to: SocketAddr,
+        cfg: &TransportConfig,
+        settings_from: &str,
+        socket: &std::path::Path,
+    ) -> bool {
+        let shown = |c: &TransportConfig| {
+            options::OPTIONS
+                .iter()
+                .map(|o| o.show(c))
+                .collect::<Vec<String>>()
+        };
+        self.to == to
+            && self.settings_from == settings_from
+            && self.socket.as_deref() == Some(socket)
+            && !self.stop.load(Ordering::Acquire)
+            && socket.exists()
+            && shown(&self.cfg) == shown(cfg)
+            // Locked: a connection is being attached (a migration is
+            // starting), so not free.
+            && self
+                .current
+                .try_lock()
+                .is_some_and(|c| c.as_ref().is_none_or(|s| s.is_finished()))
+    }
+
     pub(super) fn to(&self) -> SocketAddr {
         self.to
     }
@@ -215,6 +246,14 @@ pub(super) fn add_route(
     wire::check_name(name).map_err(|e| e.to_string())?;
     cfg.validate().map_err(|e| e.to_string())?;
     let socket = st.cfg.run_dir.join(format!("{name}.sock"));
+    // The same route again (same destination and settings, its listener up,
+    // no session of it running): kept as it is. An orchestrator that routes
+    // every migration of a guest anew then costs the agent no thread.
+    let same = st.routes.lock().get(name).cloned();
+    if let Some(old) = same.filter(|o| o.reusable_for(to, &cfg, settings_from, &socket)) {
+        *old.last_conn.lock() = Instant::now();
+        return Ok(socket);
+    }
     let replaced = st.routes.lock().remove(name);
     if let Some(old) = replaced {
         // Our own socket: its listener is going away.

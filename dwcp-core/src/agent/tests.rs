@@ -736,3 +736,33 @@ fn a_full_handshake_table_queues_new_connections_instead_of_refusing_them() {
     let _ = std::fs::remove_dir_all(&sdir);
     let _ = std::fs::remove_dir_all(&ddir);
 }
+
+/// Routing a name again with the same settings keeps the route (its socket
+/// is not re-bound, no thread is started); other settings replace it.
+#[test]
+fn the_same_route_again_is_kept_other_settings_replace_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let (_src, sdir, _) = agent("keep-src", false);
+    // A mark on the socket file: a route that is kept keeps it, a new
+    // route binds a new file (with the agent's mode).
+    const MARK: u32 = 0o604;
+    let route = |streams: u16| {
+        let r = ctl(
+            &sdir,
+            json!({"op": "route", "name": "k1", "to": "127.0.0.1:9", "streams": streams}),
+        )
+        .unwrap();
+        let socket = PathBuf::from(r["socket"].as_str().unwrap());
+        let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+        (socket, mode)
+    };
+    let (socket, mode) = route(2);
+    assert_ne!(mode, MARK);
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(MARK)).unwrap();
+    assert_eq!(route(2).1, MARK, "the same route again: kept");
+    assert_eq!(route(1).1, mode, "other settings: a new route");
+    let routes = ctl(&sdir, json!({"op": "stats"})).unwrap()["routes"].clone();
+    assert_eq!(routes.as_array().map(Vec::len), Some(1), "{routes}");
+    assert_eq!(routes[0]["streams"], 1);
+    let _ = std::fs::remove_dir_all(&sdir);
+}
