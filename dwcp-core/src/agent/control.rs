@@ -364,6 +364,19 @@ impl ControlError {
 /// an answer with `"ok": false` becomes an error carrying its message and
 /// kind.
 pub fn control_call(path: &Path, req: &Value) -> Result<Value, ControlError> {
+    control_call_within(path, req, CONTROL_ANSWER_TIMEOUT)
+}
+
+/// How long [`control_call`] waits for the agent's answer.
+pub const CONTROL_ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// [`control_call`] waiting up to `wait` for the answer (an orchestrator
+/// that starts hundreds of migrations at once may wait longer than 30 s).
+pub fn control_call_within(
+    path: &Path,
+    req: &Value,
+    wait: Duration,
+) -> Result<Value, ControlError> {
     let mut s = UnixStream::connect(path).map_err(|e| ControlError {
         unreachable: true,
         ..ControlError::local(format!(
@@ -371,16 +384,21 @@ pub fn control_call(path: &Path, req: &Value) -> Result<Value, ControlError> {
             path.display()
         ))
     })?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))
+    s.set_read_timeout(Some(wait))
         .map_err(|e| ControlError::local(e.to_string()))?;
     let mut text = req.to_string();
     text.push('\n');
     s.write_all(text.as_bytes())
         .map_err(|e| ControlError::local(format!("agent control socket: {e}")))?;
     let mut line = String::new();
-    BufReader::new(s)
-        .read_line(&mut line)
-        .map_err(|e| ControlError::local(format!("agent control socket: {e}")))?;
+    BufReader::new(s).read_line(&mut line).map_err(|e| {
+        let e = if e.kind() == std::io::ErrorKind::WouldBlock {
+            format!("no answer within {} s", wait.as_secs())
+        } else {
+            e.to_string()
+        };
+        ControlError::local(format!("agent control socket: {e}"))
+    })?;
     let v: Value = serde_json::from_str(&line)
         .map_err(|e| ControlError::local(format!("agent answered non-JSON: {e}")))?;
     if v["ok"].as_bool() == Some(true) {

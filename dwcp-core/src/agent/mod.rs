@@ -90,7 +90,10 @@ mod route;
 pub mod sockets;
 
 pub use cluster::{ClusterError, ClusterErrorKind, ClusterOps};
-pub use control::{control_call, control_request, newest_session, settled_session, ControlError};
+pub use control::{
+    control_call, control_call_within, control_request, newest_session, settled_session,
+    ControlError,
+};
 pub use expect::AllowRule;
 pub use nova::NovaConfig;
 pub use prepared::{PrepState, KEEP_PREPARED};

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
 use clap::{Args, Subcommand};
-use dwcp_core::agent::control_request;
+use dwcp_core::agent::control_call_within;
 use dwcp_lab::Lab;
 use parking_lot::Mutex;
 use serde::Serialize;
@@ -795,7 +795,12 @@ fn migrate_one(sh: &Arc<Shared>, vm: u32, seq: u32, guest: &mut Guest) -> Migrat
                 .context("starting the sink")?
         };
         let sink_guard = SinkGuard(Some(sink), cancel);
-        control_request(
+        // The agents' answers are waited for as long as the migration may
+        // take (--timeout): set-up time is measured, not failed at 30 s.
+        let ctl = |path: &std::path::Path, req: &serde_json::Value| {
+            control_call_within(path, req, sh.timeout).map_err(|e| e.message)
+        };
+        ctl(
             &sh.dst_ctl,
             &json!({"op": "expect", "name": name, "ttl_s": sh.timeout.as_secs().max(1)}),
         )
@@ -805,8 +810,8 @@ fn migrate_one(sh: &Arc<Shared>, vm: u32, seq: u32, guest: &mut Guest) -> Migrat
         for (k, v) in &sh.route_options {
             req[k.as_str()] = json!(v);
         }
-        let route = control_request(&sh.src_ctl, &req)
-            .map_err(|e| anyhow!("route on the source agent: {e}"))?;
+        let route =
+            ctl(&sh.src_ctl, &req).map_err(|e| anyhow!("route on the source agent: {e}"))?;
         rec.setup_ms = t0.elapsed().as_millis() as u64;
         let socket = route["socket"]
             .as_str()
@@ -931,7 +936,7 @@ fn sink(
 /// `stats` per failure, so failures do not load the control socket.
 fn why_failed(sh: &Shared, name: &str, started_unix: f64, e: anyhow::Error) -> anyhow::Error {
     std::thread::sleep(Duration::from_millis(300));
-    let Ok(v) = control_request(&sh.src_ctl, &json!({"op": "stats"})) else {
+    let Ok(v) = dwcp_core::agent::control_request(&sh.src_ctl, &json!({"op": "stats"})) else {
         return e;
     };
     let route_err = v["routes"]
