@@ -142,7 +142,13 @@ impl Default for TransportConfig {
 
 /// Whether a file can be created (and removed) in `dir`.
 fn spill_dir_usable(dir: &std::path::Path) -> bool {
-    let probe = dir.join(format!(".dwcp-spill-probe-{}", std::process::id()));
+    // A name of this call's own: the streams of a session are handshaken on
+    // threads of their own, and with one name per process one probe's
+    // remove_file took another's file away, so that probe failed and its
+    // session ran without a spill file (6 of 21 sessions of one benchmark).
+    static PROBES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let probe = dir.join(format!(".dwcp-spill-probe-{}-{n}", std::process::id()));
     match std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -326,6 +332,34 @@ impl TransportConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The streams of a session probe the spill directory at once: every
+    /// probe must find it usable (one shared probe name made some fail).
+    #[test]
+    fn concurrent_spill_probes_all_find_the_directory_usable() {
+        let dir = std::env::temp_dir().join(format!("dwcp-probe-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let failed = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| {
+                    for _ in 0..300 {
+                        if !spill_dir_usable(&dir) {
+                            failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        let left = std::fs::read_dir(&dir).unwrap().count();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(
+            failed.into_inner(),
+            0,
+            "probes that found the directory unusable"
+        );
+        assert_eq!(left, 0, "probe files left behind");
+    }
 
     #[test]
     fn validate_names_the_option() {
