@@ -172,49 +172,15 @@ impl Refusal {
     }
 }
 
-/// Control connections a pool of long-lived threads serves; past them
-/// (every pooled thread busy, e.g. with a client that keeps its connection
-/// open) a connection gets a thread of its own.
-const CONTROL_POOL: usize = 4;
-
-/// Serves the control socket, one answer per line. Connections go to a
-/// small pool of long-lived threads rather than a new thread each: with a
-/// thousand migrations at once the agent creates and ends thousands of
-/// threads a minute, thread start and exit serialise on process-wide locks
-/// (the allocator's arenas, the runtime's thread registry, the address
-/// space), and a control request that first had to start its thread waited
-/// behind them for up to 30 s (the `dwcp load-test` runs of docs/scale.md).
+/// Serves the control socket: a thread per connection, one answer per line.
+/// (A pool of long-lived threads was tried for the 1,000-migration load
+/// test and reverted: it did not remove the wait there, which was thread
+/// start and exit elsewhere in the agent, and its threads' allocator
+/// arenas raised the agent's resident memory; docs/scale.md.)
 pub(super) fn serve(st: Arc<State>, l: UnixListener) {
-    let (tx, rx) = crossbeam_channel::unbounded::<UnixStream>();
-    let idle = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    for i in 0..CONTROL_POOL {
-        let (st, rx, idle) = (st.clone(), rx.clone(), idle.clone());
-        let spawned = std::thread::Builder::new()
-            .name(format!("dwcp-ctl{i}"))
-            .spawn(move || loop {
-                // One count per thread about to wait; the accept loop
-                // takes it back when it hands this thread a connection.
-                idle.fetch_add(1, Ordering::AcqRel);
-                let Ok(conn) = rx.recv() else { return };
-                serve_conn(&st, conn);
-            });
-        if let Err(e) = spawned {
-            warn!("control socket: cannot start pooled thread: {e}");
-        }
-    }
     for conn in l.incoming().flatten() {
-        // Claim an idle pooled thread, else start one for this connection.
-        let claimed = idle
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
-            .is_ok();
-        if claimed {
-            if let Err(e) = tx.send(conn) {
-                warn!("control socket: {e}");
-            }
-        } else {
-            let st = st.clone();
-            std::thread::spawn(move || serve_conn(&st, conn));
-        }
+        let st = st.clone();
+        std::thread::spawn(move || serve_conn(&st, conn));
     }
 }
 
