@@ -471,21 +471,23 @@ pub fn tune(qmp: &mut Qmp, query: &Value, params: Value) {
 }
 
 /// Starts `migrate` to `uri` and polls until it ends. `progress` sees every
-/// `query-migrate` answer and may return parameters to set on the source
-/// (`migrate-set-parameters`, e.g. from a [`SwitchoverTuner`]). A migration that does not finish within `timeout`
+/// `query-migrate` answer, with the monitor to ask QEMU more (the driver
+/// samples guest RAM through it for the ETA), and may return parameters to
+/// set on the source (`migrate-set-parameters`, e.g. from a
+/// [`SwitchoverTuner`]). A migration that does not finish within `timeout`
 /// is cancelled. Returns QEMU's figures; a failed or cancelled migration is
 /// an error carrying QEMU's reason.
 pub fn migrate(
     qmp: &mut Qmp,
     uri: &str,
     timeout: Duration,
-    mut progress: impl FnMut(&Value) -> Option<Value>,
+    mut progress: impl FnMut(&Value, &mut Qmp) -> Option<Value>,
 ) -> Result<MigrationResult, QmpError> {
     let t0 = Instant::now();
     qmp.execute("migrate", Some(json!({ "uri": uri })))?;
     loop {
         let v = qmp.execute("query-migrate", None)?;
-        if let Some(params) = progress(&v) {
+        if let Some(params) = progress(&v, qmp) {
             tune(qmp, &v, params);
         }
         match v["status"].as_str().unwrap_or("") {

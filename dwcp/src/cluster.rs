@@ -480,7 +480,7 @@ pub fn gated_migrate(
     q: &mut Qmp,
     uri: &str,
     timeout: Duration,
-    mut progress: impl FnMut(&Value) -> Option<Value>,
+    mut progress: impl FnMut(&Value, &mut Qmp) -> Option<Value>,
     mut gate: impl FnMut() -> Result<()>,
 ) -> Result<(MigrationResult, u64)> {
     q.execute(
@@ -493,7 +493,7 @@ pub fn gated_migrate(
     let mut gate_ms = None;
     loop {
         let v = q.execute("query-migrate", None)?;
-        if let Some(params) = progress(&v) {
+        if let Some(params) = progress(&v, q) {
             dwcp_core::qemu::tune(q, &v, params);
         }
         let status = v["status"].as_str().unwrap_or("");

@@ -269,7 +269,7 @@ pub fn run(a: VirshMigrateArgs) -> Result<()> {
                 .map(|p| (p * j.mem_page_size.unwrap_or(4096)) as f64);
             let eta_s = j
                 .mem_remaining
-                .and_then(|r| crate::progress::eta_s(r, rate.rate(), dirty));
+                .and_then(|r| crate::progress::eta_s(r, rate.rate(), dirty, 1.0));
             reporter.maybe_send(&crate::progress::Progress {
                 remaining_bytes: j.mem_remaining,
                 total_bytes: j.mem_total,
@@ -279,6 +279,7 @@ pub fn run(a: VirshMigrateArgs) -> Result<()> {
                 downtime_ms: None,
                 dirty_rate_bytes_s: dirty,
                 ram_per_byte: None,
+                backlog_bytes: None,
             });
             let eta = match reporter.eta(eta_s).0 {
                 Some(s) => format!("{s:.1} s"),

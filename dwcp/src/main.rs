@@ -12,6 +12,7 @@ mod metrics;
 mod migrate;
 mod pba;
 mod progress;
+mod ramsample;
 mod service;
 mod watch;
 

@@ -179,14 +179,36 @@ fn run_inner(
     let mut reporter = Reporter::new(a.agent.clone(), &a.name);
     let mut rate = QemuRates::default();
     let mut etas = EtaLog::default();
-    let mut progress = |v: &Value| {
+    // Once a second: what the ETA was made of (in the JSON result).
+    let mut eta_trace: Vec<Value> = Vec::new();
+    let mut progress = |v: &Value, q: &mut Qmp| {
+        // While the first pass runs, a few pages of guest RAM at a time:
+        // where its zero pages lie ahead of the pass (crate::ramsample).
+        if rate.wants_samples(v) {
+            rate.layout
+                .get_or_insert_with(|| crate::ramsample::RamSampler::start(q))
+                .step(q);
+        }
         let report = progress::from_query_migrate(v, &mut rate, Instant::now());
         reporter.maybe_send(&report);
         // The agent's ETA (measured rate, ratio, dirty rate) when it has
         // one, else the extrapolated one; noted for the error afterwards.
         let (eta_s, source) = reporter.eta(report.eta_s);
         if v["status"] == "active" {
-            etas.record(t0.elapsed().as_secs_f64(), eta_s, &source);
+            let at = t0.elapsed().as_secs_f64();
+            etas.record(at, eta_s, &source);
+            if eta_trace.last().and_then(|p| p["t"].as_f64()).is_none_or(|t| at - t >= 1.0) {
+                eta_trace.push(json!({
+                    "t": (at * 10.0).round() / 10.0,
+                    "remaining_mib": report.remaining_bytes.map(|r| r >> 20),
+                    "ram_per_byte": report.ram_per_byte.map(|r| (r * 100.0).round() / 100.0),
+                    "dirty_mb_s": report.dirty_rate_bytes_s.map(|d| (d / 1e5).round() / 10.0),
+                    "layout_samples": rate.layout.as_ref().map(|l| l.samples()),
+                    "backlog_mib": report.backlog_bytes.map(|b| b >> 20),
+                    "eta_s": eta_s.map(|e| (e * 10.0).round() / 10.0),
+                    "source": source,
+                }));
+            }
         }
         let mode = reporter
             .agent_view()
@@ -279,6 +301,8 @@ fn run_inner(
         .as_ref()
         .and_then(|s| s["raw_out"].as_u64())
         .unwrap_or(0);
+    let mut eta = etas.checks(migrated_s);
+    eta["trace"] = json!(eta_trace);
     let out = json!({
         "name": a.name, "status": r.status, "total_time_ms": r.total_time_ms, "downtime_ms": r.downtime_ms,
         "setup_time_ms": r.setup_time_ms, "ram_transferred": r.ram_transferred, "ram_total": r.ram_total,
@@ -294,7 +318,7 @@ fn run_inner(
         "mode_switches": session.as_ref().map(|s| s["adapt"]["mode"]["switches"].clone()),
         // The ETA shown at 25/50/75 % of the migration against the time
         // it really took from then (QEMU's migrate to completion).
-        "eta": etas.checks(migrated_s),
+        "eta": eta,
         // The closed-loop tuning: decisions taken, and the first verdict
         // that the migration could not converge (with its numbers).
         "tuning": tuning,

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use crate::ramsample::RamSampler;
+
 /// How far back the transfer rate is measured.
 const RATE_WINDOW: Duration = Duration::from_secs(3);
 
@@ -48,13 +50,26 @@ impl RateWindow {
     }
 }
 
-/// Seconds until `remaining` bytes are sent at `rate` bytes/s while the
-/// guest dirties `dirty_rate` bytes/s: `remaining / (rate - dirty_rate)`.
-/// None when the rate is unknown or not above the dirty rate (the
+/// Seconds until `remaining` bytes of guest RAM are sent at `rate` bytes/s
+/// written by QEMU, `ram_per_byte` RAM bytes per byte written (zero pages
+/// cost QEMU a header), while the guest dirties `dirty_rate` bytes/s:
+/// `remaining / (ram_per_byte * (rate - dirty_rate))` (what is dirtied
+/// meanwhile is content, resent at one RAM byte per byte; the sum of the
+/// passes). None when the rate is unknown or not above the dirty rate (the
 /// migration does not converge at this pace: no ETA rather than a wrong one).
-pub fn eta_s(remaining: u64, rate: Option<f64>, dirty_rate: Option<f64>) -> Option<f64> {
-    let net = rate? - dirty_rate.unwrap_or(0.0);
-    (net > 0.0 && net.is_finite()).then(|| remaining as f64 / net)
+pub fn eta_s(
+    remaining: u64,
+    rate: Option<f64>,
+    dirty_rate: Option<f64>,
+    ram_per_byte: f64,
+) -> Option<f64> {
+    let rpb = if ram_per_byte.is_finite() && ram_per_byte >= 1.0 {
+        ram_per_byte
+    } else {
+        1.0
+    };
+    let net = rate? - dirty_rate.unwrap_or(0.0).max(0.0);
+    (net > 0.0 && net.is_finite()).then(|| remaining as f64 / (rpb * net))
 }
 
 /// One report for the agent.
@@ -71,6 +86,9 @@ pub struct Progress {
     /// Guest RAM bytes QEMU got through per byte it wrote, recently (zero
     /// pages cost it only a header).
     pub ram_per_byte: Option<f64>,
+    /// Guest RAM dirtied behind QEMU's first pass, which `remaining_bytes`
+    /// does not count until the pass ends.
+    pub backlog_bytes: Option<u64>,
 }
 
 impl Progress {
@@ -80,7 +98,8 @@ impl Progress {
                "expected_downtime_ms": self.expected_downtime_ms,
                "downtime_ms": self.downtime_ms,
                "dirty_rate_bytes_s": self.dirty_rate_bytes_s,
-               "ram_per_byte": self.ram_per_byte})
+               "ram_per_byte": self.ram_per_byte,
+               "backlog_bytes": self.backlog_bytes})
     }
 }
 
@@ -169,21 +188,73 @@ impl EtaLog {
     }
 }
 
-/// The recent rates of a migration from QEMU's counters: bytes QEMU wrote
+/// QEMU bytes a zero page costs in its stream (8-byte header and the fill
+/// byte), per byte of the page.
+const ZERO_PAGE_COST: f64 = 9.0 / 4096.0;
+
+/// Bytes QEMU must have written before a measured RAM-per-byte figure
+/// counts.
+const MEASURED_AFTER: u64 = 4 << 20;
+
+/// A migration's rates from QEMU's counters: bytes QEMU wrote
 /// (`transferred`) and guest RAM it got through (`normal` + `duplicate`
-/// pages: a zero page costs it a few bytes).
+/// pages: a zero page costs it a few bytes), and the RAM-per-byte of what
+/// is left ([`Self::ram_per_byte`]).
 #[derive(Debug, Default)]
 pub struct QemuRates {
     pub sent: RateWindow,
     pub ram: RateWindow,
+    /// Where the zero pages lie ahead of the first pass (sampled by the
+    /// driver while it runs; see [`crate::ramsample`]).
+    pub layout: Option<RamSampler>,
+    /// The counters (transferred, RAM bytes) as the second pass began.
+    pass2: Option<(u64, u64)>,
+    /// The counters now.
+    now: (u64, u64),
+    pass: u64,
+    last_sample: Option<Instant>,
+    /// When the first pass was first seen running.
+    active_since: Option<Instant>,
 }
 
 impl QemuRates {
-    /// Guest RAM bytes processed per byte written, recently; None until
-    /// both rates are known.
+    /// Guest RAM bytes QEMU will get through per byte it writes for what
+    /// is left: in the first pass, from the share of zero pages the layout
+    /// sample finds ahead of the pass's position (else the pass's average
+    /// so far); from the second pass on, what those passes averaged
+    /// (dirtied pages: content, so 1 until measured). None until known.
     pub fn ram_per_byte(&self) -> Option<f64> {
-        let (ram, sent) = (self.ram.rate()?, self.sent.rate()?);
-        (sent > 0.0 && ram > 0.0).then(|| (ram / sent).max(1.0))
+        let (sent, ram) = self.now;
+        if self.pass >= 2 {
+            let (s0, r0) = self.pass2.unwrap_or(self.now);
+            let (s, r) = (sent.saturating_sub(s0), ram.saturating_sub(r0));
+            return Some(if s >= MEASURED_AFTER {
+                (r as f64 / s as f64).max(1.0)
+            } else {
+                1.0
+            });
+        }
+        if let Some(l) = &self.layout {
+            let at = ram as f64 / l.region_bytes().max(1) as f64;
+            if let Some(z) = l.zero_share_ahead(at) {
+                return Some(1.0 / ((1.0 - z) + z * ZERO_PAGE_COST));
+            }
+        }
+        (sent >= MEASURED_AFTER).then(|| (ram as f64 / sent as f64).max(1.0))
+    }
+
+    /// Whether to read more layout samples now: during the first pass, at
+    /// most every 100 ms (the cutover gate polls every 5 ms).
+    pub fn wants_samples(&mut self, v: &Value) -> bool {
+        let due = self
+            .last_sample
+            .is_none_or(|t| t.elapsed() >= Duration::from_millis(100));
+        let first_pass = v.pointer("/ram/dirty-sync-count").and_then(Value::as_u64).unwrap_or(1) <= 1;
+        if due && first_pass && v["status"] == "active" {
+            self.last_sample = Some(Instant::now());
+            return true;
+        }
+        false
     }
 }
 
@@ -192,32 +263,54 @@ impl QemuRates {
 pub fn from_query_migrate(v: &Value, rates: &mut QemuRates, at: Instant) -> Progress {
     let n = |p: &str| v.pointer(p).and_then(Value::as_u64);
     let remaining = n("/ram/remaining");
+    let page = n("/ram/page-size").unwrap_or(4096);
     if let Some(t) = n("/ram/transferred") {
         rates.sent.observe(at, t);
+        rates.now.0 = t;
     }
     if let (Some(normal), Some(zero)) = (n("/ram/normal"), n("/ram/duplicate")) {
-        rates
-            .ram
-            .observe(at, (normal + zero) * n("/ram/page-size").unwrap_or(4096));
+        rates.ram.observe(at, (normal + zero) * page);
+        rates.now.1 = (normal + zero) * page;
     }
-    let rate = &rates.sent;
-    // Dirty pages per second times the page size.
-    let dirty = v
+    rates.pass = n("/ram/dirty-sync-count").unwrap_or(1);
+    if rates.pass >= 2 && rates.pass2.is_none() {
+        rates.pass2 = Some(rates.now);
+    }
+    let status = v["status"].as_str().unwrap_or("");
+    if status == "active" && rates.active_since.is_none() {
+        rates.active_since = Some(at);
+    }
+    // Dirty pages per second times the page size. QEMU measures it at the
+    // end of each pass (0 during the first): until then, what the RAM
+    // sample saw rewritten since the pass began, and that over the time.
+    let mut dirty = v
         .pointer("/ram/dirty-pages-rate")
         .and_then(Value::as_f64)
-        .map(|p| p * n("/ram/page-size").unwrap_or(4096) as f64);
-    let status = v["status"].as_str().unwrap_or("");
+        .map(|p| p * page as f64);
+    let mut backlog = None;
+    if rates.pass <= 1 {
+        let over = rates
+            .active_since
+            .map_or(0.0, |t| at.saturating_duration_since(t).as_secs_f64());
+        if let Some(b) = rates.layout.as_ref().and_then(|l| l.rewritten_bytes(over)) {
+            backlog = Some(b);
+            dirty = Some(b as f64 / over.max(1.0));
+        }
+    }
+    let rate = &rates.sent;
+    let rpb = rates.ram_per_byte();
     Progress {
         dirty_rate_bytes_s: dirty.filter(|_| status == "active"),
-        ram_per_byte: rates.ram_per_byte(),
+        ram_per_byte: rpb,
+        backlog_bytes: backlog,
         remaining_bytes: remaining,
         total_bytes: n("/ram/total"),
         eta_s: remaining.filter(|_| status == "active").and_then(|r| {
-            eta_s(
-                r,
-                rate.rate().map(|x| x * rates.ram_per_byte().unwrap_or(1.0)),
-                dirty,
-            )
+            eta_s(r, rate.rate(), dirty, rpb.unwrap_or(1.0)).map(|e| {
+                // Plus the backlog, resent at the net rate.
+                let net = rate.rate().unwrap_or(0.0) - dirty.unwrap_or(0.0);
+                e + backlog.unwrap_or(0) as f64 / net.max(1.0)
+            })
         }),
         expected_downtime_ms: n("/expected-downtime"),
         downtime_ms: (status == "completed").then(|| n("/downtime")).flatten(),
@@ -318,32 +411,67 @@ mod tests {
 
     #[test]
     fn eta_accounts_for_the_dirty_rate_and_refuses_to_guess() {
-        assert_eq!(eta_s(100, Some(10.0), None), Some(10.0));
-        assert_eq!(eta_s(100, Some(30.0), Some(10.0)), Some(5.0));
+        assert_eq!(eta_s(100, Some(10.0), None, 1.0), Some(10.0));
+        assert_eq!(eta_s(100, Some(30.0), Some(10.0), 1.0), Some(5.0));
         // Dirtying as fast as (or faster than) it sends: no ETA.
-        assert_eq!(eta_s(100, Some(10.0), Some(10.0)), None);
-        assert_eq!(eta_s(100, Some(10.0), Some(20.0)), None);
-        assert_eq!(eta_s(100, None, Some(1.0)), None);
-        assert_eq!(eta_s(100, Some(0.0), None), None);
+        assert_eq!(eta_s(100, Some(10.0), Some(10.0), 1.0), None);
+        assert_eq!(eta_s(100, Some(10.0), Some(20.0), 1.0), None);
+        assert_eq!(eta_s(100, None, Some(1.0), 1.0), None);
+        assert_eq!(eta_s(100, Some(0.0), None, 1.0), None);
+        // Half of what is left is zero pages (2 RAM bytes per byte): the
+        // first pass crosses it twice as fast, and what the guest dirties
+        // meanwhile (content) is resent at 1.
+        assert_eq!(eta_s(100, Some(30.0), Some(10.0), 2.0), Some(2.5));
+        assert_eq!(eta_s(100, Some(30.0), Some(10.0), f64::NAN), Some(5.0));
+    }
+
+    fn query(transferred: u64, normal: u64, zero: u64, pass: u64) -> Value {
+        json!({"status": "active", "ram": {"transferred": transferred, "normal": normal,
+               "duplicate": zero, "page-size": 4096, "remaining": 1u64 << 30,
+               "dirty-sync-count": pass}})
     }
 
     #[test]
     fn zero_pages_make_more_ram_per_byte() {
         let t0 = Instant::now();
         let mut r = QemuRates::default();
-        let q = |transferred: u64, normal: u64, zero: u64| {
-            json!({"status": "active", "ram": {"transferred": transferred, "normal": normal,
-                   "duplicate": zero, "page-size": 4096, "remaining": 1u64 << 30}})
-        };
-        let p = from_query_migrate(&q(0, 0, 0), &mut r, t0);
+        let p = from_query_migrate(&query(0, 0, 0, 1), &mut r, t0);
         assert_eq!(p.ram_per_byte, None);
-        // 1 s: 1,000 pages written (4.1 MB), 3,000 zero pages passed
-        let p = from_query_migrate(
-            &q(4_096_000, 1000, 3000),
-            &mut r,
-            t0 + Duration::from_secs(1),
-        );
+        // 1 s: 2,000 pages written (8.2 MB), 6,000 zero pages passed;
+        // no layout sample: the pass's average so far.
+        let p = from_query_migrate(&query(8_192_000, 2000, 6000, 1), &mut r, t0 + Duration::from_secs(1));
         assert!((p.ram_per_byte.unwrap() - 4.0).abs() < 1e-9, "{p:?}");
+    }
+
+    #[test]
+    fn the_first_pass_prices_what_lies_ahead_and_later_passes_as_content() {
+        let t0 = Instant::now();
+        let mut r = QemuRates::default();
+        // A 1 GiB region: content in the lower half, zero pages above.
+        let mtree = "FlatView #0\n  0000000000000000-000000003fffffff (prio 0, ram): pc.ram\n";
+        let mut l = RamSampler::new(mtree);
+        for i in 0..64u64 {
+            l.record(i << 24, i >= 32);
+        }
+        r.layout = Some(l);
+        // A quarter through (content so far: 1 RAM byte per byte), a
+        // quarter of content and half of zeros ahead: 3 RAM bytes per byte
+        // (zero pages cost a few bytes).
+        let p = from_query_migrate(&query(1 << 28, 1 << 16, 0, 1), &mut r, t0);
+        let rpb = p.ram_per_byte.unwrap();
+        assert!((rpb - 3.0).abs() < 0.02, "{rpb}");
+        // Half through: only zeros ahead.
+        let p = from_query_migrate(&query(1 << 29, 1 << 17, 0, 1), &mut r, t0 + Duration::from_secs(1));
+        assert!(p.ram_per_byte.unwrap() > 400.0, "{p:?}");
+        // The second pass resends dirtied pages: content, 1 until measured.
+        let p = from_query_migrate(&query(1 << 29, 1 << 18, 1 << 17, 2), &mut r, t0 + Duration::from_secs(2));
+        assert_eq!(p.ram_per_byte, Some(1.0));
+        let p = from_query_migrate(
+            &query((1 << 29) + (8 << 20), (1 << 18) + 2048, (1 << 17) + 2048, 3),
+            &mut r,
+            t0 + Duration::from_secs(3),
+        );
+        assert!((p.ram_per_byte.unwrap() - 2.0).abs() < 1e-9, "{p:?}");
     }
 
     #[test]

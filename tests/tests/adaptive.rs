@@ -87,6 +87,10 @@ fn migrate_guest_over(tag: &str, cfg: &LinkConfig, guest: GuestSpec) -> Value {
         v.pause_ms,
         r["tuning"]
     );
+    // What each second's ETA was made of (the driver's view).
+    for p in r["eta"]["trace"].as_array().into_iter().flatten() {
+        eprintln!("  {tag} eta {p}");
+    }
     r
 }
 

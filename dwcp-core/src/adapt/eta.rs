@@ -3,15 +3,22 @@
 //! byte and the guest dirties `dirty_rate` raw bytes/s meanwhile:
 //!
 //! ```text
-//! eta = remaining / (wire_rate * ratio * ram_per_byte - dirty_rate)
+//! eta = (remaining / ram_per_byte + backlog) / (wire_rate * ratio - dirty_rate)
 //! ```
 //!
+//! `backlog` is content the guest has dirtied behind the first pass, which
+//! `remaining` does not count until QEMU syncs its dirty bitmap at the end
+//! of that pass (the driver estimates it from the dirty rate QEMU measures
+//! by page sampling while the pass runs; 0 after it).
+//!
 //! (each pass resends what the guest dirtied during the previous one: the
-//! sum of that geometric series). `ram_per_byte` is the guest RAM QEMU gets
-//! through per byte it writes: a zero page costs it a few header bytes, so
-//! while a pass crosses untouched memory `remaining` falls much faster than
-//! QEMU's byte count grows (the driver measures it from QEMU's `normal`,
-//! `duplicate` and `transferred` counters; 1 when unknown). None when the rate is unknown or does not
+//! sum of that geometric series; what is dirtied is content, resent at one
+//! RAM byte per byte). `ram_per_byte` is the guest RAM QEMU will get
+//! through per byte it writes for what is left: a zero page costs it a few
+//! header bytes, so while a pass crosses untouched memory `remaining` falls
+//! much faster than QEMU's byte count grows (the driver estimates it from a
+//! sample of the guest's RAM ahead of the first pass and from QEMU's
+//! `normal`, `duplicate` and `transferred` counters; 1 when unknown). None when the rate is unknown or does not
 //! outrun the dirty rate: the migration does not converge at this pace, and
 //! no figure is better than a wrong one.
 //!
@@ -56,6 +63,9 @@ pub struct EtaInput {
     /// Guest RAM bytes processed per byte QEMU writes (>= 1; 1 when
     /// unknown).
     pub ram_per_byte: f64,
+    /// Guest RAM dirtied behind the first pass that `remaining_bytes` does
+    /// not count yet, bytes (0 when unknown or after the first pass).
+    pub backlog_bytes: u64,
     pub estimate: RateEstimate,
 }
 
@@ -66,8 +76,8 @@ pub fn eta_s(i: &EtaInput) -> Option<f64> {
     } else {
         1.0
     };
-    let net = i.estimate.raw_rate() * expand - i.dirty_rate_bytes_s.max(0.0);
-    let eta = i.remaining_bytes as f64 / net;
+    let net = i.estimate.raw_rate() - i.dirty_rate_bytes_s.max(0.0);
+    let eta = (i.remaining_bytes as f64 / expand + i.backlog_bytes as f64) / net;
     (net > 0.0 && eta.is_finite()).then_some(eta)
 }
 
@@ -123,6 +133,7 @@ mod tests {
             remaining_bytes: remaining,
             dirty_rate_bytes_s: dirty,
             ram_per_byte: 1.0,
+            backlog_bytes: 0,
             estimate: e,
         };
         // 100 MB at 10 MB/s wire x 2 = 20 MB/s raw, 4 MB/s dirtied: 6.25 s
@@ -141,6 +152,13 @@ mod tests {
         assert_eq!(eta_s(&x), Some(2.0));
         x.ram_per_byte = f64::NAN;
         assert_eq!(eta_s(&x), Some(6.0), "unknown: 1");
+        // the dirtied pages are content: 120 / (3 x (20 - 5)) = 2.67 s
+        x.ram_per_byte = 3.0;
+        x.dirty_rate_bytes_s = 5.0;
+        assert!((eta_s(&x).unwrap() - 120.0 / 45.0).abs() < 1e-9);
+        // 15 bytes dirtied behind the first pass: (40 + 15) / 15
+        x.backlog_bytes = 15;
+        assert!((eta_s(&x).unwrap() - 55.0 / 15.0).abs() < 1e-9);
     }
 
     #[test]

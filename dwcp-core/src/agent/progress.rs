@@ -15,7 +15,9 @@
 //! size) the agent computes the ETA itself from the remaining bytes, that
 //! dirty rate and the session's measured rate and compression ratio
 //! ([`crate::adapt::eta`]; with `"ram_per_byte":F`, the guest RAM QEMU
-//! gets through per byte it writes, zero pages being nearly free), and
+//! gets through per byte it writes for what is left, zero pages being
+//! nearly free, and `"backlog_bytes":B`, RAM dirtied behind QEMU's first
+//! pass that `remaining_bytes` does not count yet), and
 //! answers it (`eta_s`, `eta_source: "model"`, or `"predicted"` when the
 //! rate came from the agent's bandwidth predictor, [`crate::predict::latest`])
 //! with the link mode, the rate estimate and the prediction; without it the driver's own `eta_s` stands
@@ -59,6 +61,8 @@ pub(crate) struct ProgressRequest {
     pub dirty_rate_bytes_s: Option<f64>,
     #[serde(default, deserialize_with = "lenient_seconds")]
     pub ram_per_byte: Option<f64>,
+    #[serde(default, deserialize_with = "lenient_u64")]
+    pub backlog_bytes: Option<u64>,
 }
 
 /// A finite number >= 0, else None.
@@ -166,6 +170,7 @@ pub(super) fn progress(st: &Arc<State>, r: ProgressRequest) -> Result<Value, Str
                 remaining_bytes: remaining,
                 dirty_rate_bytes_s: r.dirty_rate_bytes_s.unwrap_or(0.0),
                 ram_per_byte: r.ram_per_byte.unwrap_or(1.0),
+                backlog_bytes: r.backlog_bytes.unwrap_or(0),
                 estimate,
             })
         }

@@ -769,7 +769,7 @@ fn run_inner(
     let mut tuner = dwcp_name
         .as_ref()
         .map(|_| qemu::SwitchoverTuner::new(DOWNTIME_GOAL_MS));
-    let result = qemu::migrate(&mut sq, &uri, Duration::from_secs(timeout), |v| {
+    let result = qemu::migrate(&mut sq, &uri, Duration::from_secs(timeout), |v, _| {
         let ram = v
             .pointer("/ram/transferred")
             .and_then(Value::as_u64)

@@ -91,6 +91,10 @@ pub struct Floor {
     pub duplicate_pages: u64,
     pub unique_pages: u64,
     pub unique_bytes: u64,
+    /// Share of zero pages in each [`REGION`] of the image, in order: where
+    /// the content lies in guest-physical RAM (QEMU's first pass walks it
+    /// in this order, so it shapes that pass's pace).
+    pub zero_share_by_region: Vec<f64>,
     pub levels: Vec<Level>,
     /// The unique pages compressed frame by frame (`--frames`), as DWCP's
     /// codec compresses a channel's frames today, and with each frame given
@@ -110,6 +114,9 @@ pub struct Framed {
     /// decodable on arrival, with the frames before it as context.
     pub streamed_bytes: u64,
 }
+
+/// Bytes per region of [`Floor::zero_share_by_region`].
+pub const REGION: u64 = 64 << 20;
 
 /// Raw bytes per frame in [`Framed`]: DWCP's default chunk.
 const FRAME: usize = 512 << 10;
@@ -210,9 +217,12 @@ pub fn measure_with(mut r: impl Read, source: &str, levels: &[i32], frames: bool
         duplicate_pages: 0,
         unique_pages: 0,
         unique_bytes: 0,
+        zero_share_by_region: Vec::new(),
         levels: Vec::new(),
         framed: None,
     };
+    // (pages, zero pages) per region
+    let mut regions: Vec<(u64, u64)> = Vec::new();
     let mut chunk = Vec::with_capacity(CHUNK);
     let mut page = vec![0u8; PAGE];
     loop {
@@ -221,10 +231,16 @@ pub fn measure_with(mut r: impl Read, source: &str, levels: &[i32], frames: bool
             break;
         }
         page[n..].fill(0);
+        let region = (f.ram_bytes / REGION) as usize;
+        if regions.len() <= region {
+            regions.push((0, 0));
+        }
+        regions[region].0 += 1;
         f.ram_bytes += n as u64;
         f.pages += 1;
         if page.iter().all(|&b| b == 0) {
             f.zero_pages += 1;
+            regions[region].1 += 1;
             continue;
         }
         if !seen.insert(xxhash_rust::xxh3::xxh3_128(&page)) {
@@ -245,6 +261,10 @@ pub fn measure_with(mut r: impl Read, source: &str, levels: &[i32], frames: bool
         }
     }
     f.unique_bytes = f.unique_pages * PAGE as u64;
+    f.zero_share_by_region = regions
+        .iter()
+        .map(|&(n, z)| z as f64 / n.max(1) as f64)
+        .collect();
     let c = Arc::new(chunk);
     for tx in feeds {
         let _ = tx.send(c.clone());
@@ -329,6 +349,18 @@ pub fn table(f: &Floor, link_mbit: &[f64]) -> String {
         f.unique_pages,
         pct(f.unique_pages),
     );
+    if f.zero_share_by_region.len() > 1 {
+        let shares: Vec<String> = f
+            .zero_share_by_region
+            .iter()
+            .map(|z| format!("{:.0}", z * 100.0))
+            .collect();
+        s.push_str(&format!(
+            "zero pages per {} MiB of guest-physical RAM, in order (%): {}\n\n",
+            REGION >> 20,
+            shares.join(" ")
+        ));
+    }
     s.push_str("| unique pages | MB |");
     for r in link_mbit {
         s.push_str(&format!(" s at {r} Mbit/s |"));
@@ -602,6 +634,7 @@ mod tests {
             duplicate_pages: 0,
             unique_pages: 131_072,
             unique_bytes: 1 << 29,
+            zero_share_by_region: vec![0.0, 1.0],
             levels: vec![Level {
                 level: 3,
                 bytes: 100_000_000,
