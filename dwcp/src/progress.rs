@@ -448,7 +448,7 @@ mod tests {
         let t0 = Instant::now();
         let mut r = QemuRates::default();
         // A 1 GiB region: content in the lower half, zero pages above.
-        let mtree = "FlatView #0\n  0000000000000000-000000003fffffff (prio 0, ram): pc.ram\n";
+        let mtree = "FlatView #0\n AS \"memory\", root: system\n  0000000000000000-000000003fffffff (prio 0, ram): pc.ram\n";
         let mut l = RamSampler::new(mtree);
         for i in 0..64u64 {
             l.record(i << 24, i >= 32);

@@ -43,16 +43,26 @@ pub struct Segment {
 }
 
 /// The main RAM region's segments from `info mtree -f`: the region shown
-/// most as `ram` in the first flat view. Empty when there is none.
+/// most as `ram` in the flat view of address space `memory`. Empty when
+/// there is none.
 pub fn main_ram(mtree: &str) -> Vec<Segment> {
     let mut segs: Vec<(String, Segment)> = Vec::new();
-    let mut views = 0;
+    // The flat views come in no fixed order: the one of address space
+    // "memory" (each view lists its address spaces before its ranges).
+    let mut in_memory = false;
     for line in mtree.lines() {
         if line.starts_with("FlatView") {
-            views += 1;
-            if views > 1 {
+            if !segs.is_empty() {
                 break;
             }
+            in_memory = false;
+            continue;
+        }
+        if line.trim_start().starts_with("AS \"memory\"") {
+            in_memory = true;
+            continue;
+        }
+        if !in_memory {
             continue;
         }
         // "  0000000000100000-000000003fffffff (prio 0, ram): pc.ram @0000000000100000 KVM"
@@ -342,6 +352,10 @@ mod tests {
     use super::*;
 
     const MTREE: &str = "FlatView #0
+ AS \"I/O\", root: io
+  0000000000000000-0000000000000007 (prio 0, i/o): dma-chan
+
+FlatView #1
  AS \"memory\", root: system
  Root memory region: system
   0000000000000000-000000000009ffff (prio 0, ram): pc.ram KVM
@@ -353,7 +367,7 @@ mod tests {
   00000000fffc0000-00000000ffffffff (prio 0, rom): pc.bios
   0000000100000000-000000013fffffff (prio 0, ram): pc.ram @00000000c0000000 KVM
 
-FlatView #1
+FlatView #2
  AS \"cpu-smm-0\", root: memory
   0000000000000000-00000000ffffffff (prio 0, ram): other.ram
 ";
@@ -443,5 +457,49 @@ FlatView #1
         // One sample watched for less than a second: not yet.
         r.samples[1].last_s = 0.5;
         assert_eq!(r.rewritten_bytes(10.0), None);
+    }
+
+    /// A real QEMU (stopped before its first instruction, so its RAM is
+    /// all zeros): the layout comes from its flat view, every sample reads
+    /// as a zero page, and none changes when read again.
+    #[test]
+    fn a_real_qemu_is_sampled_through_its_monitor() {
+        let qemu = std::env::var("DWCP_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".into());
+        let dir = std::env::temp_dir().join(format!("dwcp-ramsample-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("qmp.sock");
+        let child = std::process::Command::new(&qemu)
+            .args(["-machine", "pc,accel=tcg", "-m", "256", "-display", "none", "-S", "-qmp"])
+            .arg(format!("unix:{},server=on,wait=off", sock.display()))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+        let Ok(mut child) = child else {
+            eprintln!("skipped: no {qemu}");
+            return;
+        };
+        let result = std::panic::catch_unwind(|| {
+            let mut q = Qmp::connect_retry(&sock, std::time::Duration::from_secs(10)).unwrap();
+            let mut r = RamSampler::start(&mut q);
+            assert_eq!(r.region_bytes(), 256 << 20, "{:?}", r.segs);
+            for _ in 0..SAMPLES / PER_STEP {
+                r.step(&mut q);
+            }
+            assert!(!r.done);
+            // The strata under the VGA window and the ROMs are skipped.
+            assert!(r.samples() >= SAMPLES - 2, "{}", r.samples());
+            assert_eq!(r.zero_share_ahead(0.0), Some(1.0));
+            std::thread::sleep(std::time::Duration::from_millis(1100));
+            for _ in 0..SAMPLES / PER_STEP + 1 {
+                r.step(&mut q);
+            }
+            assert_eq!(r.rewritten_bytes(2.0), Some(0));
+        });
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = std::fs::remove_dir_all(&dir);
+        if let Err(e) = result {
+            std::panic::resume_unwind(e);
+        }
     }
 }
