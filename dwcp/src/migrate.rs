@@ -197,7 +197,11 @@ fn run_inner(
         if v["status"] == "active" {
             let at = t0.elapsed().as_secs_f64();
             etas.record(at, eta_s, &source);
-            if eta_trace.last().and_then(|p| p["t"].as_f64()).is_none_or(|t| at - t >= 1.0) {
+            if eta_trace
+                .last()
+                .and_then(|p| p["t"].as_f64())
+                .is_none_or(|t| at - t >= 1.0)
+            {
                 eta_trace.push(json!({
                     "t": (at * 10.0).round() / 10.0,
                     "remaining_mib": report.remaining_bytes.map(|r| r >> 20),

@@ -249,7 +249,11 @@ impl QemuRates {
         let due = self
             .last_sample
             .is_none_or(|t| t.elapsed() >= Duration::from_millis(100));
-        let first_pass = v.pointer("/ram/dirty-sync-count").and_then(Value::as_u64).unwrap_or(1) <= 1;
+        let first_pass = v
+            .pointer("/ram/dirty-sync-count")
+            .and_then(Value::as_u64)
+            .unwrap_or(1)
+            <= 1;
         if due && first_pass && v["status"] == "active" {
             self.last_sample = Some(Instant::now());
             return true;
@@ -439,7 +443,11 @@ mod tests {
         assert_eq!(p.ram_per_byte, None);
         // 1 s: 2,000 pages written (8.2 MB), 6,000 zero pages passed;
         // no layout sample: the pass's average so far.
-        let p = from_query_migrate(&query(8_192_000, 2000, 6000, 1), &mut r, t0 + Duration::from_secs(1));
+        let p = from_query_migrate(
+            &query(8_192_000, 2000, 6000, 1),
+            &mut r,
+            t0 + Duration::from_secs(1),
+        );
         assert!((p.ram_per_byte.unwrap() - 4.0).abs() < 1e-9, "{p:?}");
     }
 
@@ -461,10 +469,18 @@ mod tests {
         let rpb = p.ram_per_byte.unwrap();
         assert!((rpb - 3.0).abs() < 0.02, "{rpb}");
         // Half through: only zeros ahead.
-        let p = from_query_migrate(&query(1 << 29, 1 << 17, 0, 1), &mut r, t0 + Duration::from_secs(1));
+        let p = from_query_migrate(
+            &query(1 << 29, 1 << 17, 0, 1),
+            &mut r,
+            t0 + Duration::from_secs(1),
+        );
         assert!(p.ram_per_byte.unwrap() > 400.0, "{p:?}");
         // The second pass resends dirtied pages: content, 1 until measured.
-        let p = from_query_migrate(&query(1 << 29, 1 << 18, 1 << 17, 2), &mut r, t0 + Duration::from_secs(2));
+        let p = from_query_migrate(
+            &query(1 << 29, 1 << 18, 1 << 17, 2),
+            &mut r,
+            t0 + Duration::from_secs(2),
+        );
         assert_eq!(p.ram_per_byte, Some(1.0));
         let p = from_query_migrate(
             &query((1 << 29) + (8 << 20), (1 << 18) + 2048, (1 << 17) + 2048, 3),

@@ -337,11 +337,7 @@ impl RamSampler {
             return None;
         }
         let changed = watched.iter().filter(|s| s.changed).count() as f64;
-        let span = watched
-            .iter()
-            .map(|s| s.last_s - s.first_s)
-            .sum::<f64>()
-            / watched.len() as f64;
+        let span = watched.iter().map(|s| s.last_s - s.first_s).sum::<f64>() / watched.len() as f64;
         let share = changed / watched.len() as f64 * (over_s / span.max(1.0)).max(1.0);
         Some((share.min(1.0) * self.size as f64) as u64)
     }
@@ -378,9 +374,21 @@ FlatView #2
         assert_eq!(
             s,
             vec![
-                Segment { gpa: 0, offset: 0, len: 0xa0000 },
-                Segment { gpa: 0x100000, offset: 0x100000, len: 0xbff0_0000 },
-                Segment { gpa: 0x1_0000_0000, offset: 0xc000_0000, len: 0x4000_0000 },
+                Segment {
+                    gpa: 0,
+                    offset: 0,
+                    len: 0xa0000
+                },
+                Segment {
+                    gpa: 0x100000,
+                    offset: 0x100000,
+                    len: 0xbff0_0000
+                },
+                Segment {
+                    gpa: 0x1_0000_0000,
+                    offset: 0xc000_0000,
+                    len: 0x4000_0000
+                },
             ]
         );
         // A 4 GiB guest: the last GiB lies above the hole below 4 GiB.
@@ -401,7 +409,10 @@ FlatView #2
         assert_eq!(page_is_zero(&zero), Some(true));
         let content = zero.replacen("0x0000000000000000\n", "0x0000000000000100\n", 1);
         assert_eq!(page_is_zero(&content), Some(false));
-        assert_eq!(page_is_zero("000000007d000000: Cannot access memory\n"), None);
+        assert_eq!(
+            page_is_zero("000000007d000000: Cannot access memory\n"),
+            None
+        );
         // Short of a page: not a sample.
         assert_eq!(page_is_zero(&zero[..zero.len() / 2]), None);
     }
@@ -418,7 +429,7 @@ FlatView #2
         strata.sort();
         strata.dedup();
         assert_eq!(strata.len(), SAMPLES);
-        assert!((0..SAMPLES).all(|i| r.offset(i) % 4096 == 0));
+        assert!((0..SAMPLES).all(|i| r.offset(i).is_multiple_of(4096)));
     }
 
     #[test]
@@ -469,7 +480,16 @@ FlatView #2
         std::fs::create_dir_all(&dir).unwrap();
         let sock = dir.join("qmp.sock");
         let child = std::process::Command::new(&qemu)
-            .args(["-machine", "pc,accel=tcg", "-m", "256", "-display", "none", "-S", "-qmp"])
+            .args([
+                "-machine",
+                "pc,accel=tcg",
+                "-m",
+                "256",
+                "-display",
+                "none",
+                "-S",
+                "-qmp",
+            ])
             .arg(format!("unix:{},server=on,wait=off", sock.display()))
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())

@@ -74,7 +74,9 @@ pub fn native_run(
     std::thread::sleep(Duration::from_millis(200));
     let mut sq = src.qmp()?;
     setup.apply(&mut sq, false)?;
-    let r = qemu::migrate(&mut sq, &uri, Duration::from_secs(mig.timeout_s), |_, _| None)?;
+    let r = qemu::migrate(&mut sq, &uri, Duration::from_secs(mig.timeout_s), |_, _| {
+        None
+    })?;
     drop(sq);
     let pair = GuestPair {
         src,
