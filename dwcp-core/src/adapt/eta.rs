@@ -84,10 +84,18 @@ pub fn eta_s(i: &EtaInput) -> Option<f64> {
 /// The measured rate: moving averages (time constant [`RATE_TAU_S`]) of the
 /// wire rate the peer delivered and of the compression ratio, from the
 /// link samples; idle samples before the first byte do not count.
+///
+/// The ratio is that of the averaged raw and wire rates, not an average of
+/// each sample's ratio: a second that crosses zero pages carries a few
+/// bytes of QEMU headers that compress fifty-fold, and averaging ratios
+/// let it count as much as a second of content (the ETA then expected the
+/// dirtied pages after the first pass to cross at that ratio: -80 % at
+/// 75 % of an FCC replay; docs/adaptivity.md).
 #[derive(Debug, Clone, Default)]
 pub struct MeasuredRate {
     rate: Option<f64>,
-    ratio: Option<f64>,
+    raw: Option<f64>,
+    wire: Option<f64>,
 }
 
 impl MeasuredRate {
@@ -100,8 +108,12 @@ impl MeasuredRate {
         let a = 1.0 - (-s.interval_s / RATE_TAU_S).exp();
         let avg = |old: Option<f64>, new: f64| Some(old.map_or(new, |o| o + a * (new - o)));
         self.rate = avg(self.rate, r);
-        if let Some(q) = s.ratio.filter(|q| q.is_finite() && *q > 0.0) {
-            self.ratio = avg(self.ratio, q);
+        if s.ratio.is_some_and(|q| q.is_finite() && q > 0.0)
+            && s.wire_rate_bytes_s > 0.0
+            && s.raw_rate_bytes_s.is_finite()
+        {
+            self.raw = avg(self.raw, s.raw_rate_bytes_s);
+            self.wire = avg(self.wire, s.wire_rate_bytes_s);
         }
     }
 
@@ -109,7 +121,10 @@ impl MeasuredRate {
     pub fn estimate(&self) -> Option<RateEstimate> {
         Some(RateEstimate {
             wire_rate_bytes_s: self.rate?,
-            ratio: self.ratio.unwrap_or(1.0),
+            ratio: match (self.raw, self.wire) {
+                (Some(r), Some(w)) if w > 0.0 && r > 0.0 => r / w,
+                _ => 1.0,
+            },
             source: "measured",
         })
     }
@@ -210,5 +225,12 @@ mod tests {
             (e.ratio - 3.0).abs() < 0.03,
             "ratio kept without traffic data"
         );
+        // A second of zero-page headers (a few bytes, compressing 50-fold)
+        // barely moves it: the ratio is of the bytes, not of the samples.
+        let mut zeros = sample(20e3, Some(50.0));
+        zeros.interval_s = 1.0;
+        m.push(&zeros);
+        let e = m.estimate().unwrap();
+        assert!((e.ratio - 3.0).abs() < 0.1, "{e:?}");
     }
 }
