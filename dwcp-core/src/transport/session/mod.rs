@@ -103,6 +103,11 @@ struct Counters {
     unchecked_in: AtomicU64,
     /// Nanoseconds the codec workers spent compressing.
     encode_ns: AtomicU64,
+    /// `--codec auto` at zstd:3: what one frame in [`tune::PROBE_EVERY`]
+    /// came to at zstd:3 and at the level above (wire bytes), for the tier
+    /// tuner to see whether the higher level pays on this content.
+    probe_base: AtomicU64,
+    probe_high: AtomicU64,
 }
 
 /// The state a session's threads share, grouped by concern.

@@ -370,6 +370,8 @@ pub(super) fn read_some(
 
 pub(super) fn encode(inner: Arc<Inner>) {
     let mut comp = Compressor::new();
+    let mut frames = 0u32;
+    let mut probe = Vec::new();
     loop {
         let job = match inner.queues.job_rx.recv_timeout(Duration::from_millis(100)) {
             Ok(j) => j,
@@ -384,6 +386,26 @@ pub(super) fn encode(inner: Arc<Inner>) {
         let mut out = Vec::with_capacity(job.plan.len() / 2 + 64);
         let started = std::time::Instant::now();
         let codec = comp.compress(tier, &job.plan, &mut out);
+        // `--codec auto` at zstd:3: one frame in PROBE_EVERY also at the
+        // level above, so the tuner knows what that level would save here.
+        if inner.cfg.auto_tier && tier == super::tune::PROBE_BASE {
+            frames = frames.wrapping_add(1);
+            if frames.is_multiple_of(super::tune::PROBE_EVERY) {
+                let size = |c: CodecId, out: &Vec<u8>| {
+                    if c == CodecId::None {
+                        job.plan.len()
+                    } else {
+                        out.len()
+                    }
+                };
+                let high = comp.compress(super::tune::PROBE_HIGH, &job.plan, &mut probe);
+                let c = &inner.counters;
+                c.probe_base
+                    .fetch_add(size(codec, &out) as u64, Ordering::Relaxed);
+                c.probe_high
+                    .fetch_add(size(high, &probe) as u64, Ordering::Relaxed);
+            }
+        }
         inner
             .counters
             .encode_ns

@@ -161,6 +161,26 @@ pub(super) const HIGH_LEVEL_BELOW: f64 = 25e6;
 /// last second (about twice that at the higher level).
 pub(super) const HIGH_LEVEL_MAX_CPU: f64 = 0.4;
 
+/// The tier the encoders probe from (one frame in [`PROBE_EVERY`] is also
+/// compressed at [`PROBE_HIGH`]) and the level probed.
+pub(super) const PROBE_BASE: Tier = Tier::Zstd(3);
+pub(super) const PROBE_HIGH: Tier = Tier::Zstd(6);
+
+/// Frames per probe: ~1/16 of zstd:3's frames compressed again at about
+/// twice its CPU per byte (+12 % encode CPU at zstd:3, on links slow enough
+/// for zstd:3 to be the tier).
+pub(super) const PROBE_EVERY: u32 = 16;
+
+/// zstd:3 output the probe needs before it judges, bytes (a few frames).
+const PROBE_MIN_BYTES: u64 = 1 << 20;
+
+/// Step above zstd:3 only when the probe found the higher level saving at
+/// least this share of the bytes. On the test guests it saved under 1 %
+/// (FCC trace 004: 132.2 MB on the wire for `auto`, which spent seconds at
+/// zstd:6, against 133.1 MB at fixed zstd:3) and cost the encoders twice
+/// the CPU: when the trace's rate rose they became the bottleneck.
+pub(super) const HIGH_LEVEL_MIN_GAIN: f64 = 0.03;
+
 /// Paths whose lowest RTT is below this are "datacenter": start raw.
 pub const DC_RTT_US: u32 = 1000;
 
@@ -220,6 +240,8 @@ pub(super) struct TierSample {
     pub(super) credited_wire: u64,
     /// Nanoseconds the encoders have spent so far.
     pub(super) encode_ns: u64,
+    /// Probed frames so far: wire bytes at zstd:3 and at the level above.
+    pub(super) probe: (u64, u64),
 }
 
 /// A tier change decided by [`TierTuner::sample`], with what it saw.
@@ -232,6 +254,9 @@ pub(super) struct TierChange {
     pub(super) rate: f64,
     /// Encoders' CPU over the samples, cores.
     pub(super) codec_cpu: f64,
+    /// Share of the bytes the level above zstd:3 saved on the probed
+    /// frames (None: not measured yet).
+    pub(super) high_gain: Option<f64>,
 }
 
 /// `--codec auto`: starts from [`initial_tier`] (raw on a datacenter path,
@@ -243,8 +268,11 @@ pub(super) struct TierChange {
 /// found compression to be (the encode queue full). Leaving raw also needs
 /// the link to be slower than [`RAW_UPGRADE_BELOW`]: on a fast link a full
 /// credit window means the receiving CPU is the limit, which compression
-/// would only make worse. The wire format names each frame's codec, so the
-/// receiver needs no notice.
+/// would only make worse. Above zstd:3 also needs the level to pay: at
+/// zstd:3 the encoders compress one frame in [`PROBE_EVERY`] at the level
+/// above as well, and the tuner steps up only when that saved at least
+/// [`HIGH_LEVEL_MIN_GAIN`] of the bytes. The wire format names each
+/// frame's codec, so the receiver needs no notice.
 #[derive(Debug, Default)]
 pub(super) struct TierTuner {
     samples: u32,
@@ -256,6 +284,10 @@ pub(super) struct TierTuner {
     since: Option<Instant>,
     /// Raw frames are not allowed (not a datacenter path): lz4 is the floor.
     no_raw: bool,
+    /// The probe's counters when it last judged, and its verdict (kept
+    /// across decisions).
+    probe_mark: (u64, u64),
+    high_gain: Option<f64>,
 }
 
 impl TierTuner {
@@ -291,6 +323,14 @@ impl TierTuner {
         } else if s.link_bound {
             self.link_bound += 1;
         }
+        let (base, high) = (
+            s.probe.0.saturating_sub(self.probe_mark.0),
+            s.probe.1.saturating_sub(self.probe_mark.1),
+        );
+        if base >= PROBE_MIN_BYTES {
+            self.high_gain = Some(1.0 - high as f64 / base as f64);
+            self.probe_mark = s.probe;
+        }
         let since = *self.since.get_or_insert_with(|| {
             self.credited = s.credited_wire;
             self.encode_ns = s.encode_ns;
@@ -304,8 +344,11 @@ impl TierTuner {
         let rate = (s.credited_wire - self.credited) as f64 / elapsed.max(1e-3);
         let codec_cpu = s.encode_ns.saturating_sub(self.encode_ns) as f64 / 1e9 / elapsed.max(1e-3);
         let before = self.level;
-        let idle_slow =
-            rate < HIGH_LEVEL_BELOW && codec_cpu < HIGH_LEVEL_MAX_CPU && self.cpu_bound == 0;
+        let pays = self.high_gain.is_some_and(|g| g >= HIGH_LEVEL_MIN_GAIN);
+        let idle_slow = rate < HIGH_LEVEL_BELOW
+            && codec_cpu < HIGH_LEVEL_MAX_CPU
+            && self.cpu_bound == 0
+            && pays;
         if self.cpu_bound * 5 >= self.samples * 3 && self.level > self.floor() {
             self.level -= 1;
         } else if self.link_bound * 5 >= self.samples * 3
@@ -324,10 +367,13 @@ impl TierTuner {
             cpu_bound: self.cpu_bound,
             rate,
             codec_cpu,
+            high_gain: self.high_gain,
         });
         *self = TierTuner {
             level: self.level,
             no_raw: self.no_raw,
+            probe_mark: self.probe_mark,
+            high_gain: self.high_gain,
             ..TierTuner::default()
         };
         change
@@ -358,6 +404,8 @@ mod tests {
                 link_bound: k >= cpu && k < cpu + link,
                 credited_wire: (rate * 0.05 * k as f64) as u64,
                 encode_ns: 0,
+                // the probe: zstd:6 saves 10 % of zstd:3's bytes
+                probe: (100_000 * k as u64, 90_000 * k as u64),
             };
             out = t.sample(&s);
             if k < 19 {
@@ -413,6 +461,7 @@ mod tests {
                 link_bound: true,
                 credited_wire: (12.5e6 * 0.05 * k as f64) as u64,
                 encode_ns: 25_000_000 * k,
+                probe: (100_000 * k, 90_000 * k),
             });
         }
         assert_eq!(out, None);
@@ -420,6 +469,36 @@ mod tests {
         let mut t = TierTuner::start(Tier::Zstd(6));
         let c = second(&mut t, Instant::now(), 0, 15, 12.5e6).expect("a change");
         assert_eq!(c.tier, Tier::Zstd(3));
+    }
+
+    #[test]
+    fn above_zstd3_only_when_the_probe_finds_it_pays() {
+        let second_with = |t: &mut TierTuner, base: u64, high: u64| {
+            let start = Instant::now();
+            let mut out = None;
+            for k in 1..=20u64 {
+                out = t.sample(&TierSample {
+                    now: start + Duration::from_millis(50 * k),
+                    encode_queue_full: false,
+                    link_bound: true,
+                    credited_wire: 625_000 * k,
+                    encode_ns: 0,
+                    probe: (base * k, high * k),
+                });
+            }
+            out
+        };
+        // zstd:6 saves 1 % on the probed frames: stays at zstd:3.
+        let mut t = TierTuner::start(Tier::Zstd(3));
+        assert_eq!(second_with(&mut t, 100_000, 99_000), None);
+        // not measured yet (no probed bytes): stays too.
+        let mut t = TierTuner::start(Tier::Zstd(3));
+        assert_eq!(second_with(&mut t, 0, 0), None);
+        // 5 % saved: up, and the verdict is in the change.
+        let mut t = TierTuner::start(Tier::Zstd(3));
+        let c = second_with(&mut t, 100_000, 95_000).expect("a change");
+        assert_eq!(c.tier, Tier::Zstd(6));
+        assert!((c.high_gain.unwrap() - 0.05).abs() < 1e-9, "{c:?}");
     }
 
     #[test]

@@ -100,10 +100,14 @@ fn tune_tier(inner: &Inner, tiers: &mut TierTuner, load: Load) {
         link_bound: load.link_bound,
         credited_wire: inner.flow.credited_wire.load(Ordering::Relaxed),
         encode_ns: inner.counters.encode_ns.load(Ordering::Relaxed),
+        probe: (
+            inner.counters.probe_base.load(Ordering::Relaxed),
+            inner.counters.probe_high.load(Ordering::Relaxed),
+        ),
     };
     if let Some(c) = tiers.sample(&sample) {
         *inner.tuning.tier.lock() = c.tier;
-        info!(name = %inner.name, tier = %c.tier, link_bound = c.link_bound, cpu_bound = c.cpu_bound, rate_mb_s = c.rate / 1e6, codec_cpu = c.codec_cpu, "auto tier");
+        info!(name = %inner.name, tier = %c.tier, link_bound = c.link_bound, cpu_bound = c.cpu_bound, rate_mb_s = c.rate / 1e6, codec_cpu = c.codec_cpu, high_level_gain = ?c.high_gain, "auto tier");
     }
 }
 
