@@ -81,6 +81,53 @@ pub fn eta_s(i: &EtaInput) -> Option<f64> {
     (net > 0.0 && eta.is_finite()).then_some(eta)
 }
 
+/// How far ahead the rate estimate of an ETA is trusted, seconds: the
+/// predictor's horizon (its 5-s mean).
+pub const ESTIMATE_HORIZON_S: f64 = 5.0;
+
+/// [`eta_s`] when the migration has longer to go than the estimate's
+/// horizon ([`ESTIMATE_HORIZON_S`]): the estimated rate for the horizon,
+/// the session's mean wire rate since its start (`mean_wire`) beyond it.
+/// A rate predicted for the next seconds says nothing about the minute
+/// after: an FCC trace that fell to a third of its mean for five seconds
+/// made the ETA read hundreds of seconds for a migration that had 15 left
+/// (+938 % at 50 %; docs/adaptivity.md). Solving
+/// `need = H * (p * ratio - d) + (T - H) * (m * ratio - d)` for `T`:
+///
+/// ```text
+/// T = (need - H * ratio * (p - m)) / (m * ratio - d)
+/// ```
+///
+/// with `need = remaining / ram_per_byte + backlog`. Without a mean, or
+/// when the migration would not converge at it, [`eta_s`].
+pub fn eta_over_horizon(i: &EtaInput, mean_wire: Option<f64>) -> Option<f64> {
+    let short = eta_s(i)?;
+    let Some(m) = mean_wire.filter(|m| m.is_finite() && *m > 0.0) else {
+        return Some(short);
+    };
+    if short <= ESTIMATE_HORIZON_S {
+        return Some(short);
+    }
+    let expand = if i.ram_per_byte.is_finite() && i.ram_per_byte >= 1.0 {
+        i.ram_per_byte
+    } else {
+        1.0
+    };
+    let need = i.remaining_bytes as f64 / expand + i.backlog_bytes as f64;
+    let (p, ratio, d) = (
+        i.estimate.wire_rate_bytes_s,
+        i.estimate.ratio,
+        i.dirty_rate_bytes_s.max(0.0),
+    );
+    let net = m * ratio - d;
+    let t = (need - ESTIMATE_HORIZON_S * ratio * (p - m)) / net;
+    Some(if net > 0.0 && t.is_finite() && t >= ESTIMATE_HORIZON_S {
+        t
+    } else {
+        short
+    })
+}
+
 /// The measured rate: moving averages (time constant [`RATE_TAU_S`]) of the
 /// wire rate the peer delivered and of the compression ratio, from the
 /// link samples; idle samples before the first byte do not count.
@@ -174,6 +221,43 @@ mod tests {
         // 15 bytes dirtied behind the first pass: (40 + 15) / 15
         x.backlog_bytes = 15;
         assert!((eta_s(&x).unwrap() - 55.0 / 15.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn beyond_the_horizon_the_session_mean_rate_counts() {
+        let i = EtaInput {
+            remaining_bytes: 150_000_000,
+            dirty_rate_bytes_s: 0.0,
+            ram_per_byte: 1.0,
+            backlog_bytes: 0,
+            // a dip: 4 MB/s predicted for the next 5 s, at ratio 1
+            estimate: est(4e6, 1.0),
+        };
+        assert_eq!(eta_s(&i), Some(37.5));
+        // the session averaged 12 MB/s: 20 MB in the dip's 5 s, the other
+        // 130 MB at 12 MB/s: 5 + 10.83 s
+        let t = eta_over_horizon(&i, Some(12e6)).unwrap();
+        assert!((t - (5.0 + 130.0 / 12.0)).abs() < 1e-9, "{t}");
+        // no mean, or a short ETA: the estimate alone
+        assert_eq!(eta_over_horizon(&i, None), Some(37.5));
+        let short = EtaInput {
+            remaining_bytes: 12_000_000,
+            ..i
+        };
+        assert_eq!(eta_over_horizon(&short, Some(12e6)), Some(3.0));
+        // a mean the dirty rate outruns: the estimate alone
+        let dirty = EtaInput {
+            dirty_rate_bytes_s: 1e6,
+            estimate: est(20e6, 1.0),
+            ..i
+        };
+        assert_eq!(eta_over_horizon(&dirty, Some(0.5e6)), eta_s(&dirty));
+        // unknown short-term rate: none
+        let none = EtaInput {
+            estimate: est(0.0, 1.0),
+            ..i
+        };
+        assert_eq!(eta_over_horizon(&none, Some(12e6)), None);
     }
 
     #[test]

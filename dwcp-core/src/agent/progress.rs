@@ -166,13 +166,20 @@ pub(super) fn progress(st: &Arc<State>, r: ProgressRequest) -> Result<Value, Str
     let estimate = predicted_estimate(adapt.estimate, predicted.as_ref().map(|p| p.0));
     let model = match (r.remaining_bytes, estimate, r.downtime_ms) {
         (Some(remaining), Some(estimate), None) if r.dirty_rate_bytes_s.is_some() => {
-            eta::eta_s(&eta::EtaInput {
-                remaining_bytes: remaining,
-                dirty_rate_bytes_s: r.dirty_rate_bytes_s.unwrap_or(0.0),
-                ram_per_byte: r.ram_per_byte.unwrap_or(1.0),
-                backlog_bytes: r.backlog_bytes.unwrap_or(0),
-                estimate,
-            })
+            // Beyond the estimate's 5 s, the session's mean wire rate.
+            let s = session.stats();
+            let mean = (s.elapsed_s >= PREDICTION_AFTER.as_secs_f64())
+                .then(|| s.wire_out as f64 / s.elapsed_s);
+            eta::eta_over_horizon(
+                &eta::EtaInput {
+                    remaining_bytes: remaining,
+                    dirty_rate_bytes_s: r.dirty_rate_bytes_s.unwrap_or(0.0),
+                    ram_per_byte: r.ram_per_byte.unwrap_or(1.0),
+                    backlog_bytes: r.backlog_bytes.unwrap_or(0),
+                    estimate,
+                },
+                mean,
+            )
         }
         _ => None,
     };
