@@ -491,6 +491,38 @@ mod tests {
     }
 
     #[test]
+    fn the_first_pass_reports_what_the_guest_rewrote_behind_it() {
+        let t0 = Instant::now();
+        let mut r = QemuRates::default();
+        let mtree = "FlatView #0\n AS \"memory\", root: system\n  0000000000000000-000000003fffffff (prio 0, ram): pc.ram\n";
+        let mut l = RamSampler::new(mtree);
+        // 256 content pages watched for 10 s, one in eight rewritten: an
+        // eighth of the 1 GiB region over the 10 s the pass has run.
+        for i in 0..256u64 {
+            l.record_watched(i << 22, false, 10.0, i % 8 == 0);
+        }
+        r.layout = Some(l);
+        from_query_migrate(&query(0, 0, 0, 1), &mut r, t0);
+        let p = from_query_migrate(
+            &query(400 << 20, 100 << 8, 0, 1),
+            &mut r,
+            t0 + Duration::from_secs(10),
+        );
+        assert_eq!(p.backlog_bytes, Some(128 << 20));
+        let d = p.dirty_rate_bytes_s.unwrap();
+        assert!((d - (128u64 << 20) as f64 / 10.0).abs() < 1.0, "{d}");
+        // the driver's own ETA has a rate to go by (40 MiB/s written)
+        assert!(p.eta_s.is_some());
+        // after the first pass: QEMU's own figures, no backlog
+        let p = from_query_migrate(
+            &query(500 << 20, 110 << 8, 0, 2),
+            &mut r,
+            t0 + Duration::from_secs(11),
+        );
+        assert_eq!(p.backlog_bytes, None);
+    }
+
+    #[test]
     fn eta_checks_compare_with_the_real_duration() {
         let mut log = EtaLog::default();
         // A 10 s migration: at 2 s the ETA said 9 s (really 8), at 5 s 4 s

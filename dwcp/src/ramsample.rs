@@ -287,14 +287,20 @@ impl RamSampler {
     /// Records a sample (tests; [`Self::step`] reads them from QEMU).
     #[cfg(test)]
     pub fn record(&mut self, offset: u64, zero: bool) {
+        self.record_watched(offset, zero, 0.0, false);
+    }
+
+    /// Records a sample read again after `span_s`, changed or not (tests).
+    #[cfg(test)]
+    pub fn record_watched(&mut self, offset: u64, zero: bool, span_s: f64, changed: bool) {
         self.samples.push(Sample {
             offset,
             gpa: offset,
             zero,
             hash: 0,
             first_s: 0.0,
-            last_s: 0.0,
-            changed: false,
+            last_s: span_s,
+            changed,
         });
     }
 
