@@ -253,34 +253,23 @@ pub fn run(a: VirshMigrateArgs) -> Result<()> {
     );
     let mut downtime_ms = None;
     let mut reporter = crate::progress::Reporter::new(a.agent.clone(), &a.domain);
-    let mut rate = crate::progress::RateWindow::default();
+    let mut rates = crate::progress::QemuRates::default();
     while !worker.is_finished() {
         if let Ok(j) = dom.job_stats(0) {
             let total = j.mem_total.unwrap_or(0);
             let remaining = j.mem_remaining.unwrap_or(0);
             pb.set_length(total);
             pb.set_position(total.saturating_sub(remaining));
-            if let Some(done) = j.mem_processed {
-                rate.observe(Instant::now(), done);
-            }
-            // libvirt's dirty rate is in pages per second.
-            let dirty = j
-                .mem_dirty_rate
-                .map(|p| (p * j.mem_page_size.unwrap_or(4096)) as f64);
-            let eta_s = j
-                .mem_remaining
-                .and_then(|r| crate::progress::eta_s(r, rate.rate(), dirty, 1.0));
-            reporter.maybe_send(&crate::progress::Progress {
-                remaining_bytes: j.mem_remaining,
-                total_bytes: j.mem_total,
-                eta_s,
-                // For a running job libvirt's downtime is the expected one.
-                expected_downtime_ms: j.downtime,
-                downtime_ms: None,
-                dirty_rate_bytes_s: dirty,
-                ram_per_byte: None,
-                backlog_bytes: None,
-            });
+            // libvirt's job statistics are QEMU's `query-migrate` figures
+            // under other names: the same report (RAM per byte for what is
+            // left, pass by pass; no RAM sample, libvirt holds the monitor).
+            let report = crate::progress::from_query_migrate(
+                &libvirt_as_query_migrate(&j),
+                &mut rates,
+                Instant::now(),
+            );
+            let eta_s = report.eta_s;
+            reporter.maybe_send(&report);
             let eta = match reporter.eta(eta_s).0 {
                 Some(s) => format!("{s:.1} s"),
                 None => "?".into(),
@@ -373,6 +362,26 @@ pub fn run(a: VirshMigrateArgs) -> Result<()> {
     Ok(())
 }
 
+/// libvirt's job statistics as QEMU's `query-migrate` answer (libvirt's
+/// `memory_*` fields are QEMU's `ram` ones; its dirty rate is in pages per
+/// second, as QEMU's; its downtime, while the job runs, the expected one).
+fn libvirt_as_query_migrate(j: &virt::domain::JobStats) -> serde_json::Value {
+    serde_json::json!({
+        "status": "active",
+        "expected-downtime": j.downtime,
+        "ram": {
+            "total": j.mem_total,
+            "remaining": j.mem_remaining,
+            "transferred": j.mem_processed,
+            "normal": j.mem_normal,
+            "duplicate": j.mem_constant,
+            "page-size": j.mem_page_size,
+            "dirty-pages-rate": j.mem_dirty_rate,
+            "dirty-sync-count": j.mem_iteration,
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -382,6 +391,34 @@ mod tests {
     struct Cli {
         #[command(flatten)]
         a: VirshMigrateArgs,
+    }
+
+    #[test]
+    fn libvirt_job_statistics_read_as_query_migrate() {
+        let j = virt::domain::JobStats {
+            mem_total: Some(1 << 30),
+            mem_remaining: Some(1 << 29),
+            mem_processed: Some(64 << 20),
+            mem_normal: Some(16_384),
+            mem_constant: Some(49_152),
+            mem_page_size: Some(4096),
+            mem_dirty_rate: Some(256),
+            mem_iteration: Some(1),
+            downtime: Some(120),
+            ..Default::default()
+        };
+        let mut rates = crate::progress::QemuRates::default();
+        let p = crate::progress::from_query_migrate(
+            &libvirt_as_query_migrate(&j),
+            &mut rates,
+            std::time::Instant::now(),
+        );
+        assert_eq!(p.remaining_bytes, Some(1 << 29));
+        assert_eq!(p.total_bytes, Some(1 << 30));
+        assert_eq!(p.expected_downtime_ms, Some(120));
+        assert_eq!(p.dirty_rate_bytes_s, Some(256.0 * 4096.0));
+        // 64 MiB written for 256 MiB of RAM (three quarters zero pages)
+        assert_eq!(p.ram_per_byte, Some(4.0));
     }
 
     fn args(extra: &[&str]) -> Result<VirshMigrateArgs, clap::Error> {
