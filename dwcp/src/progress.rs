@@ -451,13 +451,19 @@ mod tests {
         assert!((p.ram_per_byte.unwrap() - 4.0).abs() < 1e-9, "{p:?}");
     }
 
+    /// A sampler over a 1 GiB RAM region, without samples.
+    fn sampler_1gib() -> RamSampler {
+        RamSampler::new(
+            "FlatView #0\n AS \"memory\", root: system\n  0000000000000000-000000003fffffff (prio 0, ram): pc.ram\n",
+        )
+    }
+
     #[test]
     fn the_first_pass_prices_what_lies_ahead_and_later_passes_as_content() {
         let t0 = Instant::now();
         let mut r = QemuRates::default();
         // A 1 GiB region: content in the lower half, zero pages above.
-        let mtree = "FlatView #0\n AS \"memory\", root: system\n  0000000000000000-000000003fffffff (prio 0, ram): pc.ram\n";
-        let mut l = RamSampler::new(mtree);
+        let mut l = sampler_1gib();
         for i in 0..64u64 {
             l.record(i << 24, i >= 32);
         }
@@ -494,8 +500,7 @@ mod tests {
     fn the_first_pass_reports_what_the_guest_rewrote_behind_it() {
         let t0 = Instant::now();
         let mut r = QemuRates::default();
-        let mtree = "FlatView #0\n AS \"memory\", root: system\n  0000000000000000-000000003fffffff (prio 0, ram): pc.ram\n";
-        let mut l = RamSampler::new(mtree);
+        let mut l = sampler_1gib();
         // 256 content pages watched for 10 s, one in eight rewritten: an
         // eighth of the 1 GiB region over the 10 s the pass has run.
         for i in 0..256u64 {
