@@ -57,19 +57,27 @@ impl RateWindow {
 /// meanwhile is content, resent at one RAM byte per byte; the sum of the
 /// passes). None when the rate is unknown or not above the dirty rate (the
 /// migration does not converge at this pace: no ETA rather than a wrong one).
-pub fn eta_s(
+/// `backlog` bytes dirtied behind the first pass are added to what is left.
+/// The agent's formula (`dwcp_core::adapt::eta_s`) with QEMU's own write
+/// rate (raw bytes, ratio 1) as the rate.
+fn eta_s(
     remaining: u64,
+    backlog: u64,
     rate: Option<f64>,
     dirty_rate: Option<f64>,
     ram_per_byte: f64,
 ) -> Option<f64> {
-    let rpb = if ram_per_byte.is_finite() && ram_per_byte >= 1.0 {
-        ram_per_byte
-    } else {
-        1.0
-    };
-    let net = rate? - dirty_rate.unwrap_or(0.0).max(0.0);
-    (net > 0.0 && net.is_finite()).then(|| remaining as f64 / (rpb * net))
+    dwcp_core::adapt::eta_s(&dwcp_core::adapt::EtaInput {
+        remaining_bytes: remaining,
+        dirty_rate_bytes_s: dirty_rate.unwrap_or(0.0),
+        ram_per_byte,
+        backlog_bytes: backlog,
+        estimate: dwcp_core::adapt::RateEstimate {
+            wire_rate_bytes_s: rate?,
+            ratio: 1.0,
+            source: "driver",
+        },
+    })
 }
 
 /// One report for the agent.
@@ -310,11 +318,13 @@ pub fn from_query_migrate(v: &Value, rates: &mut QemuRates, at: Instant) -> Prog
         remaining_bytes: remaining,
         total_bytes: n("/ram/total"),
         eta_s: remaining.filter(|_| status == "active").and_then(|r| {
-            eta_s(r, rate.rate(), dirty, rpb.unwrap_or(1.0)).map(|e| {
-                // Plus the backlog, resent at the net rate.
-                let net = rate.rate().unwrap_or(0.0) - dirty.unwrap_or(0.0);
-                e + backlog.unwrap_or(0) as f64 / net.max(1.0)
-            })
+            eta_s(
+                r,
+                backlog.unwrap_or(0),
+                rate.rate(),
+                dirty,
+                rpb.unwrap_or(1.0),
+            )
         }),
         expected_downtime_ms: n("/expected-downtime"),
         downtime_ms: (status == "completed").then(|| n("/downtime")).flatten(),
@@ -415,18 +425,18 @@ mod tests {
 
     #[test]
     fn eta_accounts_for_the_dirty_rate_and_refuses_to_guess() {
-        assert_eq!(eta_s(100, Some(10.0), None, 1.0), Some(10.0));
-        assert_eq!(eta_s(100, Some(30.0), Some(10.0), 1.0), Some(5.0));
+        assert_eq!(eta_s(100, 0, Some(10.0), None, 1.0), Some(10.0));
+        assert_eq!(eta_s(100, 0, Some(30.0), Some(10.0), 1.0), Some(5.0));
         // Dirtying as fast as (or faster than) it sends: no ETA.
-        assert_eq!(eta_s(100, Some(10.0), Some(10.0), 1.0), None);
-        assert_eq!(eta_s(100, Some(10.0), Some(20.0), 1.0), None);
-        assert_eq!(eta_s(100, None, Some(1.0), 1.0), None);
-        assert_eq!(eta_s(100, Some(0.0), None, 1.0), None);
+        assert_eq!(eta_s(100, 0, Some(10.0), Some(10.0), 1.0), None);
+        assert_eq!(eta_s(100, 0, Some(10.0), Some(20.0), 1.0), None);
+        assert_eq!(eta_s(100, 0, None, Some(1.0), 1.0), None);
+        assert_eq!(eta_s(100, 0, Some(0.0), None, 1.0), None);
         // Half of what is left is zero pages (2 RAM bytes per byte): the
         // first pass crosses it twice as fast, and what the guest dirties
         // meanwhile (content) is resent at 1.
-        assert_eq!(eta_s(100, Some(30.0), Some(10.0), 2.0), Some(2.5));
-        assert_eq!(eta_s(100, Some(30.0), Some(10.0), f64::NAN), Some(5.0));
+        assert_eq!(eta_s(100, 0, Some(30.0), Some(10.0), 2.0), Some(2.5));
+        assert_eq!(eta_s(100, 0, Some(30.0), Some(10.0), f64::NAN), Some(5.0));
     }
 
     fn query(transferred: u64, normal: u64, zero: u64, pass: u64) -> Value {

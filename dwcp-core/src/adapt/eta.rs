@@ -69,15 +69,23 @@ pub struct EtaInput {
     pub estimate: RateEstimate,
 }
 
+impl EtaInput {
+    /// What is left, in content bytes: `remaining / ram_per_byte +
+    /// backlog` (`ram_per_byte` counts as 1 when not a number >= 1).
+    fn need_bytes(&self) -> f64 {
+        let expand = if self.ram_per_byte.is_finite() && self.ram_per_byte >= 1.0 {
+            self.ram_per_byte
+        } else {
+            1.0
+        };
+        self.remaining_bytes as f64 / expand + self.backlog_bytes as f64
+    }
+}
+
 /// Seconds until the migration has sent what is left (module doc).
 pub fn eta_s(i: &EtaInput) -> Option<f64> {
-    let expand = if i.ram_per_byte.is_finite() && i.ram_per_byte >= 1.0 {
-        i.ram_per_byte
-    } else {
-        1.0
-    };
     let net = i.estimate.raw_rate() - i.dirty_rate_bytes_s.max(0.0);
-    let eta = (i.remaining_bytes as f64 / expand + i.backlog_bytes as f64) / net;
+    let eta = i.need_bytes() / net;
     (net > 0.0 && eta.is_finite()).then_some(eta)
 }
 
@@ -108,12 +116,7 @@ pub fn eta_over_horizon(i: &EtaInput, mean_wire: Option<f64>) -> Option<f64> {
     if short <= ESTIMATE_HORIZON_S {
         return Some(short);
     }
-    let expand = if i.ram_per_byte.is_finite() && i.ram_per_byte >= 1.0 {
-        i.ram_per_byte
-    } else {
-        1.0
-    };
-    let need = i.remaining_bytes as f64 / expand + i.backlog_bytes as f64;
+    let need = i.need_bytes();
     let (p, ratio, d) = (
         i.estimate.wire_rate_bytes_s,
         i.estimate.ratio,
