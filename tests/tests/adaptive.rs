@@ -11,7 +11,8 @@
 //!
 //! `FCC_TRACES=N` with `--ignored` (`make bench-adaptive`): the same
 //! migration over N replayed FCC test traces (scaled to a 100 Mbit/s-class
-//! path), printing the ETA's error at 25/50/75 % of each.
+//! path), printing the ETA's error at 25/50/75 % of each; `FCC_CONSTANT=1`
+//! runs them on a constant 100 Mbit/s link instead (the model's own error).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -164,8 +165,21 @@ fn fcc_trace_replays_eta_error() {
     if let Some(f) = env("FCC_FILL_MB") {
         guest.fill_mb = f;
     }
+    // FCC_CONSTANT=1: the same migrations on a constant 100 Mbit/s link
+    // (the traces' mean, same delay and loss), as many as FCC_TRACES: the
+    // ETA's error when the link's future equals its past.
+    let traces = if env("FCC_CONSTANT") == Some(1) {
+        (0..n)
+            .map(|k| {
+                let t = Trace::from_steps(&[(0.0, 100.0)]).expect("constant");
+                (format!("constant-100-{k}"), t)
+            })
+            .collect()
+    } else {
+        fcc_traces(n)
+    };
     let mut rows = Vec::new();
-    for (k, (name, trace)) in fcc_traces(n).into_iter().enumerate() {
+    for (k, (name, trace)) in traces.into_iter().enumerate() {
         let r = migrate_guest_over(&format!("fcc{k}"), &link(trace), guest.clone());
         let err = |i: usize| r["eta"]["checks"][i]["error_pct"].as_f64();
         rows.push((name, r["total_time_ms"].as_u64(), err(0), err(1), err(2)));

@@ -205,6 +205,10 @@ pub struct AmstArgs {
     /// MiB pushed through per stream count.
     #[arg(long, default_value_t = 256)]
     pub data_size: u64,
+    /// TCP congestion control of the agents' streams (e.g. cubic; default:
+    /// the kernel's, and BBR once the agents find an internet path).
+    #[arg(long)]
+    pub congestion: Option<String>,
 }
 
 fn pseudo_random(len: usize, mut x: u64) -> Vec<u8> {
@@ -220,7 +224,11 @@ fn pseudo_random(len: usize, mut x: u64) -> Vec<u8> {
 }
 
 pub fn amst(a: &AmstArgs, p: &Progress) -> Result<AmstSuite> {
-    let lab = super::compare::open_lab("amst", "amst", &a.profile, &[], p)?;
+    let agent_args: Vec<&str> = match &a.congestion {
+        Some(cc) => vec!["--congestion", cc.as_str()],
+        None => Vec::new(),
+    };
+    let lab = super::compare::open_lab("amst", "amst", &a.profile, &agent_args, p)?;
     let block = pseudo_random(16 << 20, 0x9e37_79b9_7f4a_7c15);
     let total = a.data_size << 20;
     // Warm-up (not recorded): first session, page cache, TCP buffers.

@@ -243,6 +243,7 @@ fn suite(r: &RunArgs, res: &mut Results) -> Result<()> {
         profile: "dc".into(),
         streams: vec![1, 2, 4, 8, 16, 32],
         data_size: 256,
+        congestion: None,
     };
     let hde = micro::HdeArgs {
         out: r.out.clone(),
