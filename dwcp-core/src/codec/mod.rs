@@ -39,6 +39,7 @@
 use std::fmt;
 use std::str::FromStr;
 
+pub mod keep;
 mod plan;
 
 pub use plan::{DeltaStats, PlanStats, Planner, Rebuilder};
@@ -286,6 +287,34 @@ pub enum CodecError {
         offset: usize,
         /// Base index used.
         base: u64,
+    },
+    /// A HAVE op where this end announced no kept copy.
+    #[error("reference to kept page {idx}, but this end announced no kept copy")]
+    NoKeptCopy {
+        /// Index referenced.
+        idx: u64,
+    },
+    /// A HAVE op past the kept copy this end announced.
+    #[error("reference to kept page {idx}, which this end does not hold (it announced {len})")]
+    KeptOutOfRange {
+        /// Index referenced.
+        idx: u64,
+        /// Pages announced.
+        len: u64,
+    },
+    /// The kept copy could not be read.
+    #[error("kept copy: read of page {idx}: {source}")]
+    KeptRead {
+        /// Index of the page.
+        idx: u64,
+        source: std::io::Error,
+    },
+    /// A kept page no longer hashes to what was announced (the file
+    /// changed): the page is not delivered.
+    #[error("kept page {idx} differs from the SHA-256 this end announced (the kept copy changed on disk)")]
+    KeptCorrupt {
+        /// Index of the page.
+        idx: u64,
     },
     /// Plan produces more than raw_len bytes.
     #[error(

@@ -5,8 +5,11 @@ use std::collections::HashMap;
 use std::fmt;
 use std::hash::{BuildHasherDefault, Hasher};
 
+use std::sync::{Arc, OnceLock};
+
 use xxhash_rust::xxh3::xxh3_64;
 
+use super::keep::{self, KeptCopy, PeerHas, Recorder};
 use super::{CodecError, MAX_PLAN_LEN, MAX_RAW_LEN, PAGE_SIZE};
 
 pub(crate) const OP_LIT: u8 = 0x01;
@@ -23,6 +26,10 @@ pub(crate) const OP_MARK: u8 = 0x05;
 /// offsets the runs name; `hash` (xxh3-64 of the page) is checked before
 /// the page is used, and the page is inserted into the ring like PAGE.
 pub(crate) const OP_DELTA: u8 = 0x06;
+/// A page the receiver holds in the kept copy it announced (re-migration,
+/// [`super::keep`]): `0x07 HAVE index`; the receiver reads the page from
+/// its copy, checks its SHA-256, and inserts it into the ring like PAGE.
+pub(crate) const OP_HAVE: u8 = 0x07;
 
 /// Zero bytes in an XOR of two pages shorter than this stay inside a run.
 const DELTA_MIN_GAP: usize = 8;
@@ -56,6 +63,9 @@ pub struct PlanStats {
     /// have saved. Counted for the first [`SENT_TRACK_PAGES`] distinct
     /// contents only.
     pub pages_missed_dups: u64,
+    /// Pages sent as a HAVE reference to the receiver's kept copy
+    /// (re-migration).
+    pub pages_kept: u64,
 }
 
 /// Delta counters of a [`Planner`] ([`Planner::delta_stats`]); kept apart
@@ -145,6 +155,9 @@ struct Ring {
     data: Vec<u8>,
     count: u64,
     spill: Option<Spill>,
+    /// Every page inserted is also recorded here (the session's copy for
+    /// a later re-migration).
+    rec: Option<Arc<Recorder>>,
 }
 
 /// Pages written to a spill file at once (when the ring and the file are
@@ -194,6 +207,7 @@ impl Ring {
             data: Vec::new(),
             count: 0,
             spill: None,
+            rec: None,
         }
     }
 
@@ -265,6 +279,9 @@ impl Ring {
     /// With a spill file, the page it evicts from memory is written there.
     fn insert(&mut self, page: &[u8]) -> Result<u64, CodecError> {
         debug_assert_eq!(page.len(), PAGE_SIZE);
+        if let Some(r) = &self.rec {
+            r.add(page);
+        }
         let idx = self.count;
         if self.cap == 0 {
             self.count += 1;
@@ -312,7 +329,7 @@ impl Ring {
 
 /// Hasher for keys that already are xxh3 hashes.
 #[derive(Default)]
-struct IdHasher(u64);
+pub(crate) struct IdHasher(u64);
 
 impl Hasher for IdHasher {
     fn finish(&self) -> u64 {
@@ -349,6 +366,9 @@ pub struct Planner {
     /// What deltas need (boxed: a planner lives inside every channel's
     /// sender, and most of this is empty until deltas are on).
     d: Box<DeltaState>,
+    /// What the receiver announced it holds from an earlier migration of
+    /// this guest (set once its HAVE frames arrived).
+    have: Option<Arc<OnceLock<PeerHas>>>,
 }
 
 /// The [`Planner`]'s state for deltas of re-sent pages.
@@ -556,6 +576,18 @@ impl Planner {
             sent: Default::default(),
             hash: xxh3_64,
             d: Box::default(),
+            have: None,
+        }
+    }
+
+    /// Re-migration ([`super::keep`]): `rec` records every page this
+    /// planner inserts into its ring (the copy this host keeps), and a page
+    /// whose SHA-256 is in what the receiver announced (`have`, once set)
+    /// goes as a HAVE reference to it. Needs a ring (no effect without).
+    pub fn set_keep(&mut self, rec: Option<Arc<Recorder>>, have: Option<Arc<OnceLock<PeerHas>>>) {
+        if self.ring.cap > 0 {
+            self.ring.rec = rec;
+            self.have = have;
         }
     }
 
@@ -696,6 +728,18 @@ impl Planner {
                 em.out.push(OP_REF);
                 put_varint(em.out, idx);
                 self.stats.pages_deduped += 1;
+                if self.d.on {
+                    self.note_last(key, idx);
+                }
+                return;
+            }
+        }
+        if let Some(has) = self.have.as_ref().and_then(|h| h.get()) {
+            if let Some(i) = has.get(&keep::page_hash(data)) {
+                em.out.push(OP_HAVE);
+                put_varint(em.out, i as u64);
+                self.stats.pages_kept += 1;
+                let idx = self.insert(h, data);
                 if self.d.on {
                     self.note_last(key, idx);
                 }
@@ -861,6 +905,10 @@ fn lz4_size(d: &[u8], scratch: &mut Vec<u8>) -> usize {
 /// stream order.
 pub struct Rebuilder {
     ring: Ring,
+    /// The kept copy this end announced (HAVE ops read from it).
+    kept: Option<Arc<KeptCopy>>,
+    /// A page read from the kept copy.
+    kept_buf: Vec<u8>,
 }
 
 impl fmt::Debug for Rebuilder {
@@ -877,6 +925,18 @@ impl Rebuilder {
     pub fn new(dedup_cache_bytes: usize) -> Self {
         Rebuilder {
             ring: Ring::new(dedup_cache_bytes),
+            kept: None,
+            kept_buf: Vec::new(),
+        }
+    }
+
+    /// Re-migration ([`super::keep`]): `rec` records every page this end
+    /// inserts into its ring, and HAVE ops read from `kept`, the copy this
+    /// end announced. Needs a ring (no effect without).
+    pub fn set_keep(&mut self, rec: Option<Arc<Recorder>>, kept: Option<Arc<KeptCopy>>) {
+        if self.ring.cap > 0 {
+            self.ring.rec = rec;
+            self.kept = kept;
         }
     }
 
@@ -1025,6 +1085,17 @@ impl Rebuilder {
                         return Err(CodecError::DeltaMismatch { offset, base });
                     }
                     self.ring.insert(&out[start..])?;
+                }
+                OP_HAVE => {
+                    let idx = get_varint(plan, &mut p)?;
+                    room(out, PAGE_SIZE as u64)?;
+                    let Some(k) = &self.kept else {
+                        return Err(CodecError::NoKeptCopy { idx });
+                    };
+                    self.kept_buf.resize(PAGE_SIZE, 0);
+                    k.read(idx, &mut self.kept_buf)?;
+                    out.extend_from_slice(&self.kept_buf);
+                    self.ring.insert(&self.kept_buf)?;
                 }
                 _ => return Err(CodecError::BadTag { tag, offset }),
             }

@@ -488,8 +488,8 @@ fn codec_corrupt_plans_error() {
         assert!(out.capacity() <= MAX_RAW_LEN.max(s.len() + 1));
     }
     let mut rb = Rebuilder::new(CACHE);
-    let e = rb.rebuild(&[0x07, 1], 1, &mut out).unwrap_err();
-    assert!(matches!(e, CodecError::BadTag { tag: 7, offset: 0 }), "{e}");
+    let e = rb.rebuild(&[0x08, 1], 1, &mut out).unwrap_err();
+    assert!(matches!(e, CodecError::BadTag { tag: 8, offset: 0 }), "{e}");
     assert!(rb.rebuild(&[0x00], 1, &mut out).is_err());
     assert!(matches!(
         rb.rebuild(&[OP_LIT, 0x80], 1, &mut out),
@@ -1102,4 +1102,123 @@ fn no_delta_unless_agreed_and_in_the_window() {
         plan_and_rebuild(&mut p, &mut r, &pass(it), 1 << 20);
     }
     assert_eq!(p.delta_stats().pages_delta, 0, "{:?}", p.delta_stats());
+}
+
+/// Re-migration: both ends of a first migration record what they moved;
+/// on the way back the destination (the first source) announces its kept
+/// copy and every page whose content it holds goes as a HAVE reference,
+/// rebuilt byte for byte from the copy.
+#[test]
+fn a_return_migration_sends_kept_pages_as_references() {
+    use keep::{KeepStore, PeerHas};
+    use std::sync::{Arc, OnceLock};
+    use std::time::Duration;
+    let dir = std::env::temp_dir();
+    let ring = 64 * PAGE_SIZE;
+    let iters = iterations(21, 300, 3);
+    let (store_a, store_b) = (
+        KeepStore::new(&dir, Duration::from_secs(60), 10_000),
+        KeepStore::new(&dir, Duration::from_secs(60), 10_000),
+    );
+    // A -> B: both record.
+    let (rec_a, rec_b) = (
+        store_a.recorder("vm").unwrap(),
+        store_b.recorder("vm").unwrap(),
+    );
+    let mut p = Planner::new(ring);
+    p.set_keep(Some(rec_a.clone()), None);
+    let mut r = Rebuilder::new(ring);
+    r.set_keep(Some(rec_b.clone()), None);
+    let mut first = 0;
+    for it in &iters[..2] {
+        first += plan_and_rebuild(&mut p, &mut r, &pass(it), 64 << 10);
+    }
+    rec_a.finish();
+    rec_b.finish();
+    assert!(store_a.wait_sealed(Duration::from_secs(10)));
+    assert!(store_b.wait_sealed(Duration::from_secs(10)));
+    let (copy_a, copy_b) = (store_a.get("vm").unwrap(), store_b.get("vm").unwrap());
+    assert_eq!(
+        copy_a.hashes(),
+        copy_b.hashes(),
+        "both ends kept the same pages"
+    );
+    // B -> A, the guest having rewritten one page in ten since.
+    let mut rng = StdRng::seed_from_u64(22);
+    let mut now = iters[1].clone();
+    for p in now.iter_mut().step_by(10) {
+        *p = random_bytes(&mut rng, PAGE_SIZE);
+    }
+    let back = pass(&now);
+    let has = Arc::new(OnceLock::new());
+    has.set(PeerHas::from_hashes(copy_a.hashes())).unwrap();
+    let mut p2 = Planner::new(ring);
+    p2.set_keep(None, Some(has));
+    let mut r2 = Rebuilder::new(ring);
+    r2.set_keep(None, Some(copy_a.clone()));
+    let second = plan_and_rebuild(&mut p2, &mut r2, &back, 64 << 10);
+    let st = p2.stats();
+    let unchanged = now
+        .iter()
+        .zip(&iters[1])
+        .filter(|(a, b)| a == b && a.iter().any(|&x| x != 0))
+        .count() as u64;
+    // Pages that straddle two frames are not seen as pages.
+    let straddling = now.len() as u64 - st.pages_seen;
+    assert!(
+        st.pages_kept + straddling >= unchanged,
+        "{st:?}, {unchanged} unchanged"
+    );
+    // The same pass without the copy, for scale.
+    let mut p3 = Planner::new(ring);
+    let mut r3 = Rebuilder::new(ring);
+    let cold = plan_and_rebuild(&mut p3, &mut r3, &back, 64 << 10);
+    assert!(
+        second * 4 < cold,
+        "return {second} B, cold {cold} B, first {first} B"
+    );
+}
+
+/// A HAVE reference this end cannot honour fails with its reason, and a
+/// kept page changed on disk is never delivered.
+#[test]
+fn bad_have_references_are_refused() {
+    use keep::{KeptCopy, PeerHas};
+    use std::sync::{Arc, OnceLock};
+    let dir = std::env::temp_dir();
+    let mut rng = StdRng::seed_from_u64(5);
+    let pages: Vec<Vec<u8>> = (0..8).map(|_| random_bytes(&mut rng, PAGE_SIZE)).collect();
+    let copy = Arc::new(KeptCopy::from_pages(&dir, &pages.concat()).unwrap());
+    let s = pass(&pages);
+    let has = Arc::new(OnceLock::new());
+    has.set(PeerHas::from_hashes(copy.hashes())).unwrap();
+    let mut p = Planner::new(64 * PAGE_SIZE);
+    p.set_keep(None, Some(has));
+    let mut plan = Vec::new();
+    p.plan(&s, &mut plan);
+    assert_eq!(p.stats().pages_kept, 8);
+    let mut out = Vec::new();
+    // A receiver that announced nothing.
+    let mut r = Rebuilder::new(64 * PAGE_SIZE);
+    let e = r.rebuild(&plan, s.len(), &mut out).unwrap_err();
+    assert!(matches!(e, CodecError::NoKeptCopy { idx: 0 }), "{e}");
+    // A receiver that announced fewer pages than referenced.
+    let short = Arc::new(KeptCopy::from_pages(&dir, &pages[..3].concat()).unwrap());
+    let mut r = Rebuilder::new(64 * PAGE_SIZE);
+    r.set_keep(None, Some(short));
+    let e = r.rebuild(&plan, s.len(), &mut out).unwrap_err();
+    assert!(
+        matches!(e, CodecError::KeptOutOfRange { idx: 3, len: 3 }),
+        "{e}"
+    );
+    // A copy changed on disk after it was announced.
+    copy.corrupt_page(6).unwrap();
+    let mut r = Rebuilder::new(64 * PAGE_SIZE);
+    r.set_keep(None, Some(copy));
+    let e = r.rebuild(&plan, s.len(), &mut out).unwrap_err();
+    assert!(matches!(e, CodecError::KeptCorrupt { idx: 6 }), "{e}");
+    assert!(
+        out.len() <= 6 * (PAGE_SIZE + 8) + 16,
+        "page 6 not delivered"
+    );
 }
