@@ -250,6 +250,11 @@ pub struct Reply {
 /// responder's rebuilder understands them.
 pub const FLAG_DELTA: u8 = 0x01;
 
+/// Hello/reply flag: re-migration ([`crate::codec::keep`]). The initiator
+/// may send HAVE plan ops and reads HAVE frames; the responder may announce
+/// a kept copy of the guest in HAVE frames.
+pub const FLAG_KEEP: u8 = 0x02;
+
 fn read_exact_or(r: &mut impl Read, buf: &mut [u8], what: &'static str) -> Result<(), WireError> {
     let mut got = 0;
     while got < buf.len() {
@@ -483,6 +488,11 @@ pub enum Kind {
     /// number of channels the session had. The responder completes once its
     /// side of each of them is finished too, then both close the streams.
     Close = 6,
+    /// Responder only, with [`FLAG_KEEP`]: part of the list of pages the
+    /// responder kept from an earlier migration of this guest. The payload
+    /// is SHA-256 digests (32 bytes each), `seq` the index of the first,
+    /// `len` the list's length; frames may arrive on any stream.
+    Have = 7,
 }
 
 /// A frame header, 32 bytes on the wire:
@@ -576,6 +586,16 @@ impl FrameHeader {
         FrameHeader::control(Kind::Close, 0, channels, 0)
     }
 
+    /// Hashes `first..` of an announcement of `total` kept pages
+    /// (`payload`: 32-byte SHA-256 digests).
+    pub fn have(total: u32, first: u64, payload: &[u8]) -> FrameHeader {
+        FrameHeader {
+            wire_len: payload.len() as u32,
+            payload_crc: crc32c::crc32c(payload),
+            ..FrameHeader::control(Kind::Have, 0, total, first)
+        }
+    }
+
     /// The sender gives up; `reason` (at most [`MAX_ABORT_LEN`] bytes) is
     /// the payload.
     pub fn abort(reason: &[u8]) -> FrameHeader {
@@ -630,11 +650,12 @@ impl FrameHeader {
             4 => Kind::Ping,
             5 => Kind::Abort,
             6 => Kind::Close,
+            7 => Kind::Have,
             k => {
                 return Err(WireError::Field {
                     field: "frame kind",
                     value: k as u64,
-                    allowed: "1..=6",
+                    allowed: "1..=7",
                 })
             }
         };
@@ -745,6 +766,32 @@ impl FrameHeader {
             Kind::Abort => {
                 if h.wire_len as usize > MAX_ABORT_LEN || h.plan_len != 0 {
                     return field("abort reason length", h.wire_len as u64, "0..=1024");
+                }
+            }
+            Kind::Have => {
+                let max = crate::codec::keep::HAVE_CHUNK * 32;
+                if h.wire_len == 0
+                    || h.wire_len as u64 > max
+                    || !h.wire_len.is_multiple_of(32)
+                    || h.plan_len != 0
+                    || h.codec != 0
+                    || h.channel != 0
+                {
+                    return field(
+                        "HAVE frame length",
+                        h.wire_len as u64,
+                        "1..=8192 whole 32-byte hashes, no plan, codec or channel",
+                    );
+                }
+                if h.len == 0
+                    || h.len as u64 > crate::codec::keep::MAX_KEEP_PAGES
+                    || h.seq >= h.len as u64
+                {
+                    return field(
+                        "HAVE announcement",
+                        h.len as u64,
+                        "1..=1048576 pages, the frame's first index below it",
+                    );
                 }
             }
         }

@@ -43,7 +43,8 @@ impl Session {
         } else {
             0
         };
-        let own_flags = if cfg.delta { wire::FLAG_DELTA } else { 0 };
+        let own_flags = if cfg.delta { wire::FLAG_DELTA } else { 0 }
+            | if cfg.keep.is_some() { wire::FLAG_KEEP } else { 0 };
         // One snapshot of the credentials for every stream of the session.
         let creds = cfg.tls.credentials().map_err(|source| SessionError::Tls {
             index: 0,
@@ -170,7 +171,7 @@ impl Session {
             name,
             cfg.clone(),
             (window, ring, if ring > 0 { spill } else { 0 }, version),
-            flags & wire::FLAG_DELTA != 0 && ring > 0,
+            flags,
             streams,
             None,
             None,
@@ -532,6 +533,11 @@ impl Acceptor {
             hello.flags & wire::FLAG_DELTA
         } else {
             0
+        } | match &self.cfg.keep {
+            // Granted only with a copy to announce: the initiator then waits
+            // for the announcement before its first page.
+            Some(k) if k.get(&hello.name).is_some() => hello.flags & wire::FLAG_KEEP,
+            _ => 0,
         };
         stream
             .write_all(
@@ -569,7 +575,7 @@ impl Acceptor {
                 &hello.name,
                 cfg,
                 (window, ring, spill, version),
-                flags != 0 && ring > 0,
+                flags,
                 streams,
                 Some(target),
                 gate,

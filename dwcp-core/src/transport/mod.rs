@@ -111,6 +111,10 @@ pub struct TransportConfig {
     pub connect_timeout: Duration,
     /// Link samples and the mode detector ([`crate::adapt`]).
     pub adapt: crate::adapt::AdaptConfig,
+    /// Kept copies of guests for re-migration ([`crate::codec::keep`]):
+    /// a session records what it moves into it, and a destination announces
+    /// the copy it holds of the incoming guest. None: neither.
+    pub keep: Option<std::sync::Arc<crate::codec::keep::KeepStore>>,
 }
 
 impl Default for TransportConfig {
@@ -136,6 +140,7 @@ impl Default for TransportConfig {
             idle_timeout: Duration::from_secs(15),
             connect_timeout: Duration::from_secs(10),
             adapt: crate::adapt::AdaptConfig::default(),
+            keep: None,
         }
     }
 }

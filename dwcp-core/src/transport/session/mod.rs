@@ -27,7 +27,7 @@ use std::collections::HashMap;
 use std::net::{Shutdown, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -40,6 +40,7 @@ use super::budget::{self, SessionBudget};
 use super::gate::CutoverGate;
 use super::link::{Link, TxStream};
 use super::TransportConfig;
+use crate::codec::keep::{HaveCollector, KeptCopy, PeerHas, Recorder, HAVE_CHUNK};
 use crate::codec::Tier;
 
 mod adapt;
@@ -93,6 +94,7 @@ struct Counters {
     pages_seen: AtomicU64,
     pages_deduped: AtomicU64,
     pages_missed_dups: AtomicU64,
+    pages_kept: AtomicU64,
     pages_resent: AtomicU64,
     pages_delta: AtomicU64,
     resent_lz4_full: AtomicU64,
@@ -125,6 +127,8 @@ struct Inner {
     spill_pages: u64,
     /// Deltas of re-sent pages (as agreed in the hello).
     delta: bool,
+    /// Re-migration: the copy being recorded, what the peer announced.
+    keep: KeepState,
     /// What the session's channels and the rings the peer fills may take
     /// ([`budget`]).
     budget: SessionBudget,
@@ -267,11 +271,100 @@ fn hex(id: &[u8; 16]) -> String {
     id.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// A session's part in re-migration ([`crate::codec::keep`]).
+struct KeepState {
+    /// The copy of what this session moves (both roles, when the host
+    /// keeps copies and pages are planned).
+    recorder: Option<Arc<Recorder>>,
+    /// Initiator, when agreed: what the destination announced (set once
+    /// every HAVE frame arrived), and the frames so far.
+    peer_has: Option<Arc<OnceLock<PeerHas>>>,
+    collector: Mutex<HaveCollector>,
+    /// Responder, when agreed: the kept copy of this guest it announces.
+    announced: Option<Arc<KeptCopy>>,
+    /// Initiator: stopped waiting for the announcement.
+    gave_up: AtomicBool,
+}
+
+/// Longest an initiator holds its first pages back for the destination's
+/// announcement (4 MiB per 128 Ki pages kept: a third of a second at
+/// 100 Mbit/s).
+const ANNOUNCE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl KeepState {
+    fn new(cfg: &TransportConfig, role: Role, name: &str, agreed: bool) -> KeepState {
+        let store = cfg.keep.as_ref().filter(|_| cfg.dedup_cache_mb > 0);
+        let announced = match (role, agreed, store) {
+            (Role::Responder, true, Some(s)) => s.get(name),
+            _ => None,
+        };
+        KeepState {
+            recorder: store.and_then(|s| s.recorder(name)),
+            peer_has: (role == Role::Initiator && agreed).then(|| Arc::new(OnceLock::new())),
+            collector: Mutex::new(HaveCollector::default()),
+            announced,
+            gave_up: AtomicBool::new(false),
+        }
+    }
+
+    /// Initiator: when the destination agreed to announce kept pages, waits
+    /// (once, at most [`ANNOUNCE_WAIT`] from the session's start) until the
+    /// announcement is complete, so that the first pages can refer to it.
+    fn wait_announcement(&self, inner: &Inner) {
+        let Some(h) = &self.peer_has else {
+            return;
+        };
+        if h.get().is_some() || self.gave_up.load(Ordering::Relaxed) {
+            return;
+        }
+        let deadline = inner.life.started + ANNOUNCE_WAIT;
+        while h.get().is_none() && Instant::now() < deadline && !is_down(inner) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        if h.get().is_none() && !self.gave_up.swap(true, Ordering::Relaxed) {
+            warn!(name = %inner.name, "re-migration: the destination's list of kept pages did not arrive within {} s; pages go in full", ANNOUNCE_WAIT.as_secs());
+        }
+    }
+}
+
+/// Responder: sends the list of the pages it kept of this guest (HAVE
+/// frames, [`HAVE_CHUNK`] hashes each) ahead of anything else it sends.
+fn announce(inner: &Inner, copy: &KeptCopy) {
+    let hashes = copy.hashes();
+    info!(name = %inner.name, pages = hashes.len(), "re-migration: announcing the pages kept from an earlier migration of this guest");
+    for (k, chunk) in hashes.chunks(HAVE_CHUNK as usize).enumerate() {
+        let payload = chunk.concat();
+        let h = crate::wire::FrameHeader::have(
+            hashes.len() as u32,
+            k as u64 * HAVE_CHUNK,
+            &payload,
+        );
+        inner.queues.inflight.fetch_add(1, Ordering::AcqRel);
+        if inner
+            .queues
+            .frame_tx
+            .send(Outgoing::Frame(h, payload))
+            .is_err()
+        {
+            inner.queues.inflight.fetch_sub(1, Ordering::AcqRel);
+            return;
+        }
+    }
+}
+
 impl Inner {
     /// The receiving end of a channel's dedup ring (and spill file, as
     /// agreed): an error when the spill file cannot be created, since the
     /// peer may refer to pages in it.
     fn rebuilder(&self) -> std::io::Result<crate::codec::Rebuilder> {
+        let mut r = self.rebuilder_ring()?;
+        if self.role == Role::Responder {
+            r.set_keep(self.keep.recorder.clone(), self.keep.announced.clone());
+        }
+        Ok(r)
+    }
+
+    fn rebuilder_ring(&self) -> std::io::Result<crate::codec::Rebuilder> {
         crate::codec::Rebuilder::with_spill(self.ring_bytes, self.spill_pages, &self.cfg.spill_dir)
             .map_err(|e| {
                 std::io::Error::new(
@@ -293,7 +386,7 @@ impl Session {
         name: &str,
         cfg: TransportConfig,
         (window, ring_pages, spill_pages, version): (u32, u32, u32, u16),
-        delta: bool,
+        flags: u8,
         links: Vec<Link>,
         target: Option<Target>,
         gate: Option<Arc<dyn CutoverGate>>,
@@ -327,6 +420,8 @@ impl Session {
         };
         let started = Instant::now();
         let adapt_cfg = cfg.adapt.clone();
+        let delta = flags & crate::wire::FLAG_DELTA != 0 && ring_pages > 0;
+        let keep = KeepState::new(&cfg, role, name, flags & crate::wire::FLAG_KEEP != 0 && ring_pages > 0);
         let inner = Arc::new(Inner {
             id,
             name: name.to_string(),
@@ -336,6 +431,7 @@ impl Session {
             ring_bytes: ring_pages as usize * crate::codec::PAGE_SIZE,
             spill_pages: spill_pages as u64,
             delta,
+            keep,
             budget: SessionBudget::new(
                 cfg.session_memory.saturating_sub(budget::fixed_bytes(
                     n as u64,
@@ -403,6 +499,10 @@ impl Session {
         }
         let inner = sess.inner.clone();
         sess.spawn("dwcp-watch".into(), move || watchdog::watchdog(inner));
+        if let Some(copy) = sess.inner.keep.announced.clone() {
+            let inner = sess.inner.clone();
+            sess.spawn("dwcp-have".into(), move || announce(&inner, &copy));
+        }
         sess
     }
 
@@ -534,6 +634,13 @@ impl Session {
                 ring_bytes: i.ring_bytes,
                 spill_pages: i.spill_pages,
                 delta: i.delta,
+                keep: KeepState {
+                    recorder: None,
+                    peer_has: None,
+                    collector: Mutex::new(HaveCollector::default()),
+                    announced: None,
+                    gave_up: AtomicBool::new(false),
+                },
                 budget: SessionBudget::new(0, 0),
                 target: None,
                 gate: None,
@@ -712,6 +819,9 @@ fn check_complete(inner: &Inner) {
         if !inner.life.complete.swap(true, Ordering::AcqRel) {
             *inner.life.ended.lock() = Some(Instant::now());
             info!(name = %inner.name, session = %hex(&inner.id), "session completed");
+            if let Some(r) = &inner.keep.recorder {
+                r.finish();
+            }
         }
         // Both ends are done with every channel; close our QEMU sockets fully.
         for c in chans.values() {

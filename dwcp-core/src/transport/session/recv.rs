@@ -105,6 +105,7 @@ fn handle_frame(
         Kind::Close => on_close(inner, h),
         Kind::Abort => on_abort(r, h, payload),
         Kind::Window => on_window(inner, h),
+        Kind::Have => on_have(inner, r, h, payload),
         Kind::Data => {
             // The frame's raw bytes count against the window before its
             // payload is read and decoded: what a reader holds is always
@@ -145,6 +146,36 @@ fn on_abort(r: &mut impl Read, h: &FrameHeader, payload: &mut Vec<u8>) -> Result
     Err(FailReason::PeerAborted(
         String::from_utf8_lossy(payload).into_owned(),
     ))
+}
+
+/// Part of the destination's list of kept pages (re-migration): once all
+/// of it arrived, the planners refer to those pages.
+fn on_have(
+    inner: &Inner,
+    r: &mut impl Read,
+    h: &FrameHeader,
+    payload: &mut Vec<u8>,
+) -> Result<(), FailReason> {
+    let Some(has) = &inner.keep.peer_has else {
+        return Err(protocol(
+            "HAVE frame, but no kept pages were agreed for this session".into(),
+        ));
+    };
+    wire::read_payload(r, h, payload).map_err(|e| protocol(e.to_string()))?;
+    let done = inner
+        .keep
+        .collector
+        .lock()
+        .add(h.len as u64, h.seq, payload)
+        .map_err(protocol)?;
+    if let Some(list) = done {
+        let pages = list.len();
+        if has.set(list).is_err() {
+            return Err(protocol("a second HAVE announcement".into()));
+        }
+        info!(name = %inner.name, pages, "re-migration: the destination holds pages of this guest from an earlier migration; they go as references");
+    }
+    Ok(())
 }
 
 /// Credit from the peer: retires sent frames and wakes the channel's sender.

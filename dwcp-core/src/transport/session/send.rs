@@ -68,6 +68,9 @@ impl FrameSender {
         };
         let mut planner = planner;
         planner.set_delta(inner.delta && inner.role == super::Role::Initiator);
+        if inner.role == super::Role::Initiator {
+            planner.set_keep(inner.keep.recorder.clone(), inner.keep.peer_has.clone());
+        }
         let last = planner.stats();
         FrameSender {
             planner,
@@ -177,6 +180,7 @@ impl FrameSender {
         let seq = self.account(inner, ch, n);
         ch.unencoded.fetch_add(n as u64, Ordering::Relaxed);
         let mut plan = Vec::with_capacity(n + 64);
+        inner.keep.wait_announcement(inner);
         self.planner.plan(&data, &mut plan);
         self.buf = data;
         let st = self.planner.stats();
@@ -193,6 +197,8 @@ impl FrameSender {
             st.pages_missed_dups - self.last.pages_missed_dups,
             Ordering::Relaxed,
         );
+        c.pages_kept
+            .fetch_add(st.pages_kept - self.last.pages_kept, Ordering::Relaxed);
         let ds = self.planner.new_delta_stats();
         c.pages_resent.fetch_add(ds.pages_resent, Ordering::Relaxed);
         c.pages_delta.fetch_add(ds.pages_delta, Ordering::Relaxed);

@@ -98,6 +98,9 @@ pub struct SessionStats {
     /// the dedup ring by then (a measurement: what a content store holding
     /// everything sent would have saved).
     pub pages_missed_dups: u64,
+    /// Pages sent as references to the destination's kept copy of the
+    /// guest (re-migration, docs/hde.md).
+    pub pages_kept: u64,
     /// Pages sent again after their content changed, whose previous
     /// version the peer still held (delta candidates; 0 without deltas).
     pub pages_resent: u64,
@@ -237,6 +240,7 @@ impl Session {
             pages_seen: c.pages_seen.load(Ordering::Relaxed),
             pages_deduped: c.pages_deduped.load(Ordering::Relaxed),
             pages_missed_dups: c.pages_missed_dups.load(Ordering::Relaxed),
+            pages_kept: c.pages_kept.load(Ordering::Relaxed),
             pages_resent: c.pages_resent.load(Ordering::Relaxed),
             pages_delta: c.pages_delta.load(Ordering::Relaxed),
             resent_lz4_full: c.resent_lz4_full.load(Ordering::Relaxed),
