@@ -99,6 +99,9 @@ pub struct AgentSection {
     pub routes: Option<Vec<String>>,
     pub max_dedup_cache_mb: Option<u32>,
     pub max_sessions: Option<u16>,
+    /// `--keep-mb`, `--keep-s`: kept copies for re-migration.
+    pub keep_mb: Option<u64>,
+    pub keep_s: Option<u64>,
     pub gate_timeout_ms: Option<u64>,
     pub shutdown_grace_s: Option<u64>,
     /// `--nova-ingress`: where redirected Nova connections are accepted.

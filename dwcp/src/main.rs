@@ -242,6 +242,16 @@ struct AgentArgs {
     /// (docs/protocol.md) [default: 16] [1..=1024].
     #[arg(long, env = "DWCP_MAX_SESSIONS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     max_sessions: Option<u16>,
+    /// Re-migration (docs/hde.md): the distinct pages of each guest this
+    /// agent sends or receives are kept, up to this many MiB per guest (in
+    /// unlinked files in --spill-dir), so that the guest coming back costs
+    /// only what changed; 0 keeps nothing [default: 2048].
+    #[arg(long, env = "DWCP_KEEP_MB")]
+    keep_mb: Option<u64>,
+    /// How long a kept copy stays after its migration, seconds
+    /// [default: 600].
+    #[arg(long, env = "DWCP_KEEP_S")]
+    keep_s: Option<u64>,
     /// Cutover gate of gated incoming migrations (libvirt hook): how long to
     /// keep trying to commit the ownership transfer before the migration
     /// fails and the guest stays on the source, ms [default: 5000].
@@ -540,6 +550,21 @@ fn run_agent(mut a: AgentArgs, config: Option<&std::path::Path>) -> Result<()> {
         .max_dedup_cache_mb
         .or(fa.max_dedup_cache_mb)
         .unwrap_or(1024);
+    let keep_mb = a.keep_mb.or(fa.keep_mb).unwrap_or(2048);
+    let keep_s = a.keep_s.or(fa.keep_s).unwrap_or(600);
+    if keep_mb > dwcp_core::codec::keep::MAX_KEEP_PAGES * 4 / 1024 {
+        return Err(usage(format!(
+            "--keep-mb {keep_mb} is out of range: 0..={}",
+            dwcp_core::codec::keep::MAX_KEEP_PAGES * 4 / 1024
+        )));
+    }
+    if keep_mb > 0 {
+        transport.keep = Some(dwcp_core::codec::keep::KeepStore::new(
+            &transport.spill_dir,
+            std::time::Duration::from_secs(keep_s),
+            keep_mb << 8,
+        ));
+    }
     let max_sessions = match a.max_sessions.or(fa.max_sessions) {
         Some(n) if !(1..=1024).contains(&n) => {
             anyhow::bail!("max_sessions = {n} is out of range: 1..=1024")
