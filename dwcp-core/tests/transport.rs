@@ -780,7 +780,10 @@ fn a_guest_migrating_back_sends_only_what_changed() {
     assert!(store_b.wait_sealed(Duration::from_secs(10)));
     let kept = store_a.get("spill-vm").expect("A kept the guest it sent");
     assert!(kept.len() >= n * 9 / 10, "{} pages kept", kept.len());
-    assert_eq!(store_b.get("spill-vm").expect("B kept it").hashes(), kept.hashes());
+    assert_eq!(
+        store_b.get("spill-vm").expect("B kept it").hashes(),
+        kept.hashes()
+    );
     // One page in ten rewritten on B since.
     let gens: Vec<u64> = (0..n).map(|i| u64::from(i % 10 == 0)).collect();
     let back = one_channel(on(&store_b), on(&store_a), pages_of(&gens));

@@ -43,6 +43,10 @@ pub type PageHash = [u8; 32];
 /// 48 bytes per page (48 MiB at this bound).
 pub const MAX_KEEP_PAGES: u64 = 1 << 20;
 
+/// Most copies a host keeps at once (each holds a file descriptor); the
+/// oldest goes first.
+pub const MAX_COPIES: usize = 8;
+
 /// Pages written to a recorder's file at once.
 const WRITE_BATCH: usize = 64;
 
@@ -163,7 +167,7 @@ impl std::fmt::Debug for KeepStore {
 impl KeepStore {
     /// A store whose files go in `dir` (unlinked), kept `ttl` after the
     /// session that made them, at most `max_pages` pages per copy (and in
-    /// all copies together twice that).
+    /// all copies together twice that), at most [`MAX_COPIES`] copies.
     pub fn new(dir: &Path, ttl: Duration, max_pages: u64) -> Arc<KeepStore> {
         Arc::new(KeepStore {
             dir: dir.to_path_buf(),
@@ -235,11 +239,11 @@ impl KeepStore {
     }
 
     /// Drops the oldest copies while all of them hold more than twice the
-    /// per-copy bound.
+    /// per-copy bound, or there are more than [`MAX_COPIES`].
     fn evict(&self, c: &mut HashMap<String, Arc<KeptCopy>>) {
         loop {
             let total: u64 = c.values().map(|k| k.len() as u64).sum();
-            if total <= 2 * self.max_pages {
+            if total <= 2 * self.max_pages && c.len() <= MAX_COPIES {
                 return;
             }
             let Some(oldest) = c
@@ -558,6 +562,16 @@ mod tests {
         }
         assert!(store.get("big").is_none(), "oldest evicted");
         assert!(store.get("b").is_some() && store.get("c").is_some());
+        // At most MAX_COPIES copies, however small.
+        let big = KeepStore::new(&dir, Duration::from_secs(60), 1000);
+        for k in 0..MAX_COPIES + 3 {
+            big.insert(
+                &format!("g{k}"),
+                KeptCopy::from_pages(&dir, &page(k as u64)).unwrap(),
+            );
+        }
+        assert_eq!(big.usage().0, MAX_COPIES);
+        assert!(big.get("g0").is_none() && big.get(&format!("g{}", MAX_COPIES + 2)).is_some());
         std::thread::sleep(Duration::from_millis(350));
         assert!(store.get("b").is_none(), "expired");
         assert_eq!(store.usage(), (0, 0));

@@ -44,7 +44,11 @@ impl Session {
             0
         };
         let own_flags = if cfg.delta { wire::FLAG_DELTA } else { 0 }
-            | if cfg.keep.is_some() { wire::FLAG_KEEP } else { 0 };
+            | if cfg.keep.is_some() {
+                wire::FLAG_KEEP
+            } else {
+                0
+            };
         // One snapshot of the credentials for every stream of the session.
         let creds = cfg.tls.credentials().map_err(|source| SessionError::Tls {
             index: 0,

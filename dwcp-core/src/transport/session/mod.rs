@@ -334,11 +334,8 @@ fn announce(inner: &Inner, copy: &KeptCopy) {
     info!(name = %inner.name, pages = hashes.len(), "re-migration: announcing the pages kept from an earlier migration of this guest");
     for (k, chunk) in hashes.chunks(HAVE_CHUNK as usize).enumerate() {
         let payload = chunk.concat();
-        let h = crate::wire::FrameHeader::have(
-            hashes.len() as u32,
-            k as u64 * HAVE_CHUNK,
-            &payload,
-        );
+        let h =
+            crate::wire::FrameHeader::have(hashes.len() as u32, k as u64 * HAVE_CHUNK, &payload);
         inner.queues.inflight.fetch_add(1, Ordering::AcqRel);
         if inner
             .queues
@@ -421,7 +418,12 @@ impl Session {
         let started = Instant::now();
         let adapt_cfg = cfg.adapt.clone();
         let delta = flags & crate::wire::FLAG_DELTA != 0 && ring_pages > 0;
-        let keep = KeepState::new(&cfg, role, name, flags & crate::wire::FLAG_KEEP != 0 && ring_pages > 0);
+        let keep = KeepState::new(
+            &cfg,
+            role,
+            name,
+            flags & crate::wire::FLAG_KEEP != 0 && ring_pages > 0,
+        );
         let inner = Arc::new(Inner {
             id,
             name: name.to_string(),
