@@ -799,3 +799,48 @@ fn a_guest_migrating_back_sends_only_what_changed() {
     assert_eq!(cold.pages_kept, 0, "{cold:?}");
     assert!(cold.wire_out > back.wire_out * 4, "{cold:?}");
 }
+
+/// A kept copy that changed on disk after the destination announced it:
+/// the session fails naming the page, and nothing of the frame that
+/// referred to it reaches the destination's QEMU socket.
+#[test]
+fn a_kept_copy_changed_on_disk_fails_the_session_named() {
+    use dwcp_core::codec::keep::{KeepStore, KeptCopy};
+    let dir = std::env::temp_dir();
+    let n = 64;
+    let data = pages_of(&vec![0; n]);
+    let pages: Vec<u8> = data
+        .chunks_exact(4096 + 8)
+        .flat_map(|r| r[8..].to_vec())
+        .collect();
+    let store_a = KeepStore::new(&dir, Duration::from_secs(60), 1000);
+    store_a.insert("spill-vm", KeptCopy::from_pages(&dir, &pages).unwrap());
+    store_a.get("spill-vm").unwrap().corrupt_page(5).unwrap();
+    let store_b = KeepStore::new(&dir, Duration::from_secs(60), 1000);
+    let on = |k: &std::sync::Arc<KeepStore>| TransportConfig {
+        dedup_cache_mb: 4,
+        keep: Some(k.clone()),
+        ..cfg(1, Tier::Lz4)
+    };
+    let r = responder(on(&store_a));
+    let sess = Session::connect(&on(&store_b), "spill-vm", r.addr).unwrap();
+    let (ours, qemu_src) = UnixStream::pair().unwrap();
+    sess.add_local_channel(ours).unwrap();
+    let mut w = qemu_src.try_clone().unwrap();
+    let d = data.clone();
+    let writer = thread::spawn(move || {
+        let _ = w.write_all(&d);
+        let _ = w.shutdown(Shutdown::Write);
+    });
+    let e = sess.wait().unwrap_err().to_string();
+    assert!(e.contains("kept page 5 differs"), "{e}");
+    writer.join().unwrap();
+    // What the destination's QEMU got, if anything: a prefix, never page 5.
+    if let Ok((_, mut qemu_dst)) = r.ends.recv_timeout(Duration::from_secs(2)) {
+        let mut got = Vec::new();
+        let _ = qemu_dst.set_read_timeout(Some(Duration::from_secs(2)));
+        let _ = qemu_dst.read_to_end(&mut got);
+        assert!(got.len() <= 5 * (4096 + 8), "{} bytes delivered", got.len());
+        assert!(got == data[..got.len()]);
+    }
+}
