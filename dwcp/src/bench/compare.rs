@@ -132,7 +132,7 @@ impl CompareArgs {
 }
 
 #[derive(Debug, Clone)]
-enum Kind {
+pub(super) enum Kind {
     Native(MigrationSetup),
     Dwcp {
         codec: Option<String>,
@@ -170,7 +170,7 @@ fn multifd_of(name: &str) -> Option<u32> {
 /// `tls-creds-x509` with the lab's PKI); `+insecure` on DWCP's (clear text:
 /// a second agent pair started with `--insecure`, or `insecure=1` in the
 /// `dwcp:` URI). DWCP is TLS-encrypted otherwise, QEMU's transports clear.
-fn contender(full: &str) -> Result<Kind> {
+pub(super) fn contender(full: &str) -> Result<Kind> {
     if let Some(base) = full.strip_suffix("+tls") {
         return match contender(base)? {
             Kind::Native(mut s) => {

@@ -10,6 +10,7 @@ mod consensus;
 mod floor;
 mod handshake;
 mod micro;
+mod remigrate;
 pub(crate) mod report;
 mod schema;
 mod tiers;
@@ -58,6 +59,10 @@ enum BenchCmd {
     /// Bandwidth predictors on the FCC test traces: MAE, RMSE, R² (next
     /// second and 5-s mean), inference latency p50/p99, model size.
     Pba(crate::pba::BenchPbaArgs),
+    /// A guest migrated to the other host and, after a while there, back:
+    /// both trips' time and bytes per contender (DWCP's way back sends
+    /// only what the first host did not keep), every trip verified.
+    Remigrate(remigrate::RemigrateArgs),
     /// The whole suite with small defaults (compare on dc and internet,
     /// hde, amst, consensus) and one report.
     Run(RunArgs),
@@ -129,6 +134,22 @@ pub fn run(a: BenchArgs) -> Result<()> {
         println!("results: {}", h.out.output.join("handshake.json").display());
         return Ok(());
     }
+    if let BenchCmd::Remigrate(r) = &a.cmd {
+        let n = (r.contenders.len() * r.repeat) as u64;
+        let p = Progress::new(n, n);
+        let s = remigrate::run(r, cmdline.join(" "), &p)?;
+        p.finish();
+        let t = remigrate::summary(&s);
+        print!("{t}");
+        std::fs::create_dir_all(&r.out.output)?;
+        std::fs::write(r.out.output.join("remigrate.md"), &t)?;
+        std::fs::write(
+            r.out.output.join("remigrate.json"),
+            serde_json::to_string_pretty(&s)?,
+        )?;
+        println!("results: {}", r.out.output.join("remigrate.json").display());
+        return Ok(());
+    }
     if let BenchCmd::Floor(f) = &a.cmd {
         floor::run(f)?;
         return Ok(());
@@ -191,7 +212,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             suite(&r, &mut res)?;
             r.out.output.clone()
         }
-        BenchCmd::Handshake(_) | BenchCmd::Floor(_) | BenchCmd::Pba(_) => {
+        BenchCmd::Handshake(_) | BenchCmd::Floor(_) | BenchCmd::Pba(_) | BenchCmd::Remigrate(_) => {
             unreachable!("handled above")
         }
     };
