@@ -37,6 +37,9 @@ pub struct GuestSpec {
     /// Another initramfs for the test guest (`$DWCP_GUEST_INITRD`; e.g.
     /// scripts/real-files-initrd.sh: the test guest plus real files).
     pub initrd: Option<PathBuf>,
+    /// The workload rewrites only the first MiB of its fill (a hot set);
+    /// 0: the whole fill, in turn.
+    pub hot_mb: u64,
 }
 
 impl GuestSpec {
@@ -91,6 +94,7 @@ impl Default for GuestSpec {
             warmup_s: 20,
             qemu_bin: std::env::var("DWCP_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".into()),
             initrd: std::env::var_os("DWCP_GUEST_INITRD").map(PathBuf::from),
+            hot_mb: 0,
         }
     }
 }
@@ -133,10 +137,13 @@ impl Guest {
         let _ = std::fs::remove_file(&qmp_path);
         // no_timer_check: under TCG on a loaded host the kernel's IO-APIC
         // timer check can miss its ticks and panic at boot.
-        let append = format!(
+        let mut append = format!(
             "console=ttyS0 panic=-1 quiet no_timer_check dwcp.fill={} dwcp.dirty={} dwcp.seed={} dwcp.mix={}",
             spec.fill_mb, spec.dirty_mbps, spec.seed, spec.mix
         );
+        if spec.hot_mb > 0 {
+            append.push_str(&format!(" dwcp.hot={}", spec.hot_mb));
+        }
         let mut cmd = lab.topo.exec(ns, &spec.qemu_bin);
         if spec.qemu_bin != "qemu-system-x86_64" {
             // A build of our own (make qemu) carries no firmware: use the

@@ -4,6 +4,7 @@
  * In the guest (no arguments) it reads its knobs from /proc/cmdline:
  *   dwcp.fill=MiB  dwcp.dirty=MiB/s  dwcp.mix=realistic|random|zero|text
  *   dwcp.seed=N    dwcp.hb_ms=N      dwcp.sweep_ms=N
+ *   dwcp.hot=MiB   (rewrite only the first MiB of the fill: a hot set; 0 = all)
  * fills an anonymous mapping with deterministic, realistic page content,
  * then loops every 10 ms: rewrite the pages due at the dirty rate, verify a
  * slice of pages against a checksum table kept outside the fill area, and
@@ -55,6 +56,7 @@ struct config {
     uint64_t hb_ms;
     uint64_t sweep_ms; /* target time for one full verification sweep */
     int mix;
+    uint64_t hot_mb;   /* 0 = the dirty cursor sweeps the whole fill */
 };
 
 /* Per-page bookkeeping, allocated separately from the fill area. */
@@ -66,7 +68,7 @@ struct page_info {
     uint8_t reported; /* mismatch already printed */
 };
 
-static struct config cfg = {0, 0, 1, 100, 3000, MIX_REALISTIC};
+static struct config cfg = {0, 0, 1, 100, 3000, MIX_REALISTIC, 0};
 static uint8_t *area;           /* the fill area */
 static struct page_info *info;  /* checksum table etc. */
 static uint64_t npages;
@@ -467,6 +469,7 @@ static void parse_cmdline(const char *cl)
         else if (IS("hb_ms")) cfg.hb_ms = num ? num : 100;
         else if (IS("sweep_ms")) cfg.sweep_ms = num ? num : 3000;
         else if (IS("mix")) cfg.mix = parse_mix(val, vlen);
+        else if (IS("hot")) cfg.hot_mb = num;
         else out("DWCP-WARN unknown knob %.*s\n", (int)len, tok);
 #undef IS
     }
@@ -543,10 +546,13 @@ static uint64_t dirty_cursor, check_cursor, dirtied_pages, sweeps;
 
 static void dirty_pages(uint64_t n)
 {
+    uint64_t wrap = npages;
+    if (cfg.hot_mb && cfg.hot_mb * PAGES_PER_MIB < npages)
+        wrap = cfg.hot_mb * PAGES_PER_MIB;
     for (uint64_t k = 0; k < n; k++) {
         uint64_t i = dirty_cursor;
         write_page(i, info[i].gen + 1);
-        if (++dirty_cursor == npages)
+        if (++dirty_cursor >= wrap)
             dirty_cursor = 0;
     }
     dirtied_pages += n;
@@ -706,7 +712,7 @@ static int selftest(void)
 
 static void usage(void)
 {
-    out("usage: dwcp-workload [--cmdline STR] [--fill MiB] [--dirty MiB/s] [--mix M] [--seed N]\n"
+    out("usage: dwcp-workload [--cmdline STR] [--fill MiB] [--dirty MiB/s] [--hot MiB] [--mix M] [--seed N]\n"
         "                     [--hb-ms N] [--sweep-ms N] [--dump FILE | --selftest | --duration S]\n");
     exit(2);
 }
@@ -716,7 +722,7 @@ int main(int argc, char **argv)
     const char *dump_path = NULL;
     int do_selftest = 0, have_cmdline = 0;
     uint64_t duration = 0;
-    struct config over = {0, ~0ull, ~0ull, 0, 0, -1};
+    struct config over = {0, ~0ull, ~0ull, 0, 0, -1, ~0ull};
 
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -732,6 +738,7 @@ int main(int argc, char **argv)
         else if (!strcmp(a, "--hb-ms")) over.hb_ms = strtoull(v, NULL, 10);
         else if (!strcmp(a, "--sweep-ms")) over.sweep_ms = strtoull(v, NULL, 10);
         else if (!strcmp(a, "--mix")) over.mix = parse_mix(v, strlen(v));
+        else if (!strcmp(a, "--hot")) over.hot_mb = strtoull(v, NULL, 10);
         else if (!strcmp(a, "--duration")) duration = strtoull(v, NULL, 10);
         else usage();
     }
@@ -744,6 +751,7 @@ int main(int argc, char **argv)
     if (over.hb_ms) cfg.hb_ms = over.hb_ms;
     if (over.sweep_ms) cfg.sweep_ms = over.sweep_ms;
     if (over.mix >= 0) cfg.mix = over.mix;
+    if (over.hot_mb != ~0ull) cfg.hot_mb = over.hot_mb;
     if (do_selftest && !cfg.fill_mb)
         cfg.fill_mb = 8;
     choose_fill();
