@@ -354,3 +354,38 @@ fn delta_flag_travels_in_the_formerly_reserved_bytes() {
     let old = Reply { flags: 0, ..r }.encode();
     assert_eq!(Reply::read(&mut &old[..]).unwrap().flags, 0);
 }
+
+#[test]
+fn have_frames_are_checked_before_their_payload_is_read() {
+    use crate::codec::keep::{HAVE_CHUNK, MAX_KEEP_PAGES};
+    let payload = vec![7u8; 64];
+    let h = FrameHeader::have(100, 0, &payload);
+    assert_eq!(h.kind, Kind::Have);
+    assert_eq!(FrameHeader::decode(&h.encode(), 16).unwrap(), h);
+    let bad = |h: FrameHeader| {
+        FrameHeader::decode(&h.encode(), 16)
+            .unwrap_err()
+            .to_string()
+    };
+    // Not whole hashes, none, too many in one frame.
+    assert!(bad(FrameHeader { wire_len: 33, ..h }).contains("HAVE frame length"));
+    assert!(bad(FrameHeader { wire_len: 0, ..h }).contains("HAVE frame length"));
+    let too_long = (HAVE_CHUNK * 32 + 32) as u32;
+    assert!(bad(FrameHeader {
+        wire_len: too_long,
+        ..h
+    })
+    .contains("HAVE frame length"));
+    // A channel, a codec or a plan length where none belongs.
+    assert!(bad(FrameHeader { channel: 1, ..h }).contains("HAVE frame length"));
+    assert!(bad(FrameHeader { codec: 2, ..h }).contains("HAVE frame length"));
+    // An announcement of nothing, or past the bound, or a first index past it.
+    assert!(bad(FrameHeader { len: 0, ..h }).contains("HAVE announcement"));
+    let over = MAX_KEEP_PAGES as u32 + 1;
+    assert!(bad(FrameHeader { len: over, ..h }).contains("HAVE announcement"));
+    assert!(bad(FrameHeader { seq: 100, ..h }).contains("HAVE announcement"));
+    // The flag travels in the hello's and the reply's flag bytes.
+    let mut hh = hello();
+    hh.flags = crate::wire::FLAG_DELTA | crate::wire::FLAG_KEEP;
+    assert_eq!(Hello::read(&mut &hh.encode()[..]).unwrap().flags, 3);
+}
