@@ -798,6 +798,19 @@ fn a_guest_migrating_back_sends_only_what_changed() {
     let cold = one_channel(on(&store_b), cfg(2, Tier::Lz4), pages_of(&gens));
     assert_eq!(cold.pages_kept, 0, "{cold:?}");
     assert!(cold.wire_out > back.wire_out * 4, "{cold:?}");
+    // keep=0 on the source: neither end keeps anything of this migration.
+    let store_c = KeepStore::new(&dir, Duration::from_secs(60), 100_000);
+    let store_d = KeepStore::new(&dir, Duration::from_secs(60), 100_000);
+    let off = TransportConfig {
+        keep_copy: false,
+        ..on(&store_c)
+    };
+    one_channel(off, on(&store_d), pages_of(&gens));
+    assert!(
+        store_c.wait_sealed(Duration::from_secs(10))
+            && store_d.wait_sealed(Duration::from_secs(10))
+    );
+    assert_eq!((store_c.usage(), store_d.usage()), ((0, 0), (0, 0)));
 }
 
 /// A kept copy that changed on disk after the destination announced it:

@@ -44,7 +44,7 @@ impl Session {
             0
         };
         let own_flags = if cfg.delta { wire::FLAG_DELTA } else { 0 }
-            | if cfg.keep.is_some() {
+            | if cfg.keep.is_some() && cfg.keep_copy {
                 wire::FLAG_KEEP
             } else {
                 0
@@ -175,7 +175,7 @@ impl Session {
             name,
             cfg.clone(),
             (window, ring, if ring > 0 { spill } else { 0 }, version),
-            flags,
+            (flags, own_flags),
             streams,
             None,
             None,
@@ -579,7 +579,7 @@ impl Acceptor {
                 &hello.name,
                 cfg,
                 (window, ring, spill, version),
-                flags,
+                (flags, hello.flags),
                 streams,
                 Some(target),
                 gate,

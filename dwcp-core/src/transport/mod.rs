@@ -115,6 +115,9 @@ pub struct TransportConfig {
     /// a session records what it moves into it, and a destination announces
     /// the copy it holds of the incoming guest. None: neither.
     pub keep: Option<std::sync::Arc<crate::codec::keep::KeepStore>>,
+    /// This migration keeps a copy in [`Self::keep`] on both ends (asked in
+    /// the hello; `keep=0` turns it off for one route).
+    pub keep_copy: bool,
 }
 
 impl Default for TransportConfig {
@@ -141,6 +144,7 @@ impl Default for TransportConfig {
             connect_timeout: Duration::from_secs(10),
             adapt: crate::adapt::AdaptConfig::default(),
             keep: None,
+            keep_copy: true,
         }
     }
 }

@@ -285,6 +285,23 @@ pub const OPTIONS: &[TransportOption] = &[
         show: |c| if c.delta { "1" } else { "0" }.into(),
     },
     TransportOption {
+        name: "keep",
+        uri: Some("keep"),
+        control: Some("keep"),
+        allowed: "0 or 1",
+        help: "keep a copy of this guest's pages on both hosts, so that it migrating back later \
+               sends only what the host lacks (1, the default; the agents' --keep-mb bounds it)",
+        set: |c, v| {
+            c.keep_copy = match v {
+                "1" | "true" | "yes" | "on" => true,
+                "0" | "false" | "no" | "off" => false,
+                _ => return Err(()),
+            };
+            Ok(())
+        },
+        show: |c| if c.keep_copy { "1" } else { "0" }.into(),
+    },
+    TransportOption {
         name: "max-channels",
         uri: Some("max-channels"),
         control: Some("max_channels"),

@@ -77,7 +77,8 @@ pub struct CompareArgs {
     /// `tls-creds-x509` with the same PKI (e.g. `qemu-multifd+tls`).
     /// `+nospill` on an agent contender asks for no dedup spill file
     /// (docs/hde.md), e.g. `dwcp,dwcp+nospill` to see what it saves;
-    /// `+nodelta` for no deltas of re-sent pages (`dwcp,dwcp+nodelta`).
+    /// `+nodelta` for no deltas of re-sent pages (`dwcp,dwcp+nodelta`),
+    /// `+nokeep` for no kept copies for re-migration.
     #[arg(long, value_delimiter = ',', default_value = DEFAULT_CONTENDERS)]
     pub contenders: Vec<String>,
     /// Seconds before a migration counts as not converged and is cancelled.
@@ -145,6 +146,9 @@ pub(super) enum Kind {
         nospill: bool,
         /// Without deltas of re-sent pages (`+nodelta`).
         nodelta: bool,
+        /// Without kept copies for re-migration (`+nokeep`: neither agent
+        /// records the guest's pages).
+        nokeep: bool,
     },
     /// QEMU built with qemu-patches/: `migrate dwcp:HOST:PORT`, libdwcp in
     /// QEMU, no agent in the data path.
@@ -180,7 +184,7 @@ pub(super) fn contender(full: &str) -> Result<Kind> {
             _ => bail!("contender {full:?}: +tls is for QEMU's own transports (DWCP is encrypted unless +insecure)"),
         };
     }
-    for suffix in ["+nospill", "+nodelta"] {
+    for suffix in ["+nospill", "+nodelta", "+nokeep"] {
         if let Some(base) = full.strip_suffix(suffix) {
             return match contender(base)? {
                 Kind::Dwcp {
@@ -190,6 +194,7 @@ pub(super) fn contender(full: &str) -> Result<Kind> {
                     plain,
                     nospill,
                     nodelta,
+                    nokeep,
                 } => Ok(Kind::Dwcp {
                     codec,
                     bandwidth,
@@ -197,6 +202,7 @@ pub(super) fn contender(full: &str) -> Result<Kind> {
                     plain,
                     nospill: nospill || suffix == "+nospill",
                     nodelta: nodelta || suffix == "+nodelta",
+                    nokeep: nokeep || suffix == "+nokeep",
                 }),
                 _ => {
                     bail!("contender {full:?}: {suffix} is for contenders through the DWCP agents")
@@ -212,6 +218,7 @@ pub(super) fn contender(full: &str) -> Result<Kind> {
                 multifd,
                 nospill,
                 nodelta,
+                nokeep,
                 ..
             } => Ok(Kind::Dwcp {
                 codec,
@@ -220,6 +227,7 @@ pub(super) fn contender(full: &str) -> Result<Kind> {
                 plain: true,
                 nospill,
                 nodelta,
+                nokeep,
             }),
             Kind::QemuDwcp(s, p) => {
                 let p = match p {
@@ -271,6 +279,7 @@ pub(super) fn contender(full: &str) -> Result<Kind> {
             plain: false,
             nospill: false,
             nodelta: false,
+            nokeep: false,
         },
         other => match other.strip_prefix("dwcp-") {
             Some(tier) => {
@@ -284,10 +293,11 @@ pub(super) fn contender(full: &str) -> Result<Kind> {
                     plain: false,
                     nospill: false,
                     nodelta: false,
+                    nokeep: false,
                 }
             }
             None => bail!(
-                "unknown contender {other:?} (qemu-tcp, qemu-multifd, qemu-multifd-zstd, qemu-xbzrle, dwcp, dwcp-none, dwcp-lz4, dwcp-zstd, dwcp-zstd:N, dwcp-auto, dwcp-raw; any dwcp contender with +multifd: QEMU multifd, 4 channels, through DWCP; +insecure: DWCP in clear text; +nospill: DWCP without dedup spill files; +nodelta: DWCP without deltas of re-sent pages; +tls on a qemu- contender: QEMU's own TLS)"
+                "unknown contender {other:?} (qemu-tcp, qemu-multifd, qemu-multifd-zstd, qemu-xbzrle, dwcp, dwcp-none, dwcp-lz4, dwcp-zstd, dwcp-zstd:N, dwcp-auto, dwcp-raw; any dwcp contender with +multifd: QEMU multifd, 4 channels, through DWCP; +insecure: DWCP in clear text; +nospill: DWCP without dedup spill files; +nodelta: DWCP without deltas of re-sent pages; +nokeep: DWCP keeping no copy for re-migration; +tls on a qemu- contender: QEMU's own TLS)"
             ),
         },
     })
@@ -711,6 +721,7 @@ fn run_inner(
             plain,
             nospill,
             nodelta,
+            nokeep,
         } => {
             let mig = MigrationSpec {
                 name: tag.clone(),
@@ -729,6 +740,9 @@ fn run_inner(
             }
             if *nodelta {
                 req["delta"] = json!("0");
+            }
+            if *nokeep {
+                req["keep"] = json!("0");
             }
             let route = control_request(&src_ctl, &req).map_err(|e| anyhow!("route: {e}"))?;
             let socket = route["socket"].as_str().unwrap_or_default().to_string();

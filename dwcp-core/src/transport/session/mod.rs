@@ -292,8 +292,13 @@ struct KeepState {
 const ANNOUNCE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl KeepState {
-    fn new(cfg: &TransportConfig, role: Role, name: &str, agreed: bool) -> KeepState {
-        let store = cfg.keep.as_ref().filter(|_| cfg.dedup_cache_mb > 0);
+    /// `asked`: the initiator's hello asked to keep copies (both ends then
+    /// record); `agreed`: the responder also announces the copy it holds.
+    fn new(cfg: &TransportConfig, role: Role, name: &str, asked: bool, agreed: bool) -> KeepState {
+        let store = cfg
+            .keep
+            .as_ref()
+            .filter(|_| cfg.dedup_cache_mb > 0 && asked);
         let announced = match (role, agreed, store) {
             (Role::Responder, true, Some(s)) => s.get(name),
             _ => None,
@@ -383,7 +388,7 @@ impl Session {
         name: &str,
         cfg: TransportConfig,
         (window, ring_pages, spill_pages, version): (u32, u32, u32, u16),
-        flags: u8,
+        (flags, asked): (u8, u8),
         links: Vec<Link>,
         target: Option<Target>,
         gate: Option<Arc<dyn CutoverGate>>,
@@ -422,6 +427,7 @@ impl Session {
             &cfg,
             role,
             name,
+            asked & crate::wire::FLAG_KEEP != 0,
             flags & crate::wire::FLAG_KEEP != 0 && ring_pages > 0,
         );
         let inner = Arc::new(Inner {
