@@ -64,7 +64,7 @@ fn eta_s(
     remaining: u64,
     backlog: u64,
     rate: Option<f64>,
-    dirty_rate: Option<f64>,
+    (dirty_rate, dirty_behind): (Option<f64>, Option<f64>),
     ram_per_byte: f64,
 ) -> Option<f64> {
     dwcp_core::adapt::eta_s(&dwcp_core::adapt::EtaInput {
@@ -72,6 +72,7 @@ fn eta_s(
         dirty_rate_bytes_s: dirty_rate.unwrap_or(0.0),
         ram_per_byte,
         backlog_bytes: backlog,
+        dirty_behind_bytes_s: dirty_behind,
         estimate: dwcp_core::adapt::RateEstimate {
             wire_rate_bytes_s: rate?,
             ratio: 1.0,
@@ -97,6 +98,8 @@ pub struct Progress {
     /// Guest RAM dirtied behind QEMU's first pass, which `remaining_bytes`
     /// does not count until the pass ends.
     pub backlog_bytes: Option<u64>,
+    /// During the first pass, the part of the dirty rate behind it.
+    pub dirty_behind_bytes_s: Option<f64>,
 }
 
 impl Progress {
@@ -107,7 +110,8 @@ impl Progress {
                "downtime_ms": self.downtime_ms,
                "dirty_rate_bytes_s": self.dirty_rate_bytes_s,
                "ram_per_byte": self.ram_per_byte,
-               "backlog_bytes": self.backlog_bytes})
+               "backlog_bytes": self.backlog_bytes,
+               "dirty_behind_bytes_s": self.dirty_behind_bytes_s})
     }
 }
 
@@ -300,13 +304,23 @@ pub fn from_query_migrate(v: &Value, rates: &mut QemuRates, at: Instant) -> Prog
         .and_then(Value::as_f64)
         .map(|p| p * page as f64);
     let mut backlog = None;
+    let mut dirty_behind = None;
     if rates.pass <= 1 {
         let over = rates
             .active_since
             .map_or(0.0, |t| at.saturating_duration_since(t).as_secs_f64());
-        if let Some(b) = rates.layout.as_ref().and_then(|l| l.rewritten_bytes(over)) {
-            backlog = Some(b);
-            dirty = Some(b as f64 / over.max(1.0));
+        if let Some(l) = &rates.layout {
+            // What the guest rewrites anywhere is the dirty rate of the
+            // later passes; what it rewrote behind the pass is the backlog,
+            // and only that part of the rate adds to this pass.
+            if let Some(b) = l.rewritten_bytes(over) {
+                dirty = Some(b as f64 / over.max(1.0));
+                let at = rates.now.1 as f64 / l.region_bytes().max(1) as f64;
+                if let Some(behind) = l.rewritten_behind(at, over) {
+                    backlog = Some(behind);
+                    dirty_behind = Some(behind as f64 / over.max(1.0));
+                }
+            }
         }
     }
     let rate = &rates.sent;
@@ -315,6 +329,7 @@ pub fn from_query_migrate(v: &Value, rates: &mut QemuRates, at: Instant) -> Prog
         dirty_rate_bytes_s: dirty.filter(|_| status == "active"),
         ram_per_byte: rpb,
         backlog_bytes: backlog,
+        dirty_behind_bytes_s: dirty_behind.filter(|_| status == "active"),
         remaining_bytes: remaining,
         total_bytes: n("/ram/total"),
         eta_s: remaining.filter(|_| status == "active").and_then(|r| {
@@ -322,7 +337,7 @@ pub fn from_query_migrate(v: &Value, rates: &mut QemuRates, at: Instant) -> Prog
                 r,
                 backlog.unwrap_or(0),
                 rate.rate(),
-                dirty,
+                (dirty, dirty_behind),
                 rpb.unwrap_or(1.0),
             )
         }),
@@ -425,18 +440,18 @@ mod tests {
 
     #[test]
     fn eta_accounts_for_the_dirty_rate_and_refuses_to_guess() {
-        assert_eq!(eta_s(100, 0, Some(10.0), None, 1.0), Some(10.0));
-        assert_eq!(eta_s(100, 0, Some(30.0), Some(10.0), 1.0), Some(5.0));
+        assert_eq!(eta_s(100, 0, Some(10.0), (None, None), 1.0), Some(10.0));
+        assert_eq!(eta_s(100, 0, Some(30.0), (Some(10.0), None), 1.0), Some(5.0));
         // Dirtying as fast as (or faster than) it sends: no ETA.
-        assert_eq!(eta_s(100, 0, Some(10.0), Some(10.0), 1.0), None);
-        assert_eq!(eta_s(100, 0, Some(10.0), Some(20.0), 1.0), None);
-        assert_eq!(eta_s(100, 0, None, Some(1.0), 1.0), None);
-        assert_eq!(eta_s(100, 0, Some(0.0), None, 1.0), None);
+        assert_eq!(eta_s(100, 0, Some(10.0), (Some(10.0), None), 1.0), None);
+        assert_eq!(eta_s(100, 0, Some(10.0), (Some(20.0), None), 1.0), None);
+        assert_eq!(eta_s(100, 0, None, (Some(1.0), None), 1.0), None);
+        assert_eq!(eta_s(100, 0, Some(0.0), (None, None), 1.0), None);
         // Half of what is left is zero pages (2 RAM bytes per byte): the
         // first pass crosses it twice as fast, and what the guest dirties
         // meanwhile (content) is resent at 1.
-        assert_eq!(eta_s(100, 0, Some(30.0), Some(10.0), 2.0), Some(2.5));
-        assert_eq!(eta_s(100, 0, Some(30.0), Some(10.0), f64::NAN), Some(5.0));
+        assert_eq!(eta_s(100, 0, Some(30.0), (Some(10.0), None), 2.0), Some(2.5));
+        assert_eq!(eta_s(100, 0, Some(30.0), (Some(10.0), None), f64::NAN), Some(5.0));
     }
 
     fn query(transferred: u64, normal: u64, zero: u64, pass: u64) -> Value {
@@ -511,8 +526,9 @@ mod tests {
         let t0 = Instant::now();
         let mut r = QemuRates::default();
         let mut l = sampler_1gib();
-        // 256 content pages watched for 10 s, one in eight rewritten: an
-        // eighth of the 1 GiB region over the 10 s the pass has run.
+        // 256 content pages, 4 MiB apart, watched for 10 s, one in eight
+        // rewritten: an eighth of the 1 GiB region over the 10 s the pass
+        // has run.
         for i in 0..256u64 {
             l.record_watched(i << 22, false, 10.0, i % 8 == 0);
         }
@@ -523,9 +539,14 @@ mod tests {
             &mut r,
             t0 + Duration::from_secs(10),
         );
-        assert_eq!(p.backlog_bytes, Some(128 << 20));
+        // The dirty rate is the whole region's: an eighth of 1 GiB in 10 s.
         let d = p.dirty_rate_bytes_s.unwrap();
         assert!((d - (128u64 << 20) as f64 / 10.0).abs() < 1.0, "{d}");
+        // The backlog only what lies behind the pass (100 MiB of RAM
+        // processed): 4 of the 25 samples there changed, 16 MiB.
+        assert_eq!(p.backlog_bytes, Some(16 << 20));
+        let db = p.dirty_behind_bytes_s.unwrap();
+        assert!((db - (16u64 << 20) as f64 / 10.0).abs() < 1.0, "{db}");
         // the driver's own ETA has a rate to go by (40 MiB/s written)
         assert!(p.eta_s.is_some());
         // after the first pass: QEMU's own figures, no backlog

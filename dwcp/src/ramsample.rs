@@ -334,18 +334,39 @@ impl RamSampler {
     /// `over_s`, at most the region. None until every sample was read
     /// again at least once after a second or more.
     pub fn rewritten_bytes(&self, over_s: f64) -> Option<u64> {
-        let watched: Vec<&Sample> = self
-            .samples
+        self.rewritten_below(u64::MAX, over_s)
+    }
+
+    /// [`Self::rewritten_bytes`] for the part of the region below
+    /// `fraction` of it (0..=1): what the guest rewrote behind a pass that
+    /// has got that far, which the pass has to send again. Pages rewritten
+    /// ahead of the pass are sent once, at their new content. None with
+    /// fewer than [`MIN_AHEAD`] samples there.
+    pub fn rewritten_behind(&self, fraction: f64, over_s: f64) -> Option<u64> {
+        let below = (fraction.clamp(0.0, 1.0) * self.size as f64) as u64;
+        self.rewritten_below(below, over_s)
+    }
+
+    fn rewritten_below(&self, below: u64, over_s: f64) -> Option<u64> {
+        if self.samples.len() < SAMPLES / 2 {
+            return None;
+        }
+        let part: Vec<&Sample> = self.samples.iter().filter(|s| s.offset < below).collect();
+        if part.len() < MIN_AHEAD {
+            return None;
+        }
+        let size = below.min(self.size);
+        let watched: Vec<&&Sample> = part
             .iter()
             .filter(|s| s.changed || s.last_s - s.first_s >= 1.0)
             .collect();
-        if self.samples.len() < SAMPLES / 2 || watched.len() < self.samples.len() {
+        if watched.len() < part.len() {
             return None;
         }
         let changed = watched.iter().filter(|s| s.changed).count() as f64;
         let span = watched.iter().map(|s| s.last_s - s.first_s).sum::<f64>() / watched.len() as f64;
         let share = changed / watched.len() as f64 * (over_s / span.max(1.0)).max(1.0);
-        Some((share.min(1.0) * self.size as f64) as u64)
+        Some((share.min(1.0) * size as f64) as u64)
     }
 }
 
@@ -471,9 +492,15 @@ FlatView #2
         // Never more than the region, never less than what was seen.
         assert_eq!(r.rewritten_bytes(100.0), Some(1 << 32));
         assert_eq!(r.rewritten_bytes(1.0), Some(1 << 29));
+        // Behind a pass a quarter of the way through the region: the
+        // changed share there (8 of 64) over that quarter, scaled the same.
+        assert_eq!(r.rewritten_behind(0.25, 10.0), Some(1 << 28));
+        // Too few samples behind the pass yet: unknown.
+        assert_eq!(r.rewritten_behind(0.01, 10.0), None);
         // One sample watched for less than a second: not yet.
         r.samples[1].last_s = 0.5;
         assert_eq!(r.rewritten_bytes(10.0), None);
+        assert_eq!(r.rewritten_behind(0.25, 10.0), None);
     }
 
     /// A real QEMU (stopped before its first instruction, so its RAM is

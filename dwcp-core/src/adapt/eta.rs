@@ -66,19 +66,38 @@ pub struct EtaInput {
     /// Guest RAM dirtied behind the first pass that `remaining_bytes` does
     /// not count yet, bytes (0 when unknown or after the first pass).
     pub backlog_bytes: u64,
+    /// During the first pass: the part of the dirty rate that lands behind
+    /// the pass, bytes/s. What the guest rewrites ahead of the pass is sent
+    /// once, at its new content, so only this part adds to the pass's work
+    /// (None: all of it, as in every later pass).
+    pub dirty_behind_bytes_s: Option<f64>,
     pub estimate: RateEstimate,
 }
 
 impl EtaInput {
     /// What is left, in content bytes: `remaining / ram_per_byte +
-    /// backlog` (`ram_per_byte` counts as 1 when not a number >= 1).
+    /// backlog` (`ram_per_byte` counts as 1 when not a number >= 1), the
+    /// first term less what the guest dirties ahead of the first pass.
+    ///
+    /// The series behind [`eta_s`] charges the whole dirty rate `d` over
+    /// the rest of the first pass (`T1 = left / r` at raw rate `r`). Only
+    /// the part behind the pass (`db`) is sent again, so the exact time is
+    /// `T1 + (backlog + db * T1) / (r - d)`, which is the formula's with
+    /// `left` scaled by `1 - (d - db) / r`.
     fn need_bytes(&self) -> f64 {
         let expand = if self.ram_per_byte.is_finite() && self.ram_per_byte >= 1.0 {
             self.ram_per_byte
         } else {
             1.0
         };
-        self.remaining_bytes as f64 / expand + self.backlog_bytes as f64
+        let r = self.estimate.raw_rate();
+        let ahead = match self.dirty_behind_bytes_s {
+            Some(db) if r > 0.0 && db.is_finite() => {
+                ((self.dirty_rate_bytes_s.max(0.0) - db.max(0.0)).max(0.0) / r).min(1.0)
+            }
+            _ => 0.0,
+        };
+        self.remaining_bytes as f64 / expand * (1.0 - ahead) + self.backlog_bytes as f64
     }
 }
 
@@ -199,6 +218,7 @@ mod tests {
             dirty_rate_bytes_s: dirty,
             ram_per_byte: 1.0,
             backlog_bytes: 0,
+            dirty_behind_bytes_s: None,
             estimate: e,
         };
         // 100 MB at 10 MB/s wire x 2 = 20 MB/s raw, 4 MB/s dirtied: 6.25 s
@@ -224,6 +244,15 @@ mod tests {
         // 15 bytes dirtied behind the first pass: (40 + 15) / 15
         x.backlog_bytes = 15;
         assert!((eta_s(&x).unwrap() - 55.0 / 15.0).abs() < 1e-9);
+        // Of the 5 B/s dirtied, 2 land behind the pass: the 40 left take
+        // 40 / 20 = 2 s, and then the backlog plus what those 2 s left
+        // behind, (15 + 4) at 15 B/s: 2 + 19 / 15.
+        x.dirty_behind_bytes_s = Some(2.0);
+        let exact = 2.0 + 19.0 / 15.0;
+        assert!((eta_s(&x).unwrap() - exact).abs() < 1e-9, "{:?}", eta_s(&x));
+        // all of it behind: the formula as before
+        x.dirty_behind_bytes_s = Some(5.0);
+        assert!((eta_s(&x).unwrap() - 55.0 / 15.0).abs() < 1e-9);
     }
 
     #[test]
@@ -233,6 +262,7 @@ mod tests {
             dirty_rate_bytes_s: 0.0,
             ram_per_byte: 1.0,
             backlog_bytes: 0,
+            dirty_behind_bytes_s: None,
             // a dip: 4 MB/s predicted for the next 5 s, at ratio 1
             estimate: est(4e6, 1.0),
         };

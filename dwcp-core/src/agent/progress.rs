@@ -16,8 +16,10 @@
 //! dirty rate and the session's measured rate and compression ratio
 //! ([`crate::adapt::eta`]; with `"ram_per_byte":F`, the guest RAM QEMU
 //! gets through per byte it writes for what is left, zero pages being
-//! nearly free, and `"backlog_bytes":B`, RAM dirtied behind QEMU's first
-//! pass that `remaining_bytes` does not count yet), and
+//! nearly free, `"backlog_bytes":B`, RAM dirtied behind QEMU's first
+//! pass that `remaining_bytes` does not count yet, and
+//! `"dirty_behind_bytes_s":D`, the part of the dirty rate that lands behind
+//! that pass), and
 //! answers it (`eta_s`, `eta_source: "model"`, or `"predicted"` when the
 //! rate came from the agent's bandwidth predictor, [`crate::predict::latest`])
 //! with the link mode, the rate estimate and the prediction; without it the driver's own `eta_s` stands
@@ -63,6 +65,8 @@ pub(crate) struct ProgressRequest {
     pub ram_per_byte: Option<f64>,
     #[serde(default, deserialize_with = "lenient_u64")]
     pub backlog_bytes: Option<u64>,
+    #[serde(default, deserialize_with = "lenient_seconds")]
+    pub dirty_behind_bytes_s: Option<f64>,
 }
 
 /// A finite number >= 0, else None.
@@ -176,6 +180,7 @@ pub(super) fn progress(st: &Arc<State>, r: ProgressRequest) -> Result<Value, Str
                     dirty_rate_bytes_s: r.dirty_rate_bytes_s.unwrap_or(0.0),
                     ram_per_byte: r.ram_per_byte.unwrap_or(1.0),
                     backlog_bytes: r.backlog_bytes.unwrap_or(0),
+                    dirty_behind_bytes_s: r.dirty_behind_bytes_s,
                     estimate,
                 },
                 mean,
