@@ -26,6 +26,10 @@ fn check(h: &FrameHeader, max_channels: u16) {
         Kind::Eof | Kind::Window => assert!(h.channel < max_channels && h.wire_len == 0),
         Kind::Ping | Kind::Close => assert_eq!(h.wire_len, 0),
         Kind::Abort => assert!(h.wire_len as usize <= MAX_ABORT_LEN),
+        Kind::Have => {
+            assert!(h.channel == 0 && h.wire_len >= 32 && h.wire_len % 32 == 0);
+            assert!(h.seq < h.len as u64);
+        }
     }
 }
 
