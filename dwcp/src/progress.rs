@@ -441,7 +441,10 @@ mod tests {
     #[test]
     fn eta_accounts_for_the_dirty_rate_and_refuses_to_guess() {
         assert_eq!(eta_s(100, 0, Some(10.0), (None, None), 1.0), Some(10.0));
-        assert_eq!(eta_s(100, 0, Some(30.0), (Some(10.0), None), 1.0), Some(5.0));
+        assert_eq!(
+            eta_s(100, 0, Some(30.0), (Some(10.0), None), 1.0),
+            Some(5.0)
+        );
         // Dirtying as fast as (or faster than) it sends: no ETA.
         assert_eq!(eta_s(100, 0, Some(10.0), (Some(10.0), None), 1.0), None);
         assert_eq!(eta_s(100, 0, Some(10.0), (Some(20.0), None), 1.0), None);
@@ -450,8 +453,14 @@ mod tests {
         // Half of what is left is zero pages (2 RAM bytes per byte): the
         // first pass crosses it twice as fast, and what the guest dirties
         // meanwhile (content) is resent at 1.
-        assert_eq!(eta_s(100, 0, Some(30.0), (Some(10.0), None), 2.0), Some(2.5));
-        assert_eq!(eta_s(100, 0, Some(30.0), (Some(10.0), None), f64::NAN), Some(5.0));
+        assert_eq!(
+            eta_s(100, 0, Some(30.0), (Some(10.0), None), 2.0),
+            Some(2.5)
+        );
+        assert_eq!(
+            eta_s(100, 0, Some(30.0), (Some(10.0), None), f64::NAN),
+            Some(5.0)
+        );
     }
 
     fn query(transferred: u64, normal: u64, zero: u64, pass: u64) -> Value {

@@ -462,6 +462,12 @@ impl Agent {
         self.state.routes.lock().len()
     }
 
+    /// Kept copies for re-migration and their pages (None: the agent keeps
+    /// none, `--keep-mb 0`).
+    pub fn kept_usage(&self) -> Option<(usize, u64)> {
+        self.state.cfg.transport.keep.as_ref().map(|k| k.usage())
+    }
+
     /// The agent's cluster membership, if any.
     pub fn cluster(&self) -> Option<Arc<dyn ClusterOps>> {
         self.state.cfg.cluster.clone()

@@ -210,6 +210,22 @@ impl Metrics {
             "Routes the agent serves (source side)",
             routes,
         );
+        if let Some((copies, pages)) = self.agent.kept_usage() {
+            let c = Gauge::<i64>::default();
+            c.set(copies as i64);
+            reg.register(
+                "dwcp_kept_copies",
+                "Guests whose pages the agent keeps for a re-migration to this host (--keep-mb, --keep-s)",
+                c,
+            );
+            let b = Gauge::<i64>::default();
+            b.set((pages * 4096) as i64);
+            reg.register(
+                "dwcp_kept_bytes",
+                "Bytes of guest pages kept for re-migration (on disk, in --spill-dir)",
+                b,
+            );
+        }
 
         // Ended migrations: kept since the start.
         for role in ["source", "destination"] {
