@@ -72,6 +72,9 @@ pub struct Trip {
     pub pages_kept: Option<u64>,
     pub pages_seen: Option<u64>,
     pub memory_verified: bool,
+    /// DWCP: `dwcp migrate --json`'s per-second progress (`eta.trace`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Value>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -240,6 +243,7 @@ fn dwcp_run(
         pages_kept: r["session"]["pages_kept"].as_u64(),
         pages_seen: r["session"]["pages_seen"].as_u64(),
         memory_verified: true,
+        progress: r.pointer("/eta/trace").cloned(),
     };
     let pair = boot_pair(lab, spec, &there).context("booting the guest")?;
     let r = dwcp_migrate(lab, &pair, &there).context("there")?;
@@ -320,6 +324,7 @@ fn native_run(
         pages_kept: None,
         pages_seen: None,
         memory_verified: true,
+        progress: None,
     };
     let mut src = Guest::start(lab, lab.src_ns(), "src", spec, false)?;
     let dst = Guest::start(lab, lab.dst_ns(), "dst", spec, true)?;
