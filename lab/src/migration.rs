@@ -149,6 +149,23 @@ pub struct GuestPair {
     pub ready_seq: u64,
 }
 
+impl GuestPair {
+    /// The pair for the next migration of the guest: it runs where the
+    /// last one took it (`dst`), and goes to `next` (a QEMU waiting for
+    /// it, [`start_incoming`]); the QEMU it left is done and stopped.
+    pub fn turned_around(self, next: Guest) -> GuestPair {
+        let GuestPair {
+            src, dst: running, ..
+        } = self;
+        drop(src);
+        GuestPair {
+            src: running,
+            dst: next,
+            ready_seq: 0,
+        }
+    }
+}
+
 /// Boots the source guest (waits for its workload to be ready) and starts the
 /// destination QEMU listening on the destination agent's incoming socket.
 pub fn boot_pair(lab: &Lab, spec: &GuestSpec, mig: &MigrationSpec) -> Result<GuestPair> {

@@ -123,15 +123,7 @@ fn back_to_back(k: usize) {
                 .unwrap_or_else(|e| panic!("{}: destination QEMU: {e:#}", next.name));
             // The guest runs where the last migration took it; the QEMU it
             // left is done.
-            let GuestPair {
-                src, dst: running, ..
-            } = pair;
-            drop(src);
-            pair = GuestPair {
-                src: running,
-                dst,
-                ready_seq: 0,
-            };
+            pair = pair.turned_around(dst);
             mig = next;
         }
         let r = dwcp_migrate(&lab, &pair, &mig).unwrap_or_else(|e| {

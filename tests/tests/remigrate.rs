@@ -37,15 +37,7 @@ fn a_guest_migrated_back_sends_what_the_host_lacks_ram_verified() {
         ..there.clone()
     };
     let dst = start_incoming(&lab, "back", &spec, &back).expect("incoming QEMU on the source host");
-    let GuestPair {
-        src, dst: running, ..
-    } = pair;
-    drop(src);
-    let pair = GuestPair {
-        src: running,
-        dst,
-        ready_seq: 0,
-    };
+    let pair = pair.turned_around(dst);
     let r = dwcp_migrate(&lab, &pair, &back).unwrap_or_else(|e| panic!("{e:#}\n{}", logs(&lab)));
     assert_eq!(r["status"], "completed", "{r}");
     let v = verify(&pair, r, &scratch).expect("verification, way back");

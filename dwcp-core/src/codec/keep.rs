@@ -57,7 +57,7 @@ pub fn page_hash(page: &[u8]) -> PageHash {
 
 /// Creates an unlinked read-write file in `dir` (nothing is left behind if
 /// the process dies).
-fn unlinked_file(dir: &Path, what: &str) -> std::io::Result<File> {
+pub(crate) fn unlinked_file(dir: &Path, what: &str) -> std::io::Result<File> {
     static SEQ: AtomicU64 = AtomicU64::new(0);
     let path = dir.join(format!(
         ".dwcp-{what}-{}-{}",

@@ -175,19 +175,7 @@ struct Spill {
 impl Spill {
     /// Creates an unlinked file in `dir` for `pages` pages.
     fn create(dir: &std::path::Path, pages: u64) -> std::io::Result<Spill> {
-        use std::sync::atomic::{AtomicU64, Ordering};
-        static SEQ: AtomicU64 = AtomicU64::new(0);
-        let path = dir.join(format!(
-            ".dwcp-spill-{}-{}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::Relaxed)
-        ));
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)?;
-        std::fs::remove_file(&path)?;
+        let file = super::keep::unlinked_file(dir, "spill")?;
         Ok(Spill {
             file,
             cap: pages,

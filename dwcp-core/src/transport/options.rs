@@ -93,6 +93,15 @@ fn int<T: std::str::FromStr + PartialOrd>(v: &str, lo: T, hi: T) -> Result<T, ()
 
 /// A finite number within `lo..=hi`; a trailing `%` is allowed (and
 /// ignored: the option's unit is already percent).
+/// `1`/`true`/`yes`/`on` or `0`/`false`/`no`/`off`.
+fn flag(v: &str) -> Result<bool, ()> {
+    match v {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(()),
+    }
+}
+
 fn float(v: &str, lo: f64, hi: f64) -> Result<f64, ()> {
     let n: f64 = v.trim_end_matches('%').trim().parse().map_err(|_| ())?;
     if !n.is_finite() || n < lo || n > hi {
@@ -275,11 +284,7 @@ pub const OPTIONS: &[TransportOption] = &[
                destination holds in its dedup ring, when that is smaller (1, the default; both \
                ends must allow it)",
         set: |c, v| {
-            c.delta = match v {
-                "1" | "true" | "yes" | "on" => true,
-                "0" | "false" | "no" | "off" => false,
-                _ => return Err(()),
-            };
+            c.delta = flag(v)?;
             Ok(())
         },
         show: |c| if c.delta { "1" } else { "0" }.into(),
@@ -292,11 +297,7 @@ pub const OPTIONS: &[TransportOption] = &[
         help: "keep a copy of this guest's pages on both hosts, so that it migrating back later \
                sends only what the host lacks (1, the default; the agents' --keep-mb bounds it)",
         set: |c, v| {
-            c.keep_copy = match v {
-                "1" | "true" | "yes" | "on" => true,
-                "0" | "false" | "no" | "off" => false,
-                _ => return Err(()),
-            };
+            c.keep_copy = flag(v)?;
             Ok(())
         },
         show: |c| if c.keep_copy { "1" } else { "0" }.into(),
@@ -433,11 +434,7 @@ pub const OPTIONS: &[TransportOption] = &[
         help: "clear text: no TLS, no peer authentication (guest RAM readable and \
                forgeable on the network; logged as a warning at start)",
         set: |c, v| {
-            c.tls.insecure = match v {
-                "1" | "true" | "yes" | "on" => true,
-                "0" | "false" | "no" | "off" => false,
-                _ => return Err(()),
-            };
+            c.tls.insecure = flag(v)?;
             Ok(())
         },
         show: |c| if c.tls.insecure { "1" } else { "0" }.into(),

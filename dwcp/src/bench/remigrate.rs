@@ -262,15 +262,7 @@ fn dwcp_run(
         ..there.clone()
     };
     let dst = start_incoming(lab, "back", spec, &back).context("incoming QEMU for the way back")?;
-    let GuestPair {
-        src, dst: running, ..
-    } = pair;
-    drop(src);
-    let pair = GuestPair {
-        src: running,
-        dst,
-        ready_seq: 0,
-    };
+    let pair = pair.turned_around(dst);
     let r = dwcp_migrate(lab, &pair, &back).context("back")?;
     if r["status"] != "completed" {
         bail!("back: {r}");
@@ -342,25 +334,17 @@ fn native_run(
         a.profile, run.contender, a.back_after
     ));
     std::thread::sleep(Duration::from_secs(a.back_after));
-    let GuestPair {
-        src, dst: running, ..
-    } = pair;
-    drop(src);
     let home = Guest::start(lab, lab.src_ns(), "back", spec, true)?;
+    let pair = pair.turned_around(home);
     let r = native_trip(
-        &running,
-        &home,
+        &pair.src,
+        &pair.dst,
         setup,
         lab.topo.src_ip,
         port + 300,
         a.timeout,
     )
     .context("back")?;
-    let pair = GuestPair {
-        src: running,
-        dst: home,
-        ready_seq: 0,
-    };
     verified(&pair, serde_json::to_value(&r)?, scratch).context("verifying back")?;
     run.back = Some(trip(&r));
     Ok(())
