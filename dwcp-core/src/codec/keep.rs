@@ -386,6 +386,7 @@ impl Recorder {
                 let store = store.clone();
                 move || {
                     store.seal(&name, st);
+                    trim();
                     *store.sealing.lock() -= 1;
                     store.sealed_cv.notify_all();
                 }
@@ -394,6 +395,18 @@ impl Recorder {
             *store.sealing.lock() -= 1;
             store.sealed_cv.notify_all();
         }
+    }
+}
+
+/// Gives the memory a recording used (its index of hashes, buffers,
+/// freed by now) back to the system: glibc keeps what a thread freed in that
+/// thread's arena, and an agent records once per migration for months.
+fn trim() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim takes no pointer and only walks glibc's own
+    // arenas, under their locks; any thread may call it at any time.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
