@@ -102,6 +102,18 @@ struct RunArgs {
     timeout: u64,
 }
 
+/// Prints a command's table and writes it as `NAME.md`, with its figures
+/// as `NAME.json`, into `dir`.
+fn write_table(dir: &Path, name: &str, table: &str, figures: &impl serde::Serialize) -> Result<()> {
+    print!("{table}");
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join(format!("{name}.md")), table)?;
+    let json = dir.join(format!("{name}.json"));
+    std::fs::write(&json, serde_json::to_string_pretty(figures)?)?;
+    println!("results: {}", json.display());
+    Ok(())
+}
+
 pub fn run(a: BenchArgs) -> Result<()> {
     a.data.apply();
     // The command as one would type it: `dwcp ...`, not the binary's path.
@@ -124,15 +136,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let r = handshake::run(h, &p)?;
         p.finish();
         let t = handshake::table(&r);
-        print!("{t}");
-        std::fs::create_dir_all(&h.out.output)?;
-        std::fs::write(h.out.output.join("handshake.md"), &t)?;
-        std::fs::write(
-            h.out.output.join("handshake.json"),
-            serde_json::to_string_pretty(&r)?,
-        )?;
-        println!("results: {}", h.out.output.join("handshake.json").display());
-        return Ok(());
+        return write_table(&h.out.output, "handshake", &t, &r);
     }
     if let BenchCmd::Remigrate(r) = &a.cmd {
         let n = (r.contenders.len() * r.repeat) as u64;
@@ -140,15 +144,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let s = remigrate::run(r, cmdline.join(" "), &p)?;
         p.finish();
         let t = remigrate::summary(&s);
-        print!("{t}");
-        std::fs::create_dir_all(&r.out.output)?;
-        std::fs::write(r.out.output.join("remigrate.md"), &t)?;
-        std::fs::write(
-            r.out.output.join("remigrate.json"),
-            serde_json::to_string_pretty(&s)?,
-        )?;
-        println!("results: {}", r.out.output.join("remigrate.json").display());
-        return Ok(());
+        return write_table(&r.out.output, "remigrate", &t, &s);
     }
     if let BenchCmd::Floor(f) = &a.cmd {
         floor::run(f)?;
