@@ -187,6 +187,24 @@ fn mode_follows_a_link_switching_between_dc_and_internet() {
         }
     });
 
+    // What the detector saw, for the failure message: every link sample.
+    let sess = Arc::new(sess);
+    let seen = {
+        let (sess, stop) = (sess.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut seen: Vec<dwcp_core::adapt::LinkSample> = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                if let Some(s) = sess.stats().adapt.link {
+                    if seen.last().is_none_or(|l| l.at_s != s.at_s) {
+                        seen.push(s);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            seen
+        })
+    };
+
     // dc 8 s, internet 10 s, dc 8 s, internet 10 s.
     let at = |t: Instant| t.duration_since(sess.started()).as_secs_f64();
     let mut changes: Vec<(f64, LinkMode)> = Vec::new();
@@ -208,6 +226,7 @@ fn mode_follows_a_link_switching_between_dc_and_internet() {
     stop.store(true, Ordering::Relaxed);
     sess.abort("test over");
     let _ = writer.join();
+    let seen = seen.join().unwrap();
     drop(link);
 
     let mode = &stats.adapt.mode;
@@ -215,6 +234,18 @@ fn mode_follows_a_link_switching_between_dc_and_internet() {
     eprintln!("changes (s since the session started): {changes:?}, end {end:.1}");
     for sw in history {
         eprintln!("switch: {sw}");
+    }
+    eprintln!("samples (at s: rtt ms, capacity Mbit/s, retransmitted/dsack/sent segments):");
+    for s in &seen {
+        eprintln!(
+            "  {:6.2}: rtt {:?}, capacity {:?}, {}/{}/{}",
+            s.at_s,
+            s.rtt_us.map(|r| r as f64 / 1000.0),
+            s.capacity_bytes_s.map(|c| (c * 8.0 / 1e6).round()),
+            s.retrans_segments,
+            s.dsack_segments,
+            s.segments_out
+        );
     }
     assert_eq!(stats.state, SessionState::Running, "{:?}", stats.error);
     let first = history.first().expect("a first mode");
