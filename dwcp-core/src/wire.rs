@@ -255,6 +255,11 @@ pub const FLAG_DELTA: u8 = 0x01;
 /// a kept copy of the guest in HAVE frames.
 pub const FLAG_KEEP: u8 = 0x02;
 
+/// Hello/reply flag: the initiator may send [`CodecId::ZstdCtx`] frames
+/// (compression with context across a channel's frames,
+/// [`crate::codec::context`]); granted when the responder allows them.
+pub const FLAG_CONTEXT: u8 = 0x04;
+
 fn read_exact_or(r: &mut impl Read, buf: &mut [u8], what: &'static str) -> Result<(), WireError> {
     let mut got = 0;
     while got < buf.len() {
@@ -722,7 +727,7 @@ impl FrameHeader {
                         "at most len + len/64 + 16 for the frame's raw length",
                     );
                 }
-                if matches!(codec, CodecId::Lz4 | CodecId::Zstd)
+                if matches!(codec, CodecId::Lz4 | CodecId::Zstd | CodecId::ZstdCtx)
                     && h.wire_len as u64 > max_compressed_len(h.plan_len as u64)
                 {
                     return field(

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 mod common;
 
 use dwcp_core::codec::Tier;
-use dwcp_core::transport::{Acceptor, AcceptorLimits, Session, SessionStats, TransportConfig};
+use dwcp_core::transport::{
+    Acceptor, AcceptorLimits, ContextUse, Session, SessionStats, TransportConfig,
+};
 use dwcp_core::wire::WireError;
 
 /// A responder on loopback: each new channel's "QEMU end" goes to `ends`.
@@ -484,10 +486,17 @@ fn version_is_negotiated_down_to_the_peers_newest() {
 /// on the local socket, `finish` (or `shutdown`, like shutdown(2)) ends the
 /// stream, and both sessions complete.
 fn direct(tier: Tier, shutdown_second: bool, checksum_raw: bool) {
-    let c = TransportConfig {
-        checksum_raw,
-        ..cfg(3, tier)
-    };
+    direct_with(
+        TransportConfig {
+            checksum_raw,
+            ..cfg(3, tier)
+        },
+        shutdown_second,
+    );
+}
+
+fn direct_with(c: TransportConfig, shutdown_second: bool) -> SessionStats {
+    let (tier, checksum_raw) = (c.tier, c.checksum_raw);
     let r = responder(c.clone());
     let sess = Session::connect(&c, "test-vm", r.addr).unwrap();
     let data = stream_bytes(7, 5 << 20);
@@ -560,6 +569,7 @@ fn direct(tier: Tier, shutdown_second: bool, checksum_raw: bool) {
     } else {
         assert_eq!(codecs.raw_unchecked, 0, "{codecs:?}");
     }
+    stats
 }
 
 /// Raw frames, written straight from the caller's buffers without a
@@ -856,4 +866,93 @@ fn a_kept_copy_changed_on_disk_fails_the_session_named() {
         assert!(got.len() <= 5 * (4096 + 8), "{} bytes delivered", got.len());
         assert!(got == data[..got.len()]);
     }
+}
+
+/// zstd:3 with context across frames, always on.
+fn with_context(streams: u16, context: ContextUse) -> TransportConfig {
+    TransportConfig {
+        context,
+        ..cfg(streams, Tier::Zstd(3))
+    }
+}
+
+/// A channel whose frames repeat each other but never a whole page: 384 KiB
+/// of noise, again and again, each time one byte further on. Dedup finds
+/// nothing; a frame compressed alone finds the repeat only within itself.
+fn shifted_repeats(copies: usize) -> Vec<u8> {
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let corpus: Vec<u8> = (0..384 << 10)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let mut out = Vec::new();
+    for k in 0..copies {
+        out.push(k as u8);
+        out.extend_from_slice(&corpus);
+    }
+    out
+}
+
+/// Context frames on several channels and streams arrive intact, and a
+/// frame refers to the frames before it: the same bytes cost a fraction of
+/// what frames compressed alone cost.
+#[test]
+fn context_frames_refer_to_the_frames_before_them() {
+    let data = shifted_repeats(24);
+    let ctx = one_channel(
+        with_context(3, ContextUse::Always),
+        with_context(3, ContextUse::Auto),
+        data.clone(),
+    );
+    let alone = one_channel(
+        with_context(3, ContextUse::Off),
+        with_context(3, ContextUse::Auto),
+        data.clone(),
+    );
+    assert!(ctx.frames_context_out > 10, "{}", ctx.frames_context_out);
+    assert_eq!(alone.frames_context_out, 0);
+    assert!(
+        ctx.wire_out * 3 < alone.wire_out,
+        "with context {} B on the wire, frames alone {} B",
+        ctx.wire_out,
+        alone.wire_out
+    );
+    // several channels at once, both directions, 4 streams
+    let st = relay_with(
+        with_context(4, ContextUse::Always),
+        4,
+        6 << 20,
+        100_000,
+        |_| {},
+    );
+    assert!(st.frames_context_out > 0);
+}
+
+/// A destination that does not allow context frames never gets one.
+#[test]
+fn context_needs_both_ends() {
+    let st = one_channel(
+        with_context(2, ContextUse::Always),
+        with_context(2, ContextUse::Off),
+        shifted_repeats(8),
+    );
+    assert_eq!(st.frames_context_out, 0);
+    assert!(st.codecs_in.zstd_ctx == 0);
+}
+
+/// QEMU's `dwcp:` channels (read by the embedder, not a deliverer thread)
+/// decode context frames in order too.
+#[test]
+fn direct_channels_with_context() {
+    let st = direct_with(with_context(3, ContextUse::Always), false);
+    assert!(st.frames_context_out > 0, "{}", st.frames_context_out);
+}
+
+#[test]
+fn corrupted_context_frame_is_never_delivered_and_fails_both_sides() {
+    corrupted_frame_is_never_delivered_and_fails_both_sides(with_context(1, ContextUse::Always));
 }

@@ -39,6 +39,7 @@
 use std::fmt;
 use std::str::FromStr;
 
+pub mod context;
 pub mod keep;
 mod plan;
 
@@ -70,6 +71,10 @@ pub enum CodecId {
     Zstd = 3,
     /// The raw bytes, no plan (see [`Tier::Raw`]).
     Raw = 4,
+    /// The next piece of the channel's zstd stream, flushed: decoded in
+    /// order with the channel's earlier such frames as context
+    /// ([`context`]).
+    ZstdCtx = 5,
 }
 
 impl CodecId {
@@ -80,6 +85,7 @@ impl CodecId {
             2 => Some(CodecId::Lz4),
             3 => Some(CodecId::Zstd),
             4 => Some(CodecId::Raw),
+            5 => Some(CodecId::ZstdCtx),
             _ => None,
         }
     }
@@ -91,6 +97,7 @@ impl CodecId {
             CodecId::Lz4 => "lz4",
             CodecId::Zstd => "zstd",
             CodecId::Raw => "raw",
+            CodecId::ZstdCtx => "zstd-ctx",
         }
     }
 }
@@ -522,6 +529,11 @@ impl Decompressor {
                 Ok(())
             }
             CodecId::Lz4 => lz4_decompress(wire, plan_len, out),
+            // Decoded in order by the channel's Rebuilder, not here.
+            CodecId::ZstdCtx => Err(CodecError::ZstdCorrupt {
+                wire_len: wire.len(),
+                msg: "a context frame decodes only in its channel's order".into(),
+            }),
             CodecId::Zstd => {
                 let corrupt = |msg: String| CodecError::ZstdCorrupt {
                     wire_len: wire.len(),

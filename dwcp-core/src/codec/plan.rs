@@ -897,6 +897,9 @@ pub struct Rebuilder {
     kept: Option<Arc<KeptCopy>>,
     /// A page read from the kept copy.
     kept_buf: Vec<u8>,
+    /// The channel's context stream ([`super::context`]), from its first
+    /// such frame on, and the plan it decodes into.
+    context: Option<Box<(super::context::ContextDecoder, Vec<u8>)>>,
 }
 
 impl fmt::Debug for Rebuilder {
@@ -915,7 +918,30 @@ impl Rebuilder {
             ring: Ring::new(dedup_cache_bytes),
             kept: None,
             kept_buf: Vec::new(),
+            context: None,
         }
+    }
+
+    /// Decodes the channel's next context frame (`wire`, a plan of
+    /// `plan_len` bytes; frames in the channel's order) and executes its
+    /// plan into `out`, as [`Rebuilder::rebuild`].
+    pub fn rebuild_context(
+        &mut self,
+        wire: &[u8],
+        plan_len: usize,
+        raw_len: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<(), CodecError> {
+        let mut ctx = match self.context.take() {
+            Some(c) => c,
+            None => Box::new((super::context::ContextDecoder::new()?, Vec::new())),
+        };
+        let (dec, plan) = &mut *ctx;
+        let r = dec
+            .decompress(wire, plan_len, plan)
+            .and_then(|()| self.rebuild(plan, raw_len, out));
+        self.context = Some(ctx);
+        r
     }
 
     /// Re-migration ([`super::keep`]): `rec` records every page this end

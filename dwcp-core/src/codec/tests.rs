@@ -236,7 +236,7 @@ fn codec_id_and_tier_parse() {
     for b in 0..=255u8 {
         let id = CodecId::from_wire(b);
         match b {
-            1..=4 => assert_eq!(id.unwrap() as u8, b),
+            1..=5 => assert_eq!(id.unwrap() as u8, b),
             _ => assert!(id.is_none()),
         }
     }

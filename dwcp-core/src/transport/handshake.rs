@@ -44,6 +44,11 @@ impl Session {
             0
         };
         let own_flags = if cfg.delta { wire::FLAG_DELTA } else { 0 }
+            | if cfg.context != super::ContextUse::Off {
+                wire::FLAG_CONTEXT
+            } else {
+                0
+            }
             | if cfg.keep.is_some() && cfg.keep_copy {
                 wire::FLAG_KEEP
             } else {
@@ -535,6 +540,10 @@ impl Acceptor {
         // Deltas when both ends allow them (this end's rebuilder reads them).
         let flags = if self.cfg.delta {
             hello.flags & wire::FLAG_DELTA
+        } else {
+            0
+        } | if self.cfg.context != super::ContextUse::Off {
+            hello.flags & wire::FLAG_CONTEXT
         } else {
             0
         } | match &self.cfg.keep {

@@ -118,6 +118,33 @@ pub struct TransportConfig {
     /// This migration keeps a copy in [`Self::keep`] on both ends (asked in
     /// the hello; `keep=0` turns it off for one route).
     pub keep_copy: bool,
+    /// Compression with context across frames ([`crate::codec::context`]);
+    /// both ends must allow it.
+    pub context: ContextUse,
+}
+
+/// When zstd frames are compressed with context across a channel's frames
+/// ([`crate::codec::context`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ContextUse {
+    /// Never (and the destination refuses such frames).
+    Off,
+    /// While the link is slow and the encoders idle (the default).
+    #[default]
+    Auto,
+    /// Whenever the tier is zstd.
+    Always,
+}
+
+impl ContextUse {
+    /// The option's spelling (`0`, `auto`, `always`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ContextUse::Off => "0",
+            ContextUse::Auto => "auto",
+            ContextUse::Always => "always",
+        }
+    }
 }
 
 impl Default for TransportConfig {
@@ -145,6 +172,7 @@ impl Default for TransportConfig {
             adapt: crate::adapt::AdaptConfig::default(),
             keep: None,
             keep_copy: true,
+            context: ContextUse::Auto,
         }
     }
 }

@@ -290,6 +290,25 @@ pub const OPTIONS: &[TransportOption] = &[
         show: |c| if c.delta { "1" } else { "0" }.into(),
     },
     TransportOption {
+        name: "context",
+        uri: Some("context"),
+        control: Some("context"),
+        allowed: "auto, always or 0",
+        help: "compress each channel's zstd frames as one stream, so that a frame refers to the \
+               frames before it: auto (the default) while the link is under 200 Mbit/s and the \
+               encoders idle, always, or 0 (never; both ends must allow it)",
+        set: |c, v| {
+            c.context = match v {
+                "auto" => super::ContextUse::Auto,
+                "always" => super::ContextUse::Always,
+                "0" | "off" | "no" | "false" => super::ContextUse::Off,
+                _ => return Err(()),
+            };
+            Ok(())
+        },
+        show: |c| c.context.as_str().into(),
+    },
+    TransportOption {
         name: "keep",
         uri: Some("keep"),
         control: Some("keep"),

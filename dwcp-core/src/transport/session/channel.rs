@@ -14,8 +14,11 @@ use super::Inner;
 
 pub(super) enum Incoming {
     Data {
+        /// The plan; with `context`, the compressed piece of the channel's
+        /// context stream that decodes to a plan of that many bytes.
         plan: Vec<u8>,
         raw_len: u32,
+        context: Option<u32>,
     },
     /// A [`Tier::Raw`] frame: the bytes themselves.
     Raw(Vec<u8>),
@@ -108,5 +111,20 @@ impl Channel {
     /// Wire bytes this channel has in flight, unencoded reads included.
     pub(super) fn wire_inflight(&self) -> u64 {
         self.sent.lock().wire + self.unencoded.load(Ordering::Relaxed)
+    }
+}
+
+/// Rebuilds a Data frame's bytes into `out`: its plan, or (a context
+/// frame) the plan its piece of the context stream decodes to.
+pub(super) fn rebuild(
+    rebuilder: &mut crate::codec::Rebuilder,
+    plan: &[u8],
+    raw_len: u32,
+    context: Option<u32>,
+    out: &mut Vec<u8>,
+) -> Result<(), crate::codec::CodecError> {
+    match context {
+        None => rebuilder.rebuild(plan, raw_len as usize, out),
+        Some(plan_len) => rebuilder.rebuild_context(plan, plan_len as usize, raw_len as usize, out),
     }
 }

@@ -99,8 +99,10 @@ struct Counters {
     pages_delta: AtomicU64,
     resent_lz4_full: AtomicU64,
     resent_lz4_delta: AtomicU64,
-    /// Data frames received per codec (none, lz4, zstd, raw).
-    codec_in: [AtomicU64; 4],
+    /// Data frames received per codec (none, lz4, zstd, raw, zstd-ctx).
+    codec_in: [AtomicU64; 5],
+    /// Data frames sent compressed with context ([`crate::codec::context`]).
+    context_out: AtomicU64,
     /// Raw data frames received without a payload checksum.
     unchecked_in: AtomicU64,
     /// Nanoseconds the codec workers spent compressing.
@@ -127,6 +129,8 @@ struct Inner {
     spill_pages: u64,
     /// Deltas of re-sent pages (as agreed in the hello).
     delta: bool,
+    /// Compression with context may be used (as agreed in the hello).
+    context: bool,
     /// Re-migration: the copy being recorded, what the peer announced.
     keep: KeepState,
     /// What the session's channels and the rings the peer fills may take
@@ -250,6 +254,8 @@ struct Tuning {
     /// Whether `--codec auto` may use raw frames: not off a datacenter
     /// path ([`adapt`]).
     raw_allowed: AtomicBool,
+    /// zstd frames go out compressed with context now ([`tune::ContextGate`]).
+    context: AtomicBool,
 }
 
 /// One migration's multi-stream session. Cheap to clone (shared handle).
@@ -423,6 +429,8 @@ impl Session {
         let started = Instant::now();
         let adapt_cfg = cfg.adapt.clone();
         let delta = flags & crate::wire::FLAG_DELTA != 0 && ring_pages > 0;
+        let context = flags & crate::wire::FLAG_CONTEXT != 0;
+        let cfg_context = cfg.context;
         let keep = KeepState::new(
             &cfg,
             role,
@@ -439,6 +447,7 @@ impl Session {
             ring_bytes: ring_pages as usize * crate::codec::PAGE_SIZE,
             spill_pages: spill_pages as u64,
             delta,
+            context,
             keep,
             budget: SessionBudget::new(
                 cfg.session_memory.saturating_sub(budget::fixed_bytes(
@@ -488,12 +497,13 @@ impl Session {
                 raw_rate: AtomicU64::new(0),
                 credit_loop_us: AtomicU64::new(0),
                 raw_allowed: AtomicBool::new(true),
+                context: AtomicBool::new(cfg_context == crate::transport::ContextUse::Always),
             },
             counters: Counters::default(),
             adapt: Mutex::new(adapt::AdaptState::new(&adapt_cfg, started)),
             retired: None,
         });
-        info!(name, session = %hex(&id), ?role, streams = n, window, ring_pages, spill_pages, "session started");
+        info!(name, session = %hex(&id), ?role, streams = n, window, ring_pages, spill_pages, delta, context, "session started");
         let sess = Session { inner };
         for (i, s) in streams.into_iter().enumerate() {
             let inner = sess.inner.clone();
@@ -642,6 +652,7 @@ impl Session {
                 ring_bytes: i.ring_bytes,
                 spill_pages: i.spill_pages,
                 delta: i.delta,
+                context: i.context,
                 keep: KeepState {
                     recorder: None,
                     peer_has: None,
@@ -690,6 +701,7 @@ impl Session {
                     raw_rate: AtomicU64::new(figures.raw_rate),
                     credit_loop_us: AtomicU64::new(figures.credit_loop_us.unwrap_or(0) as u64),
                     raw_allowed: AtomicBool::new(true),
+                    context: AtomicBool::new(false),
                 },
                 counters: Counters::default(),
                 adapt: Mutex::new(adapt::AdaptState::new(&i.cfg.adapt, i.life.started)),

@@ -239,12 +239,26 @@ fn read_data(
         // Lengths checked equal by the header's validation.
         return Ok(Incoming::Raw(std::mem::take(payload)));
     }
+    if codec == CodecId::ZstdCtx {
+        // Decoded in the channel's order, by its deliverer.
+        if !inner.context {
+            return Err(frame_error(
+                "a context frame (zstd-ctx), which this session did not agree to".into(),
+            ));
+        }
+        return Ok(Incoming::Data {
+            plan: std::mem::take(payload),
+            raw_len: h.len,
+            context: Some(h.plan_len),
+        });
+    }
     let mut plan = Vec::new();
     dec.decompress(codec, payload, h.plan_len as usize, &mut plan)
         .map_err(|e| frame_error(e.to_string()))?;
     Ok(Incoming::Data {
         plan,
         raw_len: h.len,
+        context: None,
     })
 }
 
@@ -456,8 +470,14 @@ pub(super) fn qemu_tx(inner: Arc<Inner>, ch: Arc<Channel>, mut conn: LocalConn) 
             h.last_rx = Instant::now();
         }
         let bytes: &[u8] = match &item {
-            Incoming::Data { plan, raw_len } => {
-                if let Err(e) = rebuilder.rebuild(plan, *raw_len as usize, &mut raw) {
+            Incoming::Data {
+                plan,
+                raw_len,
+                context,
+            } => {
+                if let Err(e) =
+                    super::channel::rebuild(&mut rebuilder, plan, *raw_len, *context, &mut raw)
+                {
                     return codec_fail(&e);
                 }
                 if let Err(e) = ring_charge.update(

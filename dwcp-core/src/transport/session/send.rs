@@ -2,7 +2,9 @@
 //! [`FrameSender`] waits for credit and numbers frames; raw frames go
 //! straight to a stream, planned ones through the encode pool. Threads:
 //! `qemu_rx` (reads a local QEMU socket), `encode` (compresses), `tcp_tx`
-//! (one per stream: writes frames, credit, pings and the abort).
+//! (one per stream: writes frames, credit, pings and the abort). Frames
+//! compressed with context ([`crate::codec::context`]) skip the pool: the
+//! channel's own thread compresses them, in order.
 
 use std::io::Write;
 use std::os::fd::AsRawFd;
@@ -17,6 +19,7 @@ use super::channel::Channel;
 use super::credit::allowed_bytes;
 use super::local::LocalConn;
 use super::{check_complete, fail, is_down, Ctrl, FailReason, Inner};
+use crate::codec::context::ContextEncoder;
 use crate::codec::{CodecId, Compressor, Planner, Tier};
 use crate::wire::{self, FrameHeader};
 
@@ -42,6 +45,9 @@ pub(super) struct FrameSender {
     pub(super) buf: Vec<u8>,
     pub(super) seq: u64,
     pub(super) last: crate::codec::PlanStats,
+    /// The channel's context stream, from its first context frame on,
+    /// with what the tier probe of its frames needs ([`probe_high_level`]).
+    ctx: Option<Box<(ContextEncoder, Compressor, u32)>>,
 }
 
 impl FrameSender {
@@ -77,6 +83,7 @@ impl FrameSender {
             buf: Vec::with_capacity(inner.cfg.chunk),
             seq: 0,
             last,
+            ctx: None,
         }
     }
 
@@ -207,6 +214,9 @@ impl FrameSender {
         c.resent_lz4_delta
             .fetch_add(ds.resent_lz4_delta, Ordering::Relaxed);
         self.last = st;
+        if let Some(level) = context_level(inner) {
+            return self.send_context(inner, ch, seq, n as u32, level, plan);
+        }
         inner.queues.inflight.fetch_add(1, Ordering::AcqRel);
         let job = Job {
             ch: ch.clone(),
@@ -216,6 +226,67 @@ impl FrameSender {
             plan,
         };
         inner.queues.job_tx.send(job).is_ok()
+    }
+
+    /// Compresses `plan` as the next piece of the channel's context stream
+    /// and queues the frame (the work an encoder does for a pooled frame).
+    fn send_context(
+        &mut self,
+        inner: &Arc<Inner>,
+        ch: &Arc<Channel>,
+        seq: u64,
+        raw_len: u32,
+        level: i32,
+        plan: Vec<u8>,
+    ) -> bool {
+        let started = std::time::Instant::now();
+        let ctx = match &mut self.ctx {
+            Some(c) => c,
+            None => match ContextEncoder::new() {
+                Ok(e) => self.ctx.insert(Box::new((e, Compressor::new(), 0))),
+                Err(e) => {
+                    fail(
+                        inner,
+                        FailReason::Local(format!("context compression: {e}")),
+                    );
+                    return false;
+                }
+            },
+        };
+        let (enc, comp, frames) = &mut **ctx;
+        let mut out = Vec::new();
+        if let Err(e) = enc.compress(level, &plan, &mut out) {
+            // The stream is lost with it: the channel cannot go on.
+            fail(
+                inner,
+                FailReason::Local(format!(
+                    "context compression of channel {} frame {seq}: {e}",
+                    ch.id
+                )),
+            );
+            return false;
+        }
+        probe_high_level(inner, comp, frames, Tier::Zstd(level), &plan, None);
+        let c = &inner.counters;
+        c.encode_ns
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        c.context_out.fetch_add(1, Ordering::Relaxed);
+        let h = FrameHeader::data(
+            ch.id,
+            seq,
+            CodecId::ZstdCtx,
+            raw_len,
+            plan.len() as u32,
+            &out,
+        );
+        ch.note_sent(
+            inner,
+            raw_len as u64,
+            (wire::FRAME_HEADER_LEN + out.len()) as u64,
+        );
+        ch.unencoded.fetch_sub(raw_len as u64, Ordering::Relaxed);
+        inner.queues.inflight.fetch_add(1, Ordering::AcqRel);
+        inner.queues.frame_tx.send(Outgoing::Frame(h, out)).is_ok()
     }
 
     /// Queues the channel's end of stream (once), waiting for room in the
@@ -377,7 +448,6 @@ pub(super) fn read_some(
 pub(super) fn encode(inner: Arc<Inner>) {
     let mut comp = Compressor::new();
     let mut frames = 0u32;
-    let mut probe = Vec::new();
     loop {
         let job = match inner.queues.job_rx.recv_timeout(Duration::from_millis(100)) {
             Ok(j) => j,
@@ -392,26 +462,12 @@ pub(super) fn encode(inner: Arc<Inner>) {
         let mut out = Vec::with_capacity(job.plan.len() / 2 + 64);
         let started = std::time::Instant::now();
         let codec = comp.compress(tier, &job.plan, &mut out);
-        // `--codec auto` at zstd:3: one frame in PROBE_EVERY also at the
-        // level above, so the tuner knows what that level would save here.
-        if inner.cfg.auto_tier && tier == super::tune::PROBE_BASE {
-            frames = frames.wrapping_add(1);
-            if frames.is_multiple_of(super::tune::PROBE_EVERY) {
-                let size = |c: CodecId, out: &Vec<u8>| {
-                    if c == CodecId::None {
-                        job.plan.len()
-                    } else {
-                        out.len()
-                    }
-                };
-                let high = comp.compress(super::tune::PROBE_HIGH, &job.plan, &mut probe);
-                let c = &inner.counters;
-                c.probe_base
-                    .fetch_add(size(codec, &out) as u64, Ordering::Relaxed);
-                c.probe_high
-                    .fetch_add(size(high, &probe) as u64, Ordering::Relaxed);
-            }
-        }
+        let size = if codec == CodecId::None {
+            job.plan.len()
+        } else {
+            out.len()
+        };
+        probe_high_level(&inner, &mut comp, &mut frames, tier, &job.plan, Some(size));
         inner
             .counters
             .encode_ns
@@ -524,4 +580,52 @@ pub(super) fn tcp_tx(inner: Arc<Inner>, index: usize) {
             Item::Gone => return,
         }
     }
+}
+
+/// The zstd level to compress the next frame at with context, or None for
+/// a pooled frame: context when the session agreed to it, the tuner turned
+/// it on (a slow link, idle encoders: [`super::tune::ContextGate`]) and the
+/// tier is zstd. Only the initiator sends guest pages (and context frames).
+fn context_level(inner: &Inner) -> Option<i32> {
+    if !inner.context
+        || inner.role != super::Role::Initiator
+        || !inner.tuning.context.load(Ordering::Relaxed)
+    {
+        return None;
+    }
+    match *inner.tuning.tier.lock() {
+        Tier::Zstd(level) => Some(level),
+        _ => None,
+    }
+}
+
+/// `--codec auto` at zstd:3: one frame in [`super::tune::PROBE_EVERY`] is
+/// also compressed (alone) at the level above, so the tuner knows what that
+/// level would save on this content. `base`: the frame's size at zstd:3
+/// alone, when the caller has it.
+fn probe_high_level(
+    inner: &Inner,
+    comp: &mut Compressor,
+    frames: &mut u32,
+    tier: Tier,
+    plan: &[u8],
+    base: Option<usize>,
+) {
+    if !inner.cfg.auto_tier || tier != super::tune::PROBE_BASE {
+        return;
+    }
+    *frames = frames.wrapping_add(1);
+    if !frames.is_multiple_of(super::tune::PROBE_EVERY) {
+        return;
+    }
+    let mut out = Vec::new();
+    let mut size = |tier: Tier, comp: &mut Compressor| match comp.compress(tier, plan, &mut out) {
+        CodecId::None => plan.len(),
+        _ => out.len(),
+    };
+    let base = base.unwrap_or_else(|| size(super::tune::PROBE_BASE, comp));
+    let high = size(super::tune::PROBE_HIGH, comp);
+    let c = &inner.counters;
+    c.probe_base.fetch_add(base as u64, Ordering::Relaxed);
+    c.probe_high.fetch_add(high as u64, Ordering::Relaxed);
 }

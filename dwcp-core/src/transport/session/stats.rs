@@ -89,6 +89,11 @@ pub struct SessionStats {
     pub wire_in: u64,
     pub frames_out: u64,
     pub frames_in: u64,
+    /// Of the Data frames sent, those compressed with context across
+    /// frames ([`crate::codec::context`]).
+    pub frames_context_out: u64,
+    /// Whether zstd frames go out with context now.
+    pub context_on: bool,
     /// raw_out / wire_out.
     pub ratio_out: f64,
     pub zero_bytes: u64,
@@ -143,16 +148,19 @@ pub struct CodecCounts {
     pub lz4: u64,
     pub zstd: u64,
     pub raw: u64,
+    /// Compressed with context across frames ([`crate::codec::context`]).
+    pub zstd_ctx: u64,
     /// Of the raw frames, those sent without a payload checksum (see
     /// [`TransportConfig::checksum_raw`]).
     pub raw_unchecked: u64,
 }
 
 impl CodecCounts {
-    /// The codec of most frames (`raw`, `none`, `lz4`, `zstd`), or None
-    /// without frames.
+    /// The codec of most frames (`raw`, `none`, `lz4`, `zstd`,
+    /// `zstd-ctx`), or None without frames.
     pub fn dominant(&self) -> Option<&'static str> {
         [
+            ("zstd-ctx", self.zstd_ctx),
             ("zstd", self.zstd),
             ("lz4", self.lz4),
             ("none", self.none),
@@ -231,6 +239,8 @@ impl Session {
             wire_in: c.wire_in.load(Ordering::Relaxed),
             frames_out: c.frames_out.load(Ordering::Relaxed),
             frames_in: c.frames_in.load(Ordering::Relaxed),
+            frames_context_out: c.context_out.load(Ordering::Relaxed),
+            context_on: i.tuning.context.load(Ordering::Relaxed),
             ratio_out: if wire_out > 0 {
                 raw_out as f64 / wire_out as f64
             } else {
@@ -264,6 +274,7 @@ impl Session {
                 lz4: c.codec_in[1].load(Ordering::Relaxed),
                 zstd: c.codec_in[2].load(Ordering::Relaxed),
                 raw: c.codec_in[3].load(Ordering::Relaxed),
+                zstd_ctx: c.codec_in[4].load(Ordering::Relaxed),
                 raw_unchecked: c.unchecked_in.load(Ordering::Relaxed),
             },
             per_stream: i

@@ -181,6 +181,58 @@ const PROBE_MIN_BYTES: u64 = 1 << 20;
 /// the CPU: when the trace's rate rose they became the bottleneck.
 pub(super) const HIGH_LEVEL_MIN_GAIN: f64 = 0.03;
 
+/// Compress with context ([`crate::codec::context`]) only on links slower
+/// than this (wire bytes/s): a channel's context frames are compressed in
+/// order on one thread (zstd:3 ~160 MB/s of plan per core here, about a
+/// third of that on the wire), so keep them to links well within one core.
+pub(super) const CONTEXT_BELOW: f64 = 25e6;
+
+/// ...and only while the encoders used less than this many cores over the
+/// last second; context stops when they reach [`CONTEXT_OFF_CPU`] (one
+/// thread doing a channel's compression is close to its limit).
+pub(super) const CONTEXT_MAX_CPU: f64 = 0.5;
+pub(super) const CONTEXT_OFF_CPU: f64 = 0.8;
+
+/// Once a second: whether zstd frames go out compressed with context.
+/// On while the link delivers under [`CONTEXT_BELOW`] and the encoders use
+/// under [`CONTEXT_MAX_CPU`] cores; off again above 1.25x that rate or
+/// from [`CONTEXT_OFF_CPU`] cores. Starts off: the first second measures.
+#[derive(Debug, Default)]
+pub(super) struct ContextGate {
+    on: bool,
+    since: Option<(Instant, u64, u64)>,
+}
+
+impl ContextGate {
+    /// Takes the session's counters now (credited wire bytes, encoder
+    /// nanoseconds); returns `Some((on, rate, cpu))` when a second has
+    /// passed and the decision changed.
+    pub(super) fn sample(
+        &mut self,
+        now: Instant,
+        credited_wire: u64,
+        encode_ns: u64,
+    ) -> Option<(bool, f64, f64)> {
+        let (t0, w0, e0) = *self.since.get_or_insert((now, credited_wire, encode_ns));
+        let elapsed = now.saturating_duration_since(t0).as_secs_f64();
+        if elapsed < 1.0 {
+            return None;
+        }
+        self.since = Some((now, credited_wire, encode_ns));
+        let rate = credited_wire.saturating_sub(w0) as f64 / elapsed;
+        let cpu = encode_ns.saturating_sub(e0) as f64 / 1e9 / elapsed;
+        let on = if self.on {
+            rate < CONTEXT_BELOW * 1.25 && cpu < CONTEXT_OFF_CPU
+        } else {
+            rate < CONTEXT_BELOW && cpu < CONTEXT_MAX_CPU
+        };
+        (on != self.on).then(|| {
+            self.on = on;
+            (on, rate, cpu)
+        })
+    }
+}
+
 /// Paths whose lowest RTT is below this are "datacenter": start raw.
 pub const DC_RTT_US: u32 = 1000;
 
@@ -499,6 +551,31 @@ mod tests {
         let c = second_with(&mut t, 100_000, 95_000).expect("a change");
         assert_eq!(c.tier, Tier::Zstd(6));
         assert!((c.high_gain.unwrap() - 0.05).abs() < 1e-9, "{c:?}");
+    }
+
+    #[test]
+    fn context_on_a_slow_link_with_idle_encoders_only() {
+        let t0 = Instant::now();
+        let at = |s: f64| t0 + Duration::from_secs_f64(s);
+        let mut g = ContextGate::default();
+        // the first call starts the clock; nothing before a second
+        assert_eq!(g.sample(at(0.0), 0, 0), None);
+        assert_eq!(g.sample(at(0.5), 6_000_000, 100_000_000), None);
+        // 100 Mbit/s, 0.2 cores: on
+        let (on, rate, cpu) = g.sample(at(1.0), 12_500_000, 200_000_000).unwrap();
+        assert!(on);
+        assert!((rate - 12.5e6).abs() < 1.0 && (cpu - 0.2).abs() < 1e-9);
+        // 0.7 cores: stays on (hysteresis); 0.85: off
+        assert_eq!(g.sample(at(2.0), 25_000_000, 900_000_000), None);
+        assert!(!g.sample(at(3.0), 37_500_000, 1_750_000_000).unwrap().0);
+        // idle encoders again, but 1 Gbit/s: stays off
+        assert_eq!(g.sample(at(4.0), 162_500_000, 1_850_000_000), None);
+        // 200 Mbit/s exactly is not under the bound; 150 Mbit/s is
+        assert_eq!(g.sample(at(5.0), 187_500_000, 1_900_000_000), None);
+        assert!(g.sample(at(6.0), 206_250_000, 1_950_000_000).unwrap().0);
+        // while on, up to 1.25x the rate keeps it
+        assert_eq!(g.sample(at(7.0), 236_250_000, 2_000_000_000), None);
+        assert!(!g.sample(at(8.0), 271_250_000, 2_050_000_000).unwrap().0);
     }
 
     #[test]

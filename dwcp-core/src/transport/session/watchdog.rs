@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use super::send::Outgoing;
 use tracing::info;
 
-use super::tune::{inflight_budget, link_backlogged, InflightTuner, TierSample, TierTuner};
+use super::tune::{
+    inflight_budget, link_backlogged, ContextGate, InflightTuner, TierSample, TierTuner,
+};
 use super::{fail, wake_all, FailReason, Inner, Role};
 use crate::transport::tcp;
 use crate::wire::FrameHeader;
@@ -111,17 +113,36 @@ fn tune_tier(inner: &Inner, tiers: &mut TierTuner, load: Load) {
     }
 }
 
+/// Turns compression with context on or off ([`ContextGate`]), where the
+/// session agreed to it and this end sends the guest's pages.
+fn tune_context(inner: &Inner, gate: &mut ContextGate) {
+    if !inner.context
+        || inner.role != super::Role::Initiator
+        || inner.cfg.context != crate::transport::ContextUse::Auto
+    {
+        return;
+    }
+    let credited = inner.flow.credited_wire.load(Ordering::Relaxed);
+    let encode_ns = inner.counters.encode_ns.load(Ordering::Relaxed);
+    if let Some((on, rate, cpu)) = gate.sample(Instant::now(), credited, encode_ns) {
+        inner.tuning.context.store(on, Ordering::Relaxed);
+        info!(name = %inner.name, on, rate_mb_s = rate / 1e6, codec_cpu = cpu, "compression with context");
+    }
+}
+
 pub(super) fn watchdog(inner: Arc<Inner>) {
     let n = inner.links.streams.len();
     let mut close_sent: Option<Instant> = None;
     let mut tuner = InflightTuner::new(Instant::now());
     let mut tiers = TierTuner::start(*inner.tuning.tier.lock());
+    let mut context = ContextGate::default();
     loop {
         std::thread::sleep(Duration::from_millis(50));
         tune_inflight(&inner, &mut tuner);
         let load = load_now(&inner);
         super::adapt::tick(&inner, Instant::now(), load.link_bound);
         tune_tier(&inner, &mut tiers, load);
+        tune_context(&inner, &mut context);
         if inner.life.failed.load(Ordering::Acquire) {
             // Give the writers a moment to put the Abort on the wire.
             std::thread::sleep(Duration::from_millis(200));

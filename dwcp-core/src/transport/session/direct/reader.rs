@@ -244,7 +244,11 @@ impl ChannelReader {
             }
             Incoming::Raw(data) if rs.cur.is_empty() => rs.cur = data,
             Incoming::Raw(data) => rs.cur.extend_from_slice(&data),
-            Incoming::Data { plan, raw_len } => {
+            Incoming::Data {
+                plan,
+                raw_len,
+                context,
+            } => {
                 let ReadState {
                     rebuilder,
                     cur,
@@ -252,13 +256,13 @@ impl ChannelReader {
                     ..
                 } = rs;
                 let out = if cur.is_empty() { cur } else { scratch };
-                rebuilder
-                    .rebuild(&plan, raw_len as usize, out)
-                    .map_err(|e| FailReason::Codec {
+                super::super::channel::rebuild(rebuilder, &plan, raw_len, context, out).map_err(
+                    |e| FailReason::Codec {
                         channel: self.ch.id,
                         seq: None,
                         error: e.to_string(),
-                    })?;
+                    },
+                )?;
                 rs.ring_charge
                     .update(
                         &self.inner.budget,
