@@ -78,7 +78,8 @@ pub struct CompareArgs {
     /// `+nospill` on an agent contender asks for no dedup spill file
     /// (docs/hde.md), e.g. `dwcp,dwcp+nospill` to see what it saves;
     /// `+nodelta` for no deltas of re-sent pages (`dwcp,dwcp+nodelta`),
-    /// `+nokeep` for no kept copies for re-migration.
+    /// `+nokeep` for no kept copies for re-migration, `+noctx` for no
+    /// compression with context across frames.
     #[arg(long, value_delimiter = ',', default_value = DEFAULT_CONTENDERS)]
     pub contenders: Vec<String>,
     /// Seconds before a migration counts as not converged and is cancelled.
@@ -142,13 +143,8 @@ pub(super) enum Kind {
         multifd: Option<u32>,
         /// Through a second agent pair in clear text (`+insecure`).
         plain: bool,
-        /// Without dedup spill files (`+nospill`: the route asks for none).
-        nospill: bool,
-        /// Without deltas of re-sent pages (`+nodelta`).
-        nodelta: bool,
-        /// Without kept copies for re-migration (`+nokeep`: neither agent
-        /// records the guest's pages).
-        nokeep: bool,
+        /// Features turned off for this contender's route ([`OFF_SUFFIXES`]).
+        off: Vec<&'static str>,
     },
     /// QEMU built with qemu-patches/: `migrate dwcp:HOST:PORT`, libdwcp in
     /// QEMU, no agent in the data path.
@@ -162,6 +158,18 @@ impl Kind {
         matches!(self, Kind::Dwcp { plain: true, .. })
     }
 }
+
+/// Contender suffixes that turn a DWCP feature off for the route, and the
+/// route request field that does it: `+nospill` (no dedup spill files),
+/// `+nodelta` (no deltas of re-sent pages), `+nokeep` (neither agent keeps
+/// the guest's pages for re-migration), `+noctx` (no compression with
+/// context across frames).
+const OFF_SUFFIXES: [(&str, &str, u32); 4] = [
+    ("+nospill", "spill_mb", 0),
+    ("+nodelta", "delta", 0),
+    ("+nokeep", "keep", 0),
+    ("+noctx", "context", 0),
+];
 
 /// What `dwcp migrate` aims at by default (`--downtime-goal-ms`).
 const DOWNTIME_GOAL_MS: u64 = 300;
@@ -184,7 +192,7 @@ pub(super) fn contender(full: &str) -> Result<Kind> {
             _ => bail!("contender {full:?}: +tls is for QEMU's own transports (DWCP is encrypted unless +insecure)"),
         };
     }
-    for suffix in ["+nospill", "+nodelta", "+nokeep"] {
+    for (suffix, _, _) in OFF_SUFFIXES {
         if let Some(base) = full.strip_suffix(suffix) {
             return match contender(base)? {
                 Kind::Dwcp {
@@ -192,18 +200,19 @@ pub(super) fn contender(full: &str) -> Result<Kind> {
                     bandwidth,
                     multifd,
                     plain,
-                    nospill,
-                    nodelta,
-                    nokeep,
-                } => Ok(Kind::Dwcp {
-                    codec,
-                    bandwidth,
-                    multifd,
-                    plain,
-                    nospill: nospill || suffix == "+nospill",
-                    nodelta: nodelta || suffix == "+nodelta",
-                    nokeep: nokeep || suffix == "+nokeep",
-                }),
+                    mut off,
+                } => {
+                    if !off.contains(&suffix) {
+                        off.push(suffix);
+                    }
+                    Ok(Kind::Dwcp {
+                        codec,
+                        bandwidth,
+                        multifd,
+                        plain,
+                        off,
+                    })
+                }
                 _ => {
                     bail!("contender {full:?}: {suffix} is for contenders through the DWCP agents")
                 }
@@ -216,18 +225,14 @@ pub(super) fn contender(full: &str) -> Result<Kind> {
                 codec,
                 bandwidth,
                 multifd,
-                nospill,
-                nodelta,
-                nokeep,
+                off,
                 ..
             } => Ok(Kind::Dwcp {
                 codec,
                 bandwidth,
                 multifd,
                 plain: true,
-                nospill,
-                nodelta,
-                nokeep,
+                off,
             }),
             Kind::QemuDwcp(s, p) => {
                 let p = match p {
@@ -277,9 +282,7 @@ pub(super) fn contender(full: &str) -> Result<Kind> {
             bandwidth: None,
             multifd,
             plain: false,
-            nospill: false,
-            nodelta: false,
-            nokeep: false,
+            off: Vec::new(),
         },
         other => match other.strip_prefix("dwcp-") {
             Some(tier) => {
@@ -291,13 +294,11 @@ pub(super) fn contender(full: &str) -> Result<Kind> {
                     bandwidth: None,
                     multifd,
                     plain: false,
-                    nospill: false,
-                    nodelta: false,
-                    nokeep: false,
+                    off: Vec::new(),
                 }
             }
             None => bail!(
-                "unknown contender {other:?} (qemu-tcp, qemu-multifd, qemu-multifd-zstd, qemu-xbzrle, dwcp, dwcp-none, dwcp-lz4, dwcp-zstd, dwcp-zstd:N, dwcp-auto, dwcp-raw; any dwcp contender with +multifd: QEMU multifd, 4 channels, through DWCP; +insecure: DWCP in clear text; +nospill: DWCP without dedup spill files; +nodelta: DWCP without deltas of re-sent pages; +nokeep: DWCP keeping no copy for re-migration; +tls on a qemu- contender: QEMU's own TLS)"
+                "unknown contender {other:?} (qemu-tcp, qemu-multifd, qemu-multifd-zstd, qemu-xbzrle, dwcp, dwcp-none, dwcp-lz4, dwcp-zstd, dwcp-zstd:N, dwcp-auto, dwcp-raw; any dwcp contender with +multifd: QEMU multifd, 4 channels, through DWCP; +insecure: DWCP in clear text; +nospill: DWCP without dedup spill files; +nodelta: DWCP without deltas of re-sent pages; +nokeep: DWCP keeping no copy for re-migration; +noctx: DWCP without compression with context; +tls on a qemu- contender: QEMU's own TLS)"
             ),
         },
     })
@@ -719,9 +720,7 @@ fn run_inner(
             bandwidth,
             multifd,
             plain,
-            nospill,
-            nodelta,
-            nokeep,
+            off,
         } => {
             let mig = MigrationSpec {
                 name: tag.clone(),
@@ -735,14 +734,14 @@ fn run_inner(
             if let Some(c) = codec {
                 req["codec"] = json!(c);
             }
-            if *nospill {
-                req["spill_mb"] = json!(0);
-            }
-            if *nodelta {
-                req["delta"] = json!("0");
-            }
-            if *nokeep {
-                req["keep"] = json!("0");
+            for (suffix, field, value) in OFF_SUFFIXES {
+                if off.contains(&suffix) {
+                    req[field] = if field == "spill_mb" {
+                        json!(value)
+                    } else {
+                        json!(value.to_string())
+                    };
+                }
             }
             let route = control_request(&src_ctl, &req).map_err(|e| anyhow!("route: {e}"))?;
             let socket = route["socket"].as_str().unwrap_or_default().to_string();
@@ -1156,10 +1155,15 @@ mod tests {
                 codec,
                 multifd,
                 plain,
-                nospill,
-                nodelta,
+                off,
                 ..
-            } => (codec, multifd, plain, nospill, nodelta),
+            } => (
+                codec,
+                multifd,
+                plain,
+                off.contains(&"+nospill"),
+                off.contains(&"+nodelta"),
+            ),
             _ => panic!("{name}: not an agent contender"),
         }
     }

@@ -115,10 +115,9 @@ pub fn run(a: &RemigrateArgs, command: String, p: &Progress) -> Result<Remigrate
                     codec,
                     multifd: None,
                     plain: false,
-                    nospill: false,
-                    nodelta: false,
+                    off,
                     ..
-                } => How::Dwcp(codec),
+                } if off.iter().all(|o| *o == "+nokeep") => How::Dwcp(codec),
                 Kind::Native(s) if s.tls_dir.is_none() && !s.xbzrle => How::Native(s),
                 _ => bail!("contender {c:?}: remigrate takes dwcp, dwcp-TIER, qemu-tcp, qemu-multifd or qemu-multifd-zstd"),
             };
