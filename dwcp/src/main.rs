@@ -767,7 +767,7 @@ pub(crate) fn link_line(s: &Value) -> Option<String> {
 fn session_codec(s: &Value) -> String {
     if s["role"] == "responder" {
         let c = &s["codecs_in"];
-        let parts: Vec<String> = ["zstd", "lz4", "none", "raw"]
+        let parts: Vec<String> = ["zstd_ctx", "zstd", "lz4", "none", "raw"]
             .iter()
             .filter_map(|k| {
                 c[*k]
@@ -785,7 +785,13 @@ fn session_codec(s: &Value) -> String {
             }
         )
     } else {
-        format!("tier {}", s["tier"].as_str().unwrap_or("?"))
+        // Compression with context: on now, and the frames it sent.
+        let ctx = match (s["context_on"].as_bool(), s["frames_context_out"].as_u64()) {
+            (Some(true), Some(n)) => format!(" +context ({n} frames)"),
+            (_, Some(n)) if n > 0 => format!(" (context: {n} frames)"),
+            _ => String::new(),
+        };
+        format!("tier {}{ctx}", s["tier"].as_str().unwrap_or("?"))
     }
 }
 

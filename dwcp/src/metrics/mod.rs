@@ -311,6 +311,7 @@ impl Metrics {
         let streams = Family::<Labels, Gauge>::default();
         let qemu_bytes = Family::<Labels, Gauge>::default();
         let tier = Family::<Labels, Gauge>::default();
+        let context = Family::<Labels, Gauge>::default();
         let rtt = Family::<Labels, FGauge>::default();
         let retrans = Family::<Labels, Counter>::default();
         let eta = Family::<Labels, FGauge>::default();
@@ -343,6 +344,7 @@ impl Metrics {
                 let mut tl = l.clone();
                 tl.push(("tier".into(), s.tier.to_string()));
                 tier.get_or_create(&tl).set(1);
+                context.get_or_create(&l).set(i64::from(s.context_on));
             }
             // What the driver reported, while it is current: no ETA rather
             // than a stale one.
@@ -454,6 +456,11 @@ impl Metrics {
             "dwcp_migration_codec_tier",
             "1 for the codec tier a running migration encodes with now (source side)",
             tier,
+        );
+        reg.register(
+            "dwcp_migration_codec_context",
+            "1 while a running migration compresses its zstd frames with context across frames (source side)",
+            context,
         );
         reg.register(
             "dwcp_migration_link_rtt_seconds",
