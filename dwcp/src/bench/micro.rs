@@ -126,7 +126,8 @@ pub fn hde(a: &HdeArgs) -> Result<HdeResult> {
     let mut datasets = Vec::new();
     for (name, image) in sets {
         let stream = precopy_stream(&image);
-        let m = measure_tiers(&stream, &tiers, chunk, cache);
+        let mut m = measure_tiers(&stream, &tiers, chunk, cache);
+        m.push(super::tiers::measure_context(&stream, 3, chunk, cache));
         if let Some(bad) = m.iter().find(|t| !t.roundtrip_ok) {
             bail!("codec round trip FAILED for tier {} on {name}", bad.tier);
         }

@@ -5,6 +5,7 @@
 
 use std::time::Instant;
 
+use dwcp_core::codec::context::ContextEncoder;
 use dwcp_core::codec::{
     CodecId, Compressor, Decompressor, Planner, Rebuilder, Tier, MAX_PLAN_LEN, MAX_RAW_LEN,
     PAGE_SIZE,
@@ -82,11 +83,32 @@ pub fn measure_tiers(
     let chunk = chunk.clamp(1, MAX_RAW_LEN);
     tiers
         .iter()
-        .map(|&tier| measure_one(data, tier, chunk, dedup_cache_bytes))
+        .map(|&tier| measure_one(data, tier, false, chunk, dedup_cache_bytes))
         .collect()
 }
 
-fn measure_one(data: &[u8], tier: Tier, chunk: usize, cache: usize) -> TierMeasurement {
+/// [`measure_tiers`] for zstd at `level` with context across frames
+/// (`zstd:N+ctx`, [`dwcp_core::codec::context`]): one stream for all the
+/// frames, compressed and decoded in order; the raw crate's columns are
+/// zstd on each frame alone, as for `zstd:N`.
+pub fn measure_context(
+    data: &[u8],
+    level: i32,
+    chunk: usize,
+    dedup_cache_bytes: usize,
+) -> TierMeasurement {
+    let chunk = chunk.clamp(1, MAX_RAW_LEN);
+    measure_one(data, Tier::Zstd(level), true, chunk, dedup_cache_bytes)
+}
+
+fn measure_one(
+    data: &[u8],
+    tier: Tier,
+    context: bool,
+    chunk: usize,
+    cache: usize,
+) -> TierMeasurement {
+    let mut ctx = context.then(|| ContextEncoder::new().expect("a zstd context"));
     let raw_bytes = data.len() as u64;
 
     // Our path: encode.
@@ -113,7 +135,14 @@ fn measure_one(data: &[u8], tier: Tier, chunk: usize, cache: usize) -> TierMeasu
             CodecId::Raw
         } else {
             planner.plan(c, &mut plan_buf);
-            comp.compress(tier, &plan_buf, &mut wire_buf)
+            match (&mut ctx, tier) {
+                (Some(e), Tier::Zstd(level)) => {
+                    e.compress(level, &plan_buf, &mut wire_buf)
+                        .expect("context compression");
+                    CodecId::ZstdCtx
+                }
+                _ => comp.compress(tier, &plan_buf, &mut wire_buf),
+            }
         };
         enc += t.elapsed().as_secs_f64();
         plan_bytes += plan_buf.len() as u64;
@@ -136,6 +165,8 @@ fn measure_one(data: &[u8], tier: Tier, chunk: usize, cache: usize) -> TierMeasu
         let t = Instant::now();
         let r = if id == CodecId::Raw {
             dec.decompress(id, &wire_all[start..end], plan_len, &mut raw_out)
+        } else if id == CodecId::ZstdCtx {
+            rb.rebuild_context(&wire_all[start..end], plan_len, raw_len, &mut raw_out)
         } else {
             dec.decompress(id, &wire_all[start..end], plan_len, &mut plan_buf)
                 .and_then(|()| rb.rebuild(&plan_buf, raw_len, &mut raw_out))
@@ -206,7 +237,11 @@ fn measure_one(data: &[u8], tier: Tier, chunk: usize, cache: usize) -> TierMeasu
     let raw_dec = t.elapsed().as_secs_f64();
 
     TierMeasurement {
-        tier: tier.to_string(),
+        tier: if context {
+            format!("{tier}+ctx")
+        } else {
+            tier.to_string()
+        },
         chunk,
         dedup_cache_bytes: cache,
         raw_bytes,
