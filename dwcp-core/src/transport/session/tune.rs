@@ -166,7 +166,8 @@ pub(super) const HIGH_LEVEL_MAX_CPU: f64 = 0.4;
 pub(super) const PROBE_BASE: Tier = Tier::Zstd(3);
 pub(super) const PROBE_HIGH: Tier = Tier::Zstd(6);
 
-/// Frames per probe: ~1/16 of zstd:3's frames compressed again at about
+/// Frames per probe of frames compressed alone (with context, a probe of
+/// its own: `ContextProbe` in send.rs): ~1/16 of zstd:3's frames compressed again at about
 /// twice its CPU per byte (+12 % encode CPU at zstd:3, on links slow enough
 /// for zstd:3 to be the tier).
 pub(super) const PROBE_EVERY: u32 = 16;
