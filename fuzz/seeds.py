@@ -117,6 +117,10 @@ def seeds():
         b"\0" + codec_frame(4, data) + codec_frame(2, b"\x1f" + b"abcdefghijklmnopqrstuvwxyz01234" + b"\x00",
                                                    plan_len=31),
         b"\0" + codec_frame(3, bytes.fromhex("28b52ffd2004210000616263"), plan_len=4),
+        # the context stream: three round-trip pieces, then a hand-made one
+        b"\4" + codec_frame(0x83, page + page) + codec_frame(0x83, page[1:] + page[:1])
+        + codec_frame(0x83, b"\0" * 600 + page[:3000])
+        + codec_frame(5, bytes.fromhex("28b52ffd0058210000616263"), plan_len=4),
     ]
     guest = "6f0e7b8c-1d2e-4f5a-9b6c-7d8e9f0a1b2c"
     s["control_request"] = [x.encode() for x in [

@@ -1,12 +1,15 @@
 //! The receive side of every codec tier: `Decompressor::decompress` (none,
-//! lz4, zstd, raw) and the dedup plan interpreter `Rebuilder::rebuild`, fed a
-//! sequence of frames through one channel (the dedup ring carries over).
+//! lz4, zstd, raw), the dedup plan interpreter `Rebuilder::rebuild` and the
+//! context stream (`Rebuilder::rebuild_context`, codec 5), fed a sequence of
+//! frames through one channel (the dedup ring and the context stream carry
+//! over).
 //!
 //! Input: ring byte (ring of `b & 15` pages, extended by a spill file of
 //! `b >> 4` pages in the temp directory), then frames of
 //! `[codec u8][plan_len u24][raw_len u24][wire_len u16][wire...]`.
 //! Codec byte bit 7 set: the wire bytes are raw data, planned by a
-//! `Planner` and compressed by a `Compressor` (tier from bits 0-1) before
+//! `Planner` and compressed by a `Compressor` (tier from bits 0-1: none,
+//! lz4, zstd:1; 3 = the channel's `ContextEncoder` at zstd:1) before
 //! they are decoded, and the rebuilt bytes must equal them (a round trip
 //! through the sender, as long as the channel has not seen an error).
 //! Otherwise the bytes go to the decoders as they are (codec `b & 0x7f`).
@@ -15,6 +18,7 @@
 //! pages a DELTA op names (codec 1 plans with `0x06` ops).
 #![no_main]
 
+use dwcp_core::codec::context::ContextEncoder;
 use dwcp_core::codec::{
     CodecId, Compressor, Decompressor, Planner, Rebuilder, Tier, MAX_PLAN_LEN, MAX_RAW_LEN,
     PAGE_SIZE,
@@ -42,7 +46,11 @@ fuzz_target!(|data: &[u8]| {
     let mut rebuilder = new_rebuilder();
     let mut dec = Decompressor::new();
     let mut comp = Compressor::new();
+    let mut ctx = ContextEncoder::new().expect("zstd context");
     let mut in_step = true;
+    // The context streams of both ends are in step (no hand-made context
+    // piece was accepted since the channel started).
+    let mut ctx_in_step = true;
     while rest.len() >= 9 {
         let codec_b = rest[0];
         let plan_len = u24(&rest[1..4]);
@@ -64,7 +72,12 @@ fuzz_target!(|data: &[u8]| {
             let mut plan = Vec::new();
             planner.plan(bytes, &mut plan);
             let mut wire = Vec::new();
-            let id = comp.compress(tier, &plan, &mut wire);
+            let id = if codec_b & 3 == 3 {
+                ctx.compress(1, &plan, &mut wire).expect("context compression");
+                CodecId::ZstdCtx
+            } else {
+                comp.compress(tier, &plan, &mut wire)
+            };
             (id, wire, plan.len(), bytes.len(), Some(bytes))
         } else {
             let Some(id) = CodecId::from_wire(codec_b & 0x7f) else {
@@ -73,6 +86,35 @@ fuzz_target!(|data: &[u8]| {
             (id, bytes.to_vec(), plan_len, raw_len, None)
         };
 
+        if codec == CodecId::ZstdCtx {
+            let mut raw = Vec::new();
+            let res = rebuilder.rebuild_context(&wire, plan_len, raw_len, &mut raw);
+            assert!(raw.capacity() <= MAX_RAW_LEN);
+            match res {
+                Ok(()) => {
+                    assert_eq!(raw.len(), raw_len);
+                    if let (Some(want), true) = (expect, in_step && ctx_in_step) {
+                        assert!(raw == want, "round trip through the context stream differs");
+                    }
+                    if expect.is_none() {
+                        in_step = false;
+                        ctx_in_step = false;
+                    }
+                }
+                Err(e) => {
+                    assert!(
+                        expect.is_none() || !in_step || !ctx_in_step,
+                        "decoding the context stream's own piece failed: {e}"
+                    );
+                    planner = new_planner();
+                    rebuilder = new_rebuilder();
+                    ctx = ContextEncoder::new().expect("zstd context");
+                    in_step = true;
+                    ctx_in_step = true;
+                }
+            }
+            continue;
+        }
         let mut plan = Vec::new();
         let res = dec.decompress(codec, &wire, plan_len, &mut plan);
         // Allocation is bounded by the header's plan length, itself capped.
@@ -110,7 +152,9 @@ fuzz_target!(|data: &[u8]| {
                 // After an error the channel is torn down: start afresh.
                 planner = new_planner();
                 rebuilder = new_rebuilder();
+                ctx = ContextEncoder::new().expect("zstd context");
                 in_step = true;
+                ctx_in_step = true;
                 continue;
             }
         }
