@@ -19,7 +19,7 @@ use crate::migration::{boot_pair, dwcp_migrate, verify, GuestPair, MigrationSpec
 
 #[derive(Args, Debug, Clone)]
 pub struct DemoArgs {
-    /// Link profile between the hosts: dc, wan, internet, lossy.
+    /// Link profile between the hosts: dc, wan, internet, lossy, lan100 (100 Mbit/s, no delay).
     #[arg(long, default_value = "dc")]
     pub profile: String,
     /// Guest RAM in MiB.

@@ -170,11 +170,20 @@ pub enum Profile {
     Internet,
     /// 50 Mbit/s, 150 ms RTT, 1 % loss per direction.
     Lossy,
+    /// 100 Mbit/s, no added delay, no loss (a fast-ethernet LAN; a queue of
+    /// 5 ms). Issue 16's "100 Mbit/s link without delay".
+    Lan100,
 }
 
 impl Profile {
     /// All profiles.
-    pub const ALL: [Profile; 4] = [Profile::Dc, Profile::Wan, Profile::Internet, Profile::Lossy];
+    pub const ALL: [Profile; 5] = [
+        Profile::Dc,
+        Profile::Wan,
+        Profile::Internet,
+        Profile::Lossy,
+        Profile::Lan100,
+    ];
 
     /// The profile's name.
     pub fn name(self) -> &'static str {
@@ -183,6 +192,7 @@ impl Profile {
             Profile::Wan => "wan",
             Profile::Internet => "internet",
             Profile::Lossy => "lossy",
+            Profile::Lan100 => "lan100",
         }
     }
 
@@ -193,6 +203,13 @@ impl Profile {
             Profile::Wan => (1_000_000_000, 50, 0.0001),
             Profile::Internet => (100_000_000, 80, 0.001),
             Profile::Lossy => (50_000_000, 150, 0.01),
+            Profile::Lan100 => {
+                return LinkConfig::symmetric(DirConfig {
+                    rate_bps: Some(100_000_000),
+                    queue: QueueLimit::Time(Duration::from_millis(5)),
+                    ..Default::default()
+                })
+            }
         };
         LinkConfig::symmetric(DirConfig {
             delay: Duration::from_millis(rtt_ms) / 2,
@@ -210,7 +227,7 @@ impl FromStr for Profile {
         Profile::ALL
             .into_iter()
             .find(|p| p.name().eq_ignore_ascii_case(s))
-            .ok_or_else(|| anyhow!("unknown profile {s:?} (dc, wan, internet, lossy)"))
+            .ok_or_else(|| anyhow!("unknown profile {s:?} (dc, wan, internet, lossy, lan100)"))
     }
 }
 
@@ -425,6 +442,11 @@ mod tests {
 
     #[test]
     fn profiles() {
+        let f = Profile::from_str("lan100").unwrap().config();
+        assert_eq!(f.a_to_b.rate_bps, Some(100_000_000));
+        assert_eq!((f.a_to_b.delay, f.b_to_a.loss), (Duration::ZERO, 0.0));
+        // a 5 ms queue at 100 Mbit/s: 62,500 bytes (above the floor)
+        assert_eq!(f.a_to_b.queue_bytes(100e6), 62_500);
         let w = Profile::from_str("wan").unwrap().config();
         assert_eq!(w.a_to_b.rate_bps, Some(1_000_000_000));
         assert_eq!(w.a_to_b.delay, Duration::from_millis(25));

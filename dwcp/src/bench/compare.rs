@@ -38,7 +38,7 @@ pub struct CompareArgs {
     /// The current results.json, compared with --baseline.
     #[arg(long, value_name = "B.json")]
     pub current: Option<PathBuf>,
-    /// Link profile: dc (unshaped), wan, internet, lossy.
+    /// Link profile: dc (unshaped), wan, internet, lossy, lan100 (100 Mbit/s, no delay).
     #[arg(long, default_value = "dc")]
     pub profile: String,
     /// Replay a bandwidth trace (`time_s<TAB>Mbit/s` per line, e.g. an FCC
@@ -1006,7 +1006,7 @@ pub fn print_summary(s: &CompareSuite) {
 pub struct ConvergeArgs {
     #[command(flatten)]
     pub out: OutputArgs,
-    /// Link profile: dc (unshaped), wan, internet, lossy.
+    /// Link profile: dc (unshaped), wan, internet, lossy, lan100 (100 Mbit/s, no delay).
     #[arg(long, default_value = "internet")]
     pub profile: String,
     /// Guest RAM, MiB.

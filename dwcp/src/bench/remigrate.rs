@@ -22,7 +22,7 @@ use super::{OutputArgs, Progress};
 pub struct RemigrateArgs {
     #[command(flatten)]
     pub out: OutputArgs,
-    /// Link profile: dc (unshaped), wan, internet, lossy.
+    /// Link profile: dc (unshaped), wan, internet, lossy, lan100 (100 Mbit/s, no delay).
     #[arg(long, default_value = "internet")]
     pub profile: String,
     /// Guest RAM, MiB.
