@@ -18,9 +18,10 @@
 //! datacenter threshold to mean three lost segments (30,000 at 0.01 %): one
 //! spurious retransmission in a 500 ms sample is noise, not a lossy path.
 //! A capacity measurement stands for
-//! [`CAPACITY_HOLD_S`] while the RTT stays within a factor of two of the RTT
-//! it was measured at (a link that goes idle keeps its last known capacity;
-//! a path that changed does not).
+//! [`CAPACITY_HOLD_S`] while the RTT stays within a factor of two (or
+//! [`SAME_PATH_SLACK_US`]) of the RTT it was measured at, and the path does
+//! not carry half as much again (a link that goes idle keeps its last known
+//! capacity; a path that changed does not).
 //!
 //! Three filters keep the mode from flapping:
 //! - **hysteresis**: a threshold next to the current mode moves 20 % in its
@@ -42,7 +43,15 @@ use super::sample::LinkSample;
 /// How far back the confidence looks, seconds.
 pub const WINDOW_S: f64 = 1.5;
 /// How long a measured capacity stands without a new measurement, seconds.
-pub const CAPACITY_HOLD_S: f64 = 5.0;
+/// Long: a path measured slow stays slow while it looks the same (RTT) and
+/// carries no more than was measured (module doc); a 100 Mbit/s LAN is the
+/// bottleneck only now and then, and with a short hold its mode flapped
+/// between datacenter (latency) and internet (capacity) every few seconds.
+pub const CAPACITY_HOLD_S: f64 = 30.0;
+
+/// Two RTTs this close are the same path whatever their ratio (queueing on
+/// a fast path moves a 0.1 ms RTT to several ms), microseconds.
+pub const SAME_PATH_SLACK_US: u32 = 5000;
 /// How far back the loss figure adds samples up, seconds.
 pub const LOSS_WINDOW_S: f64 = 5.0;
 /// Most recent switches a report keeps.
@@ -240,12 +249,13 @@ pub struct ModeDetector {
     report: ModeReport,
 }
 
-/// Whether two RTTs look like the same path (within a factor of two).
+/// Whether two RTTs look like the same path (within a factor of two, or
+/// of [`SAME_PATH_SLACK_US`]).
 fn same_path(a: Option<u32>, b: Option<u32>) -> bool {
     match (a, b) {
         (Some(a), Some(b)) => {
-            let (a, b) = (a as f64, b as f64);
-            b <= 2.0 * a && a <= 2.0 * b
+            let (x, y) = (a as f64, b as f64);
+            (y <= 2.0 * x && x <= 2.0 * y) || a.abs_diff(b) <= SAME_PATH_SLACK_US
         }
         _ => true,
     }
@@ -365,6 +375,12 @@ impl ModeDetector {
         });
         if let Some(c) = s.capacity_bytes_s {
             self.held = Some((s.at_s, c, s.rtt_us));
+        } else if self
+            .held
+            .is_some_and(|(_, c, _)| s.rate_floor_bytes_s > 1.5 * c)
+        {
+            // The path carries more than was measured: it changed.
+            self.held = None;
         }
         let held = self
             .held
@@ -436,9 +452,11 @@ impl ModeDetector {
             // What was measured before the switch describes the old path:
             // the samples between the real change and the switch (RTT
             // already low, retransmissions of what the old path dropped
-            // still counted) must not vote on the new one.
+            // still counted) must not vote on the new one. A capacity
+            // measured on the path the switch was made on stays (it may be
+            // what made it).
             self.losses.clear();
-            self.held = None;
+            self.held = self.held.filter(|h| same_path(h.2, s.rtt_us));
         }
         self.current = Some(to);
         self.since_s = s.at_s;
@@ -678,7 +696,18 @@ mod tests {
         // Idle for 3 s at the same RTT: still internet (capacity held).
         assert!(run(&mut d, 3.5, 6.0, |t| s(t, 1.0, None, None)).is_empty());
         // Past the hold: latency alone says datacenter.
-        let sw = run(&mut d, 6.5, 12.0, |t| s(t, 1.0, None, None));
+        let sw = run(&mut d, 6.5, 40.0, |t| s(t, 1.0, None, None));
+        assert_eq!(sw.len(), 1);
+        assert_eq!(sw[0].to, Datacenter);
+        assert!(sw[0].at_s > 30.0, "{sw:?}");
+        // Carrying half as much again as measured drops it at once.
+        let mut d = detector();
+        run(&mut d, 0.5, 3.0, |t| s(t, 1.0, Some(100.0), None));
+        let sw = run(&mut d, 3.5, 8.0, |t| {
+            let mut x = s(t, 1.0, None, None);
+            x.rate_floor_bytes_s = 160e6 / 8.0;
+            x
+        });
         assert_eq!(sw.len(), 1);
         assert_eq!(sw[0].to, Datacenter);
         // A measured capacity is dropped when the RTT changes 2x.
@@ -687,6 +716,23 @@ mod tests {
         let sw = run(&mut d, 3.5, 6.0, |t| s(t, 0.2, None, None));
         assert_eq!(sw.len(), 1);
         assert!(sw[0].at_s <= 5.0, "{sw:?}");
+    }
+
+    #[test]
+    fn a_fast_lan_measured_slow_now_and_then_does_not_flap() {
+        // 100 Mbit/s without delay: RTT 1-5 ms with queueing, capacity
+        // measured only every 4-7 s (the link the bottleneck now and then).
+        let mut d = detector();
+        let sw = run(&mut d, 0.5, 60.0, |t| {
+            let rtt = [1.2, 4.4, 2.2, 4.8][(t * 2.0) as usize % 4];
+            let measured = [9.0, 13.0, 20.0, 24.5, 31.0, 38.0, 42.0, 49.5, 55.0]
+                .iter()
+                .any(|m| (t - m).abs() < 0.01);
+            s(t, rtt, measured.then_some(95.0), None)
+        });
+        // datacenter by latency first, then internet by capacity, once
+        assert_eq!(sw.len(), 2, "{sw:?}");
+        assert_eq!((sw[0].to, sw[1].to), (Datacenter, Internet));
     }
 
     #[test]
