@@ -119,6 +119,12 @@ pub(super) fn tick(inner: &Inner, now: Instant, link_bound: bool) {
     let sample = st.sampler.sample(&totals, &infos);
     st.rate.push(&sample);
     st.last = Some(sample);
+    if let Some(c) = sample.capacity_bytes_s {
+        inner
+            .tuning
+            .measured_capacity
+            .store(c as u64, Ordering::Relaxed);
+    }
     if let Some(sw) = st.detector.push(&sample) {
         info!(
             name = %inner.name,

@@ -256,6 +256,8 @@ struct Tuning {
     raw_allowed: AtomicBool,
     /// zstd frames go out compressed with context now ([`tune::ContextGate`]).
     context: AtomicBool,
+    /// The newest capacity a link sample measured, wire bytes/s (0: none).
+    measured_capacity: AtomicU64,
 }
 
 /// One migration's multi-stream session. Cheap to clone (shared handle).
@@ -498,6 +500,7 @@ impl Session {
                 credit_loop_us: AtomicU64::new(0),
                 raw_allowed: AtomicBool::new(true),
                 context: AtomicBool::new(cfg_context == crate::transport::ContextUse::Always),
+                measured_capacity: AtomicU64::new(0),
             },
             counters: Counters::default(),
             adapt: Mutex::new(adapt::AdaptState::new(&adapt_cfg, started)),
@@ -702,6 +705,7 @@ impl Session {
                     credit_loop_us: AtomicU64::new(figures.credit_loop_us.unwrap_or(0) as u64),
                     raw_allowed: AtomicBool::new(true),
                     context: AtomicBool::new(false),
+                    measured_capacity: AtomicU64::new(0),
                 },
                 counters: Counters::default(),
                 adapt: Mutex::new(adapt::AdaptState::new(&i.cfg.adapt, i.life.started)),

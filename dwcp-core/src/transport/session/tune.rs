@@ -341,6 +341,9 @@ pub(super) struct TierTuner {
     /// across decisions).
     probe_mark: (u64, u64),
     high_gain: Option<f64>,
+    /// A measured capacity under [`HIGH_LEVEL_BELOW`] moved the tier to
+    /// zstd:3 (once per session).
+    jumped: bool,
 }
 
 impl TierTuner {
@@ -353,6 +356,20 @@ impl TierTuner {
             return Some(AUTO_TIERS[1]);
         }
         None
+    }
+
+    /// The link's measured capacity (wire bytes/s, from the link samples):
+    /// under [`HIGH_LEVEL_BELOW`], a tier below zstd:3 goes to zstd:3 at
+    /// once, as an internet RTT makes it at the start (one core's zstd:3
+    /// is far ahead of such a link); once per session, after which the
+    /// tuner's steps decide. Returns the new tier.
+    pub(super) fn measured_capacity(&mut self, bytes_s: f64) -> Option<Tier> {
+        if self.jumped || bytes_s <= 0.0 || bytes_s >= HIGH_LEVEL_BELOW || self.level >= ZSTD3 {
+            return None;
+        }
+        self.jumped = true;
+        self.level = ZSTD3;
+        Some(AUTO_TIERS[ZSTD3])
     }
 
     /// The lowest level the tuner may step down to.
@@ -425,6 +442,7 @@ impl TierTuner {
         *self = TierTuner {
             level: self.level,
             no_raw: self.no_raw,
+            jumped: self.jumped,
             probe_mark: self.probe_mark,
             high_gain: self.high_gain,
             ..TierTuner::default()
@@ -577,6 +595,23 @@ mod tests {
         // while on, up to 1.25x the rate keeps it
         assert_eq!(g.sample(at(7.0), 236_250_000, 2_000_000_000), None);
         assert!(!g.sample(at(8.0), 271_250_000, 2_050_000_000).unwrap().0);
+    }
+
+    #[test]
+    fn a_slow_measured_capacity_moves_to_zstd3_once() {
+        let mut t = TierTuner::start(Tier::Lz4);
+        // 1 Gbit/s: nothing to do
+        assert_eq!(t.measured_capacity(125e6), None);
+        // 100 Mbit/s: zstd:3 at once
+        assert_eq!(t.measured_capacity(12.5e6), Some(Tier::Zstd(3)));
+        // the encoders turn out to be the bottleneck: down a step...
+        let c = second(&mut t, Instant::now(), 0, 20, 12.5e6).unwrap();
+        assert_eq!(c.tier, Tier::Zstd(1));
+        // ...and another measurement does not undo that
+        assert_eq!(t.measured_capacity(12.5e6), None);
+        // never downwards
+        let mut t = TierTuner::start(Tier::Zstd(6));
+        assert_eq!(t.measured_capacity(12.5e6), None);
     }
 
     #[test]

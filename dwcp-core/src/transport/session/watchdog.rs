@@ -96,6 +96,11 @@ fn tune_tier(inner: &Inner, tiers: &mut TierTuner, load: Load) {
         *inner.tuning.tier.lock() = c;
         info!(name = %inner.name, tier = %c, "auto tier: raw frames only on a datacenter path");
     }
+    let capacity = inner.tuning.measured_capacity.load(Ordering::Relaxed);
+    if let Some(c) = tiers.measured_capacity(capacity as f64) {
+        *inner.tuning.tier.lock() = c;
+        info!(name = %inner.name, tier = %c, capacity_mbit = capacity as f64 * 8.0 / 1e6, "auto tier: a measured capacity under 200 Mbit/s");
+    }
     let sample = TierSample {
         now: Instant::now(),
         encode_queue_full: load.encode_queue_full,
