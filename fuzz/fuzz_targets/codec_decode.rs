@@ -41,16 +41,20 @@ fuzz_target!(|data: &[u8]| {
         p.set_delta(ring & 1 == 0);
         p
     };
-    let new_rebuilder = || Rebuilder::with_spill(ring_bytes, spill, &dir).expect("spill file");
-    let mut planner = new_planner();
-    let mut rebuilder = new_rebuilder();
+    // A new channel: both ends' rings, the sender's context stream, and
+    // whether the rings and the context streams are in step (true).
+    let fresh = || {
+        (
+            new_planner(),
+            Rebuilder::with_spill(ring_bytes, spill, &dir).expect("spill file"),
+            ContextEncoder::new().expect("zstd context"),
+            true,
+            true,
+        )
+    };
+    let (mut planner, mut rebuilder, mut ctx, mut in_step, mut ctx_in_step) = fresh();
     let mut dec = Decompressor::new();
     let mut comp = Compressor::new();
-    let mut ctx = ContextEncoder::new().expect("zstd context");
-    let mut in_step = true;
-    // The context streams of both ends are in step (no hand-made context
-    // piece was accepted since the channel started).
-    let mut ctx_in_step = true;
     while rest.len() >= 9 {
         let codec_b = rest[0];
         let plan_len = u24(&rest[1..4]);
@@ -106,11 +110,7 @@ fuzz_target!(|data: &[u8]| {
                         expect.is_none() || !in_step || !ctx_in_step,
                         "decoding the context stream's own piece failed: {e}"
                     );
-                    planner = new_planner();
-                    rebuilder = new_rebuilder();
-                    ctx = ContextEncoder::new().expect("zstd context");
-                    in_step = true;
-                    ctx_in_step = true;
+                    (planner, rebuilder, ctx, in_step, ctx_in_step) = fresh();
                 }
             }
             continue;
@@ -150,11 +150,7 @@ fuzz_target!(|data: &[u8]| {
                     "rebuilding the planner's plan failed: {e}"
                 );
                 // After an error the channel is torn down: start afresh.
-                planner = new_planner();
-                rebuilder = new_rebuilder();
-                ctx = ContextEncoder::new().expect("zstd context");
-                in_step = true;
-                ctx_in_step = true;
+                (planner, rebuilder, ctx, in_step, ctx_in_step) = fresh();
                 continue;
             }
         }
