@@ -77,7 +77,8 @@ fuzz_target!(|data: &[u8]| {
             planner.plan(bytes, &mut plan);
             let mut wire = Vec::new();
             let id = if codec_b & 3 == 3 {
-                ctx.compress(1, &plan, &mut wire).expect("context compression");
+                ctx.compress(1, &plan, &mut wire)
+                    .expect("context compression");
                 CodecId::ZstdCtx
             } else {
                 comp.compress(tier, &plan, &mut wire)
