@@ -197,9 +197,13 @@ impl Lab {
         let log = self.dir.join(format!("{name}-agent.log"));
         let logf = File::options().create(true).append(true).open(&log)?;
         let mut cmd = self.topo.exec(&ns, dwcp_bin()?);
+        // The agents' log filter: `info`, or DWCP_LAB_AGENT_LOG (e.g.
+        // `info,dwcp_core::transport::session::adapt=debug` for every link
+        // sample).
+        let level = std::env::var("DWCP_LAB_AGENT_LOG").unwrap_or_else(|_| "info".into());
         cmd.args([
             "--log",
-            "info",
+            &level,
             "agent",
             "--listen",
             &format!("{ip}:{port}"),

@@ -15,8 +15,15 @@
 //!   at least half of the interval's 50 ms clock ticks (readers waiting for
 //!   credit or encoded frames piling up, *and* the kernel holding at least
 //!   half of the bytes in flight in the streams' send queues: the signal
-//!   `--codec auto` already steps on). Then the wire rate the peer delivered
-//!   over the interval is what the path carries.
+//!   `--codec auto` already steps on), or when the path dropped at least
+//!   [`CONGESTION_LOSS`] of the interval's segments (a queue that
+//!   overflows: the path carries no more than it delivered). Then the wire
+//!   rate the peer delivered over the interval is what the path carries.
+//!   The loss rule is what finds a 100 Mbit/s LAN at once: its RTT looks
+//!   like a datacenter's, raw frames overflow its shallow queue (13-20 %
+//!   of the segments retransmitted, `lan100` profile), and the kernel's
+//!   send queues stay small at that RTT, so the backlog signal never fired
+//!   and the first capacity came 4-8 s late.
 //! - `rate_floor_bytes_s`: always, the higher of the wire rate sent and the
 //!   rate delivered: the path carries at least this much, so it can prove a
 //!   fast link, never a slow one.
@@ -125,6 +132,12 @@ pub const WINDOW_SLACK: f64 = 4.0;
 /// Share of an interval stalled by the peer's receive window above which
 /// the peer, not the path, set the pace.
 pub const RWND_LIMITED_MAX: f64 = 0.25;
+
+/// Loss from which a sample reads the path as the bottleneck whatever the
+/// queues say (module doc). Random loss of a WAN is well below it
+/// (`internet`: 0.1 %); where a path loses this much at random, TCP's
+/// rate under that loss is what the streams can carry anyway.
+pub const CONGESTION_LOSS: f64 = 0.01;
 
 /// MSS assumed when the kernel reports none.
 const DEFAULT_MSS: u32 = 1448;
@@ -252,8 +265,13 @@ impl LinkSampler {
         // stream restarting after idle), and reading that as the path's
         // capacity made a bridge look like a 59 Mbit/s link.
         let window_bound = window_rate.is_none_or(|w| delivered * WINDOW_SLACK >= w);
-        let bottleneck =
-            link_bound >= 0.5 && delivered > 0.0 && rwnd_limited < RWND_LIMITED_MAX && window_bound;
+        let loss =
+            (segs >= MIN_LOSS_SEGMENTS).then(|| retrans.saturating_sub(dsack) as f64 / segs as f64);
+        let congested = loss.is_some_and(|l| l >= CONGESTION_LOSS);
+        let bottleneck = (link_bound >= 0.5 || congested)
+            && delivered > 0.0
+            && rwnd_limited < RWND_LIMITED_MAX
+            && window_bound;
         let sample = LinkSample {
             at_s: now.at.saturating_duration_since(self.started).as_secs_f64(),
             interval_s: dt,
@@ -266,8 +284,7 @@ impl LinkSampler {
             raw_rate_bytes_s: raw_rate,
             delivered_rate_bytes_s: delivered,
             ratio: (d_wire > 0 && d_raw > 0).then(|| d_raw as f64 / d_wire as f64),
-            loss: (segs >= MIN_LOSS_SEGMENTS)
-                .then(|| retrans.saturating_sub(dsack) as f64 / segs as f64),
+            loss,
             retrans_segments: retrans,
             dsack_segments: dsack,
             segments_out: segs,
@@ -384,6 +401,35 @@ mod tests {
         let b = s.sample(&totals(t0, 1000, 7_400_000, 20), &streams);
         assert!((b.rwnd_limited - 0.5).abs() < 1e-9, "{b:?}");
         assert_eq!(b.capacity_bytes_s, None);
+    }
+
+    #[test]
+    fn heavy_loss_makes_the_delivered_rate_a_capacity() {
+        // One sample of the `lan100` profile with raw frames (agent log):
+        // 4.7 ms RTT with queueing, 55 segments of window in all, 5,257
+        // segments sent and 1,070 retransmitted in 0.5 s, 9.8 MB/s
+        // delivered, and the backlog signal on 1 tick of 10.
+        let t0 = Instant::now();
+        let lan = |sent: u64, segs: u32, retrans: u32| TcpInfo {
+            rtt_us: 4751,
+            min_rtt_us: 42,
+            cwnd: 14,
+            snd_mss: 1448,
+            bytes_sent: sent,
+            data_segs_out: segs,
+            total_retrans: retrans,
+            ..Default::default()
+        };
+        let mut s = LinkSampler::new(t0);
+        let streams = vec![Some(lan(1_900_000, 1314, 267)); 4];
+        let a = s.sample(&totals(t0, 500, 4_910_000, 1), &streams);
+        assert!(a.loss.unwrap() > 0.2, "{a:?}");
+        assert_eq!(a.capacity_bytes_s, Some(9.82e6));
+        // The same with the internet's 0.1 % random loss: no capacity.
+        let mut s = LinkSampler::new(t0);
+        let streams = vec![Some(lan(1_900_000, 1314, 1)); 4];
+        let a = s.sample(&totals(t0, 500, 4_910_000, 1), &streams);
+        assert_eq!(a.capacity_bytes_s, None, "{a:?}");
     }
 
     #[test]

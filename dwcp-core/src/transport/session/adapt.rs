@@ -14,7 +14,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use socket2::SockRef;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{hex, Inner, Role};
 use crate::adapt::{
@@ -117,6 +117,7 @@ pub(super) fn tick(inner: &Inner, now: Instant, link_bound: bool) {
         .map(|s| tcp_info(s).ok())
         .collect();
     let sample = st.sampler.sample(&totals, &infos);
+    debug!(name = %inner.name, role = ?inner.role, ?sample, "link sample");
     st.rate.push(&sample);
     st.last = Some(sample);
     if let Some(c) = sample.capacity_bytes_s {
