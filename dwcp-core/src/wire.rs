@@ -260,6 +260,12 @@ pub const FLAG_KEEP: u8 = 0x02;
 /// [`crate::codec::context`]); granted when the responder allows them.
 pub const FLAG_CONTEXT: u8 = 0x04;
 
+/// Hello/reply flag: the initiator may find the pages of QEMU's multifd
+/// channels and send them as page ops, each such channel with a smaller
+/// dedup ring announced by a RING plan op ([`crate::codec`]); granted by
+/// responders that understand the op.
+pub const FLAG_MULTIFD: u8 = 0x08;
+
 fn read_exact_or(r: &mut impl Read, buf: &mut [u8], what: &'static str) -> Result<(), WireError> {
     let mut got = 0;
     while got < buf.len() {

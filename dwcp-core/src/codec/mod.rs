@@ -41,6 +41,7 @@ use std::str::FromStr;
 
 pub mod context;
 pub mod keep;
+mod multifd;
 mod plan;
 
 pub use plan::{DeltaStats, PlanStats, Planner, Rebuilder};
@@ -219,6 +220,19 @@ pub enum CodecError {
         tag: u8,
         /// Offset in the plan.
         offset: usize,
+    },
+    /// A RING op anywhere but first in a channel's first frame, or asking
+    /// for no ring or more than the session agreed.
+    #[error(
+        "dedup RING op for {pages} pages at plan offset {offset}: allowed only first in a channel's first frame, for 1..={cap} pages"
+    )]
+    BadRing {
+        /// Pages asked for.
+        pages: u64,
+        /// Offset in the plan.
+        offset: usize,
+        /// The ring the session agreed, pages.
+        cap: u64,
     },
     /// Varint runs past the end of the plan.
     #[error("truncated varint at plan offset {offset}")]

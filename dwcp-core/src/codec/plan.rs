@@ -10,6 +10,7 @@ use std::sync::{Arc, OnceLock};
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::keep::{self, KeptCopy, PeerHas, Recorder};
+use super::multifd;
 use super::{CodecError, MAX_PLAN_LEN, MAX_RAW_LEN, PAGE_SIZE};
 
 pub(crate) const OP_LIT: u8 = 0x01;
@@ -30,6 +31,12 @@ pub(crate) const OP_DELTA: u8 = 0x06;
 /// [`super::keep`]): `0x07 HAVE index`; the receiver reads the page from
 /// its copy, checks its SHA-256, and inserts it into the ring like PAGE.
 pub(crate) const OP_HAVE: u8 = 0x07;
+/// The channel's dedup ring holds `pages` pages (at most the size the
+/// session agreed): `0x08 RING pages`, only as the first op of a channel's
+/// first frame, before anything enters the ring. A multifd channel's
+/// planner sends it ([`Planner::set_multifd`]): a session has one ring's
+/// worth of memory for its rings, and several multifd channels share it.
+pub(crate) const OP_RING: u8 = 0x08;
 
 /// Zero bytes in an XOR of two pages shorter than this stay inside a run.
 const DELTA_MIN_GAP: usize = 8;
@@ -199,6 +206,12 @@ impl Ring {
         }
     }
 
+    /// Gives the ring `pages` pages, before anything was inserted.
+    fn resize(&mut self, pages: u64) {
+        debug_assert!(self.count == 0 && self.data.is_empty());
+        self.cap = pages;
+    }
+
     /// Allocates the whole ring at once on first use: zeroed allocations
     /// are backed lazily by the OS, and this avoids reallocation copies.
     #[inline]
@@ -357,6 +370,25 @@ pub struct Planner {
     /// What the receiver announced it holds from an earlier migration of
     /// this guest (set once its HAVE frames arrived).
     have: Option<Arc<OnceLock<PeerHas>>>,
+    /// How the channel carries pages (decided by its first bytes).
+    framing: Framing,
+    /// Scratch: the pages a multifd parser found in a frame.
+    found: Vec<(usize, u64)>,
+    /// The ring a multifd channel's planner uses (pages), when the
+    /// receiver agreed to multifd channels' pages ([`Planner::set_multifd`]).
+    multifd_ring: Option<u64>,
+    /// The first planned frame has gone (a RING op only in that one).
+    ring_sent: bool,
+}
+
+/// How a channel carries guest pages.
+enum Framing {
+    /// Its first frame has not been planned yet.
+    Unknown,
+    /// QEMU's main channel: page records, found by [`find_record`].
+    Precopy,
+    /// A multifd channel: packets of pages ([`super::multifd`]).
+    Multifd(Box<multifd::Parser>),
 }
 
 /// The [`Planner`]'s state for deltas of re-sent pages.
@@ -565,7 +597,57 @@ impl Planner {
             hash: xxh3_64,
             d: Box::default(),
             have: None,
+            framing: Framing::Unknown,
+            found: Vec::new(),
+            multifd_ring: None,
+            ring_sent: false,
         }
+    }
+
+    /// Lets this planner find the pages of a multifd channel (when its
+    /// first bytes are one) and deduplicate them with a ring of
+    /// `ring_pages` pages (at most its own; rounded down to a multiple of
+    /// 64, at least 64), announced to the receiver by an [`OP_RING`]. Only
+    /// where the receiver agreed: without it, a multifd channel's bytes go
+    /// as literal and zero runs. Call before the first frame.
+    pub fn set_multifd(&mut self, ring_pages: Option<u64>) {
+        self.multifd_ring = ring_pages
+            .filter(|_| self.ring.cap > 0)
+            .map(|p| (p / SPILL_BATCH * SPILL_BATCH).clamp(SPILL_BATCH, self.ring.cap));
+    }
+
+    /// Decides the channel's framing from its first bytes.
+    fn frame_framing(&mut self, raw: &[u8]) {
+        if matches!(self.framing, Framing::Unknown) && !raw.is_empty() {
+            self.framing = match self.multifd_ring {
+                Some(_) if multifd::Parser::starts(raw) && self.ring.count == 0 => {
+                    Framing::Multifd(Box::new(multifd::Parser::new(page_key)))
+                }
+                _ => Framing::Precopy,
+            };
+        }
+    }
+
+    /// The channel's next `raw` bytes go out as they are (a raw frame, not
+    /// planned): a multifd channel's parser follows them, so that it keeps
+    /// its place in QEMU's packets. Nothing enters the ring.
+    pub fn skip(&mut self, raw: &[u8]) {
+        if self.ring.cap == 0 || self.multifd_ring.is_none() {
+            return;
+        }
+        self.frame_framing(raw);
+        if let Framing::Multifd(parser) = &mut self.framing {
+            let mut found = std::mem::take(&mut self.found);
+            parser.pages(raw, &mut found);
+            found.clear();
+            self.found = found;
+        }
+    }
+
+    /// Whether this planner found its channel to be a multifd channel
+    /// whose packets it follows (false once it lost track of them).
+    pub fn multifd(&self) -> bool {
+        matches!(&self.framing, Framing::Multifd(p) if p.lost.is_none())
     }
 
     /// Re-migration ([`super::keep`]): `rec` records every page this
@@ -679,8 +761,31 @@ impl Planner {
         out.reserve(raw.len() + raw.len() / 256 + 16);
         self.stats.raw_bytes += raw.len() as u64;
         let mut em = Emitter { out, zero_bytes: 0 };
+        self.frame_framing(raw);
+        if !self.ring_sent {
+            // The channel's first planned frame: a multifd channel's ring
+            // is announced before anything enters it.
+            self.ring_sent = true;
+            if let (Framing::Multifd(_), Some(pages)) = (&self.framing, self.multifd_ring) {
+                self.ring.resize(pages);
+                em.out.push(OP_RING);
+                put_varint(em.out, pages);
+            }
+        }
         if self.ring.cap == 0 {
             em.region(raw, 0, raw.len());
+        } else if let Framing::Multifd(parser) = &mut self.framing {
+            let mut found = std::mem::take(&mut self.found);
+            found.clear();
+            parser.pages(raw, &mut found);
+            let mut region_start = 0;
+            for &(at, key) in &found {
+                em.region(raw, region_start, at);
+                self.page(&raw[at..at + PAGE_SIZE], key, &mut em);
+                region_start = at + PAGE_SIZE;
+            }
+            em.region(raw, region_start, raw.len());
+            self.found = found;
         } else {
             let mut region_start = 0;
             while let Some(rec) = find_record(raw, region_start) {
@@ -900,6 +1005,8 @@ pub struct Rebuilder {
     /// The channel's context stream ([`super::context`]), from its first
     /// such frame on, and the plan it decodes into.
     context: Option<Box<(super::context::ContextDecoder, Vec<u8>)>>,
+    /// No frame rebuilt yet (an [`OP_RING`] may come).
+    first: bool,
 }
 
 impl fmt::Debug for Rebuilder {
@@ -919,6 +1026,7 @@ impl Rebuilder {
             kept: None,
             kept_buf: Vec::new(),
             context: None,
+            first: true,
         }
     }
 
@@ -1010,6 +1118,7 @@ impl Rebuilder {
             });
         }
         out.reserve_exact(raw_len);
+        let first = std::mem::replace(&mut self.first, false);
         let mut p = 0usize;
         while p < plan.len() {
             let offset = p;
@@ -1110,6 +1219,17 @@ impl Rebuilder {
                     k.read(idx, &mut self.kept_buf)?;
                     out.extend_from_slice(&self.kept_buf);
                     self.ring.insert(&self.kept_buf)?;
+                }
+                OP_RING => {
+                    let pages = get_varint(plan, &mut p)?;
+                    if !first || offset != 0 || pages == 0 || pages > self.ring.cap {
+                        return Err(CodecError::BadRing {
+                            pages,
+                            offset,
+                            cap: self.ring.cap,
+                        });
+                    }
+                    self.ring.resize(pages);
                 }
                 _ => return Err(CodecError::BadTag { tag, offset }),
             }

@@ -488,8 +488,8 @@ fn codec_corrupt_plans_error() {
         assert!(out.capacity() <= MAX_RAW_LEN.max(s.len() + 1));
     }
     let mut rb = Rebuilder::new(CACHE);
-    let e = rb.rebuild(&[0x08, 1], 1, &mut out).unwrap_err();
-    assert!(matches!(e, CodecError::BadTag { tag: 8, offset: 0 }), "{e}");
+    let e = rb.rebuild(&[0x09, 1], 1, &mut out).unwrap_err();
+    assert!(matches!(e, CodecError::BadTag { tag: 9, offset: 0 }), "{e}");
     assert!(rb.rebuild(&[0x00], 1, &mut out).is_err());
     assert!(matches!(
         rb.rebuild(&[OP_LIT, 0x80], 1, &mut out),
@@ -1221,4 +1221,245 @@ fn bad_have_references_are_refused() {
         out.len() <= 6 * (PAGE_SIZE + 8) + 16,
         "page 6 not delivered"
     );
+}
+
+/// A multifd channel as QEMU 10.0 writes it (migration/multifd.h): the
+/// 64-byte init packet, then per iteration RAM packets of up to 128 pages
+/// (`normal` pages of `pages`, their offsets; zero pages listed after
+/// them) with a SYNC packet after each iteration, a zstd-flagged packet
+/// whose payload is opaque, a device state packet, and a last RAM packet
+/// of 10 pages, which starts at the offset returned beside the stream.
+fn multifd_stream(iters: &[Vec<Vec<u8>>]) -> (Vec<u8>, usize) {
+    fn packet(s: &mut Vec<u8>, flags: u32, block: &[u8], pages: &[(u64, &[u8])], zeros: u32) {
+        let normal: Vec<_> = pages.iter().filter(|(_, p)| !p.is_empty()).collect();
+        s.extend_from_slice(&0x1122_3344u32.to_be_bytes());
+        s.extend_from_slice(&1u32.to_be_bytes());
+        s.extend_from_slice(&flags.to_be_bytes());
+        // QEMU's SYNC packets say 0 pages allocated (and are as long).
+        let alloc: u32 = if flags == 1 { 0 } else { 128 };
+        s.extend_from_slice(&alloc.to_be_bytes());
+        s.extend_from_slice(&(normal.len() as u32).to_be_bytes());
+        s.extend_from_slice(&((normal.len() * PAGE_SIZE) as u32).to_be_bytes());
+        s.extend_from_slice(&7u64.to_be_bytes());
+        s.extend_from_slice(&zeros.to_be_bytes());
+        s.extend_from_slice(&[0u8; 4 + 24]);
+        let mut name = [0u8; 256];
+        name[..block.len()].copy_from_slice(block);
+        s.extend_from_slice(&name);
+        for i in 0..128 {
+            let off = normal.get(i).map_or(i as u64 * 4096, |(o, _)| *o);
+            s.extend_from_slice(&off.to_be_bytes());
+        }
+        for (_, p) in &normal {
+            s.extend_from_slice(p);
+        }
+    }
+    let mut s = Vec::new();
+    s.extend_from_slice(&0x1122_3344u32.to_be_bytes());
+    s.extend_from_slice(&1u32.to_be_bytes());
+    s.extend_from_slice(&[0xAB; 56]);
+    for it in iters {
+        for (b, batch) in it.chunks(100).enumerate() {
+            let pages: Vec<(u64, &[u8])> = batch
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (((b * 100 + i) as u64) << 12, p.as_slice()))
+                .collect();
+            packet(&mut s, 0, b"pc.ram", &pages, 3);
+        }
+        packet(&mut s, 1, b"", &[], 0);
+    }
+    // A zstd packet: header, then 5000 bytes the parser must not look into
+    // (a copy of a page among them).
+    let mut z = Vec::new();
+    packet(&mut z, 2 << 1, b"pc.ram", &[], 0);
+    z[20..24].copy_from_slice(&5000u32.to_be_bytes());
+    s.extend_from_slice(&z);
+    s.extend_from_slice(&iters[0][1][..4096]);
+    s.extend_from_slice(&[7u8; 904]);
+    // Device state: 276-byte header, 100 bytes of state.
+    s.extend_from_slice(&0x1122_3344u32.to_be_bytes());
+    s.extend_from_slice(&1u32.to_be_bytes());
+    s.extend_from_slice(&(32u32 << 1).to_be_bytes());
+    s.extend_from_slice(&[b'v'; 256]);
+    s.extend_from_slice(&0u32.to_be_bytes());
+    s.extend_from_slice(&100u32.to_be_bytes());
+    s.extend_from_slice(&[9u8; 100]);
+    // And one more RAM packet after them, repeating the first iteration's
+    // first pages: found only if the parser kept its place.
+    let again: Vec<(u64, &[u8])> = iters[0][..10]
+        .iter()
+        .enumerate()
+        .map(|(i, p)| ((i as u64) << 12, p.as_slice()))
+        .collect();
+    let tail = s.len();
+    packet(&mut s, 0, b"pc.ram", &again, 0);
+    (s, tail)
+}
+
+/// The pages of a multifd channel are found, deduplicated and sent as
+/// deltas like those of the main channel, at any frame size (pages that
+/// straddle frames included), and every frame rebuilds byte for byte.
+#[test]
+fn multifd_pages_are_found_deduplicated_and_delta_encoded() {
+    let mut iters = iterations(5, 300, 3);
+    // Duplicates inside the first iteration.
+    for i in 0..40 {
+        iters[0][200 + i] = iters[0][i].clone();
+    }
+    let (s, tail) = multifd_stream(&iters);
+    for frame in [256 << 10, 64 << 10, 4096 * 3 + 17, 1000] {
+        let mut p = Planner::new(1024 * PAGE_SIZE);
+        p.set_delta(true);
+        p.set_multifd(Some(512));
+        let mut r = Rebuilder::new(1024 * PAGE_SIZE);
+        let mut planned = plan_and_rebuild(&mut p, &mut r, &s[..tail], frame);
+        // The last packet, in one frame, after the zstd and device state
+        // packets: its 10 pages are found only if the parser kept its place.
+        let seen = p.stats().pages_seen;
+        planned += plan_and_rebuild(&mut p, &mut r, &s[tail..], s.len());
+        assert_eq!(p.stats().pages_seen, seen + 10, "frame {frame}");
+        assert!(p.multifd(), "frame {frame}: parser lost track");
+        let st = p.stats();
+        let d = p.delta_stats();
+        eprintln!("frame {frame}: {st:?} {d:?}, plan {planned} of {}", s.len());
+        // Without the receiver's agreement: no page found, every byte sent.
+        let mut q = Planner::new(1024 * PAGE_SIZE);
+        q.set_delta(true);
+        let mut r = Rebuilder::new(1024 * PAGE_SIZE);
+        let bytes = plan_and_rebuild(&mut q, &mut r, &s, frame);
+        assert_eq!(q.stats().pages_seen, 0);
+        assert!(!q.multifd());
+        assert!(bytes > planned || frame == 1000, "{bytes} vs {planned}");
+        if frame >= 64 << 10 {
+            // At most one page per frame straddles.
+            let frames = s.len().div_ceil(frame) as u64;
+            assert!(st.pages_seen + frames >= 3 * 300 + 10, "{frame}: {st:?}");
+            assert!(st.pages_deduped > 200, "{frame}: {st:?}");
+            assert!(d.pages_delta > 100, "{frame}: {d:?}");
+            assert!(
+                planned * 10 < s.len() * 8,
+                "{frame}: {planned} of {}",
+                s.len()
+            );
+        } else if frame == 1000 {
+            // No whole page in any frame but the last: nothing found,
+            // nothing lost.
+            assert_eq!(st.pages_seen, 10);
+        }
+    }
+}
+
+/// A stream that starts like multifd and then stops making sense is still
+/// rebuilt byte for byte; the parser gives up and the pages go as bytes.
+#[test]
+fn a_multifd_stream_that_stops_making_sense_still_rebuilds() {
+    let iters = iterations(6, 120, 1);
+    let (mut s, _) = multifd_stream(&iters);
+    // Break the second packet's magic.
+    let second = 64 + 320 + 8 * 128 + 100 * PAGE_SIZE;
+    s[second] ^= 0xFF;
+    let mut p = Planner::new(256 * PAGE_SIZE);
+    p.set_multifd(Some(256));
+    let mut r = Rebuilder::new(256 * PAGE_SIZE);
+    plan_and_rebuild(&mut p, &mut r, &s, s.len());
+    assert!(!p.multifd());
+    assert_eq!(p.stats().pages_seen, 100);
+    // Random bytes after a multifd magic: the same.
+    let mut rng = StdRng::seed_from_u64(3);
+    let mut s = multifd_stream(&iters).0[..72].to_vec();
+    s.extend(random_bytes(&mut rng, 1 << 20));
+    let mut p = Planner::new(256 * PAGE_SIZE);
+    p.set_multifd(Some(256));
+    let mut r = Rebuilder::new(256 * PAGE_SIZE);
+    plan_and_rebuild(&mut p, &mut r, &s, 100_000);
+    // And a precopy stream is never read as multifd.
+    let mut p = Planner::new(256 * PAGE_SIZE);
+    p.set_multifd(Some(256));
+    let mut r = Rebuilder::new(256 * PAGE_SIZE);
+    let s = pass(&iters[0]);
+    plan_and_rebuild(&mut p, &mut r, &s, s.len());
+    assert!(!p.multifd());
+    assert_eq!(p.stats().pages_seen, 120);
+}
+
+/// A RING op is obeyed only first in a channel's first frame, and only to
+/// shrink the ring the session agreed.
+#[test]
+fn a_ring_op_out_of_place_or_too_large_is_refused() {
+    use super::plan::OP_RING;
+    let mut out = Vec::new();
+    let lit = [OP_LIT, 1, 7];
+    for (frames, why) in [
+        (
+            vec![vec![OP_RING, 0x80, 0x01]],
+            "more than agreed (128 > 64)",
+        ),
+        (vec![vec![OP_RING, 0]], "no ring"),
+        (vec![[&lit[..], &[OP_RING, 8]].concat()], "not the first op"),
+        (
+            vec![lit.to_vec(), vec![OP_RING, 8]],
+            "not in the first frame",
+        ),
+    ] {
+        let mut rb = Rebuilder::new(64 * PAGE_SIZE);
+        let mut res = Ok(());
+        for f in &frames {
+            res = rb.rebuild(f, 1, &mut out);
+            if res.is_err() {
+                break;
+            }
+        }
+        let e = res.expect_err(why);
+        assert!(matches!(e, CodecError::BadRing { .. }), "{why}: {e}");
+        assert!(e.to_string().contains("RING"), "{e}");
+    }
+    // In place: the ring shrinks, and a reference past it is refused.
+    let mut rb = Rebuilder::new(64 * PAGE_SIZE);
+    let mut page = vec![0u8; PAGE_SIZE];
+    page[0] = 1;
+    let mut plan = vec![OP_RING, 1, OP_PAGE];
+    plan.extend_from_slice(&page);
+    rb.rebuild(&plan, PAGE_SIZE, &mut out).unwrap();
+    assert_eq!(rb.ring_capacity(), 1);
+    let mut plan = vec![OP_PAGE];
+    plan.extend_from_slice(&page);
+    rb.rebuild(&plan, PAGE_SIZE, &mut out).unwrap();
+    let e = rb.rebuild(&[OP_REF, 0], PAGE_SIZE, &mut out).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            CodecError::RefOutOfWindow {
+                idx: 0,
+                lo: 1,
+                hi: 2
+            }
+        ),
+        "{e}"
+    );
+}
+
+/// Frames sent raw (the datacenter tier) between planned ones: the parser
+/// follows them, so the planned frames after them still find their pages,
+/// and the RING op goes in the first planned frame, whichever that is.
+#[test]
+fn a_multifd_parser_follows_frames_sent_raw() {
+    let iters = iterations(7, 300, 2);
+    let (s, _) = multifd_stream(&iters);
+    let mut p = Planner::new(1024 * PAGE_SIZE);
+    p.set_multifd(Some(512));
+    let mut r = Rebuilder::new(1024 * PAGE_SIZE);
+    let (mut plan, mut out) = (Vec::new(), Vec::new());
+    for (k, f) in s.chunks(200_000).enumerate() {
+        if k % 3 != 2 {
+            p.skip(f);
+            continue;
+        }
+        p.plan(f, &mut plan);
+        r.rebuild(&plan, f.len(), &mut out).unwrap();
+        assert!(out == f, "frame {k}");
+    }
+    assert!(p.multifd());
+    assert_eq!(r.ring_capacity(), 512);
+    assert!(p.stats().pages_seen > 150, "{:?}", p.stats());
 }

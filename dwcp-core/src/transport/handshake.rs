@@ -43,7 +43,8 @@ impl Session {
         } else {
             0
         };
-        let own_flags = if cfg.delta { wire::FLAG_DELTA } else { 0 }
+        let own_flags = wire::FLAG_MULTIFD
+            | if cfg.delta { wire::FLAG_DELTA } else { 0 }
             | if cfg.context != super::ContextUse::Off {
                 wire::FLAG_CONTEXT
             } else {
@@ -538,20 +539,23 @@ impl Acceptor {
         // Hello::read checked the ranges overlap.
         let version = hello.version_max.min(wire::VERSION_MAX);
         // Deltas when both ends allow them (this end's rebuilder reads them).
-        let flags = if self.cfg.delta {
-            hello.flags & wire::FLAG_DELTA
-        } else {
-            0
-        } | if self.cfg.context != super::ContextUse::Off {
-            hello.flags & wire::FLAG_CONTEXT
-        } else {
-            0
-        } | match &self.cfg.keep {
-            // Granted only with a copy to announce: the initiator then waits
-            // for the announcement before its first page.
-            Some(k) if k.get(&hello.name).is_some() => hello.flags & wire::FLAG_KEEP,
-            _ => 0,
-        };
+        let flags = (hello.flags & wire::FLAG_MULTIFD)
+            | if self.cfg.delta {
+                hello.flags & wire::FLAG_DELTA
+            } else {
+                0
+            }
+            | if self.cfg.context != super::ContextUse::Off {
+                hello.flags & wire::FLAG_CONTEXT
+            } else {
+                0
+            }
+            | match &self.cfg.keep {
+                // Granted only with a copy to announce: the initiator then waits
+                // for the announcement before its first page.
+                Some(k) if k.get(&hello.name).is_some() => hello.flags & wire::FLAG_KEEP,
+                _ => 0,
+            };
         stream
             .write_all(
                 &Reply {

@@ -131,6 +131,11 @@ struct Inner {
     delta: bool,
     /// Compression with context may be used (as agreed in the hello).
     context: bool,
+    /// The dedup ring of a multifd channel, pages, when the peer agreed to
+    /// multifd channels' pages (the hello's [`crate::wire::FLAG_MULTIFD`]):
+    /// the agreed ring shared by the most multifd channels a session may
+    /// open, so that all their rings fill no more than one.
+    multifd_ring_pages: Option<u64>,
     /// Re-migration: the copy being recorded, what the peer announced.
     keep: KeepState,
     /// What the session's channels and the rings the peer fills may take
@@ -433,6 +438,8 @@ impl Session {
         let delta = flags & crate::wire::FLAG_DELTA != 0 && ring_pages > 0;
         let context = flags & crate::wire::FLAG_CONTEXT != 0;
         let cfg_context = cfg.context;
+        let multifd_ring_pages = (flags & crate::wire::FLAG_MULTIFD != 0 && ring_pages > 0)
+            .then(|| u64::from(ring_pages) / u64::from(cfg.max_channels.max(2) - 1));
         let keep = KeepState::new(
             &cfg,
             role,
@@ -450,6 +457,7 @@ impl Session {
             spill_pages: spill_pages as u64,
             delta,
             context,
+            multifd_ring_pages,
             keep,
             budget: SessionBudget::new(
                 cfg.session_memory.saturating_sub(budget::fixed_bytes(
@@ -506,7 +514,7 @@ impl Session {
             adapt: Mutex::new(adapt::AdaptState::new(&adapt_cfg, started)),
             retired: None,
         });
-        info!(name, session = %hex(&id), ?role, streams = n, window, ring_pages, spill_pages, delta, context, "session started");
+        info!(name, session = %hex(&id), ?role, streams = n, window, ring_pages, spill_pages, delta, context, multifd_ring_pages, "session started");
         let sess = Session { inner };
         for (i, s) in streams.into_iter().enumerate() {
             let inner = sess.inner.clone();
@@ -656,6 +664,7 @@ impl Session {
                 spill_pages: i.spill_pages,
                 delta: i.delta,
                 context: i.context,
+                multifd_ring_pages: i.multifd_ring_pages,
                 keep: KeepState {
                     recorder: None,
                     peer_has: None,

@@ -76,6 +76,7 @@ impl FrameSender {
         planner.set_delta(inner.delta && inner.role == super::Role::Initiator);
         if inner.role == super::Role::Initiator {
             planner.set_keep(inner.keep.recorder.clone(), inner.keep.peer_has.clone());
+            planner.set_multifd(inner.multifd_ring_pages);
         }
         let last = planner.stats();
         FrameSender {
@@ -176,6 +177,7 @@ impl FrameSender {
     ) -> bool {
         let n = data.len();
         if raw {
+            self.planner.skip(&data);
             let crc = (!Self::unchecked(inner)).then(|| crc32c::crc32c(&data));
             let h = self.raw_header(inner, ch, n, crc);
             if inline {

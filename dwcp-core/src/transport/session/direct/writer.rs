@@ -98,6 +98,9 @@ impl ChannelWriter {
                     need -= k;
                 }
                 left -= want;
+                for sl in &slices {
+                    tx.planner.skip(sl);
+                }
                 let h = tx.raw_header(inner, ch, want, None);
                 if !write_inline(inner, &h, &slices) {
                     return Err(self.why());
