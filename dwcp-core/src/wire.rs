@@ -266,6 +266,11 @@ pub const FLAG_CONTEXT: u8 = 0x04;
 /// responders that understand the op.
 pub const FLAG_MULTIFD: u8 = 0x08;
 
+/// Hello/reply flag: the initiator may send XREF plan ops, references to a
+/// page another channel of the session holds in its spill file
+/// ([`crate::codec::xref`]); granted by responders that resolve them.
+pub const FLAG_XREF: u8 = 0x10;
+
 fn read_exact_or(r: &mut impl Read, buf: &mut [u8], what: &'static str) -> Result<(), WireError> {
     let mut got = 0;
     while got < buf.len() {

@@ -39,9 +39,17 @@ fn migrate_and_verify(tag: &str, spec: GuestSpec, mig: MigrationSpec) {
             "pages found: {s}"
         );
         eprintln!(
-            "{tag}: pages seen {}, sent as references {}, as deltas {}",
-            s["pages_seen"], s["pages_deduped"], s["pages_delta"]
+            "{tag}: pages seen {}, sent as references {} (to another channel's copy {}), as deltas {}",
+            s["pages_seen"], s["pages_deduped"], s["pages_xref"], s["pages_delta"]
         );
+        // Content one multifd channel sent, another sent again as a
+        // reference to the first one's copy (docs/hde.md).
+        if mig.multifd.is_some() {
+            assert!(
+                s["pages_xref"].as_u64().unwrap_or(0) > 0,
+                "no cross-channel reference: {s}"
+            );
+        }
     }
     // Everything QEMU sent arrived on the other side.
     assert!(

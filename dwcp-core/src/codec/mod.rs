@@ -43,6 +43,7 @@ pub mod context;
 pub mod keep;
 mod multifd;
 mod plan;
+pub mod xref;
 
 pub use plan::{DeltaStats, PlanStats, Planner, Rebuilder};
 
@@ -220,6 +221,16 @@ pub enum CodecError {
         tag: u8,
         /// Offset in the plan.
         offset: usize,
+    },
+    /// A cross-channel reference that cannot be resolved.
+    #[error("cross-channel reference to page {idx} of channel {channel}: {why}")]
+    Xref {
+        /// The channel named.
+        channel: u64,
+        /// Its page index named.
+        idx: u64,
+        /// What is wrong.
+        why: &'static str,
     },
     /// A RING op anywhere but first in a channel's first frame, or asking
     /// for no ring or more than the session agreed.

@@ -11,6 +11,7 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use super::keep::{self, KeptCopy, PeerHas, Recorder};
 use super::multifd;
+use super::xref::Shared;
 use super::{CodecError, MAX_PLAN_LEN, MAX_RAW_LEN, PAGE_SIZE};
 
 pub(crate) const OP_LIT: u8 = 0x01;
@@ -27,6 +28,11 @@ pub(crate) const OP_MARK: u8 = 0x05;
 /// offsets the runs name; `hash` (xxh3-64 of the page) is checked before
 /// the page is used, and the page is inserted into the ring like PAGE.
 pub(crate) const OP_DELTA: u8 = 0x06;
+/// A page another channel of the session holds in its spill file
+/// ([`super::xref`]): `0x09 XREF channel idx hash(8 bytes, LE)`; the
+/// receiver reads it from that channel's file, checks its xxh3-64 and
+/// inserts it into this channel's ring like PAGE.
+pub(crate) const OP_XREF: u8 = 0x09;
 /// A page the receiver holds in the kept copy it announced (re-migration,
 /// [`super::keep`]): `0x07 HAVE index`; the receiver reads the page from
 /// its copy, checks its SHA-256, and inserts it into the ring like PAGE.
@@ -73,6 +79,8 @@ pub struct PlanStats {
     /// Pages sent as a HAVE reference to the receiver's kept copy
     /// (re-migration).
     pub pages_kept: u64,
+    /// Pages sent as a reference to another channel's copy (XREF).
+    pub pages_xref: u64,
 }
 
 /// Delta counters of a [`Planner`] ([`Planner::delta_stats`]); kept apart
@@ -165,6 +173,9 @@ struct Ring {
     /// Every page inserted is also recorded here (the session's copy for
     /// a later re-migration).
     rec: Option<Arc<Recorder>>,
+    /// The session's channels' shared state, and this channel's id
+    /// (cross-channel references, [`super::xref`]).
+    share: Option<(Arc<Shared>, u16)>,
 }
 
 /// Pages written to a spill file at once (when the ring and the file are
@@ -174,7 +185,7 @@ const SPILL_BATCH: u64 = 64;
 /// The on-disk part of a [`Ring`]: an unlinked file (nothing is left behind
 /// if the process dies) holding `cap` pages, and a page buffer for reads.
 struct Spill {
-    file: std::fs::File,
+    file: Arc<std::fs::File>,
     cap: u64,
     buf: Vec<u8>,
 }
@@ -184,7 +195,7 @@ impl Spill {
     fn create(dir: &std::path::Path, pages: u64) -> std::io::Result<Spill> {
         let file = super::keep::unlinked_file(dir, "spill")?;
         Ok(Spill {
-            file,
+            file: Arc::new(file),
             cap: pages,
             buf: vec![0u8; PAGE_SIZE],
         })
@@ -203,6 +214,7 @@ impl Ring {
             count: 0,
             spill: None,
             rec: None,
+            share: None,
         }
     }
 
@@ -210,6 +222,20 @@ impl Ring {
     fn resize(&mut self, pages: u64) {
         debug_assert!(self.count == 0 && self.data.is_empty());
         self.cap = pages;
+        if let Some((sh, ch)) = &self.share {
+            sh.set_ring(*ch, pages);
+        }
+    }
+
+    /// Takes part in the session's cross-channel references as `channel`
+    /// (only with a spill file: references point into it).
+    fn share(&mut self, shared: Arc<Shared>, channel: u16) -> bool {
+        let Some(sp) = &self.spill else {
+            return false;
+        };
+        shared.register(channel, sp.file.clone(), self.cap, sp.cap);
+        self.share = Some((shared, channel));
+        true
     }
 
     /// Allocates the whole ring at once on first use: zeroed allocations
@@ -266,7 +292,7 @@ impl Ring {
             return Ok(None);
         };
         let off = sp.offset(idx);
-        std::os::unix::fs::FileExt::read_exact_at(&sp.file, &mut sp.buf, off).map_err(
+        std::os::unix::fs::FileExt::read_exact_at(&*sp.file, &mut sp.buf, off).map_err(
             |source| CodecError::Spill {
                 op: "read",
                 idx,
@@ -310,7 +336,7 @@ impl Ring {
                 if old.is_multiple_of(batch) {
                     let len = batch as usize * PAGE_SIZE;
                     std::os::unix::fs::FileExt::write_all_at(
-                        &sp.file,
+                        &*sp.file,
                         &self.data[slot..slot + len],
                         sp.offset(old),
                     )
@@ -324,6 +350,9 @@ impl Ring {
         }
         self.count += 1;
         self.data[slot..slot + PAGE_SIZE].copy_from_slice(page);
+        if let Some((sh, ch)) = &self.share {
+            sh.inserted(*ch, idx, None);
+        }
         Ok(idx)
     }
 }
@@ -372,13 +401,14 @@ pub struct Planner {
     have: Option<Arc<OnceLock<PeerHas>>>,
     /// How the channel carries pages (decided by its first bytes).
     framing: Framing,
-    /// Scratch: the pages a multifd parser found in a frame.
-    found: Vec<(usize, u64)>,
     /// The ring a multifd channel's planner uses (pages), when the
     /// receiver agreed to multifd channels' pages ([`Planner::set_multifd`]).
     multifd_ring: Option<u64>,
     /// The first planned frame has gone (a RING op only in that one).
     ring_sent: bool,
+    /// Cross-channel references: where this planner's pages go in the
+    /// session's index, and a page read from another channel's file.
+    xref: Option<(Arc<Shared>, u16)>,
 }
 
 /// How a channel carries guest pages.
@@ -413,6 +443,11 @@ struct DeltaState {
     xor: Vec<u8>,
     runs: Vec<u8>,
     lz: Vec<u8>,
+    /// Scratch (kept here, boxed, so that a planner stays small): the
+    /// pages a multifd parser found in a frame, and a page read from
+    /// another channel's spill file.
+    found: Vec<(usize, u64)>,
+    xref_buf: Vec<u8>,
 }
 
 /// RAM blocks a [`Planner`] tells apart (QEMU has a handful; more share the
@@ -598,10 +633,25 @@ impl Planner {
             d: Box::default(),
             have: None,
             framing: Framing::Unknown,
-            found: Vec::new(),
             multifd_ring: None,
             ring_sent: false,
+            xref: None,
         }
+    }
+
+    /// Lets this planner refer to pages other channels of the session sent
+    /// (`shared`, this channel being `channel`), and theirs to its own:
+    /// only where the receiver agreed, and with a spill file (references
+    /// point into the channels' files). Call before the first frame.
+    pub fn set_xref(&mut self, shared: Arc<Shared>, channel: u16) {
+        if self.ring.share(shared.clone(), channel) {
+            self.xref = Some((shared, channel));
+        }
+    }
+
+    /// Pages inserted into the ring so far.
+    pub fn ring_count(&self) -> u64 {
+        self.ring.count
     }
 
     /// Lets this planner find the pages of a multifd channel (when its
@@ -637,10 +687,10 @@ impl Planner {
         }
         self.frame_framing(raw);
         if let Framing::Multifd(parser) = &mut self.framing {
-            let mut found = std::mem::take(&mut self.found);
+            let mut found = std::mem::take(&mut self.d.found);
             parser.pages(raw, &mut found);
             found.clear();
-            self.found = found;
+            self.d.found = found;
         }
     }
 
@@ -775,7 +825,7 @@ impl Planner {
         if self.ring.cap == 0 {
             em.region(raw, 0, raw.len());
         } else if let Framing::Multifd(parser) = &mut self.framing {
-            let mut found = std::mem::take(&mut self.found);
+            let mut found = std::mem::take(&mut self.d.found);
             found.clear();
             parser.pages(raw, &mut found);
             let mut region_start = 0;
@@ -785,7 +835,7 @@ impl Planner {
                 region_start = at + PAGE_SIZE;
             }
             em.region(raw, region_start, raw.len());
-            self.found = found;
+            self.d.found = found;
         } else {
             let mut region_start = 0;
             while let Some(rec) = find_record(raw, region_start) {
@@ -825,6 +875,27 @@ impl Planner {
                     self.note_last(key, idx);
                 }
                 return;
+            }
+        }
+        if let Some((sh, own)) = self.xref.clone() {
+            if let Some(c) = sh.candidate(own, h) {
+                self.d.xref_buf.resize(PAGE_SIZE, 0);
+                // Never trust the hash alone: compare with this end's copy.
+                if matches!(sh.read(c.channel, c.idx, &mut self.d.xref_buf), Ok(true))
+                    && self.d.xref_buf == data
+                {
+                    em.out.push(OP_XREF);
+                    put_varint(em.out, u64::from(c.channel));
+                    put_varint(em.out, c.idx);
+                    em.out.extend_from_slice(&xxh3_64(data).to_le_bytes());
+                    self.stats.pages_deduped += 1;
+                    self.stats.pages_xref += 1;
+                    let idx = self.insert(h, data);
+                    if self.d.on {
+                        self.note_last(key, idx);
+                    }
+                    return;
+                }
             }
         }
         if let Some(has) = self.have.as_ref().and_then(|h| h.get()) {
@@ -954,6 +1025,9 @@ impl Planner {
         // it only costs the reference.
         let _ = self.ring.insert(data);
         self.index.insert(h, idx);
+        if let Some((sh, ch)) = &self.xref {
+            sh.inserted(*ch, idx, Some(h));
+        }
         idx
     }
 }
@@ -1007,6 +1081,8 @@ pub struct Rebuilder {
     context: Option<Box<(super::context::ContextDecoder, Vec<u8>)>>,
     /// No frame rebuilt yet (an [`OP_RING`] may come).
     first: bool,
+    /// A page read from another channel's spill file (XREF).
+    xref_buf: Vec<u8>,
 }
 
 impl fmt::Debug for Rebuilder {
@@ -1027,7 +1103,15 @@ impl Rebuilder {
             kept_buf: Vec::new(),
             context: None,
             first: true,
+            xref_buf: Vec::new(),
         }
+    }
+
+    /// Resolves other channels' XREF ops to this channel's pages, and this
+    /// channel's to theirs, through `shared` (this channel being
+    /// `channel`); needs a spill file. Call before the first frame.
+    pub fn set_xref(&mut self, shared: Arc<Shared>, channel: u16) {
+        self.ring.share(shared, channel);
     }
 
     /// Decodes the channel's next context frame (`wire`, a plan of
@@ -1219,6 +1303,51 @@ impl Rebuilder {
                     k.read(idx, &mut self.kept_buf)?;
                     out.extend_from_slice(&self.kept_buf);
                     self.ring.insert(&self.kept_buf)?;
+                }
+                OP_XREF => {
+                    let ch = get_varint(plan, &mut p)?;
+                    let idx = get_varint(plan, &mut p)?;
+                    literal(p, 8)?;
+                    let want = u64::from_le_bytes(plan[p..p + 8].try_into().expect("8 bytes"));
+                    p += 8;
+                    room(out, PAGE_SIZE as u64)?;
+                    let xerr = |why: &'static str| CodecError::Xref {
+                        channel: ch,
+                        idx,
+                        why,
+                    };
+                    let Some((sh, own)) = &self.ring.share else {
+                        return Err(xerr("this channel takes no cross-channel references (not agreed, or no spill file)"));
+                    };
+                    let Ok(c) = u16::try_from(ch) else {
+                        return Err(xerr("no such channel"));
+                    };
+                    if c == *own {
+                        return Err(xerr("a channel's own pages go as REF"));
+                    }
+                    self.xref_buf.resize(PAGE_SIZE, 0);
+                    match sh.read(c, idx, &mut self.xref_buf) {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            return Err(xerr(
+                                "that channel (or its spill file) does not hold that page",
+                            ))
+                        }
+                        Err(source) => {
+                            return Err(CodecError::Spill {
+                                op: "read",
+                                idx,
+                                source,
+                            })
+                        }
+                    }
+                    if xxh3_64(&self.xref_buf) != want {
+                        return Err(xerr(
+                            "the page there is not the one referred to (overwritten since)",
+                        ));
+                    }
+                    out.extend_from_slice(&self.xref_buf);
+                    self.ring.insert(&self.xref_buf)?;
                 }
                 OP_RING => {
                     let pages = get_varint(plan, &mut p)?;

@@ -488,8 +488,11 @@ fn codec_corrupt_plans_error() {
         assert!(out.capacity() <= MAX_RAW_LEN.max(s.len() + 1));
     }
     let mut rb = Rebuilder::new(CACHE);
-    let e = rb.rebuild(&[0x09, 1], 1, &mut out).unwrap_err();
-    assert!(matches!(e, CodecError::BadTag { tag: 9, offset: 0 }), "{e}");
+    let e = rb.rebuild(&[0x0a, 1], 1, &mut out).unwrap_err();
+    assert!(
+        matches!(e, CodecError::BadTag { tag: 10, offset: 0 }),
+        "{e}"
+    );
     assert!(rb.rebuild(&[0x00], 1, &mut out).is_err());
     assert!(matches!(
         rb.rebuild(&[OP_LIT, 0x80], 1, &mut out),
@@ -1462,4 +1465,97 @@ fn a_multifd_parser_follows_frames_sent_raw() {
     assert!(p.multifd());
     assert_eq!(r.ring_capacity(), 512);
     assert!(p.stats().pages_seen > 150, "{:?}", p.stats());
+}
+
+/// Two channels of a session: pages channel 1 sends whose content channel
+/// 2 sent earlier (and the destination confirmed) go as XREF ops into
+/// channel 2's spill file, and rebuild byte for byte; bad references are
+/// refused with the reason named.
+#[test]
+fn pages_another_channel_sent_go_as_cross_channel_references() {
+    use super::plan::OP_XREF;
+    use super::xref::Shared;
+    use std::sync::Arc;
+    let dir = std::env::temp_dir();
+    let (ring, spill) = (64 * PAGE_SIZE, 1024);
+    let (src, dst) = (Arc::new(Shared::default()), Arc::new(Shared::default()));
+    let mut pa = Planner::with_spill(ring, spill, &dir).unwrap();
+    let mut pb = Planner::with_spill(ring, spill, &dir).unwrap();
+    let mut ra = Rebuilder::with_spill(ring, spill, &dir).unwrap();
+    let mut rb = Rebuilder::with_spill(ring, spill, &dir).unwrap();
+    pa.set_xref(src.clone(), 1);
+    pb.set_xref(src.clone(), 2);
+    ra.set_xref(dst.clone(), 1);
+    rb.set_xref(dst.clone(), 2);
+    let mut rng = StdRng::seed_from_u64(21);
+    let pages: Vec<Vec<u8>> = (0..300)
+        .map(|k| page_content(&mut rng, k * 4 + 1))
+        .collect();
+    // Channel 2 sends all 300 (236 of them leave its memory ring), frame
+    // by frame, each credited after it was rebuilt.
+    let sb = pass(&pages);
+    let (mut plan, mut out) = (Vec::new(), Vec::new());
+    let mut end = 0u64;
+    for f in sb.chunks(16 * (8 + PAGE_SIZE)) {
+        pb.plan(f, &mut plan);
+        end += f.len() as u64;
+        src.planned(2, end, pb.ring_count());
+        rb.rebuild(&plan, f.len(), &mut out).unwrap();
+        assert!(out == f);
+        src.confirm(2, end);
+    }
+    // Channel 1 sends the first 200 again: those in channel 2's file go as
+    // XREF; the rest (still in its memory ring) go in full.
+    let sa = pass(&pages[..200]);
+    let mut bytes = 0;
+    for f in sa.chunks(16 * (8 + PAGE_SIZE)) {
+        pa.plan(f, &mut plan);
+        bytes += plan.len();
+        ra.rebuild(&plan, f.len(), &mut out).unwrap();
+        assert!(out == f, "rebuilt page differs");
+    }
+    let st = pa.stats();
+    assert!(st.pages_xref >= 150, "{st:?}");
+    assert!(bytes < sa.len() / 5, "{bytes} of {}", sa.len());
+    // Not confirmed by the destination: no reference.
+    let src2 = Arc::new(Shared::default());
+    let mut pc = Planner::with_spill(ring, spill, &dir).unwrap();
+    let mut pd = Planner::with_spill(ring, spill, &dir).unwrap();
+    pc.set_xref(src2.clone(), 1);
+    pd.set_xref(src2.clone(), 2);
+    for f in sb.chunks(16 * (8 + PAGE_SIZE)) {
+        pd.plan(f, &mut plan);
+    }
+    for f in sa.chunks(16 * (8 + PAGE_SIZE)) {
+        pc.plan(f, &mut plan);
+    }
+    assert_eq!(pc.stats().pages_xref, 0);
+    // Refused: a wrong hash, an index not in the file yet, an unknown
+    // channel, the channel's own pages, and no shared state at all.
+    let xref = |ch: u8, idx: u8, hash: u64| {
+        // idx as a varint: 0..=127 in one byte, 250 in two.
+        let mut v = vec![OP_XREF, ch];
+        if idx < 0x80 {
+            v.push(idx);
+        } else {
+            v.extend_from_slice(&[idx | 0x80, 1]);
+        }
+        v.extend_from_slice(&hash.to_le_bytes());
+        v
+    };
+    let good = xxhash_rust::xxh3::xxh3_64(&pages[0]);
+    for (plan, what) in [
+        (xref(2, 0, good ^ 1), "not the one referred to"),
+        (xref(2, 250, 0), "does not hold that page"),
+        (xref(9, 0, good), "does not hold that page"),
+        (xref(1, 0, good), "own pages"),
+    ] {
+        let e = ra.rebuild(&plan, PAGE_SIZE, &mut out).unwrap_err();
+        assert!(e.to_string().contains(what), "{e}");
+    }
+    let mut lone = Rebuilder::with_spill(ring, spill, &dir).unwrap();
+    let e = lone
+        .rebuild(&xref(2, 0, good), PAGE_SIZE, &mut out)
+        .unwrap_err();
+    assert!(e.to_string().contains("takes no cross-channel"), "{e}");
 }

@@ -44,6 +44,7 @@ impl Session {
             0
         };
         let own_flags = wire::FLAG_MULTIFD
+            | wire::FLAG_XREF
             | if cfg.delta { wire::FLAG_DELTA } else { 0 }
             | if cfg.context != super::ContextUse::Off {
                 wire::FLAG_CONTEXT
@@ -539,7 +540,7 @@ impl Acceptor {
         // Hello::read checked the ranges overlap.
         let version = hello.version_max.min(wire::VERSION_MAX);
         // Deltas when both ends allow them (this end's rebuilder reads them).
-        let flags = (hello.flags & wire::FLAG_MULTIFD)
+        let flags = (hello.flags & (wire::FLAG_MULTIFD | wire::FLAG_XREF))
             | if self.cfg.delta {
                 hello.flags & wire::FLAG_DELTA
             } else {

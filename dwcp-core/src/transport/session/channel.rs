@@ -46,6 +46,8 @@ pub(super) struct Channel {
     pub(super) sent_eof: AtomicBool,
     pub(super) delivered_eof: AtomicBool,
     pub(super) raw_out: AtomicU64,
+    /// Raw bytes the peer credited back in all (delivered to its QEMU).
+    pub(super) credited_raw: AtomicU64,
     pub(super) raw_in: AtomicU64,
     /// Wire sizes of the Data frames sent and not yet credited back.
     pub(super) sent: Mutex<SentLog>,

@@ -95,6 +95,7 @@ struct Counters {
     pages_deduped: AtomicU64,
     pages_missed_dups: AtomicU64,
     pages_kept: AtomicU64,
+    pages_xref: AtomicU64,
     pages_resent: AtomicU64,
     pages_delta: AtomicU64,
     resent_lz4_full: AtomicU64,
@@ -136,6 +137,9 @@ struct Inner {
     /// the agreed ring shared by the most multifd channels a session may
     /// open, so that all their rings fill no more than one.
     multifd_ring_pages: Option<u64>,
+    /// Cross-channel references (the hello's [`crate::wire::FLAG_XREF`],
+    /// with spill files): what the session's channels share.
+    xref: Option<Arc<crate::codec::xref::Shared>>,
     /// Re-migration: the copy being recorded, what the peer announced.
     keep: KeepState,
     /// What the session's channels and the rings the peer fills may take
@@ -371,10 +375,13 @@ impl Inner {
     /// The receiving end of a channel's dedup ring (and spill file, as
     /// agreed): an error when the spill file cannot be created, since the
     /// peer may refer to pages in it.
-    fn rebuilder(&self) -> std::io::Result<crate::codec::Rebuilder> {
+    fn rebuilder(&self, channel: u16) -> std::io::Result<crate::codec::Rebuilder> {
         let mut r = self.rebuilder_ring()?;
         if self.role == Role::Responder {
             r.set_keep(self.keep.recorder.clone(), self.keep.announced.clone());
+            if let Some(sh) = &self.xref {
+                r.set_xref(sh.clone(), channel);
+            }
         }
         Ok(r)
     }
@@ -440,6 +447,9 @@ impl Session {
         let cfg_context = cfg.context;
         let multifd_ring_pages = (flags & crate::wire::FLAG_MULTIFD != 0 && ring_pages > 0)
             .then(|| u64::from(ring_pages) / u64::from(cfg.max_channels.max(2) - 1));
+        let xref = (flags & crate::wire::FLAG_XREF != 0 && ring_pages > 0 && spill_pages > 0)
+            .then(|| Arc::new(crate::codec::xref::Shared::default()));
+        let xref_on = xref.is_some();
         let keep = KeepState::new(
             &cfg,
             role,
@@ -458,6 +468,7 @@ impl Session {
             delta,
             context,
             multifd_ring_pages,
+            xref,
             keep,
             budget: SessionBudget::new(
                 cfg.session_memory.saturating_sub(budget::fixed_bytes(
@@ -514,7 +525,7 @@ impl Session {
             adapt: Mutex::new(adapt::AdaptState::new(&adapt_cfg, started)),
             retired: None,
         });
-        info!(name, session = %hex(&id), ?role, streams = n, window, ring_pages, spill_pages, delta, context, multifd_ring_pages, "session started");
+        info!(name, session = %hex(&id), ?role, streams = n, window, ring_pages, spill_pages, delta, context, multifd_ring_pages, xref = xref_on, "session started");
         let sess = Session { inner };
         for (i, s) in streams.into_iter().enumerate() {
             let inner = sess.inner.clone();
@@ -665,6 +676,7 @@ impl Session {
                 delta: i.delta,
                 context: i.context,
                 multifd_ring_pages: i.multifd_ring_pages,
+                xref: None,
                 keep: KeepState {
                     recorder: None,
                     peer_has: None,
@@ -808,6 +820,7 @@ fn open_channel_with(
         sent_eof: AtomicBool::new(false),
         delivered_eof: AtomicBool::new(false),
         raw_out: AtomicU64::new(0),
+        credited_raw: AtomicU64::new(0),
         raw_in: AtomicU64::new(0),
         sent: Mutex::new(SentLog::default()),
         unencoded: AtomicU64::new(0),

@@ -204,6 +204,10 @@ fn on_window(inner: &Inner, h: &FrameHeader) -> Result<(), FailReason> {
             .credit_loop_min_us
             .fetch_min(d.as_micros() as u64, Ordering::Relaxed);
     }
+    let credited = ch.credited_raw.fetch_add(h.len as u64, Ordering::AcqRel) + h.len as u64;
+    if let Some(sh) = &inner.xref {
+        sh.confirm(ch.id, credited);
+    }
     let mut credit = ch.credit.lock();
     *credit += h.len as u64;
     if *credit > inner.window {
@@ -413,7 +417,7 @@ pub(super) fn qemu_tx(inner: Arc<Inner>, ch: Arc<Channel>, mut conn: LocalConn) 
             },
         )
     };
-    let mut rebuilder = match inner.rebuilder() {
+    let mut rebuilder = match inner.rebuilder(ch.id) {
         Ok(r) => r,
         Err(e) => return codec_fail(&e),
     };

@@ -51,7 +51,7 @@ pub(super) struct FrameSender {
 }
 
 impl FrameSender {
-    pub(super) fn new(inner: &Inner) -> FrameSender {
+    pub(super) fn new(inner: &Inner, channel: u16) -> FrameSender {
         // A responder sends QEMU's return path, which holds no guest pages:
         // it dedups nothing, so it keeps no ring (a sender may use a smaller
         // ring than agreed: its REFs stay within the receiver's).
@@ -77,6 +77,9 @@ impl FrameSender {
         if inner.role == super::Role::Initiator {
             planner.set_keep(inner.keep.recorder.clone(), inner.keep.peer_has.clone());
             planner.set_multifd(inner.multifd_ring_pages);
+            if let Some(sh) = &inner.xref {
+                planner.set_xref(sh.clone(), channel);
+            }
         }
         let last = planner.stats();
         FrameSender {
@@ -208,6 +211,15 @@ impl FrameSender {
         );
         c.pages_kept
             .fetch_add(st.pages_kept - self.last.pages_kept, Ordering::Relaxed);
+        c.pages_xref
+            .fetch_add(st.pages_xref - self.last.pages_xref, Ordering::Relaxed);
+        if let Some(sh) = &inner.xref {
+            sh.planned(
+                ch.id,
+                ch.raw_out.load(Ordering::Relaxed),
+                self.planner.ring_count(),
+            );
+        }
         let ds = self.planner.new_delta_stats();
         c.pages_resent.fetch_add(ds.pages_resent, Ordering::Relaxed);
         c.pages_delta.fetch_add(ds.pages_delta, Ordering::Relaxed);
@@ -377,7 +389,7 @@ pub(super) fn write_inline(
 
 /// Reads what QEMU writes to its connection and queues it for encoding.
 pub(super) fn qemu_rx(inner: Arc<Inner>, ch: Arc<Channel>, mut conn: LocalConn) {
-    let mut tx = FrameSender::new(&inner);
+    let mut tx = FrameSender::new(&inner, ch.id);
     loop {
         let Some(allowed) = FrameSender::wait_allowed(&inner, &ch, None) else {
             return;

@@ -106,6 +106,10 @@ pub struct SessionStats {
     /// Pages sent as references to the destination's kept copy of the
     /// guest (re-migration, docs/hde.md).
     pub pages_kept: u64,
+    /// Pages sent as references to another channel's copy of their
+    /// content (cross-channel, docs/hde.md); counted in `pages_deduped`
+    /// too.
+    pub pages_xref: u64,
     /// Pages sent again after their content changed, whose previous
     /// version the peer still held (delta candidates; 0 without deltas).
     pub pages_resent: u64,
@@ -251,6 +255,7 @@ impl Session {
             pages_deduped: c.pages_deduped.load(Ordering::Relaxed),
             pages_missed_dups: c.pages_missed_dups.load(Ordering::Relaxed),
             pages_kept: c.pages_kept.load(Ordering::Relaxed),
+            pages_xref: c.pages_xref.load(Ordering::Relaxed),
             pages_resent: c.pages_resent.load(Ordering::Relaxed),
             pages_delta: c.pages_delta.load(Ordering::Relaxed),
             resent_lz4_full: c.resent_lz4_full.load(Ordering::Relaxed),

@@ -62,7 +62,7 @@ pub(in crate::transport::session) fn open_direct(
         ch: ch.clone(),
         ready,
         state: Mutex::new(ReadState {
-            rebuilder: inner.rebuilder()?,
+            rebuilder: inner.rebuilder(id)?,
             ring_charge: RingCharge::default(),
             cur: Vec::new(),
             pos: 0,

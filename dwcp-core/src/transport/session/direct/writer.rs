@@ -45,7 +45,7 @@ impl std::fmt::Debug for ChannelWriter {
 impl ChannelWriter {
     pub(in crate::transport::session) fn new(inner: Arc<Inner>, ch: Arc<Channel>) -> ChannelWriter {
         ChannelWriter {
-            tx: Mutex::new(FrameSender::new(&inner)),
+            tx: Mutex::new(FrameSender::new(&inner, ch.id)),
             inner,
             ch,
             stop: AtomicBool::new(false),
