@@ -49,6 +49,11 @@ pub const DECODER_BYTES: u64 = 160 * KIB;
 /// A compression worker's zstd context at the levels the agent uses
 /// (auto goes up to zstd:3 on the 1 MiB frames).
 pub const ENCODER_BYTES: u64 = 2 * MIB;
+/// A channel's context stream on the receiving end (compression with
+/// context across frames, [`crate::codec::context`]): the zstd history
+/// window the decoder accepts at most (4 MiB), its decoding context and
+/// block buffer. Counted for every channel: a peer may start one on each.
+pub const CONTEXT_BYTES: u64 = (4 * MIB) + DECODER_BYTES + 128 * KIB;
 /// Bookkeeping of one buffered frame: its map entry and allocation headers.
 pub const FRAME_ENTRY_BYTES: u64 = 128;
 pub use crate::wire::{max_compressed_len, max_plan_len, PLAN_SLACK};
@@ -97,11 +102,18 @@ pub fn fixed_bytes(streams: u64, workers: u64, chunk: u64) -> u64 {
 /// What one channel costs with `window` (its ring aside): the reorder
 /// buffer (at most `window` raw bytes, their plans' overhead and the
 /// frames' bookkeeping), the frame being rebuilt for QEMU, the chunk read
-/// from QEMU and its plan, and two threads.
+/// from QEMU and its plan, its context stream ([`CONTEXT_BYTES`] and the
+/// plan it decodes into), and two threads.
 pub fn channel_bytes(window: u64, chunk: u64) -> u64 {
     let frames = max_buffered_frames(window);
     let buffered = window + window / 64 + frames * (PLAN_SLACK + FRAME_ENTRY_BYTES);
-    buffered + MAX_RAW_LEN as u64 + chunk + max_plan_len(chunk) + 2 * THREAD_BYTES
+    buffered
+        + MAX_RAW_LEN as u64
+        + chunk
+        + max_plan_len(chunk)
+        + CONTEXT_BYTES
+        + max_plan_len(chunk)
+        + 2 * THREAD_BYTES
 }
 
 /// What a destination is asked for, and its own limits.
@@ -346,16 +358,16 @@ mod tests {
         assert_eq!(stream_bytes(c) >> 10, 3072);
         assert_eq!(fixed_bytes(0, 0, c) >> 10, 7284);
         assert_eq!((fixed_bytes(0, 1, c) - fixed_bytes(0, 0, c)) >> 10, 4202);
-        assert_eq!(channel_bytes(0, c) >> 10, 2193);
+        assert_eq!(channel_bytes(0, c) >> 10, 7097);
         let g = |budget: u64| {
             let g = grant(&Ask { budget, ..ask() }).unwrap();
             (g.window >> 10, g.ring_pages / 256)
         };
-        assert_eq!(g(256 * MIB), (14976, 76));
-        assert_eq!(g(512 * MIB), (32768, 171));
+        assert_eq!(g(256 * MIB), (10688, 76));
+        assert_eq!(g(512 * MIB), (29568, 162));
         assert_eq!(g(1024 * MIB), (32768, 256));
         let fits = |streams| grant(&Ask { streams, ..ask() }).is_ok();
-        assert!(fits(71) && !fits(72));
+        assert!(fits(58) && !fits(59));
     }
 
     #[test]
