@@ -691,7 +691,7 @@ fn stats(a: StatsArgs) -> Result<()> {
             .map(|r| format!("{:.1}", r as f64 / 1000.0))
             .collect();
         println!(
-            "  {:<16} {:<9} {:<9} {:>8.1} s  raw out {:>9.1} MiB  wire out {:>9.1} MiB  ratio {:>5.2}  raw in {:>7.1} MiB  streams {}  {}  dedup pages {}/{} (missed {}, from a kept copy {})  RTT ms [{}]{}",
+            "  {:<16} {:<9} {:<9} {:>8.1} s  raw out {:>9.1} MiB  wire out {:>9.1} MiB  ratio {:>5.2}  raw in {:>7.1} MiB  streams {}  {}  dedup pages {}/{} (across channels {}, missed {}, from a kept copy {})  RTT ms [{}]{}",
             s["name"].as_str().unwrap_or("?"),
             s["role"].as_str().unwrap_or("?"),
             s["state"].as_str().unwrap_or("?"),
@@ -704,6 +704,7 @@ fn stats(a: StatsArgs) -> Result<()> {
             session_codec(s),
             s["pages_deduped"],
             s["pages_seen"],
+            s["pages_xref"].as_u64().unwrap_or(0),
             s["pages_missed_dups"],
             s["pages_kept"],
             rtts.join(" "),

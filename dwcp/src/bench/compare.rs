@@ -872,6 +872,7 @@ fn run_inner(
         rr.pages = Some(PageCounts {
             seen: n("pages_seen"),
             deduped: n("pages_deduped"),
+            xref: n("pages_xref"),
             missed_dups: n("pages_missed_dups"),
             resent: n("pages_resent"),
             delta: n("pages_delta"),

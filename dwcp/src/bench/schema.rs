@@ -319,6 +319,10 @@ pub struct RunResult {
 pub struct PageCounts {
     pub seen: u64,
     pub deduped: u64,
+    /// Of the references, those to another channel's copy (multifd,
+    /// docs/hde.md).
+    #[serde(default)]
+    pub xref: u64,
     pub missed_dups: u64,
     /// Pages sent again after their content changed, whose previous
     /// version the destination still held (0 without deltas).
