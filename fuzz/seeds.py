@@ -108,6 +108,17 @@ def seeds():
         b"\3\1\0" + frame(1, 2, 0, 100, 0, 50, b"\0" * 20),
     ]
     page = bytes((i * 7) & 0xFF for i in range(4096))
+    mf_init = bytes.fromhex("1122334400000001") + b"\0" * 56
+
+    def mf_packet(pages, sync=False):
+        # QEMU 10.0 MultiFDPacket_t (big-endian), 128 offsets, then pages
+        h = bytes.fromhex("1122334400000001") + struct.pack(
+            ">IIIIQII", 1 if sync else 0, 0 if sync else 128, len(pages),
+            4096 * len(pages), 7, 0, 0) + b"\0" * 24
+        h += b"pc.ram".ljust(256, b"\0")
+        h += b"".join(struct.pack(">Q", i * 4096) for i in range(128))
+        return h + b"".join(pages)
+
     s["codec_decode"] = [
         b"\4" + codec_frame(0x80, page + page) + codec_frame(0x81, page + b"\0" * 4096),
         b"\4" + codec_frame(0x82, b"\0" * 600 + page[:3000]) + codec_frame(0x80, page),
@@ -121,6 +132,12 @@ def seeds():
         b"\4" + codec_frame(0x83, page + page) + codec_frame(0x83, page[1:] + page[:1])
         + codec_frame(0x83, b"\0" * 600 + page[:3000])
         + codec_frame(5, bytes.fromhex("28b52ffd0058210000616263"), plan_len=4),
+        # a multifd channel (RING op, pages followed), then hand-made RING
+        # and XREF ops
+        b"\4" + codec_frame(0x80, mf_init + mf_packet([page, page[1:] + page[:1]]))
+        + codec_frame(0x81, mf_packet([], sync=True) + mf_packet([page])),
+        b"\4" + codec_frame(1, b"\x08\x02" + plan_lit(page[:100]), raw_len=100),
+        b"\4" + codec_frame(1, b"\x09\x02\x00" + b"\x11" * 8, raw_len=4096),
     ]
     guest = "6f0e7b8c-1d2e-4f5a-9b6c-7d8e9f0a1b2c"
     s["control_request"] = [x.encode() for x in [

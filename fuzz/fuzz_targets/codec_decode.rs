@@ -15,7 +15,10 @@
 //! Otherwise the bytes go to the decoders as they are (codec `b & 0x7f`).
 //! The planner sends deltas of re-sent pages (`set_delta`) unless the ring
 //! byte is odd, so hand-made frames also meet a rebuilder whose ring holds
-//! pages a DELTA op names (codec 1 plans with `0x06` ops).
+//! pages a DELTA op names (codec 1 plans with `0x06` ops). Unless bit 1 of
+//! the ring byte is set, a channel whose first raw bytes are QEMU's
+//! multifd magic is followed packet by packet (`set_multifd`), its first
+//! plan starting with a RING op.
 #![no_main]
 
 use dwcp_core::codec::context::ContextEncoder;
@@ -39,6 +42,8 @@ fuzz_target!(|data: &[u8]| {
     let new_planner = || {
         let mut p = Planner::with_spill(ring_bytes, spill, &dir).expect("spill file");
         p.set_delta(ring & 1 == 0);
+        // Multifd channels' pages (and the RING op) unless bit 1 is set.
+        p.set_multifd((ring & 2 == 0).then_some(u64::from(ring & 15)));
         p
     };
     // A new channel: both ends' rings, the sender's context stream, and

@@ -656,14 +656,16 @@ impl Planner {
 
     /// Lets this planner find the pages of a multifd channel (when its
     /// first bytes are one) and deduplicate them with a ring of
-    /// `ring_pages` pages (at most its own; rounded down to a multiple of
-    /// 64, at least 64), announced to the receiver by an [`OP_RING`]. Only
+    /// `ring_pages` pages (rounded down to a multiple of 64, at least 64,
+    /// at most its own ring), announced to the receiver by an [`OP_RING`]. Only
     /// where the receiver agreed: without it, a multifd channel's bytes go
     /// as literal and zero runs. Call before the first frame.
     pub fn set_multifd(&mut self, ring_pages: Option<u64>) {
-        self.multifd_ring = ring_pages
-            .filter(|_| self.ring.cap > 0)
-            .map(|p| (p / SPILL_BATCH * SPILL_BATCH).clamp(SPILL_BATCH, self.ring.cap));
+        self.multifd_ring = ring_pages.filter(|_| self.ring.cap > 0).map(|p| {
+            (p / SPILL_BATCH * SPILL_BATCH)
+                .max(SPILL_BATCH)
+                .min(self.ring.cap)
+        });
     }
 
     /// Decides the channel's framing from its first bytes.

@@ -1559,3 +1559,17 @@ fn pages_another_channel_sent_go_as_cross_channel_references() {
         .unwrap_err();
     assert!(e.to_string().contains("takes no cross-channel"), "{e}");
 }
+
+/// A ring smaller than a spill batch still takes a multifd channel (the
+/// RING op asks for the whole ring).
+#[test]
+fn a_tiny_ring_takes_a_multifd_channel() {
+    let iters = iterations(8, 20, 1);
+    let (s, _) = multifd_stream(&iters);
+    let mut p = Planner::new(5 * PAGE_SIZE);
+    p.set_multifd(Some(1000));
+    let mut r = Rebuilder::new(5 * PAGE_SIZE);
+    plan_and_rebuild(&mut p, &mut r, &s, s.len());
+    assert!(p.multifd());
+    assert_eq!(r.ring_capacity(), 5);
+}
