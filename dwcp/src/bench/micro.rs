@@ -127,7 +127,11 @@ pub fn hde(a: &HdeArgs) -> Result<HdeResult> {
     for (name, image) in sets {
         let stream = precopy_stream(&image);
         let mut m = measure_tiers(&stream, &tiers, chunk, cache);
-        m.push(super::tiers::measure_context(&stream, 3, chunk, cache));
+        // Compression with context, at the level `auto` starts from, the
+        // one its probe climbs to, and one above (docs/hde.md, layer 4).
+        for level in [3, 6, 9] {
+            m.push(super::tiers::measure_context(&stream, level, chunk, cache));
+        }
         if let Some(bad) = m.iter().find(|t| !t.roundtrip_ok) {
             bail!("codec round trip FAILED for tier {} on {name}", bad.tier);
         }
