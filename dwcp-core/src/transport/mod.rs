@@ -80,7 +80,7 @@ pub struct TransportConfig {
     /// [`Self::spill_dir`], on both ends. A destination grants at most its
     /// own; a peer that does not know spill files gets none.
     pub spill_mb: u32,
-    /// Where spill files are created (`$TMPDIR`, else `/var/tmp`).
+    /// Where spill files are created ([`default_spill_dir`]).
     pub spill_dir: std::path::PathBuf,
     /// Send a re-sent page as a delta against the version the peer holds
     /// in its dedup ring when that is smaller (docs/hde.md); on both ends
@@ -202,11 +202,19 @@ pub const DEFAULT_SPILL_MB: u32 = 1024;
 /// Largest dedup spill file per channel, MiB.
 pub const MAX_SPILL_MB: u32 = 65536;
 
-/// `$TMPDIR`, else `/var/tmp` (on disk on most systems, unlike `/tmp` and
-/// `/run`, which may be RAM).
+/// The agent's state directory when systemd gives it one
+/// (`$STATE_DIRECTORY`: /var/lib/dwcp under dwcp-agent.service, the first
+/// if it names several), else `$TMPDIR`, else `/var/tmp` (on disk on most
+/// systems, unlike `/tmp` and `/run`, which may be RAM).
 pub fn default_spill_dir() -> std::path::PathBuf {
-    std::env::var_os("TMPDIR")
-        .filter(|v| !v.is_empty())
+    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
+    if let Some(s) = var("STATE_DIRECTORY") {
+        let s = s.to_string_lossy().into_owned();
+        if let Some(first) = s.split(':').next().filter(|f| !f.is_empty()) {
+            return std::path::PathBuf::from(first);
+        }
+    }
+    var("TMPDIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| std::path::PathBuf::from("/var/tmp"))
 }

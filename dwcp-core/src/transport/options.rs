@@ -264,7 +264,7 @@ pub const OPTIONS: &[TransportOption] = &[
         uri: Some("spill-dir"),
         control: Some("spill_dir"),
         allowed: "a directory",
-        help: "directory for dedup spill files ($TMPDIR, else /var/tmp); the files are \
+        help: "directory for dedup spill files ($STATE_DIRECTORY under systemd, else $TMPDIR, else /var/tmp); the files are \
                unlinked at once, so nothing is left behind",
         set: |c, v| {
             if v.is_empty() {
