@@ -99,21 +99,29 @@ pub fn fixed_bytes(streams: u64, workers: u64, chunk: u64) -> u64 {
         + THREAD_BYTES
 }
 
-/// What one channel costs with `window` (its ring aside): the reorder
-/// buffer (at most `window` raw bytes, their plans' overhead and the
-/// frames' bookkeeping), the frame being rebuilt for QEMU, the chunk read
-/// from QEMU and its plan, its context stream ([`CONTEXT_BYTES`] and the
-/// plan it decodes into), and two threads.
+/// What one channel costs with `window` (its ring aside):
+/// [`window_bytes`] and its context stream ([`context_bytes`]).
 pub fn channel_bytes(window: u64, chunk: u64) -> u64 {
+    window_bytes(window, chunk) + context_bytes(chunk)
+}
+
+/// The part of a channel that grows with its window: the reorder buffer
+/// (at most `window` raw bytes, their plans' overhead and the frames'
+/// bookkeeping), the frame being rebuilt for QEMU, the chunk read from
+/// QEMU and its plan, and two threads.
+pub fn window_bytes(window: u64, chunk: u64) -> u64 {
     let frames = max_buffered_frames(window);
     let buffered = window + window / 64 + frames * (PLAN_SLACK + FRAME_ENTRY_BYTES);
-    buffered
-        + MAX_RAW_LEN as u64
-        + chunk
-        + max_plan_len(chunk)
-        + CONTEXT_BYTES
-        + max_plan_len(chunk)
-        + 2 * THREAD_BYTES
+    buffered + MAX_RAW_LEN as u64 + chunk + max_plan_len(chunk) + 2 * THREAD_BYTES
+}
+
+/// A channel's context stream on the receiving end: [`CONTEXT_BYTES`] and
+/// the plan it decodes into. Taken from the ring's share of the budget, not
+/// the windows': a smaller window cost 7 % of `internet`'s time with a core
+/// busy (docs/protocol.md), a smaller memory ring only moves pages to the
+/// spill file sooner.
+pub fn context_bytes(chunk: u64) -> u64 {
+    CONTEXT_BYTES + max_plan_len(chunk)
 }
 
 /// What a destination is asked for, and its own limits.
@@ -185,15 +193,19 @@ pub fn grant(ask: &Ask) -> Result<Grant, OverBudget> {
         });
     }
     let account = ask.budget - fixed;
-    let for_windows = (account / 3 * 2).max(channels * channel_bytes(min_w, chunk));
+    // The windows take up to two thirds, and never what the channels'
+    // context streams need.
+    let for_windows = (account / 3 * 2)
+        .min(account - channels * context_bytes(chunk))
+        .max(channels * window_bytes(min_w, chunk));
     // A window below two chunks (the destination refuses those) fits as is.
     let mut window = ask.window as u64;
-    if channels * channel_bytes(window, chunk) > for_windows {
-        // channel_bytes grows with the window: search the largest step that fits.
+    if channels * window_bytes(window, chunk) > for_windows {
+        // window_bytes grows with the window: search the largest step that fits.
         let (mut lo, mut hi) = (min_w / WINDOW_STEP, window / WINDOW_STEP);
         while lo < hi {
             let mid = (lo + hi).div_ceil(2);
-            if channels * channel_bytes(mid * WINDOW_STEP, chunk) <= for_windows {
+            if channels * window_bytes(mid * WINDOW_STEP, chunk) <= for_windows {
                 lo = mid;
             } else {
                 hi = mid - 1;
@@ -343,10 +355,10 @@ mod tests {
         assert_eq!(g.window as u64 % WINDOW_STEP, 0);
         assert!(g.window as u64 >= min_window(a.chunk as u64));
         // Windows take at most two thirds of what the fixed part leaves.
-        assert!(8 * channel_bytes(g.window as u64, a.chunk as u64) <= g.account / 3 * 2);
+        assert!(8 * window_bytes(g.window as u64, a.chunk as u64) <= g.account / 3 * 2);
         // The next window step would not fit in those two thirds.
         assert!(
-            8 * channel_bytes(g.window as u64 + WINDOW_STEP, a.chunk as u64) > g.account / 3 * 2
+            8 * window_bytes(g.window as u64 + WINDOW_STEP, a.chunk as u64) > g.account / 3 * 2
         );
         assert!(g.ring_pages > 0);
     }
@@ -358,13 +370,14 @@ mod tests {
         assert_eq!(stream_bytes(c) >> 10, 3072);
         assert_eq!(fixed_bytes(0, 0, c) >> 10, 7284);
         assert_eq!((fixed_bytes(0, 1, c) - fixed_bytes(0, 0, c)) >> 10, 4202);
-        assert_eq!(channel_bytes(0, c) >> 10, 7097);
+        assert_eq!(window_bytes(0, c) >> 10, 2193);
+        assert_eq!(context_bytes(c) >> 10, 4904);
         let g = |budget: u64| {
             let g = grant(&Ask { budget, ..ask() }).unwrap();
             (g.window >> 10, g.ring_pages / 256)
         };
-        assert_eq!(g(256 * MIB), (10688, 76));
-        assert_eq!(g(512 * MIB), (29568, 162));
+        assert_eq!(g(256 * MIB), (14976, 37));
+        assert_eq!(g(512 * MIB), (32768, 133));
         assert_eq!(g(1024 * MIB), (32768, 256));
         let fits = |streams| grant(&Ask { streams, ..ask() }).is_ok();
         assert!(fits(58) && !fits(59));
