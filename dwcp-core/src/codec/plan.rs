@@ -11,7 +11,7 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use super::keep::{self, KeptCopy, PeerHas, Recorder};
 use super::multifd;
-use super::xref::Shared;
+use super::xref::{ChannelShare, Shared};
 use super::{CodecError, MAX_PLAN_LEN, MAX_RAW_LEN, PAGE_SIZE};
 
 pub(crate) const OP_LIT: u8 = 0x01;
@@ -175,7 +175,7 @@ struct Ring {
     rec: Option<Arc<Recorder>>,
     /// The session's channels' shared state, and this channel's id
     /// (cross-channel references, [`super::xref`]).
-    share: Option<(Arc<Shared>, u16)>,
+    share: Option<(Arc<Shared>, u16, Arc<ChannelShare>)>,
 }
 
 /// Pages written to a spill file at once (when the ring and the file are
@@ -222,8 +222,8 @@ impl Ring {
     fn resize(&mut self, pages: u64) {
         debug_assert!(self.count == 0 && self.data.is_empty());
         self.cap = pages;
-        if let Some((sh, ch)) = &self.share {
-            sh.set_ring(*ch, pages);
+        if let Some((_, _, c)) = &self.share {
+            c.set_ring(pages);
         }
     }
 
@@ -233,8 +233,8 @@ impl Ring {
         let Some(sp) = &self.spill else {
             return false;
         };
-        shared.register(channel, sp.file.clone(), self.cap, sp.cap);
-        self.share = Some((shared, channel));
+        let c = shared.register(channel, sp.file.clone(), self.cap, sp.cap);
+        self.share = Some((shared, channel, c));
         true
     }
 
@@ -350,8 +350,8 @@ impl Ring {
         }
         self.count += 1;
         self.data[slot..slot + PAGE_SIZE].copy_from_slice(page);
-        if let Some((sh, ch)) = &self.share {
-            sh.inserted(*ch, idx, None);
+        if let Some((_, _, c)) = &self.share {
+            c.inserted(self.count);
         }
         Ok(idx)
     }
@@ -1028,7 +1028,7 @@ impl Planner {
         let _ = self.ring.insert(data);
         self.index.insert(h, idx);
         if let Some((sh, ch)) = &self.xref {
-            sh.inserted(*ch, idx, Some(h));
+            sh.indexed(*ch, idx, h);
         }
         idx
     }
@@ -1318,7 +1318,7 @@ impl Rebuilder {
                         idx,
                         why,
                     };
-                    let Some((sh, own)) = &self.ring.share else {
+                    let Some((sh, own, _)) = &self.ring.share else {
                         return Err(xerr("this channel takes no cross-channel references (not agreed, or no spill file)"));
                     };
                     let Ok(c) = u16::try_from(ch) else {

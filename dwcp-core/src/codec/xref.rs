@@ -61,6 +61,18 @@ pub struct ChannelShare {
     pending: Mutex<VecDeque<(u64, u64)>>,
 }
 
+impl ChannelShare {
+    /// The channel's ring was resized (a RING op) before its first page.
+    pub(crate) fn set_ring(&self, ring_cap: u64) {
+        self.ring_cap.store(ring_cap, Ordering::Relaxed);
+    }
+
+    /// The channel's ring now holds `count` pages in all.
+    pub(crate) fn inserted(&self, count: u64) {
+        self.count.store(count, Ordering::Release);
+    }
+}
+
 /// What a session's channels share for cross-channel references (one per
 /// session and end).
 #[derive(Debug, Default)]
@@ -79,44 +91,37 @@ pub struct Candidate {
 impl Shared {
     /// Registers `channel`'s spill file (a channel without one takes no
     /// part).
-    pub(crate) fn register(&self, channel: u16, file: Arc<File>, ring_cap: u64, spill_cap: u64) {
-        self.channels.write().insert(
-            channel,
-            Arc::new(ChannelShare {
-                file,
-                ring_cap: AtomicU64::new(ring_cap),
-                spill_cap,
-                count: AtomicU64::new(0),
-                confirmed: AtomicU64::new(0),
-                pending: Mutex::new(VecDeque::new()),
-            }),
-        );
+    /// Returns the channel's part, which its ring updates directly.
+    pub(crate) fn register(
+        &self,
+        channel: u16,
+        file: Arc<File>,
+        ring_cap: u64,
+        spill_cap: u64,
+    ) -> Arc<ChannelShare> {
+        let c = Arc::new(ChannelShare {
+            file,
+            ring_cap: AtomicU64::new(ring_cap),
+            spill_cap,
+            count: AtomicU64::new(0),
+            confirmed: AtomicU64::new(0),
+            pending: Mutex::new(VecDeque::new()),
+        });
+        self.channels.write().insert(channel, c.clone());
+        c
     }
 
     fn channel(&self, channel: u16) -> Option<Arc<ChannelShare>> {
         self.channels.read().get(&channel).cloned()
     }
 
-    /// `channel`'s ring was resized (a RING op) before its first page.
-    pub(crate) fn set_ring(&self, channel: u16, ring_cap: u64) {
-        if let Some(c) = self.channel(channel) {
-            c.ring_cap.store(ring_cap, Ordering::Relaxed);
+    /// Source: `channel` inserted page `idx` with content hash `h`.
+    pub(crate) fn indexed(&self, channel: u16, idx: u64, h: u64) {
+        let mut ix = self.index.lock();
+        if ix.len() >= INDEX_MAX {
+            ix.clear();
         }
-    }
-
-    /// `channel` inserted page `idx` (content hash `h`; `h` 0: receiver,
-    /// no index).
-    pub(crate) fn inserted(&self, channel: u16, idx: u64, h: Option<u64>) {
-        if let Some(c) = self.channel(channel) {
-            c.count.store(idx + 1, Ordering::Release);
-        }
-        if let Some(h) = h {
-            let mut ix = self.index.lock();
-            if ix.len() >= INDEX_MAX {
-                ix.clear();
-            }
-            ix.insert(h, (channel, idx));
-        }
+        ix.insert(h, (channel, idx));
     }
 
     /// Source: a planned frame of `channel` ends at `raw_end` bytes of the
