@@ -50,6 +50,10 @@ if ! [ -d "$ldir/src/.git" ]; then
     mkdir -p "$ldir/src.tmp"
     tar -C "$ldir/src.tmp" --strip-components=1 -xf "$tarball"
     git -C "$ldir/src.tmp" init -q
+    # No automatic gc: git detaches one after the first commit of a tree
+    # this large, and its reflog expiry holds HEAD.lock while the series
+    # is applied below ("cannot lock ref 'HEAD'", seen on a fresh machine).
+    git -C "$ldir/src.tmp" config gc.auto 0
     git -C "$ldir/src.tmp" add -A
     git -C "$ldir/src.tmp" -c user.name=base -c user.email=base@localhost \
         commit -qm "base: $(basename "$tarball")"
@@ -62,6 +66,11 @@ fi
 # rebuilds only what a changed patch touches (qemu_capabilities.h alone
 # would rebuild the whole QEMU driver).
 log "applying $(ls "$here"/*.patch | grep -vc '/0000-') patches"
+# Trees made before gc.auto was set: the same, and the lock files a
+# detached gc or an interrupted run left (this cache has one user, this
+# script).
+git -C "$ldir/src" config gc.auto 0
+rm -f "$ldir/src/.git/HEAD.lock" "$ldir/src/.git/index.lock"
 git -C "$ldir/src" am --abort >/dev/null 2>&1 || true
 old=$(git -C "$ldir/src" rev-parse HEAD)
 declare -A mtime=()

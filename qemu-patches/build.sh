@@ -50,6 +50,10 @@ if ! [ -d "$qdir/src/.git" ]; then
     mkdir -p "$qdir/src.tmp"
     tar -C "$qdir/src.tmp" --strip-components=1 -xf "$tarball"
     git -C "$qdir/src.tmp" init -q
+    # No automatic gc: git detaches one after the first commit of a tree
+    # this large, and its reflog expiry holds HEAD.lock while the series
+    # is applied below ("cannot lock ref 'HEAD'", seen on a fresh machine).
+    git -C "$qdir/src.tmp" config gc.auto 0
     git -C "$qdir/src.tmp" add -A
     git -C "$qdir/src.tmp" -c user.name=base -c user.email=base@localhost \
         commit -qm "base: $(basename "$tarball")"
@@ -59,6 +63,11 @@ fi
 
 # 3. The series, with git am onto the pristine base.
 log "applying $(ls "$here"/*.patch | grep -vc 0000-) patches"
+# Trees made before gc.auto was set: the same, and the lock files a
+# detached gc or an interrupted run left (this cache has one user, this
+# script).
+git -C "$qdir/src" config gc.auto 0
+rm -f "$qdir/src/.git/HEAD.lock" "$qdir/src/.git/index.lock"
 git -C "$qdir/src" am --abort >/dev/null 2>&1 || true
 old=$(git -C "$qdir/src" rev-parse HEAD)
 git -C "$qdir/src" reset -q --hard base

@@ -29,13 +29,14 @@
 //!
 //! Memory: the source's session-wide index holds at most [`INDEX_MAX`]
 //! entries (about 40 MiB) and starts over when full (which costs references,
-//! never pages); the destination holds nothing beyond the channels' own
-//! spill files.
+//! never pages); it is filled only once a second channel takes part, so a
+//! single-channel session pays neither its memory nor its lock per page.
+//! The destination holds nothing beyond the channels' own spill files.
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::hash::BuildHasherDefault;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
@@ -79,6 +80,8 @@ impl ChannelShare {
 pub struct Shared {
     index: Mutex<HashMap<u64, (u16, u64), BuildHasherDefault<IdHasher>>>,
     channels: RwLock<HashMap<u16, Arc<ChannelShare>>>,
+    /// Two channels or more take part: only then is the index filled.
+    multi: AtomicBool,
 }
 
 /// Where another channel's copy of a page is, for a reference to it.
@@ -107,7 +110,11 @@ impl Shared {
             confirmed: AtomicU64::new(0),
             pending: Mutex::new(VecDeque::new()),
         });
-        self.channels.write().insert(channel, c.clone());
+        let mut chans = self.channels.write();
+        chans.insert(channel, c.clone());
+        if chans.len() > 1 {
+            self.multi.store(true, Ordering::Release);
+        }
         c
     }
 
@@ -116,7 +123,12 @@ impl Shared {
     }
 
     /// Source: `channel` inserted page `idx` with content hash `h`.
+    /// Nothing while one channel takes part: no other channel could refer
+    /// to it.
     pub(crate) fn indexed(&self, channel: u16, idx: u64, h: u64) {
+        if !self.multi.load(Ordering::Acquire) {
+            return;
+        }
         let mut ix = self.index.lock();
         if ix.len() >= INDEX_MAX {
             ix.clear();
@@ -189,5 +201,42 @@ impl Shared {
     /// Entries in the source's index (tests).
     pub fn index_len(&self) -> usize {
         self.index.lock().len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One channel fills no index; from the second channel on, every
+    /// inserted page is indexed.
+    #[test]
+    fn the_index_is_filled_only_once_two_channels_take_part() {
+        let sh = Shared::default();
+        let f = Arc::new(tempfile_in_tmp());
+        sh.register(1, f.clone(), 64, 1024);
+        for i in 0..100 {
+            sh.indexed(1, i, 1000 + i);
+        }
+        assert_eq!(sh.index_len(), 0);
+        sh.register(2, f, 64, 1024);
+        for i in 0..100 {
+            sh.indexed(2, i, 5000 + i);
+        }
+        assert_eq!(sh.index_len(), 100);
+        assert_eq!(sh.candidate(1, 5000), None, "not confirmed yet");
+    }
+
+    fn tempfile_in_tmp() -> File {
+        let p = std::env::temp_dir().join(format!("dwcp-xref-test-{}", std::process::id()));
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&p)
+            .unwrap();
+        let _ = std::fs::remove_file(&p);
+        f
     }
 }
