@@ -213,7 +213,9 @@ mod tests {
     #[test]
     fn the_index_is_filled_only_once_two_channels_take_part() {
         let sh = Shared::default();
-        let f = Arc::new(tempfile_in_tmp());
+        let f = Arc::new(
+            super::super::keep::unlinked_file(&std::env::temp_dir(), "xref-test").unwrap(),
+        );
         sh.register(1, f.clone(), 64, 1024);
         for i in 0..100 {
             sh.indexed(1, i, 1000 + i);
@@ -225,18 +227,5 @@ mod tests {
         }
         assert_eq!(sh.index_len(), 100);
         assert_eq!(sh.candidate(1, 5000), None, "not confirmed yet");
-    }
-
-    fn tempfile_in_tmp() -> File {
-        let p = std::env::temp_dir().join(format!("dwcp-xref-test-{}", std::process::id()));
-        let f = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&p)
-            .unwrap();
-        let _ = std::fs::remove_file(&p);
-        f
     }
 }
